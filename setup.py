@@ -1,0 +1,41 @@
+"""Packaging for spannorm_megatron.
+
+Ranges here admit what GPU clusters run (megatron-core up to 0.19, newer torch); the exact,
+tested development pins live in tools/requirements-dev.txt, which tools/setup_env.sh installs.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="spannorm_megatron",
+    version="0.1.0",
+    description="Megatron-Core training stack for deep Transformers with SpanNorm and other norm placements",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["spannorm_megatron", "spannorm_megatron.*"])
+    + ["spannorm_megatron.patches"],
+    # Upstream fixes live in the top-level patches/ folder (the design card's layout) and are
+    # installed as the subpackage spannorm_megatron.patches, so the runtime can apply them.
+    package_dir={"spannorm_megatron.patches": "patches"},
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.20",
+        "numpy",
+        "packaging",
+        "pyyaml",
+        "sentencepiece>=0.2",
+        "tensorboard>=2.15",
+    ],
+    extras_require={
+        # Transformer Engine builds its PyTorch extension against the installed torch and CUDA.
+        "te": ["transformer-engine[pytorch]>=2.0"],
+        "hf": ["transformers>=4.45", "safetensors>=0.4"],
+        "test": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": []},
+)

@@ -1,0 +1,118 @@
+"""From one `ModelConfig` to megatron-core's `TransformerConfig` and `GPTModel`(s).
+
+`build_model` is what a training job calls after the runtime has set up process groups; it
+returns one `GPTModel` per virtual pipeline stage held by this rank (a list of one without
+interleaving), as megatron-core's schedules expect.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import init_method_normal
+
+from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.model.scale_init import output_projection_std
+from spannorm_megatron.model.specs import block_spec, use_transformer_engine
+
+
+def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
+    """megatron-core's `TransformerConfig` for `config`.
+
+    `overrides` are `TransformerConfig` fields that are not the model's shape: parallel sizes
+    (`tensor_model_parallel_size`, `sequence_parallel`, ...), precision (`bf16`, `params_dtype`),
+    recompute options and the like. The model's own fields cannot be overridden here.
+    """
+    moe = {}
+    if config.is_moe:
+        moe = dict(
+            num_moe_experts=config.num_experts,
+            moe_router_topk=config.moe_router_topk,
+            moe_ffn_hidden_size=config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size,
+            moe_aux_loss_coeff=config.moe_aux_loss_coeff,
+            moe_router_load_balancing_type=config.moe_router_load_balancing_type,
+            moe_shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size,
+            moe_token_dispatcher_type=config.moe_token_dispatcher_type,
+            moe_grouped_gemm=config.moe_grouped_gemm,
+        )
+    model_fields = dict(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.resolved_num_query_groups,
+        ffn_hidden_size=config.resolved_ffn_hidden_size,
+        kv_channels=config.hidden_size // config.num_attention_heads,
+        normalization=config.normalization,
+        layernorm_epsilon=config.norm_epsilon,
+        layernorm_zero_centered_gamma=config.apply_layernorm_1p,
+        gated_linear_unit=config.swiglu,
+        activation_func=F.silu if config.swiglu else F.gelu,
+        add_bias_linear=config.add_bias_linear,
+        hidden_dropout=config.hidden_dropout,
+        attention_dropout=config.attention_dropout,
+        init_method_std=config.init_method_std,
+        init_method=init_method_normal(config.init_method_std),
+        output_layer_init_method=init_method_normal(output_projection_std(config)),
+        **moe,
+    )
+    clashes = sorted(set(overrides) & set(model_fields))
+    if clashes:
+        raise ValueError(
+            f"{clashes} are model fields: set them on ModelConfig, not as TransformerConfig overrides."
+        )
+    defaults = dict(
+        # Without a GPU, build weights on the CPU (megatron-core allocates on CUDA otherwise).
+        # CPU initialization draws each full weight once and then splits it, so the initial
+        # model is the same under every tensor-parallel size.
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bias_dropout_fusion=torch.cuda.is_available(),
+        transformer_impl="transformer_engine" if use_transformer_engine(config) else "local",
+    )
+    return TransformerConfig(**{**defaults, **model_fields, **overrides})
+
+
+def build_gpt_model(
+    config: ModelConfig,
+    tconfig: TransformerConfig,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+) -> GPTModel:
+    """One `GPTModel` (one pipeline stage, or the whole model without pipelining)."""
+    return GPTModel(
+        config=tconfig,
+        transformer_layer_spec=block_spec(config, tconfig, vp_stage=vp_stage),
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not config.untie_embeddings_and_output_weights,
+        position_embedding_type=config.position_embedding_type,
+        rotary_base=config.rotary_base,
+        vp_stage=vp_stage,
+    )
+
+
+def build_model(config: ModelConfig, tconfig: TransformerConfig) -> List[GPTModel]:
+    """The model chunks this rank holds: one per virtual pipeline stage (one without interleaving).
+
+    Process groups must exist (`spannorm_megatron.runtime.initialize`).
+    """
+    vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    stages = range(vp_size) if vp_size is not None else [None]
+    return [
+        build_gpt_model(
+            config,
+            tconfig,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            vp_stage=vp,
+        )
+        for vp in stages
+    ]

@@ -1,0 +1,158 @@
+"""Megatron-Core `ModuleSpec`s for every placement, dense and MoE, in two flavours.
+
+- local: megatron-core's PyTorch modules (column/row parallel linears, `DotProductAttention`,
+  `SequentialMLP` experts) and our sequence-parallel-aware norms. Runs anywhere, CPU included.
+- transformer_engine: TE linears, attention and grouped experts; a norm whose output only one
+  linear reads is fused into it (`TELayerNormColumnParallelLinear`), the rest are `TENorm`.
+
+The fused and standalone forms of a norm save under the same checkpoint key, so checkpoints move
+between flavours (megatron-core does the same for its pre-norm local spec).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+
+from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.model.layers import NormPlacementLayer, NormPlacementSubmodules
+from spannorm_megatron.model.norms import Norm
+from spannorm_megatron.model.placements import Fusion, get_placement
+from spannorm_megatron.model.scale_init import forward_branch_scale
+
+# Checkpoint key of a norm fused into the linear it feeds (TE's parameter names).
+_FUSED_NORM_KEY = {
+    Fusion.QKV: "self_attention.linear_qkv.layer_norm_",
+    Fusion.FC1: "mlp.linear_fc1.layer_norm_",
+}
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine imports and there is a GPU for it to run on."""
+    import torch
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    return bool(HAVE_TE) and torch.cuda.is_available()
+
+
+def use_transformer_engine(config: ModelConfig) -> bool:
+    if config.transformer_impl == "auto":
+        return transformer_engine_available()
+    if config.transformer_impl == "transformer_engine" and not transformer_engine_available():
+        raise RuntimeError(
+            "transformer_impl='transformer_engine' needs Transformer Engine and a GPU, and this "
+            "machine lacks one of them: install the 'te' extra on a GPU machine, or use "
+            "transformer_impl='local' (or 'auto')."
+        )
+    return config.transformer_impl == "transformer_engine"
+
+
+def _backend(transformer_engine: bool):
+    if transformer_engine:
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        return TESpecProvider()
+    return LocalSpecProvider()
+
+
+def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None) -> ModuleSpec:
+    """The `ModuleSpec` of one transformer layer of `config`'s placement."""
+    if transformer_engine is None:
+        transformer_engine = use_transformer_engine(config)
+    placement = get_placement(config.norm_placement)
+    backend = _backend(transformer_engine)
+    standalone_norm = backend.layer_norm() if transformer_engine else Norm
+
+    norm_slots, keys_map, fused = {}, {}, set()
+    for slot, fusion in placement.norms.items():
+        if fusion is Fusion.FC1 and config.is_moe:
+            fusion = Fusion.NONE  # the MoE router reads the norm's output too
+        if fusion is Fusion.NONE:
+            norm_slots[slot] = standalone_norm
+        elif transformer_engine:
+            norm_slots[slot] = IdentityOp
+            fused.add(fusion)
+        else:
+            norm_slots[slot] = standalone_norm
+            keys_map[f"{slot}."] = _FUSED_NORM_KEY[fusion]
+    norm_linear = backend.column_parallel_layer_norm_linear()
+
+    attention = ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=norm_linear if Fusion.QKV in fused else backend.column_parallel_linear(),
+            core_attention=backend.core_attention(),
+            linear_proj=backend.row_parallel_linear(),
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+        ),
+    )
+    if config.is_moe:
+        mlp = get_moe_module_spec_for_backend(
+            backend=backend, num_experts=config.num_experts,
+            moe_grouped_gemm=config.moe_grouped_gemm,
+        )
+    else:
+        mlp = ModuleSpec(
+            module=MLP,
+            submodules=MLPSubmodules(
+                linear_fc1=norm_linear if Fusion.FC1 in fused else backend.column_parallel_linear(),
+                linear_fc2=backend.row_parallel_linear(),
+            ),
+        )
+
+    is_placement_layer = issubclass(placement.layer, NormPlacementLayer)
+    submodules_cls = NormPlacementSubmodules if is_placement_layer else TransformerLayerSubmodules
+    params = {name: getattr(config, name) for name in placement.layer_params}
+    if is_placement_layer:
+        params["branch_scale"] = forward_branch_scale(config)
+    return ModuleSpec(
+        module=placement.layer,
+        params=params,
+        submodules=submodules_cls(
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keys_map,
+            **norm_slots,
+        ),
+    )
+
+
+def final_norm_enabled(config: ModelConfig) -> bool:
+    if config.final_norm is not None:
+        return config.final_norm
+    return get_placement(config.norm_placement).final_norm
+
+
+def block_spec(
+    config: ModelConfig,
+    transformer_config: TransformerConfig,
+    vp_stage: Optional[int] = None,
+    transformer_engine: Optional[bool] = None,
+) -> TransformerBlockSubmodules:
+    """The layers this pipeline stage (and virtual stage) builds, and the final norm if any."""
+    if transformer_engine is None:
+        transformer_engine = use_transformer_engine(config)
+    spec = layer_spec(config, transformer_engine)
+    final_norm = None
+    if final_norm_enabled(config):
+        final_norm = _backend(True).layer_norm() if transformer_engine else Norm
+    num_layers = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=final_norm)
