@@ -1,0 +1,26 @@
+"""Shared fixtures: one single-process megatron-core world (gloo on CPU) for in-process tests.
+
+Multi-rank behaviour is tested by launching `torchrun` from the tests that need it; tests here
+only need megatron-core's parallel state to exist at size 1.
+"""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def megatron_world():
+    from spannorm_megatron.runtime import destroy, initialize
+
+    initialize(seed=1234)
+    yield
+    destroy()
+
+
+@pytest.fixture
+def seeded(megatron_world):
+    """Reset every RNG megatron-core draws from, so each test sees the same initial weights."""
+    import torch
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(1234)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
