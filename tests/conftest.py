@@ -24,3 +24,10 @@ def seeded(megatron_world):
 
     torch.manual_seed(1234)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
+
+
+def pytest_configure(config):
+    # megatron-core warns at import and build time about optional fused kernels (Apex, TE) and
+    # deprecated arguments it passes itself; none of it concerns what the tests check.
+    for category in ("UserWarning", "DeprecationWarning", "FutureWarning"):
+        config.addinivalue_line("filterwarnings", f"ignore::{category}")

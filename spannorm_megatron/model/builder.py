@@ -72,6 +72,10 @@ def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
         use_cpu_initialization=not torch.cuda.is_available(),
         bias_dropout_fusion=torch.cuda.is_available(),
         transformer_impl="transformer_engine" if use_transformer_engine(config) else "local",
+        # Activations cross pipeline stages in the compute dtype.
+        pipeline_dtype=(torch.bfloat16 if overrides.get("bf16")
+                        else torch.float16 if overrides.get("fp16")
+                        else overrides.get("params_dtype", torch.float32)),
     )
     return TransformerConfig(**{**defaults, **model_fields, **overrides})
 

@@ -1,0 +1,130 @@
+"""Install and layout check: build a model on the current `torchrun` layout and train it a few
+steps on one fixed synthetic batch (the loss must fall: the model memorizes the batch).
+
+    torchrun --nproc_per_node 2 -m spannorm_megatron.selfcheck --tensor-model-parallel-size 2 \
+        --sequence-parallel --norm-placement spannorm
+
+Runs on GPUs (NCCL) and on CPU (gloo). Prints one line per step and a final JSON summary line
+prefixed `SELFCHECK` that tests read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.model import transformer_config
+from spannorm_megatron.runtime import current_device, initialize, destroy
+from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
+from spannorm_megatron.training.setup import setup_model_and_optimizer
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--norm-placement", default="spannorm")
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--num-attention-heads", type=int, default=4)
+    p.add_argument("--num-experts", type=int, default=None)
+    p.add_argument("--moe-router-topk", type=int, default=2)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--expert-model-parallel-size", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--use-distributed-optimizer", action="store_true")
+    p.add_argument("--train-iters", type=int, default=8)
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--num-microbatches", type=int, default=2)
+    p.add_argument("--seq-length", type=int, default=32)
+    p.add_argument("--vocab-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=1234)
+    return p.parse_args(argv)
+
+
+def synthetic_batch(args, generator: torch.Generator) -> dict:
+    tokens = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1),
+                           generator=generator)
+    device = current_device()
+    return {
+        "tokens": tokens[:, :-1].to(device),
+        "labels": tokens[:, 1:].to(device),
+        "loss_mask": torch.ones(args.micro_batch_size, args.seq_length, device=device),
+        "position_ids": torch.arange(args.seq_length, device=device).expand(
+            args.micro_batch_size, -1),
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    model_config = ModelConfig(
+        norm_placement=args.norm_placement, num_layers=args.num_layers,
+        hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        num_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+        vocab_size=args.vocab_size, max_sequence_length=args.seq_length,
+    )
+    initialize(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        seed=args.seed,
+    )
+    tconfig = transformer_config(
+        model_config,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+    )
+    model, optimizer = setup_model_and_optimizer(
+        model_config, tconfig,
+        OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.0, clip_grad=1.0,
+                        use_distributed_optimizer=args.use_distributed_optimizer),
+        DistributedDataParallelConfig(use_distributed_optimizer=args.use_distributed_optimizer),
+    )
+
+    # Same data on the ranks of one model replica, different data across replicas.
+    generator = torch.Generator().manual_seed(args.seed + parallel_state.get_data_parallel_rank())
+    batches = [synthetic_batch(args, generator) for _ in range(args.num_microbatches)]
+    forward_backward = get_forward_backward_func()
+    losses, grad_norms = [], []
+    for step in range(1, args.train_iters + 1):
+        start = time.perf_counter()
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses_reduced = forward_backward(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=model,
+            num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+        )
+        _, grad_norm, _ = optimizer.step()
+        loss = reduce_lm_loss(losses_reduced)
+        losses.append(loss)
+        grad_norms.append(grad_norm)
+        if loss is not None:
+            print(f"[rank {torch.distributed.get_rank()}] step {step}: lm loss {loss:.4f} "
+                  f"grad norm {grad_norm:.4f} ({time.perf_counter() - start:.2f}s)", flush=True)
+
+    summary = {
+        "rank": torch.distributed.get_rank(),
+        "world_size": torch.distributed.get_world_size(),
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "num_parameters": sum(p.numel() for chunk in model for p in chunk.parameters()),
+    }
+    print("SELFCHECK " + json.dumps(summary), flush=True)
+    destroy()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

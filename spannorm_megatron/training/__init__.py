@@ -1,0 +1,1 @@
+"""Training: model/optimizer setup on megatron-core's DDP and optimizers, and the GPT step."""

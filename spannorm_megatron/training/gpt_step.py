@@ -1,0 +1,49 @@
+"""The forward step megatron-core's pipeline schedules call for a GPT model.
+
+A batch is a dict of [micro_batch, seq] tensors: `tokens`, `labels`, `loss_mask`, `position_ids`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, Iterator, Optional
+
+import torch
+from megatron.core import parallel_state
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Token-summed LM loss, the token count and, for logging, both reduced over data parallel.
+
+    Returning the sum and the count (megatron-core's 3-tuple form) lets the schedule average over
+    all tokens of all micro-batches, not over micro-batch means.
+    """
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    reporting = torch.stack([loss_sum.detach(), mask.sum()])
+    torch.distributed.all_reduce(
+        reporting, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+    )
+    return loss_sum, num_tokens, {"lm loss": reporting}
+
+
+def forward_step(data_iterator: Optional[Iterator[Dict[str, torch.Tensor]]], model):
+    """One micro-batch through one model chunk. Stages that need no data may get None."""
+    batch = next(data_iterator) if data_iterator is not None else None
+    tokens = batch["tokens"] if batch is not None else None
+    position_ids = batch["position_ids"] if batch is not None else None
+    labels = batch["labels"] if batch is not None else None
+    # The last stage returns per-token losses [b, s] when given labels, else hidden states.
+    output = model(tokens, position_ids, attention_mask=None, labels=labels)
+    loss_mask = batch["loss_mask"] if batch is not None else None
+    return output, partial(loss_func, loss_mask)
+
+
+def reduce_lm_loss(losses_reduced) -> Optional[float]:
+    """Mean token loss over a step's micro-batches (last pipeline stage only, else None)."""
+    if not losses_reduced:
+        return None
+    total = torch.stack([entry["lm loss"] for entry in losses_reduced]).sum(dim=0)
+    return (total[0] / total[1].clamp(min=1)).item()

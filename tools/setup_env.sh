@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment with the pinned development stack and
+# an editable install of spannorm_megatron. Idempotent: re-installs only when the pins change.
+#
+#   bash tools/setup_env.sh            # -> .venv/ beside setup.py
+#   SPANNORM_VENV=/path bash tools/setup_env.sh
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${SPANNORM_VENV:-$root/.venv}
+python=${PYTHON:-python3}
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup_env] creating virtual environment in $venv"
+  "$python" -m venv "$venv"
+fi
+
+stamp="$venv/.spannorm-installed"
+want=$(cat "$root/tools/requirements-dev.txt" "$root/setup.py" | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup_env] installing pinned requirements (tools/requirements-dev.txt)"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    -r "$root/tools/requirements-dev.txt"
+  echo "[setup_env] installing spannorm_megatron (editable)"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+    --no-build-isolation -e "$root"
+  echo "$want" > "$stamp"
+fi
+echo "$venv"
