@@ -27,6 +27,7 @@ setup(
         "megatron-core>=0.16.1,<0.20",
         "numpy",
         "packaging",
+        "psutil",  # megatron-core dist checkpointing needs it
         "pyyaml",
         "sentencepiece>=0.2",
         "tensorboard>=2.15",

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     TransformerLayerSubmodules,
@@ -150,6 +151,19 @@ class SpanNormLayer(NormPlacementLayer):
             if is_first_layer and first_layer_input_norm
             else IdentityOp()
         )
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if isinstance(self.embedding_norm, IdentityOp):
+            return sharded
+        # N0 exists in the first layer only, so it cannot be stacked along the layer axis with
+        # the other layers' tensors (that checkpoint tensor would miss all rows but one): it is
+        # saved on its own, without the layer offset.
+        norm_prefix = f"{prefix}embedding_norm."
+        sharded = {k: v for k, v in sharded.items() if not k.startswith(norm_prefix)}
+        sharded.update(sharded_state_dict_default(
+            self.embedding_norm, norm_prefix, (), metadata, tp_group=self.tp_group))
+        return sharded
 
     def compute(self, x, attention, mlp):
         xin = self.embedding_norm(x)

@@ -1,0 +1,89 @@
+"""Spec structure: which norms are fused under Transformer Engine, and checkpoint keys that let
+the local and Transformer Engine flavours load each other's checkpoints.
+
+Transformer Engine is not installed on CPU machines; its megatron-core classes are then
+placeholders, distinct objects that the specs must still pick correctly (the GPU tests run the
+same specs for real).
+"""
+
+import pytest
+import torch
+from megatron.core.extensions import transformer_engine as te
+from megatron.core.transformer.identity_op import IdentityOp
+
+from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.model import build_gpt_model, layer_spec, transformer_config
+from spannorm_megatron.model.norms import Norm
+
+# Per placement: norm slot -> fused away in the TE dense spec?
+FUSED_IN_TE_DENSE = {
+    "prenorm": {"input_layernorm": True, "pre_mlp_layernorm": True},
+    "postnorm": {"post_attention_norm": False, "post_mlp_norm": False},
+    "spannorm": {"embedding_norm": False, "post_attention_norm": True, "post_mlp_norm": False},
+}
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("placement", sorted(FUSED_IN_TE_DENSE))
+def test_transformer_engine_spec_fuses_only_single_consumer_norms(placement, moe):
+    config = ModelConfig(norm_placement=placement, num_experts=4 if moe else None,
+                         moe_grouped_gemm=moe)
+    sub = layer_spec(config, transformer_engine=True).submodules
+    fused_qkv = fused_fc1 = False
+    for slot, fused in FUSED_IN_TE_DENSE[placement].items():
+        # The MoE router reads the pre-MLP norm's output too, so no fc1 fusion with experts.
+        into_fc1 = slot in ("pre_mlp_layernorm", "post_attention_norm")
+        fused = fused and not (moe and into_fc1)
+        assert getattr(sub, slot) is (IdentityOp if fused else te.TENorm), slot
+        fused_qkv |= fused and not into_fc1
+        fused_fc1 |= fused and into_fc1
+    linear_qkv = sub.self_attention.submodules.linear_qkv
+    assert linear_qkv is (te.TELayerNormColumnParallelLinear if fused_qkv
+                          else te.TEColumnParallelLinear)
+    if not moe:
+        assert sub.mlp.submodules.linear_fc1 is (te.TELayerNormColumnParallelLinear if fused_fc1
+                                                 else te.TEColumnParallelLinear)
+    assert sub.sharded_state_dict_keys_map == {}
+
+
+@pytest.mark.parametrize(
+    "placement,expected_keys",
+    [
+        ("prenorm", {"self_attention.linear_qkv.layer_norm_weight",
+                     "mlp.linear_fc1.layer_norm_weight"}),
+        ("spannorm", {"embedding_norm.weight", "mlp.linear_fc1.layer_norm_weight",
+                      "post_mlp_norm.weight"}),
+        ("postnorm", {"post_attention_norm.weight", "post_mlp_norm.weight"}),
+    ],
+)
+def test_local_checkpoint_keys_match_transformer_engine_names(seeded, placement, expected_keys):
+    config = ModelConfig(norm_placement=placement, num_layers=2, hidden_size=32,
+                         num_attention_heads=4, vocab_size=16, max_sequence_length=8)
+    sub = layer_spec(config, transformer_engine=False).submodules
+    for slot in FUSED_IN_TE_DENSE[placement]:
+        assert getattr(sub, slot) is Norm
+    model = build_gpt_model(config, transformer_config(config))
+    # The key a tensor is saved under in a dist checkpoint (not the state-dict key).
+    saved = [t.key for t in model.sharded_state_dict().values()]
+    keys = {k.split("decoder.layers.")[1] for k in saved if "decoder.layers." in k and "norm" in k}
+    assert keys == expected_keys
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("placement", sorted(FUSED_IN_TE_DENSE))
+def test_dist_checkpoint_round_trip(seeded, tmp_path, placement, moe):
+    """megatron-core dist checkpointing saves every parameter (SpanNorm's first-layer-only N0
+    included, which cannot be stacked with the other layers) and loads it into a fresh model."""
+    from megatron.core import dist_checkpointing
+
+    config = ModelConfig(norm_placement=placement, num_layers=3, hidden_size=32,
+                         num_attention_heads=4, vocab_size=16, max_sequence_length=8,
+                         num_experts=4 if moe else None)
+    saved = build_gpt_model(config, transformer_config(config))
+    dist_checkpointing.save(saved.sharded_state_dict(), str(tmp_path))
+    fresh = build_gpt_model(config, transformer_config(config))  # different random weights
+    fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), str(tmp_path)))
+    saved_params = dict(saved.named_parameters())
+    assert saved_params.keys() == dict(fresh.named_parameters()).keys()
+    for name, param in fresh.named_parameters():
+        assert torch.equal(param, saved_params[name]), name
