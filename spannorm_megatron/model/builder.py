@@ -19,6 +19,7 @@ from megatron.core.utils import init_method_normal
 from spannorm_megatron.config import ModelConfig
 from spannorm_megatron.model.scale_init import output_projection_std
 from spannorm_megatron.model.specs import block_spec, use_transformer_engine
+from spannorm_megatron.runtime import has_accelerator, megatron_device_kwargs
 
 
 def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
@@ -66,16 +67,14 @@ def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
             f"{clashes} are model fields: set them on ModelConfig, not as TransformerConfig overrides."
         )
     defaults = dict(
-        # Without a GPU, build weights on the CPU (megatron-core allocates on CUDA otherwise).
-        # CPU initialization draws each full weight once and then splits it, so the initial
-        # model is the same under every tensor-parallel size.
-        use_cpu_initialization=not torch.cuda.is_available(),
-        bias_dropout_fusion=torch.cuda.is_available(),
+        bias_dropout_fusion=has_accelerator(),
         transformer_impl="transformer_engine" if use_transformer_engine(config) else "local",
         # Activations cross pipeline stages in the compute dtype.
         pipeline_dtype=(torch.bfloat16 if overrides.get("bf16")
                         else torch.float16 if overrides.get("fp16")
                         else overrides.get("params_dtype", torch.float32)),
+        # Without a GPU, weights are built on the host (use_cpu_initialization).
+        **megatron_device_kwargs(),
     )
     return TransformerConfig(**{**defaults, **model_fields, **overrides})
 

@@ -33,6 +33,7 @@ from spannorm_megatron.model.layers import NormPlacementLayer, NormPlacementSubm
 from spannorm_megatron.model.norms import Norm
 from spannorm_megatron.model.placements import Fusion, get_placement
 from spannorm_megatron.model.scale_init import forward_branch_scale
+from spannorm_megatron.runtime import has_accelerator
 
 # Checkpoint key of a norm fused into the linear it feeds (TE's parameter names).
 _FUSED_NORM_KEY = {
@@ -43,10 +44,9 @@ _FUSED_NORM_KEY = {
 
 def transformer_engine_available() -> bool:
     """True when Transformer Engine imports and there is a GPU for it to run on."""
-    import torch
     from megatron.core.extensions.transformer_engine import HAVE_TE
 
-    return bool(HAVE_TE) and torch.cuda.is_available()
+    return bool(HAVE_TE) and has_accelerator()
 
 
 def use_transformer_engine(config: ModelConfig) -> bool:

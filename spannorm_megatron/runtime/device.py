@@ -1,0 +1,48 @@
+"""Which device this process trains on, decided in one place.
+
+Everything else in the runtime asks these functions instead of calling ``torch.cuda`` directly,
+so that the CPU path (gloo, CPU tensors) and the GPU path (NCCL, CUDA tensors) branch on the
+same answer. ``SPANNORM_FORCE_CPU=1`` forces the CPU path on a machine that has GPUs, e.g. to
+reproduce a CPU-only failure on a cluster node; it is a debugging aid (``torch.cuda`` still
+reports the GPUs to code that asks it directly), not a supported production mode.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FORCE_CPU_ENV = "SPANNORM_FORCE_CPU"
+
+
+def _force_cpu() -> bool:
+    return os.environ.get(FORCE_CPU_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def has_accelerator() -> bool:
+    """True when a usable CUDA device exists and ``SPANNORM_FORCE_CPU`` does not veto it.
+
+    ``is_available()`` alone can be true with zero visible devices (e.g. an empty
+    ``CUDA_VISIBLE_DEVICES``), so the device count is checked too.
+    """
+    if _force_cpu():
+        return False
+    return bool(torch.cuda.is_available() and torch.cuda.device_count() > 0)
+
+
+def device_type() -> str:
+    """``"cuda"`` or ``"cpu"``."""
+    return "cuda" if has_accelerator() else "cpu"
+
+
+def backend() -> str:
+    """The torch.distributed backend for this device: NCCL on GPUs, gloo on CPU."""
+    return "nccl" if has_accelerator() else "gloo"
+
+
+def current_device() -> torch.device:
+    """The device this rank's tensors live on (``cuda:<current>`` or ``cpu``)."""
+    if has_accelerator():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

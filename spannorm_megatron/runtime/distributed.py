@@ -1,0 +1,291 @@
+"""Process groups and seeds for megatron-core, on GPUs (NCCL) or CPU (gloo).
+
+:func:`initialize` is the single entry point a training script or test calls after being
+launched by ``torchrun`` (or as a plain single process). It validates the parallel layout
+*before* any process-group work -- a wrong layout otherwise surfaces as a RuntimeError deep
+inside ``initialize_model_parallel`` on every rank, or as a hang -- then enables the CPU
+runtime when there is no GPU, applies the upstream patches, creates the process groups and
+seeds the RNGs the way Megatron-LM does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .cpu import enable_cpu_runtime
+from .device import backend as device_backend
+from .device import has_accelerator
+
+__all__ = [
+    "ParallelLayout",
+    "ParallelLayoutError",
+    "destroy",
+    "initialize",
+    "load_patches",
+    "megatron_device_kwargs",
+    "set_seed",
+    "validate_layout",
+]
+
+
+class ParallelLayoutError(ValueError):
+    """The requested parallel sizes cannot tile the world size."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Sizes of every parallel dimension, with the derived data-parallel sizes."""
+
+    world_size: int
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    virtual_pipeline_model_parallel_size: Optional[int]
+    context_parallel_size: int
+    expert_model_parallel_size: int
+    expert_tensor_parallel_size: int
+    data_parallel_size: int
+    expert_data_parallel_size: int
+
+
+def validate_layout(
+    world_size: int,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: Optional[int] = None,
+    context_parallel_size: int = 1,
+) -> ParallelLayout:
+    """Check that the sizes tile ``world_size`` as megatron-core requires.
+
+    Dense ranks are laid out as tp x cp x dp x pp; expert ranks as etp x ep x edp x pp
+    (etp defaults to tp). Raises :class:`ParallelLayoutError` naming the sizes and a fix.
+    """
+    tp, pp, cp, ep = (
+        tensor_model_parallel_size,
+        pipeline_model_parallel_size,
+        context_parallel_size,
+        expert_model_parallel_size,
+    )
+    etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
+    sizes = {
+        "world_size": world_size,
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "context_parallel_size": cp,
+        "expert_model_parallel_size": ep,
+        "expert_tensor_parallel_size": etp,
+    }
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ParallelLayoutError(f"{name} must be a positive integer, got {value!r}.")
+
+    model = tp * pp * cp
+    if world_size % model:
+        raise ParallelLayoutError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size ({tp}) x "
+            f"pipeline_model_parallel_size ({pp}) x context_parallel_size ({cp}) = {model}. "
+            f"Launch a multiple of {model} ranks (torchrun --nproc_per_node) or reduce "
+            f"these sizes."
+        )
+    vpp = virtual_pipeline_model_parallel_size
+    if vpp is not None:
+        if not isinstance(vpp, int) or isinstance(vpp, bool) or vpp < 1:
+            raise ParallelLayoutError(
+                f"virtual_pipeline_model_parallel_size must be None or a positive integer, "
+                f"got {vpp!r}."
+            )
+        if pp < 2:
+            raise ParallelLayoutError(
+                f"virtual_pipeline_model_parallel_size ({vpp}) needs the interleaved schedule, "
+                f"which needs pipeline_model_parallel_size > 1 (got {pp}). Set "
+                f"pipeline_model_parallel_size >= 2 or virtual_pipeline_model_parallel_size=None."
+            )
+    expert = etp * ep * pp
+    if world_size % expert:
+        # world_size % pp == 0 here (pp divides the model size checked above).
+        raise ParallelLayoutError(
+            f"world size {world_size} is not divisible by expert_tensor_parallel_size ({etp}) x "
+            f"expert_model_parallel_size ({ep}) x pipeline_model_parallel_size ({pp}) = "
+            f"{expert}. Choose expert_model_parallel_size x expert_tensor_parallel_size "
+            f"dividing world size / pipeline_model_parallel_size = {world_size // pp}, or "
+            f"launch a multiple of {expert} ranks."
+        )
+    return ParallelLayout(
+        world_size=world_size,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        data_parallel_size=world_size // model,
+        expert_data_parallel_size=world_size // expert,
+    )
+
+
+def load_patches():
+    """Return the ``spannorm_megatron.patches`` package.
+
+    setup.py installs the top-level ``patches/`` folder under that name (package_dir). In a
+    source checkout used through PYTHONPATH, without an install, the name does not exist, so
+    the folder is loaded under it from the checkout instead.
+    """
+    import importlib
+    import importlib.util
+    import sys
+
+    name = __package__.rsplit(".", 1)[0] + ".patches"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:
+            raise
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "patches")
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+    )
+    if spec is None:
+        raise ModuleNotFoundError(f"{name} is not installed and {folder} does not exist", name=name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's variables; (0, 1, 0) without them."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world_size, local_rank
+
+
+def _init_method(world_size: int) -> str:
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        return "env://"
+    if world_size != 1:
+        raise RuntimeError(
+            "WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are unset: launch with torchrun."
+        )
+    # A lone process (tests, notebooks) needs a rendezvous address nobody else uses.
+    return f"tcp://127.0.0.1:{_free_port()}"
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy, torch and megatron's RNG tracker the way Megatron-LM does.
+
+    The base seed is offset per pipeline stage (stages hold different layers); megatron's
+    tracker then keeps the default stream equal across tensor-parallel ranks and derives
+    distinct tensor-parallel and expert-parallel streams. Needs model parallelism initialised.
+    """
+    import numpy as np
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def initialize(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: Optional[int] = None,
+    context_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> ParallelLayout:
+    """Set up torch.distributed and megatron-core model parallelism for this rank.
+
+    Reads RANK/WORLD_SIZE/LOCAL_RANK (torchrun); without them runs as a world of one. In
+    order: validate the layout, pick the device (``cuda:LOCAL_RANK``, or enable the CPU
+    runtime), apply the upstream patches that the installed megatron-core needs, create the
+    default process group (NCCL or gloo) unless it exists, (re)create megatron-core's
+    model-parallel groups, and seed (:func:`set_seed`). Calling it again with other sizes
+    keeps the default group and replaces the model-parallel ones.
+    Returns the validated :class:`ParallelLayout`.
+    """
+    rank, world_size, local_rank = _launch_env()
+    # Validate first: nothing is patched, imported or connected for a layout that cannot work.
+    layout = validate_layout(
+        world_size,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
+        context_parallel_size=context_parallel_size,
+    )
+    from megatron.core import parallel_state
+
+    if has_accelerator():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    else:
+        enable_cpu_runtime()
+    load_patches().apply_all()
+
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend=device_backend(),
+            init_method=_init_method(world_size),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+        )
+    elif torch.distributed.get_world_size() != world_size:
+        raise RuntimeError(
+            f"torch.distributed is already initialized with world size "
+            f"{torch.distributed.get_world_size()}, but the environment says {world_size}."
+        )
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
+        context_parallel_size=layout.context_parallel_size,
+        expert_model_parallel_size=layout.expert_model_parallel_size,
+        expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    set_seed(seed)
+    return layout
+
+
+def destroy() -> None:
+    """Tear down megatron-core's groups and the default process group (safe to repeat)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def megatron_device_kwargs() -> dict:
+    """Config fields a megatron-core model config should set on this device.
+
+    On CPU, parallel linear layers and embeddings must be initialised on the host
+    (``use_cpu_initialization``); on GPU nothing is overridden.
+    """
+    if has_accelerator():
+        return {}
+    return {"use_cpu_initialization": True}

@@ -1,0 +1,240 @@
+"""Single-process checks for tests/test_runtime.py, run in a fresh interpreter.
+
+The CPU runtime and the patches alter process-wide state (torch.cuda entry points, megatron
+module globals), and pytest's own process may already have them (tests/conftest.py starts a
+one-rank world), so they are exercised here in a fresh interpreter. The order matters:
+first what must hold before anything is enabled, then the patches before anything applies
+them, then the CPU runtime. Prints one JSON object on the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import torch
+
+
+def check_pristine() -> dict:
+    """Before anything is enabled: importing patches nothing, an accelerator makes
+    enable_cpu_runtime a no-op, and a bad layout fails before any process-group work."""
+    import os
+
+    from torch.overrides import _get_current_function_mode_stack
+
+    from spannorm_megatron import runtime
+    from spannorm_megatron.runtime import cpu as runtime_cpu
+
+    def untouched() -> bool:
+        return (
+            torch.cuda.current_device.__module__ == "torch.cuda"
+            and torch.cuda.Stream.__module__.startswith("torch.cuda")
+            and torch.cuda.get_rng_state.__module__.startswith("torch.cuda")
+            and torch.autograd._engine_run_backward.__module__ == "torch.autograd.graph"
+            and _get_current_function_mode_stack() == []
+            and not runtime.is_cpu_runtime_enabled()
+        )
+
+    patches = runtime.load_patches()
+    out = {"after_import": untouched()}
+
+    real = runtime_cpu.has_accelerator
+    runtime_cpu.has_accelerator = lambda: True  # what a GPU machine reports
+    try:
+        out["enable_with_accelerator"] = runtime.enable_cpu_runtime()
+    finally:
+        runtime_cpu.has_accelerator = real
+    out["after_enable_with_accelerator"] = untouched()
+
+    os.environ.update(WORLD_SIZE="2", RANK="0")
+    try:
+        runtime.initialize(tensor_model_parallel_size=3)
+        out["bad_layout_error"] = None
+    except runtime.ParallelLayoutError as err:
+        out["bad_layout_error"] = str(err)
+    finally:
+        del os.environ["WORLD_SIZE"], os.environ["RANK"]
+    out["after_bad_layout"] = untouched() and not torch.distributed.is_initialized()
+    out["patches_untouched"] = not any(p.is_applied() for p in patches.ALL)
+    return out
+
+
+def check_patches() -> dict:
+    from megatron.core.transformer.moe import moe_utils
+
+    from spannorm_megatron.runtime import load_patches
+
+    patches = load_patches()
+    p2p = patches.pp2_batched_p2p_order
+    out = {"needed_before": {p.__name__.rsplit(".", 1)[-1]: p.is_needed() for p in patches.ALL}}
+    out["applied_before"] = [p.is_applied() for p in patches.ALL]
+
+    # Reproduce the router bug with megatron's own function on tiny tensors.
+    inp = torch.randn(3, 2, 8, requires_grad=True)
+    weight = torch.randn(4, 8, requires_grad=True)
+    try:
+        moe_utils.router_gating_linear(inp, weight, None, torch.float32)
+        out["router_error_before"] = None
+    except NameError as err:
+        out["router_error_before"] = str(err)
+
+    # Reproduce the p2p ordering bug: the installed helper's posting order mis-pairs.
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    out["p2p_pairs_before"] = p2p.pairs_correctly(p2p_communication._batched_p2p_ops)
+
+    out["apply_all"] = patches.apply_all()
+    out["apply_all_again"] = patches.apply_all()
+    out["applied_after"] = [p.is_applied() for p in patches.ALL]
+    out["needed_after"] = [p.is_needed() for p in patches.ALL]
+    out["p2p_pairs_after"] = p2p.pairs_correctly(p2p_communication._batched_p2p_ops)
+    out["p2p_original_kept"] = p2p.original() is not None
+
+    logits = moe_utils.router_gating_linear(inp, weight, None, torch.float32)
+    logits.sum().backward()
+    ref_inp = inp.detach().clone().requires_grad_()
+    ref_w = weight.detach().clone().requires_grad_()
+    (ref_inp @ ref_w.t()).sum().backward()
+    out["router_matches_reference"] = bool(
+        torch.allclose(logits, inp.detach() @ weight.detach().t(), atol=1e-6)
+        and torch.allclose(inp.grad, ref_inp.grad, atol=1e-6)
+        and torch.allclose(weight.grad, ref_w.grad, atol=1e-6)
+    )
+    for field in ("TARGET", "WHY", "OBSOLETE_WHEN"):
+        out[f"has_{field}"] = all(isinstance(getattr(p, field, None), str) for p in patches.ALL)
+    return out
+
+
+class _CudaInBackward(torch.autograd.Function):
+    """Backward allocates with device="cuda", like megatron's all-to-all and gather backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2 + torch.zeros(grad.shape, device="cuda")
+
+
+def _backward_ok(run) -> bool:
+    x = torch.ones(3, requires_grad=True)
+    y = _CudaInBackward.apply(x).sum()
+    try:
+        grad = run(x, y)
+    except Exception:  # noqa: BLE001 - the failure itself is the observation
+        return False
+    return bool(torch.equal(grad if grad is not None else x.grad, torch.full((3,), 2.0)))
+
+
+def _check_tracker() -> dict:
+    """megatron's RNG tracker must really switch generators on CPU, without warning."""
+    import logging
+
+    from megatron.core import tensor_parallel
+
+    from spannorm_megatron import runtime
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger(tensor_parallel.random.__name__)
+    handler = Collect(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        runtime.set_seed(11)
+        plain = torch.rand(3)
+        runtime.set_seed(11)
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            forked = torch.rand(3)
+        after = torch.rand(3)
+    finally:
+        logger.removeHandler(handler)
+    expected = torch.rand(3, generator=torch.Generator().manual_seed(11 + 2718))
+    return {
+        "fork_uses_model_parallel_seed": bool(torch.equal(forked, expected)),
+        "default_resumes_after_fork": bool(torch.equal(after, plain)),
+        "warnings": records,
+    }
+
+
+def check_cpu_runtime() -> dict:
+    from torch.overrides import _get_current_function_mode_stack
+
+    from spannorm_megatron import runtime
+
+    out = {"enabled_before": runtime.is_cpu_runtime_enabled()}
+    out["enable"] = runtime.enable_cpu_runtime()
+    out["enable_again"] = runtime.enable_cpu_runtime()
+    out["modes_on_stack"] = len(_get_current_function_mode_stack())
+    out["cuda_is_available"] = torch.cuda.is_available()
+    out["factory_device"] = str(torch.zeros(2, device="cuda").device)
+    out["int_device"] = str(torch.empty(2, device=torch.cuda.current_device()).device)
+    out["to_cuda"] = str(torch.ones(2).to("cuda:0").device)
+    out["dot_cuda"] = str(torch.ones(2).cuda().device)
+    out["type_name"] = torch.ones(2).type()
+    out["type_cast"] = torch.ones(2).type("torch.cuda.HalfTensor").dtype == torch.float16
+    out["meta_untouched"] = str(torch.empty(2, device="meta").device)
+    out["backward_tensor"] = _backward_ok(lambda x, y: y.backward())
+    out["backward_autograd"] = _backward_ok(lambda x, y: torch.autograd.backward(y))
+    out["backward_grad"] = _backward_ok(lambda x, y: torch.autograd.grad(y, x)[0])
+
+    def other_thread(result):
+        try:
+            torch.zeros(1, device="cuda")
+            result["without_enable"] = True
+        except Exception:  # noqa: BLE001
+            result["without_enable"] = False
+        runtime.enable_cpu_runtime()
+        result["with_enable"] = str(torch.zeros(1, device="cuda").device)
+
+    thread_result: dict = {}
+    thread = threading.Thread(target=other_thread, args=(thread_result,))
+    thread.start()
+    thread.join()
+    out["thread"] = thread_result
+
+    # RNG: the "CUDA" generator is the CPU default generator.
+    torch.cuda.manual_seed(5)
+    state = torch.cuda.get_rng_state()
+    a = torch.rand(3)
+    torch.cuda.set_rng_state(state)
+    b = torch.rand(3)
+    out["rng_matches_cpu_seed"] = bool(
+        torch.equal(a, torch.rand(3, generator=torch.Generator().manual_seed(5)))
+    )
+    out["rng_state_roundtrip"] = bool(torch.equal(a, b))
+
+    # Streams/events as the MoE dispatcher uses them.
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        event = stream.record_event()
+    event.synchronize()
+    torch.cuda.synchronize()
+    out["streams"] = True
+
+    # A world of one without torchrun variables, then a second initialize in the same process.
+    layout = runtime.initialize(seed=3)
+    out["single_world"] = layout.world_size
+    out["backend"] = torch.distributed.get_backend()
+    layout = runtime.initialize(seed=3)
+    out["tracker"] = _check_tracker()
+    runtime.destroy()
+    runtime.destroy()
+    out["destroyed"] = not torch.distributed.is_initialized()
+    return out
+
+
+def main() -> None:
+    result = {"pristine": check_pristine()}
+    result["patches"] = check_patches()
+    result["cpu"] = check_cpu_runtime()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
