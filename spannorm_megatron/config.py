@@ -259,3 +259,44 @@ def _require_choice(config: ModelConfig, name: str, choices: tuple) -> None:
     value = getattr(config, name)
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not one of {list(choices)}.")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is laid out over ranks (Megatron-LM's parallel flags)."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks that split every weight matrix (attention heads, MLP width, vocabulary)."""
+
+    pipeline_model_parallel_size: int = 1
+    """Pipeline stages; each holds num_layers / (stages x virtual stages) layers per chunk."""
+
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline stage for the interleaved 1F1B schedule; None: plain 1F1B."""
+
+    expert_model_parallel_size: int = 1
+    """Ranks that split the experts of every MoE layer (all-to-all token dispatch)."""
+
+    expert_tensor_parallel_size: Optional[int] = None
+    """Ranks that split each expert's weights; None means tensor_model_parallel_size."""
+
+    sequence_parallel: bool = False
+    """Shard activations outside attention/MLP along the sequence over the tensor-parallel
+    ranks (required for MoE with tensor parallelism)."""
+
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state (and the fp32 main weights) over the data-parallel ranks."""
+
+    def runtime_kwargs(self) -> dict:
+        """Arguments of `spannorm_megatron.runtime.initialize`."""
+        return dict(
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=self.expert_model_parallel_size,
+            expert_tensor_parallel_size=self.expert_tensor_parallel_size,
+        )
+
+    def transformer_kwargs(self) -> dict:
+        """The `TransformerConfig` fields these sizes set."""
+        return dict(self.runtime_kwargs(), sequence_parallel=self.sequence_parallel)

@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
     """A configuration value that cannot work."""
+
+
+class ParallelLayoutError(ValueError):
+    """Parallel sizes that cannot tile the world size or split the model."""

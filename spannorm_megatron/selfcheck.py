@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -20,7 +21,9 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.errors import ConfigError, ParallelLayoutError
+from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.model import transformer_config
 from spannorm_megatron.runtime import current_device, initialize, destroy
 from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
@@ -71,24 +74,21 @@ def main(argv=None) -> dict:
         num_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
         vocab_size=args.vocab_size, max_sequence_length=args.seq_length,
     )
-    initialize(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        seed=args.seed,
-    )
-    tconfig = transformer_config(
-        model_config,
+    parallel = ParallelConfig(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
+        use_distributed_optimizer=args.use_distributed_optimizer,
     )
+    check_model_fits_layout(model_config, parallel)
+    initialize(**parallel.runtime_kwargs(), seed=args.seed)
+    tconfig = transformer_config(model_config, **parallel.transformer_kwargs())
     model, optimizer = setup_model_and_optimizer(
         model_config, tconfig,
         OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.0, clip_grad=1.0,
-                        use_distributed_optimizer=args.use_distributed_optimizer),
-        DistributedDataParallelConfig(use_distributed_optimizer=args.use_distributed_optimizer),
+                        use_distributed_optimizer=parallel.use_distributed_optimizer),
+        DistributedDataParallelConfig(use_distributed_optimizer=parallel.use_distributed_optimizer),
     )
 
     # Same data on the ranks of one model replica, different data across replicas.
@@ -127,4 +127,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, ParallelLayoutError) as error:
+        # A user error: the message says what to change; a traceback would only hide it.
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -72,3 +72,64 @@ def test_numeric_scale_init_accepted_and_round_trips():
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="Unknown ModelConfig field"):
         ModelConfig.from_dict({"hiden_size": 3})
+
+
+from spannorm_megatron.config import ParallelConfig  # noqa: E402
+from spannorm_megatron.errors import ParallelLayoutError  # noqa: E402
+from spannorm_megatron.model.partition import check_model_fits_layout  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "model,parallel,expected",
+    [
+        (dict(num_layers=6), dict(pipeline_model_parallel_size=4),
+         "num_layers=6 is not divisible by pipeline_model_parallel_size=4"),
+        (dict(num_layers=8), dict(pipeline_model_parallel_size=2,
+                                  virtual_pipeline_model_parallel_size=3),
+         "num_layers=8 is not divisible by pipeline_model_parallel_size x "
+         "virtual_pipeline_model_parallel_size=6"),
+        (dict(num_attention_heads=4, hidden_size=64), dict(tensor_model_parallel_size=8),
+         "num_attention_heads=4 is not divisible by tensor_model_parallel_size=8"),
+        (dict(num_attention_heads=8, hidden_size=64, num_query_groups=2),
+         dict(tensor_model_parallel_size=4),
+         "num_query_groups=2 is not divisible by tensor_model_parallel_size=4"),
+        (dict(vocab_size=50), dict(tensor_model_parallel_size=4),
+         "vocab_size=50 is not divisible by tensor_model_parallel_size=4"),
+        (dict(num_experts=6), dict(expert_model_parallel_size=4),
+         "num_experts=6 is not divisible by expert_model_parallel_size=4"),
+        (dict(num_experts=4), dict(tensor_model_parallel_size=2),
+         "needs sequence parallelism"),
+        (dict(), dict(expert_model_parallel_size=2), "this model is dense"),
+    ],
+)
+def test_model_that_does_not_fit_layout_is_refused(model, parallel, expected):
+    with pytest.raises(ParallelLayoutError) as error:
+        check_model_fits_layout(ModelConfig(**model), ParallelConfig(**parallel))
+    assert expected in str(error.value)
+
+
+def test_layouts_that_fit_pass():
+    check_model_fits_layout(
+        ModelConfig(num_layers=8, num_attention_heads=8, hidden_size=64, num_query_groups=2,
+                    vocab_size=128, num_experts=4),
+        ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                       virtual_pipeline_model_parallel_size=2, expert_model_parallel_size=4,
+                       sequence_parallel=True),
+    )
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--num-experts", "4", "--tensor-model-parallel-size", "2"], "--sequence-parallel"),
+        (["--tensor-model-parallel-size", "2"], "world size 1 is not divisible by"),
+    ],
+)
+def test_cli_refuses_bad_layout_before_building(flags, expected):
+    """A one-paragraph error and exit code 2, no traceback, no process group or model."""
+    result = subprocess.run([sys.executable, "-m", "spannorm_megatron.selfcheck", *flags],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "step 1" not in result.stdout

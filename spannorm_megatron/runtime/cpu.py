@@ -49,6 +49,10 @@ Touch points and how each is handled (narrowest fix that covers it):
    grad hooks (which allocate with CUDA device arguments) without it.
    ``torch.autograd._engine_run_backward`` is wrapped to push the mode for the engine run.
 
+8. Uneven collectives (expert tensor parallelism): gloo's ``all_gather`` needs equal sizes and
+   it has no list ``reduce_scatter``, so the two ``tensor_parallel.mappings`` helpers fall
+   back to pad-gather-trim and all-reduce-then-slice when split sizes are given.
+
 Everything here is applied once per process (the mode once per thread that calls
 :func:`enable_cpu_runtime`) and never when :func:`~.device.has_accelerator` is true.
 ``torch.cuda.is_available()`` keeps answering False: megatron code that asks takes its own
@@ -270,6 +274,45 @@ def _patch_megatron() -> None:
         return tensor
 
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+    _patch_uneven_collectives()
+
+
+# --- 8: uneven gathers and reduce-scatters on gloo ---------------------------------------------
+
+
+def _patch_uneven_collectives() -> None:
+    """Expert tensor parallelism gathers and reduce-scatters token blocks of different sizes per
+    rank (`output_split_sizes` / `input_split_sizes`). NCCL takes uneven lists; gloo's
+    all_gather requires equal sizes and it has no list reduce-scatter. Equal-split calls keep
+    megatron's own code."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        # Pad every block to the largest, gather, and trim each back.
+        largest = max(output_split_sizes)
+        padded = input_.new_zeros((largest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        blocks = [torch.empty_like(padded) for _ in range(group.size())]
+        dist.all_gather(blocks, padded, group=group)
+        return torch.cat([b[:n] for b, n in zip(blocks, output_split_sizes)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None,
+                                       use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        # Reduce everything and keep this rank's block: more traffic, same result.
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return torch.split(total, list(input_split_sizes), dim=0)[group.rank()].contiguous()
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
 
 
 # --- public -----------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from spannorm_megatron.errors import ParallelLayoutError
+
 from .cpu import enable_cpu_runtime
 from .device import backend as device_backend
 from .device import has_accelerator
@@ -33,10 +35,6 @@ __all__ = [
     "set_seed",
     "validate_layout",
 ]
-
-
-class ParallelLayoutError(ValueError):
-    """The requested parallel sizes cannot tile the world size."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,65 @@
+"""What must divide what when a model is split over a parallel layout.
+
+megatron-core asserts most of these deep inside module constructors (or hangs in a collective);
+checking them up front turns each into one message that names the sizes and the fix.
+"""
+
+from __future__ import annotations
+
+from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.errors import ParallelLayoutError
+
+
+def check_model_fits_layout(config: ModelConfig, parallel: ParallelConfig) -> None:
+    """Raise ParallelLayoutError if `config` cannot be split this way. Touches no process group."""
+    tp, pp, ep = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                  parallel.expert_model_parallel_size)
+    vpp, sequence_parallel = parallel.virtual_pipeline_model_parallel_size, parallel.sequence_parallel
+    expert_tensor_parallel_size = parallel.expert_tensor_parallel_size
+    etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
+    problems = []
+
+    def must_divide(size_name, size, what, value, fix):
+        if value % size:
+            problems.append(f"{what}={value} is not divisible by {size_name}={size}: {fix}.")
+
+    tp_name = "tensor_model_parallel_size"
+    must_divide(tp_name, tp, "num_attention_heads", config.num_attention_heads,
+                "use a tensor-parallel size that divides the head count")
+    must_divide(tp_name, tp, "num_query_groups", config.resolved_num_query_groups,
+                "each tensor-parallel rank needs whole key/value groups; lower "
+                "tensor_model_parallel_size or raise num_query_groups")
+    must_divide(tp_name, tp, "ffn_hidden_size", config.resolved_ffn_hidden_size,
+                "pick an ffn_hidden_size that is a multiple of the tensor-parallel size")
+    must_divide(tp_name, tp, "vocab_size", config.vocab_size,
+                "pad the vocabulary to a multiple of the tensor-parallel size "
+                "(Megatron-LM: --make-vocab-size-divisible-by)")
+
+    stages = pp * (vpp or 1)
+    stage_name = ("pipeline_model_parallel_size" if vpp is None
+                  else "pipeline_model_parallel_size x virtual_pipeline_model_parallel_size")
+    must_divide(stage_name, stages, "num_layers", config.num_layers,
+                "every (virtual) pipeline stage must hold the same number of layers")
+
+    if config.is_moe:
+        must_divide("expert_model_parallel_size", ep, "num_experts", config.num_experts,
+                    "use an expert-parallel size that divides the expert count")
+        expert_ffn = config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size
+        must_divide("expert_tensor_parallel_size", etp, "moe_ffn_hidden_size", expert_ffn,
+                    "pick an expert width that is a multiple of the expert tensor-parallel size")
+        if tp > 1 and not sequence_parallel:
+            problems.append(
+                f"MoE with tensor_model_parallel_size={tp} needs sequence parallelism "
+                f"(megatron-core's token dispatchers expect sequence-sharded tokens): add "
+                f"--sequence-parallel."
+            )
+    elif ep > 1 or (expert_tensor_parallel_size is not None and expert_tensor_parallel_size != tp):
+        problems.append(
+            f"expert_model_parallel_size={ep} / expert_tensor_parallel_size={etp} apply to MoE "
+            f"models only, and this model is dense (num_experts is unset): drop them or set "
+            f"num_experts."
+        )
+    if problems:
+        raise ParallelLayoutError(
+            "The model does not fit the parallel layout:\n  - " + "\n  - ".join(problems)
+        )

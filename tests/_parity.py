@@ -1,0 +1,203 @@
+"""Parallel-parity harness: train the same model from the same weights on the same global batch
+under one layout, and record what the parity tests compare.
+
+Used twice: in the pytest process (a world of one: the reference) and in
+`tests/_parity_worker.py` under `torchrun` (every 4-rank layout in LAYOUTS). Initial and final
+weights travel as megatron-core dist checkpoints, whose resharding is itself megatron-core's:
+the reference saves the initial weights once, every layout loads them into its own shards, and
+each layout's final weights are loaded back into a single-process model for comparison.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, List
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe import moe_utils
+
+from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.model import transformer_config
+from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
+from spannorm_megatron.training.setup import setup_model_and_optimizer
+
+SEQ = 16
+MICRO_BATCH = 2
+GLOBAL_BATCH = 8
+STEPS = 3
+SIGMA = 0.05
+
+COMBOS = {  # name -> (placement, moe)
+    f"{placement}-{'moe' if moe else 'dense'}": (placement, moe)
+    for placement in ("prenorm", "postnorm", "spannorm")
+    for moe in (False, True)
+}
+
+LAYOUTS = {  # all fit 4 ranks; data parallelism fills what the named sizes leave
+    "tp2_sp_pp2": ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                                 sequence_parallel=True),
+    "tp2_dp2": ParallelConfig(tensor_model_parallel_size=2),  # dense only: MoE needs SP with TP
+    "tp2_sp_dp2_ep2": ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True,
+                                     expert_model_parallel_size=2, expert_tensor_parallel_size=1),
+    "tp2_sp_ep2_etp2": ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True,
+                                      expert_model_parallel_size=2),
+    "dp4_ep2_distopt": ParallelConfig(expert_model_parallel_size=2,
+                                      use_distributed_optimizer=True),
+    "pp2_dp2_distopt": ParallelConfig(pipeline_model_parallel_size=2,
+                                      use_distributed_optimizer=True),
+    "pp2_vpp2_dp2": ParallelConfig(pipeline_model_parallel_size=2,
+                                   virtual_pipeline_model_parallel_size=2),
+}
+
+
+def applies(layout: ParallelConfig, moe: bool) -> bool:
+    if moe:
+        return layout.tensor_model_parallel_size == 1 or layout.sequence_parallel
+    return layout.expert_model_parallel_size == 1
+
+
+def model_config(placement: str, moe: bool) -> ModelConfig:
+    return ModelConfig(
+        norm_placement=placement, num_layers=4, hidden_size=64, num_attention_heads=4,
+        num_query_groups=2, ffn_hidden_size=128, vocab_size=128, max_sequence_length=SEQ,
+        init_method_std=SIGMA,
+        num_experts=4 if moe else None, moe_router_topk=2, moe_ffn_hidden_size=64,
+        moe_aux_loss_coeff=1e-2,
+    )
+
+
+def global_batch() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(2024)
+    return torch.randint(0, 128, (GLOBAL_BATCH, SEQ + 1), generator=generator)
+
+
+def _micro_batches(tokens: torch.Tensor) -> List[dict]:
+    """This data-parallel rank's micro-batches, assigned as Megatron-LM's sampler does: in each
+    round of dp x micro-batch samples, rank r takes the r-th micro-batch."""
+    dp = parallel_state.get_data_parallel_world_size()
+    rank = parallel_state.get_data_parallel_rank()
+    batches = []
+    for start in range(rank * MICRO_BATCH, GLOBAL_BATCH, dp * MICRO_BATCH):
+        sample = tokens[start:start + MICRO_BATCH]
+        batches.append({
+            "tokens": sample[:, :-1],
+            "labels": sample[:, 1:],
+            "loss_mask": torch.ones(MICRO_BATCH, SEQ),
+            "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ),
+        })
+    return batches
+
+
+def global_name(chunk, name: str) -> str:
+    """`decoder.layers.<local>.x` -> `decoder.layers.<global>.x` (pipeline stages renumber)."""
+    module = chunk.module
+    if name.startswith("decoder.layers."):
+        local, rest = name[len("decoder.layers."):].split(".", 1)
+        return f"decoder.layers.{module.decoder.layers[int(local)].layer_number - 1}.{rest}"
+    return name
+
+
+def output_projection_std(chunks) -> float:
+    weights = [p.detach().flatten() for chunk in chunks for n, p in chunk.named_parameters()
+               if n.endswith("linear_proj.weight") or n.endswith("linear_fc2.weight")]
+    return torch.cat(weights).std().item()
+
+
+class _RouterCounter:
+    """Tokens each expert of each layer receives, summed over every rank of the world."""
+
+    def __init__(self, chunks, num_layers: int, num_experts: int):
+        self.counts = torch.zeros(num_layers, num_experts)
+        self.handles = []
+        for chunk in chunks:
+            for layer in chunk.module.decoder.layers:
+                router = getattr(layer.mlp, "router", None)
+                if router is not None:
+                    self.handles.append(router.register_forward_hook(self._hook(layer.layer_number)))
+
+    def _hook(self, layer_number: int):
+        def hook(_module, _inputs, output):
+            _probs, routing_map = output
+            self.counts[layer_number - 1] += routing_map.sum(dim=0).float().detach()
+        return hook
+
+    def total(self) -> List[List[float]]:
+        for handle in self.handles:
+            handle.remove()
+        # Each token is routed on exactly one rank (sequence parallel shards it over TP).
+        torch.distributed.all_reduce(self.counts)
+        return self.counts.tolist()
+
+
+def _sharded_state(chunks) -> dict:
+    return {f"chunk{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def run(placement: str, moe: bool, parallel: ParallelConfig, init_dir: str, final_dir: str) -> Dict:
+    """Load the initial weights, train STEPS steps, save the final weights; return the record.
+
+    The caller has initialized megatron-core for `parallel` (spannorm_megatron.runtime).
+    """
+    config = model_config(placement, moe)
+    tconfig = transformer_config(config, **parallel.transformer_kwargs())
+    chunks, optimizer = setup_model_and_optimizer(
+        config, tconfig,
+        OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=1.0,
+                        use_distributed_optimizer=parallel.use_distributed_optimizer),
+        DistributedDataParallelConfig(use_distributed_optimizer=parallel.use_distributed_optimizer),
+    )
+    record = {"fresh_output_projection_std": output_projection_std(chunks)}
+
+    # All chunks in one load: megatron-core checks that the ranks together read every shard.
+    loaded = dist_checkpointing.load(_sharded_state(chunks), init_dir)
+    for i, chunk in enumerate(chunks):
+        chunk.module.load_state_dict(loaded[f"chunk{i}"])
+    optimizer.reload_model_params()
+
+    batches = _micro_batches(global_batch())
+    forward_backward = get_forward_backward_func()
+    moe_utils.clear_aux_losses_tracker()
+    counter = _RouterCounter(chunks, config.num_layers, config.num_experts) if moe else None
+    losses, grad_norms = [], []
+    for step in range(STEPS):
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses_reduced = forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=[iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches),
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(batches), seq_length=SEQ, micro_batch_size=MICRO_BATCH,
+        )
+        if step == 0:
+            if not parallel.use_distributed_optimizer:  # its grads are sharded after reduce
+                record["norm_grads"] = {
+                    global_name(chunk, n): p.main_grad.tolist()
+                    for chunk in chunks for n, p in chunk.module.named_parameters() if "norm" in n
+                }
+            if moe:
+                record["tokens_per_expert"] = counter.total()
+                moe_utils.reduce_aux_losses_tracker_across_ranks()
+                aux = moe_utils.get_moe_layer_wise_logging_tracker()["load_balancing_loss"]
+                record["aux_loss_per_layer"] = (aux["values"] / len(batches)).tolist()
+        _, grad_norm, _ = optimizer.step()
+        losses.append(reduce_lm_loss(losses_reduced))
+        grad_norms.append(grad_norm)
+    record.update(losses=losses, grad_norms=grad_norms)
+
+    os.makedirs(final_dir, exist_ok=True)
+    dist_checkpointing.save(_sharded_state(chunks), final_dir)
+    return record
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
+def is_close(a: float, b: float, rtol: float) -> bool:
+    return math.isclose(a, b, rel_tol=rtol)

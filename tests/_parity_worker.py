@@ -1,0 +1,44 @@
+"""Rank program of tests/test_parallel_parity.py, launched by torchrun on 4 ranks.
+
+    torchrun --standalone --nproc_per_node 4 tests/_parity_worker.py REF_DIR OUT_DIR
+
+For every layout in _parity.LAYOUTS and every model in _parity.COMBOS it applies to: set up
+the layout, load REF_DIR/<combo>/init, train, save OUT_DIR/<layout>/<combo>/final and write
+this rank's record to OUT_DIR/<layout>/<combo>/rank<r>.json. The test judges the records.
+"""
+
+import json
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _parity  # noqa: E402
+from spannorm_megatron.runtime import destroy, initialize  # noqa: E402
+
+
+def main(ref_dir: str, out_dir: str) -> None:
+    rank = int(os.environ["RANK"])
+    for layout_name, layout in _parity.LAYOUTS.items():
+        initialize(**layout.runtime_kwargs(), seed=1234)
+        for combo, (placement, moe) in _parity.COMBOS.items():
+            if not _parity.applies(layout, moe):
+                continue
+            where = os.path.join(out_dir, layout_name, combo)
+            os.makedirs(where, exist_ok=True)
+            try:
+                record = _parity.run(placement, moe, layout, os.path.join(ref_dir, combo, "init"),
+                                     os.path.join(where, "final"))
+            except Exception:
+                # Fail loudly and at once: torchrun then stops the ranks waiting in collectives.
+                with open(os.path.join(where, f"rank{rank}.error"), "w") as f:
+                    f.write(traceback.format_exc())
+                raise
+            with open(os.path.join(where, f"rank{rank}.json"), "w") as f:
+                json.dump(record, f)
+    destroy()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

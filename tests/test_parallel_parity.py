@@ -1,0 +1,120 @@
+"""Every parallel layout computes the same model as one process: losses, gradient norms, norm-gain
+gradients (with and without sequence parallelism), MoE routing and aux loss, and the weights
+after 3 optimizer steps; plus SpanNorm's Scale Init using the whole model's depth under PP.
+
+One 4-rank `torchrun` runs all layouts x placements (tests/_parity_worker.py); the reference
+runs in this process. See tests/_parity.py for the harness.
+"""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from megatron.core import dist_checkpointing
+
+import _parity
+from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.model import build_gpt_model, transformer_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LOSS_RTOL = 1e-5
+PARAM_RTOL = 1e-4
+
+CASES = [(layout, combo) for layout, parallel in _parity.LAYOUTS.items()
+         for combo, (_, moe) in _parity.COMBOS.items() if _parity.applies(parallel, moe)]
+
+
+@pytest.fixture(scope="module")
+def parity(megatron_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    ref_dir, out_dir = root / "ref", root / "out"
+    reference = {}
+    for combo, (placement, moe) in _parity.COMBOS.items():
+        torch.manual_seed(7)
+        config = _parity.model_config(placement, moe)
+        model = build_gpt_model(config, transformer_config(config))
+        init_dir = ref_dir / combo / "init"
+        init_dir.mkdir(parents=True)
+        dist_checkpointing.save(model.sharded_state_dict(), str(init_dir))
+        reference[combo] = _parity.run(placement, moe, ParallelConfig(), str(init_dir),
+                                       str(ref_dir / combo / "final"))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+         os.path.join(HERE, "_parity_worker.py"), str(ref_dir), str(out_dir)],
+        capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    errors = [open(f).read() for f in glob.glob(str(out_dir / "*" / "*" / "*.error"))]
+    assert result.returncode == 0, (errors[:1] or [result.stderr[-5000:]])[0]
+    return reference, ref_dir, out_dir
+
+
+def layout_records(out_dir, layout, combo):
+    files = sorted(glob.glob(str(out_dir / layout / combo / "rank*.json")))
+    assert len(files) == 4, files
+    return [json.load(open(f)) for f in files]
+
+
+def load_single_process(placement, moe, checkpoint_dir):
+    """Named parameters of a checkpoint, whatever layout saved it, in one process."""
+    config = _parity.model_config(placement, moe)
+    model = build_gpt_model(config, transformer_config(config))
+    loaded = dist_checkpointing.load({"chunk0": model.sharded_state_dict()}, str(checkpoint_dir))
+    model.load_state_dict(loaded["chunk0"])
+    return [(name, param.detach()) for name, param in model.named_parameters()]
+
+
+def assert_close_relative(actual, expected, rtol, what):
+    for step, (a, e) in enumerate(zip(actual, expected)):
+        assert a == pytest.approx(e, rel=rtol), f"{what} at step {step + 1}: {a} vs {e}"
+
+
+@pytest.mark.parametrize("layout,combo", CASES, ids=[f"{l}-{c}" for l, c in CASES])
+def test_layout_matches_single_process(parity, layout, combo):
+    reference, ref_dir, out_dir = parity
+    ref = reference[combo]
+    records = layout_records(out_dir, layout, combo)
+    parallel = _parity.LAYOUTS[layout]
+    placement, moe = _parity.COMBOS[combo]
+
+    # Losses (reported by the last pipeline stage) and gradient norms (every rank).
+    last_stage = [r for r in records if r["losses"][0] is not None]
+    assert last_stage
+    for record in last_stage:
+        assert_close_relative(record["losses"], ref["losses"], LOSS_RTOL, "loss")
+    for record in records:
+        assert_close_relative(record["grad_norms"], ref["grad_norms"], LOSS_RTOL, "grad norm")
+
+    # Norm gains: each rank holds some (PP) or replicas (TP, DP); with sequence parallelism the
+    # gradients are partial sums until megatron-core reduces them over the TP group.
+    if not parallel.use_distributed_optimizer:
+        gathered = {}
+        for record in records:
+            gathered.update(record["norm_grads"])
+        assert gathered.keys() == ref["norm_grads"].keys()
+        for name, grad in gathered.items():
+            expected = torch.tensor(ref["norm_grads"][name])
+            assert _parity.relative_error(torch.tensor(grad), expected) <= LOSS_RTOL, name
+
+    if moe:
+        for record in records:
+            assert record["tokens_per_expert"] == ref["tokens_per_expert"]
+            assert_close_relative(record["aux_loss_per_layer"], ref["aux_loss_per_layer"],
+                                  LOSS_RTOL, "aux loss")
+
+    # Scale Init counts every layer of the model, not a stage's: L = 4 here, 2 per stage.
+    depth_factor = 4 if placement == "spannorm" else 2 * 4
+    for record in records:
+        assert record["fresh_output_projection_std"] == pytest.approx(
+            _parity.SIGMA / depth_factor ** 0.5, rel=0.05)
+
+    # Weights after 3 steps, gathered by loading the layout's checkpoint into one process.
+    actual = load_single_process(placement, moe, out_dir / layout / combo / "final")
+    expected = dict(load_single_process(placement, moe, ref_dir / combo / "final"))
+    for name, param in actual:
+        error = _parity.relative_error(param, expected[name])
+        assert error <= PARAM_RTOL, f"{name}: relative error {error:.2e}"
