@@ -38,5 +38,5 @@ setup(
         "hf": ["transformers>=4.45", "safetensors>=0.4"],
         "test": ["pytest>=8"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["spannorm-train=spannorm_megatron.train:main"]},
 )

@@ -1,0 +1,177 @@
+"""`spannorm-train` / `python -m spannorm_megatron.train`: pretrain a GPT model with megatron-core.
+
+    torchrun --nproc_per_node 2 -m spannorm_megatron.train --config examples/configs/tiny.yaml \
+        --data-path data/corpus_text_document --tokenizer-model data/tokenizer.model \
+        --save runs/tiny --tensorboard-dir runs/tiny/tb
+
+Order of work: every flag, data path and layout is checked before any process group exists;
+then process groups, model, optimizer, scheduler, checkpoint, data; then the loop (train step,
+log line, TensorBoard, evaluation, checkpoint) and a final evaluation and checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import List, Optional
+
+import torch
+
+from spannorm_megatron.data.dataset import DataConfig, build_gpt_datasets, num_samples_for
+from spannorm_megatron.data.loader import build_data_iterators
+from spannorm_megatron.data.tokenizer import build_tokenizer
+from spannorm_megatron.errors import ConfigError, UserError
+from spannorm_megatron.model import transformer_config
+from spannorm_megatron.model.partition import check_model_fits_layout
+from spannorm_megatron.runtime import current_device, destroy, initialize
+from spannorm_megatron.training.arguments import (
+    model_config,
+    padded_vocab_size,
+    parallel_config,
+    parse_args,
+)
+from spannorm_megatron.training.loop import Timer, evaluate, log_line, train_step
+from spannorm_megatron.training.schedule import batch_layout, lr_scheduler, optimizer_config
+from spannorm_megatron.training.setup import setup_model_and_optimizer
+
+
+def print_rank_0(message: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(message, flush=True)
+
+
+def print_last_rank(message: str) -> None:
+    """Losses live on the last pipeline stage; Megatron-LM logs from the last rank."""
+    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+        print(message, flush=True)
+
+
+def _recompute_kwargs(args) -> dict:
+    if args.recompute_granularity is None:
+        return {}
+    kwargs = dict(recompute_granularity=args.recompute_granularity)
+    if args.recompute_granularity == "full":
+        kwargs.update(recompute_method=args.recompute_method or "uniform",
+                      recompute_num_layers=args.recompute_num_layers or 1)
+    return kwargs
+
+
+def pretrain(argv: Optional[List[str]] = None) -> dict:
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+
+    # ---- everything the user gave is checked before any process group work
+    batches = batch_layout(args, world_size)
+    if not args.data_path:
+        raise ConfigError("--data-path is required: prefixes written by tools/preprocess_data.py.")
+    if not args.tokenizer_model:
+        raise ConfigError("--tokenizer-model is required: the SentencePiece .model file.")
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    model_cfg = model_config(args, padded_vocab_size(tokenizer.vocab_size, args))
+    parallel = parallel_config(args)
+    check_model_fits_layout(model_cfg, parallel)
+    data_cfg = DataConfig(seq_length=args.seq_length, data_path=args.data_path, split=args.split,
+                          seed=args.seed, data_cache_path=args.data_cache_path)
+
+    # ---- runtime, model, optimizer
+    initialize(**parallel.runtime_kwargs(), seed=args.seed)
+    tconfig = transformer_config(
+        model_cfg, **parallel.transformer_kwargs(), **_recompute_kwargs(args),
+        bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+    )
+    model, optimizer = setup_model_and_optimizer(
+        model_cfg, tconfig, optimizer_config(args), _ddp_config(args))
+    scheduler = lr_scheduler(args, optimizer, batches.global_batch_size)
+    iteration, consumed_train, consumed_valid = 0, 0, 0
+
+    # ---- data
+    num_samples = num_samples_for(args.train_iters, batches.global_batch_size,
+                                  args.eval_interval, args.eval_iters)
+    datasets = build_gpt_datasets(data_cfg, tokenizer, num_samples)
+    train_iter, valid_iter, _ = build_data_iterators(
+        datasets, args.micro_batch_size, consumed_train, consumed_valid,
+        num_workers=args.num_workers, device=current_device())
+
+    print_rank_0(f"> model: {model_cfg.norm_placement}, {model_cfg.num_layers} layers, hidden "
+                 f"{model_cfg.hidden_size}, vocab {model_cfg.vocab_size}; "
+                 f"{_count_parameters(model):,} parameters on rank 0")
+    print_rank_0(f"> parallel: TP {parallel.tensor_model_parallel_size}, PP "
+                 f"{parallel.pipeline_model_parallel_size}, EP {parallel.expert_model_parallel_size}"
+                 f", DP {batches.data_parallel_size}; {batches.num_microbatches} micro-batches "
+                 f"of {batches.micro_batch_size} per step, global batch {batches.global_batch_size}")
+
+    step_kwargs = dict(num_microbatches=batches.num_microbatches, seq_length=args.seq_length,
+                       micro_batch_size=batches.micro_batch_size)
+    history = {"train_loss": [], "valid_loss": [], "iterations": []}
+    skipped_total = 0
+    timer = Timer()
+    start_iteration = iteration
+    while iteration < args.train_iters:
+        result = train_step(model, optimizer, scheduler, train_iter,
+                            global_batch_size=batches.global_batch_size, **step_kwargs)
+        iteration += 1
+        consumed_train += batches.global_batch_size
+        skipped_total += int(result.skipped)
+        history["train_loss"].append(result.loss)
+        history["iterations"].append(iteration)
+
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            seconds = timer.lap() / (iteration - max(start_iteration, iteration - args.log_interval))
+            tokens_per_second = batches.global_batch_size * args.seq_length / seconds
+            print_last_rank(log_line(iteration, args.train_iters, consumed_train, seconds, result,
+                                     batches.global_batch_size, tokens_per_second, None,
+                                     skipped_total))
+            start_iteration = iteration
+
+        if valid_iter is not None and args.eval_interval and iteration % args.eval_interval == 0:
+            history["valid_loss"].append(
+                _run_evaluation(model, valid_iter, args, step_kwargs, iteration))
+            consumed_valid += args.eval_iters * batches.global_batch_size
+            timer.lap()
+
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            print_rank_0(f"exiting program at iteration {iteration} (--exit-interval)")
+            break
+
+    if valid_iter is not None and iteration % max(args.eval_interval, 1) != 0:
+        history["valid_loss"].append(_run_evaluation(model, valid_iter, args, step_kwargs,
+                                                     iteration))
+    destroy()
+    return history
+
+
+def _ddp_config(args):
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        grad_reduce_in_fp32=args.bf16,
+    )
+
+
+def _count_parameters(model) -> int:
+    return sum(p.numel() for chunk in model for p in chunk.parameters())
+
+
+def _run_evaluation(model, valid_iter, args, step_kwargs, iteration: int) -> float:
+    loss = evaluate(model, valid_iter, args.eval_iters, **step_kwargs)
+    ppl = math.exp(min(20.0, loss))
+    bar = "-" * 100
+    print_last_rank(f"{bar}\n validation loss at iteration {iteration} | lm loss value: "
+                    f"{loss:.6E} | lm loss PPL: {ppl:.6E} | \n{bar}")
+    return loss
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        pretrain(argv)
+    except UserError as error:
+        # One paragraph that names the problem and the fix; a traceback would only hide it.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

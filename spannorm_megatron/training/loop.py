@@ -1,0 +1,136 @@
+"""One training step, evaluation, and Megatron-LM-style log lines.
+
+The schedules (`get_forward_backward_func`), DDP, optimizer and LR scheduler are megatron-core's;
+this module only sequences them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterator, List, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
+
+
+@dataclass
+class StepResult:
+    loss: Optional[float]
+    """Mean token loss of the step (on every rank: broadcast from the last pipeline stage)."""
+
+    grad_norm: Optional[float]
+    """Global gradient norm before clipping (None when the step was skipped)."""
+
+    skipped: bool
+    """The optimizer refused the step (non-finite gradients with a loss scaler)."""
+
+    learning_rate: float
+    """Learning rate the step used."""
+
+
+def _data_iterators(iterator, num_chunks: int):
+    # Interleaved pipelining asks every model chunk for its own micro-batches.
+    return [iterator] * num_chunks if num_chunks > 1 else iterator
+
+
+def _model_arg(model: List[torch.nn.Module]):
+    return model if len(model) > 1 else model[0]
+
+
+def broadcast_from_last_stage(value: Optional[float]) -> Optional[float]:
+    """Losses exist on the last pipeline stage only; every rank wants them for logging/exits."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    tensor = torch.tensor([math.nan if value is None else value], dtype=torch.float64)
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    torch.distributed.broadcast(tensor, src=last,
+                                group=parallel_state.get_pipeline_model_parallel_group())
+    return tensor.item()
+
+
+def train_step(model, optimizer, scheduler, data_iterator: Iterator, num_microbatches: int,
+               seq_length: int, micro_batch_size: int, global_batch_size: int) -> StepResult:
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses_reduced = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=_data_iterators(data_iterator, len(model)),
+        model=_model_arg(model),
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+    )
+    learning_rate = optimizer.param_groups[0]["lr"]
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=global_batch_size)
+    return StepResult(
+        loss=broadcast_from_last_stage(reduce_lm_loss(losses_reduced)),
+        grad_norm=grad_norm,
+        skipped=not update_successful,
+        learning_rate=learning_rate,
+    )
+
+
+@torch.no_grad()
+def evaluate(model, data_iterator: Iterator, eval_iters: int, num_microbatches: int,
+             seq_length: int, micro_batch_size: int) -> float:
+    """Mean token loss over `eval_iters` global batches of the validation set."""
+    for chunk in model:
+        chunk.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    try:
+        for _ in range(eval_iters):
+            losses_reduced = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=_data_iterators(data_iterator, len(model)),
+                model=_model_arg(model),
+                num_microbatches=num_microbatches,
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                forward_only=True,
+            )
+            for entry in losses_reduced or []:
+                total += entry["lm loss"].double()
+    finally:
+        for chunk in model:
+            chunk.train()
+    loss = (total[0] / total[1]).item() if total[1] > 0 else None
+    return broadcast_from_last_stage(loss)
+
+
+def log_line(iteration: int, train_iters: int, consumed_samples: int, step_seconds: float,
+             result: StepResult, global_batch_size: int, tokens_per_second: float,
+             mfu: Optional[float], skipped_total: int) -> str:
+    """Megatron-LM's training log line, with throughput and MFU appended."""
+    parts = [
+        f" [{datetime.now():%Y-%m-%d %H:%M:%S}] iteration {iteration:8d}/{train_iters:8d}",
+        f"consumed samples: {consumed_samples:12d}",
+        f"elapsed time per iteration (ms): {step_seconds * 1000:.1f}",
+        f"learning rate: {result.learning_rate:.6E}",
+        f"global batch size: {global_batch_size:5d}",
+        f"lm loss: {result.loss:.6E}" if result.loss is not None else "lm loss: n/a",
+        f"grad norm: {result.grad_norm:.3f}" if result.grad_norm is not None else "grad norm: n/a",
+        f"number of skipped iterations: {skipped_total:3d}",
+        f"tokens/s: {tokens_per_second:.0f}",
+    ]
+    if mfu is not None:
+        parts.append(f"MFU: {mfu * 100:.2f}%")
+    return " | ".join(parts) + " |"
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.start = now - self.start, now
+        return elapsed
