@@ -18,7 +18,12 @@ from typing import List, Optional
 
 import torch
 
-from spannorm_megatron.data.dataset import DataConfig, build_gpt_datasets, num_samples_for
+from spannorm_megatron.data.dataset import (
+    DataConfig,
+    build_gpt_datasets,
+    check_data_prefixes,
+    num_samples_for,
+)
 from spannorm_megatron.data.loader import build_data_iterators
 from spannorm_megatron.data.tokenizer import build_tokenizer
 from spannorm_megatron.errors import ConfigError, UserError
@@ -73,6 +78,9 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     check_model_fits_layout(model_cfg, parallel)
     data_cfg = DataConfig(seq_length=args.seq_length, data_path=args.data_path, split=args.split,
                           seed=args.seed, data_cache_path=args.data_cache_path)
+    num_samples = num_samples_for(args.train_iters, batches.global_batch_size,
+                                  args.eval_interval, args.eval_iters)
+    check_data_prefixes(data_cfg, num_samples)
 
     # ---- runtime, model, optimizer
     initialize(**parallel.runtime_kwargs(), seed=args.seed)
@@ -86,8 +94,6 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     iteration, consumed_train, consumed_valid = 0, 0, 0
 
     # ---- data
-    num_samples = num_samples_for(args.train_iters, batches.global_batch_size,
-                                  args.eval_interval, args.eval_iters)
     datasets = build_gpt_datasets(data_cfg, tokenizer, num_samples)
     train_iter, valid_iter, _ = build_data_iterators(
         datasets, args.micro_batch_size, consumed_train, consumed_valid,

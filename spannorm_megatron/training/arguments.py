@@ -193,8 +193,6 @@ def _resolve(args: argparse.Namespace) -> None:
         args.virtual_pipeline_model_parallel_size = args.num_layers // stages
     if args.group_query_attention and args.num_query_groups is None:
         raise ConfigError("--group-query-attention needs --num-query-groups N.")
-    if args.save_interval is not None and args.save is None:
-        raise ConfigError("--save-interval needs --save DIR (where to write checkpoints).")
 
 
 def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
