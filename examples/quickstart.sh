@@ -1,16 +1,47 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: sets up .venv if needed, then, on 2 ranks of this
-# machine (gloo on CPU, NCCL on GPUs), builds a small SpanNorm model with tensor + sequence
-# parallelism and trains it on a fixed synthetic batch until the loss has visibly fallen.
+# The main job on the embedded default, end to end on this machine (2 ranks: gloo on CPU, NCCL
+# on GPUs), with nothing downloaded:
+#   1. the corpus: the Python standard library's own sources (deterministic, every machine has it)
+#   2. a SentencePiece tokenizer trained on it          (tools/train_tokenizer.py)
+#   3. Megatron's indexed dataset (.bin/.idx)            (tools/preprocess_data.py)
+#   4. a small SpanNorm model trained for 300 steps      (spannorm-train, examples/configs/quickstart.yaml)
+#      with evaluation, checkpoints and TensorBoard logs under $RUN_DIR.
 #
-#   bash examples/quickstart.sh [extra selfcheck flags, e.g. --norm-placement prenorm]
+#   bash examples/quickstart.sh [extra spannorm-train flags, e.g. --norm-placement prenorm]
 #
-# (Grows into the full pipeline - tokenizer, data, training, checkpoints, TensorBoard,
-# HF export, sampling - as those parts land.)
+# Steps 1-3 are skipped when their outputs exist. RUN_DIR defaults to runs/quickstart.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=$(bash "$root/tools/setup_env.sh" | tail -n 1)
+python="$venv/bin/python"
+run=${RUN_DIR:-$root/runs/quickstart}
+mkdir -p "$run/data"
 cd "$root"
-exec "$venv/bin/torchrun" --standalone --nproc_per_node 2 -m spannorm_megatron.selfcheck \
-  --norm-placement spannorm --num-layers 4 --hidden-size 64 --num-attention-heads 4 \
-  --tensor-model-parallel-size 2 --sequence-parallel --train-iters 20 "$@"
+
+if [ ! -f "$run/data/stdlib.jsonl" ]; then
+  echo "== 1/4 writing the embedded corpus (Python stdlib sources, first 4 MB)"
+  "$python" -c "import sys; from spannorm_megatron.data.corpus import write_embedded_corpus as w; \
+m = w(sys.argv[1], max_bytes=4_000_000); print(f'{m.num_documents} documents, {m.num_bytes:,} bytes')" \
+    "$run/data/stdlib.jsonl"
+fi
+if [ ! -f "$run/tokenizer.model" ]; then
+  echo "== 2/4 training the tokenizer"
+  "$python" tools/train_tokenizer.py --input "$run/data/stdlib.jsonl" \
+    --model-prefix "$run/tokenizer" --vocab-size 4096
+fi
+if [ ! -f "$run/data/stdlib_text_document.idx" ]; then
+  echo "== 3/4 preprocessing into Megatron's indexed dataset"
+  "$python" tools/preprocess_data.py --input "$run/data/stdlib.jsonl" \
+    --output-prefix "$run/data/stdlib" --tokenizer-type SentencePieceTokenizer \
+    --tokenizer-model "$run/tokenizer.model" --append-eod --workers 2
+fi
+
+echo "== 4/4 training (2 ranks)"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$venv/bin/torchrun" --standalone --nproc_per_node 2 \
+  -m spannorm_megatron.train --config examples/configs/quickstart.yaml \
+  --data-path "$run/data/stdlib_text_document" --tokenizer-model "$run/tokenizer.model" \
+  --save "$run/checkpoints" --tensorboard-dir "$run/tensorboard" "$@"
+
+echo
+echo "Checkpoints: $run/checkpoints"
+echo "TensorBoard: $venv/bin/tensorboard --logdir $run/tensorboard"
