@@ -20,9 +20,7 @@ cd "$root"
 
 if [ ! -f "$run/data/stdlib.jsonl" ]; then
   echo "== 1/4 writing the embedded corpus (Python stdlib sources, first 4 MB)"
-  "$python" -c "import sys; from spannorm_megatron.data.corpus import write_embedded_corpus as w; \
-m = w(sys.argv[1], max_bytes=4_000_000); print(f'{m.num_documents} documents, {m.num_bytes:,} bytes')" \
-    "$run/data/stdlib.jsonl"
+  "$python" -m spannorm_megatron.data.corpus --max-bytes 4000000 "$run/data/stdlib.jsonl"
 fi
 if [ ! -f "$run/tokenizer.model" ]; then
   echo "== 2/4 training the tokenizer"

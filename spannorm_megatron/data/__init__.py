@@ -1,0 +1,52 @@
+"""Data: embedded corpus, SentencePiece tokenizer, Megatron indexed datasets and batches.
+
+The pipeline, in the order a run uses it (each step also has a command-line tool):
+
+1. `corpus`     the embedded default corpus (Python stdlib sources), no download needed
+2. `tokenizer_training` / `tools/train_tokenizer.py`: train a SentencePiece model
+3. `tokenizer`  the model as a megatron-core tokenizer (`eod`, `pad`, `vocab_size`, ...)
+4. `preprocess` / `tools/preprocess_data.py`: text or JSONL → `.bin`/`.idx` (Megatron format)
+5. `dataset`    megatron-core GPT datasets from `--data-path` / `--split`
+6. `loader`     resumable micro-batches for `training.gpt_step.forward_step`
+
+Helpers: `documents` (input formats), `indexed` (output names, safe writing, `.bin`/`.idx`
+check), `sp_model` (tokenizer file check), `progress`, `cli`, `errors`.
+
+Importing this package is cheap; megatron-core (seconds to import) loads only when a name that
+needs it is first used, e.g. `spannorm_megatron.data.SentencePieceTokenizer`.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "DataError": "errors",
+    "TokenizerError": "errors",
+    "InputFileError": "errors",
+    "IndexedDatasetError": "errors",
+    "embedded_corpus": "corpus",
+    "embedded_corpus_documents": "corpus",
+    "write_embedded_corpus": "corpus",
+    "SentencePieceTokenizer": "tokenizer",
+    "build_tokenizer": "tokenizer",
+    "TokenizerTrainingConfig": "tokenizer_training",
+    "train_sentencepiece": "tokenizer_training",
+    "PreprocessConfig": "preprocess",
+    "preprocess": "preprocess",
+    "check_indexed_dataset": "indexed",
+    "output_prefix": "indexed",
+    "DataConfig": "dataset",
+    "build_gpt_datasets": "dataset",
+    "num_samples_for": "dataset",
+    "PretrainingSampler": "loader",
+    "build_data_loader": "loader",
+    "build_data_iterators": "loader",
+    "iterate_batches": "loader",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,36 @@
+"""What the data command-line tools share: error reporting and making the package importable.
+
+Bad input is reported as its one-paragraph message on stderr, without a traceback, and exit
+status 2 (the status argparse uses for bad arguments); anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, List, Optional
+
+from spannorm_megatron.data.errors import DataError
+
+
+def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv=None) -> int:
+    """Run `main(argv)`; a DataError becomes `error: <message>` on stderr and status 2."""
+    try:
+        return int(main(argv) or 0)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no output files were changed", file=sys.stderr, flush=True)
+        return 130
+
+
+def quiet_optional_kernel_warnings() -> None:
+    """Hide megatron-core's import-time notes that Apex / Transformer Engine are absent.
+
+    The data tools never use fused kernels, so on a machine without them those four warnings
+    are noise in front of every run's output.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")

@@ -1,0 +1,380 @@
+"""Train/valid/test GPT datasets from Megatron-LM style `--data-path` / `--split` settings.
+
+All the dataset machinery is megatron-core's: `BlendedMegatronDatasetBuilder` builds a
+`GPTDataset` per data prefix and split (document/sample/shuffle indices from its compiled
+`helpers_cpp`, cached as `.npy`), and a `BlendedDataset` when several prefixes are weighted.
+What this module adds is checking the user's settings and files first, because megatron-core
+reports them with bare asserts or not at all:
+
+* a missing prefix (message lists the files looked for and the likely fix),
+* an `.idx` that does not describe its `.bin` (`check_indexed_dataset`),
+* malformed weights/split strings,
+* a split that gets no tokens from a small dataset (megatron-core would loop forever in
+  `GPTDataset._get_num_epochs` trying to fill the requested samples from zero tokens),
+* index caches left from earlier data at the same prefix (megatron-core names caches after its
+  settings, not after the data, and would silently reuse them).
+
+CPU: none of this needs CUDA. The compiled helpers ship in the megatron-core wheel
+(`megatron/core/datasets/helpers_cpp*.so`) and are only imported, never compiled; the builder's
+single `torch.cuda.device_count()` call (thread count on rank 0) returns 0 without a GPU, which
+it handles. With torch.distributed initialized, rank 0 builds (and caches) first and the other
+ranks then load its caches, so all ranks must call `build_gpt_datasets`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+from spannorm_megatron.data.errors import DataError
+from spannorm_megatron.data.indexed import check_indexed_dataset, read_sequence_lengths
+
+Blend = Tuple[List[str], Optional[List[float]]]
+"""megatron-core's blend: (prefixes, weights or None)."""
+
+PathSpec = Union[None, str, Sequence[str]]
+
+
+def _tokens(spec: PathSpec) -> Optional[List[str]]:
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        spec = spec.split()
+    tokens = [str(t) for t in spec if str(t).strip()]
+    return tokens or None
+
+
+def parse_blend(spec: PathSpec, flag: str = "--data-path") -> Optional[Blend]:
+    """Megatron-LM's `--data-path` syntax to a megatron-core blend.
+
+    `"prefix"` or `["p1", "p2"]` (no weights: blended in proportion to their sizes), or
+    `"w1 p1 w2 p2"` / `["w1", "p1", "w2", "p2"]` (relative weights, need not sum to 1).
+    """
+    tokens = _tokens(spec)
+    if tokens is None:
+        return None
+    if len(tokens) % 2 == 0 and _is_number(tokens[0]):
+        weights, prefixes = tokens[0::2], tokens[1::2]
+        bad = [w for w in weights if not _is_number(w)] + [p for p in prefixes if _is_number(p)]
+        if bad:
+            raise DataError(
+                f"{flag} {' '.join(tokens)} mixes weights and paths wrongly at '{bad[0]}': give "
+                "either prefixes only ('p1 p2') or weight/prefix pairs ('0.7 p1 0.3 p2')."
+            )
+        values = [float(w) for w in weights]
+        if any(v < 0 for v in values) or sum(values) <= 0:
+            raise DataError(
+                f"{flag} weights {', '.join(weights)} must be non-negative with a positive sum."
+            )
+        return list(prefixes), values
+    numbers = [t for t in tokens if _is_number(t)]
+    if numbers:
+        raise DataError(
+            f"{flag} {' '.join(tokens)} has {len(tokens)} entries with numbers among them: a "
+            "weighted blend needs weight/prefix pairs ('0.7 p1 0.3 p2'), an unweighted one "
+            "prefixes only ('p1 p2')."
+        )
+    return tokens, None
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_split(split: str) -> List[float]:
+    """`"969,30,1"` → normalized [train, valid, test] fractions (missing entries are 0)."""
+    parts = [p.strip() for p in re.split(r"[,/]", split) if p.strip()]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 3 or any(v < 0 for v in values) or sum(values) <= 0:
+        raise DataError(
+            f"--split '{split}' is not a train,valid,test weighting; give up to three "
+            "non-negative numbers with a positive sum, e.g. '969,30,1' or '98,2,0'."
+        )
+    values += [0.0] * (3 - len(values))
+    return [v / sum(values) for v in values]
+
+
+@dataclass
+class DataConfig:
+    """Where the training data is and how it is cut into samples (Megatron-LM's flag names)."""
+
+    seq_length: int
+    """`--seq-length`: tokens per sample (each sample reads seq_length + 1 tokens so that
+    `labels` is `tokens` shifted by one)."""
+
+    data_path: PathSpec = None
+    """`--data-path`: one prefix, several, or weight/prefix pairs; split by `split`."""
+
+    split: str = "969,30,1"
+    """`--split`: train,valid,test weighting of the documents of every `data_path` prefix."""
+
+    train_data_path: PathSpec = None
+    """`--train-data-path`: a blend for training only (with valid/test_data_path, no split)."""
+
+    valid_data_path: PathSpec = None
+    """`--valid-data-path`."""
+
+    test_data_path: PathSpec = None
+    """`--test-data-path`."""
+
+    seed: int = 1234
+    """`--seed`: seeds megatron-core's document and sample shuffles."""
+
+    data_cache_path: Optional[str] = None
+    """`--data-cache-path`: where index caches go (default: `<prefix>/cache/` per prefix)."""
+
+    reset_position_ids: bool = False
+    """`--reset-position-ids`: restart position ids after every end-of-document token."""
+
+    eod_mask_loss: bool = False
+    """`--eod-mask-loss`: no loss on predicting the end-of-document token's successor."""
+
+    mmap_bin_files: bool = True
+    """`--no-mmap-bin-files` sets False: read `.bin` with file reads instead of mmap."""
+
+    num_dataset_builder_threads: int = 1
+    """`--num-dataset-builder-threads`: threads building the datasets of a blend."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seq_length, int) or self.seq_length < 1:
+            raise DataError(f"--seq-length {self.seq_length} must be a positive integer.")
+        per_split = any(
+            _tokens(p) for p in (self.train_data_path, self.valid_data_path, self.test_data_path)
+        )
+        if bool(_tokens(self.data_path)) == per_split:
+            raise DataError(
+                "Give the data either as --data-path (split by --split) or as "
+                "--train-data-path/--valid-data-path/--test-data-path, exactly one of the two. "
+                "Prefixes are what tools/preprocess_data.py wrote, e.g. "
+                "data/corpus_text_document."
+            )
+        if not per_split:
+            parse_split(self.split)
+        parse_blend(self.data_path)
+        for flag, spec in self._per_split_specs():
+            parse_blend(spec, flag)
+
+    def _per_split_specs(self):
+        return [
+            ("--train-data-path", self.train_data_path),
+            ("--valid-data-path", self.valid_data_path),
+            ("--test-data-path", self.test_data_path),
+        ]
+
+    @property
+    def blend(self) -> Optional[Blend]:
+        return parse_blend(self.data_path)
+
+    @property
+    def blend_per_split(self) -> Optional[List[Optional[Blend]]]:
+        if self.blend is not None:
+            return None
+        return [parse_blend(spec, flag) for flag, spec in self._per_split_specs()]
+
+
+def num_samples_for(
+    train_iters: int, global_batch_size: int, eval_interval: int, eval_iters: int
+) -> Tuple[int, int, int]:
+    """Samples per split, as Megatron-LM asks for them: train for all iterations, valid for
+    every evaluation (plus the final one), test for one evaluation."""
+    evaluations = train_iters // max(eval_interval, 1) + 1
+    return (
+        train_iters * global_batch_size,
+        evaluations * eval_iters * global_batch_size,
+        eval_iters * global_batch_size,
+    )
+
+
+def _check_split_has_tokens(prefix: str, split: str) -> None:
+    """Refuse splits that would get no tokens (megatron-core would never finish building).
+
+    Even a split asked for 0 samples is built (GPTDataset then wants one token), so every split
+    with a non-zero weight needs tokens.
+    """
+    import numpy
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(parse_split(split))
+    lengths = read_sequence_lengths(prefix)
+    count = lengths.shape[0]
+    for index, (name, bookends) in enumerate(zip(("train", "valid", "test"), matrix)):
+        if bookends is None:
+            continue
+        begin = int(round(bookends[0] * float(count)))
+        end = int(round(bookends[1] * float(count)))
+        if int(numpy.sum(lengths[begin:end], dtype=numpy.int64)) == 0:
+            raise DataError(
+                f"--split {split} gives the {name} split of '{prefix}' sequences {begin}..{end} "
+                f"of its {count}, which hold no tokens. Use more data or set that split's "
+                "weight to 0 in --split (e.g. '98,2,0')."
+            )
+
+
+def _check_cache_is_current(prefix: str, cache_path: Optional[str]) -> None:
+    """Refuse GPTDataset index caches older than the data they were built for."""
+    directory = cache_path or os.path.join(prefix, "cache", "GPTDataset_indices")
+    idx_mtime = os.path.getmtime(prefix + ".idx")
+    for description in glob.glob(os.path.join(directory, "*GPTDataset*description.txt")):
+        try:
+            with open(description, encoding="utf-8") as stream:
+                dataset_path = json.load(stream).get("dataset_path")
+        except (OSError, ValueError):
+            continue
+        if dataset_path == prefix and os.path.getmtime(description) < idx_mtime:
+            raise DataError(
+                f"The GPTDataset index cache '{description}' (and its .npy files) was built "
+                f"before '{prefix}.idx' was last written, so it describes older data; "
+                "megatron-core would reuse it. Delete the stale cache files (or the whole "
+                f"'{directory}' directory) and run again; they are rebuilt automatically."
+            )
+
+
+def check_data_prefixes(
+    config: DataConfig, sizes: Sequence[Optional[int]], cache_path: Optional[str] = None
+) -> List[str]:
+    """Check every prefix of `config` (files, pairing, caches, splits); returns the prefixes.
+
+    `cache_path` is where the GPTDataset index caches live (`effective_cache_path`).
+    """
+    checked = []
+    if config.blend is not None:
+        blends = [("--data-path", config.blend, [0, 1, 2])]
+    else:
+        blends = [
+            (flag, blend, [index])
+            for index, ((flag, _), blend) in enumerate(
+                zip(config._per_split_specs(), config.blend_per_split)
+            )
+            if blend is not None
+        ]
+    for flag, (prefixes, weights), split_indices in blends:
+        if weights is not None and any(sizes[i] is None for i in split_indices):
+            raise DataError(
+                f"{flag} has weights, so megatron-core needs the number of samples of "
+                f"{'every split' if len(split_indices) > 1 else 'that split'}; pass sample "
+                "counts (e.g. from num_samples_for), not None."
+            )
+        for prefix in prefixes:
+            info = check_indexed_dataset(prefix, what=f"Data path (from {flag})")
+            if info.num_tokens == 0:
+                raise DataError(
+                    f"Data path '{prefix}' (from {flag}) holds no tokens ({info.num_documents} "
+                    "empty documents); megatron-core cannot draw samples from it. Preprocess "
+                    "non-empty text into it, or leave it out of the blend."
+                )
+            _check_cache_is_current(prefix, cache_path)
+            if flag == "--data-path":
+                _check_split_has_tokens(prefix, config.split)
+            checked.append(prefix)
+    return checked
+
+
+def effective_cache_path(config: DataConfig) -> Optional[str]:
+    """`config.data_cache_path`, unless megatron-core 0.16.1 cannot use it in this process.
+
+    megatron-core's `BlendedDataset._build_indices` calls `torch.distributed.get_rank()` without
+    checking that torch.distributed is initialized whenever a cache path is set, so a blend of
+    several prefixes fails in a plain single process (scripts, notebooks). There the cache path
+    is dropped: GPTDataset then caches next to each prefix (`<prefix>/cache/`) and the blend
+    indices, which are cheap, are rebuilt each time. Training runs initialize torch.distributed
+    (gloo on CPU) and keep the cache path.
+    """
+    import torch
+
+    if config.data_cache_path is None or torch.distributed.is_initialized():
+        return config.data_cache_path
+    blends = [config.blend] if config.blend is not None else config.blend_per_split
+    if any(blend is not None and len(blend[0]) > 1 for blend in blends):
+        warnings.warn(
+            f"--data-cache-path {config.data_cache_path} is not used: megatron-core 0.16.1 can "
+            "cache a blend of several prefixes only with torch.distributed initialized; "
+            "caching next to each prefix instead.",
+            stacklevel=3,
+        )
+        return None
+    return config.data_cache_path
+
+
+_FROM_CONFIG = object()
+
+
+def gpt_dataset_config(config: DataConfig, tokenizer, cache_path=_FROM_CONFIG):
+    """megatron-core's `GPTDatasetConfig` for `config` and `tokenizer`.
+
+    No attention mask is made (`create_attention_mask=False`): the model runs causal attention
+    itself and `forward_step` passes `attention_mask=None`, so batches carry exactly `tokens`,
+    `labels`, `loss_mask`, `position_ids`. `cache_path`: see `effective_cache_path`.
+    """
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    if cache_path is _FROM_CONFIG:
+        cache_path = effective_cache_path(config)
+    return GPTDatasetConfig(
+        random_seed=config.seed,
+        sequence_length=config.seq_length,
+        blend=config.blend,
+        blend_per_split=config.blend_per_split,
+        split=config.split if config.blend is not None else None,
+        path_to_cache=cache_path,
+        mmap_bin_files=config.mmap_bin_files,
+        tokenizer=tokenizer,
+        reset_position_ids=config.reset_position_ids,
+        reset_attention_mask=False,
+        eod_mask_loss=config.eod_mask_loss,
+        create_attention_mask=False,
+        num_dataset_builder_threads=config.num_dataset_builder_threads,
+    )
+
+
+def build_gpt_datasets(
+    config: DataConfig,
+    tokenizer,
+    num_samples: Sequence[Optional[int]],
+    is_built_on_rank: Optional[Callable[[], bool]] = None,
+):
+    """Build (train, valid, test) datasets with megatron-core; a split may come back None.
+
+    Args:
+        config: the data settings.
+        tokenizer: a megatron-core tokenizer (e.g. `SentencePieceTokenizer`): GPTDataset reads
+            its `eod`, `pad` and `vocab_size`.
+        num_samples: samples wanted per split (`num_samples_for`); None builds one epoch.
+        is_built_on_rank: megatron-core's hook deciding which ranks hold data (default: all).
+
+    Every sample is a dict of [seq_length] tensors `tokens`, `labels` (tokens shifted left by
+    one), `loss_mask`, `position_ids`; `loader.build_data_loader` batches them.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    sizes = list(num_samples)
+    if len(sizes) != 3 or any(s is not None and s < 0 for s in sizes):
+        raise DataError(
+            f"num_samples must be [train, valid, test] sample counts (>= 0, or None for one "
+            f"epoch), got {num_samples}."
+        )
+    cache_path = effective_cache_path(config)
+    check_data_prefixes(config, sizes, cache_path)
+    builder = BlendedMegatronDatasetBuilder(
+        GPTDataset,
+        sizes,
+        is_built_on_rank or (lambda: True),
+        gpt_dataset_config(config, tokenizer, cache_path),
+    )
+    return tuple(builder.build())

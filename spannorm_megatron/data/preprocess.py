@@ -1,0 +1,302 @@
+"""Text/JSONL to Megatron's indexed dataset (the engine behind `tools/preprocess_data.py`).
+
+Same result as Megatron-LM's `tools/preprocess_data.py` for `--tokenizer-type
+SentencePieceTokenizer` without `--split-sentences`: one `.bin`/`.idx` pair per JSON key,
+named `{output_prefix}_{key}_document`, one document per input record, each string value one
+sequence of its document (a list of strings: one sequence per element), `<EOD>` appended to
+the document's last sequence with `--append-eod`, a document that tokenizes to nothing kept
+as an empty document (a document boundary without sequences), token dtype uint16 when the
+vocabulary fits (`DType.optimal_dtype`), else int32.
+
+Parallelism: the main process reads raw records (JSONL lines or text paragraphs) and writes the
+output; `workers` processes parse, decode and tokenize them (`multiprocessing.Pool.imap` with
+`chunk_size` records per task, results in input order). With `workers == 1` everything runs in
+the main process, which avoids inter-process copies. The pool uses the `fork` start method
+where the platform has it, so workers inherit the already-imported modules instead of
+re-importing megatron-core (seconds each).
+
+Safety: inputs, tokenizer and settings are checked before anything is written; outputs are
+written under temporary names and renamed only once complete (`AtomicIndexedDatasetWriter`),
+so a failure (bad line, Ctrl-C) leaves existing files as they were.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, TextIO, Tuple
+
+import numpy
+
+from spannorm_megatron.data.documents import (
+    Record,
+    RecordDecoder,
+    check_input_file,
+    iter_records,
+    resolve_format,
+)
+from spannorm_megatron.data.errors import DataError, InputFileError
+from spannorm_megatron.data.indexed import (
+    AtomicIndexedDatasetWriter,
+    existing_outputs,
+    gpt_index_cache_dir,
+    output_prefix,
+)
+from spannorm_megatron.data.progress import ProgressPrinter, Throughput
+from spannorm_megatron.data.sp_model import check_sentencepiece_model, check_tokenizer_type
+
+
+@dataclass
+class PreprocessConfig:
+    """One preprocessing run; each field is the `tools/preprocess_data.py` flag of that name."""
+
+    input: str
+    """Input file: JSON Lines (Megatron-LM's loose JSON) or plain text (.txt); see documents.py."""
+
+    output_prefix: str
+    """Outputs are `{output_prefix}_{key}_document.bin/.idx`; parent directories are created."""
+
+    tokenizer_model: str
+    """SentencePiece `.model` file."""
+
+    tokenizer_type: str = "SentencePieceTokenizer"
+    """Megatron-LM tokenizer type; only SentencePieceTokenizer is implemented."""
+
+    json_keys: Sequence[str] = ("text",)
+    """JSON keys to tokenize, one output pair each. Plain text has one: the name it is filed
+    under (default `text`)."""
+
+    input_format: str = "auto"
+    """`auto` (.txt/.text → text, else JSONL), `jsonl` or `text`."""
+
+    append_eod: bool = False
+    """Append the tokenizer's end-of-document id to every non-empty document."""
+
+    workers: int = 1
+    """Tokenizer processes (1: tokenize in the main process)."""
+
+    chunk_size: int = 32
+    """Records handed to a worker per task (Megatron-LM uses 32)."""
+
+    log_interval: int = 1000
+    """Print a progress line every this many documents."""
+
+    def __post_init__(self) -> None:
+        self.json_keys = list(self.json_keys)
+        if not self.json_keys or len(set(self.json_keys)) != len(self.json_keys):
+            raise DataError(
+                f"--json-keys {' '.join(self.json_keys)}: give one or more distinct keys "
+                "(default: text)."
+            )
+        if self.workers < 1 or self.chunk_size < 1 or self.log_interval < 1:
+            raise DataError(
+                f"--workers ({self.workers}), --chunk-size ({self.chunk_size}) and "
+                f"--log-interval ({self.log_interval}) must each be at least 1."
+            )
+
+    @property
+    def output_prefixes(self) -> Dict[str, str]:
+        """key -> `{output_prefix}_{key}_document`, Megatron-LM's naming."""
+        return {key: output_prefix(self.output_prefix, key) for key in self.json_keys}
+
+
+@dataclass
+class PreprocessResult:
+    """What a run read and wrote."""
+
+    outputs: Dict[str, str]
+    """key -> dataset prefix written (pass it to --data-path)."""
+
+    documents: int
+    bytes: int
+    tokens: int
+    empty_documents: int
+    """Documents that tokenized to nothing (kept as empty documents, as Megatron-LM does)."""
+    seconds: float
+    workers: int
+    tokens_per_key: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.bytes / 1e6 / max(self.seconds, 1e-9)
+
+
+EncodedRecord = Tuple[int, Dict[str, Tuple[numpy.ndarray, List[int]]]]
+"""(input bytes, {key: (token ids, sequence lengths)})."""
+
+
+class RecordEncoder:
+    """Decode and tokenize one raw record; the per-process state of a worker."""
+
+    def __init__(
+        self,
+        decoder: RecordDecoder,
+        tokenizer_model: str,
+        append_eod: bool,
+        dtype: type,
+        tokenizer=None,
+    ) -> None:
+        from spannorm_megatron.data.tokenizer import SentencePieceTokenizer
+
+        self.decoder = decoder
+        # Workers load their own copy from the path (works under any start method); the
+        # in-process encoder reuses the main process's tokenizer.
+        self.tokenizer = tokenizer or SentencePieceTokenizer(tokenizer_model)
+        self.append_eod = append_eod
+        self.dtype = dtype
+
+    def __call__(self, record: Record) -> EncodedRecord:
+        document = self.decoder(record)
+        encoded = {}
+        for key, sentences in document.items():
+            ids: List[int] = []
+            lengths: List[int] = []
+            for sentence in sentences:
+                sentence_ids = self.tokenizer.tokenize(sentence)
+                if sentence_ids:  # Megatron-LM drops empty sentences
+                    ids.extend(sentence_ids)
+                    lengths.append(len(sentence_ids))
+            if self.append_eod and lengths:
+                ids.append(self.tokenizer.eod)
+                lengths[-1] += 1
+            encoded[key] = (numpy.asarray(ids, dtype=self.dtype), lengths)
+        return len(record[1]), encoded
+
+
+_WORKER_ENCODER: Optional[RecordEncoder] = None
+
+
+def _init_worker(*args) -> None:
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = RecordEncoder(*args)
+
+
+def _encode_in_worker(record: Record):
+    # Bad-input errors travel back as values, so the main process raises them itself (with the
+    # file/line message, no worker traceback) after stopping the pool and removing temp files.
+    try:
+        return _WORKER_ENCODER(record)
+    except DataError as err:
+        return err
+
+
+def _pool_context():
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else None)
+
+
+def preprocess(config: PreprocessConfig, log: Optional[TextIO] = None) -> PreprocessResult:
+    """Run one preprocessing job; raises DataError (and leaves outputs untouched) on bad input."""
+    log = log if log is not None else sys.stderr
+    # Everything a user can get wrong is checked before megatron-core is imported or a file opened.
+    input_path = check_input_file(config.input)
+    fmt = resolve_format(input_path, config.input_format)
+    if fmt == "text" and len(config.json_keys) != 1:
+        raise InputFileError(
+            f"'{input_path}' is plain text, which holds one text per document; --json-keys "
+            f"names the output it is filed under and takes one key, not {len(config.json_keys)} "
+            "(default: text)."
+        )
+    check_tokenizer_type(config.tokenizer_type)
+    check_sentencepiece_model(config.tokenizer_model)
+
+    from megatron.core.datasets.indexed_dataset import DType
+
+    from spannorm_megatron.data.tokenizer import SentencePieceTokenizer
+
+    tokenizer = SentencePieceTokenizer(config.tokenizer_model)
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    decoder = RecordDecoder(str(input_path), fmt, tuple(config.json_keys))
+    encoder_args = (decoder, str(config.tokenizer_model), config.append_eod, dtype)
+    prefixes = config.output_prefixes
+    replacing = existing_outputs(prefixes)
+
+    size_mb = input_path.stat().st_size / 1e6
+    printer = ProgressPrinter(config.log_interval, log)
+    layout = "JSON Lines" if fmt == "jsonl" else "plain text, blank-line separated documents"
+    printer.line(
+        f"Preprocessing '{input_path}' ({size_mb:,.2f} MB, {layout}) with {tokenizer!r}, "
+        f"{config.workers} worker(s), dtype {numpy.dtype(dtype).name}"
+        + (f", appending eod id {tokenizer.eod}" if config.append_eod else "")
+    )
+
+    totals = Throughput()
+    tokens_per_key = {key: 0 for key in prefixes}
+    empty = 0
+    try:
+        writer = AtomicIndexedDatasetWriter(prefixes, dtype)
+    except OSError as err:
+        raise DataError(
+            f"Cannot create the output files for --output-prefix {config.output_prefix}: "
+            f"{err.strerror or err} ('{err.filename}'). Choose a prefix in a directory you can "
+            "write to."
+        ) from None
+    pool = None
+    try:
+        records = iter_records(input_path, fmt)
+        if config.workers == 1:
+            encoder = RecordEncoder(*encoder_args, tokenizer=tokenizer)
+            results = map(encoder, records)
+        else:
+            pool = _pool_context().Pool(
+                config.workers, initializer=_init_worker, initargs=encoder_args
+            )
+            results = pool.imap(_encode_in_worker, records, config.chunk_size)
+        for result in results:
+            if isinstance(result, DataError):
+                raise result
+            nbytes, encoded = result
+            document_tokens = 0
+            for key, (ids, lengths) in encoded.items():
+                writer.add_document(key, ids, lengths)
+                tokens_per_key[key] += len(ids)
+                document_tokens += len(ids)
+            empty += document_tokens == 0
+            totals.add(documents=1, nbytes=nbytes, tokens=document_tokens)
+            printer.update(totals)
+        if totals.documents == 0:
+            raise InputFileError(
+                f"'{input_path}' holds no documents (it is empty or only blank lines); nothing "
+                "was written. Check that --input is the file you meant."
+            )
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+        outputs = writer.commit()
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        writer.abort()
+        raise
+    seconds = totals.elapsed
+    printer.line(f"Done: {totals.summary()}.")
+    for key, prefix in outputs.items():
+        printer.line(f"Wrote {prefix}.bin and {prefix}.idx ({tokens_per_key[key]:,} tokens)")
+        stale = gpt_index_cache_dir(prefix)
+        if stale is not None:
+            printer.line(
+                f"warning: '{stale}' holds GPTDataset indices built for the earlier data at this "
+                "prefix; they do not fit the new data (build_gpt_datasets refuses them). Delete "
+                "that directory."
+            )
+    if replacing:
+        printer.line(f"Replaced the existing {', '.join(replacing)}")
+    if empty:
+        printer.line(f"{empty:,} document(s) tokenized to nothing and are empty in the output")
+    return PreprocessResult(
+        outputs=outputs,
+        documents=totals.documents,
+        bytes=totals.bytes,
+        tokens=totals.tokens,
+        empty_documents=empty,
+        seconds=seconds,
+        workers=config.workers,
+        tokens_per_key=tokens_per_key,
+    )
