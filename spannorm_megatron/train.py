@@ -37,6 +37,7 @@ from spannorm_megatron.training.arguments import (
     parse_args,
 )
 from spannorm_megatron.training.loop import Timer, evaluate, log_line, train_step
+from spannorm_megatron.training.monitor import RunMonitor
 from spannorm_megatron.training.schedule import batch_layout, lr_scheduler, optimizer_config
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 
@@ -109,30 +110,41 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
 
     step_kwargs = dict(num_microbatches=batches.num_microbatches, seq_length=args.seq_length,
                        micro_batch_size=batches.micro_batch_size)
+    monitor = RunMonitor(model, model_cfg, seq_length=args.seq_length,
+                         global_batch_size=batches.global_batch_size,
+                         num_microbatches=batches.num_microbatches, log_interval=args.log_interval,
+                         tensorboard_dir=args.tensorboard_dir,
+                         dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                         recompute=args.recompute_granularity)
+    monitor.write_config({"args": vars(args), "model": model_cfg.to_dict(),
+                          "parallel": vars(parallel)})
     history = {"train_loss": [], "valid_loss": [], "iterations": []}
     skipped_total = 0
     timer = Timer()
     start_iteration = iteration
     while iteration < args.train_iters:
+        monitor.begin_step(iteration + 1)
         result = train_step(model, optimizer, scheduler, train_iter,
-                            global_batch_size=batches.global_batch_size, **step_kwargs)
+                            global_batch_size=batches.global_batch_size, monitor=monitor,
+                            **step_kwargs)
         iteration += 1
         consumed_train += batches.global_batch_size
         skipped_total += int(result.skipped)
         history["train_loss"].append(result.loss)
         history["iterations"].append(iteration)
 
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            seconds = timer.lap() / (iteration - max(start_iteration, iteration - args.log_interval))
+        if monitor.is_log_step(iteration) or iteration == args.train_iters:
+            seconds = timer.lap() / (iteration - start_iteration)
+            start_iteration = iteration
             tokens_per_second = batches.global_batch_size * args.seq_length / seconds
             print_last_rank(log_line(iteration, args.train_iters, consumed_train, seconds, result,
-                                     batches.global_batch_size, tokens_per_second, None,
-                                     skipped_total))
-            start_iteration = iteration
+                                     batches.global_batch_size, tokens_per_second,
+                                     monitor.mfu(seconds), skipped_total))
+            monitor.end_step(iteration, result, seconds, float(optimizer.get_loss_scale()))
 
         if valid_iter is not None and args.eval_interval and iteration % args.eval_interval == 0:
             history["valid_loss"].append(
-                _run_evaluation(model, valid_iter, args, step_kwargs, iteration))
+                _run_evaluation(model, valid_iter, args, step_kwargs, iteration, monitor))
             consumed_valid += args.eval_iters * batches.global_batch_size
             timer.lap()
 
@@ -142,7 +154,8 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
 
     if valid_iter is not None and iteration % max(args.eval_interval, 1) != 0:
         history["valid_loss"].append(_run_evaluation(model, valid_iter, args, step_kwargs,
-                                                     iteration))
+                                                     iteration, monitor))
+    monitor.close()
     destroy()
     return history
 
@@ -160,8 +173,9 @@ def _count_parameters(model) -> int:
     return sum(p.numel() for chunk in model for p in chunk.parameters())
 
 
-def _run_evaluation(model, valid_iter, args, step_kwargs, iteration: int) -> float:
+def _run_evaluation(model, valid_iter, args, step_kwargs, iteration: int, monitor) -> float:
     loss = evaluate(model, valid_iter, args.eval_iters, **step_kwargs)
+    monitor.log_validation(iteration, loss)
     ppl = math.exp(min(20.0, loss))
     bar = "-" * 100
     print_last_rank(f"{bar}\n validation loss at iteration {iteration} | lm loss value: "

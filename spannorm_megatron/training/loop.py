@@ -55,7 +55,10 @@ def broadcast_from_last_stage(value: Optional[float]) -> Optional[float]:
 
 
 def train_step(model, optimizer, scheduler, data_iterator: Iterator, num_microbatches: int,
-               seq_length: int, micro_batch_size: int, global_batch_size: int) -> StepResult:
+               seq_length: int, micro_batch_size: int, global_batch_size: int,
+               monitor=None) -> StepResult:
+    """Forward and backward over the step's micro-batches, then one optimizer step. `monitor`
+    (training.monitor.RunMonitor) sees the gradients before and the weights after the update."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -68,7 +71,11 @@ def train_step(model, optimizer, scheduler, data_iterator: Iterator, num_microba
         micro_batch_size=micro_batch_size,
     )
     learning_rate = optimizer.param_groups[0]["lr"]
+    if monitor is not None:
+        monitor.before_optimizer_step(optimizer)
     update_successful, grad_norm, _ = optimizer.step()
+    if monitor is not None:
+        monitor.after_optimizer_step()
     if update_successful:
         scheduler.step(increment=global_batch_size)
     return StepResult(

@@ -1,0 +1,58 @@
+"""Memory use of this process for the `mem-*` TensorBoard tags.
+
+Why: running out of memory is the most common way a large run dies; Megatron-LM logs the
+allocator's numbers (`mem-allocated-bytes`, `mem-max-allocated-bytes`, `mem-reserved-bytes`),
+and so do we, with the same names.
+
+On a GPU these are the CUDA caching allocator's counters of the current device
+(`torch.cuda.memory_allocated`, `max_memory_allocated`, `memory_reserved`): tensors only, not
+the CUDA context or NCCL buffers. On CPU there is no allocator counter, so the process's
+resident set stands in: `mem-allocated-bytes` is the current RSS (/proc/self/statm; the peak
+where that file does not exist) and `mem-max-allocated-bytes` the peak RSS from
+`resource.getrusage(RUSAGE_SELF).ru_maxrss` (KiB on Linux, bytes on macOS). RSS includes the
+interpreter, libraries and everything else the process maps, so on CPU these are an upper
+bound on tensor memory, comparable between steps of one run but not with GPU numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from typing import Dict
+
+import torch
+
+from spannorm_megatron.runtime import has_accelerator
+
+
+def memory_stats() -> Dict[str, int]:
+    """{'mem-allocated-bytes', 'mem-max-allocated-bytes'[, 'mem-reserved-bytes' on GPU]}."""
+    if has_accelerator():
+        return {
+            "mem-allocated-bytes": int(torch.cuda.memory_allocated()),
+            "mem-max-allocated-bytes": int(torch.cuda.max_memory_allocated()),
+            "mem-reserved-bytes": int(torch.cuda.memory_reserved()),
+        }
+    current = current_rss_bytes()
+    peak = peak_rss_bytes()
+    if current is None:
+        current = peak
+    # The kernel updates the peak lazily; never report a peak below the current value.
+    return {"mem-allocated-bytes": current, "mem-max-allocated-bytes": max(peak, current)}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (getrusage)."""
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss if sys.platform == "darwin" else maxrss * 1024)
+
+
+def current_rss_bytes():
+    """Current resident set size from /proc/self/statm, or None where it does not exist."""
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,243 @@
+"""TensorBoard output of a training run, with Megatron-LM's tag names.
+
+Why: one writer, on one rank, with the tag names people already read in Megatron-LM runs, so
+dashboards and comparison scripts work unchanged; plus our per-layer stability and MoE tags.
+
+Which rank writes: the one that holds the loss -- the last pipeline stage, tensor-parallel
+rank 0, data-parallel (with context-parallel) rank 0. (Megatron-LM writes from global rank
+world_size - 1, also on the last stage; any rank of the last stage has the DP-reduced loss.)
+Every other rank, and every rank when no `--tensorboard-dir` is given, gets a writer whose
+methods do nothing, so the training loop calls them unconditionally.
+
+The writer never communicates. Metrics that need collectives (StabilitySignals.collect,
+MoEMetrics.collect) are gathered on every rank first and then handed to the writer.
+
+Tags (scalars, x axis = iteration):
+
+    lm loss                         training LM loss (token mean over the global batch)
+    lm loss validation              validation LM loss
+    lm loss validation ppl          exp(min(20, validation loss)), as Megatron-LM
+    learning-rate, grad-norm, loss-scale, num-zeros (optional), batch-size, iteration-time
+    throughput/tokens-per-sec       global tokens per second
+    throughput/tflops               model TFLOP/s per device (metrics.flops)
+    throughput/mfu                  model FLOPs utilization (when the device peak is known)
+    mem-allocated-bytes, mem-max-allocated-bytes (+ mem-reserved-bytes on GPU)  (metrics.memory)
+    load_balancing_loss             MoE aux loss / coeff, mean over layers (Megatron-LM's name)
+    moe/load_balancing_loss_layer_{i}   per layer, i 0-based as in Megatron-LM's tags
+    moe/expert_load/layer_{n:03d}/expert_{e:03d}   fraction of layer n's routed tokens to e
+    moe/expert_load/layer_{n:03d}/max_over_mean    load imbalance of layer n (1 = balanced)
+    moe/expert_load/max_over_mean   worst layer's imbalance
+    stability/layer_{n:03d}/{output_rms,attention_rms,mlp_rms,grad_norm,update_ratio}
+    stability/max/{signal}          maximum over layers of each signal
+
+n is the global 1-based layer number. Text: `config` (the run's configuration).
+
+Flushing: the event file is written by a background thread every `flush_secs` (default 30 s,
+so a crash loses at most that much), and explicitly after the config, after each validation
+and on close().
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+from megatron.core import parallel_state
+
+from spannorm_megatron.metrics.flops import throughput
+from spannorm_megatron.metrics.memory import memory_stats
+from spannorm_megatron.metrics.moe import expert_imbalance
+from spannorm_megatron.metrics.stability import summarize
+
+TAG_LM_LOSS = "lm loss"
+TAG_VALIDATION_LOSS = "lm loss validation"
+TAG_VALIDATION_PPL = "lm loss validation ppl"
+TAG_LEARNING_RATE = "learning-rate"
+TAG_GRAD_NORM = "grad-norm"
+TAG_LOSS_SCALE = "loss-scale"
+TAG_NUM_ZEROS = "num-zeros"
+TAG_BATCH_SIZE = "batch-size"
+TAG_ITERATION_TIME = "iteration-time"
+TAG_TOKENS_PER_SEC = "throughput/tokens-per-sec"
+TAG_TFLOPS = "throughput/tflops"
+TAG_MFU = "throughput/mfu"
+TAG_CONFIG = "config"
+
+
+def stability_tag(layer: int, signal: str) -> str:
+    return f"stability/layer_{layer:03d}/{signal}"
+
+
+def stability_summary_tag(signal: str) -> str:
+    return f"stability/max/{signal}"
+
+
+def moe_loss_layer_tag(name: str, layer: int) -> str:
+    """Megatron-LM's per-layer tag: 0-based layer index (global layer number - 1)."""
+    return f"moe/{name}_layer_{layer - 1}"
+
+
+def expert_load_tag(layer: int, expert: int) -> str:
+    return f"moe/expert_load/layer_{layer:03d}/expert_{expert:03d}"
+
+
+def is_writer_rank() -> bool:
+    """True on the rank that writes: last pipeline stage, TP rank 0, DP (with CP) rank 0."""
+    if not torch.distributed.is_initialized():
+        return True
+    if not parallel_state.model_parallel_is_initialized():
+        return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+    return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0)
+
+
+class TensorBoardWriter:
+    """A SummaryWriter on the writing rank, a no-op everywhere else (see module doc).
+
+    Args:
+        log_dir: the run's --tensorboard-dir; None disables writing on every rank.
+        writer_rank: override the rank choice (default: is_writer_rank()).
+        flush_secs: background flush period of the event file.
+        max_queue: events buffered before a write is forced.
+    """
+
+    def __init__(self, log_dir: Optional[str], *, writer_rank: Optional[bool] = None,
+                 flush_secs: int = 30, max_queue: int = 1000):
+        self.log_dir = log_dir
+        self._writer = None
+        if log_dir is None:
+            return
+        if not (is_writer_rank() if writer_rank is None else writer_rank):
+            return
+        # Imported here: ranks that do not write need no tensorboard package.
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=log_dir, flush_secs=flush_secs, max_queue=max_queue)
+
+    @property
+    def enabled(self) -> bool:
+        return self._writer is not None
+
+    # ------------------------------------------------------------------ primitives
+    def add_scalar(self, tag: str, value: Optional[float], iteration: int) -> None:
+        """Write one scalar (None is skipped; NaN/inf are written: they are news)."""
+        if self._writer is None or value is None:
+            return
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        self._writer.add_scalar(tag, float(value), iteration)
+
+    def add_text(self, tag: str, text: str, iteration: int = 0) -> None:
+        if self._writer is not None:
+            self._writer.add_text(tag, text, iteration)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "TensorBoardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ run-level
+    def write_config(self, config: Union[str, Mapping[str, Any]], tag: str = TAG_CONFIG) -> None:
+        """The run's configuration as TensorBoard text (a mapping is written as JSON).
+
+        Indented four spaces, so TensorBoard's markdown shows it verbatim as a code block.
+        """
+        if self._writer is None:
+            return
+        if not isinstance(config, str):
+            config = json.dumps(config, indent=2, sort_keys=True, default=str)
+        self.add_text(tag, "\n".join("    " + line for line in config.splitlines()))
+        self.flush()
+
+    def log_training(
+        self,
+        iteration: int,
+        *,
+        lm_loss: Optional[float],
+        learning_rate: Optional[float],
+        batch_size: int,
+        seq_length: int,
+        iteration_time: float,
+        grad_norm: Optional[float] = None,
+        loss_scale: Optional[float] = None,
+        num_zeros: Optional[float] = None,
+        flops_per_token: Optional[float] = None,
+        num_devices: int = 1,
+        peak_flops: Optional[float] = None,
+        log_memory: bool = True,
+    ) -> None:
+        """One training iteration's scalars. `batch_size` is the global batch in samples,
+        `iteration_time` seconds; throughput tags need `flops_per_token` (metrics.flops) and,
+        for MFU, `peak_flops` (device_peak_flops(); None skips the MFU tag)."""
+        if self._writer is None:
+            return
+        self.add_scalar(TAG_LM_LOSS, lm_loss, iteration)
+        self.add_scalar(TAG_LEARNING_RATE, learning_rate, iteration)
+        self.add_scalar(TAG_GRAD_NORM, grad_norm, iteration)
+        self.add_scalar(TAG_LOSS_SCALE, loss_scale, iteration)
+        self.add_scalar(TAG_NUM_ZEROS, num_zeros, iteration)
+        self.add_scalar(TAG_BATCH_SIZE, batch_size, iteration)
+        self.add_scalar(TAG_ITERATION_TIME, iteration_time, iteration)
+        speed = throughput(batch_size * seq_length, iteration_time,
+                           flops_per_token=flops_per_token, num_devices=num_devices,
+                           peak_flops=peak_flops)
+        self.add_scalar(TAG_TOKENS_PER_SEC, speed.tokens_per_second, iteration)
+        self.add_scalar(TAG_TFLOPS, speed.tflops_per_device, iteration)
+        self.add_scalar(TAG_MFU, speed.mfu, iteration)
+        if log_memory:
+            for tag, value in memory_stats().items():
+                self.add_scalar(tag, value, iteration)
+
+    def log_validation(self, iteration: int, lm_loss: float) -> None:
+        """Validation loss and perplexity (exp capped at 20 nats, as Megatron-LM); flushes."""
+        if self._writer is None:
+            return
+        self.add_scalar(TAG_VALIDATION_LOSS, lm_loss, iteration)
+        self.add_scalar(TAG_VALIDATION_PPL, math.exp(min(20.0, float(lm_loss))), iteration)
+        self.flush()
+
+    def log_stability(self, iteration: int, signals: Dict[str, Dict[int, float]]) -> None:
+        """StabilitySignals.collect() output: one tag per layer and signal, plus the maxima."""
+        if self._writer is None:
+            return
+        for signal, per_layer in signals.items():
+            for layer, value in sorted(per_layer.items()):
+                self.add_scalar(stability_tag(layer, signal), value, iteration)
+        for signal, value in summarize(signals).items():
+            self.add_scalar(stability_summary_tag(signal), value, iteration)
+
+    def log_moe(self, iteration: int, metrics: Dict[str, Any]) -> None:
+        """MoEMetrics.collect() output: aux losses (mean and per layer) and expert load."""
+        if self._writer is None or not metrics:
+            return
+        worst = None
+        for name, value in metrics.items():
+            if name == "expert_load":
+                for layer, load in sorted(value.items()):
+                    for expert, fraction in enumerate(load):
+                        self.add_scalar(expert_load_tag(layer, expert), fraction, iteration)
+                    imbalance = expert_imbalance(load)
+                    self.add_scalar(f"moe/expert_load/layer_{layer:03d}/max_over_mean",
+                                    imbalance, iteration)
+                    if imbalance is not None:
+                        worst = imbalance if worst is None else max(worst, imbalance)
+            elif name.endswith("_per_layer"):
+                base = name[: -len("_per_layer")]
+                for layer, loss in sorted(value.items()):
+                    self.add_scalar(moe_loss_layer_tag(base, layer), loss, iteration)
+            else:
+                self.add_scalar(name, value, iteration)
+        self.add_scalar("moe/expert_load/max_over_mean", worst, iteration)

@@ -1,0 +1,61 @@
+"""Rank program of tests/test_metrics.py, launched by torchrun on 2 ranks.
+
+    torchrun --standalone --nproc_per_node 2 tests/_metrics_worker.py REF_DIR OUT_DIR
+
+For every layout in _metrics.LAYOUTS and each model it lists: set up the layout, load
+REF_DIR/<combo>/init, train one unmeasured and one measured step, log to a TensorBoard
+directory OUT_DIR/<layout>/<combo>/tb, and write this rank's record to
+OUT_DIR/<layout>/<combo>/rank<r>.json. The test compares the records with one process.
+"""
+
+import json
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _metrics  # noqa: E402
+from spannorm_megatron.metrics import TensorBoardWriter, is_writer_rank  # noqa: E402
+from spannorm_megatron.runtime import destroy, initialize  # noqa: E402
+
+
+def run_one(layout, combo, ref_dir, where):
+    placement, moe = _metrics.COMBOS[combo]
+    chunks, optimizer = _metrics.setup(_metrics.model_config(placement, moe), layout)
+    _metrics.load_initial(chunks, optimizer, os.path.join(ref_dir, combo, "init"))
+    batches = _metrics.micro_batches(_metrics.global_batch())
+    _metrics.measured_step(chunks, optimizer, batches, measure=False)
+    record = _metrics.measured_step(chunks, optimizer, batches)
+    with TensorBoardWriter(os.path.join(where, "tb")) as writer:
+        record["writer_enabled"] = writer.enabled
+        writer.log_training(2, lm_loss=record["loss"], learning_rate=_metrics.LR,
+                            batch_size=_metrics.GLOBAL_BATCH, seq_length=_metrics.SEQ,
+                            iteration_time=1.0, grad_norm=record["grad_norm"])
+        writer.log_stability(2, record["signals"])
+    record["is_writer_rank"] = is_writer_rank()
+    return record
+
+
+def main(ref_dir: str, out_dir: str) -> None:
+    rank = int(os.environ["RANK"])
+    for layout_name, (layout, combos) in _metrics.LAYOUTS.items():
+        # Re-initializing replaces megatron-core's groups and keeps the default group.
+        initialize(**layout.runtime_kwargs(), seed=1234)
+        for combo in combos:
+            where = os.path.join(out_dir, layout_name, combo)
+            os.makedirs(where, exist_ok=True)
+            try:
+                record = run_one(layout, combo, ref_dir, where)
+            except Exception:
+                # Fail loudly and at once: torchrun then stops the ranks waiting in collectives.
+                with open(os.path.join(where, f"rank{rank}.error"), "w") as f:
+                    f.write(traceback.format_exc())
+                raise
+            with open(os.path.join(where, f"rank{rank}.json"), "w") as f:
+                json.dump(_metrics.to_json(record), f)
+    destroy()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
