@@ -22,7 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe import moe_utils
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
-from spannorm_megatron.model import transformer_config
+from spannorm_megatron.model import PLACEMENTS, transformer_config
 from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 
@@ -34,7 +34,7 @@ SIGMA = 0.05
 
 COMBOS = {  # name -> (placement, moe)
     f"{placement}-{'moe' if moe else 'dense'}": (placement, moe)
-    for placement in ("prenorm", "postnorm", "spannorm")
+    for placement in sorted(PLACEMENTS)
     for moe in (False, True)
 }
 

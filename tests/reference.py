@@ -18,6 +18,10 @@ NORM_NAMES = {
     "prenorm": {"N1": "input_layernorm", "N2": "pre_mlp_layernorm"},
     "postnorm": {"N1": "post_attention_norm", "N2": "post_mlp_norm"},
     "spannorm": {"N0": "embedding_norm", "N1": "post_attention_norm", "N2": "post_mlp_norm"},
+    "deepnorm": {"N1": "post_attention_norm", "N2": "post_mlp_norm"},
+    "perinorm": {"N1i": "input_layernorm", "N1o": "attention_output_norm",
+                 "N2i": "pre_mlp_layernorm", "N2o": "mlp_output_norm"},
+    "spannorm_clean": {"N1": "post_attention_norm", "N2": "post_mlp_norm"},
 }
 
 
@@ -108,7 +112,7 @@ def moe_mlp(x, params, prefix: str, shapes: Shapes, num_experts: int):
 
 
 def layer(placement: str, x, params, shapes: Shapes, angles=None, num_experts=None,
-          first_layer: bool = False):
+          first_layer: bool = False, num_layers: int = 1):
     """The contract's equation for one layer, on x [s, b, h]."""
     names = NORM_NAMES[placement]
 
@@ -133,4 +137,14 @@ def layer(placement: str, x, params, shapes: Shapes, angles=None, num_experts=No
         xin = N("N0", x) if first_layer else x
         h = N("N1", x + A(xin))
         return N("N2", x + F(h))
+    if placement == "deepnorm":
+        a = (2 * num_layers) ** 0.25
+        h = N("N1", a * x + A(x))
+        return N("N2", a * h + F(h))
+    if placement == "perinorm":
+        h = x + N("N1o", A(N("N1i", x)))
+        return h + N("N2o", F(N("N2i", h)))
+    if placement == "spannorm_clean":
+        h = N("N1", x + A(x))
+        return x + N("N2", h + F(h))
     raise KeyError(placement)

@@ -20,7 +20,8 @@ def test_registry_rejects_unknown_placement_listing_known_ones():
 
 def test_registry_final_norm_rule_follows_contract():
     assert {name: p.final_norm for name, p in PLACEMENTS.items()} == {
-        "prenorm": True, "postnorm": False, "spannorm": False,
+        "prenorm": True, "postnorm": False, "spannorm": False, "deepnorm": False,
+        "perinorm": True, "spannorm_clean": True,
     }
     assert get_placement("spannorm").default_scale_init == "sqrt_depth"
     assert get_placement("prenorm").default_scale_init == "megatron"

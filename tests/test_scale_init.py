@@ -111,3 +111,41 @@ def test_spannorm_gradient_reaching_layer_2(seeded, scale_init, bounded):
         assert spread < 10
     else:
         assert spread > 1e3
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_deepnorm_init_divides_v_proj_fc1_fc2_by_beta(seeded, moe):
+    num_layers, heads, groups, hidden = 6, 4, 2, 128
+    config = ModelConfig(
+        norm_placement="deepnorm", num_layers=num_layers, hidden_size=hidden,
+        num_attention_heads=heads, num_query_groups=groups, ffn_hidden_size=256, vocab_size=32,
+        max_sequence_length=8, init_method_std=SIGMA, num_experts=4 if moe else None,
+        moe_ffn_hidden_size=128,
+    )
+    model = build_gpt_model(config, transformer_config(config))
+    beta = (8 * num_layers) ** 0.25
+    head_dim, per_group = hidden // heads, heads // groups + 2
+    rows = {"q": [], "k": [], "v": [], "proj": [], "fc": []}
+    for layer in model.decoder.layers:
+        assert layer.residual_scale == pytest.approx((2 * num_layers) ** 0.25)
+        qkv = layer.self_attention.linear_qkv.weight.detach().view(groups, per_group, head_dim, -1)
+        rows["q"].append(qkv[:, :-2].flatten())
+        rows["k"].append(qkv[:, -2].flatten())
+        rows["v"].append(qkv[:, -1].flatten())
+        rows["proj"].append(layer.self_attention.linear_proj.weight.detach().flatten())
+        rows["fc"] += [p.detach().flatten() for n, p in layer.mlp.named_parameters()
+                       if "linear_fc" in n]
+    for kind, expected in (("q", SIGMA), ("k", SIGMA), ("v", SIGMA / beta),
+                           ("proj", SIGMA / beta), ("fc", SIGMA / beta)):
+        values = torch.cat(rows[kind])
+        assert values.std().item() == pytest.approx(
+            expected, rel=5 / math.sqrt(2 * values.numel())), kind
+
+
+def test_spannorm_clean_initializes_n2_gain_to_inverse_sqrt_depth(seeded):
+    config = ModelConfig(norm_placement="spannorm_clean", num_layers=9, hidden_size=32,
+                         num_attention_heads=4, vocab_size=32, max_sequence_length=8)
+    model = build_gpt_model(config, transformer_config(config))
+    for layer in model.decoder.layers:
+        assert torch.all(layer.post_mlp_norm.weight == 1 / 3)
+        assert torch.all(layer.post_attention_norm.weight == 1)

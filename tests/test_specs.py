@@ -12,7 +12,7 @@ from megatron.core.extensions import transformer_engine as te
 from megatron.core.transformer.identity_op import IdentityOp
 
 from spannorm_megatron.config import ModelConfig
-from spannorm_megatron.model import build_gpt_model, layer_spec, transformer_config
+from spannorm_megatron.model import PLACEMENTS, build_gpt_model, layer_spec, transformer_config
 from spannorm_megatron.model.norms import Norm
 
 # Per placement: norm slot -> fused away in the TE dense spec?
@@ -20,12 +20,17 @@ FUSED_IN_TE_DENSE = {
     "prenorm": {"input_layernorm": True, "pre_mlp_layernorm": True},
     "postnorm": {"post_attention_norm": False, "post_mlp_norm": False},
     "spannorm": {"embedding_norm": False, "post_attention_norm": True, "post_mlp_norm": False},
+    "deepnorm": {"post_attention_norm": False, "post_mlp_norm": False},
+    "perinorm": {"input_layernorm": True, "attention_output_norm": False,
+                 "pre_mlp_layernorm": True, "mlp_output_norm": False},
+    "spannorm_clean": {"post_attention_norm": False, "post_mlp_norm": False},
 }
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 @pytest.mark.parametrize("placement", sorted(FUSED_IN_TE_DENSE))
 def test_transformer_engine_spec_fuses_only_single_consumer_norms(placement, moe):
+    assert set(FUSED_IN_TE_DENSE) == set(PLACEMENTS)  # a new placement must be listed here
     config = ModelConfig(norm_placement=placement, num_experts=4 if moe else None,
                          moe_grouped_gemm=moe)
     sub = layer_spec(config, transformer_engine=True).submodules

@@ -47,6 +47,18 @@ class NormPlacementSubmodules(TransformerLayerSubmodules):
     post_mlp_norm: Union[ModuleSpec, type] = IdentityOp
     """N2: normalizes the stream after the MLP residual addition."""
 
+    attention_output_norm: Union[ModuleSpec, type] = IdentityOp
+    """Normalizes the attention branch's output before it is added (Peri-LN's N1o)."""
+
+    mlp_output_norm: Union[ModuleSpec, type] = IdentityOp
+    """Normalizes the MLP branch's output before it is added (Peri-LN's N2o)."""
+
+
+# The slots NormPlacementLayer builds; the pre-norm slots (input_layernorm, pre_mlp_layernorm)
+# are built by TransformerLayer itself.
+_EXTRA_NORM_SLOTS = ("post_attention_norm", "post_mlp_norm", "attention_output_norm",
+                     "mlp_output_norm")
+
 
 class NormPlacementLayer(TransformerLayer):
     """Base for layers whose norms sit after residual additions.
@@ -76,8 +88,8 @@ class NormPlacementLayer(TransformerLayer):
             vp_stage=vp_stage,
         )
         self.branch_scale = branch_scale
-        self.post_attention_norm = self._build_norm(submodules.post_attention_norm)
-        self.post_mlp_norm = self._build_norm(submodules.post_mlp_norm)
+        for slot in _EXTRA_NORM_SLOTS:
+            setattr(self, slot, self._build_norm(getattr(submodules, slot)))
 
     def _build_norm(self, spec) -> torch.nn.Module:
         return build_module(
@@ -169,6 +181,75 @@ class SpanNormLayer(NormPlacementLayer):
         xin = self.embedding_norm(x)
         h = self.post_attention_norm(x + attention(xin))
         return self.post_mlp_norm(x + mlp(h))
+
+
+class DeepNormLayer(NormPlacementLayer):
+    """DeepNorm (DeepNet, decoder-only): h = N1(a*x + A(x)); x' = N2(a*h + F(h)), a = (2L)^(1/4).
+
+    At initialization the value projection, the attention output projection, fc1 and fc2 (every
+    expert's too) are divided by beta = (8L)^(1/4); Q and K keep the base init.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        num_layers = self.config.num_layers
+        self.residual_scale = (2.0 * num_layers) ** 0.25
+        if self.config.perform_initialization:
+            self._scale_initial_weights(1.0 / (8.0 * num_layers) ** 0.25)
+
+    @torch.no_grad()
+    def _scale_initial_weights(self, factor: float) -> None:
+        attention = self.self_attention
+        # linear_qkv packs each local query group as [q_1 .. q_n, k, v] rows of head_dim each.
+        head_dim = self.config.kv_channels
+        qkv = attention.linear_qkv.weight
+        per_group = qkv.shape[0] // attention.num_query_groups_per_partition
+        qkv.view(attention.num_query_groups_per_partition, per_group, -1)[
+            :, per_group - head_dim:].mul_(factor)
+        attention.linear_proj.weight.mul_(factor)
+        for name, param in self.mlp.named_parameters():
+            # fc1 and fc2 of the dense MLP, of every expert and of the shared expert (grouped
+            # experts name them weight1/weight2); not biases, not the router.
+            is_weight = "weight" in name.rsplit(".", 1)[-1]
+            if is_weight and ("linear_fc" in name or name.endswith(("weight1", "weight2"))):
+                param.mul_(factor)
+
+    def compute(self, x, attention, mlp):
+        a = self.residual_scale
+        h = self.post_attention_norm(a * x + attention(x))
+        return self.post_mlp_norm(a * h + mlp(h))
+
+
+class PeriNormLayer(NormPlacementLayer):
+    """Peri-LN / sandwich norm: h = x + N1o(A(N1i(x))); x' = h + N2o(F(N2i(h))).
+
+    N1i and N2i are `TransformerLayer`'s own pre-norm slots, so Transformer Engine can fuse them
+    into the QKV projection and fc1 exactly as for PreNorm.
+    """
+
+    def compute(self, x, attention, mlp):
+        h = x + self.attention_output_norm(attention(self.input_layernorm(x)))
+        return h + self.mlp_output_norm(mlp(self.pre_mlp_layernorm(h)))
+
+
+class SpanNormCleanLayer(NormPlacementLayer):
+    """The other reading of SpanNorm: h = N1(x + A(x)); x' = x + N2(h + F(h)).
+
+    The stream is never normalized; each block adds its PostNorm-style output, with N2's gain
+    initialized to 1/sqrt(L) so that Var(x_l) <= Var(x_0) + l/L.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        gain = 1.0 / self.config.num_layers ** 0.5
+        with torch.no_grad():
+            # apply_layernorm_1p stores (gain - 1).
+            offset = 1.0 if self.config.layernorm_zero_centered_gamma else 0.0
+            self.post_mlp_norm.weight.fill_(gain - offset)
+
+    def compute(self, x, attention, mlp):
+        h = self.post_attention_norm(x + attention(x))
+        return x + self.post_mlp_norm(h + mlp(h))
 
 
 def _refuse_unsupported_features(config: TransformerConfig, layer_name: str) -> None:

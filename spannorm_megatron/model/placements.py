@@ -15,7 +15,13 @@ from typing import Mapping
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from spannorm_megatron.errors import ConfigError
-from spannorm_megatron.model.layers import PostNormLayer, SpanNormLayer
+from spannorm_megatron.model.layers import (
+    DeepNormLayer,
+    PeriNormLayer,
+    PostNormLayer,
+    SpanNormCleanLayer,
+    SpanNormLayer,
+)
 
 
 class Fusion(enum.Enum):
@@ -90,6 +96,34 @@ PLACEMENTS: dict[str, Placement] = {
             final_norm=False,
             default_scale_init="sqrt_depth",
             layer_params=("first_layer_input_norm",),
+        ),
+        Placement(
+            name="deepnorm",
+            equations="h = N1(a*x + A(x)); x' = N2(a*h + F(h)); a = (2L)^(1/4)",
+            layer=DeepNormLayer,
+            norms={"post_attention_norm": Fusion.NONE, "post_mlp_norm": Fusion.NONE},
+            final_norm=False,
+            # DeepNet's own init: base sigma everywhere, then v, proj, fc1, fc2 / (8L)^(1/4).
+            default_scale_init="none",
+        ),
+        Placement(
+            name="perinorm",
+            equations="h = x + N1o(A(N1i(x))); x' = h + N2o(F(N2i(h)))",
+            layer=PeriNormLayer,
+            norms={
+                "input_layernorm": Fusion.QKV,
+                "attention_output_norm": Fusion.NONE,
+                "pre_mlp_layernorm": Fusion.FC1,
+                "mlp_output_norm": Fusion.NONE,
+            },
+            final_norm=True,
+        ),
+        Placement(
+            name="spannorm_clean",
+            equations="h = N1(x + A(x)); x' = x + N2(h + F(h)); N2 gain initialized to 1/sqrt(L)",
+            layer=SpanNormCleanLayer,
+            norms={"post_attention_norm": Fusion.NONE, "post_mlp_norm": Fusion.NONE},
+            final_norm=True,
         ),
     )
 }
