@@ -1,0 +1,34 @@
+"""tools/benchmark.py runs on CPU (its smallest preset) and writes the table and JSON."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_tiny_preset_writes_table_and_json(tmp_path):
+    output = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--preset", "tiny",
+         "--placements", "spannorm", "--warmup", "1", "--iters", "2", "--rounds", "1",
+         "--output", str(output)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| fp32 | spannorm |" in result.stdout and "| fp32 | prenorm |" in result.stdout
+    data = json.loads(output.read_text())
+    by_placement = {r["placement"]: r for r in data["results"]}
+    assert set(by_placement) == {"prenorm", "spannorm"}
+    assert by_placement["prenorm"]["tokens_per_second_vs_prenorm"] == 1.0
+    for r in data["results"]:
+        assert r["step_seconds"] > 0 and r["tokens_per_second"] > 0
+    assert data["environment"]["megatron_core"]
+
+
+def test_benchmark_refuses_fp8_without_transformer_engine():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--precisions", "fp8"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "fp8 needs Transformer Engine" in result.stderr

@@ -1,0 +1,302 @@
+"""Training-step speed and memory of each norm placement, against PreNorm, in one run.
+
+    python tools/benchmark.py --preset tiny                       # CPU, a minute or two
+    torchrun --nproc_per_node 1 tools/benchmark.py --preset 1.3b --precisions bf16 fp8
+    torchrun --nproc_per_node 8 tools/benchmark.py --preset moe --expert-model-parallel-size 8
+
+For every (precision, placement): build the model and megatron-core's DDP + optimizer, run
+warm-up steps, then time `--iters` steps on a fixed synthetic batch. Placements are measured in
+interleaved rounds (`--rounds`) so drift of the machine hits all of them alike; each result is the
+median over all timed steps. Reported: step time, tokens/s, MFU (model FLOPs against the device's
+peak; on CPU the peak is an estimate, see spannorm_megatron.metrics.flops), peak memory, and the
+ratio of tokens/s and memory to PreNorm's at the same precision. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+PRESETS = {
+    # name: ModelConfig fields, default seq length, micro batch
+    "tiny": (dict(num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=384,
+                  vocab_size=1024), 128, 4),
+    "125m": (dict(num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=2048,
+                  vocab_size=50304), 2048, 4),
+    "350m": (dict(num_layers=24, hidden_size=1024, num_attention_heads=16,
+                  ffn_hidden_size=2816, vocab_size=50304), 2048, 4),
+    "1.3b": (dict(num_layers=24, hidden_size=2048, num_attention_heads=16,
+                  ffn_hidden_size=5632, vocab_size=50304), 2048, 2),
+    "moe": (dict(num_layers=12, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=2816,
+                 num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=1408,
+                 vocab_size=50304), 2048, 2),
+}
+
+
+@dataclass
+class Result:
+    placement: str
+    precision: str
+    step_seconds: float
+    tokens_per_second: float
+    mfu: Optional[float]
+    peak_memory_bytes: Optional[int]
+    tokens_per_second_vs_prenorm: Optional[float] = None
+    memory_vs_prenorm: Optional[float] = None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--placements", nargs="+", default=None,
+                   help="Default: every registered placement (prenorm always included).")
+    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp8"])
+    p.add_argument("--fp8-format", default="hybrid", choices=["hybrid", "e4m3"])
+    p.add_argument("--fp8-recipe", default="delayed",
+                   choices=["delayed", "tensorwise", "mxfp8"])
+    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--num-microbatches", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=5, help="Timed steps per round.")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--expert-model-parallel-size", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--use-distributed-optimizer", action="store_true")
+    p.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    p.add_argument("--transformer-impl", default="auto",
+                   choices=["auto", "local", "transformer_engine"])
+    p.add_argument("--output", default=None, help="JSON file for the results.")
+    return p.parse_args(argv)
+
+
+def _precision_overrides(precision: str, args) -> dict:
+    if precision == "fp32":
+        return dict(params_dtype=torch.float32)
+    overrides = dict(bf16=True, params_dtype=torch.bfloat16)
+    if precision == "fp8":
+        overrides.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe)
+    return overrides
+
+
+class Bench:
+    """One (placement, precision) model, optimizer and batch, kept alive across rounds."""
+
+    def __init__(self, placement: str, precision: str, args, model_fields: dict,
+                 seq_length: int, micro_batch: int):
+        from megatron.core.distributed import DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from spannorm_megatron.config import ModelConfig
+        from spannorm_megatron.model import transformer_config
+        from spannorm_megatron.runtime import current_device
+        from spannorm_megatron.training.setup import setup_model_and_optimizer
+
+        self.placement, self.precision = placement, precision
+        self.model_config = ModelConfig(norm_placement=placement, max_sequence_length=seq_length,
+                                        transformer_impl=args.transformer_impl, **model_fields)
+        overrides = _precision_overrides(precision, args)
+        if args.recompute_granularity:
+            overrides.update(recompute_granularity=args.recompute_granularity)
+            if args.recompute_granularity == "full":
+                overrides.update(recompute_method="uniform", recompute_num_layers=1)
+        tconfig = transformer_config(
+            self.model_config, tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            sequence_parallel=args.sequence_parallel, **overrides)
+        self.model, self.optimizer = setup_model_and_optimizer(
+            self.model_config, tconfig,
+            OptimizerConfig(optimizer="adam", lr=1e-4, bf16=precision != "fp32",
+                            params_dtype=overrides["params_dtype"],
+                            use_distributed_optimizer=args.use_distributed_optimizer),
+            DistributedDataParallelConfig(use_distributed_optimizer=args.use_distributed_optimizer,
+                                          grad_reduce_in_fp32=precision != "fp32"),
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=1e-4, max_lr=1e-4, min_lr=1e-4, lr_warmup_steps=0,
+            lr_decay_steps=1, lr_decay_style="constant", start_wd=0.0, end_wd=0.0,
+            wd_incr_steps=1, wd_incr_style="constant")
+        generator = torch.Generator().manual_seed(0)
+        device = current_device()
+        tokens = torch.randint(0, self.model_config.vocab_size, (micro_batch, seq_length + 1),
+                               generator=generator)
+        self.batch = {
+            "tokens": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
+            "loss_mask": torch.ones(micro_batch, seq_length, device=device),
+            "position_ids": torch.arange(seq_length, device=device).expand(micro_batch, -1),
+        }
+        self.seq_length, self.micro_batch = seq_length, micro_batch
+        self.num_microbatches = args.num_microbatches
+        self.step_times: List[float] = []
+        self.peak_memory: Optional[int] = None
+
+    def step(self) -> float:
+        from spannorm_megatron.training.loop import train_step
+
+        batches = iter([self.batch] * self.num_microbatches)
+        _synchronize()
+        start = time.perf_counter()
+        train_step(self.model, self.optimizer, self.scheduler, batches,
+                   num_microbatches=self.num_microbatches, seq_length=self.seq_length,
+                   micro_batch_size=self.micro_batch, global_batch_size=self.micro_batch)
+        _synchronize()
+        return time.perf_counter() - start
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_memory_since_reset() -> Optional[int]:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return None
+
+
+def _reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run(args) -> List[Result]:
+    from spannorm_megatron.metrics import device_peak_flops, flops_per_token, mfu
+    from spannorm_megatron.model import PLACEMENTS
+    from spannorm_megatron.runtime import initialize
+
+    from spannorm_megatron.errors import ConfigError
+    from spannorm_megatron.model.specs import transformer_engine_available
+
+    if "fp8" in args.precisions and not transformer_engine_available():
+        raise ConfigError("--precisions fp8 needs Transformer Engine and a GPU, and this machine "
+                          "lacks one of them: drop fp8 or install the 'te' extra on a GPU host.")
+    model_fields, default_seq, default_micro = PRESETS[args.preset]
+    seq_length = args.seq_length or default_seq
+    micro_batch = args.micro_batch_size or default_micro
+    placements = args.placements or sorted(PLACEMENTS)
+    if "prenorm" not in placements:
+        placements = ["prenorm", *placements]
+    initialize(tensor_model_parallel_size=args.tensor_model_parallel_size,
+               pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+               expert_model_parallel_size=args.expert_model_parallel_size, seed=1234)
+    world = torch.distributed.get_world_size()
+    results: List[Result] = []
+    for precision in args.precisions:
+        # On a GPU each model is measured alone (peak memory needs it); on CPU all stay built so
+        # the rounds can interleave placements.
+        benches: Dict[str, Bench] = {}
+        for placement in placements:
+            _reset_peak_memory()
+            bench = Bench(placement, precision, args, model_fields, seq_length, micro_batch)
+            for _ in range(args.warmup):
+                bench.step()
+            bench.peak_memory = _peak_memory_since_reset()
+            benches[placement] = bench
+            _log(f"built {placement} ({precision}), warm-up done")
+        for round_index in range(args.rounds):
+            for bench in benches.values():
+                bench.step_times += [bench.step() for _ in range(args.iters)]
+            _log(f"round {round_index + 1}/{args.rounds} done")
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        peak = device_peak_flops(torch.float8_e4m3fn if precision == "fp8" else dtype)
+        for placement, bench in benches.items():
+            seconds = statistics.median(bench.step_times)
+            tokens = micro_batch * seq_length * args.num_microbatches * _data_parallel_size()
+            fpt = flops_per_token(bench.model_config, seq_length,
+                                  recompute=args.recompute_granularity)
+            results.append(Result(
+                placement=placement, precision=precision, step_seconds=seconds,
+                tokens_per_second=tokens / seconds,
+                mfu=None if peak is None else mfu(tokens / seconds, fpt, peak, num_devices=world),
+                peak_memory_bytes=bench.peak_memory,
+            ))
+        benches.clear()
+    _add_ratios(results)
+    return results
+
+
+def _data_parallel_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()
+
+
+def _add_ratios(results: List[Result]) -> None:
+    baseline = {r.precision: r for r in results if r.placement == "prenorm"}
+    for r in results:
+        base = baseline[r.precision]
+        r.tokens_per_second_vs_prenorm = r.tokens_per_second / base.tokens_per_second
+        if r.peak_memory_bytes and base.peak_memory_bytes:
+            r.memory_vs_prenorm = r.peak_memory_bytes / base.peak_memory_bytes
+
+
+def table(results: List[Result]) -> str:
+    header = ("| precision | placement | step (ms) | tokens/s | vs PreNorm | MFU | peak memory "
+              "| memory vs PreNorm |\n|---|---|---|---|---|---|---|---|")
+    rows = [header]
+    for r in results:
+        memory = f"{r.peak_memory_bytes / 2**30:.2f} GiB" if r.peak_memory_bytes else "n/a"
+        rows.append(
+            f"| {r.precision} | {r.placement} | {r.step_seconds * 1000:.1f} | "
+            f"{r.tokens_per_second:,.0f} | {r.tokens_per_second_vs_prenorm:.3f} | "
+            f"{'n/a' if r.mfu is None else f'{r.mfu * 100:.1f}%'} | {memory} | "
+            f"{'n/a' if r.memory_vs_prenorm is None else f'{r.memory_vs_prenorm:.3f}'} |")
+    return "\n".join(rows)
+
+
+def _log(message: str) -> None:
+    if torch.distributed.get_rank() == 0:
+        print(f"[benchmark] {message}", file=sys.stderr, flush=True)
+
+
+def environment() -> dict:
+    import megatron.core
+
+    info = {"torch": torch.__version__, "megatron_core": megatron.core.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "cpu_threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
+    try:
+        import transformer_engine
+
+        info["transformer_engine"] = transformer_engine.__version__
+    except ImportError:
+        info["transformer_engine"] = None
+    return info
+
+
+def main(argv=None) -> int:
+    from spannorm_megatron.errors import UserError
+
+    args = parse_args(argv)
+    try:
+        results = run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if torch.distributed.get_rank() == 0:
+        print(table(results))
+        if args.output:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            with open(args.output, "w") as f:
+                json.dump({"args": vars(args), "environment": environment(),
+                           "results": [asdict(r) for r in results]}, f, indent=2)
+            print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
