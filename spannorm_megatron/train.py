@@ -18,6 +18,13 @@ from typing import List, Optional
 
 import torch
 
+from spannorm_megatron.checkpoint import (
+    TRACKER_FILENAME,
+    CheckpointError,
+    find_latest,
+    load_checkpoint,
+    save_checkpoint,
+)
 from spannorm_megatron.data.dataset import (
     DataConfig,
     build_gpt_datasets,
@@ -92,7 +99,17 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     model, optimizer = setup_model_and_optimizer(
         model_cfg, tconfig, optimizer_config(args), _ddp_config(args))
     scheduler = lr_scheduler(args, optimizer, batches.global_batch_size)
-    iteration, consumed_train, consumed_valid = 0, 0, 0
+    iteration, consumed_train, consumed_valid = _load(args, model, optimizer, scheduler,
+                                                      model_cfg, parallel)
+
+    def save(at_iteration: int) -> None:
+        if args.save:
+            path = save_checkpoint(
+                args.save, at_iteration, model, optimizer, scheduler, model_config=model_cfg,
+                parallel_config=parallel, consumed_train_samples=consumed_train,
+                consumed_valid_samples=consumed_valid, args=vars(args))
+            print_rank_0(f"  successfully saved checkpoint at iteration {at_iteration:7d} to "
+                         f"{path}")
 
     # ---- data
     datasets = build_gpt_datasets(data_cfg, tokenizer, num_samples)
@@ -148,16 +165,46 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
             consumed_valid += args.eval_iters * batches.global_batch_size
             timer.lap()
 
+        if args.save_interval and iteration % args.save_interval == 0:
+            save(iteration)
+            timer.lap()
+
         if args.exit_interval and iteration % args.exit_interval == 0:
+            if not (args.save_interval and iteration % args.save_interval == 0):
+                save(iteration)
             print_rank_0(f"exiting program at iteration {iteration} (--exit-interval)")
             break
 
-    if valid_iter is not None and iteration % max(args.eval_interval, 1) != 0:
-        history["valid_loss"].append(_run_evaluation(model, valid_iter, args, step_kwargs,
-                                                     iteration, monitor))
+    else:  # the run reached --train-iters
+        if args.save and not (args.save_interval and iteration % args.save_interval == 0):
+            save(iteration)
+        if valid_iter is not None and iteration % max(args.eval_interval, 1) != 0:
+            history["valid_loss"].append(_run_evaluation(model, valid_iter, args, step_kwargs,
+                                                         iteration, monitor))
     monitor.close()
     destroy()
     return history
+
+
+def _load(args, model, optimizer, scheduler, model_cfg, parallel):
+    """(iteration, consumed train samples, consumed valid samples) to start from."""
+    if not args.load:
+        return 0, 0, 0
+    if find_latest(args.load) is None:
+        if os.path.abspath(args.load) != os.path.abspath(args.save or ""):
+            raise CheckpointError(
+                f"--load {args.load}: no checkpoint there (no {TRACKER_FILENAME} and no "
+                f"complete iter_* directory). Check the path, or drop --load to start fresh.")
+        # --save X --load X is how runs are resumed; the first launch has nothing yet.
+        print_rank_0(f"> no checkpoint in {args.load} yet: starting from iteration 0")
+        return 0, 0, 0
+    state = load_checkpoint(args.load, model, optimizer, scheduler, model_config=model_cfg,
+                            parallel_config=parallel, no_load_optim=args.no_load_optim,
+                            no_load_rng=args.no_load_rng)
+    print_rank_0(f"  successfully loaded checkpoint from {state['checkpoint_dir']} at iteration "
+                 f"{state['iteration']}")
+    return (state["iteration"], state["consumed_train_samples"],
+            state["consumed_valid_samples"])
 
 
 def _ddp_config(args):

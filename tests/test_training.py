@@ -4,6 +4,7 @@ One small corpus (a slice of the embedded default corpus) is prepared once per m
 """
 
 import io
+import math
 import os
 import subprocess
 import sys
@@ -96,3 +97,102 @@ def test_bad_input_is_refused_before_training(corpus, flags, expected):
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert "iteration" not in result.stdout
+
+
+SMALL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+         "--seq-length", "64", "--micro-batch-size", "4", "--global-batch-size", "8",
+         "--lr", "1e-3", "--lr-warmup-iters", "2", "--log-interval", "1",
+         "--eval-interval", "1000", "--eval-iters", "1", "--split", "90,10,0"]
+
+
+def tensorboard_scalars(log_dir) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)}
+            for tag in events.Tags()["scalars"]}, events.Tags()["tensors"]
+
+
+def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, tmp_path):
+    data, tokenizer = corpus
+    common = ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--train-iters", "8"]
+    whole = run_train(*common, "--tensorboard-dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    ckpt = tmp_path / "ckpt"
+    resumed_tb = tmp_path / "resumed"
+    first = run_train(*common, "--save", str(ckpt), "--load", str(ckpt), "--exit-interval", "4",
+                      "--tensorboard-dir", str(resumed_tb / "a"))
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    second = run_train(*common, "--save", str(ckpt), "--load", str(ckpt),
+                       "--tensorboard-dir", str(resumed_tb / "b"))
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "successfully loaded checkpoint" in second.stdout
+
+    expected = tensorboard_scalars(tmp_path / "whole")[0]["lm loss"]
+    resumed = {**tensorboard_scalars(resumed_tb / "a")[0]["lm loss"],
+               **tensorboard_scalars(resumed_tb / "b")[0]["lm loss"]}
+    assert sorted(expected) == list(range(1, 9))
+    assert resumed == expected  # float32 values, compared exactly
+
+
+def test_resume_under_another_tensor_parallel_size_continues_the_loss(corpus, tmp_path):
+    data, tokenizer = corpus
+    common = ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--train-iters", "6",
+              "--use-distributed-optimizer"]
+    whole = run_train(*common, "--tensorboard-dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    ckpt = tmp_path / "ckpt"
+    first = run_train(*common, "--save", str(ckpt), "--exit-interval", "3")
+    assert first.returncode == 0, first.stderr[-4000:]
+    # Saved with DP2 x TP1; resumed with TP2 (and sequence parallelism).
+    second = run_train(*common, "--load", str(ckpt), "--tensor-model-parallel-size", "2",
+                       "--sequence-parallel", "--tensorboard-dir", str(tmp_path / "tp2"))
+    assert second.returncode == 0, second.stderr[-4000:]
+    expected = tensorboard_scalars(tmp_path / "whole")[0]["lm loss"]
+    resumed = tensorboard_scalars(tmp_path / "tp2")[0]["lm loss"]
+    assert sorted(resumed) == [4, 5, 6]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(expected[step], rel=1e-4), step
+
+
+def test_tensorboard_holds_every_tag_with_finite_values(corpus, tmp_path):
+    data, tokenizer = corpus
+    result = run_train("--data-path", data, "--tokenizer-model", tokenizer, *SMALL,
+                       "--num-experts", "4", "--train-iters", "4", "--log-interval", "2",
+                       "--eval-interval", "2", "--tensorboard-dir", str(tmp_path / "tb"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    scalars, tensors = tensorboard_scalars(tmp_path / "tb")
+    required = ["lm loss", "lm loss validation", "lm loss validation ppl", "learning-rate",
+                "grad-norm", "loss-scale", "batch-size", "iteration-time",
+                "throughput/tokens-per-sec", "throughput/tflops", "throughput/mfu",
+                "mem-allocated-bytes", "mem-max-allocated-bytes", "load_balancing_loss",
+                "moe/expert_load/max_over_mean"]
+    for layer in (1, 2):
+        required += [f"stability/layer_{layer:03d}/{signal}" for signal in
+                     ("output_rms", "attention_rms", "mlp_rms", "grad_norm", "update_ratio")]
+        required += [f"moe/expert_load/layer_{layer:03d}/expert_{e:03d}" for e in range(4)]
+    missing = [tag for tag in required if tag not in scalars]
+    assert not missing, f"missing tags {missing}; have {sorted(scalars)}"
+    for tag in required:
+        assert scalars[tag] and all(math.isfinite(v) for v in scalars[tag].values()), tag
+    assert sorted(scalars["lm loss"]) == [2, 4]
+    assert any(t.startswith("config") for t in tensors)
+
+
+def test_load_refuses_a_checkpoint_of_another_model(corpus, tmp_path):
+    data, tokenizer = corpus
+    ckpt = tmp_path / "ckpt"
+    common = ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--train-iters", "3"]
+    saved = run_train(*common, "--save", str(ckpt), nproc=1)
+    assert saved.returncode == 0, saved.stderr[-4000:]
+    before = sorted(p.name for p in ckpt.iterdir())
+    for flags, expected in ((["--norm-placement", "postnorm"], "norm_placement"),
+                            (["--hidden-size", "128"], "hidden_size"),
+                            (["--make-vocab-size-divisible-by", "1024"], "vocab_size")):
+        result = run_train(*common, "--load", str(ckpt), *flags, nproc=1)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert expected in result.stderr and str(ckpt) in result.stderr
+        assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == before

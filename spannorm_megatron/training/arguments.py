@@ -182,6 +182,10 @@ def _resolve(args: argparse.Namespace) -> None:
         args.max_position_embeddings = args.seq_length
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ConfigError(
+            f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
+            f"{args.lr_decay_iters} (default: --train-iters): shorten the warm-up or decay longer.")
     if args.num_layers_per_virtual_pipeline_stage is not None:
         stages = args.pipeline_model_parallel_size * args.num_layers_per_virtual_pipeline_stage
         if args.num_layers % stages:

@@ -1,0 +1,35 @@
+"""Checkpoints in Megatron-LM's layout, written through megatron-core dist checkpointing.
+
+    SAVE_DIR/latest_checkpointed_iteration.txt   "100"
+    SAVE_DIR/iter_0000100/                       torch_dist shards + common.pt + metadata.json
+                                                 + run.json + manifest.json (written last)
+
+One checkpoint holds the model (all virtual-pipeline chunks), the optimizer state in a fully
+reshardable form, the LR scheduler, every rank's RNG state, the training position and a record
+of the run, and loads under any other tensor / pipeline / expert / data parallel layout. Saves
+are crash safe (temporary directory, renamed into place once complete, pointer replaced
+atomically); loads check directory, architecture, files and keys before touching anything.
+
+Modules, one job each: `naming` (names on disk), `atomic` (crash-safe file operations),
+`manifest` (completion marker and checksums), `tracker` (which checkpoint to load),
+`run_record` (what wrote it, and the architecture check), `rng` (per-rank RNG state),
+`state` (the sharded state dicts), `save` and `load`.
+"""
+
+from .errors import CheckpointError
+from .load import load_checkpoint, read_run_record
+from .naming import MANIFEST_FILENAME, RUN_RECORD_FILENAME, TRACKER_FILENAME, iteration_dirname
+from .save import save_checkpoint
+from .tracker import find_latest
+
+__all__ = [
+    "CheckpointError",
+    "MANIFEST_FILENAME",
+    "RUN_RECORD_FILENAME",
+    "TRACKER_FILENAME",
+    "find_latest",
+    "iteration_dirname",
+    "load_checkpoint",
+    "read_run_record",
+    "save_checkpoint",
+]

@@ -1,0 +1,303 @@
+"""`load_checkpoint`: resume (or start a fine-tune) from a checkpoint, under any parallel layout.
+
+Everything that can be checked is checked before the model, optimizer, scheduler or RNG are
+touched, and identically on every rank (rank 0 reads, all ranks see the same answer, so no rank
+is left waiting in a collective while another raises):
+
+1. which directory (pointer file / explicit iteration / newest complete), and that it is
+   complete (``manifest.json``);
+2. that the saved `ModelConfig` describes the same architecture as the current one;
+3. that every file is present with its recorded size and checksum;
+4. that every tensor and object this rank is about to request exists in the checkpoint.
+
+Only then does megatron-core's ``dist_checkpointing.load`` read the shards this layout needs
+and the state is applied: model, optimizer (its own ``load_state_dict``, which for the
+distributed optimizer re-flattens the fully reshardable tensors into this rank's shard),
+scheduler, and last the RNG states. Loading never writes to the checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Sequence
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import (
+    LocalNonpersistentObject,
+    ShardedBase,
+    ShardedTensor,
+)
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+
+from spannorm_megatron.config import ModelConfig, ParallelConfig
+
+from . import _dist, manifest, rng, run_record, state, tracker, upstream
+from .errors import CheckpointError
+from .naming import RUN_RECORD_FILENAME
+
+logger = logging.getLogger(__name__)
+
+
+def read_run_record(directory: str) -> dict:
+    """The run record of a checkpoint.
+
+    `directory` is a checkpoint directory (``iter_NNNNNNN``) or a save directory, in which case
+    the checkpoint `load_checkpoint` would resume from is read.
+    """
+    directory = os.path.abspath(directory)
+    if manifest.is_complete(directory):
+        return run_record.read_file(directory)
+    if os.path.isfile(os.path.join(directory, RUN_RECORD_FILENAME)):
+        raise CheckpointError(
+            f"{directory} is incomplete (no {manifest.MANIFEST_FILENAME}: the save that wrote it "
+            f"did not finish); read another iteration."
+        )
+    _iteration, path = tracker.resolve(directory)
+    return run_record.read_file(path)
+
+
+def _requested_keys(sharded: dict) -> dict:
+    """{checkpoint key: top-level entry} of every ShardedTensor/ShardedObject in `sharded`
+    (after megatron-core's factories are applied, without modifying `sharded`)."""
+    keys = {}
+    for top, value in sharded.items():
+        if not isinstance(value, (dict, list, ShardedBase)):
+            continue
+        preprocessed, _nonpersistent, _factories = load_preprocess({top: value})
+        for item in nested_values(preprocessed):
+            if isinstance(item, ShardedBase):
+                keys[item.key] = top
+    return keys
+
+
+def _check_keys(sharded: dict, path: str, strict: bool, model_keys: list) -> dict:
+    """Compare what this rank requests with what the checkpoint holds (collective).
+
+    strict: any requested key the checkpoint lacks raises (on every rank). Not strict: such
+    model tensors are dropped from the request (they keep their current values) and such
+    optimizer tensors are replaced by fresh state (the parameter's current value, zero
+    moments), as for a parameter the optimizer has never stepped; all of it is logged.
+    """
+    available = {item.key for item in load_sharded_metadata(path).values()}
+    requested = _requested_keys(sharded)
+    absent = sorted(set(requested) - available)
+    everyone = sorted({key for part in _dist.all_gather(absent) for key in part})
+    if not everyone:
+        return sharded
+    if strict:
+        shown = ", ".join(everyone[:12]) + (f" and {len(everyone) - 12} more"
+                                            if len(everyone) > 12 else "")
+        raise CheckpointError(
+            f"{path} lacks {len(everyone)} tensor(s) this model needs: {shown}. The model or "
+            f"optimizer differs from the one saved; load with the saved configuration (see "
+            f"{os.path.join(path, RUN_RECORD_FILENAME)}), or pass strict=False to keep the "
+            f"current values of what is missing."
+        )
+    _warn("%s lacks %d tensor(s); keeping their current values (fresh optimizer state): %s",
+          path, len(everyone), everyone)
+    model_data = {item.key: item.data for key in model_keys
+                  for item in nested_values(sharded[key])
+                  if isinstance(item, ShardedTensor) and item.flattened_range is None}
+    return _without(sharded, set(absent), model_data)
+
+
+_OPTIMIZER_PREFIX = "optimizer.state."
+
+
+def _without(value, absent: set, model_data: dict):
+    """`value` with the sharded entries whose keys are `absent` dropped (model) or replaced by
+    fresh optimizer state (see `_check_keys`)."""
+    if isinstance(value, ShardedBase):
+        if value.key not in absent:
+            return value
+        if isinstance(value, ShardedTensor) and value.key.startswith(_OPTIMIZER_PREFIX):
+            name, _, model_key = value.key[len(_OPTIMIZER_PREFIX):].partition(".")
+            current = model_data.get(model_key)
+            if name in ("param", "fp32_param") and current is not None:
+                data = current.detach().clone().to(value.dtype)
+            else:
+                data = torch.zeros(value.local_shape, dtype=value.dtype)
+            return LocalNonpersistentObject(data)
+        return _DROP
+    if isinstance(value, dict):
+        kept = {k: _without(v, absent, model_data) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v is not _DROP}
+    if isinstance(value, list):
+        return [_without(v, absent, model_data) for v in value]
+    return value
+
+
+_DROP = object()
+
+
+def _read(path: str, model_chunks, optimizer, load_rng: bool, strict: bool):
+    """Build this rank's request (model chunks, optimizer if given, RNG), check its keys against
+    the checkpoint, and read it. Returns (loaded state, the model chunks' keys in it)."""
+    metadata = dist_checkpointing.load_content_metadata(path) or dict(state.SHARDING_METADATA)
+    request = state.model_state(model_chunks, metadata)
+    model_keys = list(request)
+    if optimizer is not None:
+        request["optimizer"] = state.optimizer_state(optimizer, dict(request), metadata,
+                                                     is_loading=True)
+    if load_rng:
+        request[rng.KEY] = rng.sharded_state(for_loading=True)
+    request = _check_keys(request, path, strict, model_keys)
+    try:
+        loaded = dist_checkpointing.load(request, path)
+    except Exception as err:
+        raise CheckpointError(f"Reading {path} failed: {type(err).__name__}: {err}") from err
+    return loaded, model_keys
+
+
+def _warn(message: str, *args) -> None:
+    """Log once per job, not once per rank (every rank reaches the same conclusion)."""
+    if _dist.rank() == 0:
+        logger.warning("checkpoint: " + message, *args)
+
+
+def _check_model(record: dict, path: str, model_config: ModelConfig, strict: bool) -> None:
+    """Refuse (strict) or log a checkpoint of a different architecture."""
+    where = os.path.join(path, RUN_RECORD_FILENAME)
+    architecture, other = run_record.compare(run_record.saved_model_config(record, where),
+                                             model_config)
+    if architecture:
+        message = (f"{path} holds a different model: "
+                   f"{run_record.format_differences(architecture)} (from {where}).")
+        if strict:
+            raise CheckpointError(
+                message + " Build the model with the checkpoint's configuration, or pick a "
+                "checkpoint of this model; strict=False loads what fits anyway.")
+        _warn("%s Loading anyway (strict=False).", message)
+    if other and _dist.rank() == 0:
+        logger.info("checkpoint: settings changed since the save: %s",
+                    run_record.format_differences(other))
+
+
+def _plan(record: dict, path: str, optimizer, scheduler, *, load_optim: bool,
+          load_rng: bool):
+    """(load optimizer, load scheduler, load RNG): what was asked for, what the checkpoint
+    holds and what this layout can take. Raises when the optimizer state cannot be used."""
+    contents = record.get("contents", {})
+    saved = record.get("optimizer") or {}
+    if load_optim:
+        current = state.optimizer_description(optimizer)
+        if not contents.get("optimizer"):
+            raise CheckpointError(
+                f"{path} was saved without optimizer state (no_save_optim): pass "
+                f"no_load_optim=True (or finetune=True) to load the weights into a fresh "
+                f"optimizer."
+            )
+        if saved.get("kind") != current["kind"]:
+            raise CheckpointError(
+                f"{path} holds {saved.get('kind')} optimizer state, this run uses the "
+                f"{current['kind']} optimizer (use_distributed_optimizer differs); their "
+                f"non-tensor state is not interchangeable. Resume with the saved "
+                f"use_distributed_optimizer, or pass no_load_optim=True to load the weights into "
+                f"a fresh optimizer."
+            )
+        if current["kind"] == "local" and saved.get("chained") != current["chained"]:
+            raise CheckpointError(
+                f"{path} was saved with {saved.get('chained')} chained optimizer(s) (dense / "
+                f"expert-parallel groups), this run has {current['chained']} (expert "
+                f"parallelism switched between 1 and > 1). With use_distributed_optimizer=False "
+                f"that state cannot be regrouped: resume with the distributed optimizer, keep "
+                f"EP = 1 or EP > 1 as saved, or pass no_load_optim=True."
+            )
+    load_scheduler = load_optim and scheduler is not None
+    if load_scheduler and not contents.get("opt_param_scheduler"):
+        _warn("%s has no scheduler state; the scheduler starts fresh", path)
+        load_scheduler = False
+    if load_rng and not contents.get("rng"):
+        _warn("%s was saved without RNG state; keeping this run's", path)
+        load_rng = False
+    if load_rng:
+        load_rng, reason = rng.restorable(record.get("layout", {}), run_record.current_layout())
+        if reason:
+            _warn("%s", reason)
+    return load_optim, load_scheduler, load_rng
+
+
+def load_checkpoint(
+    load_dir: str,
+    model_chunks: Sequence,
+    optimizer,
+    scheduler,
+    *,
+    model_config: ModelConfig,
+    parallel_config: ParallelConfig,
+    iteration: Optional[int] = None,
+    finetune: bool = False,
+    no_load_optim: bool = False,
+    no_load_rng: bool = False,
+    strict: bool = True,
+    verify_checksums: bool = True,
+) -> dict:
+    """Load a checkpoint from `load_dir` (a save directory) into this rank's model chunks,
+    optimizer and scheduler. Call on every rank.
+
+    The checkpoint may come from any TP / PP / VPP / EP / DP layout. `iteration` picks one
+    (default: the pointer file's). `finetune` loads the weights only and restarts the
+    position at 0 (Megatron-LM's ``--finetune``); `no_load_optim` skips optimizer and scheduler,
+    `no_load_rng` the RNG states. `strict=False` accepts architecture differences (logged) and
+    keeps the current values of tensors the checkpoint lacks. `verify_checksums=False` checks
+    file sizes only (skips reading the checkpoint once more).
+
+    Returns dict(iteration, consumed_train_samples, consumed_valid_samples, run_record,
+    checkpoint_dir, loaded_optimizer, loaded_rng). Raises CheckpointError, before anything is
+    modified, when there is nothing (complete) to load, the checkpoint is damaged, or it holds
+    a different model.
+    """
+    load_dir = os.path.abspath(load_dir)
+    iteration, path = _dist.on_rank0(lambda: tracker.resolve(load_dir, iteration))
+    record, files = _dist.on_rank0(lambda: (run_record.read_file(path), manifest.read(path)))
+    if files is None:  # removed between the two reads
+        raise CheckpointError(f"{path} lost its {manifest.MANIFEST_FILENAME} while loading.")
+    _check_model(record, path, model_config, strict)
+    bad = manifest.problems(path, files, checksums=verify_checksums)
+    if bad:
+        raise CheckpointError(
+            f"{path} is damaged, nothing was loaded: " + "; ".join(bad[:8])
+            + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")
+            + ". Load another iteration (write it into the pointer file or pass iteration=)."
+        )
+    load_optim, load_scheduler, load_rng = _plan(
+        record, path, optimizer, scheduler,
+        load_optim=optimizer is not None and not finetune and not no_load_optim,
+        load_rng=not finetune and not no_load_rng)
+    saved_optimizer = record.get("optimizer") or {}
+
+    with upstream.fixed_optimizer_load(optimizer if load_optim else None):
+        loaded, model_keys = _read(path, model_chunks, optimizer if load_optim else None,
+                                   load_rng, strict)
+        for key, chunk in zip(model_keys, model_chunks, strict=True):
+            state.unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+        if load_optim:
+            optimizer_state = loaded["optimizer"]
+            if saved_optimizer.get("chained") != len(state.inner_optimizers(optimizer)):
+                optimizer_state = state.regroup_optimizer_state(
+                    optimizer_state, dist_checkpointing.load_common_state_dict(path)["optimizer"],
+                    saved_optimizer["chained"], optimizer)
+            optimizer.load_state_dict(optimizer_state)
+    if not load_optim and optimizer is not None:
+        # Main (fp32) copies of the weights must follow the freshly loaded model weights.
+        optimizer.reload_model_params()
+    if load_scheduler:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if load_rng:
+        rng.restore(loaded[rng.KEY])
+    _dist.barrier()
+
+    logger.info("checkpoint: loaded iteration %d from %s", iteration, path)
+    return {
+        "iteration": 0 if finetune else int(loaded.get("iteration", iteration)),
+        "consumed_train_samples": 0 if finetune else int(loaded.get("consumed_train_samples", 0)),
+        "consumed_valid_samples": 0 if finetune else int(loaded.get("consumed_valid_samples", 0)),
+        "run_record": record,
+        "checkpoint_dir": path,
+        "loaded_optimizer": load_optim,
+        "loaded_rng": load_rng,
+    }

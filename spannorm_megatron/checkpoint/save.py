@@ -1,0 +1,158 @@
+"""`save_checkpoint`: one crash-safe, reshardable checkpoint of model, optimizer, scheduler, RNG
+and training position.
+
+Order of a save (every step is collective unless marked rank 0):
+
+1. rank 0: create the save directory, clear debris of interrupted saves (``*.tmp-*``
+   directories and pointer temp files; an ``.old-`` copy is deleted, or renamed back into
+   place if its replacement never arrived), create ``iter_NNNNNNN.tmp-<nonce>``.
+2. all ranks write their shards there with megatron-core's ``dist_checkpointing.save``
+   (torch_dist); rank 0 adds ``run.json``.
+3. all ranks fsync and checksum the files (split between them); rank 0 writes
+   ``manifest.json`` last. Only now is the directory complete.
+4. rank 0: rename it to ``iter_NNNNNNN`` (moving an existing copy of the same iteration aside
+   first), then atomically replace ``latest_checkpointed_iteration.txt``, then delete the
+   moved-aside copy.
+
+A crash before 4 leaves a ``.tmp-`` directory that loading ignores, the previous checkpoints
+and the pointer untouched; a crash inside 4 leaves the pointer on the old iteration (or, when
+re-saving the pointer's own iteration, a complete ``.old-`` copy that loading falls back to).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Optional, Sequence
+
+from megatron.core import dist_checkpointing
+
+from spannorm_megatron.config import ModelConfig, ParallelConfig
+
+from . import _dist, manifest, rng, run_record, state
+from .atomic import atomic_write_text, fsync_path, publish_dir, remove_tree, retire_dir
+from .errors import CheckpointError
+from .naming import (
+    RUN_RECORD_FILENAME,
+    TMP_INFIX,
+    TRACKER_FILENAME,
+    iteration_dir,
+    side_dirs,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def clean_debris(save_dir: str) -> None:
+    """Remove what interrupted saves left in `save_dir` (rank 0; never touches complete
+    ``iter_*`` directories or the pointer file)."""
+    for iteration, infix, _nonce, path in side_dirs(save_dir):
+        if infix == TMP_INFIX:
+            remove_tree(path)
+            continue
+        final = iteration_dir(save_dir, iteration)
+        if manifest.is_complete(final):
+            retire_dir(path)
+        elif not os.path.exists(final) and manifest.is_complete(path):
+            os.rename(path, final)  # the replacement never arrived: put the old copy back
+            fsync_path(save_dir)
+    for name in os.listdir(save_dir):
+        if name.startswith(TRACKER_FILENAME + TMP_INFIX):
+            os.remove(os.path.join(save_dir, name))
+
+
+def _prepare(save_dir: str, iteration: int, nonce: str) -> str:
+    os.makedirs(save_dir, exist_ok=True)
+    clean_debris(save_dir)
+    tmp = f"{iteration_dir(save_dir, iteration)}{TMP_INFIX}{nonce}"
+    os.makedirs(tmp)
+    fsync_path(save_dir)
+    return tmp
+
+
+def _finish(save_dir: str, iteration: int, tmp: str, entries: dict, nonce: str) -> str:
+    manifest.write(tmp, iteration, entries, nonce)
+    final = iteration_dir(save_dir, iteration)
+    old = publish_dir(tmp, final, nonce)
+    atomic_write_text(os.path.join(save_dir, TRACKER_FILENAME), f"{iteration}\n", nonce)
+    if old is not None:
+        retire_dir(old)
+    return final
+
+
+def save_checkpoint(
+    save_dir: str,
+    iteration: int,
+    model_chunks: Sequence,
+    optimizer,
+    scheduler,
+    *,
+    model_config: ModelConfig,
+    parallel_config: ParallelConfig,
+    consumed_train_samples: int,
+    consumed_valid_samples: int = 0,
+    args: Optional[dict] = None,
+    no_save_optim: bool = False,
+    no_save_rng: bool = False,
+) -> str:
+    """Save a checkpoint of `iteration` into ``save_dir/iter_NNNNNNN`` and point
+    ``latest_checkpointed_iteration.txt`` at it. Call on every rank. Returns the directory.
+
+    `model_chunks` are this rank's chunks (DDP-wrapped or bare GPTModels), `optimizer` a
+    megatron-core optimizer (or None), `scheduler` an `OptimizerParamScheduler` (or None).
+    `args` is any extra record of the run (a dict or argparse namespace), stored in the run
+    record. `no_save_optim` / `no_save_rng` leave the optimizer + scheduler / RNG state out
+    (Megatron-LM's ``--no-save-optim`` / ``--no-save-rng``). Saving the iteration that is
+    already on disk replaces it.
+    """
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise CheckpointError(f"iteration={iteration!r} must be a non-negative integer.")
+    if not model_chunks:
+        raise CheckpointError("model_chunks is empty: pass this rank's model chunks.")
+    save_dir = os.path.abspath(save_dir)
+    contents = {
+        "optimizer": optimizer is not None and not no_save_optim,
+        "opt_param_scheduler": scheduler is not None and not no_save_optim,
+        "rng": not no_save_rng,
+    }
+    record = _dist.broadcast(run_record.build(
+        model_config, parallel_config,
+        iteration=iteration,
+        consumed_train_samples=int(consumed_train_samples),
+        consumed_valid_samples=int(consumed_valid_samples),
+        contents=contents,
+        optimizer=state.optimizer_description(optimizer) if contents["optimizer"] else None,
+        args=args,
+    ))
+    nonce = _dist.broadcast(uuid.uuid4().hex[:12])
+    tmp = _dist.on_rank0(lambda: _prepare(save_dir, iteration, nonce))
+
+    metadata = dict(state.SHARDING_METADATA)
+    sharded = state.model_state(model_chunks, metadata)
+    if contents["optimizer"]:
+        sharded["optimizer"] = state.optimizer_state(optimizer, dict(sharded), metadata,
+                                                     is_loading=False)
+    if contents["opt_param_scheduler"]:
+        sharded["opt_param_scheduler"] = scheduler.state_dict()
+    if contents["rng"]:
+        sharded[rng.KEY] = rng.sharded_state()
+    sharded.update(
+        checkpoint_version=state.CHECKPOINT_VERSION,
+        iteration=iteration,
+        consumed_train_samples=int(consumed_train_samples),
+        consumed_valid_samples=int(consumed_valid_samples),
+        run=record,
+    )
+    dist_checkpointing.save(sharded, tmp, content_metadata=dict(metadata))
+
+    def write_record():
+        path = os.path.join(tmp, RUN_RECORD_FILENAME)
+        with open(path, "w") as f:
+            f.write(run_record.dumps(record))
+
+    _dist.on_rank0(write_record)
+    entries = manifest.collect_entries(tmp)
+    final = _dist.on_rank0(lambda: _finish(save_dir, iteration, tmp, entries, nonce))
+    logger.info("checkpoint: saved iteration %d to %s", iteration, final)
+    return final

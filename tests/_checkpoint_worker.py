@@ -1,0 +1,138 @@
+"""Fresh-process side of tests/test_checkpoint.py.
+
+    torchrun --standalone --nproc_per_node 2 tests/_checkpoint_worker.py layouts ROOT
+        For every 2-rank layout in LAYOUTS: load ROOT/<source> (saved by the test in one
+        process), train RESUME_STEPS steps, save ROOT/out/<layout>, train AFTER_STEPS more;
+        write ROOT/out/<layout>.rank<r>.json with the losses.
+    python tests/_checkpoint_worker.py resume OUT.pt STEPS THREADS local=CKPT distributed=CKPT
+        One process: for each checkpoint (dropout model; local or distributed optimizer), load
+        it, train STEPS steps; torch.save losses, learning rates and every tensor to OUT.pt.
+    python tests/_checkpoint_worker.py crash SAVE_DIR MODE
+        One process (its own process group): save iteration 1, train, then the group dies by
+        SIGKILL in the middle of the next save
+        (MODE after_shards: iteration 2, once the shards are written; between_renames: iteration
+        1 again, after the old copy was moved aside and before the new one is renamed in).
+"""
+
+import json
+import os
+import signal
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _checkpoint as H  # noqa: E402
+import torch  # noqa: E402
+
+from spannorm_megatron.checkpoint import load_checkpoint, manifest, save_checkpoint  # noqa: E402
+from spannorm_megatron.config import ParallelConfig  # noqa: E402
+from spannorm_megatron.runtime import destroy, initialize  # noqa: E402
+
+RESUME_STEPS = 3
+AFTER_STEPS = 2
+
+LAYOUTS = {  # name -> (parallel config, source checkpoint saved by the test, see SOURCES)
+    "tp2_sp": (ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True,
+                              use_distributed_optimizer=True), "dense"),
+    "dp2": (ParallelConfig(use_distributed_optimizer=True), "dense"),
+    "pp2_vpp2": (ParallelConfig(pipeline_model_parallel_size=2,
+                                virtual_pipeline_model_parallel_size=2,
+                                use_distributed_optimizer=True), "dense"),
+    "ep2_moe": (ParallelConfig(expert_model_parallel_size=2, use_distributed_optimizer=True),
+                "moe"),
+    "pp2_local": (ParallelConfig(pipeline_model_parallel_size=2), "dense_local"),
+}
+SOURCES = {  # name -> distributed optimizer? (the test saves each under TP1 / EP1)
+    "dense": True, "moe": True, "dense_local": False,
+}
+
+
+def config_for(source: str):
+    return H.model_config(moe=source == "moe")
+
+
+def layouts(root: str) -> None:
+    rank = int(os.environ["RANK"])
+    out = os.path.join(root, "out")
+    os.makedirs(out, exist_ok=True)
+    for name, (parallel, source) in LAYOUTS.items():
+        try:
+            initialize(**parallel.runtime_kwargs(), seed=4321)
+            config = config_for(source)
+            chunks, optimizer, scheduler = H.build(config, parallel)
+            info = load_checkpoint(os.path.join(root, source), chunks, optimizer, scheduler,
+                                   model_config=config, parallel_config=parallel)
+            resumed = H.train(chunks, optimizer, scheduler, info["consumed_train_samples"],
+                              RESUME_STEPS)
+            iteration = info["iteration"] + RESUME_STEPS
+            save_checkpoint(os.path.join(out, name), iteration, chunks, optimizer, scheduler,
+                            model_config=config, parallel_config=parallel,
+                            consumed_train_samples=resumed["consumed_samples"],
+                            args={"layout": name})
+            after = H.train(chunks, optimizer, scheduler, resumed["consumed_samples"],
+                            AFTER_STEPS)
+            record = {"loaded": {k: v for k, v in info.items() if k != "run_record"},
+                      "resumed": resumed, "after": after}
+        except Exception:
+            # Fail loudly and at once: torchrun then stops the ranks waiting in collectives.
+            with open(os.path.join(out, f"{name}.rank{rank}.error"), "w") as f:
+                f.write(traceback.format_exc())
+            raise
+        with open(os.path.join(out, f"{name}.rank{rank}.json"), "w") as f:
+            json.dump(record, f)
+    destroy()
+
+
+def resume(out: str, steps: str, threads: str, *checkpoints: str) -> None:
+    """Each of `checkpoints` is OPTIMIZER=DIR, OPTIMIZER `local` or `distributed`."""
+    torch.set_num_threads(int(threads))
+    initialize(seed=999)  # other seeds than the saving run: the checkpoint must restore them
+    config = H.model_config(dropout=True)
+    results = {}
+    for spec in checkpoints:
+        kind, checkpoint = spec.split("=", 1)
+        parallel = ParallelConfig(use_distributed_optimizer=kind == "distributed")
+        chunks, optimizer, scheduler = H.build(config, parallel)
+        info = load_checkpoint(checkpoint, chunks, optimizer, scheduler,
+                               model_config=config, parallel_config=parallel)
+        result = H.train(chunks, optimizer, scheduler, info["consumed_train_samples"], int(steps))
+        results[kind] = {"iteration": info["iteration"], "train": result,
+                         "tensors": H.sharded_tensors(chunks, optimizer)}
+    torch.save(results, out)
+    destroy()
+
+
+def crash(save_dir: str, mode: str) -> None:
+    initialize(seed=1234)
+    config, parallel = H.model_config(), ParallelConfig()
+    chunks, optimizer, scheduler = H.build(config, parallel)
+    H.train(chunks, optimizer, scheduler, 0, 1)
+
+    def save(iteration):
+        save_checkpoint(save_dir, iteration, chunks, optimizer, scheduler,
+                        model_config=config, parallel_config=parallel,
+                        consumed_train_samples=iteration * H.GLOBAL_BATCH)
+
+    save(1)
+    H.train(chunks, optimizer, scheduler, H.GLOBAL_BATCH, 1)
+    # The whole process group, as when a node dies: megatron-core's writer helper processes too.
+    die = lambda *_args, **_kwargs: os.killpg(os.getpgid(0), signal.SIGKILL)  # noqa: E731
+    if mode == "after_shards":
+        manifest.collect_entries = die
+        save(2)
+    elif mode == "between_renames":
+        rename = os.rename
+
+        def rename_then_die(src, dst):
+            rename(src, dst)
+            if ".old-" in os.path.basename(dst):  # the old copy was just moved aside
+                die()
+
+        os.rename = rename_then_die
+        save(1)
+    raise SystemExit(f"mode {mode!r} did not crash")
+
+
+if __name__ == "__main__":
+    {"layouts": layouts, "resume": resume, "crash": crash}[sys.argv[1]](*sys.argv[2:])
