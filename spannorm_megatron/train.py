@@ -43,6 +43,13 @@ from spannorm_megatron.training.arguments import (
     parallel_config,
     parse_args,
 )
+from spannorm_megatron.training.gpt_step import forward_step
+from spannorm_megatron.training.guards import (
+    ExitConditions,
+    NonFiniteGradientError,
+    NonFiniteGuard,
+    SpikeDetector,
+)
 from spannorm_megatron.training.loop import Timer, evaluate, log_line, train_step
 from spannorm_megatron.training.monitor import RunMonitor
 from spannorm_megatron.training.schedule import batch_layout, lr_scheduler, optimizer_config
@@ -136,19 +143,35 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     monitor.write_config({"args": vars(args), "model": model_cfg.to_dict(),
                           "parallel": vars(parallel)})
     history = {"train_loss": [], "valid_loss": [], "iterations": []}
-    skipped_total = 0
+    guard = NonFiniteGuard(model, args.max_skipped_iterations)
+    spikes = SpikeDetector(args.loss_spike_factor, args.loss_spike_window)
+    exits = ExitConditions(args.exit_duration_in_mins)
+    poisoned = _fault_injection_iterations()
     timer = Timer()
     start_iteration = iteration
     while iteration < args.train_iters:
         monitor.begin_step(iteration + 1)
         result = train_step(model, optimizer, scheduler, train_iter,
                             global_batch_size=batches.global_batch_size, monitor=monitor,
+                            guard=guard, forward_step_func=(
+                                _poisoned_forward_step if iteration + 1 in poisoned
+                                else forward_step),
                             **step_kwargs)
         iteration += 1
         consumed_train += batches.global_batch_size
-        skipped_total += int(result.skipped)
         history["train_loss"].append(result.loss)
         history["iterations"].append(iteration)
+        if result.bad_layer is not None:
+            where = ("only outside the layers" if result.bad_layer == 0
+                     else f"lowest layer: {result.bad_layer}")
+            print_rank_0(f" iteration {iteration}: non-finite gradients ({where}); update "
+                         f"skipped ({guard.in_a_row + 1} in a row, {guard.total + 1} in all)")
+        monitor.record_skipped(iteration, guard.total + int(result.bad_layer is not None))
+        guard.record(result.bad_layer, iteration)
+        spike_median = spikes.check(result.loss)
+        if spike_median is not None:
+            print_rank_0(f" loss spike at iteration {iteration}: lm loss {result.loss:.4f} > "
+                         f"{args.loss_spike_factor} x running median {spike_median:.4f}")
 
         if monitor.is_log_step(iteration) or iteration == args.train_iters:
             seconds = timer.lap() / (iteration - start_iteration)
@@ -156,7 +179,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
             tokens_per_second = batches.global_batch_size * args.seq_length / seconds
             print_last_rank(log_line(iteration, args.train_iters, consumed_train, seconds, result,
                                      batches.global_batch_size, tokens_per_second,
-                                     monitor.mfu(seconds), skipped_total))
+                                     monitor.mfu(seconds), guard.total))
             monitor.end_step(iteration, result, seconds, float(optimizer.get_loss_scale()))
 
         if valid_iter is not None and args.eval_interval and iteration % args.eval_interval == 0:
@@ -169,10 +192,13 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
             save(iteration)
             timer.lap()
 
-        if args.exit_interval and iteration % args.exit_interval == 0:
+        reason = exits.reason()
+        if reason is None and args.exit_interval and iteration % args.exit_interval == 0:
+            reason = "--exit-interval"
+        if reason is not None:
             if not (args.save_interval and iteration % args.save_interval == 0):
                 save(iteration)
-            print_rank_0(f"exiting program at iteration {iteration} (--exit-interval)")
+            print_rank_0(f"exiting program at iteration {iteration} ({reason})")
             break
 
     else:  # the run reached --train-iters
@@ -181,6 +207,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
         if valid_iter is not None and iteration % max(args.eval_interval, 1) != 0:
             history["valid_loss"].append(_run_evaluation(model, valid_iter, args, step_kwargs,
                                                          iteration, monitor))
+    exits.close()
     monitor.close()
     destroy()
     return history
@@ -205,6 +232,18 @@ def _load(args, model, optimizer, scheduler, model_cfg, parallel):
                  f"{state['iteration']}")
     return (state["iteration"], state["consumed_train_samples"],
             state["consumed_valid_samples"])
+
+
+def _fault_injection_iterations() -> set:
+    """Iterations whose loss is made NaN, from SPANNORM_INJECT_NAN_AT="5,6" (fault-injection
+    tests of the non-finite guard; unset in normal runs)."""
+    value = os.environ.get("SPANNORM_INJECT_NAN_AT", "")
+    return {int(v) for v in value.split(",") if v.strip()}
+
+
+def _poisoned_forward_step(data_iterator, model):
+    output, loss_func = forward_step(data_iterator, model)
+    return output * float("nan"), loss_func
 
 
 def _ddp_config(args):
@@ -237,6 +276,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         # One paragraph that names the problem and the fix; a traceback would only hide it.
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteGradientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -116,7 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recompute-num-layers", type=int, default=None)
     t.add_argument("--seed", type=int, default=1234)
     t.add_argument("--exit-interval", type=int, default=None,
-                   help="Save (if --save) and exit after this many iterations of this run.")
+                   help="Save (if --save) and exit at iterations divisible by this.")
+    t.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="Save (if --save) and exit once this run has lasted this long.")
+    t.add_argument("--max-skipped-iterations", type=int, default=5,
+                   help="Stop after this many steps in a row with NaN/Inf gradients (each such "
+                   "step is skipped: no update).")
+    t.add_argument("--loss-spike-factor", type=float, default=1.5,
+                   help="Log a loss spike when the loss exceeds this x the running median.")
+    t.add_argument("--loss-spike-window", type=int, default=50,
+                   help="Iterations in the running median of --loss-spike-factor.")
 
     d = p.add_argument_group("data")
     d.add_argument("--data-path", nargs="*", default=None,

@@ -33,6 +33,9 @@ class StepResult:
     learning_rate: float
     """Learning rate the step used."""
 
+    bad_layer: Optional[int] = None
+    """When gradients were non-finite: the first global layer number (0: outside the layers)."""
+
 
 def _data_iterators(iterator, num_chunks: int):
     # Interleaved pipelining asks every model chunk for its own micro-batches.
@@ -56,14 +59,18 @@ def broadcast_from_last_stage(value: Optional[float]) -> Optional[float]:
 
 def train_step(model, optimizer, scheduler, data_iterator: Iterator, num_microbatches: int,
                seq_length: int, micro_batch_size: int, global_batch_size: int,
-               monitor=None) -> StepResult:
-    """Forward and backward over the step's micro-batches, then one optimizer step. `monitor`
-    (training.monitor.RunMonitor) sees the gradients before and the weights after the update."""
+               monitor=None, guard=None, forward_step_func=forward_step) -> StepResult:
+    """Forward and backward over the step's micro-batches, then one optimizer step.
+
+    `monitor` (training.monitor.RunMonitor) sees the gradients before and the weights after the
+    update; `guard` (training.guards.NonFiniteGuard) skips the update when a gradient is NaN/Inf
+    (`StepResult.bad_layer` then says where it started).
+    """
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses_reduced = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=forward_step_func,
         data_iterator=_data_iterators(data_iterator, len(model)),
         model=_model_arg(model),
         num_microbatches=num_microbatches,
@@ -71,6 +78,11 @@ def train_step(model, optimizer, scheduler, data_iterator: Iterator, num_microba
         micro_batch_size=micro_batch_size,
     )
     learning_rate = optimizer.param_groups[0]["lr"]
+    loss = broadcast_from_last_stage(reduce_lm_loss(losses_reduced))
+    bad_layer = guard.first_bad_layer() if guard is not None else None
+    if bad_layer is not None:
+        return StepResult(loss=loss, grad_norm=None, skipped=True, learning_rate=learning_rate,
+                          bad_layer=bad_layer)
     if monitor is not None:
         monitor.before_optimizer_step(optimizer)
     update_successful, grad_norm, _ = optimizer.step()
@@ -78,12 +90,8 @@ def train_step(model, optimizer, scheduler, data_iterator: Iterator, num_microba
         monitor.after_optimizer_step()
     if update_successful:
         scheduler.step(increment=global_batch_size)
-    return StepResult(
-        loss=broadcast_from_last_stage(reduce_lm_loss(losses_reduced)),
-        grad_norm=grad_norm,
-        skipped=not update_successful,
-        learning_rate=learning_rate,
-    )
+    return StepResult(loss=loss, grad_norm=grad_norm, skipped=not update_successful,
+                      learning_rate=learning_rate)
 
 
 @torch.no_grad()

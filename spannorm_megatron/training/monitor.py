@@ -39,6 +39,7 @@ class RunMonitor:
         self.signals = StabilitySignals(model_chunks)
         self.moe = MoEMetrics(model_chunks)
         self.measuring = False
+        self.skipped_total = 0
 
     def write_config(self, config: dict) -> None:
         self.writer.write_config(config)
@@ -84,6 +85,13 @@ class RunMonitor:
         )
         self.writer.log_stability(iteration, stability)
         self.writer.log_moe(iteration, moe)
+
+    def record_skipped(self, iteration: int, skipped_total: int) -> None:
+        """Steps skipped for non-finite gradients so far (written on logging steps and whenever
+        the count grows)."""
+        if self.is_log_step(iteration) or skipped_total != self.skipped_total:
+            self.writer.add_scalar("skipped-iterations", skipped_total, iteration)
+        self.skipped_total = skipped_total
 
     def log_validation(self, iteration: int, loss: float) -> None:
         self.writer.log_validation(iteration, loss)

@@ -1,0 +1,132 @@
+"""What keeps a long run alive: non-finite gradients caught before the optimizer sees them,
+loss spikes noted, and clean exits on preemption (SIGTERM) or a time budget.
+
+Each check ends in one small all-reduce so that every rank takes the same decision.
+"""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import time
+from collections import deque
+from typing import List, Optional
+
+import torch
+
+
+def _all_reduce(values: List[float], op) -> List[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Too many steps in a row had non-finite gradients; the run stops instead of diverging."""
+
+
+class NonFiniteGuard:
+    """Checks every gradient for NaN/Inf after backward and before the optimizer step.
+
+    A bad step is skipped (no update, no scheduler step) and counted. After `max_in_a_row`
+    bad steps in a row the run stops, naming the iteration and the first layer (global number)
+    whose gradient went non-finite.
+    """
+
+    def __init__(self, model_chunks, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+        self.total = 0
+        self._params = []  # (global layer number or 0 for non-layer params, parameter)
+        for chunk in model_chunks:
+            module = getattr(chunk, "module", chunk)
+            layer_of = {}
+            for layer in module.decoder.layers:
+                for param in layer.parameters():
+                    layer_of[id(param)] = layer.layer_number
+            for param in module.parameters():
+                self._params.append((layer_of.get(id(param), 0), param))
+
+    def first_bad_layer(self) -> Optional[int]:
+        """Smallest global layer number with a non-finite gradient on any rank; 0 when only
+        parameters outside the layers (embedding, output layer, final norm) have one; None when
+        every gradient is finite."""
+        outside, none_bad = 1e12, float("inf")
+        first = none_bad
+        for layer, param in self._params:
+            order = layer if layer > 0 else outside
+            if order >= first:
+                continue
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad
+            if grad is not None and not torch.isfinite(grad).all():
+                first = order
+        (first,) = _all_reduce([first], torch.distributed.ReduceOp.MIN)
+        if first == none_bad:
+            return None
+        return 0 if first == outside else int(first)
+
+    def record(self, bad_layer: Optional[int], iteration: int) -> None:
+        if bad_layer is None:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.max_in_a_row:
+            where = ("only outside the transformer layers" if bad_layer == 0
+                     else f"lowest layer with a non-finite gradient: {bad_layer}")
+            raise NonFiniteGradientError(
+                f"iteration {iteration}: non-finite gradients for {self.in_a_row} steps in a row "
+                f"({where}); stopping. Lower --lr, check the data "
+                f"around this iteration, or resume from the last checkpoint with "
+                f"--max-skipped-iterations raised.")
+
+
+class SpikeDetector:
+    """A loss above `factor` x the running median of the last `window` losses is a spike."""
+
+    def __init__(self, factor: float = 1.5, window: int = 50):
+        self.factor = factor
+        self.recent = deque(maxlen=window)
+
+    def check(self, loss: Optional[float]) -> Optional[float]:
+        """The running median when `loss` is a spike, else None. Non-finite losses are not
+        counted here (NonFiniteGuard handles them)."""
+        if loss is None or loss != loss or loss in (float("inf"), float("-inf")):
+            return None
+        median = statistics.median(self.recent) if len(self.recent) >= 5 else None
+        self.recent.append(loss)
+        if median is not None and loss > self.factor * median:
+            return median
+        return None
+
+
+class ExitConditions:
+    """SIGTERM (preemption) and --exit-duration-in-mins, agreed on by every rank."""
+
+    def __init__(self, duration_minutes: Optional[float]):
+        self.start = time.time()
+        self.duration_minutes = duration_minutes
+        self.signal_received = False
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Only note it: the step in flight finishes, then every rank saves and exits together.
+        self.signal_received = True
+
+    def reason(self) -> Optional[str]:
+        """Why the run should stop now (the same answer on every rank), or None."""
+        elapsed = (time.time() - self.start) / 60.0
+        over_time = self.duration_minutes is not None and elapsed > self.duration_minutes
+        got_signal, over_time = _all_reduce(
+            [float(self.signal_received), float(over_time)], torch.distributed.ReduceOp.MAX)
+        if got_signal:
+            return "received SIGTERM"
+        if over_time:
+            return f"exit duration of {self.duration_minutes} minutes reached"
+        return None
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)

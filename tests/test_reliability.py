@@ -1,0 +1,120 @@
+"""Faults injected into real `spannorm-train` runs: NaN gradients, SIGTERM, a time budget,
+kill -9 at a random point, and determinism of the same command run twice."""
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_training import SMALL, corpus, tensorboard_scalars  # noqa: F401  (fixture reuse)
+
+TRAIN = [sys.executable, "-m", "spannorm_megatron.train"]
+
+
+def base_flags(corpus_paths, tmp_path, iters):
+    data, tokenizer = corpus_paths
+    return ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL,
+            "--train-iters", str(iters)]
+
+
+def run(flags, env=None, timeout=600):
+    return subprocess.run(TRAIN + flags, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_nan_steps_are_skipped_counted_and_stop_the_run_when_consecutive(corpus, tmp_path):
+    flags = base_flags(corpus, tmp_path, 10) + ["--max-skipped-iterations", "2"]
+    clean = run(flags + ["--tensorboard-dir", str(tmp_path / "clean")])
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+    one_bad = run(flags + ["--tensorboard-dir", str(tmp_path / "skip")],
+                  env={"SPANNORM_INJECT_NAN_AT": "4"})
+    assert one_bad.returncode == 0, one_bad.stderr[-3000:]
+    assert "iteration 4: non-finite gradients" in one_bad.stdout
+    scalars = tensorboard_scalars(tmp_path / "skip")[0]
+    assert scalars["skipped-iterations"][4] == 1
+    clean_losses = tensorboard_scalars(tmp_path / "clean")[0]["lm loss"]
+    skipped_losses = scalars["lm loss"]
+    for step in (1, 2, 3):  # identical up to the bad step
+        assert skipped_losses[step] == clean_losses[step]
+    assert math.isnan(skipped_losses[4])
+    # The NaN never reached the weights: every later step is finite again.
+    assert all(math.isfinite(skipped_losses[step]) for step in range(5, 11))
+
+    stopped = run(flags, env={"SPANNORM_INJECT_NAN_AT": "6,7"})
+    assert stopped.returncode == 1
+    assert "iteration 7: non-finite gradients for 2 steps in a row" in stopped.stderr
+    assert "lowest layer with a non-finite gradient: 1" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+
+
+def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(corpus, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    flags = base_flags(corpus, tmp_path, 100000) + ["--save", str(ckpt)]
+    process = subprocess.Popen(TRAIN + flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:
+        if " iteration        3/" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "(received SIGTERM)" in stdout
+    saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert saved >= 3 and (ckpt / f"iter_{saved:07d}" / "manifest.json").exists()
+
+
+def test_exit_duration_ends_the_run_with_a_checkpoint(corpus, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    result = run(base_flags(corpus, tmp_path, 100000)
+                 + ["--save", str(ckpt), "--exit-duration-in-mins", "0.0001"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exit duration of 0.0001 minutes reached" in result.stdout
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+
+
+def test_kill_9_at_a_random_moment_then_the_same_command_resumes_bitwise(corpus, tmp_path):
+    iters = 24
+    common = base_flags(corpus, tmp_path, iters) + ["--save-interval", "2"]
+    whole = run(common + ["--tensorboard-dir", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    ckpt = tmp_path / "ckpt"
+    command = TRAIN + common + ["--save", str(ckpt), "--load", str(ckpt)]
+    process = subprocess.Popen(command + ["--tensorboard-dir", str(tmp_path / "killed")],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               start_new_session=True)
+    rng = random.Random(os.getpid())
+    kill_after = rng.randint(5, 16)
+    for line in process.stdout:
+        if f" iteration {kill_after:8d}/" in line:
+            break
+    # Lands mid-step or, after even iterations (--save-interval 2), mid-save.
+    time.sleep(rng.uniform(0.0, 0.15))
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+
+    latest = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert latest >= 4 and (ckpt / f"iter_{latest:07d}" / "manifest.json").exists()
+    resumed = run(command[len(TRAIN):] + ["--tensorboard-dir", str(tmp_path / "resumed")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = tensorboard_scalars(tmp_path / "whole")[0]["lm loss"]
+    got = tensorboard_scalars(tmp_path / "resumed")[0]["lm loss"]
+    assert sorted(got) == list(range(latest + 1, iters + 1))
+    assert all(got[step] == expected[step] for step in got)
+
+
+def test_same_seed_and_layout_give_bitwise_identical_losses(corpus, tmp_path):
+    flags = base_flags(corpus, tmp_path, 6)
+    for name in ("a", "b"):
+        result = run(flags + ["--tensorboard-dir", str(tmp_path / name)])
+        assert result.returncode == 0, result.stderr[-3000:]
+    a = tensorboard_scalars(tmp_path / "a")[0]["lm loss"]
+    b = tensorboard_scalars(tmp_path / "b")[0]["lm loss"]
+    assert len(a) == 6 and a == b
