@@ -1,0 +1,288 @@
+"""megatron dist checkpoint -> Hugging Face folder (the engine of tools/convert_to_hf.py).
+
+Which class holds the model (``--format auto``, the default):
+
+* prenorm, RMSNorm, SwiGLU, RoPE, a final norm (and for MoE: no biases) -> a native class,
+  loadable without remote code: dense `LlamaForCausalLM`; MoE `MixtralForCausalLM`, or
+  `Qwen2MoeForCausalLM` when a shared expert is configured;
+* everything else (postnorm, spannorm, LayerNorm, GeLU, learned or no position embeddings,
+  forward-mode Scale Init, ...) -> our own `SpanNormForCausalLM`, whose two standalone files
+  are written into the folder (`trust_remote_code=True`).
+
+``--format native`` refuses (naming why) what no native class can express; ``--format spannorm``
+always uses our class.
+
+The export streams: the checkpoint is read one tensor group at a time (embedding, each layer,
+final norm + output layer), converted, cast and appended to the safetensors shards, whose
+headers are written up front from the planned shapes. Peak memory is about one layer's weights
+(in float32 while converting) plus the fixed overhead of torch and the checkpoint metadata, not
+the model (see tools/benchmark_conversion.py).
+
+Everything is written into ``SAVE.tmp-<id>`` beside the destination and renamed to it only once
+complete; a failure removes the temporary directory, so nothing that looks like a finished
+export is ever left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.hf.errors import ConversionError
+from spannorm_megatron.hf.families import FAMILIES, Family, convert_group_to_hf, hf_config
+from spannorm_megatron.hf.megatron_reader import ConfigSource, MegatronCheckpoint
+from spannorm_megatron.hf.rules import native_family, native_problems, router_problems
+from spannorm_megatron.hf.safetensors_io import ShardedSafetensorsWriter, parse_size
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMATS = ("auto", "native", "spannorm")
+EXPORT_INFO_FILE = "spannorm_export.json"
+
+
+@dataclass
+class ExportResult:
+    directory: str
+    family: str
+    architecture: str
+    num_parameters: int
+    weight_bytes: int
+    files: List[str]
+    seconds: float
+    notes: List[str] = field(default_factory=list)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConversionError(f"--dtype {name!r} is not one of {list(DTYPES)}.") from None
+
+
+def choose_family(config: ModelConfig, fmt: str) -> tuple:
+    """(Family, notes) for `config` under --format `fmt`."""
+    if fmt not in FORMATS:
+        raise ConversionError(f"--format {fmt!r} is not one of {list(FORMATS)}.")
+    problems = router_problems(config)
+    if problems:
+        raise ConversionError("This model cannot be exported: " + "; ".join(problems) + ".")
+    notes = []
+    if fmt == "spannorm":
+        return FAMILIES["spannorm"], notes
+    problems = native_problems(config)
+    if not problems:
+        return FAMILIES[native_family(config)], notes
+    if fmt == "native":
+        raise ConversionError(
+            "No native transformers class can hold this model: " + "; ".join(problems)
+            + ". Export it as our own class instead (--format spannorm or auto; it loads with "
+            "trust_remote_code=True).")
+    notes.append("our own SpanNormForCausalLM (trust_remote_code=True), because: "
+                 + "; ".join(problems))
+    return FAMILIES["spannorm"], notes
+
+
+def _tokenizer_from_record(record: Optional[dict]) -> Optional[str]:
+    args = (record or {}).get("args") or {}
+    path = args.get("tokenizer_model") if isinstance(args, dict) else None
+    return path if isinstance(path, str) and os.path.isfile(path) else None
+
+
+def _pad_multiple(record: Optional[dict]) -> Optional[int]:
+    args = (record or {}).get("args") or {}
+    layout = (record or {}).get("layout") or {}
+    divisible = args.get("make_vocab_size_divisible_by") if isinstance(args, dict) else None
+    if not isinstance(divisible, int) or divisible <= 0:
+        return None
+    tp = layout.get("tensor_model_parallel_size") or args.get("tensor_model_parallel_size") or 1
+    return divisible * int(tp)
+
+
+def _check_destination(save: str, overwrite: bool) -> str:
+    save = os.path.abspath(save)
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise ConversionError(f"--save {save} exists and is not a directory.")
+    if os.path.isdir(save) and os.listdir(save) and not overwrite:
+        raise ConversionError(f"--save {save} exists and is not empty; pass --overwrite to "
+                              f"replace it, or choose another directory.")
+    return save
+
+
+def _make_parent(save: str) -> None:
+    parent = os.path.dirname(save)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as err:
+        raise ConversionError(f"Cannot create {parent}: {err}") from None
+
+
+def _publish(tmp: str, save: str) -> None:
+    """Move the finished `tmp` to `save`, replacing an existing `save` only after the move."""
+    old = None
+    if os.path.exists(save):
+        old = f"{save}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(save, old)
+    os.rename(tmp, save)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def plan_hf_tensors(family: Family, config: ModelConfig, groups, dtype: torch.dtype):
+    """[(group, [(hf name, shape, dtype)])]: the export's tensors, from converting meta tensors."""
+    plan = []
+    for group in groups:
+        meta = {name: torch.empty(shape, device="meta") for name, shape in group.params}
+        converted = convert_group_to_hf(family, config, group.name, group.layer, meta)
+        plan.append((group, [(name, tuple(t.shape), dtype) for name, t in converted.items()]))
+    return plan
+
+
+def export_checkpoint(
+    load: str,
+    save: str,
+    *,
+    dtype: str = "float32",
+    tokenizer_model: Optional[str] = None,
+    max_shard_size: str = "2GB",
+    model_config: ConfigSource = None,
+    fmt: str = "auto",
+    verify_checksums: bool = True,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """Convert the megatron checkpoint at `load` into a Hugging Face folder at `save`."""
+    start = time.perf_counter()
+    target_dtype = parse_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size)
+    save = _check_destination(save, overwrite)
+    log(f"[convert_to_hf] checking checkpoint {load}")
+    ckpt = MegatronCheckpoint(load, model_config, verify_checksums=verify_checksums)
+    config = ckpt.config
+    family, notes = choose_family(config, fmt)
+    for note in notes:
+        log(f"[convert_to_hf] note: {note}")
+    log(f"[convert_to_hf] {ckpt.directory}: {config.norm_placement}, {config.num_layers} layers, "
+        f"hidden {config.hidden_size}, vocab {config.vocab_size}"
+        + (f", {config.num_experts} experts" if config.is_moe else "")
+        + f" -> {family.architecture} ({dtype})")
+
+    tokenizer_path = tokenizer_model or _tokenizer_from_record(ckpt.run_record)
+    tokenizer = None
+    if tokenizer_path is not None:
+        from spannorm_megatron.hf.tokenizer import prepare_tokenizer
+
+        tokenizer = prepare_tokenizer(tokenizer_path, config.vocab_size,
+                                      _pad_multiple(ckpt.run_record))
+        info = tokenizer[2]
+        if info.mismatches:
+            log(f"[convert_to_hf] WARNING: the Hugging Face tokenizer encodes "
+                f"{len(info.mismatches)} sample text(s) differently from SentencePiece, e.g. "
+                f"{info.mismatches[0]!r}")
+    else:
+        log("[convert_to_hf] no tokenizer (--tokenizer-model): writing the model only")
+
+    plan = plan_hf_tensors(family, config, ckpt.groups, target_dtype)
+    flat = [entry for _group, entries in plan for entry in entries]
+    special = {}
+    if tokenizer is not None:
+        special = {k: tokenizer[2].special_ids.get(k) for k in ("bos", "eos", "pad")}
+
+    _make_parent(save)
+    tmp = f"{save}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    writer = None
+    try:
+        config_json = hf_config(family, config, target_dtype, special)
+        import transformers
+
+        config_json["transformers_version"] = transformers.__version__
+        _write_json(os.path.join(tmp, "config.json"), config_json)
+        generation = {"transformers_version": transformers.__version__}
+        if tokenizer is not None:
+            ids = tokenizer[2].special_ids
+            stop = [ids["eos"]] + ([ids["eod"]] if ids.get("eod") not in (None, ids["eos"]) else [])
+            generation.update(bos_token_id=ids["bos"], pad_token_id=ids["pad"],
+                              eos_token_id=stop if len(stop) > 1 else stop[0])
+        _write_json(os.path.join(tmp, "generation_config.json"), generation)
+        if not family.native:
+            from spannorm_megatron.hf.remote_code import REMOTE_CODE_FILES
+
+            source = os.path.join(os.path.dirname(__file__), "remote_code")
+            for name in REMOTE_CODE_FILES:
+                shutil.copyfile(os.path.join(source, name), os.path.join(tmp, name))
+        if tokenizer is not None:
+            from spannorm_megatron.hf.tokenizer import save_tokenizer
+
+            save_tokenizer(tokenizer[0], tokenizer_path, tmp, config.max_sequence_length)
+
+        writer = ShardedSafetensorsWriter(tmp, flat, shard_bytes,
+                                          metadata={"source": "spannorm_megatron"})
+        done_bytes, total = 0, writer.total_size
+        for group, entries in plan:
+            t0 = time.perf_counter()
+            tensors = {k: v.float() for k, v in ckpt.read_group(group).items()}
+            converted = convert_group_to_hf(family, config, group.name, group.layer, tensors)
+            del tensors
+            converted = {k: v.to(target_dtype) for k, v in converted.items()}
+            writer.write(converted)
+            done_bytes += sum(v.numel() * v.element_size() for v in converted.values())
+            del converted
+            log(f"[convert_to_hf] {group.name:>10}: {len(entries)} tensors, "
+                f"{done_bytes / 2**20:,.1f} / {total / 2**20:,.1f} MiB "
+                f"({done_bytes / max(total, 1):.0%}, {time.perf_counter() - t0:.2f}s)")
+        writer.close()
+        record = ckpt.run_record or {}
+        _write_json(os.path.join(tmp, EXPORT_INFO_FILE), {
+            "source_checkpoint": ckpt.directory,
+            "iteration": record.get("iteration"),
+            "family": family.name,
+            "architecture": family.architecture,
+            "dtype": dtype,
+            "tokenizer_model": tokenizer_path,
+            "model_config": config.to_dict(),
+            "versions": _versions(),
+        })
+        files = sorted(os.listdir(tmp))
+        _publish(tmp, save)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    num_parameters = sum(_numel(shape) for _name, shape, _dtype in flat)
+    seconds = time.perf_counter() - start
+    log(f"[convert_to_hf] wrote {save} ({num_parameters:,} parameters, {len(writer.files)} "
+        f"weight file(s)) in {seconds:.1f}s")
+    return ExportResult(save, family.name, family.architecture, num_parameters, writer.total_size,
+                        files, seconds, notes)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _versions() -> Dict[str, str]:
+    import safetensors
+    import transformers
+
+    import spannorm_megatron
+
+    return {"torch": str(torch.__version__), "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__,
+            "spannorm_megatron": getattr(spannorm_megatron, "__version__", "unknown")}

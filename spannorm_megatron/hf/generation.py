@@ -1,0 +1,162 @@
+"""Text generation from a megatron checkpoint or a Hugging Face folder (tools/generate.py).
+
+One sampling loop serves both: greedy, or temperature / top-k / top-p sampling from a seeded
+generator. A megatron checkpoint runs as a single-process TP1/PP1 megatron model (whatever
+layout saved it), recomputing the whole sequence each step (no key/value cache); an HF folder
+runs through transformers with its key/value cache. Generation stops after `max_new_tokens`
+or at an end id (``</s>`` or ``<EOD>``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from spannorm_megatron.hf.errors import ConversionError
+
+
+@dataclass
+class Sampling:
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def validate(self) -> None:
+        if not self.greedy and not self.temperature > 0:
+            raise ConversionError(f"--temperature {self.temperature} must be > 0 (or use --greedy).")
+        if self.top_k < 0:
+            raise ConversionError(f"--top-k {self.top_k} must be >= 0 (0 = off).")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConversionError(f"--top-p {self.top_p} must be in (0, 1].")
+
+
+def sample_next(logits: torch.Tensor, sampling: Sampling,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids [b] from last-position logits [b, V]."""
+    logits = logits.float()
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits.shape[-1]:
+        kth = logits.topk(sampling.top_k, dim=-1).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first is always kept)
+        drop = probs.cumsum(dim=-1) - probs >= sampling.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def generate(step: Callable[[List[int], bool], torch.Tensor], prompt: Sequence[int],
+             max_new_tokens: int, sampling: Sampling, *, stop_ids: Sequence[int] = (),
+             seed: int = 1234, vocab_limit: Optional[int] = None) -> List[int]:
+    """New token ids after `prompt`. `step(ids, first)` returns the last-position logits [V] of
+    the sequence `ids` (`first` is True on the first call, for cached implementations)."""
+    sampling.validate()
+    if not prompt:
+        raise ConversionError("The prompt is empty: give some text (--prompt) or ids (--prompt-ids).")
+    ids = list(prompt)
+    out: List[int] = []
+    generator = None
+    for i in range(max_new_tokens):
+        logits = step(ids, i == 0)
+        if generator is None:
+            generator = torch.Generator(device=logits.device).manual_seed(seed)
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits = logits.clone()
+            logits[vocab_limit:] = float("-inf")  # padding rows of the embedding
+        token = int(sample_next(logits[None], sampling, generator)[0])
+        out.append(token)
+        ids.append(token)
+        if token in stop_ids:
+            break
+    return out
+
+
+def megatron_stepper(model) -> Callable[[List[int], bool], torch.Tensor]:
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def step(ids: List[int], _first: bool) -> torch.Tensor:
+        tokens = torch.tensor([ids], dtype=torch.long, device=device)
+        positions = torch.arange(len(ids), device=device)[None]
+        logits = model(tokens, positions, attention_mask=None)
+        return logits[0, -1]
+
+    return step
+
+
+def hf_stepper(model) -> Callable[[List[int], bool], torch.Tensor]:
+    device = next(model.parameters()).device
+    state = {"past": None}
+
+    @torch.no_grad()
+    def step(ids: List[int], first: bool) -> torch.Tensor:
+        if first:
+            state["past"] = None
+            new = ids
+        else:
+            new = ids[-1:]
+        tokens = torch.tensor([new], dtype=torch.long, device=device)
+        mask = torch.ones(1, len(ids), dtype=torch.long, device=device)
+        out = model(input_ids=tokens, attention_mask=mask, past_key_values=state["past"],
+                    use_cache=True)
+        state["past"] = out.past_key_values
+        return out.logits[0, -1]
+
+    return step
+
+
+def is_hf_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def load_hf_model(path: str, dtype: torch.dtype, device: str):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+    except TypeError:  # pragma: no cover - transformers 4.x
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True,
+                                                     torch_dtype=dtype)
+    return model.to(device).eval()
+
+
+class TextTokenizer:
+    """encode / decode / stop ids / vocab size over our SentencePiece tokenizer or an HF one."""
+
+    def __init__(self, encode, decode, stop_ids, vocab_size):
+        self.encode, self.decode, self.stop_ids, self.vocab_size = encode, decode, stop_ids, vocab_size
+
+    @classmethod
+    def sentencepiece(cls, model_path: str) -> "TextTokenizer":
+        from spannorm_megatron.hf.tokenizer import _load
+
+        tok = _load(model_path)
+        return cls(tok.tokenize, tok.detokenize, sorted({tok.eos, tok.eod}), tok.vocab_size)
+
+    @classmethod
+    def huggingface(cls, path: str) -> "TextTokenizer":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        stop = {tok.eos_token_id}
+        eod = tok.convert_tokens_to_ids("<EOD>")
+        if isinstance(eod, int) and eod != tok.unk_token_id:
+            stop.add(eod)
+        return cls(lambda text: tok.encode(text, add_special_tokens=False),
+                   lambda ids: tok.decode(ids, skip_special_tokens=True),
+                   sorted(i for i in stop if i is not None), len(tok))
+
+
+def has_hf_tokenizer(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, name))
+               for name in ("tokenizer.json", "tokenizer_config.json"))

@@ -1,0 +1,390 @@
+# Modeling of SpanNorm-family transformers exported by spannorm_megatron
+# (tools/convert_to_hf.py). Standalone: imports only torch and transformers. Loaded through
+#     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+"""SpanNormForCausalLM: the layer equations of shared/design/norm-placements.md.
+
+For one layer with input x (the residual stream), attention branch A and MLP branch F (dense or
+MoE), each branch output multiplied by `branch_scale` (Scale Init's forward mode, else 1):
+
+    prenorm         h = x + A(N1(x));           x' = h + F(N2(h))
+    postnorm        h = N1(x + A(x));           x' = N2(h + F(h))
+    spannorm        h = N1(x + A(xin));         x' = N2(x + F(h)),  xin = N0(x) in layer 1 else x
+    deepnorm        h = N1(a*x + A(x));         x' = N2(a*h + F(h)),  a = residual_scale
+    perinorm        h = x + N1o(A(N1i(x)));     x' = h + N2o(F(N2i(h)))
+    spannorm_clean  h = N1(x + A(x));           x' = x + N2(h + F(h))
+
+Attention: grouped-query causal self-attention with RoPE (the half-split "rotate_half" layout,
+as megatron-core and Llama use), or learned absolute / no position embeddings. MLP: SwiGLU
+(`silu(gate) * up`) or GeLU. MoE: router logits -> top-k -> softmax over the k selected ->
+weighted sum of the selected experts, plus a shared expert every token passes through.
+Generation: `generate()` works, with a key/value cache (transformers' DynamicCache).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+try:
+    from transformers.cache_utils import Cache, DynamicCache
+except ImportError:  # pragma: no cover - very old transformers
+    Cache = DynamicCache = None
+
+from .configuration_spannorm import SpanNormConfig
+
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
+
+# ----------------------------------------------------------------------------------------- norms
+class SpanNormRMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * g, computed in float32."""
+
+    def __init__(self, hidden_size, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * self.weight.float()).to(dtype)
+
+
+class SpanNormLayerNorm(nn.Module):
+    """y = (x - mean) / sqrt(var + eps) * g + b, computed in float32."""
+
+    def __init__(self, hidden_size, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        y = F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps)
+        return y.to(dtype)
+
+
+def _norm(config):
+    if config.normalization == "LayerNorm":
+        return SpanNormLayerNorm(config.hidden_size, config.norm_eps)
+    return SpanNormRMSNorm(config.hidden_size, config.norm_eps)
+
+
+# ------------------------------------------------------------------------------------------ rope
+def _rope(positions, head_dim, base, dtype):
+    """cos, sin [b, 1, s, head_dim] for integer positions [b, s] (half-split layout)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
+                                            device=positions.device) / head_dim))
+    angles = positions.float()[..., None] * inv_freq
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+# ------------------------------------------------------------------------------------- attention
+class SpanNormAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        bias = config.linear_bias
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+
+    def forward(self, x, rope, mask, cache):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        repeat = self.num_heads // self.num_kv_heads
+        if repeat > 1:  # query head j reads key/value head j // repeat
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            scale=1.0 / math.sqrt(self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+# -------------------------------------------------------------------------------------------- mlp
+class SpanNormMLP(nn.Module):
+    def __init__(self, config, intermediate_size):
+        super().__init__()
+        h, bias = config.hidden_size, config.linear_bias
+        self.gated = config.gated_mlp
+        if self.gated:
+            self.gate_proj = nn.Linear(h, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(h, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, h, bias=bias)
+        self.act = F.silu if config.hidden_act == "silu" else F.gelu
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class SpanNormMoE(nn.Module):
+    """Top-k routing as megatron-core computes it: top-k over the router logits, softmax over the
+    k selected, each selected expert's output weighted by its probability; plus the shared expert."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.linear_bias)
+        self.experts = nn.ModuleList(
+            SpanNormMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts))
+        self.shared_expert = (SpanNormMLP(config, config.shared_expert_intermediate_size)
+                              if config.shared_expert_intermediate_size else None)
+
+    def forward(self, x):
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        logits = self.gate(tokens)
+        top_logits, top_experts = logits.topk(self.top_k, dim=-1)
+        probs = top_logits.float().softmax(dim=-1).to(tokens.dtype)
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot = (top_experts == e).nonzero(as_tuple=True)
+            if token_idx.numel():
+                y = expert(tokens[token_idx]) * probs[token_idx, slot, None]
+                out.index_add_(0, token_idx, y.to(out.dtype))
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
+        return out.view(shape)
+
+
+# ---------------------------------------------------------------------------------------- layers
+def _prenorm(layer, x, A, F_):
+    h = x + A(layer.input_layernorm(x))
+    return h + F_(layer.pre_mlp_layernorm(h))
+
+
+def _postnorm(layer, x, A, F_):
+    h = layer.post_attention_norm(x + A(x))
+    return layer.post_mlp_norm(h + F_(h))
+
+
+def _spannorm(layer, x, A, F_):
+    xin = layer.embedding_norm(x) if hasattr(layer, "embedding_norm") else x
+    h = layer.post_attention_norm(x + A(xin))
+    return layer.post_mlp_norm(x + F_(h))
+
+
+def _deepnorm(layer, x, A, F_):
+    a = layer.residual_scale
+    h = layer.post_attention_norm(a * x + A(x))
+    return layer.post_mlp_norm(a * h + F_(h))
+
+
+def _perinorm(layer, x, A, F_):
+    h = x + layer.attention_output_norm(A(layer.input_layernorm(x)))
+    return h + layer.mlp_output_norm(F_(layer.pre_mlp_layernorm(h)))
+
+
+def _spannorm_clean(layer, x, A, F_):
+    h = layer.post_attention_norm(x + A(x))
+    return x + layer.post_mlp_norm(h + F_(h))
+
+
+LAYER_EQUATIONS = {
+    "prenorm": _prenorm,
+    "postnorm": _postnorm,
+    "spannorm": _spannorm,
+    "deepnorm": _deepnorm,
+    "perinorm": _perinorm,
+    "spannorm_clean": _spannorm_clean,
+}
+
+
+class SpanNormDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.equation = LAYER_EQUATIONS[config.norm_placement]
+        self.branch_scale = float(config.branch_scale)
+        self.residual_scale = float(config.residual_scale)
+        self.hidden_dropout = config.hidden_dropout
+        names = list(config.layer_norm_names)
+        if layer_idx == 0:
+            names += list(config.first_layer_norm_names)
+        for name in names:
+            setattr(self, name, _norm(config))
+        self.self_attn = SpanNormAttention(config, layer_idx)
+        self.mlp = SpanNormMoE(config) if config.num_experts else SpanNormMLP(
+            config, config.intermediate_size)
+
+    def _branch(self, out):
+        out = F.dropout(out, p=self.hidden_dropout, training=self.training)
+        return out if self.branch_scale == 1.0 else out * self.branch_scale
+
+    def forward(self, x, rope, mask, cache):
+        def A(t):
+            return self._branch(self.self_attn(t, rope, mask, cache))
+
+        def F_(t):
+            return self._branch(self.mlp(t))
+
+        return self.equation(self, x, A, F_)
+
+
+# ----------------------------------------------------------------------------------------- model
+class SpanNormPreTrainedModel(PreTrainedModel):
+    config_class = SpanNormConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["SpanNormDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+
+def _new_cache(config):
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # transformers 4.x
+        return DynamicCache()
+
+
+def _attention_mask(attention_mask, batch, q_len, past_len, device):
+    """Boolean [b, 1, q, kv] mask, True where a query may attend: causal and not padding."""
+    kv_len = past_len + q_len
+    q_pos = torch.arange(past_len, kv_len, device=device)
+    allowed = torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]
+    allowed = allowed[None, None].expand(batch, 1, q_len, kv_len)
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            allowed = allowed & attention_mask[:, None, None, -kv_len:].bool()
+        elif attention_mask.dim() == 4:
+            extra = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+            allowed = allowed & extra[..., -q_len:, -kv_len:]
+        else:
+            raise ValueError(f"attention_mask must be 2-D or 4-D, got {attention_mask.dim()}-D")
+    # A query that may attend nothing (a left-padding position) attends everything instead: its
+    # output is never used, and an all-masked row would turn into NaN.
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+class SpanNormModel(SpanNormPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position_embedding_type == "learned_absolute":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(
+            SpanNormDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = _norm(config) if config.final_norm else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, use_cache=None,
+                output_hidden_states=False, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, q_len = x.shape[:2]
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = _new_cache(self.config)
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            past_key_values = DynamicCache.from_legacy_cache(past_key_values)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 2:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+            else:
+                position_ids = torch.arange(past_len, past_len + q_len, device=x.device)[None]
+            position_ids = position_ids.expand(batch, q_len)
+        rope = None
+        if self.config.position_embedding_type == "rope":
+            rope = _rope(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        elif self.config.position_embedding_type == "learned_absolute":
+            if int(position_ids.max()) >= self.config.max_position_embeddings:
+                raise ValueError(
+                    f"position {int(position_ids.max())} is beyond max_position_embeddings="
+                    f"{self.config.max_position_embeddings} of the learned position embeddings")
+            x = x + self.embed_positions(position_ids)
+        mask = _attention_mask(attention_mask, batch, q_len, past_len, x.device)
+
+        hidden_states = [] if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                hidden_states.append(x)
+            x = layer(x, rope, mask, past_key_values)
+        if self.norm is not None:
+            x = self.norm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        return x, (past_key_values if use_cache else None), hidden_states
+
+
+class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
+    if _TRANSFORMERS_MAJOR >= 5:
+        _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    else:  # pragma: no cover - transformers 4.x
+        _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = SpanNormModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                output_hidden_states=None, return_dict=None, logits_to_keep=0, **kwargs):
+        hidden, cache, hidden_states = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+            use_cache=use_cache if labels is None else False,
+            output_hidden_states=bool(output_hidden_states))
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=cache,
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None)
+        return output if return_dict is not False else output.to_tuple()

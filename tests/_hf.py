@@ -1,0 +1,112 @@
+"""Hugging Face conversion test harness: tiny models of every placement, saved as real
+checkpoints, and the layouts the 2-rank worker re-saves them under.
+
+Used by tests/test_hf.py in the pytest process (a world of one) and by tests/_hf_worker.py under
+`torchrun --nproc_per_node 2`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+
+from spannorm_megatron.config import ModelConfig, ParallelConfig
+
+VOCAB = 128
+SEQ = 16
+
+# name -> (placement, ModelConfig overrides). The first six are the parallel-layout set.
+COMBOS: Dict[str, tuple] = {
+    "prenorm-dense": ("prenorm", {}),
+    "prenorm-moe": ("prenorm", {"num_experts": 4}),
+    "postnorm-dense": ("postnorm", {}),
+    "postnorm-moe": ("postnorm", {"num_experts": 4, "moe_shared_expert_intermediate_size": 48}),
+    "spannorm-dense": ("spannorm", {}),
+    "spannorm-moe": ("spannorm", {"num_experts": 4}),
+}
+PARALLEL_COMBOS = tuple(COMBOS)
+
+# Single-process extras: every other export path.
+EXTRA_COMBOS: Dict[str, tuple] = {
+    "prenorm-moe-shared": ("prenorm", {"num_experts": 4, "moe_shared_expert_intermediate_size": 48}),
+    "prenorm-layernorm-bias-gelu": ("prenorm", {
+        "normalization": "LayerNorm", "add_bias_linear": True, "swiglu": False,
+        "position_embedding_type": "learned_absolute", "untie_embeddings_and_output_weights": False,
+        "apply_layernorm_1p": True}),
+    "spannorm-forward-layernorm-moe-bias": ("spannorm", {
+        "num_experts": 4, "add_bias_linear": True, "normalization": "LayerNorm",
+        "scale_mode": "forward", "position_embedding_type": "none"}),
+    "postnorm-final-norm-1p": ("postnorm", {"final_norm": True, "apply_layernorm_1p": True,
+                                             "rotary_base": 500000}),
+    "spannorm-no-n0": ("spannorm", {"first_layer_input_norm": False}),
+}
+
+LAYOUTS: Dict[str, ParallelConfig] = {
+    "tp2": ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
+    "pp2": ParallelConfig(pipeline_model_parallel_size=2),
+    "ep2": ParallelConfig(expert_model_parallel_size=2),  # MoE only (DP2 x EP2)
+}
+IMPORT_LAYOUTS = {"tp2": PARALLEL_COMBOS, "pp2": ("spannorm-dense",), "ep2": ("postnorm-moe",)}
+
+
+def layout_applies(layout: str, combo: str) -> bool:
+    return layout != "ep2" or "moe" in combo
+
+
+def model_config(combo: str, vocab_size: int = VOCAB) -> ModelConfig:
+    placement, overrides = {**COMBOS, **EXTRA_COMBOS}[combo]
+    values = dict(
+        norm_placement=placement, num_layers=2, hidden_size=64, num_attention_heads=4,
+        num_query_groups=2, ffn_hidden_size=96, vocab_size=vocab_size, max_sequence_length=64,
+        init_method_std=0.1, moe_router_topk=2, moe_ffn_hidden_size=32,
+        transformer_impl="local",
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def build(config: ModelConfig, seed: int = 0):
+    """A single-process model of `config` whose norms and biases are not at their trivial init
+    (so a gain or bias put in the wrong place shows in the logits)."""
+    from spannorm_megatron.model import build_gpt_model, transformer_config
+
+    model = build_gpt_model(config, transformer_config(config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+def save(model_chunks, config: ModelConfig, save_dir: str,
+         parallel: Optional[ParallelConfig] = None, iteration: int = 1,
+         args: Optional[dict] = None) -> str:
+    """Save with the checkpoint package (run record, manifest); returns the iteration dir."""
+    from spannorm_megatron.checkpoint import save_checkpoint
+
+    return save_checkpoint(save_dir, iteration, list(model_chunks), None, None,
+                           model_config=config, parallel_config=parallel or ParallelConfig(),
+                           consumed_train_samples=0, no_save_rng=True, args=args)
+
+
+def tokens(batch: int = 2, seq: int = SEQ, vocab: int = VOCAB, seed: int = 7) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    return model(ids, positions, attention_mask=None).float()
+
+
+def state_of(model) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if "_extra_state" not in k}
+
+
+def worker_dirs(root: str) -> Dict[str, str]:
+    return {"ref": os.path.join(root, "ref"), "hf": os.path.join(root, "hf"),
+            "out": os.path.join(root, "out")}

@@ -1,0 +1,62 @@
+"""Rank program of tests/test_hf.py, launched once by torchrun on 2 ranks:
+
+    torchrun --standalone --nproc_per_node 2 tests/_hf_worker.py ROOT
+
+1. For every layout in _hf.LAYOUTS and every model of _hf.PARALLEL_COMBOS it applies to: build
+   the model under that layout, load ROOT/ref/<combo> (saved single-process by the test) and
+   save it again as ROOT/out/<layout>/<combo>, a checkpoint written by two ranks.
+2. For every (layout, combos) of _hf.IMPORT_LAYOUTS: convert the exported folder
+   ROOT/hf/<combo> into ROOT/out/import-<layout>/<combo> with the converter itself.
+
+A failure writes ROOT/out/rank<r>.error (the traceback) and exits non-zero at once.
+"""
+
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _hf  # noqa: E402
+
+
+def main(root: str) -> None:
+    from spannorm_megatron.checkpoint import load_checkpoint
+    from spannorm_megatron.hf.importer import convert_hf_to_megatron
+    from spannorm_megatron.hf.megatron_reader import local_model_config
+    from spannorm_megatron.model import build_model, transformer_config
+    from spannorm_megatron.runtime import destroy, initialize
+
+    dirs = _hf.worker_dirs(root)
+    for layout_name, layout in _hf.LAYOUTS.items():
+        initialize(**layout.runtime_kwargs(), seed=1234)
+        for combo in _hf.PARALLEL_COMBOS:
+            if not _hf.layout_applies(layout_name, combo):
+                continue
+            config = local_model_config(_hf.model_config(combo))
+            chunks = build_model(config, transformer_config(config, **layout.transformer_kwargs()))
+            load_checkpoint(os.path.join(dirs["ref"], combo), chunks, None, None,
+                            model_config=config, parallel_config=layout, no_load_rng=True)
+            _hf.save(chunks, config, os.path.join(dirs["out"], layout_name, combo), layout)
+    for layout_name, combos in _hf.IMPORT_LAYOUTS.items():
+        layout = _hf.LAYOUTS[layout_name]
+        for combo in combos:
+            convert_hf_to_megatron(
+                os.path.join(dirs["hf"], combo),
+                os.path.join(dirs["out"], f"import-{layout_name}", combo),
+                tensor_model_parallel_size=layout.tensor_model_parallel_size,
+                pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+                expert_model_parallel_size=layout.expert_model_parallel_size,
+                log=lambda line: None)
+    destroy()
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1])
+    except Exception:
+        out = os.path.join(sys.argv[1], "out")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.error"), "w") as f:
+            f.write(traceback.format_exc())
+        raise

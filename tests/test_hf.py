@@ -1,0 +1,851 @@
+"""Hugging Face conversion: megatron checkpoints -> HF folders -> megatron checkpoints.
+
+Real models, real files. Every placement, dense and MoE, is saved as a checkpoint (single
+process, and by one 2-rank torchrun under TP2, PP2 and EP2), exported, loaded by transformers and
+compared with the megatron model's logits; exported folders are converted back (also under TP2
+and PP2 in the same torchrun launch) and compared tensor by tensor. The prenorm exports load into
+the native Llama / Mixtral / Qwen2-MoE classes without remote code and generate the megatron
+model's greedy tokens; a SpanNorm export loads in a fresh virtual environment holding only
+torch, transformers, safetensors and sentencepiece. Bad input fails with a clear error and
+leaves nothing behind. See tests/_hf.py for the models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from contextlib import redirect_stderr, redirect_stdout
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _hf  # noqa: E402
+
+# Remote-code modules transformers copies out of exported folders go to a temp dir, not ~/.cache.
+os.environ.setdefault("HF_MODULES_CACHE",
+                      os.path.join(tempfile.gettempdir(), "spannorm-hf-test-modules"))
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+ALL_COMBOS = {**_hf.COMBOS, **_hf.EXTRA_COMBOS}
+NATIVE = {"prenorm-dense": "LlamaForCausalLM", "prenorm-moe": "MixtralForCausalLM",
+          "prenorm-moe-shared": "Qwen2MoeForCausalLM"}
+TOLERANCE = 1e-4
+
+
+def _seed(seed: int) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _quiet_export(*args, **kwargs):
+    from spannorm_megatron.hf.export import export_checkpoint
+
+    return export_checkpoint(*args, log=lambda line: None, **kwargs)
+
+
+def _hf_model(path: str, native: bool):
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, trust_remote_code=not native, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys",
+                                                              "mismatched_keys")}
+    assert not problems, f"{path}: {problems}"
+    return model.eval()
+
+
+@torch.no_grad()
+def _hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def _run_worker(root: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(HERE, "_hf_worker.py"), root],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    errors = sorted(glob.glob(os.path.join(root, "out", "rank*.error")))
+    if result.returncode or errors:
+        details = "".join(open(p).read() for p in errors) or result.stderr[-6000:]
+        pytest.fail(f"2-rank worker failed (exit {result.returncode}):\n{details}")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, megatron_world):
+    """Reference models of every combo, their single-process checkpoints and exports, and the
+    checkpoints / imports the 2-rank worker wrote."""
+    root = str(tmp_path_factory.mktemp("hf"))
+    dirs = _hf.worker_dirs(root)
+    ids = _hf.tokens()
+    models, logits, states, exports = {}, {}, {}, {}
+    for i, combo in enumerate(ALL_COMBOS):
+        config = _hf.model_config(combo)
+        _seed(100 + i)
+        model = _hf.build(config, seed=i)
+        models[combo] = model
+        logits[combo] = _hf.megatron_logits(model, ids)
+        states[combo] = _hf.state_of(model)
+        _hf.save([model], config, os.path.join(dirs["ref"], combo))
+        exports[combo] = _quiet_export(os.path.join(dirs["ref"], combo),
+                                       os.path.join(dirs["hf"], combo))
+    _run_worker(root)
+    return SimpleNamespace(root=root, dirs=dirs, ids=ids, models=models, logits=logits,
+                           states=states, exports=exports)
+
+
+# ----------------------------------------------------------------------------- layout checks
+def test_rope_layout_is_half_split_in_megatron_llama_and_ours(megatron_world):
+    """megatron-core's RoPE (rotary_interleaved=False) rotates like HF Llama's rotate_half and like
+    our modeling file; checked numerically on random queries."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_apply
+
+    from spannorm_megatron.hf.remote_code import modeling_spannorm as ours
+
+    seq, heads, dim, base = 12, 3, 16, 10000
+    q = torch.randn(seq, 1, heads, dim, generator=torch.Generator().manual_seed(0))
+    freqs = RotaryEmbedding(kv_channels=dim, rotary_percent=1.0, rotary_base=base,
+                            use_cpu_initialization=True)(seq)
+    config = TransformerConfig(num_layers=1, hidden_size=heads * dim, num_attention_heads=heads,
+                               use_cpu_initialization=True)
+    megatron = apply_rotary_pos_emb(q, freqs, config=config)  # [s, b, h, d]
+
+    positions = torch.arange(seq)[None]
+    hf_rope = LlamaRotaryEmbedding(LlamaConfig(hidden_size=heads * dim, num_attention_heads=heads,
+                                               rope_parameters={"rope_type": "default",
+                                                                "rope_theta": base}))
+    cos, sin = hf_rope(q, positions)
+    q_bhsd = q.permute(1, 2, 0, 3)
+    llama, _ = hf_apply(q_bhsd, q_bhsd, cos, sin)
+    cos2, sin2 = ours._rope(positions, dim, base, torch.float32)
+    mine = q_bhsd * cos2 + ours._rotate_half(q_bhsd) * sin2
+    assert _max_err(llama.permute(2, 0, 1, 3), megatron) < 1e-5
+    assert _max_err(mine.permute(2, 0, 1, 3), megatron) < 1e-5
+    # the interleaved layout is a different function: the check can tell them apart
+    interleaved = torch.stack([-q[..., 1::2], q[..., ::2]], dim=-1).reshape(q.shape)
+    assert _max_err(q * freqs.cos() + interleaved * freqs.sin(), megatron) > 1e-2
+
+
+def test_qkv_and_swiglu_layouts_match_the_reference():
+    from spannorm_megatron.hf.tensors import merge_swiglu, pack_qkv, split_swiglu, unpack_qkv
+
+    heads, groups, d, hidden = 8, 2, 4, 16
+    qkv = torch.randn((heads + 2 * groups) * d, hidden)
+    q, k, v = unpack_qkv(qkv, heads, groups, d)
+    # tests/reference.py reads the packing as [q_1..q_P, k, v] per group
+    grouped = qkv.view(groups, heads // groups + 2, d, hidden)
+    assert torch.equal(q.view(groups, heads // groups, d, hidden), grouped[:, :-2])
+    assert torch.equal(k.view(groups, d, hidden), grouped[:, -2])
+    assert torch.equal(v.view(groups, d, hidden), grouped[:, -1])
+    assert torch.equal(pack_qkv(q, k, v, heads, groups, d), qkv)
+    fc1 = torch.randn(10, hidden)
+    gate, up = split_swiglu(fc1)
+    assert torch.equal(gate, fc1[:5]) and torch.equal(up, fc1[5:])
+    assert torch.equal(merge_swiglu(gate, up), fc1)
+
+
+def test_layout_names_shapes_and_checkpoint_keys_match_the_model(work):
+    """The conversion's own list of megatron tensors is exactly the model's state dict."""
+    from spannorm_megatron.hf.layout import CheckpointLayout
+
+    for combo, model in work.models.items():
+        planned = dict(CheckpointLayout(_hf.model_config(combo)).all_params())
+        actual = {k: tuple(v.shape) for k, v in work.states[combo].items()}
+        assert planned == actual, combo
+
+
+def test_every_registered_placement_with_a_rule_is_consistent():
+    from spannorm_megatron.hf.rules import EXPORT_RULES, export_rule
+    from spannorm_megatron.model.placements import PLACEMENTS
+
+    for name in EXPORT_RULES:
+        assert name in PLACEMENTS
+        export_rule(name)  # raises when the rule's norm slots drifted from the registry
+
+
+# ------------------------------------------------------------------------------ export parity
+@pytest.mark.parametrize("combo", list(ALL_COMBOS))
+def test_export_logits_match_megatron(work, combo):
+    result = work.exports[combo]
+    native = combo in NATIVE
+    assert result.architecture == (NATIVE[combo] if native else "SpanNormForCausalLM")
+    model = _hf_model(os.path.join(work.dirs["hf"], combo), native=native)
+    assert type(model).__name__ == result.architecture
+    assert _max_err(_hf_logits(model, work.ids), work.logits[combo]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("layout", list(_hf.LAYOUTS))
+def test_checkpoints_saved_by_two_ranks_export_identically(work, layout, tmp_path):
+    from spannorm_megatron.hf.megatron_reader import load_megatron_state
+
+    for combo in _hf.PARALLEL_COMBOS:
+        if not _hf.layout_applies(layout, combo):
+            continue
+        ckpt = os.path.join(work.dirs["out"], layout, combo)
+        with open(os.path.join(ckpt, "iter_0000001", "run.json")) as f:
+            saved_layout = json.load(f)["layout"]
+        assert saved_layout["world_size"] == 2
+        config, state = load_megatron_state(ckpt)
+        assert set(state) == set(work.states[combo])
+        for name, tensor in state.items():
+            assert torch.equal(tensor, work.states[combo][name]), (layout, combo, name)
+        out = str(tmp_path / f"{layout}-{combo}")
+        result = _quiet_export(ckpt, out)
+        model = _hf_model(out, native=combo in NATIVE)
+        err = _max_err(_hf_logits(model, work.ids), work.logits[combo])
+        assert err <= TOLERANCE, (layout, combo, err)
+        assert result.architecture == NATIVE.get(combo, "SpanNormForCausalLM")
+
+
+def test_reader_agrees_with_megatron_cores_own_load(work):
+    """Our slice reader and megatron-core's dist_checkpointing.load give the same TP1 weights
+    for a checkpoint written by two ranks under TP2 (and under PP2)."""
+    from megatron.core import dist_checkpointing
+
+    from spannorm_megatron.hf.megatron_reader import load_megatron_state
+
+    for layout in ("tp2", "pp2"):
+        combo = "spannorm-moe"
+        path = os.path.join(work.dirs["out"], layout, combo, "iter_0000001")
+        _seed(0)
+        fresh = _hf.build(_hf.model_config(combo))
+        loaded = dist_checkpointing.load({"model": fresh.sharded_state_dict()}, path)
+        fresh.load_state_dict(loaded["model"])
+        _config, state = load_megatron_state(path)
+        for name, tensor in _hf.state_of(fresh).items():
+            assert torch.equal(state[name], tensor), (layout, name)
+
+
+# ------------------------------------------------------------------------------ round trips
+def _assert_same_state(state, reference, exact=True):
+    assert set(state) == set(reference)
+    for name, tensor in state.items():
+        if exact:
+            assert torch.equal(tensor, reference[name]), name
+        else:  # apply_layernorm_1p: (g - 1) + 1 - 1 rounds once in float32
+            torch.testing.assert_close(tensor, reference[name], rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("combo", list(ALL_COMBOS))
+def test_round_trip_megatron_hf_megatron_is_identical(work, combo, tmp_path):
+    from spannorm_megatron.hf.importer import convert_hf_to_megatron
+    from spannorm_megatron.hf.megatron_reader import load_megatron_state
+
+    out = str(tmp_path / "back")
+    convert_hf_to_megatron(os.path.join(work.dirs["hf"], combo), out, log=lambda line: None)
+    config, state = load_megatron_state(out)
+    original = _hf.model_config(combo)
+    assert config.norm_placement == original.norm_placement
+    exact = not original.apply_layernorm_1p
+    _assert_same_state(state, work.states[combo], exact=exact)
+
+
+def test_round_trip_through_two_rank_imports_is_identical(work):
+    from spannorm_megatron.hf.megatron_reader import load_megatron_state
+
+    for layout, combos in _hf.IMPORT_LAYOUTS.items():
+        for combo in combos:
+            path = os.path.join(work.dirs["out"], f"import-{layout}", combo)
+            with open(os.path.join(path, "iter_0000000", "run.json")) as f:
+                record = json.load(f)
+            assert record["layout"]["world_size"] == 2
+            assert record["contents"] == {"optimizer": False, "opt_param_scheduler": False,
+                                          "rng": False}
+            _config, state = load_megatron_state(path)
+            _assert_same_state(state, work.states[combo])
+
+
+def test_imported_checkpoint_loads_into_training_setup(work, tmp_path):
+    """The checkpoint package loads an imported checkpoint into a model with an optimizer
+    (fine-tune start), as training would."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    from spannorm_megatron.checkpoint import load_checkpoint
+    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.model import transformer_config
+    from spannorm_megatron.training.setup import setup_model_and_optimizer
+
+    combo = "spannorm-moe"
+    config = _hf.model_config(combo)
+    chunks, optimizer = setup_model_and_optimizer(
+        config, transformer_config(config),
+        OptimizerConfig(optimizer="adam", lr=1e-3), DistributedDataParallelConfig())
+    info = load_checkpoint(os.path.join(work.dirs["out"], "import-tp2", combo), chunks, optimizer,
+                           None, model_config=config, parallel_config=ParallelConfig(),
+                           finetune=True)
+    assert info["iteration"] == 0
+    state = {k: v for k, v in chunks[0].module.state_dict().items() if "_extra_state" not in k}
+    _assert_same_state(state, work.states[combo])
+
+
+# ------------------------------------------------------------------------ native generation
+@pytest.mark.parametrize("combo", list(NATIVE))
+def test_native_export_generates_megatrons_greedy_tokens(work, combo):
+    from transformers import AutoModelForCausalLM
+
+    from spannorm_megatron.hf import generation
+
+    path = os.path.join(work.dirs["hf"], combo)
+    with open(os.path.join(path, "config.json")) as f:
+        assert "auto_map" not in json.load(f)
+    assert not [n for n in os.listdir(path) if n.endswith(".py")]
+    model = AutoModelForCausalLM.from_pretrained(path).eval()  # no trust_remote_code
+    prompt = work.ids[0, :6].tolist()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    hf_tokens = out[0, len(prompt):].tolist()
+    megatron_tokens = generation.generate(
+        generation.megatron_stepper(work.models[combo]), prompt, 20,
+        generation.Sampling(greedy=True))
+    assert len(hf_tokens) == 20
+    assert hf_tokens == megatron_tokens
+
+
+def test_spannorm_class_batched_generation_with_left_padding(work):
+    """Our class generates a left-padded batch like each sequence alone (KV cache, mask and
+    positions agree)."""
+    model = _hf_model(os.path.join(work.dirs["hf"], "spannorm-moe"), native=False)
+    a, b = work.ids[0, :7].tolist(), work.ids[1, :3].tolist()
+
+    def greedy(ids, mask=None):
+        with torch.no_grad():
+            out = model.generate(torch.tensor(ids), attention_mask=mask, max_new_tokens=8,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[:, len(ids[0]):].tolist()
+
+    alone = greedy([a]) + greedy([b])
+    mask = torch.tensor([[1] * 7, [0] * 4 + [1] * 3])
+    assert greedy([a, [0] * 4 + b], mask) == alone
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}",
+                                                  os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_tool(name, *argv):
+    """(exit status, stdout, stderr) of a tool's main run in this process."""
+    tool = _load_tool(name)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        from spannorm_megatron.hf.cli import run_cli
+
+        status = run_cli(tool.main, list(argv))
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_generate_tool_same_tokens_from_checkpoint_and_hf_folder(work):
+    combo = "spannorm-dense"
+    prompt = ",".join(map(str, work.ids[0, :5].tolist()))
+    results = {}
+    for source in (os.path.join(work.dirs["ref"], combo), os.path.join(work.dirs["hf"], combo)):
+        status, out, err = _run_tool("generate", "--load", source, "--prompt-ids", prompt,
+                                     "--greedy", "--max-new-tokens", "12", "--json",
+                                     "--device", "cpu")
+        assert status == 0, err
+        results[source] = json.loads(out.strip().splitlines()[-1])
+    a, b = results.values()
+    assert {a["source"], b["source"]} == {"megatron", "huggingface"}
+    assert a["output_ids"] == b["output_ids"] and len(a["output_ids"]) == 12
+    # sampling is seeded: the same seed gives the same tokens
+    status, out1, _ = _run_tool("generate", "--load", os.path.join(work.dirs["hf"], combo),
+                                "--prompt-ids", prompt, "--top-k", "20", "--top-p", "0.9",
+                                "--temperature", "0.8", "--seed", "3", "--json")
+    status, out2, _ = _run_tool("generate", "--load", os.path.join(work.dirs["hf"], combo),
+                                "--prompt-ids", prompt, "--top-k", "20", "--top-p", "0.9",
+                                "--temperature", "0.8", "--seed", "3", "--json")
+    assert status == 0 and out1 == out2
+
+
+# ------------------------------------------------------------------ files, tokenizer, shards
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    from spannorm_megatron.data.tokenizer_training import (
+        TokenizerTrainingConfig,
+        train_sentencepiece,
+    )
+
+    prefix = str(tmp_path_factory.mktemp("tok") / "tiny")
+    train_sentencepiece(TokenizerTrainingConfig(
+        model_prefix=prefix, embedded_corpus=True, embedded_corpus_max_bytes=100_000,
+        vocab_size=400, character_coverage=0.9995, num_threads=2), log=io.StringIO())
+    return prefix + ".model"
+
+
+@pytest.fixture(scope="module")
+def tokenized_export(tmp_path_factory, sp_model, megatron_world):
+    """A spannorm model with the tokenizer's vocabulary (400, padded to 512), exported with the
+    tokenizer as bfloat16 into several shards."""
+    root = tmp_path_factory.mktemp("tokexport")
+    config = _hf.model_config("spannorm-dense", vocab_size=512)
+    _seed(5)
+    model = _hf.build(config, seed=5)
+    ckpt = str(root / "ckpt")
+    _hf.save([model], config, ckpt, args={"tokenizer_model": sp_model})
+    out = str(root / "spannorm-tok")
+    result = _quiet_export(ckpt, out, dtype="bfloat16", max_shard_size="60KB")
+    return SimpleNamespace(model=model, config=config, ckpt=ckpt, out=out, result=result)
+
+
+def test_export_folder_files_tokenizer_and_shards(tokenized_export, sp_model):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from spannorm_megatron.data.tokenizer import SentencePieceTokenizer
+
+    out = tokenized_export.out
+    names = set(os.listdir(out))
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "tokenizer.model", "model.safetensors.index.json", "configuration_spannorm.py",
+            "modeling_spannorm.py"} <= names
+    assert not any(".tmp-" in n for n in os.listdir(os.path.dirname(out)))
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all(name in names for name in shards)
+    for shard in shards:
+        with safe_open(os.path.join(out, shard), "pt") as f:
+            for key in f.keys():
+                assert f.get_tensor(key).dtype == torch.bfloat16
+                assert index["weight_map"][key] == shard
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    ours = SentencePieceTokenizer(sp_model)
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_spannorm.SpanNormForCausalLM"
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 3)
+    assert config["norm_placement"] == "spannorm" and config["scale_init"] == "sqrt_depth"
+    assert config["megatron_model_config"]["num_layers"] == 2
+    with open(os.path.join(out, "generation_config.json")) as f:
+        assert json.load(f)["eos_token_id"] == [ours.eos, ours.eod]
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 3, 0)
+    assert tok.convert_tokens_to_ids("<EOD>") == ours.eod
+    for text in ("def f(x):\n    return x ** 2\n", "  leading and trailing  ", "数字 123 €"):
+        assert tok.encode(text, add_special_tokens=False) == ours.tokenize(text)
+        assert tok.decode(ours.tokenize(text)) == ours.detokenize(ours.tokenize(text))
+    assert tokenized_export.result.num_parameters == sum(
+        p.numel() for p in tokenized_export.model.parameters())
+
+
+def test_bfloat16_export_is_close(tokenized_export):
+    ids = _hf.tokens(vocab=400)
+    model = _hf_model(tokenized_export.out, native=False)
+    assert model.dtype == torch.bfloat16
+    reference = _hf.megatron_logits(tokenized_export.model, ids)
+    err = _max_err(_hf_logits(model, ids), reference)
+    assert err < 0.1 * reference.abs().max().item()
+
+
+def test_text_generation_with_tokenizer(tokenized_export):
+    status, out, err = _run_tool("generate", "--load", tokenized_export.ckpt, "--prompt",
+                                 "def main(", "--greedy", "--max-new-tokens", "5")
+    assert status == 0, err
+    assert out.strip().splitlines()[-1].startswith("def main(")
+
+
+# ---------------------------------------------------------------------- fresh environment
+FRESH_SCRIPT = r"""
+import json, sys, torch
+for banned in ("spannorm_megatron", "megatron"):
+    try:
+        __import__(banned)
+        raise SystemExit(f"{banned} is importable in the fresh environment")
+    except ImportError:
+        pass
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import transformers
+folder, ids_path, out_path, text = sys.argv[1:5]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+ids = torch.load(ids_path)
+with torch.no_grad():
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    generated = model.generate(ids[:1, :4], max_new_tokens=8, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, 4:].tolist()
+ids = AutoTokenizer.from_pretrained(folder).encode(text, add_special_tokens=False) if text else None
+torch.save({"logits": logits, "generated": generated, "ids": ids,
+            "transformers": transformers.__version__, "class": type(model).__name__}, out_path)
+"""
+
+
+def _fresh_venv():
+    """A cached venv with only torch, transformers, safetensors, sentencepiece (and their
+    dependencies), installed from this machine's local wheels; None with the reason if it
+    cannot be made offline."""
+    key = hashlib.sha256(f"{sys.version}|{torch.__version__}".encode()).hexdigest()[:10]
+    venv = os.environ.get("SPANNORM_HF_FRESH_VENV") or os.path.join(
+        tempfile.gettempdir(), f"spannorm-hf-fresh-venv-{key}")
+    python = os.path.join(venv, "bin", "python")
+    marker = os.path.join(venv, ".complete")
+    if os.path.isfile(marker):
+        return python, None
+    shutil.rmtree(venv, ignore_errors=True)
+    made = subprocess.run([sys.executable, "-m", "venv", venv], capture_output=True, text=True)
+    if made.returncode:
+        return None, f"python -m venv failed: {made.stderr[-500:]}"
+    links = [d for d in (os.environ.get("PIP_FIND_LINKS"), "/opt/wheels", "/opt/pypi/files")
+             if d and os.path.isdir(d)]
+    base = str(torch.__version__).split("+")[0]
+    cmd = [python, "-m", "pip", "install", "--no-index", "--disable-pip-version-check", "-q"]
+    for link in links:
+        cmd += ["--find-links", link]
+    cmd += [f"torch=={base}", "transformers", "safetensors", "sentencepiece"]
+    installed = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if installed.returncode:
+        shutil.rmtree(venv, ignore_errors=True)
+        return None, ("pip could not install torch, transformers, safetensors, sentencepiece "
+                      f"offline from {links or 'no local wheel directory'}: "
+                      f"{installed.stderr.strip()[-500:]}")
+    open(marker, "w").close()
+    return python, None
+
+
+def test_spannorm_export_runs_in_a_fresh_environment(work, tokenized_export, tmp_path):
+    python, reason = _fresh_venv()
+    if python is None:
+        pytest.skip(f"fresh virtual environment unavailable offline: {reason}")
+    combo = "spannorm-moe"
+    folder = str(tmp_path / "spannorm-moe-export")
+    shutil.copytree(os.path.join(work.dirs["hf"], combo), folder)
+    ids_path, out_path = str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")
+    torch.save(work.ids, ids_path)
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    for target, text in ((folder, ""), (tokenized_export.out, "def f(x):\n    return 1  # é")):
+        run = subprocess.run([python, str(script), target, ids_path, out_path, text],
+                             capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
+                             env=env)
+        assert run.returncode == 0, run.stderr[-4000:]
+        result = torch.load(out_path)
+        assert result["class"] == "SpanNormForCausalLM"
+        if target == folder:
+            assert _max_err(result["logits"], work.logits[combo]) <= TOLERANCE
+            from spannorm_megatron.hf import generation
+
+            expected = generation.generate(generation.megatron_stepper(work.models[combo]),
+                                           work.ids[0, :4].tolist(), 8,
+                                           generation.Sampling(greedy=True))
+            assert result["generated"] == expected
+        else:
+            from spannorm_megatron.data.tokenizer import SentencePieceTokenizer
+
+            sp = SentencePieceTokenizer(os.path.join(tokenized_export.out, "tokenizer.model"))
+            assert result["ids"] == sp.tokenize(text)
+
+
+# ------------------------------------------------------------------------------- bad input
+def _no_debris(save: str) -> None:
+    assert not os.path.exists(save)
+    parent = os.path.dirname(save)
+    if os.path.isdir(parent):
+        assert not [n for n in os.listdir(parent) if ".tmp-" in n], os.listdir(parent)
+
+
+def test_missing_shard_is_refused_and_nothing_is_written(work, tmp_path):
+    from spannorm_megatron.hf.errors import ConversionError
+
+    # a checkpoint-package checkpoint: its manifest names the missing file
+    broken = str(tmp_path / "broken")
+    shutil.copytree(os.path.join(work.dirs["ref"], "spannorm-dense"), broken)
+    iter_dir = os.path.join(broken, "iter_0000001")
+    victim = sorted(n for n in os.listdir(iter_dir) if n.endswith(".distcp"))[0]
+    os.remove(os.path.join(iter_dir, victim))
+    save = str(tmp_path / "exports" / "out")
+    with pytest.raises(ConversionError, match=victim):
+        _quiet_export(broken, save)
+    _no_debris(save)
+    # a bare dist checkpoint (no manifest): the DCP metadata names the missing file
+    bare = str(tmp_path / "bare")
+    shutil.copytree(iter_dir, bare)
+    for name in ("manifest.json", "run.json"):
+        os.remove(os.path.join(bare, name))
+    config = str(tmp_path / "config.json")
+    with open(config, "w") as f:
+        json.dump(_hf.model_config("spannorm-dense").to_dict(), f)
+    with pytest.raises(ConversionError, match=f"missing shard file.*{victim}"):
+        _quiet_export(bare, save, model_config=config)
+    _no_debris(save)
+    with pytest.raises(ConversionError, match="missing shard file"):  # config from common.pt
+        _quiet_export(bare, save)
+    _no_debris(save)
+
+
+def test_plain_dist_checkpoint_needs_and_accepts_model_config(work, tmp_path):
+    """A checkpoint written by dist_checkpointing.save alone (no run record): refused without
+    --model-config, converted with it."""
+    from megatron.core import dist_checkpointing
+
+    from spannorm_megatron.hf.errors import ConversionError
+
+    combo = "postnorm-moe"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    dist_checkpointing.save({"model": work.models[combo].sharded_state_dict()}, str(plain))
+    save = str(tmp_path / "exports" / "out")
+    with pytest.raises(ConversionError, match="no run record.*--model-config"):
+        _quiet_export(str(plain), save)
+    _no_debris(save)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_config": _hf.model_config(combo).to_dict()}))
+    status, _out, err = _run_tool("convert_to_hf", "--load", str(plain), "--save", save,
+                                  "--model-config", str(config))
+    assert status == 0, err
+    model = _hf_model(save, native=False)
+    assert _max_err(_hf_logits(model, work.ids), work.logits[combo]) <= TOLERANCE
+
+
+def test_cli_reports_bad_input_without_traceback(work, tmp_path):
+    """The real command line: exit status 2, the message, no traceback, nothing written."""
+    save = str(tmp_path / "out")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "convert_to_hf.py"),
+         "--load", str(tmp_path / "nowhere"), "--save", save],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "Traceback" not in result.stderr
+    assert "does not exist" in result.stderr
+    assert not os.path.exists(save)
+
+
+def test_placement_without_export_rule_is_refused(work, tmp_path, monkeypatch):
+    from spannorm_megatron.model import placements
+
+    monkeypatch.setitem(placements.PLACEMENTS, "fancynorm",
+                        dataclasses.replace(placements.PLACEMENTS["postnorm"], name="fancynorm"))
+    config = dict(_hf.model_config("postnorm-dense").to_dict(), norm_placement="fancynorm")
+    config_path = str(tmp_path / "fancy.json")
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    save = str(tmp_path / "exports" / "fancy")
+    status, _out, err = _run_tool("convert_to_hf", "--load",
+                                  os.path.join(work.dirs["ref"], "postnorm-dense"),
+                                  "--save", save, "--model-config", config_path)
+    assert status == 2 and "Traceback" not in err
+    assert "fancynorm" in err and "no Hugging Face export rule" in err
+    assert not os.path.exists(save)
+
+
+def test_native_format_refuses_what_llama_cannot_express(work, tmp_path):
+    from spannorm_megatron.hf.errors import ConversionError
+
+    save = str(tmp_path / "out")
+    with pytest.raises(ConversionError, match="LayerNorm.*Llama uses RMSNorm"):
+        _quiet_export(os.path.join(work.dirs["ref"], "prenorm-layernorm-bias-gelu"), save,
+                      fmt="native")
+    with pytest.raises(ConversionError, match="pre-norm"):
+        _quiet_export(os.path.join(work.dirs["ref"], "spannorm-dense"), save, fmt="native")
+    _no_debris(save)
+
+
+def test_unsupported_hf_architecture_is_refused(work, tmp_path):
+    folder = str(tmp_path / "gpt2")
+    shutil.copytree(os.path.join(work.dirs["hf"], "prenorm-dense"), folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    save = str(tmp_path / "ckpt")
+    status, _out, err = _run_tool("convert_from_hf", "--load", folder, "--save", save)
+    assert status == 2 and "Traceback" not in err
+    assert "GPT2LMHeadModel" in err and "LlamaForCausalLM" in err
+    assert not os.path.exists(save)
+
+
+def test_hf_features_megatron_cannot_express_are_refused(work, tmp_path):
+    from spannorm_megatron.hf.errors import ConversionError
+    from spannorm_megatron.hf.importer import HFCheckpoint
+
+    folder = str(tmp_path / "scaled")
+    shutil.copytree(os.path.join(work.dirs["hf"], "prenorm-dense"), folder)
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    with open(path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ConversionError, match="RoPE scaling"):
+        HFCheckpoint(folder)
+    # weights that do not match config.json
+    folder2 = str(tmp_path / "lying")
+    shutil.copytree(os.path.join(work.dirs["hf"], "prenorm-dense"), folder2)
+    with open(os.path.join(folder2, "config.json")) as f:
+        config = json.load(f)
+    config["num_hidden_layers"] = 3
+    with open(os.path.join(folder2, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ConversionError, match="lacks .*model.layers.2"):
+        HFCheckpoint(folder2)
+
+
+def test_tokenizer_vocab_must_fit_the_model(work, sp_model, tmp_path):
+    from spannorm_megatron.hf.errors import ConversionError
+
+    save = str(tmp_path / "out")
+    # tokenizer 400 ids, model 128 rows
+    with pytest.raises(ConversionError, match="400 ids but the model's vocabulary is 128"):
+        _quiet_export(os.path.join(work.dirs["ref"], "spannorm-dense"), save,
+                      tokenizer_model=sp_model)
+    _no_debris(save)
+    # tokenizer 400 ids, model padded far beyond what training pads
+    config = _hf.model_config("spannorm-dense", vocab_size=2048)
+    _seed(9)
+    ckpt = str(tmp_path / "wide")
+    _hf.save([_hf.build(config)], config, ckpt)
+    with pytest.raises(ConversionError, match="exceeds the tokenizer's"):
+        _quiet_export(ckpt, save, tokenizer_model=sp_model)
+    _no_debris(save)
+
+
+def test_existing_destination_is_not_overwritten_without_flag(work, tmp_path):
+    from spannorm_megatron.hf.errors import ConversionError
+
+    save = tmp_path / "taken"
+    save.mkdir()
+    (save / "keep.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="--overwrite"):
+        _quiet_export(os.path.join(work.dirs["ref"], "prenorm-dense"), str(save))
+    assert (save / "keep.txt").read_text() == "mine"
+    _quiet_export(os.path.join(work.dirs["ref"], "prenorm-dense"), str(save), overwrite=True)
+    assert not (save / "keep.txt").exists() and (save / "config.json").exists()
+
+
+def test_training_checkpoint_with_optimizer_state_exports(work, tmp_path):
+    """A checkpoint as training writes it (distributed optimizer state, scheduler, run record
+    with the training arguments) exports its model alone."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    from spannorm_megatron.checkpoint import save_checkpoint
+    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.model import transformer_config
+    from spannorm_megatron.training.setup import setup_model_and_optimizer
+
+    combo = "prenorm-moe"
+    config = _hf.model_config(combo)
+    chunks, optimizer = setup_model_and_optimizer(
+        config, transformer_config(config),
+        OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=True),
+        DistributedDataParallelConfig(use_distributed_optimizer=True))
+    chunks[0].module.load_state_dict(work.models[combo].state_dict())
+    save_checkpoint(str(tmp_path / "train"), 7, chunks, optimizer, None, model_config=config,
+                    parallel_config=ParallelConfig(use_distributed_optimizer=True),
+                    consumed_train_samples=56, args={"make_vocab_size_divisible_by": 128})
+    out = str(tmp_path / "prenorm-moe-train")
+    _quiet_export(str(tmp_path / "train"), out)
+    with open(os.path.join(out, "spannorm_export.json")) as f:
+        assert json.load(f)["iteration"] == 7
+    model = _hf_model(out, native=True)
+    assert _max_err(_hf_logits(model, work.ids), work.logits[combo]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe"])
+def test_folders_saved_by_transformers_convert_to_matching_megatron_models(
+        megatron_world, family, tmp_path):
+    """Native folders written by transformers itself (not by our export) convert into megatron
+    models with the same logits."""
+    import transformers
+
+    from spannorm_megatron.hf.importer import convert_hf_to_megatron
+    from spannorm_megatron.hf.megatron_reader import load_megatron_model
+
+    shapes = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rope_theta=50000.0,
+                  rms_norm_eps=1e-5, initializer_range=0.1)
+    torch.manual_seed(11)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            intermediate_size=96, tie_word_embeddings=True, **shapes))
+    elif family == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **shapes))
+    else:
+        model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, **shapes))
+        with torch.no_grad():  # the parts megatron's model does not have must be neutral
+            for name, param in model.named_parameters():
+                if name.endswith(("shared_expert_gate.weight", "_proj.bias")):
+                    param.zero_()
+                if name.endswith("shared_expert.down_proj.weight"):
+                    param.mul_(2.0)  # sigmoid(0) = 1/2
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    model.eval().save_pretrained(str(tmp_path / "hf"))
+    convert_hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "ckpt"), log=lambda line: None)
+    _config, megatron = load_megatron_model(str(tmp_path / "ckpt"))
+    ids = _hf.tokens(vocab=96)
+    assert _max_err(_hf.megatron_logits(megatron, ids), _hf_logits(model, ids)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("placement", ["deepnorm", "perinorm", "spannorm_clean"])
+def test_modeling_file_runs_the_contracts_other_placements(placement):
+    """Placements the registry does not have yet: the modeling file already computes them, so
+    exporting one needs only its ExportRule. Checked against the contract's equation written out
+    with the model's own modules."""
+    from spannorm_megatron.hf.remote_code.configuration_spannorm import SpanNormConfig
+    from spannorm_megatron.hf.remote_code.modeling_spannorm import SpanNormForCausalLM
+
+    torch.manual_seed(0)
+    config = SpanNormConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            norm_placement=placement, max_position_embeddings=32)
+    model = SpanNormForCausalLM(config).eval()
+    layer = model.model.layers[0]
+    x = torch.randn(1, 5, 32)
+    positions = torch.arange(5)[None]
+    from spannorm_megatron.hf.remote_code import modeling_spannorm as m
+
+    rope = m._rope(positions, config.head_dim, config.rope_theta, x.dtype)
+    mask = m._attention_mask(None, 1, 5, 0, x.device)
+    with torch.no_grad():
+        A = lambda t: layer.self_attn(t, rope, mask, None)  # noqa: E731
+        F_ = layer.mlp
+        if placement == "deepnorm":
+            a = (2 * 2) ** 0.25
+            h = layer.post_attention_norm(a * x + A(x))
+            expected = layer.post_mlp_norm(a * h + F_(h))
+        elif placement == "perinorm":
+            h = x + layer.attention_output_norm(A(layer.input_layernorm(x)))
+            expected = h + layer.mlp_output_norm(F_(layer.pre_mlp_layernorm(h)))
+        else:
+            h = layer.post_attention_norm(x + A(x))
+            expected = x + layer.post_mlp_norm(h + F_(h))
+        assert torch.allclose(layer(x, rope, mask, None), expected)
+        out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    assert out.shape == (1, 7)
+    assert (model.model.norm is not None) == (placement != "deepnorm")

@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Generate text from a megatron checkpoint or a Hugging Face folder.
+
+Examples:
+    python tools/generate.py --load runs/exp/checkpoints --prompt "def main(" --greedy \\
+        --max-new-tokens 64 --tokenizer-model tokenizers/stdlib.model
+    python tools/generate.py --load hf/exp --prompt "import os" --temperature 0.8 --top-p 0.95
+
+--load is a megatron save / iteration / dist-checkpoint directory (run single-process as a
+TP1/PP1 model, whatever layout saved it; no key/value cache) or a Hugging Face folder (anything
+with a config.json, loaded with transformers, trust_remote_code=True, with a key/value cache).
+The tokenizer is --tokenizer-model (a SentencePiece model), else the folder's own tokenizer
+files, else the run's recorded tokenizer; --prompt-ids feeds token ids directly instead. Runs on
+the GPU when there is one (--device). Generation stops at </s> or <EOD> unless --ignore-eos.
+Bad input exits with status 2 and a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout too
+
+from spannorm_megatron.hf.cli import quiet, run_cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="megatron checkpoint or Hugging Face folder")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0: off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--tokenizer-model", default=None, metavar="X.model",
+                        help="SentencePiece model (default: the folder's / run's tokenizer)")
+    parser.add_argument("--model-config", default=None, metavar="JSON",
+                        help="ModelConfig JSON for a megatron checkpoint without a run record")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at </s> / <EOD>")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (ids and text) instead of the text")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet()
+    import os
+
+    import torch
+
+    from spannorm_megatron.hf import generation as gen
+    from spannorm_megatron.hf.errors import ConversionError
+    from spannorm_megatron.hf.export import parse_dtype
+
+    if args.max_new_tokens < 1:
+        raise ConversionError(f"--max-new-tokens {args.max_new_tokens} must be >= 1.")
+    sampling = gen.Sampling(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p)
+    sampling.validate()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConversionError("--device cuda: no GPU is available here; use --device cpu.")
+    device = "cuda" if args.device == "cuda" or (args.device == "auto"
+                                                 and torch.cuda.is_available()) else "cpu"
+    dtype = parse_dtype(args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    if not os.path.exists(args.load):
+        raise ConversionError(f"--load {args.load} does not exist.")
+
+    hf = gen.is_hf_folder(args.load)
+    tokenizer = None
+    if args.tokenizer_model:
+        tokenizer = gen.TextTokenizer.sentencepiece(args.tokenizer_model)
+    elif hf and gen.has_hf_tokenizer(args.load):
+        tokenizer = gen.TextTokenizer.huggingface(args.load)
+
+    if hf:
+        model = gen.load_hf_model(args.load, dtype, device)
+        step = gen.hf_stepper(model)
+        vocab = model.config.vocab_size
+    else:
+        from spannorm_megatron.hf.export import _tokenizer_from_record
+        from spannorm_megatron.hf.megatron_reader import MegatronCheckpoint, load_megatron_model
+        from spannorm_megatron.runtime import initialize
+
+        ckpt = MegatronCheckpoint(args.load, args.model_config)  # checks before any set-up
+        if tokenizer is None and _tokenizer_from_record(ckpt.run_record):
+            tokenizer = gen.TextTokenizer.sentencepiece(_tokenizer_from_record(ckpt.run_record))
+        initialize(seed=args.seed)
+        _config, model = load_megatron_model(ckpt, dtype=dtype)
+        step = gen.megatron_stepper(model)
+        vocab = _config.vocab_size
+
+    if args.prompt_ids is not None:
+        try:
+            prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise ConversionError(f"--prompt-ids {args.prompt_ids!r} must be comma-separated "
+                                  f"integers.") from None
+    else:
+        if tokenizer is None:
+            raise ConversionError("No tokenizer for --prompt: pass --tokenizer-model X.model "
+                                  "(or --prompt-ids).")
+        prompt = tokenizer.encode(args.prompt)
+    bad = [i for i in prompt if not 0 <= i < vocab]
+    if bad:
+        raise ConversionError(f"Prompt ids {bad[:5]} are outside the model's vocabulary "
+                              f"(0..{vocab - 1}).")
+    if tokenizer is not None and tokenizer.vocab_size > vocab:
+        raise ConversionError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only "
+                              f"{vocab}: they do not belong together.")
+    stop = [] if args.ignore_eos or tokenizer is None else tokenizer.stop_ids
+    out = gen.generate(step, prompt, args.max_new_tokens, sampling, stop_ids=stop, seed=args.seed,
+                       vocab_limit=tokenizer.vocab_size if tokenizer is not None else None)
+    text = tokenizer.decode(out) if tokenizer is not None else None
+    if args.json:
+        print(json.dumps({"source": "huggingface" if hf else "megatron", "prompt_ids": prompt,
+                          "output_ids": out, "text": text}))
+    else:
+        print((tokenizer.decode(prompt) if args.prompt is None else args.prompt) + text
+              if tokenizer is not None else " ".join(map(str, out)))
+    return 0
+
+
+def _hide_gpu_for_cpu_runs(argv) -> None:
+    """--device cpu on a GPU machine: megatron's runtime uses a GPU whenever it sees one, so hide
+    it before torch initializes CUDA."""
+    for i, arg in enumerate(argv):
+        if (arg == "--device" and argv[i + 1:i + 2] == ["cpu"]) or arg == "--device=cpu":
+            import os
+
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+if __name__ == "__main__":
+    _hide_gpu_for_cpu_runs(sys.argv[1:])
+    sys.exit(run_cli(main))
