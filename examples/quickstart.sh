@@ -5,7 +5,9 @@
 #   2. a SentencePiece tokenizer trained on it          (tools/train_tokenizer.py)
 #   3. Megatron's indexed dataset (.bin/.idx)            (tools/preprocess_data.py)
 #   4. a small SpanNorm model trained for 300 steps      (spannorm-train, examples/configs/quickstart.yaml)
-#      with evaluation, checkpoints and TensorBoard logs under $RUN_DIR.
+#      with evaluation, checkpoints and TensorBoard logs under $RUN_DIR
+#   5. the checkpoint converted to a Hugging Face folder  (tools/convert_to_hf.py)
+#   6. text sampled from that folder                     (tools/generate.py)
 #
 #   bash examples/quickstart.sh [extra spannorm-train flags, e.g. --norm-placement prenorm]
 #
@@ -19,27 +21,36 @@ mkdir -p "$run/data"
 cd "$root"
 
 if [ ! -f "$run/data/stdlib.jsonl" ]; then
-  echo "== 1/4 writing the embedded corpus (Python stdlib sources, first 4 MB)"
+  echo "== 1/6 writing the embedded corpus (Python stdlib sources, first 4 MB)"
   "$python" -m spannorm_megatron.data.corpus --max-bytes 4000000 "$run/data/stdlib.jsonl"
 fi
 if [ ! -f "$run/tokenizer.model" ]; then
-  echo "== 2/4 training the tokenizer"
+  echo "== 2/6 training the tokenizer"
   "$python" tools/train_tokenizer.py --input "$run/data/stdlib.jsonl" \
     --model-prefix "$run/tokenizer" --vocab-size 4096
 fi
 if [ ! -f "$run/data/stdlib_text_document.idx" ]; then
-  echo "== 3/4 preprocessing into Megatron's indexed dataset"
+  echo "== 3/6 preprocessing into Megatron's indexed dataset"
   "$python" tools/preprocess_data.py --input "$run/data/stdlib.jsonl" \
     --output-prefix "$run/data/stdlib" --tokenizer-type SentencePieceTokenizer \
     --tokenizer-model "$run/tokenizer.model" --append-eod --workers 2
 fi
 
-echo "== 4/4 training (2 ranks)"
+echo "== 4/6 training (2 ranks)"
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$venv/bin/torchrun" --standalone --nproc_per_node 2 \
   -m spannorm_megatron.train --config examples/configs/quickstart.yaml \
   --data-path "$run/data/stdlib_text_document" --tokenizer-model "$run/tokenizer.model" \
   --save "$run/checkpoints" --tensorboard-dir "$run/tensorboard" "$@"
 
+echo "== 5/6 converting the last checkpoint to a Hugging Face folder"
+"$python" tools/convert_to_hf.py --load "$run/checkpoints" --save "$run/hf" \
+  --tokenizer-model "$run/tokenizer.model" --overwrite
+
+echo "== 6/6 sampling from the Hugging Face folder"
+"$python" tools/generate.py --load "$run/hf" --prompt "def read_config(path):" \
+  --max-new-tokens 48 --temperature 0.8 --top-k 40 --seed 0
+
 echo
-echo "Checkpoints: $run/checkpoints"
-echo "TensorBoard: $venv/bin/tensorboard --logdir $run/tensorboard"
+echo "Checkpoints:  $run/checkpoints"
+echo "HF folder:    $run/hf   (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))"
+echo "TensorBoard:  $venv/bin/tensorboard --logdir $run/tensorboard"

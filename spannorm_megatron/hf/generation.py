@@ -147,7 +147,9 @@ class TextTokenizer:
     def huggingface(cls, path: str) -> "TextTokenizer":
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(path)
+        # The folder's config names our model class (auto_map); without this, transformers stops
+        # to ask on stdin whether to run that code, as the model load already agreed to.
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         stop = {tok.eos_token_id}
         eod = tok.convert_tokens_to_ids("<EOD>")
         if isinstance(eod, int) and eod != tok.unk_token_id:
