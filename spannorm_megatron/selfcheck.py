@@ -22,7 +22,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
-from spannorm_megatron.errors import ConfigError, ParallelLayoutError
+from spannorm_megatron.cli import run_cli
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.model import transformer_config
 from spannorm_megatron.runtime import current_device, initialize, destroy
@@ -127,9 +127,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, ParallelLayoutError) as error:
-        # A user error: the message says what to change; a traceback would only hide it.
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(lambda argv: main(argv) and None))

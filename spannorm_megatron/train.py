@@ -33,7 +33,8 @@ from spannorm_megatron.data.dataset import (
 )
 from spannorm_megatron.data.loader import build_data_iterators
 from spannorm_megatron.data.tokenizer import build_tokenizer
-from spannorm_megatron.errors import ConfigError, UserError
+from spannorm_megatron.cli import run_cli
+from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.model import transformer_config
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.runtime import current_device, destroy, initialize
@@ -270,16 +271,15 @@ def _run_evaluation(model, valid_iter, args, step_kwargs, iteration: int, monito
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    try:
-        pretrain(argv)
-    except UserError as error:
-        # One paragraph that names the problem and the fix; a traceback would only hide it.
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except NonFiniteGradientError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    def train(argv) -> int:
+        try:
+            pretrain(argv)
+        except NonFiniteGradientError as error:  # the run failed, the input was fine: status 1
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        return 0
+
+    return run_cli(train, argv)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from test_training import SMALL, corpus, tensorboard_scalars  # noqa: F401  (fixture reuse)
 
 TRAIN = [sys.executable, "-m", "spannorm_megatron.train"]

@@ -279,14 +279,8 @@ def environment() -> dict:
 
 
 def main(argv=None) -> int:
-    from spannorm_megatron.errors import UserError
-
     args = parse_args(argv)
-    try:
-        results = run(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    results = run(args)
     if torch.distributed.get_rank() == 0:
         print(table(results))
         if args.output:
@@ -299,4 +293,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spannorm_megatron.cli import run_cli
+
+    sys.exit(run_cli(main))

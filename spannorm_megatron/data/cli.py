@@ -7,22 +7,14 @@ traceback.
 
 from __future__ import annotations
 
-import sys
 from typing import Callable, List, Optional
 
-from spannorm_megatron.data.errors import DataError
+from spannorm_megatron.cli import run_cli as shared_run_cli
 
 
 def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv=None) -> int:
-    """Run `main(argv)`; a DataError becomes `error: <message>` on stderr and status 2."""
-    try:
-        return int(main(argv) or 0)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; no output files were changed", file=sys.stderr, flush=True)
-        return 130
+    """Run `main(argv)`; a DataError (any UserError) becomes `error: <message>` and status 2."""
+    return shared_run_cli(main, argv, interrupted="interrupted; no output files were changed")
 
 
 def quiet_optional_kernel_warnings() -> None:

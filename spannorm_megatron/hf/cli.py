@@ -1,42 +1,22 @@
 """What the Hugging Face command-line tools share: error reporting and quiet imports.
 
-Bad input (`spannorm_megatron.errors.UserError`, which `ConversionError`, data and config errors
-are, and the checkpoint package's `CheckpointError`) is printed as `error: <message>` on stderr
+Bad input (`spannorm_megatron.errors.UserError`: `ConversionError`, data, config and checkpoint
+errors) is printed as `error: <message>` on stderr
 without a traceback, exit status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from typing import Callable, List, Optional
 
-
-def _bad_input_types() -> tuple:
-    from spannorm_megatron.errors import UserError
-
-    types = [UserError]
-    try:
-        from spannorm_megatron.checkpoint import CheckpointError
-
-        types.append(CheckpointError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
+from spannorm_megatron.cli import run_cli as shared_run_cli
 
 
 def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv=None) -> int:
     quiet()
-    bad_input = _bad_input_types()
-    try:
-        return int(main(argv) or 0)
-    except bad_input as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was published", file=sys.stderr, flush=True)
-        return 130
+    return shared_run_cli(main, argv, interrupted="interrupted; nothing was published")
 
 
 def quiet() -> None:
