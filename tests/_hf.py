@@ -41,6 +41,9 @@ EXTRA_COMBOS: Dict[str, tuple] = {
     "postnorm-final-norm-1p": ("postnorm", {"final_norm": True, "apply_layernorm_1p": True,
                                              "rotary_base": 500000}),
     "spannorm-no-n0": ("spannorm", {"first_layer_input_norm": False}),
+    "deepnorm-dense": ("deepnorm", {}),
+    "perinorm-moe": ("perinorm", {"num_experts": 4}),
+    "spannorm_clean-dense": ("spannorm_clean", {}),
 }
 
 LAYOUTS: Dict[str, ParallelConfig] = {

@@ -85,6 +85,22 @@ EXPORT_RULES: Dict[str, ExportRule] = {
             first_layer_norms={"embedding_norm": "embedding_norm"},
             first_layer_norms_flag="first_layer_input_norm",
         ),
+        ExportRule(
+            placement="deepnorm",
+            norms={"post_attention_norm": "post_attention_norm", "post_mlp_norm": "post_mlp_norm"},
+            config_extras=lambda config: {"residual_scale": (2.0 * config.num_layers) ** 0.25},
+        ),
+        ExportRule(
+            placement="perinorm",
+            norms={"input_layernorm": "input_layernorm",
+                   "attention_output_norm": "attention_output_norm",
+                   "pre_mlp_layernorm": "pre_mlp_layernorm",
+                   "mlp_output_norm": "mlp_output_norm"},
+        ),
+        ExportRule(
+            placement="spannorm_clean",
+            norms={"post_attention_norm": "post_attention_norm", "post_mlp_norm": "post_mlp_norm"},
+        ),
     )
 }
 
