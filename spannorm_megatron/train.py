@@ -21,6 +21,7 @@ import torch
 from spannorm_megatron.checkpoint import (
     TRACKER_FILENAME,
     CheckpointError,
+    complete_iterations,
     find_latest,
     load_checkpoint,
     save_checkpoint,
@@ -218,7 +219,13 @@ def _load(args, model, optimizer, scheduler, model_cfg, parallel):
     """(iteration, consumed train samples, consumed valid samples) to start from."""
     if not args.load:
         return 0, 0, 0
-    if find_latest(args.load) is None:
+    try:
+        nothing_there = find_latest(args.load) is None
+    except CheckpointError:
+        if not args.load_fallback:
+            raise
+        nothing_there = not complete_iterations(args.load)
+    if nothing_there:
         if os.path.abspath(args.load) != os.path.abspath(args.save or ""):
             raise CheckpointError(
                 f"--load {args.load}: no checkpoint there (no {TRACKER_FILENAME} and no "
@@ -226,9 +233,23 @@ def _load(args, model, optimizer, scheduler, model_cfg, parallel):
         # --save X --load X is how runs are resumed; the first launch has nothing yet.
         print_rank_0(f"> no checkpoint in {args.load} yet: starting from iteration 0")
         return 0, 0, 0
-    state = load_checkpoint(args.load, model, optimizer, scheduler, model_config=model_cfg,
-                            parallel_config=parallel, no_load_optim=args.no_load_optim,
-                            no_load_rng=args.no_load_rng)
+
+    # The pointer's checkpoint first; with --load-fallback, then every earlier complete one.
+    attempts = [None]
+    if args.load_fallback:
+        attempts += sorted(complete_iterations(args.load), reverse=True)
+    for attempt in attempts:
+        try:
+            state = load_checkpoint(args.load, model, optimizer, scheduler,
+                                    model_config=model_cfg, parallel_config=parallel,
+                                    iteration=attempt, no_load_optim=args.no_load_optim,
+                                    no_load_rng=args.no_load_rng)
+            break
+        except CheckpointError as error:
+            if not args.load_fallback or attempt == attempts[-1]:
+                raise
+            which = "the latest checkpoint" if attempt is None else f"iteration {attempt}"
+            print_rank_0(f"> --load-fallback: skipping {which} ({error})")
     print_rank_0(f"  successfully loaded checkpoint from {state['checkpoint_dir']} at iteration "
                  f"{state['iteration']}")
     return (state["iteration"], state["consumed_train_samples"],

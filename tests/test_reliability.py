@@ -116,3 +116,29 @@ def test_same_seed_and_layout_give_bitwise_identical_losses(corpus, tmp_path):
     a = tensorboard_scalars(tmp_path / "a")[0]["lm loss"]
     b = tensorboard_scalars(tmp_path / "b")[0]["lm loss"]
     assert len(a) == 6 and a == b
+
+
+def test_corrupted_checkpoint_is_named_and_fallback_only_when_asked(corpus, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    common = base_flags(corpus, tmp_path, 4) + ["--save-interval", "2"]
+    whole = run(common + ["--save", str(ckpt), "--tensorboard-dir", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    shard = sorted((ckpt / "iter_0000004").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    more = ["--train-iters", "6", "--load", str(ckpt)]
+    refused = run(common + more)
+    assert refused.returncode == 2
+    assert shard.name in refused.stderr and "Traceback" not in refused.stderr
+
+    resumed = run(common + more + ["--load-fallback", "--tensorboard-dir",
+                                   str(tmp_path / "resumed")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "--load-fallback: skipping the latest checkpoint" in resumed.stdout
+    assert "at iteration 2" in resumed.stdout
+    expected = tensorboard_scalars(tmp_path / "whole")[0]["lm loss"]
+    got = tensorboard_scalars(tmp_path / "resumed")[0]["lm loss"]
+    assert got[3] == expected[3] and got[4] == expected[4]
+    assert shard.read_bytes() == bytes(data)  # the damaged file was left as it was

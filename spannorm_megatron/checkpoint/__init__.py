@@ -20,13 +20,14 @@ from .errors import CheckpointError
 from .load import load_checkpoint, read_run_record
 from .naming import MANIFEST_FILENAME, RUN_RECORD_FILENAME, TRACKER_FILENAME, iteration_dirname
 from .save import save_checkpoint
-from .tracker import find_latest
+from .tracker import complete_iterations, find_latest
 
 __all__ = [
     "CheckpointError",
     "MANIFEST_FILENAME",
     "RUN_RECORD_FILENAME",
     "TRACKER_FILENAME",
+    "complete_iterations",
     "find_latest",
     "iteration_dirname",
     "load_checkpoint",

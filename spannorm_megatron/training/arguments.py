@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--load", default=None)
     e.add_argument("--save-interval", type=int, default=None)
     e.add_argument("--no-load-optim", action="store_true")
+    e.add_argument("--load-fallback", action="store_true",
+                   help="If the latest checkpoint is damaged, load the newest earlier complete "
+                   "one instead of stopping with an error.")
     e.add_argument("--no-load-rng", action="store_true")
     return p
 
