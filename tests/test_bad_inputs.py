@@ -1,0 +1,190 @@
+"""The catalogue of bad inputs: every entry point given something wrong answers with one
+`error: ...` paragraph that names the problem (and the fix), exit status 2, no traceback, and
+leaves the files it was given as they were.
+
+Entries run in this process (each command's `main` through the shared `run_cli`), so the whole
+catalogue costs seconds. Checkpoint and multi-rank cases live in test_checkpoint.py,
+test_training.py and test_reliability.py; the layout arithmetic in test_config.py.
+"""
+
+import hashlib
+import importlib.util
+import io
+import json
+import os
+
+import pytest
+
+from spannorm_megatron.cli import run_cli
+from spannorm_megatron.data.corpus import write_embedded_corpus
+from spannorm_megatron.data.preprocess import PreprocessConfig, preprocess
+from spannorm_megatron.data.tokenizer_training import TokenizerTrainingConfig, train_sentencepiece
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}",
+                                                  os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def train_main(argv):
+    from spannorm_megatron.train import pretrain
+
+    pretrain(argv)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    documents = root / "docs.jsonl"
+    write_embedded_corpus(documents, max_bytes=300_000)
+    train_sentencepiece(TokenizerTrainingConfig(model_prefix=str(root / "tok"),
+                                                inputs=[str(documents)], vocab_size=512),
+                        log=io.StringIO())
+    preprocess(PreprocessConfig(input=str(documents), output_prefix=str(root / "data"),
+                                tokenizer_model=str(root / "tok.model"), append_eod=True),
+               log=io.StringIO())
+    (root / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (root / "nokey.jsonl").write_text('{"body": "no text key"}\n')
+    (root / "not_a_model.model").write_text("this is not a sentencepiece model")
+    (root / "bad.yaml").write_text("num-layers: [1, 2\n")
+    (root / "unknown.yaml").write_text("num-layrs: 4\n")
+    (root / "list.yaml").write_text("- 1\n- 2\n")
+    (root / "hf_unsupported").mkdir()
+    (root / "hf_unsupported" / "config.json").write_text(json.dumps(
+        {"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    # An index that does not match its data file: the .bin cut short.
+    for suffix in (".bin", ".idx"):
+        (root / f"short{suffix}").write_bytes((root / f"data_text_document{suffix}").read_bytes())
+    with open(root / "short.bin", "r+b") as f:
+        f.truncate(os.path.getsize(root / "short.bin") // 2)
+    (root / "out").mkdir()
+    (root / "out" / "keep.txt").write_text("existing output")
+    return root
+
+
+def T(files, *flags):
+    """spannorm-train flags around a valid base."""
+    return ["--data-path", str(files / "data_text_document"),
+            "--tokenizer-model", str(files / "tok.model"), "--train-iters", "2",
+            "--split", "90,10,0", *flags]
+
+
+CATALOGUE = [
+    # (id, command, argv builder, expected text in the message)
+    ("unknown-placement", "train", lambda f: T(f, "--norm-placement", "sandwich"),
+     "is not a known placement"),
+    ("heads-vs-groups", "train", lambda f: T(f, "--num-attention-heads", "8",
+                                             "--num-query-groups", "3"), "num_query_groups"),
+    ("topk-above-experts", "train", lambda f: T(f, "--num-experts", "2", "--moe-router-topk",
+                                                "3"), "moe_router_topk=3"),
+    ("scale-init-zero", "train", lambda f: T(f, "--scale-init", "0"), "scale_init"),
+    ("scale-init-word", "train", lambda f: T(f, "--scale-init", "sqrt"), "scale_init"),
+    ("hidden-vs-heads", "train", lambda f: T(f, "--hidden-size", "102"), "hidden_size=102"),
+    ("dropout-one", "train", lambda f: T(f, "--hidden-dropout", "1.0"), "hidden_dropout"),
+    ("forward-scale-prenorm", "train", lambda f: T(f, "--norm-placement", "prenorm",
+                                                   "--scale-mode", "forward"), "scale_mode"),
+    ("tp-world", "train", lambda f: T(f, "--tensor-model-parallel-size", "2"),
+     "world size 1 is not divisible"),
+    ("layers-vs-pp", "train", lambda f: T(f, "--num-layers", "3",
+                                          "--pipeline-model-parallel-size", "1",
+                                          "--num-layers-per-virtual-pipeline-stage", "2"),
+     "--num-layers 3 is not divisible"),
+    ("experts-vs-ep", "train", lambda f: T(f, "--num-experts", "3",
+                                           "--expert-model-parallel-size", "2"),
+     "num_experts=3 is not divisible by expert_model_parallel_size=2"),
+    ("dense-with-ep", "train", lambda f: T(f, "--expert-model-parallel-size", "1",
+                                           "--expert-tensor-parallel-size", "2"),
+     "this model is dense"),
+    ("global-batch", "train", lambda f: T(f, "--global-batch-size", "6",
+                                          "--micro-batch-size", "4"),
+     "--global-batch-size 6 is not divisible"),
+    ("warmup-vs-decay", "train", lambda f: T(f, "--lr-warmup-iters", "5"),
+     "--lr-warmup-iters 5 must be smaller"),
+    ("gqa-without-groups", "train", lambda f: T(f, "--group-query-attention"),
+     "--num-query-groups"),
+    ("missing-data", "train", lambda f: T(f, "--data-path", str(f / "nothing")),
+     str("nothing")),
+    ("no-data-flag", "train", lambda f: ["--tokenizer-model", str(f / "tok.model")],
+     "--data-path is required"),
+    ("no-tokenizer-flag", "train", lambda f: ["--data-path", str(f / "data_text_document")],
+     "--tokenizer-model is required"),
+    ("missing-tokenizer", "train", lambda f: T(f, "--tokenizer-model", str(f / "none.model")),
+     "none.model"),
+    ("not-a-tokenizer", "train", lambda f: T(f, "--tokenizer-model",
+                                             str(f / "not_a_model.model")), "not_a_model.model"),
+    ("tokenizer-type", "train", lambda f: T(f, "--tokenizer-type", "GPT2BPETokenizer"),
+     "GPT2BPETokenizer"),
+    ("idx-bin-mismatch", "train", lambda f: T(f, "--data-path", str(f / "short")), "short.bin"),
+    ("bad-split", "train", lambda f: T(f, "--split", "a,b"), "--split"),
+    ("config-missing", "train", lambda f: T(f, "--config", str(f / "none.yaml")), "none.yaml"),
+    ("config-invalid-yaml", "train", lambda f: T(f, "--config", str(f / "bad.yaml")),
+     "not valid YAML"),
+    ("config-unknown-key", "train", lambda f: T(f, "--config", str(f / "unknown.yaml")),
+     "num-layrs"),
+    ("config-not-mapping", "train", lambda f: T(f, "--config", str(f / "list.yaml")),
+     "must be a mapping"),
+    ("load-missing", "train", lambda f: T(f, "--load", str(f / "no_checkpoints")),
+     "no_checkpoints"),
+    ("preprocess-missing-input", "preprocess_data",
+     lambda f: ["--input", str(f / "none.jsonl"), "--output-prefix", str(f / "out" / "x"),
+                "--tokenizer-model", str(f / "tok.model")], "none.jsonl"),
+    ("preprocess-bad-json-line", "preprocess_data",
+     lambda f: ["--input", str(f / "bad.jsonl"), "--output-prefix", str(f / "out" / "x"),
+                "--tokenizer-model", str(f / "tok.model")], "Line 2 of"),
+    ("preprocess-missing-key", "preprocess_data",
+     lambda f: ["--input", str(f / "nokey.jsonl"), "--output-prefix", str(f / "out" / "x"),
+                "--tokenizer-model", str(f / "tok.model")], "text"),
+    ("preprocess-bad-tokenizer", "preprocess_data",
+     lambda f: ["--input", str(f / "docs.jsonl"), "--output-prefix", str(f / "out" / "x"),
+                "--tokenizer-model", str(f / "not_a_model.model")], "not_a_model.model"),
+    ("tokenizer-missing-input", "train_tokenizer",
+     lambda f: ["--input", str(f / "none.txt"), "--model-prefix", str(f / "out" / "t")],
+     "none.txt"),
+    ("hf-export-missing-checkpoint", "convert_to_hf",
+     lambda f: ["--load", str(f / "no_checkpoints"), "--save", str(f / "out" / "hf")],
+     "no_checkpoints"),
+    ("hf-import-unsupported-architecture", "convert_from_hf",
+     lambda f: ["--load", str(f / "hf_unsupported"), "--save", str(f / "out" / "ck")],
+     "BertForMaskedLM"),
+    ("hf-export-into-existing-folder", "convert_to_hf",
+     lambda f: ["--load", str(f / "no_checkpoints"), "--save", str(f / "out")], "out"),
+]
+
+
+def _snapshot(root):
+    digest = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if "cache" in path:  # megatron-core's dataset index caches may appear
+                continue
+            with open(path, "rb") as f:
+                digest[path] = hashlib.sha256(f.read()).hexdigest()
+    return digest
+
+
+def test_catalogue_is_large_enough():
+    assert len(CATALOGUE) >= 30
+    assert len({entry[0] for entry in CATALOGUE}) == len(CATALOGUE)
+
+
+@pytest.mark.parametrize("name,command,argv,expected", CATALOGUE, ids=[e[0] for e in CATALOGUE])
+def test_bad_input_gets_one_clear_error_and_changes_nothing(files, capsys, name, command, argv,
+                                                            expected):
+    main = train_main if command == "train" else tool(command)
+    before = _snapshot(files)
+    status = run_cli(main, argv(files))
+    captured = capsys.readouterr()
+    assert status == 2, (name, captured.err[-2000:])
+    # One message: an `error:` line, possibly followed by its indented list of problems.
+    assert captured.err.count("error: ") == 1, captured.err[-2000:]
+    message = captured.err[captured.err.index("error: "):]
+    assert expected in message, message
+    assert "Traceback" not in captured.err
+    after = _snapshot(files)
+    assert {p: d for p, d in after.items() if p in before} == before, "a given file changed"
