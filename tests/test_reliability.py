@@ -142,3 +142,50 @@ def test_corrupted_checkpoint_is_named_and_fallback_only_when_asked(corpus, tmp_
     got = tensorboard_scalars(tmp_path / "resumed")[0]["lm loss"]
     assert got[3] == expected[3] and got[4] == expected[4]
     assert shard.read_bytes() == bytes(data)  # the damaged file was left as it was
+
+
+def test_loss_spike_detector_flags_losses_above_the_running_median():
+    from spannorm_megatron.training.guards import SpikeDetector
+
+    detector = SpikeDetector(factor=1.5, window=5)
+    losses = [4.0, 3.9, 3.8, 3.7, 3.6, 3.5, 6.0, 3.4, float("nan"), 3.3]
+    flagged = {i: detector.check(loss) for i, loss in enumerate(losses)}
+    assert [i for i, median in flagged.items() if median is not None] == [6]
+    assert flagged[6] == 3.7  # median of the five losses before it
+
+
+def test_kill_9_of_one_rank_of_two_then_the_same_command_resumes_bitwise(corpus, tmp_path):
+    """torchrun tears the job down when one rank dies; the relaunch resumes exactly."""
+    iters = 16
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "spannorm_megatron.train"]
+    common = base_flags(corpus, tmp_path, iters) + ["--save-interval", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run(launcher + common + ["--tensorboard-dir", str(tmp_path / "whole")],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    ckpt = tmp_path / "ckpt"
+    job = common + ["--save", str(ckpt), "--load", str(ckpt)]
+    process = subprocess.Popen(launcher + job + ["--tensorboard-dir", str(tmp_path / "a")],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=env, start_new_session=True)
+    for line in process.stdout:
+        if " iteration        7/" in line:
+            break
+    # The ranks are torchrun's children: kill -9 one of them (rank 0's process).
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                              text=True).stdout.split()
+    os.kill(int(children[0]), signal.SIGKILL)
+    process.wait(timeout=120)
+    assert process.returncode != 0
+
+    latest = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert latest >= 6
+    resumed = subprocess.run(launcher + job + ["--tensorboard-dir", str(tmp_path / "b")],
+                             capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = tensorboard_scalars(tmp_path / "whole")[0]["lm loss"]
+    got = tensorboard_scalars(tmp_path / "b")[0]["lm loss"]
+    assert sorted(got) == list(range(latest + 1, iters + 1))
+    assert all(got[step] == expected[step] for step in got)
