@@ -218,6 +218,11 @@ class ModelConfig:
             if self.moe_aux_loss_coeff < 0:
                 raise ConfigError(f"moe_aux_loss_coeff={self.moe_aux_loss_coeff} must be >= 0.")
             _require_choice(self, "moe_token_dispatcher_type", ("alltoall", "allgather"))
+            if self.add_bias_linear and self.moe_shared_expert_intermediate_size:
+                raise ConfigError(
+                    "add_bias_linear=True with a shared expert (moe_shared_expert_intermediate_"
+                    "size) is not supported by megatron-core's SharedExpertMLP: drop one of them."
+                )
             _require_choice(self, "moe_router_load_balancing_type",
                             ("aux_loss", "seq_aux_loss", "sinkhorn", "none"))
 

@@ -41,6 +41,8 @@ def test_registry_final_norm_rule_follows_contract():
         (dict(normalization="BatchNorm"), "normalization", "RMSNorm"),
         (dict(norm_placement="prenorm", scale_mode="forward"), "scale_mode", "scale_mode='init'"),
         (dict(num_layers=0), "num_layers", "positive integer"),
+        (dict(num_experts=4, add_bias_linear=True, moe_shared_expert_intermediate_size=64),
+         "add_bias_linear", "drop one of them"),
     ],
 )
 def test_bad_config_names_field_and_fix(values, field, fix):
