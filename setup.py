@@ -37,6 +37,7 @@ setup(
         "te": ["transformer-engine[pytorch]>=2.0"],
         "hf": ["transformers>=4.45", "safetensors>=0.4"],
         "test": ["pytest>=8"],
+        "lab": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["spannorm-train=spannorm_megatron.train:main"]},
 )

@@ -1,0 +1,368 @@
+"""The depth sweep's report: one row per training run (placement x depth [x scale_init]) with
+final losses, divergence, first loss spike and gradient norms, as Markdown, CSV, JSON and a PNG
+of the loss and gradient-norm curves.
+
+Layout the sweep script (`examples/depth_sweep/run.sh`) writes, one directory per run:
+
+    SWEEP_DIR/sweep.txt                    key=value: settings and total wall time of the sweep
+    SWEEP_DIR/runs/<name>/run.txt          key=value: placement, depth, scale_init, nproc,
+                                           exit_code, seconds (wall time of the run)
+    SWEEP_DIR/runs/<name>/train.log        spannorm-train's output
+    SWEEP_DIR/runs/<name>/tensorboard/     its TensorBoard events (read when the log has no
+                                           training lines)
+
+Verdict definitions (diverged, loss spike, ...) are those of `spannorm_megatron.lab.training_log`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from spannorm_megatron.lab.training_log import (
+    SPIKE_FACTOR,
+    SPIKE_WINDOW,
+    RunHistory,
+    RunVerdict,
+    judge,
+    parse_log,
+    read_tensorboard,
+)
+
+REPORT_COLUMNS = (
+    "placement", "depth", "scale_init", "status", "start_loss", "final_train_loss",
+    "final_valid_loss", "diverged", "first_spike_iteration", "num_spikes", "max_grad_norm",
+    "final_grad_norm", "last_iteration", "median_step_ms", "seconds",
+)
+
+
+def read_key_values(path: str) -> Dict[str, str]:
+    """`key=value` lines (blank lines and # comments ignored)."""
+    values = {}
+    if not os.path.isfile(path):
+        return values
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#") or "=" not in line:
+                continue
+            key, value = line.split("=", 1)
+            values[key.strip()] = value.strip()
+    return values
+
+
+def _int(value: Optional[str]) -> Optional[int]:
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _float(value: Optional[str]) -> Optional[float]:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+@dataclass
+class SweepRun:
+    name: str
+    placement: str
+    depth: int
+    scale_init: str
+    exit_code: Optional[int]
+    seconds: Optional[float]
+    history: RunHistory
+    verdict: RunVerdict
+    source: str
+    """Where the history came from: 'log' or 'tensorboard' (or 'none')."""
+
+    @property
+    def status(self) -> str:
+        if self.exit_code is None and not self.history.iterations:
+            return "not run"
+        if self.exit_code is None:
+            return "incomplete"  # no run.txt: still running, or the sweep was stopped
+        if self.exit_code != 0:
+            return f"failed (exit {self.exit_code})"
+        if not self.verdict.completed:
+            return "incomplete"
+        return "diverged" if self.verdict.diverged else "ok"
+
+    def row(self) -> dict:
+        v = self.verdict
+        return {
+            "placement": self.placement, "depth": self.depth, "scale_init": self.scale_init,
+            "status": self.status, "start_loss": v.start_loss,
+            "final_train_loss": v.final_train_loss, "final_valid_loss": v.final_valid_loss,
+            "diverged": v.diverged, "first_spike_iteration": v.first_spike_iteration,
+            "num_spikes": v.num_spikes, "max_grad_norm": v.max_grad_norm,
+            "final_grad_norm": v.final_grad_norm, "last_iteration": v.last_iteration,
+            "median_step_ms": v.median_step_ms, "seconds": self.seconds,
+        }
+
+
+_RUN_NAME = re.compile(r"^(?P<placement>.+?)_L(?P<depth>\d+)(?:_(?P<scale_init>.+))?$")
+
+
+def load_run(run_dir: str) -> SweepRun:
+    """One run directory (see the module docstring) -> history and verdict. A run that has no
+    run.txt yet (still training, or killed) is named by its directory:
+    <placement>_L<depth>[_<scale_init>]."""
+    name = os.path.basename(os.path.normpath(run_dir))
+    meta = {}
+    match = _RUN_NAME.match(name)
+    if match:
+        meta = {k: v for k, v in match.groupdict().items() if v is not None}
+    meta.update(read_key_values(os.path.join(run_dir, "run.txt")))
+    log_path = os.path.join(run_dir, "train.log")
+    history, source = RunHistory(), "none"
+    if os.path.isfile(log_path):
+        history, source = parse_log(log_path), "log"
+    tb_dir = os.path.join(run_dir, "tensorboard")
+    if not history.iterations and os.path.isdir(tb_dir):
+        history, source = read_tensorboard(tb_dir), "tensorboard"
+    exit_code = _int(meta.get("exit_code"))
+    train_iters = _int(meta.get("train_iters"))
+    return SweepRun(
+        name=name,
+        placement=meta.get("placement", name),
+        depth=_int(meta.get("depth")) or 0,
+        scale_init=meta.get("scale_init", "default"),
+        exit_code=exit_code,
+        seconds=_float(meta.get("seconds")),
+        history=history,
+        verdict=judge(history, exit_code=exit_code, train_iters=train_iters),
+        source=source,
+    )
+
+
+def load_sweep(sweep_dir: str) -> List[SweepRun]:
+    """Every run under SWEEP_DIR/runs, by depth, then in the sweep's placement order."""
+    runs_dir = os.path.join(sweep_dir, "runs")
+    if not os.path.isdir(runs_dir):
+        raise FileNotFoundError(f"{sweep_dir} has no runs/ directory: run "
+                                f"examples/depth_sweep/run.sh first (SWEEP_DIR={sweep_dir}).")
+    runs = [load_run(os.path.join(runs_dir, name)) for name in sorted(os.listdir(runs_dir))
+            if os.path.isdir(os.path.join(runs_dir, name))]
+    sweep = read_key_values(os.path.join(sweep_dir, "sweep.txt"))
+    order = {name: i for i, name in enumerate(sweep.get("placements", "").split())}
+    inits = {name: i for i, name in enumerate(sweep.get("scale_inits", "").split())}
+    runs.sort(key=lambda r: (r.depth, order.get(r.placement, len(order)), r.placement,
+                             inits.get(r.scale_init, len(inits)), r.scale_init))
+    return runs
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown_table(runs: List[SweepRun]) -> str:
+    show_init = len({r.scale_init for r in runs}) > 1 or any(
+        r.scale_init != "default" for r in runs)
+    head = ["placement", "L"] + (["scale_init"] if show_init else []) + [
+        "status", "start loss", "final train loss", "final valid loss", "diverged",
+        "first spike (iter)", "spikes", "max grad norm", "final grad norm", "run time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        v = r.verdict
+        cells = [r.placement, str(r.depth)] + ([r.scale_init] if show_init else []) + [
+            r.status, _fmt(v.start_loss), _fmt(v.final_train_loss), _fmt(v.final_valid_loss),
+            _fmt(v.diverged), _fmt(v.first_spike_iteration) or "-", str(v.num_spikes),
+            _fmt(v.max_grad_norm, 3), _fmt(v.final_grad_norm, 3), _fmt(r.seconds, 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pivot_valid_loss(runs: List[SweepRun]) -> str:
+    """Final validation loss: one row per placement (and scale_init), one column per depth."""
+    depths = sorted({r.depth for r in runs})
+    keys = list(dict.fromkeys((r.placement, r.scale_init) for r in runs))
+    table = {(r.placement, r.scale_init, r.depth): r for r in runs}
+    lines = ["| placement | scale_init | " + " | ".join(f"L={d}" for d in depths) + " |",
+             "|---|---|" + "---:|" * len(depths)]
+    for placement, init in keys:
+        cells = []
+        for d in depths:
+            r = table.get((placement, init, d))
+            if r is None:
+                cells.append("")
+                continue
+            text = _fmt(r.verdict.final_valid_loss)
+            if r.status != "ok":
+                text = f"{text} ({r.status})".strip()
+            cells.append(text)
+        lines.append(f"| {placement} | {init} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report_markdown(runs: List[SweepRun], sweep: Dict[str, str]) -> str:
+    parts = ["# Depth sweep report", ""]
+    if sweep:
+        settings = ", ".join(f"{k}={v}" for k, v in sweep.items())
+        parts += [f"Sweep: {settings}.", ""]
+    parts += [
+        "Definitions: *start loss* = first logged training loss; *diverged* = a NaN/Inf loss or "
+        "grad norm, or final logged training loss above the start loss; *spike* = a logged "
+        f"training loss above {SPIKE_FACTOR}x the median of the {SPIKE_WINDOW} logged values "
+        f"before it (judged from the {SPIKE_WINDOW + 1}th logged value on; NaN/Inf counts); "
+        "grad norm = global norm before clipping, as logged.",
+        "",
+        "## Final validation loss",
+        "",
+        pivot_valid_loss(runs),
+        "",
+        "## All runs",
+        "",
+        markdown_table(runs),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def plot_curves(runs: List[SweepRun], path: str) -> Optional[str]:
+    """Loss (top row) and grad norm (bottom row) against iteration, one column per depth (and
+    scale_init), one curve per placement."""
+    try:
+        from spannorm_megatron.lab.plots import placement_colors, pyplot, save_png
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        plt = pyplot()
+    except ImportError:
+        print("matplotlib is not installed: no loss-curve PNG (pip install matplotlib)",
+              file=sys.stderr)
+        return None
+    columns = list(dict.fromkeys((r.depth, r.scale_init) for r in runs))
+    placements = list(dict.fromkeys(r.placement for r in runs))
+    colors = placement_colors(placements)
+    fig, axes = plt.subplots(2, len(columns), squeeze=False,
+                             figsize=(4.0 * len(columns), 6.4), sharex="col")
+    ranges = [[[] for _ in columns] for _ in range(2)]
+    for j, (depth, init) in enumerate(columns):
+        for r in runs:
+            if (r.depth, r.scale_init) != (depth, init):
+                continue
+            h = r.history
+            for i, values in enumerate((h.train_loss, h.grad_norm)):
+                xs = [it for it, v in zip(h.iterations, values) if v is not None]
+                ys = [v if math.isfinite(v) and v > 0 else math.nan
+                      for v in values if v is not None]
+                axes[i][j].plot(xs, ys, color=colors[r.placement], lw=1.2, label=r.placement)
+                ranges[i][j] += [y for y in ys if math.isfinite(y)]
+            if h.valid_iterations:
+                ys = [v if v is not None and math.isfinite(v) else math.nan
+                      for v in h.valid_loss]
+                axes[0][j].plot(h.valid_iterations, ys, color=colors[r.placement], ls="none",
+                                marker="o", ms=3)
+        title = f"L={depth}" + ("" if init == "default" else f", scale_init={init}")
+        axes[0][j].set_title(title, fontsize=10)
+        for i in range(2):
+            values = ranges[i][j]
+            # Log scale for grad norms, and for losses that span more than a factor of 20 (a
+            # blow-up); an axis with no positive value cannot be drawn on a log scale.
+            if values and (i == 1 or max(values) > 20 * min(values)):
+                axes[i][j].set_yscale("log")
+        axes[1][j].set_xlabel("iteration", fontsize=9)
+        for i in range(2):
+            axes[i][j].grid(alpha=0.3)
+            axes[i][j].tick_params(labelsize=8)
+    axes[0][0].set_ylabel("training loss (dots: validation)", fontsize=9)
+    axes[1][0].set_ylabel("grad norm (before clipping)", fontsize=9)
+    handles, labels = [], []
+    for ax in axes[0]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9,
+               bbox_to_anchor=(0.5, 0.995), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    return save_png(fig, path)
+
+
+def write_report(sweep_dir: str, out_dir: Optional[str] = None, log=print) -> List[str]:
+    """report.md, report.csv, report.json and loss_curves.png for the sweep in `sweep_dir`."""
+    out_dir = out_dir or sweep_dir
+    os.makedirs(out_dir, exist_ok=True)
+    runs = load_sweep(sweep_dir)
+    sweep = read_key_values(os.path.join(sweep_dir, "sweep.txt"))
+    written = []
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write(report_markdown(runs, sweep))
+    written.append(path)
+    path = os.path.join(out_dir, "report.csv")
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(REPORT_COLUMNS)
+        for r in runs:
+            row = r.row()
+            writer.writerow([_fmt(row[c], 6) for c in REPORT_COLUMNS])
+    written.append(path)
+    path = os.path.join(out_dir, "report.json")
+    with open(path, "w") as f:
+        json.dump({
+            "sweep": sweep,
+            "definitions": {"spike_factor": SPIKE_FACTOR, "spike_window": SPIKE_WINDOW},
+            "runs": [dict(r.row(), source=r.source, diverged_reason=r.verdict.diverged_reason,
+                          history={"iterations": r.history.iterations,
+                                   "train_loss": _jsonable(r.history.train_loss),
+                                   "grad_norm": _jsonable(r.history.grad_norm),
+                                   "valid_iterations": r.history.valid_iterations,
+                                   "valid_loss": _jsonable(r.history.valid_loss)})
+                     for r in runs],
+        }, f, indent=1)
+        f.write("\n")
+    written.append(path)
+    png = plot_curves(runs, os.path.join(out_dir, "loss_curves.png"))
+    if png:
+        written.append(png)
+    if log is not None:
+        log(f"{len(runs)} runs; wrote {', '.join(written)}")
+    return written
+
+
+def _jsonable(values):
+    out = []
+    for v in values:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            out.append(None)
+        elif isinstance(v, float) and math.isinf(v):
+            out.append("inf" if v > 0 else "-inf")
+        else:
+            out.append(float(v))
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Report of a depth sweep (examples/depth_sweep/run.sh): final losses, "
+                    "divergence, first loss spike, grad norms; Markdown, CSV, JSON and a PNG.")
+    p.add_argument("sweep_dir", help="SWEEP_DIR of run.sh (holds runs/ and sweep.txt).")
+    p.add_argument("--out", default=None, help="Where to write the report (default: sweep_dir).")
+    args = p.parse_args(argv)
+    try:
+        write_report(args.sweep_dir, args.out)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

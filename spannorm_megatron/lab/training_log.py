@@ -1,0 +1,230 @@
+"""What a `spannorm-train` run did, from its log or its TensorBoard events, and a verdict:
+final losses, divergence, the first loss spike, the gradient-norm history.
+
+Inputs (either one):
+
+- the text log (stdout) of `spannorm-train`; its lines are Megatron-LM's:
+
+      [2026-01-01 12:00:00] iteration       10/     300 | consumed samples: ... |
+        learning rate: 1.0E-03 | ... | lm loss: 6.282000E+00 | grad norm: 0.901 | ...
+      validation loss at iteration 100 | lm loss value: 4.1E+00 | lm loss PPL: 6.0E+01 |
+
+  Values "nan"/"NAN"/"inf"/"INF" are read as such; "n/a" (no loss on this rank) as missing.
+- a `--tensorboard-dir` with the tags `lm loss`, `grad-norm` and `lm loss validation`.
+
+Definitions (applied to the logged training losses, in iteration order; a run logs every
+`--log-interval` iterations and at the last one):
+
+- **start loss**: the first logged training loss.
+- **diverged**: a logged training or validation loss, or a grad norm, is NaN/Inf; or the
+  final logged training loss is above the start loss.
+- **loss spike**: a logged training loss that is non-finite, or greater than
+  `SPIKE_FACTOR` (1.5) times the median of the `SPIKE_WINDOW` (5) logged training losses
+  just before it. Only points with a full window of 5 earlier finite values are judged, so
+  the first 5 logged values are never spikes. `first_spike_iteration` is the iteration of the
+  first spike, `num_spikes` how many there are.
+- **crashed**: the process ended with a non-zero exit code (when the caller knows it), or the
+  run never reached its last iteration.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from statistics import median
+from typing import Dict, List, Optional, Sequence
+
+SPIKE_FACTOR = 1.5
+SPIKE_WINDOW = 5
+
+_ITERATION = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)")
+_VALIDATION = re.compile(r"validation loss at iteration\s+(\d+)")
+_NUMBER = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf|infinity)|n/a)"
+_FIELD = {
+    "lm_loss": re.compile(r"\blm loss:\s*" + _NUMBER, re.IGNORECASE),
+    "grad_norm": re.compile(r"\bgrad norm:\s*" + _NUMBER, re.IGNORECASE),
+    "learning_rate": re.compile(r"\blearning rate:\s*" + _NUMBER, re.IGNORECASE),
+    "step_ms": re.compile(r"elapsed time per iteration \(ms\):\s*" + _NUMBER, re.IGNORECASE),
+    "skipped": re.compile(r"number of skipped iterations:\s*" + _NUMBER, re.IGNORECASE),
+}
+_VALID_LOSS = re.compile(r"\blm loss value:\s*" + _NUMBER, re.IGNORECASE)
+
+
+def _number(text: Optional[str]) -> Optional[float]:
+    if text is None or text.lower() == "n/a":
+        return None
+    return float(text)  # float() reads nan/NAN/inf/INF/infinity
+
+
+@dataclass
+class RunHistory:
+    """The logged values of one run, in iteration order."""
+
+    iterations: List[int] = field(default_factory=list)
+    train_loss: List[Optional[float]] = field(default_factory=list)
+    grad_norm: List[Optional[float]] = field(default_factory=list)
+    learning_rate: List[Optional[float]] = field(default_factory=list)
+    step_ms: List[Optional[float]] = field(default_factory=list)
+    valid_iterations: List[int] = field(default_factory=list)
+    valid_loss: List[Optional[float]] = field(default_factory=list)
+    train_iters: Optional[int] = None
+    """The run's --train-iters, when the log says it."""
+
+    @property
+    def last_iteration(self) -> Optional[int]:
+        return self.iterations[-1] if self.iterations else None
+
+
+def parse_log_text(text: str) -> RunHistory:
+    """Training and validation lines of a `spannorm-train` log (other lines are ignored)."""
+    history = RunHistory()
+    for line in text.splitlines():
+        valid = _VALIDATION.search(line)
+        if valid:
+            match = _VALID_LOSS.search(line)
+            history.valid_iterations.append(int(valid.group(1)))
+            history.valid_loss.append(_number(match.group(1)) if match else None)
+            continue
+        it = _ITERATION.search(line)
+        if not it or "lm loss" not in line:
+            continue
+        values = {}
+        for name, pattern in _FIELD.items():
+            match = pattern.search(line)
+            values[name] = _number(match.group(1)) if match else None
+        history.iterations.append(int(it.group(1)))
+        history.train_iters = int(it.group(2))
+        history.train_loss.append(values["lm_loss"])
+        history.grad_norm.append(values["grad_norm"])
+        history.learning_rate.append(values["learning_rate"])
+        history.step_ms.append(values["step_ms"])
+    return history
+
+
+def parse_log(path: str) -> RunHistory:
+    with open(path, errors="replace") as f:
+        return parse_log_text(f.read())
+
+
+def read_tensorboard(log_dir: str) -> RunHistory:
+    """The same history from TensorBoard event files (tags `lm loss`, `grad-norm`,
+    `learning-rate`, `lm loss validation`); `train_iters` stays unknown."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not os.path.isdir(log_dir):
+        raise FileNotFoundError(f"no TensorBoard directory {log_dir}")
+    accumulator = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tags = set(accumulator.Tags().get("scalars", []))
+
+    def series(tag) -> Dict[int, float]:
+        if tag not in tags:
+            return {}
+        return {int(e.step): float(e.value) for e in accumulator.Scalars(tag)}
+
+    loss, grad, lr = series("lm loss"), series("grad-norm"), series("learning-rate")
+    valid = series("lm loss validation")
+    history = RunHistory()
+    for step in sorted(loss):
+        history.iterations.append(step)
+        history.train_loss.append(loss[step])
+        history.grad_norm.append(grad.get(step))
+        history.learning_rate.append(lr.get(step))
+        history.step_ms.append(None)
+    for step in sorted(valid):
+        history.valid_iterations.append(step)
+        history.valid_loss.append(valid[step])
+    return history
+
+
+def _finite(value: Optional[float]) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def find_spikes(iterations: Sequence[int], losses: Sequence[Optional[float]],
+                factor: float = SPIKE_FACTOR, window: int = SPIKE_WINDOW) -> List[int]:
+    """Iterations whose loss is a spike (see the module docstring); missing values are skipped."""
+    spikes, previous = [], []
+    for iteration, loss in zip(iterations, losses):
+        if loss is None:
+            continue
+        if not math.isfinite(loss):
+            spikes.append(iteration)
+            continue
+        if len(previous) >= window and loss > factor * median(previous[-window:]):
+            spikes.append(iteration)
+        previous.append(loss)
+    return spikes
+
+
+@dataclass
+class RunVerdict:
+    """One run, summarized."""
+
+    start_loss: Optional[float]
+    final_train_loss: Optional[float]
+    min_train_loss: Optional[float]
+    final_valid_loss: Optional[float]
+    diverged: bool
+    diverged_reason: str
+    first_spike_iteration: Optional[int]
+    num_spikes: int
+    max_grad_norm: Optional[float]
+    final_grad_norm: Optional[float]
+    first_nonfinite_iteration: Optional[int]
+    last_iteration: Optional[int]
+    completed: bool
+    median_step_ms: Optional[float]
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def judge(history: RunHistory, exit_code: Optional[int] = None,
+          train_iters: Optional[int] = None) -> RunVerdict:
+    """The verdict on one run (definitions in the module docstring)."""
+    losses = history.train_loss
+    logged = [v for v in losses if v is not None]
+    finite_losses = [v for v in logged if math.isfinite(v)]
+    start = logged[0] if logged else None
+    final = logged[-1] if logged else None
+    valid = [v for v in history.valid_loss if v is not None]
+    grads = [g for g in history.grad_norm if g is not None]
+
+    first_nonfinite = None
+    for iteration, loss, grad in zip(history.iterations, losses, history.grad_norm):
+        if (loss is not None and not math.isfinite(loss)) or (
+                grad is not None and not math.isfinite(grad)):
+            first_nonfinite = iteration
+            break
+    reasons = []
+    if first_nonfinite is not None:
+        reasons.append(f"non-finite loss or grad norm at iteration {first_nonfinite}")
+    if any(not math.isfinite(v) for v in valid):
+        reasons.append("non-finite validation loss")
+    if _finite(start) and _finite(final) and final > start:
+        reasons.append(f"final loss {final:.3f} above the start {start:.3f}")
+    spikes = find_spikes(history.iterations, losses)
+    expected = train_iters or history.train_iters
+    completed = (exit_code in (None, 0) and history.last_iteration is not None
+                 and (expected is None or history.last_iteration >= expected))
+    steps = [v for v in history.step_ms if _finite(v)]
+    finite_grads = [g for g in grads if math.isfinite(g)]
+    return RunVerdict(
+        start_loss=start,
+        final_train_loss=final,
+        min_train_loss=min(finite_losses) if finite_losses else None,
+        final_valid_loss=valid[-1] if valid else None,
+        diverged=bool(reasons),
+        diverged_reason="; ".join(reasons),
+        first_spike_iteration=spikes[0] if spikes else None,
+        num_spikes=len(spikes),
+        max_grad_norm=max(finite_grads) if finite_grads else None,
+        final_grad_norm=grads[-1] if grads else None,
+        first_nonfinite_iteration=first_nonfinite,
+        last_iteration=history.last_iteration,
+        completed=completed,
+        median_step_ms=median(steps) if steps else None,
+    )
