@@ -19,14 +19,13 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.model import transformer_config
 from spannorm_megatron.runtime import current_device, initialize, destroy
-from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
+from spannorm_megatron.training.loop import train_step
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 
 
@@ -94,25 +93,17 @@ def main(argv=None) -> dict:
     # Same data on the ranks of one model replica, different data across replicas.
     generator = torch.Generator().manual_seed(args.seed + parallel_state.get_data_parallel_rank())
     batches = [synthetic_batch(args, generator) for _ in range(args.num_microbatches)]
-    forward_backward = get_forward_backward_func()
     losses, grad_norms = [], []
     for step in range(1, args.train_iters + 1):
         start = time.perf_counter()
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        losses_reduced = forward_backward(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=model,
-            num_microbatches=args.num_microbatches, seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size,
-        )
-        _, grad_norm, _ = optimizer.step()
-        loss = reduce_lm_loss(losses_reduced)
-        losses.append(loss)
-        grad_norms.append(grad_norm)
-        if loss is not None:
-            print(f"[rank {torch.distributed.get_rank()}] step {step}: lm loss {loss:.4f} "
-                  f"grad norm {grad_norm:.4f} ({time.perf_counter() - start:.2f}s)", flush=True)
+        result = train_step(model, optimizer, None, iter(batches),
+                            num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+                            micro_batch_size=args.micro_batch_size,
+                            global_batch_size=args.micro_batch_size * args.num_microbatches)
+        losses.append(result.loss)
+        grad_norms.append(result.grad_norm)
+        print(f"[rank {torch.distributed.get_rank()}] step {step}: lm loss {result.loss:.4f} "
+              f"grad norm {result.grad_norm:.4f} ({time.perf_counter() - start:.2f}s)", flush=True)
 
     summary = {
         "rank": torch.distributed.get_rank(),
@@ -127,4 +118,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(lambda argv: main(argv) and None))
+    sys.exit(run_cli(lambda argv: 0 if main(argv) else 1))

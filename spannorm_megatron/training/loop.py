@@ -60,7 +60,8 @@ def broadcast_from_last_stage(value: Optional[float]) -> Optional[float]:
 def train_step(model, optimizer, scheduler, data_iterator: Iterator, num_microbatches: int,
                seq_length: int, micro_batch_size: int, global_batch_size: int,
                monitor=None, guard=None, forward_step_func=forward_step) -> StepResult:
-    """Forward and backward over the step's micro-batches, then one optimizer step.
+    """Forward and backward over the step's micro-batches, then one optimizer step (and one
+    scheduler step of `global_batch_size` samples, unless `scheduler` is None).
 
     `monitor` (training.monitor.RunMonitor) sees the gradients before and the weights after the
     update; `guard` (training.guards.NonFiniteGuard) skips the update when a gradient is NaN/Inf
@@ -88,7 +89,7 @@ def train_step(model, optimizer, scheduler, data_iterator: Iterator, num_microba
     update_successful, grad_norm, _ = optimizer.step()
     if monitor is not None:
         monitor.after_optimizer_step()
-    if update_successful:
+    if update_successful and scheduler is not None:
         scheduler.step(increment=global_batch_size)
     return StepResult(loss=loss, grad_norm=grad_norm, skipped=not update_successful,
                       learning_rate=learning_rate)
