@@ -284,6 +284,11 @@ def test_depth_sweep_script_and_report_on_a_tiny_real_run(tiny_data, tmp_path):
         spikes = find_spikes(history["iterations"], losses)
         assert run["first_spike_iteration"] == (spikes[0] if spikes else None)
         assert run["max_grad_norm"] == pytest.approx(max(history["grad_norm"]))
+        # Per-layer gradient ratio from the run's stability tags, on every logging step.
+        assert history["ratio_iterations"] == list(range(1, 11))
+        ratios = history["layer_grad_ratio"]
+        assert all(r > 0 for r in ratios) and run["layer_grad_ratio_final"] == ratios[-1]
+        assert run["layer_grad_ratio_min"] == min(ratios)
     table = (sweep / "report.md").read_text()
     assert "| spannorm | 2 |" in table and "| spannorm | 4 |" in table
 

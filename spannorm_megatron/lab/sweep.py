@@ -23,7 +23,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from spannorm_megatron.lab.training_log import (
@@ -33,13 +33,15 @@ from spannorm_megatron.lab.training_log import (
     RunVerdict,
     judge,
     parse_log,
+    read_layer_grad_ratio,
     read_tensorboard,
 )
 
 REPORT_COLUMNS = (
     "placement", "depth", "scale_init", "status", "start_loss", "final_train_loss",
     "final_valid_loss", "diverged", "first_spike_iteration", "num_spikes", "max_grad_norm",
-    "final_grad_norm", "last_iteration", "median_step_ms", "seconds",
+    "final_grad_norm", "layer_grad_ratio_final", "layer_grad_ratio_min", "last_iteration",
+    "median_step_ms", "seconds",
 )
 
 
@@ -84,6 +86,19 @@ class SweepRun:
     verdict: RunVerdict
     source: str
     """Where the history came from: 'log' or 'tensorboard' (or 'none')."""
+    ratio_iterations: List[int] = field(default_factory=list)
+    layer_grad_ratio: List[float] = field(default_factory=list)
+    """Parameter-gradient norm of layer 2 / of the last layer on each logging step (from the
+    run's TensorBoard stability tags; empty without them)."""
+
+    @property
+    def ratio_final(self) -> Optional[float]:
+        return self.layer_grad_ratio[-1] if self.layer_grad_ratio else None
+
+    @property
+    def ratio_min(self) -> Optional[float]:
+        finite = [r for r in self.layer_grad_ratio if math.isfinite(r)]
+        return min(finite) if finite else None
 
     @property
     def status(self) -> str:
@@ -105,7 +120,8 @@ class SweepRun:
             "final_train_loss": v.final_train_loss, "final_valid_loss": v.final_valid_loss,
             "diverged": v.diverged, "first_spike_iteration": v.first_spike_iteration,
             "num_spikes": v.num_spikes, "max_grad_norm": v.max_grad_norm,
-            "final_grad_norm": v.final_grad_norm, "last_iteration": v.last_iteration,
+            "final_grad_norm": v.final_grad_norm, "layer_grad_ratio_final": self.ratio_final,
+            "layer_grad_ratio_min": self.ratio_min, "last_iteration": v.last_iteration,
             "median_step_ms": v.median_step_ms, "seconds": self.seconds,
         }
 
@@ -132,16 +148,20 @@ def load_run(run_dir: str) -> SweepRun:
         history, source = read_tensorboard(tb_dir), "tensorboard"
     exit_code = _int(meta.get("exit_code"))
     train_iters = _int(meta.get("train_iters"))
+    depth = _int(meta.get("depth")) or 0
+    ratio_iterations, ratios = read_layer_grad_ratio(tb_dir, depth)
     return SweepRun(
         name=name,
         placement=meta.get("placement", name),
-        depth=_int(meta.get("depth")) or 0,
+        depth=depth,
         scale_init=meta.get("scale_init", "default"),
         exit_code=exit_code,
         seconds=_float(meta.get("seconds")),
         history=history,
         verdict=judge(history, exit_code=exit_code, train_iters=train_iters),
         source=source,
+        ratio_iterations=ratio_iterations,
+        layer_grad_ratio=ratios,
     )
 
 
@@ -180,14 +200,16 @@ def markdown_table(runs: List[SweepRun]) -> str:
         r.scale_init != "default" for r in runs)
     head = ["placement", "L"] + (["scale_init"] if show_init else []) + [
         "status", "start loss", "final train loss", "final valid loss", "diverged",
-        "first spike (iter)", "spikes", "max grad norm", "final grad norm", "run time (s)"]
+        "first spike (iter)", "spikes", "max grad norm", "final grad norm",
+        "layer 2/L grad, end", "layer 2/L grad, min", "run time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         v = r.verdict
         cells = [r.placement, str(r.depth)] + ([r.scale_init] if show_init else []) + [
             r.status, _fmt(v.start_loss), _fmt(v.final_train_loss), _fmt(v.final_valid_loss),
             _fmt(v.diverged), _fmt(v.first_spike_iteration) or "-", str(v.num_spikes),
-            _fmt(v.max_grad_norm, 3), _fmt(v.final_grad_norm, 3), _fmt(r.seconds, 4)]
+            _fmt(v.max_grad_norm, 3), _fmt(v.final_grad_norm, 3), _fmt(r.ratio_final, 2),
+            _fmt(r.ratio_min, 2), _fmt(r.seconds, 4)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -224,7 +246,9 @@ def report_markdown(runs: List[SweepRun], sweep: Dict[str, str]) -> str:
         "grad norm, or final logged training loss above the start loss; *spike* = a logged "
         f"training loss above {SPIKE_FACTOR}x the median of the {SPIKE_WINDOW} logged values "
         f"before it (judged from the {SPIKE_WINDOW + 1}th logged value on; NaN/Inf counts); "
-        "grad norm = global norm before clipping, as logged.",
+        "grad norm = global norm before clipping, as logged; *layer 2/L grad* = norm of the "
+        "gradient of layer 2's parameters / of the last layer's, from the run's TensorBoard "
+        "stability tags (logging steps), at the end and its minimum over the run.",
         "",
         "## Final validation loss",
         "",
@@ -254,9 +278,10 @@ def plot_curves(runs: List[SweepRun], path: str) -> Optional[str]:
     columns = list(dict.fromkeys((r.depth, r.scale_init) for r in runs))
     placements = list(dict.fromkeys(r.placement for r in runs))
     colors = placement_colors(placements)
-    fig, axes = plt.subplots(2, len(columns), squeeze=False,
-                             figsize=(4.0 * len(columns), 6.4), sharex="col")
-    ranges = [[[] for _ in columns] for _ in range(2)]
+    rows = 3 if any(r.layer_grad_ratio for r in runs) else 2
+    fig, axes = plt.subplots(rows, len(columns), squeeze=False,
+                             figsize=(4.0 * len(columns), 3.0 * rows + 0.4), sharex="col")
+    ranges = [[[] for _ in columns] for _ in range(rows)]
     for j, (depth, init) in enumerate(columns):
         for r in runs:
             if (r.depth, r.scale_init) != (depth, init):
@@ -268,6 +293,11 @@ def plot_curves(runs: List[SweepRun], path: str) -> Optional[str]:
                       for v in values if v is not None]
                 axes[i][j].plot(xs, ys, color=colors[r.placement], lw=1.2, label=r.placement)
                 ranges[i][j] += [y for y in ys if math.isfinite(y)]
+            if rows == 3 and r.layer_grad_ratio:
+                ys = [v if math.isfinite(v) and v > 0 else math.nan for v in r.layer_grad_ratio]
+                axes[2][j].plot(r.ratio_iterations, ys, color=colors[r.placement], lw=1.2,
+                                label=r.placement)
+                ranges[2][j] += [y for y in ys if math.isfinite(y)]
             if h.valid_iterations:
                 ys = [v if v is not None and math.isfinite(v) else math.nan
                       for v in h.valid_loss]
@@ -275,18 +305,21 @@ def plot_curves(runs: List[SweepRun], path: str) -> Optional[str]:
                                 marker="o", ms=3)
         title = f"L={depth}" + ("" if init == "default" else f", scale_init={init}")
         axes[0][j].set_title(title, fontsize=10)
-        for i in range(2):
+        for i in range(rows):
             values = ranges[i][j]
-            # Log scale for grad norms, and for losses that span more than a factor of 20 (a
-            # blow-up); an axis with no positive value cannot be drawn on a log scale.
-            if values and (i == 1 or max(values) > 20 * min(values)):
+            # Log scale for grad norms and ratios, and for losses that span more than a factor
+            # of 20 (a blow-up); an axis with no positive value cannot be drawn on a log scale.
+            if values and (i >= 1 or max(values) > 20 * min(values)):
                 axes[i][j].set_yscale("log")
-        axes[1][j].set_xlabel("iteration", fontsize=9)
-        for i in range(2):
             axes[i][j].grid(alpha=0.3)
             axes[i][j].tick_params(labelsize=8)
+            if i == 2:
+                axes[i][j].axhspan(0.1, 10, color="0.9", zorder=0)
+        axes[rows - 1][j].set_xlabel("iteration", fontsize=9)
     axes[0][0].set_ylabel("training loss (dots: validation)", fontsize=9)
     axes[1][0].set_ylabel("grad norm (before clipping)", fontsize=9)
+    if rows == 3:
+        axes[2][0].set_ylabel("|grad layer 2 params| /\n|grad layer L params|", fontsize=8)
     handles, labels = [], []
     for ax in axes[0]:
         for h, l in zip(*ax.get_legend_handles_labels()):
@@ -328,7 +361,9 @@ def write_report(sweep_dir: str, out_dir: Optional[str] = None, log=print) -> Li
                                    "train_loss": _jsonable(r.history.train_loss),
                                    "grad_norm": _jsonable(r.history.grad_norm),
                                    "valid_iterations": r.history.valid_iterations,
-                                   "valid_loss": _jsonable(r.history.valid_loss)})
+                                   "valid_loss": _jsonable(r.history.valid_loss),
+                                   "ratio_iterations": r.ratio_iterations,
+                                   "layer_grad_ratio": _jsonable(r.layer_grad_ratio)})
                      for r in runs],
         }, f, indent=1)
         f.write("\n")

@@ -139,6 +139,32 @@ def read_tensorboard(log_dir: str) -> RunHistory:
     return history
 
 
+def read_layer_grad_ratio(log_dir: str, depth: int, early: int = 2):
+    """(iterations, ratios) of the per-layer parameter-gradient norms a run logged to
+    TensorBoard (`stability/layer_NNN/grad_norm`, written on logging steps by spannorm-train):
+    ratio = grad norm of layer `early`'s parameters / grad norm of layer `depth`'s. Empty when
+    the tags are missing. The training-time counterpart of the signal-propagation probe's
+    gradient ratio."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not os.path.isdir(log_dir) or depth < 1:
+        return [], []
+    early = min(early, depth)
+    accumulator = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tags = set(accumulator.Tags().get("scalars", []))
+    top, bottom = (f"stability/layer_{early:03d}/grad_norm",
+                   f"stability/layer_{depth:03d}/grad_norm")
+    if top not in tags or bottom not in tags:
+        return [], []
+    first = {int(e.step): float(e.value) for e in accumulator.Scalars(top)}
+    last = {int(e.step): float(e.value) for e in accumulator.Scalars(bottom)}
+    iterations = sorted(set(first) & set(last))
+    ratios = [first[i] / last[i] if last[i] > 0 and math.isfinite(last[i]) else math.nan
+              for i in iterations]
+    return iterations, ratios
+
+
 def _finite(value: Optional[float]) -> bool:
     return value is not None and math.isfinite(value)
 

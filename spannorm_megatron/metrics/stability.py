@@ -290,10 +290,13 @@ def _sq_norm(tensor: torch.Tensor) -> torch.Tensor:
 
 def _buffer_locations(chunk) -> Dict[torch.nn.Parameter, tuple]:
     """param -> (buffer, bucket, use_distributed_optimizer, instances) for a megatron DDP chunk."""
-    buffers = list(getattr(chunk, "buffers", None) or []) + list(
-        getattr(chunk, "expert_parallel_buffers", None) or [])
     ddp_config = getattr(chunk, "ddp_config", None)
-    if not buffers or ddp_config is None:
+    if ddp_config is None:
+        # A plain module: its `buffers` is nn.Module's method, not megatron's gradient buffers.
+        return {}
+    buffers = list(chunk.buffers or []) + list(
+        getattr(chunk, "expert_parallel_buffers", None) or [])
+    if not buffers:
         return {}
     distopt = bool(ddp_config.use_distributed_optimizer)
     instances = int(getattr(ddp_config, "num_distributed_optimizer_instances", 1) or 1)

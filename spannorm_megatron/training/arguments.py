@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = p.add_argument_group("model")
     m.add_argument("--norm-placement", default="spannorm",
-                   help="prenorm, postnorm, spannorm (see shared/design/norm-placements.md).")
+                   help="prenorm, postnorm, spannorm, deepnorm, perinorm or spannorm_clean "
+                   "(see shared/design/norm-placements.md).")
     m.add_argument("--num-layers", type=int, default=4)
     m.add_argument("--hidden-size", type=int, default=256)
     m.add_argument("--num-attention-heads", type=int, default=4)
