@@ -11,7 +11,8 @@
 #
 #   bash examples/quickstart.sh [extra spannorm-train flags, e.g. --norm-placement prenorm]
 #
-# Steps 1-3 are skipped when their outputs exist. RUN_DIR defaults to runs/quickstart.
+# Steps 1-3 (tools/prepare_embedded_data.sh) are skipped when their outputs exist.
+# RUN_DIR defaults to runs/quickstart.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=$(bash "$root/tools/setup_env.sh" | tail -n 1)
@@ -20,31 +21,18 @@ run=${RUN_DIR:-$root/runs/quickstart}
 mkdir -p "$run/data"
 cd "$root"
 
-if [ ! -f "$run/data/stdlib.jsonl" ]; then
-  echo "== 1/6 writing the embedded corpus (Python stdlib sources, first 4 MB)"
-  "$python" -m spannorm_megatron.data.corpus --max-bytes 4000000 "$run/data/stdlib.jsonl"
-fi
-if [ ! -f "$run/tokenizer.model" ]; then
-  echo "== 2/6 training the tokenizer"
-  "$python" tools/train_tokenizer.py --input "$run/data/stdlib.jsonl" \
-    --model-prefix "$run/tokenizer" --vocab-size 4096
-fi
-if [ ! -f "$run/data/stdlib_text_document.idx" ]; then
-  echo "== 3/6 preprocessing into Megatron's indexed dataset"
-  "$python" tools/preprocess_data.py --input "$run/data/stdlib.jsonl" \
-    --output-prefix "$run/data/stdlib" --tokenizer-type SentencePieceTokenizer \
-    --tokenizer-model "$run/tokenizer.model" --append-eod --workers 2
-fi
+echo "== 1-3/6 the embedded data set (corpus, tokenizer, indexed dataset)"
+bash tools/prepare_embedded_data.sh "$run/data" "$python"
 
 echo "== 4/6 training (2 ranks)"
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$venv/bin/torchrun" --standalone --nproc_per_node 2 \
   -m spannorm_megatron.train --config examples/configs/quickstart.yaml \
-  --data-path "$run/data/stdlib_text_document" --tokenizer-model "$run/tokenizer.model" \
+  --data-path "$run/data/stdlib_text_document" --tokenizer-model "$run/data/tokenizer.model" \
   --save "$run/checkpoints" --tensorboard-dir "$run/tensorboard" "$@"
 
 echo "== 5/6 converting the last checkpoint to a Hugging Face folder"
 "$python" tools/convert_to_hf.py --load "$run/checkpoints" --save "$run/hf" \
-  --tokenizer-model "$run/tokenizer.model" --overwrite
+  --tokenizer-model "$run/data/tokenizer.model" --overwrite
 
 echo "== 6/6 sampling from the Hugging Face folder"
 "$python" tools/generate.py --load "$run/hf" --prompt "def read_config(path):" \

@@ -36,23 +36,7 @@ SWEEP_DIR=${SWEEP_DIR:-$root/runs/depth_sweep}
 DATA_DIR=${DATA_DIR:-$SWEEP_DIR/data}
 mkdir -p "$SWEEP_DIR/runs" "$DATA_DIR"
 
-set -e
-if [ ! -f "$DATA_DIR/stdlib.jsonl" ]; then
-  echo "== data 1/3: writing the embedded corpus (Python stdlib sources, first 4 MB)"
-  "$python" -m spannorm_megatron.data.corpus --max-bytes 4000000 "$DATA_DIR/stdlib.jsonl"
-fi
-if [ ! -f "$DATA_DIR/tokenizer.model" ]; then
-  echo "== data 2/3: training the tokenizer"
-  "$python" tools/train_tokenizer.py --input "$DATA_DIR/stdlib.jsonl" \
-    --model-prefix "$DATA_DIR/tokenizer" --vocab-size 4096
-fi
-if [ ! -f "$DATA_DIR/stdlib_text_document.idx" ]; then
-  echo "== data 3/3: preprocessing into Megatron's indexed dataset"
-  "$python" tools/preprocess_data.py --input "$DATA_DIR/stdlib.jsonl" \
-    --output-prefix "$DATA_DIR/stdlib" --tokenizer-type SentencePieceTokenizer \
-    --tokenizer-model "$DATA_DIR/tokenizer.model" --append-eod --workers 2
-fi
-set +e
+bash "$root/tools/prepare_embedded_data.sh" "$DATA_DIR" "$python" || exit 1
 
 # Check the shared flags once, before any run (a bad flag would fail every run the same way).
 train_iters=$("$python" - --config "$CONFIG" "$@" <<'PY'

@@ -57,31 +57,26 @@ def parse_side_dirname(name: str) -> Optional[Tuple[int, str, str]]:
     return (int(match.group(1)), match.group(2), match.group(3)) if match else None
 
 
-def iteration_dirs(save_dir: str) -> List[Tuple[int, str]]:
-    """(iteration, path) of every ``iter_NNNNNNN`` directory, complete or not, oldest first."""
-    found = []
+def _parsed_dirs(save_dir: str, parse) -> list:
+    """(*parse(name), path) for every directory of `save_dir` whose name `parse` accepts."""
     try:
         names = os.listdir(save_dir)
     except FileNotFoundError:
         return []
+    found = []
     for name in names:
-        iteration = parse_iteration_dirname(name)
+        parsed = parse(name)
         path = os.path.join(save_dir, name)
-        if iteration is not None and os.path.isdir(path):
-            found.append((iteration, path))
+        if parsed is not None and os.path.isdir(path):
+            found.append((*(parsed if isinstance(parsed, tuple) else (parsed,)), path))
     return sorted(found)
+
+
+def iteration_dirs(save_dir: str) -> List[Tuple[int, str]]:
+    """(iteration, path) of every ``iter_NNNNNNN`` directory, complete or not, oldest first."""
+    return _parsed_dirs(save_dir, parse_iteration_dirname)
 
 
 def side_dirs(save_dir: str) -> List[Tuple[int, str, str, str]]:
     """(iteration, infix, nonce, path) of every ``.tmp-``/``.old-`` directory."""
-    found = []
-    try:
-        names = os.listdir(save_dir)
-    except FileNotFoundError:
-        return []
-    for name in names:
-        parsed = parse_side_dirname(name)
-        path = os.path.join(save_dir, name)
-        if parsed is not None and os.path.isdir(path):
-            found.append((*parsed, path))
-    return sorted(found)
+    return _parsed_dirs(save_dir, parse_side_dirname)
