@@ -448,3 +448,46 @@ def test_save_before_the_first_step(megatron_world, tmp_path):
     fresh = _fresh(config, DISTOPT, seed=8)
     assert _load(tmp_path, *fresh, config, DISTOPT)["iteration"] == 0
     assert H.train(*fresh, 0, 2) == expected
+
+
+def test_streaming_save_writes_each_produced_tensor_once_in_order(megatron_world, tmp_path):
+    """A model built on the meta device, saved with `StreamingSaveStrategy`: every tensor is
+    produced once, in the producer's order, and loading gives back exactly what was produced."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    from spannorm_megatron.checkpoint import state as ckpt_state
+    from spannorm_megatron.checkpoint.streaming import StreamingSaveStrategy
+    from spannorm_megatron.model import build_model, transformer_config
+
+    config = H.model_config(moe=True)
+    source, _optimizer, _scheduler = _fresh(config)
+    described = ckpt_state.model_state(source, dict(ckpt_state.SHARDING_METADATA))
+    apply_factories(described)  # SwiGLU's fc1 becomes its two halves, as the writer sees it
+    values = {(t.key, tuple(t.global_offset)): t.data for t in nested_values(described)
+              if isinstance(t, ShardedTensor)}
+
+    produced = []
+
+    def produce(shard):
+        produced.append((shard.key, tuple(shard.global_offset)))
+        return values[produced[-1]].clone()
+
+    with torch.device("meta"):
+        meta_chunks = build_model(config, transformer_config(
+            config, use_cpu_initialization=True, perform_initialization=False))
+    _save(tmp_path, 3, meta_chunks, None, None, config, no_save_rng=True,
+          sharded_strategy=StreamingSaveStrategy(produce, order=lambda shard: shard.key))
+
+    assert sorted(produced) == sorted(values) and len(set(produced)) == len(produced)
+    keys = [key for key, _offset in produced]
+    assert keys == sorted(keys)
+    fresh, optimizer, scheduler = _fresh(config, seed=99)
+    assert _load(tmp_path, fresh, optimizer, scheduler, config, no_load_optim=True,
+                 no_load_rng=True)["iteration"] == 3
+
+    def weights(chunk):
+        return {k: v for k, v in ckpt_state.unwrap(chunk).state_dict().items()
+                if isinstance(v, torch.Tensor)}
+
+    _assert_same_tensors(weights(fresh[0]), weights(source[0]))

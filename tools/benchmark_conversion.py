@@ -2,7 +2,7 @@
 """Benchmark the Hugging Face conversion: time and peak memory against checkpoint size.
 
 Example:
-    python tools/benchmark_conversion.py                       # small, medium, large, moe
+    python tools/benchmark_conversion.py                       # small, medium, deep, large, moe
     python tools/benchmark_conversion.py --sizes small,medium --json bench.json
 
 For each model size: a random-weight checkpoint is written (checkpoint package, single process;
@@ -13,10 +13,11 @@ conversion started (torch, megatron-core and transformers imported). Prints a ta
 --json, writes every number. Checksums are verified on export (the manifest's CRC-32 pass reads
 the checkpoint once more; --no-verify-checksums leaves it out).
 
-What to expect: the export streams one tensor group (embedding, one layer, final norm + output
-layer) at a time, so its memory growth tracks the largest group (about 2-3x it in float32
-while converting), not the checkpoint; the import builds the TP1 model in one process, so its
-growth tracks the model (spread it over ranks with TP/PP under torchrun).
+What to expect: both directions stream one tensor group (embedding, one layer, final norm +
+output layer) at a time, so memory growth tracks the largest group (a few times it in float32
+while converting), not the checkpoint: `deep` has medium's groups and four times its layers.
+The export reads the dist checkpoint a group at a time; the import describes the model on the
+meta device and writes each shard as it converts it (checkpoint/streaming.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ SIZES = {  # name -> ModelConfig overrides
     "small": dict(num_layers=4, hidden_size=512, num_attention_heads=8, ffn_hidden_size=1408),
     "medium": dict(num_layers=8, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=2816),
     "large": dict(num_layers=8, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632),
+    # medium's tensor groups, four times the layers: memory should follow the groups, not this.
+    "deep": dict(num_layers=32, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=2816),
     "moe": dict(num_layers=4, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=2816,
                 num_experts=8, moe_ffn_hidden_size=1408, moe_router_topk=2),
 }
@@ -131,7 +134,7 @@ def _child(*args: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="small,medium,large,moe",
+    parser.add_argument("--sizes", default="small,medium,deep,large,moe",
                         help=f"comma-separated, from {list(SIZES)}")
     parser.add_argument("--work-dir", default=None, help="where checkpoints go (default: a temp dir)")
     parser.add_argument("--json", default=None, metavar="FILE", help="write the results here")

@@ -8,12 +8,13 @@ Examples:
 
 Reads LlamaForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM (as far as megatron can express
 them: no RoPE scaling, no sliding window, ...) and SpanNormForCausalLM folders (model.safetensors
-or a sharded index). Every rank builds its shard of the model and fills it from the HF weights;
-the checkpoint is saved in the checkpoint package's layout (SAVE/iter_0000000 +
-latest_checkpointed_iteration.txt, run.json, manifest.json) with no optimizer or RNG state, so
-training starts from it with --load CKPT_DIR --no-load-optim. Dist checkpoints reshard, so a
-checkpoint written under one layout trains under any other; the layout flags only spread the
-memory of the conversion over the ranks. Bad input exits with status 2 and a message.
+or a sharded index). Every rank describes its shard of the model on the meta device and writes
+each tensor as it converts it from the HF weights, one layer at a time (memory tracks the
+largest layer, not the model); the checkpoint is saved in the checkpoint package's layout
+(SAVE/iter_0000000 + latest_checkpointed_iteration.txt, run.json, manifest.json) with no
+optimizer or RNG state, so training starts from it with --load CKPT_DIR --no-load-optim. Dist
+checkpoints reshard, so a checkpoint written under one layout trains under any other; the layout
+flags only choose how the files are split between ranks. Bad input exits with status 2 and a message.
 """
 
 from __future__ import annotations

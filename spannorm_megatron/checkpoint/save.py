@@ -95,6 +95,7 @@ def save_checkpoint(
     args: Optional[dict] = None,
     no_save_optim: bool = False,
     no_save_rng: bool = False,
+    sharded_strategy=None,
 ) -> str:
     """Save a checkpoint of `iteration` into ``save_dir/iter_NNNNNNN`` and point
     ``latest_checkpointed_iteration.txt`` at it. Call on every rank. Returns the directory.
@@ -104,7 +105,8 @@ def save_checkpoint(
     `args` is any extra record of the run (a dict or argparse namespace), stored in the run
     record. `no_save_optim` / `no_save_rng` leave the optimizer + scheduler / RNG state out
     (Megatron-LM's ``--no-save-optim`` / ``--no-save-rng``). Saving the iteration that is
-    already on disk replaces it.
+    already on disk replaces it. `sharded_strategy` replaces megatron-core's default torch_dist
+    writer (e.g. `streaming.StreamingSaveStrategy` for a model built on the meta device).
     """
     if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
         raise CheckpointError(f"iteration={iteration!r} must be a non-negative integer.")
@@ -144,7 +146,8 @@ def save_checkpoint(
         consumed_valid_samples=int(consumed_valid_samples),
         run=record,
     )
-    dist_checkpointing.save(sharded, tmp, content_metadata=dict(metadata))
+    dist_checkpointing.save(sharded, tmp, sharded_strategy=sharded_strategy,
+                           content_metadata=dict(metadata))
 
     def write_record():
         path = os.path.join(tmp, RUN_RECORD_FILENAME)

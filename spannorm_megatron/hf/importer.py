@@ -6,12 +6,14 @@ and our `SpanNormForCausalLM` (whose config.json carries the exact `ModelConfig`
 read from ``model.safetensors`` or its sharded index, lazily, one layer at a time.
 
 Every rank of the target layout (TP x PP x EP, launched by torchrun; one process for TP1/PP1)
-builds its own model shard, and fills each of its tensors with the matching slice of the
-global megatron tensor computed from the HF weights, using the model's own sharded state dict
-(the same description megatron-core's dist checkpointing loads and saves with), so every
-layout, SwiGLU's split fc1 and expert parallelism included, is handled by megatron-core's own
-sharding. The result is saved with `spannorm_megatron.checkpoint.save_checkpoint` (iteration 0
-by default, no optimizer or RNG state): training loads it with ``--no-load-optim``
+builds its model shard on the meta device and saves it with a streaming torch_dist writer
+(`checkpoint.streaming.StreamingSaveStrategy`): the model's own sharded state dict (the same
+description megatron-core's dist checkpointing loads and saves with) says which slice of which
+global megatron tensor each shard is, so every layout, SwiGLU's split fc1 and expert parallelism
+included, is handled by megatron-core's own sharding; each slice is cut, when the writer reaches
+it, from the group (embedding, one layer, final) converted from the HF weights last. A process
+holds one group, not the model. The result is a `spannorm_megatron.checkpoint` checkpoint
+(iteration 0 by default, no optimizer or RNG state): training loads it with ``--no-load-optim``
 (`load_checkpoint(..., no_load_optim=True)` or ``finetune=True``).
 """
 
@@ -21,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -34,6 +36,8 @@ from spannorm_megatron.hf.families import (
     layer_from_hf,
     model_config_from_hf,
 )
+from spannorm_megatron.checkpoint import save_checkpoint
+from spannorm_megatron.checkpoint.streaming import StreamingSaveStrategy
 from spannorm_megatron.hf.layout import CheckpointLayout, Group, megatron_groups
 from spannorm_megatron.hf.safetensors_io import SafetensorsFolder
 
@@ -116,91 +120,48 @@ class HFCheckpoint:
         return state
 
 
-def _nested_sharded_tensors(value, path=()):
-    from megatron.core.dist_checkpointing.mapping import ShardedBase
+class GroupProducer:
+    """Produces each checkpoint shard of the target layout from the HF weights, converting one
+    tensor group (embedding, a layer, final) at a time and holding only that group."""
 
-    if isinstance(value, ShardedBase):
-        yield path, value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _nested_sharded_tensors(v, path + (k,))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _nested_sharded_tensors(v, path + (i,))
+    def __init__(self, hf: HFCheckpoint, log: Callable[[str], None] = lambda s: None):
+        layout = CheckpointLayout(hf.config)
+        self._hf = hf
+        self._log = log
+        self._name_of = layout.inverse()
+        self._group_of = {name: (position, group) for position, group in enumerate(layout.groups)
+                          for name, _shape in group.params}
+        self._cached_group: Optional[str] = None
+        self._cached: Dict[str, torch.Tensor] = {}
 
-
-def _set_path(root, path, value):
-    for key in path[:-1]:
-        root = root[key]
-    if value is None:
-        del root[path[-1]]
-    else:
-        root[path[-1]] = value
-
-
-def fill_model_chunks(chunks, hf: HFCheckpoint, dtype: torch.dtype,
-                      log: Callable[[str], None] = lambda s: None) -> None:
-    """Load this rank's model chunks from the HF weights (any TP/PP/EP layout)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-    from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
-    from megatron.core.dist_checkpointing.mapping import apply_factory_merges
-
-    from spannorm_megatron.checkpoint import state as ckpt_state
-
-    layout = CheckpointLayout(hf.config)
-    inverse = layout.inverse()
-    group_of = {name: group for group in layout.groups for name, _shape in group.params}
-    sharded = ckpt_state.model_state(chunks, ckpt_state.SHARDING_METADATA)
-    preprocessed, _nonpersistent, factories = load_preprocess(sharded)
-
-    # Which megatron tensor each sharded tensor is a slice of, grouped for one pass per group.
-    requests: Dict[str, List[tuple]] = {}
-    for path, item in list(_nested_sharded_tensors(preprocessed)):
-        if isinstance(item, ShardedObject) or "_extra_state" in item.key:
-            _set_path(preprocessed, path, None)
-            continue
-        if not isinstance(item, ShardedTensor) or item.flattened_range is not None:
-            raise ConversionError(f"internal: unexpected sharded item {item.key}")
-        index = tuple(item.global_offset[:item.prepend_axis_num])
-        name = inverse.get((item.key, index))
+    def _name(self, shard) -> str:
+        if shard.flattened_range is not None:
+            raise ConversionError(f"internal: flattened sharded tensor {shard.key}")
+        name = self._name_of.get((shard.key, tuple(shard.global_offset[:shard.prepend_axis_num])))
         if name is None:
-            raise ConversionError(f"internal: no megatron name for checkpoint key {item.key} "
-                                  f"at {index}")
-        requests.setdefault(group_of[name].name, []).append((path, item, name))
+            raise ConversionError(f"internal: no megatron name for checkpoint key {shard.key} "
+                                  f"at {tuple(shard.global_offset[:shard.prepend_axis_num])}")
+        return name
 
-    # The sharded tensors' data are views of the model's parameters (SwiGLU's factory chunks
-    # them): filling them in place loads the model without a second copy of it. Should a view
-    # ever be a copy, the values go through megatron-core's factory merge and load_state_dict.
-    params = [p for chunk in chunks for p in ckpt_state.unwrap(chunk).parameters()]
-    storages = {p.untyped_storage().data_ptr() for p in params}
-    in_place = all(item.data.untyped_storage().data_ptr() in storages
-                   for items in requests.values() for _path, item, _name in items)
+    def order(self, shard) -> int:
+        """The position of the shard's group: the writer visits groups in this order."""
+        return self._group_of[self._name(shard)][0]
 
-    groups = {g.name: g for g in layout.groups}
-    with torch.no_grad():
-        for group_name, items in requests.items():
-            t0 = time.perf_counter()
-            full = hf.megatron_group(groups[group_name])
-            for path, item, name in items:
-                tensor = full[name]
-                slices = tuple(slice(off, off + size) for off, size in
-                               zip(item.global_offset[item.prepend_axis_num:], item.local_shape))
-                if in_place:
-                    item.data.copy_(tensor[slices])
-                else:
-                    _set_path(preprocessed, path, tensor[slices].to(dtype).clone())
-            del full
-            log(f"[convert_from_hf] {group_name:>10}: {len(items)} tensor slice(s) "
-                f"({time.perf_counter() - t0:.2f}s)")
-    if in_place:
-        return
-    loaded = apply_factory_merges(preprocessed, factories)
-    for key, chunk in zip(sharded, chunks):
-        missing, unexpected = ckpt_state.unwrap(chunk).load_state_dict(loaded[key], strict=False)
-        missing = [k for k in missing if "_extra_state" not in k]
-        if missing or unexpected:
-            raise ConversionError(f"internal: model load mismatch: missing {missing}, "
-                                  f"unexpected {unexpected}")
+    def produce(self, shard) -> torch.Tensor:
+        """The slice of the global megatron tensor that `shard` (a ShardedTensor) describes."""
+        name = self._name(shard)
+        _position, group = self._group_of[name]
+        if group.name != self._cached_group:
+            self._cached_group, self._cached = None, {}  # let the last group go first
+            start = time.perf_counter()
+            self._cached = self._hf.megatron_group(group)
+            self._hf.weights.release()
+            self._cached_group = group.name
+            self._log(f"[convert_from_hf] {group.name:>10}: converted "
+                      f"({time.perf_counter() - start:.2f}s)")
+        offsets = shard.global_offset[shard.prepend_axis_num:]
+        return self._cached[name][tuple(slice(offset, offset + size) for offset, size
+                                        in zip(offsets, shard.local_shape))]
 
 
 def _world_size() -> int:
@@ -265,39 +226,25 @@ def convert_hf_to_megatron(
         overrides["bf16"] = True
     elif params_dtype == torch.float16:
         overrides["fp16"] = True
-    chunks = build_model(local, transformer_config(local, **overrides))
-    fill_model_chunks(chunks, hf, params_dtype, log=say)
+    # The model is built on the meta device: it only describes the checkpoint (names, shapes,
+    # this rank's slices); the tensors are converted group by group while the file is written.
+    with torch.device("meta"):
+        chunks = build_model(local, transformer_config(
+            local, **overrides, use_cpu_initialization=True, perform_initialization=False))
+    materialized = [name for chunk in chunks for name, tensor in chunk.state_dict().items()
+                    if isinstance(tensor, torch.Tensor) and not tensor.is_meta]
+    if materialized:  # they would be written as built, not converted
+        raise ConversionError(f"internal: built off the meta device: {materialized[:4]}")
+    producer = GroupProducer(hf, log=say)
     try:
-        path = _save(save, iteration, chunks, config, parallel, load)
+        path = save_checkpoint(
+            save, iteration, chunks, None, None, model_config=config, parallel_config=parallel,
+            consumed_train_samples=0, no_save_rng=True,
+            args={"converted_from_hf": os.path.abspath(load)},
+            sharded_strategy=StreamingSaveStrategy(producer.produce, producer.order))
     except BaseException:
         if created and rank == 0:
             shutil.rmtree(save, ignore_errors=True)
         raise
     say(f"[convert_from_hf] wrote {path}")
-    return path
-
-
-def _save(save: str, iteration: int, chunks, config: ModelConfig, parallel: ParallelConfig,
-          source: str) -> str:
-    try:
-        from spannorm_megatron.checkpoint import save_checkpoint
-    except ImportError:  # pragma: no cover - fallback while the checkpoint package is absent
-        return _save_plain(save, iteration, chunks)
-    return save_checkpoint(
-        save, iteration, chunks, None, None, model_config=config, parallel_config=parallel,
-        consumed_train_samples=0, no_save_rng=True,
-        args={"converted_from_hf": os.path.abspath(source)})
-
-
-def _save_plain(save: str, iteration: int, chunks) -> str:  # pragma: no cover
-    from megatron.core import dist_checkpointing
-
-    path = os.path.join(save, f"iter_{iteration:07d}")
-    os.makedirs(path, exist_ok=True)
-    sharded = {("model" if len(chunks) == 1 else f"model{i}"): c.sharded_state_dict()
-               for i, c in enumerate(chunks)}
-    dist_checkpointing.save(sharded, path)
-    if int(os.environ.get("RANK", "0")) == 0:
-        with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as f:
-            f.write(f"{iteration}\n")
     return path

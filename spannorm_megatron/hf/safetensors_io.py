@@ -191,6 +191,13 @@ class SafetensorsFolder:
                                       f"as safetensors: {err}") from None
         return self._handles[filename]
 
+    def release(self) -> None:
+        """Close the open files. safetensors maps a file into memory, and every page read stays
+        resident (and counts in the process's memory) while it is mapped: a reader that
+        streams through a large folder releases after each part, so only that part's pages
+        are held (tensors still in use keep their own pages)."""
+        self._handles.clear()
+
     def names(self) -> List[str]:
         return list(self.weight_map)
 

@@ -9,16 +9,19 @@ gradients are partial sums; marking the gains `sequence_parallel` makes megatron
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 
-def _parameter_device(config: TransformerConfig) -> torch.device:
-    # Follow megatron-core's linear layers: allocate on the GPU unless told to initialize on CPU.
+def _parameter_device(config: TransformerConfig) -> Optional[torch.device]:
+    # Follow megatron-core's linear layers: allocate on the GPU unless told to initialize on CPU,
+    # and then on the default device (the host, or meta inside `with torch.device("meta")`).
     if torch.cuda.is_available() and not config.use_cpu_initialization:
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return None
 
 
 class _Norm(torch.nn.Module):
