@@ -1,4 +1,5 @@
-"""tools/benchmark.py runs on CPU (its smallest preset) and writes the table and JSON."""
+"""tools/benchmark.py and tools/benchmark_conversion.py run on CPU (their smallest sizes) and
+write their tables and JSON."""
 
 import json
 import os
@@ -32,3 +33,20 @@ def test_benchmark_refuses_fp8_without_transformer_engine():
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "fp8 needs Transformer Engine" in result.stderr
+
+
+def test_conversion_benchmark_small_size_writes_table_and_json(tmp_path):
+    output = tmp_path / "conversion.json"
+    work = tmp_path / "work"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "benchmark_conversion.py"), "--sizes",
+         "small", "--work-dir", str(work), "--json", str(output)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[1].startswith("small ")
+    (row,) = json.loads(output.read_text())["results"]
+    assert row["parameters"] > 40_000_000 and row["checkpoint_mib"] > 100
+    assert row["export"]["largest_group_mib"] > 0
+    for direction in ("export", "import"):
+        assert row[direction]["seconds"] > 0 and row[direction]["peak_mib"] > 0
+    assert not (work / "small").exists()  # checkpoints and folders are removed without --keep
