@@ -17,6 +17,7 @@ import sys
 from typing import List, Optional
 
 import torch
+from megatron.core.distributed import DistributedDataParallelConfig
 
 from spannorm_megatron.checkpoint import (
     TRACKER_FILENAME,
@@ -54,8 +55,9 @@ from spannorm_megatron.training.guards import (
 )
 from spannorm_megatron.training.loop import Timer, evaluate, log_line, train_step
 from spannorm_megatron.training.monitor import RunMonitor
+from spannorm_megatron.training.performance import performance_config
 from spannorm_megatron.training.schedule import batch_layout, lr_scheduler, optimizer_config
-from spannorm_megatron.training.setup import setup_model_and_optimizer
+from spannorm_megatron.training.setup import gather_updated_parameters, setup_model_and_optimizer
 
 
 def print_rank_0(message: str) -> None:
@@ -67,16 +69,6 @@ def print_last_rank(message: str) -> None:
     """Losses live on the last pipeline stage; Megatron-LM logs from the last rank."""
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
         print(message, flush=True)
-
-
-def _recompute_kwargs(args) -> dict:
-    if args.recompute_granularity is None:
-        return {}
-    kwargs = dict(recompute_granularity=args.recompute_granularity)
-    if args.recompute_granularity == "full":
-        kwargs.update(recompute_method=args.recompute_method or "uniform",
-                      recompute_num_layers=args.recompute_num_layers or 1)
-    return kwargs
 
 
 def pretrain(argv: Optional[List[str]] = None) -> dict:
@@ -93,6 +85,9 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     model_cfg = model_config(args, padded_vocab_size(tokenizer.vocab_size, args))
     parallel = parallel_config(args)
     check_model_fits_layout(model_cfg, parallel)
+    performance = performance_config(args)
+    performance.check_layout(parallel)
+    performance.check_machine(model_cfg)
     data_cfg = DataConfig(seq_length=args.seq_length, data_path=args.data_path, split=args.split,
                           seed=args.seed, data_cache_path=args.data_cache_path)
     num_samples = num_samples_for(args.train_iters, batches.global_batch_size,
@@ -101,18 +96,18 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
 
     # ---- runtime, model, optimizer
     initialize(**parallel.runtime_kwargs(), seed=args.seed)
-    tconfig = transformer_config(
-        model_cfg, **parallel.transformer_kwargs(), **_recompute_kwargs(args),
-        bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-    )
+    tconfig = transformer_config(model_cfg, **parallel.transformer_kwargs(),
+                                 **performance.transformer_kwargs())
     model, optimizer = setup_model_and_optimizer(
-        model_cfg, tconfig, optimizer_config(args), _ddp_config(args))
+        model_cfg, tconfig, optimizer_config(args),
+        DistributedDataParallelConfig(**performance.ddp_kwargs(parallel)))
     scheduler = lr_scheduler(args, optimizer, batches.global_batch_size)
     iteration, consumed_train, consumed_valid = _load(args, model, optimizer, scheduler,
                                                       model_cfg, parallel)
 
     def save(at_iteration: int) -> None:
         if args.save:
+            gather_updated_parameters(model)
             path = save_checkpoint(
                 args.save, at_iteration, model, optimizer, scheduler, model_config=model_cfg,
                 parallel_config=parallel, consumed_train_samples=consumed_train,
@@ -140,7 +135,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
                          global_batch_size=batches.global_batch_size,
                          num_microbatches=batches.num_microbatches, log_interval=args.log_interval,
                          tensorboard_dir=args.tensorboard_dir,
-                         dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                         dtype=performance.params_dtype,
                          recompute=args.recompute_granularity)
     monitor.write_config({"args": vars(args), "model": model_cfg.to_dict(),
                           "parallel": vars(parallel)})
@@ -266,15 +261,6 @@ def _fault_injection_iterations() -> set:
 def _poisoned_forward_step(data_iterator, model):
     output, loss_func = forward_step(data_iterator, model)
     return output * float("nan"), loss_func
-
-
-def _ddp_config(args):
-    from megatron.core.distributed import DistributedDataParallelConfig
-
-    return DistributedDataParallelConfig(
-        use_distributed_optimizer=args.use_distributed_optimizer,
-        grad_reduce_in_fp32=args.bf16,
-    )
 
 
 def _count_parameters(model) -> int:

@@ -19,6 +19,7 @@ from spannorm_megatron.cli import run_cli
 from spannorm_megatron.data.corpus import write_embedded_corpus
 from spannorm_megatron.data.preprocess import PreprocessConfig, preprocess
 from spannorm_megatron.data.tokenizer_training import TokenizerTrainingConfig, train_sentencepiece
+from spannorm_megatron.model.specs import transformer_engine_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,6 +108,24 @@ CATALOGUE = [
      "--lr-warmup-iters 5 must be smaller"),
     ("gqa-without-groups", "train", lambda f: T(f, "--group-query-attention"),
      "--num-query-groups"),
+    ("fp8-without-bf16", "train", lambda f: T(f, "--fp8-format", "hybrid"),
+     "--fp8-format needs --bf16"),
+    *([] if transformer_engine_available() else [
+        ("fp8-without-gpu", "train", lambda f: T(f, "--bf16", "--fp8-format", "e4m3"),
+         "need Transformer Engine on a GPU")]),
+    ("tp-overlap-without-sp", "train", lambda f: T(f, "--tp-comm-overlap"),
+     "--tp-comm-overlap needs --tensor-model-parallel-size > 1"),
+    ("param-gather-without-grad-overlap", "train", lambda f: T(f, "--overlap-param-gather"),
+     "--overlap-param-gather needs --overlap-grad-reduce"),
+    ("param-gather-without-distopt", "train", lambda f: T(f, "--overlap-grad-reduce",
+                                                          "--overlap-param-gather"),
+     "needs --use-distributed-optimizer"),
+    ("fp8-param-gather-without-fp8", "train", lambda f: T(f, "--fp8-param-gather"),
+     "only applies to FP8 runs"),
+    ("recompute-method-without-full", "train", lambda f: T(f, "--recompute-granularity",
+                                                           "selective", "--recompute-method",
+                                                           "block"),
+     "--recompute-method applies to --recompute-granularity full"),
     ("missing-data", "train", lambda f: T(f, "--data-path", str(f / "nothing")),
      str("nothing")),
     ("no-data-flag", "train", lambda f: ["--tokenizer-model", str(f / "tok.model")],

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from spannorm_megatron.config import ConfigError, ModelConfig
 from spannorm_megatron.model import PLACEMENTS, get_placement
@@ -136,3 +137,31 @@ def test_cli_refuses_bad_layout_before_building(flags, expected):
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert "step 1" not in result.stdout
+
+
+def test_performance_choices_become_megatron_core_config_fields():
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.model import transformer_config
+    from spannorm_megatron.training.performance import PerformanceConfig
+
+    performance = PerformanceConfig(
+        bf16=True, fp8_format="hybrid", fp8_recipe="tensorwise", fp8_amax_history_len=16,
+        fp8_amax_compute_algo="max", recompute_granularity="full", overlap_grad_reduce=True,
+        overlap_param_gather=True, ddp_bucket_size=1000)
+    parallel = ParallelConfig(use_distributed_optimizer=True)
+    performance.check_layout(parallel)
+    tconfig = transformer_config(ModelConfig(num_layers=4), **performance.transformer_kwargs())
+    assert (tconfig.bf16, tconfig.params_dtype) == (True, torch.bfloat16)
+    assert (tconfig.fp8, tconfig.fp8_recipe) == ("hybrid", "tensorwise")
+    assert (tconfig.fp8_amax_history_len, tconfig.fp8_amax_compute_algo) == (16, "max")
+    assert (tconfig.recompute_granularity, tconfig.recompute_method,
+            tconfig.recompute_num_layers) == ("full", "uniform", 1)
+    ddp = DistributedDataParallelConfig(**performance.ddp_kwargs(parallel))
+    assert ddp.overlap_grad_reduce and ddp.overlap_param_gather and ddp.grad_reduce_in_fp32
+    assert ddp.use_distributed_optimizer and ddp.bucket_size == 1000
+
+    plain = transformer_config(ModelConfig(num_layers=4),
+                               **PerformanceConfig().transformer_kwargs())
+    assert (plain.bf16, plain.fp8, plain.recompute_granularity) == (False, None, None)

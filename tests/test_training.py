@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from spannorm_megatron.data.corpus import write_embedded_corpus
 from spannorm_megatron.data.preprocess import PreprocessConfig, preprocess
@@ -196,3 +197,28 @@ def test_load_refuses_a_checkpoint_of_another_model(corpus, tmp_path):
         assert expected in result.stderr and str(ckpt) in result.stderr
         assert "Traceback" not in result.stderr
     assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+def test_overlapped_gradient_reduce_and_parameter_gather_change_nothing(corpus, tmp_path):
+    """--overlap-grad-reduce --overlap-param-gather (distributed optimizer, DP2, small buckets so
+    that there are several): the same losses, validation losses and saved weights, bitwise."""
+    from spannorm_megatron.hf.megatron_reader import load_megatron_state
+
+    data, tokenizer = corpus
+    common = ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--train-iters", "6",
+              "--use-distributed-optimizer", "--log-interval", "5", "--eval-interval", "4"]
+    runs = {}
+    for name, flags in (("plain", []), ("overlap", ["--overlap-grad-reduce",
+                                                    "--overlap-param-gather",
+                                                    "--ddp-bucket-size", "20000"])):
+        result = run_train(*common, *flags, "--save", str(tmp_path / name),
+                           "--tensorboard-dir", str(tmp_path / f"tb-{name}"))
+        assert result.returncode == 0, result.stderr[-4000:]
+        scalars = tensorboard_scalars(tmp_path / f"tb-{name}")[0]
+        runs[name] = (scalars["lm loss"], scalars["lm loss validation"],
+                      load_megatron_state(str(tmp_path / name))[1])
+    (loss, valid, weights), (loss_o, valid_o, weights_o) = runs["plain"], runs["overlap"]
+    assert sorted(valid) == [4, 6] and loss_o == loss and valid_o == valid
+    assert weights_o.keys() == weights.keys()
+    for name in weights:  # the checkpoint holds the update every rank made, gathered
+        assert torch.equal(weights_o[name], weights[name]), name

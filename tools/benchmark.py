@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp8"])
     p.add_argument("--fp8-format", default="hybrid", choices=["hybrid", "e4m3"])
     p.add_argument("--fp8-recipe", default="delayed",
-                   choices=["delayed", "tensorwise", "mxfp8"])
+                   choices=["delayed", "tensorwise", "blockwise", "mxfp8"])
     p.add_argument("--seq-length", type=int, default=None)
     p.add_argument("--micro-batch-size", type=int, default=None)
     p.add_argument("--num-microbatches", type=int, default=1)
@@ -75,19 +75,38 @@ def parse_args(argv=None):
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--use-distributed-optimizer", action="store_true")
     p.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    p.add_argument("--overlap-grad-reduce", action="store_true")
+    p.add_argument("--overlap-param-gather", action="store_true")
+    p.add_argument("--tp-comm-overlap", action="store_true")
     p.add_argument("--transformer-impl", default="auto",
                    choices=["auto", "local", "transformer_engine"])
     p.add_argument("--output", default=None, help="JSON file for the results.")
     return p.parse_args(argv)
 
 
-def _precision_overrides(precision: str, args) -> dict:
-    if precision == "fp32":
-        return dict(params_dtype=torch.float32)
-    overrides = dict(bf16=True, params_dtype=torch.bfloat16)
-    if precision == "fp8":
-        overrides.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe)
-    return overrides
+def parallel_layout(args):
+    from spannorm_megatron.config import ParallelConfig
+
+    return ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                          pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                          expert_model_parallel_size=args.expert_model_parallel_size,
+                          sequence_parallel=args.sequence_parallel,
+                          use_distributed_optimizer=args.use_distributed_optimizer)
+
+
+def performance_for(precision: str, args):
+    """The run's `PerformanceConfig` at one precision of --precisions."""
+    from spannorm_megatron.training.performance import PerformanceConfig
+
+    return PerformanceConfig(
+        bf16=precision != "fp32",
+        fp8_format=args.fp8_format if precision == "fp8" else None,
+        fp8_recipe=args.fp8_recipe,
+        recompute_granularity=args.recompute_granularity,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
+        tp_comm_overlap=args.tp_comm_overlap,
+    )
 
 
 class Bench:
@@ -107,23 +126,18 @@ class Bench:
         self.placement, self.precision = placement, precision
         self.model_config = ModelConfig(norm_placement=placement, max_sequence_length=seq_length,
                                         transformer_impl=args.transformer_impl, **model_fields)
-        overrides = _precision_overrides(precision, args)
-        if args.recompute_granularity:
-            overrides.update(recompute_granularity=args.recompute_granularity)
-            if args.recompute_granularity == "full":
-                overrides.update(recompute_method="uniform", recompute_num_layers=1)
-        tconfig = transformer_config(
-            self.model_config, tensor_model_parallel_size=args.tensor_model_parallel_size,
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            expert_model_parallel_size=args.expert_model_parallel_size,
-            sequence_parallel=args.sequence_parallel, **overrides)
+        performance = performance_for(precision, args)
+        parallel = parallel_layout(args)
+        performance.check_layout(parallel)
+        performance.check_machine(self.model_config)
+        tconfig = transformer_config(self.model_config, **parallel.transformer_kwargs(),
+                                     **performance.transformer_kwargs())
         self.model, self.optimizer = setup_model_and_optimizer(
             self.model_config, tconfig,
-            OptimizerConfig(optimizer="adam", lr=1e-4, bf16=precision != "fp32",
-                            params_dtype=overrides["params_dtype"],
+            OptimizerConfig(optimizer="adam", lr=1e-4, bf16=performance.bf16,
+                            params_dtype=performance.params_dtype,
                             use_distributed_optimizer=args.use_distributed_optimizer),
-            DistributedDataParallelConfig(use_distributed_optimizer=args.use_distributed_optimizer,
-                                          grad_reduce_in_fp32=precision != "fp32"),
+            DistributedDataParallelConfig(**performance.ddp_kwargs(parallel)),
         )
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=1e-4, max_lr=1e-4, min_lr=1e-4, lr_warmup_steps=0,
@@ -189,9 +203,7 @@ def run(args) -> List[Result]:
     placements = args.placements or sorted(PLACEMENTS)
     if "prenorm" not in placements:
         placements = ["prenorm", *placements]
-    initialize(tensor_model_parallel_size=args.tensor_model_parallel_size,
-               pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-               expert_model_parallel_size=args.expert_model_parallel_size, seed=1234)
+    initialize(**parallel_layout(args).runtime_kwargs(), seed=1234)
     world = torch.distributed.get_world_size()
     results: List[Result] = []
     for precision in args.precisions:

@@ -111,10 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adam-beta1", type=float, default=0.9)
     t.add_argument("--adam-beta2", type=float, default=0.95)
     t.add_argument("--adam-eps", type=float, default=1e-8)
-    t.add_argument("--bf16", action="store_true")
-    t.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
-    t.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
-    t.add_argument("--recompute-num-layers", type=int, default=None)
     t.add_argument("--seed", type=int, default=1234)
     t.add_argument("--exit-interval", type=int, default=None,
                    help="Save (if --save) and exit at iterations divisible by this.")
@@ -127,6 +123,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Log a loss spike when the loss exceeds this x the running median.")
     t.add_argument("--loss-spike-window", type=int, default=50,
                    help="Iterations in the running median of --loss-spike-factor.")
+
+    perf = p.add_argument_group(
+        "precision, recompute and overlap (see spannorm_megatron.training.performance)")
+    perf.add_argument("--bf16", action="store_true")
+    perf.add_argument("--fp8-format", default=None, choices=["hybrid", "e4m3"],
+                      help="FP8 GEMMs through Transformer Engine (with --bf16, on an FP8 GPU).")
+    perf.add_argument("--fp8-recipe", default="delayed",
+                      choices=["delayed", "tensorwise", "blockwise", "mxfp8"])
+    perf.add_argument("--fp8-margin", type=int, default=0)
+    perf.add_argument("--fp8-amax-history-len", type=int, default=1)
+    perf.add_argument("--fp8-amax-compute-algo", default="most_recent",
+                      choices=["most_recent", "max"])
+    perf.add_argument("--fp8-param-gather", action="store_true",
+                      help="Keep and all-gather parameters in FP8 (distributed optimizer).")
+    perf.add_argument("--first-last-layers-bf16", action="store_true",
+                      help="Run the first and last layers in bf16 under FP8.")
+    perf.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    perf.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
+    perf.add_argument("--recompute-num-layers", type=int, default=None)
+    perf.add_argument("--overlap-grad-reduce", action="store_true",
+                      help="Reduce gradients bucket by bucket during the backward pass.")
+    perf.add_argument("--overlap-param-gather", action="store_true",
+                      help="All-gather updated parameters during the next forward pass "
+                      "(distributed optimizer, with --overlap-grad-reduce).")
+    perf.add_argument("--tp-comm-overlap", action="store_true",
+                      help="Overlap tensor-parallel communication with GEMMs (Transformer "
+                      "Engine on GPUs, with --sequence-parallel).")
+    perf.add_argument("--ddp-bucket-size", type=int, default=None,
+                      help="Elements per gradient-reduction bucket (default: megatron-core's).")
 
     d = p.add_argument_group("data")
     d.add_argument("--data-path", nargs="*", default=None,

@@ -20,6 +20,7 @@ from spannorm_megatron.metrics import (
     flops_per_token,
     mfu,
 )
+from spannorm_megatron.training.setup import gather_updated_parameters
 
 
 class RunMonitor:
@@ -38,6 +39,7 @@ class RunMonitor:
         self.writer = TensorBoardWriter(tensorboard_dir)
         self.signals = StabilitySignals(model_chunks)
         self.moe = MoEMetrics(model_chunks)
+        self.model_chunks = model_chunks
         self.measuring = False
         self.skipped_total = 0
 
@@ -60,6 +62,7 @@ class RunMonitor:
 
     def after_optimizer_step(self) -> None:
         if self.measuring:
+            gather_updated_parameters(self.model_chunks)  # the statistics read the new weights
             self.signals.after_optimizer_step()
 
     def mfu(self, seconds_per_step: float) -> Optional[float]:

@@ -43,6 +43,27 @@ def setup_model_and_optimizer(
     optimizer = get_megatron_optimizer(optimizer_config, model)
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss
-    no_sync = [m.no_sync for m in model]
-    tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    tconfig.no_sync_func = _one_or_list([m.no_sync for m in model])
+    if ddp_config.overlap_grad_reduce:
+        # The pipeline schedules start each chunk's reduction as soon as its last backward
+        # is done (Megatron-LM's default, --align-grad-reduce).
+        tconfig.grad_sync_func = _one_or_list([m.start_grad_sync for m in model])
     return model, optimizer
+
+
+def _one_or_list(functions: list):
+    return functions[0] if len(functions) == 1 else functions
+
+
+def gather_updated_parameters(model: List[DistributedDataParallel]) -> None:
+    """Give every rank the full updated parameters now.
+
+    With ``--overlap-param-gather`` the distributed optimizer defers the all-gather of updated
+    parameters into the next forward pass (DDP's forward pre-hooks, evaluation's too). Whatever
+    reads the weights outside a forward (a checkpoint, weight statistics) calls this first;
+    without the overlap the gather already happened in the optimizer step, and this does nothing.
+    """
+    for chunk in model:
+        ddp_config = getattr(chunk, "ddp_config", None)  # plain modules (tools, tests) too
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)

@@ -1,0 +1,227 @@
+"""How a run computes and communicates: precision (fp32, bf16, FP8 through Transformer Engine),
+activation recompute, and the overlap of communication with compute.
+
+`PerformanceConfig` holds the choices (Megatron-LM's flags, see `training.arguments`) and turns
+them into megatron-core's own fields (`TransformerConfig`, `DistributedDataParallelConfig`); none
+of them changes the model's math beyond rounding. Checks come in three steps, each as early as it
+can be: the values alone (on construction), against the parallel layout (`check_layout`), and
+against this machine: GPU, Transformer Engine and the FP8 recipes it ships (`check_machine`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.errors import ConfigError
+
+FP8_FORMATS = ("hybrid", "e4m3")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+AMAX_COMPUTE_ALGOS = ("most_recent", "max")
+
+FP8_RECIPES = {
+    # --fp8-recipe: (Transformer Engine recipe class, lowest GPU compute capability)
+    "delayed": ("DelayedScaling", (8, 9)),
+    "tensorwise": ("Float8CurrentScaling", (8, 9)),
+    "blockwise": ("Float8BlockScaling", (9, 0)),
+    "mxfp8": ("MXFP8BlockScaling", (10, 0)),
+}
+
+
+def _choice(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{flag} {value!r} is not one of {list(choices)}.")
+
+
+@dataclass
+class PerformanceConfig:
+    """Precision, recompute and overlap choices of a run. Defaults: fp32, no recompute, no
+    overlap (what runs everywhere, CPU included)."""
+
+    bf16: bool = False
+    """Parameters and activations in bfloat16 (main weights and gradient reduction in fp32)."""
+
+    fp8_format: Optional[str] = None
+    """FP8 GEMMs through Transformer Engine: 'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3';
+    None for no FP8. Needs `bf16`, the Transformer Engine flavour and an FP8 GPU."""
+
+    fp8_recipe: str = "delayed"
+    """How FP8 scales are chosen: 'delayed' (amax history), 'tensorwise' (current scaling),
+    'blockwise' or 'mxfp8' (Blackwell), as far as the installed Transformer Engine has them."""
+
+    fp8_margin: int = 0
+    """Power-of-two margin of the delayed-scaling factor."""
+
+    fp8_amax_history_len: int = 1
+    """Steps of amax history the delayed recipe keeps."""
+
+    fp8_amax_compute_algo: str = "most_recent"
+    """Which amax of the history the delayed recipe uses: 'most_recent' or 'max'."""
+
+    fp8_param_gather: bool = False
+    """Keep parameters in FP8 and all-gather them in FP8 (distributed optimizer)."""
+
+    first_last_layers_bf16: bool = False
+    """Run the first and last transformer layers in bf16 under FP8."""
+
+    recompute_granularity: Optional[str] = None
+    """Activation recompute: 'selective' (attention core) or 'full' (whole layers); None: off."""
+
+    recompute_method: Optional[str] = None
+    """With full recompute: 'uniform' or 'block' (default 'uniform')."""
+
+    recompute_num_layers: Optional[int] = None
+    """With full recompute: layers per recompute chunk (uniform) or recomputed layers per stage
+    (block); default 1."""
+
+    overlap_grad_reduce: bool = False
+    """Reduce gradients bucket by bucket during the backward pass instead of after it."""
+
+    overlap_param_gather: bool = False
+    """All-gather updated parameters (distributed optimizer) during the next forward pass."""
+
+    tp_comm_overlap: bool = False
+    """Overlap tensor-parallel communication with GEMMs (Transformer Engine userbuffers)."""
+
+    ddp_bucket_size: Optional[int] = None
+    """Elements per gradient-reduction bucket; None: megatron-core's default."""
+
+    def __post_init__(self):
+        if self.fp8_format is not None:
+            _choice("--fp8-format", self.fp8_format, FP8_FORMATS)
+            if not self.bf16:
+                raise ConfigError("--fp8-format needs --bf16: FP8 runs the GEMMs in FP8 and "
+                                  "everything else in bf16.")
+        _choice("--fp8-recipe", self.fp8_recipe, FP8_RECIPES)
+        _choice("--fp8-amax-compute-algo", self.fp8_amax_compute_algo, AMAX_COMPUTE_ALGOS)
+        if self.fp8_amax_history_len < 1:
+            raise ConfigError(f"--fp8-amax-history-len {self.fp8_amax_history_len} must be >= 1.")
+        for flag, value in (("--fp8-param-gather", self.fp8_param_gather),
+                            ("--first-last-layers-bf16", self.first_last_layers_bf16)):
+            if value and self.fp8_format is None:
+                raise ConfigError(f"{flag} only applies to FP8 runs: add --fp8-format "
+                                  f"hybrid (or e4m3), or drop it.")
+        if self.recompute_granularity is not None:
+            _choice("--recompute-granularity", self.recompute_granularity,
+                    RECOMPUTE_GRANULARITIES)
+        if self.recompute_method is not None:
+            _choice("--recompute-method", self.recompute_method, RECOMPUTE_METHODS)
+            if self.recompute_granularity != "full":
+                raise ConfigError("--recompute-method applies to --recompute-granularity full.")
+        if self.recompute_num_layers is not None:
+            if self.recompute_granularity != "full":
+                raise ConfigError("--recompute-num-layers applies to "
+                                  "--recompute-granularity full.")
+            if self.recompute_num_layers < 1:
+                raise ConfigError(f"--recompute-num-layers {self.recompute_num_layers} must be "
+                                  f">= 1.")
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            raise ConfigError("--overlap-param-gather needs --overlap-grad-reduce (megatron-core "
+                              "overlaps the gather only alongside the gradient reduction).")
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
+            raise ConfigError(f"--ddp-bucket-size {self.ddp_bucket_size} must be positive.")
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def check_layout(self, parallel: ParallelConfig) -> None:
+        """Refuse choices the parallel layout cannot carry out."""
+        if self.overlap_param_gather and not parallel.use_distributed_optimizer:
+            raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (only "
+                              "the distributed optimizer gathers parameters).")
+        if self.fp8_param_gather and not parallel.use_distributed_optimizer:
+            raise ConfigError("--fp8-param-gather needs --use-distributed-optimizer.")
+        if self.tp_comm_overlap and not (parallel.tensor_model_parallel_size > 1
+                                         and parallel.sequence_parallel):
+            raise ConfigError("--tp-comm-overlap needs --tensor-model-parallel-size > 1 and "
+                              "--sequence-parallel.")
+
+    def check_machine(self, model: ModelConfig) -> None:
+        """Refuse choices this machine cannot run: FP8 and TP overlap need Transformer Engine
+        on a GPU (FP8: compute capability 8.9+, e.g. H100; mxfp8: 10.0+)."""
+        from spannorm_megatron.model.specs import transformer_engine_available
+
+        wants_te = [flag for flag, on in (("--fp8-format", self.fp8_format is not None),
+                                          ("--tp-comm-overlap", self.tp_comm_overlap)) if on]
+        if not wants_te:
+            return
+        if not transformer_engine_available():
+            raise ConfigError(f"{' and '.join(wants_te)} need Transformer Engine on a GPU, and "
+                              f"this machine lacks one of them: install the 'te' extra on a GPU "
+                              f"host (docs/gpu.md), or drop {' and '.join(wants_te)}.")
+        if model.transformer_impl == "local":
+            raise ConfigError(f"{' and '.join(wants_te)} need the Transformer Engine layers: "
+                              f"use --transformer-impl transformer_engine (or auto).")
+        if self.fp8_format is None:
+            return
+        recipe_class, capability = FP8_RECIPES[self.fp8_recipe]
+        found = _device_capability()
+        if found < capability:
+            raise ConfigError(
+                f"--fp8-recipe {self.fp8_recipe} needs a GPU of compute capability "
+                f"{capability[0]}.{capability[1]} or newer; this one is {found[0]}.{found[1]}.")
+        from transformer_engine.common import recipe
+
+        if not hasattr(recipe, recipe_class):
+            raise ConfigError(f"--fp8-recipe {self.fp8_recipe} needs Transformer Engine's "
+                              f"{recipe_class}, which the installed version lacks: upgrade "
+                              f"Transformer Engine or choose another recipe.")
+
+    def transformer_kwargs(self) -> dict:
+        """`TransformerConfig` fields (precision, FP8, recompute, TP overlap)."""
+        kwargs = dict(bf16=self.bf16, params_dtype=self.params_dtype,
+                      tp_comm_overlap=self.tp_comm_overlap)
+        if self.fp8_format is not None:
+            kwargs.update(fp8=self.fp8_format, fp8_recipe=self.fp8_recipe,
+                          fp8_margin=self.fp8_margin,
+                          fp8_amax_history_len=self.fp8_amax_history_len,
+                          fp8_amax_compute_algo=self.fp8_amax_compute_algo,
+                          fp8_param=self.fp8_param_gather,
+                          first_last_layers_bf16=self.first_last_layers_bf16)
+        if self.recompute_granularity is not None:
+            kwargs["recompute_granularity"] = self.recompute_granularity
+        if self.recompute_granularity == "full":
+            kwargs.update(recompute_method=self.recompute_method or "uniform",
+                          recompute_num_layers=self.recompute_num_layers or 1)
+        return kwargs
+
+    def ddp_kwargs(self, parallel: ParallelConfig) -> dict:
+        """`DistributedDataParallelConfig` fields."""
+        kwargs = dict(use_distributed_optimizer=parallel.use_distributed_optimizer,
+                      grad_reduce_in_fp32=self.bf16,
+                      overlap_grad_reduce=self.overlap_grad_reduce,
+                      overlap_param_gather=self.overlap_param_gather,
+                      fp8_param_gather=self.fp8_param_gather)
+        if self.ddp_bucket_size is not None:
+            kwargs["bucket_size"] = self.ddp_bucket_size
+        return kwargs
+
+
+def _device_capability() -> Tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability())
+
+
+def performance_config(args) -> PerformanceConfig:
+    """The `PerformanceConfig` of parsed `spannorm-train` flags."""
+    return PerformanceConfig(
+        bf16=args.bf16,
+        fp8_format=args.fp8_format,
+        fp8_recipe=args.fp8_recipe,
+        fp8_margin=args.fp8_margin,
+        fp8_amax_history_len=args.fp8_amax_history_len,
+        fp8_amax_compute_algo=args.fp8_amax_compute_algo,
+        fp8_param_gather=args.fp8_param_gather,
+        first_last_layers_bf16=args.first_last_layers_bf16,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
+        tp_comm_overlap=args.tp_comm_overlap,
+        ddp_bucket_size=args.ddp_bucket_size,
+    )
