@@ -34,7 +34,7 @@ setup(
     ],
     extras_require={
         # Transformer Engine builds its PyTorch extension against the installed torch and CUDA.
-        "te": ["transformer-engine[pytorch]>=2.0"],
+        "te": ["transformer-engine[pytorch]>=2.9,<2.12"],  # what megatron-core 0.16.1 supports
         "hf": ["transformers>=4.45", "safetensors>=0.4"],
         "test": ["pytest>=8"],
         "lab": ["matplotlib>=3.7"],

@@ -55,7 +55,10 @@ from spannorm_megatron.training.guards import (
 )
 from spannorm_megatron.training.loop import Timer, evaluate, log_line, train_step
 from spannorm_megatron.training.monitor import RunMonitor
-from spannorm_megatron.training.performance import performance_config
+from spannorm_megatron.training.performance import (
+    initialize_tp_comm_overlap,
+    performance_config,
+)
 from spannorm_megatron.training.schedule import batch_layout, lr_scheduler, optimizer_config
 from spannorm_megatron.training.setup import gather_updated_parameters, setup_model_and_optimizer
 
@@ -96,6 +99,10 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
 
     # ---- runtime, model, optimizer
     initialize(**parallel.runtime_kwargs(), seed=args.seed)
+    initialize_tp_comm_overlap(performance, seq_length=args.seq_length,
+                               micro_batch_size=args.micro_batch_size,
+                               hidden_size=model_cfg.hidden_size,
+                               tensor_model_parallel_size=parallel.tensor_model_parallel_size)
     tconfig = transformer_config(model_cfg, **parallel.transformer_kwargs(),
                                  **performance.transformer_kwargs())
     model, optimizer = setup_model_and_optimizer(

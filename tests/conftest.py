@@ -1,4 +1,5 @@
-"""Shared fixtures: one single-process megatron-core world (gloo on CPU) for in-process tests.
+"""Shared fixtures: one single-process megatron-core world (gloo on CPU) for in-process tests,
+and one small prepared corpus for the tests that train.
 
 Multi-rank behaviour is tested by launching `torchrun` from the tests that need it; tests here
 only need megatron-core's parallel state to exist at size 1.
@@ -24,6 +25,14 @@ def seeded(megatron_world):
 
     torch.manual_seed(1234)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """(data prefix, tokenizer model) of a 1 MB slice of the embedded corpus, for training runs."""
+    from _training import prepare_corpus
+
+    return prepare_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def pytest_configure(config):

@@ -9,16 +9,13 @@ test_training.py and test_reliability.py; the layout arithmetic in test_config.p
 
 import hashlib
 import importlib.util
-import io
 import json
 import os
 
 import pytest
 
+from _training import prepare_corpus
 from spannorm_megatron.cli import run_cli
-from spannorm_megatron.data.corpus import write_embedded_corpus
-from spannorm_megatron.data.preprocess import PreprocessConfig, preprocess
-from spannorm_megatron.data.tokenizer_training import TokenizerTrainingConfig, train_sentencepiece
 from spannorm_megatron.model.specs import transformer_engine_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,14 +38,7 @@ def train_main(argv):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
-    documents = root / "docs.jsonl"
-    write_embedded_corpus(documents, max_bytes=300_000)
-    train_sentencepiece(TokenizerTrainingConfig(model_prefix=str(root / "tok"),
-                                                inputs=[str(documents)], vocab_size=512),
-                        log=io.StringIO())
-    preprocess(PreprocessConfig(input=str(documents), output_prefix=str(root / "data"),
-                                tokenizer_model=str(root / "tok.model"), append_eod=True),
-               log=io.StringIO())
+    prepare_corpus(root, max_bytes=300_000, name="data")
     (root / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
     (root / "nokey.jsonl").write_text('{"body": "no text key"}\n')
     (root / "not_a_model.model").write_text("this is not a sentencepiece model")
@@ -159,7 +149,7 @@ CATALOGUE = [
      lambda f: ["--input", str(f / "nokey.jsonl"), "--output-prefix", str(f / "out" / "x"),
                 "--tokenizer-model", str(f / "tok.model")], "text"),
     ("preprocess-bad-tokenizer", "preprocess_data",
-     lambda f: ["--input", str(f / "docs.jsonl"), "--output-prefix", str(f / "out" / "x"),
+     lambda f: ["--input", str(f / "data.jsonl"), "--output-prefix", str(f / "out" / "x"),
                 "--tokenizer-model", str(f / "not_a_model.model")], "not_a_model.model"),
     ("tokenizer-missing-input", "train_tokenizer",
      lambda f: ["--input", str(f / "none.txt"), "--model-prefix", str(f / "out" / "t")],

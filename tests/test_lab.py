@@ -11,7 +11,6 @@ What is checked:
 """
 
 import csv
-import io
 import json
 import math
 import os
@@ -226,22 +225,11 @@ def test_report_parser_on_synthetic_logs():
 # ---------------------------------------------------------------- a tiny real sweep
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from spannorm_megatron.data.corpus import write_embedded_corpus
-    from spannorm_megatron.data.preprocess import PreprocessConfig, preprocess
-    from spannorm_megatron.data.tokenizer_training import (
-        TokenizerTrainingConfig,
-        train_sentencepiece,
-    )
+    """The files tools/prepare_embedded_data.sh writes, from a 300 kB slice."""
+    from _training import prepare_corpus
 
     root = tmp_path_factory.mktemp("sweep_data")
-    documents = root / "stdlib.jsonl"
-    write_embedded_corpus(documents, max_bytes=300_000)
-    train_sentencepiece(TokenizerTrainingConfig(model_prefix=str(root / "tokenizer"),
-                                                inputs=[str(documents)], vocab_size=512),
-                        log=io.StringIO())
-    preprocess(PreprocessConfig(input=str(documents), output_prefix=str(root / "stdlib"),
-                                tokenizer_model=str(root / "tokenizer.model"), append_eod=True),
-               log=io.StringIO())
+    prepare_corpus(root, max_bytes=300_000, tokenizer="tokenizer")
     return root
 
 

@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 
-from test_training import SMALL, corpus, tensorboard_scalars  # noqa: F401  (fixture reuse)
+from _training import SMALL
+from test_training import tensorboard_scalars
 
 TRAIN = [sys.executable, "-m", "spannorm_megatron.train"]
 

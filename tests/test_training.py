@@ -1,60 +1,20 @@
 """The training stack end to end: data prepared by our tools, `spannorm-train` under torchrun.
 
-One small corpus (a slice of the embedded default corpus) is prepared once per module.
+One small corpus (a slice of the embedded default corpus, conftest.py's `corpus`) serves all.
 """
 
-import io
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from spannorm_megatron.data.corpus import write_embedded_corpus
-from spannorm_megatron.data.preprocess import PreprocessConfig, preprocess
-from spannorm_megatron.data.tokenizer_training import TokenizerTrainingConfig, train_sentencepiece
+from _training import SMALL, logged_losses, run_train
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.training.arguments import model_config, parallel_config, parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_CONFIGS = sorted(os.listdir(os.path.join(ROOT, "examples", "configs")))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """(data prefix, tokenizer model) for a 1 MB slice of the embedded corpus."""
-    root = tmp_path_factory.mktemp("corpus")
-    documents = root / "stdlib.jsonl"
-    write_embedded_corpus(documents, max_bytes=1_000_000)
-    train_sentencepiece(TokenizerTrainingConfig(model_prefix=str(root / "tok"),
-                                                inputs=[str(documents)], vocab_size=512),
-                        log=io.StringIO())
-    preprocess(PreprocessConfig(input=str(documents), output_prefix=str(root / "stdlib"),
-                                tokenizer_model=str(root / "tok.model"), append_eod=True),
-               log=io.StringIO())
-    return str(root / "stdlib_text_document"), str(root / "tok.model")
-
-
-def run_train(*flags, nproc=2, timeout=600):
-    """`spannorm-train` under torchrun, or as one plain process for nproc=1 (so that what the
-    tests read on stderr is ours, not the launcher's report of a failed child)."""
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone",
-                                      f"--nproc_per_node={nproc}"]
-    cmd = [sys.executable, *launcher, "-m", "spannorm_megatron.train", *flags]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def logged_losses(stdout: str) -> dict:
-    """iteration -> lm loss, from Megatron-LM style log lines."""
-    losses = {}
-    for line in stdout.splitlines():
-        if "| lm loss:" in line and " iteration " in line:
-            iteration = int(line.split(" iteration ")[1].split("/")[0])
-            losses[iteration] = float(line.split("| lm loss: ")[1].split(" |")[0])
-    return losses
 
 
 @pytest.mark.parametrize("name", EXAMPLE_CONFIGS)
@@ -98,12 +58,6 @@ def test_bad_input_is_refused_before_training(corpus, flags, expected):
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert "iteration" not in result.stdout
-
-
-SMALL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-         "--seq-length", "64", "--micro-batch-size", "4", "--global-batch-size", "8",
-         "--lr", "1e-3", "--lr-warmup-iters", "2", "--log-interval", "1",
-         "--eval-interval", "1000", "--eval-iters", "1", "--split", "90,10,0"]
 
 
 def tensorboard_scalars(log_dir) -> dict:

@@ -77,7 +77,6 @@ def parse_args(argv=None):
     p.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     p.add_argument("--overlap-grad-reduce", action="store_true")
     p.add_argument("--overlap-param-gather", action="store_true")
-    p.add_argument("--tp-comm-overlap", action="store_true")
     p.add_argument("--transformer-impl", default="auto",
                    choices=["auto", "local", "transformer_engine"])
     p.add_argument("--output", default=None, help="JSON file for the results.")
@@ -105,7 +104,6 @@ def performance_for(precision: str, args):
         recompute_granularity=args.recompute_granularity,
         overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather,
-        tp_comm_overlap=args.tp_comm_overlap,
     )
 
 

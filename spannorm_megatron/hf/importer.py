@@ -27,7 +27,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config import ParallelConfig
 from spannorm_megatron.hf.errors import ConversionError
 from spannorm_megatron.hf.families import (
     HFSource,

@@ -202,6 +202,22 @@ class PerformanceConfig:
         return kwargs
 
 
+def initialize_tp_comm_overlap(performance: PerformanceConfig, *, seq_length: int,
+                               micro_batch_size: int, hidden_size: int,
+                               tensor_model_parallel_size: int) -> None:
+    """Set up Transformer Engine's userbuffers for ``--tp-comm-overlap`` (after the process
+    groups exist, before the model is built), sized as Megatron-LM sizes them: one sequence of
+    micro-batch tokens by the hidden size. Nothing happens without the flag."""
+    if not performance.tp_comm_overlap:
+        return
+    from transformer_engine.pytorch.module.base import initialize_ub
+
+    initialize_ub(shape=[seq_length * micro_batch_size, hidden_size],
+                  tp_size=tensor_model_parallel_size,
+                  use_fp8=performance.fp8_format is not None,
+                  dtype=performance.params_dtype)
+
+
 def _device_capability() -> Tuple[int, int]:
     return tuple(torch.cuda.get_device_capability())
 

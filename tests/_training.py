@@ -1,0 +1,59 @@
+"""Running `spannorm-train` from tests: the launcher, the log-line parser and a small model."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from typing import Tuple
+
+# A model small enough for a two-rank CPU run in seconds.
+SMALL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+         "--seq-length", "64", "--micro-batch-size", "4", "--global-batch-size", "8",
+         "--lr", "1e-3", "--lr-warmup-iters", "2", "--log-interval", "1",
+         "--eval-interval", "1000", "--eval-iters", "1", "--split", "90,10,0"]
+
+
+def prepare_corpus(root, max_bytes: int = 1_000_000, name: str = "stdlib",
+                   tokenizer: str = "tok") -> Tuple[str, str]:
+    """(data prefix, tokenizer model) for a slice of the embedded corpus, prepared under `root`
+    by our tools' own functions: ``<name>.jsonl``, ``<tokenizer>.model`` (vocabulary 512) and
+    the indexed dataset ``<name>_text_document``."""
+    from spannorm_megatron.data.corpus import write_embedded_corpus
+    from spannorm_megatron.data.preprocess import PreprocessConfig, preprocess
+    from spannorm_megatron.data.tokenizer_training import (
+        TokenizerTrainingConfig,
+        train_sentencepiece,
+    )
+
+    documents = root / f"{name}.jsonl"
+    write_embedded_corpus(documents, max_bytes=max_bytes)
+    train_sentencepiece(TokenizerTrainingConfig(model_prefix=str(root / tokenizer),
+                                                inputs=[str(documents)], vocab_size=512),
+                        log=io.StringIO())
+    preprocess(PreprocessConfig(input=str(documents), output_prefix=str(root / name),
+                                tokenizer_model=str(root / f"{tokenizer}.model"),
+                                append_eod=True),
+               log=io.StringIO())
+    return str(root / f"{name}_text_document"), str(root / f"{tokenizer}.model")
+
+
+def run_train(*flags, nproc=2, timeout=600):
+    """`spannorm-train` under torchrun, or as one plain process for nproc=1 (so that what the
+    tests read on stderr is ours, not the launcher's report of a failed child)."""
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                      f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, *launcher, "-m", "spannorm_megatron.train", *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def logged_losses(stdout: str) -> dict:
+    """iteration -> lm loss, from Megatron-LM style log lines."""
+    losses = {}
+    for line in stdout.splitlines():
+        if "| lm loss:" in line and " iteration " in line:
+            iteration = int(line.split(" iteration ")[1].split("/")[0])
+            losses[iteration] = float(line.split("| lm loss: ")[1].split(" |")[0])
+    return losses
