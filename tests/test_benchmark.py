@@ -24,6 +24,9 @@ def test_benchmark_tiny_preset_writes_table_and_json(tmp_path):
     assert by_placement["prenorm"]["tokens_per_second_vs_prenorm"] == 1.0
     for r in data["results"]:
         assert r["step_seconds"] > 0 and r["tokens_per_second"] > 0
+        assert len(r["step_seconds_samples"]) == 2
+        # On CPU each model's memory is measured in a child process of its own.
+        assert r["peak_memory_bytes"] > 0 and r["memory_vs_prenorm"] > 0
     assert data["environment"]["megatron_core"]
 
 

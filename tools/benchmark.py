@@ -10,6 +10,11 @@ interleaved rounds (`--rounds`) so drift of the machine hits all of them alike; 
 median over all timed steps. Reported: step time, tokens/s, MFU (model FLOPs against the device's
 peak; on CPU the peak is an estimate, see spannorm_megatron.metrics.flops), peak memory, and the
 ratio of tokens/s and memory to PreNorm's at the same precision. Prints a table, writes JSON.
+
+Peak memory is what one model adds while it is built and trained for the warm-up steps (weights,
+gradients, optimizer state, activations): on a GPU the peak of allocated memory over what was
+allocated before it was built; on CPU (one process only) the peak resident memory of a fresh
+child process that builds that model alone, over the child's memory before building.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 import torch
@@ -51,6 +57,8 @@ class Result:
     peak_memory_bytes: Optional[int]
     tokens_per_second_vs_prenorm: Optional[float] = None
     memory_vs_prenorm: Optional[float] = None
+    step_seconds_samples: List[float] = field(default_factory=list)
+    """Every timed step, in order (the spread says how far the median can be trusted)."""
 
 
 def parse_args(argv=None):
@@ -79,7 +87,10 @@ def parse_args(argv=None):
     p.add_argument("--overlap-param-gather", action="store_true")
     p.add_argument("--transformer-impl", default="auto",
                    choices=["auto", "local", "transformer_engine"])
+    p.add_argument("--no-memory", action="store_true",
+                   help="On CPU, skip the per-model memory measurement (a child process each).")
     p.add_argument("--output", default=None, help="JSON file for the results.")
+    p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -173,15 +184,64 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def _peak_memory_since_reset() -> Optional[int]:
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return None
+def _start_memory_measurement() -> Optional[int]:
+    """Memory allocated now, with the peak counter reset to it (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.reset_peak_memory_stats()
+    return int(torch.cuda.memory_allocated())
 
 
-def _reset_peak_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+def _memory_added_since(start: Optional[int]) -> Optional[int]:
+    if start is None:
+        return None
+    return int(torch.cuda.max_memory_allocated()) - start
+
+
+def _resident_mib() -> Dict[str, float]:
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                key, amount, _unit = line.split()
+                values[key.rstrip(":")] = int(amount) / 1024
+    return values
+
+
+def _cpu_memory_probe(args, placement: str, precision: str) -> Optional[int]:
+    """Peak resident memory one model adds, measured in a fresh process (see the docstring)."""
+    child = [sys.executable, os.path.abspath(__file__), "--memory-probe",
+             "--preset", args.preset, "--placements", placement, "--precisions", precision,
+             "--num-microbatches", str(args.num_microbatches), "--warmup", str(args.warmup),
+             "--transformer-impl", args.transformer_impl]
+    for flag, value in (("--seq-length", args.seq_length),
+                        ("--micro-batch-size", args.micro_batch_size),
+                        ("--recompute-granularity", args.recompute_granularity)):
+        if value is not None:
+            child += [flag, str(value)]
+    result = subprocess.run(child, capture_output=True, text=True,
+                            env={**os.environ, "WORLD_SIZE": "1", "RANK": "0",
+                                 "LOCAL_RANK": "0"})
+    if result.returncode:
+        raise RuntimeError(f"memory probe for {placement} ({precision}) failed:\n"
+                           f"{result.stderr[-3000:]}")
+    return int(json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+def memory_probe(args) -> int:
+    """The child side of `_cpu_memory_probe`: build one model, run the warm-up steps."""
+    from spannorm_megatron.runtime import initialize
+
+    model_fields, default_seq, default_micro = PRESETS[args.preset]
+    initialize(seed=1234)
+    before = _resident_mib()["VmRSS"]
+    bench = Bench(args.placements[0], args.precisions[0], args, model_fields,
+                  args.seq_length or default_seq, args.micro_batch_size or default_micro)
+    for _ in range(max(args.warmup, 1)):
+        bench.step()
+    grown = (_resident_mib()["VmHWM"] - before) * 2**20
+    print(json.dumps({"peak_bytes": int(grown)}))
+    return 0
 
 
 def run(args) -> List[Result]:
@@ -205,15 +265,16 @@ def run(args) -> List[Result]:
     world = torch.distributed.get_world_size()
     results: List[Result] = []
     for precision in args.precisions:
-        # On a GPU each model is measured alone (peak memory needs it); on CPU all stay built so
-        # the rounds can interleave placements.
+        # All models stay built so that the rounds can interleave placements.
         benches: Dict[str, Bench] = {}
         for placement in placements:
-            _reset_peak_memory()
+            start = _start_memory_measurement()
             bench = Bench(placement, precision, args, model_fields, seq_length, micro_batch)
             for _ in range(args.warmup):
                 bench.step()
-            bench.peak_memory = _peak_memory_since_reset()
+            bench.peak_memory = _memory_added_since(start)
+            if bench.peak_memory is None and world == 1 and not args.no_memory:
+                bench.peak_memory = _cpu_memory_probe(args, placement, precision)
             benches[placement] = bench
             _log(f"built {placement} ({precision}), warm-up done")
         for round_index in range(args.rounds):
@@ -232,6 +293,7 @@ def run(args) -> List[Result]:
                 tokens_per_second=tokens / seconds,
                 mfu=None if peak is None else mfu(tokens / seconds, fpt, peak, num_devices=world),
                 peak_memory_bytes=bench.peak_memory,
+                step_seconds_samples=list(bench.step_times),
             ))
         benches.clear()
     _add_ratios(results)
@@ -258,7 +320,7 @@ def table(results: List[Result]) -> str:
               "| memory vs PreNorm |\n|---|---|---|---|---|---|---|---|")
     rows = [header]
     for r in results:
-        memory = f"{r.peak_memory_bytes / 2**30:.2f} GiB" if r.peak_memory_bytes else "n/a"
+        memory = f"{r.peak_memory_bytes / 2**20:,.0f} MiB" if r.peak_memory_bytes else "n/a"
         rows.append(
             f"| {r.precision} | {r.placement} | {r.step_seconds * 1000:.1f} | "
             f"{r.tokens_per_second:,.0f} | {r.tokens_per_second_vs_prenorm:.3f} | "
@@ -290,6 +352,8 @@ def environment() -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.memory_probe:
+        return memory_probe(args)
     results = run(args)
     if torch.distributed.get_rank() == 0:
         print(table(results))
