@@ -29,6 +29,13 @@ from spannorm_megatron.training.loop import train_step
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 
 
+
+def _say(line: str) -> None:
+    # One write per line: ranks share the launcher's stdout, and a line written in two pieces
+    # (print writes the text, then the newline) can have another rank's line land in between.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--norm-placement", default="spannorm")
@@ -102,8 +109,8 @@ def main(argv=None) -> dict:
                             global_batch_size=args.micro_batch_size * args.num_microbatches)
         losses.append(result.loss)
         grad_norms.append(result.grad_norm)
-        print(f"[rank {torch.distributed.get_rank()}] step {step}: lm loss {result.loss:.4f} "
-              f"grad norm {result.grad_norm:.4f} ({time.perf_counter() - start:.2f}s)", flush=True)
+        _say(f"[rank {torch.distributed.get_rank()}] step {step}: lm loss {result.loss:.4f} "
+             f"grad norm {result.grad_norm:.4f} ({time.perf_counter() - start:.2f}s)")
 
     summary = {
         "rank": torch.distributed.get_rank(),
@@ -112,7 +119,7 @@ def main(argv=None) -> dict:
         "grad_norms": grad_norms,
         "num_parameters": sum(p.numel() for chunk in model for p in chunk.parameters()),
     }
-    print("SELFCHECK " + json.dumps(summary), flush=True)
+    _say("SELFCHECK " + json.dumps(summary))
     destroy()
     return summary
 

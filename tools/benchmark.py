@@ -198,16 +198,6 @@ def _memory_added_since(start: Optional[int]) -> Optional[int]:
     return int(torch.cuda.max_memory_allocated()) - start
 
 
-def _resident_mib() -> Dict[str, float]:
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                key, amount, _unit = line.split()
-                values[key.rstrip(":")] = int(amount) / 1024
-    return values
-
-
 def _cpu_memory_probe(args, placement: str, precision: str) -> Optional[int]:
     """Peak resident memory one model adds, measured in a fresh process (see the docstring)."""
     child = [sys.executable, os.path.abspath(__file__), "--memory-probe",
@@ -230,17 +220,17 @@ def _cpu_memory_probe(args, placement: str, precision: str) -> Optional[int]:
 
 def memory_probe(args) -> int:
     """The child side of `_cpu_memory_probe`: build one model, run the warm-up steps."""
+    from spannorm_megatron.metrics.memory import current_rss_bytes, peak_rss_bytes
     from spannorm_megatron.runtime import initialize
 
     model_fields, default_seq, default_micro = PRESETS[args.preset]
     initialize(seed=1234)
-    before = _resident_mib()["VmRSS"]
+    before = current_rss_bytes()
     bench = Bench(args.placements[0], args.precisions[0], args, model_fields,
                   args.seq_length or default_seq, args.micro_batch_size or default_micro)
     for _ in range(max(args.warmup, 1)):
         bench.step()
-    grown = (_resident_mib()["VmHWM"] - before) * 2**20
-    print(json.dumps({"peak_bytes": int(grown)}))
+    print(json.dumps({"peak_bytes": peak_rss_bytes() - before}))
     return 0
 
 

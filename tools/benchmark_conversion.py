@@ -48,13 +48,9 @@ COMMON = dict(norm_placement="spannorm", vocab_size=32000, num_query_groups=4,
 
 
 def _rss_mib() -> dict:
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                key, amount, _unit = line.split()
-                values[key.rstrip(":")] = int(amount) / 1024
-    return values
+    from spannorm_megatron.metrics.memory import current_rss_bytes, peak_rss_bytes
+
+    return {"VmRSS": current_rss_bytes() / 2**20, "VmHWM": peak_rss_bytes() / 2**20}
 
 
 def _stage_create(size: str, ckpt: str) -> dict:
