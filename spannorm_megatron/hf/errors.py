@@ -7,8 +7,45 @@ conversion writes into a temporary directory that is renamed into place only whe
 an error never leaves something that looks like a finished export or checkpoint.
 """
 
+import os
+from typing import Collection, Dict, List, Tuple
+
 from spannorm_megatron.errors import UserError
 
 
 class ConversionError(UserError):
     """Input the Hugging Face conversion cannot use; the message names it and the fix."""
+
+
+def _first(names: List[str], limit: int = 8) -> str:
+    return f"{names[:limit]}" + (" ..." if len(names) > limit else "")
+
+
+def tensor_mismatches(expected: Dict[str, Tuple[int, ...]], found: Dict[str, Tuple[int, ...]],
+                      *, unexpected_are: str, optional: Collection[str] = ()) -> List[str]:
+    """What differs between the tensors a model needs and those a file holds, as message parts
+    ("lacks [...]", "has <unexpected_are>: [...]", "has other shapes: [...]"); [] when equal."""
+    missing = sorted(set(expected) - set(found) - set(optional))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(f"{name} {found[name]} (expected {expected[name]})"
+                   for name in set(found) & set(expected) if found[name] != expected[name])
+    parts = []
+    if missing:
+        parts.append(f"lacks {_first(missing)}")
+    if unexpected:
+        parts.append(f"has {unexpected_are}: {_first(unexpected)}")
+    if wrong:
+        parts.append(f"has other shapes: {_first(wrong)}")
+    return parts
+
+
+def check_destination(save: str, overwrite: bool, action: str) -> str:
+    """The absolute `--save` path, refused if it is a file, or a non-empty directory without
+    `overwrite`; `action` says what --overwrite would do ("replace it", ...)."""
+    save = os.path.abspath(save)
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise ConversionError(f"--save {save} exists and is not a directory.")
+    if os.path.isdir(save) and os.listdir(save) and not overwrite:
+        raise ConversionError(f"--save {save} exists and is not empty; pass --overwrite to "
+                              f"{action}, or choose another directory.")
+    return save

@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from spannorm_megatron.config import ModelConfig
-from spannorm_megatron.hf.errors import ConversionError
+from spannorm_megatron.hf.errors import ConversionError, check_destination
 from spannorm_megatron.hf.families import FAMILIES, Family, convert_group_to_hf, hf_config
 from spannorm_megatron.hf.megatron_reader import ConfigSource, MegatronCheckpoint
 from spannorm_megatron.hf.rules import native_family, native_problems, router_problems
@@ -105,16 +105,6 @@ def _pad_multiple(record: Optional[dict]) -> Optional[int]:
     return divisible * int(tp)
 
 
-def _check_destination(save: str, overwrite: bool) -> str:
-    save = os.path.abspath(save)
-    if os.path.exists(save) and not os.path.isdir(save):
-        raise ConversionError(f"--save {save} exists and is not a directory.")
-    if os.path.isdir(save) and os.listdir(save) and not overwrite:
-        raise ConversionError(f"--save {save} exists and is not empty; pass --overwrite to "
-                              f"replace it, or choose another directory.")
-    return save
-
-
 def _make_parent(save: str) -> None:
     parent = os.path.dirname(save)
     try:
@@ -167,7 +157,7 @@ def export_checkpoint(
     start = time.perf_counter()
     target_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    save = _check_destination(save, overwrite)
+    save = check_destination(save, overwrite, "replace it")
     log(f"[convert_to_hf] checking checkpoint {load}")
     ckpt = MegatronCheckpoint(load, model_config, verify_checksums=verify_checksums)
     config = ckpt.config

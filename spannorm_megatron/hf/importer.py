@@ -28,7 +28,11 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from spannorm_megatron.config import ParallelConfig
-from spannorm_megatron.hf.errors import ConversionError
+from spannorm_megatron.hf.errors import (
+    ConversionError,
+    check_destination,
+    tensor_mismatches,
+)
 from spannorm_megatron.hf.families import (
     HFSource,
     embedding_from_hf,
@@ -86,19 +90,10 @@ class HFCheckpoint:
         if not self.config.untie_embeddings_and_output_weights:
             optional.add("lm_head.weight")  # tied: a folder may store the copy
             expected.setdefault("lm_head.weight", (self.config.vocab_size, self.config.hidden_size))
-        missing = sorted(set(expected) - present - optional)
-        unexpected = sorted(present - set(expected))
-        wrong = sorted(f"{n} {self.weights.shape(n)} (expected {expected[n]})"
-                       for n in present & set(expected) if self.weights.shape(n) != expected[n])
-        if missing or unexpected or wrong:
-            parts = []
-            if missing:
-                parts.append(f"lacks {missing[:8]}" + (" ..." if len(missing) > 8 else ""))
-            if unexpected:
-                parts.append(f"has weights the {self.family.architecture} config does not "
-                             f"explain: {unexpected[:8]}" + (" ..." if len(unexpected) > 8 else ""))
-            if wrong:
-                parts.append(f"has other shapes: {wrong[:8]}")
+        parts = tensor_mismatches(
+            expected, {name: self.weights.shape(name) for name in present}, optional=optional,
+            unexpected_are=f"weights the {self.family.architecture} config does not explain")
+        if parts:
             raise ConversionError(f"{self.directory}: the weights do not match config.json: "
                                   + "; ".join(parts) + ".")
 
@@ -192,12 +187,7 @@ def convert_hf_to_megatron(
             f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} does not "
             f"fit {world} process(es): launch with torchrun --nproc_per_node {tp * pp} (or a "
             f"multiple), or run TP1/PP1 in a single process.")
-    save = os.path.abspath(save)
-    if os.path.exists(save) and not os.path.isdir(save):
-        raise ConversionError(f"--save {save} exists and is not a directory.")
-    if os.path.isdir(save) and os.listdir(save) and not overwrite:
-        raise ConversionError(f"--save {save} exists and is not empty; pass --overwrite to save "
-                              f"iteration {iteration} into it, or choose another directory.")
+    save = check_destination(save, overwrite, f"save iteration {iteration} into it")
     created = not os.path.exists(save)
 
     rank = int(os.environ.get("RANK", "0"))

@@ -29,7 +29,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 
 from spannorm_megatron.config import ModelConfig
-from spannorm_megatron.hf.errors import ConversionError
+from spannorm_megatron.hf.errors import ConversionError, tensor_mismatches
 from spannorm_megatron.hf.layout import CheckpointLayout, Group, is_model_tensor_key
 
 DCP_METADATA = ".metadata"
@@ -272,25 +272,15 @@ class MegatronCheckpoint:
         stored = {key: tuple(md.size) for key, md in self.metadata.state_dict_metadata.items()
                   if isinstance(md, TensorStorageMetadata) and is_model_tensor_key(key)}
         expected = self.layout.expected_keys()
-        missing = sorted(set(expected) - set(stored))
-        unexpected = sorted(set(stored) - set(expected))
-        wrong = sorted(f"{k} {stored[k]} (expected {expected[k]})"
-                       for k in set(stored) & set(expected) if stored[k] != expected[k])
-        if missing or unexpected or wrong:
-            parts = []
-            if missing:
-                parts.append(f"lacks {missing[:8]}" + (" ..." if len(missing) > 8 else ""))
-            if unexpected:
-                parts.append(f"has tensors the model config does not: {unexpected[:8]}"
-                             + (" ..." if len(unexpected) > 8 else ""))
-            if wrong:
-                parts.append(f"has other shapes: {wrong[:8]}")
+        parts = tensor_mismatches(expected, stored,
+                                  unexpected_are="tensors the model config does not")
+        if parts:
             raise ConversionError(
                 f"{self.directory} does not hold the model described by its config "
                 f"(norm_placement={self.config.norm_placement!r}, {self.config.num_layers} layers, "
-                f"hidden {self.config.hidden_size}): it " + "; ".join(parts) + ". Pass the "
-                f"config it was trained with (--model-config), or update the export rule of a "
-                f"placement whose norms changed (spannorm_megatron/hf/rules.py).")
+                f"hidden {self.config.hidden_size}): it {'; '.join(parts)}. Pass the config it "
+                f"was trained with (--model-config), or update the export rule of a placement "
+                f"whose norms changed (spannorm_megatron/hf/rules.py).")
 
     # -------------------------------------------------------------------------------- reading
     @property

@@ -96,7 +96,9 @@ def summarize(run: PropagationRun) -> List[dict]:
 
 
 def fmt(value, digits: int = 4) -> str:
-    """A compact, round-trippable-enough text form for CSV/Markdown."""
+    """A compact, round-trippable-enough text form for CSV/Markdown (None: empty)."""
+    if value is None:
+        return ""
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):

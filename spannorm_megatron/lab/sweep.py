@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from spannorm_megatron.lab.results import fmt
 from spannorm_megatron.lab.training_log import (
     SPIKE_FACTOR,
     SPIKE_WINDOW,
@@ -181,20 +182,6 @@ def load_sweep(sweep_dir: str) -> List[SweepRun]:
     return runs
 
 
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf"
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
 def markdown_table(runs: List[SweepRun]) -> str:
     show_init = len({r.scale_init for r in runs}) > 1 or any(
         r.scale_init != "default" for r in runs)
@@ -206,10 +193,10 @@ def markdown_table(runs: List[SweepRun]) -> str:
     for r in runs:
         v = r.verdict
         cells = [r.placement, str(r.depth)] + ([r.scale_init] if show_init else []) + [
-            r.status, _fmt(v.start_loss), _fmt(v.final_train_loss), _fmt(v.final_valid_loss),
-            _fmt(v.diverged), _fmt(v.first_spike_iteration) or "-", str(v.num_spikes),
-            _fmt(v.max_grad_norm, 3), _fmt(v.final_grad_norm, 3), _fmt(r.ratio_final, 2),
-            _fmt(r.ratio_min, 2), _fmt(r.seconds, 4)]
+            r.status, fmt(v.start_loss), fmt(v.final_train_loss), fmt(v.final_valid_loss),
+            fmt(v.diverged), fmt(v.first_spike_iteration) or "-", str(v.num_spikes),
+            fmt(v.max_grad_norm, 3), fmt(v.final_grad_norm, 3), fmt(r.ratio_final, 2),
+            fmt(r.ratio_min, 2), fmt(r.seconds, 4)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -228,7 +215,7 @@ def pivot_valid_loss(runs: List[SweepRun]) -> str:
             if r is None:
                 cells.append("")
                 continue
-            text = _fmt(r.verdict.final_valid_loss)
+            text = fmt(r.verdict.final_valid_loss)
             if r.status != "ok":
                 text = f"{text} ({r.status})".strip()
             cells.append(text)
@@ -349,7 +336,7 @@ def write_report(sweep_dir: str, out_dir: Optional[str] = None, log=print) -> Li
         writer.writerow(REPORT_COLUMNS)
         for r in runs:
             row = r.row()
-            writer.writerow([_fmt(row[c], 6) for c in REPORT_COLUMNS])
+            writer.writerow([fmt(row[c], 6) for c in REPORT_COLUMNS])
     written.append(path)
     path = os.path.join(out_dir, "report.json")
     with open(path, "w") as f:
