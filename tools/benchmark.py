@@ -209,9 +209,12 @@ def _cpu_memory_probe(args, placement: str, precision: str) -> Optional[int]:
                         ("--recompute-granularity", args.recompute_granularity)):
         if value is not None:
             child += [flag, str(value)]
+    # A world of its own: without torchrun's rendezvous (its address, and its agent store that
+    # a child would wait on for ever) it picks a free port.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT") and not k.startswith("TORCHELASTIC_")}
     result = subprocess.run(child, capture_output=True, text=True,
-                            env={**os.environ, "WORLD_SIZE": "1", "RANK": "0",
-                                 "LOCAL_RANK": "0"})
+                            env={**env, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})
     if result.returncode:
         raise RuntimeError(f"memory probe for {placement} ({precision}) failed:\n"
                            f"{result.stderr[-3000:]}")
