@@ -39,14 +39,15 @@ def prepare_corpus(root, max_bytes: int = 1_000_000, name: str = "stdlib",
     return str(root / f"{name}_text_document"), str(root / f"{tokenizer}.model")
 
 
-def run_train(*flags, nproc=2, timeout=600):
+def run_train(*flags, nproc=2, timeout=600, env=None):
     """`spannorm-train` under torchrun, or as one plain process for nproc=1 (so that what the
-    tests read on stderr is ours, not the launcher's report of a failed child)."""
+    tests read on stderr is ours, not the launcher's report of a failed child). `env` adds to
+    the environment."""
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone",
                                       f"--nproc_per_node={nproc}"]
     cmd = [sys.executable, *launcher, "-m", "spannorm_megatron.train", *flags]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def logged_losses(stdout: str) -> dict:

@@ -70,6 +70,7 @@ import torch
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from .device import has_accelerator
+from .strict_devices import StrictDevices, patch_collectives, strict_devices_requested
 
 __all__ = ["enable_cpu_runtime", "is_cpu_runtime_enabled", "should_enable_cpu_runtime"]
 
@@ -104,9 +105,19 @@ class _CpuAsDeviceMode(TorchFunctionMode):
     """Maps CUDA device arguments to CPU and CPU tensor type names to CUDA ones.
 
     Kept to a dict lookup on the common path: every torch call in the process passes here.
+    In strict device mode (``strict_devices.py``) each call also records where a GPU run would
+    hold its result.
     """
 
+    strict = None  # a StrictDevices when SPANNORM_STRICT_DEVICES is set
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.strict is not None:
+            return self.strict.call(func, args, kwargs or {}, self._call)
+        return self._call(func, args, kwargs)
+
+    @staticmethod
+    def _call(func, args, kwargs):
         if kwargs is None:
             kwargs = {}
         elif _is_cuda_device(kwargs.get("device")):
@@ -345,6 +356,9 @@ def enable_cpu_runtime() -> bool:
             _patch_torch_cuda()
             _patch_megatron()
             _patch_autograd_engine()
+            if strict_devices_requested():
+                _MODE.strict = StrictDevices(is_cuda=_is_cuda_device)
+                patch_collectives()
             _PATCHED = True
     _push_mode_in_this_thread()
     return True

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from .strict_devices import strict_devices_requested
+
 FORCE_CPU_ENV = "SPANNORM_FORCE_CPU"
 
 
@@ -42,7 +44,14 @@ def backend() -> str:
 
 
 def current_device() -> torch.device:
-    """The device this rank's tensors live on (``cuda:<current>`` or ``cpu``)."""
+    """The device this rank's tensors live on (``cuda:<current>`` or ``cpu``).
+
+    Every tensor that enters a collective or meets a model output is made on this device. In
+    strict device mode (``SPANNORM_STRICT_DEVICES=1``, CPU only) it answers ``cuda:0``, as a GPU
+    rank would; the CPU runtime maps that to the CPU and flags tensors made elsewhere.
+    """
     if has_accelerator():
         return torch.device("cuda", torch.cuda.current_device())
+    if strict_devices_requested():
+        return torch.device("cuda", 0)
     return torch.device("cpu")

@@ -24,6 +24,7 @@ from spannorm_megatron.errors import ParallelLayoutError
 from .cpu import enable_cpu_runtime
 from .device import backend as device_backend
 from .device import has_accelerator
+from .strict_devices import strict_devices_requested
 
 __all__ = [
     "ParallelLayout",
@@ -284,6 +285,7 @@ def megatron_device_kwargs() -> dict:
     On CPU, parallel linear layers and embeddings must be initialised on the host
     (``use_cpu_initialization``); on GPU nothing is overridden.
     """
-    if has_accelerator():
+    if has_accelerator() or strict_devices_requested():
+        # Strict device mode builds the model as a GPU run does, so that it checks that path.
         return {}
     return {"use_cpu_initialization": True}

@@ -14,9 +14,12 @@ from typing import List, Optional
 
 import torch
 
+from spannorm_megatron.runtime import current_device
+
 
 def _all_reduce(values: List[float], op) -> List[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+    # On the rank's device: the default group is NCCL on GPUs, which takes CUDA tensors only.
+    tensor = torch.tensor(values, dtype=torch.float64, device=current_device())
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(tensor, op=op)
     return tensor.tolist()

@@ -16,6 +16,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from spannorm_megatron.runtime import current_device
 from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
 
 
@@ -50,7 +51,8 @@ def broadcast_from_last_stage(value: Optional[float]) -> Optional[float]:
     """Losses exist on the last pipeline stage only; every rank wants them for logging/exits."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return value
-    tensor = torch.tensor([math.nan if value is None else value], dtype=torch.float64)
+    tensor = torch.tensor([math.nan if value is None else value], dtype=torch.float64,
+                          device=current_device())
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     torch.distributed.broadcast(tensor, src=last,
                                 group=parallel_state.get_pipeline_model_parallel_group())
@@ -101,7 +103,7 @@ def evaluate(model, data_iterator: Iterator, eval_iters: int, num_microbatches: 
     """Mean token loss over `eval_iters` global batches of the validation set."""
     for chunk in model:
         chunk.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=current_device())
     try:
         for _ in range(eval_iters):
             losses_reduced = get_forward_backward_func()(

@@ -1,0 +1,103 @@
+"""Device discipline, checked on CPU: the training loop under strict device mode.
+
+On a GPU a tensor made without `device=` lives in host memory: NCCL refuses it and an op that
+meets a CUDA tensor with it raises. On CPU both are the same memory, so only strict device mode
+(`runtime/strict_devices.py`) makes such a tensor fail here. Each layout below trains with
+evaluation, a loss spike check, a non-finite step, checkpoints and TensorBoard, then resumes.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from _training import SMALL, logged_losses, run_train
+
+STRICT = {"SPANNORM_STRICT_DEVICES": "1"}
+
+LAYOUTS = {
+    "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    "pp2_1f1b": ["--pipeline-model-parallel-size", "2"],
+    "pp2_interleaved": ["--pipeline-model-parallel-size", "2",
+                        "--virtual-pipeline-model-parallel-size", "2", "--num-layers", "4"],
+    "ep2_moe": ["--num-experts", "4", "--moe-router-topk", "2",
+                "--expert-model-parallel-size", "2"],
+    "dp2_distributed_optimizer": ["--use-distributed-optimizer"],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_training_loop_keeps_every_tensor_on_the_device(corpus, tmp_path, layout):
+    data, tokenizer = corpus
+    flags = [*SMALL, *LAYOUTS[layout], "--data-path", data, "--tokenizer-model", tokenizer,
+             "--log-interval", "2", "--eval-interval", "3", "--eval-iters", "2",
+             "--save", str(tmp_path / "ckpt"), "--save-interval", "5",
+             "--tensorboard-dir", str(tmp_path / "tb")]
+    first = run_train(*flags, "--train-iters", "5", env=STRICT | {"SPANNORM_INJECT_NAN_AT": "2"})
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
+    assert "DeviceDisciplineError" not in first.stderr
+    assert "iteration 2: non-finite gradients" in first.stdout
+    assert "validation loss at iteration 3" in first.stdout
+
+    resumed = run_train(*flags, "--train-iters", "7", "--load", str(tmp_path / "ckpt"), env=STRICT)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    assert "successfully loaded checkpoint" in resumed.stdout
+    assert sorted(logged_losses(resumed.stdout)) == [6, 7]
+    assert os.listdir(tmp_path / "tb")
+
+
+PROBE = textwrap.dedent("""
+    import torch, torch.distributed as dist
+    from spannorm_megatron.runtime import current_device, destroy, initialize
+    from spannorm_megatron.runtime.strict_devices import DeviceDisciplineError
+
+    initialize(seed=1)
+    device = torch.ones(3, device=current_device())
+    outcomes = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            outcomes[name] = "ok"
+        except DeviceDisciplineError:
+            outcomes[name] = "refused"
+
+    attempt("all_reduce_host", lambda: dist.all_reduce(torch.zeros(3)))
+    attempt("all_reduce_device", lambda: dist.all_reduce(torch.zeros(3, device=current_device())))
+    attempt("all_reduce_moved", lambda: dist.all_reduce(torch.zeros(3).to(current_device())))
+    attempt("all_reduce_gloo_group", lambda: dist.all_reduce(
+        torch.zeros(3), group=dist.new_group([0], backend="gloo")))
+    attempt("add_host_vector", lambda: device + torch.zeros(3))
+    attempt("add_host_scalar", lambda: device + torch.tensor(2.0))
+    attempt("inplace_into_host", lambda: torch.zeros(3).add_(device))
+    attempt("like_follows_input", lambda: device + torch.zeros_like(device))
+    attempt("device_attribute", lambda: device + torch.zeros(3, device=device.device))
+    attempt("moved_to_host", lambda: device + device.cpu())
+    attempt("index_with_host", lambda: device[torch.tensor([0, 2])])
+    attempt("copy_from_host", lambda: device.clone().copy_(torch.zeros(3)))
+    print(sorted(outcomes.items()))
+    destroy()
+""")
+
+
+def test_strict_mode_refuses_what_a_gpu_refuses_and_allows_what_it_allows():
+    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, **STRICT})
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = dict(eval(result.stdout.strip().splitlines()[-1]))
+    assert outcomes == {
+        "all_reduce_host": "refused",
+        "all_reduce_device": "ok",
+        "all_reduce_moved": "ok",
+        "all_reduce_gloo_group": "ok",
+        "add_host_vector": "refused",
+        "add_host_scalar": "ok",
+        "inplace_into_host": "refused",
+        "like_follows_input": "ok",
+        "device_attribute": "ok",
+        "moved_to_host": "refused",
+        "index_with_host": "ok",
+        "copy_from_host": "ok",
+    }
