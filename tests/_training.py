@@ -8,6 +8,10 @@ import subprocess
 import sys
 from typing import Tuple
 
+# Strict device mode (runtime/strict_devices.py): a tensor a GPU run would hold on the wrong device
+# fails on CPU too. Multi-rank tests of the loop, the tools and the lab run under it.
+STRICT_DEVICES = {"SPANNORM_STRICT_DEVICES": "1"}
+
 # A model small enough for a two-rank CPU run in seconds.
 SMALL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
          "--seq-length", "64", "--micro-batch-size", "4", "--global-batch-size", "8",

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from _training import STRICT_DEVICES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,7 +16,7 @@ def test_benchmark_tiny_preset_writes_table_and_json(tmp_path):
         [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--preset", "tiny",
          "--placements", "spannorm", "--warmup", "1", "--iters", "2", "--rounds", "1",
          "--output", str(output)],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, env={**os.environ, **STRICT_DEVICES})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| fp32 | spannorm |" in result.stdout and "| fp32 | prenorm |" in result.stdout
     data = json.loads(output.read_text())

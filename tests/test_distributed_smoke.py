@@ -10,13 +10,14 @@ import subprocess
 import sys
 
 import pytest
+from _training import STRICT_DEVICES
 
 
 def run_selfcheck(*flags, nproc=2, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "spannorm_megatron.selfcheck", *flags]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **STRICT_DEVICES})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     summaries = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines()
                  if line.startswith("SELFCHECK ")]

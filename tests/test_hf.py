@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _hf  # noqa: E402
+from _training import STRICT_DEVICES  # noqa: E402
 
 # Remote-code modules transformers copies out of exported folders go to a temp dir, not ~/.cache.
 os.environ.setdefault("HF_MODULES_CACHE",
@@ -82,7 +83,8 @@ def _run_worker(root: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          os.path.join(HERE, "_hf_worker.py"), root],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **STRICT_DEVICES},
     )
     errors = sorted(glob.glob(os.path.join(root, "out", "rank*.error")))
     if result.returncode or errors:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import pytest
+from _training import STRICT_DEVICES
 
 from spannorm_megatron.lab.batch import make_batch
 from spannorm_megatron.lab.propagation import (
@@ -121,7 +122,7 @@ def test_cli_writes_csv_json_and_png(tmp_path):
            "--scale-init", "sqrt_depth", "none", "--hidden-size", "32", "--seq-length", "8",
            "--batch-size", "2", "--tokens", "random", "--train-steps", "1", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **STRICT_DEVICES})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "[  8/8]" in result.stdout
 

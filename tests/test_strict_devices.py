@@ -13,9 +13,7 @@ import textwrap
 
 import pytest
 
-from _training import SMALL, logged_losses, run_train
-
-STRICT = {"SPANNORM_STRICT_DEVICES": "1"}
+from _training import SMALL, STRICT_DEVICES as STRICT, logged_losses, run_train
 
 LAYOUTS = {
     "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],

@@ -34,6 +34,7 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.runtime import current_device
 
 from . import _dist, manifest, rng, run_record, state, tracker, upstream
 from .errors import CheckpointError
@@ -120,7 +121,7 @@ def _without(value, absent: set, model_data: dict):
             if name in ("param", "fp32_param") and current is not None:
                 data = current.detach().clone().to(value.dtype)
             else:
-                data = torch.zeros(value.local_shape, dtype=value.dtype)
+                data = torch.zeros(value.local_shape, dtype=value.dtype, device=current_device())
             return LocalNonpersistentObject(data)
         return _DROP
     if isinstance(value, dict):

@@ -47,7 +47,12 @@ class FixedBatch:
     @property
     def positions(self) -> torch.Tensor:
         batch, seq = self.tokens.shape
-        return torch.arange(seq).expand(batch, seq)
+        return torch.arange(seq, device=self.tokens.device).expand(batch, seq)
+
+    def to(self, device: torch.device) -> "FixedBatch":
+        """The same batch on `device` (the model's: a GPU model refuses host token ids)."""
+        return FixedBatch(self.tokens.to(device), self.labels.to(device), self.vocab_size,
+                          self.description)
 
 
 def make_batch(source: str, *, batch_size: int, seq_length: int, seed: int = 1234,

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from spannorm_megatron.config import ModelConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.lab.batch import FixedBatch
+from spannorm_megatron.runtime import current_device
 
 LAYER_SIGNALS = ("output_rms", "attention_rms", "mlp_rms", "input_grad_norm",
                  "param_grad_norm", "cosine_prev", "token_cosine")
@@ -382,6 +383,7 @@ def run_propagation(placements: Sequence[str], depths: Sequence[int],
     from spannorm_megatron.model.scale_init import output_projection_std, resolved_scale_init
 
     check_grid(placements, depths, scale_inits, settings)
+    batch = batch.to(current_device())
     seq_length = batch.tokens.shape[1]
     run = PropagationRun(settings=settings, batch_description=batch.description,
                          seq_length=seq_length, batch_size=batch.tokens.shape[0],
