@@ -53,7 +53,7 @@ from spannorm_megatron.training.guards import (
     NonFiniteGuard,
     SpikeDetector,
 )
-from spannorm_megatron.training.loop import Timer, evaluate, log_line, train_step
+from spannorm_megatron.training.loop import ThroughputWindow, evaluate, log_line, train_step
 from spannorm_megatron.training.monitor import RunMonitor
 from spannorm_megatron.training.performance import (
     initialize_tp_comm_overlap,
@@ -104,7 +104,8 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
                                hidden_size=model_cfg.hidden_size,
                                tensor_model_parallel_size=parallel.tensor_model_parallel_size)
     tconfig = transformer_config(model_cfg, **parallel.transformer_kwargs(),
-                                 **performance.transformer_kwargs())
+                                 **performance.transformer_kwargs(),
+                                 calculate_per_token_loss=args.calculate_per_token_loss)
     model, optimizer = setup_model_and_optimizer(
         model_cfg, tconfig, optimizer_config(args),
         DistributedDataParallelConfig(**performance.ddp_kwargs(parallel)))
@@ -151,8 +152,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     spikes = SpikeDetector(args.loss_spike_factor, args.loss_spike_window)
     exits = ExitConditions(args.exit_duration_in_mins)
     poisoned = _fault_injection_iterations()
-    timer = Timer()
-    start_iteration = iteration
+    throughput = ThroughputWindow()
     while iteration < args.train_iters:
         monitor.begin_step(iteration + 1)
         result = train_step(model, optimizer, scheduler, train_iter,
@@ -161,6 +161,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
                                 _poisoned_forward_step if iteration + 1 in poisoned
                                 else forward_step),
                             **step_kwargs)
+        throughput.step_done()
         iteration += 1
         consumed_train += batches.global_batch_size
         history["train_loss"].append(result.loss)
@@ -178,8 +179,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
                          f"{args.loss_spike_factor} x running median {spike_median:.4f}")
 
         if monitor.is_log_step(iteration) or iteration == args.train_iters:
-            seconds = timer.lap() / (iteration - start_iteration)
-            start_iteration = iteration
+            seconds = throughput.seconds_per_iteration()
             tokens_per_second = batches.global_batch_size * args.seq_length / seconds
             print_last_rank(log_line(iteration, args.train_iters, consumed_train, seconds, result,
                                      batches.global_batch_size, tokens_per_second,
@@ -190,11 +190,11 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
             history["valid_loss"].append(
                 _run_evaluation(model, valid_iter, args, step_kwargs, iteration, monitor))
             consumed_valid += args.eval_iters * batches.global_batch_size
-            timer.lap()
+            throughput.exclude_since_last_step()
 
         if args.save_interval and iteration % args.save_interval == 0:
             save(iteration)
-            timer.lap()
+            throughput.exclude_since_last_step()
 
         reason = exits.reason()
         if reason is None and args.exit_interval and iteration % args.exit_interval == 0:

@@ -176,3 +176,58 @@ def test_overlapped_gradient_reduce_and_parameter_gather_change_nothing(corpus, 
     assert weights_o.keys() == weights.keys()
     for name in weights:  # the checkpoint holds the update every rank made, gathered
         assert torch.equal(weights_o[name], weights[name]), name
+
+
+def test_logged_loss_is_token_weighted_and_gradients_follow_the_per_token_flag(tmp_path):
+    """DP2 x 2 micro-batches whose loss masks keep 16, 3, 9 and 1 tokens per row: the logged
+    loss is the token-weighted mean over all of them (computed independently on a second copy
+    of the model), the gradient is the mean of micro-batch means by default (Megatron-LM's) and
+    the token-weighted one with --calculate-per-token-loss."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(ROOT, "tests", "_loss_worker.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert records[0] == records[1]
+    for mode, gradient_of in (("default", "microbatch_mean"), ("per_token", "token_weighted")):
+        record = records[0][mode]
+        # The masks differ enough that the two means are told apart.
+        assert abs(record["token_weighted"] - record["microbatch_mean"]) > 1e-3
+        assert record["logged_loss"] == pytest.approx(record["token_weighted"], rel=1e-6)
+        assert record["grad_error"][gradient_of] < 1e-5, record
+        other = {"microbatch_mean": "token_weighted", "token_weighted": "microbatch_mean"}
+        assert record["grad_error"][other[gradient_of]] > 1e-2, record
+
+
+def _logged_ms_per_iteration(stdout: str) -> dict:
+    times = {}
+    for line in stdout.splitlines():
+        if "| lm loss:" in line and " iteration " in line:
+            iteration = int(line.split(" iteration ")[1].split("/")[0])
+            times[iteration] = float(
+                line.split("elapsed time per iteration (ms): ")[1].split(" |")[0])
+    return times
+
+
+def test_throughput_leaves_evaluation_and_checkpoint_time_out(corpus, tmp_path):
+    """Log every 4 iterations, save at 6 and 12, evaluate at 7 and 14 (40 batches: the time of
+    ~13 training steps): the window 9-12 holds no pause, windows 5-8 and 13-16 do. Each window's
+    ms/iteration must be its training steps' average. Before, the time up to a pause was dropped
+    while its iterations still counted (5-8 read ~1/4 of 9-12, 13-16 ~1/2); counting the pauses
+    in would read ~4x. The first steps after a pause run somewhat slower on CPU, hence the
+    margin."""
+    data, tokenizer = corpus
+    result = run_train(*SMALL, "--data-path", data, "--tokenizer-model", tokenizer,
+                       "--train-iters", "16", "--log-interval", "4", "--eval-interval", "7",
+                       "--eval-iters", "40", "--save", str(tmp_path / "ckpt"),
+                       "--save-interval", "6")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    times = _logged_ms_per_iteration(result.stdout)
+    assert sorted(times) == [4, 8, 12, 16]
+    for paused in (8, 16):
+        assert 0.6 < times[paused] / times[12] < 2.5, times

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-decay-iters", type=int, default=None, help="Default: --train-iters.")
     t.add_argument("--lr-wsd-decay-iters", type=int, default=None)
     t.add_argument("--clip-grad", type=float, default=1.0)
+    t.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="Gradient of the token-weighted mean loss over all micro-batches and "
+                   "data-parallel ranks (default, as in Megatron-LM: the mean of each "
+                   "micro-batch's token mean). The logged loss is token-weighted either way.")
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--adam-beta1", type=float, default=0.9)
     t.add_argument("--adam-beta2", type=float, default=0.95)

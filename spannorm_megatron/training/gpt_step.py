@@ -15,8 +15,14 @@ from megatron.core import parallel_state
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Token-summed LM loss, the token count and, for logging, both reduced over data parallel.
 
-    Returning the sum and the count (megatron-core's 3-tuple form) lets the schedule average over
-    all tokens of all micro-batches, not over micro-batch means.
+    This is Megatron-LM's `pretrain_gpt.loss_func` contract (megatron-core's 3-tuple form):
+    - the *logged* loss (`reduce_lm_loss`) is token-weighted over all micro-batches and all
+      data-parallel ranks: sum of token losses / number of loss tokens;
+    - the *gradient* follows `TransformerConfig.calculate_per_token_loss`: off (Megatron-LM's
+      default), the schedule divides each micro-batch's sum by its own token count and averages
+      those means over micro-batches and data-parallel ranks; on (`--calculate-per-token-loss`),
+      it is the gradient of the token-weighted mean, as logged.
+    The two differ only when loss masks keep different numbers of tokens per micro-batch.
     """
     losses = output_tensor.float().view(-1)
     mask = loss_mask.view(-1).float()
@@ -42,7 +48,8 @@ def forward_step(data_iterator: Optional[Iterator[Dict[str, torch.Tensor]]], mod
 
 
 def reduce_lm_loss(losses_reduced) -> Optional[float]:
-    """Mean token loss over a step's micro-batches (last pipeline stage only, else None)."""
+    """Token-weighted mean loss of a step: all micro-batches, all data-parallel ranks (last
+    pipeline stage only, else None)."""
     if not losses_reduced:
         return None
     total = torch.stack([entry["lm loss"] for entry in losses_reduced]).sum(dim=0)

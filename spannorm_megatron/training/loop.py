@@ -144,11 +144,29 @@ def log_line(iteration: int, train_iters: int, consumed_samples: int, step_secon
     return " | ".join(parts) + " |"
 
 
-class Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
+class ThroughputWindow:
+    """Training time and iterations since the last log line, for its ms/iteration, tokens/s and
+    MFU. Evaluation and checkpoint time is left out of both: after one, `exclude_since_last_step`
+    restarts the clock without counting an iteration, so the average stays over the iterations
+    whose time was counted (the loss `.item()` at the end of each step has synchronized the
+    device)."""
 
-    def lap(self) -> float:
+    def __init__(self):
+        self._mark = time.perf_counter()
+        self.seconds = 0.0
+        self.iterations = 0
+
+    def step_done(self) -> None:
         now = time.perf_counter()
-        elapsed, self.start = now - self.start, now
-        return elapsed
+        self.seconds += now - self._mark
+        self.iterations += 1
+        self._mark = now
+
+    def exclude_since_last_step(self) -> None:
+        self._mark = time.perf_counter()
+
+    def seconds_per_iteration(self) -> float:
+        """The window's average; then a new window starts."""
+        average = self.seconds / max(self.iterations, 1)
+        self.seconds, self.iterations = 0.0, 0
+        return average
