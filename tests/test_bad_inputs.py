@@ -70,6 +70,7 @@ CATALOGUE = [
     ("unknown-placement", "train", lambda f: T(f, "--norm-placement", "sandwich"),
      "is not a known placement"),
     ("heads-vs-groups", "train", lambda f: T(f, "--num-attention-heads", "8",
+                                             "--group-query-attention",
                                              "--num-query-groups", "3"), "num_query_groups"),
     ("topk-above-experts", "train", lambda f: T(f, "--num-experts", "2", "--moe-router-topk",
                                                 "3"), "moe_router_topk=3"),

@@ -165,3 +165,14 @@ def test_performance_choices_become_megatron_core_config_fields():
     plain = transformer_config(ModelConfig(num_layers=4),
                                **PerformanceConfig().transformer_kwargs())
     assert (plain.bf16, plain.fp8, plain.recompute_granularity) == (False, None, None)
+
+
+def test_num_query_groups_takes_effect_only_with_group_query_attention():
+    """Megatron-LM reads --num-query-groups only under --group-query-attention; so do we."""
+    from spannorm_megatron.training.arguments import model_config, parse_args
+
+    base = ["--num-attention-heads", "8", "--hidden-size", "64", "--num-query-groups", "2"]
+    ignored = model_config(parse_args(base), vocab_size=512)
+    assert ignored.num_query_groups is None and ignored.resolved_num_query_groups == 8
+    grouped = model_config(parse_args(base + ["--group-query-attention"]), vocab_size=512)
+    assert grouped.resolved_num_query_groups == 2

@@ -253,7 +253,9 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
+        # As in Megatron-LM: the group count counts only with --group-query-attention, so one
+        # YAML builds the same model in both stacks.
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
         ffn_hidden_size=args.ffn_hidden_size,
         normalization=args.normalization,
         norm_epsilon=args.norm_epsilon,
