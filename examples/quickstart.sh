@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, end to end on this machine (2 ranks: gloo on CPU, NCCL
-# on GPUs), with nothing downloaded:
+# The main job on the embedded default, end to end on this machine (2 ranks with gloo on CPU; on
+# GPUs one rank per GPU, at most 2, with NCCL), with nothing downloaded:
 #   1. the corpus: the Python standard library's own sources (deterministic, every machine has it)
 #   2. a SentencePiece tokenizer trained on it          (tools/train_tokenizer.py)
 #   3. Megatron's indexed dataset (.bin/.idx)            (tools/preprocess_data.py)
@@ -12,7 +12,7 @@
 #   bash examples/quickstart.sh [extra spannorm-train flags, e.g. --norm-placement prenorm]
 #
 # Steps 1-3 (tools/prepare_embedded_data.sh) are skipped when their outputs exist.
-# RUN_DIR defaults to runs/quickstart.
+# RUN_DIR defaults to runs/quickstart; NPROC overrides the rank count.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=$(bash "$root/tools/setup_env.sh" | tail -n 1)
@@ -24,8 +24,10 @@ cd "$root"
 echo "== 1-3/6 the embedded data set (corpus, tokenizer, indexed dataset)"
 bash tools/prepare_embedded_data.sh "$run/data" "$python"
 
-echo "== 4/6 training (2 ranks)"
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$venv/bin/torchrun" --standalone --nproc_per_node 2 \
+nproc=${NPROC:-$("$python" -c 'from spannorm_megatron.runtime import ranks_per_node; print(ranks_per_node(2))')}
+echo "== 4/6 training ($nproc ranks)"
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # as Megatron-LM's launchers
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$venv/bin/torchrun" --standalone --nproc_per_node "$nproc" \
   -m spannorm_megatron.train --config examples/configs/quickstart.yaml \
   --data-path "$run/data/stdlib_text_document" --tokenizer-model "$run/data/tokenizer.model" \
   --save "$run/checkpoints" --tensorboard-dir "$run/tensorboard" "$@"

@@ -6,6 +6,7 @@
 #   CONFIG=examples/configs/spannorm_moe.yaml DATA=... TOKENIZER=... RUN=runs/moe \
 #   bash examples/train_multi_node.sh
 set -euo pipefail
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # TP overlap relies on it, as in Megatron-LM
 config=${CONFIG:-examples/configs/spannorm_moe.yaml}
 run=${RUN:-runs/$(basename "$config" .yaml)}
 node_rank_args=()

@@ -39,7 +39,7 @@ from spannorm_megatron.cli import run_cli
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.model import transformer_config
 from spannorm_megatron.model.partition import check_model_fits_layout
-from spannorm_megatron.runtime import current_device, destroy, initialize
+from spannorm_megatron.runtime import check_launch, current_device, destroy, initialize
 from spannorm_megatron.training.arguments import (
     model_config,
     padded_vocab_size,
@@ -91,6 +91,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     performance = performance_config(args)
     performance.check_layout(parallel)
     performance.check_machine(model_cfg)
+    check_launch(args.distributed_backend)
     data_cfg = DataConfig(seq_length=args.seq_length, data_path=args.data_path, split=args.split,
                           seed=args.seed, data_cache_path=args.data_cache_path)
     num_samples = num_samples_for(args.train_iters, batches.global_batch_size,

@@ -99,6 +99,10 @@ CATALOGUE = [
      "--lr-warmup-iters 5 must be smaller"),
     ("gqa-without-groups", "train", lambda f: T(f, "--group-query-attention"),
      "--num-query-groups"),
+    ("te-layers-without-te", "train", lambda f: T(f, "--transformer-impl", "transformer_engine"),
+     "need Transformer Engine on a GPU"),
+    ("nccl-without-gpu", "train", lambda f: T(f, "--distributed-backend", "nccl"),
+     "--distributed-backend nccl needs GPUs"),
     ("fp8-without-bf16", "train", lambda f: T(f, "--fp8-format", "hybrid"),
      "--fp8-format needs --bf16"),
     *([] if transformer_engine_available() else [

@@ -357,3 +357,31 @@ def test_four_rank_tp2_ep2_moe(four_ranks, two_ranks):
     # TP2 + SP MoE forward equals the TP1 MoE forward of the 2-rank run (same seed and data).
     ep2 = [r for r in _ranks(two_ranks, "ep2_moe") if r["ranks"]["dp"] == 0][0]
     assert math.isclose(by_pos[(0, 0)]["losses"][0], ep2["losses"][0], rel_tol=1e-5)
+
+
+def test_launch_checks_before_any_process_group(monkeypatch):
+    """One rank per GPU, and only the backend the device can use, refused with the fix named."""
+    from spannorm_megatron.errors import ConfigError
+    from spannorm_megatron.runtime import check_launch, ranks_per_node
+    from spannorm_megatron.runtime import device as runtime_device
+
+    assert ranks_per_node(2) == 2  # CPU: the quickstart's two gloo ranks
+    check_launch(None)
+    check_launch("gloo")
+    with pytest.raises(ConfigError, match="--distributed-backend nccl needs GPUs"):
+        check_launch("nccl")
+    monkeypatch.setenv("SPANNORM_FORCE_CPU", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="SPANNORM_FORCE_CPU is set"):
+        check_launch("nccl")
+    # What a node with one GPU reports: the quickstart starts one rank, a second is refused.
+    monkeypatch.delenv("SPANNORM_FORCE_CPU")
+    monkeypatch.setattr(runtime_device, "has_accelerator", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert ranks_per_node(2) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="runs 2 ranks .* has 1 GPU"):
+        check_launch(None)
+    with pytest.raises(ConfigError, match="--distributed-backend gloo on GPUs"):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        check_launch("gloo")

@@ -8,7 +8,14 @@ nothing.
 """
 
 from .cpu import enable_cpu_runtime, is_cpu_runtime_enabled, should_enable_cpu_runtime
-from .device import backend, current_device, device_type, has_accelerator
+from .device import (
+    backend,
+    check_launch,
+    current_device,
+    device_type,
+    has_accelerator,
+    ranks_per_node,
+)
 from .distributed import (
     ParallelLayout,
     ParallelLayoutError,
@@ -24,6 +31,7 @@ __all__ = [
     "ParallelLayout",
     "ParallelLayoutError",
     "backend",
+    "check_launch",
     "current_device",
     "destroy",
     "device_type",
@@ -33,6 +41,7 @@ __all__ = [
     "is_cpu_runtime_enabled",
     "load_patches",
     "megatron_device_kwargs",
+    "ranks_per_node",
     "set_seed",
     "should_enable_cpu_runtime",
     "validate_layout",

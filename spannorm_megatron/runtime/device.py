@@ -10,6 +10,7 @@ reports the GPUs to code that asks it directly), not a supported production mode
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -55,3 +56,35 @@ def current_device() -> torch.device:
     if strict_devices_requested():
         return torch.device("cuda", 0)
     return torch.device("cpu")
+
+
+def ranks_per_node(cap: int = 2) -> int:
+    """How many ranks a one-node launch of the examples starts here: one per GPU up to `cap`,
+    or `cap` CPU ranks (gloo) on a machine without GPUs. NCCL refuses two ranks on one GPU."""
+    if has_accelerator():
+        return max(1, min(cap, torch.cuda.device_count()))
+    return cap
+
+
+def check_launch(distributed_backend: Optional[str] = None) -> None:
+    """Refuse a launch this node cannot run, before any process group exists: more local ranks
+    than GPUs, or a backend the device cannot use (``nccl`` needs GPUs, ``gloo`` is our CPU path).
+    Raises :class:`~spannorm_megatron.errors.ConfigError` naming the fix."""
+    from spannorm_megatron.errors import ConfigError
+
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if has_accelerator() and local_ranks > torch.cuda.device_count():
+        raise ConfigError(
+            f"this node runs {local_ranks} ranks (torchrun --nproc_per_node) but has "
+            f"{torch.cuda.device_count()} GPU(s); NCCL needs one GPU per rank: launch at most "
+            f"{torch.cuda.device_count()} ranks per node.")
+    if distributed_backend is None or distributed_backend == backend():
+        return
+    if distributed_backend == "nccl":
+        why = (f"{FORCE_CPU_ENV} is set" if _force_cpu() and torch.cuda.is_available()
+               else "this machine has no GPU")
+        raise ConfigError(f"--distributed-backend nccl needs GPUs, and {why}: drop the flag "
+                          f"(gloo is used on CPU) or unset {FORCE_CPU_ENV}.")
+    raise ConfigError(f"--distributed-backend {distributed_backend} on GPUs: the GPU path "
+                      f"communicates through NCCL; drop the flag, or set {FORCE_CPU_ENV}=1 "
+                      f"to run on the CPUs.")

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--expert-tensor-parallel-size", type=int, default=None)
     par.add_argument("--sequence-parallel", action="store_true")
     par.add_argument("--use-distributed-optimizer", action="store_true")
+    par.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
+                     help="Default: nccl on GPUs, gloo on CPU (the only pairs that run).")
 
     t = p.add_argument_group("training")
     t.add_argument("--micro-batch-size", type=int, default=4)

@@ -146,8 +146,11 @@ class PerformanceConfig:
         on a GPU (FP8: compute capability 8.9+, e.g. H100; mxfp8: 10.0+)."""
         from spannorm_megatron.model.specs import transformer_engine_available
 
-        wants_te = [flag for flag, on in (("--fp8-format", self.fp8_format is not None),
-                                          ("--tp-comm-overlap", self.tp_comm_overlap)) if on]
+        wants_te = [flag for flag, on in (
+            ("--fp8-format", self.fp8_format is not None),
+            ("--tp-comm-overlap", self.tp_comm_overlap),
+            ("--transformer-impl transformer_engine", model.transformer_impl == "transformer_engine"),
+        ) if on]
         if not wants_te:
             return
         if not transformer_engine_available():
