@@ -25,6 +25,7 @@ from spannorm_megatron.checkpoint import (
     read_run_record,
     save_checkpoint,
 )
+from spannorm_megatron.checkpoint import state
 from spannorm_megatron.config import ParallelConfig
 from spannorm_megatron.runtime import set_seed
 
@@ -491,3 +492,38 @@ def test_streaming_save_writes_each_produced_tensor_once_in_order(megatron_world
                 if isinstance(v, torch.Tensor)}
 
     _assert_same_tensors(weights(fresh[0]), weights(source[0]))
+
+
+class _ExtraStateHolder(torch.nn.Module):
+    """What a Transformer Engine module adds to a state dict: `_extra_state` (its FP8 scaling
+    history), through torch's own get_extra_state/set_extra_state protocol."""
+
+    def __init__(self):
+        super().__init__()
+        self.restored = None
+
+    def get_extra_state(self):
+        return {"amax_history": [1.0, 2.0]}
+
+    def set_extra_state(self, value):
+        self.restored = value
+
+
+def test_checkpoint_without_extra_state_loads_into_a_model_with_it(megatron_world, tmp_path):
+    """Local, CPU-made and HF-imported checkpoints lack TE's `*._extra_state`; a model that has
+    it loads them strictly, and the extra state starts afresh. (A missing tensor of any other
+    kind is still refused: test_non_strict_load_keeps_what_the_checkpoint_lacks.)"""
+    config = H.model_config()
+    chunks, optimizer, scheduler = _fresh(config, LOCAL)
+    H.train(chunks, optimizer, scheduler, 0, 1)
+    _save(tmp_path, 1, chunks, optimizer, scheduler, config, LOCAL)
+    saved = H.sharded_tensors(chunks, optimizer)
+
+    chunks, optimizer, scheduler = _fresh(config, LOCAL, seed=3)
+    holder = _ExtraStateHolder()
+    state.unwrap(chunks[0]).decoder.layers[0].te_like = holder
+    assert any(k.endswith("te_like._extra_state")
+               for k in state.unwrap(chunks[0]).state_dict())
+    _load(tmp_path, chunks, optimizer, scheduler, config, LOCAL)
+    _assert_same_tensors(H.sharded_tensors(chunks, optimizer), saved)
+    assert holder.restored is None

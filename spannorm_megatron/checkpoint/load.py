@@ -86,7 +86,13 @@ def _check_keys(sharded: dict, path: str, strict: bool, model_keys: list) -> dic
     available = {item.key for item in load_sharded_metadata(path).values()}
     requested = _requested_keys(sharded)
     absent = sorted(set(requested) - available)
+    # Transformer Engine modules carry `_extra_state` (FP8 scaling history) that local, CPU-made
+    # and HF-imported checkpoints lack; TE starts such state afresh, so it is never required.
+    optional = {key for key in absent if _is_optional(key)}
+    absent = [key for key in absent if key not in optional]
     everyone = sorted({key for part in _dist.all_gather(absent) for key in part})
+    if optional:
+        sharded = _without(sharded, optional, {})
     if not everyone:
         return sharded
     if strict:
@@ -107,6 +113,22 @@ def _check_keys(sharded: dict, path: str, strict: bool, model_keys: list) -> dic
 
 
 _OPTIMIZER_PREFIX = "optimizer.state."
+_OPTIONAL_SUFFIX = "_extra_state"
+
+
+def _is_optional(key: str) -> bool:
+    return key.endswith(_OPTIONAL_SUFFIX)
+
+
+def _load_module(module, state_dict: dict, strict: bool, path: str) -> None:
+    """`module.load_state_dict`, with absent `*_extra_state` entries allowed (see _check_keys)."""
+    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    missing = [key for key in missing if not _is_optional(key)]
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"{path} does not fit this model: missing {missing[:8]}, unexpected "
+            f"{unexpected[:8]}. Load with the saved configuration (see "
+            f"{os.path.join(path, RUN_RECORD_FILENAME)}).")
 
 
 def _without(value, absent: set, model_data: dict):
@@ -275,7 +297,7 @@ def load_checkpoint(
         loaded, model_keys = _read(path, model_chunks, optimizer if load_optim else None,
                                    load_rng, strict)
         for key, chunk in zip(model_keys, model_chunks, strict=True):
-            state.unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+            _load_module(state.unwrap(chunk), loaded[key], strict, path)
         if load_optim:
             optimizer_state = loaded["optimizer"]
             if saved_optimizer.get("chained") != len(state.inner_optimizers(optimizer)):
