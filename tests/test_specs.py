@@ -14,6 +14,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from spannorm_megatron.config import ModelConfig
 from spannorm_megatron.model import PLACEMENTS, build_gpt_model, layer_spec, transformer_config
 from spannorm_megatron.model.norms import Norm
+from spannorm_megatron.model.specs import transformer_engine_available
 
 # Per placement: norm slot -> fused away in the TE dense spec?
 FUSED_IN_TE_DENSE = {
@@ -63,7 +64,8 @@ def test_transformer_engine_spec_fuses_only_single_consumer_norms(placement, moe
 )
 def test_local_checkpoint_keys_match_transformer_engine_names(seeded, placement, expected_keys):
     config = ModelConfig(norm_placement=placement, num_layers=2, hidden_size=32,
-                         num_attention_heads=4, vocab_size=16, max_sequence_length=8)
+                         num_attention_heads=4, vocab_size=16, max_sequence_length=8,
+                         transformer_impl="local")
     sub = layer_spec(config, transformer_engine=False).submodules
     for slot in FUSED_IN_TE_DENSE[placement]:
         assert getattr(sub, slot) is Norm
@@ -83,7 +85,7 @@ def test_dist_checkpoint_round_trip(seeded, tmp_path, placement, moe):
 
     config = ModelConfig(norm_placement=placement, num_layers=3, hidden_size=32,
                          num_attention_heads=4, vocab_size=16, max_sequence_length=8,
-                         num_experts=4 if moe else None)
+                         num_experts=4 if moe else None, transformer_impl="local")
     saved = build_gpt_model(config, transformer_config(config))
     dist_checkpointing.save(saved.sharded_state_dict(), str(tmp_path))
     fresh = build_gpt_model(config, transformer_config(config))  # different random weights
@@ -92,3 +94,22 @@ def test_dist_checkpoint_round_trip(seeded, tmp_path, placement, moe):
     assert saved_params.keys() == dict(fresh.named_parameters()).keys()
     for name, param in fresh.named_parameters():
         assert torch.equal(param, saved_params[name]), name
+
+
+def _saved_keys(model) -> set:
+    return {t.key for t in model.sharded_state_dict().values()}
+
+
+@pytest.mark.skipif(not transformer_engine_available(), reason="needs Transformer Engine and a GPU")
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("placement", sorted(FUSED_IN_TE_DENSE))
+def test_transformer_engine_model_saves_the_local_keys_plus_extra_state(seeded, placement, moe):
+    """The TE flavour saves every local key (fused norms under the same names) and adds only
+    `_extra_state`, which loading treats as optional: checkpoints move between the flavours."""
+    shape = dict(norm_placement=placement, num_layers=2, hidden_size=32, num_attention_heads=4,
+                 vocab_size=16, max_sequence_length=8, num_experts=4 if moe else None)
+    local = ModelConfig(**shape, transformer_impl="local")
+    te_config = ModelConfig(**shape, transformer_impl="transformer_engine")
+    local_keys = _saved_keys(build_gpt_model(local, transformer_config(local)))
+    te_keys = _saved_keys(build_gpt_model(te_config, transformer_config(te_config)))
+    assert {k for k in te_keys if not k.endswith("_extra_state")} == local_keys
