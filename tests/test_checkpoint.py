@@ -527,3 +527,23 @@ def test_checkpoint_without_extra_state_loads_into_a_model_with_it(megatron_worl
     _load(tmp_path, chunks, optimizer, scheduler, config, LOCAL)
     _assert_same_tensors(H.sharded_tensors(chunks, optimizer), saved)
     assert holder.restored is None
+
+
+def test_rng_states_of_another_device_type_are_ignored_like_a_layout_change(megatron_world):
+    """CPU generator states are 5056 bytes, CUDA ones 16: a CPU checkpoint resumed on a GPU (or
+    the reverse) must keep the run's own seeds instead of failing at the first RNG fork."""
+    from spannorm_megatron.checkpoint import rng
+
+    mine = rng._local_state()
+    assert mine["device_type"] == "cpu" and mine["torch_rng_state"].numel() == 5056
+    from_gpu = dict(mine, device_type="cuda", rng_tracker_states={
+        name: torch.zeros(16, dtype=torch.uint8) for name in mine["rng_tracker_states"]})
+    before = torch.get_rng_state()
+    torch.rand(3)  # move the generator on, so that a restore would be visible
+    moved = torch.get_rng_state()
+    assert rng.restore([from_gpu]) is False
+    assert torch.equal(torch.get_rng_state(), moved)
+    assert rng.restore([mine]) is True
+    assert torch.equal(torch.get_rng_state(), before)
+    legacy = {k: v for k, v in mine.items() if k != "device_type"}  # saved before the field
+    assert rng.restore([legacy]) is True

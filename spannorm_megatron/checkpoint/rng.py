@@ -12,8 +12,9 @@ meaningful mapping and the saved states are ignored (the run keeps its fresh see
 Megatron-LM.
 
 On CPU the runtime maps megatron's "CUDA" RNG calls to the CPU generator
-(`spannorm_megatron.runtime.cpu`), so the tracker states are CPU generator states and the device
-state is simply not recorded separately.
+(`spannorm_megatron.runtime.cpu`), so the tracker states are CPU generator states (5056 bytes)
+where a GPU run saves CUDA ones (16 bytes). The states record the device type they come from; a
+resume on the other kind of device keeps its fresh seeds, as after a layout change.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from spannorm_megatron.runtime import device_type
+
 logger = logging.getLogger(__name__)
 
 KEY = "rng_state"
@@ -34,6 +37,7 @@ def _local_state() -> dict:
     from megatron.core import tensor_parallel
 
     states = {
+        "device_type": device_type(),
         "random_rng_state": random.getstate(),
         "np_rng_state": np.random.get_state(),
         "torch_rng_state": torch.get_rng_state(),
@@ -84,13 +88,22 @@ def restorable(saved_layout: dict, layout: dict) -> Tuple[bool, Optional[str]]:
     return True, None
 
 
-def restore(states: list) -> None:
-    """Set this rank's generators from the gathered list of a (pp, tp) position."""
+def restore(states: list) -> bool:
+    """Set this rank's generators from the gathered list of a (pp, tp) position. Returns False
+    (generators untouched) when the states come from another kind of device."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
     dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
+    # Checkpoints from before the field was recorded were all made on CPU.
+    saved_device = states[0].get("device_type", "cpu")
+    if saved_device != device_type():
+        if torch.distributed.get_rank() == 0:
+            logger.warning("checkpoint: RNG states were saved on %s and this run is on %s; they "
+                           "are ignored and this run keeps its own seeds", saved_device,
+                           device_type())
+        return False
     if len(states) == dp_size:
         state = states[dp_rank]
     else:
@@ -104,3 +117,4 @@ def restore(states: list) -> None:
     if state.get("cuda_rng_state") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng_state"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+    return True
