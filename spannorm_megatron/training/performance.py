@@ -105,6 +105,14 @@ class PerformanceConfig:
             if value and self.fp8_format is None:
                 raise ConfigError(f"{flag} only applies to FP8 runs: add --fp8-format "
                                   f"hybrid (or e4m3), or drop it.")
+        if self.first_last_layers_bf16 and self.fp8_recipe == "delayed":
+            # megatron-core refuses it too, but only once the process groups exist.
+            raise ConfigError("--first-last-layers-bf16 does not work with --fp8-recipe "
+                              "delayed (its amax history spans all layers): use --fp8-recipe "
+                              "tensorwise, or drop --first-last-layers-bf16.")
+        if self.tp_comm_overlap and not self.bf16:
+            raise ConfigError("--tp-comm-overlap needs --bf16: Transformer Engine's userbuffers "
+                              "hold 2-byte elements.")
         if self.recompute_granularity is not None:
             _choice("--recompute-granularity", self.recompute_granularity,
                     RECOMPUTE_GRANULARITIES)
@@ -213,12 +221,17 @@ def initialize_tp_comm_overlap(performance: PerformanceConfig, *, seq_length: in
     micro-batch tokens by the hidden size. Nothing happens without the flag."""
     if not performance.tp_comm_overlap:
         return
-    from transformer_engine.pytorch.module.base import initialize_ub
+    from transformer_engine.pytorch.module import base
 
-    initialize_ub(shape=[seq_length * micro_batch_size, hidden_size],
-                  tp_size=tensor_model_parallel_size,
-                  use_fp8=performance.fp8_format is not None,
-                  dtype=performance.params_dtype)
+    # TE 2.8+ takes the buffers' quantization modes (`use_fp8` is deprecated there): FP8 GEMMs
+    # communicate in FP8, and the layers kept in bf16 under --first-last-layers-bf16 in bf16.
+    modes = [base.UserBufferQuantizationMode.NONE]
+    if performance.fp8_format is not None:
+        modes = [base.UserBufferQuantizationMode.FP8] + (
+            modes if performance.first_last_layers_bf16 else [])
+    base.initialize_ub(shape=[seq_length * micro_batch_size, hidden_size],
+                       tp_size=tensor_model_parallel_size, quantization_modes=modes,
+                       dtype=performance.params_dtype)
 
 
 def _device_capability() -> Tuple[int, int]:
