@@ -113,3 +113,20 @@ def test_transformer_engine_model_saves_the_local_keys_plus_extra_state(seeded, 
     local_keys = _saved_keys(build_gpt_model(local, transformer_config(local)))
     te_keys = _saved_keys(build_gpt_model(te_config, transformer_config(te_config)))
     assert {k for k in te_keys if not k.endswith("_extra_state")} == local_keys
+
+
+def test_gpu_fusions_follow_megatron_lm(monkeypatch):
+    """Fused kernels only on GPUs: bias-dropout-add and the activation (SwiGLU with or without
+    bias, GELU only with one), RoPE only with Transformer Engine (not installed here)."""
+    from spannorm_megatron.model import builder
+
+    swiglu = ModelConfig(swiglu=True)
+    gelu = ModelConfig(swiglu=False, add_bias_linear=False)
+    assert builder.gpu_fusions(swiglu) == dict(
+        bias_dropout_fusion=False, bias_activation_fusion=False, apply_rope_fusion=False)
+    monkeypatch.setattr(builder, "has_accelerator", lambda: True)  # what a GPU node answers
+    assert builder.gpu_fusions(swiglu) == dict(
+        bias_dropout_fusion=True, bias_activation_fusion=True,
+        apply_rope_fusion=transformer_engine_available())
+    assert builder.gpu_fusions(gelu)["bias_activation_fusion"] is False
+    assert transformer_config(swiglu).bias_activation_fusion is True
