@@ -190,3 +190,28 @@ def test_kill_9_of_one_rank_of_two_then_the_same_command_resumes_bitwise(corpus,
     got = tensorboard_scalars(tmp_path / "b")[0]["lm loss"]
     assert sorted(got) == list(range(latest + 1, iters + 1))
     assert all(got[step] == expected[step] for step in got)
+
+
+def test_non_finite_guard_names_the_lowest_bad_layer_from_device_flags(megatron_world):
+    """The guard on a real 4-layer model's gradient buffers: finite -> None; NaN in layer 3 and
+    Inf in layer 2 -> 2; only the output layer bad -> 0 (outside the layers)."""
+    import torch
+
+    import _checkpoint as H
+    from spannorm_megatron.checkpoint.state import unwrap
+    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.training.guards import NonFiniteGuard
+
+    chunks, _, _ = H.build(H.model_config(), ParallelConfig())
+    guard = NonFiniteGuard(chunks, max_in_a_row=3)
+    for param in chunks[0].parameters():
+        param.main_grad.normal_()
+    assert guard.first_bad_layer() is None
+    layers = unwrap(chunks[0]).decoder.layers
+    next(layers[2].parameters()).main_grad.view(-1)[5] = float("nan")
+    next(layers[1].mlp.parameters()).main_grad.view(-1)[0] = float("inf")
+    assert guard.first_bad_layer() == 2
+    for param in chunks[0].parameters():
+        param.main_grad.normal_()
+    unwrap(chunks[0]).output_layer.weight.main_grad[0, 0] = float("-inf")
+    assert guard.first_bad_layer() == 0

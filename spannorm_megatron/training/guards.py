@@ -6,6 +6,7 @@ Each check ends in one small all-reduce so that every rank takes the same decisi
 
 from __future__ import annotations
 
+import math
 import signal
 import statistics
 import time
@@ -25,6 +26,9 @@ def _all_reduce(values: List[float], op) -> List[float]:
     return tensor.tolist()
 
 
+_OUTSIDE = 1e12  # sorts parameters outside the transformer layers after every layer
+
+
 class NonFiniteGradientError(RuntimeError):
     """Too many steps in a row had non-finite gradients; the run stops instead of diverging."""
 
@@ -41,7 +45,8 @@ class NonFiniteGuard:
         self.max_in_a_row = max_in_a_row
         self.in_a_row = 0
         self.total = 0
-        self._params = []  # (global layer number or 0 for non-layer params, parameter)
+        self._params = []
+        orders = []  # per parameter: its global layer number, or _OUTSIDE for non-layer params
         for chunk in model_chunks:
             module = getattr(chunk, "module", chunk)
             layer_of = {}
@@ -49,27 +54,38 @@ class NonFiniteGuard:
                 for param in layer.parameters():
                     layer_of[id(param)] = layer.layer_number
             for param in module.parameters():
-                self._params.append((layer_of.get(id(param), 0), param))
+                self._params.append(param)
+                orders.append(float(layer_of.get(id(param), _OUTSIDE)))
+        self._orders = torch.tensor(orders, dtype=torch.float64, device=current_device())
 
     def first_bad_layer(self) -> Optional[int]:
         """Smallest global layer number with a non-finite gradient on any rank; 0 when only
         parameters outside the layers (embedding, output layer, final norm) have one; None when
-        every gradient is finite."""
-        outside, none_bad = 1e12, float("inf")
-        first = none_bad
-        for layer, param in self._params:
-            order = layer if layer > 0 else outside
-            if order >= first:
-                continue
+        every gradient is finite.
+
+        Runs on the device: one fused norm per gradient (non-finite exactly when an element is),
+        the lowest offending layer picked there, one all-reduce and one host sync per step.
+        """
+        grads, present = [], []
+        for index, param in enumerate(self._params):
             grad = getattr(param, "main_grad", None)
             if grad is None:
                 grad = param.grad
-            if grad is not None and not torch.isfinite(grad).all():
-                first = order
-        (first,) = _all_reduce([first], torch.distributed.ReduceOp.MIN)
-        if first == none_bad:
+            if grad is not None:
+                grads.append(grad)
+                present.append(index)
+        first = torch.full((), math.inf, dtype=torch.float64, device=current_device())
+        if grads:
+            norms = torch.stack(torch._foreach_norm(grads, dtype=torch.float32))
+            order = (self._orders if len(grads) == len(self._params)
+                     else self._orders[torch.tensor(present, device=current_device())])
+            first = torch.where(torch.isfinite(norms), math.inf, order).min()
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        first = first.item()
+        if first == math.inf:
             return None
-        return 0 if first == outside else int(first)
+        return 0 if first == _OUTSIDE else int(first)
 
     def record(self, bad_layer: Optional[int], iteration: int) -> None:
         if bad_layer is None:
