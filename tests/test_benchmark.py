@@ -54,3 +54,26 @@ def test_conversion_benchmark_small_size_writes_table_and_json(tmp_path):
     for direction in ("export", "import"):
         assert row[direction]["seconds"] > 0 and row[direction]["peak_mib"] > 0
     assert not (work / "small").exists()  # checkpoints and folders are removed without --keep
+
+
+def test_benchmark_frees_each_model_before_the_next(megatron_world):
+    """The model, its optimizer and their reference cycle (the config's hooks point back at
+    them) are gone after `close`, so the next placement is built in free memory."""
+    import gc
+    import importlib.util
+    import weakref
+
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "tools",
+                                                                            "benchmark.py"))
+    benchmark = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark"] = benchmark  # its dataclasses look their module up there
+    spec.loader.exec_module(benchmark)
+    args = benchmark.parse_args(["--preset", "tiny"])
+    fields, seq_length, micro_batch = benchmark.PRESETS["tiny"]
+    bench = benchmark.Bench("spannorm", "fp32", args, fields, seq_length, micro_batch)
+    bench.step()
+    assert bench.transformer_impl == "local"
+    model, optimizer = weakref.ref(bench.model[0]), weakref.ref(bench.optimizer)
+    bench.close()
+    gc.collect()
+    assert model() is None and optimizer() is None

@@ -5,11 +5,15 @@
     torchrun --nproc_per_node 8 tools/benchmark.py --preset moe --expert-model-parallel-size 8
 
 For every (precision, placement): build the model and megatron-core's DDP + optimizer, run
-warm-up steps, then time `--iters` steps on a fixed synthetic batch. Placements are measured in
-interleaved rounds (`--rounds`) so drift of the machine hits all of them alike; each result is the
-median over all timed steps. Reported: step time, tokens/s, MFU (model FLOPs against the device's
-peak; on CPU the peak is an estimate, see spannorm_megatron.metrics.flops), peak memory, and the
+warm-up steps, time `--rounds` x `--iters` steps on a fixed synthetic batch, then free the model
+before the next is built (one 1.3B model with its optimizer state takes ~25 GB: six at once do not
+fit a GPU). Each result is the median over all timed steps; every step time is in the JSON, with
+the `transformer_impl` that actually ran. Reported: step time, tokens/s, MFU, peak memory, and the
 ratio of tokens/s and memory to PreNorm's at the same precision. Prints a table, writes JSON.
+
+MFU is model FLOPs per second over the device's dense **bf16** peak for bf16 and FP8 runs alike
+(fp32 runs: the fp32 peak), as the training log reports it, so FP8's gain shows as a higher MFU;
+on CPU the peak is an estimate (spannorm_megatron.metrics.flops).
 
 Peak memory is what one model adds while it is built and trained for the warm-up steps (weights,
 gradients, optimizer state, activations): on a GPU the peak of allocated memory over what was
@@ -20,6 +24,7 @@ child process that builds that model alone, over the child's memory before build
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -27,7 +32,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -59,6 +64,8 @@ class Result:
     memory_vs_prenorm: Optional[float] = None
     step_seconds_samples: List[float] = field(default_factory=list)
     """Every timed step, in order (the spread says how far the median can be trusted)."""
+    transformer_impl: str = "local"
+    """The layers that ran: 'transformer_engine' or 'local' (what --transformer-impl auto chose)."""
 
 
 def parse_args(argv=None):
@@ -76,7 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--num-microbatches", type=int, default=1)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=5, help="Timed steps per round.")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="Timed steps per model: --rounds x --iters.")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--expert-model-parallel-size", type=int, default=1)
@@ -119,7 +127,7 @@ def performance_for(precision: str, args):
 
 
 class Bench:
-    """One (placement, precision) model, optimizer and batch, kept alive across rounds."""
+    """One (placement, precision) model, optimizer and batch, alive until `close`."""
 
     def __init__(self, placement: str, precision: str, args, model_fields: dict,
                  seq_length: int, micro_batch: int):
@@ -141,6 +149,7 @@ class Bench:
         performance.check_machine(self.model_config)
         tconfig = transformer_config(self.model_config, **parallel.transformer_kwargs(),
                                      **performance.transformer_kwargs())
+        self.transformer_impl = tconfig.transformer_impl
         self.model, self.optimizer = setup_model_and_optimizer(
             self.model_config, tconfig,
             OptimizerConfig(optimizer="adam", lr=1e-4, bf16=performance.bf16,
@@ -165,6 +174,15 @@ class Bench:
         self.num_microbatches = args.num_microbatches
         self.step_times: List[float] = []
         self.peak_memory: Optional[int] = None
+
+    def close(self) -> None:
+        """Drop the model, optimizer and batch. The model config's hooks (grad scaling, no-sync,
+        finalize) point back at them, so only a collection frees the cycle; then the allocator
+        hands the memory back before the next model is built."""
+        self.model = self.optimizer = self.scheduler = self.batch = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def step(self) -> float:
         from spannorm_megatron.training.loop import train_step
@@ -258,25 +276,18 @@ def run(args) -> List[Result]:
     world = torch.distributed.get_world_size()
     results: List[Result] = []
     for precision in args.precisions:
-        # All models stay built so that the rounds can interleave placements.
-        benches: Dict[str, Bench] = {}
+        # The peak MFU is quoted against: bf16's for FP8 runs too (see the module docstring).
+        peak = device_peak_flops(torch.float32 if precision == "fp32" else torch.bfloat16)
         for placement in placements:
             start = _start_memory_measurement()
             bench = Bench(placement, precision, args, model_fields, seq_length, micro_batch)
             for _ in range(args.warmup):
                 bench.step()
-            bench.peak_memory = _memory_added_since(start)
-            if bench.peak_memory is None and world == 1 and not args.no_memory:
-                bench.peak_memory = _cpu_memory_probe(args, placement, precision)
-            benches[placement] = bench
-            _log(f"built {placement} ({precision}), warm-up done")
-        for round_index in range(args.rounds):
-            for bench in benches.values():
-                bench.step_times += [bench.step() for _ in range(args.iters)]
-            _log(f"round {round_index + 1}/{args.rounds} done")
-        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        peak = device_peak_flops(torch.float8_e4m3fn if precision == "fp8" else dtype)
-        for placement, bench in benches.items():
+            peak_memory = _memory_added_since(start)
+            if peak_memory is None and world == 1 and not args.no_memory:
+                peak_memory = _cpu_memory_probe(args, placement, precision)
+            _log(f"built {placement} ({precision}, {bench.transformer_impl}), warm-up done")
+            bench.step_times = [bench.step() for _ in range(args.rounds * args.iters)]
             seconds = statistics.median(bench.step_times)
             tokens = micro_batch * seq_length * args.num_microbatches * _data_parallel_size()
             fpt = flops_per_token(bench.model_config, seq_length,
@@ -285,10 +296,12 @@ def run(args) -> List[Result]:
                 placement=placement, precision=precision, step_seconds=seconds,
                 tokens_per_second=tokens / seconds,
                 mfu=None if peak is None else mfu(tokens / seconds, fpt, peak, num_devices=world),
-                peak_memory_bytes=bench.peak_memory,
+                peak_memory_bytes=peak_memory,
                 step_seconds_samples=list(bench.step_times),
+                transformer_impl=bench.transformer_impl,
             ))
-        benches.clear()
+            bench.close()
+            _log(f"measured {placement} ({precision}): {seconds * 1000:.1f} ms/step")
     _add_ratios(results)
     return results
 
@@ -354,6 +367,8 @@ def main(argv=None) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
             with open(args.output, "w") as f:
                 json.dump({"args": vars(args), "environment": environment(),
+                           "mfu_reference": "dense bf16 peak of the device for bf16 and fp8 "
+                                            "runs, fp32 peak for fp32 runs",
                            "results": [asdict(r) for r in results]}, f, indent=2)
             print(f"wrote {args.output}")
     return 0
