@@ -17,13 +17,11 @@ import time
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.model.partition import check_model_fits_layout
-from spannorm_megatron.model import transformer_config
 from spannorm_megatron.runtime import current_device, initialize, destroy
 from spannorm_megatron.training.loop import train_step
 from spannorm_megatron.training.setup import setup_model_and_optimizer
@@ -89,13 +87,9 @@ def main(argv=None) -> dict:
     )
     check_model_fits_layout(model_config, parallel)
     initialize(**parallel.runtime_kwargs(), seed=args.seed)
-    tconfig = transformer_config(model_config, **parallel.transformer_kwargs())
     model, optimizer = setup_model_and_optimizer(
-        model_config, tconfig,
-        OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.0, clip_grad=1.0,
-                        use_distributed_optimizer=parallel.use_distributed_optimizer),
-        DistributedDataParallelConfig(use_distributed_optimizer=parallel.use_distributed_optimizer),
-    )
+        model_config, parallel,
+        OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.0, clip_grad=1.0))
 
     # Same data on the ranks of one model replica, different data across replicas.
     generator = torch.Generator().manual_seed(args.seed + parallel_state.get_data_parallel_rank())

@@ -13,14 +13,12 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedBase
-from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spannorm_megatron.checkpoint import state as ckpt_state
 from spannorm_megatron.config import ModelConfig, ParallelConfig
-from spannorm_megatron.model import transformer_config
 from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 
@@ -48,13 +46,9 @@ def model_config(dropout: bool = False, placement: str = "spannorm", moe: bool =
 
 def build(config: ModelConfig, parallel: ParallelConfig):
     """(model chunks, optimizer, scheduler) for the current megatron-core layout."""
-    tconfig = transformer_config(config, **parallel.transformer_kwargs())
     chunks, optimizer = setup_model_and_optimizer(
-        config, tconfig,
-        OptimizerConfig(optimizer="adam", lr=1e-2, min_lr=1e-3, weight_decay=0.01, clip_grad=1.0,
-                        use_distributed_optimizer=parallel.use_distributed_optimizer),
-        DistributedDataParallelConfig(use_distributed_optimizer=parallel.use_distributed_optimizer),
-    )
+        config, parallel, OptimizerConfig(optimizer="adam", lr=1e-2, min_lr=1e-3,
+                                          weight_decay=0.01, clip_grad=1.0))
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=1e-2, min_lr=1e-3, lr_warmup_steps=2,
         lr_decay_steps=TOTAL_STEPS, lr_decay_style="cosine", start_wd=0.01, end_wd=0.05,

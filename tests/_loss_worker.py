@@ -17,10 +17,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from megatron.core.distributed import DistributedDataParallelConfig  # noqa: E402
 from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 
-from spannorm_megatron.config import ModelConfig  # noqa: E402
+from spannorm_megatron.config import ModelConfig, ParallelConfig  # noqa: E402
 from spannorm_megatron.model import build_model, transformer_config  # noqa: E402
 from spannorm_megatron.runtime import current_device, destroy, initialize, set_seed  # noqa: E402
 from spannorm_megatron.training.loop import train_step  # noqa: E402
@@ -83,15 +82,14 @@ def main(out_dir: str) -> None:
     batches = micro_batches()
     record = {}
     for per_token in (False, True):
-        tconfig = transformer_config(config, calculate_per_token_loss=per_token)
         set_seed(1234)
-        (reference,) = build_model(config, tconfig)
+        (reference,) = build_model(config, transformer_config(config))
         expected = independent(reference, batches)
         set_seed(1234)
         model, optimizer = setup_model_and_optimizer(
-            config, tconfig,
+            config, ParallelConfig(),
             OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1e9, weight_decay=0.0),
-            DistributedDataParallelConfig())
+            calculate_per_token_loss=per_token)
         mine = iter(batches[2 * rank:2 * rank + 2])
         result = train_step(model, optimizer, None, mine, num_microbatches=2, seq_length=SEQ,
                             micro_batch_size=MICRO, global_batch_size=2 * MICRO * 2)

@@ -14,13 +14,11 @@ from typing import Dict, List
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.metrics import MoEMetrics, StabilitySignals
-from spannorm_megatron.model import transformer_config
 from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 
@@ -82,13 +80,8 @@ def micro_batches(tokens: torch.Tensor) -> List[dict]:
 
 
 def setup(config: ModelConfig, parallel: ParallelConfig):
-    tconfig = transformer_config(config, **parallel.transformer_kwargs())
     return setup_model_and_optimizer(
-        config, tconfig,
-        OptimizerConfig(optimizer="adam", lr=LR, weight_decay=0.0, clip_grad=1.0,
-                        use_distributed_optimizer=parallel.use_distributed_optimizer),
-        DistributedDataParallelConfig(use_distributed_optimizer=parallel.use_distributed_optimizer),
-    )
+        config, parallel, OptimizerConfig(optimizer="adam", lr=LR, weight_decay=0.0, clip_grad=1.0))
 
 
 def sharded_state(chunks) -> dict:

@@ -16,13 +16,12 @@ from typing import Dict, List
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe import moe_utils
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
-from spannorm_megatron.model import PLACEMENTS, transformer_config
+from spannorm_megatron.model import PLACEMENTS
 from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 
@@ -144,13 +143,9 @@ def run(placement: str, moe: bool, parallel: ParallelConfig, init_dir: str, fina
     The caller has initialized megatron-core for `parallel` (spannorm_megatron.runtime).
     """
     config = model_config(placement, moe)
-    tconfig = transformer_config(config, **parallel.transformer_kwargs())
     chunks, optimizer = setup_model_and_optimizer(
-        config, tconfig,
-        OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=1.0,
-                        use_distributed_optimizer=parallel.use_distributed_optimizer),
-        DistributedDataParallelConfig(use_distributed_optimizer=parallel.use_distributed_optimizer),
-    )
+        config, parallel,
+        OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=1.0))
     record = {"fresh_output_projection_std": output_projection_std(chunks)}
 
     # All chunks in one load: megatron-core checks that the ranks together read every shard.

@@ -6,7 +6,7 @@ import io
 import os
 import subprocess
 import sys
-from typing import Tuple
+from typing import Optional, Tuple
 
 # Strict device mode (runtime/strict_devices.py): a tensor a GPU run would hold on the wrong device
 # fails on CPU too. Multi-rank tests of the loop, the tools and the lab run under it.
@@ -43,13 +43,28 @@ def prepare_corpus(root, max_bytes: int = 1_000_000, name: str = "stdlib",
     return str(root / f"{name}_text_document"), str(root / f"{tokenizer}.model")
 
 
-def run_train(*flags, nproc=2, timeout=600, env=None):
-    """`spannorm-train` under torchrun, or as one plain process for nproc=1 (so that what the
-    tests read on stderr is ours, not the launcher's report of a failed child). `env` adds to
-    the environment."""
+def train_command(*flags, nproc=2, nan_at: Optional[str] = None,
+                  step_times: Optional[str] = None):
+    """The command line of `spannorm-train` under torchrun, or of one plain process for
+    nproc=1 (so that what the tests read on stderr is ours, not the launcher's report of a
+    failed child). `nan_at="4,5"` injects NaN losses there, `step_times=FILE` records each
+    step's duration (tests/_instrumented_train.py)."""
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone",
                                       f"--nproc_per_node={nproc}"]
-    cmd = [sys.executable, *launcher, "-m", "spannorm_megatron.train", *flags]
+    program = ["-m", "spannorm_megatron.train"]
+    if nan_at is not None or step_times is not None:
+        instruments = [item for option, value in (("--nan-at", nan_at),
+                                                  ("--step-times", step_times))
+                       if value is not None for item in (option, value)]
+        program = [os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "_instrumented_train.py"), *instruments, "--"]
+    return [sys.executable, *launcher, *program, *flags]
+
+
+def run_train(*flags, nproc=2, timeout=600, env=None, nan_at: Optional[str] = None,
+              step_times: Optional[str] = None):
+    """Run `train_command(...)`; `env` adds to the environment."""
+    cmd = train_command(*flags, nproc=nproc, nan_at=nan_at, step_times=step_times)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 

@@ -9,12 +9,23 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def megatron_world():
-    from spannorm_megatron.runtime import destroy, initialize
+def _megatron_world_teardown():
+    from spannorm_megatron.runtime import destroy
 
-    initialize(seed=1234)
     yield
     destroy()
+
+
+@pytest.fixture(scope="module")
+def megatron_world(_megatron_world_teardown):
+    """A world of one with megatron-core's groups. In-process CLI tests (tools' mains) tear
+    their world down on the way out, so each test module sets it up again if it is gone."""
+    from megatron.core import parallel_state
+
+    from spannorm_megatron.runtime import initialize
+
+    if not parallel_state.model_parallel_is_initialized():
+        initialize(seed=1234)
 
 
 @pytest.fixture

@@ -47,8 +47,7 @@ def test_local_bf16_training_evaluates_saves_and_resumes(corpus, tmp_path):
              "--eval-interval", "25", "--eval-iters", "2", "--split", "90,10,0",
              "--transformer-impl", "local", "--bf16", "--save", str(tmp_path / "ckpt"),
              "--save-interval", "30", "--tensorboard-dir", str(tmp_path / "tb")]
-    first = run_train(*flags, "--train-iters", "60", nproc=1,
-                      env={"SPANNORM_INJECT_NAN_AT": "3"})
+    first = run_train(*flags, "--train-iters", "60", nproc=1, nan_at="3")
     assert first.returncode == 0, first.stderr[-4000:]
     assert "iteration 3: non-finite gradients" in first.stdout
     assert "validation loss at iteration 25" in first.stdout

@@ -284,19 +284,16 @@ def test_round_trip_through_two_rank_imports_is_identical(work):
 def test_imported_checkpoint_loads_into_training_setup(work, tmp_path):
     """The checkpoint package loads an imported checkpoint into a model with an optimizer
     (fine-tune start), as training would."""
-    from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
     from spannorm_megatron.checkpoint import load_checkpoint
     from spannorm_megatron.config import ParallelConfig
-    from spannorm_megatron.model import transformer_config
     from spannorm_megatron.training.setup import setup_model_and_optimizer
 
     combo = "spannorm-moe"
     config = _hf.model_config(combo)
-    chunks, optimizer = setup_model_and_optimizer(
-        config, transformer_config(config),
-        OptimizerConfig(optimizer="adam", lr=1e-3), DistributedDataParallelConfig())
+    chunks, optimizer = setup_model_and_optimizer(config, ParallelConfig(),
+                                                  OptimizerConfig(optimizer="adam", lr=1e-3))
     info = load_checkpoint(os.path.join(work.dirs["out"], "import-tp2", combo), chunks, optimizer,
                            None, model_config=config, parallel_config=ParallelConfig(),
                            finetune=True)
@@ -746,20 +743,17 @@ def test_existing_destination_is_not_overwritten_without_flag(work, tmp_path):
 def test_training_checkpoint_with_optimizer_state_exports(work, tmp_path):
     """A checkpoint as training writes it (distributed optimizer state, scheduler, run record
     with the training arguments) exports its model alone."""
-    from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
     from spannorm_megatron.checkpoint import save_checkpoint
     from spannorm_megatron.config import ParallelConfig
-    from spannorm_megatron.model import transformer_config
     from spannorm_megatron.training.setup import setup_model_and_optimizer
 
     combo = "prenorm-moe"
     config = _hf.model_config(combo)
     chunks, optimizer = setup_model_and_optimizer(
-        config, transformer_config(config),
-        OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=True),
-        DistributedDataParallelConfig(use_distributed_optimizer=True))
+        config, ParallelConfig(use_distributed_optimizer=True),
+        OptimizerConfig(optimizer="adam", lr=1e-3))
     chunks[0].module.load_state_dict(work.models[combo].state_dict())
     save_checkpoint(str(tmp_path / "train"), 7, chunks, optimizer, None, model_config=config,
                     parallel_config=ParallelConfig(use_distributed_optimizer=True),

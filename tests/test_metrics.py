@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -328,10 +327,9 @@ def test_activation_recompute_counts_each_token_once(megatron_world, tmp_path):
     results = []
     for overrides in ({}, dict(recompute_granularity="full", recompute_method="uniform",
                                recompute_num_layers=1)):
-        tconfig = transformer_config(config, **overrides)
         chunks, optimizer = setup_model_and_optimizer(
-            config, tconfig, OptimizerConfig(optimizer="adam", lr=_metrics.LR, clip_grad=1.0),
-            DistributedDataParallelConfig())
+            config, ParallelConfig(), OptimizerConfig(optimizer="adam", lr=_metrics.LR,
+                                                      clip_grad=1.0), **overrides)
         if not results:
             _metrics.save_initial(chunks, str(tmp_path / "init"))
         _metrics.load_initial(chunks, optimizer, str(tmp_path / "init"))

@@ -9,10 +9,9 @@ import subprocess
 import sys
 import time
 
-from _training import SMALL
+from _training import SMALL, run_train, train_command
 from test_training import tensorboard_scalars
 
-TRAIN = [sys.executable, "-m", "spannorm_megatron.train"]
 
 
 def base_flags(corpus_paths, tmp_path, iters):
@@ -21,9 +20,8 @@ def base_flags(corpus_paths, tmp_path, iters):
             "--train-iters", str(iters)]
 
 
-def run(flags, env=None, timeout=600):
-    return subprocess.run(TRAIN + flags, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+def run(flags, env=None, timeout=600, nan_at=None):
+    return run_train(*flags, nproc=1, timeout=timeout, env=env, nan_at=nan_at)
 
 
 def test_nan_steps_are_skipped_counted_and_stop_the_run_when_consecutive(corpus, tmp_path):
@@ -32,7 +30,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_when_consecutive(corpus,
     assert clean.returncode == 0, clean.stderr[-3000:]
 
     one_bad = run(flags + ["--tensorboard-dir", str(tmp_path / "skip")],
-                  env={"SPANNORM_INJECT_NAN_AT": "4"})
+                  nan_at="4")
     assert one_bad.returncode == 0, one_bad.stderr[-3000:]
     assert "iteration 4: non-finite gradients" in one_bad.stdout
     scalars = tensorboard_scalars(tmp_path / "skip")[0]
@@ -45,7 +43,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_when_consecutive(corpus,
     # The NaN never reached the weights: every later step is finite again.
     assert all(math.isfinite(skipped_losses[step]) for step in range(5, 11))
 
-    stopped = run(flags, env={"SPANNORM_INJECT_NAN_AT": "6,7"})
+    stopped = run(flags, nan_at="6,7")
     assert stopped.returncode == 1
     assert "iteration 7: non-finite gradients for 2 steps in a row" in stopped.stderr
     assert "lowest layer with a non-finite gradient: 1" in stopped.stderr
@@ -55,7 +53,8 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_when_consecutive(corpus,
 def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(corpus, tmp_path):
     ckpt = tmp_path / "ckpt"
     flags = base_flags(corpus, tmp_path, 100000) + ["--save", str(ckpt)]
-    process = subprocess.Popen(TRAIN + flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    process = subprocess.Popen(train_command(*flags, nproc=1), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in process.stdout:
         if " iteration        3/" in line:
@@ -84,8 +83,9 @@ def test_kill_9_at_a_random_moment_then_the_same_command_resumes_bitwise(corpus,
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     ckpt = tmp_path / "ckpt"
-    command = TRAIN + common + ["--save", str(ckpt), "--load", str(ckpt)]
-    process = subprocess.Popen(command + ["--tensorboard-dir", str(tmp_path / "killed")],
+    flags = common + ["--save", str(ckpt), "--load", str(ckpt)]
+    process = subprocess.Popen(train_command(*flags, "--tensorboard-dir",
+                                             str(tmp_path / "killed"), nproc=1),
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"},
                                start_new_session=True)
@@ -101,7 +101,7 @@ def test_kill_9_at_a_random_moment_then_the_same_command_resumes_bitwise(corpus,
 
     latest = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert latest >= 4 and (ckpt / f"iter_{latest:07d}" / "manifest.json").exists()
-    resumed = run(command[len(TRAIN):] + ["--tensorboard-dir", str(tmp_path / "resumed")])
+    resumed = run(flags + ["--tensorboard-dir", str(tmp_path / "resumed")])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = tensorboard_scalars(tmp_path / "whole")[0]["lm loss"]
     got = tensorboard_scalars(tmp_path / "resumed")[0]["lm loss"]
@@ -195,8 +195,6 @@ def test_kill_9_of_one_rank_of_two_then_the_same_command_resumes_bitwise(corpus,
 def test_non_finite_guard_names_the_lowest_bad_layer_from_device_flags(megatron_world):
     """The guard on a real 4-layer model's gradient buffers: finite -> None; NaN in layer 3 and
     Inf in layer 2 -> 2; only the output layer bad -> 0 (outside the layers)."""
-    import torch
-
     import _checkpoint as H
     from spannorm_megatron.checkpoint.state import unwrap
     from spannorm_megatron.config import ParallelConfig

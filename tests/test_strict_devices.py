@@ -33,7 +33,7 @@ def test_training_loop_keeps_every_tensor_on_the_device(corpus, tmp_path, layout
              "--log-interval", "2", "--eval-interval", "3", "--eval-iters", "2",
              "--save", str(tmp_path / "ckpt"), "--save-interval", "5",
              "--tensorboard-dir", str(tmp_path / "tb")]
-    first = run_train(*flags, "--train-iters", "5", env=STRICT | {"SPANNORM_INJECT_NAN_AT": "2"})
+    first = run_train(*flags, "--train-iters", "5", env=STRICT, nan_at="2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
     assert "DeviceDisciplineError" not in first.stderr
     assert "iteration 2: non-finite gradients" in first.stdout

@@ -131,12 +131,10 @@ class Bench:
 
     def __init__(self, placement: str, precision: str, args, model_fields: dict,
                  seq_length: int, micro_batch: int):
-        from megatron.core.distributed import DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from spannorm_megatron.config import ModelConfig
-        from spannorm_megatron.model import transformer_config
         from spannorm_megatron.runtime import current_device
         from spannorm_megatron.training.setup import setup_model_and_optimizer
 
@@ -147,16 +145,9 @@ class Bench:
         parallel = parallel_layout(args)
         performance.check_layout(parallel)
         performance.check_machine(self.model_config)
-        tconfig = transformer_config(self.model_config, **parallel.transformer_kwargs(),
-                                     **performance.transformer_kwargs())
-        self.transformer_impl = tconfig.transformer_impl
         self.model, self.optimizer = setup_model_and_optimizer(
-            self.model_config, tconfig,
-            OptimizerConfig(optimizer="adam", lr=1e-4, bf16=performance.bf16,
-                            params_dtype=performance.params_dtype,
-                            use_distributed_optimizer=args.use_distributed_optimizer),
-            DistributedDataParallelConfig(**performance.ddp_kwargs(parallel)),
-        )
+            self.model_config, parallel, OptimizerConfig(optimizer="adam", lr=1e-4), performance)
+        self.transformer_impl = self.model[0].config.transformer_impl
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=1e-4, max_lr=1e-4, min_lr=1e-4, lr_warmup_steps=0,
             lr_decay_steps=1, lr_decay_style="constant", start_wd=0.0, end_wd=0.0,

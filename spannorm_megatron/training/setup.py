@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+import dataclasses
+from typing import List, Optional, Tuple
 
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -10,24 +11,38 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
-from megatron.core.transformer.transformer_config import TransformerConfig
 
-from spannorm_megatron.config import ModelConfig
-from spannorm_megatron.model import build_model
+from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.model import build_model, transformer_config
+from spannorm_megatron.training.performance import PerformanceConfig
 
 
 def setup_model_and_optimizer(
     model_config: ModelConfig,
-    tconfig: TransformerConfig,
+    parallel: ParallelConfig,
     optimizer_config: OptimizerConfig,
-    ddp_config: DistributedDataParallelConfig,
+    performance: Optional[PerformanceConfig] = None,
+    **transformer_overrides,
 ) -> Tuple[List[DistributedDataParallel], MegatronOptimizer]:
     """Build this rank's model chunks, wrap each in DDP, and create the optimizer.
 
-    Also wires `tconfig` the way megatron-core's schedules expect: gradient finalization (DP
-    all-reduce, sequence-parallel norm-gain reduction, embedding-tie sync), loss scaling and
-    the no-sync context for gradient accumulation.
+    The one place where the run's configs become megatron-core's: `TransformerConfig` from the
+    model, the layout, the precision/recompute choices (`performance`, default fp32) and any
+    `transformer_overrides` (e.g. `calculate_per_token_loss`); the DDP config from the layout
+    and the overlap choices; the optimizer's layout and precision fields from the same, so that
+    `optimizer_config` carries only the optimizer's own settings (lr, betas, clipping...).
+
+    Also wires the `TransformerConfig` the way megatron-core's schedules expect: gradient
+    finalization (DP all-reduce, sequence-parallel norm-gain reduction, embedding-tie sync),
+    loss scaling and the no-sync context for gradient accumulation.
     """
+    performance = performance or PerformanceConfig()
+    tconfig = transformer_config(model_config, **parallel.transformer_kwargs(),
+                                 **performance.transformer_kwargs(), **transformer_overrides)
+    ddp_config = DistributedDataParallelConfig(**performance.ddp_kwargs(parallel))
+    optimizer_config = dataclasses.replace(
+        optimizer_config, bf16=performance.bf16, params_dtype=performance.params_dtype,
+        use_distributed_optimizer=parallel.use_distributed_optimizer)
     chunks = build_model(model_config, tconfig)
     model = [
         DistributedDataParallel(

@@ -1,0 +1,306 @@
+"""The Trainer: one `spannorm-train` run, from parsed flags to the last checkpoint.
+
+    with Trainer(parse_args(argv)) as trainer:  # every flag, path and layout checked; no groups
+        trainer.setup()                           # process groups, model, optimizer, resume, data
+        history = trainer.train()                 # steps, logs, evaluation, checkpoints, exits
+
+Megatron-LM's `pretrain` order. The steps are methods (`train_step`, `evaluate`, `save`) so that a
+caller can drive them itself, and `close` (also on the way out of the `with`, error or not) tears
+down what `setup` made: signal handlers, TensorBoard, process groups.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Optional
+
+import torch
+
+from spannorm_megatron.checkpoint import (
+    TRACKER_FILENAME,
+    CheckpointError,
+    complete_iterations,
+    find_latest,
+    load_checkpoint,
+    save_checkpoint,
+)
+from spannorm_megatron.data.dataset import (
+    DataConfig,
+    build_gpt_datasets,
+    check_data_prefixes,
+    num_samples_for,
+)
+from spannorm_megatron.data.loader import build_data_iterators
+from spannorm_megatron.data.tokenizer import build_tokenizer
+from spannorm_megatron.errors import ConfigError
+from spannorm_megatron.model.partition import check_model_fits_layout
+from spannorm_megatron.runtime import check_launch, current_device, destroy, initialize
+from spannorm_megatron.training.arguments import model_config, padded_vocab_size, parallel_config
+from spannorm_megatron.training.gpt_step import forward_step
+from spannorm_megatron.training.guards import ExitConditions, NonFiniteGuard, SpikeDetector
+from spannorm_megatron.training.loop import (
+    StepResult,
+    ThroughputWindow,
+    evaluate,
+    log_line,
+    train_step,
+)
+from spannorm_megatron.training.monitor import RunMonitor
+from spannorm_megatron.training.performance import initialize_tp_comm_overlap, performance_config
+from spannorm_megatron.training.schedule import batch_layout, lr_scheduler, optimizer_config
+from spannorm_megatron.training.setup import gather_updated_parameters, setup_model_and_optimizer
+
+
+def print_rank_0(message: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(message, flush=True)
+
+
+def print_last_rank(message: str) -> None:
+    """Losses live on the last pipeline stage; Megatron-LM logs from the last rank."""
+    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+        print(message, flush=True)
+
+
+class Trainer:
+    """One run of `spannorm-train` (see the module docstring)."""
+
+    def __init__(self, args):
+        """Check everything the user gave, before any process group work."""
+        self.args = args
+        self.batches = batch_layout(args, int(os.environ.get("WORLD_SIZE", "1")))
+        if not args.data_path:
+            raise ConfigError("--data-path is required: prefixes written by "
+                              "tools/preprocess_data.py.")
+        if not args.tokenizer_model:
+            raise ConfigError("--tokenizer-model is required: the SentencePiece .model file.")
+        self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+        self.model_config = model_config(args, padded_vocab_size(self.tokenizer.vocab_size, args))
+        self.parallel = parallel_config(args)
+        check_model_fits_layout(self.model_config, self.parallel)
+        self.performance = performance_config(args)
+        self.performance.check_layout(self.parallel)
+        self.performance.check_machine(self.model_config)
+        check_launch(args.distributed_backend)
+        self.data_config = DataConfig(seq_length=args.seq_length, data_path=args.data_path,
+                                      split=args.split, seed=args.seed,
+                                      data_cache_path=args.data_cache_path)
+        self.num_samples = num_samples_for(args.train_iters, self.batches.global_batch_size,
+                                           args.eval_interval, args.eval_iters)
+        check_data_prefixes(self.data_config, self.num_samples)
+
+        self.iteration = self.consumed_train = self.consumed_valid = 0
+        self.history = {"train_loss": [], "valid_loss": [], "iterations": []}
+        self.model = self.optimizer = self.scheduler = None
+        self.monitor: Optional[RunMonitor] = None
+        self.exits: Optional[ExitConditions] = None
+        self._initialized = False
+
+    # ------------------------------------------------------------------ setup and teardown
+    def setup(self) -> None:
+        """Process groups, model, optimizer, scheduler, checkpoint, data, monitors."""
+        args, model_cfg, parallel, performance = (self.args, self.model_config, self.parallel,
+                                                  self.performance)
+        initialize(**parallel.runtime_kwargs(), seed=args.seed)
+        self._initialized = True
+        initialize_tp_comm_overlap(performance, seq_length=args.seq_length,
+                                   micro_batch_size=args.micro_batch_size,
+                                   hidden_size=model_cfg.hidden_size,
+                                   tensor_model_parallel_size=parallel.tensor_model_parallel_size)
+        self.model, self.optimizer = setup_model_and_optimizer(
+            model_cfg, parallel, optimizer_config(args), performance,
+            calculate_per_token_loss=args.calculate_per_token_loss)
+        self.scheduler = lr_scheduler(args, self.optimizer, self.batches.global_batch_size)
+        self.iteration, self.consumed_train, self.consumed_valid = self._load()
+
+        datasets = build_gpt_datasets(self.data_config, self.tokenizer, self.num_samples)
+        self.train_iter, self.valid_iter, _ = build_data_iterators(
+            datasets, args.micro_batch_size, self.consumed_train, self.consumed_valid,
+            num_workers=args.num_workers, device=current_device())
+
+        batches = self.batches
+        print_rank_0(f"> model: {model_cfg.norm_placement}, {model_cfg.num_layers} layers, hidden "
+                     f"{model_cfg.hidden_size}, vocab {model_cfg.vocab_size}; "
+                     f"{sum(p.numel() for c in self.model for p in c.parameters()):,} "
+                     f"parameters on rank 0")
+        print_rank_0(f"> parallel: TP {parallel.tensor_model_parallel_size}, PP "
+                     f"{parallel.pipeline_model_parallel_size}, EP "
+                     f"{parallel.expert_model_parallel_size}, DP {batches.data_parallel_size}; "
+                     f"{batches.num_microbatches} micro-batches of {batches.micro_batch_size} "
+                     f"per step, global batch {batches.global_batch_size}")
+        self.monitor = RunMonitor(
+            self.model, model_cfg, seq_length=args.seq_length,
+            global_batch_size=batches.global_batch_size,
+            num_microbatches=batches.num_microbatches, log_interval=args.log_interval,
+            tensorboard_dir=args.tensorboard_dir, dtype=performance.params_dtype,
+            recompute=args.recompute_granularity)
+        self.monitor.write_config({"args": vars(args), "model": model_cfg.to_dict(),
+                                   "parallel": vars(parallel)})
+        self.guard = NonFiniteGuard(self.model, args.max_skipped_iterations)
+        self.spikes = SpikeDetector(args.loss_spike_factor, args.loss_spike_window)
+        self.exits = ExitConditions(args.exit_duration_in_mins)
+
+    def close(self) -> None:
+        """Undo `setup` (whatever of it ran): signal handlers, TensorBoard, process groups."""
+        if self.exits is not None:
+            self.exits.close()
+            self.exits = None
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+        if self._initialized:
+            destroy()
+            self._initialized = False
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ steps
+    def forward_step_for(self, iteration: int) -> Callable:
+        """The forward step of `iteration` (1-based): megatron-core's schedules call it per
+        micro-batch. Fault-injection tests override it."""
+        return forward_step
+
+    def train_step(self) -> StepResult:
+        """One optimizer step, with the non-finite guard, skip accounting and spike check."""
+        args, guard = self.args, self.guard
+        self.monitor.begin_step(self.iteration + 1)
+        result = train_step(self.model, self.optimizer, self.scheduler, self.train_iter,
+                            num_microbatches=self.batches.num_microbatches,
+                            seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                            global_batch_size=self.batches.global_batch_size,
+                            monitor=self.monitor, guard=guard,
+                            forward_step_func=self.forward_step_for(self.iteration + 1))
+        self.iteration += 1
+        self.consumed_train += self.batches.global_batch_size
+        self.history["train_loss"].append(result.loss)
+        self.history["iterations"].append(self.iteration)
+        if result.bad_layer is not None:
+            where = ("only outside the layers" if result.bad_layer == 0
+                     else f"lowest layer: {result.bad_layer}")
+            print_rank_0(f" iteration {self.iteration}: non-finite gradients ({where}); update "
+                         f"skipped ({guard.in_a_row + 1} in a row, {guard.total + 1} in all)")
+        self.monitor.record_skipped(self.iteration,
+                                    guard.total + int(result.bad_layer is not None))
+        guard.record(result.bad_layer, self.iteration)
+        spike_median = self.spikes.check(result.loss)
+        if spike_median is not None:
+            print_rank_0(f" loss spike at iteration {self.iteration}: lm loss {result.loss:.4f} > "
+                         f"{args.loss_spike_factor} x running median {spike_median:.4f}")
+        return result
+
+    def evaluate(self) -> float:
+        """Validation loss over --eval-iters batches, logged as Megatron-LM logs it."""
+        args = self.args
+        loss = evaluate(self.model, self.valid_iter, args.eval_iters,
+                        num_microbatches=self.batches.num_microbatches,
+                        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size)
+        self.consumed_valid += args.eval_iters * self.batches.global_batch_size
+        self.monitor.log_validation(self.iteration, loss)
+        self.history["valid_loss"].append(loss)
+        bar = "-" * 100
+        print_last_rank(f"{bar}\n validation loss at iteration {self.iteration} | lm loss value: "
+                        f"{loss:.6E} | lm loss PPL: {math.exp(min(20.0, loss)):.6E} | \n{bar}")
+        return loss
+
+    def save(self) -> None:
+        """A checkpoint of this iteration under --save (nothing without --save)."""
+        args = self.args
+        if not args.save:
+            return
+        gather_updated_parameters(self.model)
+        path = save_checkpoint(
+            args.save, self.iteration, self.model, self.optimizer, self.scheduler,
+            model_config=self.model_config, parallel_config=self.parallel,
+            consumed_train_samples=self.consumed_train,
+            consumed_valid_samples=self.consumed_valid, args=vars(args))
+        print_rank_0(f"  successfully saved checkpoint at iteration {self.iteration:7d} to "
+                     f"{path}")
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        """Steps until --train-iters (or an exit condition), then the final evaluation and
+        checkpoint. Returns the history of losses."""
+        args = self.args
+        every = lambda interval: bool(interval) and self.iteration % interval == 0  # noqa: E731
+        throughput = ThroughputWindow()
+        while self.iteration < args.train_iters:
+            result = self.train_step()
+            throughput.step_done()
+            if self.monitor.is_log_step(self.iteration) or self.iteration == args.train_iters:
+                self._log(result, throughput.seconds_per_iteration())
+            if self.valid_iter is not None and every(args.eval_interval):
+                self.evaluate()
+                throughput.exclude_since_last_step()
+            if every(args.save_interval):
+                self.save()
+                throughput.exclude_since_last_step()
+            reason = self.exits.reason()
+            if reason is None and every(args.exit_interval):
+                reason = "--exit-interval"
+            if reason is not None:
+                if not every(args.save_interval):
+                    self.save()
+                print_rank_0(f"exiting program at iteration {self.iteration} ({reason})")
+                return self.history
+        if not every(args.save_interval):
+            self.save()
+        if self.valid_iter is not None and self.iteration % max(args.eval_interval, 1) != 0:
+            self.evaluate()
+        return self.history
+
+    def _log(self, result: StepResult, seconds: float) -> None:
+        batches = self.batches
+        tokens_per_second = batches.global_batch_size * self.args.seq_length / seconds
+        print_last_rank(log_line(self.iteration, self.args.train_iters, self.consumed_train,
+                                 seconds, result, batches.global_batch_size, tokens_per_second,
+                                 self.monitor.mfu(seconds), self.guard.total))
+        self.monitor.end_step(self.iteration, result, seconds,
+                              float(self.optimizer.get_loss_scale()))
+
+    # ------------------------------------------------------------------ resume
+    def _load(self):
+        """(iteration, consumed train samples, consumed valid samples) to start from."""
+        args = self.args
+        if not args.load:
+            return 0, 0, 0
+        try:
+            nothing_there = find_latest(args.load) is None
+        except CheckpointError:
+            if not args.load_fallback:
+                raise
+            nothing_there = not complete_iterations(args.load)
+        if nothing_there:
+            if os.path.abspath(args.load) != os.path.abspath(args.save or ""):
+                raise CheckpointError(
+                    f"--load {args.load}: no checkpoint there (no {TRACKER_FILENAME} and no "
+                    f"complete iter_* directory). Check the path, or drop --load to start fresh.")
+            # --save X --load X is how runs are resumed; the first launch has nothing yet.
+            print_rank_0(f"> no checkpoint in {args.load} yet: starting from iteration 0")
+            return 0, 0, 0
+
+        # The pointer's checkpoint first; with --load-fallback, then every earlier complete one.
+        attempts = [None]
+        if args.load_fallback:
+            attempts += sorted(complete_iterations(args.load), reverse=True)
+        for attempt in attempts:
+            try:
+                state = load_checkpoint(args.load, self.model, self.optimizer, self.scheduler,
+                                        model_config=self.model_config,
+                                        parallel_config=self.parallel, iteration=attempt,
+                                        no_load_optim=args.no_load_optim,
+                                        no_load_rng=args.no_load_rng)
+                break
+            except CheckpointError as error:
+                if not args.load_fallback or attempt == attempts[-1]:
+                    raise
+                which = "the latest checkpoint" if attempt is None else f"iteration {attempt}"
+                print_rank_0(f"> --load-fallback: skipping {which} ({error})")
+        print_rank_0(f"  successfully loaded checkpoint from {state['checkpoint_dir']} at "
+                     f"iteration {state['iteration']}")
+        return (state["iteration"], state["consumed_train_samples"],
+                state["consumed_valid_samples"])

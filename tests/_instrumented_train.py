@@ -1,0 +1,57 @@
+"""`spannorm-train` with test instruments, through a Trainer subclass (the product has no hooks):
+
+    python tests/_instrumented_train.py [--nan-at 4,5] [--step-times FILE] -- [flags]
+
+--nan-at        NaN losses at these iterations, as a real NaN in the model's output would give.
+--step-times    on the last rank, write {iteration: seconds} of each `train_step` call, measured
+                around it, to FILE (JSON) at the end of the run.
+Works under torchrun like `python -m spannorm_megatron.train`.
+"""
+
+import json
+import sys
+import time
+
+import torch
+
+from spannorm_megatron.train import main
+from spannorm_megatron.training.gpt_step import forward_step
+from spannorm_megatron.training.trainer import Trainer
+
+
+def _poisoned_forward_step(data_iterator, model):
+    output, loss_func = forward_step(data_iterator, model)
+    return output * float("nan"), loss_func
+
+
+def instrumented_trainer(nan_at=(), step_times_file=None):
+    class InstrumentedTrainer(Trainer):
+        step_times = {}
+
+        def forward_step_for(self, iteration):
+            return _poisoned_forward_step if iteration in nan_at else forward_step
+
+        def train_step(self):
+            start = time.perf_counter()
+            result = super().train_step()
+            self.step_times[self.iteration] = time.perf_counter() - start
+            return result
+
+        def close(self):
+            last = (torch.distributed.is_initialized() and torch.distributed.get_rank()
+                    == torch.distributed.get_world_size() - 1)
+            if step_times_file and last:
+                with open(step_times_file, "w") as f:
+                    json.dump(self.step_times, f)
+            super().close()
+
+    return InstrumentedTrainer
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    split = argv.index("--")
+    options, flags = argv[:split], argv[split + 1:]
+    values = dict(zip(options[::2], options[1::2]))
+    nan_at = {int(i) for i in values.get("--nan-at", "").split(",") if i}
+    sys.exit(main(flags, trainer_class=instrumented_trainer(nan_at, values.get("--step-times"))))
