@@ -184,9 +184,9 @@ def test_train_tokenizer_cli_model_round_trips(trained, tokenizer, tokenizer_mod
 
     assert isinstance(tokenizer, MegatronTokenizerBase)
     assert tokenizer.vocab_size == VOCAB == len(tokenizer.vocab)
-    assert tokenizer.vocab[tokenizer.eod] == "<EOD>"
-    assert (tokenizer.pad, tokenizer.bos, tokenizer.eos) == (3, 1, 2)
-    assert len({tokenizer.eod, tokenizer.pad, tokenizer.bos, tokenizer.eos}) == 4
+    assert tokenizer.vocab[tokenizer.eod] == "</s>"  # megatron-core's eod: the model's eos
+    assert (tokenizer.pad, tokenizer.bos, tokenizer.eos, tokenizer.eod) == (3, 1, 2, 2)
+    assert tokenizer.vocab[tokenizer.special_token_ids["eod_piece"]] == "<EOD>"
     samples = embedded_corpus(CORPUS_SLICE) + [
         "  two leading spaces\n\n\ttab, trailing  ", "naïve café — 中文 🙂", "x", "",
     ]
@@ -212,8 +212,10 @@ def test_train_tokenizer_is_deterministic_and_megatron_compatible(tmp_path, toke
     from spannorm_megatron.data.tokenizer import SentencePieceTokenizer
 
     bare = SentencePieceTokenizer(tmp_path / "bare.model")
-    assert (bare.cls, bare.sep, bare.eod, bare.mask) == (VOCAB, VOCAB + 1, VOCAB + 2, VOCAB + 3)
-    assert bare.vocab_size == VOCAB + 4 and bare.vocab[bare.eod] == "<EOD>"
+    pieces = bare.special_token_ids
+    assert (pieces["cls"], pieces["sep"], pieces["eod_piece"], pieces["mask"]) == (
+        VOCAB, VOCAB + 1, VOCAB + 2, VOCAB + 3)
+    assert bare.vocab_size == VOCAB + 4 and bare.vocab[pieces["eod_piece"]] == "<EOD>"
     assert bare.detokenize(bare.tokenize("abc") + [bare.eod]) == "abc"
 
 
@@ -253,6 +255,26 @@ def test_preprocess_matches_tokenizer(tmp_path, jsonl_input, tokenizer, tokenize
     text_docs, text_lengths = _documents_of(tmp_path / "out_text_document")
     assert text_docs[-3] == [] and text_lengths[-3] == []  # empty document kept, no sequences
     assert len(text_lengths[-1]) == 2  # pre-split document: one sequence per non-empty string
+
+
+def test_documents_end_with_megatron_cores_own_eod(tmp_path, tokenizer_model):
+    """The end-of-document id our preprocessing appends is the one megatron-core's tokenizer
+    library gives for the same SentencePiece model (what Megatron-LM's preprocess_data.py
+    appends), and each document's tokens are that library's `text_to_ids`."""
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    from spannorm_megatron.data.preprocess import PreprocessConfig, preprocess
+
+    theirs = MegatronTokenizer.from_pretrained(str(tokenizer_model),
+                                               metadata_path={"library": "sentencepiece"})
+    source = tmp_path / "docs.txt"
+    texts = ["def f(x):\n    return x", "naïve café 中文", "last one"]
+    source.write_text("\n\n".join(texts) + "\n")
+    preprocess(PreprocessConfig(input=str(source), output_prefix=str(tmp_path / "docs"),
+                                tokenizer_model=str(tokenizer_model), append_eod=True),
+               log=io.StringIO())
+    docs, _ = _documents_of(tmp_path / "docs_text_document")
+    assert docs == [list(theirs.tokenize(t)) + [theirs.eod] for t in texts]
 
 
 def test_preprocess_plain_text_documents_are_paragraphs(tmp_path, tokenizer, tokenizer_model):

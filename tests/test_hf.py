@@ -444,11 +444,11 @@ def test_export_folder_files_tokenizer_and_shards(tokenized_export, sp_model):
     assert config["norm_placement"] == "spannorm" and config["scale_init"] == "sqrt_depth"
     assert config["megatron_model_config"]["num_layers"] == 2
     with open(os.path.join(out, "generation_config.json")) as f:
-        assert json.load(f)["eos_token_id"] == [ours.eos, ours.eod]
+        assert json.load(f)["eos_token_id"] == [ours.eos, ours.special_token_ids["eod_piece"]]
 
     tok = AutoTokenizer.from_pretrained(out)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 3, 0)
-    assert tok.convert_tokens_to_ids("<EOD>") == ours.eod
+    assert tok.convert_tokens_to_ids("<EOD>") == ours.special_token_ids["eod_piece"]
     for text in ("def f(x):\n    return x ** 2\n", "  leading and trailing  ", "数字 123 €"):
         assert tok.encode(text, add_special_tokens=False) == ours.tokenize(text)
         assert tok.decode(ours.tokenize(text)) == ours.detokenize(ours.tokenize(text))

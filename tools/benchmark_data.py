@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-size", type=int, default=32, help="documents per task (default 32)"
     )
     parser.add_argument(
-        "--append-eod", action="store_true", help="append <EOD> as in training data"
+        "--append-eod", action="store_true", help="append the eod id as in training data"
     )
     parser.add_argument("--output", default=None, help="write the results as JSON to this file")
     return parser

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--append-eod", action="store_true",
-        help="append the end-of-document token (<EOD>) to every document",
+        help="append the end-of-document token (megatron-core's eod: </s>) to every document",
     )
     group = parser.add_argument_group("output data")
     group.add_argument(

@@ -13,7 +13,8 @@ Examples:
 Writes <model-prefix>.model (pass it to --tokenizer-model) and <model-prefix>.vocab (a text
 listing), only after training succeeded. The model has <unk> <s> </s> <pad> at ids 0-3 and the
 control symbols <CLS> <SEP> <EOD> <MASK> at 4-7, as Megatron-LM's SentencePieceTokenizer expects;
-<EOD> is the end-of-document id that preprocess_data.py --append-eod appends. Text is kept
+the end-of-document id that preprocess_data.py --append-eod appends is </s> (2), as megatron-core's
+tokenizer library and Megatron-LM's preprocess_data.py have it. Text is kept
 byte-exact (identity normalization, byte fallback), so decode(encode(text)) == text.
 """
 
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--control-symbols", type=_comma_list, default=list(MEGATRON_SPECIAL_PIECES),
         metavar="A,B,...",
         help="reserved pieces never produced from text (default: "
-        + ",".join(MEGATRON_SPECIAL_PIECES) + "; keep <EOD>: it is the end-of-document id)",
+        + ",".join(MEGATRON_SPECIAL_PIECES) + "; Megatron-LM's special pieces)",
     )
     group.add_argument(
         "--user-defined-symbols", type=_comma_list, default=[], metavar="A,B,...",
@@ -129,8 +130,8 @@ def main(argv=None) -> int:
 
     if "<EOD>" not in args.control_symbols and "<EOD>" not in args.user_defined_symbols:
         print(
-            "warning: --control-symbols has no <EOD>; the model will have no end-of-document "
-            "piece and Megatron-style tokenizers will append one past the vocabulary",
+            "warning: --control-symbols has no <EOD>; Megatron-style tokenizers will append "
+            "Megatron-LM's special pieces past the vocabulary",
             file=sys.stderr,
         )
     config = TokenizerTrainingConfig(

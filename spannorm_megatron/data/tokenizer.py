@@ -6,10 +6,13 @@
 (which GPTDataset hashes into its index-cache names) and the chat-template support. `tokenize`
 calls the SentencePiece processor directly: the same ids as megatron-core's `text_to_ids` with
 its defaults, without its per-call checks. What this subclass adds is what megatron-core's
-SentencePiece wrapper lacks for GPT pre-training: an `eod` id, and special ids that agree with
-Megatron-LM's `--tokenizer-type SentencePieceTokenizer`:
+SentencePiece wrapper lacks for GPT pre-training: special ids that agree with Megatron-LM's
+`--tokenizer-type SentencePieceTokenizer`:
 
-* `eod` is the `<EOD>` piece, `pad`/`bos`/`eos` the model's pad/bos/eos pieces;
+* `eod` is megatron-core's: its SentencePiece library has no end-of-document piece and answers
+  the model's end-of-sentence id (`</s>`), which is what Megatron-LM's `tools/preprocess_data.py`
+  (core_v0.16.1) appends, so `.bin` files agree between the stacks;
+* `pad`/`bos`/`eos` are the model's pad/bos/eos pieces;
 * a model lacking one of `<CLS> <SEP> <EOD> <MASK>` or pad/bos/eos gets it appended after the
   model's pieces, in Megatron-LM's order (`<PAD>`/`<BOS>`/`<EOS>` when the model disables one),
   and `vocab_size` counts them, so `.bin` files Megatron-LM wrote with such a model read here
@@ -60,7 +63,9 @@ class SentencePieceTokenizer(MegatronTokenizerText):
         self._model_size = self._processor.get_piece_size()
         self._appended: List[str] = []  # pieces past the model, Megatron-LM's order
         self._special: Dict[str, int] = OrderedDict()
-        for name, piece in zip(("cls", "sep", "eod", "mask"), MEGATRON_SPECIAL_PIECES):
+        # `<EOD>` is kept as a control piece (Megatron-LM appends it in this order, and data
+        # prepared here before 2026-12 ends documents with it) but is not the eod id.
+        for name, piece in zip(("cls", "sep", "eod_piece", "mask"), MEGATRON_SPECIAL_PIECES):
             self._special[name] = self._resolve(piece)
         for name, model_id, fallback in (
             ("pad", self._processor.pad_id(), "<PAD>"),
@@ -89,8 +94,10 @@ class SentencePieceTokenizer(MegatronTokenizerText):
 
     @property
     def eod(self) -> int:
-        """End-of-document id (`<EOD>`), appended by `--append-eod`; GPTDataset resets at it."""
-        return self._special["eod"]
+        """End-of-document id, appended by `--append-eod`; GPTDataset resets at it. megatron-core's
+        own (`MegatronTokenizer.from_pretrained(..., {"library": "sentencepiece"}).eod`): the
+        model's `</s>`."""
+        return self._special["eos"]
 
     @property
     def pad(self) -> int:
@@ -118,7 +125,7 @@ class SentencePieceTokenizer(MegatronTokenizerText):
 
     @property
     def special_token_ids(self) -> Dict[str, int]:
-        """name -> id for cls, sep, eod, mask, pad, bos, eos."""
+        """name -> id for cls, sep, eod_piece (`<EOD>`), mask, pad, bos, eos."""
         return dict(self._special)
 
     @property

@@ -9,8 +9,8 @@ Settings that differ from SentencePiece's defaults, and why:
   never sees inside a training line) is encoded as its UTF-8 bytes instead of `<unk>`, so
   `detokenize(tokenize(text)) == text` for every text;
 * ids 0-3 are `<unk> <s> </s> <pad>` and the control symbols `<CLS> <SEP> <EOD> <MASK>` follow
-  (ids 4-7): the pieces Megatron-LM's `SentencePieceTokenizer` expects, `<EOD>` being the
-  end-of-document id (`tokenizer.eod`);
+  (ids 4-7): the pieces Megatron-LM's `SentencePieceTokenizer` expects; the end-of-document id
+  (`tokenizer.eod`) is `</s>`, as in megatron-core's tokenizer library;
 * `split_digits` on: numbers tokenize digit by digit, a common choice for LLM vocabularies.
 
 Determinism: the same inputs and settings give the same model file. Sampling

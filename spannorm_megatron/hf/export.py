@@ -203,7 +203,9 @@ def export_checkpoint(
         generation = {"transformers_version": transformers.__version__}
         if tokenizer is not None:
             ids = tokenizer[2].special_ids
-            stop = [ids["eos"]] + ([ids["eod"]] if ids.get("eod") not in (None, ids["eos"]) else [])
+            # `<EOD>` too: documents of data prepared before 2026-12 end with it.
+            stop = [ids["eos"]] + ([ids["eod_piece"]] if ids.get("eod_piece") not in
+                                   (None, ids["eos"]) else [])
             generation.update(bos_token_id=ids["bos"], pad_token_id=ids["pad"],
                               eos_token_id=stop if len(stop) > 1 else stop[0])
         _write_json(os.path.join(tmp, "generation_config.json"), generation)

@@ -141,7 +141,8 @@ class TextTokenizer:
         from spannorm_megatron.hf.tokenizer import _load
 
         tok = _load(model_path)
-        return cls(tok.tokenize, tok.detokenize, sorted({tok.eos, tok.eod}), tok.vocab_size)
+        stops = {tok.eos, tok.eod, tok.special_token_ids["eod_piece"]}
+        return cls(tok.tokenize, tok.detokenize, sorted(stops), tok.vocab_size)
 
     @classmethod
     def huggingface(cls, path: str) -> "TextTokenizer":

@@ -8,7 +8,7 @@ Written into the export folder:
   pieces: BPE (or Unigram) with byte fallback, SentencePiece's dummy-prefix / space handling as
   a normalizer, the control pieces (``<s> </s> <pad> <CLS> <SEP> <EOD> <MASK>``) as special
   tokens with their SentencePiece ids, and no BOS/EOS added on encoding (training data has none;
-  documents end with ``<EOD>``);
+  documents end with ``</s>``, ``<EOD>`` in data prepared before 2026-12);
 * ``tokenizer_config.json`` / ``special_tokens_map.json``: class `PreTrainedTokenizerFast`,
   ``<s>``/``</s>``/``<pad>``/``<unk>`` as bos/eos/pad/unk (SentencePiece ids 1/2/3/0 for models
   from tools/train_tokenizer.py).
@@ -40,7 +40,7 @@ SAMPLES = (
     "MiXeD CaSe, punctuation!? (brackets) [x] {y} <z>",
 )
 
-SPECIAL_NAMES = ("cls", "sep", "eod", "mask", "pad", "bos", "eos")
+SPECIAL_NAMES = ("cls", "sep", "eod_piece", "mask", "pad", "bos", "eos")
 
 
 @dataclass
@@ -48,7 +48,7 @@ class TokenizerInfo:
     vocab_size: int
     """Ids the tokenizer can produce (model pieces plus any Megatron-LM appends)."""
     special_ids: Dict[str, int]
-    """cls, sep, eod, mask, pad, bos, eos (our SentencePieceTokenizer's), plus unk."""
+    """cls, sep, eod_piece, mask, pad, bos, eos (our SentencePieceTokenizer's), plus unk."""
     mismatches: List[str]
     """Texts the exported tokenizer encodes differently from SentencePiece (empty when exact)."""
 
