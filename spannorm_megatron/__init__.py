@@ -1,7 +1,20 @@
 """spannorm_megatron: a Megatron-Core training stack for SpanNorm and other norm placements.
 
 Importing the package changes nothing in torch or megatron-core; the CPU runtime and upstream
-patches are applied by `spannorm_megatron.runtime.initialize()` only.
+patches are applied by `spannorm_megatron.runtime.initialize()` only. It does quiet two kinds of
+upstream warnings that tell a user nothing, printed by every rank and every process it spawns
+(checkpoint writers): megatron-core's import-time notes, from five modules, that Transformer
+Engine or Apex is not installed (the run's first lines say once which fused kernels it has,
+`training.trainer`), and torch's deprecation of two collective names megatron-core calls.
 """
+
+import warnings as _warnings
+
+for _absent in (r"Transformer Engine and Apex are not installed", r"Apex is not installed"):
+    _warnings.filterwarnings("ignore", message=_absent, category=UserWarning)
+# torch 2.13 renames two collectives megatron-core 0.16 calls; nothing for a user to change.
+_warnings.filterwarnings(
+    "ignore", category=FutureWarning,
+    message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
 
 __version__ = "0.1.0"

@@ -73,6 +73,8 @@ def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
     defaults = dict(
         **gpu_fusions(config),
         transformer_impl="transformer_engine" if use_transformer_engine(config) else "local",
+        # The whole layer, spelled as megatron-core 0.16 wants it (its default "full" warns).
+        cuda_graph_scope=[],
         # Activations cross pipeline stages in the compute dtype.
         pipeline_dtype=(torch.bfloat16 if overrides.get("bf16")
                         else torch.float16 if overrides.get("fp16")

@@ -234,6 +234,11 @@ def initialize(
     )
     from megatron.core import parallel_state
 
+    if layout.tensor_model_parallel_size > 1:
+        # One hardware queue, so that tensor-parallel communication is scheduled before the
+        # GEMM it overlaps (Megatron-LM's launchers set it; read at CUDA context creation,
+        # which has not happened yet). An explicit setting is kept.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if has_accelerator():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     else:

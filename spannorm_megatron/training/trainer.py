@@ -63,6 +63,16 @@ def print_last_rank(message: str) -> None:
         print(message, flush=True)
 
 
+def fused_kernels() -> str:
+    """Which optional kernel libraries this process has (megatron-core falls back to PyTorch
+    without them; its import-time warnings about it are filtered, see the package docstring)."""
+    import importlib.util
+
+    have = {name: importlib.util.find_spec(module) is not None
+            for name, module in (("Transformer Engine", "transformer_engine"), ("Apex", "apex"))}
+    return ", ".join(f"{name} {'yes' if found else 'no'}" for name, found in have.items())
+
+
 class Trainer:
     """One run of `spannorm-train` (see the module docstring)."""
 
@@ -124,6 +134,7 @@ class Trainer:
                      f"{model_cfg.hidden_size}, vocab {model_cfg.vocab_size}; "
                      f"{sum(p.numel() for c in self.model for p in c.parameters()):,} "
                      f"parameters on rank 0")
+        print_rank_0(f"> fused kernels: {fused_kernels()}")
         print_rank_0(f"> parallel: TP {parallel.tensor_model_parallel_size}, PP "
                      f"{parallel.pipeline_model_parallel_size}, EP "
                      f"{parallel.expert_model_parallel_size}, DP {batches.data_parallel_size}; "
