@@ -173,6 +173,22 @@ def _launch_env() -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
+def _rendezvous(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
+    """`init_process_group`'s rendezvous arguments.
+
+    After `torchrun --max-restarts` restarted the workers, the agent's store still holds the
+    previous attempt's keys; megatron-core's groups get the same names again, so the new ranks
+    would read the dead ranks' gloo/NCCL addresses and fail to connect. Each attempt therefore
+    works under its own prefix of that store."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or world_size == 1:
+        return {"init_method": _init_method(world_size)}
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://", rank, world_size, timeout=timeout))
+    return {"store": torch.distributed.PrefixStore(f"spannorm/attempt_{restart}/", store)}
+
+
 def _init_method(world_size: int) -> str:
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
         return "env://"
@@ -248,12 +264,8 @@ def initialize(
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
-            backend=device_backend(),
-            init_method=_init_method(world_size),
-            rank=rank,
-            world_size=world_size,
-            timeout=timeout,
-        )
+            backend=device_backend(), rank=rank, world_size=world_size, timeout=timeout,
+            **_rendezvous(rank, world_size, timeout))
     elif torch.distributed.get_world_size() != world_size:
         raise RuntimeError(
             f"torch.distributed is already initialized with world size "
