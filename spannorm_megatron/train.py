@@ -34,7 +34,7 @@ from spannorm_megatron.data.dataset import (
     num_samples_for,
 )
 from spannorm_megatron.data.loader import build_data_iterators
-from spannorm_megatron.data.tokenizer import build_tokenizer
+from spannorm_megatron.data.tokenizer import build_tokenizer, check_data_fits_vocab
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.model import transformer_config
@@ -82,8 +82,6 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     batches = batch_layout(args, world_size)
     if not args.data_path:
         raise ConfigError("--data-path is required: prefixes written by tools/preprocess_data.py.")
-    if not args.tokenizer_model:
-        raise ConfigError("--tokenizer-model is required: the SentencePiece .model file.")
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
     model_cfg = model_config(args, padded_vocab_size(tokenizer.vocab_size, args))
     parallel = parallel_config(args)
@@ -95,7 +93,8 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
                           seed=args.seed, data_cache_path=args.data_cache_path)
     num_samples = num_samples_for(args.train_iters, batches.global_batch_size,
                                   args.eval_interval, args.eval_iters)
-    check_data_prefixes(data_cfg, num_samples)
+    check_data_fits_vocab(check_data_prefixes(data_cfg, num_samples), tokenizer.vocab_size,
+                          tokenizer)
 
     # ---- runtime, model, optimizer
     initialize(**parallel.runtime_kwargs(), seed=args.seed)
