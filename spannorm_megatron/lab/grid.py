@@ -539,8 +539,14 @@ def _dataset_info(text_input: str, input_format: str, prefix: str) -> dict:
             "bytes_per_token": nbytes / tokens if tokens else None}
 
 
+def _child_env(**extra) -> Dict[str, str]:
+    """The children import this checkout's package, whatever an editable install points at."""
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=ROOT + (os.pathsep + path if path else ""), **extra)
+
+
 def _call(command: List[str]) -> None:
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=_child_env())
     if result.returncode != 0:
         raise GridError(f"Data preparation failed: {shlex.join(command)}\n"
                         f"{(result.stderr or result.stdout).strip()[-2000:]}")
@@ -606,8 +612,7 @@ def run_one(grid: Grid, run: PlannedRun, out_dir: str, data_infos: Dict[str, dic
     data_dir = os.path.join(out_dir, "data")
     flags = train_flags(grid, run, data_dir, run_dir)
     command = [python, "-m", "spannorm_megatron.train"] + flags
-    env = dict(os.environ, OMP_NUM_THREADS=str(grid.threads),
-               MKL_NUM_THREADS=str(grid.threads))
+    env = _child_env(OMP_NUM_THREADS=str(grid.threads), MKL_NUM_THREADS=str(grid.threads))
     s = resolve(grid, run.setting)
     start = time.time()
     with open(os.path.join(run_dir, "train.log"), "w") as logfile:
