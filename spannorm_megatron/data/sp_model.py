@@ -106,8 +106,8 @@ def check_tokenizer_args(tokenizer_type: str, tokenizer_model) -> None:
         return
     if not tokenizer_model:
         raise TokenizerError(
-            f"--tokenizer-type {tokenizer_type} needs --tokenizer-model: the SentencePiece "
-            f".model file. {TRAIN_HINT} Or pass --tokenizer-type ByteLevelTokenizer, which needs "
-            "no model."
+            f"--tokenizer-model is required with --tokenizer-type {tokenizer_type}: the "
+            f"SentencePiece .model file. {TRAIN_HINT} Or pass --tokenizer-type "
+            "ByteLevelTokenizer, which needs no model."
         )
     check_sentencepiece_model(tokenizer_model)
