@@ -596,7 +596,7 @@ ROW_COLUMNS = (
     "min_train_loss", "final_valid_loss", "valid_bits_per_byte", "diverged",
     "layer_grad_ratio_min", "layer_grad_ratio_final", "max_grad_norm", "final_grad_norm",
     "proj_rms_attn_first_saved", "proj_rms_attn_final", "proj_rms_fc2_first_saved",
-    "proj_rms_fc2_final", "init_method_std", "seconds", "estimated_seconds", "median_step_ms",
+    "proj_rms_fc2_final", "init_method_std", "proj_init_std", "forward_multiplier", "seconds", "estimated_seconds", "median_step_ms",
     "finished_at",
 )
 
@@ -734,10 +734,44 @@ def latest_rows(rows: List[dict]) -> Dict[str, dict]:
     return latest
 
 
+def branch_factor(placement: str, depth: int, scale_init: str) -> float:
+    """Scale Init's factor c (spannorm_megatron.model.scale_init.branch_scale_factor): output
+    projections drawn with c * sigma (scale_mode init) or branch outputs multiplied by c
+    (forward)."""
+    if scale_init == "default":
+        from spannorm_megatron.model.placements import get_placement
+
+        scale_init = get_placement(placement).default_scale_init
+    if scale_init == "sqrt_depth":
+        return 1.0 / math.sqrt(depth)
+    if scale_init == "megatron":
+        return 1.0 / math.sqrt(2.0 * depth)
+    if scale_init == "none":
+        return 1.0
+    return float(scale_init)
+
+
+def with_derived(row: dict) -> dict:
+    """The row plus `proj_init_std` (the std the output projections were drawn with) and
+    `forward_multiplier` (what multiplies the branch outputs in the forward pass: 1 under
+    scale_mode init), so weight RMS compares across scale modes as RMS x multiplier."""
+    row = dict(row)
+    try:
+        c = branch_factor(row["placement"], int(row["depth"]), str(row.get("scale_init")))
+    except (KeyError, ValueError, TypeError):
+        return row
+    sigma = float(row.get("init_method_std") or 0.02)
+    forward = row.get("scale_mode") == "forward"
+    row.setdefault("proj_init_std", sigma if forward else sigma * c)
+    row.setdefault("forward_multiplier", c if forward else 1.0)
+    return row
+
+
 def write_csv(path: str, rows: List[dict]) -> None:
     from spannorm_megatron.lab.results import fmt
 
-    ordered = sorted(latest_rows(rows).values(), key=lambda r: (r.get("index", 0), r["name"]))
+    ordered = sorted((with_derived(r) for r in latest_rows(rows).values()),
+                     key=lambda r: (r.get("index", 0), r["name"]))
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
@@ -831,6 +865,19 @@ def run_grid(grid_path: str, out_dir: str, *, python: str = sys.executable,
     return new_rows
 
 
+def export_results(out_dir: str, target: str) -> List[str]:
+    rows = read_results(os.path.join(out_dir, "results.jsonl"))
+    os.makedirs(target, exist_ok=True)
+    latest = sorted(latest_rows(rows).values(), key=lambda r: r.get("index", 0))
+    with open(os.path.join(target, "results.jsonl"), "w") as f:
+        for row in latest:
+            f.write(json.dumps(_clean(with_derived(row))) + "\n")
+    write_csv(os.path.join(target, "results.csv"), rows)
+    with open(os.path.join(target, "summary.md"), "w") as f:
+        f.write(summarize(rows))
+    return [os.path.join(target, n) for n in ("results.jsonl", "results.csv", "summary.md")]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -848,9 +895,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="keep the checkpoints saved for the projection RMS")
     p.add_argument("--summary", action="store_true",
                    help="print the summary table of --out's results and exit")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="write --out's results (results.jsonl, results.csv, summary.md) into DIR "
+                        "and exit, e.g. to keep a snapshot of a running grid")
     args = p.parse_args(argv)
     if args.summary:
         print(summarize(read_results(os.path.join(args.out, "results.jsonl"))), end="")
+        return 0
+    if args.export:
+        export_results(args.out, args.export)
         return 0
     try:
         run_grid(args.grid, args.out, dry_run=args.dry_run, retry_failed=args.retry_failed,
