@@ -79,6 +79,10 @@ def test_run_resume_and_table(tmp_path):
         assert len(f.readlines()) == 1
     assert "spannorm" in lab_grid.summarize(lab_grid.read_results(
         os.path.join(out, "results.jsonl")))
+    exported = lab_grid.export_results(out, str(tmp_path / "snapshot"))
+    with open(exported[0]) as f:
+        snap = json.loads(f.readline())
+    assert snap["name"] == row["name"] and snap["proj_init_std"] == pytest.approx(0.02 / 2 ** 0.5)
 
 
 def test_unknown_factor_refused_before_anything(tmp_path):
