@@ -589,6 +589,41 @@ def projection_rms(checkpoint_dir: str) -> dict:
     return out
 
 
+SIGNAL_LAYERS = ("1", "2", "mid", "L")
+
+
+def read_signals(tb_dir: str, depth: int) -> dict:
+    """The per-layer stability signals spannorm-train logged to TensorBoard
+    (`stability/layer_NNN/{output_rms,attention_rms,mlp_rms,grad_norm,update_ratio}`, every
+    logging step) for layers 1, 2, L/2 and L, plus the maxima over layers:
+    {"iterations": [...], "<layer>/<signal>": [...]} (empty without the tags). What the
+    mechanism needs around a collapse, kept in the results table so it outlives runs/."""
+    if not os.path.isdir(tb_dir) or depth < 1:
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags().get("scalars", []))
+    layers = {"1": 1, "2": min(2, depth), "mid": max(1, depth // 2), "L": depth}
+    series = {}
+    for label, layer in layers.items():
+        prefix = f"stability/layer_{layer:03d}/"
+        for tag in sorted(t for t in tags if t.startswith(prefix)):
+            series[f"{label}/{tag[len(prefix):]}"] = {
+                int(e.step): float(e.value) for e in acc.Scalars(tag)}
+    for tag in sorted(t for t in tags if t.startswith("stability/max/")):
+        series[f"max/{tag[len('stability/max/'):]}"] = {
+            int(e.step): float(e.value) for e in acc.Scalars(tag)}
+    if not series:
+        return {}
+    steps = sorted(set().union(*(set(v) for v in series.values())))
+    out = {"iterations": steps}
+    for key, values in series.items():
+        out[key] = [values.get(i) for i in steps]
+    return out
+
+
 ROW_COLUMNS = (
     "index", "name", "group", "cell", "placement", "depth", "seed", "corpus", "tokenizer",
     "vocab_size", "padded_vocab_size", "scale_mode", "scale_init", "lr", "warmup", "tokens_per_step", "train_iters",
@@ -678,8 +713,16 @@ def run_one(grid: Grid, run: PlannedRun, out_dir: str, data_infos: Dict[str, dic
                     "ratio_iterations": swept.ratio_iterations,
                     "layer_grad_ratio": swept.layer_grad_ratio},
         "projection_rms": rms,
+        "signals": _signals_or_error(os.path.join(run_dir, "tensorboard"), s["depth"]),
     }
     return row
+
+
+def _signals_or_error(tb_dir: str, depth: int) -> dict:
+    try:
+        return read_signals(tb_dir, depth)
+    except Exception as err:  # the row is still worth writing
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 def _read(path: str) -> str:
@@ -711,8 +754,11 @@ def read_results(path: str) -> List[dict]:
 
 
 def _clean(value):
+    """JSON-safe, floats to 6 significant digits (NaN -> null, inf -> "inf")."""
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -871,6 +917,9 @@ def export_results(out_dir: str, target: str) -> List[str]:
     latest = sorted(latest_rows(rows).values(), key=lambda r: r.get("index", 0))
     with open(os.path.join(target, "results.jsonl"), "w") as f:
         for row in latest:
+            if "signals" not in row:  # rows from before the signals were kept: read them now
+                row = dict(row, signals=_signals_or_error(
+                    os.path.join(out_dir, "runs", row["name"], "tensorboard"), int(row["depth"])))
             f.write(json.dumps(_clean(with_derived(row))) + "\n")
     write_csv(os.path.join(target, "results.csv"), rows)
     with open(os.path.join(target, "summary.md"), "w") as f:
