@@ -653,8 +653,7 @@ def run_one(grid: Grid, run: PlannedRun, out_dir: str, data_infos: Dict[str, dic
     with open(os.path.join(run_dir, "train.log"), "w") as logfile:
         logfile.write(f"# {shlex.join(command)}\n")
         logfile.flush()
-        code = subprocess.call(command, cwd=ROOT, stdout=logfile, stderr=subprocess.STDOUT,
-                               env=env)
+        code = _call_run(command, logfile, env)
     seconds = time.time() - start
     with open(os.path.join(run_dir, "run.txt"), "w") as f:
         f.write(f"placement={s['placement']}\ndepth={s['depth']}\nscale_init={s['scale_init']}\n"
@@ -723,6 +722,30 @@ def _signals_or_error(tb_dir: str, depth: int) -> dict:
         return read_signals(tb_dir, depth)
     except Exception as err:  # the row is still worth writing
         return {"error": f"{type(err).__name__}: {err}"}
+
+
+def _call_run(command: List[str], logfile, env: Dict[str, str]) -> int:
+    """Run one training process; a SIGTERM/SIGINT to the grid stops it too (so no orphan keeps
+    writing into a run directory the resumed grid will start over) and ends the grid."""
+    import signal
+
+    child = subprocess.Popen(command, cwd=ROOT, stdout=logfile, stderr=subprocess.STDOUT,
+                             env=env)
+
+    def stop(signum, frame):
+        child.terminate()
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _read(path: str) -> str:
