@@ -22,7 +22,7 @@ A grid file (YAML, `examples/depth_sweep/grid.yaml` is the one issue 16 needs):
 
 A cell maps factor names (`FACTORS`) to levels; everything it does not name stays at the base
 setting (the base config, the `stdlib` corpus, SentencePiece 4096 trained on the run's corpus,
-`--scale-mode init`, each placement's default `--scale-init`, tied embeddings). Within a group
+`--scale-mode init`, each placement's default `--scale-init`, untied embeddings). Within a group
 the order is seed, then cell, then placement, so a grid stopped early has every cell at its
 first seed.
 
@@ -90,7 +90,7 @@ class Setting:
     tokens_per_step: Optional[int] = None
     train_iters: Optional[int] = None
     width: Optional[int] = None
-    embeddings: str = "tied"
+    embeddings: str = "untied"              # spannorm-train's default
 
 
 def _number(kind: type) -> Callable[[object], object]:
@@ -155,7 +155,7 @@ FACTORS: Dict[str, Factor] = {f.name: f for f in (
     Factor("width", "width", _number(int),
            "--hidden-size (heads fixed, --ffn-hidden-size scaled with it)"),
     Factor("embeddings", "embeddings", _choice("tied", "untied"),
-           "untied = --untie-embeddings-and-output-weights"),
+           "tied = --no-untie-embeddings-and-output-weights (the base is untied)"),
 )}
 
 
@@ -456,8 +456,8 @@ def train_flags(grid: Grid, run: PlannedRun, data_dir: str, run_dir: str) -> Lis
         flags += ["--train-iters", str(s["train_iters"])]
     if setting.width is not None:
         flags += ["--hidden-size", str(s["width"]), "--ffn-hidden-size", str(s["ffn"])]
-    if setting.embeddings == "untied":
-        flags += ["--untie-embeddings-and-output-weights"]
+    if setting.embeddings == "tied":
+        flags += ["--no-untie-embeddings-and-output-weights"]
     if grid.rms_every:
         flags += ["--save", os.path.join(run_dir, "checkpoints"),
                   "--save-interval", str(grid.rms_every)]
