@@ -732,20 +732,26 @@ def _call_run(command: List[str], logfile, env: Dict[str, str]) -> int:
     child = subprocess.Popen(command, cwd=ROOT, stdout=logfile, stderr=subprocess.STDOUT,
                              env=env)
 
+    stopped = []
+
     def stop(signum, frame):
+        # No waiting here: the main thread is inside child.wait(), which holds Popen's lock.
+        stopped.append(signum)
         child.terminate()
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-        raise SystemExit(128 + signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return child.wait()
+        try:
+            code = child.wait(timeout=None)
+        except BaseException:
+            child.kill()
+            raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if stopped:
+        raise SystemExit(128 + stopped[0])
+    return code
 
 
 def _read(path: str) -> str:
