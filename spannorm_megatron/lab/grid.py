@@ -865,14 +865,23 @@ def summarize(rows: List[dict]) -> str:
     for row in sorted(latest_rows(rows).values(), key=lambda r: r.get("index", 0)):
         cells.setdefault((row["group"], row["cell"], row["depth"], row["placement"]), []).append(row)
     lines = ["| group | cell | L | placement | n | valid loss mean | spread (sd) | min | max | "
-             "bits/byte | min layer-2/L grad ratio (median) | status |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "bits/byte | min layer-2/L grad ratio (median) | proj RMS / init std, first save "
+             "-> end (attn, mean) | status |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for (group, cell, depth, placement), rs in cells.items():
         losses = [r["final_valid_loss"] for r in rs if isinstance(r.get("final_valid_loss"), float)]
         bits = [r["valid_bits_per_byte"] for r in rs if isinstance(r.get("valid_bits_per_byte"), float)]
         ratios = sorted(r["layer_grad_ratio_min"] for r in rs
                         if isinstance(r.get("layer_grad_ratio_min"), float))
         statuses = ",".join(sorted({r["status"] for r in rs}))
+        growth = []
+        for r in map(with_derived, rs):
+            init = r.get("proj_init_std")
+            first, last = r.get("proj_rms_attn_first_saved"), r.get("proj_rms_attn_final")
+            if isinstance(init, float) and isinstance(first, float) and isinstance(last, float):
+                growth.append((first / init, last / init))
+        rms_text = (f"{mean(g[0] for g in growth):.2g} -> {mean(g[1] for g in growth):.2g}"
+                    if growth else "")
 
         def f(x, d=4):
             return "" if x is None else f"{x:.{d}g}"
@@ -881,7 +890,7 @@ def summarize(rows: List[dict]) -> str:
             f"{f(mean(losses)) if losses else ''} | {f(pstdev(losses), 2) if len(losses) > 1 else ''} | "
             f"{f(min(losses)) if losses else ''} | {f(max(losses)) if losses else ''} | "
             f"{f(mean(bits)) if bits else ''} | {f(ratios[len(ratios) // 2], 2) if ratios else ''} | "
-            f"{statuses} |")
+            f"{rms_text} | {statuses} |")
     return "\n".join(lines) + "\n"
 
 
