@@ -115,3 +115,13 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     assert lab_grid.main(["--grid", path, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "unknown factor 'colour'" in err
+
+
+def test_cells_a_placement_cannot_run_are_left_out(tmp_path):
+    path = write_grid(tmp_path, cells="[{}, {scale_mode: forward}]",
+                      placements="[prenorm, spannorm]")
+    grid = lab_grid.load_grid(path)
+    assert [r.name for r in grid.runs] == [
+        "prenorm_L2_s7_base", "spannorm_L2_s7_base", "spannorm_L2_s7_scale-mode-forward"]
+    assert [r.name for r, _ in grid.not_applicable] == ["prenorm_L2_s7_scale-mode-forward"]
+    assert [r.index for r in grid.runs] == [0, 1, 3]

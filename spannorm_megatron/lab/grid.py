@@ -246,6 +246,9 @@ class Grid:
     rms_every: int
     corpus_max_bytes: int
     runs: List[PlannedRun] = field(default_factory=list)
+    not_applicable: List[Tuple[PlannedRun, str]] = field(default_factory=list)
+    """Cells a placement cannot run (e.g. scale_mode forward with prenorm, which uses
+    megatron-core's own layer): left out of the plan, listed by --dry-run and at the start."""
 
     def base_value(self, key: str, default=None):
         return self.base.get(key, default)
@@ -318,14 +321,29 @@ def load_grid(path: str) -> Grid:
                         setting = Setting(placement=placement, depth=depth, seed=seed)
                         for factor, level in cell.items():
                             setattr(setting, FACTORS[factor].attribute, level)
-                        grid.runs.append(PlannedRun(index, name, dict(cell), setting))
-                        index += 1
-    names = [r.name for r in grid.runs]
+                        planned = PlannedRun(index, name, dict(cell), setting)
+                        index += 1  # stable numbering: left-out cells keep their number
+                        reason = _not_applicable(setting)
+                        if reason:
+                            grid.not_applicable.append((planned, reason))
+                        else:
+                            grid.runs.append(planned)
     seen = set()
     grid.runs = [r for r in grid.runs if not (r.name in seen or seen.add(r.name))]
     for run in grid.runs:
         _check_run(grid, run)
     return grid
+
+
+def _not_applicable(setting: Setting) -> Optional[str]:
+    """Why this placement cannot run this cell at all (None: it can)."""
+    if setting.scale_mode == "forward":
+        from spannorm_megatron.model.placements import get_placement
+
+        if not get_placement(setting.placement).supports_forward_scaling:
+            return (f"scale_mode forward is not available for {setting.placement} (it uses "
+                    "megatron-core's own layer)")
+    return None
 
 
 def _check_placements(placements: Sequence[str], where: str) -> None:
@@ -914,6 +932,8 @@ def run_grid(grid_path: str, out_dir: str, *, python: str = sys.executable,
     log(f"grid {grid.path}: {len(grid.runs)} runs, estimated {total / 3600:.2f} h "
         f"(budget {grid.budget_hours:g} h); {len(grid.runs) - len(todo)} finished earlier, "
         f"{len(todo)} to run (~{sum(s for _, s in todo) / 3600:.2f} h)")
+    for run, reason in grid.not_applicable:
+        log(f"  left out: {run.name}: {reason}")
     if dry_run:
         for run, sec in estimates:
             mark = "done" if finished(done_rows.get(run.name)) else "todo"
