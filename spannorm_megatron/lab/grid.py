@@ -955,7 +955,9 @@ def run_grid(grid_path: str, out_dir: str, *, python: str = sys.executable,
     for n, (run, sec) in enumerate(todo):
         if max_runs is not None and n >= max_runs:
             break
-        log(f"== [{run.index + 1}/{len(grid.runs)}] {run.name} (~{sec / 60:.1f} min)")
+        position = grid.runs.index(run) + 1
+        log(f"== [{position}/{len(grid.runs)}] {run.name} (~{sec / 60:.1f} min; "
+            f"{len(todo) - n - 1} more after it)")
         row = run_one(grid, run, out_dir, infos, python, keep_checkpoints, log=log)
         append_result(results_path, row)
         all_rows = read_results(results_path)
