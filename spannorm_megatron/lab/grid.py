@@ -877,7 +877,7 @@ def write_csv(path: str, rows: List[dict]) -> None:
 def summarize(rows: List[dict]) -> str:
     """Markdown: final validation loss (mean +- spread over seeds, n) per group x cell x depth x
     placement."""
-    from statistics import mean, pstdev
+    from statistics import mean, median, pstdev
 
     cells: Dict[tuple, List[dict]] = {}
     for row in sorted(latest_rows(rows).values(), key=lambda r: r.get("index", 0)):
@@ -907,7 +907,7 @@ def summarize(rows: List[dict]) -> str:
             f"| {group} | {cell} | {depth} | {placement} | {len(rs)} | "
             f"{f(mean(losses)) if losses else ''} | {f(pstdev(losses), 2) if len(losses) > 1 else ''} | "
             f"{f(min(losses)) if losses else ''} | {f(max(losses)) if losses else ''} | "
-            f"{f(mean(bits)) if bits else ''} | {f(ratios[len(ratios) // 2], 2) if ratios else ''} | "
+            f"{f(mean(bits)) if bits else ''} | {f(median(ratios), 2) if ratios else ''} | "
             f"{rms_text} | {statuses} |")
     return "\n".join(lines) + "\n"
 
