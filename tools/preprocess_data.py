@@ -53,11 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("tokenizer")
     group.add_argument(
         "--tokenizer-type", default="SentencePieceTokenizer",
-        help="Megatron-LM tokenizer type; only SentencePieceTokenizer is supported (default)",
+        help="Megatron-LM tokenizer type: SentencePieceTokenizer (default; needs "
+        "--tokenizer-model) or ByteLevelTokenizer (UTF-8 bytes, ids 0-255, <EOD> 256; no model)",
     )
     group.add_argument(
-        "--tokenizer-model", required=True,
-        help="SentencePiece .model file (tools/train_tokenizer.py writes one)",
+        "--tokenizer-model", default=None,
+        help="SentencePiece .model file (tools/train_tokenizer.py writes one); "
+        "not for ByteLevelTokenizer",
     )
     group.add_argument(
         "--append-eod", action="store_true",

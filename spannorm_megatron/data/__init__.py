@@ -4,7 +4,8 @@ The pipeline, in the order a run uses it (each step also has a command-line tool
 
 1. `corpus`     the embedded default corpus (Python stdlib sources), no download needed
 2. `tokenizer_training` / `tools/train_tokenizer.py`: train a SentencePiece model
-3. `tokenizer`  the model as a megatron-core tokenizer (`eod`, `pad`, `vocab_size`, ...)
+3. `tokenizer`  the model as a megatron-core tokenizer (`eod`, `pad`, `vocab_size`, ...), or
+                `ByteLevelTokenizer` (UTF-8 bytes, no model)
 4. `preprocess` / `tools/preprocess_data.py`: text or JSONL → `.bin`/`.idx` (Megatron format)
 5. `dataset`    megatron-core GPT datasets from `--data-path` / `--split`
 6. `loader`     resumable micro-batches for `training.gpt_step.forward_step`
@@ -27,7 +28,9 @@ _EXPORTS = {
     "embedded_corpus_documents": "corpus",
     "write_embedded_corpus": "corpus",
     "SentencePieceTokenizer": "tokenizer",
+    "ByteLevelTokenizer": "tokenizer",
     "build_tokenizer": "tokenizer",
+    "check_data_fits_vocab": "tokenizer",
     "TokenizerTrainingConfig": "tokenizer_training",
     "train_sentencepiece": "tokenizer_training",
     "PreprocessConfig": "preprocess",

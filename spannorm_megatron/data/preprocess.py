@@ -44,7 +44,7 @@ from spannorm_megatron.data.indexed import (
     output_prefix,
 )
 from spannorm_megatron.data.progress import ProgressPrinter, Throughput
-from spannorm_megatron.data.sp_model import check_sentencepiece_model, check_tokenizer_type
+from spannorm_megatron.data.sp_model import check_tokenizer_args
 
 
 @dataclass
@@ -57,11 +57,12 @@ class PreprocessConfig:
     output_prefix: str
     """Outputs are `{output_prefix}_{key}_document.bin/.idx`; parent directories are created."""
 
-    tokenizer_model: str
+    tokenizer_model: Optional[str]
+    """SentencePiece .model file; None for ByteLevelTokenizer."""
     """SentencePiece `.model` file."""
 
     tokenizer_type: str = "SentencePieceTokenizer"
-    """Megatron-LM tokenizer type; only SentencePieceTokenizer is implemented."""
+    """Megatron-LM tokenizer type: SentencePieceTokenizer or ByteLevelTokenizer."""
 
     json_keys: Sequence[str] = ("text",)
     """JSON keys to tokenize, one output pair each. Plain text has one: the name it is filed
@@ -136,17 +137,18 @@ class RecordEncoder:
     def __init__(
         self,
         decoder: RecordDecoder,
-        tokenizer_model: str,
+        tokenizer_model: Optional[str],
         append_eod: bool,
         dtype: type,
         tokenizer=None,
+        tokenizer_type: str = "SentencePieceTokenizer",
     ) -> None:
-        from spannorm_megatron.data.tokenizer import SentencePieceTokenizer
+        from spannorm_megatron.data.tokenizer import build_tokenizer
 
         self.decoder = decoder
         # Workers load their own copy from the path (works under any start method); the
         # in-process encoder reuses the main process's tokenizer.
-        self.tokenizer = tokenizer or SentencePieceTokenizer(tokenizer_model)
+        self.tokenizer = tokenizer or build_tokenizer(tokenizer_type, tokenizer_model)
         self.append_eod = append_eod
         self.dtype = dtype
 
@@ -202,17 +204,17 @@ def preprocess(config: PreprocessConfig, log: Optional[TextIO] = None) -> Prepro
             f"names the output it is filed under and takes one key, not {len(config.json_keys)} "
             "(default: text)."
         )
-    check_tokenizer_type(config.tokenizer_type)
-    check_sentencepiece_model(config.tokenizer_model)
+    check_tokenizer_args(config.tokenizer_type, config.tokenizer_model)
 
     from megatron.core.datasets.indexed_dataset import DType
 
-    from spannorm_megatron.data.tokenizer import SentencePieceTokenizer
+    from spannorm_megatron.data.tokenizer import build_tokenizer
 
-    tokenizer = SentencePieceTokenizer(config.tokenizer_model)
+    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     decoder = RecordDecoder(str(input_path), fmt, tuple(config.json_keys))
-    encoder_args = (decoder, str(config.tokenizer_model), config.append_eod, dtype)
+    encoder_args = (decoder, config.tokenizer_model and str(config.tokenizer_model),
+                    config.append_eod, dtype, None, config.tokenizer_type)
     prefixes = config.output_prefixes
     replacing = existing_outputs(prefixes)
 
@@ -240,7 +242,7 @@ def preprocess(config: PreprocessConfig, log: Optional[TextIO] = None) -> Prepro
     try:
         records = iter_records(input_path, fmt)
         if config.workers == 1:
-            encoder = RecordEncoder(*encoder_args, tokenizer=tokenizer)
+            encoder = RecordEncoder(*encoder_args[:4], tokenizer=tokenizer)
             results = map(encoder, records)
         else:
             pool = _pool_context().Pool(

@@ -19,8 +19,13 @@ them. `tools/train_tokenizer.py` puts them into every model as control symbols, 
 trained here has the same ids (and `<EOD>` is the end-of-document id) in Megatron-LM and here,
 and Megatron-LM does not need to grow the vocabulary past the model."""
 
-SUPPORTED_TOKENIZER_TYPES = ("SentencePieceTokenizer",)
-"""Values of Megatron-LM's `--tokenizer-type` this project implements."""
+SUPPORTED_TOKENIZER_TYPES = ("SentencePieceTokenizer", "ByteLevelTokenizer")
+"""Values of Megatron-LM's `--tokenizer-type` this project implements. `ByteLevelTokenizer`
+(megatron-core's byte-level library: UTF-8 bytes are the ids 0-255, `<EOD>` is 256) needs no
+model file; `SentencePieceTokenizer` needs `--tokenizer-model`."""
+
+TOKENIZER_TYPES_WITHOUT_MODEL = ("ByteLevelTokenizer",)
+"""Tokenizer types that take no `--tokenizer-model`."""
 
 EOD_PIECE = "<EOD>"
 """The end-of-document piece (`tokenizer.eod`), appended to each document by `--append-eod`."""
@@ -78,9 +83,31 @@ def check_tokenizer_type(tokenizer_type: str) -> None:
     """Raise TokenizerError for a `--tokenizer-type` this project does not implement."""
     if tokenizer_type not in SUPPORTED_TOKENIZER_TYPES:
         raise TokenizerError(
-            f"--tokenizer-type {tokenizer_type} is not supported here; the only tokenizer type "
-            "is SentencePieceTokenizer (Megatron-LM's name for a SentencePiece `.model` with "
-            "<EOD> as end of document). Train a SentencePiece model on your text with "
-            "tools/train_tokenizer.py and pass --tokenizer-type SentencePieceTokenizer "
-            "--tokenizer-model <prefix>.model."
+            f"--tokenizer-type {tokenizer_type} is not supported here; the tokenizer types are "
+            "SentencePieceTokenizer (Megatron-LM's name for a SentencePiece `.model` with <EOD> "
+            "as end of document: train one on your text with tools/train_tokenizer.py and pass "
+            "--tokenizer-model <prefix>.model) and ByteLevelTokenizer (UTF-8 bytes, vocabulary "
+            "257, no model file)."
         )
+
+
+def check_tokenizer_args(tokenizer_type: str, tokenizer_model) -> None:
+    """Check a `--tokenizer-type` / `--tokenizer-model` pair before anything heavy is loaded:
+    the type is known, a SentencePiece model is given and loads, a byte-level type gets none."""
+    check_tokenizer_type(tokenizer_type)
+    if tokenizer_type in TOKENIZER_TYPES_WITHOUT_MODEL:
+        if tokenizer_model:
+            raise TokenizerError(
+                f"--tokenizer-type {tokenizer_type} takes no --tokenizer-model (its vocabulary is "
+                f"the 256 byte values plus <EOD>), but '{tokenizer_model}' was given. Drop "
+                "--tokenizer-model, or pass --tokenizer-type SentencePieceTokenizer to use that "
+                "model."
+            )
+        return
+    if not tokenizer_model:
+        raise TokenizerError(
+            f"--tokenizer-model is required with --tokenizer-type {tokenizer_type}: the "
+            f"SentencePiece .model file. {TRAIN_HINT} Or pass --tokenizer-type "
+            "ByteLevelTokenizer, which needs no model."
+        )
+    check_sentencepiece_model(tokenizer_model)

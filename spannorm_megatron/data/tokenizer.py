@@ -38,6 +38,7 @@ from spannorm_megatron.data.sp_model import (  # noqa: F401  (check_tokenizer_ty
     MEGATRON_SPECIAL_PIECES,
     SUPPORTED_TOKENIZER_TYPES,
     check_sentencepiece_model,
+    check_tokenizer_args,
     check_tokenizer_type,
 )
 
@@ -157,9 +158,108 @@ class SentencePieceTokenizer(MegatronTokenizerText):
         )
 
 
-def build_tokenizer(
-    tokenizer_type: str, tokenizer_model: Union[str, os.PathLike]
-) -> SentencePieceTokenizer:
-    """Megatron-LM's `--tokenizer-type` / `--tokenizer-model` pair to a tokenizer."""
-    check_tokenizer_type(tokenizer_type)
+class ByteLevelTokenizer(MegatronTokenizerText):
+    """UTF-8 bytes as token ids: megatron-core's byte-level tokenizer library
+    (`megatron.core.tokenizers.text.libraries.ByteLevelTokenizer`) with a GPT end-of-document id.
+
+    Ids 0-255 are the bytes of the UTF-8 text, id 256 is `<EOD>` (`eod`, also `eos` and `pad`),
+    so `vocab_size` is 257: every text is encodable, nothing is ever unknown, and the vocabulary
+    is the same for any corpus. megatron-core's default (`eos` 0, `pad` 1, vocabulary 512) would
+    put the end of document on the NUL byte; here no byte value is special. Needs no model file
+    (`--tokenizer-type ByteLevelTokenizer`, no `--tokenizer-model`).
+    """
+
+    NUM_BYTES = 256
+    EOD_ID = 256
+
+    def __init__(self) -> None:
+        config = {"library": "byte-level", "model_type": "gpt", "chat_template": None}
+        super().__init__("byte-level", config, vocab_size=self.NUM_BYTES + 1,
+                         _eos_id=self.EOD_ID, _pad_id=self.EOD_ID)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.NUM_BYTES + 1
+
+    @property
+    def eod(self) -> int:
+        return self.EOD_ID
+
+    @property
+    def eos(self) -> int:
+        return self.EOD_ID
+
+    @property
+    def pad(self) -> int:
+        return self.EOD_ID
+
+    @property
+    def bos(self) -> int:
+        return self.EOD_ID
+
+    @property
+    def special_token_ids(self) -> Dict[str, int]:
+        return {"eod": self.EOD_ID, "eos": self.EOD_ID, "pad": self.EOD_ID}
+
+    @property
+    def model_path(self) -> None:
+        return None
+
+    def tokenize(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def detokenize(self, ids: Union[Sequence[int], numpy.ndarray]) -> str:
+        """Bytes back to text; `<EOD>` and ids outside the vocabulary are dropped, and byte
+        sequences that are not UTF-8 (a window cut inside a character) decode to U+FFFD."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return bytes(i for i in ids if 0 <= i < self.NUM_BYTES).decode("utf-8", errors="replace")
+
+    @property
+    def vocab(self) -> List[str]:
+        return [bytes([i]).decode("latin-1") for i in range(self.NUM_BYTES)] + ["<EOD>"]
+
+    @property
+    def inv_vocab(self) -> Dict[int, str]:
+        return dict(enumerate(self.vocab))
+
+    def __repr__(self) -> str:
+        return f"ByteLevelTokenizer(vocab_size={self.vocab_size}, eod={self.eod})"
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: Union[str, os.PathLike, None] = None):
+    """Megatron-LM's `--tokenizer-type` / `--tokenizer-model` pair to a tokenizer
+    (`SentencePieceTokenizer` needs the model, `ByteLevelTokenizer` takes none); bad pairs raise
+    TokenizerError naming the fix."""
+    check_tokenizer_args(tokenizer_type, tokenizer_model)
+    if tokenizer_type == "ByteLevelTokenizer":
+        return ByteLevelTokenizer()
     return SentencePieceTokenizer(tokenizer_model)
+
+
+def check_data_fits_vocab(prefixes: Sequence[str], vocab_size: int, tokenizer=None,
+                          max_tokens: int = 1 << 24) -> None:
+    """Raise TokenizerError when a data prefix holds token ids outside the tokenizer's
+    vocabulary (ids >= `vocab_size`): data written with another tokenizer (e.g. SentencePiece
+    4096 data trained with `ByteLevelTokenizer`), which would otherwise train on ids that mean
+    nothing to the tokenizer or fail deep in the embedding lookup (an IndexError on CPU, a
+    device-side assert on GPU). Reads the first `max_tokens` ids of each
+    `.bin` (all of them for data up to 16M tokens)."""
+    from spannorm_megatron.data.indexed import check_indexed_dataset
+
+    for prefix in prefixes:
+        info = check_indexed_dataset(prefix)
+        count = min(info.num_tokens, max_tokens)
+        if count == 0:
+            continue
+        ids = numpy.memmap(prefix + ".bin", dtype=info.dtype, mode="r", shape=(count,))
+        top = int(ids.max())
+        del ids
+        if top >= vocab_size:
+            which = f" ({tokenizer!r})" if tokenizer is not None else ""
+            raise TokenizerError(
+                f"Data path '{prefix}' holds token id {top}, but the tokenizer's vocabulary has "
+                f"{vocab_size} ids{which}, so the data was preprocessed with another tokenizer. "
+                "Pass the --tokenizer-type/--tokenizer-model the data was written with, or "
+                "preprocess the text again with this tokenizer (tools/preprocess_data.py)."
+            )

@@ -32,7 +32,7 @@ from spannorm_megatron.data.dataset import (
     num_samples_for,
 )
 from spannorm_megatron.data.loader import build_data_iterators
-from spannorm_megatron.data.tokenizer import build_tokenizer
+from spannorm_megatron.data.tokenizer import build_tokenizer, check_data_fits_vocab
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.runtime import check_launch, current_device, destroy, initialize
@@ -83,8 +83,6 @@ class Trainer:
         if not args.data_path:
             raise ConfigError("--data-path is required: prefixes written by "
                               "tools/preprocess_data.py.")
-        if not args.tokenizer_model:
-            raise ConfigError("--tokenizer-model is required: the SentencePiece .model file.")
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
         self.model_config = model_config(args, padded_vocab_size(self.tokenizer.vocab_size, args))
         self.parallel = parallel_config(args)
@@ -98,7 +96,8 @@ class Trainer:
                                       data_cache_path=args.data_cache_path)
         self.num_samples = num_samples_for(args.train_iters, self.batches.global_batch_size,
                                            args.eval_interval, args.eval_iters)
-        check_data_prefixes(self.data_config, self.num_samples)
+        check_data_fits_vocab(check_data_prefixes(self.data_config, self.num_samples),
+                              self.tokenizer.vocab_size, self.tokenizer)
 
         self.iteration = self.consumed_train = self.consumed_valid = 0
         self.history = {"train_loss": [], "valid_loss": [], "iterations": []}

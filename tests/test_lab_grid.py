@@ -1,0 +1,127 @@
+"""The depth sweep's grid mode (spannorm_megatron/lab/grid.py) on a tiny grid: a finished run
+lands in the results table, a second start resumes without redoing it, and an unknown factor or
+a grid over its declared budget is refused before anything is prepared or trained."""
+
+import csv
+import json
+import os
+import sys
+
+import pytest
+
+from spannorm_megatron.lab import grid as lab_grid
+
+BASE = """
+hidden-size: 32
+num-attention-heads: 2
+ffn-hidden-size: 64
+seq-length: 32
+micro-batch-size: 2
+global-batch-size: 2
+train-iters: 6
+lr: 2.0e-3
+min-lr: 2.0e-4
+lr-warmup-iters: 2
+log-interval: 2
+eval-interval: 6
+eval-iters: 1
+split: "90,10,0"
+transformer-impl: local
+"""
+
+
+def write_grid(tmp_path, cells="[{tokenizer: bytes}]", budget_hours=1, max_run_minutes=5,
+               placements="[spannorm]", extra=""):
+    (tmp_path / "base.yaml").write_text(BASE)
+    (tmp_path / "grid.yaml").write_text(f"""
+base_config: base.yaml
+budget_hours: {budget_hours}
+max_run_minutes: {max_run_minutes}
+threads: 1
+corpus_max_bytes: 300000
+estimate: {{startup_s: 10, step_s_per_layer: 0.01}}
+rms_every: 3
+{extra}
+groups:
+  - name: tiny
+    placements: {placements}
+    depths: [2]
+    seeds: [7]
+    cells: {cells}
+""")
+    return str(tmp_path / "grid.yaml")
+
+
+def test_run_resume_and_table(tmp_path):
+    path = write_grid(tmp_path)
+    out = str(tmp_path / "out")
+    rows = lab_grid.run_grid(path, out, python=sys.executable, log=lambda m: None)
+    assert [r["name"] for r in rows] == ["spannorm_L2_s7_tokenizer-bytes"]
+    row = rows[0]
+    assert row["status"] == "ok", open(os.path.join(out, "runs", row["name"], "train.log")).read()
+    assert row["tokenizer"] == "bytes" and row["vocab_size"] == 257
+    assert row["final_train_loss"] is not None and row["final_valid_loss"] is not None
+    assert row["valid_bits_per_byte"] is not None
+    assert row["layer_grad_ratio_min"] is not None and row["max_grad_norm"] is not None
+    assert row["projection_rms"]["iterations"] == [3, 6]
+    assert row["proj_rms_attn_final"] > 0
+    assert row["signals"]["iterations"] and row["signals"]["2/grad_norm"]
+    assert not os.path.isdir(os.path.join(out, "runs", row["name"], "checkpoints"))
+    with open(os.path.join(out, "results.csv")) as f:
+        table = list(csv.DictReader(f))
+    assert [r["name"] for r in table] == [row["name"]] and table[0]["status"] == "ok"
+    with open(os.path.join(out, "results.jsonl")) as f:
+        assert len(f.readlines()) == 1
+
+    # Resume: the finished run is kept, nothing trains again.
+    again = lab_grid.run_grid(path, out, python=sys.executable, log=lambda m: None)
+    assert again == []
+    with open(os.path.join(out, "results.jsonl")) as f:
+        assert len(f.readlines()) == 1
+    assert "spannorm" in lab_grid.summarize(lab_grid.read_results(
+        os.path.join(out, "results.jsonl")))
+    exported = lab_grid.export_results(out, str(tmp_path / "snapshot"))
+    with open(exported[0]) as f:
+        snap = json.loads(f.readline())
+    assert snap["name"] == row["name"] and snap["proj_init_std"] == pytest.approx(0.02 / 2 ** 0.5, rel=1e-5)
+
+
+def test_unknown_factor_refused_before_anything(tmp_path):
+    path = write_grid(tmp_path, cells="[{vocabulary: bytes}]")
+    out = tmp_path / "out"
+    with pytest.raises(lab_grid.GridError, match="unknown factor 'vocabulary'.*tokenizer"):
+        lab_grid.run_grid(path, str(out), python=sys.executable, log=lambda m: None)
+    assert not out.exists()
+    path = write_grid(tmp_path, cells="[{scale_mode: backward}]")
+    with pytest.raises(lab_grid.GridError, match="no level 'backward'.*init, forward"):
+        lab_grid.load_grid(path)
+
+
+def test_over_budget_refused_before_anything(tmp_path):
+    path = write_grid(tmp_path, cells="[{}, {tokenizer: bytes}, {lr: 1.0e-3}]",
+                      budget_hours=0.001)
+    out = tmp_path / "out"
+    with pytest.raises(lab_grid.GridError, match="over its declared budget_hours 0.001"):
+        lab_grid.run_grid(path, str(out), python=sys.executable, log=lambda m: None)
+    assert not out.exists()
+    path = write_grid(tmp_path, cells="[{train_iters: 100000}]")
+    with pytest.raises(lab_grid.GridError, match="over the declared max_run_minutes"):
+        lab_grid.run_grid(path, str(out), python=sys.executable, log=lambda m: None)
+    assert not out.exists()
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    path = write_grid(tmp_path, cells="[{colour: red}]")
+    assert lab_grid.main(["--grid", path, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unknown factor 'colour'" in err
+
+
+def test_cells_a_placement_cannot_run_are_left_out(tmp_path):
+    path = write_grid(tmp_path, cells="[{}, {scale_mode: forward}]",
+                      placements="[prenorm, spannorm]")
+    grid = lab_grid.load_grid(path)
+    assert [r.name for r in grid.runs] == [
+        "prenorm_L2_s7_base", "spannorm_L2_s7_base", "spannorm_L2_s7_scale-mode-forward"]
+    assert [r.name for r, _ in grid.not_applicable] == ["prenorm_L2_s7_scale-mode-forward"]
+    assert [r.index for r in grid.runs] == [0, 1, 3]
