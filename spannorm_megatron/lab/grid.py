@@ -831,17 +831,12 @@ def branch_factor(placement: str, depth: int, scale_init: str) -> float:
     """Scale Init's factor c (spannorm_megatron.model.scale_init.branch_scale_factor): output
     projections drawn with c * sigma (scale_mode init) or branch outputs multiplied by c
     (forward)."""
-    if scale_init == "default":
-        from spannorm_megatron.model.placements import get_placement
+    from spannorm_megatron.config import ModelConfig
+    from spannorm_megatron.model.scale_init import branch_scale_factor
 
-        scale_init = get_placement(placement).default_scale_init
-    if scale_init == "sqrt_depth":
-        return 1.0 / math.sqrt(depth)
-    if scale_init == "megatron":
-        return 1.0 / math.sqrt(2.0 * depth)
-    if scale_init == "none":
-        return 1.0
-    return float(scale_init)
+    return branch_scale_factor(ModelConfig(
+        norm_placement=placement, num_layers=depth,
+        scale_init=None if scale_init == "default" else scale_init))
 
 
 def with_derived(row: dict) -> dict:
