@@ -590,6 +590,7 @@ def projection_rms(checkpoint_dir: str) -> dict:
             continue
         path = os.path.join(checkpoint_dir, entry)
         meta = FileSystemReader(path).read_metadata().state_dict_metadata
+        # Host memory on purpose: an offline read of saved weights, no collective, no model.
         state = {key: torch.empty(meta[key].size, dtype=meta[key].properties.dtype)
                  for key in names.values() if key in meta}
         if len(state) != len(names):
