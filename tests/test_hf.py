@@ -845,3 +845,36 @@ def test_modeling_file_runs_the_contracts_other_placements(placement):
                              eos_token_id=None, pad_token_id=0)
     assert out.shape == (1, 7)
     assert (model.model.norm is not None) == (placement != "deepnorm")
+
+
+def _snapshot(root) -> dict:
+    return {os.path.relpath(os.path.join(d, f), root): os.path.getsize(os.path.join(d, f))
+            for d, _, files in os.walk(root) for f in files}
+
+
+def test_conversion_never_writes_into_its_input_or_a_training_checkpoint(work, tmp_path):
+    """--overwrite replaces an earlier output only: a --save that is or holds the --load input,
+    or that is a training checkpoint directory, is refused in both directions, files intact."""
+    from spannorm_megatron.hf.errors import ConversionError
+    from spannorm_megatron.hf.importer import convert_hf_to_megatron
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(os.path.join(work.dirs["ref"], "prenorm-dense"), ckpt)
+    folder = tmp_path / "hf"
+    shutil.copytree(os.path.join(work.dirs["hf"], "prenorm-dense"), folder)
+    before = {path: _snapshot(path) for path in (ckpt, folder)}
+    refusals = [
+        (lambda: _quiet_export(str(ckpt), str(ckpt), overwrite=True), "holds the --load input"),
+        (lambda: _quiet_export(str(ckpt / "iter_0000001"), str(ckpt), overwrite=True),
+         "holds the --load input"),
+        (lambda: convert_hf_to_megatron(str(folder), str(folder), overwrite=True,
+                                        log=lambda line: None), "holds the --load input"),
+        (lambda: convert_hf_to_megatron(str(folder), str(ckpt), overwrite=True,
+                                        log=lambda line: None), "training checkpoint directory"),
+        (lambda: _quiet_export(str(ckpt), str(ckpt.parent), overwrite=True),
+         "holds the --load input"),
+    ]
+    for convert, message in refusals:
+        with pytest.raises(ConversionError, match=message):
+            convert()
+        assert {path: _snapshot(path) for path in before} == before

@@ -39,13 +39,26 @@ def tensor_mismatches(expected: Dict[str, Tuple[int, ...]], found: Dict[str, Tup
     return parts
 
 
-def check_destination(save: str, overwrite: bool, action: str) -> str:
-    """The absolute `--save` path, refused if it is a file, or a non-empty directory without
-    `overwrite`; `action` says what --overwrite would do ("replace it", ...)."""
-    save = os.path.abspath(save)
+def check_destination(save: str, overwrite: bool, action: str, source: str) -> str:
+    """The absolute `--save` path, refused if it is a file, if it is or holds `source` (the
+    `--load` input), if it is a training checkpoint directory, or if it is a non-empty directory
+    without `overwrite`; `action` says what --overwrite would do ("replace it", ...). Nothing a
+    user has is destroyed by a conversion: --overwrite only ever replaces an earlier output."""
+    from spannorm_megatron.checkpoint import TRACKER_FILENAME
+
+    save, source = os.path.abspath(save), os.path.abspath(source)
     if os.path.exists(save) and not os.path.isdir(save):
         raise ConversionError(f"--save {save} exists and is not a directory.")
-    if os.path.isdir(save) and os.listdir(save) and not overwrite:
+    if save == source or source.startswith(save + os.sep):
+        raise ConversionError(f"--save {save} holds the --load input {source}: writing there "
+                              f"would destroy it. Choose another --save directory.")
+    if not os.path.isdir(save) or not os.listdir(save):
+        return save
+    if os.path.exists(os.path.join(save, TRACKER_FILENAME)):
+        raise ConversionError(f"--save {save} is a training checkpoint directory (it has "
+                              f"{TRACKER_FILENAME}); a conversion never writes into one, "
+                              f"--overwrite or not. Choose another --save directory.")
+    if not overwrite:
         raise ConversionError(f"--save {save} exists and is not empty; pass --overwrite to "
                               f"{action}, or choose another directory.")
     return save

@@ -157,7 +157,7 @@ def export_checkpoint(
     start = time.perf_counter()
     target_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    save = check_destination(save, overwrite, "replace it")
+    save = check_destination(save, overwrite, "replace it", source=load)
     log(f"[convert_to_hf] checking checkpoint {load}")
     ckpt = MegatronCheckpoint(load, model_config, verify_checksums=verify_checksums)
     config = ckpt.config

@@ -187,7 +187,8 @@ def convert_hf_to_megatron(
             f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} does not "
             f"fit {world} process(es): launch with torchrun --nproc_per_node {tp * pp} (or a "
             f"multiple), or run TP1/PP1 in a single process.")
-    save = check_destination(save, overwrite, f"save iteration {iteration} into it")
+    save = check_destination(save, overwrite, f"save iteration {iteration} into it",
+                             source=load)
     created = not os.path.exists(save)
 
     rank = int(os.environ.get("RANK", "0"))
