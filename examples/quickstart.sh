@@ -30,7 +30,7 @@ export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # as Megat
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$venv/bin/torchrun" --standalone --nproc_per_node "$nproc" \
   -m spannorm_megatron.train --config examples/configs/quickstart.yaml \
   --data-path "$run/data/stdlib_text_document" --tokenizer-model "$run/data/tokenizer.model" \
-  --save "$run/checkpoints" --tensorboard-dir "$run/tensorboard" "$@"
+  --save "$run/checkpoints" --load "$run/checkpoints" --tensorboard-dir "$run/tensorboard" "$@"
 
 echo "== 5/6 converting the last checkpoint to a Hugging Face folder"
 "$python" tools/convert_to_hf.py --load "$run/checkpoints" --save "$run/hf" \

@@ -275,3 +275,19 @@ def test_trainer_tears_down_after_an_error(corpus):
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "STATE False True 1" in result.stdout
+
+
+def test_fresh_run_refuses_a_save_directory_with_checkpoints(corpus, tmp_path):
+    """Without --load a run starts at iteration 0; pointed at another run's checkpoints it would
+    replace them and move the pointer back. It is refused before training, files intact."""
+    data, tokenizer = corpus
+    ckpt = tmp_path / "ckpt"
+    common = [*SMALL, "--data-path", data, "--tokenizer-model", tokenizer, "--save", str(ckpt),
+              "--save-interval", "2"]
+    first = run_train(*common, "--train-iters", "4", nproc=1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
+    again = run_train(*common, "--train-iters", "4", nproc=1)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert f"--load {ckpt}" in again.stderr and "latest: iteration 4" in again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before

@@ -73,6 +73,20 @@ def fused_kernels() -> str:
     return ", ".join(f"{name} {'yes' if found else 'no'}" for name, found in have.items())
 
 
+def _check_fresh_save_directory(args) -> None:
+    """A run without --load starts at iteration 0: writing it into a directory that holds
+    another run's checkpoints would replace their iterations and move the pointer back."""
+    if not args.save or args.load:
+        return
+    held = complete_iterations(args.save) if os.path.isdir(args.save) else []
+    if held or os.path.exists(os.path.join(args.save, TRACKER_FILENAME)):
+        latest = f" (latest: iteration {max(held)})" if held else ""
+        raise CheckpointError(
+            f"--save {args.save} already holds checkpoints{latest} and this run has no --load: "
+            f"it would start from iteration 0 and write over them. Pass --load {args.save} to "
+            f"resume that run, or choose a new --save directory to start over.")
+
+
 class Trainer:
     """One run of `spannorm-train` (see the module docstring)."""
 
@@ -98,6 +112,7 @@ class Trainer:
                                            args.eval_interval, args.eval_iters)
         check_data_fits_vocab(check_data_prefixes(self.data_config, self.num_samples),
                               self.tokenizer.vocab_size, self.tokenizer)
+        _check_fresh_save_directory(args)
 
         self.iteration = self.consumed_train = self.consumed_valid = 0
         self.history = {"train_loss": [], "valid_loss": [], "iterations": []}
