@@ -80,7 +80,7 @@ _MIX_ALLOWED = {
     torch.Tensor.cpu, torch.Tensor.cuda, torch.Tensor.index_put_, torch.Tensor.index_put,
     torch.Tensor.set_,
 }
-_DEVICE_ARG_FUNCS = {torch.Tensor.to}
+_MOVES = {torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu}
 _DEVICE_DESCRIPTOR = torch._C.TensorBase.__dict__["device"]  # `t.device` calls its __get__
 _GPU_DEVICE = torch.device("cuda", 0)
 
@@ -135,7 +135,7 @@ class StrictDevices:
                         f"device=runtime.current_device() (or move it there).")
             host = bool(inputs) and len(hosts) == len(inputs)
         out = run(func, args, kwargs)
-        if func in _DEVICE_ARG_FUNCS or func in (torch.Tensor.cuda, torch.Tensor.cpu):
+        if func in _MOVES:
             source = args[0]
             if out is source and is_host(source) != host:
                 # On the CPU the move is a no-op returning its input; the moved tensor is a new
