@@ -18,6 +18,8 @@ def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv=None, *,
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except SystemExit as exit:  # argparse's refusal (status 2, message printed) or --help
+        return exit.code if isinstance(exit.code, int) else 1
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr, flush=True)
         return 130

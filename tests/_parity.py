@@ -21,7 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe import moe_utils
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
-from spannorm_megatron.model import PLACEMENTS
+from spannorm_megatron.placements import PLACEMENTS
 from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spannorm_megatron.config import ConfigError, ModelConfig
-from spannorm_megatron.model import PLACEMENTS, get_placement
+from spannorm_megatron.placements import PLACEMENTS, get_placement
 
 
 def test_registry_rejects_unknown_placement_listing_known_ones():
@@ -41,7 +41,7 @@ def test_registry_final_norm_rule_follows_contract():
         (dict(hidden_size=100, num_attention_heads=3), "hidden_size", "multiple of the head count"),
         (dict(normalization="BatchNorm"), "normalization", "RMSNorm"),
         (dict(norm_placement="prenorm", scale_mode="forward"), "scale_mode", "scale_mode='init'"),
-        (dict(num_layers=0), "num_layers", "positive integer"),
+        (dict(num_layers=0), "num_layers", "must be >= 1"),
         (dict(num_experts=4, add_bias_linear=True, moe_shared_expert_intermediate_size=64),
          "add_bias_linear", "drop one of them"),
     ],

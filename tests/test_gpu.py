@@ -15,7 +15,8 @@ import torch
 
 from _training import logged_losses, run_train
 from spannorm_megatron.config import ModelConfig
-from spannorm_megatron.model import PLACEMENTS, build_gpt_model, transformer_config
+from spannorm_megatron.model import build_gpt_model, transformer_config
+from spannorm_megatron.placements import PLACEMENTS
 from spannorm_megatron.model.specs import transformer_engine_available
 from spannorm_megatron.runtime import has_accelerator
 

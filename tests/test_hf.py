@@ -181,12 +181,12 @@ def test_layout_names_shapes_and_checkpoint_keys_match_the_model(work):
 
 
 def test_every_registered_placement_with_a_rule_is_consistent():
-    from spannorm_megatron.hf.rules import EXPORT_RULES, export_rule
-    from spannorm_megatron.model.placements import PLACEMENTS
+    from spannorm_megatron.hf.rules import REMOTE_CODE_PLACEMENTS, export_rule
+    from spannorm_megatron.placements import PLACEMENTS
 
-    for name in EXPORT_RULES:
+    for name in REMOTE_CODE_PLACEMENTS:
         assert name in PLACEMENTS
-        export_rule(name)  # raises when the rule's norm slots drifted from the registry
+        export_rule(name)
 
 
 # ------------------------------------------------------------------------------ export parity
@@ -637,11 +637,18 @@ def test_cli_reports_bad_input_without_traceback(work, tmp_path):
     assert not os.path.exists(save)
 
 
-def test_placement_without_export_rule_is_refused(work, tmp_path, monkeypatch):
-    from spannorm_megatron.model import placements
+@pytest.fixture
+def fancynorm():
+    """A registered placement that neither our own class nor a native one computes."""
+    from spannorm_megatron import placements
 
-    monkeypatch.setitem(placements.PLACEMENTS, "fancynorm",
-                        dataclasses.replace(placements.PLACEMENTS["postnorm"], name="fancynorm"))
+    placements.register(dataclasses.replace(placements.get_placement("postnorm"),
+                                            name="fancynorm"))
+    yield
+    placements.unregister("fancynorm")
+
+
+def test_placement_without_export_rule_is_refused(work, tmp_path, fancynorm):
     config = dict(_hf.model_config("postnorm-dense").to_dict(), norm_placement="fancynorm")
     config_path = str(tmp_path / "fancy.json")
     with open(config_path, "w") as f:

@@ -288,7 +288,7 @@ def test_depth_sweep_script_and_report_on_a_tiny_real_run(tiny_data, tmp_path):
 
 def test_depth_sweep_config_describes_a_valid_model_for_every_placement():
     from spannorm_megatron.model.partition import check_model_fits_layout
-    from spannorm_megatron.model.placements import PLACEMENTS
+    from spannorm_megatron.placements import PLACEMENTS
     from spannorm_megatron.training.arguments import model_config as train_model_config
     from spannorm_megatron.training.arguments import parallel_config, parse_args
 

@@ -10,7 +10,8 @@ from megatron.core.transformer.spec_utils import build_module
 
 import reference
 from spannorm_megatron.config import ModelConfig
-from spannorm_megatron.model import PLACEMENTS, build_gpt_model, layer_spec, transformer_config
+from spannorm_megatron.model import build_gpt_model, layer_spec, transformer_config
+from spannorm_megatron.placements import PLACEMENTS
 
 SEQ, BATCH = 6, 3
 TOL = dict(rtol=1e-5, atol=1e-5)

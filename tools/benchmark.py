@@ -248,7 +248,7 @@ def memory_probe(args) -> int:
 
 def run(args) -> List[Result]:
     from spannorm_megatron.metrics import device_peak_flops, flops_per_token, mfu
-    from spannorm_megatron.model import PLACEMENTS
+    from spannorm_megatron.placements import PLACEMENTS
     from spannorm_megatron.runtime import initialize
 
     from spannorm_megatron.errors import ConfigError

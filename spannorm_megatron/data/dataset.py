@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from spannorm_megatron.data.errors import DataError
+from spannorm_megatron.errors import ConfigError
+from spannorm_megatron.options import check, derived, option
 from spannorm_megatron.data.indexed import check_indexed_dataset, read_sequence_lengths
 
 Blend = Tuple[List[str], Optional[List[float]]]
@@ -108,48 +110,39 @@ def parse_split(split: str) -> List[float]:
 
 @dataclass
 class DataConfig:
-    """Where the training data is and how it is cut into samples (Megatron-LM's flag names)."""
+    """Where the training data is, how it is cut into samples and loaded (Megatron-LM's flags)."""
 
-    seq_length: int
-    """`--seq-length`: tokens per sample (each sample reads seq_length + 1 tokens so that
-    `labels` is `tokens` shifted by one)."""
-
-    data_path: PathSpec = None
-    """`--data-path`: one prefix, several, or weight/prefix pairs; split by `split`."""
-
-    split: str = "969,30,1"
-    """`--split`: train,valid,test weighting of the documents of every `data_path` prefix."""
-
-    train_data_path: PathSpec = None
-    """`--train-data-path`: a blend for training only (with valid/test_data_path, no split)."""
-
-    valid_data_path: PathSpec = None
-    """`--valid-data-path`."""
-
-    test_data_path: PathSpec = None
-    """`--test-data-path`."""
-
-    seed: int = 1234
-    """`--seed`: seeds megatron-core's document and sample shuffles."""
-
-    data_cache_path: Optional[str] = None
-    """`--data-cache-path`: where index caches go (default: `<prefix>/cache/` per prefix)."""
-
-    reset_position_ids: bool = False
-    """`--reset-position-ids`: restart position ids after every end-of-document token."""
-
-    eod_mask_loss: bool = False
-    """`--eod-mask-loss`: no loss on predicting the end-of-document token's successor."""
-
-    mmap_bin_files: bool = True
-    """`--no-mmap-bin-files` sets False: read `.bin` with file reads instead of mmap."""
-
-    num_dataset_builder_threads: int = 1
-    """`--num-dataset-builder-threads`: threads building the datasets of a blend."""
+    seq_length: int = option(
+        256, "Tokens per sample (each sample reads seq_length + 1 tokens so that the labels "
+        "are the tokens shifted by one).", at_least=1)
+    data_path: Optional[List[str]] = option(
+        None, "Prefixes of .bin/.idx datasets, optionally weighted ('w1 p1 w2 p2'); split by "
+        "--split.")
+    split: str = option("969,30,1", "train,valid,test weighting of the documents of every "
+                        "--data-path prefix.")
+    train_data_path: Optional[List[str]] = option(
+        None, "A blend for training only (with --valid-data-path/--test-data-path, no --split).")
+    valid_data_path: Optional[List[str]] = option(None, "A blend for validation only.")
+    test_data_path: Optional[List[str]] = option(None, "A blend for testing only.")
+    seed: int = derived(1234, "Seeds megatron-core's document and sample shuffles.",
+                        source="--seed", at_least=0)
+    data_cache_path: Optional[str] = option(
+        None, "Where index caches go; unset: <prefix>/cache/ per prefix.")
+    reset_position_ids: bool = option(
+        False, "Restart position ids after every end-of-document token.")
+    eod_mask_loss: bool = option(
+        False, "No loss on predicting the end-of-document token's successor.")
+    mmap_bin_files: bool = option(True, "Read .bin files through mmap (--no-mmap-bin-files: "
+                                  "file reads).")
+    num_dataset_builder_threads: int = option(
+        1, "Threads building the datasets of a blend.", at_least=1)
+    num_workers: int = option(0, "DataLoader worker processes per rank.", at_least=0)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.seq_length, int) or self.seq_length < 1:
-            raise DataError(f"--seq-length {self.seq_length} must be a positive integer.")
+        try:
+            check(self)
+        except ConfigError as error:
+            raise DataError(str(error)) from None
         per_split = any(
             _tokens(p) for p in (self.train_data_path, self.valid_data_path, self.test_data_path)
         )

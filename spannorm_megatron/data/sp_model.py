@@ -8,10 +8,12 @@ loading anything heavy, so a wrong path fails at once.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from spannorm_megatron.data.errors import TokenizerError
+from spannorm_megatron.options import check, option
 
 MEGATRON_SPECIAL_PIECES = ("<CLS>", "<SEP>", "<EOD>", "<MASK>")
 """The pieces Megatron-LM's `SentencePieceTokenizer` looks up by name, in the order it resolves
@@ -26,6 +28,21 @@ model file; `SentencePieceTokenizer` needs `--tokenizer-model`."""
 
 TOKENIZER_TYPES_WITHOUT_MODEL = ("ByteLevelTokenizer",)
 """Tokenizer types that take no `--tokenizer-model`."""
+
+
+
+@dataclass
+class TokenizerConfig:
+    """Megatron-LM's tokenizer flags."""
+
+    tokenizer_type: str = option(
+        "SentencePieceTokenizer", "SentencePieceTokenizer (needs --tokenizer-model) or "
+        "ByteLevelTokenizer (UTF-8 bytes, no model file).", choices=SUPPORTED_TOKENIZER_TYPES)
+    tokenizer_model: Optional[str] = option(None, "The SentencePiece .model file.")
+
+    def __post_init__(self) -> None:
+        check(self)
+
 
 EOD_PIECE = "<EOD>"
 """The end-of-document piece (`tokenizer.eod`), appended to each document by `--append-eod`."""

@@ -11,7 +11,7 @@ Public API (imported lazily, so `spannorm_megatron.hf.remote_code` stays light):
   `load_megatron_model` builds the single-process megatron model holding it.
 * `HFCheckpoint(hf_dir)`: an HF folder checked against the megatron model it converts to
   (`.config`, `.family`, `.megatron_state()`).
-* `EXPORT_RULES` / `ExportRule` (rules.py): one entry per exportable placement;
+* `export_rule` / `ExportRule` (rules.py): a placement's norms as exported, from the registry;
   `FAMILIES` (families.py): weight naming of Llama, Mixtral, Qwen2-MoE and our class.
 * `ConversionError`: every bad-input error (a `ValueError`).
 * `generation`: the sampling loop behind tools/generate.py.
@@ -30,7 +30,7 @@ _EXPORTS = {
     "load_megatron_state": "spannorm_megatron.hf.megatron_reader",
     "load_megatron_model": "spannorm_megatron.hf.megatron_reader",
     "MegatronCheckpoint": "spannorm_megatron.hf.megatron_reader",
-    "EXPORT_RULES": "spannorm_megatron.hf.rules",
+    "export_rule": "spannorm_megatron.hf.rules",
     "ExportRule": "spannorm_megatron.hf.rules",
     "FAMILIES": "spannorm_megatron.hf.families",
     "ConversionError": "spannorm_megatron.hf.errors",

@@ -39,7 +39,12 @@ from spannorm_megatron.config import ModelConfig
 from spannorm_megatron.hf.errors import ConversionError, check_destination
 from spannorm_megatron.hf.families import FAMILIES, Family, convert_group_to_hf, hf_config
 from spannorm_megatron.hf.megatron_reader import ConfigSource, MegatronCheckpoint
-from spannorm_megatron.hf.rules import native_family, native_problems, router_problems
+from spannorm_megatron.hf.rules import (
+    native_family,
+    native_problems,
+    own_class_problems,
+    router_problems,
+)
 from spannorm_megatron.hf.safetensors_io import ShardedSafetensorsWriter, parse_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,11 +79,15 @@ def choose_family(config: ModelConfig, fmt: str) -> tuple:
     if problems:
         raise ConversionError("This model cannot be exported: " + "; ".join(problems) + ".")
     notes = []
-    if fmt == "spannorm":
+    own = own_class_problems(config)
+    if fmt == "spannorm" and not own:
         return FAMILIES["spannorm"], notes
     problems = native_problems(config)
-    if not problems:
+    if not problems and fmt != "spannorm":
         return FAMILIES[native_family(config)], notes
+    if own:
+        raise ConversionError("This model cannot be exported: " + "; ".join(own + problems)
+                              + ".")
     if fmt == "native":
         raise ConversionError(
             "No native transformers class can hold this model: " + "; ".join(problems)

@@ -1,15 +1,9 @@
 """Export rules: how each normalization placement becomes a Hugging Face model.
 
-One `ExportRule` per placement says which megatron norm slots the layers have, what they are
-called in the exported model, and whether a native `transformers` class (Llama family) can
-compute the placement. Everything else about a layer (attention, MLP, MoE, embeddings) is the
-same for all placements and is handled in `spannorm_megatron.hf.families`.
-
-Adding a placement to the export is adding one entry to `EXPORT_RULES`, provided the
-standalone modeling file (`remote_code/modeling_spannorm.py`) computes its equation; it already
-computes every placement of the contract (shared/design/norm-placements.md): prenorm, postnorm,
-spannorm, deepnorm, perinorm and spannorm_clean. A placement without a rule is refused with a
-`ConversionError` before anything is read or written.
+What a placement's layers hold comes from the placement registry (`spannorm_megatron.placements`):
+its norm slots, the first-layer-only ones, the Llama names when a native `transformers` class
+computes it, and its residual scale. Everything else about a layer (attention, MLP, MoE,
+embeddings) is the same for all placements and is handled in `spannorm_megatron.hf.families`.
 
 Norm names in the exported model:
 
@@ -22,108 +16,67 @@ Norm names in the exported model:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Tuple
 
 from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.hf.errors import ConversionError
+from spannorm_megatron.placements import Placement, get_placement, no_residual_scale
+
+REMOTE_CODE_PLACEMENTS = ("prenorm", "postnorm", "spannorm", "deepnorm", "perinorm",
+                          "spannorm_clean")
+"""Placements whose equation our own class (`remote_code/modeling_spannorm.py`) computes; that
+file cannot import the registry, and tests/test_placements.py checks its copy against it."""
 
 
 @dataclass(frozen=True)
 class ExportRule:
-    placement: str
-    """`ModelConfig.norm_placement` this rule exports."""
+    placement: Placement
 
-    norms: Mapping[str, str]
-    """megatron norm slot present in every layer -> its module name in our own HF class: the
-    name the modeling file's equation reads (PLACEMENT_NORMS in
-    remote_code/configuration_spannorm.py)."""
+    @property
+    def norms(self) -> dict:
+        """Slot -> its name in our own class (the slot's own name)."""
+        return {slot: slot for slot in self.placement.norms}
 
-    first_layer_norms: Mapping[str, str] = field(default_factory=dict)
-    """Norm slots only the model's first layer has (saved without the layer axis) -> HF name."""
-
-    first_layer_norms_flag: Optional[str] = None
-    """`ModelConfig` bool field that switches the first-layer norms on (None: always there)."""
-
-    native_norms: Optional[Mapping[str, str]] = None
-    """megatron slot -> Llama-family name when a native class computes this placement;
-    None: only our own class can."""
-
-    config_extras: Optional[Callable[[ModelConfig], dict]] = None
-    """Extra fields of our HF config this placement needs (e.g. deepnorm's residual scale)."""
-
-    def all_slots(self) -> List[str]:
-        return list(self.norms) + list(self.first_layer_norms)
+    @property
+    def first_layer_norms(self) -> tuple:
+        return self.placement.first_layer_norms
 
     def layer_norms(self, config: ModelConfig, layer: int, native: bool) -> List[Tuple[str, str]]:
         """(megatron slot, HF name) of the norms layer `layer` (0-based, global) has."""
-        names = self.native_norms if native else self.norms
-        pairs = [(slot, names[slot]) for slot in self.norms]
-        if layer == 0 and self.first_layer_norms and (
-            self.first_layer_norms_flag is None or getattr(config, self.first_layer_norms_flag)
-        ):
-            pairs += list(self.first_layer_norms.items())
-        return pairs
+        flag = self.placement.first_layer_norms_flag
+        slots = self.placement.norms_of_layer(layer, flag is None or getattr(config, flag))
+        names = self.placement.native_norms if native else {}
+        return [(slot, names.get(slot, slot)) for slot in slots]
 
-
-EXPORT_RULES: Dict[str, ExportRule] = {
-    rule.placement: rule
-    for rule in (
-        ExportRule(
-            placement="prenorm",
-            norms={"input_layernorm": "input_layernorm", "pre_mlp_layernorm": "pre_mlp_layernorm"},
-            native_norms={"input_layernorm": "input_layernorm",
-                          "pre_mlp_layernorm": "post_attention_layernorm"},
-        ),
-        ExportRule(
-            placement="postnorm",
-            norms={"post_attention_norm": "post_attention_norm", "post_mlp_norm": "post_mlp_norm"},
-        ),
-        ExportRule(
-            placement="spannorm",
-            norms={"post_attention_norm": "post_attention_norm", "post_mlp_norm": "post_mlp_norm"},
-            first_layer_norms={"embedding_norm": "embedding_norm"},
-            first_layer_norms_flag="first_layer_input_norm",
-        ),
-        ExportRule(
-            placement="deepnorm",
-            norms={"post_attention_norm": "post_attention_norm", "post_mlp_norm": "post_mlp_norm"},
-            config_extras=lambda config: {"residual_scale": (2.0 * config.num_layers) ** 0.25},
-        ),
-        ExportRule(
-            placement="perinorm",
-            norms={"input_layernorm": "input_layernorm",
-                   "attention_output_norm": "attention_output_norm",
-                   "pre_mlp_layernorm": "pre_mlp_layernorm",
-                   "mlp_output_norm": "mlp_output_norm"},
-        ),
-        ExportRule(
-            placement="spannorm_clean",
-            norms={"post_attention_norm": "post_attention_norm", "post_mlp_norm": "post_mlp_norm"},
-        ),
-    )
-}
+    def config_extras(self, config: ModelConfig) -> dict:
+        """Fields of our HF config this placement needs beyond the shapes."""
+        if self.placement.residual_scale is no_residual_scale:
+            return {}
+        return {"residual_scale": self.placement.residual_scale(config.num_layers)}
 
 
 def export_rule(placement: str) -> ExportRule:
     """The rule for `placement`, or a ConversionError naming the placements that have one."""
-    rule = EXPORT_RULES.get(placement)
-    if rule is None:
+    try:
+        registered = get_placement(placement)
+    except ConfigError as error:
+        raise ConversionError(str(error)) from None
+    if placement not in REMOTE_CODE_PLACEMENTS and registered.native_norms is None:
         raise ConversionError(
-            f"norm_placement={placement!r} has no Hugging Face export rule: the placements that "
-            f"can be exported are {sorted(EXPORT_RULES)}. Add an ExportRule for it to "
-            f"spannorm_megatron/hf/rules.py (its norm slots and their exported names)."
-        )
-    from spannorm_megatron.model.placements import PLACEMENTS
+            f"norm_placement={placement!r} has no Hugging Face export rule: our own class "
+            f"computes {list(REMOTE_CODE_PLACEMENTS)} and no native transformers class computes "
+            f"it. Add its equation to spannorm_megatron/hf/remote_code/modeling_spannorm.py "
+            f"(and the name to REMOTE_CODE_PLACEMENTS), or give the placement native_norms.")
+    return ExportRule(registered)
 
-    registered = PLACEMENTS.get(placement)
-    if registered is not None and set(registered.norms) != set(rule.all_slots()):
-        raise ConversionError(
-            f"The export rule of {placement!r} lists the norm slots {sorted(rule.all_slots())} "
-            f"but the placement registry has {sorted(registered.norms)}: update its ExportRule in "
-            f"spannorm_megatron/hf/rules.py."
-        )
-    return rule
+
+def own_class_problems(config: ModelConfig) -> List[str]:
+    """Why our own class cannot compute `config`; [] if it can."""
+    if config.norm_placement in REMOTE_CODE_PLACEMENTS:
+        return []
+    return [f"our own class does not compute norm_placement={config.norm_placement!r}"]
 
 
 def router_problems(config: ModelConfig) -> List[str]:
@@ -144,7 +97,7 @@ def native_problems(config: ModelConfig) -> List[str]:
 
     rule = export_rule(config.norm_placement)
     problems = []
-    if rule.native_norms is None:
+    if rule.placement.native_norms is None:
         problems.append(f"norm_placement={config.norm_placement!r} (Llama-family classes are "
                         f"pre-norm)")
     if config.normalization != "RMSNorm":

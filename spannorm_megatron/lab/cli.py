@@ -57,7 +57,7 @@ def _scale_init(value: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spannorm_megatron.model.placements import PLACEMENTS
+    from spannorm_megatron.placements import PLACEMENTS
 
     p = argparse.ArgumentParser(
         prog="signal_propagation.py",
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: Optional[List[str]] = None):
     """Parsed and checked arguments: (args, placements, depths, scale_inits, settings)."""
     from spannorm_megatron.lab.propagation import ProbeSettings, check_grid
-    from spannorm_megatron.model.placements import get_placement
+    from spannorm_megatron.placements import get_placement
 
     args = build_parser().parse_args(argv)
     placements = _split(args.placements)

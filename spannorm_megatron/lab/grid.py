@@ -338,7 +338,7 @@ def load_grid(path: str) -> Grid:
 def _not_applicable(setting: Setting) -> Optional[str]:
     """Why this placement cannot run this cell at all (None: it can)."""
     if setting.scale_mode == "forward":
-        from spannorm_megatron.model.placements import get_placement
+        from spannorm_megatron.placements import get_placement
 
         if not get_placement(setting.placement).supports_forward_scaling:
             return (f"scale_mode forward is not available for {setting.placement} (it uses "
@@ -348,7 +348,7 @@ def _not_applicable(setting: Setting) -> Optional[str]:
 
 def _check_placements(placements: Sequence[str], where: str) -> None:
     try:
-        from spannorm_megatron.model.placements import PLACEMENTS
+        from spannorm_megatron.placements import PLACEMENTS
     except ImportError:  # pragma: no cover
         return
     known = set(PLACEMENTS)

@@ -135,7 +135,7 @@ def model_config(placement: str, depth: int, scale_init: ScaleInit, settings: Pr
 def check_grid(placements: Sequence[str], depths: Sequence[int],
                scale_inits: Sequence[ScaleInit], settings: ProbeSettings) -> None:
     """Raise ConfigError for any value of the grid that cannot work, before any model is built."""
-    from spannorm_megatron.model.placements import get_placement
+    from spannorm_megatron.placements import get_placement
 
     if not placements or not depths or not scale_inits:
         raise ConfigError("Give at least one placement, one depth and one scale_init.")

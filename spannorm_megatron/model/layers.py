@@ -27,6 +27,8 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.utils import make_viewless_tensor
 
+from spannorm_megatron.placements import deepnorm_residual_scale
+
 Branch = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -193,7 +195,7 @@ class DeepNormLayer(NormPlacementLayer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         num_layers = self.config.num_layers
-        self.residual_scale = (2.0 * num_layers) ** 0.25
+        self.residual_scale = deepnorm_residual_scale(num_layers)
         if self.config.perform_initialization:
             self._scale_initial_weights(1.0 / (8.0 * num_layers) ** 0.25)
 

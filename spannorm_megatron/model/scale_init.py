@@ -12,7 +12,7 @@ import math
 from typing import Union
 
 from spannorm_megatron.config import ModelConfig
-from spannorm_megatron.model.placements import get_placement
+from spannorm_megatron.placements import get_placement
 
 
 def resolved_scale_init(config: ModelConfig) -> Union[str, float]:

@@ -11,6 +11,8 @@ between flavours (megatron-core does the same for its pre-norm local spec).
 
 from __future__ import annotations
 
+import importlib
+
 from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -31,14 +33,14 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 from spannorm_megatron.config import ModelConfig
 from spannorm_megatron.model.layers import NormPlacementLayer, NormPlacementSubmodules
 from spannorm_megatron.model.norms import Norm
-from spannorm_megatron.model.placements import Fusion, get_placement
 from spannorm_megatron.model.scale_init import forward_branch_scale
+from spannorm_megatron.placements import get_placement
 from spannorm_megatron.runtime import has_accelerator
 
 # Checkpoint key of a norm fused into the linear it feeds (TE's parameter names).
 _FUSED_NORM_KEY = {
-    Fusion.QKV: "self_attention.linear_qkv.layer_norm_",
-    Fusion.FC1: "mlp.linear_fc1.layer_norm_",
+    "qkv": "self_attention.linear_qkv.layer_norm_",
+    "fc1": "mlp.linear_fc1.layer_norm_",
 }
 
 
@@ -79,9 +81,9 @@ def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None) -
 
     norm_slots, keys_map, fused = {}, {}, set()
     for slot, fusion in placement.norms.items():
-        if fusion is Fusion.FC1 and config.is_moe:
-            fusion = Fusion.NONE  # the MoE router reads the norm's output too
-        if fusion is Fusion.NONE:
+        if fusion == "fc1" and config.is_moe:
+            fusion = "none"  # the MoE router reads the norm's output too
+        if fusion == "none":
             norm_slots[slot] = standalone_norm
         elif transformer_engine:
             norm_slots[slot] = IdentityOp
@@ -95,7 +97,7 @@ def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None) -
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
-            linear_qkv=norm_linear if Fusion.QKV in fused else backend.column_parallel_linear(),
+            linear_qkv=norm_linear if "qkv" in fused else backend.column_parallel_linear(),
             core_attention=backend.core_attention(),
             linear_proj=backend.row_parallel_linear(),
             q_layernorm=IdentityOp,
@@ -111,18 +113,20 @@ def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None) -
         mlp = ModuleSpec(
             module=MLP,
             submodules=MLPSubmodules(
-                linear_fc1=norm_linear if Fusion.FC1 in fused else backend.column_parallel_linear(),
+                linear_fc1=norm_linear if "fc1" in fused else backend.column_parallel_linear(),
                 linear_fc2=backend.row_parallel_linear(),
             ),
         )
 
-    is_placement_layer = issubclass(placement.layer, NormPlacementLayer)
+    module, name = placement.layer.split(":")
+    layer_class = getattr(importlib.import_module(module), name)
+    is_placement_layer = issubclass(layer_class, NormPlacementLayer)
     submodules_cls = NormPlacementSubmodules if is_placement_layer else TransformerLayerSubmodules
     params = {name: getattr(config, name) for name in placement.layer_params}
     if is_placement_layer:
         params["branch_scale"] = forward_branch_scale(config)
     return ModuleSpec(
-        module=placement.layer,
+        module=layer_class,
         params=params,
         submodules=submodules_cls(
             self_attention=attention,

@@ -1,7 +1,7 @@
 """How a run computes and communicates: precision (fp32, bf16, FP8 through Transformer Engine),
 activation recompute, and the overlap of communication with compute.
 
-`PerformanceConfig` holds the choices (Megatron-LM's flags, see `training.arguments`) and turns
+`PerformanceConfig` holds the choices (Megatron-LM's flags, declared on its fields) and turns
 them into megatron-core's own fields (`TransformerConfig`, `DistributedDataParallelConfig`); none
 of them changes the model's math beyond rounding. Checks come in three steps, each as early as it
 can be: the values alone (on construction), against the parallel layout (`check_layout`), and
@@ -17,6 +17,7 @@ import torch
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.errors import ConfigError
+from spannorm_megatron.options import check, option
 
 FP8_FORMATS = ("hybrid", "e4m3")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
@@ -32,74 +33,59 @@ FP8_RECIPES = {
 }
 
 
-def _choice(flag: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{flag} {value!r} is not one of {list(choices)}.")
-
-
 @dataclass
 class PerformanceConfig:
     """Precision, recompute and overlap choices of a run. Defaults: fp32, no recompute, no
     overlap (what runs everywhere, CPU included)."""
 
-    bf16: bool = False
-    """Parameters and activations in bfloat16 (main weights and gradient reduction in fp32)."""
-
-    fp8_format: Optional[str] = None
-    """FP8 GEMMs through Transformer Engine: 'hybrid' (E4M3 forward, E5M2 gradients) or 'e4m3';
-    None for no FP8. Needs `bf16`, the Transformer Engine flavour and an FP8 GPU."""
-
-    fp8_recipe: str = "delayed"
-    """How FP8 scales are chosen: 'delayed' (amax history), 'tensorwise' (current scaling),
-    'blockwise' or 'mxfp8' (Blackwell), as far as the installed Transformer Engine has them."""
-
-    fp8_margin: int = 0
-    """Power-of-two margin of the delayed-scaling factor."""
-
-    fp8_amax_history_len: int = 1
-    """Steps of amax history the delayed recipe keeps."""
-
-    fp8_amax_compute_algo: str = "most_recent"
-    """Which amax of the history the delayed recipe uses: 'most_recent' or 'max'."""
-
-    fp8_param_gather: bool = False
-    """Keep parameters in FP8 and all-gather them in FP8 (distributed optimizer)."""
-
-    first_last_layers_bf16: bool = False
-    """Run the first and last transformer layers in bf16 under FP8."""
-
-    recompute_granularity: Optional[str] = None
-    """Activation recompute: 'selective' (attention core) or 'full' (whole layers); None: off."""
-
-    recompute_method: Optional[str] = None
-    """With full recompute: 'uniform' or 'block' (default 'uniform')."""
-
-    recompute_num_layers: Optional[int] = None
-    """With full recompute: layers per recompute chunk (uniform) or recomputed layers per stage
-    (block); default 1."""
-
-    overlap_grad_reduce: bool = False
-    """Reduce gradients bucket by bucket during the backward pass instead of after it."""
-
-    overlap_param_gather: bool = False
-    """All-gather updated parameters (distributed optimizer) during the next forward pass."""
-
-    tp_comm_overlap: bool = False
-    """Overlap tensor-parallel communication with GEMMs (Transformer Engine userbuffers)."""
-
-    ddp_bucket_size: Optional[int] = None
-    """Elements per gradient-reduction bucket; None: megatron-core's default."""
+    bf16: bool = option(
+        False, "Parameters and activations in bfloat16 (main weights and gradient reduction in "
+        "fp32).")
+    fp8_format: Optional[str] = option(
+        None, "FP8 GEMMs through Transformer Engine: hybrid (E4M3 forward, E5M2 gradients) or "
+        "e4m3; unset: no FP8. Needs --bf16, the Transformer Engine flavour and an FP8 GPU.",
+        choices=FP8_FORMATS)
+    fp8_recipe: str = option(
+        "delayed", "How FP8 scales are chosen: delayed (amax history), tensorwise (current "
+        "scaling), blockwise or mxfp8 (Blackwell), as far as the installed Transformer Engine "
+        "has them.", choices=tuple(FP8_RECIPES))
+    fp8_margin: int = option(0, "Power-of-two margin of the delayed-scaling factor.",
+                             at_least=0)
+    fp8_amax_history_len: int = option(1, "Steps of amax history the delayed recipe keeps.",
+                                       at_least=1)
+    fp8_amax_compute_algo: str = option(
+        "most_recent", "Which amax of the history the delayed recipe uses.",
+        choices=AMAX_COMPUTE_ALGOS)
+    fp8_param_gather: bool = option(
+        False, "Keep parameters in FP8 and all-gather them in FP8 (distributed optimizer).")
+    first_last_layers_bf16: bool = option(
+        False, "Run the first and last transformer layers in bf16 under FP8.")
+    recompute_granularity: Optional[str] = option(
+        None, "Activation recompute: selective (attention core) or full (whole layers); "
+        "unset: off.", choices=RECOMPUTE_GRANULARITIES)
+    recompute_method: Optional[str] = option(
+        None, "With full recompute: uniform or block (unset: uniform).",
+        choices=RECOMPUTE_METHODS)
+    recompute_num_layers: Optional[int] = option(
+        None, "With full recompute: layers per recompute chunk (uniform) or recomputed layers "
+        "per stage (block); unset: 1.", at_least=1)
+    overlap_grad_reduce: bool = option(
+        False, "Reduce gradients bucket by bucket during the backward pass instead of after it.")
+    overlap_param_gather: bool = option(
+        False, "All-gather updated parameters during the next forward pass (distributed "
+        "optimizer, with --overlap-grad-reduce).")
+    tp_comm_overlap: bool = option(
+        False, "Overlap tensor-parallel communication with GEMMs (Transformer Engine "
+        "userbuffers, with --sequence-parallel).")
+    ddp_bucket_size: Optional[int] = option(
+        None, "Elements per gradient-reduction bucket; unset: megatron-core's default.",
+        at_least=1)
 
     def __post_init__(self):
-        if self.fp8_format is not None:
-            _choice("--fp8-format", self.fp8_format, FP8_FORMATS)
-            if not self.bf16:
-                raise ConfigError("--fp8-format needs --bf16: FP8 runs the GEMMs in FP8 and "
-                                  "everything else in bf16.")
-        _choice("--fp8-recipe", self.fp8_recipe, FP8_RECIPES)
-        _choice("--fp8-amax-compute-algo", self.fp8_amax_compute_algo, AMAX_COMPUTE_ALGOS)
-        if self.fp8_amax_history_len < 1:
-            raise ConfigError(f"--fp8-amax-history-len {self.fp8_amax_history_len} must be >= 1.")
+        check(self)
+        if self.fp8_format is not None and not self.bf16:
+            raise ConfigError("--fp8-format needs --bf16: FP8 runs the GEMMs in FP8 and "
+                              "everything else in bf16.")
         for flag, value in (("--fp8-param-gather", self.fp8_param_gather),
                             ("--first-last-layers-bf16", self.first_last_layers_bf16)):
             if value and self.fp8_format is None:
@@ -113,25 +99,13 @@ class PerformanceConfig:
         if self.tp_comm_overlap and not self.bf16:
             raise ConfigError("--tp-comm-overlap needs --bf16: Transformer Engine's userbuffers "
                               "hold 2-byte elements.")
-        if self.recompute_granularity is not None:
-            _choice("--recompute-granularity", self.recompute_granularity,
-                    RECOMPUTE_GRANULARITIES)
-        if self.recompute_method is not None:
-            _choice("--recompute-method", self.recompute_method, RECOMPUTE_METHODS)
-            if self.recompute_granularity != "full":
-                raise ConfigError("--recompute-method applies to --recompute-granularity full.")
-        if self.recompute_num_layers is not None:
-            if self.recompute_granularity != "full":
-                raise ConfigError("--recompute-num-layers applies to "
-                                  "--recompute-granularity full.")
-            if self.recompute_num_layers < 1:
-                raise ConfigError(f"--recompute-num-layers {self.recompute_num_layers} must be "
-                                  f">= 1.")
+        if self.recompute_method is not None and self.recompute_granularity != "full":
+            raise ConfigError("--recompute-method applies to --recompute-granularity full.")
+        if self.recompute_num_layers is not None and self.recompute_granularity != "full":
+            raise ConfigError("--recompute-num-layers applies to --recompute-granularity full.")
         if self.overlap_param_gather and not self.overlap_grad_reduce:
             raise ConfigError("--overlap-param-gather needs --overlap-grad-reduce (megatron-core "
                               "overlaps the gather only alongside the gradient reduction).")
-        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
-            raise ConfigError(f"--ddp-bucket-size {self.ddp_bucket_size} must be positive.")
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -236,24 +210,3 @@ def initialize_tp_comm_overlap(performance: PerformanceConfig, *, seq_length: in
 
 def _device_capability() -> Tuple[int, int]:
     return tuple(torch.cuda.get_device_capability())
-
-
-def performance_config(args) -> PerformanceConfig:
-    """The `PerformanceConfig` of parsed `spannorm-train` flags."""
-    return PerformanceConfig(
-        bf16=args.bf16,
-        fp8_format=args.fp8_format,
-        fp8_recipe=args.fp8_recipe,
-        fp8_margin=args.fp8_margin,
-        fp8_amax_history_len=args.fp8_amax_history_len,
-        fp8_amax_compute_algo=args.fp8_amax_compute_algo,
-        fp8_param_gather=args.fp8_param_gather,
-        first_last_layers_bf16=args.first_last_layers_bf16,
-        recompute_granularity=args.recompute_granularity,
-        recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
-        overlap_grad_reduce=args.overlap_grad_reduce,
-        overlap_param_gather=args.overlap_param_gather,
-        tp_comm_overlap=args.tp_comm_overlap,
-        ddp_bucket_size=args.ddp_bucket_size,
-    )

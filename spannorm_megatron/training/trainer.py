@@ -26,17 +26,21 @@ from spannorm_megatron.checkpoint import (
     save_checkpoint,
 )
 from spannorm_megatron.data.dataset import (
-    DataConfig,
     build_gpt_datasets,
     check_data_prefixes,
     num_samples_for,
 )
 from spannorm_megatron.data.loader import build_data_iterators
 from spannorm_megatron.data.tokenizer import build_tokenizer, check_data_fits_vocab
-from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.runtime import check_launch, current_device, destroy, initialize
-from spannorm_megatron.training.arguments import model_config, padded_vocab_size, parallel_config
+from spannorm_megatron.training.arguments import (
+    data_config,
+    model_config,
+    padded_vocab_size,
+    parallel_config,
+    performance_config,
+)
 from spannorm_megatron.training.gpt_step import forward_step
 from spannorm_megatron.training.guards import ExitConditions, NonFiniteGuard, SpikeDetector
 from spannorm_megatron.training.loop import (
@@ -47,7 +51,7 @@ from spannorm_megatron.training.loop import (
     train_step,
 )
 from spannorm_megatron.training.monitor import RunMonitor
-from spannorm_megatron.training.performance import initialize_tp_comm_overlap, performance_config
+from spannorm_megatron.training.performance import initialize_tp_comm_overlap
 from spannorm_megatron.training.schedule import batch_layout, lr_scheduler, optimizer_config
 from spannorm_megatron.training.setup import gather_updated_parameters, setup_model_and_optimizer
 
@@ -94,9 +98,7 @@ class Trainer:
         """Check everything the user gave, before any process group work."""
         self.args = args
         self.batches = batch_layout(args, int(os.environ.get("WORLD_SIZE", "1")))
-        if not args.data_path:
-            raise ConfigError("--data-path is required: prefixes written by "
-                              "tools/preprocess_data.py.")
+        self.data_config = data_config(args)
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
         self.model_config = model_config(args, padded_vocab_size(self.tokenizer.vocab_size, args))
         self.parallel = parallel_config(args)
@@ -105,9 +107,6 @@ class Trainer:
         self.performance.check_layout(self.parallel)
         self.performance.check_machine(self.model_config)
         check_launch(args.distributed_backend)
-        self.data_config = DataConfig(seq_length=args.seq_length, data_path=args.data_path,
-                                      split=args.split, seed=args.seed,
-                                      data_cache_path=args.data_cache_path)
         self.num_samples = num_samples_for(args.train_iters, self.batches.global_batch_size,
                                            args.eval_interval, args.eval_iters)
         check_data_fits_vocab(check_data_prefixes(self.data_config, self.num_samples),

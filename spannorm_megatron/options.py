@@ -1,0 +1,259 @@
+"""Configuration fields declared once: a dataclass field carries its doc, default, Megatron-LM
+flag and valid range, and everything else is generated from it.
+
+    num_layers: int = option(4, "Transformer layers in the whole model.", at_least=1)
+
+- `check(instance)` validates every declared field (type, choices, range) and names the flag;
+  the dataclasses call it in `__post_init__`, so Python users get the same checks as the CLI.
+- `add_arguments(parser, cls)` adds one argparse flag per field: `--help` shows the doc and the
+  default, and a bad value ends in argparse's exit 2, naming the flag, before anything runs.
+- `from_namespace(cls, args)` builds the dataclass from parsed flags.
+- `invalid_values(field)` lists values a flag must refuse, derived from the declaration, so the
+  test that feeds every flag a bad value covers a new flag without being edited.
+
+Written here rather than taken from megatron-core: its `ArgumentGroupFactory`
+(megatron.training) is not part of megatron-core's package, and Megatron-LM keeps flags and
+dataclass fields apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from spannorm_megatron.errors import ConfigError
+
+_MISSING = dataclasses.MISSING
+
+
+def option(default: Any = _MISSING, doc: str = "", *, flag: Optional[str] = None,
+           choices: Optional[Tuple] = None, at_least: Optional[float] = None,
+           above: Optional[float] = None, below: Optional[float] = None,
+           parse: Optional[Callable[[str], Any]] = None, fallback: Optional[str] = None,
+           default_factory: Any = _MISSING, derived_from: Optional[str] = None) -> Any:
+    """A dataclass field with its flag. `flag` defaults to `--` + the name with dashes;
+    `choices` is a tuple, or a callable returning one (a registry that can grow);
+    `at_least`/`above`/`below` bound numbers; `parse` turns the flag's text into a value (for
+    union types); `fallback` names the flag whose value the command line uses when this one is
+    not given (the dataclass default serves Python users); `derived_from` marks a field without
+    a flag of its own, which the run sets from what it names (see `derived`)."""
+    if not doc:
+        raise TypeError("option() needs its doc")
+    metadata = dict(doc=doc, flag=flag, choices=choices, at_least=at_least, above=above,
+                    below=below, parse=parse, fallback=fallback, derived_from=derived_from)
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def derived(default: Any, doc: str, *, source: str, **bounds) -> Any:
+    """A checked field without a flag of its own: the run sets it from `source` (another flag,
+    or the tokenizer)."""
+    return option(default, doc, derived_from=source, **bounds)
+
+
+def declared(cls) -> List[dataclasses.Field]:
+    """The fields declared with `option` or `derived`, in declaration order."""
+    return [f for f in dataclasses.fields(cls) if "doc" in f.metadata]
+
+
+def options(cls) -> List[dataclasses.Field]:
+    """The declared fields that are flags."""
+    return [f for f in declared(cls) if not f.metadata["derived_from"]]
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    if field.metadata["derived_from"]:
+        return field.name
+    return field.metadata["flag"] or "--" + field.name.replace("_", "-")
+
+
+# ---------------------------------------------------------------------------- types and ranges
+def _base_type(field: dataclasses.Field, owner) -> Tuple[Any, bool]:
+    """(type, optional) of a field's annotation: Optional[int] -> (int, True)."""
+    annotation = typing.get_type_hints(owner)[field.name]
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Union and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+    return annotation, False
+
+
+def _is_list(kind) -> bool:
+    return typing.get_origin(kind) in (list, List)
+
+
+def _range_problem(value, meta) -> Optional[str]:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    choices = _choices(meta)
+    if choices is not None and value not in choices:
+        return f"is not one of {list(choices)}"
+    if meta["at_least"] is not None and value < meta["at_least"]:
+        return f"must be >= {meta['at_least']}"
+    if meta["above"] is not None and not value > meta["above"]:
+        return f"must be > {meta['above']}"
+    if meta["below"] is not None and not value < meta["below"]:
+        return f"must be < {meta['below']}"
+    return None
+
+
+def _choices(meta) -> Optional[Tuple]:
+    """A field's choices; a callable is asked when needed (registries that grow at run time)."""
+    choices = meta["choices"]
+    return tuple(choices()) if callable(choices) else choices
+
+
+def _type_problem(value, kind) -> Optional[str]:
+    if kind is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if kind is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else \
+            "must be an integer"
+    if kind is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else \
+            "must be a number"
+    if kind is str:
+        return None if isinstance(value, str) else "must be a string"
+    if _is_list(kind):
+        return None if isinstance(value, (list, tuple, str)) else "must be a list of strings"
+    return None  # unions: the owner's own check (and the field's `parse`) decide
+
+
+def problem(owner, field: dataclasses.Field, value) -> Optional[str]:
+    """Why `value` cannot be this field's, or None."""
+    kind, optional = _base_type(field, owner)
+    if value is None:
+        return None if optional else "must be set"
+    return _type_problem(value, kind) or (
+        None if kind is bool or _is_list(kind) else _range_problem(value, field.metadata))
+
+
+def check(instance) -> None:
+    """Raise ConfigError for the first declared field whose value is out of its type or range."""
+    for field in declared(type(instance)):
+        value = getattr(instance, field.name)
+        why = problem(type(instance), field, value)
+        if why:
+            name = flag_of(field)
+            name += "" if name == field.name else f" ({field.name})"
+            raise ConfigError(f"{name} = {value!r} {why}.")
+
+
+# ---------------------------------------------------------------------------- argparse
+def _converter(owner, field: dataclasses.Field) -> Callable[[str], Any]:
+    kind, _ = _base_type(field, owner)
+    meta = field.metadata
+
+    def convert(text: str):
+        try:
+            value = meta["parse"](text) if meta["parse"] else kind(text)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(
+                str(error) if meta["parse"] else
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        why = _range_problem(value, meta) if isinstance(value, (int, float, str)) else None
+        if why:
+            raise argparse.ArgumentTypeError(f"{text!r} {why}")
+        return value
+
+    convert.__name__ = kind.__name__ if isinstance(kind, type) else "value"
+    return convert
+
+
+def add_arguments(parser, owner) -> None:
+    """One flag per declared field of `owner` (dest = the field's name)."""
+    for field in options(owner):
+        kind, optional = _base_type(field, owner)
+        meta = field.metadata
+        default = None if meta["fallback"] else _default(field)
+        help_text = meta["doc"] + (f" Default: {meta['fallback']}." if meta["fallback"] else "")
+        kwargs: Dict[str, Any] = dict(dest=field.name, help=help_text, default=default)
+        if kind is bool:
+            negatable = default is not False
+            action = argparse.BooleanOptionalAction if negatable else "store_true"
+            parser.add_argument(flag_of(field), action=action, **kwargs)
+            continue
+        if _is_list(kind):
+            parser.add_argument(flag_of(field), nargs="*", **kwargs)
+            continue
+        parser.add_argument(flag_of(field), type=_converter(owner, field),
+                            metavar=_metavar(kind, meta), **kwargs)
+
+
+def _default(field: dataclasses.Field):
+    if field.default_factory is not _MISSING:
+        return field.default_factory()
+    return None if field.default is _MISSING else field.default
+
+
+def _metavar(kind, meta) -> Optional[str]:
+    if meta["choices"] is not None and not callable(meta["choices"]):
+        return "{" + ",".join(str(c) for c in meta["choices"]) + "}"
+    return {int: "N", float: "X"}.get(kind)  # strings: argparse shows the flag name
+
+
+def coerce(owner, field: dataclasses.Field, value, where: str):
+    """A YAML value for this field, checked as the flag's text would be."""
+    kind, optional = _base_type(field, owner)
+    if value is None and optional:
+        return None
+    if kind is bool or _is_list(kind):
+        why = _type_problem(value, kind)
+    elif isinstance(value, bool):
+        why = f"{value!r} is not a value of this flag"
+    else:
+        try:
+            return _converter(owner, field)(str(value))
+        except argparse.ArgumentTypeError as error:
+            why = str(error)
+    if why:
+        raise ConfigError(f"{where}: {flag_of(field)[2:]}: {why}.")
+    return value
+
+
+def from_namespace(owner, args: argparse.Namespace, **overrides):
+    """`owner` built from the parsed flags (fields without a flag keep their default unless
+    given in `overrides`)."""
+    values = {f.name: getattr(args, f.name) for f in options(owner)}
+    values.update(overrides)
+    return owner(**values)
+
+
+def fill_fallbacks(owners, args: argparse.Namespace) -> None:
+    """Give flags declared with `fallback=` the value of the flag they fall back to."""
+    for owner in owners:
+        for field in options(owner):
+            source = field.metadata["fallback"]
+            if source and getattr(args, field.name) is None:
+                setattr(args, field.name, getattr(args, source.lstrip("-").replace("-", "_")))
+
+
+# ---------------------------------------------------------------------------- bad values
+def invalid_values(owner, field: dataclasses.Field) -> List[str]:
+    """Texts the flag must refuse, derived from the declaration alone."""
+    kind, _ = _base_type(field, owner)
+    meta = field.metadata
+    if kind is bool or _is_list(kind):
+        return []
+    values = []
+    if meta["parse"] is not None:
+        values.append("no-such-value")
+    if meta["choices"] is not None:
+        values.append("no-such-choice")
+    if kind in (int, float):
+        values.append("not-a-number")
+    if kind is float:
+        values.append("nan")
+    if kind is int:
+        values.append("1.5")
+    for bound, step in (("at_least", -1), ("above", 0)):
+        if meta[bound] is not None:
+            values.append(repr(meta[bound] + step) if kind is not int or step else
+                          str(int(meta[bound]) + step))
+    if meta["below"] is not None:
+        values.append(repr(meta["below"]))
+    return values

@@ -1,0 +1,148 @@
+"""Each configuration field is declared once (spannorm_megatron.options): the flags, the YAML
+keys, `--help` and the checks all come from the declarations. The bad values fed here are
+derived from each field's declared type and range, so a new flag is covered without editing
+this file."""
+
+import dataclasses
+
+import pytest
+
+from spannorm_megatron.cli import run_cli
+from spannorm_megatron.errors import UserError
+from spannorm_megatron.options import _base_type, declared, flag_of, invalid_values, options
+from spannorm_megatron.train import main as train_main
+from spannorm_megatron.training.arguments import SECTIONS, build_parser, parse_args
+
+NOT_FIELDS = {"help", "config"}  # argparse's own, and the file of flags itself
+
+
+def _declared_flags():
+    return [(owner, field) for _, owner in SECTIONS for field in options(owner)]
+
+
+def test_every_flag_is_a_field_and_every_field_a_flag():
+    parser = build_parser()
+    flags = {a.dest: a for a in parser._actions if a.dest not in NOT_FIELDS}
+    fields = {field.name: (owner, field) for owner, field in _declared_flags()}
+    assert len(fields) == len(_declared_flags()), "two sections declare the same field"
+    assert set(flags) == set(fields)
+    for name, (owner, field) in fields.items():
+        assert flag_of(field) in flags[name].option_strings
+        assert field.metadata["doc"] in flags[name].help
+    # The fields without a flag of their own say where their value comes from.
+    for _, owner in SECTIONS:
+        for field in declared(owner):
+            if field not in options(owner):
+                assert field.metadata["derived_from"], field.name
+
+
+def test_defaults_of_the_parser_are_the_dataclass_defaults():
+    args = parse_args([])
+    for _, owner in SECTIONS:
+        instance = owner(**_required(owner))
+        for field in options(owner):
+            if field.metadata["fallback"] is None and field.name not in _required(owner):
+                assert getattr(args, field.name) == getattr(instance, field.name), field.name
+    assert args.max_sequence_length == args.seq_length  # the fallback
+    assert args.lr_decay_iters == args.train_iters
+
+
+CASES = [(owner, field, value) for owner, field in _declared_flags()
+         for value in invalid_values(owner, field)]
+
+
+def test_every_numeric_and_choice_flag_has_bad_values():
+    covered = {field.name for _, field, _ in CASES}
+    for owner, field in _declared_flags():
+        kind, _ = _base_type(field, owner)
+        if kind in (int, float) or field.metadata["choices"] or field.metadata["parse"]:
+            assert field.name in covered, field.name
+
+
+@pytest.mark.parametrize("owner,field,value", CASES,
+                         ids=[f"{flag_of(f)}={v}" for _, f, v in CASES])
+def test_bad_flag_value_exits_2_naming_the_flag_before_anything_runs(owner, field, value, capsys):
+    status = train_main([flag_of(field), value])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert f"argument {flag_of(field)}: " in err
+    assert err.count("error: ") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("owner,field,value", CASES[::3],
+                         ids=[f"{flag_of(f)}={v}" for _, f, v in CASES[::3]])
+def test_bad_yaml_value_is_refused_naming_the_key(owner, field, value, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"{flag_of(field)[2:]}: {value}\n")
+    assert train_main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag_of(field)[2:]}: " in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("owner,field,value", [c for c in CASES if c[2] not in
+                                                ("not-a-number", "no-such-value", "1.5")])
+def test_the_dataclass_refuses_what_the_flag_refuses(owner, field, value):
+    """Python users get the same range checks as the command line."""
+    number = {"nan": float("nan")}.get(value)
+    if number is None:
+        try:
+            number = int(value)
+        except ValueError:
+            number = float(value) if value[0].isdigit() or value[0] == "-" else value
+    with pytest.raises(UserError, match=field.name):
+        owner(**_required(owner), **{field.name: number})
+
+
+def _required(owner):
+    return {"data_path": "prefix"} if owner.__name__ == "DataConfig" else {}
+
+
+def test_unknown_yaml_key_and_flag_name_the_nearest(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("num-layrs: 4\n")
+    assert train_main(["--config", str(config)]) == 2
+    assert "did you mean 'num-layers'" in capsys.readouterr().err
+    assert train_main(["--hiden-size", "8"]) == 2
+    assert "--hiden-size -> --hidden-size?" in capsys.readouterr().err
+    # No abbreviations: Megatron-LM refuses them too, and a prefix could silently change meaning.
+    assert train_main(["--hidden", "8"]) == 2
+
+
+def test_yaml_keys_are_flags_in_either_spelling_and_flags_win(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("num_layers: 6\nmax-position-embeddings: 64\nlr: 0.002\nswiglu: false\n"
+                      "data-path: [a, b]\n")
+    args = parse_args(["--config", str(config), "--lr", "0.001"])
+    assert (args.num_layers, args.max_sequence_length, args.lr, args.swiglu, args.data_path) == \
+        (6, 64, 0.001, False, ["a", "b"])
+
+
+def test_cross_field_checks_run_at_parse_time():
+    for argv, fragment in ((["--lr-warmup-iters", "100"], "--lr-warmup-iters 100"),
+                           (["--min-lr", "1", "--lr", "0.1"], "--min-lr 1.0 is above"),
+                           (["--recompute-method", "block"], "--recompute-method applies")):
+        with pytest.raises(UserError, match=fragment):
+            parse_args(argv)
+    assert run_cli(parse_args, ["--lr", "inf"]) == 2
+
+
+def test_a_new_field_becomes_a_checked_flag():
+    """What adding a field takes: one declaration."""
+    from spannorm_megatron.options import add_arguments, check, from_namespace, option
+    import argparse
+
+    @dataclasses.dataclass
+    class Toy:
+        width: int = option(8, "A toy width.", at_least=2)
+        mode: str = option("a", "A toy mode.", choices=("a", "b"))
+
+        def __post_init__(self):
+            check(self)
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Toy)
+    assert from_namespace(Toy, parser.parse_args(["--width", "4", "--mode", "b"])) == Toy(4, "b")
+    assert sorted(v for f in options(Toy) for v in invalid_values(Toy, f)) == \
+        sorted(["not-a-number", "1.5", "1", "no-such-choice"])
+    with pytest.raises(UserError, match=r"--width \(width\) = 1 must be >= 2"):
+        Toy(width=1)
