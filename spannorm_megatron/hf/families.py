@@ -137,6 +137,7 @@ class Family:
     # ---------------------------------------------------------------------------- weights
     def mapping(self, config: ModelConfig) -> List[Entry]:
         """The family's one mapping; a rule no tensor of `config`'s model matches is unused."""
+        # layer 0 has every norm slot: the others' and the first-layer-only ones
         norms = export_rule(config.norm_placement).layer_norms(config, 0, native=self.native)
         moe = f"{H}{self.moe}."
         return [
