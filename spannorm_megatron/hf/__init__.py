@@ -12,7 +12,8 @@ Public API (imported lazily, so `spannorm_megatron.hf.remote_code` stays light):
 * `HFCheckpoint(hf_dir)`: an HF folder checked against the megatron model it converts to
   (`.config`, `.family`, `.megatron_state()`).
 * `export_rule` / `ExportRule` (rules.py): a placement's norms as exported, from the registry;
-  `FAMILIES` (families.py): weight naming of Llama, Mixtral, Qwen2-MoE and our class.
+  `FAMILIES` (families.py): Llama, Mixtral, Qwen2-MoE and our class as state-dict adapters
+  (one weight mapping, both directions; config.json written and read back).
 * `ConversionError`: every bad-input error (a `ValueError`).
 * `generation`: the sampling loop behind tools/generate.py.
 

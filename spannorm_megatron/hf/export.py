@@ -37,7 +37,7 @@ import torch
 
 from spannorm_megatron.config import ModelConfig
 from spannorm_megatron.hf.errors import ConversionError, check_destination
-from spannorm_megatron.hf.families import FAMILIES, Family, convert_group_to_hf, hf_config
+from spannorm_megatron.hf.families import FAMILIES, Family
 from spannorm_megatron.hf.megatron_reader import ConfigSource, MegatronCheckpoint
 from spannorm_megatron.hf.rules import (
     native_family,
@@ -144,7 +144,7 @@ def plan_hf_tensors(family: Family, config: ModelConfig, groups, dtype: torch.dt
     plan = []
     for group in groups:
         meta = {name: torch.empty(shape, device="meta") for name, shape in group.params}
-        converted = convert_group_to_hf(family, config, group.name, group.layer, meta)
+        converted = family.to_hf(config, group, meta)
         plan.append((group, [(name, tuple(t.shape), dtype) for name, t in converted.items()]))
     return plan
 
@@ -204,7 +204,7 @@ def export_checkpoint(
     os.makedirs(tmp)
     writer = None
     try:
-        config_json = hf_config(family, config, target_dtype, special)
+        config_json = family.config_json(config, target_dtype, special)
         import transformers
 
         config_json["transformers_version"] = transformers.__version__
@@ -235,7 +235,7 @@ def export_checkpoint(
         for group, entries in plan:
             t0 = time.perf_counter()
             tensors = {k: v.float() for k, v in ckpt.read_group(group).items()}
-            converted = convert_group_to_hf(family, config, group.name, group.layer, tensors)
+            converted = family.to_hf(config, group, tensors)
             del tensors
             converted = {k: v.to(target_dtype) for k, v in converted.items()}
             writer.write(converted)

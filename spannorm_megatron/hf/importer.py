@@ -33,13 +33,7 @@ from spannorm_megatron.hf.errors import (
     check_destination,
     tensor_mismatches,
 )
-from spannorm_megatron.hf.families import (
-    HFSource,
-    embedding_from_hf,
-    final_from_hf,
-    layer_from_hf,
-    model_config_from_hf,
-)
+from spannorm_megatron.hf.families import model_config_from_hf
 from spannorm_megatron.checkpoint import save_checkpoint
 from spannorm_megatron.checkpoint.streaming import StreamingSaveStrategy
 from spannorm_megatron.hf.layout import CheckpointLayout, Group, megatron_groups
@@ -83,10 +77,7 @@ class HFCheckpoint:
     def _check_names(self) -> None:
         expected = self._expected()
         present = {n for n in self.weights.names() if not n.endswith(IGNORED_SUFFIXES)}
-        optional = set()
-        if self.family.zero_qkv_bias and not self.config.add_bias_linear:
-            optional = {n for n in expected if n.endswith(("q_proj.bias", "k_proj.bias",
-                                                            "v_proj.bias"))}
+        optional = set(self.family.optional_hf_names(self.config))
         if not self.config.untie_embeddings_and_output_weights:
             optional.add("lm_head.weight")  # tied: a folder may store the copy
             expected.setdefault("lm_head.weight", (self.config.vocab_size, self.config.hidden_size))
@@ -99,14 +90,7 @@ class HFCheckpoint:
 
     def megatron_group(self, group: Group) -> Dict[str, torch.Tensor]:
         """The megatron tensors of one group (full TP1 names), computed from the HF weights."""
-        src = HFSource(self.weights.get, self.weights.names())
-        if group.layer is not None:
-            local = layer_from_hf(self.family, self.config, group.layer, src)
-            prefix = f"decoder.layers.{group.layer}."
-            return {prefix + k: v for k, v in local.items()}
-        if group.name == "embedding":
-            return embedding_from_hf(self.config, src)
-        return final_from_hf(self.config, src)
+        return self.family.from_hf(self.config, group, self.weights.get)
 
     def megatron_state(self) -> Dict[str, torch.Tensor]:
         state = {}

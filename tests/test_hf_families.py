@@ -1,0 +1,169 @@
+"""The Hugging Face families as state-dict adapters, in memory (no checkpoint files, no torchrun).
+
+For every family and every test model it can hold: each parameter of the real megatron model is
+matched by exactly one rule of the family's mapping, export followed by import gives the state
+dict back, every exported tensor is read by the import, and the exported names and shapes are
+exactly those transformers (or our remote-code class) saves for the config.json the family
+writes, which reads back into the same megatron model. tests/test_hf.py covers the same paths
+through real files, logits and parallel layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _hf  # noqa: E402
+
+ALL_COMBOS = {**_hf.COMBOS, **_hf.EXTRA_COMBOS}
+NATIVE = {"prenorm-dense": "llama", "prenorm-moe": "mixtral", "prenorm-moe-shared": "qwen2_moe"}
+# Our class holds every model; the native ones hold the prenorm models `--format auto` gives them.
+PAIRS = [(combo, "spannorm") for combo in ALL_COMBOS] + list(NATIVE.items())
+
+
+def _groups(config):
+    from spannorm_megatron.hf.layout import megatron_groups
+
+    return megatron_groups(config)
+
+
+def _export(family, config, state):
+    hf = {}
+    for group in _groups(config):
+        out = family.to_hf(config, group, {name: state[name] for name, _shape in group.params})
+        assert not set(out) & set(hf), group.name
+        hf.update(out)
+    return hf
+
+
+@pytest.mark.parametrize("combo,name", PAIRS)
+def test_export_then_import_is_the_identity_on_a_real_model(megatron_world, combo, name):
+    from spannorm_megatron.hf.export import choose_family
+    from spannorm_megatron.hf.families import FAMILIES, GAIN, Neutral
+
+    config = _hf.model_config(combo)
+    family = FAMILIES[name]
+    if family.native:
+        assert choose_family(config, "auto")[0] is family
+    state = _hf.state_of(_hf.build(config, seed=len(combo)))
+    assert sorted(n for g in _groups(config) for n, _shape in g.params) == sorted(state)
+
+    mapping = family.mapping(config)
+    rules = {}
+    for param in state:
+        matches = family.rules_for(config, param, mapping)
+        assert len(matches) == 1, (param, [rule.megatron for rule, _bound in matches])
+        rules[param] = matches[0]
+    hf = _export(family, config, state)
+    # no two megatron tensors (nor an HF-only tensor) write the same HF name
+    neutral = sum(len(n.hf) for n in mapping if isinstance(n, Neutral)) * config.num_layers
+    assert len(hf) == sum(len(rule.hf_names(bound)) for rule, bound in rules.values()) + neutral
+
+    read = set()
+
+    def get(hf_name):
+        read.add(hf_name)
+        return hf.get(hf_name)
+
+    back = {}
+    for group in _groups(config):
+        back.update(family.from_hf(config, group, get))
+    assert read == set(hf)
+    assert set(back) == set(state)
+    for param, tensor in state.items():
+        if config.apply_layernorm_1p and rules[param][0].transform is GAIN:
+            # stored gain - 1 -> gain -> gain - 1 rounds once in float32
+            torch.testing.assert_close(back[param], tensor, rtol=0, atol=2e-7)
+        else:
+            assert torch.equal(back[param], tensor), param
+
+
+def _saved_by_transformers(family, config_json, directory):
+    """{name: shape} of the weights transformers writes for a fresh model of `config_json`."""
+    import transformers
+    from safetensors import safe_open
+
+    if family.native:
+        model = getattr(transformers, family.architecture)(
+            transformers.AutoConfig.for_model(**config_json))
+    else:
+        from spannorm_megatron.hf.remote_code.configuration_spannorm import SpanNormConfig
+        from spannorm_megatron.hf.remote_code.modeling_spannorm import SpanNormForCausalLM
+
+        model = SpanNormForCausalLM(SpanNormConfig.from_dict(config_json))
+    model.save_pretrained(directory)
+    shapes = {}
+    for file in sorted(os.listdir(directory)):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, file), "pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes
+
+
+@pytest.mark.parametrize("combo,name", PAIRS)
+def test_config_json_builds_the_class_that_saves_the_exported_names(megatron_world, combo, name,
+                                                                    tmp_path):
+    from spannorm_megatron.hf.families import FAMILIES, model_config_from_hf
+
+    config = _hf.model_config(combo)
+    family = FAMILIES[name]
+    config_json = json.loads(json.dumps(family.config_json(config, torch.float32)))
+    meta = {n: torch.empty(shape, device="meta") for g in _groups(config) for n, shape in g.params}
+    exported = {n: tuple(t.shape) for n, t in _export(family, config, meta).items()}
+    assert exported == _saved_by_transformers(family, config_json, str(tmp_path))
+
+    read_family, read_config = model_config_from_hf(config_json, "config.json")
+    assert read_family is family
+    assert [g.params for g in _groups(read_config)] == [g.params for g in _groups(config)]
+    if not family.native:  # our config.json carries the exact ModelConfig
+        assert read_config.to_dict() == config.to_dict()
+
+
+def test_qwen2_moe_neutral_tensors_must_be_zero(megatron_world):
+    """Qwen2-MoE's shared-expert gate and q/k/v biases have no megatron counterpart: exported as
+    zero, refused on import unless zero; the biases may be left out, the gate may not."""
+    from spannorm_megatron.hf.errors import ConversionError
+    from spannorm_megatron.hf.families import FAMILIES
+
+    config = _hf.model_config("prenorm-moe-shared")
+    family = FAMILIES["qwen2_moe"]
+    state = _hf.state_of(_hf.build(config))
+    hf = _export(family, config, state)
+    layer = _groups(config)[1]
+    gate = "model.layers.0.mlp.shared_expert_gate.weight"
+    assert not hf[gate].any() and not hf["model.layers.0.self_attn.k_proj.bias"].any()
+
+    no_bias = {k: v for k, v in hf.items() if not k.endswith("_proj.bias")}
+    back = family.from_hf(config, layer, no_bias.get)
+    assert all(torch.equal(t, state[n]) for n, t in back.items())
+    with pytest.raises(ConversionError, match="lack.*shared_expert_gate"):
+        family.from_hf(config, layer, {k: v for k, v in hf.items() if k != gate}.get)
+    for name in (gate, "model.layers.0.self_attn.q_proj.bias"):
+        changed = dict(hf, **{name: hf[name] + 0.5})
+        with pytest.raises(ConversionError, match=f"{name} is not zero"):
+            family.from_hf(config, layer, changed.get)
+
+
+@pytest.mark.parametrize("combo,name", [*NATIVE.items(), ("spannorm-dense", "spannorm")])
+def test_megatron_tensors_outside_the_mapping_are_refused(megatron_world, combo, name):
+    from dataclasses import replace
+
+    from spannorm_megatron.hf.errors import ConversionError
+    from spannorm_megatron.hf.families import FAMILIES
+
+    config = _hf.model_config(combo)
+    family = FAMILIES[name]
+    layer = _groups(config)[1]
+    tensors = {n: torch.zeros(shape) for n, shape in layer.params}
+    stray = {"decoder.layers.0.mlp.linear_fc3.weight": torch.zeros(4, 4)}
+    widened = replace(layer, params=layer.params + ((*stray, (4, 4)),))
+    with pytest.raises(ConversionError, match="linear_fc3.*has no place"):
+        family.to_hf(config, widened, {**tensors, **stray})
+    with pytest.raises(ConversionError, match=r"\['decoder.layers.0.mlp.linear_fc3.weight'\] have no"):
+        family.to_hf(config, layer, {**tensors, **stray})
