@@ -36,8 +36,8 @@ class ExportRule:
 
     @property
     def norms(self) -> dict:
-        """Slot -> its name in our own class (the slot's own name)."""
-        return {slot: slot for slot in self.placement.norms}
+        """Slot every layer has -> its name in our own class (the slot's own name)."""
+        return {slot: slot for slot in self.placement.layer_norms}
 
     @property
     def first_layer_norms(self) -> tuple:
