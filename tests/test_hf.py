@@ -885,3 +885,19 @@ def test_conversion_never_writes_into_its_input_or_a_training_checkpoint(work, t
         with pytest.raises(ConversionError, match=message):
             convert()
         assert {path: _snapshot(path) for path in before} == before
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(megatron_world, tmp_path):
+    from spannorm_megatron.hf.errors import ConversionError
+
+    config = _hf.model_config("spannorm-dense")
+    model = _hf.build(config)
+    with torch.no_grad():
+        model.decoder.layers[1].mlp.linear_fc2.weight[0, 0] = float("nan")
+    ckpt = str(tmp_path / "diverged")
+    _hf.save([model], config, ckpt)
+    save = str(tmp_path / "exports" / "out")
+    with pytest.raises(ConversionError, match=r"decoder\.layers\.1\.mlp\.linear_fc2\.weight holds "
+                       r"1 non-finite value"):
+        _quiet_export(ckpt, save)
+    _no_debris(save)

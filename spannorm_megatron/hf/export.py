@@ -235,6 +235,7 @@ def export_checkpoint(
         for group, entries in plan:
             t0 = time.perf_counter()
             tensors = {k: v.float() for k, v in ckpt.read_group(group).items()}
+            _check_finite(tensors, ckpt.directory)
             converted = family.to_hf(config, group, tensors)
             del tensors
             converted = {k: v.to(target_dtype) for k, v in converted.items()}
@@ -269,6 +270,18 @@ def export_checkpoint(
         f"weight file(s)) in {seconds:.1f}s")
     return ExportResult(save, family.name, family.architecture, num_parameters, writer.total_size,
                         files, seconds, notes)
+
+
+def _check_finite(tensors: dict, directory: str) -> None:
+    """A NaN or Inf weight makes every output NaN: refuse it before it reaches a user's
+    `from_pretrained`, naming the tensor (the run diverged before this checkpoint)."""
+    for name, tensor in tensors.items():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ConversionError(
+                f"{directory}: {name} holds {bad} non-finite value(s) (NaN/Inf) of "
+                f"{tensor.numel()}: the run diverged before this checkpoint was saved. Export an "
+                f"earlier checkpoint (--load <dir>/iter_XXXXXXX) instead.")
 
 
 def _numel(shape) -> int:
