@@ -5,6 +5,7 @@ One small corpus (a slice of the embedded default corpus, conftest.py's `corpus`
 
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -291,3 +292,27 @@ def test_fresh_run_refuses_a_save_directory_with_checkpoints(corpus, tmp_path):
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert f"--load {ckpt}" in again.stderr and "latest: iteration 4" in again.stderr
     assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
+
+
+def test_resume_with_another_schedule_is_refused_unless_told_which_to_keep(corpus, tmp_path):
+    """Megatron-LM's rule: a schedule that disagrees with the checkpoint's is refused; megatron-
+    core alone would keep the checkpoint's and, with a longer --train-iters, train at lr 0."""
+    data, tokenizer = corpus
+    ckpt = str(tmp_path / "ckpt")
+    common = ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL]
+    assert run_train(*common, "--save", ckpt, "--train-iters", "4", nproc=1).returncode == 0
+    refused = run_train(*common, "--save", ckpt, "--load", ckpt, "--train-iters", "8", nproc=1)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "--lr-decay-iters (lr_decay_steps: checkpoint " in refused.stderr
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+
+    rates = {}
+    for choice in ("--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"):
+        save = str(tmp_path / choice)
+        shutil.copytree(ckpt, save)
+        run = run_train(*common, "--save", save, "--load", save, "--train-iters", "8",
+                        "--tensorboard-dir", str(tmp_path / f"tb{choice}"), choice, nproc=1)
+        assert run.returncode == 0, run.stderr[-3000:]
+        rates[choice] = tensorboard_scalars(tmp_path / f"tb{choice}")[0]["learning-rate"]
+    assert rates["--override-opt-param-scheduler"][6] > 1e-4  # the new cosine over 8 steps
+    assert rates["--use-checkpoint-opt-param-scheduler"][6] == 0.0  # the old one ended at 4

@@ -34,6 +34,7 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.runtime import current_device
 
 from . import _dist, manifest, rng, run_record, state, tracker, upstream
@@ -244,6 +245,29 @@ def _plan(record: dict, path: str, optimizer, scheduler, *, load_optim: bool,
     return load_optim, load_scheduler, load_rng
 
 
+_SCHEDULE_FLAGS = {
+    "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+    "lr_decay_steps": "--lr-decay-iters", "lr_decay_style": "--lr-decay-style",
+    "wsd_decay_steps": "--lr-wsd-decay-iters", "start_wd": "--weight-decay",
+    "end_wd": "--weight-decay",
+}
+
+
+def _check_scheduler(scheduler, saved: dict, path: str) -> None:
+    """Refuse a learning-rate schedule that disagrees with the checkpoint's, as Megatron-LM does
+    by default. megatron-core's own default keeps the checkpoint's values without a word, which
+    after a longer --train-iters can mean training on at the old schedule's final rate."""
+    differ = [f"{flag} ({key}: checkpoint {saved[key]!r}, this run {getattr(scheduler, key)!r})"
+              for key, flag in _SCHEDULE_FLAGS.items()
+              if key in saved and saved[key] != getattr(scheduler, key, saved[key])]
+    if differ:  # a setting, not damage: --load-fallback must not try older checkpoints for it
+        raise ConfigError(
+            f"{path}: this run's learning-rate schedule differs from the checkpoint's (steps "
+            f"count samples): {'; '.join(differ)}. Resume with the checkpoint's values, or pass "
+            f"--override-opt-param-scheduler to take this run's (the step count continues), or "
+            f"--use-checkpoint-opt-param-scheduler to keep the checkpoint's.")
+
+
 def load_checkpoint(
     load_dir: str,
     model_chunks: Sequence,
@@ -258,6 +282,7 @@ def load_checkpoint(
     no_load_rng: bool = False,
     strict: bool = True,
     verify_checksums: bool = True,
+    check_scheduler: bool = True,
 ) -> dict:
     """Load a checkpoint from `load_dir` (a save directory) into this rank's model chunks,
     optimizer and scheduler. Call on every rank.
@@ -296,6 +321,8 @@ def load_checkpoint(
     with upstream.fixed_optimizer_load(optimizer if load_optim else None):
         loaded, model_keys = _read(path, model_chunks, optimizer if load_optim else None,
                                    load_rng, strict)
+        if load_scheduler and check_scheduler:
+            _check_scheduler(scheduler, loaded["opt_param_scheduler"], path)
         for key, chunk in zip(model_keys, model_chunks, strict=True):
             _load_module(state.unwrap(chunk), loaded[key], strict, path)
         if load_optim:

@@ -55,6 +55,12 @@ class TrainingConfig:
         1.5, "Log a loss spike when the loss exceeds this x the running median.", above=1.0)
     loss_spike_window: int = option(
         50, "Iterations in the running median of --loss-spike-factor.", at_least=1)
+    override_opt_param_scheduler: bool = option(
+        False, "On resume, take this run's learning-rate schedule flags over the checkpoint's "
+        "(the step count continues from the checkpoint).")
+    use_checkpoint_opt_param_scheduler: bool = option(
+        False, "On resume, keep the checkpoint's learning-rate schedule even where this run's "
+        "flags differ (without either flag a difference is refused).")
     distributed_backend: Optional[str] = option(
         None, "Default process group backend; unset: nccl on GPUs, gloo on CPU (the only "
         "pairs that run).", choices=("nccl", "gloo"))
@@ -66,6 +72,10 @@ class TrainingConfig:
             raise ConfigError(
                 f"--lr-warmup-iters {self.lr_warmup_iters} must be smaller than --lr-decay-iters "
                 f"{decay} (default: --train-iters): shorten the warm-up or decay longer.")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ConfigError("--override-opt-param-scheduler and "
+                              "--use-checkpoint-opt-param-scheduler contradict each other: "
+                              "pass one.")
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule "
                               f"decays from --lr to --min-lr.")

@@ -82,4 +82,8 @@ def lr_scheduler(args: argparse.Namespace, optimizer: MegatronOptimizer,
         wsd_decay_steps=(args.lr_wsd_decay_iters * global_batch_size
                          if args.lr_wsd_decay_iters else None),
         lr_wsd_decay_style="exponential" if args.lr_decay_style == "WSD" else None,
+        # On resume: the checkpoint's values unless overridden; a disagreement is refused
+        # before this applies (checkpoint.load), unless --use-checkpoint-opt-param-scheduler.
+        use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
     )

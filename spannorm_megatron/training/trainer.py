@@ -317,7 +317,10 @@ class Trainer:
                                         model_config=self.model_config,
                                         parallel_config=self.parallel, iteration=attempt,
                                         no_load_optim=args.no_load_optim,
-                                        no_load_rng=args.no_load_rng)
+                                        no_load_rng=args.no_load_rng,
+                                        check_scheduler=not (
+                                            args.override_opt_param_scheduler
+                                            or args.use_checkpoint_opt_param_scheduler))
                 break
             except CheckpointError as error:
                 if not args.load_fallback or attempt == attempts[-1]:
