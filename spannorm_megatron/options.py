@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
+import tempfile
 import typing
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -33,17 +35,21 @@ def option(default: Any = _MISSING, doc: str = "", *, flag: Optional[str] = None
            choices: Optional[Tuple] = None, at_least: Optional[float] = None,
            above: Optional[float] = None, below: Optional[float] = None,
            parse: Optional[Callable[[str], Any]] = None, fallback: Optional[str] = None,
-           default_factory: Any = _MISSING, derived_from: Optional[str] = None) -> Any:
+           default_factory: Any = _MISSING, derived_from: Optional[str] = None,
+           path: Optional[str] = None) -> Any:
     """A dataclass field with its flag. `flag` defaults to `--` + the name with dashes;
     `choices` is a tuple, or a callable returning one (a registry that can grow);
     `at_least`/`above`/`below` bound numbers; `parse` turns the flag's text into a value (for
     union types); `fallback` names the flag whose value the command line uses when this one is
     not given (the dataclass default serves Python users); `derived_from` marks a field without
-    a flag of its own, which the run sets from what it names (see `derived`)."""
+    a flag of its own, which the run sets from what it names (see `derived`); `path` is "input"
+    (an existing readable file) or "output" (a directory that is, or can be, written), checked by
+    `check_paths` before anything runs."""
     if not doc:
         raise TypeError("option() needs its doc")
     metadata = dict(doc=doc, flag=flag, choices=choices, at_least=at_least, above=above,
-                    below=below, parse=parse, fallback=fallback, derived_from=derived_from)
+                    below=below, parse=parse, fallback=fallback, derived_from=derived_from,
+                    path=path)
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -230,6 +236,46 @@ def fill_fallbacks(owners, args: argparse.Namespace) -> None:
             source = field.metadata["fallback"]
             if source and getattr(args, field.name) is None:
                 setattr(args, field.name, getattr(args, source.lstrip("-").replace("-", "_")))
+
+
+# ---------------------------------------------------------------------------- paths
+def check_paths(owners, args: argparse.Namespace) -> None:
+    """Check every flag declared as a path, so that an output that cannot be written fails now
+    and not at the first save, after the training it was meant to keep."""
+    for owner in owners:
+        for field in options(owner):
+            value, kind = getattr(args, field.name, None), field.metadata["path"]
+            if value is None or kind is None:
+                continue
+            why = _input_problem(value) if kind == "input" else _output_problem(value)
+            if why:
+                raise ConfigError(f"{flag_of(field)} {value}: {why}")
+
+
+def _input_problem(path: str) -> Optional[str]:
+    if not os.path.exists(path):
+        return "no such file; check the path."
+    if not os.path.isfile(path):
+        return "is not a file."
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permissions)."
+    return None
+
+
+def _output_problem(path: str) -> Optional[str]:
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a directory: pass a directory to write into."
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing):
+        return f"cannot be created: {existing} is a file."
+    try:  # os.access misjudges read-only mounts and ACLs; a real file does not
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        return f"cannot be written ({error.strerror} in {existing}): choose a writable location."
+    return None
 
 
 # ---------------------------------------------------------------------------- bad values

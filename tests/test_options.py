@@ -146,3 +146,21 @@ def test_a_new_field_becomes_a_checked_flag():
         sorted(["not-a-number", "1.5", "1", "no-such-choice"])
     with pytest.raises(UserError, match=r"--width \(width\) = 1 must be >= 2"):
         Toy(width=1)
+
+
+def test_paths_are_checked_for_what_they_must_be_before_anything_runs(tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("kept")
+    for argv, fragment in (
+            (["--save", str(a_file)], f"--save {a_file}: is a file, not a directory"),
+            (["--tensorboard-dir", str(a_file / "tb")], f"cannot be created: {a_file} is a file"),
+            (["--data-cache-path", str(a_file)], "is a file"),
+            (["--tokenizer-model", str(tmp_path)], "is not a file"),
+            (["--tokenizer-model", str(tmp_path / "none.model")], "no such file")):
+        assert train_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert fragment in err and "Traceback" not in err, err
+    # A writable output is probed with a real file, which is gone afterwards.
+    parse_args(["--save", str(tmp_path / "new" / "ckpt")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert a_file.read_text() == "kept"

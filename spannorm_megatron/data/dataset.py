@@ -127,7 +127,7 @@ class DataConfig:
     seed: int = derived(1234, "Seeds megatron-core's document and sample shuffles.",
                         source="--seed", at_least=0)
     data_cache_path: Optional[str] = option(
-        None, "Where index caches go; unset: <prefix>/cache/ per prefix.")
+        None, "Where index caches go; unset: <prefix>/cache/ per prefix.", path="output")
     reset_position_ids: bool = option(
         False, "Restart position ids after every end-of-document token.")
     eod_mask_loss: bool = option(

@@ -38,7 +38,8 @@ class TokenizerConfig:
     tokenizer_type: str = option(
         "SentencePieceTokenizer", "SentencePieceTokenizer (needs --tokenizer-model) or "
         "ByteLevelTokenizer (UTF-8 bytes, no model file).", choices=SUPPORTED_TOKENIZER_TYPES)
-    tokenizer_model: Optional[str] = option(None, "The SentencePiece .model file.")
+    tokenizer_model: Optional[str] = option(None, "The SentencePiece .model file.",
+                                            path="input")
 
     def __post_init__(self) -> None:
         check(self)

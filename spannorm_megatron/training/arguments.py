@@ -24,6 +24,7 @@ from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.options import (
     add_arguments,
     check,
+    check_paths,
     coerce,
     fill_fallbacks,
     from_namespace,
@@ -158,6 +159,7 @@ def _resolve(args: argparse.Namespace) -> None:
         args.virtual_pipeline_model_parallel_size = args.num_layers // stages
     if args.group_query_attention and args.num_query_groups is None:
         raise ConfigError("--group-query-attention needs --num-query-groups N.")
+    check_paths([owner for _, owner in SECTIONS], args)
     training_config(args)
     parallel_config(args)
     performance_config(args)

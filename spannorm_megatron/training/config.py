@@ -87,7 +87,8 @@ class LoggingConfig:
 
     log_interval: int = option(10, "Iterations between log lines (and TensorBoard points).",
                                at_least=1)
-    tensorboard_dir: Optional[str] = option(None, "Write TensorBoard events here.")
+    tensorboard_dir: Optional[str] = option(None, "Write TensorBoard events here.",
+                                            path="output")
     eval_interval: int = option(100, "Iterations between evaluations.", at_least=1)
     eval_iters: int = option(10, "Batches of each evaluation (0: no evaluation).", at_least=0)
 
@@ -99,7 +100,8 @@ class LoggingConfig:
 class CheckpointConfig:
     """Where checkpoints go and what a resume restores."""
 
-    save: Optional[str] = option(None, "Write checkpoints here (iter_XXXXXXX/ directories).")
+    save: Optional[str] = option(None, "Write checkpoints here (iter_XXXXXXX/ directories).",
+                                 path="output")
     load: Optional[str] = option(None, "Resume from the latest checkpoint here, if any.")
     save_interval: Optional[int] = option(None, "Iterations between checkpoints (and one at "
                                           "the end).", at_least=1)
