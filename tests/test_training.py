@@ -316,3 +316,33 @@ def test_resume_with_another_schedule_is_refused_unless_told_which_to_keep(corpu
         rates[choice] = tensorboard_scalars(tmp_path / f"tb{choice}")[0]["learning-rate"]
     assert rates["--override-opt-param-scheduler"][6] > 1e-4  # the new cosine over 8 steps
     assert rates["--use-checkpoint-opt-param-scheduler"][6] == 0.0  # the old one ended at 4
+
+
+LAYOUTS = {
+    "dp2": [],
+    "tp2": ["--tensor-model-parallel-size", "2"],
+    "pp2": ["--pipeline-model-parallel-size", "2"],
+    "pp2-vpp2": ["--pipeline-model-parallel-size", "2",
+                 "--num-layers-per-virtual-pipeline-stage", "1"],
+}
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_the_same_seed_gives_the_same_model_on_every_layout(corpus, moe):
+    """The first loss is the initial model's: equal on every layout (to float rounding) because
+    every weight is drawn from (seed, its place in the model), whichever rank builds it."""
+    data, tokenizer = corpus
+    common = ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--num-layers", "4",
+              "--train-iters", "3", "--log-interval", "1"]
+    layouts = dict(LAYOUTS)
+    if moe:
+        common += ["--num-experts", "4", "--moe-router-topk", "2"]
+        layouts = {"ep1": [], "ep2": ["--expert-model-parallel-size", "2"],
+                   "pp2": LAYOUTS["pp2"]}
+    first = {}
+    for name, flags in layouts.items():
+        run = run_train(*common, *flags)
+        assert run.returncode == 0, (name, run.stderr[-3000:])
+        first[name] = logged_losses(run.stdout)[1]
+    reference = next(iter(first.values()))
+    assert all(abs(loss - reference) < 5e-6 for loss in first.values()), first

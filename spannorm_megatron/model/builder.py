@@ -23,7 +23,7 @@ from spannorm_megatron.model.specs import (
     transformer_engine_available,
     use_transformer_engine,
 )
-from spannorm_megatron.runtime import has_accelerator, megatron_device_kwargs
+from spannorm_megatron.runtime import base_seed, has_accelerator, megatron_device_kwargs, set_seed
 
 
 def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
@@ -128,7 +128,7 @@ def build_model(config: ModelConfig, tconfig: TransformerConfig) -> List[GPTMode
     """
     vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = range(vp_size) if vp_size is not None else [None]
-    return [
+    chunks = [
         build_gpt_model(
             config,
             tconfig,
@@ -138,3 +138,7 @@ def build_model(config: ModelConfig, tconfig: TransformerConfig) -> List[GPTMode
         )
         for vp in stages
     ]
+    # The layers reseeded the streams (model/seeding.py); training's dropout starts from the
+    # run's own per-stage seeds, as Megatron-LM's does.
+    set_seed(base_seed())
+    return chunks

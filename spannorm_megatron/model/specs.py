@@ -34,6 +34,7 @@ from spannorm_megatron.config import ModelConfig
 from spannorm_megatron.model.layers import NormPlacementLayer, NormPlacementSubmodules
 from spannorm_megatron.model.norms import Norm
 from spannorm_megatron.model.scale_init import forward_branch_scale
+from spannorm_megatron.model.seeding import seeded_layer
 from spannorm_megatron.placements import get_placement
 from spannorm_megatron.runtime import has_accelerator
 
@@ -126,7 +127,7 @@ def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None) -
     if is_placement_layer:
         params["branch_scale"] = forward_branch_scale(config)
     return ModuleSpec(
-        module=layer_class,
+        module=seeded_layer(layer_class),
         params=params,
         submodules=submodules_cls(
             self_attention=attention,

@@ -19,6 +19,7 @@ from .device import (
 from .distributed import (
     ParallelLayout,
     ParallelLayoutError,
+    base_seed,
     destroy,
     initialize,
     load_patches,
@@ -30,6 +31,7 @@ from .distributed import (
 __all__ = [
     "ParallelLayout",
     "ParallelLayoutError",
+    "base_seed",
     "backend",
     "check_launch",
     "current_device",

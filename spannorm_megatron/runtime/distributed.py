@@ -29,6 +29,7 @@ from .strict_devices import strict_devices_requested
 __all__ = [
     "ParallelLayout",
     "ParallelLayoutError",
+    "base_seed",
     "destroy",
     "initialize",
     "load_patches",
@@ -200,6 +201,14 @@ def _init_method(world_size: int) -> str:
     return f"tcp://127.0.0.1:{_free_port()}"
 
 
+_SEED = {"base": 1234}
+
+
+def base_seed() -> int:
+    """The seed of the last `set_seed` (before the per-stage offset)."""
+    return _SEED["base"]
+
+
 def set_seed(seed: int) -> None:
     """Seed python, numpy, torch and megatron's RNG tracker the way Megatron-LM does.
 
@@ -210,6 +219,7 @@ def set_seed(seed: int) -> None:
     import numpy as np
     from megatron.core import parallel_state, tensor_parallel
 
+    _SEED["base"] = seed
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)

@@ -10,6 +10,7 @@ from typing import Dict, Iterator, Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.utils import get_attr_wrapped_model
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -37,7 +38,12 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(data_iterator: Optional[Iterator[Dict[str, torch.Tensor]]], model):
     """One micro-batch through one model chunk. Stages that need no data may get None."""
-    batch = next(data_iterator) if data_iterator is not None else None
+    # Only the chunk holding the embedding (tokens) or the loss (labels) reads a batch: with
+    # interleaving, a rank's chunks share one iterator, and a middle chunk that drew from it
+    # would shift the batches of the others (the labels would then be another sample's).
+    reads = get_attr_wrapped_model(model, "pre_process") or get_attr_wrapped_model(
+        model, "post_process")
+    batch = next(data_iterator) if data_iterator is not None and reads else None
     tokens = batch["tokens"] if batch is not None else None
     position_ids = batch["position_ids"] if batch is not None else None
     labels = batch["labels"] if batch is not None else None
