@@ -1,7 +1,8 @@
 """Every alteration this project makes to upstream code (megatron-core, torch), in one registry.
 
-Each module holds one :class:`~.contract.Patch` (``PATCH``): target, why, how to tell it is
-obsolete, an ``is_needed()`` probe of the installed code, and ``apply()`` / ``revert()``.
+Each module holds one :class:`~.contract.Patch` (``PATCH``): target, why (the module's
+docstring), how to tell it is obsolete, an ``is_needed()`` probe of the installed code, and
+``apply()`` / ``revert()``.
 Importing this package alters nothing. The patches come in three sets:
 
 - ``UPSTREAM``: fixes for genuine megatron-core bugs, on any device;

@@ -26,10 +26,7 @@ class Patch:
     ``probe(original)`` gets :meth:`original` so that it judges upstream's objects even while
     the patch is applied; ``swaps()`` is called at apply time and returns ``(owner, attribute,
     replacement)`` triples (a replacement may close over the upstream object it wraps).
-    ``scope`` says whether applying holds for the process or only the calling thread.
     """
-
-    scope = "process"
 
     def __init__(self, name: str, *, target: str, why: str, obsolete_when: str,
                  probe: Callable[[Callable], bool], swaps: Callable[[], Iterable[tuple]]):

@@ -1,19 +1,20 @@
 """CPU runtime: CUDA device arguments and CUDA tensor type names resolve to the CPU.
 
-Without a GPU every CUDA allocation raises, and megatron-core 0.16.1 allocates with ``device="cuda"``, ``device=torch.cuda.current_device()``
-or ``device=<int>`` in tensor factories, ``Tensor.to(<cuda>)`` and ``Tensor.cuda()``
-(attention and RoPE buffers, DDP ``param_and_grad_buffer``, ``GlobalMemoryBuffer``,
-all-to-all/gather outputs in ``tensor_parallel.mappings``, p2p receive buffers,
-``schedules.py`` token counts, ``clip_grads``, ``optimizer.py`` found-inf / scale tensors,
-``local_multi_tensor_l2_norm``, ``rerun_state_machine``, MoE router buffers and metrics), and
-checks legacy type names (``t.type() == 'torch.cuda.FloatTensor'`` in ``clip_grads``,
+Without a GPU every CUDA allocation raises, and megatron-core 0.16.1 allocates with
+``device="cuda"``, ``device=torch.cuda.current_device()`` or ``device=<int>`` in tensor
+factories, ``Tensor.to(<cuda>)`` and ``Tensor.cuda()`` (attention and RoPE buffers, DDP
+``param_and_grad_buffer``, ``GlobalMemoryBuffer``, all-to-all/gather outputs in
+``tensor_parallel.mappings``, p2p receive buffers, ``schedules.py`` token counts,
+``clip_grads``, ``optimizer.py`` found-inf / scale tensors, ``local_multi_tensor_l2_norm``,
+``rerun_state_machine``, MoE router buffers and metrics), and checks legacy type names
+(``t.type() == 'torch.cuda.FloatTensor'`` in ``clip_grads``,
 ``DistributedOptimizer._build_model_and_main_param_groups``,
-``Float16OptimizerWithFloat16Params``). Some are literals, so there is no function to
-redirect: a :class:`torch.overrides.TorchFunctionMode` maps them to the CPU ("meta" and other
-devices pass through) and reports CPU tensors under the CUDA type name. It is per thread: call
+``Float16OptimizerWithFloat16Params``). Some are literals, so there is no function to redirect:
+a :class:`torch.overrides.TorchFunctionMode` maps them to the CPU ("meta" and other devices pass
+through) and reports CPU tensors under the CUDA type name. It is per thread: call
 ``enable_cpu_runtime()`` in every thread that runs megatron code. Its handler is a kwarg check
-and a dict lookup; the mode machinery costs ~2 us per torch call (2.8 vs 1.05 us for a
-tiny add; ~2,100 calls in a training step of a 2-layer model), on CPU runs only.
+and a dict lookup; the mode machinery costs ~2 us per torch call (2.8 vs 1.05 us for a tiny add;
+~2,100 calls in a training step of a 2-layer model), on CPU runs only.
 """
 
 from __future__ import annotations
@@ -118,8 +119,6 @@ def _allocates_on_cuda() -> bool:
 
 class _ThreadModePatch(Patch):
     """Torch-function modes are per thread: applied means on this thread's mode stack."""
-
-    scope = "thread"
 
     def is_applied(self) -> bool:
         return mode_active()

@@ -1,13 +1,13 @@
 """CPU runtime: the ``torch.cuda`` entry points megatron-core calls unconditionally.
 
-Without a GPU they raise. ``torch.cuda.current_device()`` is called almost everywhere; it answers 0, a valid CUDA
-ordinal that ``cpu_device_arguments`` maps to the CPU wherever it is used, so code such as
-``torch.device("cuda", torch.cuda.current_device())`` keeps working. Streams and events (the MoE
-all-to-all dispatcher's device-to-host stream, p2p and DDP ``torch.cuda.synchronize``): CPU work
-is synchronous, so they become the device-agnostic ``torch.cpu`` ones, with an event returned
-from ``Stream.record_event`` (torch.cpu's returns None, which the dispatcher then calls
-``.synchronize()`` on). ``torch.cuda.is_available()`` keeps answering False: megatron code that
-asks takes its own CPU branch.
+Without a GPU they raise. ``torch.cuda.current_device()`` is called almost everywhere; it
+answers 0, a valid CUDA ordinal that ``cpu_device_arguments`` maps to the CPU wherever it is
+used, so code such as ``torch.device("cuda", torch.cuda.current_device())`` keeps working.
+Streams and events (the MoE all-to-all dispatcher's device-to-host stream, p2p and DDP
+``torch.cuda.synchronize``): CPU work is synchronous, so they become the device-agnostic
+``torch.cpu`` ones, with an event returned from ``Stream.record_event`` (torch.cpu's returns
+None, which the dispatcher then calls ``.synchronize()`` on). ``torch.cuda.is_available()``
+keeps answering False: megatron code that asks takes its own CPU branch.
 """
 
 from __future__ import annotations

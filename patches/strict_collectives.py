@@ -1,4 +1,4 @@
-"""Strict device mode (``SPANNORM_STRICT_DEVICES=1``, CPU runtime only): check devices as a GPU would.
+"""Strict device mode (``SPANNORM_STRICT_DEVICES=1``, CPU runtime only): collectives as on GPUs.
 
 Installs the bookkeeping of :mod:`spannorm_megatron.runtime.strict_devices` into the CPU
 runtime's torch-function mode, and wraps every tensor collective of ``torch.distributed`` so

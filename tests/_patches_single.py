@@ -149,9 +149,8 @@ def check(patch) -> dict:
     out["modes_applied"] = len(_get_current_function_mode_stack())
     out["revert"] = patch.revert()
     out["revert_again"] = patch.revert()
-    out["changed_after_revert"] = {
-        label: changed for label, changed in
-        ((label, _differences(originals[label], vars(_owner(label)))) for label in owners) if changed}
+    changed = {label: _differences(originals[label], vars(_owner(label))) for label in owners}
+    out["changed_after_revert"] = {label: names for label, names in changed.items() if names}
     out["defect_after_revert"] = defect() if defect else None
     out["needed_after_revert"] = patch.is_needed()
     out["modes_after"] = len(_get_current_function_mode_stack())
