@@ -45,9 +45,8 @@ CPU_RUNTIME = [
 ]
 STRICT_DEVICES = [strict_collectives.PATCH]
 ALL = UPSTREAM + CPU_RUNTIME + STRICT_DEVICES
-BY_NAME = {patch.name: patch for patch in ALL}
 
-__all__ = ["ABSENT", "ALL", "BY_NAME", "CPU_RUNTIME", "Patch", "STRICT_DEVICES", "UPSTREAM",
+__all__ = ["ABSENT", "ALL", "CPU_RUNTIME", "Patch", "STRICT_DEVICES", "UPSTREAM",
            "apply_all", "revert_all"]
 
 
