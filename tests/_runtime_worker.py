@@ -276,12 +276,14 @@ def _p2p_pairing() -> dict:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import p2p_communication
 
-    patch = runtime.load_patches().pp2_batched_p2p_order
+    patch = runtime.load_patches().pp2_batched_p2p_order.PATCH
     group = parallel_state.get_pipeline_model_parallel_group()
     peer = torch.distributed.get_global_rank(group, 1 - group.rank())
     me = torch.distributed.get_rank()
     out = {"peer": peer}
-    for label, fn in (("unpatched", patch.original()), ("patched", p2p_communication._batched_p2p_ops)):
+    unpatched = (patch.original(p2p_communication, "_batched_p2p_ops") if patch.is_applied()
+                 else None)
+    for label, fn in (("unpatched", unpatched), ("patched", p2p_communication._batched_p2p_ops)):
         if fn is None:
             out[label] = None
             continue
@@ -371,8 +373,7 @@ def run_scenario(name: str) -> dict:
             for k, p in params.items()
         },
         "rng": rng,
-        "patches": [p.__name__.rsplit(".", 1)[-1] for p in runtime.load_patches().ALL
-                    if p.is_applied()],
+        "patches": [p.name for p in runtime.load_patches().UPSTREAM if p.is_applied()],
     }
     if layout.pipeline_model_parallel_size == 2 and layout.world_size == 2:
         result["p2p_pairing"] = _p2p_pairing()

@@ -1,12 +1,11 @@
-"""Tests for spannorm_megatron.runtime and the upstream patches.
+"""Tests for spannorm_megatron.runtime: device choice, process groups, the CPU runtime.
 
 What is checked, and where:
 - in this process: the device decision and layout validation, nothing that enables the CPU
   runtime (pytest's process may hold a one-rank world from tests/conftest.py already);
 - in one fresh interpreter (tests/_runtime_single.py): importing patches nothing, enabling is
-  a no-op when an accelerator is reported, a bad layout fails before any process group; each
-  patch is needed on the installed megatron-core and its bug reproduces before apply; the
-  CPU runtime's redirects;
+  a no-op when an accelerator is reported, a bad layout fails before any process group; the
+  CPU runtime's redirects (each patch alone, applied and reverted: tests/test_patches.py);
 - in one torchrun launch per world size (tests/_runtime_worker.py): megatron-core's GPTModel
   trained with DDP, megatron optimizers and get_forward_backward_func() under TP, SP, PP,
   interleaved PP, EP (MoE, alltoall) and DP with the distributed optimizer, on 2 and 4 ranks.
@@ -177,24 +176,7 @@ def test_initialize_validates_before_any_process_group(single):
     p = single["pristine"]
     assert "world size 2" in p["bad_layout_error"] and "= 3" in p["bad_layout_error"]
     assert p["after_bad_layout"] and p["patches_untouched"]
-
-
-def test_patches_are_needed_and_bugs_reproduce(single):
-    p = single["patches"]
-    assert p["needed_before"] == {"moe_router_gemm": True, "pp2_batched_p2p_order": True}
-    assert p["applied_before"] == [False, False]
-    assert "te_general_gemm" in p["router_error_before"]
-    assert p["p2p_pairs_before"] is False
-    assert p["has_TARGET"] and p["has_WHY"] and p["has_OBSOLETE_WHEN"]
-
-
-def test_patches_apply_idempotently_and_fix(single):
-    p = single["patches"]
-    assert p["apply_all"] == p["apply_all_again"] == ["moe_router_gemm", "pp2_batched_p2p_order"]
-    assert p["applied_after"] == [True, True]
-    assert p["needed_after"] == [False, False]
-    assert p["p2p_pairs_after"] is True and p["p2p_original_kept"]
-    assert p["router_matches_reference"]
+    assert p["enabled_after_bad_layout"] is False
 
 
 def test_cpu_runtime_redirects(single):
@@ -305,7 +287,7 @@ def test_batched_p2p_pairing_bug_reproduces_over_gloo(two_ranks):
         # unpatched megatron: the peer's gradient lands in the activation buffer
         assert pairing["unpatched"] == {"recv_prev": 100.0 + peer, "recv_next": 200.0 + peer}
         assert pairing["patched"] == {"recv_prev": 200.0 + peer, "recv_next": 100.0 + peer}
-        assert r["patches"] == ["moe_router_gemm", "pp2_batched_p2p_order"]
+        assert r["patches"] == ["moe_router_gemm", "pp2_batched_p2p_order", "distopt_step_load"]
 
 
 def test_expert_parallel_moe(two_ranks):

@@ -12,8 +12,9 @@ is left waiting in a collective while another raises):
 
 Only then does megatron-core's ``dist_checkpointing.load`` read the shards this layout needs
 and the state is applied: model, optimizer (its own ``load_state_dict``, which for the
-distributed optimizer re-flattens the fully reshardable tensors into this rank's shard),
-scheduler, and last the RNG states. Loading never writes to the checkpoint directory.
+distributed optimizer re-flattens the fully reshardable tensors into this rank's shard; on
+the torch-Adam path that needs ``patches/distopt_step_load.py``, applied by
+``runtime.initialize``), scheduler, and last the RNG states. Loading never writes to the checkpoint directory.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.runtime import current_device
 
-from . import _dist, manifest, rng, run_record, state, tracker, upstream
+from . import _dist, manifest, rng, run_record, state, tracker
 from .errors import CheckpointError
 from .naming import RUN_RECORD_FILENAME
 
@@ -318,20 +319,19 @@ def load_checkpoint(
         load_rng=not finetune and not no_load_rng)
     saved_optimizer = record.get("optimizer") or {}
 
-    with upstream.fixed_optimizer_load(optimizer if load_optim else None):
-        loaded, model_keys = _read(path, model_chunks, optimizer if load_optim else None,
-                                   load_rng, strict)
-        if load_scheduler and check_scheduler:
-            _check_scheduler(scheduler, loaded["opt_param_scheduler"], path)
-        for key, chunk in zip(model_keys, model_chunks, strict=True):
-            _load_module(state.unwrap(chunk), loaded[key], strict, path)
-        if load_optim:
-            optimizer_state = loaded["optimizer"]
-            if saved_optimizer.get("chained") != len(state.inner_optimizers(optimizer)):
-                optimizer_state = state.regroup_optimizer_state(
-                    optimizer_state, dist_checkpointing.load_common_state_dict(path)["optimizer"],
-                    saved_optimizer["chained"], optimizer)
-            optimizer.load_state_dict(optimizer_state)
+    loaded, model_keys = _read(path, model_chunks, optimizer if load_optim else None,
+                               load_rng, strict)
+    if load_scheduler and check_scheduler:
+        _check_scheduler(scheduler, loaded["opt_param_scheduler"], path)
+    for key, chunk in zip(model_keys, model_chunks, strict=True):
+        _load_module(state.unwrap(chunk), loaded[key], strict, path)
+    if load_optim:
+        optimizer_state = loaded["optimizer"]
+        if saved_optimizer.get("chained") != len(state.inner_optimizers(optimizer)):
+            optimizer_state = state.regroup_optimizer_state(
+                optimizer_state, dist_checkpointing.load_common_state_dict(path)["optimizer"],
+                saved_optimizer["chained"], optimizer)
+        optimizer.load_state_dict(optimizer_state)
     if not load_optim and optimizer is not None:
         # Main (fp32) copies of the weights must follow the freshly loaded model weights.
         optimizer.reload_model_params()

@@ -12,7 +12,7 @@ meaningful mapping and the saved states are ignored (the run keeps its fresh see
 Megatron-LM.
 
 On CPU the runtime maps megatron's "CUDA" RNG calls to the CPU generator
-(`spannorm_megatron.runtime.cpu`), so the tracker states are CPU generator states (5056 bytes)
+(patch `cpu_rng` of the CPU runtime), so the tracker states are CPU generator states (5056 bytes)
 where a GPU run saves CUDA ones (16 bytes). The states record the device type they come from; a
 resume on the other kind of device keeps its fresh seeds, as after a layout change.
 """

@@ -132,31 +132,33 @@ def validate_layout(
 
 
 def load_patches():
-    """Return the ``spannorm_megatron.patches`` package.
+    """Return the ``spannorm_megatron.patches`` package: the top-level ``patches/`` folder.
 
-    setup.py installs the top-level ``patches/`` folder under that name (package_dir). In a
-    source checkout used through PYTHONPATH, without an install, the name does not exist, so
-    the folder is loaded under it from the checkout instead.
+    setup.py installs that folder under this name (package_dir). A source checkout (used through
+    PYTHONPATH, or an editable install of another checkout, whose finder maps the name to *that*
+    checkout's folder) loads its own folder under the name instead.
     """
     import importlib
     import importlib.util
     import sys
 
     name = __package__.rsplit(".", 1)[0] + ".patches"
-    try:
+    if name in sys.modules:
+        return sys.modules[name]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    folder = os.path.join(root, "patches")
+    if not (os.path.isfile(os.path.join(root, "setup.py"))
+            and os.path.isfile(os.path.join(folder, "__init__.py"))):
         return importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name != name:
-            raise
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "patches")
     spec = importlib.util.spec_from_file_location(
-        name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
-    )
-    if spec is None:
-        raise ModuleNotFoundError(f"{name} is not installed and {folder} does not exist", name=name)
+        name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 

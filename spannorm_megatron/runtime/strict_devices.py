@@ -18,7 +18,9 @@ never run there either. This mode restores the distinction on CPU:
   :class:`DeviceDisciplineError`, as CUDA would (copies and indexing excepted, as on CUDA).
 - A host tensor given to a collective on a group that would be NCCL on GPUs raises too. Groups
   created with ``backend="gloo"`` (megatron-core's CPU-side groups) take host tensors, as they
-  do on a GPU cluster.
+  do on a GPU cluster. That check wraps torch.distributed, so it is a patch:
+  ``patches/strict_collectives.py``, which also installs :class:`StrictDevices` into the CPU
+  runtime's mode.
 
 ``SPANNORM_STRICT_DEVICES=1`` turns it on for a process (read when the CPU runtime is enabled,
 i.e. at :func:`~.distributed.initialize`); the test suite runs the training loop under it. It is
@@ -27,8 +29,6 @@ a check, not a way to train: it costs a few microseconds per torch call.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 from typing import Callable
 
@@ -101,16 +101,17 @@ def _to_target(args, kwargs):
     return None
 
 
-def _tensor_inputs(args, kwargs):
+def tensor_inputs(args, kwargs):
     return [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
 
 
-def _describe(tensor: torch.Tensor) -> str:
+def describe(tensor: torch.Tensor) -> str:
     return f"{'host' if is_host(tensor) else 'device'} tensor {tuple(tensor.shape)} {tensor.dtype}"
 
 
 class StrictDevices:
-    """The bookkeeping the CPU runtime's torch-function mode runs on every call."""
+    """The bookkeeping the CPU runtime's torch-function mode runs on every call
+    (``patches/cpu_device_arguments.py``)."""
 
     def __init__(self, is_cuda: Callable):
         self._is_cuda = is_cuda
@@ -122,15 +123,15 @@ class StrictDevices:
             return _GPU_DEVICE
         host = self._requested(func, args, kwargs)
         if host is None:
-            inputs = _tensor_inputs(args, kwargs)
+            inputs = tensor_inputs(args, kwargs)
             hosts = [t for t in inputs if is_host(t)]
             if hosts and len(hosts) < len(inputs) and func not in _MIX_ALLOWED:
                 wide = [t for t in hosts if t.dim() > 0]
                 if wide:
                     device = next(t for t in inputs if not is_host(t))
                     raise DeviceDisciplineError(
-                        f"{_name(func)} combines a {_describe(device)} with a "
-                        f"{_describe(wide[0])}; on a GPU this raises 'Expected all tensors to "
+                        f"{_name(func)} combines a {describe(device)} with a "
+                        f"{describe(wide[0])}; on a GPU this raises 'Expected all tensors to "
                         f"be on the same device'. Create the host tensor with "
                         f"device=runtime.current_device() (or move it there).")
             host = bool(inputs) and len(hosts) == len(inputs)
@@ -164,76 +165,3 @@ class StrictDevices:
 
 def _name(func) -> str:
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
-
-
-# --- collectives -------------------------------------------------------------------------------
-
-_COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-    "reduce_scatter_tensor", "broadcast", "reduce", "gather", "scatter", "send", "recv",
-    "isend", "irecv", "all_to_all", "all_to_all_single", "batch_isend_irecv",
-    "_all_gather_base", "_reduce_scatter_base",
-)
-_HOST_GROUPS: "set[int]" = set()  # ids of groups created with backend="gloo"
-_PATCHED = False
-
-
-def _group_takes_host_tensors(group) -> bool:
-    return group is not None and id(group) in _HOST_GROUPS
-
-
-def _check_collective(name, signature, args, kwargs) -> None:
-    if name == "batch_isend_irecv":
-        ops = args[0] if args else kwargs.get("p2p_op_list", [])
-        items = [(op.tensor, op.group) for op in ops]
-    else:
-        group = signature.bind_partial(*args, **kwargs).arguments.get("group")
-        items = [(t, group) for t in _tensor_inputs(args, kwargs)]
-    for tensor, group in items:
-        if is_host(tensor) and not _group_takes_host_tensors(group):
-            raise DeviceDisciplineError(
-                f"torch.distributed.{name} got a {_describe(tensor)}; on GPUs this group is "
-                f"NCCL, which takes CUDA tensors only. Create it with "
-                f"device=runtime.current_device().")
-
-
-def _checked(name, original):
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def checked(*args, **kwargs):
-        _check_collective(name, signature, args, kwargs)
-        return original(*args, **kwargs)
-
-    return checked
-
-
-def patch_collectives() -> None:
-    """Check every tensor collective's inputs (process-wide; once)."""
-    global _PATCHED
-    if _PATCHED:
-        return
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d
-
-    for name in _COLLECTIVES:
-        original = getattr(dist, name, None)
-        if original is None:
-            continue
-        setattr(dist, name, _checked(name, original))
-        if name in ("isend", "irecv"):
-            # `P2POp` accepts only the functions c10d itself names isend/irecv.
-            setattr(distributed_c10d, name, getattr(dist, name))
-
-    new_group = dist.new_group
-
-    @functools.wraps(new_group)
-    def new_group_recording_gloo(*args, **kwargs):
-        group = new_group(*args, **kwargs)
-        backend = kwargs.get("backend", args[2] if len(args) > 2 else None)
-        if group is not None and str(backend).lower() == "gloo":
-            _HOST_GROUPS.add(id(group))
-        return group
-
-    dist.new_group = new_group_recording_gloo
-    _PATCHED = True

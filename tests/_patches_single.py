@@ -1,0 +1,194 @@
+"""Fresh-interpreter checks for tests/test_patches.py: every patch applied and reverted alone.
+
+Patches alter process-wide state and pytest's own process may hold them already
+(tests/conftest.py), so the upstream objects are captured here before anything applies them.
+Each patch is then applied and reverted on its own; the targets it must alter are named below,
+independently of the patch, and after revert every one must hold the very object it held
+before (the whole namespace of each owner is compared, so a stray change shows too). Where a
+defect can be shown without a process group it is shown before apply, gone after apply, and
+back after revert. Prints one JSON object on the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+
+import torch
+from torch.overrides import _get_current_function_mode_stack
+
+from spannorm_megatron.runtime import enable_cpu_runtime, is_cpu_runtime_enabled, load_patches
+from spannorm_megatron.runtime.strict_devices import STRICT_ENV
+
+patches = load_patches()
+
+# What each patch alters: (owner, attribute). Owners are dotted module paths, "module:Class",
+# "logger:<name>" or "mode" (the CPU runtime's torch-function mode object).
+_C10D = "torch.distributed.distributed_c10d"
+EXPECTED = {
+    "moe_router_gemm": [("megatron.core.transformer.moe.moe_utils", "te_general_gemm")],
+    "pp2_batched_p2p_order": [("megatron.core.pipeline_parallel.p2p_communication",
+                               "_batched_p2p_ops")],
+    "distopt_step_load": [
+        ("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer", attribute)
+        for attribute in ("_set_main_param_and_optimizer_states", "load_state_dict")],
+    "cpu_torch_cuda": [("torch.cuda", attribute) for attribute in (
+        "current_device", "Stream", "Event", "current_stream", "default_stream", "stream",
+        "synchronize")],
+    "cpu_rng": [(namespace, attribute) for namespace in ("torch.cuda", "torch.cuda.random")
+                for attribute in ("get_rng_state", "set_rng_state", "manual_seed")]
+    + [("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
+       ("logger:megatron.core.tensor_parallel.random", "filters")],
+    "cpu_moe_split_sizes": [("megatron.core.transformer.moe.token_dispatcher",
+                             "maybe_move_tensor_to_cpu")],
+    "cpu_uneven_collectives": [("megatron.core.tensor_parallel.mappings", attribute) for attribute
+                               in ("_gather_along_first_dim", "_reduce_scatter_along_first_dim")],
+    "cpu_autograd_engine": [("torch.autograd", "_engine_run_backward")],
+    "cpu_device_arguments": [],  # the calling thread's mode stack, checked on its own
+    "strict_collectives": [("mode", "strict"), ("torch.distributed", "new_group"),
+                           (_C10D, "isend"), (_C10D, "irecv")]
+    + [("torch.distributed", name) for name in (
+        "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+        "reduce_scatter_tensor", "broadcast", "reduce", "gather", "scatter", "send", "recv",
+        "isend", "irecv", "all_to_all", "all_to_all_single", "batch_isend_irecv",
+        "_all_gather_base", "_reduce_scatter_base")],
+}
+
+
+def _owner(label: str):
+    if label == "mode":
+        return patches.cpu_device_arguments.MODE
+    if label.startswith("logger:"):
+        return logging.getLogger(label[len("logger:"):])
+    module, _, cls = label.partition(":")
+    owner = importlib.import_module(module)
+    return getattr(owner, cls) if cls else owner
+
+
+def _raises(fn) -> bool:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - the failure itself is the observation
+        return True
+    return False
+
+
+def _router_fails() -> bool:
+    from megatron.core.transformer.moe import moe_utils
+
+    return _raises(lambda: moe_utils.router_gating_linear(
+        torch.randn(3, 2, 8), torch.randn(4, 8), None, torch.float32))
+
+
+def _p2p_mispairs() -> bool:
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    return not patches.pp2_batched_p2p_order.pairs_correctly(p2p_communication._batched_p2p_ops)
+
+
+def _rng_not_cpu_generator() -> bool:
+    if _raises(lambda: torch.cuda.manual_seed(5)):
+        return True
+    return not torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(5)))
+
+
+def _split_sizes_stay_tensors() -> bool:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    return torch.is_tensor(token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([2]),
+                                                                     as_numpy=True))
+
+
+# A defect each patch removes, observable without a process group: True while present.
+DEFECTS = {
+    "moe_router_gemm": _router_fails,
+    "pp2_batched_p2p_order": _p2p_mispairs,
+    "cpu_torch_cuda": lambda: _raises(torch.cuda.current_device),
+    "cpu_rng": _rng_not_cpu_generator,
+    "cpu_moe_split_sizes": _split_sizes_stay_tensors,
+    "cpu_device_arguments": lambda: _raises(lambda: torch.zeros(1, device="cuda")),
+}
+
+
+def _namespaces(labels) -> dict:
+    return {label: dict(vars(_owner(label))) for label in labels}
+
+
+_NONE = object()
+
+
+def _differences(before: dict, after: dict) -> list[str]:
+    """Names whose objects differ (by identity) between two snapshots of one namespace."""
+    return sorted(k for k in before.keys() | after.keys()
+                  if before.get(k, _NONE) is not after.get(k, _NONE))
+
+
+def check(patch) -> dict:
+    expected = EXPECTED[patch.name]
+    owners = sorted({label for label, _ in expected})
+    originals = _namespaces(owners)
+    defect = DEFECTS.get(patch.name)
+    out = {"needed": patch.is_needed(), "defect_before": defect() if defect else None,
+           "metadata": all(isinstance(v, str) and len(v) > 20
+                           for v in (patch.target, patch.why, patch.obsolete_when)),
+           "modes_before": len(_get_current_function_mode_stack())}
+    out["apply"] = patch.apply()
+    out["apply_again"] = patch.apply()
+    out["applied"] = patch.is_applied()
+    labels = {id(_owner(label)): label for label in owners}
+    out["targets"] = sorted([labels.get(id(owner), repr(owner)), attribute]
+                            for owner, attribute in patch.targets())
+    out["expected"] = sorted([label, attribute] for label, attribute in expected)
+    out["replaced"] = sorted(
+        f"{label}.{attribute}" for label, attribute in expected
+        if vars(_owner(label)).get(attribute, _NONE) is not originals[label].get(attribute, _NONE))
+    out["needed_while_applied"] = patch.is_needed()
+    out["defect_applied"] = defect() if defect else None
+    out["modes_applied"] = len(_get_current_function_mode_stack())
+    out["revert"] = patch.revert()
+    out["revert_again"] = patch.revert()
+    changed = {label: _differences(originals[label], vars(_owner(label))) for label in owners}
+    out["changed_after_revert"] = {label: names for label, names in changed.items() if names}
+    out["defect_after_revert"] = defect() if defect else None
+    out["needed_after_revert"] = patch.is_needed()
+    out["modes_after"] = len(_get_current_function_mode_stack())
+    return out
+
+
+def check_strict_off() -> dict:
+    """Without SPANNORM_STRICT_DEVICES the strict checks are not needed and apply nothing."""
+    patch = patches.strict_collectives.PATCH
+    collectives = dict(vars(torch.distributed))
+    out = {"needed": patch.is_needed(), "apply": patch.apply()}
+    out["unchanged"] = _differences(collectives, vars(torch.distributed)) == []
+    return out
+
+
+def check_sets() -> dict:
+    """The CPU runtime as enable_cpu_runtime() applies it, then reverted as one set."""
+    cuda = dict(vars(torch.cuda))
+    out = {"enable": enable_cpu_runtime(), "enabled": is_cpu_runtime_enabled(),
+           "applied": [p.name for p in patches.ALL if p.is_applied()]}
+    out["reverted"] = patches.revert_all(patches.CPU_RUNTIME + patches.STRICT_DEVICES)
+    out["enabled_after_revert"] = is_cpu_runtime_enabled()
+    out["cuda_changed"] = _differences(cuda, vars(torch.cuda))
+    out["modes_after"] = len(_get_current_function_mode_stack())
+    out["upstream_applied"] = patches.apply_all()
+    out["upstream_reverted"] = patches.revert_all()
+    return out
+
+
+def main() -> None:
+    os.environ.pop(STRICT_ENV, None)
+    result = {"names": [p.name for p in patches.ALL], "strict_off": check_strict_off()}
+    os.environ[STRICT_ENV] = "1"
+    result["patches"] = {patch.name: check(patch) for patch in patches.ALL}
+    del os.environ[STRICT_ENV]
+    result["sets"] = check_sets()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
