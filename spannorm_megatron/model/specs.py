@@ -34,7 +34,7 @@ from spannorm_megatron.config import ModelConfig
 from spannorm_megatron.model.layers import NormPlacementLayer, NormPlacementSubmodules
 from spannorm_megatron.model.norms import Norm
 from spannorm_megatron.model.scale_init import forward_branch_scale
-from spannorm_megatron.model.seeding import seeded_layer
+from spannorm_megatron.model.seeding import seeded_experts, seeded_layer
 from spannorm_megatron.placements import get_placement
 from spannorm_megatron.runtime import has_accelerator
 
@@ -110,6 +110,7 @@ def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None) -
             backend=backend, num_experts=config.num_experts,
             moe_grouped_gemm=config.moe_grouped_gemm,
         )
+        mlp.submodules.experts.module = seeded_experts(mlp.submodules.experts.module)
     else:
         mlp = ModuleSpec(
             module=MLP,
