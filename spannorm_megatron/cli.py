@@ -1,11 +1,52 @@
-"""How every command-line entry point ends: user errors as one line, no traceback."""
+"""How every command-line entry point ends: user errors as one line, no traceback.
+
+Exit status: 0 done; 1 the run failed though its input was fine (e.g. NaN gradients, see
+`report_failure`); 2 bad input (flag, config, data, checkpoint, HF folder); 130 interrupted.
+Under torchrun each rank exits so, torchrun itself exits 1 when any rank failed, and its
+failure summary names our message as the root cause: it is written to the error file that
+torch.distributed.elastic gives each rank (what its `@record` does for exceptions).
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
 from typing import Callable, List, Optional
 
 from spannorm_megatron.errors import UserError
+
+
+def report_failure(message: str) -> None:
+    """Print `message` once (rank 0 of a torchrun job; every rank would repeat it) and hand it
+    to torchrun's failure summary."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr, flush=True)
+    _write_elastic_error_file(message)
+
+
+def _write_elastic_error_file(message: str) -> None:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    # The layout of torch's own ErrorHandler.record_exception, with our message where the
+    # launcher's summary would show a traceback.
+    record = {"message": {"message": message, "extraInfo": {
+        "py_callstack": message, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as stream:
+            json.dump(record, stream)
+    except OSError:
+        pass  # the summary then says less; the message was printed
+
+
+def _record_crash() -> None:
+    """A bug keeps its traceback, and torchrun's summary shows it instead of a pointer to
+    the docs."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ErrorHandler().record_exception(sys.exc_info()[1])
 
 
 def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv=None, *,
@@ -16,10 +57,14 @@ def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv=None, *,
     try:
         return int(main(argv) or 0)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        report_failure(f"error: {err}")
         return 2
     except SystemExit as exit:  # argparse's refusal (status 2, message printed) or --help
         return exit.code if isinstance(exit.code, int) else 1
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr, flush=True)
         return 130
+    except Exception:
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            _record_crash()
+        raise

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from spannorm_megatron.cli import run_cli
+from spannorm_megatron.cli import report_failure, run_cli
 from spannorm_megatron.training.arguments import parse_args
 from spannorm_megatron.training.guards import NonFiniteGradientError
 from spannorm_megatron.training.trainer import Trainer
@@ -33,7 +33,7 @@ def main(argv: Optional[List[str]] = None, trainer_class=Trainer) -> int:
         try:
             pretrain(argv, trainer_class)
         except NonFiniteGradientError as error:  # the run failed, the input was fine: status 1
-            print(f"error: {error}", file=sys.stderr)
+            report_failure(f"error: {error}")
             return 1
         return 0
 

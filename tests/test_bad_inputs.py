@@ -207,3 +207,31 @@ def test_bad_input_gets_one_clear_error_and_changes_nothing(files, capsys, name,
     assert "Traceback" not in captured.err
     after = _snapshot(files)
     assert {p: d for p, d in after.items() if p in before} == before, "a given file changed"
+
+
+UNDER_TORCHRUN = ["unknown-placement", "missing-data"]  # a flag, and a check in the trainer
+
+
+@pytest.mark.parametrize("name", UNDER_TORCHRUN)
+def test_under_torchrun_rank_0_reports_once_and_torchrun_names_it_as_the_root_cause(files, name):
+    """torchrun exits 1 whenever a rank fails; the ranks exit 2 and its summary shows our
+    message (from the elastic error file) where it would show a traceback."""
+    import subprocess
+    import sys
+
+    entry = next(e for e in CATALOGUE if e[0] == name)
+    _, command, argv, expected = entry
+    assert command == "train"
+    before = _snapshot(files)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "spannorm_megatron.train", *argv(files)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    printed = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(printed) == 1 and expected in printed[0], result.stderr[-3000:]
+    root_cause = result.stderr.split("Root Cause (first observed failure):")[1]
+    assert f"traceback : {printed[0]}" in root_cause
+    # The rank that refused first exits 2; torchrun may stop the other before it does.
+    assert "exitcode  : 2 " in result.stderr
+    assert {p: d for p, d in _snapshot(files).items() if p in before} == before

@@ -80,8 +80,9 @@ class _Parser(argparse.ArgumentParser):
                     hints.append(f"{word} -> {nearest[0]}?")
             if hints:
                 message += " (did you mean: " + ", ".join(hints) + ")"
-        # Not argparse's usage dump: a hundred flags would bury the one line that matters.
-        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every flag)\n")
+        # Not argparse's usage dump (a hundred flags would bury the one line that matters) and
+        # not printed here: run_cli reports it once, on rank 0, and to torchrun.
+        raise ConfigError(f"{message} (`{self.prog} --help` lists every flag)")
 
 
 def build_parser() -> argparse.ArgumentParser:
