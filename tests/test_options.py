@@ -120,7 +120,10 @@ def test_yaml_keys_are_flags_in_either_spelling_and_flags_win(tmp_path):
 def test_cross_field_checks_run_at_parse_time():
     for argv, fragment in ((["--lr-warmup-iters", "100"], "--lr-warmup-iters 100"),
                            (["--min-lr", "1", "--lr", "0.1"], "--min-lr 1.0 is above"),
-                           (["--recompute-method", "block"], "--recompute-method applies")):
+                           (["--recompute-method", "block"], "--recompute-method applies"),
+                           (["--lr-decay-style", "WSD"], "needs --lr-wsd-decay-iters N"),
+                           (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "200"],
+                            "at most --lr-decay-iters - --lr-warmup-iters = 100")):
         with pytest.raises(UserError, match=fragment):
             parse_args(argv)
     assert run_cli(parse_args, ["--lr", "inf"]) == 2

@@ -346,3 +346,20 @@ def test_the_same_seed_gives_the_same_model_on_every_layout(corpus, moe):
         first[name] = logged_losses(run.stdout)[1]
     reference = next(iter(first.values()))
     assert all(abs(loss - reference) < 5e-6 for loss in first.values()), first
+
+
+def test_resume_with_another_tokenizer_of_the_same_size_is_refused(corpus, tmp_path):
+    """The run record keeps the tokenizer's checksum; ids of another tokenizer would load
+    without a word and mean other text."""
+    from _training import prepare_corpus
+
+    data, tokenizer = corpus
+    _, other = prepare_corpus(tmp_path, max_bytes=200_000, name="other", tokenizer="other")
+    ckpt = str(tmp_path / "ckpt")
+    common = ["--data-path", data, *SMALL, "--save", ckpt, "--load", ckpt, "--train-iters", "3"]
+    assert run_train(*common, "--tokenizer-model", tokenizer, nproc=1).returncode == 0
+    refused = run_train(*common, "--tokenizer-model", other, nproc=1)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "the checkpoint was trained with another tokenizer (--tokenizer-model: " in \
+        refused.stderr
+    assert f"its file was {tokenizer}" in refused.stderr

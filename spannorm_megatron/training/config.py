@@ -72,6 +72,11 @@ class TrainingConfig:
             raise ConfigError(
                 f"--lr-warmup-iters {self.lr_warmup_iters} must be smaller than --lr-decay-iters "
                 f"{decay} (default: --train-iters): shorten the warm-up or decay longer.")
+        if self.lr_decay_style == "WSD" and not (
+                self.lr_wsd_decay_iters and self.lr_wsd_decay_iters <= decay - self.lr_warmup_iters):
+            raise ConfigError(
+                f"--lr-decay-style WSD needs --lr-wsd-decay-iters N, the final decay phase, at "
+                f"most --lr-decay-iters - --lr-warmup-iters = {decay - self.lr_warmup_iters}.")
         if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
             raise ConfigError("--override-opt-param-scheduler and "
                               "--use-checkpoint-opt-param-scheduler contradict each other: "

@@ -11,6 +11,7 @@ down what `setup` made: signal handlers, TensorBoard, process groups.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from typing import Callable, Optional
@@ -22,7 +23,9 @@ from spannorm_megatron.checkpoint import (
     CheckpointError,
     complete_iterations,
     find_latest,
+    iteration_dirname,
     load_checkpoint,
+    read_run_record,
     save_checkpoint,
 )
 from spannorm_megatron.data.dataset import (
@@ -32,6 +35,7 @@ from spannorm_megatron.data.dataset import (
 )
 from spannorm_megatron.data.loader import build_data_iterators
 from spannorm_megatron.data.tokenizer import build_tokenizer, check_data_fits_vocab
+from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.runtime import check_launch, current_device, destroy, initialize
 from spannorm_megatron.training.arguments import (
@@ -77,6 +81,37 @@ def fused_kernels() -> str:
     return ", ".join(f"{name} {'yes' if found else 'no'}" for name, found in have.items())
 
 
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_same_tokenizer(args, sha256: Optional[str]) -> None:
+    """A resume must read its data with the tokenizer it was trained with: another one of the
+    same vocabulary size would load without a word and give every id another meaning."""
+    if not args.load:
+        return
+    try:
+        iteration = find_latest(args.load)
+        if iteration is None:
+            return
+        saved = read_run_record(os.path.join(args.load, iteration_dirname(iteration)))["args"]
+    except (CheckpointError, KeyError, TypeError):
+        return  # no usable record here: the load itself reports what is wrong
+    differ = [(flag, saved.get(key), now) for flag, key, now in (
+        ("--tokenizer-type", "tokenizer_type", args.tokenizer_type),
+        ("--tokenizer-model", "tokenizer_sha256", sha256)) if saved.get(key) not in (None, now)]
+    if differ:
+        raise ConfigError(
+            f"--load {args.load}: the checkpoint was trained with another tokenizer ("
+            + "; ".join(f"{flag}: checkpoint {old}, this run {new}" for flag, old, new in differ)
+            + f"; its file was {saved.get('tokenizer_model')}). Pass the checkpoint's tokenizer, "
+            f"or start a new run in another --save directory.")
+
+
 def _check_fresh_save_directory(args) -> None:
     """A run without --load starts at iteration 0: writing it into a directory that holds
     another run's checkpoints would replace their iterations and move the pointer back."""
@@ -100,6 +135,8 @@ class Trainer:
         self.batches = batch_layout(args, int(os.environ.get("WORLD_SIZE", "1")))
         self.data_config = data_config(args)
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+        self.tokenizer_sha256 = _file_sha256(args.tokenizer_model) if args.tokenizer_model else None
+        _check_same_tokenizer(args, self.tokenizer_sha256)
         self.model_config = model_config(args, padded_vocab_size(self.tokenizer.vocab_size, args))
         self.parallel = parallel_config(args)
         check_model_fits_layout(self.model_config, self.parallel)
@@ -241,7 +278,8 @@ class Trainer:
             args.save, self.iteration, self.model, self.optimizer, self.scheduler,
             model_config=self.model_config, parallel_config=self.parallel,
             consumed_train_samples=self.consumed_train,
-            consumed_valid_samples=self.consumed_valid, args=vars(args))
+            consumed_valid_samples=self.consumed_valid,
+            args=dict(vars(args), tokenizer_sha256=self.tokenizer_sha256))
         print_rank_0(f"  successfully saved checkpoint at iteration {self.iteration:7d} to "
                      f"{path}")
 
