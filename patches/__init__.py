@@ -21,6 +21,7 @@ silently drops the patches it no longer needs.
 from __future__ import annotations
 
 from . import (
+    checkpoint_results_queue,
     cpu_autograd_engine,
     cpu_device_arguments,
     cpu_moe_split_sizes,
@@ -34,7 +35,8 @@ from . import (
 )
 from .contract import ABSENT, Patch
 
-UPSTREAM = [moe_router_gemm.PATCH, pp2_batched_p2p_order.PATCH, distopt_step_load.PATCH]
+UPSTREAM = [moe_router_gemm.PATCH, pp2_batched_p2p_order.PATCH, distopt_step_load.PATCH,
+            checkpoint_results_queue.PATCH]
 CPU_RUNTIME = [
     cpu_torch_cuda.PATCH,
     cpu_rng.PATCH,

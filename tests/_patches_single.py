@@ -29,6 +29,8 @@ patches = load_patches()
 _C10D = "torch.distributed.distributed_c10d"
 EXPECTED = {
     "moe_router_gemm": [("megatron.core.transformer.moe.moe_utils", "te_general_gemm")],
+    "checkpoint_results_queue": [("megatron.core.dist_checkpointing.strategies.filesystem_async",
+                                  "_get_write_results_queue")],
     "pp2_batched_p2p_order": [("megatron.core.pipeline_parallel.p2p_communication",
                                "_batched_p2p_ops")],
     "distopt_step_load": [
@@ -101,8 +103,27 @@ def _split_sizes_stay_tensors() -> bool:
                                                                      as_numpy=True))
 
 
+def _results_queue_needs_a_server() -> bool:
+    """A server process appears when the queue is made (and would outlive a killed trainer)."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    before = set(multiprocessing.active_children())
+    saved, filesystem_async._results_queue = filesystem_async._results_queue, None
+    try:
+        filesystem_async._get_write_results_queue()
+        started = set(multiprocessing.active_children()) - before
+    finally:
+        filesystem_async._results_queue = saved
+    for child in started:
+        child.terminate()
+    return bool(started)
+
+
 # A defect each patch removes, observable without a process group: True while present.
 DEFECTS = {
+    "checkpoint_results_queue": _results_queue_needs_a_server,
     "moe_router_gemm": _router_fails,
     "pp2_batched_p2p_order": _p2p_mispairs,
     "cpu_torch_cuda": lambda: _raises(torch.cuda.current_device),

@@ -16,10 +16,11 @@ import sys
 import pytest
 from test_runtime import ROOT, TESTS, _env, _tail
 
-NAMES = ["moe_router_gemm", "pp2_batched_p2p_order", "distopt_step_load", "cpu_torch_cuda",
-         "cpu_rng", "cpu_moe_split_sizes", "cpu_uneven_collectives", "cpu_autograd_engine",
-         "cpu_device_arguments", "strict_collectives"]
-CPU_RUNTIME = NAMES[3:9]
+NAMES = ["moe_router_gemm", "pp2_batched_p2p_order", "distopt_step_load",
+         "checkpoint_results_queue", "cpu_torch_cuda", "cpu_rng", "cpu_moe_split_sizes",
+         "cpu_uneven_collectives", "cpu_autograd_engine", "cpu_device_arguments",
+         "strict_collectives"]
+CPU_RUNTIME = NAMES[4:10]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def test_patch_is_needed_applies_and_reverts_to_the_same_objects(report, name):
     assert r["changed_after_revert"] == {}, "revert must restore the original objects"
 
 
-@pytest.mark.parametrize("name", ["moe_router_gemm", "pp2_batched_p2p_order", "cpu_torch_cuda",
+@pytest.mark.parametrize("name", ["moe_router_gemm", "pp2_batched_p2p_order",
+                                  "checkpoint_results_queue", "cpu_torch_cuda",
                                   "cpu_rng", "cpu_moe_split_sizes", "cpu_device_arguments"])
 def test_patch_removes_its_defect_until_reverted(report, name):
     r = report["patches"][name]
@@ -72,4 +74,4 @@ def test_cpu_runtime_is_one_revertible_set(report):
     assert s["applied"] == CPU_RUNTIME
     assert s["reverted"] == CPU_RUNTIME and s["enabled_after_revert"] is False
     assert s["cuda_changed"] == [] and s["modes_after"] == 0
-    assert s["upstream_applied"] == s["upstream_reverted"] == NAMES[:3]
+    assert s["upstream_applied"] == s["upstream_reverted"] == NAMES[:4]

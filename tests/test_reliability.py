@@ -10,6 +10,7 @@ import sys
 import time
 
 from _training import SMALL, run_train, train_command
+from spannorm_megatron.checkpoint.naming import TMP_INFIX as TMP
 from test_training import tensorboard_scalars
 
 
@@ -180,6 +181,7 @@ def test_kill_9_of_one_rank_of_two_then_the_same_command_resumes_bitwise(corpus,
     os.kill(int(children[0]), signal.SIGKILL)
     process.wait(timeout=120)
     assert process.returncode != 0
+    _assert_nothing_of_the_run_is_alive_10_s_later(process.pid)
 
     latest = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert latest >= 6
@@ -213,3 +215,43 @@ def test_non_finite_guard_names_the_lowest_bad_layer_from_device_flags(megatron_
         param.main_grad.normal_()
     unwrap(chunks[0]).output_layer.weight.main_grad[0, 0] = float("-inf")
     assert guard.first_bad_layer() == 0
+
+
+def _assert_nothing_of_the_run_is_alive_10_s_later(session: int) -> None:
+    """No rank, checkpoint writer, results-queue server or worker of the run (all in the session
+    the test started it in) survives it."""
+    deadline = time.time() + 10
+    while True:
+        alive = subprocess.run(["pgrep", "-a", "-s", str(session)], capture_output=True,
+                               text=True).stdout.strip()
+        if not alive or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert not alive, f"still alive 10 s after the run died:\n{alive}"
+
+
+def test_kill_9_of_both_ranks_during_a_save_leaves_no_process_and_no_debris(corpus, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "spannorm_megatron.train"]
+    ckpt = tmp_path / "ckpt"
+    job = base_flags(corpus, tmp_path, 400) + ["--save-interval", "1", "--save", str(ckpt),
+                                                "--load", str(ckpt)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(launcher + job, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.time() + 300
+    while not any(TMP in p.name for p in ckpt.glob("iter_*")) and time.time() < deadline:
+        time.sleep(0.02)  # a save is being written
+    ranks = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                           text=True).stdout.split()
+    assert len(ranks) == 2 and any(TMP in p.name for p in ckpt.glob("iter_*"))
+    for rank in ranks:
+        os.kill(int(rank), signal.SIGKILL)
+    process.wait(timeout=120)
+    _assert_nothing_of_the_run_is_alive_10_s_later(process.pid)
+
+    # The next start cleans the half-written save away and resumes from the last complete one.
+    again = subprocess.run(launcher + job + ["--exit-interval", "1"], capture_output=True,
+                           text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not [p.name for p in ckpt.iterdir() if TMP in p.name]

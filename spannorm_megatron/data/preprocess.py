@@ -245,6 +245,9 @@ def preprocess(config: PreprocessConfig, log: Optional[TextIO] = None) -> Prepro
             encoder = RecordEncoder(*encoder_args[:4], tokenizer=tokenizer)
             results = map(encoder, records)
         else:
+            from spannorm_megatron.runtime.orphans import die_with_parent
+
+            die_with_parent()  # a killed preprocessing run must not leave its workers behind
             pool = _pool_context().Pool(
                 config.workers, initializer=_init_worker, initargs=encoder_args
             )

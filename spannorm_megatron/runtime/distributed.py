@@ -24,6 +24,7 @@ from spannorm_megatron.errors import ParallelLayoutError
 from .cpu import enable_cpu_runtime
 from .device import backend as device_backend
 from .device import has_accelerator
+from .orphans import die_with_parent
 from .strict_devices import strict_devices_requested
 
 __all__ = [
@@ -267,6 +268,7 @@ def initialize(
         # GEMM it overlaps (Megatron-LM's launchers set it; read at CUDA context creation,
         # which has not happened yet). An explicit setting is kept.
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    die_with_parent()  # forked checkpoint writers and data workers must not outlive the rank
     if has_accelerator():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     else:

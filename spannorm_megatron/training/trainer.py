@@ -28,6 +28,7 @@ from spannorm_megatron.checkpoint import (
     read_run_record,
     save_checkpoint,
 )
+from spannorm_megatron.checkpoint.save import clean_debris
 from spannorm_megatron.data.dataset import (
     build_gpt_datasets,
     check_data_prefixes,
@@ -164,6 +165,11 @@ class Trainer:
                                                   self.performance)
         initialize(**parallel.runtime_kwargs(), seed=args.seed)
         self._initialized = True
+        if args.save and os.path.isdir(args.save):
+            # What a killed save left (iter_*.tmp-*), gone before this run writes anything.
+            if torch.distributed.get_rank() == 0:
+                clean_debris(args.save)
+            torch.distributed.barrier()
         initialize_tp_comm_overlap(performance, seq_length=args.seq_length,
                                    micro_batch_size=args.micro_batch_size,
                                    hidden_size=model_cfg.hidden_size,
