@@ -5,7 +5,8 @@ patches are applied by `spannorm_megatron.runtime.initialize()` only. It does qu
 upstream warnings that tell a user nothing, printed by every rank and every process it spawns
 (checkpoint writers): megatron-core's import-time notes, from five modules, that Transformer
 Engine or Apex is not installed (the run's first lines say once which fused kernels it has,
-`training.trainer`), and torch's deprecation of two collective names megatron-core calls.
+`training.trainer`), and torch's deprecations of calls megatron-core makes (two collective
+names; the ShardedTensor and `load_state_dict` of dist checkpointing, on every resume).
 """
 
 import warnings as _warnings
@@ -16,5 +17,8 @@ for _absent in (r"Transformer Engine and Apex are not installed", r"Apex is not 
 _warnings.filterwarnings(
     "ignore", category=FutureWarning,
     message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
+for _deprecated in (r"Please use DTensor instead and we are deprecating ShardedTensor",
+                    r"`load_state_dict` is deprecated and will be removed"):
+    _warnings.filterwarnings("ignore", category=FutureWarning, message=_deprecated)
 
 __version__ = "0.1.0"

@@ -255,3 +255,36 @@ def test_kill_9_of_both_ranks_during_a_save_leaves_no_process_and_no_debris(corp
                            text=True, timeout=600, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert not [p.name for p in ckpt.iterdir() if TMP in p.name]
+
+
+def test_a_save_without_room_keeps_the_last_good_checkpoint_and_says_so(corpus, tmp_path):
+    """A file-size limit stands in for a full disk (both are refused writes, EFBIG / ENOSPC):
+    the save fails at once with one message, and the checkpoint before it stays loadable."""
+    import hashlib
+    import resource
+
+    ckpt = tmp_path / "ckpt"
+    flags = base_flags(corpus, tmp_path, 2) + ["--lr-decay-iters", "100", "--save", str(ckpt),
+                                                "--load", str(ckpt)]
+    assert run(flags).returncode == 0
+
+    def files():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.rglob("*")
+                if p.is_file()}
+
+    before = files()
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    flags[flags.index("--train-iters") + 1] = "4"
+    result = subprocess.run(train_command(*flags, nproc=1), capture_output=True, text=True,
+                            timeout=600, preexec_fn=limited,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in result.stderr and len(ours) == 1, result.stderr[-3000:]
+    assert f"Saving iteration 4 to {ckpt} failed: File too large" in result.stderr
+    assert "The last good checkpoint is kept" in result.stderr
+    assert files() == before  # iteration 2 and the pointer untouched, no debris left

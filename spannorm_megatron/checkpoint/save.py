@@ -21,18 +21,22 @@ re-saving the pointer's own iteration, a complete ``.old-`` copy that loading fa
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import uuid
 from typing import Optional, Sequence
 
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 
 from . import _dist, manifest, rng, run_record, state
 from .atomic import atomic_write_text, fsync_path, publish_dir, remove_tree, retire_dir
 from .errors import CheckpointError
+from .tracker import complete_iterations
 from .naming import (
     RUN_RECORD_FILENAME,
     TMP_INFIX,
@@ -60,6 +64,53 @@ def clean_debris(save_dir: str) -> None:
     for name in os.listdir(save_dir):
         if name.startswith(TRACKER_FILENAME + TMP_INFIX):
             os.remove(os.path.join(save_dir, name))
+
+
+_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
+
+
+def storage_problem(error: BaseException) -> Optional[str]:
+    """The storage error (no space, quota, file size limit, read-only, permission) behind a
+    failed save, or None. megatron-core reports writer failures as text (a CheckpointException
+    holding each rank's traceback), so the text is searched as well as the exception chain."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _STORAGE_ERRORS:
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    text = str(error)
+    for code in _STORAGE_ERRORS:
+        if os.strerror(code) in text:
+            return os.strerror(code)
+    return None
+
+
+def _probe_storage(save_dir: str, nbytes: int = 4 << 20) -> Optional[str]:
+    """Whether `save_dir` still takes a few megabytes: a writer that died of a short write may
+    report only the symptom (torch's zip writer: "unexpected pos")."""
+    probe = os.path.join(save_dir, f".space-probe{TMP_INFIX}{uuid.uuid4().hex[:8]}")
+    try:
+        with open(probe, "wb") as stream:
+            stream.write(b"\0" * nbytes)
+            stream.flush()
+            os.fsync(stream.fileno())
+    except OSError as error:
+        return os.strerror(error.errno) if error.errno in _STORAGE_ERRORS else None
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+    last = _size_of_last(save_dir)
+    if last and shutil.disk_usage(save_dir).free < last:
+        return os.strerror(errno.ENOSPC)
+    return None
+
+
+def _size_of_last(save_dir: str) -> int:
+    latest = complete_iterations(save_dir) if os.path.isdir(save_dir) else []
+    if not latest:
+        return 0
+    entries = (manifest.read(iteration_dir(save_dir, max(latest))) or {}).get("files") or {}
+    return sum(int(entry.get("size", 0)) for entry in entries.values())
 
 
 def _prepare(save_dir: str, iteration: int, nonce: str) -> str:
@@ -146,16 +197,30 @@ def save_checkpoint(
         consumed_valid_samples=int(consumed_valid_samples),
         run=record,
     )
-    dist_checkpointing.save(sharded, tmp, sharded_strategy=sharded_strategy,
-                           content_metadata=dict(metadata))
-
     def write_record():
         path = os.path.join(tmp, RUN_RECORD_FILENAME)
         with open(path, "w") as f:
             f.write(run_record.dumps(record))
 
-    _dist.on_rank0(write_record)
-    entries = manifest.collect_entries(tmp)
+    try:
+        dist_checkpointing.save(sharded, tmp, sharded_strategy=sharded_strategy,
+                               content_metadata=dict(metadata))
+        _dist.on_rank0(write_record)
+        entries = manifest.collect_entries(tmp)
+    except (Exception, CheckpointException) as error:  # torch's is a BaseException
+        problem = storage_problem(error) or _probe_storage(save_dir)
+        if problem is None:
+            raise
+        if _dist.rank() == 0:  # no collective here: the other ranks may have failed elsewhere
+            remove_tree(tmp)
+        raise CheckpointError(
+            f"Saving iteration {iteration} to {save_dir} failed: {problem} ("
+            f"{shutil.disk_usage(save_dir).free:,} bytes free there"
+            + (f"; the last checkpoint took {_size_of_last(save_dir):,} bytes"
+               if _size_of_last(save_dir) else "")
+            + "). The last good checkpoint is kept and the pointer still names it. Free space "
+            "or fix the permissions, then resume with the same command; or pass another --save."
+        ) from None
     final = _dist.on_rank0(lambda: _finish(save_dir, iteration, tmp, entries, nonce))
     logger.info("checkpoint: saved iteration %d to %s", iteration, final)
     return final

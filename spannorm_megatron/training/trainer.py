@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
 from typing import Callable, Optional
 
 import torch
@@ -80,6 +81,27 @@ def fused_kernels() -> str:
     have = {name: importlib.util.find_spec(module) is not None
             for name, module in (("Transformer Engine", "transformer_engine"), ("Apex", "apex"))}
     return ", ".join(f"{name} {'yes' if found else 'no'}" for name, found in have.items())
+
+
+def _check_room_for_checkpoints(save: str, model, data_parallel_size: int, bf16: bool) -> None:
+    """Refuse a --save filesystem without room for one checkpoint now, not after hours of
+    training. The estimate: the weights, plus Adam's two fp32 moments and, under bf16, the fp32
+    main weights, counted once over the data-parallel replicas."""
+    local = torch.tensor([sum(p.numel() for chunk in model for p in chunk.parameters()),
+                          sum(p.numel() * p.element_size() for chunk in model
+                              for p in chunk.parameters())],
+                         dtype=torch.float64, device=current_device())
+    torch.distributed.all_reduce(local)
+    numel, weight_bytes = (local / data_parallel_size).tolist()
+    needed = int(weight_bytes + numel * (8 + (4 if bf16 else 0)))
+    existing = os.path.abspath(save)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise ConfigError(f"--save {save}: a checkpoint of this model takes about {needed:,} "
+                          f"bytes and its filesystem has {free:,} free: free space or choose "
+                          f"another --save.")
 
 
 def _file_sha256(path: str) -> str:
@@ -178,6 +200,9 @@ class Trainer:
             model_cfg, parallel, optimizer_config(args), performance,
             calculate_per_token_loss=args.calculate_per_token_loss)
         self.scheduler = lr_scheduler(args, self.optimizer, self.batches.global_batch_size)
+        if args.save:
+            _check_room_for_checkpoints(args.save, self.model, self.batches.data_parallel_size,
+                                        bf16=performance.bf16)
         self.iteration, self.consumed_train, self.consumed_valid = self._load()
 
         datasets = build_gpt_datasets(self.data_config, self.tokenizer, self.num_samples)
