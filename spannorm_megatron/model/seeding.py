@@ -61,7 +61,7 @@ def seeded_experts(experts_class: type) -> type:
 
     def __init__(self, num_local_experts, config, *args, **kwargs):
         # The layer's stream is at the same point on every expert-parallel layout here.
-        base = int(torch.randint(0, 2**62, (1,)).item())
+        base = int(torch.randint(0, 2**62, (1,), device="cpu").item())  # also under meta
         experts_class.__init__(self, num_local_experts, config, *args, **kwargs)
         _redraw_experts(self, base)
         # What the layer builds next draws alike whatever number of experts was drawn here.
@@ -91,6 +91,8 @@ def _redraw_experts(experts, base: int) -> None:
     size = parallel_state.get_expert_tensor_parallel_world_size()
     first = parallel_state.get_expert_model_parallel_rank() * experts.num_local_experts
     for index, (fc1, fc2) in enumerate(_local_expert_weights(experts)):
+        if fc1.is_meta:  # built to be loaded into (checkpoint conversion): nothing to draw
+            return
         # fc1 is column-parallel ([gate; up] interleaved per shard when gated), fc2 row-parallel.
         for which, (weight, dim, init, stride) in enumerate((
                 (fc1, 0, config.init_method, 2 if config.gated_linear_unit else 1),
