@@ -47,7 +47,8 @@ def test_local_bf16_training_evaluates_saves_and_resumes(corpus, tmp_path):
              "--lr", "1e-3", "--lr-warmup-iters", "5", "--log-interval", "10",
              "--eval-interval", "25", "--eval-iters", "2", "--split", "90,10,0",
              "--transformer-impl", "local", "--bf16", "--save", str(tmp_path / "ckpt"),
-             "--save-interval", "30", "--tensorboard-dir", str(tmp_path / "tb")]
+             "--save-interval", "30", "--tensorboard-dir", str(tmp_path / "tb"),
+             "--lr-decay-iters", "70"]  # the resume extends the run under the same schedule
     first = run_train(*flags, "--train-iters", "60", nproc=1, nan_at="3")
     assert first.returncode == 0, first.stderr[-4000:]
     assert "iteration 3: non-finite gradients" in first.stdout

@@ -31,7 +31,7 @@ def test_training_loop_keeps_every_tensor_on_the_device(corpus, tmp_path, layout
     data, tokenizer = corpus
     flags = [*SMALL, *LAYOUTS[layout], "--data-path", data, "--tokenizer-model", tokenizer,
              "--log-interval", "2", "--eval-interval", "3", "--eval-iters", "2",
-             "--save", str(tmp_path / "ckpt"), "--save-interval", "5",
+             "--save", str(tmp_path / "ckpt"), "--save-interval", "5", "--lr-decay-iters", "7",
              "--tensorboard-dir", str(tmp_path / "tb")]
     first = run_train(*flags, "--train-iters", "5", env=STRICT, nan_at="2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
