@@ -54,7 +54,8 @@ groups:
 
 def test_run_resume_and_table(tmp_path):
     heldout = tmp_path / "heldout.txt"
-    heldout.write_text("The held-out text is prose, not Python: é € ✓.\n" * 200, encoding="utf-8")
+    heldout.write_text("The held-out text is prose, not Python: é € ✓.\n" * 200,
+                       encoding="utf-8")
     path = write_grid(tmp_path, extra=f"heldout: {{text: {heldout}, max_bytes: 4000}}")
     out = str(tmp_path / "out")
     rows = lab_grid.run_grid(path, out, python=sys.executable, log=lambda m: None)

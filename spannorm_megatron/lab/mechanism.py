@@ -48,7 +48,8 @@ def _value(series: Sequence, iterations: Sequence[int], at: int) -> Optional[flo
 
 def collapse_iteration(row: dict, threshold: float) -> Optional[int]:
     history = row.get("history") or {}
-    for i, ratio in zip(history.get("ratio_iterations") or [], history.get("layer_grad_ratio") or []):
+    ratios = zip(history.get("ratio_iterations") or [], history.get("layer_grad_ratio") or [])
+    for i, ratio in ratios:
         if ratio is not None and ratio < threshold:
             return int(i)
     return None
@@ -124,7 +125,8 @@ def analyse(rows: List[dict], threshold: float = 1e-3, min_depth: int = 128) -> 
 COLUMNS = (
     ("grad ratio 2/L", "before", "grad_ratio"), ("grad ratio 2/L", "at", "grad_ratio"),
     ("grad ratio 2/L", "end", "grad_ratio"),
-    ("update ratio layer 2", "at", "2/update_ratio"), ("update ratio layer 2", "end", "2/update_ratio"),
+    ("update ratio layer 2", "at", "2/update_ratio"),
+    ("update ratio layer 2", "end", "2/update_ratio"),
     ("update ratio layer L", "end", "L/update_ratio"),
     ("MLP branch RMS mid", "before", "mid/mlp_rms"), ("MLP branch RMS mid", "at", "mid/mlp_rms"),
     ("attn branch RMS mid", "at", "mid/attention_rms"),
