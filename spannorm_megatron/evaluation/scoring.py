@@ -65,10 +65,11 @@ class HFScorer:
     def __call__(self, batches: List[Batch]) -> float:
         total = 0.0
         for batch in batches:
-            logits = self.model(input_ids=batch.tokens).logits.float()
+            logits = self.model(input_ids=batch.tokens.to(self.device)).logits.float()
             nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), reduction="none")
-            total += float((nll * batch.loss_mask.reshape(-1)).double().sum())
+                logits.reshape(-1, logits.shape[-1]), batch.labels.to(self.device).reshape(-1),
+                reduction="none")
+            total += float((nll * batch.loss_mask.to(self.device).reshape(-1)).double().sum())
         return total
 
 
