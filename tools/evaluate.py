@@ -10,8 +10,10 @@ Examples:
         --input text.txt --tensor-model-parallel-size 2
 
 The text is tokenized and cut into consecutive, non-overlapping windows of --seq-length tokens
-(default: the length the run trained with); in each window every token after the first is
-scored. loss is the mean negative log-likelihood per scored token (nats), perplexity exp(loss),
+(default: the model's maximum sequence length, i.e. the training --seq-length unless
+--max-position-embeddings was set; an HF folder's max_position_embeddings, the same number); in
+each window every token after the first is scored. loss is the mean negative log-likelihood per
+scored token (nats), perplexity exp(loss),
 bits_per_byte the summed loss in bits over the UTF-8 bytes of the scored tokens, which does not
 depend on the tokenizer. The file is read in blocks, with a progress line on stderr after each
 group of batches; --json OUT.json also writes the numbers (loss, perplexity, bits_per_byte,
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="megatron checkpoint or Hugging Face folder")
     parser.add_argument("--input", required=True, metavar="TEXT_FILE", help="UTF-8 text file")
     parser.add_argument("--seq-length", type=int, default=None,
-                        help="window length in tokens (default: the training sequence length)")
+                        help="window length in tokens (default: the model's maximum, "
+                             "max_position_embeddings)")
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="windows per forward pass (default: about 8192 tokens' worth)")
     parser.add_argument("--max-bytes", type=int, default=0,
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
             tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
             run_record=record)
         vocab = config.vocab_size
-        seq_length = args.seq_length or models.default_seq_length(config, record)
+        seq_length = args.seq_length or models.default_seq_length(config)
         learned = config.position_embedding_type == "learned_absolute"
         max_positions = config.max_sequence_length
     models.check_seq_length(seq_length, max_positions, learned)

@@ -99,11 +99,11 @@ def resolve_tokenizer(*, tokenizer_type: Optional[str], tokenizer_model: Optiona
                           f"X.model, or --tokenizer-type ByteLevelTokenizer.")
 
 
-def default_seq_length(config: ModelConfig, run_record: Optional[dict]) -> int:
-    """The sequence length the model was trained with, else its maximum."""
-    args = (run_record or {}).get("args") or {}
-    seq = args.get("seq_length")
-    return int(seq) if isinstance(seq, int) and seq > 1 else int(config.max_sequence_length)
+def default_seq_length(config: ModelConfig) -> int:
+    """The model's maximum sequence length (`--max-position-embeddings`, which is the training
+    `--seq-length` unless set): what an HF export records as `max_position_embeddings`, so that
+    a checkpoint and its export are scored on the same windows by default."""
+    return int(config.max_sequence_length)
 
 
 def check_seq_length(seq_length: int, max_positions: int, learned_positions: bool) -> None:
