@@ -171,6 +171,8 @@ def test_bad_input_is_one_clear_error(trained, tmp_path):
         (("--load", tmp_path / "no_checkpoint", "--input", text), "does not exist"),
         (("--input", text), "the following arguments are required: --load"),
         (("--load", ckpt, "--input", text, "--seq-length", "1"), "must be >= 2"),
+        (("--load", ckpt, "--input", text, "--tensor-model-parallel-size", "2"),
+         "launch with torchrun --nproc_per_node 2"),
     ]
     for argv, message in cases:
         status, _out, err = _run_tool("evaluate", *argv)

@@ -93,6 +93,8 @@ def main(argv=None) -> int:
 
     if not os.path.exists(args.load):
         raise EvaluationError(f"--load {args.load} does not exist.")
+    if args.micro_batch_size is not None and args.micro_batch_size < 1:
+        raise EvaluationError(f"--micro-batch-size {args.micro_batch_size} must be >= 1.")
     if args.max_bytes < 0:
         raise EvaluationError(f"--max-bytes {args.max_bytes} must be >= 0 (0: the whole file).")
     total_bytes = check_text_file(args.input, args.max_bytes)  # before any model is loaded

@@ -34,6 +34,13 @@ def load_megatron(path: str, parallel: ParallelConfig, model_config=None,
     from spannorm_megatron.runtime import initialize
 
     distributed = world_size() > 1
+    sizes = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+    if not distributed and sizes > 1:
+        raise EvaluationError(
+            f"--tensor-model-parallel-size {parallel.tensor_model_parallel_size} x "
+            f"--pipeline-model-parallel-size {parallel.pipeline_model_parallel_size} needs "
+            f"{sizes} ranks: launch with torchrun --nproc_per_node {sizes} (one process reads "
+            f"any saved layout by itself, without these flags).")
     # With torchrun, load_checkpoint verifies the checksums itself (on rank 0, once).
     ckpt = MegatronCheckpoint(path, model_config, verify_checksums=not distributed)
     config = local_model_config(ckpt.config)
