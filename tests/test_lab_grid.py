@@ -53,7 +53,10 @@ groups:
 
 
 def test_run_resume_and_table(tmp_path):
-    path = write_grid(tmp_path)
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("The held-out text is prose, not Python: é € ✓.\n" * 200,
+                       encoding="utf-8")
+    path = write_grid(tmp_path, extra=f"heldout: {{text: {heldout}, max_bytes: 4000}}")
     out = str(tmp_path / "out")
     rows = lab_grid.run_grid(path, out, python=sys.executable, log=lambda m: None)
     assert [r["name"] for r in rows] == ["spannorm_L2_s7_tokenizer-bytes"]
@@ -66,10 +69,16 @@ def test_run_resume_and_table(tmp_path):
     assert row["projection_rms"]["iterations"] == [3, 6]
     assert row["proj_rms_attn_final"] > 0
     assert row["signals"]["iterations"] and row["signals"]["2/grad_norm"]
+    # tools/evaluate.py on the last checkpoint, on the first 4000 bytes (cut at a line end)
+    assert row["heldout"]["bytes"] <= 4000 and row["heldout"]["tokens"] > 3000
+    assert row["heldout_bits_per_byte"] == row["heldout"]["bits_per_byte"]
+    assert 0 < row["heldout_bits_per_byte"] < 10 and row["heldout_loss"] > 0
     assert not os.path.isdir(os.path.join(out, "runs", row["name"], "checkpoints"))
     with open(os.path.join(out, "results.csv")) as f:
         table = list(csv.DictReader(f))
     assert [r["name"] for r in table] == [row["name"]] and table[0]["status"] == "ok"
+    assert float(table[0]["heldout_bits_per_byte"]) == pytest.approx(row["heldout_bits_per_byte"],
+                                                                    rel=1e-5)
     with open(os.path.join(out, "results.jsonl")) as f:
         assert len(f.readlines()) == 1
 
@@ -125,3 +134,12 @@ def test_cells_a_placement_cannot_run_are_left_out(tmp_path):
         "prenorm_L2_s7_base", "spannorm_L2_s7_base", "spannorm_L2_s7_scale-mode-forward"]
     assert [r.name for r, _ in grid.not_applicable] == ["prenorm_L2_s7_scale-mode-forward"]
     assert [r.index for r in grid.runs] == [0, 1, 3]
+
+
+def test_missing_heldout_text_refused_before_anything(tmp_path):
+    path = write_grid(tmp_path, extra=f"heldout: {{text: {tmp_path / 'none.txt'}}}")
+    with pytest.raises(lab_grid.GridError, match="heldout text .*none.txt' does not exist"):
+        lab_grid.load_grid(path)
+    path = write_grid(tmp_path, extra="heldout: some.txt")
+    with pytest.raises(lab_grid.GridError, match="`heldout` is a mapping"):
+        lab_grid.load_grid(path)

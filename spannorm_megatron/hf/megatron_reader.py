@@ -350,13 +350,18 @@ def build_single_process_model(config: ModelConfig, dtype: torch.dtype = torch.f
     from spannorm_megatron.model import build_gpt_model, transformer_config
 
     config = local_model_config(config)
+    model = build_gpt_model(config, transformer_config(config, **dtype_overrides(dtype)))
+    return model.eval()
+
+
+def dtype_overrides(dtype: torch.dtype) -> dict:
+    """The `transformer_config` fields that build a model with `dtype` weights."""
     overrides = {"params_dtype": dtype}
     if dtype == torch.bfloat16:
         overrides["bf16"] = True
     elif dtype == torch.float16:
         overrides["fp16"] = True
-    model = build_gpt_model(config, transformer_config(config, **overrides))
-    return model.eval()
+    return overrides
 
 
 def load_megatron_model(ckpt_dir, model_config: ConfigSource = None,

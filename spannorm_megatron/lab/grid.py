@@ -13,6 +13,8 @@ A grid file (YAML, `examples/depth_sweep/grid.yaml` is the one issue 16 needs):
       shakespeare: ../shared/data/tinyshakespeare.txt    # relative to the repository root
     estimate: {startup_s: 30, step_s_per_layer: 0.0055}  # the time model, see estimate_seconds
     rms_every: 20                   # output-projection RMS every N iterations (0: not recorded)
+    heldout: {text: ../shared/data/wikitext2-valid.txt, max_bytes: 16384}
+                                    # tools/evaluate.py on the final checkpoint (optional)
     groups:                         # run in this order
       - name: decisive
         placements: [spannorm, prenorm, postnorm]
@@ -29,7 +31,8 @@ first seed.
 Output under OUT (default runs/grid):
 
     OUT/data/                    prepared corpora, tokenizers and indexed datasets (reused)
-    OUT/runs/<name>/             train.log, tensorboard/, run.txt (as examples/depth_sweep/run.sh)
+    OUT/runs/<name>/             train.log, tensorboard/, run.txt (as examples/depth_sweep/run.sh),
+                                 heldout.json / heldout.log (with `heldout`)
     OUT/results.jsonl            one JSON object per finished run, appended when it finishes
     OUT/results.csv              the same rows (without histories) in grid order, rewritten
     OUT/grid.txt                 the grid file and the command, for the record
@@ -245,6 +248,10 @@ class Grid:
     width_exponent: float
     rms_every: int
     corpus_max_bytes: int
+    heldout_text: Optional[str] = None
+    """Text file tools/evaluate.py scores each run's final checkpoint on (None: not done)."""
+    heldout_max_bytes: int = 0
+    heldout_s: float = 20.0
     runs: List[PlannedRun] = field(default_factory=list)
     not_applicable: List[Tuple[PlannedRun, str]] = field(default_factory=list)
     """Cells a placement cannot run (e.g. scale_mode forward with prenorm, which uses
@@ -255,7 +262,7 @@ class Grid:
 
 
 KNOWN_KEYS = {"base_config", "budget_hours", "max_run_minutes", "threads", "corpora",
-              "estimate", "rms_every", "groups", "corpus_max_bytes"}
+              "estimate", "rms_every", "groups", "corpus_max_bytes", "heldout"}
 GROUP_KEYS = {"name", "placements", "depths", "seeds", "cells"}
 
 
@@ -290,7 +297,9 @@ def load_grid(path: str) -> Grid:
         width_exponent=float(estimate.get("width_exponent", 1.0)),
         rms_every=int(data.get("rms_every", 0)),
         corpus_max_bytes=int(data.get("corpus_max_bytes", 4_000_000)),
+        heldout_s=float(estimate.get("heldout_s", 20.0)),
     )
+    _read_heldout(grid, data.get("heldout"), path)
     groups = data.get("groups")
     if not isinstance(groups, list) or not groups:
         raise GridError(f"Grid file '{path}' declares no `groups` (a list of placements x depths "
@@ -333,6 +342,29 @@ def load_grid(path: str) -> Grid:
     for run in grid.runs:
         _check_run(grid, run)
     return grid
+
+
+def _read_heldout(grid: Grid, heldout, path: str) -> None:
+    """`heldout: {text: FILE, max_bytes: N}`: every run's final checkpoint is scored on FILE
+    (its first N bytes; 0: all) by tools/evaluate.py, for bits per byte on text outside the
+    training corpus. FILE is relative to the repository root, like the corpora."""
+    if heldout is None:
+        return
+    if not isinstance(heldout, dict) or "text" not in heldout or set(heldout) - {"text",
+                                                                                "max_bytes"}:
+        raise GridError(f"Grid file '{path}': `heldout` is a mapping {{text: FILE, max_bytes: "
+                        f"N}} (max_bytes optional, 0 = the whole file), not {heldout!r}.")
+    text = _corpus_path(str(heldout["text"]))
+    if not os.path.isfile(text):
+        raise GridError(f"Grid file '{path}': heldout text '{text}' does not exist.")
+    try:
+        max_bytes = int(heldout.get("max_bytes", 0))
+        if max_bytes < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise GridError(f"Grid file '{path}': heldout max_bytes must be a whole number >= 0, "
+                        f"not {heldout.get('max_bytes')!r}.") from None
+    grid.heldout_text, grid.heldout_max_bytes = text, max_bytes
 
 
 def _not_applicable(setting: Setting) -> Optional[str]:
@@ -402,11 +434,12 @@ def resolve(grid: Grid, setting: Setting) -> dict:
     }
 
 
-def estimate_seconds(grid: Grid, setting: Setting) -> float:
+def estimate_seconds(grid: Grid, setting: Setting, heldout: bool = True) -> float:
     """startup + steps x step time, where a step costs `step_s_per_layer` x layers at the base
     width and tokens per step, times (tokens / base) ** tokens_exponent and (width / base) **
     width_exponent (1 = linear; tiny models on CPU scale less than linearly); an evaluation batch
-    counts as a third of a step, a checkpoint save (for the projection RMS) as one step."""
+    counts as a third of a step, a checkpoint save (for the projection RMS) as one step, the
+    held-out evaluation (when declared and `heldout`) as `estimate.heldout_s`."""
     s = resolve(grid, setting)
     base_tokens = int(grid.base_value("global-batch-size", 4)) * s["seq_length"]
     base_width = int(grid.base_value("hidden-size", 64))
@@ -417,14 +450,18 @@ def estimate_seconds(grid: Grid, setting: Setting) -> float:
     evals = s["train_iters"] // max(1, eval_interval) + 1
     eval_steps = evals * int(grid.base_value("eval-iters", 8)) / 3
     saves = s["train_iters"] // grid.rms_every if grid.rms_every else 0
-    return grid.startup_s + step * (s["train_iters"] + eval_steps + saves)
+    extra = grid.heldout_s if grid.heldout_text and heldout else 0.0
+    return grid.startup_s + step * (s["train_iters"] + eval_steps + saves) + extra
 
 
 def check_budget(grid: Grid) -> Tuple[float, List[Tuple[PlannedRun, float]]]:
     """Total estimated seconds; GridError when a run exceeds max_run_minutes or the grid its
     budget_hours."""
     estimates = [(run, estimate_seconds(grid, run.setting)) for run in grid.runs]
-    over = [(run, sec) for run, sec in estimates if sec > 60 * grid.max_run_minutes]
+    # max_run_minutes bounds the training run; the held-out evaluation after it counts in the
+    # grid's budget only
+    over = [(run, estimate_seconds(grid, run.setting, heldout=False)) for run in grid.runs]
+    over = [(run, sec) for run, sec in over if sec > 60 * grid.max_run_minutes]
     if over:
         run, sec = over[0]
         raise GridError(
@@ -476,9 +513,10 @@ def train_flags(grid: Grid, run: PlannedRun, data_dir: str, run_dir: str) -> Lis
         flags += ["--hidden-size", str(s["width"]), "--ffn-hidden-size", str(s["ffn"])]
     if setting.embeddings == "tied":
         flags += ["--no-untie-embeddings-and-output-weights"]
-    if grid.rms_every:
+    if grid.rms_every or grid.heldout_text:
+        # (the last iteration is always saved: the held-out evaluation reads it)
         flags += ["--save", os.path.join(run_dir, "checkpoints"),
-                  "--save-interval", str(grid.rms_every)]
+                  "--save-interval", str(grid.rms_every or s["train_iters"])]
     return flags
 
 
@@ -647,7 +685,8 @@ ROW_COLUMNS = (
     "index", "name", "group", "cell", "placement", "depth", "seed", "corpus", "tokenizer",
     "vocab_size", "padded_vocab_size", "scale_mode", "scale_init", "lr", "warmup", "tokens_per_step", "train_iters",
     "width", "embeddings", "status", "exit_code", "start_loss", "final_train_loss",
-    "min_train_loss", "final_valid_loss", "valid_bits_per_byte", "diverged",
+    "min_train_loss", "final_valid_loss", "valid_bits_per_byte", "heldout_bits_per_byte",
+    "heldout_loss", "diverged",
     "layer_grad_ratio_min", "layer_grad_ratio_final", "max_grad_norm", "final_grad_norm",
     "proj_rms_attn_first_saved", "proj_rms_attn_final", "proj_rms_fc2_first_saved",
     "proj_rms_fc2_final", "init_method_std", "proj_init_std", "forward_multiplier", "seconds", "estimated_seconds", "median_step_ms",
@@ -680,13 +719,15 @@ def run_one(grid: Grid, run: PlannedRun, out_dir: str, data_infos: Dict[str, dic
                 f"seconds={seconds:.1f}\n")
     swept = load_run(run_dir)
     v = swept.verdict
-    rms = {}
+    rms, heldout = {}, {}
     checkpoints = os.path.join(run_dir, "checkpoints")
     if os.path.isdir(checkpoints):
         try:
             rms = projection_rms(checkpoints)
         except Exception as err:  # the row is still worth writing
             rms = {"error": f"{type(err).__name__}: {err}"}
+        if grid.heldout_text and code == 0:
+            heldout = evaluate_heldout(grid, checkpoints, run_dir, python, env)
         if not keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)
     info = data_infos.get(dataset_key(run.setting), {})
@@ -712,6 +753,8 @@ def run_one(grid: Grid, run: PlannedRun, out_dir: str, data_infos: Dict[str, dic
         "status": swept.status, "exit_code": code, "start_loss": v.start_loss,
         "final_train_loss": v.final_train_loss, "min_train_loss": v.min_train_loss,
         "final_valid_loss": v.final_valid_loss, "valid_bits_per_byte": bits,
+        "heldout_bits_per_byte": heldout.get("bits_per_byte"),
+        "heldout_loss": heldout.get("loss"),
         "diverged": v.diverged, "layer_grad_ratio_min": swept.ratio_min,
         "layer_grad_ratio_final": swept.ratio_final, "max_grad_norm": v.max_grad_norm,
         "final_grad_norm": v.final_grad_norm,
@@ -731,9 +774,31 @@ def run_one(grid: Grid, run: PlannedRun, out_dir: str, data_infos: Dict[str, dic
                     "ratio_iterations": swept.ratio_iterations,
                     "layer_grad_ratio": swept.layer_grad_ratio},
         "projection_rms": rms,
+        "heldout": heldout,
         "signals": _signals_or_error(os.path.join(run_dir, "tensorboard"), s["depth"]),
     }
     return row
+
+
+def evaluate_heldout(grid: Grid, checkpoints: str, run_dir: str, python: str,
+                     env: Dict[str, str]) -> dict:
+    """tools/evaluate.py on the run's last checkpoint and the grid's held-out text: its JSON
+    (loss, perplexity, bits_per_byte, tokens, bytes, ...), or {"error": ...}; the tool's output
+    goes to run_dir/heldout.log."""
+    out = os.path.join(run_dir, "heldout.json")
+    command = [python, os.path.join(ROOT, "tools", "evaluate.py"), "--load", checkpoints,
+               "--input", grid.heldout_text, "--max-bytes", str(grid.heldout_max_bytes),
+               "--json", out]
+    with open(os.path.join(run_dir, "heldout.log"), "w") as logfile:
+        logfile.write(f"# {shlex.join(command)}\n")
+        logfile.flush()
+        code = _call_run(command, logfile, env)  # a SIGTERM to the grid stops it too
+    if code != 0 or not os.path.isfile(out):
+        return {"error": f"tools/evaluate.py exited with {code} (see heldout.log)"}
+    with open(out) as f:
+        result = json.load(f)
+    return {k: result.get(k) for k in ("loss", "perplexity", "bits_per_byte", "tokens", "bytes",
+                                       "input", "seconds")}
 
 
 def _signals_or_error(tb_dir: str, depth: int) -> dict:
@@ -879,12 +944,14 @@ def summarize(rows: List[dict]) -> str:
     for row in sorted(latest_rows(rows).values(), key=lambda r: r.get("index", 0)):
         cells.setdefault((row["group"], row["cell"], row["depth"], row["placement"]), []).append(row)
     lines = ["| group | cell | L | placement | n | valid loss mean | spread (sd) | min | max | "
-             "bits/byte | min layer-2/L grad ratio (median) | proj RMS / init std, first save "
-             "-> end (attn, mean) | status |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "bits/byte | held-out bits/byte (n) | min layer-2/L grad ratio (median) | proj RMS / "
+             "init std, first save -> end (attn, mean) | status |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for (group, cell, depth, placement), rs in cells.items():
         losses = [r["final_valid_loss"] for r in rs if isinstance(r.get("final_valid_loss"), float)]
         bits = [r["valid_bits_per_byte"] for r in rs if isinstance(r.get("valid_bits_per_byte"), float)]
+        held = [r["heldout_bits_per_byte"] for r in rs
+                if isinstance(r.get("heldout_bits_per_byte"), float)]
         ratios = sorted(r["layer_grad_ratio_min"] for r in rs
                         if isinstance(r.get("layer_grad_ratio_min"), float))
         statuses = ",".join(sorted({r["status"] for r in rs}))
@@ -903,7 +970,9 @@ def summarize(rows: List[dict]) -> str:
             f"| {group} | {cell} | {depth} | {placement} | {len(rs)} | "
             f"{f(mean(losses)) if losses else ''} | {f(pstdev(losses), 2) if len(losses) > 1 else ''} | "
             f"{f(min(losses)) if losses else ''} | {f(max(losses)) if losses else ''} | "
-            f"{f(mean(bits)) if bits else ''} | {f(median(ratios), 2) if ratios else ''} | "
+            f"{f(mean(bits)) if bits else ''} | "
+            f"{f'{mean(held):.4g} ({len(held)})' if held else ''} | "
+            f"{f(median(ratios), 2) if ratios else ''} | "
             f"{rms_text} | {statuses} |")
     return "\n".join(lines) + "\n"
 

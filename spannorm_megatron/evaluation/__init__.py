@@ -1,0 +1,15 @@
+"""Held-out evaluation of a trained model on any text file (`tools/evaluate.py`).
+
+Loss, perplexity and bits per byte for a megatron checkpoint (one process, or any TP/PP layout
+under torchrun) or a Hugging Face folder. Bits per byte divides the summed loss by the UTF-8
+size of the text whose tokens were scored, so it compares models with different tokenizers.
+
+Modules: `text` (the file, its blocks, the tokenizer view, windows), `models` (loading the
+model and tokenizer with the conversion tools' code), `scoring` (batches, the two scorers, the
+totals).
+"""
+
+from .scoring import Result, score_text
+from .text import EvalTokenizer, EvaluationError
+
+__all__ = ["EvalTokenizer", "EvaluationError", "Result", "score_text"]
