@@ -122,7 +122,7 @@ def test_same_seed_and_layout_give_bitwise_identical_losses(corpus, tmp_path):
 
 def test_corrupted_checkpoint_is_named_and_fallback_only_when_asked(corpus, tmp_path):
     ckpt = tmp_path / "ckpt"
-    common = base_flags(corpus, tmp_path, 4) + ["--save-interval", "2"]
+    common = base_flags(corpus, tmp_path, 4) + ["--save-interval", "2", "--lr-decay-iters", "6"]
     whole = run(common + ["--save", str(ckpt), "--tensorboard-dir", str(tmp_path / "whole")])
     assert whole.returncode == 0, whole.stderr[-3000:]
     shard = sorted((ckpt / "iter_0000004").glob("*.distcp"))[0]

@@ -287,7 +287,8 @@ def test_batched_p2p_pairing_bug_reproduces_over_gloo(two_ranks):
         # unpatched megatron: the peer's gradient lands in the activation buffer
         assert pairing["unpatched"] == {"recv_prev": 100.0 + peer, "recv_next": 200.0 + peer}
         assert pairing["patched"] == {"recv_prev": 200.0 + peer, "recv_next": 100.0 + peer}
-        assert r["patches"] == ["moe_router_gemm", "pp2_batched_p2p_order", "distopt_step_load"]
+        assert r["patches"] == ["moe_router_gemm", "pp2_batched_p2p_order", "distopt_step_load",
+                                "checkpoint_results_queue"]
 
 
 def test_expert_parallel_moe(two_ranks):
