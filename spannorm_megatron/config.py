@@ -230,16 +230,11 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         check(self)
 
-    def runtime_kwargs(self) -> dict:
-        """Arguments of `spannorm_megatron.runtime.initialize`."""
-        return dict(
-            tensor_model_parallel_size=self.tensor_model_parallel_size,
-            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
-            expert_model_parallel_size=self.expert_model_parallel_size,
-            expert_tensor_parallel_size=self.expert_tensor_parallel_size,
-        )
-
     def transformer_kwargs(self) -> dict:
         """The `TransformerConfig` fields these sizes set."""
-        return dict(self.runtime_kwargs(), sequence_parallel=self.sequence_parallel)
+        return dict(tensor_model_parallel_size=self.tensor_model_parallel_size,
+                    pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+                    virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+                    expert_model_parallel_size=self.expert_model_parallel_size,
+                    expert_tensor_parallel_size=self.expert_tensor_parallel_size,
+                    sequence_parallel=self.sequence_parallel)

@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
     check_model_fits_layout(model_config, parallel)
-    initialize(**parallel.runtime_kwargs(), seed=args.seed)
+    initialize(parallel, seed=args.seed)
     model, optimizer = setup_model_and_optimizer(
         model_config, parallel,
         OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.0, clip_grad=1.0))

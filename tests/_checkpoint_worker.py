@@ -58,7 +58,7 @@ def layouts(root: str) -> None:
     os.makedirs(out, exist_ok=True)
     for name, (parallel, source) in LAYOUTS.items():
         try:
-            initialize(**parallel.runtime_kwargs(), seed=4321)
+            initialize(parallel, seed=4321)
             config = config_for(source)
             chunks, optimizer, scheduler = H.build(config, parallel)
             info = load_checkpoint(os.path.join(root, source), chunks, optimizer, scheduler,

@@ -29,7 +29,7 @@ def main(root: str) -> None:
 
     dirs = _hf.worker_dirs(root)
     for layout_name, layout in _hf.LAYOUTS.items():
-        initialize(**layout.runtime_kwargs(), seed=1234)
+        initialize(layout, seed=1234)
         for combo in _hf.PARALLEL_COMBOS:
             if not _hf.layout_applies(layout_name, combo):
                 continue

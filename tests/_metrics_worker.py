@@ -41,7 +41,7 @@ def main(ref_dir: str, out_dir: str) -> None:
     rank = int(os.environ["RANK"])
     for layout_name, (layout, combos) in _metrics.LAYOUTS.items():
         # Re-initializing replaces megatron-core's groups and keeps the default group.
-        initialize(**layout.runtime_kwargs(), seed=1234)
+        initialize(layout, seed=1234)
         for combo in combos:
             where = os.path.join(out_dir, layout_name, combo)
             os.makedirs(where, exist_ok=True)

@@ -21,7 +21,7 @@ from spannorm_megatron.runtime import destroy, initialize  # noqa: E402
 def main(ref_dir: str, out_dir: str) -> None:
     rank = int(os.environ["RANK"])
     for layout_name, layout in _parity.LAYOUTS.items():
-        initialize(**layout.runtime_kwargs(), seed=1234)
+        initialize(layout, seed=1234)
         for combo, (placement, moe) in _parity.COMBOS.items():
             if not _parity.applies(layout, moe):
                 continue

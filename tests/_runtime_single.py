@@ -23,6 +23,7 @@ def check_pristine() -> dict:
     from torch.overrides import _get_current_function_mode_stack
 
     from spannorm_megatron import runtime
+    from spannorm_megatron.config import ParallelConfig
     from spannorm_megatron.runtime import cpu as runtime_cpu
 
     def untouched() -> bool:
@@ -48,7 +49,7 @@ def check_pristine() -> dict:
 
     os.environ.update(WORLD_SIZE="2", RANK="0")
     try:
-        runtime.initialize(tensor_model_parallel_size=3)
+        runtime.initialize(ParallelConfig(tensor_model_parallel_size=3))
         out["bad_layout_error"] = None
     except runtime.ParallelLayoutError as err:
         out["bad_layout_error"] = str(err)

@@ -26,6 +26,7 @@ from functools import partial
 import torch
 
 from spannorm_megatron import runtime
+from spannorm_megatron.config import ParallelConfig
 
 VOCAB = 128
 SEQ = 16
@@ -320,7 +321,7 @@ def run_scenario(name: str) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     init_kwargs, opts = SCENARIOS[name]
-    layout = runtime.initialize(seed=1234, timeout_minutes=3, **init_kwargs)
+    layout = runtime.initialize(ParallelConfig(**init_kwargs), seed=1234, timeout_minutes=3)
     rng = _rng_draws()
     runtime.set_seed(1234)  # undo the draws: build from the same state as a fresh start
     config, chunks, optimizer = _build(opts, layout)

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from spannorm_megatron import runtime
+from spannorm_megatron.config import ParallelConfig
 from spannorm_megatron.runtime import distributed as runtime_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,17 +145,17 @@ def test_megatron_device_kwargs_with_accelerator(monkeypatch):
 )
 def test_layout_errors_name_sizes(world, kwargs, expected):
     with pytest.raises(runtime.ParallelLayoutError) as err:
-        runtime.validate_layout(world, **kwargs)
+        cp = kwargs.pop("context_parallel_size", 1)
+        runtime.validate_layout(world, ParallelConfig(**kwargs), context_parallel_size=cp)
     assert isinstance(err.value, ValueError)
     for text in expected:
         assert text in str(err.value)
 
 
 def test_valid_layout_derives_data_parallel_sizes():
-    layout = runtime.validate_layout(
-        8, tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
-        expert_model_parallel_size=2, expert_tensor_parallel_size=1,
-    )
+    layout = runtime.validate_layout(8, ParallelConfig(
+        tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+        expert_model_parallel_size=2, expert_tensor_parallel_size=1))
     assert (layout.data_parallel_size, layout.expert_data_parallel_size) == (2, 2)
 
 

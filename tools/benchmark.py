@@ -263,7 +263,7 @@ def run(args) -> List[Result]:
     placements = args.placements or sorted(PLACEMENTS)
     if "prenorm" not in placements:
         placements = ["prenorm", *placements]
-    initialize(**parallel_layout(args).runtime_kwargs(), seed=1234)
+    initialize(parallel_layout(args), seed=1234)
     world = torch.distributed.get_world_size()
     results: List[Result] = []
     for precision in args.precisions:

@@ -61,7 +61,7 @@ def load_megatron(path: str, parallel: ParallelConfig, model_config=None,
     from spannorm_megatron.hf.megatron_reader import dtype_overrides
     from spannorm_megatron.model import build_model, transformer_config
 
-    initialize(**parallel.runtime_kwargs(), seed=seed)
+    initialize(parallel, seed=seed)
     chunks = build_model(config, transformer_config(config, **parallel.transformer_kwargs(),
                                                     **dtype_overrides(dtype)))
     load_checkpoint(save_dir, chunks, None, None, model_config=config, parallel_config=parallel,

@@ -194,7 +194,7 @@ def convert_hf_to_megatron(
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               expert_model_parallel_size=ep, sequence_parallel=tp > 1)
-    initialize(**parallel.runtime_kwargs())
+    initialize(parallel)
     local = local_model_config(config)
     overrides = dict(parallel.transformer_kwargs(), params_dtype=params_dtype)
     if params_dtype == torch.bfloat16:

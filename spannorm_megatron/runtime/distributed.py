@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from spannorm_megatron.config import ParallelConfig
 from spannorm_megatron.errors import ParallelLayoutError
 
 from .cpu import enable_cpu_runtime
@@ -55,27 +56,18 @@ class ParallelLayout:
     expert_data_parallel_size: int
 
 
-def validate_layout(
-    world_size: int,
-    tensor_model_parallel_size: int = 1,
-    pipeline_model_parallel_size: int = 1,
-    virtual_pipeline_model_parallel_size: Optional[int] = None,
-    expert_model_parallel_size: int = 1,
-    expert_tensor_parallel_size: Optional[int] = None,
-    context_parallel_size: int = 1,
-) -> ParallelLayout:
-    """Check that the sizes tile ``world_size`` as megatron-core requires.
+def validate_layout(world_size: int, parallel: Optional[ParallelConfig] = None,
+                    context_parallel_size: int = 1) -> ParallelLayout:
+    """Check that `parallel`'s sizes tile ``world_size`` as megatron-core requires.
 
     Dense ranks are laid out as tp x cp x dp x pp; expert ranks as etp x ep x edp x pp
     (etp defaults to tp). Raises :class:`ParallelLayoutError` naming the sizes and a fix.
     """
-    tp, pp, cp, ep = (
-        tensor_model_parallel_size,
-        pipeline_model_parallel_size,
-        context_parallel_size,
-        expert_model_parallel_size,
-    )
-    etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
+    parallel = parallel or ParallelConfig()
+    tp, pp, cp, ep = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                      context_parallel_size, parallel.expert_model_parallel_size)
+    etp = tp if parallel.expert_tensor_parallel_size is None else \
+        parallel.expert_tensor_parallel_size
     sizes = {
         "world_size": world_size,
         "tensor_model_parallel_size": tp,
@@ -96,7 +88,7 @@ def validate_layout(
             f"Launch a multiple of {model} ranks (torchrun --nproc_per_node) or reduce "
             f"these sizes."
         )
-    vpp = virtual_pipeline_model_parallel_size
+    vpp = parallel.virtual_pipeline_model_parallel_size
     if vpp is not None:
         if not isinstance(vpp, int) or isinstance(vpp, bool) or vpp < 1:
             raise ParallelLayoutError(
@@ -231,16 +223,13 @@ def set_seed(seed: int) -> None:
 
 
 def initialize(
-    tensor_model_parallel_size: int = 1,
-    pipeline_model_parallel_size: int = 1,
-    virtual_pipeline_model_parallel_size: Optional[int] = None,
-    expert_model_parallel_size: int = 1,
-    expert_tensor_parallel_size: Optional[int] = None,
-    context_parallel_size: int = 1,
+    parallel: Optional[ParallelConfig] = None,
+    *,
     seed: int = 1234,
     timeout_minutes: int = 30,
 ) -> ParallelLayout:
-    """Set up torch.distributed and megatron-core model parallelism for this rank.
+    """Set up torch.distributed and megatron-core model parallelism for this rank, laid out as
+    `parallel` says (default: no model parallelism).
 
     Reads RANK/WORLD_SIZE/LOCAL_RANK (torchrun); without them runs as a world of one. In
     order: validate the layout, pick the device (``cuda:LOCAL_RANK``, or enable the CPU
@@ -252,15 +241,7 @@ def initialize(
     """
     rank, world_size, local_rank = _launch_env()
     # Validate first: nothing is patched, imported or connected for a layout that cannot work.
-    layout = validate_layout(
-        world_size,
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
-        expert_model_parallel_size=expert_model_parallel_size,
-        expert_tensor_parallel_size=expert_tensor_parallel_size,
-        context_parallel_size=context_parallel_size,
-    )
+    layout = validate_layout(world_size, parallel)
     from megatron.core import parallel_state
 
     if layout.tensor_model_parallel_size > 1:

@@ -185,7 +185,7 @@ class Trainer:
         """Process groups, model, optimizer, scheduler, checkpoint, data, monitors."""
         args, model_cfg, parallel, performance = (self.args, self.model_config, self.parallel,
                                                   self.performance)
-        initialize(**parallel.runtime_kwargs(), seed=args.seed)
+        initialize(parallel, seed=args.seed)
         self._initialized = True
         if args.save and os.path.isdir(args.save):
             # What a killed save left (iter_*.tmp-*), gone before this run writes anything.
