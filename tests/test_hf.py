@@ -901,3 +901,5 @@ def test_non_finite_weights_are_refused_naming_the_tensor(megatron_world, tmp_pa
                        r"1 non-finite value"):
         _quiet_export(ckpt, save)
     _no_debris(save)
+    _quiet_export(ckpt, save, allow_non_finite=True)  # asked for: the diverged run, as it is
+    assert os.path.isfile(os.path.join(save, "config.json"))

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "native: refuse otherwise; spannorm: always ours")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing, non-empty --save folder")
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="export NaN/Inf weights instead of refusing them (to inspect a "
+                        "diverged run)")
     parser.add_argument("--no-verify-checksums", action="store_true",
                         help="check file sizes only, skip the checksum pass over the checkpoint")
     return parser
@@ -64,6 +67,7 @@ def main(argv=None) -> int:
                       tokenizer_model=args.tokenizer_model, max_shard_size=args.max_shard_size,
                       model_config=args.model_config, fmt=args.format,
                       verify_checksums=not args.no_verify_checksums, overwrite=args.overwrite,
+                      allow_non_finite=args.allow_non_finite,
                       log=lambda line: print(line, flush=True))
     return 0
 

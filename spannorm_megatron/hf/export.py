@@ -160,6 +160,7 @@ def export_checkpoint(
     fmt: str = "auto",
     verify_checksums: bool = True,
     overwrite: bool = False,
+    allow_non_finite: bool = False,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
     """Convert the megatron checkpoint at `load` into a Hugging Face folder at `save`."""
@@ -235,7 +236,8 @@ def export_checkpoint(
         for group, entries in plan:
             t0 = time.perf_counter()
             tensors = {k: v.float() for k, v in ckpt.read_group(group).items()}
-            _check_finite(tensors, ckpt.directory)
+            if not allow_non_finite:
+                _check_finite(tensors, ckpt.directory)
             converted = family.to_hf(config, group, tensors)
             del tensors
             converted = {k: v.to(target_dtype) for k, v in converted.items()}
@@ -281,7 +283,8 @@ def _check_finite(tensors: dict, directory: str) -> None:
             raise ConversionError(
                 f"{directory}: {name} holds {bad} non-finite value(s) (NaN/Inf) of "
                 f"{tensor.numel()}: the run diverged before this checkpoint was saved. Export an "
-                f"earlier checkpoint (--load <dir>/iter_XXXXXXX) instead.")
+                f"earlier checkpoint (--load <dir>/iter_XXXXXXX) instead, or pass "
+                f"--allow-non-finite to export it as it is.")
 
 
 def _numel(shape) -> int:
