@@ -6,11 +6,13 @@ One module per job:
 - `flops`       FLOPs per token / iteration from a ModelConfig, device peak FLOP/s, MFU
 - `stability`   per-layer activation RMS, gradient norm and update ratio (forward hooks, on
                 logging steps only), reduced over all parallel groups
+- `collapse`    the collapse alarm: warns once when the lower layers stop receiving gradient
 - `moe`         load-balancing loss (megatron-core's tracker) and per-expert load
 - `memory`      allocator (GPU) or RSS (CPU) numbers for the mem-* tags
 - `tensorboard` the writer (one rank writes; the others get a no-op)
 """
 
+from spannorm_megatron.metrics.collapse import CollapseAlarm, CollapseReport
 from spannorm_megatron.metrics.flops import (
     ForwardFlops,
     Throughput,
@@ -27,6 +29,8 @@ from spannorm_megatron.metrics.stability import SIGNALS, StabilitySignals, summa
 from spannorm_megatron.metrics.tensorboard import TensorBoardWriter, is_writer_rank
 
 __all__ = [
+    "CollapseAlarm",
+    "CollapseReport",
     "ForwardFlops",
     "MoEMetrics",
     "SIGNALS",

@@ -29,8 +29,11 @@ Tags (scalars, x axis = iteration):
     moe/expert_load/max_over_mean   worst layer's imbalance
     stability/layer_{n:03d}/{output_rms,attention_rms,mlp_rms,grad_norm,update_ratio}
     stability/max/{signal}          maximum over layers of each signal
+    stability/grad_ratio_2_L        layer 2's gradient norm / layer L's (models of 3+ layers):
+                                    what the collapse alarm watches (metrics.collapse)
 
-n is the global 1-based layer number. Text: `config` (the run's configuration).
+n is the global 1-based layer number. Text: `config` (the run's configuration) and
+`stability/collapse_alarm` (the collapse alarm's message, at the iteration it fired).
 
 Flushing: the event file is written by a background thread every `flush_secs` (default 30 s,
 so a crash loses at most that much), and explicitly after the config, after each validation
@@ -49,6 +52,7 @@ from megatron.core import parallel_state
 from spannorm_megatron.metrics.flops import throughput
 from spannorm_megatron.metrics.memory import memory_stats
 from spannorm_megatron.metrics.moe import expert_imbalance
+from spannorm_megatron.metrics.collapse import grad_ratio
 from spannorm_megatron.metrics.stability import summarize
 
 TAG_LM_LOSS = "lm loss"
@@ -64,6 +68,8 @@ TAG_TOKENS_PER_SEC = "throughput/tokens-per-sec"
 TAG_TFLOPS = "throughput/tflops"
 TAG_MFU = "throughput/mfu"
 TAG_CONFIG = "config"
+TAG_GRAD_RATIO = "stability/grad_ratio_2_L"
+TAG_COLLAPSE_ALARM = "stability/collapse_alarm"
 
 
 def stability_tag(layer: int, signal: str) -> str:
@@ -218,6 +224,17 @@ class TensorBoardWriter:
                 self.add_scalar(stability_tag(layer, signal), value, iteration)
         for signal, value in summarize(signals).items():
             self.add_scalar(stability_summary_tag(signal), value, iteration)
+        layers = signals.get("grad_norm") or {}
+        if layers:
+            self.add_scalar(TAG_GRAD_RATIO, grad_ratio(signals, max(layers)), iteration)
+
+    def log_collapse_alarm(self, iteration: int, message: str) -> None:
+        """The collapse alarm's message as text (metrics.collapse); flushed at once, since a
+        collapsed run is the one most likely to be stopped by hand soon after."""
+        if self._writer is None:
+            return
+        self.add_text(TAG_COLLAPSE_ALARM, message, iteration)
+        self.flush()
 
     def log_moe(self, iteration: int, metrics: Dict[str, Any]) -> None:
         """MoEMetrics.collect() output: aux losses (mean and per layer) and expert load."""

@@ -13,6 +13,7 @@ import torch
 
 from spannorm_megatron.config import ModelConfig
 from spannorm_megatron.metrics import (
+    CollapseAlarm,
     MoEMetrics,
     StabilitySignals,
     TensorBoardWriter,
@@ -27,7 +28,7 @@ class RunMonitor:
     def __init__(self, model_chunks: List[torch.nn.Module], model_config: ModelConfig, *,
                  seq_length: int, global_batch_size: int, num_microbatches: int,
                  log_interval: int, tensorboard_dir: Optional[str], dtype: torch.dtype,
-                 recompute: Optional[str] = None):
+                 recompute: Optional[str] = None, collapse_grad_ratio: float = 0.0):
         self.log_interval = log_interval
         self.seq_length = seq_length
         self.global_batch_size = global_batch_size
@@ -39,6 +40,7 @@ class RunMonitor:
         self.writer = TensorBoardWriter(tensorboard_dir)
         self.signals = StabilitySignals(model_chunks)
         self.moe = MoEMetrics(model_chunks)
+        self.collapse = CollapseAlarm(collapse_grad_ratio, model_config.num_layers)
         self.model_chunks = model_chunks
         self.measuring = False
         self.skipped_total = 0
@@ -71,10 +73,12 @@ class RunMonitor:
         return mfu(self.tokens_per_step / seconds_per_step, self.flops_per_token,
                    self.peak_flops, num_devices=self.num_devices)
 
-    def end_step(self, iteration: int, result, seconds_per_step: float, loss_scale: float) -> None:
-        """On logging steps: reduce the measurements (every rank) and write them."""
+    def end_step(self, iteration: int, result, seconds_per_step: float,
+                 loss_scale: float) -> Optional[str]:
+        """On logging steps: reduce the measurements (every rank) and write them. Returns the
+        collapse alarm's message on the step it fires (the same on every rank), else None."""
         if not self.measuring:
-            return
+            return None
         self.measuring = False
         stability = self.signals.collect()
         moe = self.moe.collect(self.num_microbatches)
@@ -88,6 +92,11 @@ class RunMonitor:
         )
         self.writer.log_stability(iteration, stability)
         self.writer.log_moe(iteration, moe)
+        report = self.collapse.check(iteration, stability)
+        if report is None:
+            return None
+        self.writer.log_collapse_alarm(iteration, report.message())
+        return report.message()
 
     def record_skipped(self, iteration: int, skipped_total: int) -> None:
         """Steps skipped for non-finite gradients so far (written on logging steps and whenever

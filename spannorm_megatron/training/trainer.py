@@ -226,7 +226,8 @@ class Trainer:
             global_batch_size=batches.global_batch_size,
             num_microbatches=batches.num_microbatches, log_interval=args.log_interval,
             tensorboard_dir=args.tensorboard_dir, dtype=performance.params_dtype,
-            recompute=args.recompute_granularity)
+            recompute=args.recompute_granularity,
+            collapse_grad_ratio=args.collapse_grad_ratio)
         self.monitor.write_config({"args": vars(args), "model": model_cfg.to_dict(),
                                    "parallel": vars(parallel)})
         self.guard = NonFiniteGuard(self.model, args.max_skipped_iterations)
@@ -352,8 +353,10 @@ class Trainer:
         print_last_rank(log_line(self.iteration, self.args.train_iters, self.consumed_train,
                                  seconds, result, batches.global_batch_size, tokens_per_second,
                                  self.monitor.mfu(seconds), self.guard.total))
-        self.monitor.end_step(self.iteration, result, seconds,
-                              float(self.optimizer.get_loss_scale()))
+        alarm = self.monitor.end_step(self.iteration, result, seconds,
+                                      float(self.optimizer.get_loss_scale()))
+        if alarm is not None:
+            print_rank_0(f" WARNING: {alarm}")
 
     # ------------------------------------------------------------------ resume
     def _load(self):
