@@ -23,6 +23,7 @@ from __future__ import annotations
 from . import (
     cpu_autograd_engine,
     cpu_device_arguments,
+    cpu_eager_expert_bias,
     cpu_moe_split_sizes,
     cpu_rng,
     cpu_torch_cuda,
@@ -41,6 +42,7 @@ CPU_RUNTIME = [
     cpu_moe_split_sizes.PATCH,
     cpu_uneven_collectives.PATCH,
     cpu_autograd_engine.PATCH,
+    cpu_eager_expert_bias.PATCH,
     cpu_device_arguments.PATCH,
 ]
 STRICT_DEVICES = [strict_collectives.PATCH]

@@ -18,8 +18,8 @@ from test_runtime import ROOT, TESTS, _env, _tail
 
 NAMES = ["moe_router_gemm", "pp2_batched_p2p_order", "distopt_step_load", "cpu_torch_cuda",
          "cpu_rng", "cpu_moe_split_sizes", "cpu_uneven_collectives", "cpu_autograd_engine",
-         "cpu_device_arguments", "strict_collectives"]
-CPU_RUNTIME = NAMES[3:9]
+         "cpu_eager_expert_bias", "cpu_device_arguments", "strict_collectives"]
+CPU_RUNTIME = NAMES[3:10]
 
 
 @pytest.fixture(scope="module")
