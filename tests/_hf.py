@@ -44,6 +44,9 @@ EXTRA_COMBOS: Dict[str, tuple] = {
     "deepnorm-dense": ("deepnorm", {}),
     "perinorm-moe": ("perinorm", {"num_experts": 4}),
     "spannorm_clean-dense": ("spannorm_clean", {}),
+    # Qwen3-MoE: q/k norms, a dense first layer (Megatron-LM's --moe-layer-freq).
+    "prenorm-moe-qk-mixed": ("prenorm", {"num_experts": 4, "qk_layernorm": True,
+                                         "moe_layer_freq": [0, 1]}),
 }
 
 LAYOUTS: Dict[str, ParallelConfig] = {

@@ -2,6 +2,7 @@
 
 Families: ``llama`` (`LlamaForCausalLM`, prenorm dense), ``mixtral`` (`MixtralForCausalLM`,
 prenorm MoE), ``qwen2_moe`` (`Qwen2MoeForCausalLM`, prenorm MoE with a shared expert) and
+``qwen3_moe`` (`Qwen3MoeForCausalLM`, prenorm MoE with q/k norms and optional dense layers),
 ``spannorm`` (our own `SpanNormForCausalLM`, every placement and everything the native classes
 cannot express; its files are in `remote_code/`).
 
@@ -386,6 +387,47 @@ class Qwen2Moe(Family):
             problems.append("use_sliding_window=true (sliding-window attention)")
 
 
+class Qwen3Moe(Family):
+    """Qwen3-MoE: Mixtral-like experts and routing (softmax, top-k renormalized), per-head q/k
+    RMSNorms, and dense layers listed in mlp_only_layers (megatron's --moe-layer-freq)."""
+
+    name, architecture = "qwen3_moe", "Qwen3MoeForCausalLM"
+
+    def mapping(self, config):
+        return super().mapping(config) + [
+            Rule(L + "self_attention.q_layernorm.weight", H + "self_attn.q_norm.weight", GAIN),
+            Rule(L + "self_attention.k_layernorm.weight", H + "self_attn.k_norm.weight", GAIN),
+        ]
+
+    def config_fields(self, config):
+        return {**super().config_fields(config), "num_experts": config.num_experts,
+                "num_experts_per_tok": config.moe_router_topk,
+                "moe_intermediate_size": _moe_ffn(config), "norm_topk_prob": True,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [i for i, moe in enumerate(config.moe_layer_pattern)
+                                    if not moe],
+                "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+                "max_window_layers": config.num_layers,
+                "router_aux_loss_coef": config.moe_aux_loss_coeff, "output_router_logits": False}
+
+    def read_fields(self, hf, values, problems):
+        super().read_fields(hf, values, problems)
+        layers = hf["num_hidden_layers"]
+        step = hf.get("decoder_sparse_step", 1)
+        dense = set(hf.get("mlp_only_layers") or [])
+        pattern = [0 if i in dense or (i + 1) % step else 1 for i in range(layers)]
+        values.update(num_experts=hf["num_experts"], moe_router_topk=hf["num_experts_per_tok"],
+                      moe_ffn_hidden_size=hf["moe_intermediate_size"], qk_layernorm=True,
+                      moe_layer_freq=pattern if 0 in pattern else 1)
+        if not hf.get("norm_topk_prob", False):
+            problems.append("norm_topk_prob=false (megatron renormalizes the top-k probabilities)")
+        if hf.get("attention_bias"):
+            problems.append("attention_bias=true (megatron's add_bias_linear puts biases on "
+                            "every linear)")
+        if hf.get("use_sliding_window"):
+            problems.append("use_sliding_window=true (sliding-window attention)")
+
+
 class SpanNorm(Family):
     """Our own class: every norm keeps its megatron slot name, config.json carries the exact
     ModelConfig (``megatron_model_config``)."""
@@ -464,7 +506,8 @@ class SpanNorm(Family):
                             "settings that produce it are unknown)")
 
 
-FAMILIES: Dict[str, Family] = {f.name: f for f in (Llama(), Mixtral(), Qwen2Moe(), SpanNorm())}
+FAMILIES: Dict[str, Family] = {f.name: f for f in (Llama(), Mixtral(), Qwen2Moe(), Qwen3Moe(),
+                                                    SpanNorm())}
 ARCHITECTURES = {f.architecture: f for f in FAMILIES.values()}
 
 

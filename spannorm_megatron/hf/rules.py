@@ -74,9 +74,19 @@ def export_rule(placement: str) -> ExportRule:
 
 def own_class_problems(config: ModelConfig) -> List[str]:
     """Why our own class cannot compute `config`; [] if it can."""
-    if config.norm_placement in REMOTE_CODE_PLACEMENTS:
-        return []
-    return [f"our own class does not compute norm_placement={config.norm_placement!r}"]
+    problems = []
+    if config.norm_placement not in REMOTE_CODE_PLACEMENTS:
+        problems.append(f"our own class does not compute norm_placement="
+                        f"{config.norm_placement!r}")
+    if config.qk_layernorm:
+        problems.append("our own class has no q/k norms (qk_layernorm=True)")
+    if mixed_layers(config):
+        problems.append("our own class has no dense layers among MoE layers (moe_layer_freq)")
+    return problems
+
+
+def mixed_layers(config: ModelConfig) -> bool:
+    return len(set(config.moe_layer_pattern)) > 1
 
 
 def router_problems(config: ModelConfig) -> List[str]:
@@ -87,7 +97,22 @@ def router_problems(config: ModelConfig) -> List[str]:
     if config.moe_router_load_balancing_type == "sinkhorn":
         return ["moe_router_load_balancing_type='sinkhorn' routes differently at inference "
                 "(only top-k + softmax routing is exported)"]
-    return []
+    # Routing that neither our class nor a native family computes yet (GLM-4-MoE and
+    # DeepSeek-V3 route with sigmoid + expert bias + groups, but also need their own shared
+    # expert and dense-layer layout; not mapped here).
+    routing = [
+        (config.moe_router_score_function != "softmax",
+         f"moe_router_score_function={config.moe_router_score_function!r}"),
+        (config.moe_router_pre_softmax, "moe_router_pre_softmax=True"),
+        (config.moe_router_enable_expert_bias, "moe_router_enable_expert_bias=True"),
+        (config.moe_router_num_groups is not None, "group-limited routing "
+                                                   "(moe_router_num_groups)"),
+        (config.moe_router_topk_scaling_factor not in (None, 1.0),
+         f"moe_router_topk_scaling_factor={config.moe_router_topk_scaling_factor}"),
+        (config.moe_shared_expert_gate, "moe_shared_expert_gate=True"),
+    ]
+    return [f"{what} (the exported classes route with softmax over the top-k router logits)"
+            for used, what in routing if used]
 
 
 def native_problems(config: ModelConfig) -> List[str]:
@@ -113,6 +138,16 @@ def native_problems(config: ModelConfig) -> List[str]:
         problems.append("scale_mode='forward' (Llama has no branch multiplier)")
     if config.is_moe and config.add_bias_linear:
         problems.append("add_bias_linear=True with MoE (Mixtral/Qwen2-MoE experts have no biases)")
+    if config.qk_layernorm and not config.is_moe:
+        problems.append("qk_layernorm=True on a dense model (Llama has no q/k norms; the "
+                        "native family with them is Qwen3-MoE)")
+    if config.qk_layernorm and config.moe_shared_expert_intermediate_size:
+        problems.append("qk_layernorm=True with a shared expert (Qwen3-MoE, the native family "
+                        "with q/k norms, has no shared expert)")
+    if config.is_moe and mixed_layers(config) and not config.qk_layernorm:
+        problems.append("dense layers among MoE layers (moe_layer_freq) without qk_layernorm "
+                        "(Mixtral and Qwen2-MoE as exported here are MoE in every layer; "
+                        "Qwen3-MoE has mlp_only_layers but needs q/k norms)")
     return problems
 
 
@@ -120,4 +155,6 @@ def native_family(config: ModelConfig) -> str:
     """Which native family would hold `config` (assuming `native_problems` is empty)."""
     if not config.is_moe:
         return "llama"
+    if config.qk_layernorm:
+        return "qwen3_moe"
     return "qwen2_moe" if config.moe_shared_expert_intermediate_size else "mixtral"
