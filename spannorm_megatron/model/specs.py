@@ -102,7 +102,9 @@ def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None,
             norm_slots[slot] = standalone_norm
             keys_map[f"{slot}."] = _FUSED_NORM_KEY[fusion]
     norm_linear = backend.column_parallel_layer_norm_linear()
-    qk_norm = backend.layer_norm(for_qk=True) if transformer_engine else Norm
+    qk_norm = IdentityOp
+    if config.qk_layernorm:
+        qk_norm = backend.layer_norm(for_qk=True) if transformer_engine else Norm
 
     attention = ModuleSpec(
         module=SelfAttention,
@@ -113,8 +115,8 @@ def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None,
             linear_proj=backend.row_parallel_linear(),
             # Per-head norms of queries and keys (megatron-core's slots; finalize_model_grads
             # sums their gradients over TP ranks, which hold different heads).
-            q_layernorm=qk_norm if config.qk_layernorm else IdentityOp,
-            k_layernorm=qk_norm if config.qk_layernorm else IdentityOp,
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
         ),
     )
     if moe:
