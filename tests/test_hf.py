@@ -43,7 +43,8 @@ ROOT = os.path.dirname(HERE)
 ALL_COMBOS = {**_hf.COMBOS, **_hf.EXTRA_COMBOS}
 NATIVE = {"prenorm-dense": "LlamaForCausalLM", "prenorm-moe": "MixtralForCausalLM",
           "prenorm-moe-shared": "Qwen2MoeForCausalLM",
-          "prenorm-moe-qk-mixed": "Qwen3MoeForCausalLM"}
+          "prenorm-moe-qk-mixed": "Qwen3MoeForCausalLM",
+          "prenorm-moe-glm": "Glm4MoeForCausalLM"}
 TOLERANCE = 1e-4
 
 
@@ -676,8 +677,9 @@ def test_native_format_refuses_what_llama_cannot_express(work, tmp_path):
 
 
 def test_moe_recipes_without_an_exact_hf_class_are_refused_naming_the_setting(work, tmp_path):
-    """--qk-layernorm where no native family holds the rest of the model, and routing no
-    exported class computes: one error naming the setting, nothing written."""
+    """--qk-layernorm where no native family holds the rest of the model, DeepSeek-style
+    routing GLM-4-MoE cannot hold, a gated shared expert: one error naming the setting,
+    nothing written."""
     import re
 
     from spannorm_megatron.hf.errors import ConversionError
@@ -689,7 +691,12 @@ def test_moe_recipes_without_an_exact_hf_class_are_refused_naming_the_setting(wo
         (dict(qk_layernorm=True), "auto", "our own class has no q/k norms"),
         (dict(num_experts=4, moe_router_score_function="sigmoid",
               moe_router_enable_expert_bias=True), "auto",
-         "moe_router_score_function='sigmoid'"),
+         "our own class: sigmoid / expert-bias / group-limited / scaled routing"),
+        (dict(num_experts=4, moe_router_score_function="sigmoid",
+              moe_router_enable_expert_bias=True), "native",
+         "no shared expert, or one whose width is not a multiple of moe_ffn_hidden_size"),
+        (dict(num_experts=4, moe_shared_expert_intermediate_size=32,
+              moe_shared_expert_gate=True), "auto", "moe_shared_expert_gate=True"),
     ]
     for i, (overrides, fmt, expected) in enumerate(cases):
         config = dataclasses.replace(_hf.model_config("prenorm-dense"), **overrides)

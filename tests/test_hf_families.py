@@ -23,7 +23,7 @@ import _hf  # noqa: E402
 
 ALL_COMBOS = {**_hf.COMBOS, **_hf.EXTRA_COMBOS}
 NATIVE = {"prenorm-dense": "llama", "prenorm-moe": "mixtral", "prenorm-moe-shared": "qwen2_moe",
-          "prenorm-moe-qk-mixed": "qwen3_moe"}
+          "prenorm-moe-qk-mixed": "qwen3_moe", "prenorm-moe-glm": "glm4_moe"}
 # Our class holds every model but those with q/k norms or mixed layers (Qwen3-MoE's); the native
 # ones hold the prenorm models `--format auto` gives them.
 OURS = [combo for combo, (_, overrides) in ALL_COMBOS.items()

@@ -83,6 +83,8 @@ def layer_params(config: ModelConfig, layer: int) -> List[Tuple[str, Shape]]:
     moe_ffn = config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size
     # megatron-core's router gets a bias with add_bias_linear too.
     params += _linear("mlp.router", config.num_experts, h, bias)
+    if config.moe_router_enable_expert_bias:  # a buffer, but part of what the model computes
+        params.append(("mlp.router.expert_bias", (config.num_experts,)))
     for e in range(config.num_experts):
         params += _linear(f"mlp.experts.local_experts.{e}.linear_fc1", gated * moe_ffn, h, bias)
         params += _linear(f"mlp.experts.local_experts.{e}.linear_fc2", h, moe_ffn, bias)
@@ -206,8 +208,5 @@ MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
 
 def is_model_tensor_key(key: str) -> bool:
-    """True for checkpoint keys of model weights (not optimizer state, RNG, extra state, nor the
-    router's aux-loss-free expert bias: a buffer, which only an export of biased routing would
-    carry, and no exported class routes with it yet)."""
-    return (key.startswith(MODEL_KEY_PREFIXES) and "_extra_state" not in key
-            and not key.endswith("router.expert_bias"))
+    """True for checkpoint keys of model weights (not optimizer state, RNG, extra state)."""
+    return key.startswith(MODEL_KEY_PREFIXES) and "_extra_state" not in key

@@ -82,6 +82,7 @@ def own_class_problems(config: ModelConfig) -> List[str]:
         problems.append("our own class has no q/k norms (qk_layernorm=True)")
     if mixed_layers(config):
         problems.append("our own class has no dense layers among MoE layers (moe_layer_freq)")
+    problems += [f"our own class: {p}" for p in _softmax_routing_problems(config)]
     return problems
 
 
@@ -97,22 +98,29 @@ def router_problems(config: ModelConfig) -> List[str]:
     if config.moe_router_load_balancing_type == "sinkhorn":
         return ["moe_router_load_balancing_type='sinkhorn' routes differently at inference "
                 "(only top-k + softmax routing is exported)"]
-    # Routing that neither our class nor a native family computes yet (GLM-4-MoE and
-    # DeepSeek-V3 route with sigmoid + expert bias + groups, but also need their own shared
-    # expert and dense-layer layout; not mapped here).
-    routing = [
-        (config.moe_router_score_function != "softmax",
-         f"moe_router_score_function={config.moe_router_score_function!r}"),
-        (config.moe_router_pre_softmax, "moe_router_pre_softmax=True"),
-        (config.moe_router_enable_expert_bias, "moe_router_enable_expert_bias=True"),
-        (config.moe_router_num_groups is not None, "group-limited routing "
-                                                   "(moe_router_num_groups)"),
-        (config.moe_router_topk_scaling_factor not in (None, 1.0),
-         f"moe_router_topk_scaling_factor={config.moe_router_topk_scaling_factor}"),
-        (config.moe_shared_expert_gate, "moe_shared_expert_gate=True"),
-    ]
-    return [f"{what} (the exported classes route with softmax over the top-k router logits)"
-            for used, what in routing if used]
+    if config.moe_shared_expert_gate:
+        return ["moe_shared_expert_gate=True (no exported class gates the shared expert the "
+                "way megatron-core does)"]
+    return []
+
+
+def biased_routing(config: ModelConfig) -> bool:
+    """DeepSeek-V3-style routing (sigmoid, expert bias, groups, scaled weights), which only
+    GLM-4-MoE among the exported classes computes."""
+    return config.is_moe and (
+        config.moe_router_score_function != "softmax" or config.moe_router_enable_expert_bias
+        or config.moe_router_num_groups is not None
+        or config.moe_router_topk_scaling_factor not in (None, 1.0))
+
+
+def _softmax_routing_problems(config: ModelConfig) -> List[str]:
+    problems = []
+    if biased_routing(config):
+        problems.append("sigmoid / expert-bias / group-limited / scaled routing (this class "
+                        "routes with softmax over the top-k router logits)")
+    if config.is_moe and config.moe_router_pre_softmax:
+        problems.append("moe_router_pre_softmax=True (this class renormalizes the top-k)")
+    return problems
 
 
 def native_problems(config: ModelConfig) -> List[str]:
@@ -138,6 +146,9 @@ def native_problems(config: ModelConfig) -> List[str]:
         problems.append("scale_mode='forward' (Llama has no branch multiplier)")
     if config.is_moe and config.add_bias_linear:
         problems.append("add_bias_linear=True with MoE (Mixtral/Qwen2-MoE experts have no biases)")
+    if biased_routing(config):
+        return problems + _glm4_moe_problems(config)
+    problems += _softmax_routing_problems(config)
     if config.qk_layernorm and not config.is_moe:
         problems.append("qk_layernorm=True on a dense model (Llama has no q/k norms; the "
                         "native family with them is Qwen3-MoE)")
@@ -151,10 +162,37 @@ def native_problems(config: ModelConfig) -> List[str]:
     return problems
 
 
+def _glm4_moe_problems(config: ModelConfig) -> List[str]:
+    """What GLM-4-MoE (sigmoid + e_score_correction_bias + groups + routed_scaling_factor, a
+    shared expert, dense first layers) cannot hold."""
+    problems = []
+    if config.moe_router_score_function != "sigmoid":
+        problems.append("expert bias / group-limited / scaled routing with softmax scores "
+                        "(GLM-4-MoE, the native family with them, scores with sigmoid)")
+    groups, group_topk = config.moe_router_num_groups, config.moe_router_group_topk
+    if groups is not None and config.moe_router_topk // group_topk != 2:
+        problems.append(f"moe_router_topk / moe_router_group_topk = "
+                        f"{config.moe_router_topk // group_topk} (GLM-4-MoE scores a group by "
+                        f"its top-2 experts)")
+    shared = config.moe_shared_expert_intermediate_size
+    expert_ffn = config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size
+    if not shared or shared % expert_ffn:
+        problems.append("no shared expert, or one whose width is not a multiple of "
+                        "moe_ffn_hidden_size (GLM-4-MoE has n_shared_experts of that width)")
+    pattern = config.moe_layer_pattern
+    first_moe = pattern.index(1)
+    if any(not moe for moe in pattern[first_moe:]):
+        problems.append("dense layers after the first MoE layer (GLM-4-MoE: the first k "
+                        "layers dense, first_k_dense_replace)")
+    return problems
+
+
 def native_family(config: ModelConfig) -> str:
     """Which native family would hold `config` (assuming `native_problems` is empty)."""
     if not config.is_moe:
         return "llama"
+    if biased_routing(config):
+        return "glm4_moe"
     if config.qk_layernorm:
         return "qwen3_moe"
     return "qwen2_moe" if config.moe_shared_expert_intermediate_size else "mixtral"
