@@ -350,7 +350,7 @@ def test_the_same_seed_gives_the_same_model_on_every_layout(corpus, moe):
 
 def test_deepseek_style_recipe_trains_on_two_expert_parallel_ranks(corpus, tmp_path):
     """The CPU recipe of examples/configs (dense first layer, sigmoid + expert bias, group
-    routing, gated shared expert, q/k norms, z-loss, EP2) trains, with the per-MoE-layer
+    routing, shared expert, q/k norms, z-loss, EP2) trains, with the per-MoE-layer
     TensorBoard tags: expert load, z-loss, expert bias (moved by +-rate per step: a sign rule,
     so it may also swing back to 0)."""
     data, tokenizer = corpus
