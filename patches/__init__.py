@@ -24,6 +24,7 @@ from . import (
     checkpoint_results_queue,
     cpu_autograd_engine,
     cpu_device_arguments,
+    cpu_eager_expert_bias,
     cpu_moe_split_sizes,
     cpu_rng,
     cpu_torch_cuda,
@@ -43,6 +44,7 @@ CPU_RUNTIME = [
     cpu_moe_split_sizes.PATCH,
     cpu_uneven_collectives.PATCH,
     cpu_autograd_engine.PATCH,
+    cpu_eager_expert_bias.PATCH,
     cpu_device_arguments.PATCH,
 ]
 STRICT_DEVICES = [strict_collectives.PATCH]

@@ -7,10 +7,12 @@ megatron-core `TransformerConfig` and `GPTModel`.
 
 from __future__ import annotations
 
+import ast
 import difflib
+import importlib.util
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.options import check, derived, option
@@ -21,8 +23,12 @@ POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
 SCALE_INIT_NAMES = ("sqrt_depth", "megatron", "none")
 SCALE_MODES = ("init", "forward")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
-LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "sinkhorn", "none")
-TOKEN_DISPATCHERS = ("alltoall", "allgather")
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
+TOKEN_DISPATCHERS = ("alltoall", "allgather", "flex")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+ROUTER_DTYPES = ("fp32", "fp64")
+TOKEN_DROP_POLICIES = ("probs", "position")
+DEFAULT_BIAS_UPDATE_RATE = 1e-3  # Megatron-LM's default of --moe-router-bias-update-rate
 
 
 def parse_scale_init(value: Union[str, float, None]) -> Union[str, float, None]:
@@ -41,6 +47,65 @@ def parse_scale_init(value: Union[str, float, None]) -> Union[str, float, None]:
         raise ValueError(f"{value!r} must be positive: use one of {list(SCALE_INIT_NAMES)} or a "
                          f"number c > 0 (output projections get std c x sigma)")
     return float(number)
+
+
+def parse_moe_layer_freq(value: Union[str, int, List[int]]) -> Union[int, List[int]]:
+    """A --moe-layer-freq value: an integer N (an MoE layer every N layers, from the first), or a
+    list with one 0 (dense) or 1 (MoE) per layer, written as a list (`[0,1,1,1]`) or in
+    Megatron-LM's list arithmetic (`([0]*1+[1]*3)`).
+
+    Megatron-LM evaluates the text as Python; here only list literals of 0/1, `*` by an integer
+    and `+` are understood, so a config file cannot run code."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a layer frequency")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"{value!r} must be >= 1 (1: every layer is MoE) or a list of 0/1")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_pattern_entry(v) for v in value]
+    text = str(value).strip()
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        raise ValueError(f"{text!r} is not understood: give an integer N (an MoE layer every N "
+                         f"layers) or a list of 0/1 per layer such as [0,1,1,1] or "
+                         f"([0]*1+[1]*3)") from None
+    result = _evaluate_pattern(tree, text)
+    if isinstance(result, int) and result < 1:
+        raise ValueError(f"{text!r} must be >= 1 (1: every layer is MoE) or a list of 0/1")
+    return result
+
+
+def _pattern_entry(value) -> int:
+    if isinstance(value, bool) or value not in (0, 1):
+        raise ValueError(f"{value!r} is not 0 (dense layer) or 1 (MoE layer)")
+    return int(value)
+
+
+def _evaluate_pattern(node, text: str):
+    def fail():
+        raise ValueError(f"{text!r} is not understood: give an integer N or a list of 0/1 per "
+                         f"layer such as [0,1,1,1] or ([0]*1+[1]*3)")
+
+    if isinstance(node, ast.Constant) and isinstance(node.value, int) \
+            and not isinstance(node.value, bool):
+        return node.value
+    if isinstance(node, ast.List):
+        values = [_evaluate_pattern(e, text) for e in node.elts]
+        if any(isinstance(v, list) for v in values):
+            fail()
+        return [_pattern_entry(v) for v in values]
+    if isinstance(node, ast.BinOp):
+        left, right = _evaluate_pattern(node.left, text), _evaluate_pattern(node.right, text)
+        if isinstance(node.op, ast.Add) and isinstance(left, list) and isinstance(right, list):
+            return left + right
+        if isinstance(node.op, ast.Mult):
+            if isinstance(left, list) and isinstance(right, int) and right >= 0:
+                return left * right
+            if isinstance(right, list) and isinstance(left, int) and left >= 0:
+                return right * left
+    fail()
 
 
 @dataclass
@@ -113,13 +178,62 @@ class ModelConfig:
     moe_aux_loss_coeff: float = option(
         1e-2, "Weight of the router's load-balancing auxiliary loss.", at_least=0.0)
     moe_router_load_balancing_type: str = option(
-        "aux_loss", "megatron-core's load balancing.", choices=LOAD_BALANCING_TYPES)
+        "aux_loss", "megatron-core's load balancing: aux_loss (per micro-batch), seq_aux_loss "
+        "(per sequence), global_aux_loss (over the global batch), sinkhorn, or none (e.g. with "
+        "--moe-router-enable-expert-bias).", choices=LOAD_BALANCING_TYPES)
+    moe_router_score_function: str = option(
+        "softmax", "Router score: softmax, or sigmoid (DeepSeek-V3; normalized over the chosen "
+        "experts when topk > 1).", choices=SCORE_FUNCTIONS)
+    moe_router_pre_softmax: bool = option(
+        False, "Softmax over all experts before the top-k choice (needed for topk 1 with "
+        "softmax scoring).")
+    moe_router_topk_scaling_factor: Optional[float] = option(
+        None, "Multiplier on the routing probabilities of the chosen experts (DeepSeek's "
+        "routed_scaling_factor); unset: 1.", above=0.0)
+    moe_router_num_groups: Optional[int] = option(
+        None, "Expert groups for group-limited (device- or node-limited) routing; with "
+        "--moe-router-group-topk.", at_least=1)
+    moe_router_group_topk: Optional[int] = option(
+        None, "Groups each token may use under group-limited routing; with "
+        "--moe-router-num-groups.", at_least=1)
+    moe_router_dtype: Optional[str] = option(
+        None, "Precision of the routing computation (fp32 or fp64); unset: the model's dtype.",
+        choices=ROUTER_DTYPES)
+    moe_router_enable_expert_bias: bool = option(
+        False, "Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores "
+        "for the top-k choice only, moved after each global batch toward balanced load; needs "
+        "sigmoid scoring.")
+    moe_router_bias_update_rate: Optional[float] = option(
+        None, f"Step of the expert-bias update; only with --moe-router-enable-expert-bias. "
+        f"Unset: {DEFAULT_BIAS_UPDATE_RATE}.", above=0.0)
+    moe_z_loss_coeff: Optional[float] = option(
+        None, "Weight of the router z-loss (keeps router logits small); unset: no z-loss.",
+        at_least=0.0)
+    moe_expert_capacity_factor: Optional[float] = option(
+        None, "Tokens an expert takes per step, as a multiple of an even share; the rest are "
+        "dropped. Unset: no capacity limit (dropless).", above=0.0)
+    moe_pad_expert_input_to_capacity: bool = option(
+        False, "Pad every expert's input to its capacity (fixed shapes); needs "
+        "--moe-expert-capacity-factor.")
+    moe_token_drop_policy: str = option(
+        "probs", "Which tokens over capacity are dropped: the lowest routing probabilities "
+        "(probs) or the latest in the sequence (position).", choices=TOKEN_DROP_POLICIES)
+    moe_layer_freq: Union[int, List[int]] = option(
+        1, "Which layers are MoE: an integer N (every N-th layer, from the first), or a list "
+        "of 0 (dense) / 1 (MoE) per layer, e.g. [0,1,1,1] or ([0]*1+[1]*3).",
+        parse=parse_moe_layer_freq)
+    moe_shared_expert_gate: bool = option(
+        False, "A learned sigmoid gate on the shared expert's output (Qwen2-MoE); needs "
+        "--moe-shared-expert-intermediate-size.")
+    qk_layernorm: bool = option(
+        False, "Normalize queries and keys per head (--normalization's norm) before attention "
+        "(Qwen3, OLMo 2).")
     moe_shared_expert_intermediate_size: Optional[int] = option(
         None, "Inner width of a shared expert every token passes through; unset: none.",
         at_least=1)
     moe_token_dispatcher_type: str = option(
-        "alltoall", "megatron-core's token dispatcher: alltoall (expert-parallel friendly) or "
-        "allgather.", choices=TOKEN_DISPATCHERS)
+        "alltoall", "megatron-core's token dispatcher: alltoall (expert-parallel friendly), "
+        "allgather, or flex (DeepEP, GPU only).", choices=TOKEN_DISPATCHERS)
     moe_grouped_gemm: bool = option(
         False, "Run the experts as one grouped GEMM (Transformer Engine) instead of one MLP "
         "per expert.")
@@ -143,6 +257,25 @@ class ModelConfig:
     @property
     def resolved_num_query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def resolved_bias_update_rate(self) -> float:
+        rate = self.moe_router_bias_update_rate
+        return DEFAULT_BIAS_UPDATE_RATE if rate is None else rate
+
+    @property
+    def moe_layer_pattern(self) -> List[int]:
+        """One entry per layer of the whole model: 1 MoE, 0 dense (all 0 for a dense model)."""
+        if not self.is_moe:
+            return [0] * self.num_layers
+        freq = self.moe_layer_freq
+        if isinstance(freq, int):
+            return [1 if i % freq == 0 else 0 for i in range(self.num_layers)]
+        return list(freq)
+
+    def is_moe_layer(self, layer_number: int) -> bool:
+        """Whether global layer `layer_number` (1-based, as megatron-core counts) is MoE."""
+        return bool(self.moe_layer_pattern[layer_number - 1])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -196,6 +329,95 @@ class ModelConfig:
                     "add_bias_linear=True with a shared expert (moe_shared_expert_intermediate_"
                     "size) is not supported by megatron-core's SharedExpertMLP: drop one of them."
                 )
+        self._validate_moe_options()
+
+    def _validate_moe_options(self) -> None:
+        """Cross-field rules of the MoE flags, each named as Megatron-LM spells it; megatron-core
+        would assert most of them only inside TransformerConfig or the router."""
+        try:
+            self.moe_layer_freq = parse_moe_layer_freq(self.moe_layer_freq)
+        except ValueError as error:
+            raise ConfigError(f"--moe-layer-freq (moe_layer_freq) = {error}.") from None
+        freq = self.moe_layer_freq
+        if isinstance(freq, list) and len(freq) != self.num_layers:
+            raise ConfigError(
+                f"--moe-layer-freq lists {len(freq)} layers but --num-layers is "
+                f"{self.num_layers}: give one 0 (dense) or 1 (MoE) per layer, e.g. "
+                f"([0]*1+[1]*{self.num_layers - 1}).")
+        if not self.is_moe:
+            if freq != 1:
+                raise ConfigError("--moe-layer-freq applies to MoE models, and this model is "
+                                  "dense: set --num-experts or drop --moe-layer-freq.")
+            return
+        if 1 not in self.moe_layer_pattern:
+            raise ConfigError(
+                f"--moe-layer-freq {freq} makes no layer MoE although --num-experts is set: "
+                f"mark at least one layer 1, or drop --num-experts for a dense model.")
+        sigmoid = self.moe_router_score_function == "sigmoid"
+        if sigmoid and self.moe_router_pre_softmax:
+            raise ConfigError(
+                "--moe-router-pre-softmax applies to softmax scoring, and "
+                "--moe-router-score-function is sigmoid: drop one of them.")
+        if (self.moe_router_topk == 1 and not sigmoid and not self.moe_router_pre_softmax
+                and self.moe_router_load_balancing_type != "sinkhorn"):
+            raise ConfigError(
+                "--moe-router-topk 1 with softmax scoring needs --moe-router-pre-softmax (a "
+                "softmax over one chosen expert is constant, so the router would get no "
+                "gradient).")
+        if self.moe_router_enable_expert_bias and not sigmoid:
+            raise ConfigError(
+                "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid "
+                "(megatron-core's aux-loss-free balancing is defined for sigmoid scores).")
+        if self.moe_router_bias_update_rate is not None and not self.moe_router_enable_expert_bias:
+            raise ConfigError(
+                "--moe-router-bias-update-rate is set but there is no expert bias to update: add "
+                "--moe-router-enable-expert-bias, or drop the rate.")
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        if (groups is None) != (group_topk is None):
+            raise ConfigError(
+                "Group-limited routing needs both --moe-router-num-groups and "
+                "--moe-router-group-topk: set both, or neither.")
+        if groups is not None:
+            if self.num_experts % groups:
+                raise ConfigError(
+                    f"--num-experts {self.num_experts} is not divisible by "
+                    f"--moe-router-num-groups {groups}: each group needs the same number of "
+                    f"experts; use a group count that divides the experts.")
+            if group_topk > groups:
+                raise ConfigError(
+                    f"--moe-router-group-topk {group_topk} is larger than "
+                    f"--moe-router-num-groups {groups}: a token cannot use more groups than "
+                    f"exist; lower --moe-router-group-topk.")
+            if self.moe_router_topk % group_topk:
+                raise ConfigError(
+                    f"--moe-router-topk {self.moe_router_topk} is not divisible by "
+                    f"--moe-router-group-topk {group_topk}: megatron-core picks topk / group_topk "
+                    f"experts in each chosen group.")
+            if self.moe_router_topk // group_topk > self.num_experts // groups:
+                raise ConfigError(
+                    f"--moe-router-topk {self.moe_router_topk} / --moe-router-group-topk "
+                    f"{group_topk} experts per group exceeds the {self.num_experts // groups} "
+                    f"experts of a group: raise --moe-router-group-topk or lower "
+                    f"--moe-router-num-groups.")
+        if self.moe_expert_capacity_factor is not None and \
+                self.moe_router_load_balancing_type == "sinkhorn":
+            raise ConfigError(
+                "--moe-expert-capacity-factor works with aux_loss, seq_aux_loss, "
+                "global_aux_loss or none balancing, not sinkhorn: change "
+                "--moe-router-load-balancing-type or drop the capacity factor.")
+        if self.moe_pad_expert_input_to_capacity and self.moe_expert_capacity_factor is None:
+            raise ConfigError(
+                "--moe-pad-expert-input-to-capacity needs a capacity to pad to: add "
+                "--moe-expert-capacity-factor X.")
+        if self.moe_shared_expert_gate and self.moe_shared_expert_intermediate_size is None:
+            raise ConfigError(
+                "--moe-shared-expert-gate gates a shared expert, and there is none: add "
+                "--moe-shared-expert-intermediate-size N.")
+        if self.moe_token_dispatcher_type == "flex" and (
+                importlib.util.find_spec("deep_ep") is None):
+            raise ConfigError(
+                "--moe-token-dispatcher-type flex needs DeepEP (the deep_ep package, on GPUs), "
+                "which is not installed here: use alltoall or allgather.")
 
 
 def _forward_scaling_placements() -> list:
@@ -226,15 +448,189 @@ class ParallelConfig:
         "tensor-parallel ranks (required for MoE with tensor parallelism).")
     use_distributed_optimizer: bool = option(
         False, "Shard optimizer state (and the fp32 main weights) over the data-parallel ranks.")
+    decoder_first_pipeline_num_layers: Optional[int] = option(
+        None, "Transformer layers on the first pipeline stage (uneven stages); the other stages "
+        "share the rest evenly. Unset: an even share.", at_least=1)
+    decoder_last_pipeline_num_layers: Optional[int] = option(
+        None, "Transformer layers on the last pipeline stage (uneven stages); unset: an even "
+        "share.", at_least=1)
+    account_for_embedding_in_pipeline_split: bool = option(
+        False, "Count the embedding as one layer when splitting layers over pipeline stages, so "
+        "the first stage holds one transformer layer less.")
+    account_for_loss_in_pipeline_split: bool = option(
+        False, "Count the output layer and loss as one layer when splitting over pipeline "
+        "stages, so the last stage holds one transformer layer less.")
+    pipeline_model_parallel_layout: Optional[str] = option(
+        None, "Explicit layer placement, megatron-core's syntax: stages separated by |, E the "
+        "embedding, t a transformer layer, L the loss, (..)*n repeats; e.g. 'Ettt|(tt|)*2tL' "
+        "for 4 stages. More stages than --pipeline-model-parallel-size make virtual stages.")
 
     def __post_init__(self) -> None:
         check(self)
+        self._validate_pipeline_split()
+
+    @property
+    def uneven_stages(self) -> bool:
+        return (self.decoder_first_pipeline_num_layers is not None
+                or self.decoder_last_pipeline_num_layers is not None)
+
+    def _validate_pipeline_split(self) -> None:
+        """The rules that do not need the model; check_model_fits_layout has the rest."""
+        pp = self.pipeline_model_parallel_size
+        accounts = (self.account_for_embedding_in_pipeline_split
+                    or self.account_for_loss_in_pipeline_split)
+        named = [flag for flag, used in (
+            ("--decoder-first-pipeline-num-layers", self.decoder_first_pipeline_num_layers),
+            ("--decoder-last-pipeline-num-layers", self.decoder_last_pipeline_num_layers),
+            ("--account-for-embedding-in-pipeline-split",
+             self.account_for_embedding_in_pipeline_split),
+            ("--account-for-loss-in-pipeline-split", self.account_for_loss_in_pipeline_split),
+        ) if used]
+        if self.pipeline_model_parallel_layout is not None:
+            if named:
+                raise ConfigError(
+                    f"--pipeline-model-parallel-layout places every layer itself and cannot be "
+                    f"combined with {', '.join(named)}: drop one of them.")
+            self.virtual_pipeline_model_parallel_size = _layout_virtual_stages(
+                self.pipeline_model_parallel_layout, pp,
+                self.virtual_pipeline_model_parallel_size)
+            return
+        if named and pp == 1:
+            raise ConfigError(
+                f"{', '.join(named)} split layers over pipeline stages, and "
+                f"--pipeline-model-parallel-size is 1: raise it, or drop them.")
+        if self.uneven_stages and accounts:
+            raise ConfigError(
+                "--decoder-first/last-pipeline-num-layers and --account-for-embedding/loss-in-"
+                "pipeline-split are two ways of unevening the stages and cannot be combined "
+                "(megatron-core): use one of them.")
 
     def transformer_kwargs(self) -> dict:
         """The `TransformerConfig` fields these sizes set."""
-        return dict(tensor_model_parallel_size=self.tensor_model_parallel_size,
-                    pipeline_model_parallel_size=self.pipeline_model_parallel_size,
-                    virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
-                    expert_model_parallel_size=self.expert_model_parallel_size,
-                    expert_tensor_parallel_size=self.expert_tensor_parallel_size,
-                    sequence_parallel=self.sequence_parallel)
+        return dict(
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=self.expert_model_parallel_size,
+            expert_tensor_parallel_size=self.expert_tensor_parallel_size,
+            sequence_parallel=self.sequence_parallel,
+            num_layers_in_first_pipeline_stage=self.decoder_first_pipeline_num_layers,
+            num_layers_in_last_pipeline_stage=self.decoder_last_pipeline_num_layers,
+            account_for_embedding_in_pipeline_split=self.account_for_embedding_in_pipeline_split,
+            account_for_loss_in_pipeline_split=self.account_for_loss_in_pipeline_split,
+            pipeline_model_parallel_layout=self.pipeline_model_parallel_layout,
+        )
+
+    def stage_layer_counts(self, num_layers: int) -> List[List[int]]:
+        """Transformer layers of each [pipeline rank][virtual stage], as megatron-core's
+        get_num_layers_to_build splits them; ConfigError when they cannot add up or leave a
+        stage without layers. Pure arithmetic, no process group."""
+        pp, vpp = self.pipeline_model_parallel_size, self.virtual_pipeline_model_parallel_size or 1
+        if self.pipeline_model_parallel_layout is not None:
+            return _layout_counts(self.pipeline_model_parallel_layout, pp, num_layers)
+        stages = pp * vpp
+        if self.uneven_stages:
+            first, last = self.decoder_first_pipeline_num_layers, self.decoder_last_pipeline_num_layers
+            given = [n for n in (first, last) if n is not None]
+            middle_layers, middle_ranks = num_layers - sum(given), pp - len(given)
+            for flag, n in (("--decoder-first-pipeline-num-layers", first),
+                            ("--decoder-last-pipeline-num-layers", last)):
+                if n is not None and n % vpp:
+                    raise ConfigError(
+                        f"{flag} {n} is not divisible by --virtual-pipeline-model-parallel-size "
+                        f"{vpp}: each of the stage's model chunks needs the same number of "
+                        f"layers.")
+            if middle_ranks == 0 and middle_layers != 0:
+                raise ConfigError(
+                    f"The uneven stages hold {sum(given)} layers but --num-layers is "
+                    f"{num_layers}: with --pipeline-model-parallel-size {pp} the first and last "
+                    f"stage must add up to --num-layers.")
+            if middle_ranks and (middle_layers <= 0 or middle_layers % (middle_ranks * vpp)):
+                raise ConfigError(
+                    f"--num-layers {num_layers} minus the uneven stages' {sum(given)} leaves "
+                    f"{middle_layers} layers for {middle_ranks} other stage(s)"
+                    + (f" x {vpp} virtual stages" if vpp > 1 else "") + ": each needs the "
+                    f"same number, at least one. Adjust --decoder-first/last-pipeline-num-"
+                    "layers.")
+            share = middle_layers // middle_ranks if middle_ranks else 0
+            per_rank = [share] * pp
+            if first is not None:
+                per_rank[0] = first
+            if last is not None:
+                per_rank[-1] = last
+            return [[n // vpp] * vpp for n in per_rank]
+        extra = int(self.account_for_embedding_in_pipeline_split) + int(
+            self.account_for_loss_in_pipeline_split)
+        total = num_layers + extra
+        if total % stages:
+            size = ("pipeline_model_parallel_size" if vpp == 1 else
+                    "pipeline_model_parallel_size x virtual_pipeline_model_parallel_size")
+            counted = (f" (+{extra} for the embedding/loss counted as layers = {total})"
+                       if extra else "")
+            raise ConfigError(
+                f"num_layers={num_layers}{counted} is not divisible by {size}={stages}: every "
+                f"(virtual) pipeline stage must hold the same number of layers; or give "
+                f"--decoder-first/last-pipeline-num-layers for uneven stages.")
+        counts = [[total // stages] * vpp for _ in range(pp)]
+        if self.account_for_embedding_in_pipeline_split:
+            counts[0][0] -= 1
+        if self.account_for_loss_in_pipeline_split:
+            counts[-1][-1] -= 1
+        if any(n < 1 for row in counts for n in row):
+            raise ConfigError(
+                f"--account-for-embedding/loss-in-pipeline-split with --num-layers {num_layers} "
+                f"over {stages} (virtual) stages leaves a stage with no transformer layer: use "
+                f"fewer stages or more layers.")
+        return counts
+
+
+def _layout_stages(layout: str) -> list:
+    from megatron.core.transformer.pipeline_parallel_layer_layout import (
+        PipelineParallelLayerLayout,
+    )
+
+    try:
+        return PipelineParallelLayerLayout.parse_str_to_list(layout)
+    except (AssertionError, ValueError) as error:
+        raise ConfigError(f"--pipeline-model-parallel-layout {layout!r} is not understood "
+                          f"({error}): use E, t, L, | and (..)*n.") from None
+
+
+def _layout_virtual_stages(layout: str, pp: int, vpp: Optional[int]) -> Optional[int]:
+    stages = len(_layout_stages(layout))
+    if stages % pp:
+        raise ConfigError(
+            f"--pipeline-model-parallel-layout has {stages} stages, not a multiple of "
+            f"--pipeline-model-parallel-size {pp}: give pp x (virtual stages) stages.")
+    derived_vpp = stages // pp if stages > pp else None
+    if vpp is not None and vpp != (derived_vpp or 1):
+        raise ConfigError(
+            f"--virtual-pipeline-model-parallel-size {vpp} disagrees with "
+            f"--pipeline-model-parallel-layout ({stages} stages over {pp} ranks): drop it, the "
+            f"layout sets it.")
+    return derived_vpp
+
+
+def _layout_counts(layout: str, pp: int, num_layers: int) -> List[List[int]]:
+    from megatron.core.transformer.enums import LayerType
+
+    stages = _layout_stages(layout)
+    flat = [kind for stage in stages for kind in stage]
+    decoders = flat.count(LayerType.decoder)
+    problem = None
+    if flat[:1] != [LayerType.embedding] or flat.count(LayerType.embedding) != 1:
+        problem = "it must start with the embedding E, once"
+    elif flat[-1:] != [LayerType.loss] or flat.count(LayerType.loss) != 1:
+        problem = "it must end with the loss L, once"
+    elif LayerType.mtp in flat:
+        problem = "multi-token prediction layers (m) are not supported here"
+    elif decoders != num_layers:
+        problem = f"it places {decoders} transformer layers (t) and --num-layers is {num_layers}"
+    elif any(LayerType.decoder not in stage for stage in stages):
+        problem = "a stage holds no transformer layer (t)"
+    if problem:
+        raise ConfigError(f"--pipeline-model-parallel-layout {layout!r}: {problem}.")
+    vpp = len(stages) // pp
+    # Stage s of the flat list is virtual stage s // pp of pipeline rank s % pp.
+    return [[stages[v * pp + r].count(LayerType.decoder) for v in range(vpp)]
+            for r in range(pp)]

@@ -44,6 +44,16 @@ EXTRA_COMBOS: Dict[str, tuple] = {
     "deepnorm-dense": ("deepnorm", {}),
     "perinorm-moe": ("perinorm", {"num_experts": 4}),
     "spannorm_clean-dense": ("spannorm_clean", {}),
+    # Qwen3-MoE: q/k norms, a dense first layer (Megatron-LM's --moe-layer-freq).
+    "prenorm-moe-qk-mixed": ("prenorm", {"num_experts": 4, "qk_layernorm": True,
+                                         "moe_layer_freq": [0, 1]}),
+    # GLM-4-MoE: DeepSeek-V3-style routing (sigmoid, expert bias, 2 groups of which a token
+    # uses 1, scaled weights), shared experts, a dense first layer, q/k norms.
+    "prenorm-moe-glm": ("prenorm", {
+        "num_experts": 4, "qk_layernorm": True, "moe_layer_freq": [0, 1],
+        "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+        "moe_router_num_groups": 2, "moe_router_group_topk": 1,
+        "moe_router_topk_scaling_factor": 2.5, "moe_shared_expert_intermediate_size": 64}),
 }
 
 LAYOUTS: Dict[str, ParallelConfig] = {
@@ -81,6 +91,9 @@ def build(config: ModelConfig, seed: int = 0):
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 param.add_(0.2 * torch.randn(param.shape, generator=generator))
+        for name, buffer in model.named_buffers():
+            if name.endswith("expert_bias"):  # the trained balancing bias steers the choice
+                buffer.add_(0.05 * torch.randn(buffer.shape, generator=generator))
     return model.eval()
 
 

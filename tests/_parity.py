@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
@@ -21,6 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe import moe_utils
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.metrics.moe import MoEMetrics, reduce_router_losses
 from spannorm_megatron.placements import PLACEMENTS
 from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
 from spannorm_megatron.training.setup import setup_model_and_optimizer
@@ -54,20 +55,74 @@ LAYOUTS = {  # all fit 4 ranks; data parallelism fills what the named sizes leav
 }
 
 
+# Megatron-LM recipes (issue 15) on the SpanNorm MoE model: a dense first layer, q/k norms,
+# DeepSeek-V3-like routing (sigmoid scores, aux-loss-free expert bias, group-limited top-k,
+# scaled probabilities), sequence aux loss and z-loss.
+_ROUTING = dict(
+    moe_layer_freq="([0]*1+[1]*3)", qk_layernorm=True, moe_router_score_function="sigmoid",
+    moe_router_enable_expert_bias=True, moe_router_bias_update_rate=1e-2,
+    moe_router_num_groups=2, moe_router_group_topk=1, moe_router_topk_scaling_factor=2.0,
+    moe_router_load_balancing_type="seq_aux_loss", moe_z_loss_coeff=1e-3,
+    moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True,
+)
+RECIPES = {  # name -> (placement, moe, ModelConfig overrides)
+    # Capacity 1.0 drops tokens. megatron-core drops among the tokens a rank routes, which are
+    # the single process's micro-batch wherever the sequence is whole (EP, DP, PP).
+    "spannorm-moe-recipe-capacity": ("spannorm", True, dict(
+        _ROUTING, moe_expert_capacity_factor=1.0, moe_token_drop_policy="probs")),
+    # With sequence parallelism each TP rank routes its slice of the sequence against its own
+    # capacity, so a binding capacity legitimately drops other tokens than one process does;
+    # 2.0 (capacity = every local token) exercises the capacity path without dropping.
+    "spannorm-moe-recipe-sp": ("spannorm", True, dict(
+        _ROUTING, moe_expert_capacity_factor=2.0, moe_token_drop_policy="position")),
+}
+
+RECIPE_LAYOUTS = {  # name -> (layout, recipe)
+    "recipe_dp4_ep2": (ParallelConfig(expert_model_parallel_size=2),
+                       "spannorm-moe-recipe-capacity"),
+    "recipe_tp2_sp_ep2_etp2": (ParallelConfig(tensor_model_parallel_size=2,
+                                              sequence_parallel=True,
+                                              expert_model_parallel_size=2),
+                               "spannorm-moe-recipe-sp"),
+    "recipe_tp2_sp_dp2_ep2": (ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True,
+                                             expert_model_parallel_size=2,
+                                             expert_tensor_parallel_size=1),
+                              "spannorm-moe-recipe-sp"),
+    # Uneven: 1 (dense) layer on the first stage, 3 MoE layers on the last.
+    "recipe_pp2_uneven_dp2_ep2": (ParallelConfig(pipeline_model_parallel_size=2,
+                                                 expert_model_parallel_size=2,
+                                                 decoder_first_pipeline_num_layers=1),
+                                  "spannorm-moe-recipe-capacity"),
+    # One layer per model chunk: the dense layer alone in stage 0's first chunk.
+    "recipe_pp2_vpp2_dp2": (ParallelConfig(pipeline_model_parallel_size=2,
+                                           virtual_pipeline_model_parallel_size=2),
+                            "spannorm-moe-recipe-capacity"),
+}
+
+
+def model_of(combo: str):
+    """(placement, moe, overrides) of a COMBOS or RECIPES name."""
+    if combo in RECIPES:
+        return RECIPES[combo]
+    placement, moe = COMBOS[combo]
+    return placement, moe, {}
+
+
 def applies(layout: ParallelConfig, moe: bool) -> bool:
     if moe:
         return layout.tensor_model_parallel_size == 1 or layout.sequence_parallel
     return layout.expert_model_parallel_size == 1
 
 
-def model_config(placement: str, moe: bool) -> ModelConfig:
-    return ModelConfig(
+def model_config(placement: str, moe: bool, **overrides) -> ModelConfig:
+    values = dict(
         norm_placement=placement, num_layers=4, hidden_size=64, num_attention_heads=4,
         num_query_groups=2, ffn_hidden_size=128, vocab_size=128, max_sequence_length=SEQ,
         init_method_std=SIGMA,
         num_experts=4 if moe else None, moe_router_topk=2, moe_ffn_hidden_size=64,
         moe_aux_loss_coeff=1e-2,
     )
+    return ModelConfig(**{**values, **overrides})
 
 
 def global_batch() -> torch.Tensor:
@@ -133,16 +188,24 @@ class _RouterCounter:
         return self.counts.tolist()
 
 
+def _expert_biases(chunks) -> Dict[str, List[float]]:
+    """This rank's routers' expert biases by global layer number (updated after each step)."""
+    return {str(layer.layer_number): layer.mlp.router.expert_bias.tolist()
+            for chunk in chunks for layer in chunk.module.decoder.layers
+            if getattr(getattr(layer.mlp, "router", None), "expert_bias", None) is not None}
+
+
 def _sharded_state(chunks) -> dict:
     return {f"chunk{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def run(placement: str, moe: bool, parallel: ParallelConfig, init_dir: str, final_dir: str) -> Dict:
+def run(placement: str, moe: bool, parallel: ParallelConfig, init_dir: str, final_dir: str,
+        overrides: Optional[dict] = None) -> Dict:
     """Load the initial weights, train STEPS steps, save the final weights; return the record.
 
     The caller has initialized megatron-core for `parallel` (spannorm_megatron.runtime).
     """
-    config = model_config(placement, moe)
+    config = model_config(placement, moe, **(overrides or {}))
     chunks, optimizer = setup_model_and_optimizer(
         config, parallel,
         OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=1.0))
@@ -177,13 +240,23 @@ def run(placement: str, moe: bool, parallel: ParallelConfig, init_dir: str, fina
                 }
             if moe:
                 record["tokens_per_expert"] = counter.total()
-                moe_utils.reduce_aux_losses_tracker_across_ranks()
-                aux = moe_utils.get_moe_layer_wise_logging_tracker()["load_balancing_loss"]
-                record["aux_loss_per_layer"] = (aux["values"] / len(batches)).tolist()
+                # spannorm_megatron.metrics' reduction (the one TensorBoard logs): z-loss
+                # averaged over TP x DP, stages without MoE layers joining with zeros.
+                reduce_router_losses(chunks[0].module.config)
+                # Every loss the routers log: load_balancing_loss, seq_load_balancing_loss,
+                # z_loss (megatron-core's names), per layer.
+                record["router_losses_per_layer"] = {
+                    name: (entry["values"] / len(batches)).tolist()
+                    for name, entry in moe_utils.get_moe_layer_wise_logging_tracker().items()}
         _, grad_norm, _ = optimizer.step()
         losses.append(reduce_lm_loss(losses_reduced))
         grad_norms.append(grad_norm)
+        if config.moe_router_enable_expert_bias:
+            record.setdefault("expert_bias", []).append(_expert_biases(chunks))
     record.update(losses=losses, grad_norms=grad_norms)
+    if config.moe_router_enable_expert_bias:
+        # What TensorBoard gets: every MoE layer's bias, gathered over the pipeline stages.
+        record["logged_expert_bias"] = MoEMetrics(chunks)._expert_bias()
 
     os.makedirs(final_dir, exist_ok=True)
     dist_checkpointing.save(_sharded_state(chunks), final_dir)

@@ -48,6 +48,8 @@ EXPECTED = {
     "cpu_uneven_collectives": [("megatron.core.tensor_parallel.mappings", attribute) for attribute
                                in ("_gather_along_first_dim", "_reduce_scatter_along_first_dim")],
     "cpu_autograd_engine": [("torch.autograd", "_engine_run_backward")],
+    "cpu_eager_expert_bias": [("megatron.core.transformer.moe.router:TopKRouter",
+                               "_apply_expert_bias")],
     "cpu_device_arguments": [],  # the calling thread's mode stack, checked on its own
     "strict_collectives": [("mode", "strict"), ("torch.distributed", "new_group"),
                            (_C10D, "isend"), (_C10D, "irecv")]

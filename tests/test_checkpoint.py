@@ -547,3 +547,75 @@ def test_rng_states_of_another_device_type_are_ignored_like_a_layout_change(mega
     assert torch.equal(torch.get_rng_state(), before)
     legacy = {k: v for k, v in mine.items() if k != "device_type"}  # saved before the field
     assert rng.restore([legacy]) is True
+
+
+# ------------------------------------------------------------------------------ MoE recipes
+
+def _expert_bias_config(**overrides):
+    """DeepSeek-V3-like routing on a model with a dense first layer (issue 15)."""
+    values = dict(moe=True, moe_layer_freq="([0]*1+[1]*3)", moe_router_score_function="sigmoid",
+                  moe_router_enable_expert_bias=True, moe_router_bias_update_rate=1e-2,
+                  moe_router_load_balancing_type="none", moe_expert_capacity_factor=1.0,
+                  qk_layernorm=True)
+    values.update(overrides)
+    return H.model_config(**values)
+
+
+def test_expert_bias_is_saved_recorded_and_resumed_bitwise(megatron_world, tmp_path):
+    """N steps, save, N more == load into a fresh model, N steps: every tensor bit for bit,
+    the aux-loss-free expert bias (a buffer megatron-core updates outside the optimizer)
+    included; the run record holds the routing settings."""
+    n = 2
+    config = _expert_bias_config()
+    chunks, optimizer, scheduler = _fresh(config)
+    H.train(chunks, optimizer, scheduler, 0, n)
+    _save(tmp_path, n, chunks, optimizer, scheduler, config)
+    saved = H.sharded_tensors(chunks)
+    biases = {k: v for k, v in saved.items() if "expert_bias" in k}
+    # Three MoE layers (the first is dense), each bias moved by the sign rule (+-0.01 a step).
+    assert len(biases) == 3 and all(v.abs().max() > 0 for v in biases.values()), biases
+    expected = H.train(chunks, optimizer, scheduler, n * H.GLOBAL_BATCH, n)
+    expected_tensors = H.sharded_tensors(chunks, optimizer)
+
+    record = read_run_record(str(tmp_path))
+    assert record["model_config"]["moe_router_enable_expert_bias"] is True
+    assert record["model_config"]["moe_layer_freq"] == [0, 1, 1, 1]
+    assert record["model_config"]["moe_router_bias_update_rate"] == 1e-2
+
+    chunks, optimizer, scheduler = _fresh(config, seed=99)
+    _load(tmp_path, chunks, optimizer, scheduler, config)
+    _assert_same_tensors({k: v for k, v in H.sharded_tensors(chunks).items() if k in biases},
+                         biases)
+    resumed = H.train(chunks, optimizer, scheduler, n * H.GLOBAL_BATCH, n)
+    assert resumed["losses"] == expected["losses"]
+    _assert_same_tensors(H.sharded_tensors(chunks, optimizer), expected_tensors)
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(moe_router_enable_expert_bias=False, moe_router_bias_update_rate=None),
+     "moe_router_enable_expert_bias"),
+    (dict(moe_layer_freq=1), "moe_layer_pattern"),
+    (dict(moe_router_score_function="softmax", moe_router_enable_expert_bias=False,
+          moe_router_bias_update_rate=None), "moe_router_score_function"),
+    (dict(moe_expert_capacity_factor=None), "moe_expert_capacity_factor"),
+    (dict(qk_layernorm=False), "qk_layernorm"),
+])
+def test_resume_with_other_moe_settings_is_refused_naming_them(megatron_world, tmp_path, change,
+                                                               field):
+    config = _expert_bias_config()
+    chunks, optimizer, scheduler = _fresh(config)
+    _save(tmp_path, 1, chunks, optimizer, scheduler, config)
+    message = _load_fails(str(tmp_path), config=_expert_bias_config(**change),
+                          match="different model")
+    assert f"{field}: checkpoint" in message
+
+
+def test_moe_weights_of_other_runs_settings_may_change(megatron_world, tmp_path):
+    """Loss weights and the bias update rate are training settings, not the model."""
+    config = _expert_bias_config()
+    chunks, optimizer, scheduler = _fresh(config)
+    H.train(chunks, optimizer, scheduler, 0, 1)  # the optimizer has state to save
+    _save(tmp_path, 1, chunks, optimizer, scheduler, config)
+    other = _expert_bias_config(moe_router_bias_update_rate=5e-3, moe_z_loss_coeff=1e-3)
+    chunks, optimizer, scheduler = _fresh(other)
+    assert _load(tmp_path, chunks, optimizer, scheduler, other)["iteration"] == 1

@@ -42,7 +42,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ALL_COMBOS = {**_hf.COMBOS, **_hf.EXTRA_COMBOS}
 NATIVE = {"prenorm-dense": "LlamaForCausalLM", "prenorm-moe": "MixtralForCausalLM",
-          "prenorm-moe-shared": "Qwen2MoeForCausalLM"}
+          "prenorm-moe-shared": "Qwen2MoeForCausalLM",
+          "prenorm-moe-qk-mixed": "Qwen3MoeForCausalLM",
+          "prenorm-moe-glm": "Glm4MoeForCausalLM"}
 TOLERANCE = 1e-4
 
 
@@ -672,6 +674,39 @@ def test_native_format_refuses_what_llama_cannot_express(work, tmp_path):
     with pytest.raises(ConversionError, match="pre-norm"):
         _quiet_export(os.path.join(work.dirs["ref"], "spannorm-dense"), save, fmt="native")
     _no_debris(save)
+
+
+def test_moe_recipes_without_an_exact_hf_class_are_refused_naming_the_setting(work, tmp_path):
+    """--qk-layernorm where no native family holds the rest of the model, DeepSeek-style
+    routing GLM-4-MoE cannot hold, a gated shared expert: one error naming the setting,
+    nothing written."""
+    import re
+
+    from spannorm_megatron.hf.errors import ConversionError
+
+    cases = [
+        (dict(num_experts=4, qk_layernorm=True, moe_shared_expert_intermediate_size=48),
+         "native", "qk_layernorm=True with a shared expert"),
+        (dict(qk_layernorm=True), "native", "qk_layernorm=True on a dense model"),
+        (dict(qk_layernorm=True), "auto", "our own class has no q/k norms"),
+        (dict(num_experts=4, moe_router_score_function="sigmoid",
+              moe_router_enable_expert_bias=True), "auto",
+         "our own class: sigmoid / expert-bias / group-limited / scaled routing"),
+        (dict(num_experts=4, moe_router_score_function="sigmoid",
+              moe_router_enable_expert_bias=True), "native",
+         "no shared expert, or one whose width is not a multiple of moe_ffn_hidden_size"),
+        (dict(num_experts=4, moe_shared_expert_intermediate_size=32,
+              moe_shared_expert_gate=True), "auto", "moe_shared_expert_gate=True"),
+    ]
+    for i, (overrides, fmt, expected) in enumerate(cases):
+        config = dataclasses.replace(_hf.model_config("prenorm-dense"), **overrides)
+        _seed(300 + i)
+        source = str(tmp_path / f"ckpt{i}")
+        _hf.save([_hf.build(config)], config, source)
+        save = str(tmp_path / f"out{i}")
+        with pytest.raises(ConversionError, match=re.escape(expected)):
+            _quiet_export(source, save, fmt=fmt)
+        _no_debris(save)
 
 
 def test_unsupported_hf_architecture_is_refused(work, tmp_path):

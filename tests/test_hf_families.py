@@ -22,9 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _hf  # noqa: E402
 
 ALL_COMBOS = {**_hf.COMBOS, **_hf.EXTRA_COMBOS}
-NATIVE = {"prenorm-dense": "llama", "prenorm-moe": "mixtral", "prenorm-moe-shared": "qwen2_moe"}
-# Our class holds every model; the native ones hold the prenorm models `--format auto` gives them.
-PAIRS = [(combo, "spannorm") for combo in ALL_COMBOS] + list(NATIVE.items())
+NATIVE = {"prenorm-dense": "llama", "prenorm-moe": "mixtral", "prenorm-moe-shared": "qwen2_moe",
+          "prenorm-moe-qk-mixed": "qwen3_moe", "prenorm-moe-glm": "glm4_moe"}
+# Our class holds every model but those with q/k norms or mixed layers (Qwen3-MoE's); the native
+# ones hold the prenorm models `--format auto` gives them.
+OURS = [combo for combo, (_, overrides) in ALL_COMBOS.items()
+        if not overrides.get("qk_layernorm")]
+PAIRS = [(combo, "spannorm") for combo in OURS] + list(NATIVE.items())
 
 
 def _groups(config):

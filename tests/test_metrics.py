@@ -487,3 +487,74 @@ def test_writer_is_a_no_op_without_dir_or_off_rank(tmp_path):
         writer.log_moe(1, {"load_balancing_loss": 1.0})
         writer.close()
     assert os.listdir(tmp_path) == []
+
+
+# ============================================================================== MoE recipes
+def test_recipe_moe_metrics_per_moe_layer_and_their_tags(megatron_world, tmp_path):
+    """Dense first layer, capacity 1.0 (tokens dropped), expert bias, z-loss: per MoE layer the
+    expert load, dropped fraction, bias and z-loss, checked against megatron-core's own
+    bookkeeping (the router's token counter, its expert_bias buffer, its z-loss formula on
+    the router logits), then written to TensorBoard."""
+    torch.manual_seed(7)
+    config = _metrics.model_config("spannorm", True)
+    config = ModelConfig(**{**config.to_dict(), "moe_layer_freq": [0, 1, 1, 1],
+                            "moe_router_score_function": "sigmoid",
+                            "moe_router_enable_expert_bias": True,
+                            "moe_router_bias_update_rate": 1e-2,
+                            "moe_expert_capacity_factor": 1.0, "moe_z_loss_coeff": 1e-3})
+    chunks, optimizer = _metrics.setup(config, ParallelConfig())
+    batches = _metrics.micro_batches(_metrics.global_batch())
+    routers = {layer.layer_number: layer.mlp.router
+               for layer in chunks[0].module.decoder.layers if hasattr(layer.mlp, "router")}
+    assert sorted(routers) == [2, 3, 4]
+    logits = {n: [] for n in routers}
+    handles = [router.register_forward_hook(
+        lambda module, inputs, output, n=n: logits[n].append(
+            module.gating(inputs[0]).detach().reshape(-1, config.num_experts)))
+        for n, router in routers.items()]
+    # What the experts were actually handed after dropping (megatron-core's dispatcher output).
+    received = {n: torch.zeros(config.num_experts) for n in routers}
+    layers = {layer.layer_number: layer for layer in chunks[0].module.decoder.layers}
+
+    def count(n):
+        def hook(_module, inputs):
+            received[n].add_(inputs[1].float())  # (hidden, tokens_per_expert, probs)
+        return hook
+
+    handles += [layers[n].mlp.experts.register_forward_pre_hook(count(n)) for n in routers]
+    record = _metrics.measured_step(chunks, optimizer, batches)
+    for handle in handles:
+        handle.remove()
+    moe = record["moe"]
+
+    tokens = len(batches) * _metrics.MICRO_BATCH * _metrics.SEQ
+    assert sorted(moe["expert_load"]) == sorted(moe["z_loss_per_layer"]) == [2, 3, 4]
+    for n, router in routers.items():
+        # megatron-core zeroes its counter after updating the bias; the bias moved by
+        # +-rate per expert, the sign of (mean count - count).
+        bias = router.expert_bias.tolist()
+        assert moe["expert_bias"][n] == bias and all(round(abs(b), 6) in (0.0, 0.01) for b in bias)
+        kept = received[n].tolist()
+        assert moe["expert_load"][n] == pytest.approx([k / sum(kept) for k in kept], abs=1e-12)
+        mean = sum(kept) / len(kept)
+        assert bias == pytest.approx([1e-2 * (mean > k) - 1e-2 * (mean < k) for k in kept])
+        assert moe["dropped_token_fraction_per_layer"][n] == pytest.approx(
+            1 - sum(kept) / (tokens * config.moe_router_topk), abs=1e-12)
+        # z-loss: mean over tokens of logsumexp(logits)^2 (ST-MoE), per micro-batch.
+        z = [torch.logsumexp(x.float(), dim=-1).square().mean().item() for x in logits[n]]
+        assert moe["z_loss_per_layer"][n] == pytest.approx(sum(z) / len(z), rel=1e-5)
+    assert 0 < moe["dropped_token_fraction"] < 1  # capacity 1.0 drops some at init
+
+    writer = TensorBoardWriter(str(tmp_path))
+    writer.log_moe(1, moe)
+    writer.close()
+    scalars = read_scalars(glob.glob(str(tmp_path / "events.out.tfevents.*"))[0])
+    assert scalars["moe/dropped_token_fraction"] == pytest.approx(moe["dropped_token_fraction"])
+    assert scalars["z_loss"] == pytest.approx(moe["z_loss"])
+    for n in (2, 3, 4):
+        assert f"moe/z_loss_layer_{n - 1}" in scalars
+        assert f"moe/dropped_token_fraction/layer_{n:03d}" in scalars
+        for e in range(config.num_experts):
+            assert scalars[f"moe/expert_bias/layer_{n:03d}/expert_{e:03d}"] == pytest.approx(
+                moe["expert_bias"][n][e])
+    assert "moe/z_loss_layer_0" not in scalars  # the dense layer logs no router loss

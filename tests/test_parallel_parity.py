@@ -25,7 +25,12 @@ LOSS_RTOL = 1e-5
 PARAM_RTOL = 1e-4
 
 CASES = [(layout, combo) for layout, parallel in _parity.LAYOUTS.items()
-         for combo, (_, moe) in _parity.COMBOS.items() if _parity.applies(parallel, moe)]
+         for combo, (_, moe) in _parity.COMBOS.items() if _parity.applies(parallel, moe)] + [
+    (layout, recipe) for layout, (_, recipe) in _parity.RECIPE_LAYOUTS.items()]
+
+
+def layout_of(name: str):
+    return _parity.LAYOUTS[name] if name in _parity.LAYOUTS else _parity.RECIPE_LAYOUTS[name][0]
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +38,16 @@ def parity(megatron_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
     ref_dir, out_dir = root / "ref", root / "out"
     reference = {}
-    for combo, (placement, moe) in _parity.COMBOS.items():
+    for combo in [*_parity.COMBOS, *_parity.RECIPES]:
+        placement, moe, overrides = _parity.model_of(combo)
         torch.manual_seed(7)
-        config = _parity.model_config(placement, moe)
+        config = _parity.model_config(placement, moe, **overrides)
         model = build_gpt_model(config, transformer_config(config))
         init_dir = ref_dir / combo / "init"
         init_dir.mkdir(parents=True)
         dist_checkpointing.save(model.sharded_state_dict(), str(init_dir))
         reference[combo] = _parity.run(placement, moe, ParallelConfig(), str(init_dir),
-                                       str(ref_dir / combo / "final"))
+                                       str(ref_dir / combo / "final"), overrides)
 
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
@@ -59,9 +65,10 @@ def layout_records(out_dir, layout, combo):
     return [json.load(open(f)) for f in files]
 
 
-def load_single_process(placement, moe, checkpoint_dir):
+def load_single_process(combo, checkpoint_dir):
     """Named parameters of a checkpoint, whatever layout saved it, in one process."""
-    config = _parity.model_config(placement, moe)
+    placement, moe, overrides = _parity.model_of(combo)
+    config = _parity.model_config(placement, moe, **overrides)
     model = build_gpt_model(config, transformer_config(config))
     loaded = dist_checkpointing.load({"chunk0": model.sharded_state_dict()}, str(checkpoint_dir))
     model.load_state_dict(loaded["chunk0"])
@@ -78,8 +85,8 @@ def test_layout_matches_single_process(parity, layout, combo):
     reference, ref_dir, out_dir = parity
     ref = reference[combo]
     records = layout_records(out_dir, layout, combo)
-    parallel = _parity.LAYOUTS[layout]
-    placement, moe = _parity.COMBOS[combo]
+    parallel = layout_of(layout)
+    placement, moe, _ = _parity.model_of(combo)
 
     # Losses (reported by the last pipeline stage) and gradient norms (every rank).
     last_stage = [r for r in records if r["losses"][0] is not None]
@@ -103,8 +110,23 @@ def test_layout_matches_single_process(parity, layout, combo):
     if moe:
         for record in records:
             assert record["tokens_per_expert"] == ref["tokens_per_expert"]
-            assert_close_relative(record["aux_loss_per_layer"], ref["aux_loss_per_layer"],
-                                  LOSS_RTOL, "aux loss")
+            assert record["router_losses_per_layer"].keys() == ref["router_losses_per_layer"].keys()
+            for name, values in ref["router_losses_per_layer"].items():
+                assert_close_relative(record["router_losses_per_layer"][name], values,
+                                      LOSS_RTOL, name)
+        # Aux-loss-free balancing: after every step, each layer's expert bias (held by the
+        # ranks of its stage) is exactly the single process's; its updates are sign steps of
+        # token counts, so any miscount would show as a whole step.
+        if "expert_bias" in ref:
+            for step, expected in enumerate(ref["expert_bias"]):
+                gathered = {}
+                for record in records:
+                    for layer, bias in record["expert_bias"][step].items():
+                        assert gathered.setdefault(layer, bias) == bias, (step, layer)
+                assert gathered == expected, f"expert bias after step {step + 1}"
+            for record in records:
+                assert {int(k): v for k, v in record["logged_expert_bias"].items()} == {
+                    int(k): v for k, v in ref["expert_bias"][-1].items()}
 
     # Scale Init counts every layer of the model, not a stage's: L = 4 here, 2 per stage.
     if placement in ("spannorm", "prenorm"):  # sigma/sqrt(L) and sigma/sqrt(2L)
@@ -114,8 +136,8 @@ def test_layout_matches_single_process(parity, layout, combo):
                 _parity.SIGMA / depth_factor ** 0.5, rel=0.05)
 
     # Weights after 3 steps, gathered by loading the layout's checkpoint into one process.
-    actual = load_single_process(placement, moe, out_dir / layout / combo / "final")
-    expected = dict(load_single_process(placement, moe, ref_dir / combo / "final"))
+    actual = load_single_process(combo, out_dir / layout / combo / "final")
+    expected = dict(load_single_process(combo, ref_dir / combo / "final"))
     for name, param in actual:
         error = _parity.relative_error(param, expected[name])
         assert error <= PARAM_RTOL, f"{name}: relative error {error:.2e}"

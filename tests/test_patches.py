@@ -18,9 +18,9 @@ from test_runtime import ROOT, TESTS, _env, _tail
 
 NAMES = ["moe_router_gemm", "pp2_batched_p2p_order", "distopt_step_load",
          "checkpoint_results_queue", "cpu_torch_cuda", "cpu_rng", "cpu_moe_split_sizes",
-         "cpu_uneven_collectives", "cpu_autograd_engine", "cpu_device_arguments",
-         "strict_collectives"]
-CPU_RUNTIME = NAMES[4:10]
+         "cpu_uneven_collectives", "cpu_autograd_engine", "cpu_eager_expert_bias",
+         "cpu_device_arguments", "strict_collectives"]
+CPU_RUNTIME = NAMES[4:11]
 
 
 @pytest.fixture(scope="module")

@@ -363,3 +363,34 @@ def test_resume_with_another_tokenizer_of_the_same_size_is_refused(corpus, tmp_p
     assert "the checkpoint was trained with another tokenizer (--tokenizer-model: " in \
         refused.stderr
     assert f"its file was {tokenizer}" in refused.stderr
+
+
+def test_deepseek_style_recipe_trains_on_two_expert_parallel_ranks(corpus, tmp_path):
+    """The CPU recipe of examples/configs (dense first layer, sigmoid + expert bias, group
+    routing, shared expert, q/k norms, z-loss, EP2) trains, with the per-MoE-layer
+    TensorBoard tags: expert load, z-loss, expert bias (moved by +-rate per step: a sign rule,
+    so it may also swing back to 0)."""
+    data, tokenizer = corpus
+    result = run_train(
+        "--config", os.path.join(ROOT, "examples", "configs", "spannorm_moe_deepseek_cpu.yaml"),
+        "--data-path", data, "--tokenizer-model", tokenizer, "--train-iters", "4",
+        "--log-interval", "1", "--eval-interval", "1000", "--lr-warmup-iters", "1",
+        "--tensorboard-dir", str(tmp_path / "tb"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = logged_losses(result.stdout)
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+    scalars, _ = tensorboard_scalars(tmp_path / "tb")
+    for layer in (2, 3, 4):  # layer 1 is dense
+        assert f"moe/expert_load/layer_{layer:03d}/expert_000" in scalars
+        assert f"moe/z_loss_layer_{layer - 1}" in scalars
+        assert f"moe/seq_load_balancing_loss_layer_{layer - 1}" in scalars
+        rate = 1e-3  # the recipe's --moe-router-bias-update-rate
+        for step in range(1, 5):
+            bias = [scalars[f"moe/expert_bias/layer_{layer:03d}/expert_{e:03d}"][step]
+                    for e in range(8)]
+            steps = [b / rate for b in bias]
+            assert all(abs(k - round(k)) < 1e-3 and abs(round(k)) <= step for k in steps), bias
+            if step == 1:  # counts differ at init: every expert moved
+                assert all(round(abs(k)) == 1 for k in steps), bias
+    assert "moe/expert_load/layer_001/expert_000" not in scalars
+    assert "moe/z_loss_layer_0" not in scalars

@@ -139,6 +139,16 @@ def read_file(directory: str) -> dict:
 
 # --------------------------------------------------------------------------- model comparison
 
+# MoE settings that change what the trained model computes. The balancing losses' weights, the
+# bias update rate, the router's dtype and the dispatcher may change between runs.
+_ROUTING_FIELDS = (
+    "moe_router_topk", "moe_router_score_function", "moe_router_pre_softmax",
+    "moe_router_topk_scaling_factor", "moe_router_num_groups", "moe_router_group_topk",
+    "moe_router_enable_expert_bias", "moe_expert_capacity_factor",
+    "moe_pad_expert_input_to_capacity", "moe_token_drop_policy", "moe_shared_expert_gate",
+)
+
+
 def _architecture(config: ModelConfig) -> Dict[str, Any]:
     """Resolved values of every field that fixes the parameters' shapes or their meaning."""
     from spannorm_megatron.model.specs import final_norm_enabled
@@ -167,9 +177,16 @@ def _architecture(config: ModelConfig) -> Dict[str, Any]:
         arch["first_layer_input_norm"] = config.first_layer_input_norm
     if config.scale_mode == "forward":  # the factor is part of the forward computation
         arch["scale_init"] = config.scale_init
+    if config.qk_layernorm:
+        arch["qk_layernorm"] = True
     if config.is_moe:
         arch["moe_ffn_hidden_size"] = config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size
         arch["moe_shared_expert_intermediate_size"] = config.moe_shared_expert_intermediate_size
+        # Which layers are MoE, and how tokens are routed: the same weights under another
+        # router (or with the trained expert bias ignored) compute another function.
+        arch["moe_layer_pattern"] = config.moe_layer_pattern
+        for name in _ROUTING_FIELDS:
+            arch[name] = getattr(config, name)
     return arch
 
 

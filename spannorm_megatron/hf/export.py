@@ -79,6 +79,9 @@ def choose_family(config: ModelConfig, fmt: str) -> tuple:
     if problems:
         raise ConversionError("This model cannot be exported: " + "; ".join(problems) + ".")
     notes = []
+    if config.is_moe and config.moe_expert_capacity_factor is not None:
+        notes.append("the exported model routes every token (no capacity limit): it matches "
+                     "the megatron model wherever no token was dropped")
     own = own_class_problems(config)
     if fmt == "spannorm" and not own:
         return FAMILIES["spannorm"], notes

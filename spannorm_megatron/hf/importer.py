@@ -206,6 +206,13 @@ def convert_hf_to_megatron(
     with torch.device("meta"):
         chunks = build_model(local, transformer_config(
             local, **overrides, use_cpu_initialization=True, perform_initialization=False))
+    for chunk in chunks:
+        for module in chunk.modules():
+            # megatron-core allocates the router's expert bias on the current device itself,
+            # past the meta context; its converted value is written like every weight.
+            bias = getattr(module, "expert_bias", None)
+            if isinstance(bias, torch.Tensor) and not bias.is_meta:
+                module.expert_bias = bias.to("meta")
     materialized = [name for chunk in chunks for name, tensor in chunk.state_dict().items()
                     if isinstance(tensor, torch.Tensor) and not tensor.is_meta]
     if materialized:  # they would be written as built, not converted

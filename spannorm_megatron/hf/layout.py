@@ -71,8 +71,11 @@ def layer_params(config: ModelConfig, layer: int) -> List[Tuple[str, Shape]]:
         params += _norm(slot, h, layer_norm)
     params += _linear("self_attention.linear_qkv", (config.num_attention_heads + 2 * groups) * d,
                       h, bias)
+    if config.qk_layernorm:  # per head: the norms are head_dim wide
+        params += _norm("self_attention.q_layernorm", d, layer_norm)
+        params += _norm("self_attention.k_layernorm", d, layer_norm)
     params += _linear("self_attention.linear_proj", h, config.num_attention_heads * d, bias)
-    if not config.is_moe:
+    if not config.is_moe_layer(layer + 1):
         ffn = config.resolved_ffn_hidden_size
         params += _linear("mlp.linear_fc1", gated * ffn, h, bias)
         params += _linear("mlp.linear_fc2", h, ffn, bias)
@@ -80,6 +83,8 @@ def layer_params(config: ModelConfig, layer: int) -> List[Tuple[str, Shape]]:
     moe_ffn = config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size
     # megatron-core's router gets a bias with add_bias_linear too.
     params += _linear("mlp.router", config.num_experts, h, bias)
+    if config.moe_router_enable_expert_bias:  # a buffer, but part of what the model computes
+        params.append(("mlp.router.expert_bias", (config.num_experts,)))
     for e in range(config.num_experts):
         params += _linear(f"mlp.experts.local_experts.{e}.linear_fc1", gated * moe_ffn, h, bias)
         params += _linear(f"mlp.experts.local_experts.{e}.linear_fc2", h, moe_ffn, bias)
@@ -87,6 +92,8 @@ def layer_params(config: ModelConfig, layer: int) -> List[Tuple[str, Shape]]:
     if shared:
         params += _linear("mlp.shared_experts.linear_fc1", gated * shared, h, bias)
         params += _linear("mlp.shared_experts.linear_fc2", h, shared, bias)
+        if config.moe_shared_expert_gate:
+            params.append(("mlp.shared_experts.gate_weight", (1, h)))
     return params
 
 
@@ -140,14 +147,22 @@ class CheckpointLayout:
         from spannorm_megatron.model.specs import layer_spec
 
         self.config = config
-        spec = layer_spec(config, transformer_engine=False)
-        self.keys_map: Dict[str, str] = dict(spec.submodules.sharded_state_dict_keys_map or {})
+        # A norm fused into fc1 is saved under fc1's key in dense layers only (the router reads
+        # an MoE layer's norm too), so the map depends on the layer's kind.
+        self.keys_maps: Dict[bool, Dict[str, str]] = {
+            moe: dict(layer_spec(config, transformer_engine=False, moe=moe)
+                      .submodules.sharded_state_dict_keys_map or {})
+            for moe in ({False, True} if config.is_moe else {False})}
         rule = export_rule(config.norm_placement)
         self.first_layer_slots = set(rule.first_layer_norms)
         self.groups = megatron_groups(config)
+        # megatron-core saves dense and MoE layers mixed (--moe-layer-freq) one layer at a time,
+        # under keys carrying the layer number, instead of one tensor stacked over the layers.
+        self.per_layer_keys = len(set(config.moe_layer_pattern)) > 1
 
-    def _map_local(self, local: str) -> str:
-        for old, new in self.keys_map.items():
+    def _map_local(self, local: str, layer: int) -> str:
+        keys_map = self.keys_maps[self.config.is_moe and self.config.is_moe_layer(layer + 1)]
+        for old, new in keys_map.items():
             if local.startswith(old):
                 return new + local[len(old):]
         return local
@@ -157,14 +172,20 @@ class CheckpointLayout:
         if layer is None:
             return Location(name, (), ())
         L = self.config.num_layers
+        prefix = f"{LAYER_PREFIX}{layer}." if self.per_layer_keys else LAYER_PREFIX
         if local.split(".", 1)[0] in self.first_layer_slots:
-            return Location(LAYER_PREFIX + self._map_local(local), (), ())
+            return Location(prefix + self._map_local(local, layer), (), ())
         match = _EXPERT_RE.match(local)
         if match:
             expert, rest = int(match.group(1)), match.group(2)
-            return Location(LAYER_PREFIX + EXPERT_KEY_PREFIX + rest, (layer, expert),
+            if self.per_layer_keys:
+                return Location(prefix + EXPERT_KEY_PREFIX + rest, (expert,),
+                                (self.config.num_experts,))
+            return Location(prefix + EXPERT_KEY_PREFIX + rest, (layer, expert),
                             (L, self.config.num_experts))
-        return Location(LAYER_PREFIX + self._map_local(local), (layer,), (L,))
+        if self.per_layer_keys:
+            return Location(prefix + self._map_local(local, layer), (), ())
+        return Location(prefix + self._map_local(local, layer), (layer,), (L,))
 
     def all_params(self) -> List[Tuple[str, Shape]]:
         return [p for group in self.groups for p in group.params]

@@ -74,9 +74,20 @@ def export_rule(placement: str) -> ExportRule:
 
 def own_class_problems(config: ModelConfig) -> List[str]:
     """Why our own class cannot compute `config`; [] if it can."""
-    if config.norm_placement in REMOTE_CODE_PLACEMENTS:
-        return []
-    return [f"our own class does not compute norm_placement={config.norm_placement!r}"]
+    problems = []
+    if config.norm_placement not in REMOTE_CODE_PLACEMENTS:
+        problems.append(f"our own class does not compute norm_placement="
+                        f"{config.norm_placement!r}")
+    if config.qk_layernorm:
+        problems.append("our own class has no q/k norms (qk_layernorm=True)")
+    if mixed_layers(config):
+        problems.append("our own class has no dense layers among MoE layers (moe_layer_freq)")
+    problems += [f"our own class: {p}" for p in _softmax_routing_problems(config)]
+    return problems
+
+
+def mixed_layers(config: ModelConfig) -> bool:
+    return len(set(config.moe_layer_pattern)) > 1
 
 
 def router_problems(config: ModelConfig) -> List[str]:
@@ -87,7 +98,29 @@ def router_problems(config: ModelConfig) -> List[str]:
     if config.moe_router_load_balancing_type == "sinkhorn":
         return ["moe_router_load_balancing_type='sinkhorn' routes differently at inference "
                 "(only top-k + softmax routing is exported)"]
+    if config.moe_shared_expert_gate:
+        return ["moe_shared_expert_gate=True (no exported class gates the shared expert the "
+                "way megatron-core does)"]
     return []
+
+
+def biased_routing(config: ModelConfig) -> bool:
+    """DeepSeek-V3-style routing (sigmoid, expert bias, groups, scaled weights), which only
+    GLM-4-MoE among the exported classes computes."""
+    return config.is_moe and (
+        config.moe_router_score_function != "softmax" or config.moe_router_enable_expert_bias
+        or config.moe_router_num_groups is not None
+        or config.moe_router_topk_scaling_factor not in (None, 1.0))
+
+
+def _softmax_routing_problems(config: ModelConfig) -> List[str]:
+    problems = []
+    if biased_routing(config):
+        problems.append("sigmoid / expert-bias / group-limited / scaled routing (this class "
+                        "routes with softmax over the top-k router logits)")
+    if config.is_moe and config.moe_router_pre_softmax:
+        problems.append("moe_router_pre_softmax=True (this class renormalizes the top-k)")
+    return problems
 
 
 def native_problems(config: ModelConfig) -> List[str]:
@@ -113,6 +146,44 @@ def native_problems(config: ModelConfig) -> List[str]:
         problems.append("scale_mode='forward' (Llama has no branch multiplier)")
     if config.is_moe and config.add_bias_linear:
         problems.append("add_bias_linear=True with MoE (Mixtral/Qwen2-MoE experts have no biases)")
+    if biased_routing(config):
+        return problems + _glm4_moe_problems(config)
+    problems += _softmax_routing_problems(config)
+    if config.qk_layernorm and not config.is_moe:
+        problems.append("qk_layernorm=True on a dense model (Llama has no q/k norms; the "
+                        "native family with them is Qwen3-MoE)")
+    if config.qk_layernorm and config.moe_shared_expert_intermediate_size:
+        problems.append("qk_layernorm=True with a shared expert (Qwen3-MoE, the native family "
+                        "with q/k norms, has no shared expert)")
+    if config.is_moe and mixed_layers(config) and not config.qk_layernorm:
+        problems.append("dense layers among MoE layers (moe_layer_freq) without qk_layernorm "
+                        "(Mixtral and Qwen2-MoE as exported here are MoE in every layer; "
+                        "Qwen3-MoE has mlp_only_layers but needs q/k norms)")
+    return problems
+
+
+def _glm4_moe_problems(config: ModelConfig) -> List[str]:
+    """What GLM-4-MoE (sigmoid + e_score_correction_bias + groups + routed_scaling_factor, a
+    shared expert, dense first layers) cannot hold."""
+    problems = []
+    if config.moe_router_score_function != "sigmoid":
+        problems.append("expert bias / group-limited / scaled routing with softmax scores "
+                        "(GLM-4-MoE, the native family with them, scores with sigmoid)")
+    groups, group_topk = config.moe_router_num_groups, config.moe_router_group_topk
+    if groups is not None and config.moe_router_topk // group_topk != 2:
+        problems.append(f"moe_router_topk / moe_router_group_topk = "
+                        f"{config.moe_router_topk // group_topk} (GLM-4-MoE scores a group by "
+                        f"its top-2 experts)")
+    shared = config.moe_shared_expert_intermediate_size
+    expert_ffn = config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size
+    if not shared or shared % expert_ffn:
+        problems.append("no shared expert, or one whose width is not a multiple of "
+                        "moe_ffn_hidden_size (GLM-4-MoE has n_shared_experts of that width)")
+    pattern = config.moe_layer_pattern
+    first_moe = pattern.index(1)
+    if any(not moe for moe in pattern[first_moe:]):
+        problems.append("dense layers after the first MoE layer (GLM-4-MoE: the first k "
+                        "layers dense, first_k_dense_replace)")
     return problems
 
 
@@ -120,4 +191,8 @@ def native_family(config: ModelConfig) -> str:
     """Which native family would hold `config` (assuming `native_problems` is empty)."""
     if not config.is_moe:
         return "llama"
+    if biased_routing(config):
+        return "glm4_moe"
+    if config.qk_layernorm:
+        return "qwen3_moe"
     return "qwen2_moe" if config.moe_shared_expert_intermediate_size else "mixtral"

@@ -126,6 +126,10 @@ def forward_flops(
         if config.moe_shared_expert_intermediate_size:
             mlp += mlp_flops(config.moe_shared_expert_intermediate_size)
         router = 2.0 * h * config.num_experts if include_router else 0.0
+        # --moe-layer-freq: the per-layer figures are averages over dense and MoE layers.
+        moe_share = sum(config.moe_layer_pattern) / config.num_layers
+        mlp = moe_share * mlp + (1 - moe_share) * mlp_flops(config.resolved_ffn_hidden_size)
+        router *= moe_share
     else:
         mlp = mlp_flops(config.resolved_ffn_hidden_size)
         router = 0.0

@@ -5,8 +5,8 @@ auxiliary loss, long before the LM loss; both are logged per layer.
 
 - load-balancing loss: megatron-core's router adds `aux_loss / coeff` of every micro-batch to
   its layer-wise tracker (`get_moe_layer_wise_logging_tracker()`). `collect()` reduces it
-  across ranks with megatron-core's own `reduce_aux_losses_tracker_across_ranks` (pipeline
-  sum, TP/CP sum, DP average), divides by the number of micro-batches and clears it, exactly as
+  across ranks as megatron-core's `reduce_aux_losses_tracker_across_ranks` does (TP/CP sum,
+  DP average, pipeline sum; see `reduce_router_losses` for why not that function), divides by the number of micro-batches and clears it, exactly as
   Megatron-LM's `track_moe_metrics` (its 0.16.1 signature: `track_moe_metrics(loss_scale,
   iteration, writer, ...)`) does -- we do not call that function because it writes to the
   TensorBoard itself from every rank it is given a writer on, and it allocates with
@@ -14,11 +14,22 @@ auxiliary loss, long before the LM loss; both are logged per layer.
   The tracker accumulates on EVERY step, logged or not, so call `start_step()` every step
   (it only zeroes the tracker: no communication).
 - expert load: forward hooks on each MoE layer's router (registered only while measuring)
-  count the tokens each expert receives (the router's `routing_map`); summed over micro-batches
+  count the tokens each expert receives (the router's `routing_map` where the probability is
+  not zero: padding to capacity marks slots with probability 0); summed over micro-batches
   and over the world (every token is routed on exactly one rank: sequence-parallel TP shards,
   DP/EP replicas and pipeline stages hold disjoint tokens or layers) and divided by the
   routed-token total, they give each expert's fraction of the layer's top-k assignments
   (1/num_experts each when perfectly balanced).
+- dropped tokens (with --moe-expert-capacity-factor): per layer, 1 - kept assignments /
+  (tokens x topk), from the same hooks.
+- expert bias (--moe-router-enable-expert-bias): each MoE layer's bias after the step, from the
+  ranks of its pipeline stage (TP/DP/EP replicas hold the same values).
+- z-loss and the other router losses: megatron-core tracks z-loss without a reduce group, each
+  rank the mean over its own tokens; `reduce_router_losses` averages it over the TP x DP ranks
+  (what one process would compute). Ranks whose stage holds no MoE layer (dense layers from
+  --moe-layer-freq) have no tracker entries of their own; they get zeroed entries so that every
+  rank joins the same pipeline reductions in the same order, as Megatron-LM's
+  `track_moe_metrics(force_initialize=True)` does.
 """
 
 from __future__ import annotations
@@ -39,6 +50,76 @@ from spannorm_megatron.metrics._model import (
 )
 
 
+# megatron-core's tracker name of each load-balancing type's loss.
+_BALANCING_LOSS = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+                   "global_aux_loss": "global_load_balancing_loss"}
+# Tracked per rank over the rank's own tokens (no reduce group in megatron-core).
+_RANK_LOCAL = ("z_loss",)
+
+
+def router_loss_names(config) -> List[str]:
+    """The router losses megatron-core tracks for this TransformerConfig, in a fixed order."""
+    types = config.moe_router_load_balancing_type
+    types = types if isinstance(types, list) else [types]
+    coeffs = config.moe_aux_loss_coeff
+    coeffs = coeffs if isinstance(coeffs, list) else [coeffs] * len(types)
+    names = [_BALANCING_LOSS[t] for t, c in zip(types, coeffs) if t in _BALANCING_LOSS and c]
+    if config.moe_z_loss_coeff:
+        names.append("z_loss")
+    return names
+
+
+def moe_layer_numbers(config) -> List[int]:
+    """Global 1-based numbers of the MoE layers (megatron-core's moe_layer_freq)."""
+    if not config.num_moe_experts:
+        return []
+    freq = config.moe_layer_freq
+    pattern = ([1 if i % freq == 0 else 0 for i in range(config.num_layers)]
+               if isinstance(freq, int) else list(freq))
+    return [i + 1 for i, moe in enumerate(pattern) if moe]
+
+
+def reduce_router_losses(config) -> List[str]:
+    """Collective (every rank calls): reduce megatron-core's layer-wise router-loss tracker
+    in place, the same way on every rank; returns the names reduced."""
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    names = router_loss_names(config)
+    size = config.num_layers + int(config.mtp_num_layers or 0)
+    for name in names:
+        tracker.setdefault(name, {"values": torch.zeros(size, device=metrics_device()),
+                                  "reduce_group": None, "avg_group": None,
+                                  "reduce_group_has_dp": False})
+    if torch.distributed.is_initialized():
+        # megatron-core's reduce_aux_losses_tracker_across_ranks sums over the pipeline first
+        # and averages over DP after, only on ranks whose entries carry a reduce group: ranks
+        # of a stage without MoE layers would end with one DP rank's value. Here every stage
+        # reduces within itself first (the groups megatron-core recorded), the pipeline last.
+        dp = parallel_state.get_data_parallel_group(with_context_parallel=False,
+                                                    partial_data_parallel=False)
+        for name in names:
+            entry = tracker[name]
+            values = entry["values"]
+            if name in _RANK_LOCAL:
+                _average(values, parallel_state.get_tensor_and_data_parallel_group())
+            elif entry.get("reduce_group") is not None:
+                torch.distributed.all_reduce(values, group=entry["reduce_group"])
+                if not entry.get("reduce_group_has_dp", False):
+                    _average(values, dp)
+            if entry.get("avg_group") is not None:
+                _average(values, entry["avg_group"])
+            torch.distributed.all_reduce(
+                values, group=parallel_state.get_pipeline_model_parallel_group())
+    return names
+
+
+def _average(values: torch.Tensor, group) -> None:
+    # SUM then divide: gloo has no AVG reduction.
+    size = torch.distributed.get_world_size(group)
+    if size > 1:
+        torch.distributed.all_reduce(values, group=group)
+        values /= size
+
+
 class MoEMetrics:
     """Load-balancing loss and per-expert load per MoE layer of this rank's model chunks."""
 
@@ -49,10 +130,13 @@ class MoEMetrics:
         self.num_experts = int(self.config.num_moe_experts or 0)
         self.routers = [(number, layer.mlp.router) for number, layer in
                         transformer_layers(self.chunks) if hasattr(layer.mlp, "router")]
+        self.moe_layers = moe_layer_numbers(self.config)
         self._device = metrics_device()
         self._handles: List = []
         self._counts = torch.zeros(self.num_layers, max(self.num_experts, 1),
                                    dtype=torch.float64, device=self._device)
+        # Per layer: top-k assignments asked for (tokens x topk).
+        self._wanted = torch.zeros(self.num_layers, dtype=torch.float64, device=self._device)
 
     @property
     def is_moe(self) -> bool:
@@ -76,6 +160,7 @@ class MoEMetrics:
             del tracker[name]
         moe_utils.clear_aux_losses_tracker()
         self._counts.zero_()
+        self._wanted.zero_()
         if measure and not self._handles:
             for number, router in self.routers:
                 self._handles.append(router.register_forward_hook(self._hook(number - 1)))
@@ -91,9 +176,10 @@ class MoEMetrics:
         def hook(_module, _inputs, output):
             if in_backward_pass():  # recompute in the backward pass: counted already
                 return
-            _probs, routing_map = output
-            counts = routing_map.detach().reshape(-1, routing_map.shape[-1]).sum(dim=0)
-            self._counts[index] += counts.to(torch.float64)
+            probs, routing_map = output
+            kept = (routing_map & (probs != 0)).detach().reshape(-1, routing_map.shape[-1])
+            self._counts[index] += kept.sum(dim=0).to(torch.float64)
+            self._wanted[index] += kept.shape[0] * self.config.moe_router_topk
         return hook
 
     def collect(self, num_microbatches: int) -> Dict[str, object]:
@@ -109,33 +195,55 @@ class MoEMetrics:
             return {}
         result: Dict[str, object] = {}
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-        if tracker:
-            moe_utils.reduce_aux_losses_tracker_across_ranks()
-            # Every layer of our GPT is MoE when num_experts is set (ModelConfig has no layer
-            # frequency); the tracker has one slot per layer of the whole model.
-            moe_layers = self.num_layers
-            for name in sorted(tracker):
-                values = (tracker[name]["values"].double() / num_microbatches).cpu().tolist()
-                result[name] = sum(values) / moe_layers
-                result[f"{name}_per_layer"] = {i + 1: v for i, v in enumerate(values)}
-            moe_utils.clear_aux_losses_tracker()
+        moe_layers = self.moe_layers or list(range(1, self.num_layers + 1))
+        for name in reduce_router_losses(self.config):
+            values = (tracker[name]["values"].double() / num_microbatches).cpu().tolist()
+            result[name] = sum(values[n - 1] for n in moe_layers) / len(moe_layers)
+            result[f"{name}_per_layer"] = {n: values[n - 1] for n in moe_layers}
+        moe_utils.clear_aux_losses_tracker()
+        bias = self._expert_bias()
+        if bias is not None:
+            result["expert_bias"] = bias
         measured = bool(self._handles)
         self.disable()
         if measured:
-            counts = self._counts.clone()
+            counts, wanted = self._counts.clone(), self._wanted.clone()
             if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
                 torch.distributed.all_reduce(counts)
+                torch.distributed.all_reduce(wanted)
                 tp = parallel_state.get_tensor_model_parallel_world_size()
                 if tp > 1 and not self.config.sequence_parallel:
-                    counts /= tp  # TP ranks without sequence parallelism route the same tokens
-            load = {}
+                    # TP ranks without sequence parallelism route the same tokens
+                    counts /= tp
+                    wanted /= tp
+            load, dropped = {}, {}
             for i, row in enumerate(counts.cpu().tolist()):
                 total = sum(row)
                 if total > 0:
                     load[i + 1] = [c / total for c in row]
+                asked = float(wanted[i])
+                if asked > 0 and self.config.moe_expert_capacity_factor is not None:
+                    dropped[i + 1] = 1.0 - total / asked
             result["expert_load"] = load
+            if dropped:
+                result["dropped_token_fraction"] = sum(dropped.values()) / len(dropped)
+                result["dropped_token_fraction_per_layer"] = dropped
         self._counts.zero_()
+        self._wanted.zero_()
         return result
+
+    def _expert_bias(self) -> Optional[Dict[int, List[float]]]:
+        """Collective: every MoE layer's expert bias, gathered over the pipeline stages."""
+        if not self.config.moe_router_enable_expert_bias:
+            return None
+        bias = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64,
+                           device=self._device)
+        for number, router in self.routers:
+            bias[number - 1] = router.expert_bias.detach().to(torch.float64)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(
+                bias, group=parallel_state.get_pipeline_model_parallel_group())
+        return {n: bias[n - 1].cpu().tolist() for n in self.moe_layers}
 
 
 def expert_imbalance(load: List[float]) -> Optional[float]:

@@ -27,6 +27,11 @@ Tags (scalars, x axis = iteration):
     moe/expert_load/layer_{n:03d}/expert_{e:03d}   fraction of layer n's routed tokens to e
     moe/expert_load/layer_{n:03d}/max_over_mean    load imbalance of layer n (1 = balanced)
     moe/expert_load/max_over_mean   worst layer's imbalance
+    z_loss, seq_load_balancing_loss, global_load_balancing_loss   other router losses (mean
+                                    over MoE layers), moe/{name}_layer_{i} per layer
+    moe/dropped_token_fraction      top-k assignments dropped by the capacity limit (mean over
+                                    MoE layers); moe/dropped_token_fraction/layer_{n:03d}
+    moe/expert_bias/layer_{n:03d}/expert_{e:03d}   aux-loss-free expert bias after the step
     stability/layer_{n:03d}/{output_rms,attention_rms,mlp_rms,grad_norm,update_ratio}
     stability/max/{signal}          maximum over layers of each signal
     stability/grad_ratio_2_L        layer 2's gradient norm / layer L's (models of 3+ layers):
@@ -251,6 +256,17 @@ class TensorBoardWriter:
                                     imbalance, iteration)
                     if imbalance is not None:
                         worst = imbalance if worst is None else max(worst, imbalance)
+            elif name == "expert_bias":
+                for layer, values in sorted(value.items()):
+                    for expert, bias in enumerate(values):
+                        self.add_scalar(f"moe/expert_bias/layer_{layer:03d}/expert_{expert:03d}",
+                                        bias, iteration)
+            elif name == "dropped_token_fraction":
+                self.add_scalar("moe/dropped_token_fraction", value, iteration)
+            elif name == "dropped_token_fraction_per_layer":
+                for layer, fraction in sorted(value.items()):
+                    self.add_scalar(f"moe/dropped_token_fraction/layer_{layer:03d}", fraction,
+                                    iteration)
             elif name.endswith("_per_layer"):
                 base = name[: -len("_per_layer")]
                 for layer, loss in sorted(value.items()):

@@ -44,6 +44,22 @@ def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
             moe_shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size,
             moe_token_dispatcher_type=config.moe_token_dispatcher_type,
             moe_grouped_gemm=config.moe_grouped_gemm,
+            moe_router_score_function=config.moe_router_score_function,
+            moe_router_pre_softmax=config.moe_router_pre_softmax,
+            moe_router_topk_scaling_factor=config.moe_router_topk_scaling_factor,
+            moe_router_num_groups=config.moe_router_num_groups,
+            moe_router_group_topk=config.moe_router_group_topk,
+            moe_router_dtype=config.moe_router_dtype,
+            moe_router_enable_expert_bias=config.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=config.resolved_bias_update_rate,
+            moe_z_loss_coeff=config.moe_z_loss_coeff,
+            moe_expert_capacity_factor=config.moe_expert_capacity_factor,
+            moe_pad_expert_input_to_capacity=config.moe_pad_expert_input_to_capacity,
+            moe_token_drop_policy=config.moe_token_drop_policy,
+            # megatron-core reads it for checkpoint keys (mixed layers are saved one by one) and
+            # for its per-layer MoE logging; the specs follow the same pattern.
+            moe_layer_freq=config.moe_layer_freq,
+            moe_shared_expert_gate=config.moe_shared_expert_gate,
         )
     model_fields = dict(
         num_layers=config.num_layers,
@@ -60,6 +76,7 @@ def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
         add_bias_linear=config.add_bias_linear,
         hidden_dropout=config.hidden_dropout,
         attention_dropout=config.attention_dropout,
+        qk_layernorm=config.qk_layernorm,
         init_method_std=config.init_method_std,
         init_method=init_method_normal(config.init_method_std),
         output_layer_init_method=init_method_normal(output_projection_std(config)),

@@ -7,14 +7,13 @@ checking them up front turns each into one message that names the sizes and the 
 from __future__ import annotations
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
-from spannorm_megatron.errors import ParallelLayoutError
+from spannorm_megatron.errors import ConfigError, ParallelLayoutError
 
 
 def check_model_fits_layout(config: ModelConfig, parallel: ParallelConfig) -> None:
     """Raise ParallelLayoutError if `config` cannot be split this way. Touches no process group."""
-    tp, pp, ep = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                  parallel.expert_model_parallel_size)
-    vpp, sequence_parallel = parallel.virtual_pipeline_model_parallel_size, parallel.sequence_parallel
+    tp, ep = parallel.tensor_model_parallel_size, parallel.expert_model_parallel_size
+    sequence_parallel = parallel.sequence_parallel
     expert_tensor_parallel_size = parallel.expert_tensor_parallel_size
     etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
     problems = []
@@ -35,11 +34,10 @@ def check_model_fits_layout(config: ModelConfig, parallel: ParallelConfig) -> No
                 "pad the vocabulary to a multiple of the tensor-parallel size "
                 "(Megatron-LM: --make-vocab-size-divisible-by)")
 
-    stages = pp * (vpp or 1)
-    stage_name = ("pipeline_model_parallel_size" if vpp is None
-                  else "pipeline_model_parallel_size x virtual_pipeline_model_parallel_size")
-    must_divide(stage_name, stages, "num_layers", config.num_layers,
-                "every (virtual) pipeline stage must hold the same number of layers")
+    try:  # even, uneven or explicit: how megatron-core will split the layers
+        parallel.stage_layer_counts(config.num_layers)
+    except ConfigError as error:
+        problems.append(str(error))
 
     if config.is_moe:
         must_divide("expert_model_parallel_size", ep, "num_experts", config.num_experts,

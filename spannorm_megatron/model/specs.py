@@ -27,8 +27,12 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
+from megatron.core.transformer.enums import LayerType
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 
 from spannorm_megatron.config import ModelConfig
 from spannorm_megatron.model.layers import NormPlacementLayer, NormPlacementSubmodules
@@ -72,17 +76,22 @@ def _backend(transformer_engine: bool):
     return LocalSpecProvider()
 
 
-def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None) -> ModuleSpec:
-    """The `ModuleSpec` of one transformer layer of `config`'s placement."""
+def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None,
+               moe: Optional[bool] = None) -> ModuleSpec:
+    """The `ModuleSpec` of one transformer layer of `config`'s placement: an MoE layer when
+    `moe` (default: whether the model is MoE), else a dense one (the dense layers of an MoE
+    model mixed by --moe-layer-freq)."""
     if transformer_engine is None:
         transformer_engine = use_transformer_engine(config)
+    if moe is None:
+        moe = config.is_moe
     placement = get_placement(config.norm_placement)
     backend = _backend(transformer_engine)
     standalone_norm = backend.layer_norm() if transformer_engine else Norm
 
     norm_slots, keys_map, fused = {}, {}, set()
     for slot, fusion in placement.norms.items():
-        if fusion == "fc1" and config.is_moe:
+        if fusion == "fc1" and moe:
             fusion = "none"  # the MoE router reads the norm's output too
         if fusion == "none":
             norm_slots[slot] = standalone_norm
@@ -93,6 +102,9 @@ def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None) -
             norm_slots[slot] = standalone_norm
             keys_map[f"{slot}."] = _FUSED_NORM_KEY[fusion]
     norm_linear = backend.column_parallel_layer_norm_linear()
+    qk_norm = IdentityOp
+    if config.qk_layernorm:
+        qk_norm = backend.layer_norm(for_qk=True) if transformer_engine else Norm
 
     attention = ModuleSpec(
         module=SelfAttention,
@@ -101,11 +113,13 @@ def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None) -
             linear_qkv=norm_linear if "qkv" in fused else backend.column_parallel_linear(),
             core_attention=backend.core_attention(),
             linear_proj=backend.row_parallel_linear(),
-            q_layernorm=IdentityOp,
-            k_layernorm=IdentityOp,
+            # Per-head norms of queries and keys (megatron-core's slots; finalize_model_grads
+            # sums their gradients over TP ranks, which hold different heads).
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
         ),
     )
-    if config.is_moe:
+    if moe:
         mlp = get_moe_module_spec_for_backend(
             backend=backend, num_experts=config.num_experts,
             moe_grouped_gemm=config.moe_grouped_gemm,
@@ -156,9 +170,23 @@ def block_spec(
     """The layers this pipeline stage (and virtual stage) builds, and the final norm if any."""
     if transformer_engine is None:
         transformer_engine = use_transformer_engine(config)
-    spec = layer_spec(config, transformer_engine)
+    specs = {moe: layer_spec(config, transformer_engine, moe=moe)
+             for moe in set(config.moe_layer_pattern)}
     final_norm = None
     if final_norm_enabled(config):
         final_norm = _backend(True).layer_norm() if transformer_engine else Norm
-    num_layers = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=final_norm)
+    pattern = config.moe_layer_pattern
+    return TransformerBlockSubmodules(
+        layer_specs=[specs[pattern[i]] for i in stage_layer_ids(transformer_config, vp_stage)],
+        layer_norm=final_norm)
+
+
+def stage_layer_ids(transformer_config: TransformerConfig, vp_stage: Optional[int] = None):
+    """0-based global ids of the layers this pipeline stage (and virtual stage) builds, under
+    megatron-core's own split (even, uneven first/last stages, or an explicit layout)."""
+    layout = transformer_config.pipeline_model_parallel_layout
+    if layout is not None:
+        return list(layout.get_layer_id_list(layer_type=LayerType.decoder, vp_stage=vp_stage))
+    offset = get_transformer_layer_offset(transformer_config, vp_stage=vp_stage)
+    count = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
+    return list(range(offset, offset + count))

@@ -162,7 +162,9 @@ def _resolve(args: argparse.Namespace) -> None:
         raise ConfigError("--group-query-attention needs --num-query-groups N.")
     check_paths([owner for _, owner in SECTIONS], args)
     training_config(args)
-    parallel_config(args)
+    # How the layers split over pipeline stages needs only --num-layers: checked here, before
+    # the world size or the tokenizer are looked at.
+    parallel_config(args).stage_layer_counts(args.num_layers)
     performance_config(args)
     from_namespace(MegatronSpellings, args)
     from_namespace(LoggingConfig, args)
