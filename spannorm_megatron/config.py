@@ -550,7 +550,7 @@ class ParallelConfig:
                     f"--num-layers {num_layers} minus the uneven stages' {sum(given)} leaves "
                     f"{middle_layers} layers for {middle_ranks} other stage(s)"
                     + (f" x {vpp} virtual stages" if vpp > 1 else "") + ": each needs the "
-                    f"same number, at least one. Adjust --decoder-first/last-pipeline-num-"
+                    "same number, at least one. Adjust --decoder-first/last-pipeline-num-"
                     "layers.")
             share = middle_layers // middle_ranks if middle_ranks else 0
             per_rank = [share] * pp
