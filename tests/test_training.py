@@ -394,3 +394,13 @@ def test_deepseek_style_recipe_trains_on_two_expert_parallel_ranks(corpus, tmp_p
                 assert all(round(abs(k)) == 1 for k in steps), bias
     assert "moe/expert_load/layer_001/expert_000" not in scalars
     assert "moe/z_loss_layer_0" not in scalars
+
+
+def test_eval_iters_0_trains_without_evaluating(corpus, tmp_path):
+    data, tokenizer = corpus
+    result = run_train("--data-path", data, "--tokenizer-model", tokenizer, *SMALL,
+                       "--train-iters", "3", "--eval-iters", "0", "--eval-interval", "1",
+                       "--tensorboard-dir", str(tmp_path / "tb"), nproc=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(logged_losses(result.stdout)) == [1, 2, 3]
+    assert "validation loss" not in result.stdout

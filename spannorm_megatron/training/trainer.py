@@ -209,6 +209,8 @@ class Trainer:
         self.train_iter, self.valid_iter, _ = build_data_iterators(
             datasets, args.micro_batch_size, self.consumed_train, self.consumed_valid,
             num_workers=args.num_workers, device=current_device())
+        if args.eval_iters == 0:  # Megatron-LM's way of turning evaluation off
+            self.valid_iter = None
 
         batches = self.batches
         print_rank_0(f"> model: {model_cfg.norm_placement}, {model_cfg.num_layers} layers, hidden "
