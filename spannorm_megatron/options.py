@@ -8,7 +8,7 @@ flag and valid range, and everything else is generated from it.
 - `add_arguments(parser, cls)` adds one argparse flag per field: `--help` shows the doc and the
   default, and a bad value ends in argparse's exit 2, naming the flag, before anything runs.
 - `from_namespace(cls, args)` builds the dataclass from parsed flags.
-- `invalid_values(field)` lists values a flag must refuse, derived from the declaration, so the
+- `invalid_values(cls, field)` lists values a flag must refuse, derived from the declaration, so the
   test that feeds every flag a bad value covers a new flag without being edited.
 
 Written here rather than taken from megatron-core: its `ArgumentGroupFactory`
