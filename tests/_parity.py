@@ -219,7 +219,9 @@ def run(placement: str, moe: bool, parallel: ParallelConfig, init_dir: str, fina
 
     batches = _micro_batches(global_batch())
     forward_backward = get_forward_backward_func()
-    moe_utils.clear_aux_losses_tracker()
+    # The tracker is process-global and only zeroes its entries: a model run earlier in this
+    # process (another test module, another recipe) would leave its loss names behind.
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()
     counter = _RouterCounter(chunks, config.num_layers, config.num_experts) if moe else None
     losses, grad_norms = [], []
     for step in range(STEPS):
