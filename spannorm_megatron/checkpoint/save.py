@@ -213,11 +213,11 @@ def save_checkpoint(
             raise
         if _dist.rank() == 0:  # no collective here: the other ranks may have failed elsewhere
             remove_tree(tmp)
+        last = _size_of_last(save_dir)
         raise CheckpointError(
             f"Saving iteration {iteration} to {save_dir} failed: {problem} ("
             f"{shutil.disk_usage(save_dir).free:,} bytes free there"
-            + (f"; the last checkpoint took {_size_of_last(save_dir):,} bytes"
-               if _size_of_last(save_dir) else "")
+            + (f"; the last checkpoint took {last:,} bytes" if last else "")
             + "). The last good checkpoint is kept and the pointer still names it. Free space "
             "or fix the permissions, then resume with the same command; or pass another --save."
         ) from None
