@@ -93,6 +93,12 @@ RECIPE_LAYOUTS = {  # name -> (layout, recipe)
                                                  expert_model_parallel_size=2,
                                                  decoder_first_pipeline_num_layers=1),
                                   "spannorm-moe-recipe-capacity"),
+    # Megatron-LM's explicit layout: the embedding and 3 layers (the dense one first) on stage 0,
+    # the last MoE layer and the loss on stage 1.
+    "recipe_pp2_layout_dp2_ep2": (ParallelConfig(pipeline_model_parallel_size=2,
+                                                 expert_model_parallel_size=2,
+                                                 pipeline_model_parallel_layout="Ettt|tL"),
+                                  "spannorm-moe-recipe-capacity"),
     # One layer per model chunk: the dense layer alone in stage 0's first chunk.
     "recipe_pp2_vpp2_dp2": (ParallelConfig(pipeline_model_parallel_size=2,
                                            virtual_pipeline_model_parallel_size=2),

@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 from _training import STRICT_DEVICES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +31,33 @@ def test_benchmark_tiny_preset_writes_table_and_json(tmp_path):
         # On CPU each model's memory is measured in a child process of its own.
         assert r["peak_memory_bytes"] > 0 and r["memory_vs_prenorm"] > 0
     assert data["environment"]["megatron_core"]
+
+
+def test_moe_benchmark_times_dispatchers_and_capacity_against_dense(tmp_path):
+    """Two expert-parallel ranks: every variant is timed in every round, and the dense baseline
+    has the MoE models' active MLP FLOPs (top-k x the expert FFN)."""
+    output = tmp_path / "moe.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         os.path.join(ROOT, "tools", "benchmark_moe.py"), "--num-layers", "2",
+         "--hidden-size", "64", "--moe-ffn-hidden-size", "64", "--vocab-size", "512",
+         "--seq-length", "64", "--variants", "alltoall", "allgather_capacity_padded",
+         "--warmup", "1", "--iters", "2", "--rounds", "2", "--output", str(output)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **STRICT_DEVICES})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| allgather_capacity_padded | allgather | 1, padded |" in result.stdout
+    data = json.loads(output.read_text())
+    assert data["world_size"] == 2
+    rows = {r["variant"]: r for r in data["results"]}
+    assert list(rows) == ["dense", "alltoall", "allgather_capacity_padded"]
+    assert rows["dense"]["vs_dense"] == 1.0
+    for r in rows.values():
+        assert len(r["step_seconds_samples"]) == 4 and r["tokens_per_second"] > 0
+        assert r["vs_dense_min"] <= r["vs_dense"] <= r["vs_dense_max"]
+    # The router's FLOPs are the only difference; EP2 splits the 8 experts over the ranks.
+    assert rows["alltoall"]["flops_per_token"] == pytest.approx(rows["dense"]["flops_per_token"],
+                                                                rel=0.02)
+    assert rows["alltoall"]["parameters"] > rows["dense"]["parameters"]
 
 
 def test_benchmark_refuses_fp8_without_transformer_engine():

@@ -650,14 +650,44 @@ def fancynorm():
     placements.unregister("fancynorm")
 
 
+def test_model_config_that_changes_the_trained_model_is_refused(work, tmp_path):
+    """--model-config may not contradict the run record where that changes the function the
+    checkpoint computes (here the router); it may where it does not (the dispatcher)."""
+    combo = "postnorm-moe"
+    load = os.path.join(work.dirs["ref"], combo)
+    recorded = _hf.model_config(combo).to_dict()
+    other_router = tmp_path / "topk1.json"
+    other_router.write_text(json.dumps(dict(recorded, moe_router_topk=1,
+                                            moe_router_pre_softmax=True)))
+    save = str(tmp_path / "exports" / "out")
+    status, _out, err = _run_tool("convert_to_hf", "--load", load, "--save", save,
+                                  "--model-config", str(other_router))
+    assert status == 2 and "Traceback" not in err
+    assert "moe_router_topk: checkpoint 2, --model-config 1" in err
+    assert "moe_router_pre_softmax: checkpoint False, --model-config True" in err
+    assert not os.path.exists(save)
+    other_dispatcher = tmp_path / "allgather.json"
+    other_dispatcher.write_text(json.dumps(dict(recorded, moe_token_dispatcher_type="allgather")))
+    status, _out, err = _run_tool("convert_to_hf", "--load", load, "--save", save,
+                                  "--model-config", str(other_dispatcher))
+    assert status == 0, err
+    model = _hf_model(save, native=False)
+    assert _max_err(_hf_logits(model, work.ids), work.logits[combo]) <= TOLERANCE
+
+
 def test_placement_without_export_rule_is_refused(work, tmp_path, fancynorm):
+    from megatron.core import dist_checkpointing
+
+    plain = tmp_path / "plain"  # no run record: the given config is the only description
+    plain.mkdir()
+    dist_checkpointing.save({"model": work.models["postnorm-dense"].sharded_state_dict()},
+                            str(plain))
     config = dict(_hf.model_config("postnorm-dense").to_dict(), norm_placement="fancynorm")
     config_path = str(tmp_path / "fancy.json")
     with open(config_path, "w") as f:
         json.dump(config, f)
     save = str(tmp_path / "exports" / "fancy")
-    status, _out, err = _run_tool("convert_to_hf", "--load",
-                                  os.path.join(work.dirs["ref"], "postnorm-dense"),
+    status, _out, err = _run_tool("convert_to_hf", "--load", str(plain),
                                   "--save", save, "--model-config", config_path)
     assert status == 2 and "Traceback" not in err
     assert "fancynorm" in err and "no Hugging Face export rule" in err

@@ -337,8 +337,11 @@ def test_the_same_seed_gives_the_same_model_on_every_layout(corpus, moe):
     layouts = dict(LAYOUTS)
     if moe:
         common += ["--num-experts", "4", "--moe-router-topk", "2"]
+        # The explicit layout makes 4 virtual stages of one layer each (PP2 x VPP2).
         layouts = {"ep1": [], "ep2": ["--expert-model-parallel-size", "2"],
-                   "pp2": LAYOUTS["pp2"]}
+                   "pp2": LAYOUTS["pp2"],
+                   "pp2-layout": ["--pipeline-model-parallel-size", "2",
+                                  "--pipeline-model-parallel-layout", "Et|t|t|tL"]}
     first = {}
     for name, flags in layouts.items():
         run = run_train(*common, *flags)

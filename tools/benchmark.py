@@ -127,10 +127,13 @@ def performance_for(precision: str, args):
 
 
 class Bench:
-    """One (placement, precision) model, optimizer and batch, alive until `close`."""
+    """One (placement, precision) model, optimizer and batch, alive until `close`.
+
+    `parallel` is the model's layout when it is not the command line's (the MoE benchmark's dense
+    baseline runs without expert parallelism in an expert-parallel world)."""
 
     def __init__(self, placement: str, precision: str, args, model_fields: dict,
-                 seq_length: int, micro_batch: int):
+                 seq_length: int, micro_batch: int, parallel=None):
         from megatron.core.optimizer import OptimizerConfig
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -142,7 +145,7 @@ class Bench:
         self.model_config = ModelConfig(norm_placement=placement, max_sequence_length=seq_length,
                                         transformer_impl=args.transformer_impl, **model_fields)
         performance = performance_for(precision, args)
-        parallel = parallel_layout(args)
+        parallel = parallel or parallel_layout(args)
         performance.check_layout(parallel)
         performance.check_machine(self.model_config)
         self.model, self.optimizer = setup_model_and_optimizer(

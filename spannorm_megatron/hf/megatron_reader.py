@@ -140,6 +140,22 @@ def _recorded_config(directory: str) -> Tuple[Optional[ModelConfig], Optional[di
     return config, record
 
 
+def _check_same_model(recorded: ModelConfig, given: ModelConfig, directory: str) -> None:
+    """A given model config may change what does not alter the trained function (a dispatcher,
+    a loss weight), never what does: the tensors would be read as another model's, or the same
+    weights routed another way (the run record's comparison, the one a resume makes)."""
+    from spannorm_megatron.checkpoint.run_record import compare
+
+    different, _ = compare(recorded, given)
+    if different:
+        settings = "; ".join(f"{name}: checkpoint {saved!r}, --model-config {wanted!r}"
+                             for name, saved, wanted in different)
+        raise ConversionError(
+            f"--model-config describes another model than the one {directory} was trained as "
+            f"({settings}). Drop --model-config: the checkpoint's run record (run.json) "
+            f"describes it.")
+
+
 def _narrow(tensor: torch.Tensor, offsets, lengths) -> torch.Tensor:
     for dim, (offset, length) in enumerate(zip(offsets, lengths)):
         tensor = tensor.narrow(dim, offset, length)
@@ -213,6 +229,8 @@ class MegatronCheckpoint:
                 f"{self.directory} has no run record with the model config (run.json): pass "
                 f"the model config as JSON (--model-config FILE: a ModelConfig dict, or a run "
                 f"record holding one under 'model_config').")
+        if given is not None and recorded is not None:
+            _check_same_model(recorded, given, self.directory)
         self.config: ModelConfig = given if given is not None else recorded
         self._check_manifest(verify_checksums)
         self.reader = FileSystemReader(self.directory)
