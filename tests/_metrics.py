@@ -28,16 +28,18 @@ GLOBAL_BATCH = 8
 VOCAB = 96
 LR = 1e-2
 
-COMBOS = {  # name -> (placement, moe)
-    "spannorm-dense": ("spannorm", False),
-    "prenorm-dense": ("prenorm", False),
-    "spannorm-moe": ("spannorm", True),
+COMBOS = {  # name -> (placement, moe, ModelConfig overrides)
+    "spannorm-dense": ("spannorm", False, {}),
+    "prenorm-dense": ("prenorm", False, {}),
+    "spannorm-moe": ("spannorm", True, {}),
+    # The output layer reads the word embeddings: under PP2 the last stage holds a copy.
+    "spannorm-tied": ("spannorm", False, {"untie_embeddings_and_output_weights": False}),
 }
 
 LAYOUTS = {  # 2 ranks each -> which combos run under it
     "tp2_sp": (ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
                ["spannorm-dense", "prenorm-dense", "spannorm-moe"]),
-    "pp2": (ParallelConfig(pipeline_model_parallel_size=2), ["spannorm-dense"]),
+    "pp2": (ParallelConfig(pipeline_model_parallel_size=2), ["spannorm-dense", "spannorm-tied"]),
     "pp2_vpp2": (ParallelConfig(pipeline_model_parallel_size=2,
                                 virtual_pipeline_model_parallel_size=2), ["spannorm-moe"]),
     "dp2_distopt": (ParallelConfig(use_distributed_optimizer=True), ["spannorm-dense"]),
@@ -46,8 +48,8 @@ LAYOUTS = {  # 2 ranks each -> which combos run under it
 }
 
 
-def model_config(placement: str, moe: bool) -> ModelConfig:
-    return ModelConfig(
+def model_config(placement: str, moe: bool, **overrides) -> ModelConfig:
+    return ModelConfig(**overrides,
         norm_placement=placement, num_layers=4, hidden_size=32, num_attention_heads=4,
         num_query_groups=2, ffn_hidden_size=64, vocab_size=VOCAB, max_sequence_length=SEQ,
         init_method_std=0.05,
@@ -131,6 +133,7 @@ def measured_step(chunks, optimizer, batches: List[dict], *, measure: bool = Tru
     if measure:
         signals.after_optimizer_step()
         record["signals"] = signals.collect()
+        record["parts"] = signals.parts
         record["moe"] = moe.collect(num_microbatches=len(batches))
     record["hooks_left"] = signals.enabled or moe.enabled
     return record

@@ -21,8 +21,8 @@ from spannorm_megatron.runtime import destroy, initialize  # noqa: E402
 
 
 def run_one(layout, combo, ref_dir, where):
-    placement, moe = _metrics.COMBOS[combo]
-    chunks, optimizer = _metrics.setup(_metrics.model_config(placement, moe), layout)
+    placement, moe, overrides = _metrics.COMBOS[combo]
+    chunks, optimizer = _metrics.setup(_metrics.model_config(placement, moe, **overrides), layout)
     _metrics.load_initial(chunks, optimizer, os.path.join(ref_dir, combo, "init"))
     batches = _metrics.micro_batches(_metrics.global_batch())
     _metrics.measured_step(chunks, optimizer, batches, measure=False)
@@ -32,7 +32,7 @@ def run_one(layout, combo, ref_dir, where):
         writer.log_training(2, lm_loss=record["loss"], learning_rate=_metrics.LR,
                             batch_size=_metrics.GLOBAL_BATCH, seq_length=_metrics.SEQ,
                             iteration_time=1.0, grad_norm=record["grad_norm"])
-        writer.log_stability(2, record["signals"])
+        writer.log_stability(2, record["signals"], record["parts"])
     record["is_writer_rank"] = is_writer_rank()
     return record
 

@@ -69,6 +69,10 @@ def test_run_resume_and_table(tmp_path):
     assert row["projection_rms"]["iterations"] == [3, 6]
     assert row["proj_rms_attn_final"] > 0
     assert row["signals"]["iterations"] and row["signals"]["2/grad_norm"]
+    # The output layer's share of the clipped step: its norm is part of the global one.
+    logged = [(o, t) for o, t in zip(row["signals"]["output_layer/grad_norm"],
+                                     row["signals"]["total/grad_norm"]) if o is not None]
+    assert logged and all(0 < o < t for o, t in logged)
     # tools/evaluate.py on the last checkpoint, on the first 4000 bytes (cut at a line end)
     assert row["heldout"]["bytes"] <= 4000 and row["heldout"]["tokens"] > 3000
     assert row["heldout_bits_per_byte"] == row["heldout"]["bits_per_byte"]

@@ -215,9 +215,9 @@ def reference_runs(megatron_world, tmp_path_factory):
     """Each model in one process: one unmeasured step, then one measured step."""
     root = tmp_path_factory.mktemp("metrics")
     runs = {}
-    for combo, (placement, moe) in _metrics.COMBOS.items():
+    for combo, (placement, moe, overrides) in _metrics.COMBOS.items():
         torch.manual_seed(7)
-        config = _metrics.model_config(placement, moe)
+        config = _metrics.model_config(placement, moe, **overrides)
         chunks, optimizer = _metrics.setup(config, ParallelConfig())
         init_dir = str(root / "ref" / combo / "init")
         _metrics.save_initial(chunks, init_dir)
@@ -274,6 +274,21 @@ def test_signals_equal_independent_computation(reference_runs, combo):
     # ... and with the non-layer parameters they make up megatron-core's global grad norm.
     total = math.sqrt(sum(g * g for g in signals["grad_norm"].values()) + other_sq)
     assert total == pytest.approx(run.record["grad_norm"], rel=RTOL)
+
+    # The parts outside the layers: the embedding's, and the output layer's own weight (none
+    # when tied: its gradient is the embedding's).
+    parts = run.record["parts"]
+    for part, prefix in (("embedding", "embedding."), ("output_layer", "output_layer.")):
+        names = [n for n in run.grads if n.startswith(prefix)]
+        assert bool(names) == (part == "embedding" or run.config.untie_embeddings_and_output_weights)
+        grad = math.sqrt(sum(float(run.grads[n].double().square().sum()) for n in names))
+        assert parts[part]["grad_norm"] == pytest.approx(grad, rel=RTOL, abs=1e-12), part
+        if names:
+            delta = sum(float((run.after[n].double() - run.before[n].double()).square().sum())
+                        for n in names)
+            weight = sum(float(run.before[n].double().square().sum()) for n in names)
+            assert parts[part]["update_ratio"] == pytest.approx(math.sqrt(delta / weight),
+                                                                rel=RTOL)
 
     # Update ratio per layer from the weights before and after the step.
     for layer in range(1, L + 1):
@@ -384,6 +399,10 @@ def test_layout_signals_equal_single_process(reference_runs, layouts, layout, co
                 assert actual[str(layer)] == pytest.approx(value, rel=RTOL), (
                     f"rank {rank} {signal} layer {layer}: {actual[str(layer)]} vs {value}")
         assert record["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL)
+        for part, values in ref["parts"].items():
+            for signal, value in values.items():
+                assert record["parts"][part][signal] == pytest.approx(value, rel=RTOL, abs=1e-12), (
+                    f"rank {rank} {part} {signal}")
         if ref["moe"]:
             for layer, load in ref["moe"]["expert_load"].items():
                 assert record["moe"]["expert_load"][str(layer)] == pytest.approx(load, abs=1e-12)
@@ -401,6 +420,8 @@ def test_layout_signals_equal_single_process(reference_runs, layouts, layout, co
     scalars = read_scalars(events[0])
     assert scalars[tb.TAG_LM_LOSS] == pytest.approx(ref["loss"], rel=RTOL)
     assert "stability/layer_004/update_ratio" in scalars
+    assert scalars["stability/embedding/grad_norm"] == pytest.approx(
+        ref["parts"]["embedding"]["grad_norm"], rel=RTOL)
 
 
 # ============================================================================== TensorBoard

@@ -652,7 +652,8 @@ SIGNAL_LAYERS = ("1", "2", "mid", "L")
 def read_signals(tb_dir: str, depth: int) -> dict:
     """The per-layer stability signals spannorm-train logged to TensorBoard
     (`stability/layer_NNN/{output_rms,attention_rms,mlp_rms,grad_norm,update_ratio}`, every
-    logging step) for layers 1, 2, L/2 and L, plus the maxima over layers:
+    logging step) for layers 1, 2, L/2 and L, plus the maxima over layers, the embedding's and
+    output layer's grad_norm / update_ratio and the global `grad-norm` (as total/grad_norm):
     {"iterations": [...], "<layer>/<signal>": [...]} (empty without the tags). What the
     mechanism needs around a collapse, kept in the results table so it outlives runs/."""
     if not os.path.isdir(tb_dir) or depth < 1:
@@ -672,6 +673,14 @@ def read_signals(tb_dir: str, depth: int) -> dict:
     for tag in sorted(t for t in tags if t.startswith("stability/max/")):
         series[f"max/{tag[len('stability/max/'):]}"] = {
             int(e.step): float(e.value) for e in acc.Scalars(tag)}
+    # The parts outside the layers, and the global norm they are a share of (runs from
+    # 2026-12-07 on).
+    for part in ("embedding", "output_layer"):
+        for tag in sorted(t for t in tags if t.startswith(f"stability/{part}/")):
+            series[f"{part}/{tag.rsplit('/', 1)[1]}"] = {
+                int(e.step): float(e.value) for e in acc.Scalars(tag)}
+    if series and "grad-norm" in tags:
+        series["total/grad_norm"] = {int(e.step): float(e.value) for e in acc.Scalars("grad-norm")}
     if not series:
         return {}
     steps = sorted(set().union(*(set(v) for v in series.values())))

@@ -16,6 +16,12 @@ For every transformer layer, by global layer number (1-based, all pipeline stage
     update_ratio   ||W_after - W_before|| / ||W_before|| over the layer's parameters for one
                    optimizer step (parameters as the model holds them)
 
+and the same two parameter signals for the parts outside the layers (`parts` after `collect`):
+the embedding (word and position embeddings) and the output layer. Their share of the global
+gradient norm says how much of a clipped step the lower layers get: the grid measures it against
+width and tied embeddings. With tied embeddings the output layer's weight is the embedding's,
+so its gradient is counted under `embedding` and `output_layer` holds no parameter (0).
+
 Usage on a logging step (every call is collective where noted; all ranks make the same calls):
 
     signals = StabilitySignals(model_chunks)     # once
@@ -25,6 +31,7 @@ Usage on a logging step (every call is collective where noted; all ranks make th
     optimizer.step()
     signals.after_optimizer_step()               # update norms, snapshot freed
     values = signals.collect()                   # collective; hooks off; every rank gets all
+    signals.parts                                # {"embedding": {"grad_norm": ..}, ...} of it
 
 Steps that do not log call nothing: no hook is registered, nothing is computed.
 
@@ -75,11 +82,15 @@ from spannorm_megatron.metrics._model import (
     metrics_device,
     total_layers,
     transformer_layers,
+    unwrap,
 )
 
 ACTIVATION_SIGNALS = ("output_rms", "attention_rms", "mlp_rms")
 PARAMETER_SIGNALS = ("grad_norm", "update_ratio")
 SIGNALS = ACTIVATION_SIGNALS + PARAMETER_SIGNALS
+PARTS = ("embedding", "output_layer")
+"""Parameter groups outside the transformer layers, measured with the layers' parameter signals
+(their slots follow the L layers' in every buffer: L + PARTS.index(part))."""
 
 
 @dataclass
@@ -115,6 +126,8 @@ class StabilitySignals:
         self._device = metrics_device()
         self._owned = self._owned_parts()
         self._handles: List = []
+        self.parts: Dict[str, Dict[str, float]] = {}
+        """`grad_norm` and `update_ratio` of each of PARTS from the last `collect`."""
         self._reset()
 
     # ------------------------------------------------------------------ hooks
@@ -173,7 +186,8 @@ class StabilitySignals:
         if loss_scale is None:
             loss_scale = float(optimizer.get_loss_scale()) if optimizer is not None else 1.0
         inv_scale_sq = 1.0 / (loss_scale * loss_scale)
-        grad_sq = torch.zeros(self.num_layers, dtype=torch.float64, device=self._device)
+        grad_sq = torch.zeros(self.num_layers + len(PARTS), dtype=torch.float64,
+                              device=self._device)
         weight_sq = torch.zeros_like(grad_sq)
         snapshot = []
         with torch.no_grad():
@@ -195,7 +209,8 @@ class StabilitySignals:
         """Update norms per layer against the snapshot, which is then freed."""
         if self._snapshot is None:
             raise RuntimeError("after_optimizer_step() needs before_optimizer_step() first.")
-        update_sq = torch.zeros(self.num_layers, dtype=torch.float64, device=self._device)
+        update_sq = torch.zeros(self.num_layers + len(PARTS), dtype=torch.float64,
+                                device=self._device)
         with torch.no_grad():
             for index, part, before in self._snapshot:
                 after = part.flat(part.param)
@@ -210,13 +225,15 @@ class StabilitySignals:
         Returns {signal: {global layer number: value}} for every signal measured this step
         (activation signals if the hooks ran, grad_norm after before_optimizer_step,
         update_ratio after after_optimizer_step), for ALL layers of the model on EVERY rank.
-        Disables the hooks; the next measurement starts with start_step().
+        Disables the hooks; the next measurement starts with start_step(). The parts outside
+        the layers go to `self.parts`.
         """
         self.disable()
         L = self.num_layers
+        P = L + len(PARTS)  # parameter slots: the layers, then the parts
         have_grad = self._grad_sq is not None
         have_update = self._update_sq is not None
-        zeros = torch.zeros(L, dtype=torch.float64, device=self._device)
+        zeros = torch.zeros(P, dtype=torch.float64, device=self._device)
         packed = torch.cat([
             self._act_sq.reshape(-1),
             torch.tensor(self._act_count, dtype=torch.float64, device=self._device).reshape(-1),
@@ -229,8 +246,11 @@ class StabilitySignals:
         values = packed.cpu().tolist()
         act_sq = values[:3 * L]
         act_count = values[3 * L:6 * L]
-        grad_sq, weight_sq, update_sq = (values[6 * L:7 * L], values[7 * L:8 * L],
-                                         values[8 * L:9 * L])
+        grad_sq, weight_sq, update_sq = (values[6 * L:6 * L + P], values[6 * L + P:6 * L + 2 * P],
+                                         values[6 * L + 2 * P:6 * L + 3 * P])
+
+        def update_ratio(i: int) -> float:
+            return math.sqrt(update_sq[i]) / math.sqrt(weight_sq[i]) if weight_sq[i] > 0 else 0.0
 
         result: Dict[str, Dict[int, float]] = {}
         for s, name in enumerate(ACTIVATION_SIGNALS):
@@ -244,11 +264,16 @@ class StabilitySignals:
         if have_grad:
             result["grad_norm"] = {i + 1: math.sqrt(grad_sq[i]) for i in range(L)}
         if have_update:
-            result["update_ratio"] = {
-                i + 1: (math.sqrt(update_sq[i]) / math.sqrt(weight_sq[i]) if weight_sq[i] > 0
-                        else 0.0)
-                for i in range(L)
-            }
+            result["update_ratio"] = {i + 1: update_ratio(i) for i in range(L)}
+        self.parts = {}
+        for slot, part in enumerate(PARTS, start=L):
+            values = {}
+            if have_grad:
+                values["grad_norm"] = math.sqrt(grad_sq[slot])
+            if have_update:
+                values["update_ratio"] = update_ratio(slot)
+            if values:
+                self.parts[part] = values
         self._reset()
         return result
 
@@ -261,15 +286,27 @@ class StabilitySignals:
         self._snapshot = None
 
     def _owned_parts(self) -> Dict[int, List[_OwnedPart]]:
-        """For each layer index (0-based, global), the parameter elements this rank counts."""
+        """For each parameter slot (layer index 0-based and global, then PARTS), the parameter
+        elements this rank counts."""
         located = {}
         for chunk in self.chunks:
             located.update(_buffer_locations(chunk))
+        groups = [(number - 1, layer) for number, layer in self.layers]
+        for chunk in self.chunks:
+            model = unwrap(chunk)
+            if getattr(model, "pre_process", False):
+                groups.append((self.num_layers + PARTS.index("embedding"), model.embedding))
+            if getattr(model, "post_process", False):
+                groups.append((self.num_layers + PARTS.index("output_layer"), model.output_layer))
+        output_slot = self.num_layers + PARTS.index("output_layer")
         owned: Dict[int, List[_OwnedPart]] = {}
-        for number, layer in self.layers:
-            parts = owned.setdefault(number - 1, [])
-            for param in layer.parameters():
-                if not param.requires_grad:
+        for slot, module in groups:
+            parts = owned.setdefault(slot, [])
+            for param in module.parameters():
+                # A tied output layer on the last pipeline stage holds a copy of the word
+                # embeddings whose gradient is the embedding's: counted there only.
+                tied_copy = slot == output_slot and getattr(param, "shared_embedding", False)
+                if not param.requires_grad or tied_copy:
                     continue
                 span = _owned_span(param, located.get(param))
                 if span is not None:
@@ -338,4 +375,4 @@ def _owned_span(param: torch.nn.Parameter, location) -> Optional[tuple]:
     return (lo - start, hi - start)
 
 
-__all__ = ["SIGNALS", "StabilitySignals", "summarize"]
+__all__ = ["PARTS", "SIGNALS", "StabilitySignals", "summarize"]

@@ -36,6 +36,8 @@ Tags (scalars, x axis = iteration):
     stability/max/{signal}          maximum over layers of each signal
     stability/grad_ratio_2_L        layer 2's gradient norm / layer L's (models of 3+ layers):
                                     what the collapse alarm watches (metrics.collapse)
+    stability/{embedding,output_layer}/{grad_norm,update_ratio}   the parts outside the layers
+                                    (over `grad-norm`: their share of the clipped step)
 
 n is the global 1-based layer number. Text: `config` (the run's configuration) and
 `stability/collapse_alarm` (the collapse alarm's message, at the iteration it fired).
@@ -79,6 +81,10 @@ TAG_COLLAPSE_ALARM = "stability/collapse_alarm"
 
 def stability_tag(layer: int, signal: str) -> str:
     return f"stability/layer_{layer:03d}/{signal}"
+
+
+def stability_part_tag(part: str, signal: str) -> str:
+    return f"stability/{part}/{signal}"
 
 
 def stability_summary_tag(signal: str) -> str:
@@ -220,10 +226,15 @@ class TensorBoardWriter:
         self.add_scalar(TAG_VALIDATION_PPL, math.exp(min(20.0, float(lm_loss))), iteration)
         self.flush()
 
-    def log_stability(self, iteration: int, signals: Dict[str, Dict[int, float]]) -> None:
-        """StabilitySignals.collect() output: one tag per layer and signal, plus the maxima."""
+    def log_stability(self, iteration: int, signals: Dict[str, Dict[int, float]],
+                      parts: Optional[Dict[str, Dict[str, float]]] = None) -> None:
+        """StabilitySignals.collect() output: one tag per layer and signal, plus the maxima;
+        and its `parts` (embedding, output layer), one tag per part and signal."""
         if self._writer is None:
             return
+        for part, values in (parts or {}).items():
+            for signal, value in values.items():
+                self.add_scalar(stability_part_tag(part, signal), value, iteration)
         for signal, per_layer in signals.items():
             for layer, value in sorted(per_layer.items()):
                 self.add_scalar(stability_tag(layer, signal), value, iteration)

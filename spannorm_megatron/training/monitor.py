@@ -90,7 +90,7 @@ class RunMonitor:
             flops_per_token=self.flops_per_token, num_devices=self.num_devices,
             peak_flops=self.peak_flops,
         )
-        self.writer.log_stability(iteration, stability)
+        self.writer.log_stability(iteration, stability, self.signals.parts)
         self.writer.log_moe(iteration, moe)
         report = self.collapse.check(iteration, stability)
         if report is None:
