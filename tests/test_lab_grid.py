@@ -97,6 +97,10 @@ def test_run_resume_and_table(tmp_path):
     with open(exported[0]) as f:
         snap = json.loads(f.readline())
     assert snap["name"] == row["name"] and snap["proj_init_std"] == pytest.approx(0.02 / 2 ** 0.5, rel=1e-5)
+    figures = {os.path.basename(p) for p in exported[3:]}
+    assert {"grid_deepest_bits_per_byte.png", "grid_grad_ratio.png", "grid_depth.png",
+            "grid_output_layer_share.png"} <= figures  # no base / forward cell: no RMS figure
+    assert all(os.path.getsize(p) > 1000 for p in exported[3:])
 
 
 def test_unknown_factor_refused_before_anything(tmp_path):

@@ -1058,7 +1058,11 @@ def export_results(out_dir: str, target: str) -> List[str]:
     write_csv(os.path.join(target, "results.csv"), rows)
     with open(os.path.join(target, "summary.md"), "w") as f:
         f.write(summarize(rows))
-    return [os.path.join(target, n) for n in ("results.jsonl", "results.csv", "summary.md")]
+    from spannorm_megatron.lab.grid_plots import plot_grid
+
+    figures = plot_grid([with_derived(r) for r in latest], target)
+    return [os.path.join(target, n) for n in ("results.jsonl", "results.csv", "summary.md")] + \
+        figures
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -1079,8 +1083,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--summary", action="store_true",
                    help="print the summary table of --out's results and exit")
     p.add_argument("--export", metavar="DIR", default=None,
-                   help="write --out's results (results.jsonl, results.csv, summary.md) into DIR "
-                        "and exit, e.g. to keep a snapshot of a running grid")
+                   help="write --out's results (results.jsonl, results.csv, summary.md and the "
+                        "figures of lab/grid_plots.py) into DIR and exit, e.g. to keep a "
+                        "snapshot of a running grid")
     args = p.parse_args(argv)
     if args.summary:
         print(summarize(read_results(os.path.join(args.out, "results.jsonl"))), end="")
