@@ -17,7 +17,13 @@ from spannorm_megatron.config import ModelConfig, ParallelConfig
 VOCAB = 128
 SEQ = 16
 
-# name -> (placement, ModelConfig overrides). The first six are the parallel-layout set.
+# DeepSeek-V3-style routing: sigmoid scores, an expert bias balanced by megatron-core's own update
+# rule (see `build`), aux-loss free, and a gated shared expert.
+DEEPSEEK = dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                moe_router_bias_update_rate=0.02, moe_router_load_balancing_type="none",
+                moe_shared_expert_gate=True)
+
+# name -> (placement, ModelConfig overrides). The first seven are the parallel-layout set.
 COMBOS: Dict[str, tuple] = {
     "prenorm-dense": ("prenorm", {}),
     "prenorm-moe": ("prenorm", {"num_experts": 4}),
@@ -25,6 +31,13 @@ COMBOS: Dict[str, tuple] = {
     "postnorm-moe": ("postnorm", {"num_experts": 4, "moe_shared_expert_intermediate_size": 48}),
     "spannorm-dense": ("spannorm", {}),
     "spannorm-moe": ("spannorm", {"num_experts": 4}),
+    # Our own class: q/k norms, dense layers among MoE layers (also after them), 8 experts in 4
+    # groups of which a token uses 2, top-4, scaled weights, fp32 router.
+    "spannorm-moe-deepseek": ("spannorm", {
+        **DEEPSEEK, "num_layers": 4, "moe_layer_freq": [0, 1, 1, 0], "qk_layernorm": True,
+        "num_experts": 8, "moe_router_topk": 4, "moe_router_num_groups": 4,
+        "moe_router_group_topk": 2, "moe_router_topk_scaling_factor": 2.5,
+        "moe_shared_expert_intermediate_size": 48, "moe_router_dtype": "fp32"}),
 }
 PARALLEL_COMBOS = tuple(COMBOS)
 
@@ -54,14 +67,54 @@ EXTRA_COMBOS: Dict[str, tuple] = {
         "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
         "moe_router_num_groups": 2, "moe_router_group_topk": 1,
         "moe_router_topk_scaling_factor": 2.5, "moe_shared_expert_intermediate_size": 64}),
+    # Our own class computing what no native class holds for these placements (issue 15):
+    # (a) q/k norms (RMSNorm; LayerNorm with biases),
+    "spannorm-qk": ("spannorm", {"qk_layernorm": True}),
+    "postnorm-moe-qk-layernorm": ("postnorm", {"num_experts": 4, "qk_layernorm": True,
+                                               "normalization": "LayerNorm"}),
+    # (b) dense layers among MoE layers (dense FFN 96, experts 32),
+    "spannorm-moe-mixed": ("spannorm", {"num_layers": 3, "num_experts": 4,
+                                        "moe_layer_freq": [1, 0, 1]}),
+    "perinorm-moe-mixed-qk": ("perinorm", {"num_layers": 3, "num_experts": 4,
+                                           "moe_layer_freq": [0, 1, 0], "qk_layernorm": True}),
+    # (c) DeepSeek-V3-style routing: 2 groups of 4 experts, a token's group scored by its top 3
+    # (which GLM-4-MoE cannot: it scores by the top 2), an MoE layer before a dense one;
+    "postnorm-moe-deepseek": ("postnorm", {
+        **DEEPSEEK, "moe_layer_freq": [1, 0], "qk_layernorm": True, "num_experts": 8,
+        "moe_router_topk": 3, "moe_router_num_groups": 2, "moe_router_group_topk": 1,
+        "moe_router_topk_scaling_factor": 1.5, "moe_shared_expert_intermediate_size": 32}),
+    # sigmoid top-1 (not renormalized) with the expert bias,
+    "deepnorm-moe-sigmoid-top1": ("deepnorm", {
+        "num_experts": 4, "moe_router_topk": 1, "moe_router_score_function": "sigmoid",
+        "moe_router_enable_expert_bias": True, "moe_router_bias_update_rate": 0.05,
+        "moe_router_load_balancing_type": "none"}),
+    # softmax before the top-k (not renormalized), and after it, both group-limited and scaled,
+    "spannorm_clean-moe-presoftmax-groups": ("spannorm_clean", {
+        "num_experts": 4, "moe_router_pre_softmax": True, "moe_router_num_groups": 2,
+        "moe_router_group_topk": 1, "moe_router_topk_scaling_factor": 2.0}),
+    "perinorm-moe-softmax-groups": ("perinorm", {
+        "num_experts": 4, "moe_router_num_groups": 2, "moe_router_group_topk": 1,
+        "moe_router_topk_scaling_factor": 0.5}),
+    # and prenorm's gated shared expert, which no native class is exported with.
+    "prenorm-moe-gated-shared": ("prenorm", {"num_experts": 4,
+                                             "moe_shared_expert_intermediate_size": 48,
+                                             "moe_shared_expert_gate": True}),
 }
+
+# Models with --qk-layernorm, mixed dense/MoE layers or routing beyond top-k + softmax that our
+# own class holds (issue 15): no native class computes them in these placements.
+OWN_CLASS_RECIPES = ("spannorm-moe-deepseek", "spannorm-qk", "postnorm-moe-qk-layernorm",
+                     "spannorm-moe-mixed", "perinorm-moe-mixed-qk", "postnorm-moe-deepseek",
+                     "deepnorm-moe-sigmoid-top1", "spannorm_clean-moe-presoftmax-groups",
+                     "perinorm-moe-softmax-groups", "prenorm-moe-gated-shared")
 
 LAYOUTS: Dict[str, ParallelConfig] = {
     "tp2": ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
     "pp2": ParallelConfig(pipeline_model_parallel_size=2),
     "ep2": ParallelConfig(expert_model_parallel_size=2),  # MoE only (DP2 x EP2)
 }
-IMPORT_LAYOUTS = {"tp2": PARALLEL_COMBOS, "pp2": ("spannorm-dense",), "ep2": ("postnorm-moe",)}
+IMPORT_LAYOUTS = {"tp2": PARALLEL_COMBOS, "pp2": ("spannorm-dense", "spannorm-moe-deepseek"),
+                  "ep2": ("postnorm-moe", "spannorm-moe-deepseek")}
 
 
 def layout_applies(layout: str, combo: str) -> bool:
@@ -82,19 +135,53 @@ def model_config(combo: str, vocab_size: int = VOCAB) -> ModelConfig:
 
 def build(config: ModelConfig, seed: int = 0):
     """A single-process model of `config` whose norms and biases are not at their trivial init
-    (so a gain or bias put in the wrong place shows in the logits)."""
+    (so a gain or bias put in the wrong place shows in the logits), and whose expert bias (the
+    balancing bias that steers the choice) is not zero: trained by megatron-core's own update
+    when the config sets moe_router_bias_update_rate, else random."""
     from spannorm_megatron.model import build_gpt_model, transformer_config
 
     model = build_gpt_model(config, transformer_config(config))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
+            if "norm" in name or name.endswith("bias") or name.endswith("gate_weight"):
                 param.add_(0.2 * torch.randn(param.shape, generator=generator))
-        for name, buffer in model.named_buffers():
-            if name.endswith("expert_bias"):  # the trained balancing bias steers the choice
-                buffer.add_(0.05 * torch.randn(buffer.shape, generator=generator))
+        if config.moe_router_bias_update_rate is None:
+            for name, buffer in model.named_buffers():
+                if name.endswith("expert_bias"):
+                    buffer.add_(0.05 * torch.randn(buffer.shape, generator=generator))
+    if config.moe_router_bias_update_rate is not None:
+        balance_expert_bias(model, seed=seed)
     return model.eval()
+
+
+BALANCING_STEPS = 6
+
+
+def balance_expert_bias(model, seed: int = 0, steps: int = BALANCING_STEPS) -> None:
+    """Move the routers' expert bias as aux-loss-free training does: `steps` training-mode
+    forwards (the routers count the tokens each expert got) each followed by megatron-core's
+    end-of-batch update (finalize_model_grads' _update_router_expert_bias: +-rate toward the
+    mean load) and counter reset."""
+    from megatron.core.distributed.finalize_model_grads import (
+        _update_router_expert_bias,
+        reset_model_temporary_tensors,
+    )
+
+    model.train()
+    for step in range(steps):
+        ids = tokens(batch=4, seed=1000 * seed + step)
+        with torch.enable_grad():
+            megatron_logits_in_training(model, ids)
+        with torch.no_grad():
+            _update_router_expert_bias([model], model.config)
+        reset_model_temporary_tensors(model.config, [model])
+    model.eval()
+
+
+def megatron_logits_in_training(model, ids: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    return model(ids, positions, attention_mask=None)
 
 
 def save(model_chunks, config: ModelConfig, save_dir: str,

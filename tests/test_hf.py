@@ -4,9 +4,13 @@ Real models, real files. Every placement, dense and MoE, is saved as a checkpoin
 process, and by one 2-rank torchrun under TP2, PP2 and EP2), exported, loaded by transformers and
 compared with the megatron model's logits; exported folders are converted back (also under TP2
 and PP2 in the same torchrun launch) and compared tensor by tensor. The prenorm exports load into
-the native Llama / Mixtral / Qwen2-MoE classes without remote code and generate the megatron
-model's greedy tokens; a SpanNorm export loads in a fresh virtual environment holding only
-torch, transformers, safetensors and sentencepiece. Bad input fails with a clear error and
+the native Llama / Mixtral / Qwen2-MoE / Qwen3-MoE / GLM-4-MoE classes without remote code and
+generate the megatron model's greedy tokens; our own class computes q/k norms, mixed dense/MoE
+layers and megatron-core's routing (sigmoid, trained expert bias, groups, scaling, pre-softmax,
+gated shared expert) in every placement, generates the megatron model's greedy tokens too, and
+each of those features is checked to be on the path (turning it off in the HF model moves the
+logits). A SpanNorm export loads in a fresh virtual environment holding only torch,
+transformers, safetensors and sentencepiece. Bad input fails with a clear error and
 leaves nothing behind. See tests/_hf.py for the models.
 """
 
@@ -304,18 +308,10 @@ def test_imported_checkpoint_loads_into_training_setup(work, tmp_path):
     _assert_same_state(state, work.states[combo])
 
 
-# ------------------------------------------------------------------------ native generation
-@pytest.mark.parametrize("combo", list(NATIVE))
-def test_native_export_generates_megatrons_greedy_tokens(work, combo):
-    from transformers import AutoModelForCausalLM
-
+# -------------------------------------------------------------------------------- generation
+def _greedy_matches_megatron(model, work, combo):
     from spannorm_megatron.hf import generation
 
-    path = os.path.join(work.dirs["hf"], combo)
-    with open(os.path.join(path, "config.json")) as f:
-        assert "auto_map" not in json.load(f)
-    assert not [n for n in os.listdir(path) if n.endswith(".py")]
-    model = AutoModelForCausalLM.from_pretrained(path).eval()  # no trust_remote_code
     prompt = work.ids[0, :6].tolist()
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
@@ -326,6 +322,81 @@ def test_native_export_generates_megatrons_greedy_tokens(work, combo):
         generation.Sampling(greedy=True))
     assert len(hf_tokens) == 20
     assert hf_tokens == megatron_tokens
+
+
+@pytest.mark.parametrize("combo", list(NATIVE))
+def test_native_export_generates_megatrons_greedy_tokens(work, combo):
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(work.dirs["hf"], combo)
+    with open(os.path.join(path, "config.json")) as f:
+        assert "auto_map" not in json.load(f)
+    assert not [n for n in os.listdir(path) if n.endswith(".py")]
+    model = AutoModelForCausalLM.from_pretrained(path).eval()  # no trust_remote_code
+    _greedy_matches_megatron(model, work, combo)
+
+
+@pytest.mark.parametrize("combo", _hf.OWN_CLASS_RECIPES)
+def test_own_class_with_moe_recipes_generates_megatrons_greedy_tokens(work, combo):
+    """q/k norms, mixed layers and megatron-core's routing, through the KV cache: each new
+    token is routed alone, as megatron (recomputing the whole sequence) routes it."""
+    model = _hf_model(os.path.join(work.dirs["hf"], combo), native=False)
+    _greedy_matches_megatron(model, work, combo)
+
+
+def _moe_modules(model):
+    return [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+
+
+def _no_qk_norms(model):
+    for layer in model.model.layers:
+        assert layer.self_attn.q_norm is not None
+        layer.self_attn.q_norm = layer.self_attn.k_norm = None
+
+
+def _unbiased(model):
+    for moe in _moe_modules(model):
+        assert moe.expert_bias.abs().max() > 0  # megatron's balancing moved it
+        moe.expert_bias.zero_()
+
+
+def _set_all(name, value):
+    def change(model):
+        for moe in _moe_modules(model):
+            assert getattr(moe, name) not in (None, False)
+            setattr(moe, name, value)
+    return change
+
+
+FEATURES = {
+    "q/k norms": _no_qk_norms,
+    "expert bias": _unbiased,
+    "shared-expert gate": _set_all("shared_expert_gate", None),
+    "group limit": _set_all("group_topk", None),
+    "scaling factor": _set_all("scaling_factor", None),
+    "pre-softmax": _set_all("pre_softmax", False),
+}
+
+
+@pytest.mark.parametrize("combo,feature", [
+    ("spannorm-moe-deepseek", "q/k norms"), ("spannorm-moe-deepseek", "expert bias"),
+    ("spannorm-moe-deepseek", "shared-expert gate"), ("spannorm-moe-deepseek", "group limit"),
+    ("spannorm-moe-deepseek", "scaling factor"), ("postnorm-moe-deepseek", "expert bias"),
+    ("postnorm-moe-deepseek", "group limit"), ("postnorm-moe-qk-layernorm", "q/k norms"),
+    ("perinorm-moe-mixed-qk", "q/k norms"), ("deepnorm-moe-sigmoid-top1", "expert bias"),
+    ("spannorm_clean-moe-presoftmax-groups", "pre-softmax"),
+    ("spannorm_clean-moe-presoftmax-groups", "group limit"),
+    ("perinorm-moe-softmax-groups", "group limit"),
+    ("prenorm-moe-gated-shared", "shared-expert gate"),
+])
+def test_each_recipe_feature_is_on_the_exported_models_path(work, combo, feature):
+    """The agreement above is not luck: without the feature the exported model is off by far
+    more than the tolerance (so an exported bias, gate or norm that were ignored would show)."""
+    model = _hf_model(os.path.join(work.dirs["hf"], combo), native=False)
+    assert _max_err(_hf_logits(model, work.ids), work.logits[combo]) <= TOLERANCE
+    with torch.no_grad():
+        FEATURES[feature](model)
+    assert _max_err(_hf_logits(model, work.ids), work.logits[combo]) > 10 * TOLERANCE
 
 
 def test_spannorm_class_batched_generation_with_left_padding(work):
@@ -467,6 +538,28 @@ def test_bfloat16_export_is_close(tokenized_export):
     assert err < 0.1 * reference.abs().max().item()
 
 
+@pytest.mark.parametrize("combo,bias", [("spannorm-moe-deepseek", "mlp.expert_bias"),
+                                        ("prenorm-moe-glm", "mlp.gate.e_score_correction_bias")])
+def test_bfloat16_export_keeps_the_expert_bias_in_float32(work, combo, bias, tmp_path):
+    """megatron-core keeps the expert bias in float32 whatever the model's dtype (its values are
+    sums of small steps that bfloat16 would round): so do the export and the loaded model."""
+    from safetensors import safe_open
+
+    out = str(tmp_path / combo)
+    _quiet_export(os.path.join(work.dirs["ref"], combo), out, dtype="bfloat16")
+    name = f"model.layers.1.{bias}"
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert f.get_tensor(name).dtype == torch.float32
+        assert f.get_tensor("model.layers.1.self_attn.q_proj.weight").dtype == torch.bfloat16
+        assert torch.equal(f.get_tensor(name), work.states[combo][
+            "decoder.layers.1.mlp.router.expert_bias"])
+    model = _hf_model(out, native=combo in NATIVE)
+    assert model.dtype == torch.bfloat16
+    assert model.get_parameter_or_buffer(name).dtype == torch.float32
+    reference = work.logits[combo]
+    assert _max_err(_hf_logits(model, work.ids), reference) < 0.1 * reference.abs().max().item()
+
+
 def test_text_generation_with_tokenizer(tokenized_export):
     status, out, err = _run_tool("generate", "--load", tokenized_export.ckpt, "--prompt",
                                  "def main(", "--greedy", "--max-new-tokens", "5")
@@ -534,7 +627,7 @@ def test_spannorm_export_runs_in_a_fresh_environment(work, tokenized_export, tmp
     python, reason = _fresh_venv()
     if python is None:
         pytest.skip(f"fresh virtual environment unavailable offline: {reason}")
-    combo = "spannorm-moe"
+    combo = "spannorm-moe-deepseek"  # q/k norms, mixed layers, biased group routing, gate
     folder = str(tmp_path / "spannorm-moe-export")
     shutil.copytree(os.path.join(work.dirs["hf"], combo), folder)
     ids_path, out_path = str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")
@@ -707,26 +800,30 @@ def test_native_format_refuses_what_llama_cannot_express(work, tmp_path):
 
 
 def test_moe_recipes_without_an_exact_hf_class_are_refused_naming_the_setting(work, tmp_path):
-    """--qk-layernorm where no native family holds the rest of the model, DeepSeek-style
-    routing GLM-4-MoE cannot hold, a gated shared expert: one error naming the setting,
-    nothing written."""
+    """--format native where no native family holds the model (q/k norms with the rest of the
+    model no native family has, DeepSeek-style routing GLM-4-MoE cannot hold, a gated shared
+    expert), and sinkhorn routing in any format: one error naming the setting, nothing written.
+    The same models but sinkhorn's export as our own class under --format auto."""
     import re
 
     from spannorm_megatron.hf.errors import ConversionError
 
+    sinkhorn = dict(num_experts=4, moe_router_load_balancing_type="sinkhorn",
+                    moe_aux_loss_coeff=0.0)
     cases = [
         (dict(num_experts=4, qk_layernorm=True, moe_shared_expert_intermediate_size=48),
          "native", "qk_layernorm=True with a shared expert"),
         (dict(qk_layernorm=True), "native", "qk_layernorm=True on a dense model"),
-        (dict(qk_layernorm=True), "auto", "our own class has no q/k norms"),
-        (dict(num_experts=4, moe_router_score_function="sigmoid",
-              moe_router_enable_expert_bias=True), "auto",
-         "our own class: sigmoid / expert-bias / group-limited / scaled routing"),
         (dict(num_experts=4, moe_router_score_function="sigmoid",
               moe_router_enable_expert_bias=True), "native",
          "no shared expert, or one whose width is not a multiple of moe_ffn_hidden_size"),
         (dict(num_experts=4, moe_shared_expert_intermediate_size=32,
-              moe_shared_expert_gate=True), "auto", "moe_shared_expert_gate=True"),
+              moe_shared_expert_gate=True), "native", "moe_shared_expert_gate=True"),
+        (dict(num_experts=4, moe_layer_freq=[0, 1], moe_router_pre_softmax=True), "native",
+         "moe_router_pre_softmax=True"),
+        (sinkhorn, "auto", "moe_router_load_balancing_type='sinkhorn'"),
+        (dict(sinkhorn, norm_placement="spannorm"), "spannorm",
+         "moe_router_load_balancing_type='sinkhorn'"),
     ]
     for i, (overrides, fmt, expected) in enumerate(cases):
         config = dataclasses.replace(_hf.model_config("prenorm-dense"), **overrides)
@@ -737,6 +834,30 @@ def test_moe_recipes_without_an_exact_hf_class_are_refused_naming_the_setting(wo
         with pytest.raises(ConversionError, match=re.escape(expected)):
             _quiet_export(source, save, fmt=fmt)
         _no_debris(save)
+        if fmt == "native":
+            result = _quiet_export(source, save)
+            assert result.architecture == "SpanNormForCausalLM"
+            assert any(expected in note for note in result.notes), result.notes
+
+
+def test_capacity_factor_exports_dropless_and_says_so(work, tmp_path):
+    """megatron-core drops tokens over capacity in eval forwards too, by comparing the tokens
+    of the whole batch; the export routes every token (documented, and noted when exporting):
+    exact where megatron dropped nothing, not where it dropped."""
+    from spannorm_megatron.hf.megatron_reader import build_single_process_model
+
+    combo = "spannorm-moe-deepseek"
+    for factor, drops in ((4.0, False), (0.25, True)):
+        config = dataclasses.replace(_hf.model_config(combo), moe_expert_capacity_factor=factor)
+        model = build_single_process_model(config)
+        model.load_state_dict(work.models[combo].state_dict())
+        source = str(tmp_path / f"ckpt{factor}")
+        _hf.save([model], config, source)
+        result = _quiet_export(source, str(tmp_path / f"out{factor}"))
+        assert any("routes every token (no capacity limit)" in n for n in result.notes)
+        exported = _hf_model(str(tmp_path / f"out{factor}"), native=False)
+        err = _max_err(_hf_logits(exported, work.ids), _hf.megatron_logits(model, work.ids))
+        assert (err > 10 * TOLERANCE) if drops else (err <= TOLERANCE), (factor, err)
 
 
 def test_unsupported_hf_architecture_is_refused(work, tmp_path):

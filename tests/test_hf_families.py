@@ -24,10 +24,8 @@ import _hf  # noqa: E402
 ALL_COMBOS = {**_hf.COMBOS, **_hf.EXTRA_COMBOS}
 NATIVE = {"prenorm-dense": "llama", "prenorm-moe": "mixtral", "prenorm-moe-shared": "qwen2_moe",
           "prenorm-moe-qk-mixed": "qwen3_moe", "prenorm-moe-glm": "glm4_moe"}
-# Our class holds every model but those with q/k norms or mixed layers (Qwen3-MoE's); the native
-# ones hold the prenorm models `--format auto` gives them.
-OURS = [combo for combo, (_, overrides) in ALL_COMBOS.items()
-        if not overrides.get("qk_layernorm")]
+# Our class holds every model; the native ones hold the prenorm models `--format auto` gives them.
+OURS = list(ALL_COMBOS)
 PAIRS = [(combo, "spannorm") for combo in OURS] + list(NATIVE.items())
 
 
@@ -127,6 +125,25 @@ def test_config_json_builds_the_class_that_saves_the_exported_names(megatron_wor
     assert [g.params for g in _groups(read_config)] == [g.params for g in _groups(config)]
     if not family.native:  # our config.json carries the exact ModelConfig
         assert read_config.to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("combo", _hf.OWN_CLASS_RECIPES)
+def test_our_config_json_alone_reads_back_into_the_same_model(megatron_world, combo):
+    """Without megatron_model_config (a folder edited or written by hand), our config.json's own
+    fields still give the megatron model the export came from: q/k norms, which layers are
+    MoE, every routing setting and the shared-expert gate."""
+    from spannorm_megatron.hf.families import FAMILIES, model_config_from_hf
+
+    config = _hf.model_config(combo)
+    config_json = json.loads(json.dumps(FAMILIES["spannorm"].config_json(config, torch.float32)))
+    del config_json["megatron_model_config"]
+    _family, read = model_config_from_hf(config_json, "config.json")
+    assert [g.params for g in _groups(read)] == [g.params for g in _groups(config)]
+    routing = ("qk_layernorm", "moe_layer_pattern", "moe_router_topk", "moe_router_score_function",
+               "moe_router_pre_softmax", "moe_router_num_groups", "moe_router_group_topk",
+               "moe_router_topk_scaling_factor", "moe_router_enable_expert_bias",
+               "moe_router_dtype", "moe_shared_expert_gate", "norm_placement")
+    assert {k: getattr(read, k) for k in routing} == {k: getattr(config, k) for k in routing}
 
 
 def test_qwen2_moe_neutral_tensors_must_be_zero(megatron_world):

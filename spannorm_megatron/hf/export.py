@@ -3,10 +3,12 @@
 Which class holds the model (``--format auto``, the default):
 
 * prenorm, RMSNorm, SwiGLU, RoPE, a final norm (and for MoE: no biases) -> a native class,
-  loadable without remote code: dense `LlamaForCausalLM`; MoE `MixtralForCausalLM`, or
-  `Qwen2MoeForCausalLM` when a shared expert is configured;
+  loadable without remote code: dense `LlamaForCausalLM`; MoE `MixtralForCausalLM`,
+  `Qwen2MoeForCausalLM` when a shared expert is configured, `Qwen3MoeForCausalLM` with q/k
+  norms, `Glm4MoeForCausalLM` with DeepSeek-V3-style routing (see rules.native_problems);
 * everything else (postnorm, spannorm, LayerNorm, GeLU, learned or no position embeddings,
-  forward-mode Scale Init, ...) -> our own `SpanNormForCausalLM`, whose two standalone files
+  forward-mode Scale Init, q/k norms, mixed dense/MoE layers or routing no native class holds,
+  the gated shared expert, ...) -> our own `SpanNormForCausalLM`, whose two standalone files
   are written into the folder (`trust_remote_code=True`).
 
 ``--format native`` refuses (naming why) what no native class can express; ``--format spannorm``
@@ -81,7 +83,9 @@ def choose_family(config: ModelConfig, fmt: str) -> tuple:
     notes = []
     if config.is_moe and config.moe_expert_capacity_factor is not None:
         notes.append("the exported model routes every token (no capacity limit): it matches "
-                     "the megatron model wherever no token was dropped")
+                     "the megatron model wherever megatron dropped no token (megatron drops by "
+                     "comparing the tokens of a whole batch, in eval too, which no per-token "
+                     "forward can reproduce)")
     own = own_class_problems(config)
     if fmt == "spannorm" and not own:
         return FAMILIES["spannorm"], notes
@@ -148,7 +152,8 @@ def plan_hf_tensors(family: Family, config: ModelConfig, groups, dtype: torch.dt
     for group in groups:
         meta = {name: torch.empty(shape, device="meta") for name, shape in group.params}
         converted = family.to_hf(config, group, meta)
-        plan.append((group, [(name, tuple(t.shape), dtype) for name, t in converted.items()]))
+        plan.append((group, [(name, tuple(t.shape), family.stored_dtype(name, dtype))
+                             for name, t in converted.items()]))
     return plan
 
 
@@ -243,7 +248,8 @@ def export_checkpoint(
                 _check_finite(tensors, ckpt.directory)
             converted = family.to_hf(config, group, tensors)
             del tensors
-            converted = {k: v.to(target_dtype) for k, v in converted.items()}
+            converted = {k: v.to(family.stored_dtype(k, target_dtype))
+                         for k, v in converted.items()}
             writer.write(converted)
             done_bytes += sum(v.numel() * v.element_size() for v in converted.values())
             del converted

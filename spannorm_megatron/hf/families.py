@@ -5,7 +5,8 @@ prenorm MoE), ``qwen2_moe`` (`Qwen2MoeForCausalLM`, prenorm MoE with a shared ex
 ``qwen3_moe`` (`Qwen3MoeForCausalLM`, prenorm MoE with q/k norms and optional dense layers),
 ``glm4_moe`` (`Glm4MoeForCausalLM`, prenorm MoE with sigmoid / expert-bias / group routing),
 ``spannorm`` (our own `SpanNormForCausalLM`, every placement and everything the native classes
-cannot express; its files are in `remote_code/`).
+cannot express: q/k norms, dense layers among MoE layers, all of megatron-core's top-k routing,
+the gated shared expert; its files are in `remote_code/`).
 
 Each family has one mapping (`Family.mapping`): `Rule`s that pair a megatron TP1 state-dict name
 pattern with the Hugging Face name(s) it becomes and the `Transform` between them, e.g.
@@ -137,6 +138,13 @@ class Family:
     """Transform of the shared expert's down projection."""
     shared = "shared_expert"
     """Module name of the shared expert in an MoE layer."""
+    float32 = ()
+    """Endings of HF names stored in float32 whatever the export's --dtype (megatron-core keeps
+    the expert bias in float32)."""
+
+    def stored_dtype(self, hf_name: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the export writes `hf_name` in, for an export in `dtype`."""
+        return torch.float32 if hf_name.endswith(self.float32) else dtype
 
     # ---------------------------------------------------------------------------- weights
     def mapping(self, config: ModelConfig) -> List[Entry]:
@@ -443,6 +451,7 @@ class Glm4Moe(Family):
 
     name, architecture = "glm4_moe", "Glm4MoeForCausalLM"
     shared = "shared_experts"
+    float32 = ("e_score_correction_bias",)  # transformers keeps it float32 too
 
     def mapping(self, config):
         return super().mapping(config) + _QK_NORMS + [
@@ -499,16 +508,28 @@ class Glm4Moe(Family):
 
 class SpanNorm(Family):
     """Our own class: every norm keeps its megatron slot name, config.json carries the exact
-    ModelConfig (``megatron_model_config``)."""
+    ModelConfig (``megatron_model_config``). Beyond the common mapping: q/k norms
+    (``self_attn.q_norm`` / ``k_norm``, with their LayerNorm biases), the expert bias (a float32
+    buffer ``mlp.expert_bias``) and the shared-expert gate (``mlp.shared_expert_gate.weight``)."""
 
     name, architecture = "spannorm", "SpanNormForCausalLM"
     native = False
+    float32 = ("mlp.expert_bias",)
+
+    def mapping(self, config):
+        return super().mapping(config) + [
+            *(Rule(f"{L}self_attention.{x}_layernorm.{p}", f"{H}self_attn.{x}_norm.{p}",
+                   GAIN if p == "weight" else SAME) for x in "qk" for p in ("weight", "bias")),
+            Rule(L + "mlp.router.expert_bias", H + "mlp.expert_bias"),
+            Rule(L + "mlp.shared_experts.gate_weight", H + "mlp.shared_expert_gate.weight"),
+        ]
 
     def config_fields(self, config):
         from spannorm_megatron.model.scale_init import forward_branch_scale, resolved_scale_init
         from spannorm_megatron.model.specs import final_norm_enabled
 
         rule = export_rule(config.norm_placement)
+        moe = config.is_moe
         ours = {
             "auto_map": {
                 "AutoConfig": "configuration_spannorm.SpanNormConfig",
@@ -526,14 +547,25 @@ class SpanNorm(Family):
             "gated_mlp": config.swiglu,
             "linear_bias": config.add_bias_linear,
             "position_embedding_type": config.position_embedding_type,
+            "qk_layernorm": config.qk_layernorm,
             "scale_init": resolved_scale_init(config),
             "scale_mode": config.scale_mode,
             "branch_scale": forward_branch_scale(config),
             "residual_scale": 1.0,
             "num_experts": config.num_experts,
-            "num_experts_per_tok": config.moe_router_topk if config.is_moe else None,
-            "moe_intermediate_size": _moe_ffn(config) if config.is_moe else None,
+            "num_experts_per_tok": config.moe_router_topk if moe else None,
+            "moe_intermediate_size": _moe_ffn(config) if moe else None,
             "shared_expert_intermediate_size": config.moe_shared_expert_intermediate_size,
+            "shared_expert_gate": moe and config.moe_shared_expert_gate,
+            "moe_layer_pattern": list(config.moe_layer_pattern) if moe else None,
+            "moe_router_score_function": config.moe_router_score_function,
+            "moe_router_pre_softmax": moe and config.moe_router_pre_softmax,
+            "moe_router_num_groups": config.moe_router_num_groups if moe else None,
+            "moe_router_group_topk": config.moe_router_group_topk if moe else None,
+            "moe_router_topk_scaling_factor": config.moe_router_topk_scaling_factor
+            if moe else None,
+            "moe_router_enable_expert_bias": moe and config.moe_router_enable_expert_bias,
+            "moe_router_dtype": config.moe_router_dtype if moe else None,
             "hidden_dropout": config.hidden_dropout,
             "attention_dropout": config.attention_dropout,
             "megatron_model_config": config.to_dict(),
@@ -564,12 +596,25 @@ class SpanNorm(Family):
             position_embedding_type=hf.get("position_embedding_type", "rope"),
             first_layer_input_norm=hf.get("first_layer_input_norm", True),
             final_norm=hf.get("final_norm"),
+            qk_layernorm=bool(hf.get("qk_layernorm", False)),
         )
         if hf.get("num_experts"):
-            values.update(num_experts=hf["num_experts"], moe_router_topk=hf["num_experts_per_tok"],
-                          moe_ffn_hidden_size=hf.get("moe_intermediate_size"),
-                          moe_shared_expert_intermediate_size=hf.get(
-                              "shared_expert_intermediate_size"))
+            pattern = hf.get("moe_layer_pattern")
+            values.update(
+                num_experts=hf["num_experts"], moe_router_topk=hf["num_experts_per_tok"],
+                moe_ffn_hidden_size=hf.get("moe_intermediate_size"),
+                moe_shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size"),
+                moe_shared_expert_gate=bool(hf.get("shared_expert_gate", False)),
+                moe_layer_freq=list(pattern) if pattern and 0 in pattern else 1,
+                **{key: hf[key] for key in (
+                    "moe_router_score_function", "moe_router_pre_softmax",
+                    "moe_router_num_groups", "moe_router_group_topk",
+                    "moe_router_topk_scaling_factor", "moe_router_enable_expert_bias",
+                    "moe_router_dtype") if hf.get(key) is not None})
+            if values.get("moe_router_enable_expert_bias"):
+                # aux-loss-free balancing, as the GLM-4-MoE import assumes (the folder does not
+                # record the training's balancing)
+                values["moe_router_load_balancing_type"] = "none"
         if float(hf.get("branch_scale", 1.0)) != 1.0:
             problems.append("branch_scale != 1 without megatron_model_config (the Scale Init "
                             "settings that produce it are unknown)")

@@ -73,16 +73,14 @@ def export_rule(placement: str) -> ExportRule:
 
 
 def own_class_problems(config: ModelConfig) -> List[str]:
-    """Why our own class cannot compute `config`; [] if it can."""
+    """Why our own class cannot compute `config`; [] if it can. It computes every placement in
+    REMOTE_CODE_PLACEMENTS with q/k norms, dense layers among MoE layers, and all of
+    megatron-core's top-k routing (softmax or sigmoid scores, pre-softmax, expert bias,
+    group-limited top-k, scaling factor) with a shared expert, gated or not."""
     problems = []
     if config.norm_placement not in REMOTE_CODE_PLACEMENTS:
         problems.append(f"our own class does not compute norm_placement="
                         f"{config.norm_placement!r}")
-    if config.qk_layernorm:
-        problems.append("our own class has no q/k norms (qk_layernorm=True)")
-    if mixed_layers(config):
-        problems.append("our own class has no dense layers among MoE layers (moe_layer_freq)")
-    problems += [f"our own class: {p}" for p in _softmax_routing_problems(config)]
     return problems
 
 
@@ -91,22 +89,18 @@ def mixed_layers(config: ModelConfig) -> bool:
 
 
 def router_problems(config: ModelConfig) -> List[str]:
-    """Why an MoE model's routing cannot be exported (both our class and the native ones compute
-    megatron's default: top-k over the router logits, softmax over the k selected)."""
+    """Why an MoE model's routing cannot be exported at all (by our class or a native one)."""
     if not config.is_moe:
         return []
     if config.moe_router_load_balancing_type == "sinkhorn":
         return ["moe_router_load_balancing_type='sinkhorn' routes differently at inference "
-                "(only top-k + softmax routing is exported)"]
-    if config.moe_shared_expert_gate:
-        return ["moe_shared_expert_gate=True (no exported class gates the shared expert the "
-                "way megatron-core does)"]
+                "(only top-k routing by softmax or sigmoid scores is exported)"]
     return []
 
 
 def biased_routing(config: ModelConfig) -> bool:
     """DeepSeek-V3-style routing (sigmoid, expert bias, groups, scaled weights), which only
-    GLM-4-MoE among the exported classes computes."""
+    GLM-4-MoE among the native classes computes."""
     return config.is_moe and (
         config.moe_router_score_function != "softmax" or config.moe_router_enable_expert_bias
         or config.moe_router_num_groups is not None
@@ -114,12 +108,14 @@ def biased_routing(config: ModelConfig) -> bool:
 
 
 def _softmax_routing_problems(config: ModelConfig) -> List[str]:
+    """What the native softmax-routing classes (Mixtral, Qwen2-MoE, Qwen3-MoE) cannot hold."""
     problems = []
     if biased_routing(config):
-        problems.append("sigmoid / expert-bias / group-limited / scaled routing (this class "
-                        "routes with softmax over the top-k router logits)")
+        problems.append("sigmoid / expert-bias / group-limited / scaled routing (Mixtral, "
+                        "Qwen2-MoE and Qwen3-MoE route with softmax over the top-k router "
+                        "logits)")
     if config.is_moe and config.moe_router_pre_softmax:
-        problems.append("moe_router_pre_softmax=True (this class renormalizes the top-k)")
+        problems.append("moe_router_pre_softmax=True (the native classes renormalize the top-k)")
     return problems
 
 
@@ -146,6 +142,10 @@ def native_problems(config: ModelConfig) -> List[str]:
         problems.append("scale_mode='forward' (Llama has no branch multiplier)")
     if config.is_moe and config.add_bias_linear:
         problems.append("add_bias_linear=True with MoE (Mixtral/Qwen2-MoE experts have no biases)")
+    if config.is_moe and config.moe_shared_expert_gate:
+        problems.append("moe_shared_expert_gate=True (the native exports write a shared expert "
+                        "ungated: Qwen2-MoE's shared_expert_gate as 0 with down_proj x2; our own "
+                        "class holds the trained gate)")
     if biased_routing(config):
         return problems + _glm4_moe_problems(config)
     problems += _softmax_routing_problems(config)

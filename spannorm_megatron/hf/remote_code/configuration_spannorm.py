@@ -40,9 +40,20 @@ class SpanNormConfig(PretrainedConfig):
         scale_init / scale_mode: the Scale Init settings of the run (recorded);
         branch_scale: the fixed multiplier on both branch outputs (scale_mode="forward"), else 1.
         residual_scale: deepnorm's `a` multiplying the residual stream (1 for the others).
+        qk_layernorm: per-head norms (`normalization`'s type, head_dim wide) on queries and keys
+            before RoPE (megatron-core's q_layernorm / k_layernorm).
         num_experts, num_experts_per_tok, moe_intermediate_size,
-        shared_expert_intermediate_size: MoE (None experts: dense MLPs). Routing is megatron-core's:
-            top-k over the router logits, softmax over the k selected.
+        shared_expert_intermediate_size: MoE (None experts: dense MLPs).
+        moe_layer_pattern: 1 (MoE) or 0 (a dense MLP of intermediate_size) per layer (megatron's
+            --moe-layer-freq); None: every layer MoE.
+        moe_router_score_function ("softmax" or "sigmoid"), moe_router_pre_softmax,
+        moe_router_num_groups / moe_router_group_topk (group-limited top-k),
+        moe_router_topk_scaling_factor, moe_router_enable_expert_bias (a float32 `expert_bias`
+            buffer added to the sigmoid scores for the choice only), moe_router_dtype (None,
+            "fp32" or "fp64"): megatron-core's router settings, computed as megatron-core does
+            (modeling_spannorm.py's SpanNormMoE).
+        shared_expert_gate: the shared expert's output times sigmoid(x @ shared_expert_gate.T)
+            (megatron's --moe-shared-expert-gate).
         megatron_model_config: the spannorm_megatron ModelConfig the model was exported from.
     """
 
@@ -79,6 +90,16 @@ class SpanNormConfig(PretrainedConfig):
         num_experts_per_tok=2,
         moe_intermediate_size=None,
         shared_expert_intermediate_size=None,
+        qk_layernorm=False,
+        moe_layer_pattern=None,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=False,
+        moe_router_num_groups=None,
+        moe_router_group_topk=None,
+        moe_router_topk_scaling_factor=None,
+        moe_router_enable_expert_bias=False,
+        moe_router_dtype=None,
+        shared_expert_gate=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         initializer_range=0.02,
@@ -92,6 +113,16 @@ class SpanNormConfig(PretrainedConfig):
                              f"{sorted(PLACEMENT_NORMS)}")
         if normalization not in ("RMSNorm", "LayerNorm"):
             raise ValueError(f"normalization={normalization!r} must be RMSNorm or LayerNorm")
+        if moe_router_score_function not in ("softmax", "sigmoid"):
+            raise ValueError(f"moe_router_score_function={moe_router_score_function!r} must be "
+                             f"softmax or sigmoid")
+        if moe_router_dtype not in (None, "fp32", "fp64"):
+            raise ValueError(f"moe_router_dtype={moe_router_dtype!r} must be None, fp32 or fp64")
+        if (moe_router_num_groups is None) != (moe_router_group_topk is None):
+            raise ValueError("set both moe_router_num_groups and moe_router_group_topk, or neither")
+        if moe_layer_pattern is not None and len(moe_layer_pattern) != num_hidden_layers:
+            raise ValueError(f"moe_layer_pattern has {len(moe_layer_pattern)} entries for "
+                             f"{num_hidden_layers} layers")
         if position_embedding_type not in ("rope", "learned_absolute", "none"):
             raise ValueError(f"position_embedding_type={position_embedding_type!r} must be rope, "
                              f"learned_absolute or none")
@@ -128,6 +159,17 @@ class SpanNormConfig(PretrainedConfig):
         self.num_experts_per_tok = num_experts_per_tok
         self.moe_intermediate_size = moe_intermediate_size or intermediate_size
         self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.qk_layernorm = qk_layernorm
+        self.moe_layer_pattern = None if moe_layer_pattern is None else [int(bool(m)) for m in
+                                                                          moe_layer_pattern]
+        self.moe_router_score_function = moe_router_score_function
+        self.moe_router_pre_softmax = moe_router_pre_softmax
+        self.moe_router_num_groups = moe_router_num_groups
+        self.moe_router_group_topk = moe_router_group_topk
+        self.moe_router_topk_scaling_factor = moe_router_topk_scaling_factor
+        self.moe_router_enable_expert_bias = moe_router_enable_expert_bias
+        self.moe_router_dtype = moe_router_dtype
+        self.shared_expert_gate = shared_expert_gate
         self.hidden_dropout = hidden_dropout
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
@@ -136,3 +178,8 @@ class SpanNormConfig(PretrainedConfig):
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.tie_word_embeddings = tie_word_embeddings
 
+    def is_moe_layer(self, layer_idx):
+        """Whether layer `layer_idx` (0-based) has experts (else a dense MLP)."""
+        if not self.num_experts:
+            return False
+        return self.moe_layer_pattern is None or bool(self.moe_layer_pattern[layer_idx])

@@ -14,9 +14,29 @@ MoE), each branch output multiplied by `branch_scale` (Scale Init's forward mode
     spannorm_clean  h = N1(x + A(x));           x' = x + N2(h + F(h))
 
 Attention: grouped-query causal self-attention with RoPE (the half-split "rotate_half" layout,
-as megatron-core and Llama use), or learned absolute / no position embeddings. MLP: SwiGLU
-(`silu(gate) * up`) or GeLU. MoE: router logits -> top-k -> softmax over the k selected ->
-weighted sum of the selected experts, plus a shared expert every token passes through.
+as megatron-core and Llama use), or learned absolute / no position embeddings; with
+`qk_layernorm`, queries and keys are normalized per head (over head_dim, the model's norm type)
+before RoPE, as megatron-core's q_layernorm / k_layernorm. MLP: SwiGLU (`silu(gate) * up`) or
+GeLU. MoE layers (all, or those `moe_layer_pattern` marks 1; the others have a dense MLP of
+`intermediate_size`) compute megatron-core's router at inference (`topk_routing_with_score_function`
+of megatron/core/transformer/moe/moe_utils.py):
+
+    logits = x @ W_router.T (+ b)                    in moe_router_dtype (fp32/fp64) if set
+    softmax:            choose the top-k logits, probs = softmax over the k chosen
+    softmax, pre_softmax: scores = softmax over all experts, choose the top-k, probs = their scores
+    sigmoid:            scores = sigmoid(logits), choose the top-k of scores + expert_bias (the
+                        bias steers the choice only), probs = the chosen scores, divided by
+                        their sum (+1e-20) when k > 1
+    group-limited:      "choose the top-k" picks, per token, the group_topk best of num_groups
+                        expert groups (a group scored by the sum of its top k/group_topk) and
+                        the top-k within them
+    probs *= moe_router_topk_scaling_factor (if set)
+    out = sum over the chosen experts of probs * expert(x)
+          + sigmoid(x @ shared_expert_gate.T) * shared_expert(x)   (no gate: shared_expert(x))
+
+Every token is routed (dropless): megatron's capacity limit (moe_expert_capacity_factor) drops
+tokens by comparing the tokens of a whole batch, which no per-token (or cached) forward can
+reproduce; the export says so when the model had one.
 Generation: `generate()` works, with a key/value cache (transformers' DynamicCache).
 """
 
@@ -70,10 +90,11 @@ class SpanNormLayerNorm(nn.Module):
         return y.to(dtype)
 
 
-def _norm(config):
+def _norm(config, size=None):
+    size = size or config.hidden_size
     if config.normalization == "LayerNorm":
-        return SpanNormLayerNorm(config.hidden_size, config.norm_eps)
-    return SpanNormRMSNorm(config.hidden_size, config.norm_eps)
+        return SpanNormLayerNorm(size, config.norm_eps)
+    return SpanNormRMSNorm(size, config.norm_eps)
 
 
 # ------------------------------------------------------------------------------------------ rope
@@ -106,12 +127,20 @@ class SpanNormAttention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+        if config.qk_layernorm:  # per head, over head_dim
+            self.q_norm = _norm(config, self.head_dim)
+            self.k_norm = _norm(config, self.head_dim)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, rope, mask, cache):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         if rope is not None:
             cos, sin = rope
             q = q * cos + _rotate_half(q) * sin
@@ -147,33 +176,88 @@ class SpanNormMLP(nn.Module):
 
 
 class SpanNormMoE(nn.Module):
-    """Top-k routing as megatron-core computes it: top-k over the router logits, softmax over the
-    k selected, each selected expert's output weighted by its probability; plus the shared expert."""
+    """megatron-core's MoE layer at inference: its router (see the module docstring), the chosen
+    experts weighted by their probabilities, and the shared expert (optionally gated)."""
 
     def __init__(self, config):
         super().__init__()
+        h, num_experts = config.hidden_size, config.num_experts
         self.top_k = config.num_experts_per_tok
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.linear_bias)
+        self.score_function = config.moe_router_score_function
+        self.pre_softmax = config.moe_router_pre_softmax
+        self.num_groups = config.moe_router_num_groups
+        self.group_topk = config.moe_router_group_topk
+        self.scaling_factor = config.moe_router_topk_scaling_factor
+        self.router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
+            config.moe_router_dtype)
+        self.gate = nn.Linear(h, num_experts, bias=config.linear_bias)
+        if config.moe_router_enable_expert_bias:  # float32, as megatron-core keeps it
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
         self.experts = nn.ModuleList(
-            SpanNormMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts))
+            SpanNormMLP(config, config.moe_intermediate_size) for _ in range(num_experts))
         self.shared_expert = (SpanNormMLP(config, config.shared_expert_intermediate_size)
                               if config.shared_expert_intermediate_size else None)
+        self.shared_expert_gate = (nn.Linear(h, 1, bias=False)
+                                   if self.shared_expert is not None and config.shared_expert_gate
+                                   else None)
 
     def forward(self, x):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        logits = self.gate(tokens)
-        top_logits, top_experts = logits.topk(self.top_k, dim=-1)
-        probs = top_logits.float().softmax(dim=-1).to(tokens.dtype)
+        probs, chosen = self.route(self.router_logits(tokens))
         out = torch.zeros_like(tokens)
         for e, expert in enumerate(self.experts):
-            token_idx, slot = (top_experts == e).nonzero(as_tuple=True)
+            token_idx, slot = (chosen == e).nonzero(as_tuple=True)
             if token_idx.numel():
                 y = expert(tokens[token_idx]) * probs[token_idx, slot, None]
                 out.index_add_(0, token_idx, y.to(out.dtype))
         if self.shared_expert is not None:
-            out = out + self.shared_expert(tokens)
+            shared = self.shared_expert(tokens)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(tokens))
+            out = out + shared
         return out.view(shape)
+
+    def router_logits(self, tokens):
+        dtype = self.router_dtype or tokens.dtype
+        bias = None if self.gate.bias is None else self.gate.bias.to(dtype)
+        return F.linear(tokens.to(dtype), self.gate.weight.to(dtype), bias)
+
+    def route(self, logits):
+        """(probs, chosen experts), both [tokens, k]: megatron-core's
+        topk_routing_with_score_function (dtypes included)."""
+        if self.score_function == "sigmoid":
+            scores = torch.sigmoid(logits.float()).to(logits.dtype)
+            for_choice = scores if self.expert_bias is None else scores + self.expert_bias
+            chosen = self.top_k_experts(for_choice)[1]
+            probs = scores.gather(1, chosen)
+            if self.top_k > 1:
+                probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+        elif self.pre_softmax:
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32).to(logits.dtype)
+            probs, chosen = self.top_k_experts(scores)
+        else:
+            top_logits, chosen = self.top_k_experts(logits)
+            probs = torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(logits.dtype)
+        if self.scaling_factor:
+            probs = probs * self.scaling_factor
+        return probs, chosen
+
+    def top_k_experts(self, scores):
+        """(values, indices) of the top-k of `scores` [tokens, experts]; group-limited: only
+        within the group_topk best groups, a group scored by the sum of its top k/group_topk
+        (megatron-core's group_limited_topk)."""
+        if not self.group_topk:
+            return torch.topk(scores, k=self.top_k, dim=-1)
+        tokens, num_experts = scores.shape
+        groups = scores.view(tokens, self.num_groups, -1)
+        group_scores = groups.topk(self.top_k // self.group_topk, dim=-1)[0].sum(dim=-1)
+        best_groups = torch.topk(group_scores, k=self.group_topk, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter(1, best_groups, 1).bool()
+        expert_mask = group_mask.repeat_interleave(num_experts // self.num_groups, dim=1)
+        return torch.topk(scores.masked_fill(~expert_mask, float("-inf")), k=self.top_k, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------- layers
@@ -232,7 +316,7 @@ class SpanNormDecoderLayer(nn.Module):
         for name in names:
             setattr(self, name, _norm(config))
         self.self_attn = SpanNormAttention(config, layer_idx)
-        self.mlp = SpanNormMoE(config) if config.num_experts else SpanNormMLP(
+        self.mlp = SpanNormMoE(config) if config.is_moe_layer(layer_idx) else SpanNormMLP(
             config, config.intermediate_size)
 
     def _branch(self, out):
@@ -255,6 +339,7 @@ class SpanNormPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["SpanNormDecoderLayer"]
+    _keep_in_fp32_modules_strict = ["expert_bias"]
     _skip_keys_device_placement = ["past_key_values"]
 
 
