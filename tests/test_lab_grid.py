@@ -31,7 +31,7 @@ transformer-impl: local
 
 
 def write_grid(tmp_path, cells="[{tokenizer: bytes}]", budget_hours=1, max_run_minutes=5,
-               placements="[spannorm]", extra=""):
+               placements="[spannorm]", extra="", groups=""):
     (tmp_path / "base.yaml").write_text(BASE)
     (tmp_path / "grid.yaml").write_text(f"""
 base_config: base.yaml
@@ -48,7 +48,7 @@ groups:
     depths: [2]
     seeds: [7]
     cells: {cells}
-""")
+{groups}""")
     return str(tmp_path / "grid.yaml")
 
 
@@ -56,9 +56,17 @@ def test_run_resume_and_table(tmp_path):
     heldout = tmp_path / "heldout.txt"
     heldout.write_text("The held-out text is prose, not Python: é € ✓.\n" * 200,
                        encoding="utf-8")
-    path = write_grid(tmp_path, extra=f"heldout: {{text: {heldout}, max_bytes: 4000}}")
+    second = """  - name: second
+    placements: [postnorm]
+    depths: [2]
+    seeds: [7]
+    cells: [{tokenizer: bytes}]
+"""
+    path = write_grid(tmp_path, extra=f"heldout: {{text: {heldout}, max_bytes: 4000}}",
+                      groups=second)
     out = str(tmp_path / "out")
-    rows = lab_grid.run_grid(path, out, python=sys.executable, log=lambda m: None)
+    rows = lab_grid.run_grid(path, out, python=sys.executable, log=lambda m: None,
+                             groups=["tiny"])
     assert [r["name"] for r in rows] == ["spannorm_L2_s7_tokenizer-bytes"]
     row = rows[0]
     assert row["status"] == "ok", open(os.path.join(out, "runs", row["name"], "train.log")).read()
@@ -87,15 +95,27 @@ def test_run_resume_and_table(tmp_path):
         assert len(f.readlines()) == 1
 
     # Resume: the finished run is kept, nothing trains again.
-    again = lab_grid.run_grid(path, out, python=sys.executable, log=lambda m: None)
+    again = lab_grid.run_grid(path, out, python=sys.executable, log=lambda m: None,
+                              groups=["tiny"])
     assert again == []
     with open(os.path.join(out, "results.jsonl")) as f:
         assert len(f.readlines()) == 1
     assert "spannorm" in lab_grid.summarize(lab_grid.read_results(
         os.path.join(out, "results.jsonl")))
-    exported = lab_grid.export_results(out, str(tmp_path / "snapshot"))
+    with pytest.raises(lab_grid.GridError, match="--groups third: no such group.*tiny, second"):
+        lab_grid.run_grid(path, out, python=sys.executable, log=lambda m: None,
+                          groups=["third"])
+
+    # A second worker runs the other group into its own directory; the export merges both.
+    out_b = str(tmp_path / "out_b")
+    (other,) = lab_grid.run_grid(path, out_b, python=sys.executable, log=lambda m: None,
+                                 groups=["second"])
+    assert other["name"] == "postnorm_L2_s7_tokenizer-bytes" and other["status"] == "ok"
+    exported = lab_grid.export_results([out, out_b], str(tmp_path / "snapshot"))
     with open(exported[0]) as f:
-        snap = json.loads(f.readline())
+        snaps = [json.loads(line) for line in f]
+    assert [s["name"] for s in snaps] == [row["name"], other["name"]]
+    snap = snaps[0]
     assert snap["name"] == row["name"] and snap["proj_init_std"] == pytest.approx(0.02 / 2 ** 0.5, rel=1e-5)
     figures = {os.path.basename(p) for p in exported[3:]}
     assert {"grid_deepest_bits_per_byte.png", "grid_grad_ratio.png", "grid_depth.png",

@@ -62,7 +62,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from spannorm_megatron.errors import UserError
 
@@ -992,9 +992,20 @@ def summarize(rows: List[dict]) -> str:
 
 def run_grid(grid_path: str, out_dir: str, *, python: str = sys.executable,
              dry_run: bool = False, retry_failed: bool = False, max_runs: Optional[int] = None,
-             keep_checkpoints: bool = False, log=print) -> List[dict]:
+             keep_checkpoints: bool = False, groups: Optional[Sequence[str]] = None,
+             log=print) -> List[dict]:
+    """Run (or resume) the grid's runs not yet in `out_dir`'s table; `groups` keeps only the
+    runs of those groups (e.g. to share a grid between two workers, each with its own
+    `out_dir`, whose tables `export_results` merges)."""
     grid = load_grid(grid_path)                  # unknown factors/levels: GridError here
     total, estimates = check_budget(grid)        # over budget: GridError here
+    if groups:
+        known = list(dict.fromkeys(r.group for r in grid.runs))
+        unknown = [g for g in groups if g not in known]
+        if unknown:
+            raise GridError(f"--groups {' '.join(unknown)}: no such group in {grid.path}; its "
+                            f"groups are {', '.join(known)}.")
+        estimates = [(run, sec) for run, sec in estimates if run.group in groups]
     out_dir = os.path.abspath(out_dir)
     results_path = os.path.join(out_dir, "results.jsonl")
     done_rows = latest_rows(read_results(results_path))
@@ -1003,8 +1014,9 @@ def run_grid(grid_path: str, out_dir: str, *, python: str = sys.executable,
         return row is not None and not (retry_failed and str(row.get("status")).startswith("failed"))
 
     todo = [(run, sec) for run, sec in estimates if not finished(done_rows.get(run.name))]
-    log(f"grid {grid.path}: {len(grid.runs)} runs, estimated {total / 3600:.2f} h "
-        f"(budget {grid.budget_hours:g} h); {len(grid.runs) - len(todo)} finished earlier, "
+    chosen = f" ({len(estimates)} in groups {', '.join(groups)})" if groups else ""
+    log(f"grid {grid.path}: {len(grid.runs)} runs{chosen}, estimated {total / 3600:.2f} h "
+        f"(budget {grid.budget_hours:g} h); {len(estimates) - len(todo)} finished earlier, "
         f"{len(todo)} to run (~{sum(s for _, s in todo) / 3600:.2f} h)")
     for run, reason in grid.not_applicable:
         log(f"  left out: {run.name}: {reason}")
@@ -1045,15 +1057,22 @@ def run_grid(grid_path: str, out_dir: str, *, python: str = sys.executable,
     return new_rows
 
 
-def export_results(out_dir: str, target: str) -> List[str]:
-    rows = read_results(os.path.join(out_dir, "results.jsonl"))
+def export_results(out_dirs: Union[str, Sequence[str]], target: str) -> List[str]:
+    """The tables of one or several grid output directories (workers that ran different
+    groups), merged, as results.jsonl / results.csv / summary.md and the figures in `target`."""
+    out_dirs = [out_dirs] if isinstance(out_dirs, str) else list(out_dirs)
+    rows, where = [], {}
+    for out_dir in out_dirs:
+        for row in read_results(os.path.join(out_dir, "results.jsonl")):
+            rows.append(row)
+            where[row["name"]] = out_dir
     os.makedirs(target, exist_ok=True)
     latest = sorted(latest_rows(rows).values(), key=lambda r: r.get("index", 0))
     with open(os.path.join(target, "results.jsonl"), "w") as f:
         for row in latest:
             if "signals" not in row:  # rows from before the signals were kept: read them now
-                row = dict(row, signals=_signals_or_error(
-                    os.path.join(out_dir, "runs", row["name"], "tensorboard"), int(row["depth"])))
+                row = dict(row, signals=_signals_or_error(os.path.join(
+                    where[row["name"]], "runs", row["name"], "tensorboard"), int(row["depth"])))
             f.write(json.dumps(_clean(with_derived(row))) + "\n")
     write_csv(os.path.join(target, "results.csv"), rows)
     with open(os.path.join(target, "summary.md"), "w") as f:
@@ -1070,14 +1089,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", default=os.path.join(ROOT, "examples", "depth_sweep", "grid.yaml"),
                    help="grid file (default: examples/depth_sweep/grid.yaml)")
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "grid"),
+    p.add_argument("--out", nargs="+", default=[os.path.join(ROOT, "runs", "grid")],
                    help="output directory (default: runs/grid); rerun with the same --out to "
-                        "resume")
+                        "resume. With --summary / --export, several directories (workers that "
+                        "ran different --groups) are merged")
     p.add_argument("--dry-run", action="store_true",
                    help="check the grid and print the plan with estimates; train nothing")
     p.add_argument("--retry-failed", action="store_true",
                    help="train again runs whose process failed (finished runs are kept)")
     p.add_argument("--max-runs", type=int, default=None, help="stop after N runs")
+    p.add_argument("--groups", nargs="+", default=None, metavar="NAME",
+                   help="run only these groups of the grid file (e.g. a second worker with its "
+                        "own --out; --export merges the tables)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the checkpoints saved for the projection RMS")
     p.add_argument("--summary", action="store_true",
@@ -1088,14 +1111,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "snapshot of a running grid")
     args = p.parse_args(argv)
     if args.summary:
-        print(summarize(read_results(os.path.join(args.out, "results.jsonl"))), end="")
+        rows = [r for out in args.out for r in read_results(os.path.join(out, "results.jsonl"))]
+        print(summarize(rows), end="")
         return 0
     if args.export:
         export_results(args.out, args.export)
         return 0
+    if len(args.out) > 1:
+        print("error: a grid runs into one --out; several are for --summary / --export.",
+              file=sys.stderr)
+        return 2
     try:
-        run_grid(args.grid, args.out, dry_run=args.dry_run, retry_failed=args.retry_failed,
+        run_grid(args.grid, args.out[0], dry_run=args.dry_run, retry_failed=args.retry_failed,
                  max_runs=args.max_runs, keep_checkpoints=args.keep_checkpoints,
+                 groups=args.groups,
                  log=lambda m: print(m, flush=True))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
