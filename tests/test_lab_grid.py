@@ -171,3 +171,23 @@ def test_missing_heldout_text_refused_before_anything(tmp_path):
     path = write_grid(tmp_path, extra="heldout: some.txt")
     with pytest.raises(lab_grid.GridError, match="`heldout` is a mapping"):
         lab_grid.load_grid(path)
+
+
+def test_summary_pools_a_setting_over_the_groups_that_ran_it():
+    # A cell's seed 1234 ran in one group and seeds 1235/1236 in another: one setting, n = 3.
+    def row(group, seed, loss, ratio, index):
+        return {"name": f"spannorm_L128_s{seed}_tokenizer-sp512", "group": group, "index": index,
+                "cell": "tokenizer=sp512", "depth": 128, "placement": "spannorm", "seed": seed,
+                "status": "ok", "final_valid_loss": loss, "layer_grad_ratio_min": ratio,
+                "heldout_bits_per_byte": loss + 0.5}
+    rows = [row("factors", 1234, 4.0, 0.05, 0), row("confirm", 1235, 5.0, 1e-6, 1),
+            row("confirm", 1236, 6.0, 0.02, 2)]
+    (line,) = [l for l in lab_grid.summarize_by_setting(rows).splitlines()
+               if l.startswith("| tokenizer=sp512")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:5] == ["tokenizer=sp512", "128", "spannorm", "3", "1234,1235,1236"]
+    assert float(cells[5]) == pytest.approx(5.0)                  # mean
+    assert float(cells[6]) == pytest.approx((2 / 3) ** 0.5, rel=1e-2)  # population sd
+    assert (cells[7], cells[8]) == ("4", "6")
+    assert cells[9] == "1 of 3"   # only seed 1235 fell below the collapse alarm's 1e-3
+    assert cells[10] == "5.5 (3)"

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -944,6 +945,47 @@ def write_csv(path: str, rows: List[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _collapse_threshold() -> float:
+    """The collapse alarm's default (--collapse-grad-ratio), so the grid counts collapses as a
+    training run would warn about them."""
+    from spannorm_megatron.training.config import LoggingConfig
+
+    return {f.name: f for f in dataclasses.fields(LoggingConfig)}["collapse_grad_ratio"].default
+
+
+def summarize_by_setting(rows: List[dict]) -> str:
+    """Markdown: one line per setting (cell x depth x placement) over every seed that ran it, in
+    whichever group (a cell's seed 1234 in `factors` and its seeds 1235/1236 in `confirm` are one
+    setting): n, validation loss mean / sd / min / max, collapses (runs whose layer-2/L gradient
+    ratio fell below the collapse alarm's threshold) and held-out bits per byte."""
+    from statistics import mean, pstdev
+
+    threshold = _collapse_threshold()
+    settings: Dict[tuple, List[dict]] = {}
+    for row in sorted(latest_rows(rows).values(), key=lambda r: (r["cell"], r["depth"],
+                                                                  r.get("index", 0))):
+        if row.get("status") == "ok":
+            settings.setdefault((row["cell"], row["depth"], row["placement"]), []).append(row)
+    lines = [f"| cell | L | placement | n | seeds | valid loss mean | sd | min | max | "
+             f"collapsed (ratio < {threshold:g}) | held-out bits/byte mean (n) |",
+             "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for (cell, depth, placement), rs in settings.items():
+        losses = [r["final_valid_loss"] for r in rs if isinstance(r.get("final_valid_loss"), float)]
+        ratios = [r["layer_grad_ratio_min"] for r in rs
+                  if isinstance(r.get("layer_grad_ratio_min"), float)]
+        held = [r["heldout_bits_per_byte"] for r in rs
+                if isinstance(r.get("heldout_bits_per_byte"), float)]
+        seeds = ",".join(str(s) for s in sorted({r["seed"] for r in rs}))
+        lines.append(
+            f"| {cell} | {depth} | {placement} | {len(rs)} | {seeds} | "
+            + (f"{mean(losses):.4g} | " if losses else "| ")
+            + (f"{pstdev(losses):.2g} | " if len(losses) > 1 else "| ")
+            + (f"{min(losses):.4g} | {max(losses):.4g} | " if losses else "| | ")
+            + f"{sum(r < threshold for r in ratios)} of {len(ratios)} | "
+            + (f"{mean(held):.4g} ({len(held)}) |" if held else "|"))
+    return "\n".join(lines) + "\n"
+
+
 def summarize(rows: List[dict]) -> str:
     """Markdown: final validation loss (mean +- spread over seeds, n) per group x cell x depth x
     placement."""
@@ -1076,7 +1118,8 @@ def export_results(out_dirs: Union[str, Sequence[str]], target: str) -> List[str
             f.write(json.dumps(_clean(with_derived(row))) + "\n")
     write_csv(os.path.join(target, "results.csv"), rows)
     with open(os.path.join(target, "summary.md"), "w") as f:
-        f.write(summarize(rows))
+        f.write("# Every setting, pooled over the groups that ran it\n\n"
+                + summarize_by_setting(rows) + "\n# Per group\n\n" + summarize(rows))
     from spannorm_megatron.lab.grid_plots import plot_grid
 
     figures = plot_grid([with_derived(r) for r in latest], target)
@@ -1112,7 +1155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.summary:
         rows = [r for out in args.out for r in read_results(os.path.join(out, "results.jsonl"))]
-        print(summarize(rows), end="")
+        print(summarize_by_setting(rows) + "\n" + summarize(rows), end="")
         return 0
     if args.export:
         export_results(args.out, args.export)
