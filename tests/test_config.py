@@ -1,5 +1,6 @@
 """The registry and ModelConfig validation: bad input fails early with a message naming the fix."""
 
+import os
 import subprocess
 import sys
 
@@ -8,6 +9,9 @@ import torch
 
 from spannorm_megatron.config import ConfigError, ModelConfig
 from spannorm_megatron.placements import PLACEMENTS, get_placement
+from spannorm_megatron.training.arguments import model_config, parse_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_registry_rejects_unknown_placement_listing_known_ones():
@@ -176,3 +180,13 @@ def test_num_query_groups_takes_effect_only_with_group_query_attention():
     assert ignored.num_query_groups is None and ignored.resolved_num_query_groups == 8
     grouped = model_config(parse_args(base + ["--group-query-attention"]), vocab_size=512)
     assert grouped.resolved_num_query_groups == 2
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(ROOT, "examples", "configs"))
+                                        if n.endswith(".yaml")))
+def test_every_example_config_parses_into_a_model_config(name):
+    # The recipes are documentation users copy: each must pass the same parse-time checks as a
+    # command line (declared keys, ranges, cross-field checks) and describe a buildable model.
+    args = parse_args(["--config", os.path.join(ROOT, "examples", "configs", name)])
+    config = model_config(args, vocab_size=32000)
+    assert config.num_layers == args.num_layers >= 1
