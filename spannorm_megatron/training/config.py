@@ -100,8 +100,8 @@ class LoggingConfig:
         1e-3, "Collapse alarm: warn once (log and TensorBoard text) at the first logging step "
         "where layer 2's parameter gradient norm is below this x the last layer's, i.e. the "
         "lower layers stop receiving gradient (models of 3 or more layers; 0: off). 1e-3 lies in "
-        "the gap of the depth-sweep grid's runs: 80x above the highest minimum of those that "
-        "collapsed (1.25e-5) and 2.5x below the lowest of those that did not (2.5e-3); "
+        "the gap of the depth-sweep grid's runs: 18x above the highest minimum of those that "
+        "collapsed (5.4e-5) and 2.5x below the lowest of those that did not (2.5e-3); "
         "docs/stability/collapse_alarm.md.",
         at_least=0.0, below=1.0)
 
