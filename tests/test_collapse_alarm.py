@@ -8,6 +8,7 @@ at 1.0-1.1 from iteration 10 on. The
 default threshold itself is checked against the 128-layer grid's recorded runs.
 """
 
+import gzip
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from spannorm_megatron.metrics.collapse import CollapseAlarm, layer_ranges
 from spannorm_megatron.training.config import LoggingConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GRID = os.path.join(ROOT, "docs", "stability", "grid", "results.jsonl")
+GRID = os.path.join(ROOT, "docs", "stability", "grid", "results.jsonl.gz")
 DEFAULT = LoggingConfig().collapse_grad_ratio
 
 DEEP = ["--num-layers", "24", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -72,7 +73,7 @@ def test_default_threshold_separates_the_grids_collapsing_and_training_runs():
     at the default: it fires on no PreNorm or spannorm_clean run, on runs of the other
     placements, and every run it fires on ended with a higher validation loss than every run
     of its cell and seed that it stays quiet on."""
-    with open(GRID) as stream:
+    with gzip.open(GRID, "rt") as stream:
         rows = [json.loads(line) for line in stream if line.strip()]
     by_cell = defaultdict(lambda: {True: [], False: []})
     fired_on = set()

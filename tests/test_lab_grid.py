@@ -112,8 +112,8 @@ def test_run_resume_and_table(tmp_path):
                                  groups=["second"])
     assert other["name"] == "postnorm_L2_s7_tokenizer-bytes" and other["status"] == "ok"
     exported = lab_grid.export_results([out, out_b], str(tmp_path / "snapshot"))
-    with open(exported[0]) as f:
-        snaps = [json.loads(line) for line in f]
+    assert exported[0].endswith("results.jsonl.gz")
+    snaps = lab_grid.read_results(exported[0])
     assert [s["name"] for s in snaps] == [row["name"], other["name"]]
     snap = snaps[0]
     assert snap["name"] == row["name"] and snap["proj_init_std"] == pytest.approx(0.02 / 2 ** 0.5, rel=1e-5)

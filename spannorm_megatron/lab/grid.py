@@ -53,6 +53,7 @@ import csv
 import dataclasses
 import datetime
 import fcntl
+import gzip
 import json
 import math
 import os
@@ -861,10 +862,11 @@ def _read(path: str) -> str:
 
 
 def read_results(path: str) -> List[dict]:
+    """The rows of a results table: a grid's own results.jsonl, or an export's results.jsonl.gz."""
     rows = []
     if not os.path.isfile(path):
         return rows
-    with open(path) as f:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         for line in f:
             line = line.strip()
             if not line:
@@ -1099,6 +1101,9 @@ def run_grid(grid_path: str, out_dir: str, *, python: str = sys.executable,
     return new_rows
 
 
+EXPORTED_RESULTS = "results.jsonl.gz"
+
+
 def export_results(out_dirs: Union[str, Sequence[str]], target: str) -> List[str]:
     """The tables of one or several grid output directories (workers that ran different
     groups), merged, as results.jsonl / results.csv / summary.md and the figures in `target`."""
@@ -1110,7 +1115,8 @@ def export_results(out_dirs: Union[str, Sequence[str]], target: str) -> List[str
             where[row["name"]] = out_dir
     os.makedirs(target, exist_ok=True)
     latest = sorted(latest_rows(rows).values(), key=lambda r: r.get("index", 0))
-    with open(os.path.join(target, "results.jsonl"), "w") as f:
+    # Compressed: with every run's signal histories the table is megabytes of text.
+    with gzip.open(os.path.join(target, EXPORTED_RESULTS), "wt") as f:
         for row in latest:
             if "signals" not in row:  # rows from before the signals were kept: read them now
                 row = dict(row, signals=_signals_or_error(os.path.join(
@@ -1123,7 +1129,7 @@ def export_results(out_dirs: Union[str, Sequence[str]], target: str) -> List[str
     from spannorm_megatron.lab.grid_plots import plot_grid
 
     figures = plot_grid([with_derived(r) for r in latest], target)
-    return [os.path.join(target, n) for n in ("results.jsonl", "results.csv", "summary.md")] + \
+    return [os.path.join(target, n) for n in (EXPORTED_RESULTS, "results.csv", "summary.md")] + \
         figures
 
 
@@ -1149,7 +1155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--summary", action="store_true",
                    help="print the summary table of --out's results and exit")
     p.add_argument("--export", metavar="DIR", default=None,
-                   help="write --out's results (results.jsonl, results.csv, summary.md and the "
+                   help="write --out's results (results.jsonl.gz, results.csv, summary.md and the "
                         "figures of lab/grid_plots.py) into DIR and exit, e.g. to keep a "
                         "snapshot of a running grid")
     args = p.parse_args(argv)
