@@ -8,8 +8,6 @@ at 1.0-1.1 from iteration 10 on. The
 default threshold itself is checked against the 128-layer grid's recorded runs.
 """
 
-import gzip
-import json
 import math
 import os
 import re
@@ -18,6 +16,7 @@ from collections import defaultdict
 import pytest
 
 from _training import STRICT_DEVICES, run_train
+from spannorm_megatron.lab.grid import read_results
 from spannorm_megatron.metrics.collapse import CollapseAlarm, layer_ranges
 from spannorm_megatron.training.config import LoggingConfig
 
@@ -73,8 +72,7 @@ def test_default_threshold_separates_the_grids_collapsing_and_training_runs():
     at the default: it fires on no PreNorm or spannorm_clean run, on runs of the other
     placements, and every run it fires on ended with a higher validation loss than every run
     of its cell and seed that it stays quiet on."""
-    with gzip.open(GRID, "rt") as stream:
-        rows = [json.loads(line) for line in stream if line.strip()]
+    rows = read_results(GRID)
     by_cell = defaultdict(lambda: {True: [], False: []})
     fired_on = set()
     for row in rows:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import datetime
 import fcntl
 import gzip
@@ -952,7 +951,7 @@ def _collapse_threshold() -> float:
     training run would warn about them."""
     from spannorm_megatron.training.config import LoggingConfig
 
-    return {f.name: f for f in dataclasses.fields(LoggingConfig)}["collapse_grad_ratio"].default
+    return LoggingConfig().collapse_grad_ratio
 
 
 def summarize_by_setting(rows: List[dict]) -> str:
