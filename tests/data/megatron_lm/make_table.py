@@ -11,8 +11,9 @@ builds the parser itself. It extracts megatron/training at the tag into a tempor
 megatron-core (which must be the release matching the tag: TransformerConfig's fields are flags),
 calls `add_megatron_arguments` on a fresh ArgumentParser and records every action.
 
-It also records which dests Megatron-LM insists on after parsing (`required_after_parse`), read
-from the AST of validate_args and the learning-rate schedule's set-up (see `_requirements`).
+It also records what Megatron-LM does after parsing, read from the AST of its source: the dests
+it refuses to run without (`required_after_parse`, see `_requirements`) and the values it gives
+dests left unset (`fallbacks_after_parse`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ DEFAULT_TAG = "core_v0.16.1"
 ARGUMENTS = "megatron/training/arguments.py"
 TRAINING = "megatron/training/training.py"
 TOKENIZER = "megatron/training/tokenizer/tokenizer.py"
-# Any value an env-dependent default could read (they are all int(...)'d); see _env_defaults.
+# A value for each environment variable arguments.py reads, to see which defaults move with it
+# (those that do are int(...)'d, so a number).
 ENV_SENTINEL = "12345"
 
 
@@ -261,7 +263,8 @@ def _chain_ending_in_raise(node: ast.AST) -> Optional[List[str]]:
     dests = []
     while isinstance(node, ast.If):
         test = node.test
-        if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq) \
+        if isinstance(test, ast.Compare) and len(test.ops) == 1 \
+                and isinstance(test.ops[0], ast.Eq) \
                 and isinstance(test.comparators[0], ast.Constant):
             test = test.left
         if not _args_attr(test):
@@ -314,7 +317,8 @@ def _function(tree: ast.Module, name: str) -> ast.FunctionDef:
     return next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
 
 
-def _requirements(arguments_source: str, training_source: str, tokenizer_source: str) -> List[Dict[str, Any]]:
+def _requirements(arguments_source: str, training_source: str,
+                  tokenizer_source: str) -> List[Dict[str, Any]]:
     """Dests Megatron-LM refuses to run without, whatever else is given. Three patterns, each
     read from the AST (conditional checks, e.g. --vocab-file for a GPT2BPETokenizer only, are
     not requirements of every run and are left out):
@@ -453,10 +457,11 @@ def main(argv: Optional[Iterable[str]] = None) -> None:
         moved: Dict[str, List[str]] = {}
         for name in names:
             with environment({n: (ENV_SENTINEL if n == name else None) for n in names}):
-                for row, env_row in zip(record(parser), record(build_parser(arguments))):
-                    assert row["dest"] == env_row["dest"]
-                    if row["default"] != env_row["default"]:
-                        moved.setdefault(row["dest"], []).append(name)
+                env_parser = build_parser(arguments)
+            for action, env_action in zip(parser._actions, env_parser._actions):
+                assert action.dest == env_action.dest
+                if jsonable(action.default) != jsonable(env_action.default):
+                    moved.setdefault(action.dest, []).append(name)
         used = sorted(os.path.relpath(m.__file__, root) for m in list(sys.modules.values())
                       if getattr(m, "__file__", None) and m.__file__.startswith(root))
 
@@ -491,8 +496,8 @@ def main(argv: Optional[Iterable[str]] = None) -> None:
             "it was " + ("present" if any("--kitchen-config-file" in a["option_strings"]
                                           for a in actions) else "absent") + " here.",
             "required_after_parse: dests Megatron-LM refuses to run without (one of any_of must "
-            "be set), read from the AST of validate_args, get_optimizer_param_scheduler and build_tokenizer "
-            "(lr by hand: see make_table.py); source gives file:line at the tag.",
+            "be set), read from the AST of validate_args, get_optimizer_param_scheduler and "
+            "build_tokenizer (lr by hand: see make_table.py); source gives file:line at the tag.",
         ],
         "files_imported": used,
         "required_after_parse": required_after_parse(actions, arguments_source, training_source,
