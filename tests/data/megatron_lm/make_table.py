@@ -201,7 +201,9 @@ def examples(parser: argparse.ArgumentParser, action: argparse.Action) -> List[D
     for option in action.option_strings:
         for argv in _argvs(action, option):
             try:
-                with contextlib.redirect_stderr(io.StringIO()):
+                # Quiet: argparse reports a refusal on stderr, -h prints the help on stdout.
+                with contextlib.redirect_stderr(io.StringIO()), \
+                        contextlib.redirect_stdout(io.StringIO()):
                     namespace = parser.parse_args(argv)
             except (SystemExit, Exception):  # a type= callable may raise anything (KeyError, ...)
                 continue
@@ -218,8 +220,6 @@ def record(parser: argparse.ArgumentParser) -> List[Dict[str, Any]]:
                                      for s in other.option_strings]
     rows = []
     for action in parser._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
         rows.append({
             "option_strings": list(action.option_strings),
             "dest": action.dest,
