@@ -169,14 +169,15 @@ def _default(flag, mlm, ours, dest) -> Optional[Difference]:
             for f in table()["fallbacks_after_parse"])
         if same:
             return None
-        theirs_after = [f for f in table()["fallbacks_after_parse"] if f["dest"] == mlm["dest"]]
-        return Difference(flag, "default", (
-            f"ours: unset, then {fallback}'s value after parsing; Megatron-LM: {_plain(theirs)}"
-            + (f", then {theirs_after[0]['value']} ({theirs_after[0]['source']})"
-               if theirs_after else " and no fallback")))
+        later = "".join(f", then {f['value']} if {f['when']} ({f['source']})"
+                        for f in table()["fallbacks_after_parse"] if f["dest"] == mlm["dest"])
+        return Difference(flag, "default", f"ours: unset, then {fallback}'s value after "
+                          f"parsing; Megatron-LM: {_plain(theirs)}{later or ' and no fallback'}")
     if _plain(mine) != _plain(theirs):
+        later = "".join(f", then {f['value']} if {f['when']} ({f['source']})"
+                        for f in table()["fallbacks_after_parse"] if f["dest"] == mlm["dest"])
         return Difference(flag, "default", f"ours {_plain(mine)} ({dest}), Megatron-LM "
-                                           f"{_plain(theirs)} ({mlm['dest']})")
+                                           f"{_plain(theirs)} ({mlm['dest']}){later}")
     return None
 
 
