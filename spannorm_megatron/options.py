@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -89,12 +90,18 @@ def flag_of(field: dataclasses.Field) -> str:
 # ---------------------------------------------------------------------------- types and ranges
 def _base_type(field: dataclasses.Field, owner) -> Tuple[Any, bool]:
     """(type, optional) of a field's annotation: Optional[int] -> (int, True)."""
-    annotation = typing.get_type_hints(owner)[field.name]
+    annotation = _type_hints(owner)[field.name]
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) is typing.Union and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
     return annotation, False
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(owner) -> Dict[str, Any]:
+    # Resolving string annotations is the slow part of every check; a class's do not change.
+    return typing.get_type_hints(owner)
 
 
 def _is_list(kind) -> bool:

@@ -52,7 +52,26 @@ TABLE = Path(__file__).parent / "data" / "megatron_lm" / "arguments_core_v0.16.1
 # Deliberate differences from Megatron-LM. A key is "--flag" (every difference of that flag) or
 # "--flag kind" (only that kind: default, type, nargs, choices, required, meaning); the value says
 # why. Keep each entry commented.
-ALLOWED_DIFFERENCES: Dict[str, str] = {}
+ALLOWED_DIFFERENCES: Dict[str, str] = {
+    # Megatron-LM runs on GPUs only, where nccl is the one backend; unset here picks nccl on
+    # GPUs and gloo on CPU (nccl cannot run there), so a GPU run gets Megatron-LM's value.
+    "--distributed-backend default": "unset: nccl on GPUs, gloo on CPU",
+    # Unset means 1e-3, Megatron-LM's value (ModelConfig.resolved_bias_update_rate); unset is kept
+    # so that a rate given without --moe-router-enable-expert-bias can be refused.
+    "--moe-router-bias-update-rate default": "unset means Megatron-LM's 1e-3",
+    # Both are switches whose absence means "load": False here, None there; no run differs.
+    "--no-load-optim default": "False and None both mean: load the optimizer",
+    "--no-load-rng default": "False and None both mean: load the RNG state",
+    # Megatron-LM counts --num-query-groups only under --group-query-attention (its default 1
+    # is never read otherwise); so do we, and unset means one group per head.
+    "--num-query-groups default": "read only with --group-query-attention, in both stacks",
+    # auto is ours: Transformer Engine where it imports and a GPU is present, local elsewhere.
+    # Megatron-LM's three choices mean the same here (inference_optimized is refused by name).
+    "--transformer-impl choices": "adds auto",
+    # ByteLevelTokenizer is ours (UTF-8 bytes, no model file); Megatron-LM's types we do not
+    # build are refused by name (spannorm_megatron/data/sp_model.py).
+    "--tokenizer-type choices": "adds ByteLevelTokenizer",
+}
 
 KINDS = ("default", "type", "nargs", "choices", "required", "meaning")
 

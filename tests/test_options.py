@@ -223,7 +223,7 @@ def test_paths_are_checked_for_what_they_must_be_before_anything_runs(tmp_path, 
             (["--data-cache-path", str(a_file)], "is a file"),
             (["--tokenizer-model", str(tmp_path)], "is not a file"),
             (["--tokenizer-model", str(tmp_path / "none.model")], "no such file")):
-        assert train_main(argv) == 2, argv
+        assert train_main([*REQUIRED, *argv]) == 2, argv
         err = capsys.readouterr().err
         assert fragment in err and "Traceback" not in err, err
     # A writable output is probed with a real file, which is gone afterwards.
