@@ -45,6 +45,7 @@ TOKEN_DISPATCHERS = ("alltoall", "allgather", "flex")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 ROUTER_DTYPES = ("fp32", "fp64")
 TOKEN_DROP_POLICIES = ("probs", "position")
+ROPE_TYPES = ("rope", "yarn")
 DEFAULT_BIAS_UPDATE_RATE = 1e-3  # Megatron-LM's default of --moe-router-bias-update-rate
 
 
@@ -163,6 +164,10 @@ class ModelConfig:
     num_query_groups: Optional[int] = option(
         None, "Key/value heads for grouped-query attention (with --group-query-attention); "
         "unset: one per query head.", at_least=1)
+    kv_channels: Optional[int] = option(
+        None, "Width of every attention head (queries, keys and values), independent of "
+        "--hidden-size; unset: --hidden-size / --num-attention-heads. Multi-latent attention "
+        "reads --qk-head-dim, --qk-pos-emb-head-dim and --v-head-dim instead.", at_least=1)
     ffn_hidden_size: Optional[int] = option(
         None, "Dense MLP inner width; unset: 4 x hidden size, or with --swiglu "
         "int(8 x hidden / 3 / 64) x 64 (Megatron-LM's rule).", at_least=1)
@@ -180,6 +185,13 @@ class ModelConfig:
         "learned_absolute", "Position embedding: learned_absolute, rope or none (mrope and "
         "relative are refused).", choices=POSITION_EMBEDDINGS)
     rotary_base: int = option(10000, "RoPE base frequency.", at_least=1)
+    rotary_percent: float = option(
+        1.0, "Fraction of each attention head's dimensions that RoPE rotates (the first "
+        "int(head dim x fraction)); the rest pass unrotated.", above=0.0)
+    rope_type: Optional[str] = option(
+        None, "RoPE variant: rope, or yarn (YaRN scaling, --rotary-scaling-factor, --mscale, "
+        "--mscale-all-dim; multi-latent attention only). Unset: yarn with "
+        "--multi-latent-attention, else rope.", choices=ROPE_TYPES)
     max_sequence_length: int = option(
         1024, "Longest sequence the position embeddings support (at least --seq-length).",
         flag="--max-position-embeddings", at_least=1, required=True)
@@ -269,7 +281,29 @@ class ModelConfig:
         "--moe-shared-expert-intermediate-size.")
     qk_layernorm: bool = option(
         False, "Normalize queries and keys per head (--normalization's norm) before attention "
-        "(Qwen3, OLMo 2).")
+        "(Qwen3, OLMo 2); with --multi-latent-attention, the query and key/value latents "
+        "instead.")
+    multi_latent_attention: bool = option(
+        False, "Multi-Latent Attention (DeepSeek-V2/V3, megatron-core's MLASelfAttention): "
+        "keys and values come from one low-rank latent per token, and every query and key head "
+        "has a part without and a part with RoPE.")
+    q_lora_rank: Optional[int] = option(
+        None, "MLA: width of the query's low-rank latent; unset: queries are projected from "
+        "the hidden state directly.", at_least=1)
+    kv_lora_rank: int = option(32, "MLA: width of the key/value latent.", at_least=1)
+    qk_head_dim: int = option(
+        128, "MLA: width of each query and key head without RoPE (a head is qk_head_dim + "
+        "qk_pos_emb_head_dim wide).", at_least=1)
+    qk_pos_emb_head_dim: int = option(
+        64, "MLA: width of the RoPE part of each query and key head (the key's is shared by "
+        "all heads).", at_least=1)
+    v_head_dim: int = option(128, "MLA: width of each value head.", at_least=1)
+    rotary_scaling_factor: float = option(
+        1.0, "MLA with YaRN RoPE: the context extension factor.", above=0.0)
+    mscale: float = option(1.0, "MLA with YaRN RoPE: mscale of the rotary embedding.")
+    mscale_all_dim: float = option(
+        0.0, "MLA with YaRN RoPE: mscale_all_dim; with a scaling factor above 1 it also scales "
+        "the attention softmax.")
     moe_shared_expert_intermediate_size: Optional[int] = option(
         None, "Inner width of a shared expert every token passes through; unset: none.",
         at_least=1)
@@ -311,6 +345,19 @@ class ModelConfig:
     @property
     def resolved_num_query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def resolved_kv_channels(self) -> int:
+        """The head width: --kv-channels, or Megatron-LM's hidden_size // num_attention_heads."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def resolved_rope_type(self) -> str:
+        """megatron-core's default: yarn for multi-latent attention (MLATransformerConfig), and
+        rope, the only kind, for the other attention."""
+        if self.rope_type is not None:
+            return self.rope_type
+        return "yarn" if self.multi_latent_attention else "rope"
 
     @property
     def resolved_bias_update_rate(self) -> float:
@@ -362,11 +409,13 @@ class ModelConfig:
                 f"--swiglu without --ffn-hidden-size gives int(8 x {self.hidden_size} / 3 / 64) x "
                 f"64 = 0 inner width (Megatron-LM's rule needs --hidden-size >= 24): give "
                 f"--ffn-hidden-size.")
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                f"{self.num_attention_heads}: pick a hidden_size that is a multiple of the head count."
+                f"{self.num_attention_heads}: pick a hidden_size that is a multiple of the head "
+                f"count, or give the head width with --kv-channels."
             )
+        self._validate_attention()
         groups = self.resolved_num_query_groups
         if self.num_attention_heads % groups:
             divisors = [d for d in range(1, self.num_attention_heads + 1)
@@ -398,6 +447,23 @@ class ModelConfig:
                     "size) is not supported by megatron-core's SharedExpertMLP: drop one of them."
                 )
         self._validate_moe_options()
+
+    def _validate_attention(self) -> None:
+        """Megatron-LM's rules for the head width, RoPE and multi-latent attention."""
+        if self.rotary_percent > 1.0:
+            raise ConfigError(
+                f"--rotary-percent {self.rotary_percent} is above 1: it is the fraction of each "
+                f"head's dimensions that RoPE rotates, at most all of them (1.0).")
+        if self.rope_type == "yarn" and not self.multi_latent_attention:
+            raise ConfigError(
+                "--rope-type yarn is implemented by megatron-core's multi-latent attention only "
+                "(Megatron-LM: 'Common attention only support rope_type=\"rope\"'): add "
+                "--multi-latent-attention, or use --rope-type rope.")
+        if self.multi_latent_attention and self.num_query_groups is not None:
+            raise ConfigError(
+                "--multi-latent-attention and --group-query-attention / --num-query-groups "
+                "exclude each other (keys and values come from one shared latent): drop the "
+                "query groups.")
 
     @property
     def balancing_types(self) -> List[str]:

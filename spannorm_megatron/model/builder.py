@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from spannorm_megatron.config import ModelConfig
@@ -67,7 +67,7 @@ def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
         num_attention_heads=config.num_attention_heads,
         num_query_groups=config.resolved_num_query_groups,
         ffn_hidden_size=config.resolved_ffn_hidden_size,
-        kv_channels=config.hidden_size // config.num_attention_heads,
+        kv_channels=config.resolved_kv_channels,
         normalization=config.normalization,
         layernorm_epsilon=config.norm_epsilon,
         layernorm_zero_centered_gamma=config.apply_layernorm_1p,
@@ -81,6 +81,7 @@ def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
         init_method=init_method_normal(config.init_method_std),
         output_layer_init_method=init_method_normal(output_projection_std(config)),
         **moe,
+        **mla_fields(config),
     )
     clashes = sorted(set(overrides) & set(model_fields))
     if clashes:
@@ -99,7 +100,30 @@ def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
         # Without a GPU, weights are built on the host (use_cpu_initialization).
         **megatron_device_kwargs(),
     )
-    return TransformerConfig(**{**defaults, **model_fields, **overrides})
+    config_class = MLATransformerConfig if config.multi_latent_attention else TransformerConfig
+    return config_class(**{**defaults, **model_fields, **overrides})
+
+
+def mla_fields(config: ModelConfig) -> dict:
+    """The `MLATransformerConfig` fields of a multi-latent-attention model, as Megatron-LM's
+    `core_transformer_config_from_args` fills them from the flags of the same names (the YaRN
+    fields without a flag, original_max_position_embeddings, beta_fast and beta_slow, keep
+    megatron-core's defaults there as here)."""
+    if not config.multi_latent_attention:
+        return {}
+    return dict(
+        q_lora_rank=config.q_lora_rank,
+        kv_lora_rank=config.kv_lora_rank,
+        qk_head_dim=config.qk_head_dim,
+        qk_pos_emb_head_dim=config.qk_pos_emb_head_dim,
+        v_head_dim=config.v_head_dim,
+        rope_type=config.resolved_rope_type,
+        rotary_base=config.rotary_base,
+        rotary_percent=config.rotary_percent,
+        rotary_scaling_factor=config.rotary_scaling_factor,
+        mscale=config.mscale,
+        mscale_all_dim=config.mscale_all_dim,
+    )
 
 
 def gpu_fusions(config: ModelConfig) -> dict:
@@ -107,12 +131,23 @@ def gpu_fusions(config: ModelConfig) -> dict:
     GPU, the RoPE one Transformer Engine as well, and the bias-GELU one a bias to add (SwiGLU
     fuses with or without)."""
     gpu = has_accelerator()
+    if config.multi_latent_attention:
+        # MLA applies its own RoPE whatever the position embedding; megatron-core fuses it
+        # (Triton kernels) for YaRN only and refuses the fusion with plain rope.
+        rope_fusion = gpu and config.resolved_rope_type == "yarn" and _mla_rope_fusion_imports()
+    else:
+        rope_fusion = transformer_engine_available() and config.position_embedding_type == "rope"
     return dict(
         bias_dropout_fusion=gpu,
         bias_activation_fusion=gpu and (config.swiglu or config.add_bias_linear),
-        apply_rope_fusion=(transformer_engine_available()
-                           and config.position_embedding_type == "rope"),
+        apply_rope_fusion=rope_fusion,
     )
+
+
+def _mla_rope_fusion_imports() -> bool:
+    from megatron.core.transformer import multi_latent_attention
+
+    return multi_latent_attention.fused_apply_mla_rope_for_q is not None
 
 
 def build_gpt_model(
@@ -133,6 +168,7 @@ def build_gpt_model(
         post_process=post_process,
         share_embeddings_and_output_weights=not config.untie_embeddings_and_output_weights,
         position_embedding_type=config.position_embedding_type,
+        rotary_percent=config.rotary_percent,
         rotary_base=config.rotary_base,
         vp_stage=vp_stage,
     )

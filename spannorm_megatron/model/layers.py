@@ -188,8 +188,9 @@ class SpanNormLayer(NormPlacementLayer):
 class DeepNormLayer(NormPlacementLayer):
     """DeepNorm (DeepNet, decoder-only): h = N1(a*x + A(x)); x' = N2(a*h + F(h)), a = (2L)^(1/4).
 
-    At initialization the value projection, the attention output projection, fc1 and fc2 (every
-    expert's too) are divided by beta = (8L)^(1/4); Q and K keep the base init.
+    At initialization the value projection (with multi-latent attention: the value rows of the
+    key/value up projection), the attention output projection, fc1 and fc2 (every expert's too)
+    are divided by beta = (8L)^(1/4); Q and K keep the base init.
     """
 
     def __init__(self, *args, **kwargs):
@@ -202,12 +203,20 @@ class DeepNormLayer(NormPlacementLayer):
     @torch.no_grad()
     def _scale_initial_weights(self, factor: float) -> None:
         attention = self.self_attention
-        # linear_qkv packs each local query group as [q_1 .. q_n, k, v] rows of head_dim each.
-        head_dim = self.config.kv_channels
-        qkv = attention.linear_qkv.weight
-        per_group = qkv.shape[0] // attention.num_query_groups_per_partition
-        qkv.view(attention.num_query_groups_per_partition, per_group, -1)[
-            :, per_group - head_dim:].mul_(factor)
+        if self.config.multi_latent_attention:
+            # linear_kv_up_proj makes each local head's [k (qk_head_dim), v (v_head_dim)] rows
+            # from the latent: the values are the last v_head_dim rows of every head.
+            v_dim = self.config.v_head_dim
+            kv_up = attention.linear_kv_up_proj.weight
+            kv_up.view(attention.num_attention_heads_per_partition, -1, kv_up.shape[-1])[
+                :, -v_dim:].mul_(factor)
+        else:
+            # linear_qkv packs each local query group as [q_1 .. q_n, k, v] rows of head_dim each.
+            head_dim = self.config.kv_channels
+            qkv = attention.linear_qkv.weight
+            per_group = qkv.shape[0] // attention.num_query_groups_per_partition
+            qkv.view(attention.num_query_groups_per_partition, per_group, -1)[
+                :, per_group - head_dim:].mul_(factor)
         attention.linear_proj.weight.mul_(factor)
         for name, param in self.mlp.named_parameters():
             # fc1 and fc2 of the dense MLP, of every expert and of the shared expert (grouped

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.errors import ConfigError, ParallelLayoutError
+from spannorm_megatron.model.specs import transformer_engine_available
 
 
 def check_model_fits_layout(config: ModelConfig, parallel: ParallelConfig) -> None:
@@ -28,6 +29,19 @@ def check_model_fits_layout(config: ModelConfig, parallel: ParallelConfig) -> No
     must_divide(tp_name, tp, "num_query_groups", config.resolved_num_query_groups,
                 "each tensor-parallel rank needs whole key/value groups; lower "
                 "tensor_model_parallel_size or raise num_query_groups")
+    local = config.transformer_impl == "local" or (
+        config.transformer_impl == "auto" and not transformer_engine_available())
+    if config.multi_latent_attention and local:
+        # The local spec splits the latent down projections column-wise (megatron-core's
+        # get_gpt_layer_local_spec); Transformer Engine's replicate them.
+        must_divide(tp_name, tp, "kv_lora_rank + qk_pos_emb_head_dim",
+                    config.kv_lora_rank + config.qk_pos_emb_head_dim,
+                    "the local flavour splits the key/value down projection over the "
+                    "tensor-parallel ranks; pick sizes whose sum the tensor-parallel size divides")
+        if config.q_lora_rank is not None:
+            must_divide(tp_name, tp, "q_lora_rank", config.q_lora_rank,
+                        "the local flavour splits the query down projection over the "
+                        "tensor-parallel ranks; pick a multiple of the tensor-parallel size")
     must_divide(tp_name, tp, "ffn_hidden_size", config.resolved_ffn_hidden_size,
                 "pick an ffn_hidden_size that is a multiple of the tensor-parallel size")
     must_divide(tp_name, tp, "vocab_size", config.vocab_size,

@@ -36,6 +36,7 @@ from megatron.core.transformer.transformer_layer import (
 
 from spannorm_megatron.config import ModelConfig
 from spannorm_megatron.model.layers import NormPlacementLayer, NormPlacementSubmodules
+from spannorm_megatron.model.mla import mla_spec
 from spannorm_megatron.model.norms import Norm
 from spannorm_megatron.model.scale_init import forward_branch_scale
 from spannorm_megatron.model.seeding import seeded_experts, seeded_layer
@@ -93,6 +94,8 @@ def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None,
     for slot, fusion in placement.norms.items():
         if fusion == "fc1" and moe:
             fusion = "none"  # the MoE router reads the norm's output too
+        if fusion == "qkv" and config.multi_latent_attention:
+            fusion = "none"  # MLA's query and key/value down projections both read it
         if fusion == "none":
             norm_slots[slot] = standalone_norm
         elif transformer_engine:
@@ -102,23 +105,25 @@ def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None,
             norm_slots[slot] = standalone_norm
             keys_map[f"{slot}."] = _FUSED_NORM_KEY[fusion]
     norm_linear = backend.column_parallel_layer_norm_linear()
-    qk_norm = IdentityOp
-    if config.qk_layernorm:
-        qk_norm = backend.layer_norm(for_qk=True) if transformer_engine else Norm
-
-    attention = ModuleSpec(
-        module=SelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal},
-        submodules=SelfAttentionSubmodules(
-            linear_qkv=norm_linear if "qkv" in fused else backend.column_parallel_linear(),
-            core_attention=backend.core_attention(),
-            linear_proj=backend.row_parallel_linear(),
-            # Per-head norms of queries and keys (megatron-core's slots; finalize_model_grads
-            # sums their gradients over TP ranks, which hold different heads).
-            q_layernorm=qk_norm,
-            k_layernorm=qk_norm,
-        ),
-    )
+    if config.multi_latent_attention:
+        attention = mla_spec(config, backend, transformer_engine, keys_map)
+    else:
+        qk_norm = IdentityOp
+        if config.qk_layernorm:
+            qk_norm = backend.layer_norm(for_qk=True) if transformer_engine else Norm
+        attention = ModuleSpec(
+            module=SelfAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=SelfAttentionSubmodules(
+                linear_qkv=norm_linear if "qkv" in fused else backend.column_parallel_linear(),
+                core_attention=backend.core_attention(),
+                linear_proj=backend.row_parallel_linear(),
+                # Per-head norms of queries and keys (megatron-core's slots; finalize_model_grads
+                # sums their gradients over TP ranks, which hold different heads).
+                q_layernorm=qk_norm,
+                k_layernorm=qk_norm,
+            ),
+        )
     if moe:
         mlp = get_moe_module_spec_for_backend(
             backend=backend, num_experts=config.num_experts,
