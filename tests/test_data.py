@@ -421,8 +421,11 @@ def test_dataset_batches_have_forward_step_layout(work, dataset_prefix, tokenize
     assert len(train) >= 96 and len(valid) >= 16 and len(test) >= 16
     batches = list(iterate_batches(build_data_loader(train, 0, micro_batch_size=4)))
     assert len(batches) == len(train) // 4
+    causal_mask = ~torch.ones(SEQ, SEQ, dtype=torch.bool).tril()  # True: masked
     for batch in batches[:5]:
-        assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids"}
+        assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids", "attention_mask"}
+        # Megatron-LM's default (no --no-create-attention-mask-in-dataloader): the causal mask.
+        assert torch.equal(batch.pop("attention_mask"), causal_mask.expand(4, 1, SEQ, SEQ))
         assert all(t.shape == (4, SEQ) for t in batch.values())
         assert batch["tokens"].dtype == torch.long and batch["loss_mask"].dtype == torch.float
         assert torch.equal(batch["labels"][:, :-1], batch["tokens"][:, 1:])
@@ -487,7 +490,8 @@ def test_weighted_blend(work, dataset_prefix, tokenizer):
     train_it, valid_it, test_it = build_data_iterators((train, valid, test), micro_batch_size=4)
     batches = list(train_it)
     assert len(batches) == 10
-    assert all(set(b) == {"tokens", "labels", "loss_mask", "position_ids"} for b in batches)
+    assert all(set(b) == {"tokens", "labels", "loss_mask", "position_ids", "attention_mask"}
+               for b in batches)
     assert [next(test_it)["tokens"].shape for _ in range(3)] == [(4, SEQ)] * 3  # cycles
 
 

@@ -128,6 +128,10 @@ class DataConfig:
         None, "A blend for training only (with --valid-data-path/--test-data-path, no --split).")
     valid_data_path: Optional[List[str]] = option(None, "A blend for validation only.")
     test_data_path: Optional[List[str]] = option(None, "A blend for testing only.")
+    mock_data: bool = option(
+        False, "Train on megatron-core's MockGPTDataset instead of files: synthetic documents "
+        "of counting token ids, each ended by the tokenizer's end-of-document token (smoke tests "
+        "and benchmarks; megatron-core splits it 1,1,1 whatever --split says).")
     seed: int = derived(1234, "Seeds megatron-core's document and sample shuffles.",
                         source="--seed", at_least=0)
     data_cache_path: Optional[str] = option(
@@ -142,6 +146,11 @@ class DataConfig:
         1, "Threads building the datasets of a blend.", at_least=1)
     num_workers: int = option(2, "DataLoader worker processes per rank (0: load in the "
                               "training process).", at_least=0)
+    create_attention_mask_in_dataloader: bool = option(
+        True, "Every sample carries its causal attention mask ([1, s, s]), which the attention "
+        "applies; --no-create-attention-mask-in-dataloader leaves it out and the attention "
+        "makes the same causal mask itself (the same numbers, without s x s bytes per sample "
+        "to load and move).", flag="--no-create-attention-mask-in-dataloader", negative=True)
 
     def __post_init__(self) -> None:
         try:
@@ -151,11 +160,13 @@ class DataConfig:
         per_split = any(
             _tokens(p) for p in (self.train_data_path, self.valid_data_path, self.test_data_path)
         )
-        if bool(_tokens(self.data_path)) == per_split:
+        sources = int(self.mock_data) + int(bool(_tokens(self.data_path))) + int(per_split)
+        if sources != 1:
             raise DataError(
-                "Give the data either as --data-path (split by --split) or as "
-                "--train-data-path/--valid-data-path/--test-data-path, exactly one of the two. "
-                "Prefixes are what tools/preprocess_data.py wrote, e.g. "
+                "Give the data as one of: --data-path (split by --split), "
+                "--train-data-path/--valid-data-path/--test-data-path, or --mock-data "
+                f"(megatron-core's synthetic data); {'none' if not sources else 'several'} "
+                "given. Prefixes are what tools/preprocess_data.py wrote, e.g. "
                 "data/corpus_text_document."
             )
         if not per_split:
@@ -181,7 +192,7 @@ class DataConfig:
 
     @property
     def blend_per_split(self) -> Optional[List[Optional[Blend]]]:
-        if self.blend is not None:
+        if self.blend is not None or self.mock_data:
             return None
         return [parse_blend(spec, flag) for flag, spec in self._per_split_specs()]
 
@@ -255,6 +266,8 @@ def check_data_prefixes(
     `cache_path` is where the GPTDataset index caches live (`effective_cache_path`).
     """
     checked = []
+    if config.mock_data:
+        return checked
     if config.blend is not None:
         blends = [("--data-path", config.blend, [0, 1, 2])]
     else:
@@ -301,7 +314,7 @@ def effective_cache_path(config: DataConfig) -> Optional[str]:
 
     if config.data_cache_path is None or torch.distributed.is_initialized():
         return config.data_cache_path
-    blends = [config.blend] if config.blend is not None else config.blend_per_split
+    blends = [config.blend] if config.blend is not None else config.blend_per_split or []
     if any(blend is not None and len(blend[0]) > 1 for blend in blends):
         warnings.warn(
             f"--data-cache-path {config.data_cache_path} is not used: megatron-core 0.16.1 can "
@@ -319,9 +332,10 @@ _FROM_CONFIG = object()
 def gpt_dataset_config(config: DataConfig, tokenizer, cache_path=_FROM_CONFIG):
     """megatron-core's `GPTDatasetConfig` for `config` and `tokenizer`.
 
-    No attention mask is made (`create_attention_mask=False`): the model runs causal attention
-    itself and `forward_step` passes `attention_mask=None`, so batches carry exactly `tokens`,
-    `labels`, `loss_mask`, `position_ids`. `cache_path`: see `effective_cache_path`.
+    Samples carry `tokens`, `labels`, `loss_mask`, `position_ids`, and with
+    `create_attention_mask_in_dataloader` (Megatron-LM's default) the causal `attention_mask`
+    that `forward_step` hands to the model. Without a blend (--mock-data) megatron-core makes
+    the config a mock one itself. `cache_path`: see `effective_cache_path`.
     """
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
@@ -339,7 +353,7 @@ def gpt_dataset_config(config: DataConfig, tokenizer, cache_path=_FROM_CONFIG):
         reset_position_ids=config.reset_position_ids,
         reset_attention_mask=False,
         eod_mask_loss=config.eod_mask_loss,
-        create_attention_mask=False,
+        create_attention_mask=config.create_attention_mask_in_dataloader,
         num_dataset_builder_threads=config.num_dataset_builder_threads,
     )
 
@@ -360,12 +374,14 @@ def build_gpt_datasets(
         is_built_on_rank: megatron-core's hook deciding which ranks hold data (default: all).
 
     Every sample is a dict of [seq_length] tensors `tokens`, `labels` (tokens shifted left by
-    one), `loss_mask`, `position_ids`; `loader.build_data_loader` batches them.
+    one), `loss_mask`, `position_ids`, and the [1, seq_length, seq_length] `attention_mask`
+    (True where attention is masked) unless --no-create-attention-mask-in-dataloader;
+    `loader.build_data_loader` batches them.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
-    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
     sizes = list(num_samples)
     if len(sizes) != 3 or any(s is not None and s < 0 for s in sizes):
@@ -376,7 +392,7 @@ def build_gpt_datasets(
     cache_path = effective_cache_path(config)
     check_data_prefixes(config, sizes, cache_path)
     builder = BlendedMegatronDatasetBuilder(
-        GPTDataset,
+        MockGPTDataset if config.mock_data else GPTDataset,
         sizes,
         is_built_on_rank or (lambda: True),
         gpt_dataset_config(config, tokenizer, cache_path),

@@ -12,7 +12,8 @@ Megatron-LM's semantics so that a run resumed here or there sees the same batche
   uninterrupted loader yields after its first k samples, so a resumed run sees the same batches.
 
 Each batch is a dict of [micro_batch, seq] tensors `tokens`, `labels`, `loss_mask`,
-`position_ids`, which is what `spannorm_megatron.training.gpt_step.forward_step` takes. Every
+`position_ids` (and the [micro_batch, 1, seq, seq] `attention_mask` when the dataset makes it),
+which is what `spannorm_megatron.training.gpt_step.forward_step` takes. Every
 tensor- and pipeline-parallel rank of a data-parallel group may build the same loader (same
 data-parallel rank → same batches); stages that need no data may pass None instead.
 """
@@ -29,6 +30,10 @@ Batch = Dict[str, torch.Tensor]
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 """What `forward_step` reads. A blend's samples also carry `dataset_id`, dropped from batches."""
+
+OPTIONAL_BATCH_KEYS = ("attention_mask",)
+"""Kept when the samples have them: the causal mask unless
+--no-create-attention-mask-in-dataloader."""
 
 
 class PretrainingSampler:
@@ -147,7 +152,8 @@ def iterate_batches(
     """
     while True:
         for batch in loader:
-            batch = {key: batch[key] for key in BATCH_KEYS}
+            batch = {key: batch[key] for key in BATCH_KEYS + OPTIONAL_BATCH_KEYS
+                     if key in batch}
             if device is not None:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             yield batch

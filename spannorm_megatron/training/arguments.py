@@ -48,6 +48,13 @@ class MegatronSpellings:
         "chunk.", at_least=1)
     make_vocab_size_divisible_by: int = option(
         128, "Pad the tokenizer's vocabulary to a multiple of this x the TP size.", at_least=1)
+    use_rotary_position_embeddings: bool = option(
+        False, "Deprecated spelling of --position-embedding-type rope (Megatron-LM's): sets it.")
+    add_position_embedding: bool = option(
+        True, "Deprecated (Megatron-LM's): --no-position-embedding says the model has no "
+        "learned position embedding, which only --position-embedding-type rope (or the "
+        "deprecated --use-rotary-position-embeddings) gives; with another type it is refused, "
+        "as Megatron-LM refuses it.", flag="--no-position-embedding", negative=True)
 
     def __post_init__(self) -> None:
         check(self)
@@ -180,6 +187,8 @@ def _resolve(args: argparse.Namespace) -> None:
         args.virtual_pipeline_model_parallel_size = args.num_layers // stages
     if args.group_query_attention and args.num_query_groups is None:
         raise ConfigError("--group-query-attention needs --num-query-groups N.")
+    _resolve_position_spellings(args)
+    _note_unread_attention_flags(args)
     check_paths(owners, args)
     training_config(args)
     # The model's own checks need no vocabulary (the tokenizer's comes later, in the Trainer).
@@ -192,6 +201,43 @@ def _resolve(args: argparse.Namespace) -> None:
     from_namespace(LoggingConfig, args)
     from_namespace(CheckpointConfig, args)
     from_namespace(TokenizerConfig, args)
+
+
+def _resolve_position_spellings(args: argparse.Namespace) -> None:
+    """Megatron-LM's validate_args, in its order: the deprecated rope switch sets the type,
+    and --no-position-embedding is refused with any type but rope."""
+    if args.use_rotary_position_embeddings:
+        args.position_embedding_type = "rope"
+    if not args.add_position_embedding and args.position_embedding_type != "rope":
+        raise ConfigError(
+            f"--no-position-embedding is deprecated and works only with --position-embedding-"
+            f"type rope (Megatron-LM raises the same); this run has "
+            f"{args.position_embedding_type}. Say what you want with --position-embedding-type "
+            f"(none: no position embedding at all) and drop --no-position-embedding.")
+
+
+# Flags that only multi-latent attention reads, with Megatron-LM's defaults.
+_MLA_ONLY = {"q_lora_rank": None, "kv_lora_rank": 32, "qk_head_dim": 128,
+             "qk_pos_emb_head_dim": 64, "v_head_dim": 128, "rotary_scaling_factor": 1.0,
+             "mscale": 1.0, "mscale_all_dim": 0.0}
+
+
+def _note_unread_attention_flags(args: argparse.Namespace) -> None:
+    """Flags Megatron-LM accepts and then does not read for this model: said once, not dropped
+    silently."""
+    if args.multi_latent_attention:
+        if args.kv_channels is not None:
+            args.notices.append(
+                f"--kv-channels {args.kv_channels} is not read by multi-latent attention, whose "
+                f"head widths are --qk-head-dim, --qk-pos-emb-head-dim and --v-head-dim (as in "
+                f"Megatron-LM).")
+        return
+    given = [f"--{name.replace('_', '-')} {getattr(args, name)}"
+             for name, default in _MLA_ONLY.items() if getattr(args, name) != default]
+    if given:
+        args.notices.append(
+            f"{', '.join(given)}: read only with --multi-latent-attention, which this run does "
+            f"not use (as in Megatron-LM, they change nothing here).")
 
 
 def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:

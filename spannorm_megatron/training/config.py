@@ -11,6 +11,18 @@ from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.options import check, option
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+CKPT_FORMATS = ("torch", "torch_dist", "torch_dcp", "fsdp_dtensor")
+# Megatron-LM's formats other than torch_dist, and why they are not written here.
+UNSUPPORTED_CKPT_FORMATS = {
+    "torch": "it is the legacy per-rank torch.save format, tied to the TP/PP layout that "
+             "wrote it; this stack saves, resumes under other layouts and converts megatron-core "
+             "distributed checkpoints only (tools/convert_to_hf.py turns one into a "
+             "single-process model)",
+    "torch_dcp": "Megatron-LM writes it only with PyTorch FSDP2 (--use-torch-fsdp2, asserted "
+                 "there), which this stack does not run",
+    "fsdp_dtensor": "Megatron-LM writes it only with Megatron FSDP (--use-megatron-fsdp, "
+                    "asserted there), which this stack does not run",
+}
 
 
 @dataclass
@@ -196,6 +208,10 @@ class CheckpointConfig:
 
     save: Optional[str] = option(None, "Write checkpoints here (iter_XXXXXXX/ directories).",
                                  path="output")
+    ckpt_format: str = option(
+        "torch_dist", "Checkpoint format: torch_dist, megatron-core's distributed checkpoint "
+        "(Megatron-LM's default), is what this stack writes and reads; Megatron-LM's others are "
+        "refused with the reason.", choices=CKPT_FORMATS)
     load: Optional[str] = option(None, "Resume from the latest checkpoint here, if any.")
     save_interval: Optional[int] = option(None, "Iterations between checkpoints (and one at "
                                           "the end).", at_least=1)
@@ -207,3 +223,8 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         check(self)
+        why = UNSUPPORTED_CKPT_FORMATS.get(self.ckpt_format)
+        if why:
+            raise ConfigError(
+                f"--ckpt-format {self.ckpt_format} is Megatron-LM's, but not available here: "
+                f"{why}. Use --ckpt-format torch_dist (the default).")

@@ -1,6 +1,8 @@
 """The forward step megatron-core's pipeline schedules call for a GPT model.
 
-A batch is a dict of [micro_batch, seq] tensors: `tokens`, `labels`, `loss_mask`, `position_ids`.
+A batch is a dict of [micro_batch, seq] tensors: `tokens`, `labels`, `loss_mask`, `position_ids`,
+and the [micro_batch, 1, seq, seq] causal `attention_mask` unless
+--no-create-attention-mask-in-dataloader.
 """
 
 from __future__ import annotations
@@ -47,8 +49,12 @@ def forward_step(data_iterator: Optional[Iterator[Dict[str, torch.Tensor]]], mod
     tokens = batch["tokens"] if batch is not None else None
     position_ids = batch["position_ids"] if batch is not None else None
     labels = batch["labels"] if batch is not None else None
+    # The dataset's causal mask, as Megatron-LM's pretrain_gpt passes it; None (no
+    # --no-create-attention-mask-in-dataloader, or a stage that reads no batch) lets the
+    # attention make the same causal mask itself.
+    attention_mask = batch.get("attention_mask") if batch is not None else None
     # The last stage returns per-token losses [b, s] when given labels, else hidden states.
-    output = model(tokens, position_ids, attention_mask=None, labels=labels)
+    output = model(tokens, position_ids, attention_mask=attention_mask, labels=labels)
     loss_mask = batch["loss_mask"] if batch is not None else None
     return output, partial(loss_func, loss_mask)
 
