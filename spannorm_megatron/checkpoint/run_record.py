@@ -149,6 +149,11 @@ _ROUTING_FIELDS = (
 )
 
 
+# Multi-latent attention's shapes and its YaRN RoPE (which the trained weights are tied to).
+_MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+               "rotary_scaling_factor", "mscale", "mscale_all_dim")
+
+
 def _architecture(config: ModelConfig) -> Dict[str, Any]:
     """Resolved values of every field that fixes the parameters' shapes or their meaning."""
     from spannorm_megatron.model.specs import final_norm_enabled
@@ -173,6 +178,18 @@ def _architecture(config: ModelConfig) -> Dict[str, Any]:
     }
     if config.position_embedding_type == "learned_absolute":
         arch["max_sequence_length"] = config.max_sequence_length
+    # Fields added later enter only where they change the model, so a record written before
+    # them (which loads with their defaults) describes the same architecture as before.
+    if config.multi_latent_attention:
+        arch["multi_latent_attention"] = True
+        for name in _MLA_FIELDS:
+            arch[name] = getattr(config, name)
+        arch["rope_type"] = config.resolved_rope_type
+    else:
+        arch["kv_channels"] = config.resolved_kv_channels
+    if config.position_embedding_type == "rope" or (
+            config.multi_latent_attention and config.resolved_rope_type == "rope"):
+        arch["rotary_percent"] = config.rotary_percent
     if config.norm_placement == "spannorm":
         arch["first_layer_input_norm"] = config.first_layer_input_norm
     if config.scale_mode == "forward":  # the factor is part of the forward computation

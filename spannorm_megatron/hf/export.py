@@ -42,6 +42,7 @@ from spannorm_megatron.hf.errors import ConversionError, check_destination
 from spannorm_megatron.hf.families import FAMILIES, Family
 from spannorm_megatron.hf.megatron_reader import ConfigSource, MegatronCheckpoint
 from spannorm_megatron.hf.rules import (
+    attention_problems,
     native_family,
     native_problems,
     own_class_problems,
@@ -77,7 +78,7 @@ def choose_family(config: ModelConfig, fmt: str) -> tuple:
     """(Family, notes) for `config` under --format `fmt`."""
     if fmt not in FORMATS:
         raise ConversionError(f"--format {fmt!r} is not one of {list(FORMATS)}.")
-    problems = router_problems(config)
+    problems = attention_problems(config) + router_problems(config)
     if problems:
         raise ConversionError("This model cannot be exported: " + "; ".join(problems) + ".")
     notes = []

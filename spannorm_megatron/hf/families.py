@@ -48,7 +48,7 @@ Tensors = Dict[str, torch.Tensor]
 
 def _heads(config: ModelConfig) -> Tuple[int, int, int]:
     return (config.num_attention_heads, config.resolved_num_query_groups,
-            config.hidden_size // config.num_attention_heads)
+            config.resolved_kv_channels)
 
 
 # ================================================================================ the mapping
@@ -282,12 +282,10 @@ class Family:
         heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
         head_dim = hf.get("head_dim") or hidden // heads
-        if head_dim * heads != hidden:
-            raise ConversionError(
-                f"{where}: head_dim={head_dim} x num_attention_heads={heads} != hidden_size="
-                f"{hidden}; the megatron model needs head_dim = hidden_size / heads.")
         values = dict(
             num_layers=hf["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
+            # --kv-channels: only where the head width is not megatron's hidden / heads.
+            kv_channels=None if head_dim * heads == hidden else head_dim,
             num_query_groups=hf.get("num_key_value_heads") or heads,
             ffn_hidden_size=hf.get("intermediate_size"), vocab_size=hf["vocab_size"],
             max_sequence_length=hf.get("max_position_embeddings", 2048),
@@ -554,6 +552,7 @@ class SpanNorm(Family):
             "gated_mlp": config.swiglu,
             "linear_bias": config.add_bias_linear,
             "position_embedding_type": config.position_embedding_type,
+            "rotary_percent": config.rotary_percent,
             "qk_layernorm": config.qk_layernorm,
             "scale_init": resolved_scale_init(config),
             "scale_mode": config.scale_mode,
@@ -601,6 +600,7 @@ class SpanNorm(Family):
             swiglu=hf.get("gated_mlp", True),
             add_bias_linear=hf.get("linear_bias", False),
             position_embedding_type=hf.get("position_embedding_type", "rope"),
+            rotary_percent=float(hf.get("rotary_percent", 1.0)),
             first_layer_input_norm=hf.get("first_layer_input_norm", True),
             final_norm=hf.get("final_norm"),
             qk_layernorm=bool(hf.get("qk_layernorm", False)),

@@ -60,8 +60,6 @@ def layer_params(config: ModelConfig, layer: int) -> List[Tuple[str, Shape]]:
     """(local name, shape) of one layer's parameters, e.g. ``self_attention.linear_qkv.weight``."""
     rule = export_rule(config.norm_placement)
     h = config.hidden_size
-    d = h // config.num_attention_heads
-    groups = config.resolved_num_query_groups
     bias = config.add_bias_linear
     layer_norm = config.normalization == "LayerNorm"
     gated = 2 if config.swiglu else 1
@@ -69,12 +67,17 @@ def layer_params(config: ModelConfig, layer: int) -> List[Tuple[str, Shape]]:
     params: List[Tuple[str, Shape]] = []
     for slot, _hf in rule.layer_norms(config, layer, native=False):
         params += _norm(slot, h, layer_norm)
-    params += _linear("self_attention.linear_qkv", (config.num_attention_heads + 2 * groups) * d,
-                      h, bias)
-    if config.qk_layernorm:  # per head: the norms are head_dim wide
-        params += _norm("self_attention.q_layernorm", d, layer_norm)
-        params += _norm("self_attention.k_layernorm", d, layer_norm)
-    params += _linear("self_attention.linear_proj", h, config.num_attention_heads * d, bias)
+    if config.multi_latent_attention:
+        params += _mla_params(config)
+    else:
+        d = config.resolved_kv_channels
+        groups = config.resolved_num_query_groups
+        params += _linear("self_attention.linear_qkv",
+                          (config.num_attention_heads + 2 * groups) * d, h, bias)
+        if config.qk_layernorm:  # per head: the norms are head_dim wide
+            params += _norm("self_attention.q_layernorm", d, layer_norm)
+            params += _norm("self_attention.k_layernorm", d, layer_norm)
+        params += _linear("self_attention.linear_proj", h, config.num_attention_heads * d, bias)
     if not config.is_moe_layer(layer + 1):
         ffn = config.resolved_ffn_hidden_size
         params += _linear("mlp.linear_fc1", gated * ffn, h, bias)
@@ -94,6 +97,31 @@ def layer_params(config: ModelConfig, layer: int) -> List[Tuple[str, Shape]]:
         params += _linear("mlp.shared_experts.linear_fc2", h, shared, bias)
         if config.moe_shared_expert_gate:
             params.append(("mlp.shared_experts.gate_weight", (1, h)))
+    return params
+
+
+def _mla_params(config: ModelConfig) -> List[Tuple[str, Shape]]:
+    """megatron-core's MLASelfAttention: only the output projection has a bias; with
+    qk_layernorm the query latent (if any) and the key/value latent are normalized."""
+    h, n = config.hidden_size, config.num_attention_heads
+    layer_norm = config.normalization == "LayerNorm"
+    q_head = config.qk_head_dim + config.qk_pos_emb_head_dim
+    kv_rank = config.kv_lora_rank
+    a = "self_attention."
+    params: List[Tuple[str, Shape]] = []
+    if config.q_lora_rank is None:
+        params += _linear(a + "linear_q_proj", n * q_head, h, False)
+    else:
+        params += _linear(a + "linear_q_down_proj", config.q_lora_rank, h, False)
+        params += _linear(a + "linear_q_up_proj", n * q_head, config.q_lora_rank, False)
+        if config.qk_layernorm:
+            params += _norm(a + "q_layernorm", config.q_lora_rank, layer_norm)
+    params += _linear(a + "linear_kv_down_proj", kv_rank + config.qk_pos_emb_head_dim, h, False)
+    params += _linear(a + "linear_kv_up_proj", n * (config.qk_head_dim + config.v_head_dim),
+                      kv_rank, False)
+    if config.qk_layernorm:
+        params += _norm(a + "kv_layernorm", kv_rank, layer_norm)
+    params += _linear(a + "linear_proj", h, n * config.v_head_dim, config.add_bias_linear)
     return params
 
 

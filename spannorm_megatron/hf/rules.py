@@ -74,14 +74,25 @@ def export_rule(placement: str) -> ExportRule:
 
 def own_class_problems(config: ModelConfig) -> List[str]:
     """Why our own class cannot compute `config`; [] if it can. It computes every placement in
-    REMOTE_CODE_PLACEMENTS with q/k norms, dense layers among MoE layers, and all of
-    megatron-core's top-k routing (softmax or sigmoid scores, pre-softmax, expert bias,
-    group-limited top-k, scaling factor) with a shared expert, gated or not."""
+    REMOTE_CODE_PLACEMENTS with q/k norms, any head width (--kv-channels), partial RoPE
+    (--rotary-percent), dense layers among MoE layers, and all of megatron-core's top-k routing
+    (softmax or sigmoid scores, pre-softmax, expert bias, group-limited top-k, scaling factor)
+    with a shared expert, gated or not."""
     problems = []
     if config.norm_placement not in REMOTE_CODE_PLACEMENTS:
         problems.append(f"our own class does not compute norm_placement="
                         f"{config.norm_placement!r}")
     return problems
+
+
+def attention_problems(config: ModelConfig) -> List[str]:
+    """Why the model's attention cannot be exported at all (by our class or a native one)."""
+    if config.multi_latent_attention:
+        return ["multi_latent_attention=True (multi-latent attention, with its YaRN RoPE and "
+                "latent norms, is computed by neither our own class nor the native families "
+                "exported here; the checkpoint itself loads, evaluates and generates with this "
+                "stack)"]
+    return []
 
 
 def mixed_layers(config: ModelConfig) -> bool:
@@ -136,6 +147,10 @@ def native_problems(config: ModelConfig) -> List[str]:
     if config.position_embedding_type != "rope":
         problems.append(f"position_embedding_type={config.position_embedding_type!r} "
                         f"(Llama uses RoPE)")
+    elif config.rotary_percent != 1.0:
+        problems.append(f"rotary_percent={config.rotary_percent} (the native families rotate "
+                        f"every dimension of a head; our own class rotates the first "
+                        f"int(head_dim x rotary_percent), as megatron-core)")
     if not final_norm_enabled(config):
         problems.append("final_norm=False (Llama always has a final norm)")
     if forward_branch_scale(config) != 1.0:

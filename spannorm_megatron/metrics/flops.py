@@ -10,7 +10,7 @@ The formula (matrix multiplications only, 2 FLOPs per multiply-add; norms, softm
 activations and the loss are left out, as everyone does):
 
     h = hidden_size, L = num_layers, V = vocab_size (already padded), s = sequence length
-    n = attention heads, g = query groups (GQA; g = n is MHA), d = h / n (kv_channels)
+    n = attention heads, g = query groups (GQA; g = n is MHA), d = kv_channels (default h / n)
     q = n * d (query width), kv = g * d (key/value width)
     glu = 2 for SwiGLU (fc1 makes gate and up projections), 1 for GeLU
 
@@ -23,6 +23,12 @@ activations and the loss are left out, as everyone does):
       MoE MLP     router                    2 * h * E                         E = num_experts
                   top-k routed experts      k * (2 * h * fe * glu + 2 * fe * h)
                   shared expert             2 * h * fs * glu + 2 * fs * h    (if configured)
+      multi-latent attention (Megatron-LM's count, less its norm terms):
+                  Q   2 * h * n * (dqk + dr), or with a query latent of rank rq
+                      2 * rq * (h + n * (dqk + dr))          dqk/dr/dv: --qk-head-dim,
+                  KV  2 * (h * (rkv + dr) + rkv * n * (dqk + dv))  --qk-pos-emb-head-dim,
+                  scores 2 * n * (dqk + dr) * s * c, context 2 * n * dv * s * c, --v-head-dim;
+                  output 2 * n * dv * h                            rkv: --kv-lora-rank
     forward FLOPs per token, model  =  L * layer + 2 * h * V (logits layer)
 
     training FLOPs per token        =  3 * forward     (backward = 2 GEMMs per forward GEMM:
@@ -111,11 +117,17 @@ def forward_flops(
         raise ValueError(f"seq_length={seq_length} must be positive.")
     h = config.hidden_size
     n = config.num_attention_heads
-    d = h // n  # kv_channels, as transformer_config() sets it
+    d = config.resolved_kv_channels
     q = n * d
     kv = config.resolved_num_query_groups * d
     glu = 2 if config.swiglu else 1
     causal_factor = 0.5 if causal else 1.0
+    if config.multi_latent_attention:
+        qkv, scores, context, output = _mla_flops(config, seq_length, causal_factor)
+    else:
+        qkv = 2.0 * h * (q + 2 * kv)
+        scores = context = 2.0 * q * seq_length * causal_factor
+        output = 2.0 * q * h
 
     def mlp_flops(inner: int) -> float:
         return 2.0 * h * inner * glu + 2.0 * inner * h
@@ -135,15 +147,33 @@ def forward_flops(
         router = 0.0
 
     return ForwardFlops(
-        qkv=2.0 * h * (q + 2 * kv),
-        attention_scores=2.0 * q * seq_length * causal_factor,
-        attention_context=2.0 * q * seq_length * causal_factor,
-        attention_output=2.0 * q * h,
+        qkv=qkv,
+        attention_scores=scores,
+        attention_context=context,
+        attention_output=output,
         mlp=mlp,
         router=router,
         logits=2.0 * h * config.vocab_size,
         num_layers=config.num_layers,
     )
+
+
+def _mla_flops(config: ModelConfig, seq_length: int, causal_factor: float):
+    """(qkv, scores, context, output) forward FLOPs per token of multi-latent attention, the
+    GEMMs Megatron-LM's num_floating_point_operations counts for it (less its norm terms)."""
+    h, n = config.hidden_size, config.num_attention_heads
+    q_head = config.qk_head_dim + config.qk_pos_emb_head_dim
+    if config.q_lora_rank is None:
+        queries = h * n * q_head
+    else:
+        queries = config.q_lora_rank * (h + n * q_head)
+    # Down projection to the latent and the shared RoPE key, up projection to keys and values.
+    keys_values = (h * (config.kv_lora_rank + config.qk_pos_emb_head_dim)
+                   + config.kv_lora_rank * n * (config.qk_head_dim + config.v_head_dim))
+    return (2.0 * (queries + keys_values),
+            2.0 * n * q_head * seq_length * causal_factor,
+            2.0 * n * config.v_head_dim * seq_length * causal_factor,
+            2.0 * n * config.v_head_dim * h)
 
 
 def flops_per_token(

@@ -81,6 +81,7 @@ class SpanNormConfig(PretrainedConfig):
         linear_bias=False,
         position_embedding_type="rope",
         rope_theta=10000.0,
+        rotary_percent=1.0,
         max_position_embeddings=1024,
         scale_init=None,
         scale_mode="init",
@@ -148,6 +149,9 @@ class SpanNormConfig(PretrainedConfig):
         self.linear_bias = linear_bias
         self.position_embedding_type = position_embedding_type
         self.rope_theta = rope_theta
+        if not 0.0 < rotary_percent <= 1.0:
+            raise ValueError(f"rotary_percent={rotary_percent} must be in (0, 1]")
+        self.rotary_percent = rotary_percent
         self.max_position_embeddings = max_position_embeddings
         self.scale_init = scale_init
         self.scale_mode = scale_mode

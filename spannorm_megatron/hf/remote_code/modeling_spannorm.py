@@ -98,10 +98,11 @@ def _norm(config, size=None):
 
 
 # ------------------------------------------------------------------------------------------ rope
-def _rope(positions, head_dim, base, dtype):
-    """cos, sin [b, 1, s, head_dim] for integer positions [b, s] (half-split layout)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
-                                            device=positions.device) / head_dim))
+def _rope(positions, dim, base, dtype):
+    """cos, sin [b, 1, s, rotated dims] for integer positions [b, s] (half-split layout); `dim`
+    is the rotated part of a head, int(head_dim x rotary_percent) as megatron-core takes it."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32,
+                                            device=positions.device) / dim))
     angles = positions.float()[..., None] * inv_freq
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
@@ -110,6 +111,13 @@ def _rope(positions, head_dim, base, dtype):
 def _rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
+
+
+def _apply_rope(x, cos, sin):
+    """Rotate the first cos.shape[-1] dimensions of every head; the rest pass unchanged."""
+    rotated = cos.shape[-1]
+    x, rest = x[..., :rotated], x[..., rotated:]
+    return torch.cat([x * cos + _rotate_half(x) * sin, rest], dim=-1)
 
 
 # ------------------------------------------------------------------------------------- attention
@@ -142,9 +150,7 @@ class SpanNormAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if rope is not None:
-            cos, sin = rope
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         repeat = self.num_heads // self.num_kv_heads
@@ -409,7 +415,8 @@ class SpanNormModel(SpanNormPreTrainedModel):
             position_ids = position_ids.expand(batch, q_len)
         rope = None
         if self.config.position_embedding_type == "rope":
-            rope = _rope(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+            rotated = int(self.config.head_dim * getattr(self.config, "rotary_percent", 1.0))
+            rope = _rope(position_ids, rotated, self.config.rope_theta, x.dtype)
         elif self.config.position_embedding_type == "learned_absolute":
             if int(position_ids.max()) >= self.config.max_position_embeddings:
                 raise ValueError(
