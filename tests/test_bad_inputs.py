@@ -174,7 +174,7 @@ CATALOGUE = [
     ("missing-data", "train", lambda f: T(f, "--data-path", str(f / "nothing")),
      str("nothing")),
     ("no-data-flag", "train", lambda f: ["--tokenizer-model", str(f / "tok.model")],
-     "Give the data either as --data-path"),
+     "Give the data as one of: --data-path"),
     ("no-tokenizer-flag", "train", lambda f: ["--data-path", str(f / "data_text_document")],
      "--tokenizer-model is required"),
     ("missing-tokenizer", "train", lambda f: T(f, "--tokenizer-model", str(f / "none.model")),

@@ -603,12 +603,17 @@ def test_hf_export_of_head_width_and_partial_rope(seeded, tmp_path, fields, arch
     assert err <= 1e-4
     if fields.get("rotary_percent"):
         assert "rotary_percent=0.5" in " ".join(result.notes)
-    # And back: the HF folder imports as the same megatron model.
-    from spannorm_megatron.hf.families import model_config_from_hf
+    # And back: the HF folder imports as the same megatron model, tensor for tensor.
+    from spannorm_megatron.hf.importer import convert_hf_to_megatron
+    from spannorm_megatron.hf.megatron_reader import load_megatron_state
 
-    with open(tmp_path / "hf" / "config.json") as f:
-        _family, back = model_config_from_hf(json.load(f), "config.json")
+    convert_hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "back"), log=lambda line: None)
+    back, state = load_megatron_state(str(tmp_path / "back"))
     assert (back.resolved_kv_channels, back.rotary_percent) == (24, config.rotary_percent)
+    original = _hf.state_of(model)
+    assert state.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(state[name], tensor), name
 
 
 def test_hf_export_refuses_mla_naming_it(seeded, tmp_path):
