@@ -580,9 +580,13 @@ def _export(tmp_path, config, seed=0, **kwargs):
 
 @pytest.mark.parametrize("fields,architecture", [
     (dict(norm_placement="prenorm", kv_channels=24, num_query_groups=2), "LlamaForCausalLM"),
+    # Qwen3-30B-A3B's shape of attention: wider heads than hidden / heads, q/k norms, MoE.
+    (dict(norm_placement="prenorm", kv_channels=24, num_query_groups=2, qk_layernorm=True,
+          num_experts=4, moe_ffn_hidden_size=32), "Qwen3MoeForCausalLM"),
     (dict(norm_placement="spannorm", kv_channels=24), "SpanNormForCausalLM"),
     (dict(norm_placement="prenorm", kv_channels=24, rotary_percent=0.5), "SpanNormForCausalLM"),
-], ids=["llama-kv-channels", "own-kv-channels", "own-rotary-percent"])
+], ids=["llama-kv-channels", "qwen3-moe-kv-channels", "own-kv-channels",
+        "own-rotary-percent"])
 def test_hf_export_of_head_width_and_partial_rope(seeded, tmp_path, fields, architecture):
     """--kv-channels exports as head_dim (native or our class); --rotary-percent < 1 to our own
     class, which rotates the same dimensions as megatron-core: logits within 1e-4."""
@@ -708,3 +712,47 @@ def test_deepseek_v2_lite_recipe_trains_on_two_ranks_and_its_checkpoint_reads(me
 
     with pytest.raises(ConversionError, match="multi_latent_attention=True"):
         export_checkpoint(str(save), str(tmp_path / "hf"), log=lambda line: None)
+
+
+# ------------------------------------------------------- Transformer Engine (GPU machines only)
+def _needs_te():
+    from spannorm_megatron.model.specs import transformer_engine_available
+
+    expect = os.environ.get("SPANNORM_EXPECT_TE") == "1"
+    return pytest.mark.skipif(not (transformer_engine_available() or expect),
+                              reason="needs Transformer Engine and a GPU (docs/gpu.md)")
+
+
+@_needs_te()
+@pytest.mark.parametrize("q_lora_rank", [None, 64], ids=["v2-lite", "q-latent"])
+@pytest.mark.parametrize("placement", ["prenorm", "spannorm"])
+def test_transformer_engine_mla_matches_the_local_mla(seeded, tmp_path, placement, q_lora_rank):
+    """The same weights, moved through a dist checkpoint (the local latent norms are saved under
+    the fused names), give the same bf16 logits from Transformer Engine's MLA modules (fused
+    latent norms, replicated down projections, TE attention) and from the local ones."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from spannorm_megatron.model import build_gpt_model, transformer_config
+
+    bf16 = dict(bf16=True, params_dtype=torch.bfloat16)
+    local_config = tiny(placement, **{**DEEPSEEK_MLA, "kv_lora_rank": 64, "qk_head_dim": 32,
+                                      "qk_pos_emb_head_dim": 16, "v_head_dim": 32},
+                        q_lora_rank=q_lora_rank, hidden_size=256, num_attention_heads=8,
+                        vocab_size=512, max_sequence_length=128)
+    te_config = dataclasses.replace(local_config, transformer_impl="transformer_engine")
+    local = build_gpt_model(local_config, transformer_config(local_config, **bf16)).eval()
+    dist_checkpointing.save(local.sharded_state_dict(), str(tmp_path))
+    fused = build_gpt_model(te_config, transformer_config(te_config, **bf16)).eval()
+    wanted = {k: v for k, v in fused.sharded_state_dict().items()
+              if not (isinstance(v, ShardedObject) and "_extra_state" in k)}
+    missing, unexpected = fused.load_state_dict(dist_checkpointing.load(wanted, str(tmp_path)),
+                                                strict=False)
+    assert not unexpected and all("_extra_state" in key for key in missing), missing
+    tokens = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(0)).cuda()
+    positions = torch.arange(128, device="cuda").expand(2, -1)
+    with torch.no_grad():
+        expected = local(tokens, positions, None).float()
+        actual = fused(tokens, positions, None).float()
+    error = (actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()
+    assert error < 2e-2, float(error)
