@@ -534,6 +534,9 @@ class ParallelConfig:
     sequence_parallel: bool = option(
         False, "Shard activations outside attention/MLP along the sequence over the "
         "tensor-parallel ranks (required for MoE with tensor parallelism).")
+    context_parallel_size: int = option(
+        1, "Ranks that split every sequence (Transformer Engine's attention exchanges keys and "
+        "values between them); needs the Transformer Engine layers.", at_least=1)
     use_distributed_optimizer: bool = option(
         False, "Shard optimizer state (and the fp32 main weights) over the data-parallel ranks.")
     decoder_first_pipeline_num_layers: Optional[int] = option(
@@ -602,6 +605,7 @@ class ParallelConfig:
             expert_model_parallel_size=self.expert_model_parallel_size,
             expert_tensor_parallel_size=self.expert_tensor_parallel_size,
             sequence_parallel=self.sequence_parallel,
+            context_parallel_size=self.context_parallel_size,
             num_layers_in_first_pipeline_stage=self.decoder_first_pipeline_num_layers,
             num_layers_in_last_pipeline_stage=self.decoder_last_pipeline_num_layers,
             account_for_embedding_in_pipeline_split=self.account_for_embedding_in_pipeline_split,

@@ -17,13 +17,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.model.fusions import runnable_fusions
 from spannorm_megatron.model.scale_init import output_projection_std
-from spannorm_megatron.model.specs import (
-    block_spec,
-    transformer_engine_available,
-    use_transformer_engine,
-)
-from spannorm_megatron.runtime import base_seed, has_accelerator, megatron_device_kwargs, set_seed
+from spannorm_megatron.model.specs import block_spec, use_transformer_engine
+from spannorm_megatron.runtime import base_seed, megatron_device_kwargs, set_seed
 
 
 def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
@@ -88,7 +85,9 @@ def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
             f"{clashes} are model fields: set them on ModelConfig, not as TransformerConfig overrides."
         )
     defaults = dict(
-        **gpu_fusions(config),
+        # Megatron-LM's defaults (every fusion allowed) where the kernels run; a run's own
+        # switches come as overrides (PerformanceConfig.transformer_kwargs).
+        **runnable_fusions(config),
         transformer_impl="transformer_engine" if use_transformer_engine(config) else "local",
         # The whole layer, spelled as megatron-core 0.16 wants it (its default "full" warns).
         cuda_graph_scope=[],
@@ -100,19 +99,6 @@ def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
         **megatron_device_kwargs(),
     )
     return TransformerConfig(**{**defaults, **model_fields, **overrides})
-
-
-def gpu_fusions(config: ModelConfig) -> dict:
-    """megatron-core's fused kernels, on where Megatron-LM turns them on: every fusion needs a
-    GPU, the RoPE one Transformer Engine as well, and the bias-GELU one a bias to add (SwiGLU
-    fuses with or without)."""
-    gpu = has_accelerator()
-    return dict(
-        bias_dropout_fusion=gpu,
-        bias_activation_fusion=gpu and (config.swiglu or config.add_bias_linear),
-        apply_rope_fusion=(transformer_engine_available()
-                           and config.position_embedding_type == "rope"),
-    )
 
 
 def build_gpt_model(

@@ -57,13 +57,16 @@ class ParallelLayout:
 
 
 def validate_layout(world_size: int, parallel: Optional[ParallelConfig] = None,
-                    context_parallel_size: int = 1) -> ParallelLayout:
+                    context_parallel_size: Optional[int] = None) -> ParallelLayout:
     """Check that `parallel`'s sizes tile ``world_size`` as megatron-core requires.
 
     Dense ranks are laid out as tp x cp x dp x pp; expert ranks as etp x ep x edp x pp
-    (etp defaults to tp). Raises :class:`ParallelLayoutError` naming the sizes and a fix.
+    (etp defaults to tp). `context_parallel_size` overrides `parallel`'s. Raises
+    :class:`ParallelLayoutError` naming the sizes and a fix.
     """
     parallel = parallel or ParallelConfig()
+    if context_parallel_size is None:
+        context_parallel_size = parallel.context_parallel_size
     tp, pp, cp, ep = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                       context_parallel_size, parallel.expert_model_parallel_size)
     etp = tp if parallel.expert_tensor_parallel_size is None else \
@@ -236,7 +239,9 @@ def initialize(
     runtime), apply the upstream patches that the installed megatron-core needs, create the
     default process group (NCCL or gloo) unless it exists, (re)create megatron-core's
     model-parallel groups, and seed (:func:`set_seed`). Calling it again with other sizes
-    keeps the default group and replaces the model-parallel ones.
+    keeps the default group and replaces the model-parallel ones. `timeout_minutes` is every
+    process group's timeout (`spannorm-train --distributed-timeout-minutes`, 10 as in
+    Megatron-LM; tools that call this directly wait 30).
     Returns the validated :class:`ParallelLayout`.
     """
     rank, world_size, local_rank = _launch_env()

@@ -33,6 +33,7 @@ from spannorm_megatron.options import (
     options,
 )
 from spannorm_megatron.training.config import CheckpointConfig, LoggingConfig, TrainingConfig
+from spannorm_megatron.training.hooks import RunHooksConfig
 from spannorm_megatron.training.performance import PerformanceConfig
 
 
@@ -48,6 +49,9 @@ class MegatronSpellings:
         "chunk.", at_least=1)
     make_vocab_size_divisible_by: int = option(
         128, "Pad the tokenizer's vocabulary to a multiple of this x the TP size.", at_least=1)
+    deprecated_use_mcore_models: bool = option(
+        False, "Build megatron-core models: what this stack always does (Megatron-LM's "
+        "deprecated switch; accepted, a no-op).", flag="--use-mcore-models")
 
     def __post_init__(self) -> None:
         check(self)
@@ -63,6 +67,8 @@ SECTIONS = (
     ("tokenizer", TokenizerConfig),
     ("evaluation and logging", LoggingConfig),
     ("checkpoints", CheckpointConfig),
+    ("profiling, garbage collection and memory (see spannorm_megatron.training.hooks)",
+     RunHooksConfig),
     ("Megatron-LM spellings", MegatronSpellings),
 )
 
@@ -187,9 +193,12 @@ def _resolve(args: argparse.Namespace) -> None:
     # How the layers split over pipeline stages needs only --num-layers: checked here, before
     # the world size or the tokenizer are looked at.
     parallel_config(args).stage_layer_counts(args.num_layers)
-    performance_config(args)
-    from_namespace(MegatronSpellings, args)
+    args.notices.extend(performance_config(args).notices())
+    if from_namespace(MegatronSpellings, args).deprecated_use_mcore_models:
+        args.notices.append("--use-mcore-models: megatron-core models are the only kind built "
+                            "here (a no-op).")
     from_namespace(LoggingConfig, args)
+    args.notices.extend(from_namespace(RunHooksConfig, args).notices())
     from_namespace(CheckpointConfig, args)
     from_namespace(TokenizerConfig, args)
 

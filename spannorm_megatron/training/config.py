@@ -51,6 +51,12 @@ class TrainingConfig:
         None, "WSD: steps of the final decay phase.", at_least=1)
     lr_wsd_decay_samples: Optional[int] = option(
         None, "WSD, sample-based training: samples of the final decay phase.", at_least=1)
+    decoupled_lr: Optional[float] = option(
+        None, "Peak learning rate of the input embedding and output layer (megatron-core's "
+        "decoupled learning rate; they follow the same schedule); unset: --lr.", above=0.0)
+    decoupled_min_lr: Optional[float] = option(
+        None, "With --decoupled-lr: the embedding and output layer's learning rate at the end "
+        "of the decay; unset: --min-lr.", at_least=0.0)
     clip_grad: float = option(1.0, "Clip the global gradient norm to this (0: no clipping).",
                               at_least=0.0)
     calculate_per_token_loss: bool = option(
@@ -83,6 +89,9 @@ class TrainingConfig:
     distributed_backend: Optional[str] = option(
         None, "Default process group backend; unset: nccl on GPUs, gloo on CPU (the only "
         "pairs that run).", choices=("nccl", "gloo"))
+    distributed_timeout_minutes: int = option(
+        10, "Timeout of every process group: a collective that waits longer fails instead of "
+        "hanging.", at_least=1)
 
     def __post_init__(self) -> None:
         check(self)
@@ -107,6 +116,18 @@ class TrainingConfig:
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule "
                               f"decays from --lr to --min-lr.")
+        if self.decoupled_min_lr is not None and self.decoupled_lr is None:
+            # megatron-core reads it only beside --decoupled-lr; alone it would change nothing.
+            raise ConfigError("--decoupled-min-lr needs --decoupled-lr (the embedding and output "
+                              "layer's peak learning rate): add it, or drop --decoupled-min-lr.")
+        if self.decoupled_lr is not None:
+            low = self.min_lr if self.decoupled_min_lr is None else self.decoupled_min_lr
+            if low > self.decoupled_lr:
+                raise ConfigError(
+                    f"the embedding and output layer's learning rate would decay from "
+                    f"--decoupled-lr {self.decoupled_lr} up to "
+                    f"{'--decoupled-min-lr' if self.decoupled_min_lr is not None else '--min-lr'}"
+                    f" {low}: give a --decoupled-min-lr at most --decoupled-lr.")
 
     def _check_run_length(self) -> None:
         """Megatron-LM's rules: a run is counted in iterations or in samples, and every
@@ -174,6 +195,16 @@ class LoggingConfig:
                                at_least=1)
     tensorboard_dir: Optional[str] = option(None, "Write TensorBoard events here.",
                                             path="output")
+    log_throughput: bool = option(
+        False, "Add Megatron-LM's 'throughput per GPU (TFLOP/s/GPU)' to each log line (model "
+        "FLOPs per step over the step time and the number of ranks).")
+    wandb_project: Optional[str] = option(
+        None, "Log to Weights & Biases under this project (the last rank logs what Megatron-LM "
+        "logs there); needs the wandb package. Unset: no W&B.")
+    wandb_exp_name: Optional[str] = option(None, "The W&B run name.")
+    wandb_save_dir: Optional[str] = option(
+        None, "Where W&B keeps its local files; unset: <--save>/wandb.")
+    wandb_entity: Optional[str] = option(None, "The W&B entity (team or user) of the project.")
     eval_interval: Optional[int] = option(
         None, "Iterations between evaluations; unset: only the final one.", at_least=1)
     eval_iters: int = option(100, "Batches of each evaluation (0: no evaluation).", at_least=0)

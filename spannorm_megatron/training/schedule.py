@@ -55,13 +55,16 @@ class BatchLayout:
 
 def batch_layout(args: argparse.Namespace, world_size: int) -> BatchLayout:
     """Checked before any process group exists: the world size comes from the launcher."""
-    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    cp = getattr(args, "context_parallel_size", 1)
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * cp
     if world_size % model_parallel:
         raise ConfigError(
             f"world size {world_size} is not divisible by --tensor-model-parallel-size "
             f"{args.tensor_model_parallel_size} x --pipeline-model-parallel-size "
-            f"{args.pipeline_model_parallel_size} = {model_parallel}: launch a multiple of "
-            f"{model_parallel} ranks or change the sizes."
+            f"{args.pipeline_model_parallel_size}" + (
+                f" x --context-parallel-size {cp}" if cp > 1 else "") +
+            f" = {model_parallel}: launch a multiple of {model_parallel} ranks or change the "
+            f"sizes."
         )
     dp = world_size // model_parallel
     global_batch = args.global_batch_size or args.micro_batch_size * dp
@@ -105,6 +108,11 @@ def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
         adam_beta2=args.adam_beta2,
         adam_eps=args.adam_eps,
         clip_grad=args.clip_grad,
+        # The input embedding and output layer's own peak and final learning rate: megatron-
+        # core's standard parameter-group overrides (get_megatron_optimizer) give them to the
+        # parameters it marks is_embedding_or_output_parameter.
+        decoupled_lr=args.decoupled_lr,
+        decoupled_min_lr=args.decoupled_min_lr,
     )
 
 

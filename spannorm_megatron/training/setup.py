@@ -27,10 +27,11 @@ def setup_model_and_optimizer(
     """Build this rank's model chunks, wrap each in DDP, and create the optimizer.
 
     The one place where the run's configs become megatron-core's: `TransformerConfig` from the
-    model, the layout, the precision/recompute choices (`performance`, default fp32) and any
-    `transformer_overrides` (e.g. `calculate_per_token_loss`); the DDP config from the layout
-    and the overlap choices; the optimizer's layout and precision fields from the same, so that
-    `optimizer_config` carries only the optimizer's own settings (lr, betas, clipping...).
+    model, the layout, the precision/fusion/recompute choices (`performance`, default fp32) and
+    any `transformer_overrides` (e.g. `calculate_per_token_loss`); the DDP config from the
+    layout and the overlap choices; the optimizer's layout, precision and loss-scaling fields
+    from the same, so that `optimizer_config` carries only the optimizer's own settings (lr,
+    betas, clipping, decoupled lr...).
 
     Also wires the `TransformerConfig` the way megatron-core's schedules expect: gradient
     finalization (DP all-reduce, sequence-parallel norm-gain reduction, embedding-tie sync),
@@ -38,10 +39,11 @@ def setup_model_and_optimizer(
     """
     performance = performance or PerformanceConfig()
     tconfig = transformer_config(model_config, **parallel.transformer_kwargs(),
-                                 **performance.transformer_kwargs(), **transformer_overrides)
+                                 **performance.transformer_kwargs(model_config),
+                                 **transformer_overrides)
     ddp_config = DistributedDataParallelConfig(**performance.ddp_kwargs(parallel))
     optimizer_config = dataclasses.replace(
-        optimizer_config, bf16=performance.bf16, params_dtype=performance.params_dtype,
+        optimizer_config, **performance.optimizer_kwargs(),
         use_distributed_optimizer=parallel.use_distributed_optimizer)
     chunks = build_model(model_config, tconfig)
     model = [

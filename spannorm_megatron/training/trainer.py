@@ -45,7 +45,11 @@ from spannorm_megatron.data.dataset import (
 from spannorm_megatron.data.loader import build_data_iterators
 from spannorm_megatron.data.tokenizer import build_tokenizer, check_data_fits_vocab
 from spannorm_megatron.errors import ConfigError
+from spannorm_megatron.metrics.flops import throughput
+from spannorm_megatron.metrics.wandb import WandbLogger, check_wandb
+from spannorm_megatron.model.fusions import describe as describe_fusions
 from spannorm_megatron.model.partition import check_model_fits_layout
+from spannorm_megatron.options import from_namespace
 from spannorm_megatron.runtime import check_launch, current_device, destroy, initialize
 from spannorm_megatron.training.arguments import (
     data_config,
@@ -56,6 +60,7 @@ from spannorm_megatron.training.arguments import (
 )
 from spannorm_megatron.training.gpt_step import forward_step
 from spannorm_megatron.training.guards import ExitConditions, NonFiniteGuard, SpikeDetector
+from spannorm_megatron.training.hooks import RunHooks, RunHooksConfig
 from spannorm_megatron.training.loop import (
     StepResult,
     ThroughputWindow,
@@ -179,7 +184,15 @@ class Trainer:
         check_model_fits_layout(self.model_config, self.parallel)
         self.performance = performance_config(args)
         self.performance.check_layout(self.parallel)
-        self.performance.check_machine(self.model_config)
+        self.performance.check_machine(self.model_config, self.parallel)
+        cp = self.parallel.context_parallel_size
+        if args.seq_length % (2 * cp) and cp > 1:
+            raise ConfigError(
+                f"--seq-length {args.seq_length} must be divisible by 2 x --context-parallel-size"
+                f" = {2 * cp}: each context-parallel rank takes two equal chunks of a sequence.")
+        self.hooks_config = from_namespace(RunHooksConfig, args)
+        self.hooks_config.check_run(int(os.environ.get("WORLD_SIZE", "1")), args.tensorboard_dir)
+        check_wandb(args)
         check_launch(args.distributed_backend)
         self.num_samples = num_samples_for(args.train_iters, self.batches.global_batch_size,
                                            args.eval_interval, args.eval_iters,
@@ -193,6 +206,11 @@ class Trainer:
         self.model = self.optimizer = self.scheduler = None
         self.monitor: Optional[RunMonitor] = None
         self.exits: Optional[ExitConditions] = None
+        self.hooks: Optional[RunHooks] = None
+        self.wandb: Optional[WandbLogger] = None
+        # Steps the optimizer itself refused: fp16 loss-scale overflows (NonFiniteGuard counts
+        # the ones it catches).
+        self.skipped_by_optimizer = 0
         self._initialized = False
 
     # ------------------------------------------------------------------ setup and teardown
@@ -200,7 +218,7 @@ class Trainer:
         """Process groups, model, optimizer, scheduler, checkpoint, data, monitors."""
         args, model_cfg, parallel, performance = (self.args, self.model_config, self.parallel,
                                                   self.performance)
-        initialize(parallel, seed=args.seed)
+        initialize(parallel, seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
         self._initialized = True
         for notice in getattr(args, "notices", []):
             print_rank_0(f"> {notice}")
@@ -224,7 +242,7 @@ class Trainer:
         self.scheduler = lr_scheduler(args, self.optimizer, self.batches.global_batch_size)
         if args.save:
             _check_room_for_checkpoints(args.save, self.model, self.batches.data_parallel_size,
-                                        bf16=performance.bf16)
+                                        bf16=performance.bf16 or performance.fp16)
         self.iteration, self.consumed_train, self.consumed_valid = self._load()
 
         datasets = build_gpt_datasets(self.data_config, self.tokenizer, self.num_samples)
@@ -240,6 +258,7 @@ class Trainer:
                      f"{sum(p.numel() for c in self.model for p in c.parameters()):,} "
                      f"parameters on rank 0")
         print_rank_0(f"> fused kernels: {fused_kernels()}")
+        print_rank_0(f"> fusions {describe_fusions(self.model[0].config)}")
         print_rank_0(f"> parallel: TP {parallel.tensor_model_parallel_size}, PP "
                      f"{parallel.pipeline_model_parallel_size}, EP "
                      f"{parallel.expert_model_parallel_size}, DP {batches.data_parallel_size}; "
@@ -257,9 +276,20 @@ class Trainer:
         self.guard = NonFiniteGuard(self.model, args.max_skipped_iterations)
         self.spikes = SpikeDetector(args.loss_spike_factor, args.loss_spike_window)
         self.exits = ExitConditions(args.exit_duration_in_mins)
+        self.hooks = RunHooks(self.hooks_config, args.tensorboard_dir)
+        self.wandb = WandbLogger.create(args)
+        if self.wandb is not None:
+            self.monitor.writer = self.wandb.mirror(self.monitor.writer)
 
     def close(self) -> None:
-        """Undo `setup` (whatever of it ran): signal handlers, TensorBoard, process groups."""
+        """Undo `setup` (whatever of it ran): profiler, garbage collector, signal handlers,
+        TensorBoard, W&B, process groups."""
+        if self.hooks is not None:
+            self.hooks.close()
+            self.hooks = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         if self.exits is not None:
             self.exits.close()
             self.exits = None
@@ -289,13 +319,19 @@ class Trainer:
         self.monitor.begin_step(self.iteration + 1)
         update_num_microbatches(self.consumed_train, consistency_check=True)
         global_batch_size = get_current_global_batch_size()
+        # Under dynamic loss scaling an overflow is the scaler's signal, as in Megatron-LM: the
+        # optimizer skips the step and lowers the scale, and the guard stays out of it.
         result = train_step(self.model, self.optimizer, self.scheduler, self.train_iter,
                             num_microbatches=get_num_microbatches(),
                             seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                             global_batch_size=global_batch_size,
-                            monitor=self.monitor, guard=guard,
-                            forward_step_func=self.forward_step_for(self.iteration + 1))
+                            monitor=self.monitor,
+                            guard=None if self.performance.dynamic_loss_scaling else guard,
+                            forward_step_func=self.forward_step_for(self.iteration + 1),
+                            empty_cache_level=self.hooks_config.empty_unused_memory_level)
         self.iteration += 1
+        if result.skipped and result.bad_layer is None:
+            self.skipped_by_optimizer += 1
         self.consumed_train += global_batch_size
         self.history["train_loss"].append(result.loss)
         self.history["iterations"].append(self.iteration)
@@ -304,8 +340,8 @@ class Trainer:
                      else f"lowest layer: {result.bad_layer}")
             print_rank_0(f" iteration {self.iteration}: non-finite gradients ({where}); update "
                          f"skipped ({guard.in_a_row + 1} in a row, {guard.total + 1} in all)")
-        self.monitor.record_skipped(self.iteration,
-                                    guard.total + int(result.bad_layer is not None))
+        self.monitor.record_skipped(self.iteration, self.skipped_total
+                                    + int(result.bad_layer is not None))
         guard.record(result.bad_layer, self.iteration)
         spike_median = self.spikes.check(result.loss)
         if spike_median is not None:
@@ -318,7 +354,8 @@ class Trainer:
         args = self.args
         loss = evaluate(self.model, self.valid_iter, args.eval_iters,
                         num_microbatches=self.batches.num_microbatches,
-                        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size)
+                        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                        empty_cache_level=self.hooks_config.empty_unused_memory_level)
         self.consumed_valid += args.eval_iters * self.batches.global_batch_size
         self.monitor.log_validation(self.iteration, loss)
         self.history["valid_loss"].append(loss)
@@ -348,18 +385,23 @@ class Trainer:
         checkpoint. Returns the history of losses."""
         args = self.args
         every = lambda interval: bool(interval) and self.iteration % interval == 0  # noqa: E731
-        throughput = ThroughputWindow()
+        window = ThroughputWindow()
+        self.hooks.start()
         while self.iteration < args.train_iters:
+            self.hooks.before_step(self.iteration)
             result = self.train_step()
-            throughput.step_done()
+            window.step_done()
+            self.hooks.after_step(self.iteration)
             if self.monitor.is_log_step(self.iteration) or self.iteration == args.train_iters:
-                self._log(result, throughput.seconds_per_iteration())
+                self._log(result, window.seconds_per_iteration())
             if self.valid_iter is not None and every(args.eval_interval):
+                self.hooks.before_evaluation()
                 self.evaluate()
-                throughput.exclude_since_last_step()
+                self.hooks.after_evaluation()
+                window.exclude_since_last_step()
             if every(args.save_interval):
                 self.save()
-                throughput.exclude_since_last_step()
+                window.exclude_since_last_step()
             reason = self.exits.reason()
             if reason is None and every(args.exit_interval):
                 reason = "--exit-interval"
@@ -374,14 +416,24 @@ class Trainer:
             self.evaluate()
         return self.history
 
+    @property
+    def skipped_total(self) -> int:
+        """Steps without an update so far: non-finite gradients and loss-scale overflows."""
+        return self.guard.total + self.skipped_by_optimizer
+
     def _log(self, result: StepResult, seconds: float) -> None:
         global_batch_size = get_current_global_batch_size()
-        tokens_per_second = global_batch_size * self.args.seq_length / seconds
+        tokens = global_batch_size * self.args.seq_length
+        loss_scale = float(self.optimizer.get_loss_scale())
+        tflops = None
+        if self.args.log_throughput:
+            tflops = throughput(tokens, seconds, flops_per_token=self.monitor.flops_per_token,
+                                num_devices=self.monitor.num_devices).tflops_per_device
         print_last_rank(log_line(self.iteration, self.args.train_iters, self.consumed_train,
-                                 seconds, result, global_batch_size, tokens_per_second,
-                                 self.monitor.mfu(seconds), self.guard.total))
-        alarm = self.monitor.end_step(self.iteration, result, seconds,
-                                      float(self.optimizer.get_loss_scale()))
+                                 seconds, result, global_batch_size, tokens / seconds,
+                                 self.monitor.mfu(seconds), self.skipped_total,
+                                 loss_scale=loss_scale, tflops_per_device=tflops))
+        alarm = self.monitor.end_step(self.iteration, result, seconds, loss_scale)
         if alarm is not None:
             print_rank_0(f" WARNING: {alarm}")
 
