@@ -274,7 +274,9 @@ class PerformanceConfig:
                               f"use --transformer-impl transformer_engine (or auto).")
         uses_te = model.transformer_impl == "transformer_engine" or (
             model.transformer_impl == "auto" and transformer_engine_available())
-        self._check_layers(uses_te, parallel)
+        self._check_layers(uses_te, parallel, local_because=(
+            "--transformer-impl local" if model.transformer_impl == "local"
+            else "Transformer Engine on a GPU is not on this machine"))
         if self.fp8_format is None:
             return
         recipe_class, capability = FP8_RECIPES[self.fp8_recipe]
@@ -290,11 +292,10 @@ class PerformanceConfig:
                               f"{recipe_class}, which the installed version lacks: upgrade "
                               f"Transformer Engine or choose another recipe.")
 
-    def _check_layers(self, uses_te: bool, parallel: Optional[ParallelConfig]) -> None:
+    def _check_layers(self, uses_te: bool, parallel: Optional[ParallelConfig],
+                      local_because: str) -> None:
         """What needs the Transformer Engine layers, or megatron-core's local ones."""
-        where = ("this run uses megatron-core's local layers (" + (
-            "--transformer-impl local" if _te_on_gpu() else
-            "Transformer Engine on a GPU is not on this machine") + ")")
+        where = f"this run uses megatron-core's local layers ({local_because})"
         if self.attention_backend in TE_ATTENTION_BACKENDS and not uses_te:
             raise ConfigError(
                 f"--attention-backend {self.attention_backend} picks one of Transformer Engine's "
@@ -384,12 +385,6 @@ def initialize_tp_comm_overlap(performance: PerformanceConfig, *, seq_length: in
 
 def _device_capability() -> Tuple[int, int]:
     return tuple(torch.cuda.get_device_capability())
-
-
-def _te_on_gpu() -> bool:
-    from spannorm_megatron.model.specs import transformer_engine_available
-
-    return transformer_engine_available()
 
 
 @functools.lru_cache(maxsize=None)

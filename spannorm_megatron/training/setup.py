@@ -10,7 +10,12 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import (
+    MegatronOptimizer,
+    OptimizerConfig,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.model import build_model, transformer_config
@@ -57,7 +62,8 @@ def setup_model_and_optimizer(
         )
         for index, chunk in enumerate(chunks)
     ]
-    optimizer = get_megatron_optimizer(optimizer_config, model)
+    optimizer = get_megatron_optimizer(optimizer_config, model,
+                                       config_overrides=_param_group_overrides(optimizer_config))
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss
     tconfig.no_sync_func = _one_or_list([m.no_sync for m in model])
@@ -66,6 +72,23 @@ def setup_model_and_optimizer(
         # is done (Megatron-LM's default, --align-grad-reduce).
         tconfig.grad_sync_func = _one_or_list([m.start_grad_sync for m in model])
     return model, optimizer
+
+
+def _param_group_overrides(config: OptimizerConfig) -> dict:
+    """megatron-core's standard parameter groups (no weight decay for biases and 1-D weights;
+    --decoupled-lr's peak and final learning rate for the embedding and output layer), as
+    Megatron-LM builds them, with the decoupled groups marked `is_decoupled_lr`.
+
+    Why the mark: megatron-core 0.16.1 pairs saved and current parameter groups on resume by
+    (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr) only, and its standard overrides
+    leave is_decoupled_lr False, so a decoupled group collides with the plain one and the
+    resume fails (or loads another group's learning rates); fixed upstream after 0.16
+    (NVIDIA/Megatron-LM#4705). The mark is the field megatron-core's key already has for it."""
+    overrides = get_standard_config_overrides(config)
+    for key, override in overrides.items():
+        if "max_lr" in override and config.decoupled_lr is not None:
+            overrides[key] = {**override, "is_decoupled_lr": True}
+    return overrides
 
 
 def _one_or_list(functions: list):
