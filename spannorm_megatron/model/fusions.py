@@ -41,8 +41,11 @@ def _importable(*modules: str) -> bool:
 
 
 def runnable_fusions(model: ModelConfig, allowed=None) -> Dict[str, object]:
-    """`TransformerConfig` fusion fields for `model`: on where `allowed` (a PerformanceConfig, or
-    Megatron-LM's defaults when None) allows the fusion and its kernel can run here."""
+    """`TransformerConfig` fusion fields for `model`: on where `allowed` (a run's
+    PerformanceConfig) allows the fusion and its kernel can run here. Without `allowed`
+    (a model built outside a training run: tools, tests), Megatron-LM's defaults except
+    gradient-accumulation fusion, which writes into the main gradients of megatron-core's DDP
+    wrapper that only a run's setup (training.setup) adds."""
     from spannorm_megatron.model.specs import transformer_engine_available
 
     allow = lambda name, default=True: getattr(allowed, name, default)  # noqa: E731
@@ -60,7 +63,7 @@ def runnable_fusions(model: ModelConfig, allowed=None) -> Dict[str, object]:
                            and model.position_embedding_type == "rope"),
         masked_softmax_fusion=(allow("masked_softmax_fusion") and gpu and _importable(
             "scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda")),
-        gradient_accumulation_fusion=(allow("gradient_accumulation_fusion") and gpu
+        gradient_accumulation_fusion=(allow("gradient_accumulation_fusion", False) and gpu
                                       and _importable("fused_weight_gradient_mlp_cuda")),
         cross_entropy_loss_fusion=cross_entropy,
         cross_entropy_fusion_impl=cross_entropy_impl,
