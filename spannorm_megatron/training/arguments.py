@@ -32,6 +32,7 @@ from spannorm_megatron.options import (
     option,
     options,
 )
+from spannorm_megatron.training import megatron_lm
 from spannorm_megatron.training.config import CheckpointConfig, LoggingConfig, TrainingConfig
 from spannorm_megatron.training.performance import PerformanceConfig
 
@@ -69,6 +70,11 @@ SECTIONS = (
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
+        # A Megatron-LM flag we lack is refused with its reason, not as a typo.
+        if message.startswith("unrecognized arguments:"):
+            refused = megatron_lm.refusal(message.split(":", 1)[1].split())
+            if refused:
+                raise ConfigError(refused)
         # argparse names no alternative for a mistyped flag (before Python 3.14).
         if message.startswith("unrecognized arguments:"):
             known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
@@ -127,6 +133,9 @@ def _config_defaults(path: str) -> dict:
     for key, value in values.items():
         key = str(key).lstrip("-")
         if key not in known:
+            refused = megatron_lm.refusal(["--" + key.replace("_", "-")])
+            if refused:
+                raise ConfigError(f"--config {path}: {refused}")
             nearest = difflib.get_close_matches(key, sorted(known), n=1)
             raise ConfigError(
                 f"--config {path}: unknown key {key!r}" + (
