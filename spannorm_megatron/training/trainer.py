@@ -163,13 +163,16 @@ class Trainer:
         """Check everything the user gave, before any process group work."""
         self.args = args
         self.batches = batch_layout(args, int(os.environ.get("WORLD_SIZE", "1")))
-        if args.train_samples is not None:  # Megatron-LM sets train_iters from it, as here
-            args.train_iters = self.batches.train_iters_for(args.train_samples)
-            if args.train_iters < 1:
+        # Megatron-LM sets args.train_iters from --train-samples; here the flags stay as given
+        # (a TrainingConfig holds one of the two) and the run keeps its step count.
+        self.train_iters = args.train_iters
+        if args.train_samples is not None:
+            self.train_iters = self.batches.train_iters_for(args.train_samples)
+            if self.train_iters < 1:
                 raise ConfigError(
                     f"--train-samples {args.train_samples} is less than one global batch "
                     f"({self.batches.global_batch_size}): train at least one step.")
-            args.notices.append(f"setting training iterations to {args.train_iters}")
+            args.notices.append(f"setting training iterations to {self.train_iters}")
         self.data_config = data_config(args)
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
         self.tokenizer_sha256 = _file_sha256(args.tokenizer_model) if args.tokenizer_model else None
@@ -181,7 +184,7 @@ class Trainer:
         self.performance.check_layout(self.parallel)
         self.performance.check_machine(self.model_config)
         check_launch(args.distributed_backend)
-        self.num_samples = num_samples_for(args.train_iters, self.batches.global_batch_size,
+        self.num_samples = num_samples_for(self.train_iters, self.batches.global_batch_size,
                                            args.eval_interval, args.eval_iters,
                                            train_samples=args.train_samples)
         check_data_fits_vocab(check_data_prefixes(self.data_config, self.num_samples),
@@ -349,10 +352,10 @@ class Trainer:
         args = self.args
         every = lambda interval: bool(interval) and self.iteration % interval == 0  # noqa: E731
         throughput = ThroughputWindow()
-        while self.iteration < args.train_iters:
+        while self.iteration < self.train_iters:
             result = self.train_step()
             throughput.step_done()
-            if self.monitor.is_log_step(self.iteration) or self.iteration == args.train_iters:
+            if self.monitor.is_log_step(self.iteration) or self.iteration == self.train_iters:
                 self._log(result, throughput.seconds_per_iteration())
             if self.valid_iter is not None and every(args.eval_interval):
                 self.evaluate()
@@ -377,7 +380,7 @@ class Trainer:
     def _log(self, result: StepResult, seconds: float) -> None:
         global_batch_size = get_current_global_batch_size()
         tokens_per_second = global_batch_size * self.args.seq_length / seconds
-        print_last_rank(log_line(self.iteration, self.args.train_iters, self.consumed_train,
+        print_last_rank(log_line(self.iteration, self.train_iters, self.consumed_train,
                                  seconds, result, global_batch_size, tokens_per_second,
                                  self.monitor.mfu(seconds), self.guard.total))
         alarm = self.monitor.end_step(self.iteration, result, seconds,
