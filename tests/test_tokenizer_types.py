@@ -216,7 +216,7 @@ def test_null_tokenizer_reads_ids(files):
 
 @pytest.mark.parametrize("flags, message", [
     (dict(tokenizer_type="GPT2BPETokenizer"), "--vocab-file and --merge-file are required"),
-    (dict(tokenizer_type="GPT2BPETokenizer", vocab_file="v.json"),
+    (dict(tokenizer_type="GPT2BPETokenizer", vocab_file="{vocab}"),
      "--merge-file is required with --tokenizer-type GPT2BPETokenizer"),
     (dict(tokenizer_type="NullTokenizer"), "--vocab-size is required with --tokenizer-type "
                                            "NullTokenizer"),

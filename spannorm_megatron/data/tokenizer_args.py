@@ -78,16 +78,18 @@ class TokenizerConfig:
     tokenizer_model: Optional[str] = option(
         None, "The SentencePiece .model file, or for HuggingFaceTokenizer a local tokenizer "
         "folder (never downloaded).")
-    vocab_file: Optional[str] = option(None, "GPT2BPETokenizer: GPT-2's vocab.json.",
-                                       path="input")
-    merge_file: Optional[str] = option(None, "GPT2BPETokenizer: GPT-2's merges.txt.",
-                                       path="input")
+    vocab_file: Optional[str] = option(None, "GPT2BPETokenizer: GPT-2's vocab.json.")
+    merge_file: Optional[str] = option(None, "GPT2BPETokenizer: GPT-2's merges.txt.")
     vocab_size: Optional[int] = option(
         None, "NullTokenizer: ids 0..N-1 are the data's, N is the end of document (the "
         "tokenizer's vocabulary is N+1).", at_least=1)
 
     def __post_init__(self) -> None:
         check(self)
+        # What can be checked without the other flags' help, at once (spannorm-train: while
+        # parsing): no flag of another type, and the files given are there and of their kind.
+        # A missing flag is `check_tokenizer_args`'s: a run without tokenizer flags parses.
+        _check_given(self)
 
     def given(self) -> List[str]:
         """The file/size flags that are set."""
@@ -133,6 +135,26 @@ def check_tokenizer_args(config: TokenizerConfig) -> None:
     """Check the flags of `config` before anything heavy is loaded: the type is known, it has
     the flags it needs and none of another type's, and its files are there (a SentencePiece
     model loads, a Hugging Face folder is a local folder with tokenizer files)."""
+    _check_given(config)
+    kind = config.tokenizer_type
+    spec = TOKENIZER_TYPES[kind]
+    missing = [name for name in spec.flags if getattr(config, name) is None]
+    if missing:
+        hint = {"SentencePieceTokenizer": " To make one: python tools/train_tokenizer.py "
+                "--embedded-corpus --model-prefix tokenizers/stdlib --vocab-size 32000 (writes "
+                "tokenizers/stdlib.model). Or pass --tokenizer-type ByteLevelTokenizer, which "
+                "needs no model.",
+                "NullTokenizer": " NullTokenizer reads ids, not text: N is one more than the "
+                "largest id in the data, and N itself marks the end of a document."}.get(kind, "")
+        raise TokenizerError(
+            " and ".join(FLAG_NAMES[n] for n in missing)
+            + (" is" if len(missing) == 1 else " are")
+            + f" required with --tokenizer-type {kind} ({kind}: {spec.summary})." + hint)
+
+
+def _check_given(config: TokenizerConfig) -> None:
+    """The type is known, no flag belongs to another type, and each file given is there and of
+    its kind (a SentencePiece model loads, a Hugging Face folder holds tokenizer files)."""
     kind = config.tokenizer_type
     check_tokenizer_type(kind)
     spec = TOKENIZER_TYPES[kind]
@@ -147,27 +169,16 @@ def check_tokenizer_args(config: TokenizerConfig) -> None:
             f"--tokenizer-type {kind} {takes} ({kind}: {spec.summary}); "
             f"{'that flag belongs' if len(foreign) == 1 else 'those flags belong'} to "
             f"{' / '.join(owners)}. Drop it, or pass the --tokenizer-type it belongs to.")
-    missing = [name for name in spec.flags if getattr(config, name) is None]
-    if missing:
-        hint = {"SentencePieceTokenizer": " To make one: python tools/train_tokenizer.py "
-                "--embedded-corpus --model-prefix tokenizers/stdlib --vocab-size 32000 (writes "
-                "tokenizers/stdlib.model). Or pass --tokenizer-type ByteLevelTokenizer, which "
-                "needs no model.",
-                "NullTokenizer": " NullTokenizer reads ids, not text: N is one more than the "
-                "largest id in the data, and N itself marks the end of a document."}.get(kind, "")
-        raise TokenizerError(
-            " and ".join(FLAG_NAMES[n] for n in missing)
-            + (" is" if len(missing) == 1 else " are")
-            + f" required with --tokenizer-type {kind} ({kind}: {spec.summary})." + hint)
-    if kind in ("SentencePieceTokenizer", "Llama2Tokenizer"):
+    if config.tokenizer_model is not None and kind in ("SentencePieceTokenizer",
+                                                       "Llama2Tokenizer"):
         from spannorm_megatron.data.sp_model import check_sentencepiece_model
 
         check_sentencepiece_model(config.tokenizer_model)
-    elif kind == "GPT2BPETokenizer":
-        for name in ("vocab_file", "merge_file"):
-            _check_file(FLAG_NAMES[name], getattr(config, name))
-    elif kind == "HuggingFaceTokenizer":
+    elif config.tokenizer_model is not None:  # HuggingFaceTokenizer
         hf_tokenizer_files(config.tokenizer_model)
+    for name in ("vocab_file", "merge_file"):
+        if getattr(config, name) is not None:
+            _check_file(FLAG_NAMES[name], getattr(config, name))
 
 
 def _check_file(flag: str, path: str) -> None:
