@@ -273,7 +273,9 @@ def recorded_tokenizer(record_args: Optional[dict], **given) -> Tuple[Optional[T
     recorded file that is not here. Flags that do not fit are left for `check_tokenizer_args`."""
     record_args = record_args if isinstance(record_args, dict) else {}
     given = {k: v for k, v in given.items() if v is not None}
-    recorded_type = record_args.get("tokenizer_type")
+    # A record without a type names a SentencePiece model (the only type there once was).
+    recorded_type = record_args.get("tokenizer_type") or (
+        "SentencePieceTokenizer" if record_args.get("tokenizer_model") else None)
     kind = given.get("tokenizer_type") or recorded_type
     if kind is None:
         if not given:
