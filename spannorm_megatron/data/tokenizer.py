@@ -1,4 +1,5 @@
-"""The SentencePiece tokenizer megatron-core's GPTDataset and the training loop use.
+"""The tokenizers megatron-core's GPTDataset and the training loop use: `build_tokenizer` for
+every `--tokenizer-type` (the others are in `tokenizer_types.py`), and the SentencePiece one.
 
 `SentencePieceTokenizer` is megatron-core's own text tokenizer (`MegatronTokenizerText` from
 `megatron.core.tokenizers`, library `sentencepiece`), so it is a `MegatronTokenizerBase` as
