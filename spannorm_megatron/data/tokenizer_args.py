@@ -4,17 +4,16 @@ run before anything heavy is loaded, and the digest that identifies a tokenizer 
 No megatron-core or transformers import here (seconds each): the tools check their tokenizer
 flags with this module first, so a missing file or a flag of another type fails at once.
 
-| `--tokenizer-type`       | needs                                  | Megatron-LM class it follows   |
-|--------------------------|----------------------------------------|--------------------------------|
-| `SentencePieceTokenizer` | `--tokenizer-model X.model`            | see `tokenizer.py`             |
-| `Llama2Tokenizer`        | `--tokenizer-model X.model`            | `_Llama2Tokenizer`             |
-| `GPT2BPETokenizer`       | `--vocab-file vocab.json --merge-file merges.txt` | `_GPT2BPETokenizer` |
-| `HuggingFaceTokenizer`   | `--tokenizer-model DIR` (a local folder) | megatron-core's `huggingface` library |
-| `NullTokenizer`          | `--vocab-size N`                       | megatron-core's `null` library |
-| `ByteLevelTokenizer`     | nothing                                | megatron-core's `byte-level` library |
+* SentencePieceTokenizer, Llama2Tokenizer: `--tokenizer-model X.model`;
+* GPT2BPETokenizer: `--vocab-file vocab.json --merge-file merges.txt`;
+* HuggingFaceTokenizer: `--tokenizer-model DIR`, a local folder;
+* NullTokenizer: `--vocab-size N`;
+* ByteLevelTokenizer: nothing.
 
-A flag of another type is refused rather than ignored: Megatron-LM would ignore `--vocab-size`
-next to a SentencePiece model, and a run that reads it as meant finds out only from its loss.
+What each type does: `tokenizer.py`, `tokenizer_types.py`, and the data README.
+
+A flag of another type is refused, where Megatron-LM ignores it: `--vocab-size 32000` next to a
+SentencePiece model looks as if it set the vocabulary, and would not.
 """
 
 from __future__ import annotations
