@@ -86,6 +86,10 @@ def files(tmp_path_factory):
     hf = root / "hf_tokenizer"
     PreTrainedTokenizerFast(tokenizer_object=hf_bpe, bos_token="<s>", eos_token="</s>",
                             pad_token="<pad>").save_pretrained(str(hf))
+    # Folders that are not usable: no eos (no end of document), a tokenizer.json that is not one
+    PreTrainedTokenizerFast(tokenizer_object=hf_bpe).save_pretrained(str(root / "hf_no_eos"))
+    (root / "hf_broken").mkdir()
+    (root / "hf_broken" / "tokenizer.json").write_text("not json")
 
     # NullTokenizer's data: the SentencePiece ids of the same documents, as text
     import sentencepiece
@@ -232,6 +236,10 @@ def test_null_tokenizer_reads_ids(files):
      "is not a Hugging Face tokenizer folder"),
     (dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model="{sp_model}"),
      "is a file; HuggingFaceTokenizer takes the folder"),
+    (dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model="{root}/hf_no_eos"),
+     "the tokenizer has no eos_token, which HuggingFaceTokenizer uses as the end of document"),
+    (dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model="{root}/hf_broken"),
+     "AutoTokenizer cannot load this folder"),
     (dict(tokenizer_type="GPT2BPETokenizer", vocab_file="{merges}", merge_file="{merges}"),
      "is not JSON"),
     (dict(tokenizer_type="GPT2BPETokenizer", vocab_file="{vocab}", merge_file="{vocab}"),
