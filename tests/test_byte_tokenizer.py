@@ -42,7 +42,7 @@ def test_byte_tokenizer_argument_errors(tmp_path):
         build_tokenizer("ByteLevelTokenizer", str(tmp_path / "x.model"))
     with pytest.raises(TokenizerError, match="--tokenizer-model is required"):
         build_tokenizer("SentencePieceTokenizer", None)
-    with pytest.raises(TokenizerError, match="ByteLevelTokenizer"):
+    with pytest.raises(TokenizerError, match="--vocab-file and --merge-file are required"):
         build_tokenizer("GPT2BPETokenizer", None)
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.data.dataset import LEGACY_SPLIT, DataConfig
-from spannorm_megatron.data.sp_model import TokenizerConfig
+from spannorm_megatron.data.tokenizer_args import TokenizerConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.options import (
     add_arguments,

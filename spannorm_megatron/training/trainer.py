@@ -11,7 +11,6 @@ down what `setup` made: signal handlers, TensorBoard, process groups.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -44,6 +43,7 @@ from spannorm_megatron.data.dataset import (
 )
 from spannorm_megatron.data.loader import build_data_iterators
 from spannorm_megatron.data.tokenizer import build_tokenizer, check_data_fits_vocab
+from spannorm_megatron.data.tokenizer_args import tokenizer_config, tokenizer_sha256
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.runtime import check_launch, current_device, destroy, initialize
@@ -111,17 +111,10 @@ def _check_room_for_checkpoints(save: str, model, data_parallel_size: int, bf16:
                           f"another --save.")
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_same_tokenizer(args, sha256: Optional[str]) -> None:
     """A resume must read its data with the tokenizer it was trained with: another one of the
-    same vocabulary size would load without a word and give every id another meaning."""
+    same vocabulary size would load without a word and give every id another meaning. Compared:
+    the type, the digest of its files (`tokenizer_sha256`) and NullTokenizer's --vocab-size."""
     if not args.load:
         return
     try:
@@ -131,15 +124,23 @@ def _check_same_tokenizer(args, sha256: Optional[str]) -> None:
         saved = read_run_record(os.path.join(args.load, iteration_dirname(iteration)))["args"]
     except (CheckpointError, KeyError, TypeError):
         return  # no usable record here: the load itself reports what is wrong
+    files = {"tokenizer_model": "--tokenizer-model", "vocab_file": "--vocab-file",
+             "merge_file": "--merge-file"}
+    recorded = {flag: saved[key] for key, flag in files.items() if saved.get(key)}
     differ = [(flag, saved.get(key), now) for flag, key, now in (
         ("--tokenizer-type", "tokenizer_type", args.tokenizer_type),
-        ("--tokenizer-model", "tokenizer_sha256", sha256)) if saved.get(key) not in (None, now)]
+        ("/".join(recorded) or "tokenizer files", "tokenizer_sha256", sha256),
+        ("--vocab-size", "vocab_size", getattr(args, "vocab_size", None)))
+        if saved.get(key) not in (None, now)]
     if differ:
+        was = ("" if not recorded else f"; its file was {next(iter(recorded.values()))}"
+               if len(recorded) == 1 else
+               "; its files were " + ", ".join(f"{k} {v}" for k, v in recorded.items()))
         raise ConfigError(
             f"--load {args.load}: the checkpoint was trained with another tokenizer ("
             + "; ".join(f"{flag}: checkpoint {old}, this run {new}" for flag, old, new in differ)
-            + f"; its file was {saved.get('tokenizer_model')}). Pass the checkpoint's tokenizer, "
-            f"or start a new run in another --save directory.")
+            + was + "). Pass the checkpoint's tokenizer, or start a new run in another --save "
+            "directory.")
 
 
 def _check_fresh_save_directory(args) -> None:
@@ -174,8 +175,9 @@ class Trainer:
                     f"({self.batches.global_batch_size}): train at least one step.")
             args.notices.append(f"setting training iterations to {self.train_iters}")
         self.data_config = data_config(args)
-        self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-        self.tokenizer_sha256 = _file_sha256(args.tokenizer_model) if args.tokenizer_model else None
+        tokenizer_flags = tokenizer_config(args)
+        self.tokenizer = build_tokenizer(tokenizer_flags)
+        self.tokenizer_sha256 = tokenizer_sha256(tokenizer_flags)
         _check_same_tokenizer(args, self.tokenizer_sha256)
         self.model_config = model_config(args, padded_vocab_size(self.tokenizer.vocab_size, args))
         self.parallel = parallel_config(args)
