@@ -333,6 +333,28 @@ def test_num_zeros_and_params_norm_equal_independent_computation(reference_runs,
     assert run.record["params_norm"] == pytest.approx(norm, rel=1e-6)
 
 
+def test_params_norm_reads_the_fp32_main_weights_under_bf16(megatron_world):
+    """With --bf16 the norm is that of the optimizer's fp32 main weights (`main_param`), as
+    Megatron-LM's calc_params_l2_norm, not of the bf16 copies the model computes with."""
+    from spannorm_megatron.metrics.params_norm import params_l2_norm
+    from spannorm_megatron.training.performance import PerformanceConfig
+
+    torch.manual_seed(7)
+    chunks, optimizer = setup_model_and_optimizer(
+        _metrics.model_config("spannorm", False), ParallelConfig(),
+        OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1.0),
+        PerformanceConfig(bf16=True))
+    _metrics.measured_step(chunks, optimizer, _metrics.micro_batches(_metrics.global_batch()),
+                           measure=False)
+    params = list(chunks[0].parameters())
+    assert all(p.dtype == torch.bfloat16 and p.main_param.dtype == torch.float32
+               for p in params)
+    main = math.sqrt(sum(float(p.main_param.double().square().sum()) for p in params))
+    model = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
+    assert params_l2_norm(chunks, bf16=True) == pytest.approx(main, rel=1e-6)
+    assert abs(main - model) > 1e-6 * main  # the two differ: the check above can tell
+
+
 def test_hooks_only_while_measuring(reference_runs):
     _, runs = reference_runs
     run = runs["spannorm-moe"]
