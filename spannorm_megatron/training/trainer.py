@@ -24,6 +24,7 @@ from megatron.core.num_microbatches_calculator import (
     init_num_microbatches_calculator,
     update_num_microbatches,
 )
+from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 
 from spannorm_megatron.checkpoint import (
     TRACKER_FILENAME,
@@ -49,6 +50,7 @@ from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.runtime import check_launch, current_device, destroy, initialize
 from spannorm_megatron.training.arguments import (
     data_config,
+    metrics_logging_config,
     model_config,
     padded_vocab_size,
     parallel_config,
@@ -256,7 +258,8 @@ class Trainer:
             num_microbatches=batches.num_microbatches, log_interval=args.log_interval,
             tensorboard_dir=args.tensorboard_dir, dtype=performance.params_dtype,
             recompute=args.recompute_granularity,
-            collapse_grad_ratio=args.collapse_grad_ratio)
+            collapse_grad_ratio=args.collapse_grad_ratio,
+            metrics=metrics_logging_config(args))
         self.monitor.write_config({"args": vars(args), "model": model_cfg.to_dict(),
                                    "parallel": vars(parallel)})
         self.guard = NonFiniteGuard(self.model, args.max_skipped_iterations)
@@ -325,7 +328,7 @@ class Trainer:
                         num_microbatches=self.batches.num_microbatches,
                         seq_length=args.seq_length, micro_batch_size=args.micro_batch_size)
         self.consumed_valid += args.eval_iters * self.batches.global_batch_size
-        self.monitor.log_validation(self.iteration, loss)
+        self.monitor.log_validation(self.iteration, loss, self.consumed_train)
         self.history["valid_loss"].append(loss)
         bar = "-" * 100
         print_last_rank(f"{bar}\n validation loss at iteration {self.iteration} | lm loss value: "
@@ -357,8 +360,8 @@ class Trainer:
         while self.iteration < self.train_iters:
             result = self.train_step()
             throughput.step_done()
-            if self.monitor.is_log_step(self.iteration) or self.iteration == self.train_iters:
-                self._log(result, throughput.seconds_per_iteration())
+            prints = self.monitor.is_log_step(self.iteration) or self.iteration == self.train_iters
+            self._log(result, throughput.seconds_per_iteration() if prints else None)
             if self.valid_iter is not None and every(args.eval_interval):
                 self.evaluate()
                 throughput.exclude_since_last_step()
@@ -379,16 +382,30 @@ class Trainer:
             self.evaluate()
         return self.history
 
-    def _log(self, result: StepResult, seconds: float) -> None:
+    def _log(self, result: StepResult, seconds: Optional[float]) -> None:
+        """Every iteration: TensorBoard (monitor.end_step, collectives on every rank) and, when
+        `seconds` (the log window's time per iteration) is given, the log line."""
         global_batch_size = get_current_global_batch_size()
-        tokens_per_second = global_batch_size * self.args.seq_length / seconds
-        print_last_rank(log_line(self.iteration, self.train_iters, self.consumed_train,
-                                 seconds, result, global_batch_size, tokens_per_second,
-                                 self.monitor.mfu(seconds), self.guard.total))
-        alarm = self.monitor.end_step(self.iteration, result, seconds,
-                                      float(self.optimizer.get_loss_scale()))
-        if alarm is not None:
-            print_rank_0(f" WARNING: {alarm}")
+        # Megatron-LM logs the learning rate after the scheduler's update.
+        learning_rate = get_canonical_lr_for_logging(self.optimizer.param_groups)
+        if learning_rate is None:
+            learning_rate = self.optimizer.param_groups[0]["lr"]
+        report = self.monitor.end_step(self.iteration, result,
+                                       consumed_samples=self.consumed_train,
+                                       learning_rate=learning_rate,
+                                       loss_scale=float(self.optimizer.get_loss_scale()),
+                                       seconds_per_step=seconds,
+                                       global_batch_size=global_batch_size)
+        if seconds is not None:
+            tokens_per_second = global_batch_size * self.args.seq_length / seconds
+            print_last_rank(log_line(
+                self.iteration, self.train_iters, self.consumed_train, seconds, result,
+                global_batch_size, tokens_per_second, self.monitor.mfu(seconds),
+                self.guard.total, learning_rate=learning_rate,
+                tflops=self.monitor.throughput_tflops(seconds) if self.args.log_throughput
+                else None, num_zeros=report.num_zeros, params_norm=report.params_norm))
+        if report.alarm is not None:
+            print_rank_0(f" WARNING: {report.alarm}")
 
     # ------------------------------------------------------------------ resume
     def _load(self):
