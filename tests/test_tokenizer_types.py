@@ -12,24 +12,27 @@ checkpoint and its export -> tools/generate.py on both -> the exported tokenizer
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
 import io
 import json
 import math
 import os
 import socket
 import sys
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import redirect_stdout
 
-import numpy
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from _training import SMALL, prepare_corpus  # noqa: E402
+from _tokenizer_files import (  # noqa: E402
+    corpus_texts,
+    make_tokenizer_files,
+    run_tool,
+    tokenizer_flags,
+)
+from _training import SMALL  # noqa: E402
 
 from spannorm_megatron.data.errors import TokenizerError  # noqa: E402
 from spannorm_megatron.data.tokenizer import build_tokenizer  # noqa: E402
@@ -43,83 +46,13 @@ MODEL_FLAGS = ["--normalization", "RMSNorm", "--position-embedding-type", "rope"
                "--hidden-dropout", "0", "--attention-dropout", "0"]
 
 
-# ------------------------------------------------------------------------------ materials
-def _corpus_texts(jsonl, limit=None):
-    with open(jsonl, encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f if line.strip()]
-    return texts[:limit]
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """Every tokenizer file, made from a 150 kB slice of the embedded corpus."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-    from tokenizers import trainers
-    from transformers import PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("tokenizer_types")
-    _prefix, sp_model = prepare_corpus(root, max_bytes=150_000)
-    jsonl = root / "stdlib.jsonl"
-    texts = _corpus_texts(jsonl)
-
-    # GPT-2 style byte-level BPE: vocab.json + merges.txt ("#version: 0.2" first)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    gpt2 = root / "gpt2"
-    gpt2.mkdir()
-    bpe.model.save(str(gpt2))  # vocab.json, merges.txt
-
-    # A Hugging Face folder: another BPE, with <s> put before every text as Llama's tokenizers
-    # do, </s> as eos and <pad>.
-    hf_bpe = Tokenizer(models.BPE())
-    hf_bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf_bpe.decoder = decoders.ByteLevel()
-    hf_bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=700, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf_bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[
-        ("<s>", hf_bpe.token_to_id("<s>"))])
-    hf_bpe.add_special_tokens([AddedToken(t, special=True) for t in ("<s>", "</s>", "<pad>")])
-    hf = root / "hf_tokenizer"
-    PreTrainedTokenizerFast(tokenizer_object=hf_bpe, bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(str(hf))
-    # Folders that are not usable: no eos (no end of document), a tokenizer.json that is not one
-    PreTrainedTokenizerFast(tokenizer_object=hf_bpe).save_pretrained(str(root / "hf_no_eos"))
-    (root / "hf_broken").mkdir()
-    (root / "hf_broken" / "tokenizer.json").write_text("not json")
-
-    # NullTokenizer's data: the SentencePiece ids of the same documents, as text
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
-    null_jsonl = root / "ids.jsonl"
-    with open(null_jsonl, "w") as f:
-        for text in texts:
-            f.write(json.dumps({"text": " ".join(map(str, sp.encode(text)))}) + "\n")
-    heldout = root / "heldout.txt"
-    heldout.write_text("naïve café — 数字\n" + open(inspect.__file__).read()[:3000],
-                       encoding="utf-8")
-    heldout_ids = root / "heldout_ids.txt"
-    heldout_ids.write_text(" ".join(map(str, sp.encode(heldout.read_text(encoding="utf-8")))))
-    return dict(root=root, jsonl=jsonl, sp_model=str(sp_model), vocab=str(gpt2 / "vocab.json"),
-                merges=str(gpt2 / "merges.txt"), hf=str(hf), null_jsonl=null_jsonl,
-                heldout=heldout, heldout_ids=heldout_ids, null_vocab=sp.get_piece_size())
-
-
-def _flags(kind, files):
-    return {
-        "GPT2BPETokenizer": ["--vocab-file", files["vocab"], "--merge-file", files["merges"]],
-        "HuggingFaceTokenizer": ["--tokenizer-model", files["hf"]],
-        "Llama2Tokenizer": ["--tokenizer-model", files["sp_model"]],
-        "NullTokenizer": ["--vocab-size", str(files["null_vocab"])],
-    }[kind]
+    return make_tokenizer_files(tmp_path_factory.mktemp("tokenizer_types"))
 
 
 def _tokenizer(kind, files):
-    flags = dict(zip(*[iter(_flags(kind, files))] * 2))
+    flags = dict(zip(*[iter(tokenizer_flags(kind, files))] * 2))
     return build_tokenizer(kind, **{k[2:].replace("-", "_"): (int(v) if k == "--vocab-size"
                                                                else v) for k, v in flags.items()})
 
@@ -166,7 +99,7 @@ def test_gpt2_bpe_ids_match_gpt2_encoders(files):
               open(files["merges"], encoding="utf-8").read().split("\n")[1:] if line]
     reference = GPT2Tokenizer.from_pretrained(os.path.dirname(files["vocab"]),
                                               local_files_only=True)
-    texts = TEXTS + _corpus_texts(files["jsonl"], 20)
+    texts = TEXTS + corpus_texts(files["jsonl"], 20)
     for text in texts:
         ids = tok.tokenize(text)
         assert ids == _gpt2_reference(text, vocab, merges), text
@@ -187,7 +120,7 @@ def test_huggingface_ids_match_transformers_and_never_reach_the_hub(files, monke
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     tok = _tokenizer("HuggingFaceTokenizer", files)
-    for text in TEXTS + _corpus_texts(files["jsonl"], 10):
+    for text in TEXTS + corpus_texts(files["jsonl"], 10):
         # no <s>: Megatron-LM's HuggingFaceTokenizer adds no special tokens
         assert tok.tokenize(text) == reference.encode(text, add_special_tokens=False), text
     assert reference("a").input_ids[0] == reference.convert_tokens_to_ids("<s>")
@@ -254,27 +187,6 @@ def test_bad_tokenizer_flags_are_refused(files, flags, message):
 
 
 # ------------------------------------------------------------------------------ end to end
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}",
-                                                  os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _run_tool(name, *argv):
-    """(exit status, stdout, stderr) of a tool's main, run in this process."""
-    from spannorm_megatron.hf.cli import run_cli
-
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            status = run_cli(_tool(name).main, [str(a) for a in argv])
-        except SystemExit as exit_:  # argparse
-            status = exit_.code
-    return status, out.getvalue(), err.getvalue()
-
-
 @pytest.mark.parametrize("kind", ["GPT2BPETokenizer", "HuggingFaceTokenizer", "Llama2Tokenizer",
                                   "NullTokenizer"])
 def test_preprocess_train_evaluate_generate_export(files, kind, tmp_path):
@@ -287,19 +199,19 @@ def test_preprocess_train_evaluate_generate_export(files, kind, tmp_path):
     from spannorm_megatron.training.arguments import parse_args
     from spannorm_megatron.training.trainer import Trainer
 
-    flags = _flags(kind, files)
+    flags = tokenizer_flags(kind, files)
     tok = _tokenizer(kind, files)
     null = kind == "NullTokenizer"
     source = files["null_jsonl"] if null else files["jsonl"]
 
     # Preprocess with two workers: every document is its ids and the end of document.
-    status, _out, err = _run_tool("preprocess_data", "--input", source, "--output-prefix",
+    status, _out, err = run_tool("preprocess_data", "--input", source, "--output-prefix",
                                   tmp_path / "data", "--tokenizer-type", kind, *flags,
                                   "--append-eod", "--workers", "2")
     assert status == 0, err
     prefix = str(tmp_path / "data_text_document")
     data = IndexedDataset(prefix)
-    documents = _corpus_texts(source)
+    documents = corpus_texts(source)
     assert len(data) == len(documents)
     for i in (0, 1, len(documents) - 1):
         assert data[i].tolist() == tok.tokenize(documents[i]) + [tok.eod]
@@ -334,7 +246,7 @@ def test_preprocess_train_evaluate_generate_export(files, kind, tmp_path):
 
     # Export: the tokenizer goes along and reads text as training did.
     hf = tmp_path / "hf"
-    status, out, err = _run_tool("convert_to_hf", "--load", ckpt, "--save", hf)
+    status, out, err = run_tool("convert_to_hf", "--load", ckpt, "--save", hf)
     assert status == 0, err
     assert "WARNING" not in out, out
     exported = AutoTokenizer.from_pretrained(str(hf), local_files_only=True,
@@ -354,7 +266,7 @@ def test_preprocess_train_evaluate_generate_export(files, kind, tmp_path):
     text = files["heldout_ids"] if null else files["heldout"]
     results = {}
     for name, load in (("megatron", ckpt), ("hf", hf)):
-        status, _out, err = _run_tool("evaluate", "--load", load, "--input", text, "--json",
+        status, _out, err = run_tool("evaluate", "--load", load, "--input", text, "--json",
                                       tmp_path / f"{name}.json", "--seq-length", "64")
         assert status == 0, err
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())
@@ -370,7 +282,7 @@ def test_preprocess_train_evaluate_generate_export(files, kind, tmp_path):
     prompt = "17 4 9" if null else "def main"
     outputs = {}
     for name, load in (("megatron", ckpt), ("hf", hf)):
-        status, out, err = _run_tool("generate", "--load", load, "--prompt", prompt, "--greedy",
+        status, out, err = run_tool("generate", "--load", load, "--prompt", prompt, "--greedy",
                                      "--max-new-tokens", "4", "--json", "--device", "cpu")
         assert status == 0, err
         outputs[name] = json.loads(out.strip().splitlines()[-1])
