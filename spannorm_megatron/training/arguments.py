@@ -19,7 +19,7 @@ import yaml
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.data.dataset import LEGACY_SPLIT, DataConfig
-from spannorm_megatron.data.sp_model import TokenizerConfig
+from spannorm_megatron.data.tokenizer_args import TokenizerConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.options import (
     add_arguments,
@@ -32,7 +32,13 @@ from spannorm_megatron.options import (
     option,
     options,
 )
-from spannorm_megatron.training.config import CheckpointConfig, LoggingConfig, TrainingConfig
+from spannorm_megatron.training import megatron_lm
+from spannorm_megatron.training.config import (
+    CheckpointConfig,
+    LoggingConfig,
+    MetricsLoggingConfig,
+    TrainingConfig,
+)
 from spannorm_megatron.training.hooks import RunHooksConfig
 from spannorm_megatron.training.performance import PerformanceConfig
 
@@ -66,6 +72,7 @@ SECTIONS = (
     ("data", DataConfig),
     ("tokenizer", TokenizerConfig),
     ("evaluation and logging", LoggingConfig),
+    ("logged metrics (Megatron-LM's logging flags)", MetricsLoggingConfig),
     ("checkpoints", CheckpointConfig),
     ("profiling, garbage collection and memory (see spannorm_megatron.training.hooks)",
      RunHooksConfig),
@@ -75,6 +82,11 @@ SECTIONS = (
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
+        # A Megatron-LM flag we lack is refused with its reason, not as a typo.
+        if message.startswith("unrecognized arguments:"):
+            refused = megatron_lm.refusal(message.split(":", 1)[1].split())
+            if refused:
+                raise ConfigError(refused)
         # argparse names no alternative for a mistyped flag (before Python 3.14).
         if message.startswith("unrecognized arguments:"):
             known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
@@ -133,6 +145,9 @@ def _config_defaults(path: str) -> dict:
     for key, value in values.items():
         key = str(key).lstrip("-")
         if key not in known:
+            refused = megatron_lm.refusal(["--" + key.replace("_", "-")])
+            if refused:
+                raise ConfigError(f"--config {path}: {refused}")
             nearest = difflib.get_close_matches(key, sorted(known), n=1)
             raise ConfigError(
                 f"--config {path}: unknown key {key!r}" + (
@@ -198,6 +213,7 @@ def _resolve(args: argparse.Namespace) -> None:
         args.notices.append("--use-mcore-models: megatron-core models are the only kind built "
                             "here (a no-op).")
     from_namespace(LoggingConfig, args)
+    from_namespace(MetricsLoggingConfig, args)
     args.notices.extend(from_namespace(RunHooksConfig, args).notices())
     from_namespace(CheckpointConfig, args)
     from_namespace(TokenizerConfig, args)
@@ -226,6 +242,10 @@ def performance_config(args: argparse.Namespace) -> PerformanceConfig:
 
 def training_config(args: argparse.Namespace) -> TrainingConfig:
     return from_namespace(TrainingConfig, args)
+
+
+def metrics_logging_config(args: argparse.Namespace) -> MetricsLoggingConfig:
+    return from_namespace(MetricsLoggingConfig, args)
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:

@@ -108,6 +108,7 @@ def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
         adam_beta2=args.adam_beta2,
         adam_eps=args.adam_eps,
         clip_grad=args.clip_grad,
+        log_num_zeros_in_grad=args.log_num_zeros_in_grad,
         # The input embedding and output layer's own peak and final learning rate: megatron-
         # core's standard parameter-group overrides (get_megatron_optimizer) give them to the
         # parameters it marks is_embedding_or_output_parameter.
