@@ -144,6 +144,15 @@ def test_flags_that_change_nothing_here_say_so_once(corpus, flags, notice):
     assert not any(notice in line for line in parse_args(_args(corpus)).notices)
 
 
+def test_wandb_flags_without_a_project_change_nothing_and_say_so(corpus):
+    from spannorm_megatron.metrics.wandb import check_wandb
+
+    args = parse_args(_args(corpus, "--wandb-exp-name", "e", "--wandb-entity", "team"))
+    check_wandb(args)
+    assert args.notices[-1] == ("--wandb-exp-name, --wandb-entity without --wandb-project: "
+                                "nothing is logged to W&B.")
+
+
 REFUSALS = [
     (["--fp16", "--bf16"], "--fp16 and --bf16 contradict each other"),
     (["--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 applies to --bf16 runs"),
@@ -376,11 +385,13 @@ def test_wandb_gets_what_tensorboard_gets(corpus, tmp_path):
     """W&B offline: the run's records hold Megatron-LM's scalar names and the run's config."""
     result = run_train(*_args(corpus, "--train-iters", "3", "--wandb-project", "perf-flags",
                               "--wandb-exp-name", "fp32-run", "--wandb-save-dir",
-                              str(tmp_path / "wandb")),
+                              str(tmp_path / "wandb"), "--tensorboard-dir", str(tmp_path / "tb")),
                        nproc=1, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
     (records,) = glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))
     content = open(records, "rb").read()
     for name in (b"lm loss", b"learning-rate", b"loss-scale", b"grad-norm", b"batch-size",
-                 b"lm loss validation", b"perf-flags", b"fp32-run", b"num_layers"):
+                 b"lm loss validation", b"samples vs steps", b"perf-flags", b"fp32-run",
+                 b"num_layers"):
         assert name in content, name
+    assert b" vs samples" not in content  # TensorBoard's twins, on another x axis

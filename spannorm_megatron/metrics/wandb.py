@@ -1,12 +1,13 @@
 """Weights & Biases logging (Megatron-LM's `--wandb-project`, `--wandb-exp-name`,
 `--wandb-save-dir`, `--wandb-entity`).
 
-Megatron-LM logs to W&B the scalars it writes to TensorBoard, under the same names and steps,
-with the run's arguments as the W&B config. Here the TensorBoard writer of the run
-(`metrics.tensorboard.TensorBoardWriter`) is mirrored: every scalar it writes, on the rank that
-writes, also goes to `wandb.log({tag: value}, step=iteration)`, with or without a
-`--tensorboard-dir`. Text (the config, the collapse alarm) stays in TensorBoard; the config is
-the W&B run's config.
+Megatron-LM logs to W&B, from the rank that writes TensorBoard, the scalars it writes there,
+under the same names and iterations (not the `... vs samples` twins, whose x axis is samples;
+it logs `samples vs steps` instead), with the run's arguments as the W&B config. It does so
+only beside a TensorBoard writer, so without `--tensorboard-dir` W&B gets the config alone (said
+once at the start). Here the run's TensorBoard writer (`metrics.tensorboard.TensorBoardWriter`)
+is mirrored the same way: every scalar it writes also goes to `wandb.log({tag: value},
+step=iteration)`. Text (the config, the collapse alarm) stays in TensorBoard.
 
 The wandb package is optional: a run that asks for W&B without it is refused before anything
 starts. W&B's own settings (WANDB_MODE=offline, WANDB_API_KEY, ...) apply as usual.
@@ -19,7 +20,7 @@ import os
 from typing import Optional
 
 from spannorm_megatron.errors import ConfigError
-from spannorm_megatron.metrics.tensorboard import is_writer_rank
+from spannorm_megatron.metrics.tensorboard import VS_SAMPLES, is_writer_rank
 
 _OTHER_FLAGS = ("wandb_exp_name", "wandb_save_dir", "wandb_entity")
 
@@ -42,6 +43,10 @@ def check_wandb(args) -> None:
     if not (args.wandb_save_dir or args.save):
         raise ConfigError("--wandb-project keeps W&B's local files in --wandb-save-dir, or "
                           "<--save>/wandb: give one of them.")
+    if not args.tensorboard_dir:
+        args.notices.append("--wandb-project without --tensorboard-dir: W&B gets the run's "
+                            "config only (Megatron-LM logs its scalars beside TensorBoard's; "
+                            "add --tensorboard-dir for them).")
 
 
 class WandbLogger:
@@ -67,7 +72,8 @@ class WandbLogger:
 
     def mirror(self, writer):
         """Make `writer` (a TensorBoardWriter) send its scalars here too; returns it."""
-        writer._writer = _Tee(writer._writer, self)  # None without a --tensorboard-dir
+        if writer._writer is not None:  # none without --tensorboard-dir, as in Megatron-LM
+            writer._writer = _Tee(writer._writer, self)
         return writer
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
@@ -78,25 +84,29 @@ class WandbLogger:
 
 
 class _Tee:
-    """The SummaryWriter methods TensorBoardWriter calls, sent to TensorBoard (if any) and W&B."""
+    """The SummaryWriter methods TensorBoardWriter calls, sent to TensorBoard and to W&B."""
 
     def __init__(self, summary_writer, logger: WandbLogger):
         self.summary_writer = summary_writer
         self.logger = logger
+        self._iteration = None  # of the last iteration-indexed scalar
+        self._samples_logged_at = None
 
     def add_scalar(self, tag, value, step):
-        if self.summary_writer is not None:
-            self.summary_writer.add_scalar(tag, value, step)
-        self.logger.add_scalar(tag, value, step)
+        self.summary_writer.add_scalar(tag, value, step)
+        if not tag.endswith(VS_SAMPLES):
+            self._iteration = step
+            self.logger.add_scalar(tag, value, step)
+        elif self._iteration is not None and self._samples_logged_at != self._iteration:
+            # A twin's step is the consumed samples: Megatron-LM's `samples vs steps`.
+            self._samples_logged_at = self._iteration
+            self.logger.add_scalar("samples vs steps", step, self._iteration)
 
     def add_text(self, tag, text, step=0):
-        if self.summary_writer is not None:
-            self.summary_writer.add_text(tag, text, step)
+        self.summary_writer.add_text(tag, text, step)
 
     def flush(self):
-        if self.summary_writer is not None:
-            self.summary_writer.flush()
+        self.summary_writer.flush()
 
     def close(self):
-        if self.summary_writer is not None:
-            self.summary_writer.close()
+        self.summary_writer.close()
