@@ -88,9 +88,11 @@ def train_step(model, optimizer, scheduler, data_iterator: Iterator, num_microba
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
     )
-    # Megatron-LM's logged rate: the first group on the default schedule (not one of
-    # --decoupled-lr's embedding/output groups).
+    # The step's rate: the first group on the default schedule (not one of --decoupled-lr's
+    # embedding/output groups), as Megatron-LM logs it.
     learning_rate = get_canonical_lr_for_logging(optimizer.param_groups)
+    if learning_rate is None:
+        learning_rate = optimizer.param_groups[0]["lr"]
     loss = broadcast_from_last_stage(reduce_lm_loss(losses_reduced))
     bad_layer = guard.first_bad_layer() if guard is not None else None
     if bad_layer is not None:
