@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -24,12 +25,11 @@ import pytest
 import torch
 
 from _training import SMALL, run_train
-from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.training.arguments import parse_args, performance_config
 
-# The model the runs train; SMALL spells out the recipe's model flags (RMSNorm, rope, SwiGLU, no
-# biases, untied embeddings, no dropout, transformer-impl auto).
-WANDB = __import__("importlib").util.find_spec("wandb") is not None
+# The runs start from SMALL, which spells out the model flags they rely on (RMSNorm, rope,
+# SwiGLU, no biases, untied embeddings, no dropout, transformer-impl auto).
+WANDB = importlib.util.find_spec("wandb") is not None
 
 
 def _args(corpus, *flags):
