@@ -171,9 +171,11 @@ def test_flags_megatron_lm_ignores_are_announced_not_dropped_silently():
      "both set"),
     (("--num-layers", "4", "--pipeline-model-parallel-size", "2",
       "--num-layers-per-virtual-pipeline-stage", "1", "--decoder-first-pipeline-num-layers",
-      "1"), "for uneven stages use --num-virtual-stages-per-pipeline-rank"),
+      "1"), "makes them uneven: give --num-virtual-stages-per-pipeline-rank instead"),
     (("--num-layers", "6", "--pipeline-model-parallel-size", "2",
-      "--num-layers-per-virtual-pipeline-stage", "2"), "does not divide the 3 layers"),
+      "--num-layers-per-virtual-pipeline-stage", "2"),
+     "--num-layers 6 is not divisible by --pipeline-model-parallel-size x "
+     "--num-layers-per-virtual-pipeline-stage = 4"),
 ])
 def test_refused_at_parse_time_naming_the_flag_and_the_fix(flags, expected):
     with pytest.raises(ConfigError) as error:

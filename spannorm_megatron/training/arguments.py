@@ -199,26 +199,28 @@ def _virtual_stages_from_layers(args: argparse.Namespace) -> Optional[int]:
     others = [name for name, given in (
         ("--num-virtual-stages-per-pipeline-rank", args.virtual_pipeline_model_parallel_size),
         ("--pipeline-model-parallel-layout", args.pipeline_model_parallel_layout),
+    ) if given is not None]
+    if others:
+        raise ConfigError(f"{flag} and {others[0]} both set the virtual stages (Megatron-LM "
+                          f"takes one of them): give only one.")
+    uneven = [name for name, given in (
         ("--decoder-first-pipeline-num-layers", args.decoder_first_pipeline_num_layers),
         ("--decoder-last-pipeline-num-layers", args.decoder_last_pipeline_num_layers),
     ) if given is not None]
-    if others:
-        raise ConfigError(
-            f"{flag} and {', '.join(others)} both set the virtual stages (Megatron-LM takes one "
-            f"of them): give only one; for uneven stages use --num-virtual-stages-per-pipeline-"
-            f"rank.")
+    if uneven:
+        raise ConfigError(f"{flag} counts layers per chunk of even stages, and {uneven[0]} "
+                          f"makes them uneven: give --num-virtual-stages-per-pipeline-rank "
+                          f"instead (as Megatron-LM requires).")
     pp, per_chunk = args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
     layers = args.num_layers + int(args.account_for_embedding_in_pipeline_split) + int(
         args.account_for_loss_in_pipeline_split)
-    counted = "" if layers == args.num_layers else " (with the embedding/loss counted as layers)"
-    if layers % pp:
+    counted = "" if layers == args.num_layers else f" (+{layers - args.num_layers} for the " \
+        f"embedding/loss counted as layers = {layers})"
+    if layers % (pp * per_chunk):
         raise ConfigError(
-            f"--num-layers {args.num_layers}{counted} = {layers} is not divisible by "
-            f"--pipeline-model-parallel-size {pp}: each stage must hold the same number.")
-    if (layers // pp) % per_chunk:
-        raise ConfigError(
-            f"{flag} {per_chunk} does not divide the {layers // pp} layers of each pipeline stage "
-            f"(--num-layers {args.num_layers}{counted} over --pipeline-model-parallel-size {pp}).")
+            f"--num-layers {args.num_layers}{counted} is not divisible by "
+            f"--pipeline-model-parallel-size x {flag} = {pp * per_chunk}: every model chunk of "
+            f"every stage holds {per_chunk} layers.")
     chunks = layers // pp // per_chunk
     return chunks if chunks > 1 else None
 
