@@ -8,7 +8,8 @@ steps with the training loop's `train_step` on a fixed global batch, and write t
 record to OUT_DIR/<case>/rank<r>.json: losses, gradient norms, the order in which its model
 chunks ran forward, its pipeline group's ranks and the schedule fields megatron-core got. The
 weights start equal in every case (layout-invariant seeding, spannorm_megatron/model/seeding.py),
-so the test compares each flag against the same layout without it.
+so the test compares each flag against the same layout without it. The test runs it in strict
+device mode (runtime/strict_devices.py), so the GPU path's device rules hold too.
 """
 
 import json
@@ -21,7 +22,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
-from spannorm_megatron.runtime import destroy, initialize
+from spannorm_megatron.runtime import current_device, destroy, initialize
 from spannorm_megatron.training.gpt_step import forward_step
 from spannorm_megatron.training.loop import train_step
 from spannorm_megatron.training.setup import setup_model_and_optimizer
@@ -72,13 +73,14 @@ def model_config(**overrides) -> ModelConfig:
 def micro_batches():
     """This data-parallel rank's micro-batches of one fixed global batch (Megatron-LM's
     assignment: in each round of dp x micro-batch samples, rank r takes the r-th)."""
+    device = current_device()  # where the training loader puts them
     tokens = torch.randint(0, 128, (GLOBAL_BATCH, SEQ + 1),
-                           generator=torch.Generator().manual_seed(2024))
+                           generator=torch.Generator().manual_seed(2024)).to(device)
     dp, rank = (parallel_state.get_data_parallel_world_size(),
                 parallel_state.get_data_parallel_rank())
     return [{"tokens": sample[:, :-1], "labels": sample[:, 1:],
-             "loss_mask": torch.ones(MICRO_BATCH, SEQ),
-             "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ)}
+             "loss_mask": torch.ones(MICRO_BATCH, SEQ, device=device),
+             "position_ids": torch.arange(SEQ, device=device).expand(MICRO_BATCH, SEQ)}
             for start in range(rank * MICRO_BATCH, GLOBAL_BATCH, dp * MICRO_BATCH)
             for sample in [tokens[start:start + MICRO_BATCH]]]
 

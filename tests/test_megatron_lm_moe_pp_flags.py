@@ -4,8 +4,8 @@ reason; and the two crashes of issue 21 (--num-layers-per-virtual-pipeline-stage
 --moe-grouped-gemm without Transformer Engine).
 
 In-process tests run real megatron-core models in a world of one; one 4-rank torchrun
-(tests/_moe_pp_worker.py) compares each schedule flag against the same layout without it; one
-2-rank torchrun trains through the CLI with the flags that used to crash.
+(tests/_moe_pp_worker.py, in strict device mode) compares each schedule flag against the same
+layout without it; one 2-rank torchrun trains through the CLI with the flags that used to crash.
 """
 
 import glob
@@ -18,7 +18,7 @@ import pytest
 import torch
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
-from _training import SMALL, logged_losses, run_train
+from _training import SMALL, STRICT_DEVICES, logged_losses, run_train
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.errors import ConfigError, ParallelLayoutError
 from spannorm_megatron.hf.errors import ConversionError
@@ -121,6 +121,8 @@ def test_flags_megatron_lm_ignores_are_announced_not_dropped_silently():
                  "--moe-pad-experts-for-cuda-graph-inference"):
         assert f"{flag} accepted with no effect" in notices
     assert "--expert-tensor-parallel-size" in notices  # what replaced extended TP
+    replay = parse(*MOE, "--moe-enable-routing-replay").notices
+    assert len(replay) == 1 and "sets no record/replay action" in replay[0]
     assert parse().notices == []
 
 
@@ -399,7 +401,8 @@ def schedule_records(tmp_path_factory):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
          os.path.join(HERE, "_moe_pp_worker.py"), str(out)],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **STRICT_DEVICES})
     errors = [open(f).read() for f in glob.glob(str(out / "*" / "*.error"))]
     assert result.returncode == 0, (errors[:1] or [result.stderr[-5000:]])[0]
 

@@ -184,6 +184,12 @@ def _resolve(args: argparse.Namespace) -> None:
     # the world size or the tokenizer are looked at.
     parallel_config(args).stage_layer_counts(args.num_layers)
     performance_config(args).check_model(model)
+    if model.moe_enable_routing_replay:
+        args.notices.append(
+            "--moe-enable-routing-replay: every router has megatron-core's RouterReplay; "
+            "spannorm-train sets no record/replay action (nor does Megatron-LM's pretrain), so "
+            "tokens are routed as without it unless your code drives "
+            "megatron.core.transformer.moe.router_replay.RouterReplay.")
     from_namespace(MegatronSpellings, args)
     args.notices += from_namespace(Unavailable, args).notices()
     from_namespace(LoggingConfig, args)
