@@ -34,8 +34,8 @@ class Unavailable:
         "MoE model in its first step (megatron-core's upcycling_utils); spannorm-train has no "
         "such conversion step.")
     moe_upcycling_granularity: int = option(
-        1, "Not available here (unless 1): it sets the expert width as a fraction of the dense FFN for "
-        "--moe-use-upcycling, which is not available.", at_least=1)
+        1, "Not available here (unless 1): it sets the expert width as a fraction of the "
+        "dense FFN for --moe-use-upcycling, which is not available.", at_least=1)
     overlap_moe_expert_parallel_comm: bool = option(
         False, "Not available here: it overlaps the expert-parallel all-to-all with another "
         "micro-batch's compute, and " + _EP_OVERLAP + ".")
@@ -52,7 +52,8 @@ class Unavailable:
         "GPUs), which spannorm-train does not turn on.")
     wgrad_deferral_limit: int = option(
         0, "Not available here (unless 0): it limits the micro-batches whose output-layer "
-        "weight gradient --defer-embedding-wgrad-compute defers, which is not available.", at_least=0)
+        "weight gradient --defer-embedding-wgrad-compute defers, which is not available.",
+        at_least=0)
 
     # ------------------------------------------------------------------ accepted, no effect
     moe_extended_tp: bool = option(
