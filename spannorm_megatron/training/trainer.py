@@ -48,6 +48,7 @@ from spannorm_megatron.data.tokenizer_args import tokenizer_config, tokenizer_sh
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.metrics.wandb import WandbLogger, check_wandb
 from spannorm_megatron.model.fusions import describe as describe_fusions
+from spannorm_megatron.model.moe_kernels import check_moe_kernels
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.options import from_namespace
 from spannorm_megatron.runtime import check_launch, current_device, destroy, initialize
@@ -199,7 +200,10 @@ class Trainer:
         self.hooks_config = from_namespace(RunHooksConfig, args)
         self.hooks_config.check_run(int(os.environ.get("WORLD_SIZE", "1")), args.tensorboard_dir)
         check_wandb(args)
-        check_launch(args.distributed_backend)
+        check_moe_kernels(self.model_config)
+        check_launch(args.distributed_backend, self.parallel)
+        for count in self.batches.microbatch_counts:
+            self.parallel.check_microbatches(count)
         self.num_samples = num_samples_for(self.train_iters, self.batches.global_batch_size,
                                            args.eval_interval, args.eval_iters,
                                            train_samples=args.train_samples)
