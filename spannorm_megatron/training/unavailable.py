@@ -49,7 +49,7 @@ class Unavailable:
     defer_embedding_wgrad_compute: bool = option(
         False, "Not available here: megatron-core defers the output layer's weight gradient "
         "only with gradient accumulation fusion (APEX's fused_weight_gradient_mlp_cuda kernel, "
-        "GPUs), which spannorm-train does not turn on.")
+        "GPUs), and this stack has never run the deferral with it.")
     wgrad_deferral_limit: int = option(
         0, "Not available here (unless 0): it limits the micro-batches whose output-layer "
         "weight gradient --defer-embedding-wgrad-compute defers, which is not available.",
