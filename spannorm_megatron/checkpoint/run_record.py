@@ -94,8 +94,10 @@ def build(
     contents: Dict[str, bool],
     optimizer: Optional[dict],
     args: Optional[dict],
+    rng_sharding: Optional[str] = None,
 ) -> dict:
-    """The record of this save (call on every rank; rank 0's copy is the one written)."""
+    """The record of this save (call on every rank; rank 0's copy is the one written).
+    `rng_sharding` is how the RNG states are sharded (`rng.sharding`), None without them."""
     return {
         "format": FORMAT,
         "iteration": iteration,
@@ -106,6 +108,7 @@ def build(
         "parallel_config": jsonable(parallel_config),
         "layout": current_layout(),
         "contents": contents,
+        "rng_sharding": rng_sharding,
         "optimizer": optimizer,
         "versions": versions(),
         "args": jsonable(args or {}),

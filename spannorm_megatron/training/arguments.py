@@ -138,9 +138,13 @@ def _config_defaults(path: str) -> dict:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
-    if first.config:
-        parser.set_defaults(**_config_defaults(first.config))
+    config = _config_defaults(first.config) if first.config else {}
+    parser.set_defaults(**config)
     args = parser.parse_args(argv)
+    if args.use_checkpoint_args:  # Megatron-LM's order: before any flag is checked or resolved
+        from spannorm_megatron.training.checkpoint_args import apply_checkpoint_args, given_flags
+
+        apply_checkpoint_args(args, given_flags(build_parser(), argv, config))
     _resolve(args)
     return args
 

@@ -123,6 +123,15 @@ class CheckpointConfig:
     load_fallback: bool = option(
         False, "If the latest checkpoint is damaged, load the newest earlier complete one "
         "instead of stopping with an error.")
+    use_checkpoint_args: bool = option(
+        False, "Take the model's flags from the --load checkpoint (Megatron-LM's flag): its "
+        "sizes where the command line leaves them unset, its structure, norm, position "
+        "embeddings, dropout, MoE settings (and tokenizer, see the next flag) over the command "
+        "line. Not the parallel layout.")
+    use_tokenizer_model_from_checkpoint_args: bool = option(
+        True, "With --use-checkpoint-args, take --tokenizer-type and --tokenizer-model from the "
+        "checkpoint too (Megatron-LM's flag; --no-use-tokenizer-model-from-checkpoint-args "
+        "keeps the command line's).")
 
     def __post_init__(self) -> None:
         check(self)

@@ -1,0 +1,192 @@
+"""The model of a resume and the checkpoint's: ``--use-checkpoint-args`` and the check that they
+agree, both from the run record of the checkpoint ``--load`` resumes from.
+
+``--use-checkpoint-args`` is Megatron-LM's flag (its ``load_args_from_checkpoint``): the
+checkpoint's model arguments replace the command line's, before anything is checked or built.
+As there, the sizes (`SIZES`: layers, width, heads, FFN width, sequence length, maximum
+positions) are taken only where the command line (or ``--config``) leaves them unset, and the
+structure (`STRUCTURE`: position embeddings, biases, activation, norm, dropout, MoE routing) is
+taken over it; the tokenizer's type and model file too, unless
+``--no-use-tokenizer-model-from-checkpoint-args`` (Megatron-LM's flag, on by default). To Megatron-LM's list this adds the fields of ours that define the model the
+same way (the norm placement and its switches, the routing settings megatron-core has beyond
+Megatron-LM's list): every field the architecture check below compares, so a run that takes
+them builds the checkpoint's model. The parallel layout is not taken (Megatron-LM takes it only
+with ``--use-mp-args-from-checkpoint-args``). A ``--load`` without a checkpoint yet (the first
+launch of ``--save X --load X``) leaves the flags as given, as in Megatron-LM.
+
+`check_model_matches` is Megatron-LM's ``check_checkpoint_args`` on our side, run before any
+process group exists: the model these flags describe must be the checkpoint's. It compares what
+the run record's architecture check (`checkpoint.run_record.compare`, also made by
+`load_checkpoint` itself) compares, which holds every model argument Megatron-LM's check reads:
+``num_layers``, ``hidden_size``, ``num_attention_heads`` directly; ``add_position_embedding`` is
+Megatron-LM's default in every checkpoint here (no flag changes it); ``max_position_embeddings``
+and ``make_vocab_size_divisible_by`` (which Megatron-LM compares only with a ``--vocab-file``
+tokenizer) wherever they change the weights: the maximum positions of learned position
+embeddings, and the padded vocabulary; the tokenizer through the trainer's tokenizer check. It
+skips what Megatron-LM skips for dist checkpoints: the TP and PP sizes (checkpoints reshard). It
+refuses more than Megatron-LM's check (placement, FFN width, query groups, norm, MoE layout and
+routing), where Megatron-LM would fail later on a tensor shape or, with equal shapes, load the
+weights into another function. A mismatch names each flag, the two values and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Dict, Iterable, Optional, Tuple
+
+from spannorm_megatron.checkpoint import (
+    CheckpointError,
+    find_latest,
+    iteration_dirname,
+    read_run_record,
+)
+from spannorm_megatron.checkpoint.run_record import compare, saved_model_config
+from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.errors import ConfigError
+from spannorm_megatron.options import flag_of, options
+
+# ModelConfig fields (plus seq_length) taken only where the command line leaves them unset:
+# Megatron-LM's _set_arg without force.
+SIZES = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+         "max_sequence_length", "moe_token_dispatcher_type")
+# ModelConfig fields taken over the command line: Megatron-LM's forced ones that we have...
+STRUCTURE = (
+    "num_query_groups", "position_embedding_type", "rotary_base", "add_bias_linear", "swiglu",
+    "untie_embeddings_and_output_weights", "apply_layernorm_1p", "normalization",
+    "attention_dropout", "hidden_dropout", "num_experts", "moe_layer_freq",
+    "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax", "moe_grouped_gemm",
+    "moe_shared_expert_intermediate_size", "moe_router_score_function",
+    "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor",
+    # ... and the rest of what the architecture check compares (run_record._architecture).
+    "norm_placement", "final_norm", "first_layer_input_norm", "scale_mode", "scale_init",
+    "qk_layernorm", "moe_router_num_groups", "moe_router_group_topk",
+    "moe_expert_capacity_factor", "moe_pad_expert_input_to_capacity", "moe_token_drop_policy",
+    "moe_shared_expert_gate",
+)
+# Recorded flags of the run (the record's "args") taken the same two ways.
+RUN_SIZES = ("seq_length",)
+RUN_TOKENIZER = ("tokenizer_type", "tokenizer_model")  # unless its flag is turned off
+
+_MODEL_FIELDS = {f.name: f for f in options(ModelConfig)}
+
+
+def flag_for(name: str) -> str:
+    """The flag a user changes to change the architecture entry `name` (see
+    run_record._architecture), with the entry's name."""
+    if name in _MODEL_FIELDS:
+        return f"{flag_of(_MODEL_FIELDS[name])} ({name})"
+    return {
+        "moe_layer_pattern": "--moe-layer-freq (moe_layer_pattern)",
+        "vocab_size": ("vocab_size (the tokenizer's vocabulary padded to a multiple of "
+                       "--make-vocab-size-divisible-by x --tensor-model-parallel-size)"),
+        "max_sequence_length": "--max-position-embeddings (max_sequence_length)",
+    }.get(name, name)
+
+
+def _record(load: Optional[str]) -> Tuple[Optional[dict], Optional[str]]:
+    """(run record, directory) of the checkpoint `load` resumes from; (None, None) when there is
+    none yet or it cannot be read (the load itself then says what is wrong, or starts fresh)."""
+    if not load:
+        return None, None
+    try:
+        iteration = find_latest(load)
+        if iteration is None:
+            return None, None
+        directory = os.path.join(load, iteration_dirname(iteration))
+        return read_run_record(directory), directory
+    except CheckpointError:
+        return None, None
+
+
+def given_flags(parser: argparse.ArgumentParser, argv, config_keys: Iterable[str]) -> set:
+    """The dests set on the command line `argv` or in the --config file (`config_keys`):
+    argparse fills a dest with its default only when the namespace lacks it, so a namespace
+    prefilled with a marker keeps the marker exactly where nothing was given."""
+    marker = object()
+    probe = argparse.Namespace(**{a.dest: marker for a in parser._actions
+                                  if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, probe)
+    return {dest for dest, value in vars(probe).items() if value is not marker} | set(config_keys)
+
+
+def apply_checkpoint_args(args: argparse.Namespace, given: set) -> Dict[str, object]:
+    """With ``--use-checkpoint-args``, replace `args`' model flags by the checkpoint's (see the
+    module docstring); `given` is `given_flags`. Returns what was taken ({dest: value})."""
+    if not args.use_checkpoint_args:
+        return {}
+    if not args.load:
+        raise ConfigError("--use-checkpoint-args takes the model's flags from the --load "
+                          "checkpoint, and there is no --load: pass --load DIR, or drop "
+                          "--use-checkpoint-args.")
+    record, where = _record(args.load)
+    if record is None or not isinstance(record.get("model_config"), dict):
+        _say(f"> --use-checkpoint-args: no checkpoint in {args.load} yet; using the flags given")
+        return {}
+    saved_model = dict(record["model_config"])
+    try:  # the resolved width, as Megatron-LM's checkpoint holds it (its validate_args)
+        saved_model["ffn_hidden_size"] = saved_model_config(record, where).resolved_ffn_hidden_size
+    except CheckpointError:
+        pass  # an unreadable record: the check and the load name it
+    saved_run = record.get("args") if isinstance(record.get("args"), dict) else {}
+    taken = {}
+
+    def take(dest, value, force):
+        if value is None and dest not in _MODEL_FIELDS:
+            return  # the checkpoint does not say (Megatron-LM keeps the flag then)
+        if not force and dest in given:
+            return
+        if getattr(args, dest, None) != value:
+            taken[dest] = value
+        setattr(args, dest, value)
+
+    for name in SIZES + STRUCTURE:
+        if name in saved_model:
+            take(name, saved_model[name], force=name in STRUCTURE)
+    for name in RUN_SIZES:
+        take(name, saved_run.get(name), force=False)
+    if args.use_tokenizer_model_from_checkpoint_args:
+        for name in RUN_TOKENIZER:
+            take(name, saved_run.get(name), force=True)
+    # Megatron-LM's spellings of two of them: GQA counts only with --group-query-attention,
+    # and --disable-bias-linear is add_bias_linear=False.
+    if "num_query_groups" in saved_model:
+        args.group_query_attention = saved_model["num_query_groups"] is not None
+    if "add_bias_linear" in saved_model:
+        args.disable_bias_linear = not saved_model["add_bias_linear"]
+    if taken:
+        shown = ", ".join(f"{dest}={value!r}" for dest, value in taken.items())
+        _say(f"> --use-checkpoint-args: from {where}: {shown}")
+    return taken
+
+
+def check_model_matches(args: argparse.Namespace, model_config: ModelConfig) -> None:
+    """Refuse, before anything starts, a resume whose flags describe another model than the
+    checkpoint's (see the module docstring)."""
+    record, where = _record(args.load)
+    if record is None or not isinstance(record.get("model_config"), dict):
+        return
+    try:
+        saved = saved_model_config(record, where)
+    except CheckpointError:
+        return  # the load reports the damaged record
+    differences, _ = compare(saved, model_config)
+    if not differences:
+        return
+    listed = "; ".join(f"{flag_for(name)}: checkpoint {old!r}, this run {new!r}"
+                       for name, old, new in differences)
+    if args.use_checkpoint_args:
+        fix = ("--use-checkpoint-args keeps the sizes given on the command line, as Megatron-LM "
+               "does: drop those flags, or pass the checkpoint's values")
+    else:
+        fix = ("pass the checkpoint's values, or --use-checkpoint-args to take the model's flags "
+               "from the checkpoint")
+    raise ConfigError(
+        f"--load {args.load}: the checkpoint ({where}) holds another model than these flags "
+        f"describe: {listed}. To resume it, {fix}; to train this model instead, start a new run "
+        f"without --load in another --save directory.")
+
+
+def _say(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, flush=True)
