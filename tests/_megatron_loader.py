@@ -159,13 +159,13 @@ def read_rng(view: MegatronView, expert_model_parallel_size: int) -> Dict[tuple,
     offsets = [(p, t, d) if per_rank else (p, t) for p in range(pp) for t in range(tp)
                for d in (range(dp) if per_rank else [0])]
     shape = (pp, tp, dp) if per_rank else (pp, tp)
-    out = {}
-    for offset in offsets:
-        request = {"rng_state": ShardedObject("rng_state", None, shape, offset, replica_id=0)}
-        loaded = dist_checkpointing.load(request, view.directory)["rng_state"]
-        out[offset] = loaded[0]
-    view.rng = out
-    return out
+    # All ranks' requests in one load: together they cover the object's every shard, which
+    # megatron-core checks of a load as of a save.
+    request = {offset: ShardedObject("rng_state", None, shape, offset, replica_id=0)
+               for offset in offsets}
+    loaded = dist_checkpointing.load(request, view.directory)
+    view.rng = {offset: loaded[offset][0] for offset in offsets}
+    return view.rng
 
 
 def rng_entry_problems(entry: dict) -> List[str]:

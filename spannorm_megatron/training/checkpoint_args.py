@@ -155,7 +155,7 @@ def apply_checkpoint_args(args: argparse.Namespace, given: set) -> Dict[str, obj
     if "add_bias_linear" in saved_model:
         args.disable_bias_linear = not saved_model["add_bias_linear"]
     if taken:
-        shown = ", ".join(f"{dest}={value!r}" for dest, value in taken.items())
+        shown = ", ".join(f"{_flag(dest)} {value!r}" for dest, value in taken.items())
         _say(f"> --use-checkpoint-args: from {where}: {shown}")
     return taken
 
@@ -173,7 +173,11 @@ def check_model_matches(args: argparse.Namespace, model_config: ModelConfig) -> 
     differences, _ = compare(saved, model_config)
     if not differences:
         return
-    listed = "; ".join(f"{flag_for(name)}: checkpoint {old!r}, this run {new!r}"
+    def derived(name):  # a size the run did not set: say so, or the user looks for the flag
+        unset = name in _MODEL_FIELDS and getattr(model_config, name) is None
+        return " (not set: derived from the other flags)" if unset else ""
+
+    listed = "; ".join(f"{flag_for(name)}: checkpoint {old!r}, this run {new!r}{derived(name)}"
                        for name, old, new in differences)
     if args.use_checkpoint_args:
         fix = ("--use-checkpoint-args keeps the sizes given on the command line, as Megatron-LM "
@@ -185,6 +189,10 @@ def check_model_matches(args: argparse.Namespace, model_config: ModelConfig) -> 
         f"--load {args.load}: the checkpoint ({where}) holds another model than these flags "
         f"describe: {listed}. To resume it, {fix}; to train this model instead, start a new run "
         f"without --load in another --save directory.")
+
+
+def _flag(dest: str) -> str:
+    return flag_of(_MODEL_FIELDS[dest]) if dest in _MODEL_FIELDS else "--" + dest.replace("_", "-")
 
 
 def _say(message: str) -> None:
