@@ -155,10 +155,10 @@ def save_checkpoint(
     megatron-core optimizer (or None), `scheduler` an `OptimizerParamScheduler` (or None).
     `args` is the run's flags (a dict or argparse namespace, Megatron-LM's names), stored in
     the run record and, with the model, layout and position, as Megatron-LM's ``args``
-    (`megatron_args`). `no_save_optim` / `no_save_rng` leave the optimizer + scheduler / RNG state out
-    (Megatron-LM's ``--no-save-optim`` / ``--no-save-rng``). Saving the iteration that is
-    already on disk replaces it. `sharded_strategy` replaces megatron-core's default torch_dist
-    writer (e.g. `streaming.StreamingSaveStrategy` for a model built on the meta device).
+    (`megatron_args`). `no_save_optim` / `no_save_rng` leave the optimizer + scheduler / RNG
+    state out (Megatron-LM's ``--no-save-optim`` / ``--no-save-rng``). Saving the iteration
+    that is already on disk replaces it. `sharded_strategy` replaces megatron-core's default
+    torch_dist writer (e.g. `streaming.StreamingSaveStrategy` for a model built on the meta device).
     """
     if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
         raise CheckpointError(f"iteration={iteration!r} must be a non-negative integer.")

@@ -7,8 +7,8 @@ As there, the sizes (`SIZES`: layers, width, heads, FFN width, sequence length, 
 positions) are taken only where the command line (or ``--config``) leaves them unset, and the
 structure (`STRUCTURE`: position embeddings, biases, activation, norm, dropout, MoE routing) is
 taken over it; the tokenizer's type and model file too, unless
-``--no-use-tokenizer-model-from-checkpoint-args`` (Megatron-LM's flag, on by default). To Megatron-LM's list this adds the fields of ours that define the model the
-same way (the norm placement and its switches, the routing settings megatron-core has beyond
+``--no-use-tokenizer-model-from-checkpoint-args`` (Megatron-LM's flag, on by default). To
+Megatron-LM's list this adds the fields of ours that define the model the same way (the norm placement and its switches, the routing settings megatron-core has beyond
 Megatron-LM's list): every field the architecture check below compares, so a run that takes
 them builds the checkpoint's model. The parallel layout is not taken (Megatron-LM takes it only
 with ``--use-mp-args-from-checkpoint-args``). A ``--load`` without a checkpoint yet (the first
@@ -84,19 +84,19 @@ def flag_for(name: str) -> str:
     }.get(name, name)
 
 
-def _record(load: Optional[str]) -> Tuple[Optional[dict], Optional[str]]:
-    """(run record, directory) of the checkpoint `load` resumes from; (None, None) when there is
-    none yet or it cannot be read (the load itself then says what is wrong, or starts fresh)."""
+def _record(load: Optional[str]) -> Tuple[Optional[dict], str]:
+    """(run record, directory) of the checkpoint `load` resumes from; (None, why not) when there
+    is none yet or it cannot be read (the load itself then says what is wrong, or starts fresh)."""
     if not load:
-        return None, None
+        return None, "no --load"
     try:
         iteration = find_latest(load)
         if iteration is None:
-            return None, None
+            return None, f"no checkpoint in {load} yet"
         directory = os.path.join(load, iteration_dirname(iteration))
         return read_run_record(directory), directory
     except CheckpointError:
-        return None, None
+        return None, f"the checkpoint in {load} cannot be read (loading it will say why)"
 
 
 def given_flags(parser: argparse.ArgumentParser, argv, config_keys: Iterable[str]) -> set:
@@ -121,7 +121,8 @@ def apply_checkpoint_args(args: argparse.Namespace, given: set) -> Dict[str, obj
                           "--use-checkpoint-args.")
     record, where = _record(args.load)
     if record is None or not isinstance(record.get("model_config"), dict):
-        _say(f"> --use-checkpoint-args: no checkpoint in {args.load} yet; using the flags given")
+        why = where if record is None else f"{where} records no model"
+        _say(f"> --use-checkpoint-args: {why}; using the flags given")
         return {}
     saved_model = dict(record["model_config"])
     try:  # the resolved width, as Megatron-LM's checkpoint holds it (its validate_args)
