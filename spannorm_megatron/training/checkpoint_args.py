@@ -8,8 +8,9 @@ positions) are taken only where the command line (or ``--config``) leaves them u
 structure (`STRUCTURE`: position embeddings, biases, activation, norm, dropout, MoE routing) is
 taken over it; the tokenizer's type and model file too, unless
 ``--no-use-tokenizer-model-from-checkpoint-args`` (Megatron-LM's flag, on by default). To
-Megatron-LM's list this adds the fields of ours that define the model the same way (the norm placement and its switches, the routing settings megatron-core has beyond
-Megatron-LM's list): every field the architecture check below compares, so a run that takes
+Megatron-LM's list this adds the fields of ours that define the model the same way (the norm
+placement and its switches, the routing settings megatron-core has beyond Megatron-LM's list):
+every field the architecture check below compares, so a run that takes
 them builds the checkpoint's model. The parallel layout is not taken (Megatron-LM takes it only
 with ``--use-mp-args-from-checkpoint-args``). A ``--load`` without a checkpoint yet (the first
 launch of ``--save X --load X``) leaves the flags as given, as in Megatron-LM.
