@@ -18,17 +18,51 @@ from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.options import check, derived, option
 from spannorm_megatron.placements import PLACEMENTS, get_placement, placement_names
 
-NORMALIZATIONS = ("RMSNorm", "LayerNorm")
-POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+# Megatron-LM's choices; mrope and relative are refused by `validate` with the reason.
+POSITION_EMBEDDINGS = ("learned_absolute", "rope", "mrope", "relative", "none")
+UNSUPPORTED_POSITION_EMBEDDINGS = {
+    "mrope": "multimodal rotary embeddings need a vision model's position ids, and this stack "
+             "trains text-only GPT models",
+    "relative": "T5-style relative attention bias needs Transformer Engine's attention bias, "
+                "which megatron-core's GPT spec does not wire",
+}
+# The model this project recommends (Llama-style), as fields. Megatron-LM's defaults, and so
+# ours, describe GPT-2 (LayerNorm, learned positions, GeLU, biases, tied embeddings, dropout
+# 0.1); example configs and tests spell these out so that one command line builds the same
+# model in both stacks (`recipe_flags` gives them as flags).
+# `transformer_impl="auto"` runs the same recipe on GPUs (Transformer Engine) and CPUs.
+MODERN_RECIPE = dict(normalization="RMSNorm", position_embedding_type="rope", swiglu=True,
+                     add_bias_linear=False, untie_embeddings_and_output_weights=True,
+                     hidden_dropout=0.0, attention_dropout=0.0, transformer_impl="auto")
 SCALE_INIT_NAMES = ("sqrt_depth", "megatron", "none")
 SCALE_MODES = ("init", "forward")
-TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+# Megatron-LM's choices (inference_optimized is refused: its specs are for inference only),
+# and ours: auto, Transformer Engine where it imports and a GPU is present, local elsewhere.
+TRANSFORMER_IMPLS = ("local", "transformer_engine", "inference_optimized", "auto")
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
 TOKEN_DISPATCHERS = ("alltoall", "allgather", "flex")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 ROUTER_DTYPES = ("fp32", "fp64")
 TOKEN_DROP_POLICIES = ("probs", "position")
 DEFAULT_BIAS_UPDATE_RATE = 1e-3  # Megatron-LM's default of --moe-router-bias-update-rate
+
+
+def recipe_flags(values: dict = MODERN_RECIPE) -> List[str]:
+    """`values` (ModelConfig fields) as `spannorm-train` / Megatron-LM flags."""
+    from spannorm_megatron.options import flag_of
+
+    flags = []
+    by_name = {f.name: f for f in fields(ModelConfig)}
+    for name, value in values.items():
+        field = by_name[name]
+        if isinstance(value, bool):
+            if value != field.default:  # a switch: given only to change its default
+                flag = flag_of(field)
+                flags.append(flag if value or field.metadata["negative"] else "--no-" + flag[2:])
+        else:
+            flags += [flag_of(field), str(value)]
+    return flags
 
 
 def parse_scale_init(value: Union[str, float, None]) -> Union[str, float, None]:
@@ -112,8 +146,10 @@ def _evaluate_pattern(node, text: str):
 class ModelConfig:
     """A GPT-style decoder whose layers use one normalization placement.
 
-    Defaults describe a small Llama-like SpanNorm model (RMSNorm, RoPE, SwiGLU, no biases).
-    Every field is a `spannorm-train` flag (`spannorm_megatron.options`).
+    Every field is a `spannorm-train` flag (`spannorm_megatron.options`) whose default is
+    Megatron-LM's (a GPT-2-like layer: LayerNorm, learned positions, GeLU, biases, tied
+    embeddings, dropout 0.1); `MODERN_RECIPE` holds the Llama-like settings this project
+    recommends.
     """
 
     norm_placement: str = option(
@@ -121,41 +157,44 @@ class ModelConfig:
         choices=placement_names)
     num_layers: int = option(
         4, "Transformer layers in the whole model, all pipeline stages together (the L of "
-        "Scale Init).", at_least=1)
-    hidden_size: int = option(256, "Width of the residual stream.", at_least=1)
-    num_attention_heads: int = option(4, "Query heads.", at_least=1)
+        "Scale Init).", at_least=1, required=True)
+    hidden_size: int = option(256, "Width of the residual stream.", at_least=1, required=True)
+    num_attention_heads: int = option(4, "Query heads.", at_least=1, required=True)
     num_query_groups: Optional[int] = option(
         None, "Key/value heads for grouped-query attention (with --group-query-attention); "
         "unset: one per query head.", at_least=1)
     ffn_hidden_size: Optional[int] = option(
-        None, "Dense MLP inner width; unset: 4 x hidden size.", at_least=1)
-    normalization: str = option("RMSNorm", "Type of every norm.", choices=NORMALIZATIONS)
+        None, "Dense MLP inner width; unset: 4 x hidden size, or with --swiglu "
+        "int(8 x hidden / 3 / 64) x 64 (Megatron-LM's rule).", at_least=1)
+    normalization: str = option("LayerNorm", "Type of every norm.", choices=NORMALIZATIONS)
     norm_epsilon: float = option(1e-5, "Epsilon added to the variance inside every norm.",
                                  above=0.0)
     apply_layernorm_1p: bool = option(
         False, "Store norm gains as (gain - 1), initialized at zero, so weight decay pulls them "
         "to 1.")
-    swiglu: bool = option(True, "Gated SiLU MLP (SwiGLU) instead of a plain GeLU MLP.")
+    swiglu: bool = option(False, "Gated SiLU MLP (SwiGLU) instead of a plain GeLU MLP.")
     add_bias_linear: bool = option(
-        False, "Biases in the attention and MLP linear layers (off unless given, as with "
-        "Megatron-LM's --disable-bias-linear).")
-    position_embedding_type: str = option("rope", "Position embedding.",
-                                          choices=POSITION_EMBEDDINGS)
+        True, "Biases in the attention and MLP linear layers; --disable-bias-linear drops them.",
+        flag="--disable-bias-linear", negative=True)
+    position_embedding_type: str = option(
+        "learned_absolute", "Position embedding: learned_absolute, rope or none (mrope and "
+        "relative are refused).", choices=POSITION_EMBEDDINGS)
     rotary_base: int = option(10000, "RoPE base frequency.", at_least=1)
     max_sequence_length: int = option(
-        1024, "Longest sequence the position embeddings support.",
-        flag="--max-position-embeddings", at_least=1, fallback="--seq-length")
+        1024, "Longest sequence the position embeddings support (at least --seq-length).",
+        flag="--max-position-embeddings", at_least=1, required=True)
     vocab_size: int = derived(
         32000, "Vocabulary size as the model sees it (already padded, if padding is wanted).",
         source="the tokenizer, padded by --make-vocab-size-divisible-by", at_least=1)
     untie_embeddings_and_output_weights: bool = option(
-        True, "Separate input embedding and output layer weights (Llama style).")
+        False, "Separate input embedding and output layer weights (Llama style); unset: the "
+        "output layer reuses the embedding.")
     init_method_std: float = option(
         0.02, "Base init std sigma of every weight matrix; output projections may be scaled, "
         "see --scale-init.", above=0.0)
-    hidden_dropout: float = option(0.0, "Dropout on each residual branch output.",
+    hidden_dropout: float = option(0.1, "Dropout on each residual branch output.",
                                    at_least=0.0, below=1.0)
-    attention_dropout: float = option(0.0, "Dropout on attention probabilities.",
+    attention_dropout: float = option(0.1, "Dropout on attention probabilities.",
                                       at_least=0.0, below=1.0)
     scale_init: Union[str, float, None] = option(
         None, "Output-projection scaling (attention output projection and MLP fc2, every "
@@ -175,12 +214,15 @@ class ModelConfig:
     moe_router_topk: int = option(2, "Experts each token is routed to.", at_least=1)
     moe_ffn_hidden_size: Optional[int] = option(
         None, "Inner width of each expert; unset: --ffn-hidden-size.", at_least=1)
-    moe_aux_loss_coeff: float = option(
-        1e-2, "Weight of the router's load-balancing auxiliary loss.", at_least=0.0)
-    moe_router_load_balancing_type: str = option(
+    moe_aux_loss_coeff: Union[float, List[float]] = option(
+        0.0, "Weight of the router's load-balancing auxiliary loss (1e-2 is a usual start); "
+        "one per --moe-router-load-balancing-type when several are given.", at_least=0.0,
+        nargs="+", parse=float)
+    moe_router_load_balancing_type: Union[str, List[str]] = option(
         "aux_loss", "megatron-core's load balancing: aux_loss (per micro-batch), seq_aux_loss "
         "(per sequence), global_aux_loss (over the global batch), sinkhorn, or none (e.g. with "
-        "--moe-router-enable-expert-bias).", choices=LOAD_BALANCING_TYPES)
+        "--moe-router-enable-expert-bias); several combine, each with its --moe-aux-loss-coeff.",
+        choices=LOAD_BALANCING_TYPES, nargs="+", parse=str)
     moe_router_score_function: str = option(
         "softmax", "Router score: softmax, or sigmoid (DeepSeek-V3; normalized over the chosen "
         "experts when topk > 1).", choices=SCORE_FUNCTIONS)
@@ -232,18 +274,24 @@ class ModelConfig:
         None, "Inner width of a shared expert every token passes through; unset: none.",
         at_least=1)
     moe_token_dispatcher_type: str = option(
-        "alltoall", "megatron-core's token dispatcher: alltoall (expert-parallel friendly), "
+        "allgather", "megatron-core's token dispatcher: alltoall (expert-parallel friendly), "
         "allgather, or flex (DeepEP, GPU only).", choices=TOKEN_DISPATCHERS)
     moe_grouped_gemm: bool = option(
         False, "Run the experts as one grouped GEMM (Transformer Engine) instead of one MLP "
         "per expert.")
     transformer_impl: str = option(
-        "auto", "Module flavour: local (PyTorch modules, runs anywhere), transformer_engine "
-        "(fused norms, FP8) or auto (Transformer Engine when it imports and a GPU is present).",
+        "transformer_engine", "Module flavour: transformer_engine (fused norms, FP8; needs "
+        "Transformer Engine and a GPU), local (PyTorch modules, runs anywhere, CPU included) or "
+        "auto (ours: Transformer Engine when it imports and a GPU is present, else local).",
         choices=TRANSFORMER_IMPLS)
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @classmethod
+    def recommended(cls, **fields) -> "ModelConfig":
+        """This project's recipe (`MODERN_RECIPE`), with `fields` on top."""
+        return cls(**{**MODERN_RECIPE, **fields})
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -252,7 +300,13 @@ class ModelConfig:
 
     @property
     def resolved_ffn_hidden_size(self) -> int:
-        return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
+        """Megatron-LM's rule: SwiGLU's two input projections get 2/3 of 4h, kept a multiple
+        of 64, so the MLP holds about as many parameters as a 4h GeLU MLP."""
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.swiglu:
+            return int((4 * self.hidden_size * 2 / 3) / 64) * 64
+        return 4 * self.hidden_size
 
     @property
     def resolved_num_query_groups(self) -> int:
@@ -294,6 +348,20 @@ class ModelConfig:
         """Raise ConfigError for a value that cannot work. Pure: touches no device or process group."""
         placement = get_placement(self.norm_placement)
         check(self)
+        why = UNSUPPORTED_POSITION_EMBEDDINGS.get(self.position_embedding_type)
+        if why:
+            raise ConfigError(
+                f"--position-embedding-type {self.position_embedding_type} is Megatron-LM's, but "
+                f"not available here: {why}. Use learned_absolute, rope or none.")
+        if self.transformer_impl == "inference_optimized":
+            raise ConfigError(
+                "--transformer-impl inference_optimized is Megatron-LM's inference-only spec "
+                "and cannot train: use transformer_engine, local or auto.")
+        if self.resolved_ffn_hidden_size < 1:
+            raise ConfigError(
+                f"--swiglu without --ffn-hidden-size gives int(8 x {self.hidden_size} / 3 / 64) x "
+                f"64 = 0 inner width (Megatron-LM's rule needs --hidden-size >= 24): give "
+                f"--ffn-hidden-size.")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
@@ -331,9 +399,28 @@ class ModelConfig:
                 )
         self._validate_moe_options()
 
+    @property
+    def balancing_types(self) -> List[str]:
+        types = self.moe_router_load_balancing_type
+        return list(types) if isinstance(types, (list, tuple)) else [types]
+
     def _validate_moe_options(self) -> None:
         """Cross-field rules of the MoE flags, each named as Megatron-LM spells it; megatron-core
         would assert most of them only inside TransformerConfig or the router."""
+        # As Megatron-LM's validate_args: a one-element list is its value.
+        for name in ("moe_router_load_balancing_type", "moe_aux_loss_coeff"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, value[0] if len(value) == 1 else list(value))
+        types, coeffs = self.moe_router_load_balancing_type, self.moe_aux_loss_coeff
+        if isinstance(types, list) and not (isinstance(coeffs, list) and len(coeffs) == len(types)):
+            raise ConfigError(
+                f"--moe-router-load-balancing-type lists {len(types)} types ({' '.join(types)}): "
+                f"give --moe-aux-loss-coeff one coefficient for each, in the same order.")
+        if isinstance(coeffs, list) and not isinstance(types, list):
+            raise ConfigError(
+                f"--moe-aux-loss-coeff lists {len(coeffs)} coefficients but "
+                f"--moe-router-load-balancing-type names one type: list as many types.")
         try:
             self.moe_layer_freq = parse_moe_layer_freq(self.moe_layer_freq)
         except ValueError as error:
@@ -359,7 +446,7 @@ class ModelConfig:
                 "--moe-router-pre-softmax applies to softmax scoring, and "
                 "--moe-router-score-function is sigmoid: drop one of them.")
         if (self.moe_router_topk == 1 and not sigmoid and not self.moe_router_pre_softmax
-                and self.moe_router_load_balancing_type != "sinkhorn"):
+                and "sinkhorn" not in self.balancing_types):
             raise ConfigError(
                 "--moe-router-topk 1 with softmax scoring needs --moe-router-pre-softmax (a "
                 "softmax over one chosen expert is constant, so the router would get no "
@@ -400,7 +487,7 @@ class ModelConfig:
                     f"experts of a group: raise --moe-router-group-topk or lower "
                     f"--moe-router-num-groups.")
         if self.moe_expert_capacity_factor is not None and \
-                self.moe_router_load_balancing_type == "sinkhorn":
+                "sinkhorn" in self.balancing_types:
             raise ConfigError(
                 "--moe-expert-capacity-factor works with aux_loss, seq_aux_loss, "
                 "global_aux_loss or none balancing, not sinkhorn: change "
@@ -436,7 +523,8 @@ class ParallelConfig:
         at_least=1)
     virtual_pipeline_model_parallel_size: Optional[int] = option(
         None, "Model chunks per pipeline stage for the interleaved 1F1B schedule; unset: plain "
-        "1F1B.", at_least=1)
+        "1F1B.", at_least=1, flag="--num-virtual-stages-per-pipeline-rank",
+        aliases=("--virtual-pipeline-model-parallel-size",))
     expert_model_parallel_size: int = option(
         1, "Ranks that split the experts of every MoE layer (all-to-all token dispatch).",
         at_least=1)
@@ -537,7 +625,7 @@ class ParallelConfig:
                             ("--decoder-last-pipeline-num-layers", last)):
                 if n is not None and n % vpp:
                     raise ConfigError(
-                        f"{flag} {n} is not divisible by --virtual-pipeline-model-parallel-size "
+                        f"{flag} {n} is not divisible by --num-virtual-stages-per-pipeline-rank "
                         f"{vpp}: each of the stage's model chunks needs the same number of "
                         f"layers.")
             if middle_ranks == 0 and middle_layers != 0:
@@ -605,7 +693,7 @@ def _layout_virtual_stages(layout: str, pp: int, vpp: Optional[int]) -> Optional
     derived_vpp = stages // pp if stages > pp else None
     if vpp is not None and vpp != (derived_vpp or 1):
         raise ConfigError(
-            f"--virtual-pipeline-model-parallel-size {vpp} disagrees with "
+            f"--num-virtual-stages-per-pipeline-rank {vpp} disagrees with "
             f"--pipeline-model-parallel-layout ({stages} stages over {pp} ranks): drop it, the "
             f"layout sets it.")
     return derived_vpp

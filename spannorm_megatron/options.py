@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -36,7 +37,8 @@ def option(default: Any = _MISSING, doc: str = "", *, flag: Optional[str] = None
            above: Optional[float] = None, below: Optional[float] = None,
            parse: Optional[Callable[[str], Any]] = None, fallback: Optional[str] = None,
            default_factory: Any = _MISSING, derived_from: Optional[str] = None,
-           path: Optional[str] = None) -> Any:
+           path: Optional[str] = None, required: bool = False, negative: bool = False,
+           nargs: Any = None, aliases: Tuple[str, ...] = ()) -> Any:
     """A dataclass field with its flag. `flag` defaults to `--` + the name with dashes;
     `choices` is a tuple, or a callable returning one (a registry that can grow);
     `at_least`/`above`/`below` bound numbers; `parse` turns the flag's text into a value (for
@@ -44,12 +46,20 @@ def option(default: Any = _MISSING, doc: str = "", *, flag: Optional[str] = None
     not given (the dataclass default serves Python users); `derived_from` marks a field without
     a flag of its own, which the run sets from what it names (see `derived`); `path` is "input"
     (an existing readable file) or "output" (a directory that is, or can be, written), checked by
-    `check_paths` before anything runs."""
+    `check_paths` before anything runs. `required` marks a flag the command line must give, as
+    Megatron-LM requires it (the dataclass default still serves Python users;
+    `missing_required` lists what a command line left out). `negative` makes a boolean's flag
+    switch it off, as Megatron-LM's store_false flags do (`--disable-bias-linear` sets
+    add_bias_linear False; in YAML `disable-bias-linear: true` means the same). `nargs` is
+    argparse's, for flags that take several values (lists take any number unless it is given;
+    a scalar field with `nargs` takes a list too, as Megatron-LM's --moe-aux-loss-coeff).
+    `aliases` are further spellings of the flag (an older name of ours beside Megatron-LM's)."""
     if not doc:
         raise TypeError("option() needs its doc")
     metadata = dict(doc=doc, flag=flag, choices=choices, at_least=at_least, above=above,
                     below=below, parse=parse, fallback=fallback, derived_from=derived_from,
-                    path=path)
+                    path=path, required=required, negative=negative, nargs=nargs,
+                    aliases=tuple(aliases))
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -80,12 +90,18 @@ def flag_of(field: dataclasses.Field) -> str:
 # ---------------------------------------------------------------------------- types and ranges
 def _base_type(field: dataclasses.Field, owner) -> Tuple[Any, bool]:
     """(type, optional) of a field's annotation: Optional[int] -> (int, True)."""
-    annotation = typing.get_type_hints(owner)[field.name]
+    annotation = _type_hints(owner)[field.name]
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) is typing.Union and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
     return annotation, False
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(owner) -> Dict[str, Any]:
+    # Resolving string annotations is the slow part of every check; a class's do not change.
+    return typing.get_type_hints(owner)
 
 
 def _is_list(kind) -> bool:
@@ -125,7 +141,12 @@ def _type_problem(value, kind) -> Optional[str]:
     if kind is str:
         return None if isinstance(value, str) else "must be a string"
     if _is_list(kind):
-        return None if isinstance(value, (list, tuple, str)) else "must be a list of strings"
+        element = _element_type(kind)
+        if not isinstance(value, (list, tuple, str)):
+            return f"must be a list of {element.__name__}s"
+        if element is not str and isinstance(value, (list, tuple)):
+            return next((why for v in value if (why := _type_problem(v, element))), None)
+        return None
     return None  # unions: the owner's own check (and the field's `parse`) decide
 
 
@@ -134,6 +155,9 @@ def problem(owner, field: dataclasses.Field, value) -> Optional[str]:
     kind, optional = _base_type(field, owner)
     if value is None:
         return None if optional else "must be set"
+    if isinstance(value, (list, tuple)) and field.metadata["nargs"] is not None \
+            and not _is_list(kind):  # one value, or several on the command line
+        return next((why for v in value if (why := problem(owner, field, v))), None)
     return _type_problem(value, kind) or (
         None if kind is bool or _is_list(kind) else _range_problem(value, field.metadata))
 
@@ -150,8 +174,15 @@ def check(instance) -> None:
 
 
 # ---------------------------------------------------------------------------- argparse
-def _converter(owner, field: dataclasses.Field) -> Callable[[str], Any]:
-    kind, _ = _base_type(field, owner)
+def _element_type(kind):
+    """The element type of List[X] (str when unannotated)."""
+    args = typing.get_args(kind)
+    return args[0] if args else str
+
+
+def _converter(owner, field: dataclasses.Field, kind=None) -> Callable[[str], Any]:
+    """Text -> value of one flag argument (one element of a list flag when `kind` is given)."""
+    kind = kind or _base_type(field, owner)[0]
     meta = field.metadata
 
     def convert(text: str):
@@ -166,7 +197,9 @@ def _converter(owner, field: dataclasses.Field) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"{text!r} {why}")
         return value
 
-    convert.__name__ = kind.__name__ if isinstance(kind, type) else "value"
+    # argparse names the type in its errors; Megatron-LM's table compares it too.
+    named = meta["parse"] if meta["parse"] in (int, float, str) else kind
+    convert.__name__ = named.__name__ if isinstance(named, type) else "value"
     return convert
 
 
@@ -175,19 +208,34 @@ def add_arguments(parser, owner) -> None:
     for field in options(owner):
         kind, optional = _base_type(field, owner)
         meta = field.metadata
-        default = None if meta["fallback"] else _default(field)
-        help_text = meta["doc"] + (f" Default: {meta['fallback']}." if meta["fallback"] else "")
+        default = None if meta["fallback"] or meta["required"] else _default(field)
+        help_text = meta["doc"] + (f" Default: {meta['fallback']}." if meta["fallback"] else "") \
+            + (" Required." if meta["required"] else "")
         kwargs: Dict[str, Any] = dict(dest=field.name, help=help_text, default=default)
+        if kind is bool and meta["negative"]:
+            parser.add_argument(*_spellings(field), action="store_false", **kwargs)
+            continue
         if kind is bool:
-            negatable = default is not False
+            # Every switch also has its --no- form, so a command line can undo a --config key
+            # (Megatron-LM's store_true flags mean the same; the --no- form is an addition).
+            negatable = not flag_of(field).startswith(("--no-", "--disable-"))
             action = argparse.BooleanOptionalAction if negatable else "store_true"
-            parser.add_argument(flag_of(field), action=action, **kwargs)
+            parser.add_argument(*_spellings(field), action=action, **kwargs)
             continue
         if _is_list(kind):
-            parser.add_argument(flag_of(field), nargs="*", **kwargs)
+            element = _element_type(kind)
+            if element is not str:
+                kwargs["type"] = _converter(owner, field, element)
+            parser.add_argument(*_spellings(field), nargs=meta["nargs"] or "*", **kwargs)
             continue
-        parser.add_argument(flag_of(field), type=_converter(owner, field),
+        if meta["nargs"] is not None:
+            kwargs["nargs"] = meta["nargs"]
+        parser.add_argument(*_spellings(field), type=_converter(owner, field),
                             metavar=_metavar(kind, meta), **kwargs)
+
+
+def _spellings(field: dataclasses.Field) -> Tuple[str, ...]:
+    return (flag_of(field), *field.metadata["aliases"])
 
 
 def _default(field: dataclasses.Field):
@@ -207,8 +255,24 @@ def coerce(owner, field: dataclasses.Field, value, where: str):
     kind, optional = _base_type(field, owner)
     if value is None and optional:
         return None
+    if isinstance(value, (list, tuple)) and field.metadata["nargs"] is not None \
+            and not _is_list(kind):  # a scalar field that takes several values on the command line
+        return [coerce_one(owner, field, v, where) for v in value]
+    return coerce_one(owner, field, value, where)
+
+
+def coerce_one(owner, field: dataclasses.Field, value, where: str):
+    kind, optional = _base_type(field, owner)
+    if value is None and optional:
+        return None
     if kind is bool or _is_list(kind):
         why = _type_problem(value, kind)
+        if why is None and _is_list(kind) and _element_type(kind) is not str:
+            items = value.split() if isinstance(value, str) else value
+            try:
+                return [_converter(owner, field, _element_type(kind))(str(v)) for v in items]
+            except argparse.ArgumentTypeError as error:
+                why = str(error)
     elif isinstance(value, bool):
         why = f"{value!r} is not a value of this flag"
     else:
@@ -236,6 +300,12 @@ def fill_fallbacks(owners, args: argparse.Namespace) -> None:
             source = field.metadata["fallback"]
             if source and getattr(args, field.name) is None:
                 setattr(args, field.name, getattr(args, source.lstrip("-").replace("-", "_")))
+
+
+def missing_required(owners, args: argparse.Namespace) -> List[str]:
+    """The flags declared `required=True` that neither the command line nor --config gave."""
+    return [flag_of(field) for owner in owners for field in options(owner)
+            if field.metadata["required"] and getattr(args, field.name, None) is None]
 
 
 # ---------------------------------------------------------------------------- paths

@@ -72,7 +72,7 @@ def synthetic_batch(args, generator: torch.Generator) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    model_config = ModelConfig(
+    model_config = ModelConfig.recommended(
         norm_placement=args.norm_placement, num_layers=args.num_layers,
         hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
         num_experts=args.num_experts, moe_router_topk=args.moe_router_topk,

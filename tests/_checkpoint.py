@@ -41,7 +41,7 @@ def model_config(dropout: bool = False, placement: str = "spannorm", moe: bool =
     if moe:
         values.update(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32)
     values.update(overrides)
-    return ModelConfig(**values)
+    return ModelConfig.recommended(**values)
 
 
 def build(config: ModelConfig, parallel: ParallelConfig):

@@ -130,7 +130,7 @@ def model_config(combo: str, vocab_size: int = VOCAB) -> ModelConfig:
         transformer_impl="local",
     )
     values.update(overrides)
-    return ModelConfig(**values)
+    return ModelConfig.recommended(**values)
 
 
 def build(config: ModelConfig, seed: int = 0):

@@ -77,7 +77,7 @@ def independent(model, batches):
 def main(out_dir: str) -> None:
     rank = int(os.environ["RANK"])
     initialize(seed=1234)
-    config = ModelConfig(norm_placement="spannorm", num_layers=2, hidden_size=32,
+    config = ModelConfig.recommended(norm_placement="spannorm", num_layers=2, hidden_size=32,
                          num_attention_heads=2, vocab_size=VOCAB, max_sequence_length=SEQ)
     batches = micro_batches()
     record = {}

@@ -49,7 +49,7 @@ LAYOUTS = {  # 2 ranks each -> which combos run under it
 
 
 def model_config(placement: str, moe: bool, **overrides) -> ModelConfig:
-    return ModelConfig(**overrides,
+    return ModelConfig.recommended(**overrides,
         norm_placement=placement, num_layers=4, hidden_size=32, num_attention_heads=4,
         num_query_groups=2, ffn_hidden_size=64, vocab_size=VOCAB, max_sequence_length=SEQ,
         init_method_std=0.05,

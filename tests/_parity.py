@@ -128,7 +128,7 @@ def model_config(placement: str, moe: bool, **overrides) -> ModelConfig:
         num_experts=4 if moe else None, moe_router_topk=2, moe_ffn_hidden_size=64,
         moe_aux_loss_coeff=1e-2,
     )
-    return ModelConfig(**{**values, **overrides})
+    return ModelConfig.recommended(**{**values, **overrides})
 
 
 def global_batch() -> torch.Tensor:

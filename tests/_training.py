@@ -8,13 +8,22 @@ import subprocess
 import sys
 from typing import Optional, Tuple
 
+from spannorm_megatron.config import recipe_flags
+
 # Strict device mode (runtime/strict_devices.py): a tensor a GPU run would hold on the wrong device
 # fails on CPU too. Multi-rank tests of the loop, the tools and the lab run under it.
 STRICT_DEVICES = {"SPANNORM_STRICT_DEVICES": "1"}
 
+# The run every test trains unless it says otherwise: the project's recipe
+# (spannorm_megatron.config.MODERN_RECIPE) and optimizer settings, spelled as Megatron-LM flags
+# (whose defaults describe GPT-2), with data loading in the training process.
+RECIPE = [*recipe_flags(), "--tokenizer-type", "SentencePieceTokenizer", "--adam-beta2", "0.95",
+          "--lr-decay-style", "cosine", "--num-workers", "0"]
+
 # A model small enough for a two-rank CPU run in seconds.
-SMALL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-         "--seq-length", "64", "--micro-batch-size", "4", "--global-batch-size", "8",
+SMALL = [*RECIPE, "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+         "--ffn-hidden-size", "256", "--seq-length", "64", "--max-position-embeddings", "64",
+         "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "100",
          "--lr", "1e-3", "--lr-warmup-iters", "2", "--log-interval", "1",
          "--eval-interval", "1000", "--eval-iters", "1", "--split", "90,10,0"]
 

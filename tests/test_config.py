@@ -52,7 +52,7 @@ def test_registry_final_norm_rule_follows_contract():
 )
 def test_bad_config_names_field_and_fix(values, field, fix):
     with pytest.raises(ConfigError) as error:
-        ModelConfig(**values)
+        ModelConfig.recommended(**values)
     assert field in str(error.value)
     assert fix in str(error.value)
 
@@ -63,7 +63,7 @@ def test_bad_config_fails_before_any_process_group_work():
         "import torch.distributed as dist\n"
         "from spannorm_megatron.config import ModelConfig, ConfigError\n"
         "try:\n"
-        "    ModelConfig(num_experts=2, moe_router_topk=3)\n"
+        "    ModelConfig.recommended(num_experts=2, moe_router_topk=3)\n"
         "except ConfigError as e:\n"
         "    assert not dist.is_initialized()\n"
         "    print('refused:', e)\n"
@@ -75,7 +75,7 @@ def test_bad_config_fails_before_any_process_group_work():
 
 
 def test_numeric_scale_init_accepted_and_round_trips():
-    config = ModelConfig(scale_init="0.5")
+    config = ModelConfig.recommended(scale_init="0.5")
     assert config.scale_init == 0.5
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="Unknown ModelConfig field"):
@@ -112,13 +112,13 @@ from spannorm_megatron.model.partition import check_model_fits_layout  # noqa: E
 )
 def test_model_that_does_not_fit_layout_is_refused(model, parallel, expected):
     with pytest.raises(ParallelLayoutError) as error:
-        check_model_fits_layout(ModelConfig(**model), ParallelConfig(**parallel))
+        check_model_fits_layout(ModelConfig.recommended(**model), ParallelConfig(**parallel))
     assert expected in str(error.value)
 
 
 def test_layouts_that_fit_pass():
     check_model_fits_layout(
-        ModelConfig(num_layers=8, num_attention_heads=8, hidden_size=64, num_query_groups=2,
+        ModelConfig.recommended(num_layers=8, num_attention_heads=8, hidden_size=64, num_query_groups=2,
                     vocab_size=128, num_experts=4),
         ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
                        virtual_pipeline_model_parallel_size=2, expert_model_parallel_size=4,
@@ -156,7 +156,7 @@ def test_performance_choices_become_megatron_core_config_fields():
         overlap_param_gather=True, ddp_bucket_size=1000)
     parallel = ParallelConfig(use_distributed_optimizer=True)
     performance.check_layout(parallel)
-    tconfig = transformer_config(ModelConfig(num_layers=4), **performance.transformer_kwargs())
+    tconfig = transformer_config(ModelConfig.recommended(num_layers=4), **performance.transformer_kwargs())
     assert (tconfig.bf16, tconfig.params_dtype) == (True, torch.bfloat16)
     assert (tconfig.fp8, tconfig.fp8_recipe) == ("hybrid", "tensorwise")
     assert (tconfig.fp8_amax_history_len, tconfig.fp8_amax_compute_algo) == (16, "max")
@@ -166,16 +166,19 @@ def test_performance_choices_become_megatron_core_config_fields():
     assert ddp.overlap_grad_reduce and ddp.overlap_param_gather and ddp.grad_reduce_in_fp32
     assert ddp.use_distributed_optimizer and ddp.bucket_size == 1000
 
-    plain = transformer_config(ModelConfig(num_layers=4),
+    plain = transformer_config(ModelConfig.recommended(num_layers=4),
                                **PerformanceConfig().transformer_kwargs())
     assert (plain.bf16, plain.fp8, plain.recompute_granularity) == (False, None, None)
 
 
 def test_num_query_groups_takes_effect_only_with_group_query_attention():
     """Megatron-LM reads --num-query-groups only under --group-query-attention; so do we."""
+    from _training import SMALL
+
     from spannorm_megatron.training.arguments import model_config, parse_args
 
-    base = ["--num-attention-heads", "8", "--hidden-size", "64", "--num-query-groups", "2"]
+    base = [*SMALL, "--num-attention-heads", "8", "--hidden-size", "64", "--num-query-groups",
+            "2"]
     ignored = model_config(parse_args(base), vocab_size=512)
     assert ignored.num_query_groups is None and ignored.resolved_num_query_groups == 8
     grouped = model_config(parse_args(base + ["--group-query-attention"]), vocab_size=512)

@@ -106,7 +106,7 @@ def test_transformer_engine_layers_match_the_local_layers(seeded, tmp_path, plac
     router's logits could flip a choice and compare different experts."""
     from megatron.core import dist_checkpointing
 
-    local_config = ModelConfig(norm_placement=placement, num_layers=4, hidden_size=256,
+    local_config = ModelConfig.recommended(norm_placement=placement, num_layers=4, hidden_size=256,
                                num_attention_heads=8, vocab_size=512, max_sequence_length=128,
                                transformer_impl="local", num_experts=4 if moe else None,
                                moe_router_topk=4 if moe else 2)

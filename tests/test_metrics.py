@@ -51,7 +51,7 @@ SIGNAL_NAMES = ("output_rms", "attention_rms", "mlp_rms", "grad_norm", "update_r
 
 # ==================================================================================== FLOPs
 def flops_config(moe: bool, swiglu: bool) -> ModelConfig:
-    return ModelConfig(
+    return ModelConfig.recommended(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=96, vocab_size=200, max_sequence_length=32, swiglu=swiglu,
         num_experts=4 if moe else None, moe_router_topk=2, moe_ffn_hidden_size=48,
@@ -127,7 +127,7 @@ def megatron_lm_flops(cfg: ModelConfig, seq: int, batch: int) -> float:
 def test_flops_equal_megatron_lm_formula(moe):
     """A Llama-7B-like dense model and a MoE one: our count without the router GEMM (which
     Megatron-LM leaves out) is Megatron-LM's."""
-    config = ModelConfig(
+    config = ModelConfig.recommended(
         num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
         ffn_hidden_size=11008, vocab_size=32000, max_sequence_length=4096,
         num_experts=64 if moe else None, moe_router_topk=6, moe_ffn_hidden_size=1408,
@@ -518,7 +518,7 @@ def test_recipe_moe_metrics_per_moe_layer_and_their_tags(megatron_world, tmp_pat
     the router logits), then written to TensorBoard."""
     torch.manual_seed(7)
     config = _metrics.model_config("spannorm", True)
-    config = ModelConfig(**{**config.to_dict(), "moe_layer_freq": [0, 1, 1, 1],
+    config = ModelConfig.recommended(**{**config.to_dict(), "moe_layer_freq": [0, 1, 1, 1],
                             "moe_router_score_function": "sigmoid",
                             "moe_router_enable_expert_bias": True,
                             "moe_router_bias_update_rate": 1e-2,

@@ -28,7 +28,7 @@ def small_config(placement, moe=False, normalization="RMSNorm", **overrides):
         values.update(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=24,
                       moe_shared_expert_intermediate_size=16, moe_aux_loss_coeff=0.0)
     values.update(overrides)
-    return ModelConfig(**values)
+    return ModelConfig.recommended(**values)
 
 
 def shapes_of(config: ModelConfig) -> reference.Shapes:

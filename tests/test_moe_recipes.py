@@ -10,6 +10,8 @@ import pytest
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from _training import SMALL
+
 from spannorm_megatron.config import ModelConfig, ParallelConfig, parse_moe_layer_freq
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.model import build_gpt_model, transformer_config
@@ -38,7 +40,7 @@ def recipe(placement="spannorm", **overrides):
                   moe_ffn_hidden_size=24, moe_layer_freq="([0]*1+[1]*3)", qk_layernorm=True,
                   **ROUTING)
     values.update(overrides)
-    return ModelConfig(**values)
+    return ModelConfig.recommended(**values)
 
 
 @pytest.mark.parametrize("text,pattern", [
@@ -46,7 +48,7 @@ def recipe(placement="spannorm", **overrides):
     ("2", [1, 0, 1, 0]), ("1", [1, 1, 1, 1]),
 ])
 def test_moe_layer_freq_reads_megatron_lm_syntax(text, pattern):
-    assert ModelConfig(num_layers=4, num_experts=4, moe_layer_freq=text).moe_layer_pattern == \
+    assert ModelConfig.recommended(num_layers=4, num_experts=4, moe_layer_freq=text).moe_layer_pattern == \
         pattern
 
 
@@ -62,7 +64,8 @@ def test_flags_and_yaml_reach_the_model_config(tmp_path):
     config_file.write_text("num-experts: 4\nnum-layers: 4\nmoe-layer-freq: [0, 1, 1, 1]\n"
                            "moe-router-score-function: sigmoid\n"
                            "moe-router-enable-expert-bias: true\nqk-layernorm: true\n")
-    args = parse_args(["--config", str(config_file), "--moe-expert-capacity-factor", "1.25",
+    args = parse_args(["--config", str(config_file), *SMALL, "--num-layers", "4",
+                       "--moe-expert-capacity-factor", "1.25",
                        "--moe-router-load-balancing-type", "none"])
     config = model_config(args, vocab_size=128)
     assert config.moe_layer_pattern == [0, 1, 1, 1] and config.qk_layernorm
@@ -114,7 +117,7 @@ def test_stage_split_matches_what_megatron_core_builds(parallel, num_layers, exp
     layout = ParallelConfig(**parallel)
     counts = layout.stage_layer_counts(num_layers)
     assert counts == expected
-    tconfig = transformer_config(ModelConfig(num_layers=num_layers, hidden_size=32,
+    tconfig = transformer_config(ModelConfig.recommended(num_layers=num_layers, hidden_size=32,
                                              num_attention_heads=4),
                                  **layout.transformer_kwargs())
     vpp = layout.virtual_pipeline_model_parallel_size
@@ -153,7 +156,7 @@ def test_bad_pipeline_split_is_refused_when_declared(parallel, expected):
     (dict(pipeline_model_parallel_size=3, decoder_first_pipeline_num_layers=2,
           decoder_last_pipeline_num_layers=2), 4, "leaves 0 layers for 1 other stage(s)"),
     (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
-          decoder_first_pipeline_num_layers=3), 7, "is not divisible by --virtual-pipeline"),
+          decoder_first_pipeline_num_layers=3), 7, "is not divisible by --num-virtual-stages-per-pipeline-rank"),
     (dict(pipeline_model_parallel_size=4, account_for_embedding_in_pipeline_split=True),
      4, "num_layers=4 (+1 for the embedding/loss"),
     (dict(pipeline_model_parallel_size=4, account_for_embedding_in_pipeline_split=True,

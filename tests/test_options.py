@@ -15,6 +15,11 @@ from spannorm_megatron.training.arguments import SECTIONS, build_parser, parse_a
 
 NOT_FIELDS = {"help", "config"}  # argparse's own, and the file of flags itself
 
+# What Megatron-LM (and so spannorm-train) cannot run without.
+REQUIRED = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "2",
+            "--lr", "1e-3", "--train-iters", "100", "--tokenizer-type", "SentencePieceTokenizer"]
+
 
 def _declared_flags():
     return [(owner, field) for _, owner in SECTIONS for field in options(owner)]
@@ -37,14 +42,54 @@ def test_every_flag_is_a_field_and_every_field_a_flag():
 
 
 def test_defaults_of_the_parser_are_the_dataclass_defaults():
-    args = parse_args([])
+    args = parse_args(REQUIRED)
+    given = {flag for flag in REQUIRED if flag.startswith("--")}
     for _, owner in SECTIONS:
         instance = owner(**_required(owner))
         for field in options(owner):
-            if field.metadata["fallback"] is None and field.name not in _required(owner):
+            if field.metadata["fallback"] is None and field.name not in _required(owner) \
+                    and flag_of(field) not in given:
                 assert getattr(args, field.name) == getattr(instance, field.name), field.name
-    assert args.max_sequence_length == args.seq_length  # the fallback
-    assert args.lr_decay_iters == args.train_iters
+
+
+def test_megatron_lm_required_flags_are_required_and_named_together(capsys):
+    assert train_main([]) == 2
+    err = capsys.readouterr().err
+    for flag in REQUIRED[::2]:
+        assert flag in err, flag
+    assert "--train-iters or --train-samples" in err and "Traceback" not in err
+    for i in range(0, len(REQUIRED), 2):  # each one alone is missed
+        if REQUIRED[i] == "--train-iters":
+            continue
+        with pytest.raises(UserError, match=f"required .*{REQUIRED[i]}"):
+            parse_args(REQUIRED[:i] + REQUIRED[i + 2:])
+    with pytest.raises(UserError, match="exactly one of them"):
+        parse_args(REQUIRED + ["--train-samples", "800"])
+
+
+def test_switches_lists_and_aliases_take_megatron_lm_spellings(tmp_path):
+    args = parse_args(REQUIRED)
+    assert args.add_bias_linear and not args.swiglu and not args.untie_embeddings_and_output_weights
+    args = parse_args([*REQUIRED, "--disable-bias-linear", "--swiglu",
+                       "--moe-router-load-balancing-type", "seq_aux_loss", "global_aux_loss",
+                       "--moe-aux-loss-coeff", "1e-3", "1e-4",
+                       "--virtual-pipeline-model-parallel-size", "2",
+                       "--pipeline-model-parallel-size", "1"])
+    assert not args.add_bias_linear and args.swiglu
+    assert args.moe_router_load_balancing_type == ["seq_aux_loss", "global_aux_loss"]
+    assert args.moe_aux_loss_coeff == [1e-3, 1e-4]
+    assert args.virtual_pipeline_model_parallel_size == 2  # the older spelling, kept as alias
+    # In YAML the negative flag's key means what the flag means; the field's name means itself.
+    config = tmp_path / "run.yaml"
+    config.write_text("disable-bias-linear: true\nmoe-aux-loss-coeff: [0.1, 0.2]\n"
+                      "moe-router-load-balancing-type: [aux_loss, seq_aux_loss]\n")
+    args = parse_args(["--config", str(config), *REQUIRED])
+    assert args.add_bias_linear is False and args.moe_aux_loss_coeff == [0.1, 0.2]
+    config.write_text("add_bias_linear: false\n")
+    assert parse_args(["--config", str(config), *REQUIRED]).add_bias_linear is False
+    # Every switch can be undone on the command line, over a --config key.
+    config.write_text("swiglu: true\n")
+    assert parse_args(["--config", str(config), *REQUIRED, "--no-swiglu"]).swiglu is False
 
 
 CASES = [(owner, field, value) for owner, field in _declared_flags()
@@ -65,7 +110,7 @@ def test_bad_flag_value_exits_2_naming_the_flag_before_anything_runs(owner, fiel
     status = train_main([flag_of(field), value])
     err = capsys.readouterr().err
     assert status == 2, err
-    assert f"argument {flag_of(field)}: " in err
+    assert f"argument {flag_of(field)}" in err
     assert err.count("error: ") == 1 and "Traceback" not in err
 
 
@@ -90,11 +135,18 @@ def test_the_dataclass_refuses_what_the_flag_refuses(owner, field, value):
         except ValueError:
             number = float(value) if value[0].isdigit() or value[0] == "-" else value
     with pytest.raises(UserError, match=field.name):
-        owner(**_required(owner), **{field.name: number})
+        owner(**{**_required(owner), field.name: number})
+
+
+def _without(*flags):
+    """REQUIRED less `flags` (and their values)."""
+    pairs = zip(REQUIRED[::2], REQUIRED[1::2])
+    return [item for flag, value in pairs if flag not in flags for item in (flag, value)]
 
 
 def _required(owner):
-    return {"data_path": "prefix"} if owner.__name__ == "DataConfig" else {}
+    return {"DataConfig": {"data_path": "prefix"},
+            "TrainingConfig": {"train_iters": 100, "lr": 1e-3}}.get(owner.__name__, {})
 
 
 def test_unknown_yaml_key_and_flag_name_the_nearest(tmp_path, capsys):
@@ -112,7 +164,9 @@ def test_yaml_keys_are_flags_in_either_spelling_and_flags_win(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("num_layers: 6\nmax-position-embeddings: 64\nlr: 0.002\nswiglu: false\n"
                       "data-path: [a, b]\n")
-    args = parse_args(["--config", str(config), "--lr", "0.001"])
+    args = parse_args(["--config", str(config), *_without("--num-layers", "--lr",
+                                                          "--max-position-embeddings"),
+                       "--lr", "0.001"])
     assert (args.num_layers, args.max_sequence_length, args.lr, args.swiglu, args.data_path) == \
         (6, 64, 0.001, False, ["a", "b"])
 
@@ -123,10 +177,19 @@ def test_cross_field_checks_run_at_parse_time():
                            (["--recompute-method", "block"], "--recompute-method applies"),
                            (["--lr-decay-style", "WSD"], "needs --lr-wsd-decay-iters N"),
                            (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "200"],
-                            "at most --lr-decay-iters - --lr-warmup-iters = 100")):
+                            "at most --lr-decay-iters = 100"),
+                           (["--lr-warmup-samples", "8"], "cannot be used with --train-iters"),
+                           (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "2"],
+                            "both set the warm-up"),
+                           (["--max-position-embeddings", "32"], "smaller than --seq-length"),
+                           (["--position-embedding-type", "mrope"], "not available here"),
+                           (["--moe-router-load-balancing-type", "aux_loss", "z_loss"],
+                            "is not one of"),
+                           (["--num-experts", "4", "--moe-router-load-balancing-type",
+                             "aux_loss", "seq_aux_loss"], "one coefficient for each")):
         with pytest.raises(UserError, match=fragment):
-            parse_args(argv)
-    assert run_cli(parse_args, ["--lr", "inf"]) == 2
+            parse_args([*REQUIRED, *argv])
+    assert run_cli(parse_args, [*REQUIRED, "--lr", "inf"]) == 2
 
 
 def test_a_new_field_becomes_a_checked_flag():
@@ -160,10 +223,10 @@ def test_paths_are_checked_for_what_they_must_be_before_anything_runs(tmp_path, 
             (["--data-cache-path", str(a_file)], "is a file"),
             (["--tokenizer-model", str(tmp_path)], "is not a file"),
             (["--tokenizer-model", str(tmp_path / "none.model")], "no such file")):
-        assert train_main(argv) == 2, argv
+        assert train_main([*REQUIRED, *argv]) == 2, argv
         err = capsys.readouterr().err
         assert fragment in err and "Traceback" not in err, err
     # A writable output is probed with a real file, which is gone afterwards.
-    parse_args(["--save", str(tmp_path / "new" / "ckpt")])
+    parse_args([*REQUIRED, "--save", str(tmp_path / "new" / "ckpt")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert a_file.read_text() == "kept"

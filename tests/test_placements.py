@@ -61,14 +61,16 @@ def test_a_toy_placement_is_one_entry_config_model_and_export(toy, seeded):
     from spannorm_megatron.model import build_gpt_model, transformer_config
     from spannorm_megatron.training.arguments import parse_args
 
-    assert parse_args(["--norm-placement", toy]).norm_placement == toy
+    from _training import SMALL
+
+    assert parse_args([*SMALL, "--norm-placement", toy]).norm_placement == toy
     shapes = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64,
                   max_sequence_length=16, transformer_impl="local")
     tokens = torch.randint(0, 64, (2, 8))
     positions = torch.arange(8).expand(2, 8)
     logits = {}
     for name in (toy, "prenorm"):
-        config = ModelConfig(norm_placement=name, **shapes)
+        config = ModelConfig.recommended(norm_placement=name, **shapes)
         torch.manual_seed(7)
         from megatron.core import tensor_parallel
         tensor_parallel.model_parallel_cuda_manual_seed(7)
@@ -76,7 +78,7 @@ def test_a_toy_placement_is_one_entry_config_model_and_export(toy, seeded):
         with torch.no_grad():
             logits[name] = model(tokens, positions, None)
     torch.testing.assert_close(logits[toy], logits["prenorm"], rtol=0, atol=0)
-    family, _ = choose_family(ModelConfig(norm_placement=toy, **shapes), "auto")
+    family, _ = choose_family(ModelConfig.recommended(norm_placement=toy, **shapes), "auto")
     assert family.name == "llama"
 
 

@@ -44,7 +44,7 @@ def output_projections(model) -> dict:
 def test_output_projection_std(seeded, placement, scale_init, scale_mode, expected_factor,
                                expected_branch_scale, moe):
     num_layers = 6
-    config = ModelConfig(
+    config = ModelConfig.recommended(
         norm_placement=placement, num_layers=num_layers, hidden_size=128, num_attention_heads=4,
         ffn_hidden_size=256, vocab_size=32, max_sequence_length=8, init_method_std=SIGMA,
         scale_init=scale_init, scale_mode=scale_mode,
@@ -98,7 +98,7 @@ def test_spannorm_gradient_reaching_layer_2(seeded, scale_init, bounded):
     """64 layers, hidden 64, sigma = 1/sqrt(hidden): with Scale Init the gradient reaching layer 2
     stays within 10x of the last layer's; without it, it does not (by orders of magnitude)."""
     hidden = 64
-    config = ModelConfig(
+    config = ModelConfig.recommended(
         norm_placement="spannorm", num_layers=64, hidden_size=hidden, num_attention_heads=4,
         ffn_hidden_size=4 * hidden, vocab_size=128, max_sequence_length=32,
         init_method_std=1 / math.sqrt(hidden), scale_init=scale_init,
@@ -116,7 +116,7 @@ def test_spannorm_gradient_reaching_layer_2(seeded, scale_init, bounded):
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_deepnorm_init_divides_v_proj_fc1_fc2_by_beta(seeded, moe):
     num_layers, heads, groups, hidden = 6, 4, 2, 128
-    config = ModelConfig(
+    config = ModelConfig.recommended(
         norm_placement="deepnorm", num_layers=num_layers, hidden_size=hidden,
         num_attention_heads=heads, num_query_groups=groups, ffn_hidden_size=256, vocab_size=32,
         max_sequence_length=8, init_method_std=SIGMA, num_experts=4 if moe else None,
@@ -143,7 +143,7 @@ def test_deepnorm_init_divides_v_proj_fc1_fc2_by_beta(seeded, moe):
 
 
 def test_spannorm_clean_initializes_n2_gain_to_inverse_sqrt_depth(seeded):
-    config = ModelConfig(norm_placement="spannorm_clean", num_layers=9, hidden_size=32,
+    config = ModelConfig.recommended(norm_placement="spannorm_clean", num_layers=9, hidden_size=32,
                          num_attention_heads=4, vocab_size=32, max_sequence_length=8)
     model = build_gpt_model(config, transformer_config(config))
     for layer in model.decoder.layers:

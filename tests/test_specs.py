@@ -33,7 +33,7 @@ FUSED_IN_TE_DENSE = {
 @pytest.mark.parametrize("placement", sorted(FUSED_IN_TE_DENSE))
 def test_transformer_engine_spec_fuses_only_single_consumer_norms(placement, moe):
     assert set(FUSED_IN_TE_DENSE) == set(PLACEMENTS)  # a new placement must be listed here
-    config = ModelConfig(norm_placement=placement, num_experts=4 if moe else None,
+    config = ModelConfig.recommended(norm_placement=placement, num_experts=4 if moe else None,
                          moe_grouped_gemm=moe)
     sub = layer_spec(config, transformer_engine=True).submodules
     fused_qkv = fused_fc1 = False
@@ -64,7 +64,7 @@ def test_transformer_engine_spec_fuses_only_single_consumer_norms(placement, moe
     ],
 )
 def test_local_checkpoint_keys_match_transformer_engine_names(seeded, placement, expected_keys):
-    config = ModelConfig(norm_placement=placement, num_layers=2, hidden_size=32,
+    config = ModelConfig.recommended(norm_placement=placement, num_layers=2, hidden_size=32,
                          num_attention_heads=4, vocab_size=16, max_sequence_length=8,
                          transformer_impl="local")
     sub = layer_spec(config, transformer_engine=False).submodules
@@ -84,7 +84,7 @@ def test_dist_checkpoint_round_trip(seeded, tmp_path, placement, moe):
     included, which cannot be stacked with the other layers) and loads it into a fresh model."""
     from megatron.core import dist_checkpointing
 
-    config = ModelConfig(norm_placement=placement, num_layers=3, hidden_size=32,
+    config = ModelConfig.recommended(norm_placement=placement, num_layers=3, hidden_size=32,
                          num_attention_heads=4, vocab_size=16, max_sequence_length=8,
                          num_experts=4 if moe else None, transformer_impl="local")
     saved = build_gpt_model(config, transformer_config(config))
@@ -109,8 +109,8 @@ def test_transformer_engine_model_saves_the_local_keys_plus_extra_state(seeded, 
     `_extra_state`, which loading treats as optional: checkpoints move between the flavours."""
     shape = dict(norm_placement=placement, num_layers=2, hidden_size=32, num_attention_heads=4,
                  vocab_size=16, max_sequence_length=8, num_experts=4 if moe else None)
-    local = ModelConfig(**shape, transformer_impl="local")
-    te_config = ModelConfig(**shape, transformer_impl="transformer_engine")
+    local = ModelConfig.recommended(**shape, transformer_impl="local")
+    te_config = ModelConfig.recommended(**shape, transformer_impl="transformer_engine")
     local_keys = _saved_keys(build_gpt_model(local, transformer_config(local)))
     te_keys = _saved_keys(build_gpt_model(te_config, transformer_config(te_config)))
     assert {k for k in te_keys if not k.endswith("_extra_state")} == local_keys
@@ -121,8 +121,8 @@ def test_gpu_fusions_follow_megatron_lm(monkeypatch):
     bias, GELU only with one), RoPE only with Transformer Engine (not installed here)."""
     from spannorm_megatron.model import builder
 
-    swiglu = ModelConfig(swiglu=True)
-    gelu = ModelConfig(swiglu=False, add_bias_linear=False)
+    swiglu = ModelConfig.recommended(swiglu=True)
+    gelu = ModelConfig.recommended(swiglu=False, add_bias_linear=False)
     assert builder.gpu_fusions(swiglu) == dict(
         bias_dropout_fusion=False, bias_activation_fusion=False, apply_rope_fusion=False)
     monkeypatch.setattr(builder, "has_accelerator", lambda: True)  # what a GPU node answers

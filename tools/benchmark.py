@@ -142,7 +142,7 @@ class Bench:
         from spannorm_megatron.training.setup import setup_model_and_optimizer
 
         self.placement, self.precision = placement, precision
-        self.model_config = ModelConfig(norm_placement=placement, max_sequence_length=seq_length,
+        self.model_config = ModelConfig.recommended(norm_placement=placement, max_sequence_length=seq_length,
                                         transformer_impl=args.transformer_impl, **model_fields)
         performance = performance_for(precision, args)
         parallel = parallel or parallel_layout(args)

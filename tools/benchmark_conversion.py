@@ -62,7 +62,7 @@ def _stage_create(size: str, ckpt: str) -> dict:
     from spannorm_megatron.runtime import initialize
 
     initialize(seed=1)
-    config = ModelConfig(**COMMON, **SIZES[size])
+    config = ModelConfig.recommended(**COMMON, **SIZES[size])
     model = build_gpt_model(config, transformer_config(config))
     params = sum(p.numel() for p in model.parameters())
     save_checkpoint(ckpt, 1, [model], None, None, model_config=config,

@@ -108,18 +108,22 @@ def parse_split(split: str) -> List[float]:
     return [v / sum(values) for v in values]
 
 
+LEGACY_SPLIT = "969,30,1"  # Megatron-LM's value when --data-path comes without --split
+
+
 @dataclass
 class DataConfig:
     """Where the training data is, how it is cut into samples and loaded (Megatron-LM's flags)."""
 
     seq_length: int = option(
         256, "Tokens per sample (each sample reads seq_length + 1 tokens so that the labels "
-        "are the tokens shifted by one).", at_least=1)
+        "are the tokens shifted by one).", at_least=1, required=True)
     data_path: Optional[List[str]] = option(
         None, "Prefixes of .bin/.idx datasets, optionally weighted ('w1 p1 w2 p2'); split by "
         "--split.")
-    split: str = option("969,30,1", "train,valid,test weighting of the documents of every "
-                        "--data-path prefix.")
+    split: Optional[str] = option(
+        None, f"train,valid,test weighting of the documents of every --data-path prefix; "
+        f"unset: Megatron-LM's legacy {LEGACY_SPLIT}, with a warning.")
     train_data_path: Optional[List[str]] = option(
         None, "A blend for training only (with --valid-data-path/--test-data-path, no --split).")
     valid_data_path: Optional[List[str]] = option(None, "A blend for validation only.")
@@ -136,7 +140,8 @@ class DataConfig:
                                   "file reads).")
     num_dataset_builder_threads: int = option(
         1, "Threads building the datasets of a blend.", at_least=1)
-    num_workers: int = option(0, "DataLoader worker processes per rank.", at_least=0)
+    num_workers: int = option(2, "DataLoader worker processes per rank (0: load in the "
+                              "training process).", at_least=0)
 
     def __post_init__(self) -> None:
         try:
@@ -154,7 +159,7 @@ class DataConfig:
                 "data/corpus_text_document."
             )
         if not per_split:
-            parse_split(self.split)
+            parse_split(self.resolved_split)
         parse_blend(self.data_path)
         for flag, spec in self._per_split_specs():
             parse_blend(spec, flag)
@@ -165,6 +170,10 @@ class DataConfig:
             ("--valid-data-path", self.valid_data_path),
             ("--test-data-path", self.test_data_path),
         ]
+
+    @property
+    def resolved_split(self) -> str:
+        return LEGACY_SPLIT if self.split is None else self.split
 
     @property
     def blend(self) -> Optional[Blend]:
@@ -178,13 +187,15 @@ class DataConfig:
 
 
 def num_samples_for(
-    train_iters: int, global_batch_size: int, eval_interval: int, eval_iters: int
+    train_iters: int, global_batch_size: int, eval_interval: Optional[int], eval_iters: int,
+    train_samples: Optional[int] = None
 ) -> Tuple[int, int, int]:
-    """Samples per split, as Megatron-LM asks for them: train for all iterations, valid for
-    every evaluation (plus the final one), test for one evaluation."""
-    evaluations = train_iters // max(eval_interval, 1) + 1
+    """Samples per split, as Megatron-LM asks for them: train for all iterations (or
+    --train-samples), valid for every evaluation (plus the final one), test for one
+    evaluation."""
+    evaluations = (train_iters // eval_interval if eval_interval else 0) + 1
     return (
-        train_iters * global_batch_size,
+        train_samples if train_samples is not None else train_iters * global_batch_size,
         evaluations * eval_iters * global_batch_size,
         eval_iters * global_batch_size,
     )
@@ -271,7 +282,7 @@ def check_data_prefixes(
                 )
             _check_cache_is_current(prefix, cache_path)
             if flag == "--data-path":
-                _check_split_has_tokens(prefix, config.split)
+                _check_split_has_tokens(prefix, config.resolved_split)
             checked.append(prefix)
     return checked
 
@@ -321,7 +332,7 @@ def gpt_dataset_config(config: DataConfig, tokenizer, cache_path=_FROM_CONFIG):
         sequence_length=config.seq_length,
         blend=config.blend,
         blend_per_split=config.blend_per_split,
-        split=config.split if config.blend is not None else None,
+        split=config.resolved_split if config.blend is not None else None,
         path_to_cache=cache_path,
         mmap_bin_files=config.mmap_bin_files,
         tokenizer=tokenizer,

@@ -37,7 +37,8 @@ class TokenizerConfig:
 
     tokenizer_type: str = option(
         "SentencePieceTokenizer", "SentencePieceTokenizer (needs --tokenizer-model) or "
-        "ByteLevelTokenizer (UTF-8 bytes, no model file).", choices=SUPPORTED_TOKENIZER_TYPES)
+        "ByteLevelTokenizer (UTF-8 bytes, no model file).", choices=SUPPORTED_TOKENIZER_TYPES,
+        required=True)
     tokenizer_model: Optional[str] = option(None, "The SentencePiece .model file.",
                                             path="input")
 

@@ -123,6 +123,13 @@ def _take(get: Callable[[str], Optional[torch.Tensor]], name: str) -> torch.Tens
     return tensor
 
 
+def _aux_loss_coeff(config) -> float:
+    """HF MoE classes have one auxiliary loss: several of megatron-core's (a list of
+    --moe-aux-loss-coeff) are written as their sum, what the router's total weighs."""
+    coeff = config.moe_aux_loss_coeff
+    return float(sum(coeff)) if isinstance(coeff, list) else coeff
+
+
 class Family:
     """One Hugging Face model class: its weight mapping and its config.json."""
 
@@ -297,7 +304,7 @@ class Family:
                 f"{where}: this {self.architecture} cannot be converted to the megatron model: "
                 + "; ".join(problems) + ".")
         try:
-            config = ModelConfig(**{k: v for k, v in values.items() if v is not None})
+            config = ModelConfig.recommended(**{k: v for k, v in values.items() if v is not None})
         except ValueError as err:
             raise ConversionError(f"{where}: {err}") from None
         _check_consistent(config, hf, where)
@@ -342,7 +349,7 @@ class Mixtral(Family):
         return {**super().config_fields(config), "intermediate_size": _moe_ffn(config),
                 "num_local_experts": config.num_experts,
                 "num_experts_per_tok": config.moe_router_topk,
-                "router_aux_loss_coef": config.moe_aux_loss_coeff, "router_jitter_noise": 0.0,
+                "router_aux_loss_coef": _aux_loss_coeff(config), "router_jitter_noise": 0.0,
                 "output_router_logits": False, "sliding_window": None}
 
     def read_fields(self, hf, values, problems):
@@ -382,7 +389,7 @@ class Qwen2Moe(Family):
                 "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
                 "qkv_bias": True, "use_sliding_window": False, "sliding_window": None,
                 "max_window_layers": config.num_layers,
-                "router_aux_loss_coef": config.moe_aux_loss_coeff, "output_router_logits": False}
+                "router_aux_loss_coef": _aux_loss_coeff(config), "output_router_logits": False}
 
     def read_fields(self, hf, values, problems):
         super().read_fields(hf, values, problems)
@@ -416,7 +423,7 @@ class Qwen3Moe(Family):
                                     if not moe],
                 "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
                 "max_window_layers": config.num_layers,
-                "router_aux_loss_coef": config.moe_aux_loss_coeff, "output_router_logits": False}
+                "router_aux_loss_coef": _aux_loss_coeff(config), "output_router_logits": False}
 
     def read_fields(self, hf, values, problems):
         super().read_fields(hf, values, problems)
@@ -475,7 +482,7 @@ class Glm4Moe(Family):
                 "first_k_dense_replace": config.moe_layer_pattern.index(1),
                 "use_qk_norm": config.qk_layernorm, "attention_bias": False,
                 "partial_rotary_factor": 1.0, "num_mtp_layers": 0,
-                "router_aux_loss_coef": config.moe_aux_loss_coeff}
+                "router_aux_loss_coef": _aux_loss_coeff(config)}
 
     def read_fields(self, hf, values, problems):
         super().read_fields(hf, values, problems)

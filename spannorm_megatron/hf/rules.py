@@ -92,7 +92,7 @@ def router_problems(config: ModelConfig) -> List[str]:
     """Why an MoE model's routing cannot be exported at all (by our class or a native one)."""
     if not config.is_moe:
         return []
-    if config.moe_router_load_balancing_type == "sinkhorn":
+    if "sinkhorn" in config.balancing_types:
         return ["moe_router_load_balancing_type='sinkhorn' routes differently at inference "
                 "(only top-k routing by softmax or sigmoid scores is exported)"]
     return []

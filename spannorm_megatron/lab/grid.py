@@ -911,7 +911,7 @@ def branch_factor(placement: str, depth: int, scale_init: str) -> float:
     from spannorm_megatron.config import ModelConfig
     from spannorm_megatron.model.scale_init import branch_scale_factor
 
-    return branch_scale_factor(ModelConfig(
+    return branch_scale_factor(ModelConfig.recommended(
         norm_placement=placement, num_layers=depth,
         scale_init=None if scale_init == "default" else scale_init))
 

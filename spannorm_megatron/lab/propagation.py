@@ -117,7 +117,7 @@ class TrainingTrace:
 def model_config(placement: str, depth: int, scale_init: ScaleInit, settings: ProbeSettings,
                  vocab_size: int, seq_length: int) -> ModelConfig:
     """The ModelConfig of one probed model (validates the values: ConfigError if bad)."""
-    return ModelConfig(
+    return ModelConfig.recommended(
         norm_placement=placement,
         num_layers=depth,
         hidden_size=settings.hidden_size,

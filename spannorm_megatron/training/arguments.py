@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import yaml
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
-from spannorm_megatron.data.dataset import DataConfig
+from spannorm_megatron.data.dataset import LEGACY_SPLIT, DataConfig
 from spannorm_megatron.data.sp_model import TokenizerConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.options import (
@@ -28,9 +28,11 @@ from spannorm_megatron.options import (
     coerce,
     fill_fallbacks,
     from_namespace,
+    missing_required,
     option,
     options,
 )
+from spannorm_megatron.training import megatron_lm
 from spannorm_megatron.training.config import CheckpointConfig, LoggingConfig, TrainingConfig
 from spannorm_megatron.training.performance import PerformanceConfig
 
@@ -42,10 +44,8 @@ class MegatronSpellings:
     group_query_attention: bool = option(
         False, "Use --num-query-groups key/value heads; without it they count as one per head "
         "(Megatron-LM's switch).")
-    disable_bias_linear: bool = option(
-        False, "Accepted for Megatron-LM scripts: biases are off unless --add-bias-linear.")
     num_layers_per_virtual_pipeline_stage: Optional[int] = option(
-        None, "Another way to give --virtual-pipeline-model-parallel-size: layers per model "
+        None, "Another way to give --num-virtual-stages-per-pipeline-rank: layers per model "
         "chunk.", at_least=1)
     make_vocab_size_divisible_by: int = option(
         128, "Pad the tokenizer's vocabulary to a multiple of this x the TP size.", at_least=1)
@@ -70,6 +70,11 @@ SECTIONS = (
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
+        # A Megatron-LM flag we lack is refused with its reason, not as a typo.
+        if message.startswith("unrecognized arguments:"):
+            refused = megatron_lm.refusal(message.split(":", 1)[1].split())
+            if refused:
+                raise ConfigError(refused)
         # argparse names no alternative for a mistyped flag (before Python 3.14).
         if message.startswith("unrecognized arguments:"):
             known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
@@ -100,13 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fields_by_key() -> Dict[str, tuple]:
-    """YAML key (the flag without dashes, in dashes or underscores) -> (owner, field)."""
+    """YAML key (the flag without dashes, or the field's name, in dashes or underscores) ->
+    (owner, field, whether the key says the opposite of the field: a negative flag's name)."""
     keys = {}
     for _, owner in SECTIONS:
         for field in options(owner):
             flag = (field.metadata["flag"] or field.name).lstrip("-")
-            for key in {flag, flag.replace("-", "_"), field.name, field.name.replace("_", "-")}:
-                keys[key] = (owner, field)
+            for key in {field.name, field.name.replace("_", "-")}:
+                keys[key] = (owner, field, False)
+            for key in {flag, flag.replace("-", "_")}:
+                keys[key] = (owner, field, field.metadata["negative"])
     return keys
 
 
@@ -125,13 +133,17 @@ def _config_defaults(path: str) -> dict:
     for key, value in values.items():
         key = str(key).lstrip("-")
         if key not in known:
+            refused = megatron_lm.refusal(["--" + key.replace("_", "-")])
+            if refused:
+                raise ConfigError(f"--config {path}: {refused}")
             nearest = difflib.get_close_matches(key, sorted(known), n=1)
             raise ConfigError(
                 f"--config {path}: unknown key {key!r}" + (
                     f"; did you mean {nearest[0]!r}?" if nearest else
                     "; keys are flag names such as num-layers (see spannorm-train --help)."))
-        owner, field = known[key]
-        defaults[field.name] = coerce(owner, field, value, f"--config {path}")
+        owner, field, opposite = known[key]
+        value = coerce(owner, field, value, f"--config {path}")
+        defaults[field.name] = (not value) if opposite else value
     return defaults
 
 
@@ -151,8 +163,25 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def _resolve(args: argparse.Namespace) -> None:
     """Fill derived defaults, translate Megatron-LM's alternative spellings, and build every
-    dataclass once so that cross-field checks run before anything else."""
-    fill_fallbacks([owner for _, owner in SECTIONS], args)
+    dataclass once so that cross-field checks run before anything else. What the run should
+    say once about the flags it was given goes to `args.notices` (the Trainer prints them)."""
+    owners = [owner for _, owner in SECTIONS]
+    missing = missing_required(owners, args)
+    if args.train_iters is None and args.train_samples is None:
+        missing.append("--train-iters or --train-samples")
+    if missing:
+        raise ConfigError(
+            f"the following flags are required (as in Megatron-LM): {', '.join(missing)}. Give "
+            f"them on the command line or as keys of --config.")
+    fill_fallbacks(owners, args)
+    args.notices = []
+    if args.max_sequence_length < args.seq_length:
+        raise ConfigError(
+            f"--max-position-embeddings {args.max_sequence_length} is smaller than --seq-length "
+            f"{args.seq_length}: the position embeddings must cover every position of a sample.")
+    if args.split is None and args.data_path:
+        args.notices.append(f"WARNING: --data-path without --split: using Megatron-LM's legacy "
+                            f"default {LEGACY_SPLIT}.")
     if args.num_layers_per_virtual_pipeline_stage is not None:
         stages = args.pipeline_model_parallel_size * args.num_layers_per_virtual_pipeline_stage
         if args.num_layers % stages:
@@ -164,8 +193,10 @@ def _resolve(args: argparse.Namespace) -> None:
         args.virtual_pipeline_model_parallel_size = args.num_layers // stages
     if args.group_query_attention and args.num_query_groups is None:
         raise ConfigError("--group-query-attention needs --num-query-groups N.")
-    check_paths([owner for _, owner in SECTIONS], args)
+    check_paths(owners, args)
     training_config(args)
+    # The model's own checks need no vocabulary (the tokenizer's comes later, in the Trainer).
+    model_config(args, vocab_size=args.make_vocab_size_divisible_by)
     # How the layers split over pipeline stages needs only --num-layers: checked here, before
     # the world size or the tokenizer are looked at.
     parallel_config(args).stage_layer_counts(args.num_layers)

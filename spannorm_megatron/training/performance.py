@@ -25,12 +25,16 @@ RECOMPUTE_METHODS = ("uniform", "block")
 AMAX_COMPUTE_ALGOS = ("most_recent", "max")
 
 FP8_RECIPES = {
-    # --fp8-recipe: (Transformer Engine recipe class, lowest GPU compute capability)
-    "delayed": ("DelayedScaling", (8, 9)),
+    # --fp8-recipe: (Transformer Engine recipe class, lowest GPU compute capability), in
+    # Megatron-LM's order
     "tensorwise": ("Float8CurrentScaling", (8, 9)),
-    "blockwise": ("Float8BlockScaling", (9, 0)),
+    "delayed": ("DelayedScaling", (8, 9)),
     "mxfp8": ("MXFP8BlockScaling", (10, 0)),
+    "blockwise": ("Float8BlockScaling", (9, 0)),
 }
+# Megatron-LM's custom recipe builds its quantizers from a Python module named by
+# --fp8-quantizer-factory, which this stack does not take.
+FP8_CHOICES = (*FP8_RECIPES, "custom")
 
 
 @dataclass
@@ -48,7 +52,7 @@ class PerformanceConfig:
     fp8_recipe: str = option(
         "delayed", "How FP8 scales are chosen: delayed (amax history), tensorwise (current "
         "scaling), blockwise or mxfp8 (Blackwell), as far as the installed Transformer Engine "
-        "has them.", choices=tuple(FP8_RECIPES))
+        "has them (custom is refused).", choices=FP8_CHOICES)
     fp8_margin: int = option(0, "Power-of-two margin of the delayed-scaling factor.",
                              at_least=0)
     fp8_amax_history_len: int = option(1, "Steps of amax history the delayed recipe keeps.",
@@ -83,6 +87,10 @@ class PerformanceConfig:
 
     def __post_init__(self):
         check(self)
+        if self.fp8_recipe == "custom":
+            raise ConfigError("--fp8-recipe custom needs Megatron-LM's --fp8-quantizer-factory "
+                              "(a Python module of quantizers), which this stack does not "
+                              "take: use tensorwise, delayed, mxfp8 or blockwise.")
         if self.fp8_format is not None and not self.bf16:
             raise ConfigError("--fp8-format needs --bf16: FP8 runs the GEMMs in FP8 and "
                               "everything else in bf16.")

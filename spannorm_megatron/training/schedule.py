@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
-
+from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from spannorm_megatron.errors import ConfigError
+from spannorm_megatron.training.arguments import training_config
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,32 @@ class BatchLayout:
     data_parallel_size: int
     """Model replicas."""
 
+    rampup: Optional[Tuple[int, int, int]] = None
+    """--rampup-batch-size: (start global batch, increment, ramp-up samples)."""
+
     @property
     def num_microbatches(self) -> int:
-        """Micro-batches each rank accumulates per step."""
+        """Micro-batches each rank accumulates per step (after any ramp-up)."""
         return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
+
+    def train_iters_for(self, train_samples: int) -> int:
+        """Megatron-LM's `update_train_iters`: the steps --train-samples makes, the ramp-up's
+        growing batches counted one by one (a partial last batch is dropped)."""
+        if self.rampup is None:
+            return train_samples // self.global_batch_size
+        start, increment, ramp_samples = self.rampup
+        calculator = RampupBatchsizeNumMicroBatchesCalculator(
+            self.global_batch_size, self.micro_batch_size, self.data_parallel_size,
+            decrease_batch_size_if_needed=False, rank=-1, start_global_batch_size=start,
+            batch_size_increment=increment, ramup_samples=ramp_samples)
+        iterations = consumed = 0
+        while consumed <= ramp_samples and consumed <= train_samples:
+            calculator.update(consumed, consistency_check=False)
+            consumed += calculator.get_current_global_batch_size()
+            iterations += 1
+        if train_samples > consumed:
+            iterations += (train_samples - consumed) // self.global_batch_size
+        return iterations
 
 
 def batch_layout(args: argparse.Namespace, world_size: int) -> BatchLayout:
@@ -47,7 +71,28 @@ def batch_layout(args: argparse.Namespace, world_size: int) -> BatchLayout:
             f"{args.micro_batch_size} x data-parallel size {dp} = {args.micro_batch_size * dp}: "
             f"use a multiple of {args.micro_batch_size * dp}."
         )
-    return BatchLayout(args.micro_batch_size, global_batch, dp)
+    rampup = None
+    if args.rampup_batch_size is not None:
+        rampup = tuple(args.rampup_batch_size)
+        _check_rampup(rampup, global_batch, args.micro_batch_size * dp)
+    return BatchLayout(args.micro_batch_size, global_batch, dp, rampup)
+
+
+def _check_rampup(rampup: Tuple[int, int, int], global_batch: int, unit: int) -> None:
+    """megatron-core's calculator asserts these in the first step; said here, before anything
+    starts, in the flags' words."""
+    start, increment, samples = rampup
+    problem = None
+    if start < 1 or increment < 1 or samples < 0:
+        problem = "the start batch and the increment must be positive, the samples >= 0"
+    elif start > global_batch or (global_batch - start) % increment:
+        problem = (f"it must climb from its start {start} to --global-batch-size {global_batch} "
+                   f"in steps of {increment}")
+    elif start % unit or increment % unit:
+        problem = (f"every batch size on the way must be a multiple of --micro-batch-size x "
+                   f"data-parallel size = {unit}")
+    if problem:
+        raise ConfigError(f"--rampup-batch-size {start} {increment} {samples}: {problem}.")
 
 
 def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
@@ -69,19 +114,15 @@ def lr_scheduler(args: argparse.Namespace, optimizer: MegatronOptimizer,
     of batch size on resume."""
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if args.lr_warmup_iters else args.lr,
+        init_lr=args.lr_warmup_init,
         max_lr=args.lr,
         min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters * global_batch_size,
-        lr_decay_steps=args.lr_decay_iters * global_batch_size,
         lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay,
         end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters * global_batch_size,
         wd_incr_style="constant",
-        wsd_decay_steps=(args.lr_wsd_decay_iters * global_batch_size
-                         if args.lr_wsd_decay_iters else None),
         lr_wsd_decay_style="exponential" if args.lr_decay_style == "WSD" else None,
+        **training_config(args).scheduler_samples(global_batch_size),
         # On resume: the checkpoint's values unless overridden; a disagreement is refused
         # before this applies (checkpoint.load), unless --use-checkpoint-opt-param-scheduler.
         use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,

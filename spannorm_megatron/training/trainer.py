@@ -18,6 +18,13 @@ import shutil
 from typing import Callable, Optional
 
 import torch
+from megatron.core.num_microbatches_calculator import (
+    destroy_num_microbatches_calculator,
+    get_current_global_batch_size,
+    get_num_microbatches,
+    init_num_microbatches_calculator,
+    update_num_microbatches,
+)
 
 from spannorm_megatron.checkpoint import (
     TRACKER_FILENAME,
@@ -157,6 +164,13 @@ class Trainer:
         """Check everything the user gave, before any process group work."""
         self.args = args
         self.batches = batch_layout(args, int(os.environ.get("WORLD_SIZE", "1")))
+        if args.train_samples is not None:  # Megatron-LM sets train_iters from it, as here
+            args.train_iters = self.batches.train_iters_for(args.train_samples)
+            if args.train_iters < 1:
+                raise ConfigError(
+                    f"--train-samples {args.train_samples} is less than one global batch "
+                    f"({self.batches.global_batch_size}): train at least one step.")
+            args.notices.append(f"setting training iterations to {args.train_iters}")
         self.data_config = data_config(args)
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
         self.tokenizer_sha256 = _file_sha256(args.tokenizer_model) if args.tokenizer_model else None
@@ -170,7 +184,8 @@ class Trainer:
         self.performance.check_machine(self.model_config)
         check_launch(args.distributed_backend)
         self.num_samples = num_samples_for(args.train_iters, self.batches.global_batch_size,
-                                           args.eval_interval, args.eval_iters)
+                                           args.eval_interval, args.eval_iters,
+                                           train_samples=args.train_samples)
         check_data_fits_vocab(check_data_prefixes(self.data_config, self.num_samples),
                               self.tokenizer.vocab_size, self.tokenizer)
         _check_fresh_save_directory(args)
@@ -189,6 +204,13 @@ class Trainer:
                                                   self.performance)
         initialize(parallel, seed=args.seed)
         self._initialized = True
+        for notice in getattr(args, "notices", []):
+            print_rank_0(f"> {notice}")
+        # megatron-core's calculator, as Megatron-LM sets it up: the step's micro-batch count
+        # (and, with --rampup-batch-size, its global batch) follows the consumed samples.
+        init_num_microbatches_calculator(
+            torch.distributed.get_rank(), args.rampup_batch_size,
+            self.batches.global_batch_size, args.micro_batch_size, self.batches.data_parallel_size)
         if args.save and os.path.isdir(args.save):
             # What a killed save left (iter_*.tmp-*), gone before this run writes anything.
             if torch.distributed.get_rank() == 0:
@@ -247,6 +269,7 @@ class Trainer:
             self.monitor.close()
             self.monitor = None
         if self._initialized:
+            destroy_num_microbatches_calculator()
             destroy()
             self._initialized = False
 
@@ -266,14 +289,16 @@ class Trainer:
         """One optimizer step, with the non-finite guard, skip accounting and spike check."""
         args, guard = self.args, self.guard
         self.monitor.begin_step(self.iteration + 1)
+        update_num_microbatches(self.consumed_train, consistency_check=True)
+        global_batch_size = get_current_global_batch_size()
         result = train_step(self.model, self.optimizer, self.scheduler, self.train_iter,
-                            num_microbatches=self.batches.num_microbatches,
+                            num_microbatches=get_num_microbatches(),
                             seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-                            global_batch_size=self.batches.global_batch_size,
+                            global_batch_size=global_batch_size,
                             monitor=self.monitor, guard=guard,
                             forward_step_func=self.forward_step_for(self.iteration + 1))
         self.iteration += 1
-        self.consumed_train += self.batches.global_batch_size
+        self.consumed_train += global_batch_size
         self.history["train_loss"].append(result.loss)
         self.history["iterations"].append(self.iteration)
         if result.bad_layer is not None:
@@ -349,15 +374,15 @@ class Trainer:
                 return self.history
         if not every(args.save_interval):
             self.save()
-        if self.valid_iter is not None and self.iteration % max(args.eval_interval, 1) != 0:
+        if self.valid_iter is not None and not every(args.eval_interval):
             self.evaluate()
         return self.history
 
     def _log(self, result: StepResult, seconds: float) -> None:
-        batches = self.batches
-        tokens_per_second = batches.global_batch_size * self.args.seq_length / seconds
+        global_batch_size = get_current_global_batch_size()
+        tokens_per_second = global_batch_size * self.args.seq_length / seconds
         print_last_rank(log_line(self.iteration, self.args.train_iters, self.consumed_train,
-                                 seconds, result, batches.global_batch_size, tokens_per_second,
+                                 seconds, result, global_batch_size, tokens_per_second,
                                  self.monitor.mfu(seconds), self.guard.total))
         alarm = self.monitor.end_step(self.iteration, result, seconds,
                                       float(self.optimizer.get_loss_scale()))

@@ -37,7 +37,7 @@ def flops_per_token(preset: str, seq_length: int, placement: str):
     except Exception:  # noqa: BLE001 - a report, not a gate
         return None
     fields = PRESETS[preset][0]
-    return fpt(ModelConfig(norm_placement=placement, max_sequence_length=seq_length, **fields),
+    return fpt(ModelConfig.recommended(norm_placement=placement, max_sequence_length=seq_length, **fields),
                seq_length)
 
 
