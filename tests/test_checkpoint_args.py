@@ -10,31 +10,39 @@ run resumes it with its model taken from it.
 """
 
 import argparse
+import json
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import _megatron_loader as M
-from _training import logged_losses, run_train
+from _training import RECIPE, logged_losses, run_train
 from spannorm_megatron.checkpoint import read_run_record
 from spannorm_megatron.checkpoint.run_record import compare, saved_model_config
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.errors import ConfigError
-from spannorm_megatron.training.arguments import model_config, parse_args
+from spannorm_megatron.options import flag_of, options
+from spannorm_megatron.training.arguments import SECTIONS, model_config, parse_args
 
-MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-         "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--swiglu",
-         "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-         "--hidden-dropout", "0", "--attention-dropout", "0",
-         "--num-experts", "4", "--moe-router-topk", "2"]
+TABLE = Path(__file__).parent / "data" / "megatron_lm" / "arguments_core_v0.16.1.json"
+
 SEQ, MICRO, GLOBAL, ITERS, EVAL_ITERS = 64, 4, 8, 2, 1
-RUN = ["--seq-length", str(SEQ), "--micro-batch-size", str(MICRO), "--global-batch-size",
-       str(GLOBAL), "--lr", "1e-3", "--lr-warmup-iters", "1", "--lr-decay-iters", "10",
-       "--log-interval", "1", "--eval-interval", "1", "--eval-iters", str(EVAL_ITERS),
-       "--split", "90,10,0", "--use-distributed-optimizer"]
+# The model, every flag spelled out (RECIPE: RMSNorm, rope, SwiGLU, no biases, untied, no
+# dropout; a SentencePiece tokenizer).
+MODEL = [*RECIPE, "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+         "--seq-length", str(SEQ), "--max-position-embeddings", str(SEQ),
+         "--num-experts", "4", "--moe-router-topk", "2"]
+# Batches, schedule and implementation, the same for the run and its resumes (a resume checks
+# the schedule; --use-checkpoint-args takes no implementation, as in Megatron-LM).
+RUN = ["--transformer-impl", "auto", "--micro-batch-size", str(MICRO), "--global-batch-size", str(GLOBAL), "--lr", "1e-3",
+       "--lr-warmup-iters", "1", "--lr-decay-iters", "10", "--lr-decay-style", "cosine",
+       "--adam-beta2", "0.95", "--log-interval", "1", "--eval-interval", "1",
+       "--eval-iters", str(EVAL_ITERS), "--split", "90,10,0", "--num-workers", "0",
+       "--use-distributed-optimizer"]
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +89,15 @@ def test_megatron_lm_finds_position_layout_and_every_argument_it_reads(saved, me
     assert not hasattr(args, "disable_bias_linear")  # Megatron-LM would invert add_bias_linear
     assert (args.micro_batch_size, args.global_batch_size) == (MICRO, GLOBAL)
     assert args.tokenizer_model == data_flags[3]
+
+    # Every flag shared with Megatron-LM is there under the dest Megatron-LM's parser uses.
+    table = json.loads(TABLE.read_text())
+    dests = {o: a["dest"] for a in table["actions"] for o in a["option_strings"]}
+    shared = {flag for _, owner in SECTIONS for f in options(owner)
+              for flag in (flag_of(f), *f.metadata["aliases"]) if flag in dests}
+    assert len(shared) > 100
+    assert sorted(f"{flag} ({dests[flag]})" for flag in shared
+                  if not hasattr(args, dests[flag])) == []
 
     # check_checkpoint_args: a Megatron-LM run of the same model passes, another one does not.
     run = argparse.Namespace(num_layers=2, hidden_size=64, num_attention_heads=4,
@@ -134,17 +151,27 @@ def test_megatron_lm_loads_every_ranks_rng_state(saved, megatron_world):
 def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(saved, tmp_path, capsys):
     ckpt, data_flags = saved
     # Megatron-LM's rule: structure over the command line, sizes where it left them unset.
-    args = parse_args([*data_flags, "--load", ckpt, "--use-checkpoint-args",
-                       "--normalization", "LayerNorm", "--num-experts", "8",
-                       "--hidden-dropout", "0.1", "--position-embedding-type",
-                       "learned_absolute"])
+    args = parse_args([*data_flags, *RUN, "--train-iters", "3", "--load", ckpt,
+                       "--use-checkpoint-args", "--normalization", "LayerNorm",
+                       "--num-experts", "8", "--hidden-dropout", "0.1",
+                       "--position-embedding-type", "learned_absolute"])
     assert "--use-checkpoint-args: from" in capsys.readouterr().out
-    assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.seq_length) == \
-        (2, 64, 4, SEQ)
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.seq_length,
+            args.max_sequence_length, args.tokenizer_type) == \
+        (2, 64, 4, SEQ, SEQ, "SentencePieceTokenizer")
     assert (args.normalization, args.num_experts, args.hidden_dropout,
             args.position_embedding_type, args.swiglu, args.add_bias_linear) == \
         ("RMSNorm", 4, 0.0, "rope", True, False)
-    assert args.expert_model_parallel_size == 1  # the layout stays the command line's
+    assert args.expert_model_parallel_size == 1  # the layout stays the command line's...
+    with_layout = parse_args([*data_flags, *RUN, "--train-iters", "3", "--load", ckpt,
+                              "--use-checkpoint-args", "--use-mp-args-from-checkpoint-args"])
+    assert with_layout.expert_model_parallel_size == 2  # ... unless it is asked for
+    # The tokenizer is taken unless Megatron-LM's switch turns that off.
+    own_tokenizer = ["--data-path", data_flags[1], "--tokenizer-type", "ByteLevelTokenizer",
+                     *RUN, "--train-iters", "3", "--load", ckpt, "--use-checkpoint-args"]
+    assert parse_args(own_tokenizer).tokenizer_type == "SentencePieceTokenizer"
+    kept = parse_args([*own_tokenizer, "--no-use-tokenizer-model-from-checkpoint-args"])
+    assert (kept.tokenizer_type, kept.tokenizer_model) == ("ByteLevelTokenizer", None)
     record = read_run_record(ckpt)
     saved_config = saved_model_config(record, ckpt)
     assert compare(saved_config, model_config(args, saved_config.vocab_size))[0] == []

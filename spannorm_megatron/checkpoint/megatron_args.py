@@ -36,15 +36,15 @@ import dataclasses
 from typing import Any, Dict, Optional
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
-from spannorm_megatron.options import flag_of, options
+from spannorm_megatron.options import options
 
 from .run_record import jsonable
 
 CKPT_FORMAT = "torch_dist"
 
-# Flags of ours that Megatron-LM spells as another attribute: `--disable-bias-linear` is stored
-# by Megatron-LM as add_bias_linear=False (and an attribute of this name in the checkpoint would
-# make its load_args_from_checkpoint set add_bias_linear = not disable_bias_linear).
+# Never written: an attribute of this name in the checkpoint makes Megatron-LM's
+# load_args_from_checkpoint set add_bias_linear = not disable_bias_linear (Megatron-LM's own
+# --disable-bias-linear stores add_bias_linear=False, as ours does).
 _NOT_MEGATRON_ATTRIBUTES = ("disable_bias_linear",)
 
 # What a Megatron-LM GPT run holds for arguments this stack has no flag for (core_v0.16.1's
@@ -78,12 +78,22 @@ _TRANSFORMER_CONFIG_DEFAULTS = (
 )
 
 
-def megatron_name(field: dataclasses.Field) -> str:
-    """The attribute Megatron-LM stores a flag under: its name with underscores (argparse's
-    dest). Our dest differs only where our field is named otherwise, e.g. ``max_sequence_length``
-    for ``--max-position-embeddings``."""
-    flag = flag_of(field)
-    return flag[2:].replace("-", "_") if flag.startswith("--") else field.name
+# Our dests (field names) that Megatron-LM's parser stores under another name, for the same
+# flag (its table: tests/data/megatron_lm/). Both names are written: Megatron-LM's dest, and
+# ours, which is also the name its load_args_from_checkpoint reads for apply_layernorm_1p.
+MEGATRON_DESTS = {
+    "max_sequence_length": "max_position_embeddings",
+    "norm_epsilon": "layernorm_epsilon",
+    "apply_layernorm_1p": "layernorm_zero_centered_gamma",
+    "fp8_format": "fp8",
+    "virtual_pipeline_model_parallel_size": "num_virtual_stages_per_pipeline_rank",
+}
+
+
+def _with_megatron_dests(values: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(values)
+    out.update({MEGATRON_DESTS[k]: v for k, v in values.items() if k in MEGATRON_DESTS})
+    return out
 
 
 def _transformer_config_defaults() -> Dict[str, Any]:
@@ -103,7 +113,7 @@ def _transformer_impl(config: ModelConfig) -> str:
 
 def model_arguments(config: ModelConfig) -> Dict[str, Any]:
     """The model's arguments under Megatron-LM's names, resolved as its validate_args does."""
-    values = {megatron_name(f): getattr(config, f.name) for f in options(ModelConfig)}
+    values = {f.name: getattr(config, f.name) for f in options(ModelConfig)}
     heads = config.num_attention_heads
     values.update(
         padded_vocab_size=config.vocab_size,
@@ -117,7 +127,7 @@ def model_arguments(config: ModelConfig) -> Dict[str, Any]:
     if config.is_moe:
         values["moe_ffn_hidden_size"] = (config.moe_ffn_hidden_size
                                          or config.resolved_ffn_hidden_size)
-    return values
+    return _with_megatron_dests(values)
 
 
 def build(
@@ -139,16 +149,14 @@ def build(
     values: Dict[str, Any] = dict.fromkeys(_FROM_FLAGS_ONLY)
     values.update(_MEGATRON_DEFAULTS)
     values.update(_transformer_config_defaults())
-    # Fields of ours whose Megatron-LM name differs (max_sequence_length, ...) are written
-    # under that name by model_arguments, not twice.
-    renamed = {f.name for f in options(ModelConfig) if megatron_name(f) != f.name}
-    values.update({k: v for k, v in given.items()
-                   if k not in _NOT_MEGATRON_ATTRIBUTES and k not in renamed})
+    values.update(_with_megatron_dests({k: v for k, v in given.items()
+                                        if k not in _NOT_MEGATRON_ATTRIBUTES}))
     values.update(jsonable(model_arguments(model_config)))
     values.update(
         tensor_model_parallel_size=layout["tensor_model_parallel_size"],
         pipeline_model_parallel_size=layout["pipeline_model_parallel_size"],
         virtual_pipeline_model_parallel_size=layout["virtual_pipeline_model_parallel_size"],
+        num_virtual_stages_per_pipeline_rank=layout["virtual_pipeline_model_parallel_size"],
         context_parallel_size=layout["context_parallel_size"],
         expert_model_parallel_size=layout["expert_model_parallel_size"],
         expert_tensor_parallel_size=layout["expert_tensor_parallel_size"],

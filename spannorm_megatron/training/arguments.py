@@ -150,13 +150,13 @@ def _config_defaults(path: str) -> dict:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
-    config = _config_defaults(first.config) if first.config else {}
-    parser.set_defaults(**config)
+    if first.config:
+        parser.set_defaults(**_config_defaults(first.config))
     args = parser.parse_args(argv)
     if args.use_checkpoint_args:  # Megatron-LM's order: before any flag is checked or resolved
-        from spannorm_megatron.training.checkpoint_args import apply_checkpoint_args, given_flags
+        from spannorm_megatron.training.checkpoint_args import apply_checkpoint_args
 
-        apply_checkpoint_args(args, given_flags(build_parser(), argv, config))
+        apply_checkpoint_args(args)
     _resolve(args)
     return args
 

@@ -11,9 +11,10 @@ taken over it; the tokenizer's type and model file too, unless
 Megatron-LM's list this adds the fields of ours that define the model the same way (the norm
 placement and its switches, the routing settings megatron-core has beyond Megatron-LM's list):
 every field the architecture check below compares, so a run that takes
-them builds the checkpoint's model. The parallel layout is not taken (Megatron-LM takes it only
-with ``--use-mp-args-from-checkpoint-args``). A ``--load`` without a checkpoint yet (the first
-launch of ``--save X --load X``) leaves the flags as given, as in Megatron-LM.
+them builds the checkpoint's model. The parallel layout is taken only with
+``--use-mp-args-from-checkpoint-args`` (TP, PP, VPP and EP sizes), as in Megatron-LM. A
+``--load`` without a checkpoint yet (the first launch of ``--save X --load X``) leaves the flags
+as given, as in Megatron-LM.
 
 `check_model_matches` is Megatron-LM's ``check_checkpoint_args`` on our side, run before any
 process group exists: the model these flags describe must be the checkpoint's. It compares what
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from spannorm_megatron.checkpoint import (
     CheckpointError,
@@ -47,8 +48,9 @@ from spannorm_megatron.config import ModelConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.options import flag_of, options
 
-# ModelConfig fields (plus seq_length) taken only where the command line leaves them unset:
-# Megatron-LM's _set_arg without force.
+# ModelConfig fields taken only where the command line (or --config) leaves them unset (None):
+# Megatron-LM's _set_arg without force. The dispatcher has a default, so is never taken there
+# either.
 SIZES = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
          "max_sequence_length", "moe_token_dispatcher_type")
 # ModelConfig fields taken over the command line: Megatron-LM's forced ones that we have...
@@ -68,6 +70,10 @@ STRUCTURE = (
 # Recorded flags of the run (the record's "args") taken the same two ways.
 RUN_SIZES = ("seq_length",)
 RUN_TOKENIZER = ("tokenizer_type", "tokenizer_model")  # unless its flag is turned off
+# With --use-mp-args-from-checkpoint-args: the saved layout (the run record's), over the command
+# line.
+LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+          "virtual_pipeline_model_parallel_size", "expert_model_parallel_size")
 
 _MODEL_FIELDS = {f.name: f for f in options(ModelConfig)}
 
@@ -100,20 +106,10 @@ def _record(load: Optional[str]) -> Tuple[Optional[dict], str]:
         return None, f"the checkpoint in {load} cannot be read (loading it will say why)"
 
 
-def given_flags(parser: argparse.ArgumentParser, argv, config_keys: Iterable[str]) -> set:
-    """The dests set on the command line `argv` or in the --config file (`config_keys`):
-    argparse fills a dest with its default only when the namespace lacks it, so a namespace
-    prefilled with a marker keeps the marker exactly where nothing was given."""
-    marker = object()
-    probe = argparse.Namespace(**{a.dest: marker for a in parser._actions
-                                  if a.dest != argparse.SUPPRESS})
-    parser.parse_args(argv, probe)
-    return {dest for dest, value in vars(probe).items() if value is not marker} | set(config_keys)
-
-
-def apply_checkpoint_args(args: argparse.Namespace, given: set) -> Dict[str, object]:
+def apply_checkpoint_args(args: argparse.Namespace) -> Dict[str, object]:
     """With ``--use-checkpoint-args``, replace `args`' model flags by the checkpoint's (see the
-    module docstring); `given` is `given_flags`. Returns what was taken ({dest: value})."""
+    module docstring), in place, before `parse_args` checks them. Returns what was taken
+    ({dest: value})."""
     if not args.use_checkpoint_args:
         return {}
     if not args.load:
@@ -136,8 +132,8 @@ def apply_checkpoint_args(args: argparse.Namespace, given: set) -> Dict[str, obj
     def take(dest, value, force):
         if value is None and dest not in _MODEL_FIELDS:
             return  # the checkpoint does not say (Megatron-LM keeps the flag then)
-        if not force and dest in given:
-            return
+        if not force and getattr(args, dest, None) is not None:
+            return  # given (the sizes have no default, as in Megatron-LM)
         if getattr(args, dest, None) != value:
             taken[dest] = value
         setattr(args, dest, value)
@@ -150,12 +146,15 @@ def apply_checkpoint_args(args: argparse.Namespace, given: set) -> Dict[str, obj
     if args.use_tokenizer_model_from_checkpoint_args:
         for name in RUN_TOKENIZER:
             take(name, saved_run.get(name), force=True)
-    # Megatron-LM's spellings of two of them: GQA counts only with --group-query-attention,
-    # and --disable-bias-linear is add_bias_linear=False.
+    if args.use_mp_args_from_checkpoint_args:
+        layout = record.get("layout") or {}
+        for name in LAYOUT:
+            take(name, layout.get(name), force=True)
+        take("num_layers_per_virtual_pipeline_stage",
+             saved_run.get("num_layers_per_virtual_pipeline_stage"), force=False)
+    # GQA counts only with --group-query-attention (Megatron-LM's switch, ours too).
     if "num_query_groups" in saved_model:
         args.group_query_attention = saved_model["num_query_groups"] is not None
-    if "add_bias_linear" in saved_model:
-        args.disable_bias_linear = not saved_model["add_bias_linear"]
     if taken:
         shown = ", ".join(f"{_flag(dest)} {value!r}" for dest, value in taken.items())
         _say(f"> --use-checkpoint-args: from {where}: {shown}")

@@ -207,12 +207,16 @@ class CheckpointConfig:
     use_checkpoint_args: bool = option(
         False, "Take the model's flags from the --load checkpoint (Megatron-LM's flag): its "
         "sizes where the command line leaves them unset, its structure, norm, position "
-        "embeddings, dropout, MoE settings (and tokenizer, see the next flag) over the command "
-        "line. Not the parallel layout.")
+        "embeddings, dropout and MoE settings over the command line; the tokenizer and the "
+        "parallel layout as the next two flags say.")
     use_tokenizer_model_from_checkpoint_args: bool = option(
-        True, "With --use-checkpoint-args, take --tokenizer-type and --tokenizer-model from the "
-        "checkpoint too (Megatron-LM's flag; --no-use-tokenizer-model-from-checkpoint-args "
-        "keeps the command line's).")
+        True, "Off: --use-checkpoint-args keeps the command line's --tokenizer-type and "
+        "--tokenizer-model (on, Megatron-LM's default, it takes the checkpoint's).",
+        flag="--no-use-tokenizer-model-from-checkpoint-args", negative=True,
+        aliases=("--disable-use-tokenizer-model-from-checkpoint-args",))
+    use_mp_args_from_checkpoint_args: bool = option(
+        False, "With --use-checkpoint-args, take the tensor, pipeline (and virtual), and expert "
+        "parallel sizes from the checkpoint too (Megatron-LM's flag).")
 
     def __post_init__(self) -> None:
         check(self)
