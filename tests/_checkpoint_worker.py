@@ -150,9 +150,11 @@ def ep_rng(root: str) -> None:
         saved_rng = _live_rng_state()
         expected = H.train(chunks, optimizer, scheduler, n * H.GLOBAL_BATCH, n)
         expected_tensors = H.sharded_tensors(chunks, optimizer)
-        destroy()
 
-        initialize(parallel, seed=999)  # other seeds: the checkpoint must restore them
+        # New model-parallel groups and other seeds (the checkpoint must restore them); the
+        # default group stays, as between the layouts above (re-creating it on the same
+        # rendezvous store can pair the ranks' groups wrongly).
+        initialize(parallel, seed=999)
         chunks, optimizer, scheduler = H.build(config, parallel)
         info = load_checkpoint(checkpoint, chunks, optimizer, scheduler, model_config=config,
                                parallel_config=parallel)

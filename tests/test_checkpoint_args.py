@@ -24,9 +24,15 @@ from _training import RECIPE, logged_losses, run_train
 from spannorm_megatron.checkpoint import read_run_record
 from spannorm_megatron.checkpoint.run_record import compare, saved_model_config
 from spannorm_megatron.cli import run_cli
+from spannorm_megatron.data.tokenizer import build_tokenizer
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.options import flag_of, options
-from spannorm_megatron.training.arguments import SECTIONS, model_config, parse_args
+from spannorm_megatron.training.arguments import (
+    SECTIONS,
+    model_config,
+    padded_vocab_size,
+    parse_args,
+)
 
 TABLE = Path(__file__).parent / "data" / "megatron_lm" / "arguments_core_v0.16.1.json"
 
@@ -156,13 +162,17 @@ def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(saved, tmp_path
                        "--num-experts", "8", "--hidden-dropout", "0.1",
                        "--position-embedding-type", "learned_absolute"])
     assert "--use-checkpoint-args: from" in capsys.readouterr().out
+    record = read_run_record(ckpt)
+    saved_config = saved_model_config(record, ckpt)
     assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.seq_length,
-            args.max_sequence_length, args.tokenizer_type) == \
-        (2, 64, 4, SEQ, SEQ, "SentencePieceTokenizer")
+            args.max_sequence_length, args.tokenizer_type, args.padded_vocab_size) == \
+        (2, 64, 4, SEQ, SEQ, "SentencePieceTokenizer", saved_config.vocab_size)
     assert (args.normalization, args.num_experts, args.hidden_dropout,
             args.position_embedding_type, args.swiglu, args.add_bias_linear) == \
         ("RMSNorm", 4, 0.0, "rope", True, False)
     assert args.expert_model_parallel_size == 1  # the layout stays the command line's...
+    tokens = build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size
+    assert compare(saved_config, model_config(args, padded_vocab_size(tokens, args)))[0] == []
     with_layout = parse_args([*data_flags, *RUN, "--train-iters", "3", "--load", ckpt,
                               "--use-checkpoint-args", "--use-mp-args-from-checkpoint-args"])
     assert with_layout.expert_model_parallel_size == 2  # ... unless it is asked for
@@ -172,9 +182,6 @@ def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(saved, tmp_path
     assert parse_args(own_tokenizer).tokenizer_type == "SentencePieceTokenizer"
     kept = parse_args([*own_tokenizer, "--no-use-tokenizer-model-from-checkpoint-args"])
     assert (kept.tokenizer_type, kept.tokenizer_model) == ("ByteLevelTokenizer", None)
-    record = read_run_record(ckpt)
-    saved_config = saved_model_config(record, ckpt)
-    assert compare(saved_config, model_config(args, saved_config.vocab_size))[0] == []
 
     # And a run built from it resumes: one process, no model flag given.
     resumed = run_train(*data_flags, *RUN, "--load", ckpt, "--use-checkpoint-args",
@@ -182,6 +189,23 @@ def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(saved, tmp_path
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "successfully loaded checkpoint" in resumed.stdout
     assert sorted(logged_losses(resumed.stdout)) == [ITERS + 1]
+
+
+def test_use_checkpoint_args_takes_every_field_the_model_check_compares():
+    """The two agree by construction: what a resume must match, --use-checkpoint-args takes."""
+    from spannorm_megatron.checkpoint.run_record import _architecture
+    from spannorm_megatron.config import ModelConfig
+    from spannorm_megatron.training import checkpoint_args as C
+
+    # Every conditional entry of the comparison present: learned positions, SpanNorm, forward
+    # scaling, q/k norms, MoE.
+    config = ModelConfig(norm_placement="spannorm", num_layers=2, hidden_size=64,
+                         num_attention_heads=4, position_embedding_type="learned_absolute",
+                         scale_mode="forward", qk_layernorm=True, num_experts=4,
+                         max_sequence_length=64, vocab_size=512)
+    taken = set(C.SIZES + C.STRUCTURE) | {"padded_vocab_size"}
+    through = {"moe_layer_pattern": "moe_layer_freq", "vocab_size": "padded_vocab_size"}
+    assert sorted(k for k in _architecture(config) if through.get(k, k) not in taken) == []
 
 
 def _train_main(argv):

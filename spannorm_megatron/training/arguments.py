@@ -208,7 +208,17 @@ def _resolve(args: argparse.Namespace) -> None:
 
 
 def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
-    """Megatron-LM's padding: a multiple of make_vocab_size_divisible_by x TP size."""
+    """Megatron-LM's padding: a multiple of make_vocab_size_divisible_by x TP size; or, as its
+    build_tokenizer keeps it, a size already set (taken from the checkpoint by
+    --use-checkpoint-args)."""
+    taken = getattr(args, "padded_vocab_size", None)
+    if taken is not None:
+        if taken < vocab_size:
+            raise ConfigError(
+                f"--use-checkpoint-args: the checkpoint's vocabulary ({taken}) is smaller than "
+                f"the tokenizer's ({vocab_size}): pass the tokenizer the checkpoint was trained "
+                f"with.")
+        return taken
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
 

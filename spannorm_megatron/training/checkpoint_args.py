@@ -143,6 +143,9 @@ def apply_checkpoint_args(args: argparse.Namespace) -> Dict[str, object]:
             take(name, saved_model[name], force=name in STRUCTURE)
     for name in RUN_SIZES:
         take(name, saved_run.get(name), force=False)
+    # Megatron-LM keeps a padded vocabulary taken so (its build_tokenizer pads only when unset);
+    # so does arguments.padded_vocab_size.
+    take("padded_vocab_size", saved_model.get("vocab_size"), force=False)
     if args.use_tokenizer_model_from_checkpoint_args:
         for name in RUN_TOKENIZER:
             take(name, saved_run.get(name), force=True)
@@ -156,7 +159,7 @@ def apply_checkpoint_args(args: argparse.Namespace) -> Dict[str, object]:
     if "num_query_groups" in saved_model:
         args.group_query_attention = saved_model["num_query_groups"] is not None
     if taken:
-        shown = ", ".join(f"{_flag(dest)} {value!r}" for dest, value in taken.items())
+        shown = ", ".join(_shown(dest, value) for dest, value in taken.items())
         _say(f"> --use-checkpoint-args: from {where}: {shown}")
     return taken
 
@@ -192,8 +195,12 @@ def check_model_matches(args: argparse.Namespace, model_config: ModelConfig) -> 
         f"without --load in another --save directory.")
 
 
-def _flag(dest: str) -> str:
-    return flag_of(_MODEL_FIELDS[dest]) if dest in _MODEL_FIELDS else "--" + dest.replace("_", "-")
+def _shown(dest: str, value) -> str:
+    field = _MODEL_FIELDS.get(dest)
+    if field is not None and field.metadata["negative"]:  # --disable-bias-linear: say the value
+        return f"{dest}={value!r}"
+    flag = flag_of(field) if field is not None else "--" + dest.replace("_", "-")
+    return f"{flag} {value!r}"
 
 
 def _say(message: str) -> None:
