@@ -43,7 +43,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from spannorm_megatron.errors import ConfigError
+from spannorm_megatron.errors import ConfigError, UserError
 from spannorm_megatron.options import fill_fallbacks, options
 from spannorm_megatron.training import arguments
 
@@ -132,7 +132,7 @@ def _parse(argv: List[str]):
     namespace = parser().parse_args(full)
     try:
         arguments._resolve(namespace)
-    except ConfigError:
+    except UserError:  # a check of a combination (ConfigError, TokenizerError, ...)
         namespace = parser().parse_args(full)
         fill_fallbacks([owner for _, owner in arguments.SECTIONS], namespace)
     return namespace

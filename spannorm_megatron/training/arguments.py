@@ -19,7 +19,7 @@ import yaml
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.data.dataset import LEGACY_SPLIT, DataConfig
-from spannorm_megatron.data.sp_model import TokenizerConfig
+from spannorm_megatron.data.tokenizer_args import TokenizerConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.options import (
     add_arguments,
@@ -33,7 +33,12 @@ from spannorm_megatron.options import (
     options,
 )
 from spannorm_megatron.training import megatron_lm
-from spannorm_megatron.training.config import CheckpointConfig, LoggingConfig, TrainingConfig
+from spannorm_megatron.training.config import (
+    CheckpointConfig,
+    LoggingConfig,
+    MetricsLoggingConfig,
+    TrainingConfig,
+)
 from spannorm_megatron.training.performance import PerformanceConfig
 
 
@@ -63,6 +68,7 @@ SECTIONS = (
     ("data", DataConfig),
     ("tokenizer", TokenizerConfig),
     ("evaluation and logging", LoggingConfig),
+    ("logged metrics (Megatron-LM's logging flags)", MetricsLoggingConfig),
     ("checkpoints", CheckpointConfig),
     ("Megatron-LM spellings", MegatronSpellings),
 )
@@ -203,6 +209,7 @@ def _resolve(args: argparse.Namespace) -> None:
     performance_config(args)
     from_namespace(MegatronSpellings, args)
     from_namespace(LoggingConfig, args)
+    from_namespace(MetricsLoggingConfig, args)
     from_namespace(CheckpointConfig, args)
     from_namespace(TokenizerConfig, args)
 
@@ -240,6 +247,10 @@ def performance_config(args: argparse.Namespace) -> PerformanceConfig:
 
 def training_config(args: argparse.Namespace) -> TrainingConfig:
     return from_namespace(TrainingConfig, args)
+
+
+def metrics_logging_config(args: argparse.Namespace) -> MetricsLoggingConfig:
+    return from_namespace(MetricsLoggingConfig, args)
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:

@@ -37,6 +37,10 @@ class StepResult:
     bad_layer: Optional[int] = None
     """When gradients were non-finite: the first global layer number (0: outside the layers)."""
 
+    num_zeros: Optional[float] = None
+    """Zero gradient entries, counted by megatron-core's optimizer (with
+    --log-num-zeros-in-grad; None otherwise and on skipped steps)."""
+
 
 def _data_iterators(iterator, num_chunks: int):
     # Interleaved pipelining asks every model chunk for its own micro-batches.
@@ -88,13 +92,13 @@ def train_step(model, optimizer, scheduler, data_iterator: Iterator, num_microba
                           bad_layer=bad_layer)
     if monitor is not None:
         monitor.before_optimizer_step(optimizer)
-    update_successful, grad_norm, _ = optimizer.step()
+    update_successful, grad_norm, num_zeros = optimizer.step()
     if monitor is not None:
         monitor.after_optimizer_step()
     if update_successful and scheduler is not None:
         scheduler.step(increment=global_batch_size)
     return StepResult(loss=loss, grad_norm=grad_norm, skipped=not update_successful,
-                      learning_rate=learning_rate)
+                      learning_rate=learning_rate, num_zeros=num_zeros)
 
 
 @torch.no_grad()
@@ -126,16 +130,32 @@ def evaluate(model, data_iterator: Iterator, eval_iters: int, num_microbatches: 
 
 def log_line(iteration: int, train_iters: int, consumed_samples: int, step_seconds: float,
              result: StepResult, global_batch_size: int, tokens_per_second: float,
-             mfu: Optional[float], skipped_total: int) -> str:
-    """Megatron-LM's training log line, with throughput and MFU appended."""
+             mfu: Optional[float], skipped_total: int, *,
+             learning_rate: Optional[float] = None, tflops: Optional[float] = None,
+             num_zeros: Optional[float] = None, params_norm: Optional[float] = None) -> str:
+    """Megatron-LM's training log line, with throughput and MFU appended. `learning_rate`:
+    the one to print (default: the step's); `tflops` (--log-throughput), `num_zeros`
+    (--log-num-zeros-in-grad) and `params_norm` (--log-params-norm) where Megatron-LM prints
+    them."""
+    learning_rate = result.learning_rate if learning_rate is None else learning_rate
     parts = [
         f" [{datetime.now():%Y-%m-%d %H:%M:%S}] iteration {iteration:8d}/{train_iters:8d}",
         f"consumed samples: {consumed_samples:12d}",
         f"elapsed time per iteration (ms): {step_seconds * 1000:.1f}",
-        f"learning rate: {result.learning_rate:.6E}",
+    ]
+    if tflops is not None:
+        parts.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
+    parts += [
+        f"learning rate: {learning_rate:.6E}",
         f"global batch size: {global_batch_size:5d}",
         f"lm loss: {result.loss:.6E}" if result.loss is not None else "lm loss: n/a",
         f"grad norm: {result.grad_norm:.3f}" if result.grad_norm is not None else "grad norm: n/a",
+    ]
+    if num_zeros is not None:
+        parts.append(f"num zeros: {num_zeros}")
+    if params_norm is not None:
+        parts.append(f"params norm: {params_norm:.3f}")
+    parts += [
         f"number of skipped iterations: {skipped_total:3d}",
         f"tokens/s: {tokens_per_second:.0f}",
     ]

@@ -11,7 +11,6 @@ down what `setup` made: signal handlers, TensorBoard, process groups.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -25,6 +24,7 @@ from megatron.core.num_microbatches_calculator import (
     init_num_microbatches_calculator,
     update_num_microbatches,
 )
+from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 
 from spannorm_megatron.checkpoint import (
     TRACKER_FILENAME,
@@ -44,11 +44,13 @@ from spannorm_megatron.data.dataset import (
 )
 from spannorm_megatron.data.loader import build_data_iterators
 from spannorm_megatron.data.tokenizer import build_tokenizer, check_data_fits_vocab
+from spannorm_megatron.data.tokenizer_args import tokenizer_config, tokenizer_sha256
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.runtime import check_launch, current_device, destroy, initialize
 from spannorm_megatron.training.arguments import (
     data_config,
+    metrics_logging_config,
     model_config,
     padded_vocab_size,
     parallel_config,
@@ -112,17 +114,10 @@ def _check_room_for_checkpoints(save: str, model, data_parallel_size: int, bf16:
                           f"another --save.")
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_same_tokenizer(args, sha256: Optional[str]) -> None:
     """A resume must read its data with the tokenizer it was trained with: another one of the
-    same vocabulary size would load without a word and give every id another meaning."""
+    same vocabulary size would load without a word and give every id another meaning. Compared:
+    the type, the digest of its files (`tokenizer_sha256`) and NullTokenizer's --vocab-size."""
     if not args.load:
         return
     try:
@@ -132,15 +127,23 @@ def _check_same_tokenizer(args, sha256: Optional[str]) -> None:
         saved = read_run_record(os.path.join(args.load, iteration_dirname(iteration)))["args"]
     except (CheckpointError, KeyError, TypeError):
         return  # no usable record here: the load itself reports what is wrong
+    files = {"tokenizer_model": "--tokenizer-model", "vocab_file": "--vocab-file",
+             "merge_file": "--merge-file"}
+    recorded = {flag: saved[key] for key, flag in files.items() if saved.get(key)}
     differ = [(flag, saved.get(key), now) for flag, key, now in (
         ("--tokenizer-type", "tokenizer_type", args.tokenizer_type),
-        ("--tokenizer-model", "tokenizer_sha256", sha256)) if saved.get(key) not in (None, now)]
+        ("/".join(recorded) or "tokenizer files", "tokenizer_sha256", sha256),
+        ("--vocab-size", "vocab_size", getattr(args, "vocab_size", None)))
+        if saved.get(key) not in (None, now)]
     if differ:
+        was = ("" if not recorded else f"; its file was {next(iter(recorded.values()))}"
+               if len(recorded) == 1 else
+               "; its files were " + ", ".join(f"{k} {v}" for k, v in recorded.items()))
         raise ConfigError(
             f"--load {args.load}: the checkpoint was trained with another tokenizer ("
             + "; ".join(f"{flag}: checkpoint {old}, this run {new}" for flag, old, new in differ)
-            + f"; its file was {saved.get('tokenizer_model')}). Pass the checkpoint's tokenizer, "
-            f"or start a new run in another --save directory.")
+            + was + "). Pass the checkpoint's tokenizer, or start a new run in another --save "
+            "directory.")
 
 
 def _check_fresh_save_directory(args) -> None:
@@ -164,16 +167,20 @@ class Trainer:
         """Check everything the user gave, before any process group work."""
         self.args = args
         self.batches = batch_layout(args, int(os.environ.get("WORLD_SIZE", "1")))
-        if args.train_samples is not None:  # Megatron-LM sets train_iters from it, as here
-            args.train_iters = self.batches.train_iters_for(args.train_samples)
-            if args.train_iters < 1:
+        # Megatron-LM sets args.train_iters from --train-samples; here the flags stay as given
+        # (a TrainingConfig holds one of the two) and the run keeps its step count.
+        self.train_iters = args.train_iters
+        if args.train_samples is not None:
+            self.train_iters = self.batches.train_iters_for(args.train_samples)
+            if self.train_iters < 1:
                 raise ConfigError(
                     f"--train-samples {args.train_samples} is less than one global batch "
                     f"({self.batches.global_batch_size}): train at least one step.")
-            args.notices.append(f"setting training iterations to {args.train_iters}")
+            args.notices.append(f"setting training iterations to {self.train_iters}")
         self.data_config = data_config(args)
-        self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-        self.tokenizer_sha256 = _file_sha256(args.tokenizer_model) if args.tokenizer_model else None
+        tokenizer_flags = tokenizer_config(args)
+        self.tokenizer = build_tokenizer(tokenizer_flags)
+        self.tokenizer_sha256 = tokenizer_sha256(tokenizer_flags)
         _check_same_tokenizer(args, self.tokenizer_sha256)
         self.model_config = model_config(args, padded_vocab_size(self.tokenizer.vocab_size, args))
         check_model_matches(args, self.model_config)
@@ -183,7 +190,7 @@ class Trainer:
         self.performance.check_layout(self.parallel)
         self.performance.check_machine(self.model_config)
         check_launch(args.distributed_backend)
-        self.num_samples = num_samples_for(args.train_iters, self.batches.global_batch_size,
+        self.num_samples = num_samples_for(self.train_iters, self.batches.global_batch_size,
                                            args.eval_interval, args.eval_iters,
                                            train_samples=args.train_samples)
         check_data_fits_vocab(check_data_prefixes(self.data_config, self.num_samples),
@@ -253,7 +260,8 @@ class Trainer:
             num_microbatches=batches.num_microbatches, log_interval=args.log_interval,
             tensorboard_dir=args.tensorboard_dir, dtype=performance.params_dtype,
             recompute=args.recompute_granularity,
-            collapse_grad_ratio=args.collapse_grad_ratio)
+            collapse_grad_ratio=args.collapse_grad_ratio,
+            metrics=metrics_logging_config(args))
         self.monitor.write_config({"args": vars(args), "model": model_cfg.to_dict(),
                                    "parallel": vars(parallel)})
         self.guard = NonFiniteGuard(self.model, args.max_skipped_iterations)
@@ -322,7 +330,7 @@ class Trainer:
                         num_microbatches=self.batches.num_microbatches,
                         seq_length=args.seq_length, micro_batch_size=args.micro_batch_size)
         self.consumed_valid += args.eval_iters * self.batches.global_batch_size
-        self.monitor.log_validation(self.iteration, loss)
+        self.monitor.log_validation(self.iteration, loss, self.consumed_train)
         self.history["valid_loss"].append(loss)
         bar = "-" * 100
         print_last_rank(f"{bar}\n validation loss at iteration {self.iteration} | lm loss value: "
@@ -353,11 +361,11 @@ class Trainer:
         args = self.args
         every = lambda interval: bool(interval) and self.iteration % interval == 0  # noqa: E731
         throughput = ThroughputWindow()
-        while self.iteration < args.train_iters:
+        while self.iteration < self.train_iters:
             result = self.train_step()
             throughput.step_done()
-            if self.monitor.is_log_step(self.iteration) or self.iteration == args.train_iters:
-                self._log(result, throughput.seconds_per_iteration())
+            prints = self.monitor.is_log_step(self.iteration) or self.iteration == self.train_iters
+            self._log(result, throughput.seconds_per_iteration() if prints else None)
             if self.valid_iter is not None and every(args.eval_interval):
                 self.evaluate()
                 throughput.exclude_since_last_step()
@@ -378,16 +386,30 @@ class Trainer:
             self.evaluate()
         return self.history
 
-    def _log(self, result: StepResult, seconds: float) -> None:
+    def _log(self, result: StepResult, seconds: Optional[float]) -> None:
+        """Every iteration: TensorBoard (monitor.end_step, collectives on every rank) and, when
+        `seconds` (the log window's time per iteration) is given, the log line."""
         global_batch_size = get_current_global_batch_size()
-        tokens_per_second = global_batch_size * self.args.seq_length / seconds
-        print_last_rank(log_line(self.iteration, self.args.train_iters, self.consumed_train,
-                                 seconds, result, global_batch_size, tokens_per_second,
-                                 self.monitor.mfu(seconds), self.guard.total))
-        alarm = self.monitor.end_step(self.iteration, result, seconds,
-                                      float(self.optimizer.get_loss_scale()))
-        if alarm is not None:
-            print_rank_0(f" WARNING: {alarm}")
+        # Megatron-LM logs the learning rate after the scheduler's update.
+        learning_rate = get_canonical_lr_for_logging(self.optimizer.param_groups)
+        if learning_rate is None:
+            learning_rate = self.optimizer.param_groups[0]["lr"]
+        report = self.monitor.end_step(self.iteration, result,
+                                       consumed_samples=self.consumed_train,
+                                       learning_rate=learning_rate,
+                                       loss_scale=float(self.optimizer.get_loss_scale()),
+                                       seconds_per_step=seconds,
+                                       global_batch_size=global_batch_size)
+        if seconds is not None:
+            tokens_per_second = global_batch_size * self.args.seq_length / seconds
+            print_last_rank(log_line(
+                self.iteration, self.train_iters, self.consumed_train, seconds, result,
+                global_batch_size, tokens_per_second, self.monitor.mfu(seconds),
+                self.guard.total, learning_rate=learning_rate,
+                tflops=self.monitor.throughput_tflops(seconds) if self.args.log_throughput
+                else None, num_zeros=report.num_zeros, params_norm=report.params_norm))
+        if report.alarm is not None:
+            print_rank_0(f" WARNING: {report.alarm}")
 
     # ------------------------------------------------------------------ resume
     def _load(self):
