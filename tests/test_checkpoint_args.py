@@ -208,6 +208,36 @@ def test_use_checkpoint_args_takes_every_field_the_model_check_compares():
     assert sorted(k for k in _architecture(config) if through.get(k, k) not in taken) == []
 
 
+def test_vocab_file_tokenizers_also_compare_max_positions_and_padding(megatron_world, tmp_path):
+    """Megatron-LM's check compares --max-position-embeddings and --make-vocab-size-divisible-by
+    only when the tokenizer has a --vocab-file; so does ours where they do not change the
+    weights (rope positions here)."""
+    import _checkpoint as H
+    from spannorm_megatron.checkpoint import save_checkpoint
+    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.runtime import set_seed
+    from spannorm_megatron.training.checkpoint_args import check_model_matches
+
+    config = H.model_config(position_embedding_type="rope")
+    set_seed(1234)
+    chunks, _, _ = H.build(config, ParallelConfig())
+    save_checkpoint(str(tmp_path), 1, chunks, None, None, model_config=config,
+                    parallel_config=ParallelConfig(), consumed_train_samples=0,
+                    args={"make_vocab_size_divisible_by": 128, "vocab_file": "vocab.json"})
+    longer = H.model_config(position_embedding_type="rope",
+                            max_sequence_length=2 * config.max_sequence_length)
+    run = argparse.Namespace(load=str(tmp_path), use_checkpoint_args=False, vocab_file=None,
+                             make_vocab_size_divisible_by=64)
+    check_model_matches(run, longer)  # rope's maximum positions hold no weights
+    run.vocab_file = "vocab.json"
+    with pytest.raises(ConfigError) as refused:
+        check_model_matches(run, longer)
+    message = str(refused.value)
+    assert (f"--max-position-embeddings (max_sequence_length): checkpoint "
+            f"{config.max_sequence_length}, this run {longer.max_sequence_length}") in message
+    assert "--make-vocab-size-divisible-by: checkpoint 128, this run 64" in message
+
+
 def _train_main(argv):
     from spannorm_megatron.train import pretrain
 

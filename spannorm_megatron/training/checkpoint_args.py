@@ -24,9 +24,9 @@ the run record's architecture check (`checkpoint.run_record.compare`, also made 
 Megatron-LM's default in every checkpoint here (no flag changes it); ``max_position_embeddings``
 and ``make_vocab_size_divisible_by`` (which Megatron-LM compares only with a ``--vocab-file``
 tokenizer) wherever they change the weights: the maximum positions of learned position
-embeddings, and the padded vocabulary; the tokenizer through the trainer's tokenizer check. It
-skips what Megatron-LM skips for dist checkpoints: the TP and PP sizes (checkpoints reshard). It
-refuses more than Megatron-LM's check (placement, FFN width, query groups, norm, MoE layout and
+embeddings, and the padded vocabulary; with a ``--vocab-file`` tokenizer both always, as there;
+the tokenizer type through the trainer's tokenizer check. It skips what Megatron-LM skips for
+dist checkpoints: the TP and PP sizes (checkpoints reshard). It refuses more than Megatron-LM's check (placement, FFN width, query groups, norm, MoE layout and
 routing), where Megatron-LM would fail later on a tensor shape or, with equal shapes, load the
 weights into another function. A mismatch names each flag, the two values and the fix.
 """
@@ -87,7 +87,7 @@ def flag_for(name: str) -> str:
         "moe_layer_pattern": "--moe-layer-freq (moe_layer_pattern)",
         "vocab_size": ("vocab_size (the tokenizer's vocabulary padded to a multiple of "
                        "--make-vocab-size-divisible-by x --tensor-model-parallel-size)"),
-        "max_sequence_length": "--max-position-embeddings (max_sequence_length)",
+        "make_vocab_size_divisible_by": "--make-vocab-size-divisible-by",
     }.get(name, name)
 
 
@@ -175,6 +175,19 @@ def check_model_matches(args: argparse.Namespace, model_config: ModelConfig) -> 
     except CheckpointError:
         return  # the load reports the damaged record
     differences, _ = compare(saved, model_config)
+    compared = {name for name, _, _ in differences}
+    if getattr(args, "vocab_file", None):
+        # Megatron-LM's check compares these too when the tokenizer has a vocabulary file, where
+        # they need not change the weights (the maximum positions of rope, a padding multiple
+        # that pads to the same size).
+        saved_args = record.get("args") if isinstance(record.get("args"), dict) else {}
+        for name, old, new in (
+                ("max_sequence_length", saved.max_sequence_length,
+                 model_config.max_sequence_length),
+                ("make_vocab_size_divisible_by", saved_args.get("make_vocab_size_divisible_by"),
+                 args.make_vocab_size_divisible_by)):
+            if old is not None and old != new and name not in compared:
+                differences.append((name, old, new))
     if not differences:
         return
     def derived(name):  # a size the run did not set: say so, or the user looks for the flag
