@@ -2,11 +2,12 @@
 for, ``--use-checkpoint-args``, and the model check of a resume (Megatron-LM's
 check_checkpoint_args on our side).
 
-One 2-rank torchrun training run (MoE, EP2 x DP2, saved at iteration 2) serves every test. A
-reader written to Megatron-LM's load_checkpoint contract (tests/_megatron_loader.py) reads it;
-``--use-checkpoint-args`` and the refusals run against it in this process (the flags, and the
-training command up to its checks, which come before any process group), and one one-process
-run resumes it with its model taken from it.
+One 2-rank torchrun training run (MoE, EP2 x DP2, saved at iteration 2) serves the tests that
+need a checkpoint of the training command. A reader written to Megatron-LM's load_checkpoint
+contract (tests/_megatron_loader.py) reads it; ``--use-checkpoint-args`` and the refusals run
+against it in this process (the flags, and the training command up to its checks, which come
+before any process group), and one one-process run resumes it with its model taken from it.
+The vocabulary-file comparisons use a checkpoint saved in this process.
 """
 
 import argparse

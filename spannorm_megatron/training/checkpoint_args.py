@@ -190,6 +190,7 @@ def check_model_matches(args: argparse.Namespace, model_config: ModelConfig) -> 
                 differences.append((name, old, new))
     if not differences:
         return
+
     def derived(name):  # a size the run did not set: say so, or the user looks for the flag
         unset = name in _MODEL_FIELDS and getattr(model_config, name) is None
         return " (not set: derived from the other flags)" if unset else ""
