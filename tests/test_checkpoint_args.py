@@ -45,7 +45,8 @@ MODEL = [*RECIPE, "--num-layers", "2", "--hidden-size", "64", "--num-attention-h
          "--num-experts", "4", "--moe-router-topk", "2"]
 # Batches, schedule and implementation, the same for the run and its resumes (a resume checks
 # the schedule; --use-checkpoint-args takes no implementation, as in Megatron-LM).
-RUN = ["--transformer-impl", "auto", "--micro-batch-size", str(MICRO), "--global-batch-size", str(GLOBAL), "--lr", "1e-3",
+RUN = ["--transformer-impl", "auto", "--micro-batch-size", str(MICRO),
+       "--global-batch-size", str(GLOBAL), "--lr", "1e-3",
        "--lr-warmup-iters", "1", "--lr-decay-iters", "10", "--lr-decay-style", "cosine",
        "--adam-beta2", "0.95", "--log-interval", "1", "--eval-interval", "1",
        "--eval-iters", str(EVAL_ITERS), "--split", "90,10,0", "--num-workers", "0",

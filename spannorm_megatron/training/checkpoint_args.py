@@ -26,9 +26,10 @@ and ``make_vocab_size_divisible_by`` (which Megatron-LM compares only with a ``-
 tokenizer) wherever they change the weights: the maximum positions of learned position
 embeddings, and the padded vocabulary; with a ``--vocab-file`` tokenizer both always, as there;
 the tokenizer type through the trainer's tokenizer check. It skips what Megatron-LM skips for
-dist checkpoints: the TP and PP sizes (checkpoints reshard). It refuses more than Megatron-LM's check (placement, FFN width, query groups, norm, MoE layout and
-routing), where Megatron-LM would fail later on a tensor shape or, with equal shapes, load the
-weights into another function. A mismatch names each flag, the two values and the fix.
+dist checkpoints: the TP and PP sizes (checkpoints reshard). It refuses more than Megatron-LM's
+check (placement, FFN width, query groups, norm, MoE layout and routing), where Megatron-LM would
+fail later on a tensor shape or, with equal shapes, load the weights into another function. A
+mismatch names each flag, the two values and the fix.
 """
 
 from __future__ import annotations
