@@ -153,6 +153,7 @@ _ROUTING_FIELDS = (
     "moe_router_topk_scaling_factor", "moe_router_num_groups", "moe_router_group_topk",
     "moe_router_enable_expert_bias", "moe_expert_capacity_factor",
     "moe_pad_expert_input_to_capacity", "moe_token_drop_policy", "moe_shared_expert_gate",
+    "moe_apply_probs_on_input",
 )
 
 
@@ -194,6 +195,8 @@ def _architecture(config: ModelConfig) -> Dict[str, Any]:
         arch["moe_layer_pattern"] = config.moe_layer_pattern
         for name in _ROUTING_FIELDS:
             arch[name] = getattr(config, name)
+        if config.moe_latent_size is not None:  # the experts' width and two more linears
+            arch["moe_latent_size"] = config.moe_latent_size
     return arch
 
 

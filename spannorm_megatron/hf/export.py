@@ -86,6 +86,10 @@ def choose_family(config: ModelConfig, fmt: str) -> tuple:
                      "the megatron model wherever megatron dropped no token (megatron drops by "
                      "comparing the tokens of a whole batch, in eval too, which no per-token "
                      "forward can reproduce)")
+    if config.is_moe and config.moe_input_jitter_eps is not None:
+        notes.append("the exported model routes without megatron's input jitter "
+                     "(moe_input_jitter_eps multiplies the router's input by random noise in "
+                     "every megatron forward, evaluation included)")
     own = own_class_problems(config)
     if fmt == "spannorm" and not own:
         return FAMILIES["spannorm"], notes

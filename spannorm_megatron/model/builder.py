@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.moe.router_replay import RouterReplay
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.model.moe_kernels import check_moe_kernels
 from spannorm_megatron.model.scale_init import output_projection_std
 from spannorm_megatron.model.specs import (
     block_spec,
@@ -60,6 +62,22 @@ def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
             # for its per-layer MoE logging; the specs follow the same pattern.
             moe_layer_freq=config.moe_layer_freq,
             moe_shared_expert_gate=config.moe_shared_expert_gate,
+            moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
+            moe_shared_expert_overlap=config.moe_shared_expert_overlap,
+            moe_layer_recompute=config.moe_layer_recompute,
+            moe_permute_fusion=config.moe_permute_fusion,
+            moe_router_fusion=config.moe_router_fusion,
+            moe_flex_dispatcher_backend=config.moe_flex_dispatcher_backend,
+            moe_enable_deepep=config.moe_enable_deepep,
+            moe_deepep_num_sms=config.moe_deepep_num_sms,
+            moe_hybridep_num_sms=config.moe_hybridep_num_sms,
+            moe_router_padding_for_quantization=config.moe_router_padding_for_quantization,
+            moe_router_padding_for_fp8=config.moe_router_padding_for_fp8,
+            moe_input_jitter_eps=config.moe_input_jitter_eps,
+            moe_router_force_load_balancing=config.moe_router_force_load_balancing,
+            moe_apply_probs_on_input=config.moe_apply_probs_on_input,
+            moe_latent_size=config.moe_latent_size,
+            moe_enable_routing_replay=config.moe_enable_routing_replay,
         )
     model_fields = dict(
         num_layers=config.num_layers,
@@ -123,10 +141,16 @@ def build_gpt_model(
     post_process: bool = True,
     vp_stage: Optional[int] = None,
 ) -> GPTModel:
-    """One `GPTModel` (one pipeline stage, or the whole model without pipelining)."""
+    """One `GPTModel` (one pipeline stage, or the whole model without pipelining).
+
+    MoE options whose kernels this machine lacks are refused first (ConfigError), rather than
+    failing inside megatron-core's module construction."""
+    transformer_engine = use_transformer_engine(config)
+    check_moe_kernels(config, transformer_engine)
     return GPTModel(
         config=tconfig,
-        transformer_layer_spec=block_spec(config, tconfig, vp_stage=vp_stage),
+        transformer_layer_spec=block_spec(config, tconfig, vp_stage=vp_stage,
+                                          transformer_engine=transformer_engine),
         vocab_size=config.vocab_size,
         max_sequence_length=config.max_sequence_length,
         pre_process=pre_process,
@@ -145,6 +169,10 @@ def build_model(config: ModelConfig, tconfig: TransformerConfig) -> List[GPTMode
     """
     vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = range(vp_size) if vp_size is not None else [None]
+    if config.moe_enable_routing_replay:
+        # megatron-core keeps every router it ever built in one process-wide list and hands
+        # replay data out by position in it: only this model's routers may be there.
+        RouterReplay.clear_global_router_replay_instances()
     chunks = [
         build_gpt_model(
             config,

@@ -24,7 +24,7 @@ from spannorm_megatron.errors import ParallelLayoutError
 
 from .cpu import enable_cpu_runtime
 from .device import backend as device_backend
-from .device import has_accelerator
+from .device import has_accelerator, pipeline_communication_problem
 from .orphans import die_with_parent
 from .strict_devices import strict_devices_requested
 
@@ -101,6 +101,9 @@ def validate_layout(world_size: int, parallel: Optional[ParallelConfig] = None,
                 f"which needs pipeline_model_parallel_size > 1 (got {pp}). Set "
                 f"pipeline_model_parallel_size >= 2 or virtual_pipeline_model_parallel_size=None."
             )
+    why = pipeline_communication_problem(parallel)
+    if why:
+        raise ParallelLayoutError(why + ".")
     expert = etp * ep * pp
     if world_size % expert:
         # world_size % pp == 0 here (pp divides the model size checked above).
@@ -240,6 +243,7 @@ def initialize(
     Returns the validated :class:`ParallelLayout`.
     """
     rank, world_size, local_rank = _launch_env()
+    parallel = parallel or ParallelConfig()
     # Validate first: nothing is patched, imported or connected for a layout that cannot work.
     layout = validate_layout(world_size, parallel)
     from megatron.core import parallel_state
@@ -277,6 +281,8 @@ def initialize(
         expert_model_parallel_size=layout.expert_model_parallel_size,
         expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
+        pipeline_model_parallel_comm_backend=parallel.pipeline_model_parallel_comm_backend,
+        order=parallel.rank_order,
     )
     set_seed(seed)
     return layout

@@ -40,6 +40,7 @@ from spannorm_megatron.training.config import (
     TrainingConfig,
 )
 from spannorm_megatron.training.performance import PerformanceConfig
+from spannorm_megatron.training.unavailable import Unavailable
 
 
 @dataclass
@@ -71,6 +72,8 @@ SECTIONS = (
     ("logged metrics (Megatron-LM's logging flags)", MetricsLoggingConfig),
     ("checkpoints", CheckpointConfig),
     ("Megatron-LM spellings", MegatronSpellings),
+    ("Megatron-LM flags refused here, or without effect (see "
+     "spannorm_megatron.training.unavailable)", Unavailable),
 )
 
 
@@ -189,29 +192,63 @@ def _resolve(args: argparse.Namespace) -> None:
         args.notices.append(f"WARNING: --data-path without --split: using Megatron-LM's legacy "
                             f"default {LEGACY_SPLIT}.")
     if args.num_layers_per_virtual_pipeline_stage is not None:
-        stages = args.pipeline_model_parallel_size * args.num_layers_per_virtual_pipeline_stage
-        if args.num_layers % stages:
-            raise ConfigError(
-                f"--num-layers {args.num_layers} is not divisible by "
-                f"--pipeline-model-parallel-size x --num-layers-per-virtual-pipeline-stage = "
-                f"{stages}."
-            )
-        args.virtual_pipeline_model_parallel_size = args.num_layers // stages
+        args.virtual_pipeline_model_parallel_size = _virtual_stages_from_layers(args)
     if args.group_query_attention and args.num_query_groups is None:
         raise ConfigError("--group-query-attention needs --num-query-groups N.")
     check_paths(owners, args)
     training_config(args)
     # The model's own checks need no vocabulary (the tokenizer's comes later, in the Trainer).
-    model_config(args, vocab_size=args.make_vocab_size_divisible_by)
+    model = model_config(args, vocab_size=args.make_vocab_size_divisible_by)
     # How the layers split over pipeline stages needs only --num-layers: checked here, before
     # the world size or the tokenizer are looked at.
     parallel_config(args).stage_layer_counts(args.num_layers)
-    performance_config(args)
+    performance_config(args).check_model(model)
+    if model.moe_enable_routing_replay:
+        args.notices.append(
+            "--moe-enable-routing-replay: every router has megatron-core's RouterReplay; "
+            "spannorm-train sets no record/replay action (nor does Megatron-LM's pretrain), so "
+            "tokens are routed as without it unless your code drives "
+            "megatron.core.transformer.moe.router_replay.RouterReplay.")
     from_namespace(MegatronSpellings, args)
+    args.notices += from_namespace(Unavailable, args).notices()
     from_namespace(LoggingConfig, args)
     from_namespace(MetricsLoggingConfig, args)
     from_namespace(CheckpointConfig, args)
     from_namespace(TokenizerConfig, args)
+
+
+def _virtual_stages_from_layers(args: argparse.Namespace) -> Optional[int]:
+    """Megatron-LM's reading of --num-layers-per-virtual-pipeline-stage: layers per pipeline
+    stage (the embedding and loss counted where they are counted as layers) over layers per
+    model chunk; one chunk per stage is the plain schedule (None)."""
+    flag = "--num-layers-per-virtual-pipeline-stage"
+    others = [name for name, given in (
+        ("--num-virtual-stages-per-pipeline-rank", args.virtual_pipeline_model_parallel_size),
+        ("--pipeline-model-parallel-layout", args.pipeline_model_parallel_layout),
+    ) if given is not None]
+    if others:
+        raise ConfigError(f"{flag} and {others[0]} both set the virtual stages (Megatron-LM "
+                          f"takes one of them): give only one.")
+    uneven = [name for name, given in (
+        ("--decoder-first-pipeline-num-layers", args.decoder_first_pipeline_num_layers),
+        ("--decoder-last-pipeline-num-layers", args.decoder_last_pipeline_num_layers),
+    ) if given is not None]
+    if uneven:
+        raise ConfigError(f"{flag} counts layers per chunk of even stages, and {uneven[0]} "
+                          f"makes them uneven: give --num-virtual-stages-per-pipeline-rank "
+                          f"instead (as Megatron-LM requires).")
+    pp, per_chunk = args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
+    layers = args.num_layers + int(args.account_for_embedding_in_pipeline_split) + int(
+        args.account_for_loss_in_pipeline_split)
+    counted = "" if layers == args.num_layers else f" (+{layers - args.num_layers} for the " \
+        f"embedding/loss counted as layers = {layers})"
+    if layers % (pp * per_chunk):
+        raise ConfigError(
+            f"--num-layers {args.num_layers}{counted} is not divisible by "
+            f"--pipeline-model-parallel-size x {flag} = {pp * per_chunk}: every model chunk of "
+            f"every stage holds {per_chunk} layers.")
+    chunks = layers // pp // per_chunk
+    return chunks if chunks > 1 else None
 
 
 def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:

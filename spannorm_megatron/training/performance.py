@@ -131,6 +131,19 @@ class PerformanceConfig:
             raise ConfigError("--tp-comm-overlap needs --tensor-model-parallel-size > 1 and "
                               "--sequence-parallel.")
 
+    def check_model(self, model: ModelConfig) -> None:
+        """Refuse model options these precision and recompute choices contradict."""
+        padding = [flag for flag, on in (
+            ("--moe-router-padding-for-quantization", model.moe_router_padding_for_quantization),
+            ("--moe-router-padding-for-fp8", model.moe_router_padding_for_fp8)) if on]
+        if padding and self.fp8_format is None:
+            raise ConfigError(f"{padding[0]} pads routed tokens for FP8 GEMMs, and this run has "
+                              f"no FP8: add --fp8-format hybrid (or e4m3), or drop it.")
+        if model.moe_layer_recompute and self.recompute_granularity == "full":
+            raise ConfigError("--moe-layer-recompute is selective recompute of the MoE layers, "
+                              "and --recompute-granularity full already recomputes whole "
+                              "layers (megatron-core refuses both): drop one of them.")
+
     def check_machine(self, model: ModelConfig) -> None:
         """Refuse choices this machine cannot run: FP8 and TP overlap need Transformer Engine
         on a GPU (FP8: compute capability 8.9+, e.g. H100; mxfp8: 10.0+)."""

@@ -33,6 +33,16 @@ class BatchLayout:
         """Micro-batches each rank accumulates per step (after any ramp-up)."""
         return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
 
+    @property
+    def microbatch_counts(self) -> Tuple[int, ...]:
+        """Every micro-batch count a step may have: each size of a --rampup-batch-size ramp,
+        and the final one."""
+        unit = self.micro_batch_size * self.data_parallel_size
+        if self.rampup is None:
+            return (self.num_microbatches,)
+        start, increment, _ = self.rampup
+        return tuple(size // unit for size in range(start, self.global_batch_size + 1, increment))
+
     def train_iters_for(self, train_samples: int) -> int:
         """Megatron-LM's `update_train_iters`: the steps --train-samples makes, the ramp-up's
         growing batches counted one by one (a partial last batch is dropped)."""

@@ -46,6 +46,7 @@ from spannorm_megatron.data.loader import build_data_iterators
 from spannorm_megatron.data.tokenizer import build_tokenizer, check_data_fits_vocab
 from spannorm_megatron.data.tokenizer_args import tokenizer_config, tokenizer_sha256
 from spannorm_megatron.errors import ConfigError
+from spannorm_megatron.model.moe_kernels import check_moe_kernels
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.runtime import check_launch, current_device, destroy, initialize
 from spannorm_megatron.training.arguments import (
@@ -189,7 +190,10 @@ class Trainer:
         self.performance = performance_config(args)
         self.performance.check_layout(self.parallel)
         self.performance.check_machine(self.model_config)
-        check_launch(args.distributed_backend)
+        check_moe_kernels(self.model_config)
+        check_launch(args.distributed_backend, self.parallel)
+        for count in self.batches.microbatch_counts:
+            self.parallel.check_microbatches(count)
         self.num_samples = num_samples_for(self.train_iters, self.batches.global_batch_size,
                                            args.eval_interval, args.eval_iters,
                                            train_samples=args.train_samples)
