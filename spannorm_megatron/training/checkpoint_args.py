@@ -44,6 +44,7 @@ from spannorm_megatron.checkpoint import (
     iteration_dirname,
     read_run_record,
 )
+from spannorm_megatron.checkpoint.run_record import _ROUTING_FIELDS as ROUTING_FIELDS
 from spannorm_megatron.checkpoint.run_record import compare, saved_model_config
 from spannorm_megatron.config import ModelConfig
 from spannorm_megatron.errors import ConfigError
@@ -62,12 +63,12 @@ STRUCTURE = (
     "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax", "moe_grouped_gemm",
     "moe_shared_expert_intermediate_size", "moe_router_score_function",
     "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor",
-    # ... and the rest of what the architecture check compares (run_record._architecture).
+    # ... and the rest of what the architecture check compares (run_record._architecture):
+    # the placement's switches and every routing setting it compares.
     "norm_placement", "final_norm", "first_layer_input_norm", "scale_mode", "scale_init",
-    "qk_layernorm", "moe_router_num_groups", "moe_router_group_topk",
-    "moe_expert_capacity_factor", "moe_pad_expert_input_to_capacity", "moe_token_drop_policy",
-    "moe_shared_expert_gate",
+    "qk_layernorm",
 )
+STRUCTURE += tuple(name for name in ROUTING_FIELDS if name not in STRUCTURE)
 # Recorded flags of the run (the record's "args") taken the same two ways.
 RUN_SIZES = ("seq_length",)
 RUN_TOKENIZER = ("tokenizer_type", "tokenizer_model")  # unless its flag is turned off
