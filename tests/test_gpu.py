@@ -63,6 +63,31 @@ def test_local_bf16_training_evaluates_saves_and_resumes(corpus, tmp_path):
     assert sorted(logged_losses(resumed.stdout)) == [70]
 
 
+def test_cuda_states_of_a_cpu_save_are_the_gpus_own_and_load_like_megatron_lm(seeded):
+    """A CPU save writes CUDA generator states made from seeds under Megatron-LM's RNG keys
+    (checkpoint/rng.py): they must be what the GPU's generator holds after that seed, and go
+    through the calls Megatron-LM's load_checkpoint makes (set_rng_state, the tracker's fork)."""
+    from megatron.core import tensor_parallel
+
+    from spannorm_megatron.checkpoint import rng
+
+    torch.cuda.manual_seed(4321)
+    assert torch.equal(torch.cuda.get_rng_state(), rng.cuda_generator_state(4321))
+    torch.cuda.manual_seed(77)
+    expected = torch.rand(8, device="cuda")
+    torch.cuda.set_rng_state(rng.cuda_generator_state(77))
+    assert torch.equal(torch.rand(8, device="cuda"), expected)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    own = tracker.get_states()
+    try:
+        tracker.set_states({name: rng.cuda_generator_state(77) for name in own})
+        with tracker.fork():
+            drawn = torch.rand(8, device="cuda")
+    finally:
+        tracker.set_states(own)
+    assert torch.equal(drawn, expected)
+
+
 def test_transformer_engine_imports_when_expected():
     """The TE stage of the GPU check sets SPANNORM_EXPECT_TE=1: TE must import and see the GPU."""
     if not EXPECT_TE:

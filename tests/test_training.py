@@ -75,7 +75,9 @@ def tensorboard_scalars(log_dir) -> dict:
             for tag in events.Tags()["scalars"]}, events.Tags()["tensors"]
 
 
-def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, tmp_path):
+def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, tmp_path, megatron_world):
+    import _megatron_loader as M
+
     data, tokenizer = corpus
     common = ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--train-iters", "8"]
     whole = run_train(*common, "--tensorboard-dir", str(tmp_path / "whole"))
@@ -86,6 +88,14 @@ def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, tmp_path):
                       "--tensorboard-dir", str(resumed_tb / "a"))
     assert first.returncode == 0, first.stderr[-4000:]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    # What Megatron-LM's load_checkpoint would resume from (EP 1: RNG per (pp, tp) position).
+    view = M.read(str(ckpt))
+    assert M.missing_arguments(view.args) == []
+    global_batch = int(SMALL[SMALL.index("--global-batch-size") + 1])
+    assert (view.iteration, view.args.consumed_train_samples, view.args.data_parallel_size) == \
+        (4, 4 * global_batch, 2)
+    entries = M.read_rng(view, expert_model_parallel_size=1)
+    assert list(entries) == [(0, 0)] and M.rng_entry_problems(entries[(0, 0)]) == []
     second = run_train(*common, "--save", str(ckpt), "--load", str(ckpt),
                        "--tensorboard-dir", str(resumed_tb / "b"))
     assert second.returncode == 0, second.stderr[-4000:]

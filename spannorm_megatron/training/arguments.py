@@ -168,6 +168,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if first.config:
         parser.set_defaults(**_config_defaults(first.config))
     args = parser.parse_args(argv)
+    if args.use_checkpoint_args:  # Megatron-LM's order: before any flag is checked or resolved
+        from spannorm_megatron.training.checkpoint_args import apply_checkpoint_args
+
+        apply_checkpoint_args(args)
     _resolve(args)
     return args
 
@@ -259,7 +263,17 @@ def _virtual_stages_from_layers(args: argparse.Namespace) -> Optional[int]:
 
 
 def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
-    """Megatron-LM's padding: a multiple of make_vocab_size_divisible_by x TP size."""
+    """Megatron-LM's padding: a multiple of make_vocab_size_divisible_by x TP size; or, as its
+    build_tokenizer keeps it, a size already set (taken from the checkpoint by
+    --use-checkpoint-args)."""
+    taken = getattr(args, "padded_vocab_size", None)
+    if taken is not None:
+        if taken < vocab_size:
+            raise ConfigError(
+                f"--use-checkpoint-args: the checkpoint's vocabulary ({taken}) is smaller than "
+                f"the tokenizer's ({vocab_size}): pass the tokenizer the checkpoint was trained "
+                f"with.")
+        return taken
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
 

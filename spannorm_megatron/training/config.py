@@ -277,6 +277,19 @@ class CheckpointConfig:
     load_fallback: bool = option(
         False, "If the latest checkpoint is damaged, load the newest earlier complete one "
         "instead of stopping with an error.")
+    use_checkpoint_args: bool = option(
+        False, "Take the model's flags from the --load checkpoint (Megatron-LM's flag): its "
+        "sizes where the command line leaves them unset, its structure, norm, position "
+        "embeddings, dropout and MoE settings over the command line; the tokenizer and the "
+        "parallel layout as the next two flags say.")
+    use_tokenizer_model_from_checkpoint_args: bool = option(
+        True, "Off: --use-checkpoint-args keeps the command line's --tokenizer-type and "
+        "--tokenizer-model (on, Megatron-LM's default, it takes the checkpoint's).",
+        flag="--no-use-tokenizer-model-from-checkpoint-args", negative=True,
+        aliases=("--disable-use-tokenizer-model-from-checkpoint-args",))
+    use_mp_args_from_checkpoint_args: bool = option(
+        False, "With --use-checkpoint-args, take the tensor, pipeline (and virtual), and expert "
+        "parallel sizes from the checkpoint too (Megatron-LM's flag).")
 
     def __post_init__(self) -> None:
         check(self)

@@ -60,6 +60,7 @@ from spannorm_megatron.training.arguments import (
     parallel_config,
     performance_config,
 )
+from spannorm_megatron.training.checkpoint_args import check_model_matches
 from spannorm_megatron.training.gpt_step import forward_step
 from spannorm_megatron.training.guards import ExitConditions, NonFiniteGuard, SpikeDetector
 from spannorm_megatron.training.hooks import RunHooks, RunHooksConfig
@@ -187,6 +188,7 @@ class Trainer:
         self.tokenizer_sha256 = tokenizer_sha256(tokenizer_flags)
         _check_same_tokenizer(args, self.tokenizer_sha256)
         self.model_config = model_config(args, padded_vocab_size(self.tokenizer.vocab_size, args))
+        check_model_matches(args, self.model_config)
         self.parallel = parallel_config(args)
         check_model_fits_layout(self.model_config, self.parallel)
         self.performance = performance_config(args)
@@ -386,7 +388,9 @@ class Trainer:
             model_config=self.model_config, parallel_config=self.parallel,
             consumed_train_samples=self.consumed_train,
             consumed_valid_samples=self.consumed_valid,
-            args=dict(vars(args), tokenizer_sha256=self.tokenizer_sha256))
+            args=dict(vars(args), tokenizer_sha256=self.tokenizer_sha256,
+                      global_batch_size=self.batches.global_batch_size,
+                      micro_batch_size=self.batches.micro_batch_size))
         print_rank_0(f"  successfully saved checkpoint at iteration {self.iteration:7d} to "
                      f"{path}")
 
