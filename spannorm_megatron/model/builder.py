@@ -133,7 +133,7 @@ def build_gpt_model(
     failing inside megatron-core's module construction."""
     transformer_engine = use_transformer_engine(config)
     check_moe_kernels(config, transformer_engine)
-    return GPTModel(
+    model = GPTModel(
         config=tconfig,
         transformer_layer_spec=block_spec(config, tconfig, vp_stage=vp_stage,
                                           transformer_engine=transformer_engine),
@@ -146,6 +146,14 @@ def build_gpt_model(
         rotary_base=config.rotary_base,
         vp_stage=vp_stage,
     )
+    # megatron-core builds the learned position table as a plain torch.nn.Embedding in fp32
+    # whatever params_dtype says (Megatron-LM's Float16Module then casts it with the rest). Here a
+    # bf16/fp16 model is built in its dtype directly, so the table follows it; in fp32 its sum
+    # with the word embedding would reach the first norm in fp32, beside half-precision gains.
+    position_table = getattr(getattr(model, "embedding", None), "position_embeddings", None)
+    if position_table is not None:
+        position_table.to(dtype=tconfig.params_dtype)
+    return model
 
 
 def build_model(config: ModelConfig, tconfig: TransformerConfig) -> List[GPTModel]:
