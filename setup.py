@@ -22,6 +22,8 @@ setup(
     # Upstream fixes live in the top-level patches/ folder (the design card's layout) and are
     # installed as the subpackage spannorm_megatron.patches, so the runtime can apply them.
     package_dir={"spannorm_megatron.patches": "patches"},
+    # Megatron-LM's flag names, so that its flags we lack are refused by name.
+    package_data={"spannorm_megatron.training": ["megatron_lm_flags.txt"]},
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16.1,<0.20",

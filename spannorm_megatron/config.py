@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import difflib
-import importlib.util
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import List, Optional, Union
@@ -46,6 +45,8 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 ROUTER_DTYPES = ("fp32", "fp64")
 TOKEN_DROP_POLICIES = ("probs", "position")
 ROPE_TYPES = ("rope", "yarn")
+FLEX_BACKENDS = ("deepep", "hybridep")
+PIPELINE_COMM_BACKENDS = ("nccl", "ucc")
 DEFAULT_BIAS_UPDATE_RATE = 1e-3  # Megatron-LM's default of --moe-router-bias-update-rate
 
 
@@ -311,8 +312,65 @@ class ModelConfig:
         "allgather", "megatron-core's token dispatcher: alltoall (expert-parallel friendly), "
         "allgather, or flex (DeepEP, GPU only).", choices=TOKEN_DISPATCHERS)
     moe_grouped_gemm: bool = option(
-        False, "Run the experts as one grouped GEMM (Transformer Engine) instead of one MLP "
-        "per expert.")
+        False, "Run the experts as one grouped GEMM instead of one MLP per expert: Transformer "
+        "Engine's TEGroupedMLP (the transformer_engine flavour), or with "
+        "--moe-use-legacy-grouped-gemm the grouped_gemm package; both on GPUs only. Same math.")
+    moe_use_legacy_grouped_gemm: bool = option(
+        False, "With --moe-grouped-gemm: megatron-core's legacy GroupedMLP (the grouped_gemm "
+        "package, GPUs) instead of Transformer Engine's.")
+    # Executing the MoE layer: the same model, computed or communicated another way.
+    moe_shared_expert_overlap: bool = option(
+        False, "Compute the shared expert while the alltoall dispatcher communicates (on a side "
+        "stream, after the router instead of before it); needs a shared expert and "
+        "--moe-token-dispatcher-type alltoall. Same model; gradients are summed in another "
+        "order.")
+    moe_layer_recompute: bool = option(
+        False, "Recompute each MoE layer in the backward pass instead of keeping its "
+        "activations (megatron-core turns on selective recompute of 'moe', and of the attention "
+        "core, its default module); not with --recompute-granularity full.")
+    moe_permute_fusion: bool = option(
+        False, "Fused token permutation in the dispatcher (Transformer Engine >= 2.1 kernels, "
+        "GPUs).")
+    moe_router_fusion: bool = option(
+        False, "Fused top-k routing and aux-loss computation (Transformer Engine >= 2.7 "
+        "kernels, GPUs).")
+    moe_flex_dispatcher_backend: str = option(
+        "deepep", "Backend of --moe-token-dispatcher-type flex: deepep or hybridep (both from "
+        "the deep_ep package, GPUs).", choices=FLEX_BACKENDS)
+    moe_enable_deepep: bool = option(
+        False, "Megatron-LM's older spelling of --moe-token-dispatcher-type flex with the "
+        "deepep backend (needs flex).")
+    moe_deepep_num_sms: int = option(
+        20, "GPU multiprocessors DeepEP communicates with (flex dispatcher, deepep backend).",
+        at_least=1)
+    moe_hybridep_num_sms: int = option(
+        16, "GPU multiprocessors HybridEP communicates with (flex dispatcher, hybridep "
+        "backend).", at_least=1)
+    moe_router_padding_for_quantization: bool = option(
+        False, "Pad each expert's routed tokens to the multiple FP8 GEMMs need in the router "
+        "(no padding in the experts); needs --fp8-format and the alltoall or flex dispatcher.")
+    moe_router_padding_for_fp8: bool = option(
+        False, "Megatron-LM's older spelling of --moe-router-padding-for-quantization.")
+    # Changing what the MoE layer computes.
+    moe_input_jitter_eps: Optional[float] = option(
+        None, "Multiply the router's input by noise drawn uniformly from [1-eps, 1+eps] in every "
+        "forward pass (Switch Transformer; megatron-core jitters in evaluation too); unset: "
+        "none.", above=0.0)
+    moe_router_force_load_balancing: bool = option(
+        False, "[Benchmarks] Route by random logits (a fresh normal draw per token) instead of "
+        "the router's, so that experts get balanced load whatever the weights; the router still "
+        "gets a straight-through gradient.")
+    moe_apply_probs_on_input: bool = option(
+        False, "Multiply each token by its routing probability before the expert instead of "
+        "the expert's output after it; needs --moe-router-topk 1.")
+    moe_latent_size: Optional[int] = option(
+        None, "Project tokens down to this width before dispatch and back up after the "
+        "combine (the experts work in it; two extra linears per MoE layer, Transformer Engine "
+        "only); unset: no projection.", at_least=1)
+    moe_enable_routing_replay: bool = option(
+        False, "Give every router megatron-core's RouterReplay, which records and replays "
+        "top-k choices when code drives it (RL frameworks do; spannorm-train never sets an "
+        "action, as Megatron-LM's pretrain does not).")
     transformer_impl: str = option(
         "transformer_engine", "Module flavour: transformer_engine (fused norms, FP8; needs "
         "Transformer Engine and a GPU), local (PyTorch modules, runs anywhere, CPU included) or "
@@ -501,6 +559,11 @@ class ModelConfig:
             if freq != 1:
                 raise ConfigError("--moe-layer-freq applies to MoE models, and this model is "
                                   "dense: set --num-experts or drop --moe-layer-freq.")
+            given = self._moe_execution_flags_given()
+            if given:
+                raise ConfigError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} "
+                                  f"to MoE models, and this model is dense: set --num-experts "
+                                  f"or drop {'it' if len(given) == 1 else 'them'}.")
             return
         if 1 not in self.moe_layer_pattern:
             raise ConfigError(
@@ -566,11 +629,75 @@ class ModelConfig:
             raise ConfigError(
                 "--moe-shared-expert-gate gates a shared expert, and there is none: add "
                 "--moe-shared-expert-intermediate-size N.")
-        if self.moe_token_dispatcher_type == "flex" and (
-                importlib.util.find_spec("deep_ep") is None):
-            raise ConfigError(
-                "--moe-token-dispatcher-type flex needs DeepEP (the deep_ep package, on GPUs), "
-                "which is not installed here: use alltoall or allgather.")
+        # Whether this machine has DeepEP for flex is asked by model.moe_kernels (before any
+        # process group, in the Trainer), so that a GPU run's config can be read anywhere.
+        self._validate_moe_execution()
+
+    def _moe_execution_flags_given(self) -> List[str]:
+        """The MoE-only flags of this model that differ from their defaults (Megatron-LM
+        ignores them on a dense model; here they are named)."""
+        defaults = {f.name: f.default for f in fields(ModelConfig)}
+        names = ("moe_grouped_gemm", "moe_use_legacy_grouped_gemm", "moe_shared_expert_overlap",
+                 "moe_layer_recompute", "moe_permute_fusion", "moe_router_fusion",
+                 "moe_flex_dispatcher_backend", "moe_enable_deepep", "moe_deepep_num_sms",
+                 "moe_hybridep_num_sms", "moe_router_padding_for_quantization",
+                 "moe_router_padding_for_fp8", "moe_input_jitter_eps",
+                 "moe_router_force_load_balancing", "moe_apply_probs_on_input",
+                 "moe_latent_size", "moe_enable_routing_replay")
+        return ["--" + name.replace("_", "-") for name in names
+                if getattr(self, name) != defaults[name]]
+
+    def _validate_moe_execution(self) -> None:
+        """What megatron-core would assert (or silently ignore) about the MoE execution flags,
+        said before anything starts. Whether this machine has the kernels they need is
+        `spannorm_megatron.model.moe_kernels`'s question."""
+        flex = self.moe_token_dispatcher_type == "flex"
+        backend = "deepep" if self.moe_enable_deepep else self.moe_flex_dispatcher_backend
+        rules = [
+            (self.moe_use_legacy_grouped_gemm and not self.moe_grouped_gemm,
+             "--moe-use-legacy-grouped-gemm chooses the grouped GEMM's implementation: add "
+             "--moe-grouped-gemm, or drop it"),
+            (self.moe_shared_expert_overlap and self.moe_shared_expert_intermediate_size is None,
+             "--moe-shared-expert-overlap overlaps a shared expert, and there is none: add "
+             "--moe-shared-expert-intermediate-size N, or drop it"),
+            (self.moe_shared_expert_overlap and self.moe_token_dispatcher_type != "alltoall",
+             f"--moe-shared-expert-overlap overlaps the shared expert with the alltoall "
+             f"dispatcher's communication (megatron-core), and --moe-token-dispatcher-type is "
+             f"{self.moe_token_dispatcher_type}: use alltoall, or drop it"),
+            (self.moe_shared_expert_overlap and self.moe_latent_size is not None,
+             "--moe-shared-expert-overlap does not work with --moe-latent-size (megatron-core): "
+             "drop one of them"),
+            (self.moe_enable_deepep and not flex,
+             "--moe-enable-deepep is the flex dispatcher's DeepEP backend: add "
+             "--moe-token-dispatcher-type flex, or drop it"),
+            (self.moe_enable_deepep and self.moe_flex_dispatcher_backend == "hybridep",
+             "--moe-enable-deepep asks for the deepep backend and --moe-flex-dispatcher-backend "
+             "for hybridep: give one of them"),
+            (self.moe_flex_dispatcher_backend != "deepep" and not flex,
+             f"--moe-flex-dispatcher-backend {self.moe_flex_dispatcher_backend} applies to "
+             f"--moe-token-dispatcher-type flex: add it, or drop the backend"),
+            (self.moe_deepep_num_sms != 20 and not (flex and backend == "deepep"),
+             "--moe-deepep-num-sms applies to the flex dispatcher's deepep backend "
+             "(--moe-token-dispatcher-type flex): add it, or drop the flag"),
+            (self.moe_hybridep_num_sms != 16 and not (flex and backend == "hybridep"),
+             "--moe-hybridep-num-sms applies to the flex dispatcher's hybridep backend "
+             "(--moe-token-dispatcher-type flex --moe-flex-dispatcher-backend hybridep): add "
+             "them, or drop the flag"),
+            ((self.moe_router_padding_for_quantization or self.moe_router_padding_for_fp8)
+             and self.moe_token_dispatcher_type == "allgather",
+             "--moe-router-padding-for-quantization (or -fp8) is not supported by the allgather "
+             "dispatcher (megatron-core): use --moe-token-dispatcher-type alltoall or flex"),
+            (self.moe_apply_probs_on_input and self.moe_router_topk != 1,
+             f"--moe-apply-probs-on-input scales each token by its one routing probability "
+             f"before the expert, which megatron-core defines for --moe-router-topk 1 only "
+             f"(it is {self.moe_router_topk})"),
+            (self.moe_latent_size is not None and self.moe_use_legacy_grouped_gemm,
+             "--moe-latent-size does not work with --moe-use-legacy-grouped-gemm (Megatron-LM): "
+             "drop one of them"),
+        ]
+        for broken, message in rules:
+            if broken:
+                raise ConfigError(message + ".")
 
 
 def _forward_scaling_placements() -> list:
@@ -600,6 +727,9 @@ class ParallelConfig:
     sequence_parallel: bool = option(
         False, "Shard activations outside attention/MLP along the sequence over the "
         "tensor-parallel ranks (required for MoE with tensor parallelism).")
+    context_parallel_size: int = option(
+        1, "Ranks that split every sequence (Transformer Engine's attention exchanges keys and "
+        "values between them); needs the Transformer Engine layers.", at_least=1)
     use_distributed_optimizer: bool = option(
         False, "Shard optimizer state (and the fp32 main weights) over the data-parallel ranks.")
     decoder_first_pipeline_num_layers: Optional[int] = option(
@@ -618,10 +748,40 @@ class ParallelConfig:
         None, "Explicit layer placement, megatron-core's syntax: stages separated by |, E the "
         "embedding, t a transformer layer, L the loss, (..)*n repeats; e.g. 'Ettt|(tt|)*2tL' "
         "for 4 stages. More stages than --pipeline-model-parallel-size make virtual stages.")
+    overlap_p2p_comm: bool = option(
+        True, "Interleaved schedule: overlap the pipeline's sends and receives with compute "
+        "(Megatron-LM's default). --no-overlap-p2p-communication batches them instead, which "
+        "needs --pipeline-model-parallel-size > 2 with virtual stages. Without virtual stages "
+        "there is no overlap either way.", flag="--no-overlap-p2p-communication", negative=True)
+    overlap_p2p_comm_warmup_flush: bool = option(
+        False, "Interleaved schedule: overlap communication in the warm-up and flush phases too "
+        "(needs virtual stages and the p2p overlap).",
+        flag="--overlap-p2p-communication-warmup-flush")
+    microbatch_group_size_per_vp_stage: Optional[int] = option(
+        None, "Interleaved schedule: micro-batches each model chunk runs in a row before the "
+        "next chunk's turn, at least --pipeline-model-parallel-size and at most the micro-batches "
+        "of a step; unset: --pipeline-model-parallel-size (depth-first).",
+        flag="--microbatch-group-size-per-virtual-pipeline-stage", at_least=1)
+    use_tp_pp_dp_mapping: bool = option(
+        False, "Number the ranks tensor, then pipeline, then data parallel (megatron-core's "
+        "order 'tp-cp-ep-pp-dp') instead of data before pipeline, e.g. to keep a pipeline "
+        "within a node; expert layouts must then keep the data-parallel size (expert tensor x "
+        "expert parallel = tensor parallel size).")
+    pipeline_model_parallel_comm_backend: Optional[str] = option(
+        None, "Backend of the pipeline's point-to-point groups: nccl or ucc (GPUs; ucc needs "
+        "a PyTorch built with UCC); unset: the default backend (nccl on GPUs, gloo on CPU).",
+        choices=PIPELINE_COMM_BACKENDS)
+    use_ring_exchange_p2p: bool = option(
+        False, "Exchange pipeline activations with torch.distributed.ring_exchange (a custom "
+        "PyTorch build) instead of batch_isend_irecv.")
 
     def __post_init__(self) -> None:
         check(self)
+        if self.virtual_pipeline_model_parallel_size == 1:
+            # As Megatron-LM: one model chunk per stage is the plain 1F1B schedule.
+            self.virtual_pipeline_model_parallel_size = None
         self._validate_pipeline_split()
+        self._validate_schedule()
 
     @property
     def uneven_stages(self) -> bool:
@@ -659,8 +819,79 @@ class ParallelConfig:
                 "pipeline-split are two ways of unevening the stages and cannot be combined "
                 "(megatron-core): use one of them.")
 
+    @property
+    def interleaved(self) -> bool:
+        return self.virtual_pipeline_model_parallel_size is not None
+
+    def _validate_schedule(self) -> None:
+        """The pipeline schedule's flags, as Megatron-LM and megatron-core check them (the
+        micro-batch count is checked by `check_microbatches` once it is known)."""
+        pp, etp = self.pipeline_model_parallel_size, self.expert_tensor_parallel_size
+        rules = [
+            (self.interleaved and not self.overlap_p2p_comm and pp <= 2,
+             f"--no-overlap-p2p-communication with virtual stages needs "
+             f"--pipeline-model-parallel-size > 2 (it is {pp}): with two stages the batched "
+             f"sends and receives go to one peer in one batch (Megatron-LM refuses it). Drop "
+             f"the flag, or use more stages"),
+            (self.overlap_p2p_comm_warmup_flush and not self.interleaved,
+             "--overlap-p2p-communication-warmup-flush applies to the interleaved schedule: "
+             "give --num-virtual-stages-per-pipeline-rank N, or drop it"),
+            (self.overlap_p2p_comm_warmup_flush and not self.overlap_p2p_comm,
+             "--overlap-p2p-communication-warmup-flush extends the p2p overlap, which "
+             "--no-overlap-p2p-communication turns off: drop one of them"),
+            (self.microbatch_group_size_per_vp_stage is not None and not self.interleaved,
+             "--microbatch-group-size-per-virtual-pipeline-stage applies to the interleaved "
+             "schedule: give --num-virtual-stages-per-pipeline-rank N, or drop it"),
+            (self.interleaved and (self.microbatch_group_size_per_vp_stage or pp) < pp,
+             f"--microbatch-group-size-per-virtual-pipeline-stage "
+             f"{self.microbatch_group_size_per_vp_stage} is below --pipeline-model-parallel-"
+             f"size {pp}: a group must fill the pipeline (megatron-core)"),
+            (self.use_tp_pp_dp_mapping and pp > 1 and (etp or self.tensor_model_parallel_size)
+             * self.expert_model_parallel_size != self.tensor_model_parallel_size,
+             f"--use-tp-pp-dp-mapping with pipeline stages needs the expert layers' data-parallel "
+             f"size to equal the dense layers' (megatron-core): --expert-tensor-parallel-size x "
+             f"--expert-model-parallel-size = {(etp or self.tensor_model_parallel_size)} x "
+             f"{self.expert_model_parallel_size} must equal --tensor-model-parallel-size "
+             f"{self.tensor_model_parallel_size}; drop the mapping flag or change the sizes"),
+        ]
+        for broken, message in rules:
+            if broken:
+                raise ConfigError(message + ".")
+
+    def check_microbatches(self, num_microbatches: int) -> None:
+        """The interleaved schedule's rules on the micro-batches of a step (megatron-core raises
+        them in the first step): at least one group of them, and a last group that is whole or
+        still fills the pipeline."""
+        if not self.interleaved:
+            return
+        pp = self.pipeline_model_parallel_size
+        group = self.microbatch_group_size_per_vp_stage or pp
+        flag = ("--microbatch-group-size-per-virtual-pipeline-stage"
+                if self.microbatch_group_size_per_vp_stage else "--pipeline-model-parallel-size")
+        if group > num_microbatches:
+            raise ConfigError(
+                f"The interleaved schedule runs micro-batches in groups of {group} ({flag}), "
+                f"and a step has {num_microbatches} per rank (--global-batch-size / "
+                f"(--micro-batch-size x data-parallel size)): raise --global-batch-size, or "
+                f"lower {flag}.")
+        rest = num_microbatches % group
+        if 0 < rest < pp:
+            raise ConfigError(
+                f"The interleaved schedule's last group of micro-batches would hold {rest} "
+                f"({num_microbatches} per step in groups of {group}, {flag}): it must be whole "
+                f"or at least --pipeline-model-parallel-size {pp} (megatron-core). Make the "
+                f"micro-batches a multiple of {group}, or change the group size.")
+
+    @property
+    def rank_order(self) -> str:
+        """megatron-core's `initialize_model_parallel(order=...)`, as Megatron-LM picks it."""
+        return "tp-cp-ep-pp-dp" if self.use_tp_pp_dp_mapping else "tp-cp-ep-dp-pp"
+
     def transformer_kwargs(self) -> dict:
         """The `TransformerConfig` fields these sizes set."""
+        # Megatron-LM overlaps p2p communication only in the interleaved schedule, and batches
+        # the sends and receives wherever it does not overlap them.
+        overlap = self.overlap_p2p_comm and self.interleaved
         return dict(
             tensor_model_parallel_size=self.tensor_model_parallel_size,
             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
@@ -668,11 +899,18 @@ class ParallelConfig:
             expert_model_parallel_size=self.expert_model_parallel_size,
             expert_tensor_parallel_size=self.expert_tensor_parallel_size,
             sequence_parallel=self.sequence_parallel,
+            context_parallel_size=self.context_parallel_size,
             num_layers_in_first_pipeline_stage=self.decoder_first_pipeline_num_layers,
             num_layers_in_last_pipeline_stage=self.decoder_last_pipeline_num_layers,
             account_for_embedding_in_pipeline_split=self.account_for_embedding_in_pipeline_split,
             account_for_loss_in_pipeline_split=self.account_for_loss_in_pipeline_split,
             pipeline_model_parallel_layout=self.pipeline_model_parallel_layout,
+            overlap_p2p_comm=overlap,
+            batch_p2p_comm=not overlap,
+            overlap_p2p_comm_warmup_flush=self.overlap_p2p_comm_warmup_flush,
+            microbatch_group_size_per_vp_stage=self.microbatch_group_size_per_vp_stage,
+            use_ring_exchange_p2p=self.use_ring_exchange_p2p,
+            pipeline_model_parallel_comm_backend=self.pipeline_model_parallel_comm_backend,
         )
 
     def stage_layer_counts(self, num_layers: int) -> List[List[int]]:

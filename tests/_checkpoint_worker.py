@@ -7,6 +7,11 @@
     python tests/_checkpoint_worker.py resume OUT.pt STEPS THREADS local=CKPT distributed=CKPT
         One process: for each checkpoint (dropout model; local or distributed optimizer), load
         it, train STEPS steps; torch.save losses, learning rates and every tensor to OUT.pt.
+    torchrun --standalone --nproc_per_node 2 tests/_checkpoint_worker.py ep_rng ROOT
+        EP2 x DP2 MoE with dropout: N steps, save (RNG sharded per rank, as Megatron-LM does
+        under EP), N more; then a fresh model under other seeds loads it and trains N steps.
+        Writes ROOT/ep_rng.rank<r>.json: both runs' losses and learning rates, whether every
+        tensor and this rank's RNG state came back bit for bit, and its expert RNG stream.
     python tests/_checkpoint_worker.py crash SAVE_DIR MODE
         One process (its own process group): save iteration 1, train, then the group dies by
         SIGKILL in the middle of the next save
@@ -103,6 +108,77 @@ def resume(out: str, steps: str, threads: str, *checkpoints: str) -> None:
     destroy()
 
 
+def _same(a, b) -> bool:
+    """Generator states (tensors, numpy arrays, tuples, dicts of them) equal bit for bit."""
+    import numpy as np
+
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b
+
+
+def _live_rng_state() -> dict:
+    """This rank's generator states as a save records them, less what a CPU save writes for a
+    GPU loader (fresh CUDA streams from the run's seed, not states of this process)."""
+    from spannorm_megatron.checkpoint import rng
+
+    state = rng._local_state()
+    if state["device_type"] == "cpu":
+        del state["cuda_rng_state"], state["rng_tracker_states"]
+    return state
+
+
+def ep_rng(root: str) -> None:
+    from spannorm_megatron.checkpoint import read_run_record, rng
+
+    n, rank = 2, int(os.environ["RANK"])
+    parallel = ParallelConfig(expert_model_parallel_size=2, use_distributed_optimizer=True)
+    config = H.model_config(dropout=True, moe=True)
+    checkpoint = os.path.join(root, "ckpt")
+    try:
+        initialize(parallel, seed=1234)
+        chunks, optimizer, scheduler = H.build(config, parallel)
+        H.train(chunks, optimizer, scheduler, 0, n)
+        save_checkpoint(checkpoint, n, chunks, optimizer, scheduler, model_config=config,
+                        parallel_config=parallel, consumed_train_samples=n * H.GLOBAL_BATCH)
+        saved_rng = _live_rng_state()
+        expected = H.train(chunks, optimizer, scheduler, n * H.GLOBAL_BATCH, n)
+        expected_tensors = H.sharded_tensors(chunks, optimizer)
+
+        # New model-parallel groups and other seeds (the checkpoint must restore them); the
+        # default group stays, as between the layouts above (re-creating it on the same
+        # rendezvous store can pair the ranks' groups wrongly).
+        initialize(parallel, seed=999)
+        chunks, optimizer, scheduler = H.build(config, parallel)
+        info = load_checkpoint(checkpoint, chunks, optimizer, scheduler, model_config=config,
+                               parallel_config=parallel)
+        restored_rng = _live_rng_state()
+        resumed = H.train(chunks, optimizer, scheduler, info["consumed_train_samples"], n)
+        tensors = H.sharded_tensors(chunks, optimizer)
+        record = {
+            "rng_sharding": read_run_record(checkpoint)["rng_sharding"],
+            "loaded_rng": info["loaded_rng"],
+            "rng_restored": _same(saved_rng, restored_rng),
+            "expert_stream": saved_rng[rng.CPU_TRACKER_KEY]["expert-parallel-rng"].tolist(),
+            "expected": expected, "resumed": resumed,
+            "tensors_equal": tensors.keys() == expected_tensors.keys() and all(
+                torch.equal(tensors[k], expected_tensors[k]) for k in tensors),
+        }
+    except Exception:
+        with open(os.path.join(root, f"ep_rng.rank{rank}.error"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    with open(os.path.join(root, f"ep_rng.rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    destroy()
+
+
 def crash(save_dir: str, mode: str) -> None:
     initialize(seed=1234)
     config, parallel = H.model_config(), ParallelConfig()
@@ -135,4 +211,5 @@ def crash(save_dir: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    {"layouts": layouts, "resume": resume, "crash": crash}[sys.argv[1]](*sys.argv[2:])
+    {"layouts": layouts, "resume": resume, "crash": crash,
+     "ep_rng": ep_rng}[sys.argv[1]](*sys.argv[2:])

@@ -1,10 +1,13 @@
 """`spannorm-train` with test instruments, through a Trainer subclass (the product has no hooks):
 
-    python tests/_instrumented_train.py [--nan-at 4,5] [--step-times FILE] -- [flags]
+    python tests/_instrumented_train.py [--nan-at 4,5] [--step-times FILE]
+        [--record-tokens PREFIX] -- [flags]
 
 --nan-at        NaN losses at these iterations, as a real NaN in the model's output would give.
 --step-times    on the last rank, write {iteration: seconds} of each `train_step` call, measured
                 around it, to FILE (JSON) at the end of the run.
+--record-tokens every rank writes {iteration: sorted distinct input token ids of the training
+                micro-batches it read} to PREFIX.rank<r>.json at the end of the run.
 Works under torchrun like `python -m spannorm_megatron.train`.
 """
 
@@ -24,12 +27,33 @@ def _poisoned_forward_step(data_iterator, model):
     return output * float("nan"), loss_func
 
 
-def instrumented_trainer(nan_at=(), step_times_file=None):
+class _Recording:
+    """A data iterator that remembers the input tokens of the batches drawn from it."""
+
+    def __init__(self, iterator, seen: set):
+        self.iterator, self.seen = iterator, seen
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.iterator)
+        self.seen.update(batch["tokens"].reshape(-1).tolist())
+        return batch
+
+
+def instrumented_trainer(nan_at=(), step_times_file=None, record_tokens=None):
     class InstrumentedTrainer(Trainer):
         step_times = {}
+        tokens = {}
 
         def forward_step_for(self, iteration):
-            return _poisoned_forward_step if iteration in nan_at else forward_step
+            step = _poisoned_forward_step if iteration in nan_at else forward_step
+            if record_tokens is None:
+                return step
+            seen = self.tokens.setdefault(iteration, set())
+            return lambda data_iterator, model: step(
+                None if data_iterator is None else _Recording(data_iterator, seen), model)
 
         def train_step(self):
             start = time.perf_counter()
@@ -43,6 +67,9 @@ def instrumented_trainer(nan_at=(), step_times_file=None):
             if step_times_file and last:
                 with open(step_times_file, "w") as f:
                     json.dump(self.step_times, f)
+            if record_tokens and torch.distributed.is_initialized():
+                with open(f"{record_tokens}.rank{torch.distributed.get_rank()}.json", "w") as f:
+                    json.dump({i: sorted(seen) for i, seen in self.tokens.items()}, f)
             super().close()
 
     return InstrumentedTrainer
@@ -54,4 +81,5 @@ if __name__ == "__main__":
     options, flags = argv[:split], argv[split + 1:]
     values = dict(zip(options[::2], options[1::2]))
     nan_at = {int(i) for i in values.get("--nan-at", "").split(",") if i}
-    sys.exit(main(flags, trainer_class=instrumented_trainer(nan_at, values.get("--step-times"))))
+    sys.exit(main(flags, trainer_class=instrumented_trainer(nan_at, values.get("--step-times"),
+                                                            values.get("--record-tokens"))))

@@ -19,6 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.metrics import MoEMetrics, StabilitySignals
+from spannorm_megatron.metrics.params_norm import params_l2_norm
 from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 
@@ -83,7 +84,8 @@ def micro_batches(tokens: torch.Tensor) -> List[dict]:
 
 def setup(config: ModelConfig, parallel: ParallelConfig):
     return setup_model_and_optimizer(
-        config, parallel, OptimizerConfig(optimizer="adam", lr=LR, weight_decay=0.0, clip_grad=1.0))
+        config, parallel, OptimizerConfig(optimizer="adam", lr=LR, weight_decay=0.0, clip_grad=1.0,
+                                          log_num_zeros_in_grad=True))
 
 
 def sharded_state(chunks) -> dict:
@@ -127,10 +129,11 @@ def measured_step(chunks, optimizer, batches: List[dict], *, measure: bool = Tru
         before_optimizer_step()
     if measure:
         signals.before_optimizer_step(optimizer)
-    _, grad_norm, _ = optimizer.step()
+    _, grad_norm, num_zeros = optimizer.step()
     record = {"loss": reduce_lm_loss(losses_reduced), "grad_norm": grad_norm,
-              "hooks_were_on": hooks_were_on}
+              "num_zeros": num_zeros, "hooks_were_on": hooks_were_on}
     if measure:
+        record["params_norm"] = params_l2_norm(chunks)
         signals.after_optimizer_step()
         record["signals"] = signals.collect()
         record["parts"] = signals.parts

@@ -29,9 +29,10 @@ def run_one(layout, combo, ref_dir, where):
     record = _metrics.measured_step(chunks, optimizer, batches)
     with TensorBoardWriter(os.path.join(where, "tb")) as writer:
         record["writer_enabled"] = writer.enabled
-        writer.log_training(2, lm_loss=record["loss"], learning_rate=_metrics.LR,
-                            batch_size=_metrics.GLOBAL_BATCH, seq_length=_metrics.SEQ,
-                            iteration_time=1.0, grad_norm=record["grad_norm"])
+        writer.log_training(2, 2 * _metrics.GLOBAL_BATCH, lm_loss=record["loss"],
+                            learning_rate=_metrics.LR, batch_size=_metrics.GLOBAL_BATCH,
+                            grad_norm=record["grad_norm"], num_zeros=record["num_zeros"],
+                            params_norm=record["params_norm"])
         writer.log_stability(2, record["signals"], record["parts"])
     record["is_writer_rank"] = is_writer_rank()
     return record

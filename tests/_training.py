@@ -53,17 +53,19 @@ def prepare_corpus(root, max_bytes: int = 1_000_000, name: str = "stdlib",
 
 
 def train_command(*flags, nproc=2, nan_at: Optional[str] = None,
-                  step_times: Optional[str] = None):
+                  step_times: Optional[str] = None, record_tokens: Optional[str] = None):
     """The command line of `spannorm-train` under torchrun, or of one plain process for
     nproc=1 (so that what the tests read on stderr is ours, not the launcher's report of a
     failed child). `nan_at="4,5"` injects NaN losses there, `step_times=FILE` records each
-    step's duration (tests/_instrumented_train.py)."""
+    step's duration, `record_tokens=PREFIX` each rank's input tokens per iteration
+    (tests/_instrumented_train.py)."""
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone",
                                       f"--nproc_per_node={nproc}"]
     program = ["-m", "spannorm_megatron.train"]
-    if nan_at is not None or step_times is not None:
+    if nan_at is not None or step_times is not None or record_tokens is not None:
         instruments = [item for option, value in (("--nan-at", nan_at),
-                                                  ("--step-times", step_times))
+                                                  ("--step-times", step_times),
+                                                  ("--record-tokens", record_tokens))
                        if value is not None for item in (option, value)]
         program = [os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "_instrumented_train.py"), *instruments, "--"]
@@ -71,9 +73,10 @@ def train_command(*flags, nproc=2, nan_at: Optional[str] = None,
 
 
 def run_train(*flags, nproc=2, timeout=600, env=None, nan_at: Optional[str] = None,
-              step_times: Optional[str] = None):
+              step_times: Optional[str] = None, record_tokens: Optional[str] = None):
     """Run `train_command(...)`; `env` adds to the environment."""
-    cmd = train_command(*flags, nproc=nproc, nan_at=nan_at, step_times=step_times)
+    cmd = train_command(*flags, nproc=nproc, nan_at=nan_at, step_times=step_times,
+                        record_tokens=record_tokens)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 

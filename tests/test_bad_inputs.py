@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from _training import prepare_corpus
+from _training import SMALL, prepare_corpus
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.model.specs import transformer_engine_available
 
@@ -60,9 +60,19 @@ def files(tmp_path_factory):
 
 def T(files, *flags):
     """spannorm-train flags around a valid base."""
-    return ["--data-path", str(files / "data_text_document"),
+    return [*SMALL, "--data-path", str(files / "data_text_document"),
             "--tokenizer-model", str(files / "tok.model"), "--train-iters", "2",
+            "--lr-warmup-iters", "0",
             "--split", "90,10,0", *flags]
+
+
+def TS(files, *flags):
+    """T, counted in samples: 32 (4 steps of SMALL's global batch 8)."""
+    argv = T(files)
+    while "--train-iters" in argv:
+        i = argv.index("--train-iters")
+        del argv[i:i + 2]
+    return [*argv, "--train-samples", "32", *flags]
 
 
 CATALOGUE = [
@@ -173,16 +183,47 @@ CATALOGUE = [
      "--recompute-method applies to --recompute-granularity full"),
     ("missing-data", "train", lambda f: T(f, "--data-path", str(f / "nothing")),
      str("nothing")),
-    ("no-data-flag", "train", lambda f: ["--tokenizer-model", str(f / "tok.model")],
+    ("no-data-flag", "train", lambda f: [*SMALL, "--tokenizer-model", str(f / "tok.model")],
      "Give the data as one of: --data-path"),
-    ("no-tokenizer-flag", "train", lambda f: ["--data-path", str(f / "data_text_document")],
+    ("no-tokenizer-flag", "train", lambda f: [*SMALL, "--data-path",
+                                              str(f / "data_text_document")],
      "--tokenizer-model is required"),
+    ("no-required-flags", "train", lambda f: ["--data-path", str(f / "data_text_document")],
+     "the following flags are required (as in Megatron-LM): --num-layers"),
+    ("megatron-lm-flag-we-lack", "train", lambda f: T(f, "--use-torch-fsdp2"),
+     "--use-torch-fsdp2 is a Megatron-LM flag that spannorm-train does not take: FSDP"),
+    ("rampup-by-iterations", "train", lambda f: T(f, "--rampup-batch-size", "4", "4", "64"),
+     "--rampup-batch-size cannot be used with --train-iters"),
+    ("rampup-uneven", "train", lambda f: TS(f, "--rampup-batch-size", "3", "2", "64"),
+     "--rampup-batch-size 3 2 64: it must climb from its start 3 to --global-batch-size 8"),
+    ("samples-and-iterations", "train", lambda f: T(f, "--train-samples", "64"),
+     "exactly one of them"),
+    ("samples-under-one-batch", "train", lambda f: TS(f, "--train-samples", "4"),
+     "--train-samples 4 is less than one global batch"),
     ("missing-tokenizer", "train", lambda f: T(f, "--tokenizer-model", str(f / "none.model")),
      "none.model"),
     ("not-a-tokenizer", "train", lambda f: T(f, "--tokenizer-model",
                                              str(f / "not_a_model.model")), "not_a_model.model"),
     ("tokenizer-type", "train", lambda f: T(f, "--tokenizer-type", "GPT2BPETokenizer"),
      "GPT2BPETokenizer"),
+    ("gpt2-without-merge-file", "train",
+     lambda f: [*SMALL, "--data-path", str(f / "data_text_document"), "--tokenizer-type",
+                "GPT2BPETokenizer", "--vocab-file", str(f / "bad.jsonl")],
+     "--merge-file is required with --tokenizer-type GPT2BPETokenizer"),
+    ("flag-of-another-tokenizer-type", "train", lambda f: T(f, "--vocab-size", "512"),
+     "--tokenizer-type SentencePieceTokenizer takes --tokenizer-model, not --vocab-size (512)"),
+    ("hf-tokenizer-not-local", "train",
+     lambda f: [*SMALL, "--data-path", str(f / "data_text_document"), "--tokenizer-type",
+                "HuggingFaceTokenizer", "--tokenizer-model", "meta-llama/Llama-2-7b-hf"],
+     "nothing is downloaded from the Hugging Face hub"),
+    ("preprocess-null-without-vocab-size", "preprocess_data",
+     lambda f: ["--input", str(f / "data.jsonl"), "--output-prefix", str(f / "out" / "x"),
+                "--tokenizer-type", "NullTokenizer"],
+     "--vocab-size is required with --tokenizer-type NullTokenizer"),
+    ("preprocess-null-text-that-is-not-ids", "preprocess_data",
+     lambda f: ["--input", str(f / "data.jsonl"), "--output-prefix", str(f / "out" / "x"),
+                "--tokenizer-type", "NullTokenizer", "--vocab-size", "100"],
+     "Line 1 of"),
     ("idx-bin-mismatch", "train", lambda f: T(f, "--data-path", str(f / "short")), "short.bin"),
     ("bad-split", "train", lambda f: T(f, "--split", "a,b"), "--split"),
     ("config-missing", "train", lambda f: T(f, "--config", str(f / "none.yaml")), "none.yaml"),

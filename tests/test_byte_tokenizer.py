@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy
 import pytest
 
+from _training import SMALL
+
 from spannorm_megatron.data.errors import TokenizerError
 from spannorm_megatron.data.tokenizer import (
     ByteLevelTokenizer,
@@ -42,7 +44,7 @@ def test_byte_tokenizer_argument_errors(tmp_path):
         build_tokenizer("ByteLevelTokenizer", str(tmp_path / "x.model"))
     with pytest.raises(TokenizerError, match="--tokenizer-model is required"):
         build_tokenizer("SentencePieceTokenizer", None)
-    with pytest.raises(TokenizerError, match="ByteLevelTokenizer"):
+    with pytest.raises(TokenizerError, match="--vocab-file and --merge-file are required"):
         build_tokenizer("GPT2BPETokenizer", None)
 
 
@@ -71,9 +73,10 @@ def test_preprocess_bytes_and_vocabulary_mismatch(tmp_path):
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "spannorm_megatron.train", "--num-layers", "2", "--hidden-size",
-         "32", "--num-attention-heads", "2", "--seq-length", "16", "--train-iters", "2",
-         "--data-path", sp_prefix, "--tokenizer-type", "ByteLevelTokenizer",
+        [sys.executable, "-m", "spannorm_megatron.train", *SMALL, "--num-layers", "2",
+         "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16",
+         "--train-iters", "2", "--lr-warmup-iters", "0", "--data-path", sp_prefix,
+         "--tokenizer-type", "ByteLevelTokenizer",
          "--split", "75,25,0", "--transformer-impl", "local"],
         capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -549,6 +549,47 @@ def test_rng_states_of_another_device_type_are_ignored_like_a_layout_change(mega
     assert rng.restore([legacy]) is True
 
 
+def test_cpu_save_gives_megatron_lm_cuda_states_it_can_load(megatron_world):
+    """Megatron-LM loads the RNG entry on a GPU with torch.cuda.set_rng_state and installs the
+    tracker states in the CUDA generator: a CPU save writes there the 16-byte CUDA states of
+    the streams megatron-core's seeding made (read back from the seeds of this process's own
+    CPU tracker, which that seeding set), and keeps its CPU tracker states for itself."""
+    from megatron.core import tensor_parallel
+
+    from spannorm_megatron.checkpoint import rng
+
+    set_seed(4321)
+    seeded = {name: torch.Generator().set_state(state).initial_seed()
+              for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items()}
+    torch.rand(3)  # the default generator moves on; the CUDA entry is the fresh stream anyway
+    state = rng._local_state()
+    assert state["device_type"] == "cpu"
+    assert torch.equal(state["cuda_rng_state"], rng.cuda_generator_state(4321))
+    assert state["cuda_rng_state"].dtype == torch.uint8 and state["cuda_rng_state"].numel() == 16
+    assert {name: s.view(torch.int64).tolist() for name, s in
+            state["rng_tracker_states"].items()} == {name: [seed, 0]
+                                                      for name, seed in seeded.items()}
+    cpu_states = state[rng.CPU_TRACKER_KEY]
+    assert cpu_states.keys() == seeded.keys()
+    assert all(s.numel() == 5056 for s in cpu_states.values())  # what our CPU resume restores
+    set_seed(1234)
+
+
+def test_expert_parallel_rng_is_saved_per_rank_and_resumes_bitwise(tmp_path):
+    """Under EP the RNG states are sharded by (pp, tp, dp) as Megatron-LM shards them (the DP
+    ranks' expert streams differ); an EP2 x DP2 MoE run with dropout resumes bit for bit."""
+    result = _run(["ep_rng", str(tmp_path)], timeout=600, torchrun=True)
+    errors = [open(f).read() for f in glob.glob(str(tmp_path / "*.error"))]
+    assert result.returncode == 0, (errors[:1] or [result.stderr[-5000:]])[0]
+    records = [json.load(open(tmp_path / f"ep_rng.rank{r}.json")) for r in (0, 1)]
+    for record in records:
+        assert record["rng_sharding"] == "pp,tp,dp" and record["loaded_rng"]
+        assert record["rng_restored"] and record["tensors_equal"]
+        assert record["resumed"]["losses"] == record["expected"]["losses"]
+        assert record["resumed"]["lrs"] == record["expected"]["lrs"]
+    assert records[0]["expert_stream"] != records[1]["expert_stream"]
+
+
 # ------------------------------------------------------------------------------ MoE recipes
 
 def _expert_bias_config(**overrides):

@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import pytest
 
-from _training import STRICT_DEVICES, run_train
+from _training import SMALL, STRICT_DEVICES, run_train
 from spannorm_megatron.lab.grid import read_results
 from spannorm_megatron.metrics.collapse import CollapseAlarm, layer_ranges
 from spannorm_megatron.training.config import LoggingConfig
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = os.path.join(ROOT, "docs", "stability", "grid", "results.jsonl.gz")
 DEFAULT = LoggingConfig().collapse_grad_ratio
 
-DEEP = ["--num-layers", "24", "--hidden-size", "64", "--num-attention-heads", "4",
+DEEP = [*SMALL, "--num-layers", "24", "--hidden-size", "64", "--num-attention-heads", "4",
         "--ffn-hidden-size", "176", "--seq-length", "64", "--micro-batch-size", "4",
         "--global-batch-size", "4", "--lr", "1e-2", "--lr-decay-style", "constant",
         "--lr-warmup-iters", "5", "--train-iters", "20", "--log-interval", "5",

@@ -349,7 +349,7 @@ def test_preprocess_missing_input_and_bad_tokenizer_files(tmp_path, existing_out
     assert "tokenizer.json' is not a SentencePiece model" in proc.stderr
 
     proc = _run_script("preprocess_data", "--input", good_input, "--tokenizer-model",
-                       tokenizer_model, "--tokenizer-type", "GPT2BPETokenizer", *common)
+                       tokenizer_model, "--tokenizer-type", "BertWordPieceCase", *common)
     assert proc.returncode == 2 and "tokenizer types are SentencePieceTokenizer" in proc.stderr
     _assert_untouched(tmp_path, existing_outputs, before)
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from _training import logged_losses, run_train
+from _training import RECIPE, logged_losses, run_train
 from spannorm_megatron.config import ModelConfig
 from spannorm_megatron.model import build_gpt_model, transformer_config
 from spannorm_megatron.placements import PLACEMENTS
@@ -41,8 +41,9 @@ def test_local_bf16_training_evaluates_saves_and_resumes(corpus, tmp_path):
     """The loop on one GPU without Transformer Engine: bf16 local layers, a skipped non-finite
     step, evaluation mid-run and at the end, a checkpoint, and a resume from it."""
     data, tokenizer = corpus
-    flags = ["--data-path", data, "--tokenizer-model", tokenizer, "--norm-placement", "spannorm",
-             "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8",
+    flags = [*RECIPE, "--data-path", data, "--tokenizer-model", tokenizer,
+             "--norm-placement", "spannorm", "--max-position-embeddings", "128",
+             "--ffn-hidden-size", "1024", "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8",
              "--seq-length", "128", "--micro-batch-size", "8", "--global-batch-size", "16",
              "--lr", "1e-3", "--lr-warmup-iters", "5", "--log-interval", "10",
              "--eval-interval", "25", "--eval-iters", "2", "--split", "90,10,0",
@@ -60,6 +61,31 @@ def test_local_bf16_training_evaluates_saves_and_resumes(corpus, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "successfully loaded checkpoint" in resumed.stdout
     assert sorted(logged_losses(resumed.stdout)) == [70]
+
+
+def test_cuda_states_of_a_cpu_save_are_the_gpus_own_and_load_like_megatron_lm(seeded):
+    """A CPU save writes CUDA generator states made from seeds under Megatron-LM's RNG keys
+    (checkpoint/rng.py): they must be what the GPU's generator holds after that seed, and go
+    through the calls Megatron-LM's load_checkpoint makes (set_rng_state, the tracker's fork)."""
+    from megatron.core import tensor_parallel
+
+    from spannorm_megatron.checkpoint import rng
+
+    torch.cuda.manual_seed(4321)
+    assert torch.equal(torch.cuda.get_rng_state(), rng.cuda_generator_state(4321))
+    torch.cuda.manual_seed(77)
+    expected = torch.rand(8, device="cuda")
+    torch.cuda.set_rng_state(rng.cuda_generator_state(77))
+    assert torch.equal(torch.rand(8, device="cuda"), expected)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    own = tracker.get_states()
+    try:
+        tracker.set_states({name: rng.cuda_generator_state(77) for name in own})
+        with tracker.fork():
+            drawn = torch.rand(8, device="cuda")
+    finally:
+        tracker.set_states(own)
+    assert torch.equal(drawn, expected)
 
 
 def test_transformer_engine_imports_when_expected():
@@ -110,7 +136,8 @@ def test_transformer_engine_layers_match_the_local_layers(seeded, tmp_path, plac
 def test_fp8_training_lowers_the_loss(corpus, placement, recipe):
     data, tokenizer = corpus
     result = run_train(
-        "--data-path", data, "--tokenizer-model", tokenizer, "--norm-placement", placement,
+        *RECIPE, "--data-path", data, "--tokenizer-model", tokenizer, "--norm-placement",
+        placement, "--max-position-embeddings", "128", "--ffn-hidden-size", "1024",
         "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8",
         "--seq-length", "128", "--micro-batch-size", "8", "--train-iters", "60",
         "--lr", "1e-3", "--lr-warmup-iters", "5", "--log-interval", "10",

@@ -43,7 +43,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from spannorm_megatron.errors import ConfigError
+from spannorm_megatron.errors import ConfigError, UserError
 from spannorm_megatron.options import fill_fallbacks, options
 from spannorm_megatron.training import arguments
 
@@ -132,7 +132,7 @@ def _parse(argv: List[str]):
     namespace = parser().parse_args(full)
     try:
         arguments._resolve(namespace)
-    except ConfigError:
+    except UserError:  # a check of a combination (ConfigError, TokenizerError, ...)
         namespace = parser().parse_args(full)
         fill_fallbacks([owner for _, owner in arguments.SECTIONS], namespace)
     return namespace
@@ -337,6 +337,34 @@ def test_shared_flags_mean_what_they_mean_in_megatron_lm():
         message.append("ALLOWED_DIFFERENCES entries that match no difference any more "
                        f"(remove them): {stale}")
     assert not message, "\n\n".join(message)
+
+
+def test_the_package_knows_megatron_lm_flags_by_the_table():
+    """spannorm_megatron/training/megatron_lm_flags.txt names what the refusals below know;
+    after the table is regenerated it must follow (write the table's option strings there)."""
+    from spannorm_megatron.training.megatron_lm import megatron_lm_flags
+
+    assert megatron_lm_flags() == {o for o in megatron_actions() if o.startswith("--")}
+
+
+def test_every_megatron_lm_flag_we_lack_is_refused_by_name_with_a_reason(tmp_path, capsys):
+    from spannorm_megatron.train import main as train_main
+
+    missing = sorted(o for o in set(megatron_actions()) - set(our_actions())
+                     if o.startswith("--"))
+    assert len(missing) > 100  # the table holds what it should
+    assert train_main([*_argv(BASE_ARGV), *missing]) == 2
+    err = capsys.readouterr().err
+    assert f"{len(missing)} Megatron-LM flags that spannorm-train does not take" in err
+    assert "Traceback" not in err
+    for flag in missing:
+        assert f"\n  {flag}: " in err, flag
+    # The same for a --config key, in either spelling.
+    config = tmp_path / "run.yaml"
+    config.write_text(f"{missing[0][2:].replace('-', '_')}: 1\n")
+    assert train_main(["--config", str(config)]) == 2
+    assert f"{missing[0]} is a Megatron-LM flag that spannorm-train does not take" in \
+        capsys.readouterr().err
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@
   update ratios from weights copied before and after the step; activation recompute does not
   double count; hooks exist only on measured steps.
 - One 2-rank torchrun (tests/_metrics_worker.py) measures the same step under TP2+SP, PP2,
-  DP2 with the distributed optimizer and EP2: every signal equals one process's to 1e-5.
+  DP2 with the distributed optimizer and EP2: every signal equals one process's to 1e-5, the
+  gradient's zero count (--log-num-zeros-in-grad) exactly, the parameter norm
+  (--log-params-norm) to 1e-5; in one process both equal a count / norm of the gradients and
+  weights copied out of the model.
 - TensorBoard: every tag is in the event file, finite, and only the writing rank writes.
 """
 
@@ -30,6 +33,7 @@ import _metrics_reference
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.metrics import (
     MoEMetrics,
+    memory_stats,
     StabilitySignals,
     TensorBoardWriter,
     device_peak_flops,
@@ -313,6 +317,44 @@ def test_signals_equal_independent_computation(reference_runs, combo):
     assert moe["load_balancing_loss"] == pytest.approx(sum(ref["aux_loss"]) / L, rel=RTOL)
 
 
+@pytest.mark.parametrize("combo", list(_metrics.COMBOS))
+def test_num_zeros_and_params_norm_equal_independent_computation(reference_runs, combo):
+    """--log-num-zeros-in-grad is megatron-core's count of the zero gradient entries and
+    --log-params-norm the norm of the weights after the step: both recomputed here from the
+    gradients and weights copied out of the model. The tiny batch leaves most vocabulary rows
+    of the embedding without a token, so the count is far from 0."""
+    _, runs = reference_runs
+    run = runs[combo]
+    zeros = sum(int((grad == 0).sum()) for grad in run.grads.values())
+    assert run.record["num_zeros"] == zeros
+    if run.config.untie_embeddings_and_output_weights:
+        assert zeros >= run.config.hidden_size * 10
+    norm = math.sqrt(sum(float(w.double().square().sum()) for w in run.after.values()))
+    assert run.record["params_norm"] == pytest.approx(norm, rel=1e-6)
+
+
+def test_params_norm_reads_the_fp32_main_weights_under_bf16(megatron_world):
+    """With --bf16 the norm is that of the optimizer's fp32 main weights (`main_param`), as
+    Megatron-LM's calc_params_l2_norm, not of the bf16 copies the model computes with."""
+    from spannorm_megatron.metrics.params_norm import params_l2_norm
+    from spannorm_megatron.training.performance import PerformanceConfig
+
+    torch.manual_seed(7)
+    chunks, optimizer = setup_model_and_optimizer(
+        _metrics.model_config("spannorm", False), ParallelConfig(),
+        OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1.0),
+        PerformanceConfig(bf16=True))
+    _metrics.measured_step(chunks, optimizer, _metrics.micro_batches(_metrics.global_batch()),
+                           measure=False)
+    params = list(chunks[0].parameters())
+    assert all(p.dtype == torch.bfloat16 and p.main_param.dtype == torch.float32
+               for p in params)
+    main = math.sqrt(sum(float(p.main_param.double().square().sum()) for p in params))
+    model = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
+    assert params_l2_norm(chunks, bf16=True) == pytest.approx(main, rel=1e-6)
+    assert abs(main - model) > 1e-6 * main  # the two differ: the check above can tell
+
+
 def test_hooks_only_while_measuring(reference_runs):
     _, runs = reference_runs
     run = runs["spannorm-moe"]
@@ -399,6 +441,9 @@ def test_layout_signals_equal_single_process(reference_runs, layouts, layout, co
                 assert actual[str(layer)] == pytest.approx(value, rel=RTOL), (
                     f"rank {rank} {signal} layer {layer}: {actual[str(layer)]} vs {value}")
         assert record["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL)
+        # Counted on each rank's (sharded, TP-split, stage) gradients, then summed: exact.
+        assert record["num_zeros"] == ref["num_zeros"], rank
+        assert record["params_norm"] == pytest.approx(ref["params_norm"], rel=RTOL), rank
         for part, values in ref["parts"].items():
             for signal, value in values.items():
                 assert record["parts"][part][signal] == pytest.approx(value, rel=RTOL, abs=1e-12), (
@@ -420,6 +465,8 @@ def test_layout_signals_equal_single_process(reference_runs, layouts, layout, co
     scalars = read_scalars(events[0])
     assert scalars[tb.TAG_LM_LOSS] == pytest.approx(ref["loss"], rel=RTOL)
     assert "stability/layer_004/update_ratio" in scalars
+    assert scalars[tb.TAG_NUM_ZEROS] == ref["num_zeros"]
+    assert scalars[tb.TAG_PARAMS_NORM] == pytest.approx(ref["params_norm"], rel=RTOL)
     assert scalars["stability/embedding/grad_norm"] == pytest.approx(
         ref["parts"]["embedding"]["grad_norm"], rel=RTOL)
 
@@ -449,14 +496,19 @@ def test_tensorboard_writes_every_tag(reference_runs, tmp_path):
     writer.write_config(run.config.to_dict())
     fpt = flops_per_token(run.config, _metrics.SEQ)
     for iteration in (1, 2):
+        samples = iteration * _metrics.GLOBAL_BATCH
         writer.log_training(
-            iteration, lm_loss=record["loss"], learning_rate=_metrics.LR,
-            batch_size=_metrics.GLOBAL_BATCH, seq_length=_metrics.SEQ, iteration_time=0.5,
-            grad_norm=record["grad_norm"], loss_scale=1.0, num_zeros=0,
-            flops_per_token=fpt, num_devices=1, peak_flops=device_peak_flops(torch.float32))
+            iteration, samples, lm_loss=record["loss"], learning_rate=_metrics.LR,
+            batch_size=_metrics.GLOBAL_BATCH, loss_scale=1.0, world_size=1,
+            grad_norm=record["grad_norm"], num_zeros=record["num_zeros"],
+            params_norm=record["params_norm"], memory=memory_stats())
+        writer.log_timers(iteration, iteration_time=0.5, throughput_tflops=1.5)
+        writer.log_speed(iteration, tokens_per_step=_metrics.GLOBAL_BATCH * _metrics.SEQ,
+                         iteration_time=0.5, flops_per_token=fpt, num_devices=1,
+                         peak_flops=device_peak_flops(torch.float32))
         writer.log_moe(iteration, record["moe"])
         writer.log_stability(iteration, record["signals"])
-    writer.log_validation(2, 4.5)
+    writer.log_validation(2, 4.5, 16, ppl=True)
     writer.close()
 
     events = glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))
@@ -464,10 +516,15 @@ def test_tensorboard_writes_every_tag(reference_runs, tmp_path):
     accumulator = read_events(events[0])
     scalars = {tag: [e.value for e in accumulator.Scalars(tag)]
                for tag in accumulator.Tags()["scalars"]}
-    expected = [
-        "lm loss", "lm loss validation", "lm loss validation ppl", "learning-rate", "grad-norm",
-        "loss-scale", "num-zeros", "batch-size", "iteration-time", "throughput/tokens-per-sec",
-        "throughput/tflops", "throughput/mfu", "mem-allocated-bytes", "mem-max-allocated-bytes",
+    steps = {tag: [e.step for e in accumulator.Scalars(tag)]
+             for tag in accumulator.Tags()["scalars"]}
+    twinned = ["learning-rate", "batch-size", "lm loss", "loss-scale", "world-size",
+               "grad-norm", "num-zeros", "params-norm"]
+    expected = twinned + [tag + " vs samples" for tag in twinned] + [
+        "lm loss validation", "lm loss validation vs samples", "lm loss validation ppl",
+        "lm loss validation ppl vs samples", "iteration-time", "throughput",
+        "throughput/tokens-per-sec", "throughput/tflops", "throughput/mfu",
+        "mem-allocated-bytes", "mem-max-allocated-bytes",
         "load_balancing_loss", "moe/expert_load/max_over_mean",
     ]
     expected += [f"moe/load_balancing_loss_layer_{i}" for i in range(L)]
@@ -480,6 +537,10 @@ def test_tensorboard_writes_every_tag(reference_runs, tmp_path):
     assert not missing, missing
     for tag in expected:
         assert all(math.isfinite(v) for v in scalars[tag]), tag
+    for tag in twinned:  # the twin: the same values against consumed samples
+        assert steps[tag] == [1, 2] and scalars[tag + " vs samples"] == scalars[tag], tag
+        assert steps[tag + " vs samples"] == [_metrics.GLOBAL_BATCH, 2 * _metrics.GLOBAL_BATCH]
+    assert steps["lm loss validation vs samples"] == [16]
     assert scalars["lm loss"] == pytest.approx([record["loss"]] * 2)
     assert scalars["lm loss validation ppl"] == pytest.approx([math.exp(4.5)])
     assert scalars["throughput/tokens-per-sec"][0] == pytest.approx(
@@ -497,13 +558,94 @@ def test_tensorboard_writes_every_tag(reference_runs, tmp_path):
     assert json.loads("\n".join(lines)) == json.loads(config_text)
 
 
+MEGATRON_TWINNED = ("learning-rate", "batch-size", "lm loss", "loss-scale", "world-size",
+                    "grad-norm", "num-zeros", "params-norm")
+GATED_CASES = {
+    # name: (MetricsLoggingConfig fields, --log-interval, {tag: iterations written})
+    "defaults": ({}, 2, {
+        "learning-rate": [1, 2], "batch-size": [1, 2], "lm loss": [1, 2], "loss-scale": [1, 2],
+        "grad-norm": [1, 2], "load_balancing_loss": [1, 2], "lm loss validation": [2],
+        "throughput/tokens-per-sec": [2], "stability/layer_001/grad_norm": [2]}),
+    "every flag": (dict(log_params_norm=True, log_num_zeros_in_grad=True, log_throughput=True,
+                        log_timers_to_tensorboard=True, log_validation_ppl_to_tensorboard=True,
+                        log_memory_to_tensorboard=True, log_world_size_to_tensorboard=True,
+                        moe_per_layer_logging=True), 1, {
+        "learning-rate": [1, 2], "batch-size": [1, 2], "lm loss": [1, 2], "loss-scale": [1, 2],
+        "world-size": [1, 2], "grad-norm": [1, 2], "num-zeros": [1, 2], "params-norm": [1, 2],
+        "mem-allocated-bytes": [1, 2], "mem-max-allocated-bytes": [1, 2],
+        # not on the first iteration of a launch, as Megatron-LM
+        "iteration-time": [2], "throughput": [2],
+        "load_balancing_loss": [1, 2],
+        **{f"moe/load_balancing_loss_layer_{i}": [1, 2] for i in range(4)},
+        "lm loss validation": [2], "lm loss validation ppl": [2],
+        "throughput/tokens-per-sec": [1, 2], "stability/layer_001/grad_norm": [1, 2]}),
+    "interval 2, no loss scale": (dict(tensorboard_log_interval=2,
+                                       log_loss_scale_to_tensorboard=False), 2, {
+        "learning-rate": [2], "batch-size": [2], "lm loss": [2], "grad-norm": [2],
+        "load_balancing_loss": [1, 2], "lm loss validation": [2],
+        "throughput/tokens-per-sec": [2], "stability/layer_001/grad_norm": [2]}),
+}
+
+
+def test_each_megatron_lm_tag_is_written_under_its_flag_on_its_schedule(megatron_world,
+                                                                        tmp_path):
+    """RunMonitor on a real MoE model and optimizer, two training steps: with Megatron-LM's
+    defaults, with every logging flag, and with --tensorboard-log-interval 2
+    --no-log-loss-scale-to-tensorboard. Exactly the expected tags (twins included), at exactly
+    the expected iterations; nothing else of Megatron-LM's."""
+    from spannorm_megatron.training.config import MetricsLoggingConfig
+    from spannorm_megatron.training.loop import train_step
+    from spannorm_megatron.training.monitor import RunMonitor
+
+    torch.manual_seed(7)
+    config = _metrics.model_config("spannorm", True)
+    chunks, optimizer = _metrics.setup(config, ParallelConfig())
+    batches = _metrics.micro_batches(_metrics.global_batch())
+    megatron_tags = set(MEGATRON_TWINNED) | {f"{t} vs samples" for t in MEGATRON_TWINNED} | {
+        "iteration-time", "throughput", "mem-allocated-bytes", "mem-max-allocated-bytes",
+        "mem-reserved-bytes", "mem-allocated-count", "lm loss validation ppl",
+        "lm loss validation ppl vs samples", "skipped-train-samples"} | {
+        f"moe/load_balancing_loss_layer_{i}" for i in range(config.num_layers)}
+    for name, (fields, log_interval, expected) in GATED_CASES.items():
+        log_dir = tmp_path / name.replace(" ", "_").replace(",", "")
+        monitor = RunMonitor(chunks, config, seq_length=_metrics.SEQ,
+                             global_batch_size=_metrics.GLOBAL_BATCH,
+                             num_microbatches=len(batches), log_interval=log_interval,
+                             tensorboard_dir=str(log_dir), dtype=torch.float32,
+                             metrics=MetricsLoggingConfig(**fields))
+        for iteration in (1, 2):
+            monitor.begin_step(iteration)
+            result = train_step(chunks, optimizer, None, iter(batches),
+                                num_microbatches=len(batches), seq_length=_metrics.SEQ,
+                                micro_batch_size=_metrics.MICRO_BATCH,
+                                global_batch_size=_metrics.GLOBAL_BATCH, monitor=monitor)
+            log_line = iteration % log_interval == 0
+            monitor.end_step(iteration, result,
+                             consumed_samples=iteration * _metrics.GLOBAL_BATCH,
+                             learning_rate=_metrics.LR, loss_scale=1.0,
+                             seconds_per_step=0.5 if log_line else None)
+        monitor.log_validation(2, 4.0, 2 * _metrics.GLOBAL_BATCH)
+        monitor.close()
+        accumulator = read_events(str(log_dir))
+        steps = {tag: [e.step for e in accumulator.Scalars(tag)]
+                 for tag in accumulator.Tags()["scalars"]}
+        twins = {f"{tag} vs samples": [i * _metrics.GLOBAL_BATCH for i in its]
+                 for tag, its in expected.items()
+                 if tag in MEGATRON_TWINNED or tag.startswith("lm loss validation")}
+        for tag, its in {**expected, **twins}.items():
+            assert steps.get(tag) == its, (name, tag, steps.get(tag))
+        unexpected = (set(steps) & megatron_tags) - set(expected) - set(twins)
+        assert not unexpected, (name, sorted(unexpected))
+
+
 def test_writer_is_a_no_op_without_dir_or_off_rank(tmp_path):
     for writer in (TensorBoardWriter(None), TensorBoardWriter(str(tmp_path), writer_rank=False)):
         assert not writer.enabled
         writer.write_config("x")
-        writer.log_training(1, lm_loss=1.0, learning_rate=1.0, batch_size=1, seq_length=1,
-                            iteration_time=1.0)
-        writer.log_validation(1, 1.0)
+        writer.log_training(1, 1, lm_loss=1.0, learning_rate=1.0, batch_size=1)
+        writer.log_timers(1, iteration_time=1.0, throughput_tflops=1.0)
+        writer.log_speed(1, tokens_per_step=1, iteration_time=1.0)
+        writer.log_validation(1, 1.0, 1, ppl=True)
         writer.log_stability(1, {"grad_norm": {1: 1.0}})
         writer.log_moe(1, {"load_balancing_loss": 1.0})
         writer.close()
@@ -549,7 +691,9 @@ def test_recipe_moe_metrics_per_moe_layer_and_their_tags(megatron_world, tmp_pat
     moe = record["moe"]
 
     tokens = len(batches) * _metrics.MICRO_BATCH * _metrics.SEQ
-    assert sorted(moe["expert_load"]) == sorted(moe["z_loss_per_layer"]) == [2, 3, 4]
+    assert sorted(moe["expert_load"]) == [2, 3, 4]
+    # megatron-core's tracker has every layer; the dense one holds 0 (Megatron-LM logs it so).
+    assert sorted(moe["z_loss_per_layer"]) == [1, 2, 3, 4] and moe["z_loss_per_layer"][1] == 0
     for n, router in routers.items():
         # megatron-core zeroes its counter after updating the bias; the bias moved by
         # +-rate per expert, the sign of (mean count - count).
@@ -578,4 +722,4 @@ def test_recipe_moe_metrics_per_moe_layer_and_their_tags(megatron_world, tmp_pat
         for e in range(config.num_experts):
             assert scalars[f"moe/expert_bias/layer_{n:03d}/expert_{e:03d}"] == pytest.approx(
                 moe["expert_bias"][n][e])
-    assert "moe/z_loss_layer_0" not in scalars  # the dense layer logs no router loss
+    assert scalars["moe/z_loss_layer_0"] == 0  # the dense layer: 0, as Megatron-LM logs it

@@ -86,7 +86,6 @@ def test_flags_and_yaml_reach_the_model_config(tmp_path):
     (dict(moe_expert_capacity_factor=None), "--moe-pad-expert-input-to-capacity needs"),
     (dict(moe_expert_capacity_factor=0.0), "moe_expert_capacity_factor) = 0.0 must be > 0.0"),
     (dict(moe_shared_expert_intermediate_size=None), "--moe-shared-expert-gate gates"),
-    (dict(moe_token_dispatcher_type="flex"), "needs DeepEP"),
     (dict(moe_router_score_function="softmax", moe_router_enable_expert_bias=False,
           moe_router_bias_update_rate=None, moe_router_topk=1, moe_router_group_topk=None,
           moe_router_num_groups=None), "--moe-router-topk 1 with softmax scoring needs"),

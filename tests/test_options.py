@@ -221,8 +221,12 @@ def test_paths_are_checked_for_what_they_must_be_before_anything_runs(tmp_path, 
             (["--save", str(a_file)], f"--save {a_file}: is a file, not a directory"),
             (["--tensorboard-dir", str(a_file / "tb")], f"cannot be created: {a_file} is a file"),
             (["--data-cache-path", str(a_file)], "is a file"),
-            (["--tokenizer-model", str(tmp_path)], "is not a file"),
-            (["--tokenizer-model", str(tmp_path / "none.model")], "no such file")):
+            (["--tokenizer-model", str(tmp_path)], "is a directory"),
+            (["--tokenizer-model", str(tmp_path / "none.model")], "does not exist"),
+            (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(a_file),
+              "--merge-file", str(tmp_path / "none.txt")], "none.txt does not exist"),
+            (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path)],
+             "is not a Hugging Face tokenizer folder")):
         assert train_main([*REQUIRED, *argv]) == 2, argv
         err = capsys.readouterr().err
         assert fragment in err and "Traceback" not in err, err

@@ -118,16 +118,19 @@ def test_transformer_engine_model_saves_the_local_keys_plus_extra_state(seeded, 
 
 def test_gpu_fusions_follow_megatron_lm(monkeypatch):
     """Fused kernels only on GPUs: bias-dropout-add and the activation (SwiGLU with or without
-    bias, GELU only with one), RoPE only with Transformer Engine (not installed here)."""
-    from spannorm_megatron.model import builder
+    bias, GELU only with one), RoPE only with Transformer Engine (not installed here), masked
+    softmax and gradient accumulation only with their CUDA extensions (not installed here)."""
+    from spannorm_megatron.model import fusions
 
     swiglu = ModelConfig.recommended(swiglu=True)
     gelu = ModelConfig.recommended(swiglu=False, add_bias_linear=False)
-    assert builder.gpu_fusions(swiglu) == dict(
-        bias_dropout_fusion=False, bias_activation_fusion=False, apply_rope_fusion=False)
-    monkeypatch.setattr(builder, "has_accelerator", lambda: True)  # what a GPU node answers
-    assert builder.gpu_fusions(swiglu) == dict(
-        bias_dropout_fusion=True, bias_activation_fusion=True,
+    off = dict(bias_dropout_fusion=False, bias_activation_fusion=False, apply_rope_fusion=False,
+               masked_softmax_fusion=False, gradient_accumulation_fusion=False,
+               cross_entropy_loss_fusion=False, cross_entropy_fusion_impl="native")
+    assert fusions.runnable_fusions(swiglu) == off
+    monkeypatch.setattr(fusions, "has_accelerator", lambda: True)  # what a GPU node answers
+    assert fusions.runnable_fusions(swiglu) == dict(
+        off, bias_dropout_fusion=True, bias_activation_fusion=True,
         apply_rope_fusion=transformer_engine_available())
-    assert builder.gpu_fusions(gelu)["bias_activation_fusion"] is False
+    assert fusions.runnable_fusions(gelu)["bias_activation_fusion"] is False
     assert transformer_config(swiglu).bias_activation_fusion is True

@@ -3,7 +3,8 @@
 On a GPU a tensor made without `device=` lives in host memory: NCCL refuses it and an op that
 meets a CUDA tensor with it raises. On CPU both are the same memory, so only strict device mode
 (`runtime/strict_devices.py`) makes such a tensor fail here. Each layout below trains with
-evaluation, a loss spike check, a non-finite step, checkpoints and TensorBoard, then resumes.
+evaluation, a loss spike check, a non-finite step, checkpoints and TensorBoard (with the
+parameter norm and zero count), then resumes.
 """
 
 import os
@@ -32,7 +33,8 @@ def test_training_loop_keeps_every_tensor_on_the_device(corpus, tmp_path, layout
     flags = [*SMALL, *LAYOUTS[layout], "--data-path", data, "--tokenizer-model", tokenizer,
              "--log-interval", "2", "--eval-interval", "3", "--eval-iters", "2",
              "--save", str(tmp_path / "ckpt"), "--save-interval", "5", "--lr-decay-iters", "7",
-             "--tensorboard-dir", str(tmp_path / "tb")]
+             "--tensorboard-dir", str(tmp_path / "tb"), "--log-params-norm",
+             "--log-num-zeros-in-grad", "--moe-per-layer-logging"]
     first = run_train(*flags, "--train-iters", "5", env=STRICT, nan_at="2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
     assert "DeviceDisciplineError" not in first.stderr

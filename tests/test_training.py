@@ -3,6 +3,7 @@
 One small corpus (a slice of the embedded default corpus, conftest.py's `corpus`) serves all.
 """
 
+import json
 import math
 import os
 import shutil
@@ -74,7 +75,9 @@ def tensorboard_scalars(log_dir) -> dict:
             for tag in events.Tags()["scalars"]}, events.Tags()["tensors"]
 
 
-def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, tmp_path):
+def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, tmp_path, megatron_world):
+    import _megatron_loader as M
+
     data, tokenizer = corpus
     common = ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--train-iters", "8"]
     whole = run_train(*common, "--tensorboard-dir", str(tmp_path / "whole"))
@@ -85,6 +88,14 @@ def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, tmp_path):
                       "--tensorboard-dir", str(resumed_tb / "a"))
     assert first.returncode == 0, first.stderr[-4000:]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    # What Megatron-LM's load_checkpoint would resume from (EP 1: RNG per (pp, tp) position).
+    view = M.read(str(ckpt))
+    assert M.missing_arguments(view.args) == []
+    global_batch = int(SMALL[SMALL.index("--global-batch-size") + 1])
+    assert (view.iteration, view.args.consumed_train_samples, view.args.data_parallel_size) == \
+        (4, 4 * global_batch, 2)
+    entries = M.read_rng(view, expert_model_parallel_size=1)
+    assert list(entries) == [(0, 0)] and M.rng_entry_problems(entries[(0, 0)]) == []
     second = run_train(*common, "--save", str(ckpt), "--load", str(ckpt),
                        "--tensorboard-dir", str(resumed_tb / "b"))
     assert second.returncode == 0, second.stderr[-4000:]
@@ -117,28 +128,106 @@ def test_resume_under_another_tensor_parallel_size_continues_the_loss(corpus, tm
         assert loss == pytest.approx(expected[step], rel=1e-4), step
 
 
-def test_tensorboard_holds_every_tag_with_finite_values(corpus, tmp_path):
+# Spelled out: the tests below rely on them (no biases, untied output layer, RoPE: every
+# embedding row's gradient comes from its tokens alone), whatever the defaults become.
+EXPLICIT_MODEL = ["--normalization", "RMSNorm", "--position-embedding-type", "rope", "--swiglu",
+                  "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+                  "--hidden-dropout", "0", "--attention-dropout", "0"]
+MEGATRON_TWINNED = ["learning-rate", "batch-size", "lm loss", "loss-scale", "world-size",
+                    "grad-norm", "num-zeros", "params-norm"]
+
+
+def test_tensorboard_has_megatron_lm_tags_on_their_schedules(corpus, tmp_path):
+    """A 2-rank MoE run (DP2, distributed optimizer) with every logging flag: Megatron-LM's
+    tags with its names, each '... vs samples' twin on the consumed-samples axis, on its
+    schedule (--tensorboard-log-interval 2, --log-interval 3, MoE losses every iteration),
+    our own tags beside them; params-norm is the norm of the checkpoint's weights, num-zeros
+    the embedding rows no input token of the step touched (hidden x (vocab - distinct tokens
+    over both ranks), recorded by tests/_instrumented_train.py)."""
+    from spannorm_megatron.hf.megatron_reader import load_megatron_state
+
     data, tokenizer = corpus
-    result = run_train("--data-path", data, "--tokenizer-model", tokenizer, *SMALL,
-                       "--num-experts", "4", "--train-iters", "4", "--log-interval", "2",
-                       "--eval-interval", "2", "--tensorboard-dir", str(tmp_path / "tb"))
+    tb, ckpt = tmp_path / "tb", tmp_path / "ckpt"
+    result = run_train(
+        "--data-path", data, "--tokenizer-model", tokenizer, *SMALL, *EXPLICIT_MODEL,
+        "--num-experts", "4", "--train-iters", "6", "--log-interval", "3",
+        "--tensorboard-log-interval", "2", "--eval-interval", "3", "--use-distributed-optimizer",
+        "--log-params-norm", "--log-num-zeros-in-grad", "--log-throughput",
+        "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
+        "--log-memory-to-tensorboard", "--log-world-size-to-tensorboard",
+        "--moe-per-layer-logging", "--save", str(ckpt), "--tensorboard-dir", str(tb),
+        record_tokens=str(tmp_path / "tokens"))
     assert result.returncode == 0, result.stderr[-4000:]
-    scalars, tensors = tensorboard_scalars(tmp_path / "tb")
-    required = ["lm loss", "lm loss validation", "lm loss validation ppl", "learning-rate",
-                "grad-norm", "loss-scale", "batch-size", "iteration-time",
-                "throughput/tokens-per-sec", "throughput/tflops", "throughput/mfu",
-                "mem-allocated-bytes", "mem-max-allocated-bytes", "load_balancing_loss",
-                "moe/expert_load/max_over_mean"]
+    scalars, tensors = tensorboard_scalars(tb)
+    samples = {i: 8 * i for i in range(1, 7)}  # global batch 8
+
+    every_2, every_3 = [2, 4, 6], [3, 6]
+    expected = {tag: every_2 for tag in MEGATRON_TWINNED}
+    expected.update({f"{tag} vs samples": [samples[i] for i in every_2]
+                     for tag in MEGATRON_TWINNED})
+    expected.update({"mem-allocated-bytes": every_2, "mem-max-allocated-bytes": every_2,
+                     "iteration-time": every_3, "throughput": every_3,
+                     "lm loss validation": every_3, "lm loss validation ppl": every_3,
+                     "lm loss validation vs samples": [24, 48],
+                     "lm loss validation ppl vs samples": [24, 48],
+                     "load_balancing_loss": list(range(1, 7)),
+                     "moe/load_balancing_loss_layer_0": list(range(1, 7)),
+                     "moe/load_balancing_loss_layer_1": list(range(1, 7)),
+                     # ours
+                     "throughput/tokens-per-sec": every_3, "throughput/tflops": every_3,
+                     "throughput/mfu": every_3, "skipped-iterations": every_3,
+                     "moe/expert_load/max_over_mean": every_3})
     for layer in (1, 2):
-        required += [f"stability/layer_{layer:03d}/{signal}" for signal in
-                     ("output_rms", "attention_rms", "mlp_rms", "grad_norm", "update_ratio")]
-        required += [f"moe/expert_load/layer_{layer:03d}/expert_{e:03d}" for e in range(4)]
-    missing = [tag for tag in required if tag not in scalars]
-    assert not missing, f"missing tags {missing}; have {sorted(scalars)}"
-    for tag in required:
-        assert scalars[tag] and all(math.isfinite(v) for v in scalars[tag].values()), tag
-    assert sorted(scalars["lm loss"]) == [2, 4]
+        expected.update({f"stability/layer_{layer:03d}/{signal}": every_3 for signal in
+                         ("output_rms", "attention_rms", "mlp_rms", "grad_norm",
+                          "update_ratio")})
+        expected.update({f"moe/expert_load/layer_{layer:03d}/expert_{e:03d}": every_3
+                         for e in range(4)})
+    for tag, steps in expected.items():
+        assert tag in scalars, f"missing {tag}; have {sorted(scalars)}"
+        assert sorted(scalars[tag]) == steps, tag
+        assert all(math.isfinite(v) for v in scalars[tag].values()), tag
+    for tag in MEGATRON_TWINNED:
+        assert [scalars[tag][i] for i in every_2] == [
+            scalars[f"{tag} vs samples"][samples[i]] for i in every_2], tag
     assert any(t.startswith("config") for t in tensors)
+
+    assert set(scalars["world-size"].values()) == {2}
+    assert set(scalars["batch-size"].values()) == {8}
+    # Megatron-LM logs the learning rate after the step's scheduler update: the warm-up of 2
+    # steps reaches --lr 1e-3 after step 2 (step 2 itself ran at 5e-4); cosine ends at 0.
+    assert scalars["learning-rate"][2] == pytest.approx(1e-3)
+    assert scalars["learning-rate"][6] == pytest.approx(0.0, abs=1e-12)
+    assert scalars["lm loss validation ppl"][6] == pytest.approx(
+        math.exp(scalars["lm loss validation"][6]), rel=1e-5)
+
+    _, weights = load_megatron_state(str(ckpt))
+    norm = math.sqrt(sum(float(w.double().square().sum()) for w in weights.values()))
+    assert scalars["params-norm"][6] == pytest.approx(norm, rel=1e-6)
+
+    tokens = [json.loads((tmp_path / f"tokens.rank{r}.json").read_text()) for r in (0, 1)]
+    vocab, hidden = weights["embedding.word_embeddings.weight"].shape
+    for i in every_2:
+        distinct = set(tokens[0][str(i)]) | set(tokens[1][str(i)])
+        assert scalars["num-zeros"][i] == hidden * (vocab - len(distinct)), i
+    line = [l for l in result.stdout.splitlines() if "iteration        6/" in l][0]
+    assert f"num zeros: {scalars['num-zeros'][6]}" in line
+    assert f"params norm: {scalars['params-norm'][6]:.3f}" in line
+    assert "throughput per GPU (TFLOP/s/GPU):" in line
+
+
+def test_megatron_lm_logging_flags_keep_its_defaults():
+    """Megatron-LM core_v0.16.1's defaults (training_config.LoggerConfig and the MoE group)."""
+    args = parse_args([])
+    assert args.tensorboard_log_interval == 1 and args.tensorboard_queue_size == 1000
+    assert args.log_loss_scale_to_tensorboard is True
+    for flag in ("log_params_norm", "log_num_zeros_in_grad", "log_throughput",
+                 "log_timers_to_tensorboard", "log_validation_ppl_to_tensorboard",
+                 "log_memory_to_tensorboard", "log_world_size_to_tensorboard",
+                 "moe_per_layer_logging"):
+        assert getattr(args, flag) is False, flag
+    assert parse_args(["--no-log-loss-scale-to-tensorboard"]).log_loss_scale_to_tensorboard \
+        is False
 
 
 def test_load_refuses_a_checkpoint_of_another_model(corpus, tmp_path):
@@ -378,7 +467,7 @@ def test_deepseek_style_recipe_trains_on_two_expert_parallel_ranks(corpus, tmp_p
         "--config", os.path.join(ROOT, "examples", "configs", "spannorm_moe_deepseek_cpu.yaml"),
         "--data-path", data, "--tokenizer-model", tokenizer, "--train-iters", "4",
         "--log-interval", "1", "--eval-interval", "1000", "--lr-warmup-iters", "1",
-        "--tensorboard-dir", str(tmp_path / "tb"))
+        "--moe-per-layer-logging", "--tensorboard-dir", str(tmp_path / "tb"))
     assert result.returncode == 0, result.stderr[-4000:]
     losses = logged_losses(result.stdout)
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
@@ -396,7 +485,7 @@ def test_deepseek_style_recipe_trains_on_two_expert_parallel_ranks(corpus, tmp_p
             if step == 1:  # counts differ at init: every expert moved
                 assert all(round(abs(k)) == 1 for k in steps), bias
     assert "moe/expert_load/layer_001/expert_000" not in scalars
-    assert "moe/z_loss_layer_0" not in scalars
+    assert set(scalars["moe/z_loss_layer_0"].values()) == {0.0}  # dense: 0, as Megatron-LM
 
 
 def test_eval_iters_0_trains_without_evaluating(corpus, tmp_path):

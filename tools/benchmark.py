@@ -48,6 +48,7 @@ PRESETS = {
                   ffn_hidden_size=5632, vocab_size=50304), 2048, 2),
     "moe": (dict(num_layers=12, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=2816,
                  num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=1408,
+                 moe_aux_loss_coeff=1e-2, moe_token_dispatcher_type="alltoall",
                  vocab_size=50304), 2048, 2),
 }
 

@@ -112,7 +112,7 @@ def model_fields(variant: str, args) -> dict:
     if overrides.pop("capacity", False):
         overrides["moe_expert_capacity_factor"] = args.moe_expert_capacity_factor
     return dict(fields, ffn_hidden_size=args.moe_ffn_hidden_size, num_experts=args.num_experts,
-                moe_router_topk=args.moe_router_topk,
+                moe_router_topk=args.moe_router_topk, moe_aux_loss_coeff=1e-2,
                 moe_ffn_hidden_size=args.moe_ffn_hidden_size, **overrides)
 
 

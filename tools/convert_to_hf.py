@@ -10,8 +10,10 @@ Example:
 --load is a save directory (the iteration in latest_checkpointed_iteration.txt is converted),
 one iter_NNNNNNN directory, or a bare dist-checkpoint directory (then pass --model-config).
 Writes config.json, model.safetensors (sharded above --max-shard-size, with
-model.safetensors.index.json), generation_config.json, the tokenizer (tokenizer.json,
-tokenizer_config.json, tokenizer.model) and, for our own class, configuration_spannorm.py and
+model.safetensors.index.json), generation_config.json, the tokenizer (tokenizer.json and
+tokenizer_config.json for every --tokenizer-type, plus tokenizer.model for SentencePiece models,
+vocab.json and merges.txt for GPT-2 BPE, a HuggingFaceTokenizer folder's own files) and, for our
+own class, configuration_spannorm.py and
 modeling_spannorm.py. Prenorm models with RMSNorm, SwiGLU and RoPE become native
 LlamaForCausalLM (dense), MixtralForCausalLM (MoE) or Qwen2MoeForCausalLM (MoE with a shared
 expert); everything else becomes SpanNormForCausalLM (see --format). The folder is written under
@@ -38,8 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save", required=True, metavar="HF_DIR", help="output folder")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weight dtype in the folder (default float32)")
-    parser.add_argument("--tokenizer-model", default=None, metavar="X.model",
-                        help="SentencePiece model to ship (default: the run's, if recorded)")
+    from spannorm_megatron.data.tokenizer_args import SUPPORTED_TOKENIZER_TYPES
+
+    group = parser.add_argument_group(
+        "tokenizer to ship (Megatron-LM's flags; default: the run's recorded one, completed from "
+        "the record when only a file is given)")
+    group.add_argument("--tokenizer-type", default=None, choices=SUPPORTED_TOKENIZER_TYPES)
+    group.add_argument("--tokenizer-model", default=None, metavar="X.model_OR_DIR",
+                       help="SentencePiece model, or HuggingFaceTokenizer's folder")
+    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
+    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
+    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: N")
     parser.add_argument("--max-shard-size", default="2GB",
                         help="largest weight file, e.g. 2GB, 500MB (default 2GB)")
     parser.add_argument("--model-config", default=None, metavar="JSON",
@@ -64,7 +75,9 @@ def main(argv=None) -> int:
     from spannorm_megatron.hf.export import export_checkpoint
 
     export_checkpoint(args.load, args.save, dtype=args.dtype,
-                      tokenizer_model=args.tokenizer_model, max_shard_size=args.max_shard_size,
+                      tokenizer_model=args.tokenizer_model, tokenizer_type=args.tokenizer_type,
+                      vocab_file=args.vocab_file, merge_file=args.merge_file,
+                      vocab_size=args.vocab_size, max_shard_size=args.max_shard_size,
                       model_config=args.model_config, fmt=args.format,
                       verify_checksums=not args.no_verify_checksums, overwrite=args.overwrite,
                       allow_non_finite=args.allow_non_finite,

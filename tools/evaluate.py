@@ -23,7 +23,9 @@ tokens, bytes, ...).
 model whatever layout saved it; under torchrun: built and loaded under the --tensor- /
 --pipeline-model-parallel-size layout, data-parallel over the remaining ranks) or a Hugging
 Face folder (config.json; loaded with transformers, trust_remote_code=True). The tokenizer is
---tokenizer-model / --tokenizer-type, else the folder's own, else the one the run recorded.
+the one the tokenizer flags name (--tokenizer-type with --tokenizer-model, --vocab-file and
+--merge-file, or --vocab-size, as in Megatron-LM), else the folder's own, else the one the run
+recorded; it reads the text as tools/preprocess_data.py does (Llama2Tokenizer: one <s> before it).
 Bad input (missing --load, an empty or non-UTF-8 --input, ...) exits with status 2 and a message.
 """
 
@@ -54,10 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-bytes", type=int, default=0,
                         help="evaluate only the first N bytes, cut at a line end (0: all)")
     parser.add_argument("--json", default=None, metavar="OUT.json", help="write the numbers here")
-    parser.add_argument("--tokenizer-type", default=None,
-                        choices=["SentencePieceTokenizer", "ByteLevelTokenizer"])
-    parser.add_argument("--tokenizer-model", default=None, metavar="X.model",
-                        help="SentencePiece model (default: the folder's / run's tokenizer)")
+    _tokenizer_flags(parser)
     parser.add_argument("--model-config", default=None, metavar="JSON",
                         help="ModelConfig JSON for a megatron checkpoint without a run record")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -67,6 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: float32 on CPU, bfloat16 on GPU")
     return parser
+
+
+def _tokenizer_flags(parser) -> None:
+    from spannorm_megatron.data.tokenizer_args import SUPPORTED_TOKENIZER_TYPES
+
+    group = parser.add_argument_group(
+        "tokenizer (Megatron-LM's flags; default: the HF folder's own, else the run's, completed "
+        "from its record when only a file is given)")
+    group.add_argument("--tokenizer-type", default=None, choices=SUPPORTED_TOKENIZER_TYPES)
+    group.add_argument("--tokenizer-model", default=None, metavar="X.model_OR_DIR",
+                       help="SentencePiece model, or HuggingFaceTokenizer's folder")
+    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
+    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
+    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: N")
+
+
+def _tokenizer_args(args) -> dict:
+    return {name: getattr(args, name) for name in ("tokenizer_type", "tokenizer_model",
+                                                   "vocab_file", "merge_file", "vocab_size")}
 
 
 def main(argv=None) -> int:
@@ -111,9 +129,7 @@ def main(argv=None) -> int:
             raise EvaluationError("A Hugging Face folder is evaluated by one process: run "
                                   "tools/evaluate.py without torchrun.")
         model = load_hf_model(args.load, dtype, device)
-        tokenizer = models.resolve_tokenizer(
-            tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
-            hf_folder=args.load)
+        tokenizer = models.resolve_tokenizer(**_tokenizer_args(args), hf_folder=args.load)
         vocab = model.config.vocab_size
         config_json = json.loads(Path(args.load, "config.json").read_text())
         seq_length = args.seq_length or int(config_json.get("max_position_embeddings") or 2048)
@@ -125,9 +141,7 @@ def main(argv=None) -> int:
                                   pipeline_model_parallel_size=args.pipeline_model_parallel_size)
         config, chunks, record = models.load_megatron(args.load, parallel, args.model_config,
                                                       dtype)
-        tokenizer = models.resolve_tokenizer(
-            tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
-            run_record=record)
+        tokenizer = models.resolve_tokenizer(**_tokenizer_args(args), run_record=record)
         vocab = config.vocab_size
         seq_length = args.seq_length or models.default_seq_length(config)
         learned = config.position_embedding_type == "learned_absolute"

@@ -9,9 +9,12 @@ Examples:
 --load is a megatron save / iteration / dist-checkpoint directory (run single-process as a
 TP1/PP1 model, whatever layout saved it; no key/value cache) or a Hugging Face folder (anything
 with a config.json, loaded with transformers, trust_remote_code=True, with a key/value cache).
-The tokenizer is --tokenizer-model (a SentencePiece model), else the folder's own tokenizer
-files, else the run's recorded tokenizer; --prompt-ids feeds token ids directly instead. Runs on
-the GPU when there is one (--device). Generation stops at </s> or <EOD> unless --ignore-eos.
+The tokenizer is the one the tokenizer flags name (Megatron-LM's: --tokenizer-type with
+--tokenizer-model, --vocab-file and --merge-file, or --vocab-size), else the folder's own
+tokenizer files, else the run's recorded tokenizer; the prompt gets the ids a training document
+starting with it had (Llama2Tokenizer: <s> first). --prompt-ids feeds token ids directly
+instead. Runs on the GPU when there is one (--device). Generation stops at the end of document
+(</s>, <EOD>, <|endoftext|>, the eos token) unless --ignore-eos.
 Bad input exits with status 2 and a message.
 """
 
@@ -40,8 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--tokenizer-model", default=None, metavar="X.model",
-                        help="SentencePiece model (default: the folder's / run's tokenizer)")
+    from spannorm_megatron.data.tokenizer_args import SUPPORTED_TOKENIZER_TYPES
+
+    group = parser.add_argument_group(
+        "tokenizer (Megatron-LM's flags; default: the HF folder's own, else the run's, completed "
+        "from its record when only a file is given)")
+    group.add_argument("--tokenizer-type", default=None, choices=SUPPORTED_TOKENIZER_TYPES)
+    group.add_argument("--tokenizer-model", default=None, metavar="X.model_OR_DIR",
+                       help="SentencePiece model, or HuggingFaceTokenizer's folder")
+    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
+    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
+    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: N")
     parser.add_argument("--model-config", default=None, metavar="JSON",
                         help="ModelConfig JSON for a megatron checkpoint without a run record")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -77,10 +89,14 @@ def main(argv=None) -> int:
     if not os.path.exists(args.load):
         raise ConversionError(f"--load {args.load} does not exist.")
 
+    from spannorm_megatron.data.tokenizer_args import recorded_tokenizer
+
     hf = gen.is_hf_folder(args.load)
-    tokenizer = None
-    if args.tokenizer_model:
-        tokenizer = gen.TextTokenizer.sentencepiece(args.tokenizer_model)
+    given = {name: getattr(args, name) for name in ("tokenizer_type", "tokenizer_model",
+                                                    "vocab_file", "merge_file", "vocab_size")}
+    tokenizer, why = None, "the folder has no tokenizer files"
+    if hf and any(value is not None for value in given.values()):
+        tokenizer = gen.TextTokenizer.of(recorded_tokenizer(None, **given)[0])
     elif hf and gen.has_hf_tokenizer(args.load):
         tokenizer = gen.TextTokenizer.huggingface(args.load)
 
@@ -89,13 +105,13 @@ def main(argv=None) -> int:
         step = gen.hf_stepper(model)
         vocab = model.config.vocab_size
     else:
-        from spannorm_megatron.hf.export import _tokenizer_from_record
         from spannorm_megatron.hf.megatron_reader import MegatronCheckpoint, load_megatron_model
         from spannorm_megatron.runtime import initialize
 
         ckpt = MegatronCheckpoint(args.load, args.model_config)  # checks before any set-up
-        if tokenizer is None and _tokenizer_from_record(ckpt.run_record):
-            tokenizer = gen.TextTokenizer.sentencepiece(_tokenizer_from_record(ckpt.run_record))
+        # the flags given, completed from the run record (a moved model file keeps its type)
+        config, why = recorded_tokenizer((ckpt.run_record or {}).get("args"), **given)
+        tokenizer = gen.TextTokenizer.of(config) if config is not None else None
         initialize(seed=args.seed)
         _config, model = load_megatron_model(ckpt, dtype=dtype)
         step = gen.megatron_stepper(model)
@@ -109,8 +125,9 @@ def main(argv=None) -> int:
                                   f"integers.") from None
     else:
         if tokenizer is None:
-            raise ConversionError("No tokenizer for --prompt: pass --tokenizer-model X.model "
-                                  "(or --prompt-ids).")
+            raise ConversionError(f"No tokenizer for --prompt ({why}): pass the tokenizer flags "
+                                  f"(--tokenizer-type with --tokenizer-model, --vocab-file and "
+                                  f"--merge-file, or --vocab-size), or --prompt-ids.")
         prompt = tokenizer.encode(args.prompt)
     bad = [i for i in prompt if not 0 <= i < vocab]
     if bad:

@@ -50,20 +50,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="not supported (Megatron-LM needs NLTK for it); give pre-split documents as a "
         "JSON list of strings instead, each string becomes one sequence",
     )
-    group = parser.add_argument_group("tokenizer")
+    group = parser.add_argument_group("tokenizer (Megatron-LM's flags)")
     group.add_argument(
         "--tokenizer-type", default="SentencePieceTokenizer",
-        help="Megatron-LM tokenizer type: SentencePieceTokenizer (default; needs "
-        "--tokenizer-model) or ByteLevelTokenizer (UTF-8 bytes, ids 0-255, <EOD> 256; no model)",
+        help="SentencePieceTokenizer (default) or Llama2Tokenizer: --tokenizer-model X.model; "
+        "GPT2BPETokenizer: --vocab-file and --merge-file; HuggingFaceTokenizer: "
+        "--tokenizer-model DIR (a local folder, never downloaded); NullTokenizer: --vocab-size "
+        "(the text is integer ids); ByteLevelTokenizer: UTF-8 bytes, no file",
     )
     group.add_argument(
         "--tokenizer-model", default=None,
-        help="SentencePiece .model file (tools/train_tokenizer.py writes one); "
-        "not for ByteLevelTokenizer",
+        help="SentencePiece .model file (tools/train_tokenizer.py writes one), or the "
+        "HuggingFaceTokenizer folder",
+    )
+    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
+    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
+    group.add_argument(
+        "--vocab-size", type=int, default=None,
+        help="NullTokenizer: ids 0..N-1 are data, N is the end of document",
     )
     group.add_argument(
         "--append-eod", action="store_true",
-        help="append the end-of-document token (megatron-core's eod: </s>) to every document",
+        help="append the tokenizer's end-of-document id (eod: </s> for SentencePiece models, "
+        "<|endoftext|> for GPT-2, the eos_token of a Hugging Face tokenizer) to every document",
     )
     group = parser.add_argument_group("output data")
     group.add_argument(
@@ -112,6 +121,9 @@ def main(argv=None) -> int:
         output_prefix=args.output_prefix,
         tokenizer_model=args.tokenizer_model,
         tokenizer_type=args.tokenizer_type,
+        vocab_file=args.vocab_file,
+        merge_file=args.merge_file,
+        vocab_size=args.vocab_size,
         json_keys=args.json_keys,
         input_format=args.input_format,
         append_eod=args.append_eod,

@@ -12,8 +12,9 @@ atomically); loads check directory, architecture, files and keys before touching
 
 Modules, one job each: `naming` (names on disk), `atomic` (crash-safe file operations),
 `manifest` (completion marker and checksums), `tracker` (which checkpoint to load),
-`run_record` (what wrote it, and the architecture check), `rng` (per-rank RNG state),
-`state` (the sharded state dicts), `save` and `load`.
+`run_record` (what wrote it, and the architecture check), `megatron_args` (the ``args``
+namespace Megatron-LM's loader reads), `rng` (per-rank RNG state, sharded as Megatron-LM shards
+it), `state` (the sharded state dicts), `save` and `load`.
 """
 
 from .errors import CheckpointError

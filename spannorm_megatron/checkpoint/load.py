@@ -159,9 +159,10 @@ def _without(value, absent: set, model_data: dict):
 _DROP = object()
 
 
-def _read(path: str, model_chunks, optimizer, load_rng: bool, strict: bool):
-    """Build this rank's request (model chunks, optimizer if given, RNG), check its keys against
-    the checkpoint, and read it. Returns (loaded state, the model chunks' keys in it)."""
+def _read(path: str, model_chunks, optimizer, load_rng: Optional[str], strict: bool):
+    """Build this rank's request (model chunks, optimizer if given, RNG sharded as `load_rng`
+    says, or none), check its keys against the checkpoint, and read it. Returns (loaded state,
+    the model chunks' keys in it)."""
     metadata = dist_checkpointing.load_content_metadata(path) or dict(state.SHARDING_METADATA)
     request = state.model_state(model_chunks, metadata)
     model_keys = list(request)
@@ -169,7 +170,7 @@ def _read(path: str, model_chunks, optimizer, load_rng: bool, strict: bool):
         request["optimizer"] = state.optimizer_state(optimizer, dict(request), metadata,
                                                      is_loading=True)
     if load_rng:
-        request[rng.KEY] = rng.sharded_state(for_loading=True)
+        request[rng.KEY] = rng.load_request(load_rng)
     request = _check_keys(request, path, strict, model_keys)
     try:
         loaded = dist_checkpointing.load(request, path)
@@ -240,7 +241,7 @@ def _plan(record: dict, path: str, optimizer, scheduler, *, load_optim: bool,
         _warn("%s was saved without RNG state; keeping this run's", path)
         load_rng = False
     if load_rng:
-        load_rng, reason = rng.restorable(record.get("layout", {}), run_record.current_layout())
+        load_rng, reason = rng.restorable(record, run_record.current_layout())
         if reason:
             _warn("%s", reason)
     return load_optim, load_scheduler, load_rng
@@ -319,8 +320,9 @@ def load_checkpoint(
         load_rng=not finetune and not no_load_rng)
     saved_optimizer = record.get("optimizer") or {}
 
+    rng_sharding = record.get("rng_sharding") or rng.PP_TP  # older records: always (pp, tp)
     loaded, model_keys = _read(path, model_chunks, optimizer if load_optim else None,
-                               load_rng, strict)
+                               rng_sharding if load_rng else None, strict)
     if load_scheduler and check_scheduler:
         _check_scheduler(scheduler, loaded["opt_param_scheduler"], path)
     for key, chunk in zip(model_keys, model_chunks, strict=True):
@@ -338,7 +340,7 @@ def load_checkpoint(
     if load_scheduler:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
-        rng.restore(loaded[rng.KEY])
+        rng.restore(loaded[rng.KEY], rng_sharding)
     _dist.barrier()
 
     logger.info("checkpoint: loaded iteration %d from %s", iteration, path)

@@ -2,8 +2,9 @@
 model being loaded is the same model.
 
 The record is stored twice with the same content: inside the dist checkpoint's common state
-(key ``run``, so the checkpoint is self-contained, as Megatron-LM stores its ``args``) and as
-``run.json`` beside it, which `read_run_record` and people read without torch.
+(key ``run``, so the checkpoint is self-contained; Megatron-LM's own ``args`` sit beside it, see
+`megatron_args`) and as ``run.json`` beside it, which `read_run_record` and people read without
+torch.
 
 Before anything is loaded, the saved `ModelConfig` is compared with the current one. Fields that
 change the parameters' shapes or meaning (placement, sizes, norm type, ...) must agree; a
@@ -11,6 +12,9 @@ mismatch there would otherwise surface as a shape error deep inside torch's dist
 checkpoint reader, or worse, load without error into a different function (a PreNorm
 checkpoint into a SpanNorm model has the same shapes). Other fields (dropout, init, MoE loss
 weights, the module flavour) may change between runs; their differences are only logged.
+This comparison is also what a resume of `spannorm-train` checks before it starts, in the place
+of Megatron-LM's ``check_checkpoint_args``, whose model arguments it covers
+(`spannorm_megatron.training.checkpoint_args`).
 """
 
 from __future__ import annotations
@@ -94,8 +98,10 @@ def build(
     contents: Dict[str, bool],
     optimizer: Optional[dict],
     args: Optional[dict],
+    rng_sharding: Optional[str] = None,
 ) -> dict:
-    """The record of this save (call on every rank; rank 0's copy is the one written)."""
+    """The record of this save (call on every rank; rank 0's copy is the one written).
+    `rng_sharding` is how the RNG states are sharded (`rng.sharding`), None without them."""
     return {
         "format": FORMAT,
         "iteration": iteration,
@@ -106,6 +112,7 @@ def build(
         "parallel_config": jsonable(parallel_config),
         "layout": current_layout(),
         "contents": contents,
+        "rng_sharding": rng_sharding,
         "optimizer": optimizer,
         "versions": versions(),
         "args": jsonable(args or {}),
@@ -146,6 +153,7 @@ _ROUTING_FIELDS = (
     "moe_router_topk_scaling_factor", "moe_router_num_groups", "moe_router_group_topk",
     "moe_router_enable_expert_bias", "moe_expert_capacity_factor",
     "moe_pad_expert_input_to_capacity", "moe_token_drop_policy", "moe_shared_expert_gate",
+    "moe_apply_probs_on_input",
 )
 
 
@@ -204,6 +212,8 @@ def _architecture(config: ModelConfig) -> Dict[str, Any]:
         arch["moe_layer_pattern"] = config.moe_layer_pattern
         for name in _ROUTING_FIELDS:
             arch[name] = getattr(config, name)
+        if config.moe_latent_size is not None:  # the experts' width and two more linears
+            arch["moe_latent_size"] = config.moe_latent_size
     return arch
 
 

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 
-from . import _dist, manifest, rng, run_record, state
+from . import _dist, manifest, megatron_args, rng, run_record, state
 from .atomic import atomic_write_text, fsync_path, publish_dir, remove_tree, retire_dir
 from .errors import CheckpointError
 from .tracker import complete_iterations
@@ -153,11 +153,12 @@ def save_checkpoint(
 
     `model_chunks` are this rank's chunks (DDP-wrapped or bare GPTModels), `optimizer` a
     megatron-core optimizer (or None), `scheduler` an `OptimizerParamScheduler` (or None).
-    `args` is any extra record of the run (a dict or argparse namespace), stored in the run
-    record. `no_save_optim` / `no_save_rng` leave the optimizer + scheduler / RNG state out
-    (Megatron-LM's ``--no-save-optim`` / ``--no-save-rng``). Saving the iteration that is
-    already on disk replaces it. `sharded_strategy` replaces megatron-core's default torch_dist
-    writer (e.g. `streaming.StreamingSaveStrategy` for a model built on the meta device).
+    `args` is the run's flags (a dict or argparse namespace, Megatron-LM's names), stored in
+    the run record and, with the model, layout and position, as Megatron-LM's ``args``
+    (`megatron_args`). `no_save_optim` / `no_save_rng` leave the optimizer + scheduler / RNG
+    state out (Megatron-LM's ``--no-save-optim`` / ``--no-save-rng``). Saving the iteration
+    that is already on disk replaces it. `sharded_strategy` replaces megatron-core's default
+    torch_dist writer (e.g. `streaming.StreamingSaveStrategy` for a model built on the meta device).
     """
     if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
         raise CheckpointError(f"iteration={iteration!r} must be a non-negative integer.")
@@ -169,6 +170,8 @@ def save_checkpoint(
         "opt_param_scheduler": scheduler is not None and not no_save_optim,
         "rng": not no_save_rng,
     }
+    rng_sharding = (rng.sharding(run_record.current_layout()["expert_model_parallel_size"])
+                    if contents["rng"] else None)
     record = _dist.broadcast(run_record.build(
         model_config, parallel_config,
         iteration=iteration,
@@ -177,7 +180,13 @@ def save_checkpoint(
         contents=contents,
         optimizer=state.optimizer_description(optimizer) if contents["optimizer"] else None,
         args=args,
+        rng_sharding=rng_sharding,
     ))
+    # Megatron-LM's own record of the run, read by its load_checkpoint (rank 0's copy is saved).
+    mlm_args = _dist.broadcast(megatron_args.build(
+        model_config, parallel_config, record["layout"], flags=args, iteration=iteration,
+        consumed_train_samples=int(consumed_train_samples),
+        consumed_valid_samples=int(consumed_valid_samples), contents=contents))
     nonce = _dist.broadcast(uuid.uuid4().hex[:12])
     tmp = _dist.on_rank0(lambda: _prepare(save_dir, iteration, nonce))
 
@@ -189,10 +198,12 @@ def save_checkpoint(
     if contents["opt_param_scheduler"]:
         sharded["opt_param_scheduler"] = scheduler.state_dict()
     if contents["rng"]:
-        sharded[rng.KEY] = rng.sharded_state()
+        sharded[rng.KEY] = rng.save_request(rng_sharding)
     sharded.update(
+        args=mlm_args,
         checkpoint_version=state.CHECKPOINT_VERSION,
         iteration=iteration,
+        # Also at the top level, where this package's loader has always read them.
         consumed_train_samples=int(consumed_train_samples),
         consumed_valid_samples=int(consumed_valid_samples),
         run=record,

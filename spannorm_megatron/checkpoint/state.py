@@ -5,6 +5,7 @@
     optimizer                     optimizer.sharded_state_dict(model state, is_loading=...)
     opt_param_scheduler           the LR/WD scheduler's state_dict()
     rng_state                     ShardedObject, see rng.py
+    args                          Megatron-LM's argparse.Namespace, see megatron_args.py
     iteration, consumed_train_samples, consumed_valid_samples, checkpoint_version, run
 
 Sharded tensor keys name *global* tensors (``decoder.layers.self_attention.linear_qkv.weight``

@@ -4,14 +4,17 @@ The pipeline, in the order a run uses it (each step also has a command-line tool
 
 1. `corpus`     the embedded default corpus (Python stdlib sources), no download needed
 2. `tokenizer_training` / `tools/train_tokenizer.py`: train a SentencePiece model
-3. `tokenizer`  the model as a megatron-core tokenizer (`eod`, `pad`, `vocab_size`, ...), or
-                `ByteLevelTokenizer` (UTF-8 bytes, no model)
+3. `tokenizer`  `build_tokenizer` for Megatron-LM's `--tokenizer-type`s: the SentencePiece model
+                as a megatron-core tokenizer (`eod`, `pad`, `vocab_size`, ...),
+                `ByteLevelTokenizer`, and (`tokenizer_types`) GPT2BPETokenizer,
+                HuggingFaceTokenizer, Llama2Tokenizer, NullTokenizer
 4. `preprocess` / `tools/preprocess_data.py`: text or JSONL → `.bin`/`.idx` (Megatron format)
 5. `dataset`    megatron-core GPT datasets from `--data-path` / `--split`
 6. `loader`     resumable micro-batches for `training.gpt_step.forward_step`
 
 Helpers: `documents` (input formats), `indexed` (output names, safe writing, `.bin`/`.idx`
-check), `sp_model` (tokenizer file check), `progress`, `cli`, `errors`.
+check), `tokenizer_args` (the tokenizer flags and their checks), `sp_model` (SentencePiece file
+check), `progress`, `cli`, `errors`.
 
 Importing this package is cheap; megatron-core (seconds to import) loads only when a name that
 needs it is first used, e.g. `spannorm_megatron.data.SentencePieceTokenizer`.
@@ -29,6 +32,11 @@ _EXPORTS = {
     "write_embedded_corpus": "corpus",
     "SentencePieceTokenizer": "tokenizer",
     "ByteLevelTokenizer": "tokenizer",
+    "GPT2BPETokenizer": "tokenizer_types",
+    "HuggingFaceTokenizer": "tokenizer_types",
+    "Llama2Tokenizer": "tokenizer_types",
+    "NullTokenizer": "tokenizer_types",
+    "TokenizerConfig": "tokenizer_args",
     "build_tokenizer": "tokenizer",
     "check_data_fits_vocab": "tokenizer",
     "TokenizerTrainingConfig": "tokenizer_training",

@@ -13,7 +13,8 @@ class DataError(UserError):
 
 
 class TokenizerError(DataError):
-    """A tokenizer model that is missing, unreadable or not a SentencePiece model."""
+    """Tokenizer flags or files that cannot work: a missing or foreign flag, a model or folder
+    that is missing or not what its type reads, text a NullTokenizer cannot read as ids."""
 
 
 class InputFileError(DataError):

@@ -1,7 +1,7 @@
 """Text/JSONL to Megatron's indexed dataset (the engine behind `tools/preprocess_data.py`).
 
-Same result as Megatron-LM's `tools/preprocess_data.py` for `--tokenizer-type
-SentencePieceTokenizer` without `--split-sentences`: one `.bin`/`.idx` pair per JSON key,
+Same result as Megatron-LM's `tools/preprocess_data.py` without `--split-sentences` (for each
+tokenizer type's ids see `tokenizer_types.py`): one `.bin`/`.idx` pair per JSON key,
 named `{output_prefix}_{key}_document`, one document per input record, each string value one
 sequence of its document (a list of strings: one sequence per element), `<EOD>` appended to
 the document's last sequence with `--append-eod`, a document that tokenizes to nothing kept
@@ -36,7 +36,7 @@ from spannorm_megatron.data.documents import (
     iter_records,
     resolve_format,
 )
-from spannorm_megatron.data.errors import DataError, InputFileError
+from spannorm_megatron.data.errors import DataError, InputFileError, TokenizerError
 from spannorm_megatron.data.indexed import (
     AtomicIndexedDatasetWriter,
     existing_outputs,
@@ -44,7 +44,11 @@ from spannorm_megatron.data.indexed import (
     output_prefix,
 )
 from spannorm_megatron.data.progress import ProgressPrinter, Throughput
-from spannorm_megatron.data.sp_model import check_tokenizer_args
+from spannorm_megatron.data.tokenizer_args import (
+    TokenizerConfig,
+    check_tokenizer_args,
+    tokenizer_config,
+)
 
 
 @dataclass
@@ -58,11 +62,19 @@ class PreprocessConfig:
     """Outputs are `{output_prefix}_{key}_document.bin/.idx`; parent directories are created."""
 
     tokenizer_model: Optional[str]
-    """SentencePiece .model file; None for ByteLevelTokenizer."""
-    """SentencePiece `.model` file."""
+    """SentencePiece .model file, or HuggingFaceTokenizer's folder; None for the other types."""
 
     tokenizer_type: str = "SentencePieceTokenizer"
-    """Megatron-LM tokenizer type: SentencePieceTokenizer or ByteLevelTokenizer."""
+    """Megatron-LM tokenizer type (`tokenizer_args.SUPPORTED_TOKENIZER_TYPES`)."""
+
+    vocab_file: Optional[str] = None
+    """GPT2BPETokenizer's vocab.json."""
+
+    merge_file: Optional[str] = None
+    """GPT2BPETokenizer's merges.txt."""
+
+    vocab_size: Optional[int] = None
+    """NullTokenizer's --vocab-size."""
 
     json_keys: Sequence[str] = ("text",)
     """JSON keys to tokenize, one output pair each. Plain text has one: the name it is filed
@@ -95,6 +107,13 @@ class PreprocessConfig:
                 f"--workers ({self.workers}), --chunk-size ({self.chunk_size}) and "
                 f"--log-interval ({self.log_interval}) must each be at least 1."
             )
+
+    @property
+    def tokenizer(self) -> TokenizerConfig:
+        """The tokenizer flags as one (checked) TokenizerConfig."""
+        return tokenizer_config(tokenizer_type=self.tokenizer_type,
+                                tokenizer_model=self.tokenizer_model, vocab_file=self.vocab_file,
+                                merge_file=self.merge_file, vocab_size=self.vocab_size)
 
     @property
     def output_prefixes(self) -> Dict[str, str]:
@@ -137,18 +156,17 @@ class RecordEncoder:
     def __init__(
         self,
         decoder: RecordDecoder,
-        tokenizer_model: Optional[str],
+        tokenizer_flags: TokenizerConfig,
         append_eod: bool,
         dtype: type,
         tokenizer=None,
-        tokenizer_type: str = "SentencePieceTokenizer",
     ) -> None:
         from spannorm_megatron.data.tokenizer import build_tokenizer
 
         self.decoder = decoder
-        # Workers load their own copy from the path (works under any start method); the
+        # Workers load their own copy from the flags (works under any start method); the
         # in-process encoder reuses the main process's tokenizer.
-        self.tokenizer = tokenizer or build_tokenizer(tokenizer_type, tokenizer_model)
+        self.tokenizer = tokenizer or build_tokenizer(tokenizer_flags)
         self.append_eod = append_eod
         self.dtype = dtype
 
@@ -159,7 +177,11 @@ class RecordEncoder:
             ids: List[int] = []
             lengths: List[int] = []
             for sentence in sentences:
-                sentence_ids = self.tokenizer.tokenize(sentence)
+                try:
+                    sentence_ids = self.tokenizer.tokenize(sentence)
+                except TokenizerError as err:  # NullTokenizer's text that is not ids
+                    raise InputFileError(f"Line {record[0]} of '{self.decoder.path}' (key "
+                                         f"{key!r}): {err}") from None
                 if sentence_ids:  # Megatron-LM drops empty sentences
                     ids.extend(sentence_ids)
                     lengths.append(len(sentence_ids))
@@ -204,17 +226,17 @@ def preprocess(config: PreprocessConfig, log: Optional[TextIO] = None) -> Prepro
             f"names the output it is filed under and takes one key, not {len(config.json_keys)} "
             "(default: text)."
         )
-    check_tokenizer_args(config.tokenizer_type, config.tokenizer_model)
+    tokenizer_flags = config.tokenizer
+    check_tokenizer_args(tokenizer_flags)
 
     from megatron.core.datasets.indexed_dataset import DType
 
     from spannorm_megatron.data.tokenizer import build_tokenizer
 
-    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
+    tokenizer = build_tokenizer(tokenizer_flags)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     decoder = RecordDecoder(str(input_path), fmt, tuple(config.json_keys))
-    encoder_args = (decoder, config.tokenizer_model and str(config.tokenizer_model),
-                    config.append_eod, dtype, None, config.tokenizer_type)
+    encoder_args = (decoder, tokenizer_flags, config.append_eod, dtype)
     prefixes = config.output_prefixes
     replacing = existing_outputs(prefixes)
 
@@ -242,7 +264,7 @@ def preprocess(config: PreprocessConfig, log: Optional[TextIO] = None) -> Prepro
     try:
         records = iter_records(input_path, fmt)
         if config.workers == 1:
-            encoder = RecordEncoder(*encoder_args[:4], tokenizer=tokenizer)
+            encoder = RecordEncoder(*encoder_args, tokenizer=tokenizer)
             results = map(encoder, records)
         else:
             from spannorm_megatron.runtime.orphans import die_with_parent

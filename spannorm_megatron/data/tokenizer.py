@@ -1,4 +1,5 @@
-"""The SentencePiece tokenizer megatron-core's GPTDataset and the training loop use.
+"""The tokenizers megatron-core's GPTDataset and the training loop use: `build_tokenizer` for
+every `--tokenizer-type` (the others are in `tokenizer_types.py`), and the SentencePiece one.
 
 `SentencePieceTokenizer` is megatron-core's own text tokenizer (`MegatronTokenizerText` from
 `megatron.core.tokenizers`, library `sentencepiece`), so it is a `MegatronTokenizerBase` as
@@ -34,12 +35,19 @@ import numpy
 from megatron.core.tokenizers.text.text_tokenizer import MegatronTokenizerText
 
 from spannorm_megatron.data.errors import TokenizerError
-from spannorm_megatron.data.sp_model import (  # noqa: F401  (check_tokenizer_type re-exported)
-    MEGATRON_SPECIAL_PIECES,
+from spannorm_megatron.data.sp_model import MEGATRON_SPECIAL_PIECES, check_sentencepiece_model
+from spannorm_megatron.data.tokenizer_args import (  # noqa: F401  (re-exported)
     SUPPORTED_TOKENIZER_TYPES,
-    check_sentencepiece_model,
+    TokenizerConfig,
     check_tokenizer_args,
     check_tokenizer_type,
+    tokenizer_config,
+)
+from spannorm_megatron.data.tokenizer_types import (  # noqa: F401  (re-exported)
+    GPT2BPETokenizer,
+    HuggingFaceTokenizer,
+    Llama2Tokenizer,
+    NullTokenizer,
 )
 
 
@@ -227,14 +235,26 @@ class ByteLevelTokenizer(MegatronTokenizerText):
         return f"ByteLevelTokenizer(vocab_size={self.vocab_size}, eod={self.eod})"
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model: Union[str, os.PathLike, None] = None):
-    """Megatron-LM's `--tokenizer-type` / `--tokenizer-model` pair to a tokenizer
-    (`SentencePieceTokenizer` needs the model, `ByteLevelTokenizer` takes none); bad pairs raise
-    TokenizerError naming the fix."""
-    check_tokenizer_args(tokenizer_type, tokenizer_model)
-    if tokenizer_type == "ByteLevelTokenizer":
+def build_tokenizer(config: Union[TokenizerConfig, str],
+                    tokenizer_model: Union[str, os.PathLike, None] = None, **flags):
+    """The tokenizer of Megatron-LM's tokenizer flags: a `TokenizerConfig`, or the type plus
+    `tokenizer_model` and the other flags as keywords (`vocab_file`, `merge_file`,
+    `vocab_size`). Bad combinations raise TokenizerError naming the fix, before anything loads."""
+    if not isinstance(config, TokenizerConfig):
+        config = tokenizer_config(tokenizer_type=config, tokenizer_model=tokenizer_model, **flags)
+    check_tokenizer_args(config)
+    kind = config.tokenizer_type
+    if kind == "ByteLevelTokenizer":
         return ByteLevelTokenizer()
-    return SentencePieceTokenizer(tokenizer_model)
+    if kind == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(config.vocab_file, config.merge_file)
+    if kind == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(config.tokenizer_model)
+    if kind == "Llama2Tokenizer":
+        return Llama2Tokenizer(config.tokenizer_model)
+    if kind == "NullTokenizer":
+        return NullTokenizer(config.vocab_size)
+    return SentencePieceTokenizer(config.tokenizer_model)
 
 
 def check_data_fits_vocab(prefixes: Sequence[str], vocab_size: int, tokenizer=None,
@@ -260,6 +280,7 @@ def check_data_fits_vocab(prefixes: Sequence[str], vocab_size: int, tokenizer=No
             raise TokenizerError(
                 f"Data path '{prefix}' holds token id {top}, but the tokenizer's vocabulary has "
                 f"{vocab_size} ids{which}, so the data was preprocessed with another tokenizer. "
-                "Pass the --tokenizer-type/--tokenizer-model the data was written with, or "
+                "Pass the tokenizer flags the data was written with (--tokenizer-type and its "
+                "--tokenizer-model / --vocab-file / --merge-file / --vocab-size), or "
                 "preprocess the text again with this tokenizer (tools/preprocess_data.py)."
             )

@@ -79,31 +79,35 @@ def _save_dir_and_iteration(directory: str) -> Tuple[Optional[str], Optional[int
     return os.path.dirname(directory.rstrip(os.sep)), int(match.group(1))
 
 
-def resolve_tokenizer(*, tokenizer_type: Optional[str], tokenizer_model: Optional[str],
+def resolve_tokenizer(*, tokenizer_type: Optional[str] = None,
+                      tokenizer_model: Optional[str] = None, vocab_file: Optional[str] = None,
+                      merge_file: Optional[str] = None, vocab_size: Optional[int] = None,
                       hf_folder: Optional[str] = None,
                       run_record: Optional[dict] = None) -> EvalTokenizer:
-    """The tokenizer to evaluate with: the flags, else the HF folder's own files, else the one
-    the checkpoint's run was trained with (its run record)."""
-    if tokenizer_type == "ByteLevelTokenizer":
-        return EvalTokenizer.byte_level()
-    if tokenizer_model:
-        return EvalTokenizer.sentencepiece(tokenizer_model)
-    if hf_folder is not None:
+    """The tokenizer to evaluate with: the tokenizer flags given (completed from the run
+    record, `data.tokenizer_args.recorded_tokenizer`), else the HF folder's own files, else the
+    one the checkpoint's run was trained with."""
+    from spannorm_megatron.data.tokenizer_args import recorded_tokenizer
+
+    given = dict(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
+                 vocab_file=vocab_file, merge_file=merge_file, vocab_size=vocab_size)
+    if hf_folder is not None and not any(v is not None for v in given.values()):
         from spannorm_megatron.hf.generation import has_hf_tokenizer
 
         if has_hf_tokenizer(hf_folder):
             return EvalTokenizer.huggingface(hf_folder)
-    args = (run_record or {}).get("args") or {}
-    if args.get("tokenizer_type") == "ByteLevelTokenizer":
-        return EvalTokenizer.byte_level()
-    recorded = args.get("tokenizer_model")
-    if isinstance(recorded, str) and os.path.isfile(recorded):
-        return EvalTokenizer.sentencepiece(recorded)
-    where = ("the folder has no tokenizer files" if hf_folder is not None else
-             f"the run record names {recorded!r}, which does not exist here" if recorded else
-             "the checkpoint records no tokenizer")
-    raise EvaluationError(f"No tokenizer to evaluate with ({where}): pass --tokenizer-model "
-                          f"X.model, or --tokenizer-type ByteLevelTokenizer.")
+        raise EvaluationError(
+            "No tokenizer to evaluate with (the folder has no tokenizer files): pass the "
+            "tokenizer flags (--tokenizer-type and --tokenizer-model / --vocab-file and "
+            "--merge-file / --vocab-size).")
+    args = (run_record or {}).get("args") if hf_folder is None else None
+    config, why = recorded_tokenizer(args, **given)
+    if config is None:
+        raise EvaluationError(
+            f"No tokenizer to evaluate with ({why}): pass the tokenizer flags (--tokenizer-type "
+            f"and --tokenizer-model / --vocab-file and --merge-file / --vocab-size), or "
+            f"--tokenizer-type ByteLevelTokenizer.")
+    return EvalTokenizer.of(config)
 
 
 def default_seq_length(config: ModelConfig) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Sequence, Tuple
 
 from spannorm_megatron.errors import UserError
@@ -101,12 +101,44 @@ def _decode(block: bytes, start: int, path: str) -> str:
 
 @dataclass
 class EvalTokenizer:
-    """What evaluation needs of a tokenizer: ids of a text, each id's byte length, vocab size."""
+    """What evaluation needs of a tokenizer: ids of a text, each id's byte length, vocab size,
+    and the ids the tokenizer puts before a text (Llama-2's `<s>`), which start the stream once:
+    context for the first window, never scored, no bytes."""
 
     name: str
     encode: Callable[[str], List[int]]
     piece_bytes: List[int]
     vocab_size: int
+    prefix: List[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, config) -> "EvalTokenizer":
+        """The training stack's tokenizer of these flags (a `TokenizerConfig`): the ids
+        evaluation reads are the ids `tools/preprocess_data.py` writes for the same text."""
+        kind = config.tokenizer_type
+        if kind == "ByteLevelTokenizer":
+            return cls.byte_level()
+        if kind == "SentencePieceTokenizer":
+            return cls.sentencepiece(config.tokenizer_model)
+        from spannorm_megatron.data.tokenizer import build_tokenizer
+
+        tok = build_tokenizer(config)
+        name = config.describe()
+        if kind == "Llama2Tokenizer":
+            return cls(name, lambda text: tok.tokenize(text, bos=False),
+                       _sentencepiece_bytes(tok._processor, tok.vocab_size), tok.vocab_size,
+                       [tok.bos])
+        if kind == "GPT2BPETokenizer":
+            # every character of a byte-level BPE token stands for one byte
+            return cls(name, tok.tokenize, [len(token) for token in tok.vocab], tok.vocab_size)
+        if kind == "HuggingFaceTokenizer":
+            return cls(name, tok.tokenize, _hf_piece_bytes(tok.transformers_tokenizer),
+                       tok.vocab_size)
+        if kind == "NullTokenizer":
+            # "17 4": each id with the space after it; the block correction fixes the last
+            return cls(name, tok.tokenize, [len(str(i)) + 1 for i in range(tok.eod)] + [0],
+                       tok.vocab_size)
+        raise EvaluationError(f"--tokenizer-type {kind} cannot be evaluated here.")
 
     @classmethod
     def byte_level(cls) -> "EvalTokenizer":
@@ -120,42 +152,56 @@ class EvalTokenizer:
         from spannorm_megatron.data.tokenizer import SentencePieceTokenizer
 
         tok = SentencePieceTokenizer(model_path)
-        sp = tok._processor  # the pieces' kinds (byte, control) are the processor's
-        table = []
-        for i in range(tok.vocab_size):
-            if i >= sp.get_piece_size() or sp.is_control(i) or sp.is_unknown(i):
-                table.append(0)
-            elif sp.is_byte(i):
-                table.append(1)
-            else:
-                table.append(len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")))
-        return cls(f"SentencePiece {model_path}", tok.tokenize, table, tok.vocab_size)
+        return cls(f"SentencePiece {model_path}", tok.tokenize,
+                   _sentencepiece_bytes(tok._processor, tok.vocab_size), tok.vocab_size)
 
     @classmethod
     def huggingface(cls, folder: str) -> "EvalTokenizer":
         from transformers import AutoTokenizer
 
+        from spannorm_megatron.hf.generation import text_prefix_ids
+
         # trust_remote_code: the folder's config names our model class (see generation.py)
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-        size = len(tok)
-        pieces = tok.convert_ids_to_tokens(list(range(size)))
-        special = set(tok.all_special_ids)
-        byte_decoder = _byte_level_decoder(tok)
-        table = []
-        for i, piece in enumerate(pieces):
-            if piece is None or i in special:
-                table.append(0)
-            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
-                table.append(1)
-            elif byte_decoder is not None:
-                table.append(sum(1 for ch in piece if ch in byte_decoder))
-            else:
-                table.append(len(piece.replace("\u2581", " ").encode("utf-8")))
         # split_special_tokens: text such as "<unk>" (WikiText has it) is text to score, not a
         # control id; our SentencePieceTokenizer never makes special ids from text either.
         return cls(f"Hugging Face tokenizer of {folder}",
                    lambda text: tok.encode(text, add_special_tokens=False,
-                                           split_special_tokens=True), table, size)
+                                           split_special_tokens=True),
+                   _hf_piece_bytes(tok), len(tok), text_prefix_ids(tok, folder))
+
+
+def _sentencepiece_bytes(sp, vocab_size: int) -> List[int]:
+    """Byte count of every id of a SentencePiece model (ids past its pieces, which Megatron-LM
+    appends, count none): control and unknown pieces none, a byte-fallback piece one."""
+    table = []
+    for i in range(vocab_size):
+        if i >= sp.get_piece_size() or sp.is_control(i) or sp.is_unknown(i):
+            table.append(0)
+        elif sp.is_byte(i):
+            table.append(1)
+        else:
+            table.append(len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")))
+    return table
+
+
+def _hf_piece_bytes(tok) -> List[int]:
+    """Byte count of every id of a transformers tokenizer."""
+    size = len(tok)
+    pieces = tok.convert_ids_to_tokens(list(range(size)))
+    special = set(tok.all_special_ids)
+    byte_decoder = _byte_level_decoder(tok)
+    table = []
+    for i, piece in enumerate(pieces):
+        if piece is None or i in special:
+            table.append(0)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            table.append(1)
+        elif byte_decoder is not None:
+            table.append(sum(1 for ch in piece if ch in byte_decoder))
+        else:
+            table.append(len(piece.replace("\u2581", " ").encode("utf-8")))
+    return table
 
 
 def _byte_level_decoder(tok):
@@ -197,8 +243,8 @@ def windows(blocks: Iterator[str], tokenizer: EvalTokenizer,
             seq_length: int) -> Iterator[Tuple[Window, int]]:
     """(window, text bytes read so far) over the blocks' tokens: full windows of `seq_length`
     tokens, then the rest if it holds at least two tokens (one to read, one to score)."""
-    ids: List[int] = []
-    counts: List[int] = []
+    ids: List[int] = list(tokenizer.prefix)
+    counts: List[int] = [0] * len(ids)
     read = 0
     for block in blocks:
         block_ids = tokenizer.encode(block)

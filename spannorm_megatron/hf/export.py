@@ -87,6 +87,10 @@ def choose_family(config: ModelConfig, fmt: str) -> tuple:
                      "the megatron model wherever megatron dropped no token (megatron drops by "
                      "comparing the tokens of a whole batch, in eval too, which no per-token "
                      "forward can reproduce)")
+    if config.is_moe and config.moe_input_jitter_eps is not None:
+        notes.append("the exported model routes without megatron's input jitter "
+                     "(moe_input_jitter_eps multiplies the router's input by random noise in "
+                     "every megatron forward, evaluation included)")
     own = own_class_problems(config)
     if fmt == "spannorm" and not own:
         return FAMILIES["spannorm"], notes
@@ -107,6 +111,7 @@ def choose_family(config: ModelConfig, fmt: str) -> tuple:
 
 
 def _tokenizer_from_record(record: Optional[dict]) -> Optional[str]:
+    """The run's recorded SentencePiece model file, where it exists (older callers)."""
     args = (record or {}).get("args") or {}
     path = args.get("tokenizer_model") if isinstance(args, dict) else None
     return path if isinstance(path, str) and os.path.isfile(path) else None
@@ -165,6 +170,10 @@ def export_checkpoint(
     dtype: str = "float32",
     tokenizer_model: Optional[str] = None,
     max_shard_size: str = "2GB",
+    tokenizer_type: Optional[str] = None,
+    vocab_file: Optional[str] = None,
+    merge_file: Optional[str] = None,
+    vocab_size: Optional[int] = None,
     model_config: ConfigSource = None,
     fmt: str = "auto",
     verify_checksums: bool = True,
@@ -188,26 +197,36 @@ def export_checkpoint(
         + (f", {config.num_experts} experts" if config.is_moe else "")
         + f" -> {family.architecture} ({dtype})")
 
-    tokenizer_path = tokenizer_model or _tokenizer_from_record(ckpt.run_record)
-    tokenizer = None
-    if tokenizer_path is not None:
-        from spannorm_megatron.hf.tokenizer import prepare_tokenizer
+    # The tokenizer flags given, completed from the run record (a moved file keeps its type).
+    from spannorm_megatron.data.tokenizer_args import recorded_tokenizer
 
-        tokenizer = prepare_tokenizer(tokenizer_path, config.vocab_size,
-                                      _pad_multiple(ckpt.run_record))
-        info = tokenizer[2]
-        if info.mismatches:
+    tokenizer_flags, why = recorded_tokenizer(
+        (ckpt.run_record or {}).get("args"), tokenizer_type=tokenizer_type,
+        tokenizer_model=tokenizer_model, vocab_file=vocab_file, merge_file=merge_file,
+        vocab_size=vocab_size)
+    tokenizer = None
+    if tokenizer_flags is not None:
+        from spannorm_megatron.hf.tokenizer_export import prepare_export_tokenizer
+
+        tokenizer = prepare_export_tokenizer(tokenizer_flags, config.vocab_size,
+                                             _pad_multiple(ckpt.run_record))
+        log(f"[convert_to_hf] tokenizer: {tokenizer_flags.describe()}")
+        for note in tokenizer.notes:
+            log(f"[convert_to_hf] note: {note}")
+        if tokenizer.mismatches:
             log(f"[convert_to_hf] WARNING: the Hugging Face tokenizer encodes "
-                f"{len(info.mismatches)} sample text(s) differently from SentencePiece, e.g. "
-                f"{info.mismatches[0]!r}")
+                f"{len(tokenizer.mismatches)} sample text(s) differently from training, e.g. "
+                f"{tokenizer.mismatches[0]!r}")
     else:
-        log("[convert_to_hf] no tokenizer (--tokenizer-model): writing the model only")
+        log(f"[convert_to_hf] no tokenizer ({why}): writing the model only; pass the tokenizer "
+            f"flags (--tokenizer-type with --tokenizer-model, --vocab-file and --merge-file, or "
+            f"--vocab-size) to ship one")
 
     plan = plan_hf_tensors(family, config, ckpt.groups, target_dtype)
     flat = [entry for _group, entries in plan for entry in entries]
     special = {}
     if tokenizer is not None:
-        special = {k: tokenizer[2].special_ids.get(k) for k in ("bos", "eos", "pad")}
+        special = dict(tokenizer.special_ids)
 
     _make_parent(save)
     tmp = f"{save}.tmp-{uuid.uuid4().hex[:8]}"
@@ -221,12 +240,10 @@ def export_checkpoint(
         _write_json(os.path.join(tmp, "config.json"), config_json)
         generation = {"transformers_version": transformers.__version__}
         if tokenizer is not None:
-            ids = tokenizer[2].special_ids
-            # `<EOD>` too: documents of data prepared before 2026-12 end with it.
-            stop = [ids["eos"]] + ([ids["eod_piece"]] if ids.get("eod_piece") not in
-                                   (None, ids["eos"]) else [])
-            generation.update(bos_token_id=ids["bos"], pad_token_id=ids["pad"],
-                              eos_token_id=stop if len(stop) > 1 else stop[0])
+            ids, stop = tokenizer.special_ids, tokenizer.stop_ids
+            generation.update({key: value for key, value in (
+                ("bos_token_id", ids.get("bos")), ("pad_token_id", ids.get("pad")),
+                ("eos_token_id", stop if len(stop) > 1 else stop[0])) if value is not None})
         _write_json(os.path.join(tmp, "generation_config.json"), generation)
         if not family.native:
             from spannorm_megatron.hf.remote_code import REMOTE_CODE_FILES
@@ -235,9 +252,7 @@ def export_checkpoint(
             for name in REMOTE_CODE_FILES:
                 shutil.copyfile(os.path.join(source, name), os.path.join(tmp, name))
         if tokenizer is not None:
-            from spannorm_megatron.hf.tokenizer import save_tokenizer
-
-            save_tokenizer(tokenizer[0], tokenizer_path, tmp, config.max_sequence_length)
+            tokenizer.write(tmp, config.max_sequence_length)
 
         writer = ShardedSafetensorsWriter(tmp, flat, shard_bytes,
                                           metadata={"source": "spannorm_megatron"})
@@ -265,7 +280,9 @@ def export_checkpoint(
             "family": family.name,
             "architecture": family.architecture,
             "dtype": dtype,
-            "tokenizer_model": tokenizer_path,
+            "tokenizer_model": tokenizer_flags and tokenizer_flags.tokenizer_model,
+            "tokenizer": tokenizer_flags and {
+                k: v for k, v in vars(tokenizer_flags).items() if v is not None},
             "model_config": config.to_dict(),
             "versions": _versions(),
         })

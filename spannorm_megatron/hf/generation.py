@@ -131,18 +131,32 @@ def load_hf_model(path: str, dtype: torch.dtype, device: str):
 
 
 class TextTokenizer:
-    """encode / decode / stop ids / vocab size over our SentencePiece tokenizer or an HF one."""
+    """encode / decode / stop ids / vocab size over one of our tokenizers or an HF one."""
 
     def __init__(self, encode, decode, stop_ids, vocab_size):
         self.encode, self.decode, self.stop_ids, self.vocab_size = encode, decode, stop_ids, vocab_size
 
     @classmethod
+    def of(cls, config) -> "TextTokenizer":
+        """The training stack's tokenizer of these flags (a `TokenizerConfig`): a prompt gets
+        the ids a training document starting with it had (Llama2Tokenizer: `<s>` first), and
+        generation stops at the end of document (and at eos, and `<EOD>` where it exists)."""
+        from spannorm_megatron.data.tokenizer import SentencePieceTokenizer, build_tokenizer
+
+        tok = build_tokenizer(config)
+        stops = {tok.eod, getattr(tok, "eos", None)}
+        if isinstance(tok, SentencePieceTokenizer):
+            stops.add(tok.special_token_ids["eod_piece"])  # data prepared before 2026-12
+        return cls(tok.tokenize, tok.detokenize,
+                   sorted(i for i in stops if i is not None and i >= 0), tok.vocab_size)
+
+    @classmethod
     def sentencepiece(cls, model_path: str) -> "TextTokenizer":
+        from spannorm_megatron.data.tokenizer_args import tokenizer_config
         from spannorm_megatron.hf.tokenizer import _load
 
-        tok = _load(model_path)
-        stops = {tok.eos, tok.eod, tok.special_token_ids["eod_piece"]}
-        return cls(tok.tokenize, tok.detokenize, sorted(stops), tok.vocab_size)
+        _load(model_path)  # a bad file as a ConversionError
+        return cls.of(tokenizer_config(tokenizer_model=model_path))
 
     @classmethod
     def huggingface(cls, path: str) -> "TextTokenizer":
@@ -155,9 +169,40 @@ class TextTokenizer:
         eod = tok.convert_tokens_to_ids("<EOD>")
         if isinstance(eod, int) and eod != tok.unk_token_id:
             stop.add(eod)
-        return cls(lambda text: tok.encode(text, add_special_tokens=False),
+        # the ids the tokenizer puts before a text (Llama's <s>), as transformers users get them
+        prefix = text_prefix_ids(tok, path)
+        return cls(lambda text: prefix + tok.encode(text, add_special_tokens=False),
                    lambda ids: tok.decode(ids, skip_special_tokens=True),
                    sorted(i for i in stop if i is not None), len(tok))
+
+
+def text_prefix_ids(tok, folder: str) -> List[int]:
+    """The ids to put before a text given to the model of `folder`: what its tokenizer puts
+    there (`leading_special_ids`), except for a folder exported from a HuggingFaceTokenizer run,
+    whose training data had none (Megatron-LM adds no special tokens; `spannorm_export.json`
+    records the run's tokenizer)."""
+    import json
+
+    try:
+        with open(os.path.join(folder, "spannorm_export.json")) as f:
+            kind = (json.load(f).get("tokenizer") or {}).get("tokenizer_type")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    return [] if kind == "HuggingFaceTokenizer" else leading_special_ids(tok)
+
+
+def leading_special_ids(tok) -> List[int]:
+    """The ids a transformers tokenizer puts before a text when used plainly (`tok(text)`):
+    Llama's `<s>`; nothing for most byte-level BPE tokenizers and for our SentencePiece exports."""
+    try:
+        plain = tok.encode("1", add_special_tokens=False)
+        full = tok.encode("1")
+    except Exception:  # a vocabulary without "1" and without unk: it adds nothing we can see
+        return []
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []
 
 
 def has_hf_tokenizer(path: str) -> bool:

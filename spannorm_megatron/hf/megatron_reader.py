@@ -356,10 +356,13 @@ def load_megatron_state(ckpt_dir, model_config: ConfigSource = None,
 
 
 def local_model_config(config: ModelConfig) -> ModelConfig:
-    """`config` with the local (PyTorch) module flavour, which runs single-process anywhere."""
+    """`config` with the local (PyTorch) module flavour, which runs single-process anywhere
+    (without the MoE fusions and dispatcher libraries a GPU run may have used)."""
     from dataclasses import replace
 
-    return replace(config, transformer_impl="local")
+    from spannorm_megatron.model.moe_kernels import portable
+
+    return replace(portable(config), transformer_impl="local")
 
 
 def build_single_process_model(config: ModelConfig, dtype: torch.dtype = torch.float32):

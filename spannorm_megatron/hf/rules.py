@@ -103,10 +103,21 @@ def router_problems(config: ModelConfig) -> List[str]:
     """Why an MoE model's routing cannot be exported at all (by our class or a native one)."""
     if not config.is_moe:
         return []
+    problems = []
     if "sinkhorn" in config.balancing_types:
-        return ["moe_router_load_balancing_type='sinkhorn' routes differently at inference "
-                "(only top-k routing by softmax or sigmoid scores is exported)"]
-    return []
+        problems.append("moe_router_load_balancing_type='sinkhorn' routes differently at "
+                        "inference (only top-k routing by softmax or sigmoid scores is "
+                        "exported)")
+    if config.moe_router_force_load_balancing:
+        problems.append("moe_router_force_load_balancing=True routes by random logits (a "
+                        "benchmark setting), which no exported model reproduces")
+    if config.moe_apply_probs_on_input:
+        problems.append("moe_apply_probs_on_input=True scales the experts' input, and the "
+                        "exported classes scale their output")
+    if config.moe_latent_size is not None:
+        problems.append("moe_latent_size (latent projections around the experts) has no "
+                        "exported form")
+    return problems
 
 
 def biased_routing(config: ModelConfig) -> bool:

@@ -97,12 +97,24 @@ def _merges(pieces: List[str], usable: set) -> List[tuple]:
     return [(left, right) for left, right, _ in merges]
 
 
-def build_fast_tokenizer(model_path: str):
-    """(PreTrainedTokenizerFast, our SentencePieceTokenizer) for a SentencePiece model."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+def _load_llama2(model_path: str):
+    from spannorm_megatron.data.tokenizer import Llama2Tokenizer
+
+    try:
+        return Llama2Tokenizer(model_path)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
+
+
+def build_fast_tokenizer(model_path: str, llama2: bool = False):
+    """(PreTrainedTokenizerFast, our tokenizer) for a SentencePiece model: our
+    SentencePieceTokenizer (Megatron-LM's special pieces appended where the model lacks them),
+    or with `llama2` our Llama2Tokenizer (the model's pieces only, and `<s>` put before every
+    text as transformers' Llama tokenizers do, so `tok(text)` gives its ids)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    ours = _load(model_path)
+    ours = _load_llama2(model_path) if llama2 else _load(model_path)
     sp = ours._processor
     size = sp.get_piece_size()
     pieces = [sp.id_to_piece(i) for i in range(size)]
@@ -136,11 +148,19 @@ def build_fast_tokenizer(model_path: str):
     tk.decoder = decoders.Sequence(parts)
 
     specials = [pieces[i] for i in range(size) if sp.is_control(i) or sp.is_unknown(i)]
-    appended = list(ours._appended)  # pieces our tokenizer puts after the model (Megatron-LM)
+    # pieces our SentencePieceTokenizer puts after the model (Megatron-LM's); Llama2: none
+    appended = [] if llama2 else list(ours._appended)
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
                            for t in specials + appended])
+    if llama2:
+        bos = pieces[ours.bos]
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ours.bos)])
 
     def piece(name: str) -> Optional[str]:
+        if llama2:
+            idx = getattr(ours, name)
+            return pieces[idx] if 0 <= idx < size else None
         idx = ours.special_token_ids.get(name)
         return ours.vocab[idx] if idx is not None else None
 
@@ -177,18 +197,19 @@ def _model_spec(model_path: str) -> dict:
     }
 
 
-def compare_with_sentencepiece(fast, ours, extra_texts=()) -> List[str]:
-    """Texts on which `fast` and SentencePiece give other ids or other decoded text."""
+def compare_with_sentencepiece(fast, ours, extra_texts=(), llama2: bool = False) -> List[str]:
+    """Texts on which `fast` and SentencePiece give other ids or other decoded text (with
+    `llama2`, `fast(text)` against our Llama2Tokenizer's `<s>` + pieces)."""
     sp = ours._processor
     texts = list(SAMPLES) + list(extra_texts)
     for i in range(sp.get_piece_size()):
         if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i)):
             texts.append(sp.id_to_piece(i).replace("▁", " "))
     mismatches = []
-    encoded = fast(texts, add_special_tokens=False)["input_ids"]
+    encoded = fast(texts, add_special_tokens=llama2)["input_ids"]
     for text, ids in zip(texts, encoded):
-        expected = sp.encode(text)
-        if ids != expected or fast.decode(ids) != sp.decode(expected):
+        expected = ours.tokenize(text) if llama2 else sp.encode(text)
+        if ids != expected or fast.decode(ids, skip_special_tokens=llama2) != sp.decode(expected):
             mismatches.append(text)
     return mismatches
 
@@ -210,11 +231,17 @@ def prepare_tokenizer(model_path: str, model_vocab: int, pad_multiple: Optional[
                                      mismatches=mismatches)
 
 
-def save_tokenizer(fast, model_path: str, directory: str, model_max_length: int) -> None:
+def save_tokenizer(fast, model_path: Optional[str], directory: str, model_max_length: int,
+                   add_bos_token: bool = False, copies: Dict[str, str] = None) -> None:
     """Write the tokenizer files; tokenizer_config.json uses the keys transformers 4.x and 5.x
-    both read (class `PreTrainedTokenizerFast`, `additional_special_tokens`)."""
+    both read (class `PreTrainedTokenizerFast`, `additional_special_tokens`). `model_path` (a
+    SentencePiece model) is copied as tokenizer.model, `copies` ({name in the folder: source})
+    beside it."""
     fast.save_pretrained(directory)
-    shutil.copyfile(model_path, os.path.join(directory, "tokenizer.model"))
+    if model_path is not None:
+        shutil.copyfile(model_path, os.path.join(directory, "tokenizer.model"))
+    for name, source in (copies or {}).items():
+        shutil.copyfile(source, os.path.join(directory, name))
     path = os.path.join(directory, "tokenizer_config.json")
     with open(path) as f:
         config = json.load(f)
@@ -223,7 +250,7 @@ def save_tokenizer(fast, model_path: str, directory: str, model_max_length: int)
         config["additional_special_tokens"] = extra
     config.pop("backend", None)
     config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=model_max_length,
-                  add_bos_token=False, add_eos_token=False)
+                  add_bos_token=add_bos_token, add_eos_token=False)
     with open(path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
         f.write("\n")

@@ -680,11 +680,14 @@ def read_signals(tb_dir: str, depth: int) -> dict:
         for tag in sorted(t for t in tags if t.startswith(f"stability/{part}/")):
             series[f"{part}/{tag.rsplit('/', 1)[1]}"] = {
                 int(e.step): float(e.value) for e in acc.Scalars(tag)}
-    if series and "grad-norm" in tags:
-        series["total/grad_norm"] = {int(e.step): float(e.value) for e in acc.Scalars("grad-norm")}
     if not series:
         return {}
     steps = sorted(set().union(*(set(v) for v in series.values())))
+    if "grad-norm" in tags:
+        # Written every --tensorboard-log-interval (default: every iteration); kept at the
+        # logging steps of the signals it is compared with.
+        series["total/grad_norm"] = {int(e.step): float(e.value)
+                                     for e in acc.Scalars("grad-norm") if int(e.step) in steps}
     out = {"iterations": steps}
     for key, values in series.items():
         out[key] = [values.get(i) for i in steps]

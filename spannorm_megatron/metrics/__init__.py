@@ -9,6 +9,7 @@ One module per job:
 - `collapse`    the collapse alarm: warns once when the lower layers stop receiving gradient
 - `moe`         load-balancing loss (megatron-core's tracker) and per-expert load
 - `memory`      allocator (GPU) or RSS (CPU) numbers for the mem-* tags
+- `params_norm` the L2 norm of all parameters (--log-params-norm), as Megatron-LM computes it
 - `tensorboard` the writer (one rank writes; the others get a no-op)
 """
 

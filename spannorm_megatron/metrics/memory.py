@@ -1,12 +1,13 @@
-"""Memory use of this process for the `mem-*` TensorBoard tags.
+"""Memory use of this process for the `mem-*` TensorBoard tags (`--log-memory-to-tensorboard`).
 
 Why: running out of memory is the most common way a large run dies; Megatron-LM logs the
-allocator's numbers (`mem-allocated-bytes`, `mem-max-allocated-bytes`, `mem-reserved-bytes`),
-and so do we, with the same names.
+allocator's numbers (`mem-reserved-bytes`, `mem-allocated-bytes`, `mem-max-allocated-bytes`,
+`mem-allocated-count`), and so do we, with the same names.
 
-On a GPU these are the CUDA caching allocator's counters of the current device
-(`torch.cuda.memory_allocated`, `max_memory_allocated`, `memory_reserved`): tensors only, not
-the CUDA context or NCCL buffers. On CPU there is no allocator counter, so the process's
+On a GPU these are the CUDA caching allocator's counters of the current device, the entries
+of `torch.cuda.memory_stats()` Megatron-LM reads (`reserved_bytes.all.current`,
+`allocated_bytes.all.current`, `allocated_bytes.all.peak`, `allocation.all.current`): tensors
+only, not the CUDA context or NCCL buffers. On CPU there is no allocator counter, so the process's
 resident set stands in: `mem-allocated-bytes` is the current RSS (/proc/self/statm; the peak
 where that file does not exist) and `mem-max-allocated-bytes` the peak RSS from
 `resource.getrusage(RUSAGE_SELF).ru_maxrss` (KiB on Linux, bytes on macOS). RSS includes the
@@ -27,12 +28,15 @@ from spannorm_megatron.runtime import has_accelerator
 
 
 def memory_stats() -> Dict[str, int]:
-    """{'mem-allocated-bytes', 'mem-max-allocated-bytes'[, 'mem-reserved-bytes' on GPU]}."""
+    """{'mem-allocated-bytes', 'mem-max-allocated-bytes'[, 'mem-reserved-bytes',
+    'mem-allocated-count' on GPU]}."""
     if has_accelerator():
+        stats = torch.cuda.memory_stats()
         return {
-            "mem-allocated-bytes": int(torch.cuda.memory_allocated()),
-            "mem-max-allocated-bytes": int(torch.cuda.max_memory_allocated()),
-            "mem-reserved-bytes": int(torch.cuda.memory_reserved()),
+            "mem-reserved-bytes": int(stats.get("reserved_bytes.all.current", 0)),
+            "mem-allocated-bytes": int(stats.get("allocated_bytes.all.current", 0)),
+            "mem-max-allocated-bytes": int(stats.get("allocated_bytes.all.peak", 0)),
+            "mem-allocated-count": int(stats.get("allocation.all.current", 0)),
         }
     current = current_rss_bytes()
     peak = peak_rss_bytes()

@@ -4,9 +4,11 @@ Why: a collapsing router (a few experts take all tokens) shows first in the expe
 auxiliary loss, long before the LM loss; both are logged per layer.
 
 - load-balancing loss: megatron-core's router adds `aux_loss / coeff` of every micro-batch to
-  its layer-wise tracker (`get_moe_layer_wise_logging_tracker()`). `collect()` reduces it
-  across ranks as megatron-core's `reduce_aux_losses_tracker_across_ranks` does (TP/CP sum,
-  DP average, pipeline sum; see `reduce_router_losses` for why not that function), divides by the number of micro-batches and clears it, exactly as
+  its layer-wise tracker (`get_moe_layer_wise_logging_tracker()`). `collect_losses()` (every
+  iteration, as Megatron-LM) reduces it across ranks as megatron-core's
+  `reduce_aux_losses_tracker_across_ranks` does (TP/CP sum, DP average, pipeline sum; see
+  `reduce_router_losses` for why not that function), divides by the number of micro-batches,
+  sums over layers, divides by the number of MoE layers and clears it, exactly as
   Megatron-LM's `track_moe_metrics` (its 0.16.1 signature: `track_moe_metrics(loss_scale,
   iteration, writer, ...)`) does -- we do not call that function because it writes to the
   TensorBoard itself from every rank it is given a writer on, and it allocates with
@@ -58,13 +60,13 @@ _RANK_LOCAL = ("z_loss",)
 
 
 def router_loss_names(config) -> List[str]:
-    """The router losses megatron-core tracks for this TransformerConfig, in a fixed order."""
+    """The router losses logged for this TransformerConfig, in a fixed order: Megatron-LM's
+    `track_names` (training_log): one per load-balancing type, whatever its coefficient (a
+    coefficient of 0 tracks nothing and logs 0), and `z_loss` when --moe-z-loss-coeff is set."""
     types = config.moe_router_load_balancing_type
     types = types if isinstance(types, list) else [types]
-    coeffs = config.moe_aux_loss_coeff
-    coeffs = coeffs if isinstance(coeffs, list) else [coeffs] * len(types)
-    names = [_BALANCING_LOSS[t] for t, c in zip(types, coeffs) if t in _BALANCING_LOSS and c]
-    if config.moe_z_loss_coeff:
+    names = [_BALANCING_LOSS[t] for t in _BALANCING_LOSS if t in types]
+    if config.moe_z_loss_coeff is not None:
         names.append("z_loss")
     return names
 
@@ -182,14 +184,16 @@ class MoEMetrics:
             self._wanted[index] += kept.shape[0] * self.config.moe_router_topk
         return hook
 
-    def collect(self, num_microbatches: int) -> Dict[str, object]:
-        """Collective (every rank calls). Returns, on every rank:
+    def collect_losses(self, num_microbatches: int) -> Dict[str, object]:
+        """Collective (every rank calls; Megatron-LM does it every iteration). Returns, on every
+        rank, for each router loss (`router_loss_names`):
 
-        {'load_balancing_loss': mean over MoE layers (float),
-         'load_balancing_loss_per_layer': {layer: value},
-         'expert_load': {layer: [fraction of the layer's routed tokens per expert]}}
-        plus the same two entries for any other loss in megatron-core's tracker (e.g. z_loss).
-        Empty dict for a dense model. Clears the tracker and disables the hooks.
+        {'load_balancing_loss': sum over layers / number of MoE layers (Megatron-LM's value),
+         'load_balancing_loss_per_layer': {layer: value} for every layer 1..L (the tracker's
+         entries: 0 for dense layers)}
+
+        each micro-batch's loss averaged over the step's micro-batches. Empty for a dense
+        model. Clears megatron-core's tracker.
         """
         if not self.is_moe:
             return {}
@@ -198,9 +202,23 @@ class MoEMetrics:
         moe_layers = self.moe_layers or list(range(1, self.num_layers + 1))
         for name in reduce_router_losses(self.config):
             values = (tracker[name]["values"].double() / num_microbatches).cpu().tolist()
-            result[name] = sum(values[n - 1] for n in moe_layers) / len(moe_layers)
-            result[f"{name}_per_layer"] = {n: values[n - 1] for n in moe_layers}
+            result[name] = sum(values) / (len(moe_layers) + int(self.config.mtp_num_layers or 0))
+            result[f"{name}_per_layer"] = {n + 1: value for n, value in enumerate(values)}
         moe_utils.clear_aux_losses_tracker()
+        return result
+
+    def collect(self, num_microbatches: int) -> Dict[str, object]:
+        """Collective (every rank calls). Returns, on every rank, `collect_losses()` and:
+
+        {'expert_load': {layer: [fraction of the layer's routed tokens per expert]},
+         'expert_bias': {layer: [bias per expert]} (with expert bias),
+         'dropped_token_fraction' and '..._per_layer' (with a capacity factor)}
+        for the MoE layers. Empty dict for a dense model. Clears the tracker and disables the
+        hooks.
+        """
+        if not self.is_moe:
+            return {}
+        result = self.collect_losses(num_microbatches)
         bias = self._expert_bias()
         if bias is not None:
             result["expert_bias"] = bias

@@ -12,23 +12,59 @@ methods do nothing, so the training loop calls them unconditionally.
 The writer never communicates. Metrics that need collectives (StabilitySignals.collect,
 MoEMetrics.collect) are gathered on every rank first and then handed to the writer.
 
-Tags (scalars, x axis = iteration):
+Megatron-LM's tags (megatron/training/training.py `training_log` and
+`evaluate_and_print_results` of core_v0.16.1), with its names, schedule and gating flags.
+"Twin" means the same value is also written as `<tag> vs samples` with the consumed training
+samples as x axis (the scalars' step); every other tag has the iteration as x axis.
 
-    lm loss                         training LM loss (token mean over the global batch)
-    lm loss validation              validation LM loss
-    lm loss validation ppl          exp(min(20, validation loss)), as Megatron-LM
-    learning-rate, grad-norm, loss-scale, num-zeros (optional), batch-size, iteration-time
+  every --tensorboard-log-interval iterations (default 1):
+    learning-rate (+ twin)          the learning rate after the step's scheduler update, i.e.
+                                    the one the next step uses (Megatron-LM's value)
+    batch-size (+ twin)             global batch, samples
+    lm loss (+ twin)                training LM loss (token mean over the global batch)
+    loss-scale (+ twin)             --log-loss-scale-to-tensorboard (default on;
+                                    --no-log-loss-scale-to-tensorboard)
+    world-size (+ twin)             --log-world-size-to-tensorboard
+    grad-norm (+ twin)              global gradient norm before clipping (not on skipped steps)
+    num-zeros (+ twin)              --log-num-zeros-in-grad: zero gradient entries, counted by
+                                    megatron-core's optimizer
+    params-norm (+ twin)            --log-params-norm: L2 norm of all parameters after the
+                                    step (metrics.params_norm)
+    mem-reserved-bytes, mem-allocated-bytes, mem-max-allocated-bytes, mem-allocated-count
+                                    --log-memory-to-tensorboard: the writing rank's memory
+                                    (metrics.memory; CPU: the first two only, from the RSS)
+  every --log-interval iterations, not on the first iteration of a launch:
+    iteration-time                  --log-timers-to-tensorboard: seconds per training
+                                    iteration, averaged over the interval (evaluation and
+                                    checkpoint time left out)
+    throughput                      --log-timers-to-tensorboard and --log-throughput: model
+                                    TFLOP/s per device, Megatron-LM's count (no recompute, no
+                                    router GEMM)
+  every iteration, MoE models:
+    load_balancing_loss, seq_load_balancing_loss, global_load_balancing_loss, z_loss
+                                    router losses (one per --moe-router-load-balancing-type,
+                                    z_loss with --moe-z-loss-coeff): sum over layers / MoE layers
+    moe/{name}_layer_{i}            --moe-per-layer-logging: per layer, i = 0-based layer index
+                                    over all layers (dense layers: 0)
+  at each evaluation:
+    lm loss validation (+ twin)     validation LM loss
+    lm loss validation ppl (+ twin) --log-validation-ppl-to-tensorboard: exp(min(20, loss))
+
+Megatron-LM's `skipped-train-samples` is written only when samples are dropped to shrink a
+batch (--decrease-batch-size-if-needed), which this stack never does, so it never appears, as
+in Megatron-LM without that flag.
+
+Our own tags, every --log-interval iterations (x axis = iteration):
+
     throughput/tokens-per-sec       global tokens per second
-    throughput/tflops               model TFLOP/s per device (metrics.flops)
+    throughput/tflops               TFLOP/s per device, hardware count (recompute and the MoE
+                                    router GEMM included; metrics.flops)
     throughput/mfu                  model FLOPs utilization (when the device peak is known)
-    mem-allocated-bytes, mem-max-allocated-bytes (+ mem-reserved-bytes on GPU)  (metrics.memory)
-    load_balancing_loss             MoE aux loss / coeff, mean over layers (Megatron-LM's name)
-    moe/load_balancing_loss_layer_{i}   per layer, i 0-based as in Megatron-LM's tags
+    skipped-iterations              steps skipped for NaN/Inf gradients so far (also whenever
+                                    the count grows)
     moe/expert_load/layer_{n:03d}/expert_{e:03d}   fraction of layer n's routed tokens to e
     moe/expert_load/layer_{n:03d}/max_over_mean    load imbalance of layer n (1 = balanced)
     moe/expert_load/max_over_mean   worst layer's imbalance
-    z_loss, seq_load_balancing_loss, global_load_balancing_loss   other router losses (mean
-                                    over MoE layers), moe/{name}_layer_{i} per layer
     moe/dropped_token_fraction      top-k assignments dropped by the capacity limit (mean over
                                     MoE layers); moe/dropped_token_fraction/layer_{n:03d}
     moe/expert_bias/layer_{n:03d}/expert_{e:03d}   aux-loss-free expert bias after the step
@@ -43,8 +79,8 @@ n is the global 1-based layer number. Text: `config` (the run's configuration) a
 `stability/collapse_alarm` (the collapse alarm's message, at the iteration it fired).
 
 Flushing: the event file is written by a background thread every `flush_secs` (default 30 s,
-so a crash loses at most that much), and explicitly after the config, after each validation
-and on close().
+so a crash loses at most that much) or when --tensorboard-queue-size events are waiting, and
+explicitly after the config, after each validation and on close().
 """
 
 from __future__ import annotations
@@ -57,7 +93,6 @@ import torch
 from megatron.core import parallel_state
 
 from spannorm_megatron.metrics.flops import throughput
-from spannorm_megatron.metrics.memory import memory_stats
 from spannorm_megatron.metrics.moe import expert_imbalance
 from spannorm_megatron.metrics.collapse import grad_ratio
 from spannorm_megatron.metrics.stability import summarize
@@ -71,12 +106,17 @@ TAG_LOSS_SCALE = "loss-scale"
 TAG_NUM_ZEROS = "num-zeros"
 TAG_BATCH_SIZE = "batch-size"
 TAG_ITERATION_TIME = "iteration-time"
+TAG_WORLD_SIZE = "world-size"
+TAG_PARAMS_NORM = "params-norm"
+TAG_THROUGHPUT = "throughput"
 TAG_TOKENS_PER_SEC = "throughput/tokens-per-sec"
 TAG_TFLOPS = "throughput/tflops"
 TAG_MFU = "throughput/mfu"
 TAG_CONFIG = "config"
 TAG_GRAD_RATIO = "stability/grad_ratio_2_L"
 TAG_COLLAPSE_ALARM = "stability/collapse_alarm"
+TAG_SKIPPED_ITERATIONS = "skipped-iterations"
+VS_SAMPLES = " vs samples"
 
 
 def stability_tag(layer: int, signal: str) -> str:
@@ -179,51 +219,74 @@ class TensorBoardWriter:
         self.add_text(tag, "\n".join("    " + line for line in config.splitlines()))
         self.flush()
 
+    def add_scalar_and_twin(self, tag: str, value: Optional[float], iteration: int,
+                            consumed_samples: int) -> None:
+        """`tag` at `iteration` and `tag vs samples` at `consumed_samples` (Megatron-LM's
+        pairs); None writes neither."""
+        self.add_scalar(tag, value, iteration)
+        self.add_scalar(tag + VS_SAMPLES, value, consumed_samples)
+
     def log_training(
         self,
         iteration: int,
+        consumed_samples: int,
         *,
         lm_loss: Optional[float],
         learning_rate: Optional[float],
         batch_size: int,
-        seq_length: int,
-        iteration_time: float,
-        grad_norm: Optional[float] = None,
         loss_scale: Optional[float] = None,
+        world_size: Optional[int] = None,
+        grad_norm: Optional[float] = None,
         num_zeros: Optional[float] = None,
-        flops_per_token: Optional[float] = None,
-        num_devices: int = 1,
-        peak_flops: Optional[float] = None,
-        log_memory: bool = True,
+        params_norm: Optional[float] = None,
+        memory: Optional[Mapping[str, float]] = None,
     ) -> None:
-        """One training iteration's scalars. `batch_size` is the global batch in samples,
-        `iteration_time` seconds; throughput tags need `flops_per_token` (metrics.flops) and,
-        for MFU, `peak_flops` (device_peak_flops(); None skips the MFU tag)."""
+        """Megatron-LM's per-iteration scalars, each with its `vs samples` twin (memory
+        without), in its order. The caller decides what its flags turn off by passing None;
+        `batch_size` is the global batch in samples, `memory` metrics.memory_stats()."""
         if self._writer is None:
             return
-        self.add_scalar(TAG_LM_LOSS, lm_loss, iteration)
-        self.add_scalar(TAG_LEARNING_RATE, learning_rate, iteration)
-        self.add_scalar(TAG_GRAD_NORM, grad_norm, iteration)
-        self.add_scalar(TAG_LOSS_SCALE, loss_scale, iteration)
-        self.add_scalar(TAG_NUM_ZEROS, num_zeros, iteration)
-        self.add_scalar(TAG_BATCH_SIZE, batch_size, iteration)
+        self.add_scalar_and_twin(TAG_LEARNING_RATE, learning_rate, iteration, consumed_samples)
+        self.add_scalar_and_twin(TAG_BATCH_SIZE, batch_size, iteration, consumed_samples)
+        self.add_scalar_and_twin(TAG_LM_LOSS, lm_loss, iteration, consumed_samples)
+        self.add_scalar_and_twin(TAG_LOSS_SCALE, loss_scale, iteration, consumed_samples)
+        self.add_scalar_and_twin(TAG_WORLD_SIZE, world_size, iteration, consumed_samples)
+        self.add_scalar_and_twin(TAG_GRAD_NORM, grad_norm, iteration, consumed_samples)
+        self.add_scalar_and_twin(TAG_NUM_ZEROS, num_zeros, iteration, consumed_samples)
+        self.add_scalar_and_twin(TAG_PARAMS_NORM, params_norm, iteration, consumed_samples)
+        for tag, value in (memory or {}).items():
+            self.add_scalar(tag, value, iteration)
+
+    def log_timers(self, iteration: int, *, iteration_time: float,
+                   throughput_tflops: Optional[float] = None) -> None:
+        """Megatron-LM's timing tags (--log-timers-to-tensorboard): `iteration-time` in
+        seconds and, with --log-throughput, `throughput` in TFLOP/s per device."""
         self.add_scalar(TAG_ITERATION_TIME, iteration_time, iteration)
-        speed = throughput(batch_size * seq_length, iteration_time,
-                           flops_per_token=flops_per_token, num_devices=num_devices,
-                           peak_flops=peak_flops)
+        self.add_scalar(TAG_THROUGHPUT, throughput_tflops, iteration)
+
+    def log_speed(self, iteration: int, *, tokens_per_step: int, iteration_time: float,
+                  flops_per_token: Optional[float] = None, num_devices: int = 1,
+                  peak_flops: Optional[float] = None) -> None:
+        """Our throughput tags: tokens/s, TFLOP/s per device (needs `flops_per_token`,
+        metrics.flops) and MFU (needs `peak_flops`, device_peak_flops(); None skips it)."""
+        if self._writer is None:
+            return
+        speed = throughput(tokens_per_step, iteration_time, flops_per_token=flops_per_token,
+                           num_devices=num_devices, peak_flops=peak_flops)
         self.add_scalar(TAG_TOKENS_PER_SEC, speed.tokens_per_second, iteration)
         self.add_scalar(TAG_TFLOPS, speed.tflops_per_device, iteration)
         self.add_scalar(TAG_MFU, speed.mfu, iteration)
-        if log_memory:
-            for tag, value in memory_stats().items():
-                self.add_scalar(tag, value, iteration)
 
-    def log_validation(self, iteration: int, lm_loss: float) -> None:
-        """Validation loss and perplexity (exp capped at 20 nats, as Megatron-LM); flushes."""
+    def log_validation(self, iteration: int, lm_loss: float, consumed_samples: int = 0, *,
+                       ppl: bool = False) -> None:
+        """Validation loss (+ twin) and, with `ppl` (--log-validation-ppl-to-tensorboard),
+        perplexity exp(min(20, loss)) (+ twin), as Megatron-LM; flushes."""
         if self._writer is None:
             return
-        self.add_scalar(TAG_VALIDATION_LOSS, lm_loss, iteration)
-        self.add_scalar(TAG_VALIDATION_PPL, math.exp(min(20.0, float(lm_loss))), iteration)
+        self.add_scalar_and_twin(TAG_VALIDATION_LOSS, lm_loss, iteration, consumed_samples)
+        if ppl:
+            self.add_scalar_and_twin(TAG_VALIDATION_PPL, math.exp(min(20.0, float(lm_loss))),
+                                     iteration, consumed_samples)
         self.flush()
 
     def log_stability(self, iteration: int, signals: Dict[str, Dict[int, float]],
@@ -252,8 +315,11 @@ class TensorBoardWriter:
         self.add_text(TAG_COLLAPSE_ALARM, message, iteration)
         self.flush()
 
-    def log_moe(self, iteration: int, metrics: Dict[str, Any]) -> None:
-        """MoEMetrics.collect() output: aux losses (mean and per layer) and expert load."""
+    def log_moe(self, iteration: int, metrics: Dict[str, Any], *,
+                per_layer_losses: bool = True) -> None:
+        """MoEMetrics.collect() or collect_losses() output: router losses (mean; per layer
+        with `per_layer_losses`, i.e. --moe-per-layer-logging), expert load, dropped tokens,
+        expert bias."""
         if self._writer is None or not metrics:
             return
         worst = None
@@ -279,9 +345,10 @@ class TensorBoardWriter:
                     self.add_scalar(f"moe/dropped_token_fraction/layer_{layer:03d}", fraction,
                                     iteration)
             elif name.endswith("_per_layer"):
-                base = name[: -len("_per_layer")]
-                for layer, loss in sorted(value.items()):
-                    self.add_scalar(moe_loss_layer_tag(base, layer), loss, iteration)
+                if per_layer_losses:
+                    base = name[: -len("_per_layer")]
+                    for layer, loss in sorted(value.items()):
+                        self.add_scalar(moe_loss_layer_tag(base, layer), loss, iteration)
             else:
                 self.add_scalar(name, value, iteration)
         self.add_scalar("moe/expert_load/max_over_mean", worst, iteration)

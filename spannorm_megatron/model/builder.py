@@ -13,17 +13,16 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.moe.router_replay import RouterReplay
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.model.fusions import runnable_fusions
+from spannorm_megatron.model.moe_kernels import check_moe_kernels
 from spannorm_megatron.model.scale_init import output_projection_std
-from spannorm_megatron.model.specs import (
-    block_spec,
-    transformer_engine_available,
-    use_transformer_engine,
-)
-from spannorm_megatron.runtime import base_seed, has_accelerator, megatron_device_kwargs, set_seed
+from spannorm_megatron.model.specs import block_spec, use_transformer_engine
+from spannorm_megatron.runtime import base_seed, megatron_device_kwargs, set_seed
 
 
 def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
@@ -60,6 +59,22 @@ def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
             # for its per-layer MoE logging; the specs follow the same pattern.
             moe_layer_freq=config.moe_layer_freq,
             moe_shared_expert_gate=config.moe_shared_expert_gate,
+            moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
+            moe_shared_expert_overlap=config.moe_shared_expert_overlap,
+            moe_layer_recompute=config.moe_layer_recompute,
+            moe_permute_fusion=config.moe_permute_fusion,
+            moe_router_fusion=config.moe_router_fusion,
+            moe_flex_dispatcher_backend=config.moe_flex_dispatcher_backend,
+            moe_enable_deepep=config.moe_enable_deepep,
+            moe_deepep_num_sms=config.moe_deepep_num_sms,
+            moe_hybridep_num_sms=config.moe_hybridep_num_sms,
+            moe_router_padding_for_quantization=config.moe_router_padding_for_quantization,
+            moe_router_padding_for_fp8=config.moe_router_padding_for_fp8,
+            moe_input_jitter_eps=config.moe_input_jitter_eps,
+            moe_router_force_load_balancing=config.moe_router_force_load_balancing,
+            moe_apply_probs_on_input=config.moe_apply_probs_on_input,
+            moe_latent_size=config.moe_latent_size,
+            moe_enable_routing_replay=config.moe_enable_routing_replay,
         )
     model_fields = dict(
         num_layers=config.num_layers,
@@ -89,7 +104,9 @@ def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
             f"{clashes} are model fields: set them on ModelConfig, not as TransformerConfig overrides."
         )
     defaults = dict(
-        **gpu_fusions(config),
+        # Megatron-LM's defaults (every fusion allowed) where the kernels run; a run's own
+        # switches come as overrides (PerformanceConfig.transformer_kwargs).
+        **runnable_fusions(config),
         transformer_impl="transformer_engine" if use_transformer_engine(config) else "local",
         # The whole layer, spelled as megatron-core 0.16 wants it (its default "full" warns).
         cuda_graph_scope=[],
@@ -126,30 +143,6 @@ def mla_fields(config: ModelConfig) -> dict:
     )
 
 
-def gpu_fusions(config: ModelConfig) -> dict:
-    """megatron-core's fused kernels, on where Megatron-LM turns them on: every fusion needs a
-    GPU, the RoPE one Transformer Engine as well, and the bias-GELU one a bias to add (SwiGLU
-    fuses with or without)."""
-    gpu = has_accelerator()
-    if config.multi_latent_attention:
-        # MLA applies its own RoPE whatever the position embedding; megatron-core fuses it
-        # (Triton kernels) for YaRN only and refuses the fusion with plain rope.
-        rope_fusion = gpu and config.resolved_rope_type == "yarn" and _mla_rope_fusion_imports()
-    else:
-        rope_fusion = transformer_engine_available() and config.position_embedding_type == "rope"
-    return dict(
-        bias_dropout_fusion=gpu,
-        bias_activation_fusion=gpu and (config.swiglu or config.add_bias_linear),
-        apply_rope_fusion=rope_fusion,
-    )
-
-
-def _mla_rope_fusion_imports() -> bool:
-    from megatron.core.transformer import multi_latent_attention
-
-    return multi_latent_attention.fused_apply_mla_rope_for_q is not None
-
-
 def build_gpt_model(
     config: ModelConfig,
     tconfig: TransformerConfig,
@@ -158,10 +151,16 @@ def build_gpt_model(
     post_process: bool = True,
     vp_stage: Optional[int] = None,
 ) -> GPTModel:
-    """One `GPTModel` (one pipeline stage, or the whole model without pipelining)."""
-    return GPTModel(
+    """One `GPTModel` (one pipeline stage, or the whole model without pipelining).
+
+    MoE options whose kernels this machine lacks are refused first (ConfigError), rather than
+    failing inside megatron-core's module construction."""
+    transformer_engine = use_transformer_engine(config)
+    check_moe_kernels(config, transformer_engine)
+    model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=block_spec(config, tconfig, vp_stage=vp_stage),
+        transformer_layer_spec=block_spec(config, tconfig, vp_stage=vp_stage,
+                                          transformer_engine=transformer_engine),
         vocab_size=config.vocab_size,
         max_sequence_length=config.max_sequence_length,
         pre_process=pre_process,
@@ -172,6 +171,14 @@ def build_gpt_model(
         rotary_base=config.rotary_base,
         vp_stage=vp_stage,
     )
+    # megatron-core builds the learned position table as a plain torch.nn.Embedding in fp32
+    # whatever params_dtype says (Megatron-LM's Float16Module then casts it with the rest). Here a
+    # bf16/fp16 model is built in its dtype directly, so the table follows it; in fp32 its sum
+    # with the word embedding would reach the first norm in fp32, beside half-precision gains.
+    position_table = getattr(getattr(model, "embedding", None), "position_embeddings", None)
+    if position_table is not None:
+        position_table.to(dtype=tconfig.params_dtype)
+    return model
 
 
 def build_model(config: ModelConfig, tconfig: TransformerConfig) -> List[GPTModel]:
@@ -181,6 +188,10 @@ def build_model(config: ModelConfig, tconfig: TransformerConfig) -> List[GPTMode
     """
     vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = range(vp_size) if vp_size is not None else [None]
+    if config.moe_enable_routing_replay:
+        # megatron-core keeps every router it ever built in one process-wide list and hands
+        # replay data out by position in it: only this model's routers may be there.
+        RouterReplay.clear_global_router_replay_instances()
     chunks = [
         build_gpt_model(
             config,

@@ -59,6 +59,11 @@ def check_model_fits_layout(config: ModelConfig, parallel: ParallelConfig) -> No
         expert_ffn = config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size
         must_divide("expert_tensor_parallel_size", etp, "moe_ffn_hidden_size", expert_ffn,
                     "pick an expert width that is a multiple of the expert tensor-parallel size")
+        if config.moe_token_dispatcher_type == "flex" and tp * ep == 1:
+            problems.append(
+                "--moe-token-dispatcher-type flex needs tensor_model_parallel_size x "
+                "expert_model_parallel_size > 1 (megatron-core's flex dispatcher): use more "
+                "ranks for them, or the alltoall dispatcher.")
         if tp > 1 and not sequence_parallel:
             problems.append(
                 f"MoE with tensor_model_parallel_size={tp} needs sequence parallelism "

@@ -128,6 +128,7 @@ def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None,
         mlp = get_moe_module_spec_for_backend(
             backend=backend, num_experts=config.num_experts,
             moe_grouped_gemm=config.moe_grouped_gemm,
+            moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
         )
         mlp.submodules.experts.module = seeded_experts(mlp.submodules.experts.module)
     else:

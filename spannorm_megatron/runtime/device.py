@@ -66,12 +66,40 @@ def ranks_per_node(cap: int = 2) -> int:
     return cap
 
 
-def check_launch(distributed_backend: Optional[str] = None) -> None:
+def pipeline_communication_problem(parallel) -> Optional[str]:
+    """Why this machine cannot carry `parallel`'s (a ParallelConfig's) pipeline communication
+    flags, or None."""
+    backend_flag = parallel.pipeline_model_parallel_comm_backend
+    if backend_flag == "nccl" and not (has_accelerator() and torch.distributed.is_nccl_available()):
+        return ("--pipeline-model-parallel-comm-backend nccl needs GPUs, and this machine has "
+                "none (CPU ranks communicate through gloo): drop the flag")
+    if backend_flag == "ucc":
+        if not (has_accelerator() and torch.distributed.is_ucc_available()):
+            return ("--pipeline-model-parallel-comm-backend ucc needs GPUs and a PyTorch built "
+                    "with UCC (torch.distributed.is_ucc_available()), which this machine lacks: "
+                    "drop the flag")
+        if os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1" or \
+                parallel.tensor_model_parallel_size > 1:
+            return ("--pipeline-model-parallel-comm-backend ucc needs CUDA_DEVICE_MAX_CONNECTIONS "
+                    "> 1 (megatron-core), and tensor parallelism (or the launchers) set it to 1: "
+                    "drop the flag, or run without tensor parallelism with "
+                    "CUDA_DEVICE_MAX_CONNECTIONS unset")
+    if parallel.use_ring_exchange_p2p and not hasattr(torch.distributed, "ring_exchange"):
+        return ("--use-ring-exchange-p2p needs torch.distributed.ring_exchange, which only "
+                "custom PyTorch builds have, not this one: drop it (batch_isend_irecv is used)")
+    return None
+
+
+def check_launch(distributed_backend: Optional[str] = None, parallel=None) -> None:
     """Refuse a launch this node cannot run, before any process group exists: more local ranks
-    than GPUs, or a backend the device cannot use (``nccl`` needs GPUs, ``gloo`` is our CPU path).
+    than GPUs, a backend the device cannot use (``nccl`` needs GPUs, ``gloo`` is our CPU path),
+    or pipeline communication it lacks (`parallel`, a ParallelConfig).
     Raises :class:`~spannorm_megatron.errors.ConfigError` naming the fix."""
     from spannorm_megatron.errors import ConfigError
 
+    why = pipeline_communication_problem(parallel) if parallel is not None else None
+    if why:
+        raise ConfigError(why + ".")
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if has_accelerator() and local_ranks > torch.cuda.device_count():
         raise ConfigError(

@@ -24,7 +24,7 @@ from spannorm_megatron.errors import ParallelLayoutError
 
 from .cpu import enable_cpu_runtime
 from .device import backend as device_backend
-from .device import has_accelerator
+from .device import has_accelerator, pipeline_communication_problem
 from .orphans import die_with_parent
 from .strict_devices import strict_devices_requested
 
@@ -57,13 +57,16 @@ class ParallelLayout:
 
 
 def validate_layout(world_size: int, parallel: Optional[ParallelConfig] = None,
-                    context_parallel_size: int = 1) -> ParallelLayout:
+                    context_parallel_size: Optional[int] = None) -> ParallelLayout:
     """Check that `parallel`'s sizes tile ``world_size`` as megatron-core requires.
 
     Dense ranks are laid out as tp x cp x dp x pp; expert ranks as etp x ep x edp x pp
-    (etp defaults to tp). Raises :class:`ParallelLayoutError` naming the sizes and a fix.
+    (etp defaults to tp). `context_parallel_size` overrides `parallel`'s. Raises
+    :class:`ParallelLayoutError` naming the sizes and a fix.
     """
     parallel = parallel or ParallelConfig()
+    if context_parallel_size is None:
+        context_parallel_size = parallel.context_parallel_size
     tp, pp, cp, ep = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                       context_parallel_size, parallel.expert_model_parallel_size)
     etp = tp if parallel.expert_tensor_parallel_size is None else \
@@ -101,6 +104,9 @@ def validate_layout(world_size: int, parallel: Optional[ParallelConfig] = None,
                 f"which needs pipeline_model_parallel_size > 1 (got {pp}). Set "
                 f"pipeline_model_parallel_size >= 2 or virtual_pipeline_model_parallel_size=None."
             )
+    why = pipeline_communication_problem(parallel)
+    if why:
+        raise ParallelLayoutError(why + ".")
     expert = etp * ep * pp
     if world_size % expert:
         # world_size % pp == 0 here (pp divides the model size checked above).
@@ -236,10 +242,13 @@ def initialize(
     runtime), apply the upstream patches that the installed megatron-core needs, create the
     default process group (NCCL or gloo) unless it exists, (re)create megatron-core's
     model-parallel groups, and seed (:func:`set_seed`). Calling it again with other sizes
-    keeps the default group and replaces the model-parallel ones.
+    keeps the default group and replaces the model-parallel ones. `timeout_minutes` is every
+    process group's timeout (`spannorm-train --distributed-timeout-minutes`, 10 as in
+    Megatron-LM; tools that call this directly wait 30).
     Returns the validated :class:`ParallelLayout`.
     """
     rank, world_size, local_rank = _launch_env()
+    parallel = parallel or ParallelConfig()
     # Validate first: nothing is patched, imported or connected for a layout that cannot work.
     layout = validate_layout(world_size, parallel)
     from megatron.core import parallel_state
@@ -277,6 +286,8 @@ def initialize(
         expert_model_parallel_size=layout.expert_model_parallel_size,
         expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
+        pipeline_model_parallel_comm_backend=parallel.pipeline_model_parallel_comm_backend,
+        order=parallel.rank_order,
     )
     set_seed(seed)
     return layout

@@ -19,7 +19,7 @@ import yaml
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.data.dataset import LEGACY_SPLIT, DataConfig
-from spannorm_megatron.data.sp_model import TokenizerConfig
+from spannorm_megatron.data.tokenizer_args import TokenizerConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.options import (
     add_arguments,
@@ -32,8 +32,16 @@ from spannorm_megatron.options import (
     option,
     options,
 )
-from spannorm_megatron.training.config import CheckpointConfig, LoggingConfig, TrainingConfig
+from spannorm_megatron.training import megatron_lm
+from spannorm_megatron.training.config import (
+    CheckpointConfig,
+    LoggingConfig,
+    MetricsLoggingConfig,
+    TrainingConfig,
+)
+from spannorm_megatron.training.hooks import RunHooksConfig
 from spannorm_megatron.training.performance import PerformanceConfig
+from spannorm_megatron.training.unavailable import Unavailable
 
 
 @dataclass
@@ -56,6 +64,11 @@ class MegatronSpellings:
         "deprecated --use-rotary-position-embeddings) gives; with another type it is refused, "
         "as Megatron-LM refuses it.", flag="--no-position-embedding", negative=True)
 
+
+    deprecated_use_mcore_models: bool = option(
+        False, "Build megatron-core models: what this stack always does (Megatron-LM's "
+        "deprecated switch; accepted, a no-op).", flag="--use-mcore-models")
+
     def __post_init__(self) -> None:
         check(self)
 
@@ -69,13 +82,23 @@ SECTIONS = (
     ("data", DataConfig),
     ("tokenizer", TokenizerConfig),
     ("evaluation and logging", LoggingConfig),
+    ("logged metrics (Megatron-LM's logging flags)", MetricsLoggingConfig),
     ("checkpoints", CheckpointConfig),
+    ("profiling, garbage collection and memory (see spannorm_megatron.training.hooks)",
+     RunHooksConfig),
     ("Megatron-LM spellings", MegatronSpellings),
+    ("Megatron-LM flags refused here, or without effect (see "
+     "spannorm_megatron.training.unavailable)", Unavailable),
 )
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
+        # A Megatron-LM flag we lack is refused with its reason, not as a typo.
+        if message.startswith("unrecognized arguments:"):
+            refused = megatron_lm.refusal(message.split(":", 1)[1].split())
+            if refused:
+                raise ConfigError(refused)
         # argparse names no alternative for a mistyped flag (before Python 3.14).
         if message.startswith("unrecognized arguments:"):
             known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
@@ -134,6 +157,9 @@ def _config_defaults(path: str) -> dict:
     for key, value in values.items():
         key = str(key).lstrip("-")
         if key not in known:
+            refused = megatron_lm.refusal(["--" + key.replace("_", "-")])
+            if refused:
+                raise ConfigError(f"--config {path}: {refused}")
             nearest = difflib.get_close_matches(key, sorted(known), n=1)
             raise ConfigError(
                 f"--config {path}: unknown key {key!r}" + (
@@ -151,6 +177,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if first.config:
         parser.set_defaults(**_config_defaults(first.config))
     args = parser.parse_args(argv)
+    if args.use_checkpoint_args:  # Megatron-LM's order: before any flag is checked or resolved
+        from spannorm_megatron.training.checkpoint_args import apply_checkpoint_args
+
+        apply_checkpoint_args(args)
     _resolve(args)
     return args
 
@@ -177,14 +207,7 @@ def _resolve(args: argparse.Namespace) -> None:
         args.notices.append(f"WARNING: --data-path without --split: using Megatron-LM's legacy "
                             f"default {LEGACY_SPLIT}.")
     if args.num_layers_per_virtual_pipeline_stage is not None:
-        stages = args.pipeline_model_parallel_size * args.num_layers_per_virtual_pipeline_stage
-        if args.num_layers % stages:
-            raise ConfigError(
-                f"--num-layers {args.num_layers} is not divisible by "
-                f"--pipeline-model-parallel-size x --num-layers-per-virtual-pipeline-stage = "
-                f"{stages}."
-            )
-        args.virtual_pipeline_model_parallel_size = args.num_layers // stages
+        args.virtual_pipeline_model_parallel_size = _virtual_stages_from_layers(args)
     if args.group_query_attention and args.num_query_groups is None:
         raise ConfigError("--group-query-attention needs --num-query-groups N.")
     _resolve_position_spellings(args)
@@ -192,13 +215,26 @@ def _resolve(args: argparse.Namespace) -> None:
     check_paths(owners, args)
     training_config(args)
     # The model's own checks need no vocabulary (the tokenizer's comes later, in the Trainer).
-    model_config(args, vocab_size=args.make_vocab_size_divisible_by)
+    model = model_config(args, vocab_size=args.make_vocab_size_divisible_by)
     # How the layers split over pipeline stages needs only --num-layers: checked here, before
     # the world size or the tokenizer are looked at.
     parallel_config(args).stage_layer_counts(args.num_layers)
-    performance_config(args)
-    from_namespace(MegatronSpellings, args)
+    performance = performance_config(args)
+    performance.check_model(model)
+    args.notices.extend(performance.notices())
+    if model.moe_enable_routing_replay:
+        args.notices.append(
+            "--moe-enable-routing-replay: every router has megatron-core's RouterReplay; "
+            "spannorm-train sets no record/replay action (nor does Megatron-LM's pretrain), so "
+            "tokens are routed as without it unless your code drives "
+            "megatron.core.transformer.moe.router_replay.RouterReplay.")
+    if from_namespace(MegatronSpellings, args).deprecated_use_mcore_models:
+        args.notices.append("--use-mcore-models: megatron-core models are the only kind built "
+                            "here (a no-op).")
+    args.notices += from_namespace(Unavailable, args).notices()
     from_namespace(LoggingConfig, args)
+    from_namespace(MetricsLoggingConfig, args)
+    args.notices.extend(from_namespace(RunHooksConfig, args).notices())
     from_namespace(CheckpointConfig, args)
     from_namespace(TokenizerConfig, args)
 
@@ -240,8 +276,52 @@ def _note_unread_attention_flags(args: argparse.Namespace) -> None:
             f"not use (as in Megatron-LM, they change nothing here).")
 
 
+def _virtual_stages_from_layers(args: argparse.Namespace) -> Optional[int]:
+    """Megatron-LM's reading of --num-layers-per-virtual-pipeline-stage: layers per pipeline
+    stage (the embedding and loss counted where they are counted as layers) over layers per
+    model chunk; one chunk per stage is the plain schedule (None)."""
+    flag = "--num-layers-per-virtual-pipeline-stage"
+    others = [name for name, given in (
+        ("--num-virtual-stages-per-pipeline-rank", args.virtual_pipeline_model_parallel_size),
+        ("--pipeline-model-parallel-layout", args.pipeline_model_parallel_layout),
+    ) if given is not None]
+    if others:
+        raise ConfigError(f"{flag} and {others[0]} both set the virtual stages (Megatron-LM "
+                          f"takes one of them): give only one.")
+    uneven = [name for name, given in (
+        ("--decoder-first-pipeline-num-layers", args.decoder_first_pipeline_num_layers),
+        ("--decoder-last-pipeline-num-layers", args.decoder_last_pipeline_num_layers),
+    ) if given is not None]
+    if uneven:
+        raise ConfigError(f"{flag} counts layers per chunk of even stages, and {uneven[0]} "
+                          f"makes them uneven: give --num-virtual-stages-per-pipeline-rank "
+                          f"instead (as Megatron-LM requires).")
+    pp, per_chunk = args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
+    layers = args.num_layers + int(args.account_for_embedding_in_pipeline_split) + int(
+        args.account_for_loss_in_pipeline_split)
+    counted = "" if layers == args.num_layers else f" (+{layers - args.num_layers} for the " \
+        f"embedding/loss counted as layers = {layers})"
+    if layers % (pp * per_chunk):
+        raise ConfigError(
+            f"--num-layers {args.num_layers}{counted} is not divisible by "
+            f"--pipeline-model-parallel-size x {flag} = {pp * per_chunk}: every model chunk of "
+            f"every stage holds {per_chunk} layers.")
+    chunks = layers // pp // per_chunk
+    return chunks if chunks > 1 else None
+
+
 def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
-    """Megatron-LM's padding: a multiple of make_vocab_size_divisible_by x TP size."""
+    """Megatron-LM's padding: a multiple of make_vocab_size_divisible_by x TP size; or, as its
+    build_tokenizer keeps it, a size already set (taken from the checkpoint by
+    --use-checkpoint-args)."""
+    taken = getattr(args, "padded_vocab_size", None)
+    if taken is not None:
+        if taken < vocab_size:
+            raise ConfigError(
+                f"--use-checkpoint-args: the checkpoint's vocabulary ({taken}) is smaller than "
+                f"the tokenizer's ({vocab_size}): pass the tokenizer the checkpoint was trained "
+                f"with.")
+        return taken
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
 
@@ -263,6 +343,10 @@ def performance_config(args: argparse.Namespace) -> PerformanceConfig:
 
 def training_config(args: argparse.Namespace) -> TrainingConfig:
     return from_namespace(TrainingConfig, args)
+
+
+def metrics_logging_config(args: argparse.Namespace) -> MetricsLoggingConfig:
+    return from_namespace(MetricsLoggingConfig, args)
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:

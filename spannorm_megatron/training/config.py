@@ -63,6 +63,12 @@ class TrainingConfig:
         None, "WSD: steps of the final decay phase.", at_least=1)
     lr_wsd_decay_samples: Optional[int] = option(
         None, "WSD, sample-based training: samples of the final decay phase.", at_least=1)
+    decoupled_lr: Optional[float] = option(
+        None, "Peak learning rate of the input embedding and output layer (megatron-core's "
+        "decoupled learning rate; they follow the same schedule); unset: --lr.", above=0.0)
+    decoupled_min_lr: Optional[float] = option(
+        None, "With --decoupled-lr: the embedding and output layer's learning rate at the end "
+        "of the decay; unset: --min-lr.", at_least=0.0)
     clip_grad: float = option(1.0, "Clip the global gradient norm to this (0: no clipping).",
                               at_least=0.0)
     calculate_per_token_loss: bool = option(
@@ -95,6 +101,9 @@ class TrainingConfig:
     distributed_backend: Optional[str] = option(
         None, "Default process group backend; unset: nccl on GPUs, gloo on CPU (the only "
         "pairs that run).", choices=("nccl", "gloo"))
+    distributed_timeout_minutes: int = option(
+        10, "Timeout of every process group: a collective that waits longer fails instead of "
+        "hanging.", at_least=1)
 
     def __post_init__(self) -> None:
         check(self)
@@ -119,6 +128,18 @@ class TrainingConfig:
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule "
                               f"decays from --lr to --min-lr.")
+        if self.decoupled_min_lr is not None and self.decoupled_lr is None:
+            # megatron-core reads it only beside --decoupled-lr; alone it would change nothing.
+            raise ConfigError("--decoupled-min-lr needs --decoupled-lr (the embedding and output "
+                              "layer's peak learning rate): add it, or drop --decoupled-min-lr.")
+        if self.decoupled_lr is not None:
+            low = self.min_lr if self.decoupled_min_lr is None else self.decoupled_min_lr
+            if low > self.decoupled_lr:
+                raise ConfigError(
+                    f"the embedding and output layer's learning rate would decay from "
+                    f"--decoupled-lr {self.decoupled_lr} up to "
+                    f"{'--decoupled-min-lr' if self.decoupled_min_lr is not None else '--min-lr'}"
+                    f" {low}: give a --decoupled-min-lr at most --decoupled-lr.")
 
     def _check_run_length(self) -> None:
         """Megatron-LM's rules: a run is counted in iterations or in samples, and every
@@ -182,10 +203,18 @@ class TrainingConfig:
 class LoggingConfig:
     """What the run reports, and when it evaluates."""
 
-    log_interval: int = option(100, "Iterations between log lines (and TensorBoard points).",
-                               at_least=1)
+    log_interval: int = option(
+        100, "Iterations between log lines (and the points of iteration-time, throughput and "
+        "our own TensorBoard tags: stability/*, moe/expert_load/*, throughput/*).", at_least=1)
     tensorboard_dir: Optional[str] = option(None, "Write TensorBoard events here.",
                                             path="output")
+    wandb_project: Optional[str] = option(
+        None, "Log to Weights & Biases under this project (the last rank logs what Megatron-LM "
+        "logs there); needs the wandb package. Unset: no W&B.")
+    wandb_exp_name: Optional[str] = option(None, "The W&B run name.")
+    wandb_save_dir: Optional[str] = option(
+        None, "Where W&B keeps its local files; unset: <--save>/wandb.")
+    wandb_entity: Optional[str] = option(None, "The W&B entity (team or user) of the project.")
     eval_interval: Optional[int] = option(
         None, "Iterations between evaluations; unset: only the final one.", at_least=1)
     eval_iters: int = option(100, "Batches of each evaluation (0: no evaluation).", at_least=0)
@@ -197,6 +226,50 @@ class LoggingConfig:
         "collapsed (5.4e-5) and 2.5x below the lowest of those that did not (2.5e-3); "
         "docs/stability/collapse_alarm.md.",
         at_least=0.0, below=1.0)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+@dataclass
+class MetricsLoggingConfig:
+    """Which metrics a run computes and writes to TensorBoard: Megatron-LM's logging flags,
+    with its defaults and meanings (spannorm_megatron/metrics/tensorboard.py lists every tag
+    and the flag that gates it)."""
+
+    tensorboard_log_interval: int = option(
+        1, "Write Megatron-LM's per-iteration TensorBoard scalars (lm loss, learning-rate, "
+        "batch-size, loss-scale, grad-norm, num-zeros, params-norm, world-size, mem-* and their "
+        "'... vs samples' twins) at iterations divisible by this.", at_least=1)
+    tensorboard_queue_size: int = option(
+        1000, "TensorBoard events held in memory before a write to disk is forced.",
+        at_least=1)
+    log_params_norm: bool = option(
+        False, "Compute the L2 norm of all parameters after each logged step: log line "
+        "'params norm' and TensorBoard params-norm.")
+    log_num_zeros_in_grad: bool = option(
+        False, "Count the zero entries of the gradient (megatron-core's optimizer): log line "
+        "'num zeros' and TensorBoard num-zeros.")
+    log_throughput: bool = option(
+        False, "Log line: model TFLOP/s per device ('throughput per GPU'); with "
+        "--log-timers-to-tensorboard also the TensorBoard tag throughput.")
+    log_timers_to_tensorboard: bool = option(
+        False, "TensorBoard: iteration-time (seconds per training iteration, averaged over "
+        "--log-interval) and, with --log-throughput, throughput.")
+    log_loss_scale_to_tensorboard: bool = option(
+        True, "TensorBoard: loss-scale (1 without fp16 loss scaling).")
+    log_validation_ppl_to_tensorboard: bool = option(
+        False, "TensorBoard: 'lm loss validation ppl', exp(min(20, validation loss)).")
+    log_memory_to_tensorboard: bool = option(
+        False, "TensorBoard: the writing rank's memory, mem-allocated-bytes, "
+        "mem-max-allocated-bytes (+ mem-reserved-bytes and mem-allocated-count on GPU; CPU: "
+        "resident set size, see metrics/memory.py).")
+    log_world_size_to_tensorboard: bool = option(
+        False, "TensorBoard: world-size, the number of ranks.")
+    moe_per_layer_logging: bool = option(
+        False, "TensorBoard: each MoE router loss per layer as well, "
+        "moe/{load_balancing_loss,z_loss,...}_layer_{i} (i: 0-based layer index; dense layers "
+        "write 0, as in Megatron-LM).")
 
     def __post_init__(self) -> None:
         check(self)
@@ -220,6 +293,19 @@ class CheckpointConfig:
     load_fallback: bool = option(
         False, "If the latest checkpoint is damaged, load the newest earlier complete one "
         "instead of stopping with an error.")
+    use_checkpoint_args: bool = option(
+        False, "Take the model's flags from the --load checkpoint (Megatron-LM's flag): its "
+        "sizes where the command line leaves them unset, its structure, norm, position "
+        "embeddings, dropout and MoE settings over the command line; the tokenizer and the "
+        "parallel layout as the next two flags say.")
+    use_tokenizer_model_from_checkpoint_args: bool = option(
+        True, "Off: --use-checkpoint-args keeps the command line's --tokenizer-type and "
+        "--tokenizer-model (on, Megatron-LM's default, it takes the checkpoint's).",
+        flag="--no-use-tokenizer-model-from-checkpoint-args", negative=True,
+        aliases=("--disable-use-tokenizer-model-from-checkpoint-args",))
+    use_mp_args_from_checkpoint_args: bool = option(
+        False, "With --use-checkpoint-args, take the tensor, pipeline (and virtual), and expert "
+        "parallel sizes from the checkpoint too (Megatron-LM's flag).")
 
     def __post_init__(self) -> None:
         check(self)

@@ -12,7 +12,7 @@ from typing import Dict, Iterator, Optional
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.utils import get_attr_wrapped_model
+from megatron.core.utils import get_attr_wrapped_model, get_batch_on_this_cp_rank
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -46,6 +46,10 @@ def forward_step(data_iterator: Optional[Iterator[Dict[str, torch.Tensor]]], mod
     reads = get_attr_wrapped_model(model, "pre_process") or get_attr_wrapped_model(
         model, "post_process")
     batch = next(data_iterator) if data_iterator is not None and reads else None
+    if batch is not None and parallel_state.get_context_parallel_world_size() > 1:
+        # Each context-parallel rank computes its two chunks of every sequence (megatron-core's
+        # load-balanced causal split); the loss is reduced over them in loss_func.
+        batch = get_batch_on_this_cp_rank(dict(batch))
     tokens = batch["tokens"] if batch is not None else None
     position_ids = batch["position_ids"] if batch is not None else None
     labels = batch["labels"] if batch is not None else None

@@ -14,9 +14,10 @@ from typing import Iterator, List, Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from spannorm_megatron.runtime import current_device
+from spannorm_megatron.runtime import current_device, has_accelerator
 from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
 
 
@@ -36,6 +37,10 @@ class StepResult:
 
     bad_layer: Optional[int] = None
     """When gradients were non-finite: the first global layer number (0: outside the layers)."""
+
+    num_zeros: Optional[float] = None
+    """Zero gradient entries, counted by megatron-core's optimizer (with
+    --log-num-zeros-in-grad; None otherwise and on skipped steps)."""
 
 
 def _data_iterators(iterator, num_chunks: int):
@@ -61,13 +66,16 @@ def broadcast_from_last_stage(value: Optional[float]) -> Optional[float]:
 
 def train_step(model, optimizer, scheduler, data_iterator: Iterator, num_microbatches: int,
                seq_length: int, micro_batch_size: int, global_batch_size: int,
-               monitor=None, guard=None, forward_step_func=forward_step) -> StepResult:
+               monitor=None, guard=None, forward_step_func=forward_step,
+               empty_cache_level: int = 0) -> StepResult:
     """Forward and backward over the step's micro-batches, then one optimizer step (and one
     scheduler step of `global_batch_size` samples, unless `scheduler` is None).
 
     `monitor` (training.monitor.RunMonitor) sees the gradients before and the weights after the
     update; `guard` (training.guards.NonFiniteGuard) skips the update when a gradient is NaN/Inf
-    (`StepResult.bad_layer` then says where it started).
+    (`StepResult.bad_layer` then says where it started). `empty_cache_level` is
+    --empty-unused-memory-level: release the CUDA cache after the backward pass (1) and after
+    the optimizer step too (2), where Megatron-LM does.
     """
     for chunk in model:
         chunk.zero_grad_buffer()
@@ -80,27 +88,34 @@ def train_step(model, optimizer, scheduler, data_iterator: Iterator, num_microba
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
     )
-    learning_rate = optimizer.param_groups[0]["lr"]
+    # The step's rate: the first group on the default schedule (not one of --decoupled-lr's
+    # embedding/output groups), as Megatron-LM logs it.
+    learning_rate = get_canonical_lr_for_logging(optimizer.param_groups)
+    if learning_rate is None:
+        learning_rate = optimizer.param_groups[0]["lr"]
     loss = broadcast_from_last_stage(reduce_lm_loss(losses_reduced))
     bad_layer = guard.first_bad_layer() if guard is not None else None
     if bad_layer is not None:
         return StepResult(loss=loss, grad_norm=None, skipped=True, learning_rate=learning_rate,
                           bad_layer=bad_layer)
+    _empty_cache(empty_cache_level >= 1)
     if monitor is not None:
         monitor.before_optimizer_step(optimizer)
-    update_successful, grad_norm, _ = optimizer.step()
+    update_successful, grad_norm, num_zeros = optimizer.step()
     if monitor is not None:
         monitor.after_optimizer_step()
     if update_successful and scheduler is not None:
         scheduler.step(increment=global_batch_size)
+    _empty_cache(empty_cache_level >= 2)
     return StepResult(loss=loss, grad_norm=grad_norm, skipped=not update_successful,
-                      learning_rate=learning_rate)
+                      learning_rate=learning_rate, num_zeros=num_zeros)
 
 
 @torch.no_grad()
 def evaluate(model, data_iterator: Iterator, eval_iters: int, num_microbatches: int,
-             seq_length: int, micro_batch_size: int) -> float:
-    """Mean token loss over `eval_iters` global batches of the validation set."""
+             seq_length: int, micro_batch_size: int, empty_cache_level: int = 0) -> float:
+    """Mean token loss over `eval_iters` global batches of the validation set (releasing the
+    CUDA cache after each with --empty-unused-memory-level 1 or 2)."""
     for chunk in model:
         chunk.eval()
     total = torch.zeros(2, dtype=torch.float64, device=current_device())
@@ -115,6 +130,7 @@ def evaluate(model, data_iterator: Iterator, eval_iters: int, num_microbatches: 
                 micro_batch_size=micro_batch_size,
                 forward_only=True,
             )
+            _empty_cache(empty_cache_level >= 1)
             for entry in losses_reduced or []:
                 total += entry["lm loss"].double()
     finally:
@@ -126,16 +142,34 @@ def evaluate(model, data_iterator: Iterator, eval_iters: int, num_microbatches: 
 
 def log_line(iteration: int, train_iters: int, consumed_samples: int, step_seconds: float,
              result: StepResult, global_batch_size: int, tokens_per_second: float,
-             mfu: Optional[float], skipped_total: int) -> str:
-    """Megatron-LM's training log line, with throughput and MFU appended."""
+             mfu: Optional[float], skipped_total: int, *,
+             learning_rate: Optional[float] = None, tflops: Optional[float] = None,
+             num_zeros: Optional[float] = None, params_norm: Optional[float] = None,
+             loss_scale: float = 1.0) -> str:
+    """Megatron-LM's training log line, with throughput and MFU appended. `learning_rate`:
+    the one to print (default: the step's); `tflops` (--log-throughput), `num_zeros`
+    (--log-num-zeros-in-grad) and `params_norm` (--log-params-norm) where Megatron-LM prints
+    them; `loss_scale` always, as Megatron-LM does (1.0 without a loss scaler)."""
+    learning_rate = result.learning_rate if learning_rate is None else learning_rate
     parts = [
         f" [{datetime.now():%Y-%m-%d %H:%M:%S}] iteration {iteration:8d}/{train_iters:8d}",
         f"consumed samples: {consumed_samples:12d}",
         f"elapsed time per iteration (ms): {step_seconds * 1000:.1f}",
-        f"learning rate: {result.learning_rate:.6E}",
+    ]
+    if tflops is not None:
+        parts.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
+    parts += [
+        f"learning rate: {learning_rate:.6E}",
         f"global batch size: {global_batch_size:5d}",
         f"lm loss: {result.loss:.6E}" if result.loss is not None else "lm loss: n/a",
+        f"loss scale: {loss_scale:.1f}",
         f"grad norm: {result.grad_norm:.3f}" if result.grad_norm is not None else "grad norm: n/a",
+    ]
+    if num_zeros is not None:
+        parts.append(f"num zeros: {num_zeros}")
+    if params_norm is not None:
+        parts.append(f"params norm: {params_norm:.3f}")
+    parts += [
         f"number of skipped iterations: {skipped_total:3d}",
         f"tokens/s: {tokens_per_second:.0f}",
     ]
@@ -170,3 +204,9 @@ class ThroughputWindow:
         average = self.seconds / max(self.iterations, 1)
         self.seconds, self.iterations = 0.0, 0
         return average
+
+
+def _empty_cache(when: bool) -> None:
+    # On CPU there is no caching allocator to release (the flag said so once, at start).
+    if when and has_accelerator():
+        torch.cuda.empty_cache()

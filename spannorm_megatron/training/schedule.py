@@ -33,6 +33,16 @@ class BatchLayout:
         """Micro-batches each rank accumulates per step (after any ramp-up)."""
         return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
 
+    @property
+    def microbatch_counts(self) -> Tuple[int, ...]:
+        """Every micro-batch count a step may have: each size of a --rampup-batch-size ramp,
+        and the final one."""
+        unit = self.micro_batch_size * self.data_parallel_size
+        if self.rampup is None:
+            return (self.num_microbatches,)
+        start, increment, _ = self.rampup
+        return tuple(size // unit for size in range(start, self.global_batch_size + 1, increment))
+
     def train_iters_for(self, train_samples: int) -> int:
         """Megatron-LM's `update_train_iters`: the steps --train-samples makes, the ramp-up's
         growing batches counted one by one (a partial last batch is dropped)."""
@@ -55,13 +65,16 @@ class BatchLayout:
 
 def batch_layout(args: argparse.Namespace, world_size: int) -> BatchLayout:
     """Checked before any process group exists: the world size comes from the launcher."""
-    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    cp = getattr(args, "context_parallel_size", 1)
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * cp
     if world_size % model_parallel:
         raise ConfigError(
             f"world size {world_size} is not divisible by --tensor-model-parallel-size "
             f"{args.tensor_model_parallel_size} x --pipeline-model-parallel-size "
-            f"{args.pipeline_model_parallel_size} = {model_parallel}: launch a multiple of "
-            f"{model_parallel} ranks or change the sizes."
+            f"{args.pipeline_model_parallel_size}" + (
+                f" x --context-parallel-size {cp}" if cp > 1 else "") +
+            f" = {model_parallel}: launch a multiple of {model_parallel} ranks or change the "
+            f"sizes."
         )
     dp = world_size // model_parallel
     global_batch = args.global_batch_size or args.micro_batch_size * dp
@@ -105,6 +118,12 @@ def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
         adam_beta2=args.adam_beta2,
         adam_eps=args.adam_eps,
         clip_grad=args.clip_grad,
+        log_num_zeros_in_grad=args.log_num_zeros_in_grad,
+        # The input embedding and output layer's own peak and final learning rate: megatron-
+        # core's standard parameter-group overrides (get_megatron_optimizer) give them to the
+        # parameters it marks is_embedding_or_output_parameter.
+        decoupled_lr=args.decoupled_lr,
+        decoupled_min_lr=args.decoupled_min_lr,
     )
 
 

@@ -10,7 +10,12 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import (
+    MegatronOptimizer,
+    OptimizerConfig,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.model import build_model, transformer_config
@@ -27,10 +32,11 @@ def setup_model_and_optimizer(
     """Build this rank's model chunks, wrap each in DDP, and create the optimizer.
 
     The one place where the run's configs become megatron-core's: `TransformerConfig` from the
-    model, the layout, the precision/recompute choices (`performance`, default fp32) and any
-    `transformer_overrides` (e.g. `calculate_per_token_loss`); the DDP config from the layout
-    and the overlap choices; the optimizer's layout and precision fields from the same, so that
-    `optimizer_config` carries only the optimizer's own settings (lr, betas, clipping...).
+    model, the layout, the precision/fusion/recompute choices (`performance`, default fp32) and
+    any `transformer_overrides` (e.g. `calculate_per_token_loss`); the DDP config from the
+    layout and the overlap choices; the optimizer's layout, precision and loss-scaling fields
+    from the same, so that `optimizer_config` carries only the optimizer's own settings (lr,
+    betas, clipping, decoupled lr...).
 
     Also wires the `TransformerConfig` the way megatron-core's schedules expect: gradient
     finalization (DP all-reduce, sequence-parallel norm-gain reduction, embedding-tie sync),
@@ -38,10 +44,11 @@ def setup_model_and_optimizer(
     """
     performance = performance or PerformanceConfig()
     tconfig = transformer_config(model_config, **parallel.transformer_kwargs(),
-                                 **performance.transformer_kwargs(), **transformer_overrides)
+                                 **performance.transformer_kwargs(model_config),
+                                 **transformer_overrides)
     ddp_config = DistributedDataParallelConfig(**performance.ddp_kwargs(parallel))
     optimizer_config = dataclasses.replace(
-        optimizer_config, bf16=performance.bf16, params_dtype=performance.params_dtype,
+        optimizer_config, **performance.optimizer_kwargs(),
         use_distributed_optimizer=parallel.use_distributed_optimizer)
     chunks = build_model(model_config, tconfig)
     model = [
@@ -55,7 +62,8 @@ def setup_model_and_optimizer(
         )
         for index, chunk in enumerate(chunks)
     ]
-    optimizer = get_megatron_optimizer(optimizer_config, model)
+    optimizer = get_megatron_optimizer(optimizer_config, model,
+                                       config_overrides=_param_group_overrides(optimizer_config))
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss
     tconfig.no_sync_func = _one_or_list([m.no_sync for m in model])
@@ -64,6 +72,23 @@ def setup_model_and_optimizer(
         # is done (Megatron-LM's default, --align-grad-reduce).
         tconfig.grad_sync_func = _one_or_list([m.start_grad_sync for m in model])
     return model, optimizer
+
+
+def _param_group_overrides(config: OptimizerConfig) -> dict:
+    """megatron-core's standard parameter groups (no weight decay for biases and 1-D weights;
+    --decoupled-lr's peak and final learning rate for the embedding and output layer), as
+    Megatron-LM builds them, with the decoupled groups marked `is_decoupled_lr`.
+
+    Why the mark: megatron-core 0.16.1 pairs saved and current parameter groups on resume by
+    (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr) only, and its standard overrides
+    leave is_decoupled_lr False, so a decoupled group collides with the plain one and the
+    resume fails (or loads another group's learning rates); fixed upstream after 0.16
+    (NVIDIA/Megatron-LM#4705). The mark is the field megatron-core's key already has for it."""
+    overrides = get_standard_config_overrides(config)
+    for key, override in overrides.items():
+        if "max_lr" in override and config.decoupled_lr is not None:
+            overrides[key] = {**override, "is_decoupled_lr": True}
+    return overrides
 
 
 def _one_or_list(functions: list):

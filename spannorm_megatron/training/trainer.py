@@ -11,7 +11,6 @@ down what `setup` made: signal handlers, TensorBoard, process groups.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -25,6 +24,7 @@ from megatron.core.num_microbatches_calculator import (
     init_num_microbatches_calculator,
     update_num_microbatches,
 )
+from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 
 from spannorm_megatron.checkpoint import (
     TRACKER_FILENAME,
@@ -44,18 +44,26 @@ from spannorm_megatron.data.dataset import (
 )
 from spannorm_megatron.data.loader import build_data_iterators
 from spannorm_megatron.data.tokenizer import build_tokenizer, check_data_fits_vocab
+from spannorm_megatron.data.tokenizer_args import tokenizer_config, tokenizer_sha256
 from spannorm_megatron.errors import ConfigError
+from spannorm_megatron.metrics.wandb import WandbLogger, check_wandb
+from spannorm_megatron.model.fusions import describe as describe_fusions
+from spannorm_megatron.model.moe_kernels import check_moe_kernels
 from spannorm_megatron.model.partition import check_model_fits_layout
+from spannorm_megatron.options import from_namespace
 from spannorm_megatron.runtime import check_launch, current_device, destroy, initialize
 from spannorm_megatron.training.arguments import (
     data_config,
+    metrics_logging_config,
     model_config,
     padded_vocab_size,
     parallel_config,
     performance_config,
 )
+from spannorm_megatron.training.checkpoint_args import check_model_matches
 from spannorm_megatron.training.gpt_step import forward_step
 from spannorm_megatron.training.guards import ExitConditions, NonFiniteGuard, SpikeDetector
+from spannorm_megatron.training.hooks import RunHooks, RunHooksConfig
 from spannorm_megatron.training.loop import (
     StepResult,
     ThroughputWindow,
@@ -111,17 +119,10 @@ def _check_room_for_checkpoints(save: str, model, data_parallel_size: int, bf16:
                           f"another --save.")
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_same_tokenizer(args, sha256: Optional[str]) -> None:
     """A resume must read its data with the tokenizer it was trained with: another one of the
-    same vocabulary size would load without a word and give every id another meaning."""
+    same vocabulary size would load without a word and give every id another meaning. Compared:
+    the type, the digest of its files (`tokenizer_sha256`) and NullTokenizer's --vocab-size."""
     if not args.load:
         return
     try:
@@ -131,15 +132,23 @@ def _check_same_tokenizer(args, sha256: Optional[str]) -> None:
         saved = read_run_record(os.path.join(args.load, iteration_dirname(iteration)))["args"]
     except (CheckpointError, KeyError, TypeError):
         return  # no usable record here: the load itself reports what is wrong
+    files = {"tokenizer_model": "--tokenizer-model", "vocab_file": "--vocab-file",
+             "merge_file": "--merge-file"}
+    recorded = {flag: saved[key] for key, flag in files.items() if saved.get(key)}
     differ = [(flag, saved.get(key), now) for flag, key, now in (
         ("--tokenizer-type", "tokenizer_type", args.tokenizer_type),
-        ("--tokenizer-model", "tokenizer_sha256", sha256)) if saved.get(key) not in (None, now)]
+        ("/".join(recorded) or "tokenizer files", "tokenizer_sha256", sha256),
+        ("--vocab-size", "vocab_size", getattr(args, "vocab_size", None)))
+        if saved.get(key) not in (None, now)]
     if differ:
+        was = ("" if not recorded else f"; its file was {next(iter(recorded.values()))}"
+               if len(recorded) == 1 else
+               "; its files were " + ", ".join(f"{k} {v}" for k, v in recorded.items()))
         raise ConfigError(
             f"--load {args.load}: the checkpoint was trained with another tokenizer ("
             + "; ".join(f"{flag}: checkpoint {old}, this run {new}" for flag, old, new in differ)
-            + f"; its file was {saved.get('tokenizer_model')}). Pass the checkpoint's tokenizer, "
-            f"or start a new run in another --save directory.")
+            + was + "). Pass the checkpoint's tokenizer, or start a new run in another --save "
+            "directory.")
 
 
 def _check_fresh_save_directory(args) -> None:
@@ -163,25 +172,41 @@ class Trainer:
         """Check everything the user gave, before any process group work."""
         self.args = args
         self.batches = batch_layout(args, int(os.environ.get("WORLD_SIZE", "1")))
-        if args.train_samples is not None:  # Megatron-LM sets train_iters from it, as here
-            args.train_iters = self.batches.train_iters_for(args.train_samples)
-            if args.train_iters < 1:
+        # Megatron-LM sets args.train_iters from --train-samples; here the flags stay as given
+        # (a TrainingConfig holds one of the two) and the run keeps its step count.
+        self.train_iters = args.train_iters
+        if args.train_samples is not None:
+            self.train_iters = self.batches.train_iters_for(args.train_samples)
+            if self.train_iters < 1:
                 raise ConfigError(
                     f"--train-samples {args.train_samples} is less than one global batch "
                     f"({self.batches.global_batch_size}): train at least one step.")
-            args.notices.append(f"setting training iterations to {args.train_iters}")
+            args.notices.append(f"setting training iterations to {self.train_iters}")
         self.data_config = data_config(args)
-        self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-        self.tokenizer_sha256 = _file_sha256(args.tokenizer_model) if args.tokenizer_model else None
+        tokenizer_flags = tokenizer_config(args)
+        self.tokenizer = build_tokenizer(tokenizer_flags)
+        self.tokenizer_sha256 = tokenizer_sha256(tokenizer_flags)
         _check_same_tokenizer(args, self.tokenizer_sha256)
         self.model_config = model_config(args, padded_vocab_size(self.tokenizer.vocab_size, args))
+        check_model_matches(args, self.model_config)
         self.parallel = parallel_config(args)
         check_model_fits_layout(self.model_config, self.parallel)
         self.performance = performance_config(args)
         self.performance.check_layout(self.parallel)
-        self.performance.check_machine(self.model_config)
-        check_launch(args.distributed_backend)
-        self.num_samples = num_samples_for(args.train_iters, self.batches.global_batch_size,
+        self.performance.check_machine(self.model_config, self.parallel)
+        cp = self.parallel.context_parallel_size
+        if args.seq_length % (2 * cp) and cp > 1:
+            raise ConfigError(
+                f"--seq-length {args.seq_length} must be divisible by 2 x --context-parallel-size"
+                f" = {2 * cp}: each context-parallel rank takes two equal chunks of a sequence.")
+        self.hooks_config = from_namespace(RunHooksConfig, args)
+        self.hooks_config.check_run(int(os.environ.get("WORLD_SIZE", "1")), args.tensorboard_dir)
+        check_wandb(args)
+        check_moe_kernels(self.model_config)
+        check_launch(args.distributed_backend, self.parallel)
+        for count in self.batches.microbatch_counts:
+            self.parallel.check_microbatches(count)
+        self.num_samples = num_samples_for(self.train_iters, self.batches.global_batch_size,
                                            args.eval_interval, args.eval_iters,
                                            train_samples=args.train_samples)
         check_data_fits_vocab(check_data_prefixes(self.data_config, self.num_samples),
@@ -193,6 +218,11 @@ class Trainer:
         self.model = self.optimizer = self.scheduler = None
         self.monitor: Optional[RunMonitor] = None
         self.exits: Optional[ExitConditions] = None
+        self.hooks: Optional[RunHooks] = None
+        self.wandb: Optional[WandbLogger] = None
+        # Steps the optimizer itself refused: fp16 loss-scale overflows (NonFiniteGuard counts
+        # the ones it catches).
+        self.skipped_by_optimizer = 0
         self._initialized = False
 
     # ------------------------------------------------------------------ setup and teardown
@@ -200,7 +230,7 @@ class Trainer:
         """Process groups, model, optimizer, scheduler, checkpoint, data, monitors."""
         args, model_cfg, parallel, performance = (self.args, self.model_config, self.parallel,
                                                   self.performance)
-        initialize(parallel, seed=args.seed)
+        initialize(parallel, seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
         self._initialized = True
         for notice in getattr(args, "notices", []):
             print_rank_0(f"> {notice}")
@@ -224,7 +254,7 @@ class Trainer:
         self.scheduler = lr_scheduler(args, self.optimizer, self.batches.global_batch_size)
         if args.save:
             _check_room_for_checkpoints(args.save, self.model, self.batches.data_parallel_size,
-                                        bf16=performance.bf16)
+                                        bf16=performance.bf16 or performance.fp16)
         self.iteration, self.consumed_train, self.consumed_valid = self._load()
 
         datasets = build_gpt_datasets(self.data_config, self.tokenizer, self.num_samples)
@@ -240,6 +270,7 @@ class Trainer:
                      f"{sum(p.numel() for c in self.model for p in c.parameters()):,} "
                      f"parameters on rank 0")
         print_rank_0(f"> fused kernels: {fused_kernels()}")
+        print_rank_0(f"> fusions {describe_fusions(self.model[0].config)}")
         print_rank_0(f"> parallel: TP {parallel.tensor_model_parallel_size}, PP "
                      f"{parallel.pipeline_model_parallel_size}, EP "
                      f"{parallel.expert_model_parallel_size}, DP {batches.data_parallel_size}; "
@@ -251,15 +282,27 @@ class Trainer:
             num_microbatches=batches.num_microbatches, log_interval=args.log_interval,
             tensorboard_dir=args.tensorboard_dir, dtype=performance.params_dtype,
             recompute=args.recompute_granularity,
-            collapse_grad_ratio=args.collapse_grad_ratio)
+            collapse_grad_ratio=args.collapse_grad_ratio,
+            metrics=metrics_logging_config(args))
         self.monitor.write_config({"args": vars(args), "model": model_cfg.to_dict(),
                                    "parallel": vars(parallel)})
         self.guard = NonFiniteGuard(self.model, args.max_skipped_iterations)
         self.spikes = SpikeDetector(args.loss_spike_factor, args.loss_spike_window)
         self.exits = ExitConditions(args.exit_duration_in_mins)
+        self.hooks = RunHooks(self.hooks_config, args.tensorboard_dir)
+        self.wandb = WandbLogger.create(args)
+        if self.wandb is not None:
+            self.monitor.writer = self.wandb.mirror(self.monitor.writer)
 
     def close(self) -> None:
-        """Undo `setup` (whatever of it ran): signal handlers, TensorBoard, process groups."""
+        """Undo `setup` (whatever of it ran): profiler, garbage collector, signal handlers,
+        TensorBoard, W&B, process groups."""
+        if self.hooks is not None:
+            self.hooks.close()
+            self.hooks = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         if self.exits is not None:
             self.exits.close()
             self.exits = None
@@ -289,13 +332,19 @@ class Trainer:
         self.monitor.begin_step(self.iteration + 1)
         update_num_microbatches(self.consumed_train, consistency_check=True)
         global_batch_size = get_current_global_batch_size()
+        # Under dynamic loss scaling an overflow is the scaler's signal, as in Megatron-LM: the
+        # optimizer skips the step and lowers the scale, and the guard stays out of it.
         result = train_step(self.model, self.optimizer, self.scheduler, self.train_iter,
                             num_microbatches=get_num_microbatches(),
                             seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                             global_batch_size=global_batch_size,
-                            monitor=self.monitor, guard=guard,
-                            forward_step_func=self.forward_step_for(self.iteration + 1))
+                            monitor=self.monitor,
+                            guard=None if self.performance.dynamic_loss_scaling else guard,
+                            forward_step_func=self.forward_step_for(self.iteration + 1),
+                            empty_cache_level=self.hooks_config.empty_unused_memory_level)
         self.iteration += 1
+        if result.skipped and result.bad_layer is None:
+            self.skipped_by_optimizer += 1
         self.consumed_train += global_batch_size
         self.history["train_loss"].append(result.loss)
         self.history["iterations"].append(self.iteration)
@@ -304,8 +353,8 @@ class Trainer:
                      else f"lowest layer: {result.bad_layer}")
             print_rank_0(f" iteration {self.iteration}: non-finite gradients ({where}); update "
                          f"skipped ({guard.in_a_row + 1} in a row, {guard.total + 1} in all)")
-        self.monitor.record_skipped(self.iteration,
-                                    guard.total + int(result.bad_layer is not None))
+        self.monitor.record_skipped(self.iteration, self.skipped_total
+                                    + int(result.bad_layer is not None))
         guard.record(result.bad_layer, self.iteration)
         spike_median = self.spikes.check(result.loss)
         if spike_median is not None:
@@ -318,9 +367,10 @@ class Trainer:
         args = self.args
         loss = evaluate(self.model, self.valid_iter, args.eval_iters,
                         num_microbatches=self.batches.num_microbatches,
-                        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size)
+                        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                        empty_cache_level=self.hooks_config.empty_unused_memory_level)
         self.consumed_valid += args.eval_iters * self.batches.global_batch_size
-        self.monitor.log_validation(self.iteration, loss)
+        self.monitor.log_validation(self.iteration, loss, self.consumed_train)
         self.history["valid_loss"].append(loss)
         bar = "-" * 100
         print_last_rank(f"{bar}\n validation loss at iteration {self.iteration} | lm loss value: "
@@ -338,7 +388,9 @@ class Trainer:
             model_config=self.model_config, parallel_config=self.parallel,
             consumed_train_samples=self.consumed_train,
             consumed_valid_samples=self.consumed_valid,
-            args=dict(vars(args), tokenizer_sha256=self.tokenizer_sha256))
+            args=dict(vars(args), tokenizer_sha256=self.tokenizer_sha256,
+                      global_batch_size=self.batches.global_batch_size,
+                      micro_batch_size=self.batches.micro_batch_size))
         print_rank_0(f"  successfully saved checkpoint at iteration {self.iteration:7d} to "
                      f"{path}")
 
@@ -348,18 +400,23 @@ class Trainer:
         checkpoint. Returns the history of losses."""
         args = self.args
         every = lambda interval: bool(interval) and self.iteration % interval == 0  # noqa: E731
-        throughput = ThroughputWindow()
-        while self.iteration < args.train_iters:
+        window = ThroughputWindow()
+        self.hooks.start()
+        while self.iteration < self.train_iters:
+            self.hooks.before_step(self.iteration)
             result = self.train_step()
-            throughput.step_done()
-            if self.monitor.is_log_step(self.iteration) or self.iteration == args.train_iters:
-                self._log(result, throughput.seconds_per_iteration())
+            window.step_done()
+            self.hooks.after_step(self.iteration)
+            prints = self.monitor.is_log_step(self.iteration) or self.iteration == self.train_iters
+            self._log(result, window.seconds_per_iteration() if prints else None)
             if self.valid_iter is not None and every(args.eval_interval):
+                self.hooks.before_evaluation()
                 self.evaluate()
-                throughput.exclude_since_last_step()
+                self.hooks.after_evaluation()
+                window.exclude_since_last_step()
             if every(args.save_interval):
                 self.save()
-                throughput.exclude_since_last_step()
+                window.exclude_since_last_step()
             reason = self.exits.reason()
             if reason is None and every(args.exit_interval):
                 reason = "--exit-interval"
@@ -374,16 +431,36 @@ class Trainer:
             self.evaluate()
         return self.history
 
-    def _log(self, result: StepResult, seconds: float) -> None:
+    @property
+    def skipped_total(self) -> int:
+        """Steps without an update so far: non-finite gradients and loss-scale overflows."""
+        return self.guard.total + self.skipped_by_optimizer
+
+    def _log(self, result: StepResult, seconds: Optional[float]) -> None:
+        """Every iteration: TensorBoard (monitor.end_step, collectives on every rank) and, when
+        `seconds` (the log window's time per iteration) is given, the log line."""
         global_batch_size = get_current_global_batch_size()
-        tokens_per_second = global_batch_size * self.args.seq_length / seconds
-        print_last_rank(log_line(self.iteration, self.args.train_iters, self.consumed_train,
-                                 seconds, result, global_batch_size, tokens_per_second,
-                                 self.monitor.mfu(seconds), self.guard.total))
-        alarm = self.monitor.end_step(self.iteration, result, seconds,
-                                      float(self.optimizer.get_loss_scale()))
-        if alarm is not None:
-            print_rank_0(f" WARNING: {alarm}")
+        # Megatron-LM logs the learning rate after the scheduler's update.
+        learning_rate = get_canonical_lr_for_logging(self.optimizer.param_groups)
+        if learning_rate is None:
+            learning_rate = self.optimizer.param_groups[0]["lr"]
+        loss_scale = float(self.optimizer.get_loss_scale())
+        report = self.monitor.end_step(self.iteration, result,
+                                       consumed_samples=self.consumed_train,
+                                       learning_rate=learning_rate,
+                                       loss_scale=loss_scale,
+                                       seconds_per_step=seconds,
+                                       global_batch_size=global_batch_size)
+        if seconds is not None:
+            tokens_per_second = global_batch_size * self.args.seq_length / seconds
+            print_last_rank(log_line(
+                self.iteration, self.train_iters, self.consumed_train, seconds, result,
+                global_batch_size, tokens_per_second, self.monitor.mfu(seconds),
+                self.skipped_total, learning_rate=learning_rate, loss_scale=loss_scale,
+                tflops=self.monitor.throughput_tflops(seconds) if self.args.log_throughput
+                else None, num_zeros=report.num_zeros, params_norm=report.params_norm))
+        if report.alarm is not None:
+            print_rank_0(f" WARNING: {report.alarm}")
 
     # ------------------------------------------------------------------ resume
     def _load(self):
