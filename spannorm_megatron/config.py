@@ -726,7 +726,8 @@ class ParallelConfig:
         at_least=1)
     sequence_parallel: bool = option(
         False, "Shard activations outside attention/MLP along the sequence over the "
-        "tensor-parallel ranks (required for MoE with tensor parallelism).")
+        "tensor-parallel ranks (required for MoE with tensor parallelism); off at "
+        "--tensor-model-parallel-size 1, as Megatron-LM turns it off there.")
     context_parallel_size: int = option(
         1, "Ranks that split every sequence (Transformer Engine's attention exchanges keys and "
         "values between them); needs the Transformer Engine layers.", at_least=1)
@@ -777,6 +778,10 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         check(self)
+        if self.tensor_model_parallel_size == 1:
+            # Megatron-LM's validate_args (its scripts pass --sequence-parallel whatever the TP
+            # size; megatron-core would refuse it); parse_args says so once.
+            self.sequence_parallel = False
         if self.virtual_pipeline_model_parallel_size == 1:
             # As Megatron-LM: one model chunk per stage is the plain 1F1B schedule.
             self.virtual_pipeline_model_parallel_size = None

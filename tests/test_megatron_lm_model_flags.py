@@ -213,6 +213,21 @@ def test_hidden_size_need_not_divide_by_heads_with_kv_channels():
     assert config.resolved_kv_channels == 16
 
 
+def test_sequence_parallel_at_tp1_is_turned_off_as_megatron_lm_does():
+    """Megatron-LM's scripts pass --sequence-parallel at TP1 (Llama-3, Mixtral, Qwen3,
+    DeepSeek-V2-Lite); its validate_args turns it off there, and so does ParallelConfig (the
+    flag still stores what Megatron-LM's parser stores), saying so once."""
+    from spannorm_megatron.training.arguments import parallel_config
+
+    args = _parse("--sequence-parallel")
+    assert args.sequence_parallel and not parallel_config(args).sequence_parallel
+    assert any(n.startswith("--sequence-parallel with --tensor-model-parallel-size 1")
+               for n in args.notices)
+    args = _parse("--sequence-parallel", "--tensor-model-parallel-size", "2")
+    assert parallel_config(args).sequence_parallel
+    assert not any("--sequence-parallel" in n for n in args.notices)
+
+
 @pytest.mark.parametrize("fmt,reason", [
     ("torch", "legacy per-rank torch.save format"),
     ("torch_dcp", "--use-torch-fsdp2"),

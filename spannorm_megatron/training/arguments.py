@@ -213,9 +213,7 @@ def _resolve(args: argparse.Namespace) -> None:
     _resolve_position_spellings(args)
     _note_unread_attention_flags(args)
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
-        # Megatron-LM's validate_args does the same (its scripts pass --sequence-parallel
-        # whatever the TP size); megatron-core would refuse the combination.
-        args.sequence_parallel = False
+        # ParallelConfig turns it off, as Megatron-LM's validate_args does.
         args.notices.append("--sequence-parallel with --tensor-model-parallel-size 1: sequence "
                             "parallelism is off (no tensor-parallel ranks to split the sequence "
                             "over; Megatron-LM disables it the same way).")
