@@ -51,9 +51,9 @@ _NOT_MEGATRON_ATTRIBUTES = ("disable_bias_linear",)
 # arguments.py defaults); the TransformerConfig-backed ones are read from the installed
 # megatron-core below, which is where Megatron-LM's flags take their defaults from.
 _MEGATRON_DEFAULTS = {
+    # Flags of ours too (training.arguments.MegatronSpellings); these serve saves without flags.
     "add_position_embedding": True,     # only --no-position-embedding (deprecated) clears it
     "use_rotary_position_embeddings": False,
-    "rotary_percent": 1.0,
     "squared_relu": False,
     "hybrid_override_pattern": None,
     "spec": None,
@@ -114,11 +114,10 @@ def _transformer_impl(config: ModelConfig) -> str:
 def model_arguments(config: ModelConfig) -> Dict[str, Any]:
     """The model's arguments under Megatron-LM's names, resolved as its validate_args does."""
     values = {f.name: getattr(config, f.name) for f in options(ModelConfig)}
-    heads = config.num_attention_heads
     values.update(
         padded_vocab_size=config.vocab_size,
         ffn_hidden_size=config.resolved_ffn_hidden_size,
-        kv_channels=config.hidden_size // heads,
+        kv_channels=config.resolved_kv_channels,
         # Megatron-LM counts --num-query-groups only with --group-query-attention.
         group_query_attention=config.num_query_groups is not None,
         num_query_groups=config.num_query_groups,

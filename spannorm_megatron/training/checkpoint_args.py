@@ -20,8 +20,9 @@ as given, as in Megatron-LM.
 process group exists: the model these flags describe must be the checkpoint's. It compares what
 the run record's architecture check (`checkpoint.run_record.compare`, also made by
 `load_checkpoint` itself) compares, which holds every model argument Megatron-LM's check reads:
-``num_layers``, ``hidden_size``, ``num_attention_heads`` directly; ``add_position_embedding`` is
-Megatron-LM's default in every checkpoint here (no flag changes it); ``max_position_embeddings``
+``num_layers``, ``hidden_size``, ``num_attention_heads`` directly; ``add_position_embedding``
+changes no model here (``--no-position-embedding`` is accepted only with rope positions, which
+it leaves as they are, and refused otherwise); ``max_position_embeddings``
 and ``make_vocab_size_divisible_by`` (which Megatron-LM compares only with a ``--vocab-file``
 tokenizer) wherever they change the weights: the maximum positions of learned position
 embeddings, and the padded vocabulary; with a ``--vocab-file`` tokenizer both always, as there;
@@ -54,10 +55,11 @@ from spannorm_megatron.options import flag_of, options
 # Megatron-LM's _set_arg without force. The dispatcher has a default, so is never taken there
 # either.
 SIZES = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-         "max_sequence_length", "moe_token_dispatcher_type")
+         "max_sequence_length", "moe_token_dispatcher_type", "kv_channels")
 # ModelConfig fields taken over the command line: Megatron-LM's forced ones that we have...
 STRUCTURE = (
-    "num_query_groups", "position_embedding_type", "rotary_base", "add_bias_linear", "swiglu",
+    "num_query_groups", "position_embedding_type", "rotary_base", "rotary_percent",
+    "add_bias_linear", "swiglu",
     "untie_embeddings_and_output_weights", "apply_layernorm_1p", "normalization",
     "attention_dropout", "hidden_dropout", "num_experts", "moe_layer_freq",
     "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax", "moe_grouped_gemm",
@@ -66,7 +68,9 @@ STRUCTURE = (
     # ... and the rest of what the architecture check compares (run_record._architecture):
     # the placement's switches and every routing setting it compares.
     "norm_placement", "final_norm", "first_layer_input_norm", "scale_mode", "scale_init",
-    "qk_layernorm",
+    "qk_layernorm", "multi_latent_attention", "rope_type", "q_lora_rank", "kv_lora_rank",
+    "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rotary_scaling_factor", "mscale",
+    "mscale_all_dim",
 )
 STRUCTURE += tuple(name for name in ROUTING_FIELDS if name not in STRUCTURE)
 # Recorded flags of the run (the record's "args") taken the same two ways.
