@@ -58,7 +58,8 @@ def test_bad_input_is_refused_before_training(corpus, flags, expected):
     base = {"--data-path": data, "--tokenizer-model": tokenizer}
     for flag, value in zip(flags[::2], flags[1::2]):
         base[flag] = value
-    argv = [item for pair in base.items() for item in pair] + ["--train-iters", "2"]
+    argv = [*SMALL, *(item for pair in base.items() for item in pair), "--train-iters", "2",
+            "--lr-warmup-iters", "0"]
     result = run_train(*argv, nproc=1, timeout=300)
     assert result.returncode == 2
     assert expected in result.stderr
@@ -218,7 +219,7 @@ def test_tensorboard_has_megatron_lm_tags_on_their_schedules(corpus, tmp_path):
 
 def test_megatron_lm_logging_flags_keep_its_defaults():
     """Megatron-LM core_v0.16.1's defaults (training_config.LoggerConfig and the MoE group)."""
-    args = parse_args([])
+    args = parse_args(SMALL)
     assert args.tensorboard_log_interval == 1 and args.tensorboard_queue_size == 1000
     assert args.log_loss_scale_to_tensorboard is True
     for flag in ("log_params_norm", "log_num_zeros_in_grad", "log_throughput",
@@ -226,8 +227,8 @@ def test_megatron_lm_logging_flags_keep_its_defaults():
                  "log_memory_to_tensorboard", "log_world_size_to_tensorboard",
                  "moe_per_layer_logging"):
         assert getattr(args, flag) is False, flag
-    assert parse_args(["--no-log-loss-scale-to-tensorboard"]).log_loss_scale_to_tensorboard \
-        is False
+    assert parse_args([*SMALL, "--no-log-loss-scale-to-tensorboard"]) \
+        .log_loss_scale_to_tensorboard is False
 
 
 def test_load_refuses_a_checkpoint_of_another_model(corpus, tmp_path):
