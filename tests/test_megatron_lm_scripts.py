@@ -146,6 +146,15 @@ def mixtral_8x7b(d, out):
     return [*model, *moe, *data, *training, *parallel, *logging]
 
 
+def _modelopt_run(d):
+    """The modelopt configurations hold a model only; the run's own flags come from the script
+    that sources them."""
+    return ["--tokenizer-model", d["hf"], "--data-path", d["prefixes"]["HuggingFaceTokenizer"],
+            "--split", "98,2,0", "--lr", "1e-4", "--train-iters", "3",
+            "--global-batch-size", "2", "--log-interval", "1", "--eval-iters", "1",
+            "--transformer-impl", "local"]
+
+
 def qwen3_30b_a3b(d, out):
     model = ["--save-interval", "100000", "--micro-batch-size", "1", "--bf16",
              "--no-masked-softmax-fusion", "--disable-bias-linear",
@@ -160,12 +169,7 @@ def qwen3_30b_a3b(d, out):
              "fp32", "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff",
              "1e-3", "--moe-token-dispatcher-type", "alltoall", "--sequence-parallel",
              "--tokenizer-type", "HuggingFaceTokenizer", "--use-mcore-models"]
-    # A model configuration: the run's own flags come from the script that sources it.
-    run = ["--tokenizer-model", d["hf"], "--data-path", d["prefixes"]["HuggingFaceTokenizer"],
-           "--split", "98,2,0", "--lr", "1e-4", "--train-iters", "3",
-           "--global-batch-size", "2", "--log-interval", "1", "--eval-iters", "1",
-           "--transformer-impl", "local"]
-    return [*model, *run]
+    return [*model, *_modelopt_run(d)]
 
 
 def deepseek_v2_lite(d, out):
@@ -188,11 +192,7 @@ def deepseek_v2_lite(d, out):
              "seq_aux_loss", "--moe-aux-loss-coeff", "1e-3", "--moe-token-dispatcher-type",
              "alltoall", "--moe-token-drop-policy", "probs", "--sequence-parallel",
              "--tokenizer-type", "HuggingFaceTokenizer", "--use-mcore-models"]
-    run = ["--tokenizer-model", d["hf"], "--data-path", d["prefixes"]["HuggingFaceTokenizer"],
-           "--split", "98,2,0", "--lr", "1e-4", "--train-iters", "3",
-           "--global-batch-size", "2", "--log-interval", "1", "--eval-iters", "1",
-           "--transformer-impl", "local"]
-    return [*model, *run]
+    return [*model, *_modelopt_run(d)]
 
 
 SCRIPTS = {"gpt3_175b": gpt3_175b, "llama3_8b": llama3_8b,

@@ -40,17 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save", required=True, metavar="HF_DIR", help="output folder")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weight dtype in the folder (default float32)")
-    from spannorm_megatron.data.tokenizer_args import SUPPORTED_TOKENIZER_TYPES
+    from spannorm_megatron.data.tokenizer_args import add_tokenizer_override_flags
 
-    group = parser.add_argument_group(
-        "tokenizer to ship (Megatron-LM's flags; default: the run's recorded one, completed from "
-        "the record when only a file is given)")
-    group.add_argument("--tokenizer-type", default=None, choices=SUPPORTED_TOKENIZER_TYPES)
-    group.add_argument("--tokenizer-model", default=None, metavar="X.model_OR_DIR",
-                       help="SentencePiece model, or HuggingFaceTokenizer's folder")
-    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
-    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
-    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: N")
+    add_tokenizer_override_flags(
+        parser, "tokenizer to ship (Megatron-LM's flags; default: the run's recorded one, "
+        "completed from the record when only a file is given)")
     parser.add_argument("--max-shard-size", default="2GB",
                         help="largest weight file, e.g. 2GB, 500MB (default 2GB)")
     parser.add_argument("--model-config", default=None, metavar="JSON",

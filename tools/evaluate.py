@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-bytes", type=int, default=0,
                         help="evaluate only the first N bytes, cut at a line end (0: all)")
     parser.add_argument("--json", default=None, metavar="OUT.json", help="write the numbers here")
-    _tokenizer_flags(parser)
+    from spannorm_megatron.data.tokenizer_args import add_tokenizer_override_flags
+
+    add_tokenizer_override_flags(parser, TOKENIZER_FLAGS_TITLE)
     parser.add_argument("--model-config", default=None, metavar="JSON",
                         help="ModelConfig JSON for a megatron checkpoint without a run record")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -68,23 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _tokenizer_flags(parser) -> None:
-    from spannorm_megatron.data.tokenizer_args import SUPPORTED_TOKENIZER_TYPES
-
-    group = parser.add_argument_group(
-        "tokenizer (Megatron-LM's flags; default: the HF folder's own, else the run's, completed "
-        "from its record when only a file is given)")
-    group.add_argument("--tokenizer-type", default=None, choices=SUPPORTED_TOKENIZER_TYPES)
-    group.add_argument("--tokenizer-model", default=None, metavar="X.model_OR_DIR",
-                       help="SentencePiece model, or HuggingFaceTokenizer's folder")
-    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
-    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
-    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: N")
-
-
-def _tokenizer_args(args) -> dict:
-    return {name: getattr(args, name) for name in ("tokenizer_type", "tokenizer_model",
-                                                   "vocab_file", "merge_file", "vocab_size")}
+TOKENIZER_FLAGS_TITLE = ("tokenizer (Megatron-LM's flags; default: the HF folder's own, else "
+                         "the run's, completed from its record when only a file is given)")
 
 
 def main(argv=None) -> int:
@@ -93,6 +80,7 @@ def main(argv=None) -> int:
     import torch
 
     from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.data.tokenizer_args import given_tokenizer_flags
     from spannorm_megatron.evaluation import models
     from spannorm_megatron.evaluation.scoring import (
         HFScorer,
@@ -129,7 +117,7 @@ def main(argv=None) -> int:
             raise EvaluationError("A Hugging Face folder is evaluated by one process: run "
                                   "tools/evaluate.py without torchrun.")
         model = load_hf_model(args.load, dtype, device)
-        tokenizer = models.resolve_tokenizer(**_tokenizer_args(args), hf_folder=args.load)
+        tokenizer = models.resolve_tokenizer(**given_tokenizer_flags(args), hf_folder=args.load)
         vocab = model.config.vocab_size
         config_json = json.loads(Path(args.load, "config.json").read_text())
         seq_length = args.seq_length or int(config_json.get("max_position_embeddings") or 2048)
@@ -141,7 +129,7 @@ def main(argv=None) -> int:
                                   pipeline_model_parallel_size=args.pipeline_model_parallel_size)
         config, chunks, record = models.load_megatron(args.load, parallel, args.model_config,
                                                       dtype)
-        tokenizer = models.resolve_tokenizer(**_tokenizer_args(args), run_record=record)
+        tokenizer = models.resolve_tokenizer(**given_tokenizer_flags(args), run_record=record)
         vocab = config.vocab_size
         seq_length = args.seq_length or models.default_seq_length(config)
         learned = config.position_embedding_type == "learned_absolute"

@@ -43,17 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding")
     parser.add_argument("--seed", type=int, default=1234)
-    from spannorm_megatron.data.tokenizer_args import SUPPORTED_TOKENIZER_TYPES
+    from spannorm_megatron.data.tokenizer_args import add_tokenizer_override_flags
 
-    group = parser.add_argument_group(
-        "tokenizer (Megatron-LM's flags; default: the HF folder's own, else the run's, completed "
-        "from its record when only a file is given)")
-    group.add_argument("--tokenizer-type", default=None, choices=SUPPORTED_TOKENIZER_TYPES)
-    group.add_argument("--tokenizer-model", default=None, metavar="X.model_OR_DIR",
-                       help="SentencePiece model, or HuggingFaceTokenizer's folder")
-    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
-    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
-    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: N")
+    add_tokenizer_override_flags(
+        parser, "tokenizer (Megatron-LM's flags; default: the HF folder's own, else the run's, "
+        "completed from its record when only a file is given)")
     parser.add_argument("--model-config", default=None, metavar="JSON",
                         help="ModelConfig JSON for a megatron checkpoint without a run record")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -89,11 +83,10 @@ def main(argv=None) -> int:
     if not os.path.exists(args.load):
         raise ConversionError(f"--load {args.load} does not exist.")
 
-    from spannorm_megatron.data.tokenizer_args import recorded_tokenizer
+    from spannorm_megatron.data.tokenizer_args import given_tokenizer_flags, recorded_tokenizer
 
     hf = gen.is_hf_folder(args.load)
-    given = {name: getattr(args, name) for name in ("tokenizer_type", "tokenizer_model",
-                                                    "vocab_file", "merge_file", "vocab_size")}
+    given = given_tokenizer_flags(args)
     tokenizer, why = None, "the folder has no tokenizer files"
     if hf and any(value is not None for value in given.values()):
         tokenizer = gen.TextTokenizer.of(recorded_tokenizer(None, **given)[0])

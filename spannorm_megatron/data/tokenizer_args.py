@@ -126,6 +126,24 @@ def tokenizer_config(source=None, **overrides) -> TokenizerConfig:
     return TokenizerConfig(**values)
 
 
+# --------------------------------------------------------------------------------- tools
+def add_tokenizer_override_flags(parser, title: str) -> None:
+    """The tools' tokenizer flags (Megatron-LM's names), all unset by default: a tool reading a
+    run takes the run's recorded tokenizer, and these override or complete it."""
+    group = parser.add_argument_group(title)
+    group.add_argument("--tokenizer-type", default=None, choices=SUPPORTED_TOKENIZER_TYPES)
+    group.add_argument("--tokenizer-model", default=None, metavar="X.model_OR_DIR",
+                       help="SentencePiece model, or HuggingFaceTokenizer's folder")
+    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
+    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
+    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: N")
+
+
+def given_tokenizer_flags(args) -> Dict[str, object]:
+    """What `add_tokenizer_override_flags`' flags hold (None: not given)."""
+    return {name: getattr(args, name) for name in ("tokenizer_type", *FLAG_NAMES)}
+
+
 # --------------------------------------------------------------------------------- checks
 def check_tokenizer_type(tokenizer_type: str) -> None:
     """Raise TokenizerError for a `--tokenizer-type` this project does not implement."""
