@@ -46,6 +46,25 @@ def corpus(tmp_path_factory):
     return prepare_corpus(tmp_path_factory.mktemp("corpus"))
 
 
+@pytest.fixture(autouse=True)
+def _attention_backend_environment():
+    """megatron-core records the attention backend of every model it builds in the process
+    environment (NVTE_FLASH_ATTN, NVTE_FUSED_ATTN, NVTE_UNFUSED_ATTN; LanguageModule.
+    _set_attention_backend) and asserts that a later model agrees. A run is one process per
+    launch, so that holds there; here many tests build models in one process and launch runs
+    that inherit its environment, so each test starts from the environment it was given."""
+    import os
+
+    names = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def pytest_configure(config):
     # megatron-core warns at import and build time about optional fused kernels (Apex, TE) and
     # deprecated arguments it passes itself; none of it concerns what the tests check.

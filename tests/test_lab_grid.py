@@ -12,6 +12,19 @@ import pytest
 from spannorm_megatron.lab import grid as lab_grid
 
 BASE = """
+normalization: RMSNorm
+position-embedding-type: rope
+swiglu: true
+disable-bias-linear: true
+untie-embeddings-and-output-weights: true
+hidden-dropout: 0.0
+attention-dropout: 0.0
+transformer-impl: auto
+adam-beta2: 0.95
+lr-decay-style: cosine
+num-workers: 0
+tokenizer-type: SentencePieceTokenizer
+max-position-embeddings: 32
 hidden-size: 32
 num-attention-heads: 2
 ffn-hidden-size: 64
