@@ -5,6 +5,8 @@ Multi-rank behaviour is tested by launching `torchrun` from the tests that need 
 only need megatron-core's parallel state to exist at size 1.
 """
 
+import os
+
 import pytest
 
 
@@ -46,23 +48,24 @@ def corpus(tmp_path_factory):
     return prepare_corpus(tmp_path_factory.mktemp("corpus"))
 
 
+_ATTENTION_BACKEND_VARIABLES = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+_GIVEN_ENVIRONMENT = {name: os.environ.get(name) for name in _ATTENTION_BACKEND_VARIABLES}
+
+
 @pytest.fixture(autouse=True)
 def _attention_backend_environment():
     """megatron-core records the attention backend of every model it builds in the process
     environment (NVTE_FLASH_ATTN, NVTE_FUSED_ATTN, NVTE_UNFUSED_ATTN; LanguageModule.
     _set_attention_backend) and asserts that a later model agrees. A run is one process per
-    launch, so that holds there; here many tests build models in one process and launch runs
-    that inherit its environment, so each test starts from the environment it was given."""
-    import os
-
-    names = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
-    before = {name: os.environ.get(name) for name in names}
-    yield
-    for name, value in before.items():
+    launch, so that holds there; here many tests (and module fixtures) build models in one
+    process and launch runs that inherit its environment, so every test starts from the
+    environment the session was given."""
+    for name, value in _GIVEN_ENVIRONMENT.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+    yield
 
 
 def pytest_configure(config):
