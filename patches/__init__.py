@@ -6,9 +6,9 @@ docstring), how to tell it is obsolete, an ``is_needed()`` probe of the installe
 Importing this package alters nothing. The patches come in three sets:
 
 - ``UPSTREAM``: fixes for genuine megatron-core bugs, on any device;
-  ``runtime.initialize()`` applies them.
+  ``spannorm_megatron.process.apply_patches()`` applies them.
 - ``CPU_RUNTIME``: what lets the CPU stand in for the CUDA device megatron-core assumes;
-  ``runtime.enable_cpu_runtime()`` applies them when there is no GPU. Deliberately not handled
+  ``spannorm_megatron.process.enable_cpu_runtime()`` applies them when there is no GPU. Deliberately not handled
   (not on the training path): pinned memory and activation/optimizer offloading, CUDA graphs,
   NVTX ranges, ``Event.elapsed_time`` timers, Transformer Engine.
 - ``STRICT_DEVICES``: strict device mode's checks, applied with the CPU runtime when

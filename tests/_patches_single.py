@@ -19,7 +19,7 @@ import os
 import torch
 from torch.overrides import _get_current_function_mode_stack
 
-from spannorm_megatron.runtime import enable_cpu_runtime, is_cpu_runtime_enabled, load_patches
+from spannorm_megatron.process import enable_cpu_runtime, is_cpu_runtime_enabled, load_patches
 from spannorm_megatron.runtime.strict_devices import STRICT_ENV
 
 patches = load_patches()

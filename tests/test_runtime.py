@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spannorm_megatron import runtime
+from spannorm_megatron import process, runtime
 from spannorm_megatron.config import ParallelConfig
 from spannorm_megatron.runtime import distributed as runtime_distributed
 
@@ -121,8 +121,8 @@ def test_force_cpu_env_vetoes_accelerator(monkeypatch):
 
 
 def test_cpu_runtime_decision():
-    assert runtime.should_enable_cpu_runtime(accelerator_present=False)
-    assert not runtime.should_enable_cpu_runtime(accelerator_present=True)
+    assert process.should_enable_cpu_runtime(accelerator_present=False)
+    assert not process.should_enable_cpu_runtime(accelerator_present=True)
 
 
 def test_megatron_device_kwargs_with_accelerator(monkeypatch):
@@ -178,6 +178,14 @@ def test_initialize_validates_before_any_process_group(single):
     assert "world size 2" in p["bad_layout_error"] and "= 3" in p["bad_layout_error"]
     assert p["after_bad_layout"] and p["patches_untouched"]
     assert p["enabled_after_bad_layout"] is False
+
+
+def test_runtime_alone_refuses_without_the_cpu_runtime(single):
+    """The runtime never imports patches/: initialized without the entry point's patch sets on a
+    machine without a GPU it stops before any process group, naming the call that applies them."""
+    p = single["pristine"]
+    assert "spannorm_megatron.process.initialize()" in p["unpatched_error"]
+    assert p["after_unpatched"]
 
 
 def test_cpu_runtime_redirects(single):

@@ -31,7 +31,7 @@ def load_megatron(path: str, parallel: ParallelConfig, model_config=None,
     (`runtime.initialize`); the caller tears them down (`runtime.destroy`)."""
     from spannorm_megatron.hf.megatron_reader import MegatronCheckpoint, local_model_config
     from spannorm_megatron.model.partition import check_model_fits_layout
-    from spannorm_megatron.runtime import initialize
+    from spannorm_megatron.process import initialize
 
     distributed = world_size() > 1
     sizes = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size

@@ -190,7 +190,7 @@ def convert_hf_to_megatron(
 
     from spannorm_megatron.hf.megatron_reader import local_model_config
     from spannorm_megatron.model import build_model, transformer_config
-    from spannorm_megatron.runtime import initialize
+    from spannorm_megatron.process import initialize
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               expert_model_parallel_size=ep, sequence_parallel=tp > 1)

@@ -51,7 +51,8 @@ from spannorm_megatron.model.fusions import describe as describe_fusions
 from spannorm_megatron.model.moe_kernels import check_moe_kernels
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.options import from_namespace
-from spannorm_megatron.runtime import check_launch, current_device, destroy, initialize
+from spannorm_megatron.runtime import check_launch, current_device, destroy
+from spannorm_megatron.process import initialize
 from spannorm_megatron.training.arguments import (
     data_config,
     metrics_logging_config,
