@@ -32,6 +32,7 @@ __all__ = [
     "ParallelLayoutError",
     "base_seed",
     "destroy",
+    "gather_updated_parameters",
     "initialize",
     "megatron_device_kwargs",
     "set_seed",
@@ -279,6 +280,20 @@ def destroy() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def gather_updated_parameters(model: list) -> None:
+    """Give every rank the full updated parameters now.
+
+    With ``--overlap-param-gather`` the distributed optimizer defers the all-gather of updated
+    parameters into the next forward pass (DDP's forward pre-hooks, evaluation's too). Whatever
+    reads the weights outside a forward (a checkpoint, weight statistics) calls this first;
+    without the overlap the gather already happened in the optimizer step, and this does nothing.
+    """
+    for chunk in model:
+        ddp_config = getattr(chunk, "ddp_config", None)  # plain modules (tools, tests) too
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
 def megatron_device_kwargs() -> dict:
