@@ -20,9 +20,9 @@ headers are written up front from the planned shapes. Peak memory is about one l
 (in float32 while converting) plus the fixed overhead of torch and the checkpoint metadata, not
 the model (see tools/benchmark_conversion.py).
 
-Everything is written into ``SAVE.tmp-<id>`` beside the destination and renamed to it only once
-complete; a failure removes the temporary directory, so nothing that looks like a finished
-export is ever left behind.
+Everything is written into a staging folder beside the destination and renamed to it only once
+complete; a failure removes the staging folder, so nothing that looks like a finished export is
+ever left behind. What `--save` may be, and what `--overwrite` may replace: hf/destination.py.
 """
 
 from __future__ import annotations
@@ -31,15 +31,21 @@ import json
 import os
 import shutil
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import torch
 
+from spannorm_megatron.checkpoint.save import storage_problem
 from spannorm_megatron.config import ModelConfig
-from spannorm_megatron.hf.errors import ConversionError, check_destination
+from spannorm_megatron.hf.destination import (
+    EXPORT_MARKER,
+    check_destination,
+    side_path,
+    write_marker,
+)
+from spannorm_megatron.hf.errors import ConversionError
 from spannorm_megatron.hf.families import FAMILIES, Family
 from spannorm_megatron.hf.megatron_reader import ConfigSource, MegatronCheckpoint
 from spannorm_megatron.hf.rules import (
@@ -50,6 +56,7 @@ from spannorm_megatron.hf.rules import (
     router_problems,
 )
 from spannorm_megatron.hf.safetensors_io import ShardedSafetensorsWriter, parse_size
+from spannorm_megatron.hf.tensors import count_non_finite
 
 if TYPE_CHECKING:  # the tokenizer modules load only when an export ships a tokenizer
     from spannorm_megatron.data.tokenizer_args import TokenizerConfig
@@ -57,7 +64,6 @@ if TYPE_CHECKING:  # the tokenizer modules load only when an export ships a toke
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMATS = ("auto", "native", "spannorm")
-EXPORT_INFO_FILE = "spannorm_export.json"
 
 
 @dataclass
@@ -137,7 +143,7 @@ def _publish(tmp: str, save: str) -> None:
     """Move the finished `tmp` to `save`, replacing an existing `save` only after the move."""
     old = None
     if os.path.exists(save):
-        old = f"{save}.old-{uuid.uuid4().hex[:8]}"
+        old = side_path(save, ".old-")
         os.rename(save, old)
     os.rename(tmp, save)
     if old is not None:
@@ -192,7 +198,7 @@ def export_checkpoint(
     start = time.perf_counter()
     target_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    save = check_destination(save, overwrite, "replace it", source=load)
+    save = check_destination(save, overwrite, "replace it", source=load, marker=EXPORT_MARKER)
     log(f"[convert_to_hf] checking checkpoint {load}")
     ckpt = MegatronCheckpoint(load, model_config, verify_checksums=verify_checksums)
     family, notes = choose_family(ckpt.config, fmt)
@@ -207,8 +213,7 @@ def export_checkpoint(
         _write_configs(tmp, family, ckpt.config, target_dtype, tokenizer)
         weights = _write_weights(tmp, ckpt, family, plan, target_dtype, shard_bytes,
                                  allow_non_finite, log)
-        _write_json(os.path.join(tmp, EXPORT_INFO_FILE),
-                    _export_info(ckpt, family, dtype, tokenizer))
+        write_marker(tmp, EXPORT_MARKER, _export_info(ckpt, family, dtype, tokenizer))
         files = sorted(os.listdir(tmp))
     num_parameters = sum(_numel(shape) for _group, entries in plan for _n, shape, _d in entries)
     seconds = time.perf_counter() - start
@@ -251,16 +256,24 @@ def _ship_tokenizer(ckpt: MegatronCheckpoint, log, **given) -> Optional[ShippedT
 
 @contextmanager
 def _staging_folder(save: str):
-    """A fresh `SAVE.tmp-<id>` beside `save`, moved to `save` when the block completes and
-    removed when it fails, so nothing that looks like a finished export is left behind."""
+    """A fresh staging folder beside `save` (hf/destination.py), moved to `save` when the block
+    completes and removed when it fails, so nothing that looks like a finished export is left
+    behind. A write the storage refuses (no space, a file-size limit, permissions) is reported
+    as such, not as a traceback."""
     _make_parent(save)
-    tmp = f"{save}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
+    tmp = side_path(save, ".tmp-")
     try:
+        os.makedirs(tmp)
         yield tmp
         _publish(tmp, save)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        problem = storage_problem(error) if isinstance(error, OSError) else None
+        if problem:
+            raise ConversionError(
+                f"--save {save}: the export could not be written ({problem}: {error}). Nothing "
+                f"was left at --save. Free space, lift the limit (ulimit -f), choose another "
+                f"--save, or write smaller files (--max-shard-size).") from None
         raise
 
 
@@ -323,7 +336,7 @@ def _write_weights(tmp: str, ckpt: MegatronCheckpoint, family: Family, plan,
 
 def _export_info(ckpt: MegatronCheckpoint, family: Family, dtype: str,
                  tokenizer: Optional[ShippedTokenizer]) -> dict:
-    """spannorm_export.json: where the folder came from, and what it was made of."""
+    """The marker's content: where the folder came from, and what it was made of."""
     flags = tokenizer.flags if tokenizer is not None else None
     return {
         "source_checkpoint": ckpt.directory,
@@ -342,7 +355,7 @@ def _check_finite(tensors: dict, directory: str) -> None:
     """A NaN or Inf weight makes every output NaN: refuse it before it reaches a user's
     `from_pretrained`, naming the tensor (the run diverged before this checkpoint)."""
     for name, tensor in tensors.items():
-        bad = int((~torch.isfinite(tensor)).sum())
+        bad = count_non_finite(tensor)
         if bad:
             raise ConversionError(
                 f"{directory}: {name} holds {bad} non-finite value(s) (NaN/Inf) of "
