@@ -898,6 +898,10 @@ def test_hf_features_megatron_cannot_express_are_refused(work, tmp_path):
     config["num_hidden_layers"] = 3
     with open(os.path.join(folder2, "config.json"), "w") as f:
         json.dump(config, f)
+    with pytest.raises(ConversionError, match=r"contradicts spannorm_export\.json "
+                       r"\(num_hidden_layers: config\.json 3, record 2\)"):
+        HFCheckpoint(folder2)
+    os.remove(os.path.join(folder2, "spannorm_export.json"))  # a folder with no record beside
     with pytest.raises(ConversionError, match="lacks .*model.layers.2"):
         HFCheckpoint(folder2)
 
