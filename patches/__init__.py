@@ -30,6 +30,7 @@ from . import (
     cpu_torch_cuda,
     cpu_uneven_collectives,
     distopt_step_load,
+    expert_bias_inplace,
     moe_router_gemm,
     pp2_batched_p2p_order,
     strict_collectives,
@@ -37,7 +38,7 @@ from . import (
 from .contract import ABSENT, Patch
 
 UPSTREAM = [moe_router_gemm.PATCH, pp2_batched_p2p_order.PATCH, distopt_step_load.PATCH,
-            checkpoint_results_queue.PATCH]
+            checkpoint_results_queue.PATCH, expert_bias_inplace.PATCH]
 CPU_RUNTIME = [
     cpu_torch_cuda.PATCH,
     cpu_rng.PATCH,

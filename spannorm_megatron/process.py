@@ -22,7 +22,7 @@ import threading
 from typing import List, Optional
 
 from spannorm_megatron.config import ParallelConfig
-from spannorm_megatron.runtime import ParallelLayout, has_accelerator
+from spannorm_megatron.runtime import ParallelLayout, has_accelerator, launch_environment
 from spannorm_megatron.runtime import initialize as initialize_groups
 
 __all__ = ["apply_patches", "enable_cpu_runtime", "initialize", "is_cpu_runtime_enabled",
@@ -98,6 +98,6 @@ def initialize(parallel: Optional[ParallelConfig] = None, *, seed: int = 1234,
     seeds; see there). The layout is checked before anything is patched."""
     from spannorm_megatron.runtime import validate_layout
 
-    validate_layout(int(os.environ.get("WORLD_SIZE", "1")), parallel)
+    validate_layout(launch_environment().world_size, parallel)
     apply_patches()
     return initialize_groups(parallel, seed=seed, timeout_minutes=timeout_minutes)

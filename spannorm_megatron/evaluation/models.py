@@ -18,10 +18,11 @@ import torch
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.evaluation.text import EvalTokenizer, EvaluationError
+from spannorm_megatron.runtime import launch_environment
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return launch_environment().world_size
 
 
 def load_megatron(path: str, parallel: ParallelConfig, model_config=None,

@@ -34,6 +34,7 @@ from spannorm_megatron.hf.destination import IMPORT_MARKER, check_destination, w
 from spannorm_megatron.hf.errors import ConversionError, tensor_mismatches
 from spannorm_megatron.hf.families import model_config_from_hf
 from spannorm_megatron.hf.layout import CheckpointLayout, Group, megatron_groups
+from spannorm_megatron.runtime import launch_environment
 from spannorm_megatron.hf.records import check_records_agree
 from spannorm_megatron.hf.safetensors_io import SafetensorsFolder
 from spannorm_megatron.hf.tensors import count_non_finite
@@ -164,7 +165,7 @@ class GroupProducer:
 
 
 def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return launch_environment().world_size
 
 
 def convert_hf_to_megatron(
@@ -196,7 +197,7 @@ def convert_hf_to_megatron(
                              source=load, marker=IMPORT_MARKER)
     created = not os.path.exists(save)
 
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launch_environment().rank
     say = log if rank == 0 else (lambda s: None)
     say(f"[convert_from_hf] checking {load}")
     hf = HFCheckpoint(load, allow_non_finite=allow_non_finite)

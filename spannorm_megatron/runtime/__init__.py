@@ -26,8 +26,10 @@ from .distributed import (
     set_seed,
     validate_layout,
 )
+from .launch import LaunchEnvironment, launch_environment
 
 __all__ = [
+    "LaunchEnvironment",
     "ParallelLayout",
     "ParallelLayoutError",
     "base_seed",
@@ -39,6 +41,7 @@ __all__ = [
     "device_type",
     "has_accelerator",
     "initialize",
+    "launch_environment",
     "megatron_device_kwargs",
     "ranks_per_node",
     "set_seed",

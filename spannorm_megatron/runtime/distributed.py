@@ -24,6 +24,7 @@ from spannorm_megatron.errors import ParallelLayoutError
 
 from .device import backend as device_backend
 from .device import has_accelerator, pipeline_communication_problem
+from .launch import launch_environment
 from .orphans import die_with_parent
 from .strict_devices import strict_devices_requested
 
@@ -137,10 +138,8 @@ def _free_port() -> int:
 
 def _launch_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's variables; (0, 1, 0) without them."""
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world_size, local_rank
+    env = launch_environment()
+    return env.rank, env.world_size, env.local_rank
 
 
 def _rendezvous(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
