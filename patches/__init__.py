@@ -6,9 +6,9 @@ docstring), how to tell it is obsolete, an ``is_needed()`` probe of the installe
 Importing this package alters nothing. The patches come in three sets:
 
 - ``UPSTREAM``: fixes for genuine megatron-core bugs, on any device;
-  ``runtime.initialize()`` applies them.
+  ``spannorm_megatron.process.apply_patches()`` applies them.
 - ``CPU_RUNTIME``: what lets the CPU stand in for the CUDA device megatron-core assumes;
-  ``runtime.enable_cpu_runtime()`` applies them when there is no GPU. Deliberately not handled
+  ``spannorm_megatron.process.enable_cpu_runtime()`` applies them when there is no GPU. Deliberately not handled
   (not on the training path): pinned memory and activation/optimizer offloading, CUDA graphs,
   NVTX ranges, ``Event.elapsed_time`` timers, Transformer Engine.
 - ``STRICT_DEVICES``: strict device mode's checks, applied with the CPU runtime when
@@ -30,6 +30,7 @@ from . import (
     cpu_torch_cuda,
     cpu_uneven_collectives,
     distopt_step_load,
+    expert_bias_inplace,
     moe_router_gemm,
     pp2_batched_p2p_order,
     strict_collectives,
@@ -37,7 +38,7 @@ from . import (
 from .contract import ABSENT, Patch
 
 UPSTREAM = [moe_router_gemm.PATCH, pp2_batched_p2p_order.PATCH, distopt_step_load.PATCH,
-            checkpoint_results_queue.PATCH]
+            checkpoint_results_queue.PATCH, expert_bias_inplace.PATCH]
 CPU_RUNTIME = [
     cpu_torch_cuda.PATCH,
     cpu_rng.PATCH,

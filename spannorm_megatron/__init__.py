@@ -1,8 +1,8 @@
 """spannorm_megatron: a Megatron-Core training stack for SpanNorm and other norm placements.
 
 Importing the package changes nothing in torch or megatron-core; the CPU runtime and upstream
-patches are applied by `spannorm_megatron.runtime.initialize()` only. It does quiet two kinds of
-upstream warnings that tell a user nothing, printed by every rank and every process it spawns
+patches are applied only by `spannorm_megatron.process`, which entry points call. It does quiet
+two kinds of upstream warnings that tell a user nothing, printed by every rank and every process it spawns
 (checkpoint writers): megatron-core's import-time notes, from five modules, that Transformer
 Engine or Apex is not installed (the run's first lines say once which fused kernels it has,
 `training.trainer`), and torch's deprecations of calls megatron-core makes (two collective

@@ -21,7 +21,7 @@ from spannorm_megatron.errors import UserError
 def report_failure(message: str) -> None:
     """Print `message` once (rank 0 of a torchrun job; every rank would repeat it) and hand it
     to torchrun's failure summary."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if os.environ.get("RANK", "0").strip() in ("", "0"):  # garbage there is refused later
         print(message, file=sys.stderr, flush=True)
     _write_elastic_error_file(message)
 

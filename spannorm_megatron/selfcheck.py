@@ -22,7 +22,8 @@ from megatron.core.optimizer import OptimizerConfig
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.model.partition import check_model_fits_layout
-from spannorm_megatron.runtime import current_device, initialize, destroy
+from spannorm_megatron.runtime import current_device, destroy
+from spannorm_megatron.process import initialize
 from spannorm_megatron.training.loop import train_step
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 

@@ -32,7 +32,8 @@ import torch  # noqa: E402
 
 from spannorm_megatron.checkpoint import load_checkpoint, manifest, save_checkpoint  # noqa: E402
 from spannorm_megatron.config import ParallelConfig  # noqa: E402
-from spannorm_megatron.runtime import destroy, initialize  # noqa: E402
+from spannorm_megatron.runtime import destroy  # noqa: E402
+from spannorm_megatron.process import initialize
 
 RESUME_STEPS = 3
 AFTER_STEPS = 2

@@ -25,7 +25,8 @@ def main(root: str) -> None:
     from spannorm_megatron.hf.importer import convert_hf_to_megatron
     from spannorm_megatron.hf.megatron_reader import local_model_config
     from spannorm_megatron.model import build_model, transformer_config
-    from spannorm_megatron.runtime import destroy, initialize
+    from spannorm_megatron.runtime import destroy
+    from spannorm_megatron.process import initialize
 
     dirs = _hf.worker_dirs(root)
     for layout_name, layout in _hf.LAYOUTS.items():

@@ -21,7 +21,8 @@ from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig  # noqa: E402
 from spannorm_megatron.model import build_model, transformer_config  # noqa: E402
-from spannorm_megatron.runtime import current_device, destroy, initialize, set_seed  # noqa: E402
+from spannorm_megatron.runtime import current_device, destroy, set_seed  # noqa: E402
+from spannorm_megatron.process import initialize
 from spannorm_megatron.training.loop import train_step  # noqa: E402
 from spannorm_megatron.training.setup import setup_model_and_optimizer  # noqa: E402
 

@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _metrics  # noqa: E402
 from spannorm_megatron.metrics import TensorBoardWriter, is_writer_rank  # noqa: E402
-from spannorm_megatron.runtime import destroy, initialize  # noqa: E402
+from spannorm_megatron.runtime import destroy  # noqa: E402
+from spannorm_megatron.process import initialize
 
 
 def run_one(layout, combo, ref_dir, where):

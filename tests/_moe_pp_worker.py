@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node 4 tests/_moe_pp_worker.py OUT_DIR
 
-For every case in CASES: lay the ranks out as it says (`runtime.initialize`), build the model
+For every case in CASES: lay the ranks out as it says (`process.initialize`), build the model
 and optimizer as a training run does (`training.setup.setup_model_and_optimizer`), train STEPS
 steps with the training loop's `train_step` on a fixed global batch, and write this rank's
 record to OUT_DIR/<case>/rank<r>.json: losses, gradient norms, the order in which its model
@@ -22,7 +22,8 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
-from spannorm_megatron.runtime import current_device, destroy, initialize
+from spannorm_megatron.runtime import current_device, destroy
+from spannorm_megatron.process import initialize
 from spannorm_megatron.training.gpt_step import forward_step
 from spannorm_megatron.training.loop import train_step
 from spannorm_megatron.training.setup import setup_model_and_optimizer

@@ -209,7 +209,7 @@ def run(placement: str, moe: bool, parallel: ParallelConfig, init_dir: str, fina
         overrides: Optional[dict] = None) -> Dict:
     """Load the initial weights, train STEPS steps, save the final weights; return the record.
 
-    The caller has initialized megatron-core for `parallel` (spannorm_megatron.runtime).
+    The caller has initialized megatron-core for `parallel` (spannorm_megatron.process).
     """
     config = model_config(placement, moe, **(overrides or {}))
     chunks, optimizer = setup_model_and_optimizer(

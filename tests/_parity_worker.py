@@ -15,7 +15,8 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _parity  # noqa: E402
-from spannorm_megatron.runtime import destroy, initialize  # noqa: E402
+from spannorm_megatron.runtime import destroy  # noqa: E402
+from spannorm_megatron.process import initialize
 
 
 def _cases():

@@ -19,7 +19,7 @@ import os
 import torch
 from torch.overrides import _get_current_function_mode_stack
 
-from spannorm_megatron.runtime import enable_cpu_runtime, is_cpu_runtime_enabled, load_patches
+from spannorm_megatron.process import enable_cpu_runtime, is_cpu_runtime_enabled, load_patches
 from spannorm_megatron.runtime.strict_devices import STRICT_ENV
 
 patches = load_patches()
@@ -29,6 +29,8 @@ patches = load_patches()
 _C10D = "torch.distributed.distributed_c10d"
 EXPECTED = {
     "moe_router_gemm": [("megatron.core.transformer.moe.moe_utils", "te_general_gemm")],
+    "expert_bias_inplace": [("megatron.core.tensor_parallel.layers",
+                             "reduce_from_tensor_model_parallel_region")],
     "checkpoint_results_queue": [("megatron.core.dist_checkpointing.strategies.filesystem_async",
                                   "_get_write_results_queue")],
     "pp2_batched_p2p_order": [("megatron.core.pipeline_parallel.p2p_communication",
@@ -123,10 +125,42 @@ def _results_queue_needs_a_server() -> bool:
     return bool(started)
 
 
+class _OneRank:
+    """A tensor-parallel group of one rank, as RowParallelLinear passes it."""
+
+    def size(self) -> int:
+        return 1
+
+
+def _expert_bias_cannot_be_added_in_place() -> bool:
+    """MLP.forward's `output += bias * scale` on RowParallelLinear's reduced output."""
+    import socket
+
+    from megatron.core.tensor_parallel import layers
+
+    with socket.socket() as probe:  # megatron-core reads the group only with torch.distributed up
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=0, world_size=1)
+    try:
+        output = layers.reduce_from_tensor_model_parallel_region(
+            torch.ones(2, requires_grad=True) * 2, group=_OneRank())
+        try:
+            output += 1
+        except RuntimeError:
+            return True
+        output.sum().backward()
+        return False
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 # A defect each patch removes, observable without a process group: True while present.
 DEFECTS = {
     "checkpoint_results_queue": _results_queue_needs_a_server,
     "moe_router_gemm": _router_fails,
+    "expert_bias_inplace": _expert_bias_cannot_be_added_in_place,
     "pp2_batched_p2p_order": _p2p_mispairs,
     "cpu_torch_cuda": lambda: _raises(torch.cuda.current_device),
     "cpu_rng": _rng_not_cpu_generator,

@@ -22,9 +22,8 @@ def check_pristine() -> dict:
 
     from torch.overrides import _get_current_function_mode_stack
 
-    from spannorm_megatron import runtime
+    from spannorm_megatron import process, runtime
     from spannorm_megatron.config import ParallelConfig
-    from spannorm_megatron.runtime import cpu as runtime_cpu
 
     def untouched() -> bool:
         return (
@@ -33,23 +32,23 @@ def check_pristine() -> dict:
             and torch.cuda.get_rng_state.__module__.startswith("torch.cuda")
             and torch.autograd._engine_run_backward.__module__ == "torch.autograd.graph"
             and _get_current_function_mode_stack() == []
-            and not runtime.is_cpu_runtime_enabled()
+            and not process.is_cpu_runtime_enabled()
         )
 
-    patches = runtime.load_patches()
+    patches = process.load_patches()
     out = {"after_import": untouched()}
 
-    real = runtime_cpu.has_accelerator
-    runtime_cpu.has_accelerator = lambda: True  # what a GPU machine reports
+    real = process.has_accelerator
+    process.has_accelerator = lambda: True  # what a GPU machine reports
     try:
-        out["enable_with_accelerator"] = runtime.enable_cpu_runtime()
+        out["enable_with_accelerator"] = process.enable_cpu_runtime()
     finally:
-        runtime_cpu.has_accelerator = real
+        process.has_accelerator = real
     out["after_enable_with_accelerator"] = untouched()
 
     os.environ.update(WORLD_SIZE="2", RANK="0")
     try:
-        runtime.initialize(ParallelConfig(tensor_model_parallel_size=3))
+        process.initialize(ParallelConfig(tensor_model_parallel_size=3))
         out["bad_layout_error"] = None
     except runtime.ParallelLayoutError as err:
         out["bad_layout_error"] = str(err)
@@ -57,7 +56,15 @@ def check_pristine() -> dict:
         del os.environ["WORLD_SIZE"], os.environ["RANK"]
     out["after_bad_layout"] = untouched() and not torch.distributed.is_initialized()
     out["patches_untouched"] = not any(p.is_applied() for p in patches.ALL)
-    out["enabled_after_bad_layout"] = runtime.is_cpu_runtime_enabled()
+    out["enabled_after_bad_layout"] = process.is_cpu_runtime_enabled()
+    # The runtime applies no patches itself: without a GPU and without the entry point's
+    # patch sets it refuses, naming the call that applies them, before any group exists.
+    try:
+        runtime.initialize(seed=3)
+        out["unpatched_error"] = None
+    except RuntimeError as err:
+        out["unpatched_error"] = str(err)
+    out["after_unpatched"] = untouched() and not torch.distributed.is_initialized()
     return out
 
 
@@ -120,11 +127,11 @@ def _check_tracker() -> dict:
 def check_cpu_runtime() -> dict:
     from torch.overrides import _get_current_function_mode_stack
 
-    from spannorm_megatron import runtime
+    from spannorm_megatron import process, runtime
 
-    out = {"enabled_before": runtime.is_cpu_runtime_enabled()}
-    out["enable"] = runtime.enable_cpu_runtime()
-    out["enable_again"] = runtime.enable_cpu_runtime()
+    out = {"enabled_before": process.is_cpu_runtime_enabled()}
+    out["enable"] = process.enable_cpu_runtime()
+    out["enable_again"] = process.enable_cpu_runtime()
     out["modes_on_stack"] = len(_get_current_function_mode_stack())
     out["cuda_is_available"] = torch.cuda.is_available()
     out["factory_device"] = str(torch.zeros(2, device="cuda").device)
@@ -144,7 +151,7 @@ def check_cpu_runtime() -> dict:
             result["without_enable"] = True
         except Exception:  # noqa: BLE001
             result["without_enable"] = False
-        runtime.enable_cpu_runtime()
+        process.enable_cpu_runtime()
         result["with_enable"] = str(torch.zeros(1, device="cuda").device)
 
     thread_result: dict = {}
@@ -174,10 +181,10 @@ def check_cpu_runtime() -> dict:
     out["streams"] = True
 
     # A world of one without torchrun variables, then a second initialize in the same process.
-    layout = runtime.initialize(seed=3)
+    layout = process.initialize(seed=3)
     out["single_world"] = layout.world_size
     out["backend"] = torch.distributed.get_backend()
-    layout = runtime.initialize(seed=3)
+    layout = process.initialize(seed=3)
     out["tracker"] = _check_tracker()
     runtime.destroy()
     runtime.destroy()

@@ -2,7 +2,7 @@
 
 Usage: torchrun --standalone --nproc_per_node N tests/_runtime_worker.py OUT_DIR SCENARIO...
 
-Each scenario initialises a parallel layout through ``spannorm_megatron.runtime.initialize``,
+Each scenario initialises a parallel layout through ``spannorm_megatron.process.initialize``,
 builds megatron-core's own ``GPTModel`` (local spec), wraps it in megatron's
 DistributedDataParallel, trains a few steps with ``get_forward_backward_func()`` and a
 megatron optimizer, and records what the test needs to judge it: losses, grad norms, which
@@ -25,7 +25,7 @@ from functools import partial
 
 import torch
 
-from spannorm_megatron import runtime
+from spannorm_megatron import process, runtime
 from spannorm_megatron.config import ParallelConfig
 
 VOCAB = 128
@@ -277,7 +277,7 @@ def _p2p_pairing() -> dict:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import p2p_communication
 
-    patch = runtime.load_patches().pp2_batched_p2p_order.PATCH
+    patch = process.load_patches().pp2_batched_p2p_order.PATCH
     group = parallel_state.get_pipeline_model_parallel_group()
     peer = torch.distributed.get_global_rank(group, 1 - group.rank())
     me = torch.distributed.get_rank()
@@ -321,7 +321,7 @@ def run_scenario(name: str) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     init_kwargs, opts = SCENARIOS[name]
-    layout = runtime.initialize(ParallelConfig(**init_kwargs), seed=1234, timeout_minutes=3)
+    layout = process.initialize(ParallelConfig(**init_kwargs), seed=1234, timeout_minutes=3)
     rng = _rng_draws()
     runtime.set_seed(1234)  # undo the draws: build from the same state as a fresh start
     config, chunks, optimizer = _build(opts, layout)
@@ -374,7 +374,7 @@ def run_scenario(name: str) -> dict:
             for k, p in params.items()
         },
         "rng": rng,
-        "patches": [p.name for p in runtime.load_patches().UPSTREAM if p.is_applied()],
+        "patches": [p.name for p in process.load_patches().UPSTREAM if p.is_applied()],
     }
     if layout.pipeline_model_parallel_size == 2 and layout.world_size == 2:
         result["p2p_pairing"] = _p2p_pairing()
@@ -389,7 +389,7 @@ def main() -> None:
     try:
         for name in names:
             results[name] = run_scenario(name)
-        results["_cpu_runtime"] = runtime.is_cpu_runtime_enabled()
+        results["_cpu_runtime"] = process.is_cpu_runtime_enabled()
     except BaseException:  # report, then take the whole job down
         results["_error"] = traceback.format_exc()
         with open(path, "w") as f:

@@ -24,7 +24,7 @@ def megatron_world(_megatron_world_teardown):
     their world down on the way out, so each test module sets it up again if it is gone."""
     from megatron.core import parallel_state
 
-    from spannorm_megatron.runtime import initialize
+    from spannorm_megatron.process import initialize
 
     if not parallel_state.model_parallel_is_initialized():
         initialize(seed=1234)

@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from types import SimpleNamespace
@@ -897,6 +898,10 @@ def test_hf_features_megatron_cannot_express_are_refused(work, tmp_path):
     config["num_hidden_layers"] = 3
     with open(os.path.join(folder2, "config.json"), "w") as f:
         json.dump(config, f)
+    with pytest.raises(ConversionError, match=r"contradicts spannorm_export\.json "
+                       r"\(num_hidden_layers: config\.json 3, record 2\)"):
+        HFCheckpoint(folder2)
+    os.remove(os.path.join(folder2, "spannorm_export.json"))  # a folder with no record beside
     with pytest.raises(ConversionError, match="lacks .*model.layers.2"):
         HFCheckpoint(folder2)
 
@@ -926,11 +931,24 @@ def test_existing_destination_is_not_overwritten_without_flag(work, tmp_path):
     save = tmp_path / "taken"
     save.mkdir()
     (save / "keep.txt").write_text("mine")
-    with pytest.raises(ConversionError, match="--overwrite"):
-        _quiet_export(os.path.join(work.dirs["ref"], "prenorm-dense"), str(save))
+    source = os.path.join(work.dirs["ref"], "prenorm-dense")
+    for overwrite in (False, True):  # not written by the converter: never replaced
+        with pytest.raises(ConversionError, match=r"not empty \(keep\.txt\).*no "
+                           r"spannorm_export\.json.*--overwrite or not"):
+            _quiet_export(source, str(save), overwrite=overwrite)
     assert (save / "keep.txt").read_text() == "mine"
-    _quiet_export(os.path.join(work.dirs["ref"], "prenorm-dense"), str(save), overwrite=True)
-    assert not (save / "keep.txt").exists() and (save / "config.json").exists()
+    earlier = tmp_path / "earlier"
+    _quiet_export(source, str(earlier))
+    with pytest.raises(ConversionError, match="holds an earlier conversion; pass --overwrite"):
+        _quiet_export(source, str(earlier))
+    (earlier / "config.json").write_text("{}")
+    _quiet_export(source, str(earlier), overwrite=True)  # an earlier export: replaced whole
+    assert json.loads((earlier / "config.json").read_text())["architectures"]
+    (earlier / "notes.md").write_text("mine")  # ... but never with what it did not write
+    with pytest.raises(ConversionError, match=r"also notes\.md, which the converter did not "
+                       r"write"):
+        _quiet_export(source, str(earlier), overwrite=True)
+    assert (earlier / "notes.md").read_text() == "mine"
 
 
 def test_training_checkpoint_with_optimizer_state_exports(work, tmp_path):
@@ -1046,8 +1064,9 @@ def _snapshot(root) -> dict:
 
 
 def test_conversion_never_writes_into_its_input_or_a_training_checkpoint(work, tmp_path):
-    """--overwrite replaces an earlier output only: a --save that is or holds the --load input,
-    or that is a training checkpoint directory, is refused in both directions, files intact."""
+    """--overwrite replaces an earlier output only: a --save that is, holds or lies inside the
+    --load input, that lies inside or is a training checkpoint directory, or that holds anything
+    the converter did not write (at any depth), is refused in both directions, files intact."""
     from spannorm_megatron.hf.errors import ConversionError
     from spannorm_megatron.hf.importer import convert_hf_to_megatron
 
@@ -1056,16 +1075,31 @@ def test_conversion_never_writes_into_its_input_or_a_training_checkpoint(work, t
     folder = tmp_path / "hf"
     shutil.copytree(os.path.join(work.dirs["hf"], "prenorm-dense"), folder)
     before = {path: _snapshot(path) for path in (ckpt, folder)}
+    other = tmp_path / "other_run"  # another run's checkpoint, its notes and an HF folder
+    shutil.copytree(ckpt, other / "ckpt")
+    (other / "notes.md").write_text("mine")
+    shutil.copytree(folder, other / "hf")
+    before[other] = _snapshot(other)
+    inside = "holds or lies inside the --load input"
     refusals = [
-        (lambda: _quiet_export(str(ckpt), str(ckpt), overwrite=True), "holds the --load input"),
-        (lambda: _quiet_export(str(ckpt / "iter_0000001"), str(ckpt), overwrite=True),
-         "holds the --load input"),
+        (lambda: _quiet_export(str(ckpt), str(ckpt), overwrite=True), inside),
+        (lambda: _quiet_export(str(ckpt / "iter_0000001"), str(ckpt), overwrite=True), inside),
         (lambda: convert_hf_to_megatron(str(folder), str(folder), overwrite=True,
-                                        log=lambda line: None), "holds the --load input"),
+                                        log=lambda line: None), inside),
         (lambda: convert_hf_to_megatron(str(folder), str(ckpt), overwrite=True,
                                         log=lambda line: None), "training checkpoint directory"),
-        (lambda: _quiet_export(str(ckpt), str(ckpt.parent), overwrite=True),
-         "holds the --load input"),
+        (lambda: _quiet_export(str(ckpt), str(ckpt.parent), overwrite=True), inside),
+        # the training iteration itself, of this run and of another one
+        (lambda: _quiet_export(str(ckpt), str(ckpt / "iter_0000001"), overwrite=True), inside),
+        (lambda: _quiet_export(str(ckpt), str(other / "ckpt" / "iter_0000001"),
+                               overwrite=True), "lies inside the training checkpoint directory"),
+        (lambda: _quiet_export(str(ckpt), str(other / "ckpt" / "hf"), overwrite=True),
+         "lies inside the training checkpoint directory"),
+        # a parent folder holding a checkpoint, notes and an HF folder
+        (lambda: _quiet_export(str(ckpt), str(other), overwrite=True),
+         r"not empty \(ckpt/, hf/, notes\.md\).*--overwrite or not"),
+        (lambda: convert_hf_to_megatron(str(folder), str(other), overwrite=True,
+                                        log=lambda line: None), "--overwrite or not"),
     ]
     for convert, message in refusals:
         with pytest.raises(ConversionError, match=message):
@@ -1089,3 +1123,89 @@ def test_non_finite_weights_are_refused_naming_the_tensor(megatron_world, tmp_pa
     _no_debris(save)
     _quiet_export(ckpt, save, allow_non_finite=True)  # asked for: the diverged run, as it is
     assert os.path.isfile(os.path.join(save, "config.json"))
+
+
+def test_a_killed_conversions_staging_folder_is_removed_by_the_next_one(work, tmp_path):
+    """A conversion killed mid-write leaves its staging folder (named for its host and PID);
+    the next conversion to the same --save removes it, and puts back an output whose
+    replacement never arrived. A live process's folder is left alone."""
+    from spannorm_megatron.hf.destination import side_path
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    save = tmp_path / "out"
+    staged = side_path(str(save), ".tmp-").replace(f"-{os.getpid()}-", f"-{dead}-")
+    os.makedirs(staged)
+    (Path(staged) / "model.safetensors").write_bytes(b"\0" * 1024)
+    live = side_path(str(save), ".tmp-")  # this process: still running
+    os.makedirs(live)
+    source = os.path.join(work.dirs["ref"], "prenorm-dense")
+    _quiet_export(source, str(save))
+    assert not os.path.exists(staged) and os.path.isdir(live)
+    os.rmdir(live)
+    # killed between moving the earlier output aside and moving the new one in
+    replaced = side_path(str(save), ".old-").replace(f"-{os.getpid()}-", f"-{dead}-")
+    os.rename(save, replaced)
+    _quiet_export(source, str(tmp_path / "elsewhere"))
+    assert not save.exists()
+    with pytest.raises(Exception):
+        _quiet_export(source, str(save))  # the earlier output is back: --overwrite needed
+    assert (save / "config.json").exists() and not os.path.exists(replaced)
+
+
+def test_a_refused_write_is_reported_without_a_traceback_and_leaves_nothing(work, tmp_path):
+    """Under a file-size limit (ulimit -f) the export stops with its reason and the fix."""
+    import resource
+
+    from spannorm_megatron.hf.errors import ConversionError
+
+    save = str(tmp_path / "limited")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        with pytest.raises(ConversionError, match=r"--save .*limited: the export could not be "
+                           r"written \(File too large.*ulimit -f.*--max-shard-size"):
+            _quiet_export(os.path.join(work.dirs["ref"], "spannorm-dense"), save)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    _no_debris(save)
+
+
+@pytest.mark.parametrize("field, value", [("rope_theta", 20000.0), ("norm_eps", 1e-3),
+                                          ("num_key_value_heads", 1)])
+def test_an_edited_config_json_is_refused_naming_the_field(work, tmp_path, field, value):
+    """config.json is what transformers computes: an import never builds another model from
+    the records beside it. An edit that contradicts them is refused, naming the field."""
+    from spannorm_megatron.hf.errors import ConversionError
+    from spannorm_megatron.hf.importer import convert_hf_to_megatron
+
+    folder = tmp_path / "hf"
+    shutil.copytree(os.path.join(work.dirs["hf"], "spannorm-dense"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert field in config and config[field] != value
+    (folder / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ConversionError, match=rf"config\.json contradicts .*{field}: config\.json "
+                       rf"{value!r}, record"):
+        convert_hf_to_megatron(str(folder), str(tmp_path / "ckpt"), log=lambda line: None)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_non_finite_hf_weights_are_refused_on_import(work, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from spannorm_megatron.hf.errors import ConversionError
+    from spannorm_megatron.hf.importer import convert_hf_to_megatron
+
+    folder = tmp_path / "hf"
+    shutil.copytree(os.path.join(work.dirs["hf"], "prenorm-dense"), folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    weights[name][0, :2] = float("inf")
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=rf"{name} holds 2 non-finite value.*"
+                       r"--allow-non-finite"):
+        convert_hf_to_megatron(str(folder), str(tmp_path / "ckpt"), log=lambda line: None)
+    assert not (tmp_path / "ckpt").exists()
+    convert_hf_to_megatron(str(folder), str(tmp_path / "ckpt"), allow_non_finite=True,
+                           log=lambda line: None)  # asked for: converted as it is
+    assert (tmp_path / "ckpt" / "spannorm_import.json").exists()

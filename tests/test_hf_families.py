@@ -47,7 +47,8 @@ def _export(family, config, state):
 @pytest.mark.parametrize("combo,name", PAIRS)
 def test_export_then_import_is_the_identity_on_a_real_model(megatron_world, combo, name):
     from spannorm_megatron.hf.export import choose_family
-    from spannorm_megatron.hf.families import FAMILIES, GAIN, Neutral
+    from spannorm_megatron.hf.families import FAMILIES
+    from spannorm_megatron.hf.family import GAIN, Neutral
 
     config = _hf.model_config(combo)
     family = FAMILIES[name]
@@ -188,3 +189,32 @@ def test_megatron_tensors_outside_the_mapping_are_refused(megatron_world, combo,
         family.to_hf(config, widened, {**tensors, **stray})
     with pytest.raises(ConversionError, match=r"\['decoder.layers.0.mlp.linear_fc3.weight'\] have no"):
         family.to_hf(config, layer, {**tensors, **stray})
+
+
+def test_router_settings_are_stated_once_and_agree_with_the_remote_configuration():
+    """Our class's routing keys: one table (ROUTER_DEFAULTS) that the export writes and the import
+    reads, whose dense values are the standalone remote configuration's defaults."""
+    import inspect
+
+    from spannorm_megatron.config import ModelConfig
+    from spannorm_megatron.hf.remote_code.configuration_spannorm import SpanNormConfig
+    from spannorm_megatron.hf.spannorm_family import ROUTER_DEFAULTS, SpanNorm
+
+    remote = inspect.signature(SpanNormConfig.__init__).parameters
+    assert {key: remote[key].default for key in ROUTER_DEFAULTS} == ROUTER_DEFAULTS
+    moe = ModelConfig.recommended(
+        num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, num_experts=8,
+        moe_router_topk=2, moe_router_score_function="sigmoid", moe_router_num_groups=4,
+        moe_router_group_topk=2, moe_router_topk_scaling_factor=2.5,
+        moe_router_enable_expert_bias=True, moe_router_load_balancing_type="none",
+        moe_router_dtype="fp32")
+    written = SpanNorm().config_fields(moe)
+    assert {key: written[key] for key in ROUTER_DEFAULTS} == {
+        key: getattr(moe, key) for key in ROUTER_DEFAULTS}
+    dense = SpanNorm().config_fields(ModelConfig.recommended(
+        num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128))
+    assert {key: dense[key] for key in ROUTER_DEFAULTS} == ROUTER_DEFAULTS
+    values, problems = {}, []
+    SpanNorm().read_fields({**written, "num_experts_per_tok": 2}, values, problems)
+    assert {key: values[key] for key in ROUTER_DEFAULTS} == {
+        key: getattr(moe, key) for key in ROUTER_DEFAULTS} and problems == []

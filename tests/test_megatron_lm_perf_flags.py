@@ -295,7 +295,7 @@ def _replay_loss_scale(lines: dict, start: dict, window: int, hysteresis: int) -
     overflows the log shows (a step whose skip count went up)."""
     from megatron.core.optimizer.grad_scaler import DynamicGradScaler
 
-    from spannorm_megatron.runtime.cpu import enable_cpu_runtime
+    from spannorm_megatron.process import enable_cpu_runtime
 
     enable_cpu_runtime()  # the scaler keeps its state on the device megatron-core assumes
     scaler = DynamicGradScaler(initial_scale=start["scale"], min_scale=1.0, growth_factor=2.0,

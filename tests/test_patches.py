@@ -17,10 +17,10 @@ import pytest
 from test_runtime import ROOT, TESTS, _env, _tail
 
 NAMES = ["moe_router_gemm", "pp2_batched_p2p_order", "distopt_step_load",
-         "checkpoint_results_queue", "cpu_torch_cuda", "cpu_rng", "cpu_moe_split_sizes",
+         "checkpoint_results_queue", "expert_bias_inplace", "cpu_torch_cuda", "cpu_rng", "cpu_moe_split_sizes",
          "cpu_uneven_collectives", "cpu_autograd_engine", "cpu_eager_expert_bias",
          "cpu_device_arguments", "strict_collectives"]
-CPU_RUNTIME = NAMES[4:11]
+CPU_RUNTIME = NAMES[5:12]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_patch_is_needed_applies_and_reverts_to_the_same_objects(report, name):
 
 
 @pytest.mark.parametrize("name", ["moe_router_gemm", "pp2_batched_p2p_order",
-                                  "checkpoint_results_queue", "cpu_torch_cuda",
+                                  "checkpoint_results_queue", "expert_bias_inplace", "cpu_torch_cuda",
                                   "cpu_rng", "cpu_moe_split_sizes", "cpu_device_arguments"])
 def test_patch_removes_its_defect_until_reverted(report, name):
     r = report["patches"][name]
@@ -74,4 +74,4 @@ def test_cpu_runtime_is_one_revertible_set(report):
     assert s["applied"] == CPU_RUNTIME
     assert s["reverted"] == CPU_RUNTIME and s["enabled_after_revert"] is False
     assert s["cuda_changed"] == [] and s["modes_after"] == 0
-    assert s["upstream_applied"] == s["upstream_reverted"] == NAMES[:4]
+    assert s["upstream_applied"] == s["upstream_reverted"] == NAMES[:5]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spannorm_megatron import runtime
+from spannorm_megatron import process, runtime
 from spannorm_megatron.config import ParallelConfig
 from spannorm_megatron.runtime import distributed as runtime_distributed
 
@@ -121,8 +122,8 @@ def test_force_cpu_env_vetoes_accelerator(monkeypatch):
 
 
 def test_cpu_runtime_decision():
-    assert runtime.should_enable_cpu_runtime(accelerator_present=False)
-    assert not runtime.should_enable_cpu_runtime(accelerator_present=True)
+    assert process.should_enable_cpu_runtime(accelerator_present=False)
+    assert not process.should_enable_cpu_runtime(accelerator_present=True)
 
 
 def test_megatron_device_kwargs_with_accelerator(monkeypatch):
@@ -178,6 +179,14 @@ def test_initialize_validates_before_any_process_group(single):
     assert "world size 2" in p["bad_layout_error"] and "= 3" in p["bad_layout_error"]
     assert p["after_bad_layout"] and p["patches_untouched"]
     assert p["enabled_after_bad_layout"] is False
+
+
+def test_runtime_alone_refuses_without_the_cpu_runtime(single):
+    """The runtime never imports patches/: initialized without the entry point's patch sets on a
+    machine without a GPU it stops before any process group, naming the call that applies them."""
+    p = single["pristine"]
+    assert "spannorm_megatron.process.initialize()" in p["unpatched_error"]
+    assert p["after_unpatched"]
 
 
 def test_cpu_runtime_redirects(single):
@@ -289,7 +298,7 @@ def test_batched_p2p_pairing_bug_reproduces_over_gloo(two_ranks):
         assert pairing["unpatched"] == {"recv_prev": 100.0 + peer, "recv_next": 200.0 + peer}
         assert pairing["patched"] == {"recv_prev": 200.0 + peer, "recv_next": 100.0 + peer}
         assert r["patches"] == ["moe_router_gemm", "pp2_batched_p2p_order", "distopt_step_load",
-                                "checkpoint_results_queue"]
+                                "checkpoint_results_queue", "expert_bias_inplace"]
 
 
 def test_expert_parallel_moe(two_ranks):
@@ -369,3 +378,31 @@ def test_launch_checks_before_any_process_group(monkeypatch):
     with pytest.raises(ConfigError, match="--distributed-backend gloo on GPUs"):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
         check_launch("gloo")
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 in the environment"),
+    ({"WORLD_SIZE": "x"}, "WORLD_SIZE='x' in the environment is not a non-negative integer"),
+    ({"RANK": "-1"}, "RANK='-1'"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 in the environment is outside WORLD_SIZE=2"),
+    ({"LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE=0"),
+    ({"LOCAL_RANK": "1"}, "LOCAL_RANK=1 in the environment is outside LOCAL_WORLD_SIZE=1"),
+])
+def test_launch_variables_are_checked_naming_the_variable(monkeypatch, env, words):
+    from spannorm_megatron.errors import ConfigError
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        runtime.launch_environment()
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        runtime.check_launch()
+
+
+def test_launch_variables_default_to_a_world_of_one(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert runtime.launch_environment() == runtime.LaunchEnvironment(0, 1, 0, 1)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert runtime.launch_environment().rank == 3

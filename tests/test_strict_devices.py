@@ -50,7 +50,8 @@ def test_training_loop_keeps_every_tensor_on_the_device(corpus, tmp_path, layout
 
 PROBE = textwrap.dedent("""
     import torch, torch.distributed as dist
-    from spannorm_megatron.runtime import current_device, destroy, initialize
+    from spannorm_megatron.runtime import current_device, destroy
+    from spannorm_megatron.process import initialize
     from spannorm_megatron.runtime.strict_devices import DeviceDisciplineError
 
     initialize(seed=1)

@@ -237,7 +237,7 @@ def _cpu_memory_probe(args, placement: str, precision: str) -> Optional[int]:
 def memory_probe(args) -> int:
     """The child side of `_cpu_memory_probe`: build one model, run the warm-up steps."""
     from spannorm_megatron.metrics.memory import current_rss_bytes, peak_rss_bytes
-    from spannorm_megatron.runtime import initialize
+    from spannorm_megatron.process import initialize
 
     model_fields, default_seq, default_micro = PRESETS[args.preset]
     initialize(seed=1234)
@@ -253,7 +253,7 @@ def memory_probe(args) -> int:
 def run(args) -> List[Result]:
     from spannorm_megatron.metrics import device_peak_flops, flops_per_token, mfu
     from spannorm_megatron.placements import PLACEMENTS
-    from spannorm_megatron.runtime import initialize
+    from spannorm_megatron.process import initialize
 
     from spannorm_megatron.errors import ConfigError
     from spannorm_megatron.model.specs import transformer_engine_available

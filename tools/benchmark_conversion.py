@@ -59,7 +59,7 @@ def _stage_create(size: str, ckpt: str) -> dict:
     from spannorm_megatron.checkpoint import save_checkpoint
     from spannorm_megatron.config import ModelConfig, ParallelConfig
     from spannorm_megatron.model import build_gpt_model, transformer_config
-    from spannorm_megatron.runtime import initialize
+    from spannorm_megatron.process import initialize
 
     initialize(seed=1)
     config = ModelConfig.recommended(**COMMON, **SIZES[size])

@@ -129,7 +129,7 @@ def run(args) -> List[Result]:
     from megatron.core import parallel_state
 
     from spannorm_megatron.metrics import flops_per_token
-    from spannorm_megatron.runtime import initialize
+    from spannorm_megatron.process import initialize
 
     moe_layout, dense_layout = layouts(args)
     initialize(moe_layout, seed=1234)

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         vocab = model.config.vocab_size
     else:
         from spannorm_megatron.hf.megatron_reader import MegatronCheckpoint, load_megatron_model
-        from spannorm_megatron.runtime import initialize
+        from spannorm_megatron.process import initialize
 
         ckpt = MegatronCheckpoint(args.load, args.model_config)  # checks before any set-up
         # the flags given, completed from the run record (a moved model file keeps its type)

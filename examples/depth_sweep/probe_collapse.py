@@ -191,7 +191,8 @@ def main() -> int:
     from spannorm_megatron.checkpoint import complete_iterations
     from spannorm_megatron.checkpoint.naming import iteration_dir
     from spannorm_megatron.hf.megatron_reader import load_megatron_model
-    from spannorm_megatron.runtime import destroy, initialize
+    from spannorm_megatron.runtime import destroy
+    from spannorm_megatron.process import initialize
 
     initialize(seed=1234)
     results = {}

@@ -14,7 +14,7 @@ Only then does megatron-core's ``dist_checkpointing.load`` read the shards this 
 and the state is applied: model, optimizer (its own ``load_state_dict``, which for the
 distributed optimizer re-flattens the fully reshardable tensors into this rank's shard; on
 the torch-Adam path that needs ``patches/distopt_step_load.py``, applied by
-``runtime.initialize``), scheduler, and last the RNG states. Loading never writes to the checkpoint directory.
+``process.initialize``), scheduler, and last the RNG states. Loading never writes to the checkpoint directory.
 """
 
 from __future__ import annotations

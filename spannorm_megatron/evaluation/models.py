@@ -18,10 +18,11 @@ import torch
 
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.evaluation.text import EvalTokenizer, EvaluationError
+from spannorm_megatron.runtime import launch_environment
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return launch_environment().world_size
 
 
 def load_megatron(path: str, parallel: ParallelConfig, model_config=None,
@@ -31,7 +32,7 @@ def load_megatron(path: str, parallel: ParallelConfig, model_config=None,
     (`runtime.initialize`); the caller tears them down (`runtime.destroy`)."""
     from spannorm_megatron.hf.megatron_reader import MegatronCheckpoint, local_model_config
     from spannorm_megatron.model.partition import check_model_fits_layout
-    from spannorm_megatron.runtime import initialize
+    from spannorm_megatron.process import initialize
 
     distributed = world_size() > 1
     sizes = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size

@@ -12,8 +12,9 @@ Public API (imported lazily, so `spannorm_megatron.hf.remote_code` stays light):
 * `HFCheckpoint(hf_dir)`: an HF folder checked against the megatron model it converts to
   (`.config`, `.family`, `.megatron_state()`).
 * `export_rule` / `ExportRule` (rules.py): a placement's norms as exported, from the registry;
-  `FAMILIES` (families.py): Llama, Mixtral, Qwen2-MoE and our class as state-dict adapters
-  (one weight mapping, both directions; config.json written and read back).
+  `FAMILIES` (families.py): Llama, Mixtral, Qwen2/3-MoE, GLM-4-MoE (native_families.py) and
+  our class (spannorm_family.py) as state-dict adapters (family.py: one weight mapping, both
+  directions; config.json written and read back).
 * `ConversionError`: every bad-input error (a `ValueError`).
 * `generation`: the sampling loop behind tools/generate.py.
 

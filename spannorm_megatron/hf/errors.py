@@ -7,7 +7,6 @@ conversion writes into a temporary directory that is renamed into place only whe
 an error never leaves something that looks like a finished export or checkpoint.
 """
 
-import os
 from typing import Collection, Dict, List, Tuple
 
 from spannorm_megatron.errors import UserError
@@ -37,28 +36,3 @@ def tensor_mismatches(expected: Dict[str, Tuple[int, ...]], found: Dict[str, Tup
     if wrong:
         parts.append(f"has other shapes: {_first(wrong)}")
     return parts
-
-
-def check_destination(save: str, overwrite: bool, action: str, source: str) -> str:
-    """The absolute `--save` path, refused if it is a file, if it is or holds `source` (the
-    `--load` input), if it is a training checkpoint directory, or if it is a non-empty directory
-    without `overwrite`; `action` says what --overwrite would do ("replace it", ...). Nothing a
-    user has is destroyed by a conversion: --overwrite only ever replaces an earlier output."""
-    from spannorm_megatron.checkpoint import TRACKER_FILENAME
-
-    save, source = os.path.abspath(save), os.path.abspath(source)
-    if os.path.exists(save) and not os.path.isdir(save):
-        raise ConversionError(f"--save {save} exists and is not a directory.")
-    if save == source or source.startswith(save + os.sep):
-        raise ConversionError(f"--save {save} holds the --load input {source}: writing there "
-                              f"would destroy it. Choose another --save directory.")
-    if not os.path.isdir(save) or not os.listdir(save):
-        return save
-    if os.path.exists(os.path.join(save, TRACKER_FILENAME)):
-        raise ConversionError(f"--save {save} is a training checkpoint directory (it has "
-                              f"{TRACKER_FILENAME}); a conversion never writes into one, "
-                              f"--overwrite or not. Choose another --save directory.")
-    if not overwrite:
-        raise ConversionError(f"--save {save} exists and is not empty; pass --overwrite to "
-                              f"{action}, or choose another directory.")
-    return save

@@ -20,9 +20,9 @@ headers are written up front from the planned shapes. Peak memory is about one l
 (in float32 while converting) plus the fixed overhead of torch and the checkpoint metadata, not
 the model (see tools/benchmark_conversion.py).
 
-Everything is written into ``SAVE.tmp-<id>`` beside the destination and renamed to it only once
-complete; a failure removes the temporary directory, so nothing that looks like a finished
-export is ever left behind.
+Everything is written into a staging folder beside the destination and renamed to it only once
+complete; a failure removes the staging folder, so nothing that looks like a finished export is
+ever left behind. What `--save` may be, and what `--overwrite` may replace: hf/destination.py.
 """
 
 from __future__ import annotations
@@ -31,14 +31,21 @@ import json
 import os
 import shutil
 import time
-import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import torch
 
+from spannorm_megatron.checkpoint.save import storage_problem
 from spannorm_megatron.config import ModelConfig
-from spannorm_megatron.hf.errors import ConversionError, check_destination
+from spannorm_megatron.hf.destination import (
+    EXPORT_MARKER,
+    check_destination,
+    side_path,
+    write_marker,
+)
+from spannorm_megatron.hf.errors import ConversionError
 from spannorm_megatron.hf.families import FAMILIES, Family
 from spannorm_megatron.hf.megatron_reader import ConfigSource, MegatronCheckpoint
 from spannorm_megatron.hf.rules import (
@@ -49,10 +56,14 @@ from spannorm_megatron.hf.rules import (
     router_problems,
 )
 from spannorm_megatron.hf.safetensors_io import ShardedSafetensorsWriter, parse_size
+from spannorm_megatron.hf.tensors import count_non_finite
+
+if TYPE_CHECKING:  # the tokenizer modules load only when an export ships a tokenizer
+    from spannorm_megatron.data.tokenizer_args import TokenizerConfig
+    from spannorm_megatron.hf.tokenizer_export import ExportTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMATS = ("auto", "native", "spannorm")
-EXPORT_INFO_FILE = "spannorm_export.json"
 
 
 @dataclass
@@ -110,13 +121,6 @@ def choose_family(config: ModelConfig, fmt: str) -> tuple:
     return FAMILIES["spannorm"], notes
 
 
-def _tokenizer_from_record(record: Optional[dict]) -> Optional[str]:
-    """The run's recorded SentencePiece model file, where it exists (older callers)."""
-    args = (record or {}).get("args") or {}
-    path = args.get("tokenizer_model") if isinstance(args, dict) else None
-    return path if isinstance(path, str) and os.path.isfile(path) else None
-
-
 def _pad_multiple(record: Optional[dict]) -> Optional[int]:
     args = (record or {}).get("args") or {}
     layout = (record or {}).get("layout") or {}
@@ -139,7 +143,7 @@ def _publish(tmp: str, save: str) -> None:
     """Move the finished `tmp` to `save`, replacing an existing `save` only after the move."""
     old = None
     if os.path.exists(save):
-        old = f"{save}.old-{uuid.uuid4().hex[:8]}"
+        old = side_path(save, ".old-")
         os.rename(save, old)
     os.rename(tmp, save)
     if old is not None:
@@ -163,6 +167,14 @@ def plan_hf_tensors(family: Family, config: ModelConfig, groups, dtype: torch.dt
     return plan
 
 
+@dataclass
+class ShippedTokenizer:
+    """The tokenizer an export ships: the flags it was built from, and its prepared HF files."""
+
+    flags: TokenizerConfig
+    files: ExportTokenizer
+
+
 def export_checkpoint(
     load: str,
     save: str,
@@ -181,91 +193,134 @@ def export_checkpoint(
     allow_non_finite: bool = False,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
-    """Convert the megatron checkpoint at `load` into a Hugging Face folder at `save`."""
+    """Convert the megatron checkpoint at `load` into a Hugging Face folder at `save`: check
+    everything, then write the folder beside `save` and move it there once complete."""
     start = time.perf_counter()
     target_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    save = check_destination(save, overwrite, "replace it", source=load)
+    save = check_destination(save, overwrite, "replace it", source=load, marker=EXPORT_MARKER)
     log(f"[convert_to_hf] checking checkpoint {load}")
     ckpt = MegatronCheckpoint(load, model_config, verify_checksums=verify_checksums)
-    config = ckpt.config
-    family, notes = choose_family(config, fmt)
+    family, notes = choose_family(ckpt.config, fmt)
     for note in notes:
         log(f"[convert_to_hf] note: {note}")
+    _log_model(ckpt, family, dtype, log)
+    tokenizer = _ship_tokenizer(ckpt, log, tokenizer_type=tokenizer_type,
+                                tokenizer_model=tokenizer_model, vocab_file=vocab_file,
+                                merge_file=merge_file, vocab_size=vocab_size)
+    plan = plan_hf_tensors(family, ckpt.config, ckpt.groups, target_dtype)
+    with _staging_folder(save) as tmp:
+        _write_configs(tmp, family, ckpt.config, target_dtype, tokenizer)
+        weights = _write_weights(tmp, ckpt, family, plan, target_dtype, shard_bytes,
+                                 allow_non_finite, log)
+        write_marker(tmp, EXPORT_MARKER, _export_info(ckpt, family, dtype, tokenizer))
+        files = sorted(os.listdir(tmp))
+    num_parameters = sum(_numel(shape) for _group, entries in plan for _n, shape, _d in entries)
+    seconds = time.perf_counter() - start
+    log(f"[convert_to_hf] wrote {save} ({num_parameters:,} parameters, {len(weights.files)} "
+        f"weight file(s)) in {seconds:.1f}s")
+    return ExportResult(save, family.name, family.architecture, num_parameters,
+                        weights.total_size, files, seconds, notes)
+
+
+def _log_model(ckpt: MegatronCheckpoint, family: Family, dtype: str, log) -> None:
+    config = ckpt.config
     log(f"[convert_to_hf] {ckpt.directory}: {config.norm_placement}, {config.num_layers} layers, "
         f"hidden {config.hidden_size}, vocab {config.vocab_size}"
         + (f", {config.num_experts} experts" if config.is_moe else "")
         + f" -> {family.architecture} ({dtype})")
 
-    # The tokenizer flags given, completed from the run record (a moved file keeps its type).
+
+def _ship_tokenizer(ckpt: MegatronCheckpoint, log, **given) -> Optional[ShippedTokenizer]:
+    """The tokenizer flags given, completed from the run record (a moved file keeps its type),
+    prepared for the HF folder; None (said in the log) when neither names one."""
     from spannorm_megatron.data.tokenizer_args import recorded_tokenizer
+    from spannorm_megatron.hf.tokenizer_export import prepare_export_tokenizer
 
-    tokenizer_flags, why = recorded_tokenizer(
-        (ckpt.run_record or {}).get("args"), tokenizer_type=tokenizer_type,
-        tokenizer_model=tokenizer_model, vocab_file=vocab_file, merge_file=merge_file,
-        vocab_size=vocab_size)
-    tokenizer = None
-    if tokenizer_flags is not None:
-        from spannorm_megatron.hf.tokenizer_export import prepare_export_tokenizer
-
-        tokenizer = prepare_export_tokenizer(tokenizer_flags, config.vocab_size,
-                                             _pad_multiple(ckpt.run_record))
-        log(f"[convert_to_hf] tokenizer: {tokenizer_flags.describe()}")
-        for note in tokenizer.notes:
-            log(f"[convert_to_hf] note: {note}")
-        if tokenizer.mismatches:
-            log(f"[convert_to_hf] WARNING: the Hugging Face tokenizer encodes "
-                f"{len(tokenizer.mismatches)} sample text(s) differently from training, e.g. "
-                f"{tokenizer.mismatches[0]!r}")
-    else:
+    flags, why = recorded_tokenizer((ckpt.run_record or {}).get("args"), **given)
+    if flags is None:
         log(f"[convert_to_hf] no tokenizer ({why}): writing the model only; pass the tokenizer "
             f"flags (--tokenizer-type with --tokenizer-model, --vocab-file and --merge-file, or "
             f"--vocab-size) to ship one")
+        return None
+    files = prepare_export_tokenizer(flags, ckpt.config.vocab_size, _pad_multiple(ckpt.run_record))
+    log(f"[convert_to_hf] tokenizer: {flags.describe()}")
+    for note in files.notes:
+        log(f"[convert_to_hf] note: {note}")
+    if files.mismatches:
+        log(f"[convert_to_hf] WARNING: the Hugging Face tokenizer encodes "
+            f"{len(files.mismatches)} sample text(s) differently from training, e.g. "
+            f"{files.mismatches[0]!r}")
+    return ShippedTokenizer(flags, files)
 
-    plan = plan_hf_tensors(family, config, ckpt.groups, target_dtype)
-    flat = [entry for _group, entries in plan for entry in entries]
-    special = {}
-    if tokenizer is not None:
-        special = dict(tokenizer.special_ids)
 
+@contextmanager
+def _staging_folder(save: str):
+    """A fresh staging folder beside `save` (hf/destination.py), moved to `save` when the block
+    completes and removed when it fails, so nothing that looks like a finished export is left
+    behind. A write the storage refuses (no space, a file-size limit, permissions) is reported
+    as such, not as a traceback."""
     _make_parent(save)
-    tmp = f"{save}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
-    writer = None
+    tmp = side_path(save, ".tmp-")
     try:
-        config_json = family.config_json(config, target_dtype, special)
-        import transformers
+        os.makedirs(tmp)
+        yield tmp
+        _publish(tmp, save)
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        problem = storage_problem(error) if isinstance(error, OSError) else None
+        if problem:
+            raise ConversionError(
+                f"--save {save}: the export could not be written ({problem}: {error}). Nothing "
+                f"was left at --save. Free space, lift the limit (ulimit -f), choose another "
+                f"--save, or write smaller files (--max-shard-size).") from None
+        raise
 
-        config_json["transformers_version"] = transformers.__version__
-        _write_json(os.path.join(tmp, "config.json"), config_json)
-        generation = {"transformers_version": transformers.__version__}
-        if tokenizer is not None:
-            ids, stop = tokenizer.special_ids, tokenizer.stop_ids
-            generation.update({key: value for key, value in (
-                ("bos_token_id", ids.get("bos")), ("pad_token_id", ids.get("pad")),
-                ("eos_token_id", stop if len(stop) > 1 else stop[0])) if value is not None})
-        _write_json(os.path.join(tmp, "generation_config.json"), generation)
-        if not family.native:
-            from spannorm_megatron.hf.remote_code import REMOTE_CODE_FILES
 
-            source = os.path.join(os.path.dirname(__file__), "remote_code")
-            for name in REMOTE_CODE_FILES:
-                shutil.copyfile(os.path.join(source, name), os.path.join(tmp, name))
-        if tokenizer is not None:
-            tokenizer.write(tmp, config.max_sequence_length)
+def _write_configs(tmp: str, family: Family, config: ModelConfig, dtype: torch.dtype,
+                   tokenizer: Optional[ShippedTokenizer]) -> None:
+    """config.json, generation_config.json, our class's code when it is not a native one, and
+    the tokenizer's files."""
+    import transformers
 
-        writer = ShardedSafetensorsWriter(tmp, flat, shard_bytes,
-                                          metadata={"source": "spannorm_megatron"})
+    special = dict(tokenizer.files.special_ids) if tokenizer is not None else {}
+    config_json = family.config_json(config, dtype, special)
+    config_json["transformers_version"] = transformers.__version__
+    _write_json(os.path.join(tmp, "config.json"), config_json)
+    generation = {"transformers_version": transformers.__version__}
+    if tokenizer is not None:
+        ids, stop = tokenizer.files.special_ids, tokenizer.files.stop_ids
+        generation.update({key: value for key, value in (
+            ("bos_token_id", ids.get("bos")), ("pad_token_id", ids.get("pad")),
+            ("eos_token_id", stop if len(stop) > 1 else stop[0])) if value is not None})
+    _write_json(os.path.join(tmp, "generation_config.json"), generation)
+    if not family.native:
+        from spannorm_megatron.hf.remote_code import REMOTE_CODE_FILES
+
+        source = os.path.join(os.path.dirname(__file__), "remote_code")
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(os.path.join(source, name), os.path.join(tmp, name))
+    if tokenizer is not None:
+        tokenizer.files.write(tmp, config.max_sequence_length)
+
+
+def _write_weights(tmp: str, ckpt: MegatronCheckpoint, family: Family, plan,
+                   dtype: torch.dtype, shard_bytes: int, allow_non_finite: bool,
+                   log) -> ShardedSafetensorsWriter:
+    """Stream the checkpoint one tensor group at a time into the safetensors shards."""
+    flat = [entry for _group, entries in plan for entry in entries]
+    writer = ShardedSafetensorsWriter(tmp, flat, shard_bytes,
+                                      metadata={"source": "spannorm_megatron"})
+    try:
         done_bytes, total = 0, writer.total_size
         for group, entries in plan:
             t0 = time.perf_counter()
             tensors = {k: v.float() for k, v in ckpt.read_group(group).items()}
             if not allow_non_finite:
                 _check_finite(tensors, ckpt.directory)
-            converted = family.to_hf(config, group, tensors)
+            converted = family.to_hf(ckpt.config, group, tensors)
             del tensors
-            converted = {k: v.to(family.stored_dtype(k, target_dtype))
-                         for k, v in converted.items()}
+            converted = {k: v.to(family.stored_dtype(k, dtype)) for k, v in converted.items()}
             writer.write(converted)
             done_bytes += sum(v.numel() * v.element_size() for v in converted.values())
             del converted
@@ -273,39 +328,34 @@ def export_checkpoint(
                 f"{done_bytes / 2**20:,.1f} / {total / 2**20:,.1f} MiB "
                 f"({done_bytes / max(total, 1):.0%}, {time.perf_counter() - t0:.2f}s)")
         writer.close()
-        record = ckpt.run_record or {}
-        _write_json(os.path.join(tmp, EXPORT_INFO_FILE), {
-            "source_checkpoint": ckpt.directory,
-            "iteration": record.get("iteration"),
-            "family": family.name,
-            "architecture": family.architecture,
-            "dtype": dtype,
-            "tokenizer_model": tokenizer_flags and tokenizer_flags.tokenizer_model,
-            "tokenizer": tokenizer_flags and {
-                k: v for k, v in vars(tokenizer_flags).items() if v is not None},
-            "model_config": config.to_dict(),
-            "versions": _versions(),
-        })
-        files = sorted(os.listdir(tmp))
-        _publish(tmp, save)
     except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        writer.abort()
         raise
-    num_parameters = sum(_numel(shape) for _name, shape, _dtype in flat)
-    seconds = time.perf_counter() - start
-    log(f"[convert_to_hf] wrote {save} ({num_parameters:,} parameters, {len(writer.files)} "
-        f"weight file(s)) in {seconds:.1f}s")
-    return ExportResult(save, family.name, family.architecture, num_parameters, writer.total_size,
-                        files, seconds, notes)
+    return writer
+
+
+def _export_info(ckpt: MegatronCheckpoint, family: Family, dtype: str,
+                 tokenizer: Optional[ShippedTokenizer]) -> dict:
+    """The marker's content: where the folder came from, and what it was made of."""
+    flags = tokenizer.flags if tokenizer is not None else None
+    return {
+        "source_checkpoint": ckpt.directory,
+        "iteration": (ckpt.run_record or {}).get("iteration"),
+        "family": family.name,
+        "architecture": family.architecture,
+        "dtype": dtype,
+        "tokenizer_model": flags and flags.tokenizer_model,
+        "tokenizer": flags and {k: v for k, v in vars(flags).items() if v is not None},
+        "model_config": ckpt.config.to_dict(),
+        "versions": _versions(),
+    }
 
 
 def _check_finite(tensors: dict, directory: str) -> None:
     """A NaN or Inf weight makes every output NaN: refuse it before it reaches a user's
     `from_pretrained`, naming the tensor (the run diverged before this checkpoint)."""
     for name, tensor in tensors.items():
-        bad = int((~torch.isfinite(tensor)).sum())
+        bad = count_non_finite(tensor)
         if bad:
             raise ConversionError(
                 f"{directory}: {name} holds {bad} non-finite value(s) (NaN/Inf) of "

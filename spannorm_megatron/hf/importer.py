@@ -27,17 +27,17 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from spannorm_megatron.config import ParallelConfig
-from spannorm_megatron.hf.errors import (
-    ConversionError,
-    check_destination,
-    tensor_mismatches,
-)
-from spannorm_megatron.hf.families import model_config_from_hf
-from spannorm_megatron.checkpoint import save_checkpoint
+from spannorm_megatron.checkpoint import TRACKER_FILENAME, iteration_dirname, save_checkpoint
 from spannorm_megatron.checkpoint.streaming import StreamingSaveStrategy
+from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.hf.destination import IMPORT_MARKER, check_destination, write_marker
+from spannorm_megatron.hf.errors import ConversionError, tensor_mismatches
+from spannorm_megatron.hf.families import model_config_from_hf
 from spannorm_megatron.hf.layout import CheckpointLayout, Group, megatron_groups
+from spannorm_megatron.runtime import launch_environment
+from spannorm_megatron.hf.records import check_records_agree
 from spannorm_megatron.hf.safetensors_io import SafetensorsFolder
+from spannorm_megatron.hf.tensors import count_non_finite
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -57,15 +57,21 @@ def read_hf_config(directory: str) -> dict:
 
 
 class HFCheckpoint:
-    """An HF folder checked against the megatron model it converts to."""
+    """An HF folder checked against the megatron model it converts to: config.json (what
+    transformers reads) is the truth, and a record of the model beside it (our class's
+    `megatron_model_config`, the export's marker) must agree with it; the weights must match it
+    and, unless `allow_non_finite`, hold no NaN/Inf."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, allow_non_finite: bool = False):
         self.directory = os.path.abspath(directory)
         self.hf_config = read_hf_config(self.directory)
         where = os.path.join(self.directory, "config.json")
         self.family, self.config = model_config_from_hf(self.hf_config, where)
+        check_records_agree(self.family, self.hf_config, self.directory)
         self.weights = SafetensorsFolder(self.directory)
         self._check_names()
+        if not allow_non_finite:
+            self._check_finite()
 
     def _expected(self) -> Dict[str, Tuple[int, ...]]:
         from spannorm_megatron.hf.export import plan_hf_tensors
@@ -87,6 +93,21 @@ class HFCheckpoint:
         if parts:
             raise ConversionError(f"{self.directory}: the weights do not match config.json: "
                                   + "; ".join(parts) + ".")
+
+    def _check_finite(self) -> None:
+        """Before anything is written (a writer's failure would come wrapped in its own), one
+        tensor in memory at a time."""
+        for name in sorted(self.weights.names()):
+            tensor = self.weights.get(name)
+            bad = count_non_finite(tensor)
+            if bad:
+                raise ConversionError(
+                    f"{self.directory}: {name} holds {bad} non-finite value(s) (NaN/Inf) of "
+                    f"{tensor.numel()}: the converted model would compute NaN. Convert a folder "
+                    f"saved before the weights diverged, or pass --allow-non-finite to convert "
+                    f"it as it is.")
+            del tensor
+            self.weights.release()
 
     def megatron_group(self, group: Group) -> Dict[str, torch.Tensor]:
         """The megatron tensors of one group (full TP1 names), computed from the HF weights."""
@@ -144,7 +165,7 @@ class GroupProducer:
 
 
 def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return launch_environment().world_size
 
 
 def convert_hf_to_megatron(
@@ -157,6 +178,7 @@ def convert_hf_to_megatron(
     dtype: str = "float32",
     iteration: int = 0,
     overwrite: bool = False,
+    allow_non_finite: bool = False,
     log: Callable[[str], None] = print,
 ) -> str:
     """Convert the HF folder `load` into a megatron checkpoint under `save`; call on every rank.
@@ -172,13 +194,13 @@ def convert_hf_to_megatron(
             f"fit {world} process(es): launch with torchrun --nproc_per_node {tp * pp} (or a "
             f"multiple), or run TP1/PP1 in a single process.")
     save = check_destination(save, overwrite, f"save iteration {iteration} into it",
-                             source=load)
+                             source=load, marker=IMPORT_MARKER)
     created = not os.path.exists(save)
 
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launch_environment().rank
     say = log if rank == 0 else (lambda s: None)
     say(f"[convert_from_hf] checking {load}")
-    hf = HFCheckpoint(load)
+    hf = HFCheckpoint(load, allow_non_finite=allow_non_finite)
     config = hf.config
     if config.is_moe and config.num_experts % ep:
         raise ConversionError(f"--expert-model-parallel-size {ep} does not divide "
@@ -190,7 +212,7 @@ def convert_hf_to_megatron(
 
     from spannorm_megatron.hf.megatron_reader import local_model_config
     from spannorm_megatron.model import build_model, transformer_config
-    from spannorm_megatron.runtime import initialize
+    from spannorm_megatron.process import initialize
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               expert_model_parallel_size=ep, sequence_parallel=tp > 1)
@@ -218,6 +240,12 @@ def convert_hf_to_megatron(
     if materialized:  # they would be written as built, not converted
         raise ConversionError(f"internal: built off the meta device: {materialized[:4]}")
     producer = GroupProducer(hf, log=say)
+    if rank == 0:
+        # Marked before anything else is written, so that a rerun with --overwrite recognises
+        # even a killed conversion's directory as its own.
+        os.makedirs(save, exist_ok=True)
+        write_marker(save, IMPORT_MARKER, {"converted_from_hf": os.path.abspath(load)},
+                     entries=(TRACKER_FILENAME, iteration_dirname(iteration)))
     try:
         path = save_checkpoint(
             save, iteration, chunks, None, None, model_config=config, parallel_config=parallel,

@@ -367,7 +367,7 @@ def local_model_config(config: ModelConfig) -> ModelConfig:
 
 def build_single_process_model(config: ModelConfig, dtype: torch.dtype = torch.float32):
     """A TP1/PP1 GPTModel of `config` in eval mode (megatron-core must be initialized with a
-    world of one: `spannorm_megatron.runtime.initialize()`)."""
+    world of one: `spannorm_megatron.process.initialize()`)."""
     from spannorm_megatron.model import build_gpt_model, transformer_config
 
     config = local_model_config(config)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -209,7 +209,3 @@ class SafetensorsFolder:
 
     def shape(self, name: str) -> Tuple[int, ...]:
         return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
-
-
-def folder_weight_names(directory: str) -> Iterable[str]:
-    return SafetensorsFolder(directory).names()

@@ -69,3 +69,10 @@ def merge_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.shape != up.shape:
         raise ValueError(f"gate_proj {tuple(gate.shape)} and up_proj {tuple(up.shape)} differ")
     return torch.cat([gate, up], dim=0).contiguous()
+
+
+def count_non_finite(tensor: torch.Tensor) -> int:
+    """How many NaN/Inf values `tensor` holds (a NaN weight makes every output NaN)."""
+    if not tensor.is_floating_point():
+        return 0
+    return int((~torch.isfinite(tensor)).sum())

@@ -254,11 +254,3 @@ def save_tokenizer(fast, model_path: Optional[str], directory: str, model_max_le
     with open(path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
         f.write("\n")
-
-
-def write_tokenizer(model_path: str, directory: str, model_vocab: int,
-                    pad_multiple: Optional[int] = None, model_max_length: int = 1024) -> TokenizerInfo:
-    """Check and write the tokenizer files into `directory`."""
-    fast, _ours, info = prepare_tokenizer(model_path, model_vocab, pad_multiple)
-    save_tokenizer(fast, model_path, directory, model_max_length)
-    return info

@@ -158,7 +158,8 @@ def run(argv: Optional[List[str]] = None) -> List[str]:
     from spannorm_megatron.lab.batch import make_batch
     from spannorm_megatron.lab.propagation import run_propagation
     from spannorm_megatron.lab.results import write_outputs
-    from spannorm_megatron.runtime import destroy, initialize
+    from spannorm_megatron.runtime import destroy
+    from spannorm_megatron.process import initialize
 
     args, placements, depths, scale_inits, settings = parse(argv)
     if args.from_json:

@@ -160,7 +160,7 @@ def check_grid(placements: Sequence[str], depths: Sequence[int],
 
 def build_probe_model(config: ModelConfig, seed: int):
     """A single-process GPTModel built right after re-seeding (process groups must exist:
-    `spannorm_megatron.runtime.initialize`)."""
+    `spannorm_megatron.process.initialize`)."""
     from spannorm_megatron.model import build_gpt_model, transformer_config
     from spannorm_megatron.runtime import set_seed
 

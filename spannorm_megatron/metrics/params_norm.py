@@ -18,7 +18,7 @@ module puts them together the same way, with the same groups:
 Every rank calls it (collectives) and gets the same value. One difference from Megatron-LM:
 with `--overlap-param-gather` the distributed optimizer leaves the updated weights ungathered
 until the next forward pass, and Megatron-LM then reads the weights of the step before on
-fp32 runs; `training.setup.gather_updated_parameters` is called first here, so the norm is
+fp32 runs; `runtime.gather_updated_parameters` is called first here, so the norm is
 always that of the weights a checkpoint of this iteration holds.
 """
 
@@ -32,7 +32,7 @@ from megatron.core.optimizer.clip_grads import l2_norm_impl, multi_tensor_applie
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
-from spannorm_megatron.runtime import current_device
+from spannorm_megatron.runtime import current_device, gather_updated_parameters
 
 
 def _norm_squared(tensors: List[torch.Tensor]) -> torch.Tensor:
@@ -46,8 +46,6 @@ def _norm_squared(tensors: List[torch.Tensor]) -> torch.Tensor:
 
 def params_l2_norm(model_chunks, bf16: bool = False) -> float:
     """Collective: the L2 norm of the whole model's parameters (see the module doc)."""
-    from spannorm_megatron.training.setup import gather_updated_parameters
-
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     gather_updated_parameters(chunks)
     dense, experts, sharded = [], [], []

@@ -184,7 +184,7 @@ def build_gpt_model(
 def build_model(config: ModelConfig, tconfig: TransformerConfig) -> List[GPTModel]:
     """The model chunks this rank holds: one per virtual pipeline stage (one without interleaving).
 
-    Process groups must exist (`spannorm_megatron.runtime.initialize`).
+    Process groups must exist (`spannorm_megatron.process.initialize`).
     """
     vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = range(vp_size) if vp_size is not None else [None]

@@ -2,12 +2,11 @@
 
 The model code is written once against megatron-core. What differs between a GPU cluster and
 a CPU-only machine (NCCL vs gloo, CUDA-only calls inside megatron-core) is decided here at
-run time: on a GPU nothing in megatron-core is altered; without one, :func:`enable_cpu_runtime`
-(called by :func:`initialize`) lets the CPU play the device. Importing this package patches
-nothing.
+run time: the device, the backend, the process groups. What megatron-core needs altered to run
+on a CPU lives in the top-level ``patches/`` folder, which depends on this package and is never
+imported by it: ``spannorm_megatron.process`` applies the patch sets for an entry point.
 """
 
-from .cpu import enable_cpu_runtime, is_cpu_runtime_enabled, should_enable_cpu_runtime
 from .device import (
     backend,
     check_launch,
@@ -21,14 +20,16 @@ from .distributed import (
     ParallelLayoutError,
     base_seed,
     destroy,
+    gather_updated_parameters,
     initialize,
-    load_patches,
     megatron_device_kwargs,
     set_seed,
     validate_layout,
 )
+from .launch import LaunchEnvironment, launch_environment
 
 __all__ = [
+    "LaunchEnvironment",
     "ParallelLayout",
     "ParallelLayoutError",
     "base_seed",
@@ -36,15 +37,13 @@ __all__ = [
     "check_launch",
     "current_device",
     "destroy",
+    "gather_updated_parameters",
     "device_type",
-    "enable_cpu_runtime",
     "has_accelerator",
     "initialize",
-    "is_cpu_runtime_enabled",
-    "load_patches",
+    "launch_environment",
     "megatron_device_kwargs",
     "ranks_per_node",
     "set_seed",
-    "should_enable_cpu_runtime",
     "validate_layout",
 ]

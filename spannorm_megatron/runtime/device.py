@@ -97,10 +97,12 @@ def check_launch(distributed_backend: Optional[str] = None, parallel=None) -> No
     Raises :class:`~spannorm_megatron.errors.ConfigError` naming the fix."""
     from spannorm_megatron.errors import ConfigError
 
+    from .launch import launch_environment
+
     why = pipeline_communication_problem(parallel) if parallel is not None else None
     if why:
         raise ConfigError(why + ".")
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local_ranks = launch_environment().local_world_size
     if has_accelerator() and local_ranks > torch.cuda.device_count():
         raise ConfigError(
             f"this node runs {local_ranks} ranks (torchrun --nproc_per_node) but has "

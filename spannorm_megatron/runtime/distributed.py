@@ -1,11 +1,11 @@
 """Process groups and seeds for megatron-core, on GPUs (NCCL) or CPU (gloo).
 
-:func:`initialize` is the single entry point a training script or test calls after being
-launched by ``torchrun`` (or as a plain single process). It validates the parallel layout
-*before* any process-group work -- a wrong layout otherwise surfaces as a RuntimeError deep
-inside ``initialize_model_parallel`` on every rank, or as a hang -- then enables the CPU
-runtime when there is no GPU, applies the upstream patches, creates the process groups and
-seeds the RNGs the way Megatron-LM does.
+:func:`initialize` sets up a rank launched by ``torchrun`` (or a plain single process). It
+validates the parallel layout *before* any process-group work -- a wrong layout otherwise
+surfaces as a RuntimeError deep inside ``initialize_model_parallel`` on every rank, or as a
+hang -- then picks the device, creates the process groups and seeds the RNGs the way
+Megatron-LM does. It expects this machine's patch sets applied: entry points call
+``spannorm_megatron.process.initialize``, which applies them and then calls this one.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 from spannorm_megatron.config import ParallelConfig
 from spannorm_megatron.errors import ParallelLayoutError
 
-from .cpu import enable_cpu_runtime
 from .device import backend as device_backend
 from .device import has_accelerator, pipeline_communication_problem
+from .launch import launch_environment
 from .orphans import die_with_parent
 from .strict_devices import strict_devices_requested
 
@@ -33,8 +33,8 @@ __all__ = [
     "ParallelLayoutError",
     "base_seed",
     "destroy",
+    "gather_updated_parameters",
     "initialize",
-    "load_patches",
     "megatron_device_kwargs",
     "set_seed",
     "validate_layout",
@@ -130,37 +130,6 @@ def validate_layout(world_size: int, parallel: Optional[ParallelConfig] = None,
     )
 
 
-def load_patches():
-    """Return the ``spannorm_megatron.patches`` package: the top-level ``patches/`` folder.
-
-    setup.py installs that folder under this name (package_dir). A source checkout (used through
-    PYTHONPATH, or an editable install of another checkout, whose finder maps the name to *that*
-    checkout's folder) loads its own folder under the name instead.
-    """
-    import importlib
-    import importlib.util
-    import sys
-
-    name = __package__.rsplit(".", 1)[0] + ".patches"
-    if name in sys.modules:
-        return sys.modules[name]
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    folder = os.path.join(root, "patches")
-    if not (os.path.isfile(os.path.join(root, "setup.py"))
-            and os.path.isfile(os.path.join(folder, "__init__.py"))):
-        return importlib.import_module(name)
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -169,10 +138,8 @@ def _free_port() -> int:
 
 def _launch_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's variables; (0, 1, 0) without them."""
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world_size, local_rank
+    env = launch_environment()
+    return env.rank, env.world_size, env.local_rank
 
 
 def _rendezvous(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
@@ -238,9 +205,9 @@ def initialize(
     `parallel` says (default: no model parallelism).
 
     Reads RANK/WORLD_SIZE/LOCAL_RANK (torchrun); without them runs as a world of one. In
-    order: validate the layout, pick the device (``cuda:LOCAL_RANK``, or enable the CPU
-    runtime), apply the upstream patches that the installed megatron-core needs, create the
-    default process group (NCCL or gloo) unless it exists, (re)create megatron-core's
+    order: validate the layout, pick the device (``cuda:LOCAL_RANK``; without a GPU, check
+    that the CPU runtime is applied: entry points apply the patch sets through
+    ``spannorm_megatron.process``), create the default process group (NCCL or gloo) unless it exists, (re)create megatron-core's
     model-parallel groups, and seed (:func:`set_seed`). Calling it again with other sizes
     keeps the default group and replaces the model-parallel ones. `timeout_minutes` is every
     process group's timeout (`spannorm-train --distributed-timeout-minutes`, 10 as in
@@ -262,8 +229,7 @@ def initialize(
     if has_accelerator():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     else:
-        enable_cpu_runtime()
-    load_patches().apply_all()
+        _check_cpu_runtime()
 
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if not torch.distributed.is_initialized():
@@ -293,6 +259,19 @@ def initialize(
     return layout
 
 
+def _check_cpu_runtime() -> None:
+    """megatron-core calls torch.cuda unconditionally: without a GPU it needs the CPU runtime's
+    patches, which the entry point applies (the runtime does not import patches/)."""
+    try:
+        torch.cuda.current_device()
+    except (AssertionError, RuntimeError):
+        raise RuntimeError(
+            "no GPU and the CPU runtime is not applied: megatron-core cannot run. Initialize "
+            "through spannorm_megatron.process.initialize(), or call "
+            "spannorm_megatron.process.apply_patches() before runtime.initialize()."
+        ) from None
+
+
 def destroy() -> None:
     """Tear down megatron-core's groups and the default process group (safe to repeat)."""
     from megatron.core import parallel_state
@@ -300,6 +279,20 @@ def destroy() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def gather_updated_parameters(model: list) -> None:
+    """Give every rank the full updated parameters now.
+
+    With ``--overlap-param-gather`` the distributed optimizer defers the all-gather of updated
+    parameters into the next forward pass (DDP's forward pre-hooks, evaluation's too). Whatever
+    reads the weights outside a forward (a checkpoint, weight statistics) calls this first;
+    without the overlap the gather already happened in the optimizer step, and this does nothing.
+    """
+    for chunk in model:
+        ddp_config = getattr(chunk, "ddp_config", None)  # plain modules (tools, tests) too
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
 def megatron_device_kwargs() -> dict:

@@ -32,7 +32,7 @@ from spannorm_megatron.metrics.params_norm import params_l2_norm
 from spannorm_megatron.metrics.tensorboard import TAG_SKIPPED_ITERATIONS
 from spannorm_megatron.runtime import current_device
 from spannorm_megatron.training.config import MetricsLoggingConfig
-from spannorm_megatron.training.setup import gather_updated_parameters
+from spannorm_megatron.runtime import gather_updated_parameters
 
 
 @dataclass

@@ -95,15 +95,3 @@ def _one_or_list(functions: list):
     return functions[0] if len(functions) == 1 else functions
 
 
-def gather_updated_parameters(model: List[DistributedDataParallel]) -> None:
-    """Give every rank the full updated parameters now.
-
-    With ``--overlap-param-gather`` the distributed optimizer defers the all-gather of updated
-    parameters into the next forward pass (DDP's forward pre-hooks, evaluation's too). Whatever
-    reads the weights outside a forward (a checkpoint, weight statistics) calls this first;
-    without the overlap the gather already happened in the optimizer step, and this does nothing.
-    """
-    for chunk in model:
-        ddp_config = getattr(chunk, "ddp_config", None)  # plain modules (tools, tests) too
-        if ddp_config is not None and ddp_config.overlap_param_gather:
-            chunk.start_param_sync(force_sync=True)

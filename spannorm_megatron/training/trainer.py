@@ -51,7 +51,8 @@ from spannorm_megatron.model.fusions import describe as describe_fusions
 from spannorm_megatron.model.moe_kernels import check_moe_kernels
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.options import from_namespace
-from spannorm_megatron.runtime import check_launch, current_device, destroy, initialize
+from spannorm_megatron.runtime import check_launch, current_device, destroy, gather_updated_parameters
+from spannorm_megatron.process import initialize
 from spannorm_megatron.training.arguments import (
     data_config,
     metrics_logging_config,
@@ -74,7 +75,7 @@ from spannorm_megatron.training.loop import (
 from spannorm_megatron.training.monitor import RunMonitor
 from spannorm_megatron.training.performance import initialize_tp_comm_overlap
 from spannorm_megatron.training.schedule import batch_layout, lr_scheduler, optimizer_config
-from spannorm_megatron.training.setup import gather_updated_parameters, setup_model_and_optimizer
+from spannorm_megatron.training.setup import setup_model_and_optimizer
 
 
 def print_rank_0(message: str) -> None:

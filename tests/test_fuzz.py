@@ -1,0 +1,43 @@
+"""The fuzzer of spannorm-train's inputs (tests/fuzz_train.py) at a fixed seed, and the examples
+it once found defective, kept as regression cases. Each must end accepted and trained, or
+refused with one message: never a traceback. The long mode (an hour) is
+`python tests/fuzz_train.py --minutes 60`."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fuzz_train import BASE, Fixtures, fuzz, generate, run_example
+
+# Seeds whose examples ended in a traceback, with what was wrong (all fixed):
+REGRESSIONS = {
+    43: "MoE with linear biases on one tensor-parallel rank: megatron-core added the expert "
+        "bias in place onto an autograd function's output (patches/expert_bias_inplace.py)",
+    113: "WORLD_SIZE=0 in the environment: a ZeroDivisionError while laying out batches",
+}
+CI_SEED, CI_BUDGET_SECONDS = 1000, 75
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    return Fixtures(str(tmp_path_factory.mktemp("fuzz")))
+
+
+@pytest.mark.parametrize("seed", sorted(REGRESSIONS))
+def test_a_once_defective_example_ends_as_it_should(seed, fixtures):
+    example = generate(seed, fixtures)
+    outcome = run_example(example)
+    assert outcome.defect is None, (REGRESSIONS[seed], example.argv[len(BASE):], example.env,
+                                    outcome.output[-3000:])
+
+
+def test_fuzzing_at_a_fixed_seed_finds_nothing(fixtures):
+    lines = []
+    start = time.monotonic()
+    defects, counts = fuzz(range(CI_SEED, CI_SEED + 1000), fixtures,
+                           deadline=start + CI_BUDGET_SECONDS, log=lines.append)
+    assert sum(counts.values()) >= 10, lines  # the budget runs a useful number of examples
+    assert counts["accepted"] and counts["refused"], counts
+    assert not defects, "\n".join(lines)
