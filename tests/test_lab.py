@@ -178,15 +178,30 @@ def _valid(iteration, loss):
             f"lm loss PPL: 1.0E+02 | \n{bar}")
 
 
-def test_spike_rule_is_strict_median_of_previous_five():
+def test_spike_rule_is_the_guards_strict_median_after_five():
+    """The lab judges logged losses by the training guard's own rule (training.spikes, at the
+    defaults of --loss-spike-factor 1.5 and --loss-spike-window 50)."""
     its = list(range(1, 9))
     # median of (5, 4, 3, 2, 1) is 3: 4.5 is exactly 1.5x (no spike), 4.51 is a spike
     assert find_spikes(its, [5, 4, 3, 2, 1, 4.5, 1, 1]) == []
     assert find_spikes(its, [5, 4, 3, 2, 1, 4.51, 1, 1]) == [6]
     # fewer than 5 earlier values: never a spike, however large
     assert find_spikes(its[:5], [1, 100, 1, 100, 1]) == []
-    # non-finite losses are spikes wherever they are; None (n/a) is skipped
-    assert find_spikes(its[:4], [1.0, float("nan"), None, float("inf")]) == [2, 4]
+    # non-finite losses are not spikes (they are divergence) and do not enter the window;
+    # None (n/a) is skipped
+    assert find_spikes(its[:4], [1.0, float("nan"), None, float("inf")]) == []
+    assert find_spikes(its, [5, 4, float("nan"), 3, 2, 1, None, 4.51]) == [8]
+    # the window is the guard's 50, not 5: the median of (9, 8, 7, 6, 5, 1, 1, 1, 1, 1) is 3,
+    # so 1.6 is no spike (the last five's median, 1, would make it one) and 4.6 is
+    assert find_spikes(range(11), [9, 8, 7, 6, 5, 1, 1, 1, 1, 1, 1.6]) == []
+    assert find_spikes(range(11), [9, 8, 7, 6, 5, 1, 1, 1, 1, 1, 4.6]) == [10]
+    # the same losses through the guard itself: the same verdicts
+    from spannorm_megatron.lab.rules import spike_factor, spike_window
+    from spannorm_megatron.training.guards import SpikeDetector
+
+    guard = SpikeDetector(spike_factor(), spike_window())
+    losses = [9, 8, 7, 6, 5, 1, 1, 1, 1, 1, 4.6]
+    assert [i for i, loss in enumerate(losses) if guard.check(loss) is not None] == [10]
 
 
 def test_report_parser_on_synthetic_logs():
@@ -218,7 +233,7 @@ def test_report_parser_on_synthetic_logs():
                          _line(15, "n/a", grad="n/a"), _valid(15, "nan")])
     verdict = judge(parse_log_text(nan_run), exit_code=0)
     assert verdict.diverged and verdict.first_nonfinite_iteration == 10
-    assert verdict.first_spike_iteration == 10
+    assert verdict.first_spike_iteration is None and verdict.num_spikes == 0  # NaN: diverged
     assert not verdict.completed  # stopped at 15 of 40
     assert judge(parse_log_text(healthy), exit_code=1).completed is False
 

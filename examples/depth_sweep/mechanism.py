@@ -5,7 +5,7 @@
 spannorm_megatron/lab/mechanism.py for the definitions.
 
     python examples/depth_sweep/mechanism.py [--results runs/grid/results.jsonl]
-        [--out docs/stability/grid] [--threshold 1e-3] [--min-depth 128]
+        [--out docs/stability/grid] [--threshold X] [--min-depth 128]
 
 Prints the table (medians per placement and outcome) and writes mechanism.md and
 mechanism.json (every run's signals at the three moments) into --out.
@@ -25,8 +25,9 @@ if __name__ == "__main__":
     p.add_argument("--results", default=os.path.join(ROOT, "runs", "grid", "results.jsonl"),
                    help="a grid's results.jsonl (also an export: docs/stability/grid/)")
     p.add_argument("--out", default=None, help="write mechanism.md / mechanism.json here")
-    p.add_argument("--threshold", type=float, default=1e-3,
-                   help="a run collapses when its layer-2/L gradient ratio falls below this")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="a run collapses when its layer-2/L gradient ratio falls below this "
+                        "(default: the collapse alarm's, spannorm-train's --collapse-grad-ratio)")
     p.add_argument("--min-depth", type=int, default=128, help="runs this deep or deeper")
     args = p.parse_args()
     if not os.path.isfile(args.results):
@@ -35,5 +36,6 @@ if __name__ == "__main__":
     runs = mechanism.analyse(mechanism.load_rows(args.results), args.threshold, args.min_depth)
     print(mechanism.table(runs))
     if args.out:
-        for path in mechanism.write_report(runs, args.out, args.threshold):
+        threshold = mechanism.collapse_threshold() if args.threshold is None else args.threshold
+        for path in mechanism.write_report(runs, args.out, threshold):
             print(f"wrote {path}")

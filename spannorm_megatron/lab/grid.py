@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from spannorm_megatron.errors import UserError
+from spannorm_megatron.lab.rules import collapse_threshold
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -949,14 +950,6 @@ def write_csv(path: str, rows: List[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _collapse_threshold() -> float:
-    """The collapse alarm's default (--collapse-grad-ratio), so the grid counts collapses as a
-    training run would warn about them."""
-    from spannorm_megatron.training.config import LoggingConfig
-
-    return LoggingConfig().collapse_grad_ratio
-
-
 def summarize_by_setting(rows: List[dict]) -> str:
     """Markdown: one line per setting (cell x depth x placement) over every seed that ran it, in
     whichever group (a cell's seed 1234 in `factors` and its seeds 1235/1236 in `confirm` are one
@@ -964,7 +957,7 @@ def summarize_by_setting(rows: List[dict]) -> str:
     ratio fell below the collapse alarm's threshold) and held-out bits per byte."""
     from statistics import mean, pstdev
 
-    threshold = _collapse_threshold()
+    threshold = collapse_threshold()  # as a training run would warn about them
     settings: Dict[tuple, List[dict]] = {}
     for row in sorted(latest_rows(rows).values(), key=lambda r: (r["cell"], r["depth"],
                                                                   r.get("index", 0))):

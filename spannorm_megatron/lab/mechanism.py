@@ -6,8 +6,9 @@ the maximum over all layers ("max"), the per-layer signals `spannorm-train` logs
 layer), attention_rms and mlp_rms (the branch outputs), grad_norm and update_ratio; and the
 layer-2/L gradient-norm ratio at every logged step.
 
-A run *collapses* when that ratio falls below `threshold` (default 1e-3: the grid's healthy
-128-layer runs stay above 0.02, the stalled ones fall below 1e-5); the collapse iteration is the
+A run *collapses* when that ratio falls below `threshold` (default: the collapse alarm's,
+`--collapse-grad-ratio`, read by `lab.rules`: the grid's healthy 128-layer runs stay above
+0.02, the stalled ones fall below 1e-5); the collapse iteration is the
 first logged step where it does. For every run this module takes the signals at three moments:
 one logging interval before the collapse ("before"), at it ("at"), and the last logged step
 ("end"). A run that does not collapse is read at the median collapse iteration of the collapsing
@@ -32,6 +33,8 @@ import math
 import os
 from statistics import median
 from typing import Dict, List, Optional, Sequence
+
+from spannorm_megatron.lab.rules import collapse_threshold
 
 LAYERS = ("1", "2", "mid", "L", "max")
 MOMENTS = ("before", "at", "end")
@@ -106,7 +109,12 @@ def run_signals(row: dict, threshold: float, reference: Dict[object, int]) -> Op
     return out
 
 
-def analyse(rows: List[dict], threshold: float = 1e-3, min_depth: int = 128) -> List[dict]:
+def analyse(rows: List[dict], threshold: Optional[float] = None,
+            min_depth: int = 128) -> List[dict]:
+    """Every run of `min_depth` layers or more, read around its collapse (`threshold`: the
+    collapse alarm's default unless given)."""
+    if threshold is None:
+        threshold = collapse_threshold()
     rows = [r for r in rows if int(r.get("depth", 0)) >= min_depth and r.get("signals")
             and not (r.get("signals") or {}).get("error")]
     reference: Dict[object, List[int]] = {}

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from spannorm_megatron.lab.results import fmt
+from spannorm_megatron.lab.rules import spike_factor, spike_window
 from spannorm_megatron.lab.training_log import (
-    SPIKE_FACTOR,
-    SPIKE_WINDOW,
     RunHistory,
     RunVerdict,
     judge,
@@ -37,6 +36,7 @@ from spannorm_megatron.lab.training_log import (
     read_layer_grad_ratio,
     read_tensorboard,
 )
+from spannorm_megatron.training.spikes import WARMUP
 
 REPORT_COLUMNS = (
     "placement", "depth", "scale_init", "status", "start_loss", "final_train_loss",
@@ -231,8 +231,9 @@ def report_markdown(runs: List[SweepRun], sweep: Dict[str, str]) -> str:
     parts += [
         "Definitions: *start loss* = first logged training loss; *diverged* = a NaN/Inf loss or "
         "grad norm, or final logged training loss above the start loss; *spike* = a logged "
-        f"training loss above {SPIKE_FACTOR}x the median of the {SPIKE_WINDOW} logged values "
-        f"before it (judged from the {SPIKE_WINDOW + 1}th logged value on; NaN/Inf counts); "
+        f"training loss above {spike_factor()}x the median of the last {spike_window()} logged "
+        f"values before it (training's --loss-spike-factor / --loss-spike-window rule, judged "
+        f"from the {WARMUP + 1}th logged value on; NaN/Inf is divergence, not a spike); "
         "grad norm = global norm before clipping, as logged; *layer 2/L grad* = norm of the "
         "gradient of layer 2's parameters / of the last layer's, from the run's TensorBoard "
         "stability tags (logging steps), at the end and its minimum over the run.",
@@ -342,7 +343,7 @@ def write_report(sweep_dir: str, out_dir: Optional[str] = None, log=print) -> Li
     with open(path, "w") as f:
         json.dump({
             "sweep": sweep,
-            "definitions": {"spike_factor": SPIKE_FACTOR, "spike_window": SPIKE_WINDOW},
+            "definitions": {"spike_factor": spike_factor(), "spike_window": spike_window()},
             "runs": [dict(r.row(), source=r.source, diverged_reason=r.verdict.diverged_reason,
                           history={"iterations": r.history.iterations,
                                    "train_loss": _jsonable(r.history.train_loss),

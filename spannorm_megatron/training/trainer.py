@@ -64,11 +64,11 @@ from spannorm_megatron.training.checkpoint_args import check_model_matches
 from spannorm_megatron.training.gpt_step import forward_step
 from spannorm_megatron.training.guards import ExitConditions, NonFiniteGuard, SpikeDetector
 from spannorm_megatron.training.hooks import RunHooks, RunHooksConfig
+from spannorm_megatron.training.log_format import log_line
 from spannorm_megatron.training.loop import (
     StepResult,
     ThroughputWindow,
     evaluate,
-    log_line,
     train_step,
 )
 from spannorm_megatron.training.monitor import RunMonitor
