@@ -148,6 +148,24 @@ def test_cli_writes_csv_json_and_png(tmp_path):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000, name
 
+    # The docs' copy: the Markdown, the plots and one compressed table with every per-layer
+    # value, from which the summary comes back the same; written twice, the same bytes.
+    from spannorm_megatron.lab.cli import main
+    from spannorm_megatron.lab.results import load_json
+
+    docs = tmp_path / "docs"
+    for _ in range(2):
+        assert main(["--from-json", str(out / "signals.json"), "--export", "--out",
+                     str(docs)]) == 0
+        table = (docs / "signals.json.gz").read_bytes()
+    assert sorted(p.name for p in docs.iterdir()) == sorted(["signals.json.gz", "summary.md",
+                                                             *pngs])
+    assert (docs / "summary.md").read_text() == (out / "summary.md").read_text()
+    assert main(["--from-json", str(docs / "signals.json.gz"), "--export", "--out",
+                 str(docs), "--no-plots"]) == 0
+    assert (docs / "signals.json.gz").read_bytes() == table
+    assert len(load_json(str(docs / "signals.json.gz")).results) == 16
+
 
 @pytest.mark.parametrize("argv,expected", [
     (["--placements", "spanorm"], "not a known placement"),
@@ -295,6 +313,19 @@ def test_depth_sweep_script_and_report_on_a_tiny_real_run(tiny_data, tmp_path):
         assert run["layer_grad_ratio_min"] == min(ratios)
     table = (sweep / "report.md").read_text()
     assert "| spannorm | 2 |" in table and "| spannorm | 4 |" in table
+
+    # The docs' copy: report.md, the curves and one compressed table (the JSON, no CSV twin).
+    import gzip
+
+    from spannorm_megatron.lab.sweep import main as report_main
+
+    docs = tmp_path / "docs"
+    assert report_main([str(sweep), "--export", "--out", str(docs)]) == 0
+    assert sorted(p.name for p in docs.iterdir()) == ["loss_curves.png", "report.json.gz",
+                                                      "report.md"]
+    with gzip.open(docs / "report.json.gz", "rt") as f:
+        assert json.load(f) == json.loads((sweep / "report.json").read_text())
+    assert (docs / "report.md").read_text() == table
 
     # A second invocation keeps finished runs and only rewrites the report.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=env)
