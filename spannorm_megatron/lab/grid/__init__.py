@@ -2,7 +2,7 @@
 sweep's base setting, trained one run at a time with `spannorm-train`, unattended and resumable,
 into one results table.
 
-A grid file (YAML, `examples/depth_sweep/grid.yaml` is the one issue 16 needs):
+A grid file (YAML; `examples/depth_sweep/grid.yaml` is the stability study's):
 
     base_config: config.yaml        # the sweep's spannorm-train flags (relative to this file)
     budget_hours: 40                # the whole grid must be estimated to fit, or nothing runs
@@ -36,6 +36,10 @@ Output under OUT (default runs/grid):
     OUT/results.jsonl            one JSON object per finished run, appended when it finishes
     OUT/results.csv              the same rows (without histories) in grid order, rewritten
     OUT/grid.txt                 the grid file and the command, for the record
+
+`--export DIR` (the docs' copy) writes DIR/results.jsonl.gz (every row with its histories: the
+one table, compressed, the same bytes for the same rows), summary.md and the figures,
+overwriting an earlier export.
 
 A run counts as finished when its row is in results.jsonl; an interrupted grid started again
 skips those and trains the rest (a run that was cut off is started over). `--retry-failed`
