@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 
 from spannorm_megatron.runtime import current_device
-from spannorm_megatron.training.spikes import SpikeDetector  # noqa: F401  (the guard's rule)
+from spannorm_megatron.training.spikes import SpikeDetector
 
 
 def _all_reduce(values: List[float], op) -> List[float]:
@@ -129,3 +129,6 @@ class ExitConditions:
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+__all__ = ["ExitConditions", "NonFiniteGradientError", "NonFiniteGuard", "SpikeDetector"]
