@@ -9,6 +9,7 @@ import sys
 from typing import Optional, Tuple
 
 from spannorm_megatron.config import recipe_flags
+from spannorm_megatron.training.log_format import parse_lines
 
 # Strict device mode (runtime/strict_devices.py): a tensor a GPU run would hold on the wrong device
 # fails on CPU too. Multi-rank tests of the loop, the tools and the lab run under it.
@@ -82,10 +83,5 @@ def run_train(*flags, nproc=2, timeout=600, env=None, nan_at: Optional[str] = No
 
 
 def logged_losses(stdout: str) -> dict:
-    """iteration -> lm loss, from Megatron-LM style log lines."""
-    losses = {}
-    for line in stdout.splitlines():
-        if "| lm loss:" in line and " iteration " in line:
-            iteration = int(line.split(" iteration ")[1].split("/")[0])
-            losses[iteration] = float(line.split("| lm loss: ")[1].split(" |")[0])
-    return losses
+    """iteration -> lm loss, from Megatron-LM style log lines (the log format's own parser)."""
+    return {line.iteration: line.lm_loss for line in parse_lines(stdout)[0]}

@@ -148,6 +148,24 @@ def test_cli_writes_csv_json_and_png(tmp_path):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000, name
 
+    # The docs' copy: the Markdown, the plots and one compressed table with every per-layer
+    # value, from which the summary comes back the same; written twice, the same bytes.
+    from spannorm_megatron.lab.cli import main
+    from spannorm_megatron.lab.results import load_json
+
+    docs = tmp_path / "docs"
+    for _ in range(2):
+        assert main(["--from-json", str(out / "signals.json"), "--export", "--out",
+                     str(docs)]) == 0
+        table = (docs / "signals.json.gz").read_bytes()
+    assert sorted(p.name for p in docs.iterdir()) == sorted(["signals.json.gz", "summary.md",
+                                                             *pngs])
+    assert (docs / "summary.md").read_text() == (out / "summary.md").read_text()
+    assert main(["--from-json", str(docs / "signals.json.gz"), "--export", "--out",
+                 str(docs), "--no-plots"]) == 0
+    assert (docs / "signals.json.gz").read_bytes() == table
+    assert len(load_json(str(docs / "signals.json.gz")).results) == 16
+
 
 @pytest.mark.parametrize("argv,expected", [
     (["--placements", "spanorm"], "not a known placement"),
@@ -178,15 +196,30 @@ def _valid(iteration, loss):
             f"lm loss PPL: 1.0E+02 | \n{bar}")
 
 
-def test_spike_rule_is_strict_median_of_previous_five():
+def test_spike_rule_is_the_guards_strict_median_after_five():
+    """The lab judges logged losses by the training guard's own rule (training.spikes, at the
+    defaults of --loss-spike-factor 1.5 and --loss-spike-window 50)."""
     its = list(range(1, 9))
     # median of (5, 4, 3, 2, 1) is 3: 4.5 is exactly 1.5x (no spike), 4.51 is a spike
     assert find_spikes(its, [5, 4, 3, 2, 1, 4.5, 1, 1]) == []
     assert find_spikes(its, [5, 4, 3, 2, 1, 4.51, 1, 1]) == [6]
     # fewer than 5 earlier values: never a spike, however large
     assert find_spikes(its[:5], [1, 100, 1, 100, 1]) == []
-    # non-finite losses are spikes wherever they are; None (n/a) is skipped
-    assert find_spikes(its[:4], [1.0, float("nan"), None, float("inf")]) == [2, 4]
+    # non-finite losses are not spikes (they are divergence) and do not enter the window;
+    # None (n/a) is skipped
+    assert find_spikes(its[:4], [1.0, float("nan"), None, float("inf")]) == []
+    assert find_spikes(its, [5, 4, float("nan"), 3, 2, 1, None, 4.51]) == [8]
+    # the window is the guard's 50, not 5: the median of (9, 8, 7, 6, 5, 1, 1, 1, 1, 1) is 3,
+    # so 1.6 is no spike (the last five's median, 1, would make it one) and 4.6 is
+    assert find_spikes(range(11), [9, 8, 7, 6, 5, 1, 1, 1, 1, 1, 1.6]) == []
+    assert find_spikes(range(11), [9, 8, 7, 6, 5, 1, 1, 1, 1, 1, 4.6]) == [10]
+    # the same losses through the guard itself: the same verdicts
+    from spannorm_megatron.lab.rules import spike_factor, spike_window
+    from spannorm_megatron.training.guards import SpikeDetector
+
+    guard = SpikeDetector(spike_factor(), spike_window())
+    losses = [9, 8, 7, 6, 5, 1, 1, 1, 1, 1, 4.6]
+    assert [i for i, loss in enumerate(losses) if guard.check(loss) is not None] == [10]
 
 
 def test_report_parser_on_synthetic_logs():
@@ -218,7 +251,7 @@ def test_report_parser_on_synthetic_logs():
                          _line(15, "n/a", grad="n/a"), _valid(15, "nan")])
     verdict = judge(parse_log_text(nan_run), exit_code=0)
     assert verdict.diverged and verdict.first_nonfinite_iteration == 10
-    assert verdict.first_spike_iteration == 10
+    assert verdict.first_spike_iteration is None and verdict.num_spikes == 0  # NaN: diverged
     assert not verdict.completed  # stopped at 15 of 40
     assert judge(parse_log_text(healthy), exit_code=1).completed is False
 
@@ -280,6 +313,19 @@ def test_depth_sweep_script_and_report_on_a_tiny_real_run(tiny_data, tmp_path):
         assert run["layer_grad_ratio_min"] == min(ratios)
     table = (sweep / "report.md").read_text()
     assert "| spannorm | 2 |" in table and "| spannorm | 4 |" in table
+
+    # The docs' copy: report.md, the curves and one compressed table (the JSON, no CSV twin).
+    import gzip
+
+    from spannorm_megatron.lab.sweep import main as report_main
+
+    docs = tmp_path / "docs"
+    assert report_main([str(sweep), "--export", "--out", str(docs)]) == 0
+    assert sorted(p.name for p in docs.iterdir()) == ["loss_curves.png", "report.json.gz",
+                                                      "report.md"]
+    with gzip.open(docs / "report.json.gz", "rt") as f:
+        assert json.load(f) == json.loads((sweep / "report.json").read_text())
+    assert (docs / "report.md").read_text() == table
 
     # A second invocation keeps finished runs and only rewrites the report.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=env)

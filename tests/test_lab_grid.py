@@ -1,4 +1,4 @@
-"""The depth sweep's grid mode (spannorm_megatron/lab/grid.py) on a tiny grid: a finished run
+"""The depth sweep's grid mode (spannorm_megatron/lab/grid/) on a tiny grid: a finished run
 lands in the results table, a second start resumes without redoing it, and an unknown factor or
 a grid over its declared budget is refused before anything is prepared or trained."""
 
@@ -130,10 +130,20 @@ def test_run_resume_and_table(tmp_path):
     assert [s["name"] for s in snaps] == [row["name"], other["name"]]
     snap = snaps[0]
     assert snap["name"] == row["name"] and snap["proj_init_std"] == pytest.approx(0.02 / 2 ** 0.5, rel=1e-5)
-    figures = {os.path.basename(p) for p in exported[3:]}
+    assert exported[1].endswith("summary.md")
+    figures = {os.path.basename(p) for p in exported[2:]}
     assert {"grid_deepest_bits_per_byte.png", "grid_grad_ratio.png", "grid_depth.png",
             "grid_output_layer_share.png"} <= figures  # no base / forward cell: no RMS figure
-    assert all(os.path.getsize(p) > 1000 for p in exported[3:])
+    assert all(os.path.getsize(p) > 1000 for p in exported[2:])
+    # One compressed table per export (no CSV twin), overwritten in place: exporting the same
+    # rows again gives the same bytes.
+    assert sorted(os.listdir(tmp_path / "snapshot")) == sorted(
+        os.path.basename(p) for p in exported)
+    with open(exported[0], "rb") as f:
+        first = f.read()
+    assert lab_grid.export_results([out, out_b], str(tmp_path / "snapshot"))[0] == exported[0]
+    with open(exported[0], "rb") as f:
+        assert f.read() == first
 
 
 def test_unknown_factor_refused_before_anything(tmp_path):
@@ -204,3 +214,20 @@ def test_summary_pools_a_setting_over_the_groups_that_ran_it():
     assert (cells[7], cells[8]) == ("4", "6")
     assert cells[9] == "1 of 3"   # only seed 1235 fell below the collapse alarm's 1e-3
     assert cells[10] == "5.5 (3)"
+
+
+def test_docs_keep_markdown_figures_and_one_compressed_table_per_study():
+    """docs/stability/ carries results, not raw data: Markdown, figures and one compressed table
+    per study (no CSV or JSON twins beside it), and one mechanism.md."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                        "stability")
+    tables = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            assert name.endswith((".md", ".png", ".gz")), os.path.join(folder, name)
+            if name.endswith(".gz"):
+                tables.setdefault(folder, []).append(name)
+    assert tables and all(len(names) == 1 for names in tables.values()), tables
+    mechanism_docs = [os.path.join(f, n) for f, _, ns in os.walk(root) for n in ns
+                      if n == "mechanism.md"]
+    assert mechanism_docs == [os.path.join(root, "mechanism.md")]

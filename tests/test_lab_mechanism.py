@@ -1,8 +1,11 @@
 """lab/mechanism.py: signals read before / at / after the collapse, from grid rows."""
 
 import math
+import os
 
 from spannorm_megatron.lab import mechanism
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _row(name, placement, ratios, mlp_mid, scale_mode="init"):
@@ -35,3 +38,29 @@ def test_collapse_is_read_at_its_iteration_and_healthy_runs_at_the_median():
     assert math.isclose(runs["a"]["at"]["2/n2_input_rms_est"], math.sqrt(1.0 + 0.09))
     table = mechanism.table(list(runs.values()))
     assert "| spannorm | collapses | 2 |" in table and "| spannorm | trains | 1 |" in table
+
+
+def test_the_documents_tables_are_the_grid_tables_and_are_rewritten_in_place(tmp_path):
+    """docs/stability/mechanism.md carries the tables mechanism.py makes from the grid's
+    recorded table (at the collapse alarm's threshold); --into rewrites them in place."""
+    rows = mechanism.load_rows(os.path.join(ROOT, "docs", "stability", "grid",
+                                            "results.jsonl.gz"))
+    runs = mechanism.analyse(rows)
+    doc = os.path.join(ROOT, "docs", "stability", "mechanism.md")
+    with open(doc) as f:
+        text = f.read()
+    start, end = text.index(mechanism.BEGIN), text.index(mechanism.END)
+    assert mechanism.report_markdown(runs, mechanism.collapse_threshold(), level=2) in \
+        text[start:end]
+    copy = tmp_path / "mechanism.md"
+    copy.write_text(text)
+    few = runs[:3]
+    for _ in range(2):
+        mechanism.update_document(str(copy), few, 1e-3)
+    rewritten = copy.read_text()
+    assert rewritten.startswith(text[:start]) and rewritten.count(mechanism.BEGIN) == 1
+    assert mechanism.per_run_table(few) in rewritten and len(rewritten) < len(text)
+    fresh = tmp_path / "fresh.md"
+    fresh.write_text("# A note\n")
+    mechanism.update_document(str(fresh), few, 1e-3)
+    assert fresh.read_text().startswith("# A note\n\n" + mechanism.BEGIN)

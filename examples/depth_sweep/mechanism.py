@@ -5,10 +5,11 @@
 spannorm_megatron/lab/mechanism.py for the definitions.
 
     python examples/depth_sweep/mechanism.py [--results runs/grid/results.jsonl]
-        [--out docs/stability/grid] [--threshold 1e-3] [--min-depth 128]
+        [--out DIR] [--into docs/stability/mechanism.md] [--threshold X] [--min-depth 128]
 
-Prints the table (medians per placement and outcome) and writes mechanism.md and
-mechanism.json (every run's signals at the three moments) into --out.
+Prints the table (medians per placement and outcome); writes mechanism.md and mechanism.json
+(every run's signals at the three moments) into --out, and rewrites the tables inside --into's
+document in place.
 """
 
 import argparse
@@ -25,8 +26,12 @@ if __name__ == "__main__":
     p.add_argument("--results", default=os.path.join(ROOT, "runs", "grid", "results.jsonl"),
                    help="a grid's results.jsonl (also an export: docs/stability/grid/)")
     p.add_argument("--out", default=None, help="write mechanism.md / mechanism.json here")
-    p.add_argument("--threshold", type=float, default=1e-3,
-                   help="a run collapses when its layer-2/L gradient ratio falls below this")
+    p.add_argument("--into", default=None, metavar="DOC.md",
+                   help="rewrite the tables inside this Markdown document, in place (the "
+                        "stability docs: docs/stability/mechanism.md)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="a run collapses when its layer-2/L gradient ratio falls below this "
+                        "(default: the collapse alarm's, spannorm-train's --collapse-grad-ratio)")
     p.add_argument("--min-depth", type=int, default=128, help="runs this deep or deeper")
     args = p.parse_args()
     if not os.path.isfile(args.results):
@@ -34,6 +39,9 @@ if __name__ == "__main__":
         sys.exit(2)
     runs = mechanism.analyse(mechanism.load_rows(args.results), args.threshold, args.min_depth)
     print(mechanism.table(runs))
+    threshold = mechanism.collapse_threshold() if args.threshold is None else args.threshold
     if args.out:
-        for path in mechanism.write_report(runs, args.out, args.threshold):
+        for path in mechanism.write_report(runs, args.out, threshold):
             print(f"wrote {path}")
+    if args.into:
+        print(f"wrote {mechanism.update_document(args.into, runs, threshold)}")

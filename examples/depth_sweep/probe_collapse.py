@@ -25,6 +25,7 @@ share, with the medians of the per-layer quantities.
 
     python examples/depth_sweep/probe_collapse.py --load RUN/checkpoints \\
         --data-path PREFIX [--iterations 10 20 30] [--json OUT.json]
+        [--table docs/stability/mechanism/probes.jsonl.gz --name RUN]
 """
 
 from __future__ import annotations
@@ -186,6 +187,13 @@ def main() -> int:
     p.add_argument("--skip-tokens", type=int, default=100_000,
                    help="where in the dataset the probe batch starts")
     p.add_argument("--json", default=None, help="write every layer's numbers here")
+    p.add_argument("--table", default=None, metavar="PROBES.jsonl.gz",
+                   help="add every layer's numbers as one row (named --name) to this compressed "
+                        "table, replacing the row of that name (docs/stability/mechanism/"
+                        "probes.jsonl.gz)")
+    p.add_argument("--name", default=None,
+                   help="the row's name in --table (default: the name of --load's parent, the "
+                        "run directory)")
     args = p.parse_args()
     sys.path.insert(0, ROOT)
     from spannorm_megatron.checkpoint import complete_iterations
@@ -223,7 +231,20 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(_rounded(results), f)
+    if args.table:
+        name = args.name or os.path.basename(os.path.dirname(os.path.abspath(args.load)))
+        add_to_table(args.table, name, _rounded(results))
     return 0
+
+
+def add_to_table(path: str, name: str, results: dict) -> None:
+    """`results` as the row `name` of the compressed table at `path` (one row per probed run,
+    {"name": ..., "iterations": {iteration: {"summary": ..., "layers": ...}}}), replacing an
+    earlier row of that name; the other rows keep their order."""
+    from spannorm_megatron.lab.grid.results import read_results, write_table
+
+    rows = [r for r in read_results(path) if r.get("name") != name]
+    write_table(path, rows + [{"name": name, "iterations": results}])
 
 
 if __name__ == "__main__":

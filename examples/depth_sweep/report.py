@@ -7,7 +7,8 @@ loss_curves.png (written into SWEEP_DIR, or --out).
 
 Definitions (spannorm_megatron/lab/training_log.py): start loss = first logged training loss;
 diverged = NaN/Inf loss or grad norm, or final logged loss above the start loss; loss spike =
-a logged loss above 1.5x the median of the 5 logged losses before it (NaN/Inf counts).
+training's own rule (spannorm_megatron/training/spikes.py at the defaults of
+--loss-spike-factor and --loss-spike-window), applied to the logged losses.
 """
 
 import os

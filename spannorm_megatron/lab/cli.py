@@ -8,7 +8,8 @@ output-projection init, at initialization and optionally after N training steps.
 
 Writes into --out: layers.csv (per layer), summary.csv + summary.md (one row per model and
 step), signals.json (settings, summary, per-layer values, training losses) and PNG plots
-(see spannorm_megatron.lab.plots). Single process, CPU or one GPU; small width by default
+(see spannorm_megatron.lab.plots); with --export (for docs/), summary.md, the plots and
+signals.json.gz only. Single process, CPU or one GPU; small width by default
 (hidden 64, 4 heads, init std 1/sqrt(hidden)), so the default grid runs in minutes on a CPU.
 """
 
@@ -18,9 +19,15 @@ import argparse
 import math
 import sys
 import time
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 from spannorm_megatron.errors import ConfigError, UserError
+from spannorm_megatron.options import add_arguments, from_namespace, option
+from spannorm_megatron.placements import PLACEMENTS
+
+if TYPE_CHECKING:
+    from spannorm_megatron.lab.propagation import ProbeSettings
 
 DEFAULT_DEPTHS = (8, 16, 32, 64, 128)
 DEFAULT_SCALE_INITS = ("megatron", "sqrt_depth", "none")
@@ -56,100 +63,143 @@ def _scale_init(value: str):
     return number
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from spannorm_megatron.placements import PLACEMENTS
+# The options, declared once (spannorm_megatron.options); one dataclass per --help group. Lists
+# are read as text: `8,32` and `8 32` both work, checked in `parse`.
+@dataclass
+class GridOptions:
+    placements: List[str] = option(
+        doc=f"Placements to probe (registered: {', '.join(PLACEMENTS)}).",
+        default_factory=lambda: list(PLACEMENTS), nargs="+")
+    depths: List[str] = option(doc="Layer counts L (>= 2).",
+                               default_factory=lambda: [str(d) for d in DEFAULT_DEPTHS],
+                               nargs="+")
+    scale_init: List[str] = option(
+        doc="Output-projection inits (ModelConfig.scale_init): megatron = sigma/sqrt(2L), "
+            "sqrt_depth = sigma/sqrt(L), none = sigma, a number c = c*sigma, default = each "
+            "placement's own default. Several at once.",
+        default_factory=lambda: list(DEFAULT_SCALE_INITS), nargs="+")
 
+
+@dataclass
+class ModelOptions:
+    hidden_size: int = option(64, "Hidden size of every probed model.")
+    num_attention_heads: int = option(4, "Attention heads.")
+    ffn_hidden_size: Optional[int] = option(None, "Default: 4 x hidden.")
+    init_std: str = option("inv_sqrt_hidden", "Base init std sigma: a number, or "
+                                              "inv_sqrt_hidden for 1/sqrt(hidden).")
+    normalization: str = option("RMSNorm", "The norm layers.", choices=("RMSNorm", "LayerNorm"))
+
+
+@dataclass
+class BatchOptions:
+    tokens: str = option("corpus", "corpus: real text from the embedded corpus (stdlib "
+                                   "sources); random: uniform random ids.",
+                         choices=("corpus", "random"))
+    tokenizer_model: Optional[str] = option(
+        None, "SentencePiece model for --tokens corpus (e.g. runs/quickstart/tokenizer.model); "
+              "default: UTF-8 bytes, vocabulary 256.")
+    vocab_size: Optional[int] = option(
+        None, "Model vocabulary; default: the tokenizer's (256 for bytes/random).")
+    corpus_bytes: int = option(1_000_000, "How much of the embedded corpus to tokenize for "
+                                          "--tokens corpus.")
+    seq_length: int = option(32, "Tokens per sequence.")
+    batch_size: int = option(4, "Sequences in the fixed batch.")
+
+
+@dataclass
+class TrainingOptions:
+    train_steps: int = option(0, "Also measure after this many AdamW steps on the fixed batch "
+                                 "(0: only at initialization).")
+    measure_at: Optional[List[str]] = option(
+        None, "Explicit step counts to measure at (overrides --train-steps), e.g. 0 10 50.",
+        nargs="+")
+    lr: float = option(1e-3, "Constant AdamW learning rate.")
+    clip_grad: float = option(1.0, "0 disables clipping.")
+
+
+@dataclass
+class OutputOptions:
+    seed: int = option(1234, "Seeds the batch and every model's initialization.")
+    threads: Optional[int] = option(None, "torch intra-op threads.")
+    out: str = option("runs/signal_propagation", "Output directory.")
+    no_plots: bool = option(False, "Skip the PNG files.")
+    from_json: Optional[str] = option(
+        None, "Run no model: write the summary, CSV and plots again from an earlier run's "
+              "signals.json (one written with per-layer values) into --out.")
+    no_per_layer_json: bool = option(
+        False, "Leave the per-layer values out of signals.json (they stay in layers.csv); keeps "
+               "the JSON small for large grids.")
+    export: bool = option(
+        False, "Write what the docs keep: summary.md, the plots and one compressed table, "
+               "signals.json.gz with every per-layer value (no CSVs), overwriting the files in "
+               "--out (e.g. with --from-json into docs/stability/propagation).")
+
+
+SECTIONS: Tuple[Tuple[str, type], ...] = (
+    ("grid", GridOptions), ("model", ModelOptions), ("batch", BatchOptions),
+    ("training on the fixed batch", TrainingOptions), ("run and output", OutputOptions))
+
+
+@dataclass
+class PropagationCommand:
+    """One invocation, parsed and checked: the options by section, and what they resolve to."""
+
+    batch: BatchOptions
+    output: OutputOptions
+    placements: List[str]
+    depths: List[int]
+    scale_inits: List[Union[str, float]]
+    settings: ProbeSettings
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="signal_propagation.py",
         description="Per-layer forward/backward signals of deep models for every norm "
                     "placement, depth and output-projection init (spannorm_megatron.lab).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    g = p.add_argument_group("grid")
-    g.add_argument("--placements", nargs="+", default=list(PLACEMENTS),
-                   help=f"Placements to probe (registered: {', '.join(PLACEMENTS)}).")
-    g.add_argument("--depths", nargs="+", default=[str(d) for d in DEFAULT_DEPTHS],
-                   help="Layer counts L (>= 2).")
-    g.add_argument("--scale-init", nargs="+", default=list(DEFAULT_SCALE_INITS),
-                   help="Output-projection inits (ModelConfig.scale_init): megatron = "
-                        "sigma/sqrt(2L), sqrt_depth = sigma/sqrt(L), none = sigma, a number c = "
-                        "c*sigma, default = each placement's own default. Several at once.")
-    m = p.add_argument_group("model")
-    m.add_argument("--hidden-size", type=int, default=64)
-    m.add_argument("--num-attention-heads", type=int, default=4)
-    m.add_argument("--ffn-hidden-size", type=int, default=None, help="Default: 4 x hidden.")
-    m.add_argument("--init-std", default="inv_sqrt_hidden",
-                   help="Base init std sigma: a number, or inv_sqrt_hidden for 1/sqrt(hidden).")
-    m.add_argument("--normalization", default="RMSNorm", choices=["RMSNorm", "LayerNorm"])
-    d = p.add_argument_group("batch")
-    d.add_argument("--tokens", default="corpus", choices=["corpus", "random"],
-                   help="corpus: real text from the embedded corpus (stdlib sources); random: "
-                        "uniform random ids.")
-    d.add_argument("--tokenizer-model", default=None,
-                   help="SentencePiece model for --tokens corpus (e.g. runs/quickstart/"
-                        "tokenizer.model); default: UTF-8 bytes, vocabulary 256.")
-    d.add_argument("--vocab-size", type=int, default=None,
-                   help="Model vocabulary; default: the tokenizer's (256 for bytes/random).")
-    d.add_argument("--corpus-bytes", type=int, default=1_000_000,
-                   help="How much of the embedded corpus to tokenize for --tokens corpus.")
-    d.add_argument("--seq-length", type=int, default=32)
-    d.add_argument("--batch-size", type=int, default=4)
-    t = p.add_argument_group("training on the fixed batch")
-    t.add_argument("--train-steps", type=int, default=0,
-                   help="Also measure after this many AdamW steps on the fixed batch (0: only "
-                        "at initialization).")
-    t.add_argument("--measure-at", nargs="+", default=None,
-                   help="Explicit step counts to measure at (overrides --train-steps), e.g. "
-                        "0 10 50.")
-    t.add_argument("--lr", type=float, default=1e-3, help="Constant AdamW learning rate.")
-    t.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping.")
-    o = p.add_argument_group("run and output")
-    o.add_argument("--seed", type=int, default=1234)
-    o.add_argument("--threads", type=int, default=None, help="torch intra-op threads.")
-    o.add_argument("--out", default="runs/signal_propagation", help="Output directory.")
-    o.add_argument("--no-plots", action="store_true", help="Skip the PNG files.")
-    o.add_argument("--from-json", default=None, metavar="SIGNALS_JSON",
-                   help="Run no model: write the summary, CSV and plots again from an earlier "
-                        "run's signals.json (one written with per-layer values) into --out.")
-    o.add_argument("--no-per-layer-json", action="store_true",
-                   help="Leave the per-layer values out of signals.json (they stay in "
-                        "layers.csv); keeps the JSON small for large grids.")
+    for title, owner in SECTIONS:
+        add_arguments(p.add_argument_group(title), owner)
     return p
 
 
-def parse(argv: Optional[List[str]] = None):
-    """Parsed and checked arguments: (args, placements, depths, scale_inits, settings)."""
+def parse(argv: Optional[List[str]] = None) -> PropagationCommand:
+    """The command line, parsed into its sections and checked."""
     from spannorm_megatron.lab.propagation import ProbeSettings, check_grid
     from spannorm_megatron.placements import get_placement
 
-    args = build_parser().parse_args(argv)
-    placements = _split(args.placements)
+    namespace = build_parser().parse_args(argv)
+    grid, model, batch, training, output = (from_namespace(owner, namespace)
+                                            for _, owner in SECTIONS)
+    placements = _split(grid.placements)
     for placement in placements:
         get_placement(placement)  # ConfigError listing the registered ones
-    depths = _ints(args.depths, "--depths")
-    scale_inits = [_scale_init(v) for v in _split(args.scale_init)]
-    if args.init_std == "inv_sqrt_hidden":
+    depths = _ints(grid.depths, "--depths")
+    scale_inits = [_scale_init(v) for v in _split(grid.scale_init)]
+    if model.init_std == "inv_sqrt_hidden":
         init_std = None
     else:
         try:
-            init_std = float(args.init_std)
+            init_std = float(model.init_std)
         except ValueError:
-            raise ConfigError(f"--init-std {args.init_std!r}: give a number (e.g. 0.02) or "
+            raise ConfigError(f"--init-std {model.init_std!r}: give a number (e.g. 0.02) or "
                               f"inv_sqrt_hidden.") from None
-    if args.measure_at is not None:
-        measure_at = sorted(set(_ints(args.measure_at, "--measure-at")))
+    if training.measure_at is not None:
+        measure_at = sorted(set(_ints(training.measure_at, "--measure-at")))
     else:
-        if args.train_steps < 0:
-            raise ConfigError(f"--train-steps {args.train_steps} must be >= 0.")
-        measure_at = sorted({0, args.train_steps})
+        if training.train_steps < 0:
+            raise ConfigError(f"--train-steps {training.train_steps} must be >= 0.")
+        measure_at = sorted({0, training.train_steps})
     settings = ProbeSettings(
-        hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-        ffn_hidden_size=args.ffn_hidden_size, init_method_std=init_std,
-        normalization=args.normalization, seed=args.seed, measure_at=tuple(measure_at),
-        lr=args.lr, clip_grad=args.clip_grad,
+        hidden_size=model.hidden_size, num_attention_heads=model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size, init_method_std=init_std,
+        normalization=model.normalization, seed=output.seed, measure_at=tuple(measure_at),
+        lr=training.lr, clip_grad=training.clip_grad,
     )
     check_grid(placements, depths, scale_inits, settings)
-    return args, placements, depths, scale_inits, settings
+    return PropagationCommand(batch=batch, output=output, placements=placements, depths=depths,
+                              scale_inits=scale_inits, settings=settings)
 
 
 def run(argv: Optional[List[str]] = None) -> List[str]:
@@ -161,32 +211,36 @@ def run(argv: Optional[List[str]] = None) -> List[str]:
     from spannorm_megatron.runtime import destroy
     from spannorm_megatron.process import initialize
 
-    args, placements, depths, scale_inits, settings = parse(argv)
-    if args.from_json:
+    command = parse(argv)
+    out, batch_options, settings = command.output, command.batch, command.settings
+    if out.from_json:
         from spannorm_megatron.lab.results import load_json
 
-        return write_outputs(load_json(args.from_json), args.out, plots=not args.no_plots,
-                             per_layer_json=not args.no_per_layer_json,
+        return write_outputs(load_json(out.from_json), out.out, plots=not out.no_plots,
+                             per_layer_json=not out.no_per_layer_json, export=out.export,
                              log=lambda line: print(line, flush=True))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    batch = make_batch(args.tokens, batch_size=args.batch_size, seq_length=args.seq_length,
-                       seed=args.seed, vocab_size=args.vocab_size,
-                       tokenizer_model=args.tokenizer_model, corpus_bytes=args.corpus_bytes)
+    if out.threads:
+        torch.set_num_threads(out.threads)
+    batch = make_batch(batch_options.tokens, batch_size=batch_options.batch_size,
+                       seq_length=batch_options.seq_length, seed=out.seed,
+                       vocab_size=batch_options.vocab_size,
+                       tokenizer_model=batch_options.tokenizer_model,
+                       corpus_bytes=batch_options.corpus_bytes)
+    placements, depths, scale_inits = command.placements, command.depths, command.scale_inits
     models = len(placements) * len(depths) * len(scale_inits)
     print(f"signal propagation: {len(placements)} placements x depths {depths} x scale_init "
           f"{[str(s) for s in scale_inits]} = {models} models; hidden {settings.hidden_size}, "
           f"init std {settings.resolved_init_std:.4g}; measured at steps "
           f"{list(settings.measure_at)}; tokens: {batch.description}", flush=True)
     started = time.perf_counter()
-    initialize(seed=args.seed)
+    initialize(seed=out.seed)
     try:
         result = run_propagation(placements, depths, scale_inits, settings, batch,
                                  log=lambda line: print(line, flush=True))
     finally:
         destroy()
-    written = write_outputs(result, args.out, plots=not args.no_plots,
-                            per_layer_json=not args.no_per_layer_json,
+    written = write_outputs(result, out.out, plots=not out.no_plots,
+                            per_layer_json=not out.no_per_layer_json, export=out.export,
                             log=lambda line: print(line, flush=True))
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
     return written

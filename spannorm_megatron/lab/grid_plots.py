@@ -26,6 +26,7 @@ from statistics import mean
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from spannorm_megatron.lab.plots import pyplot, save_png
+from spannorm_megatron.lab.rules import collapse_threshold
 
 PLACEMENT_ORDER = ("spannorm", "spannorm_clean", "prenorm", "postnorm", "deepnorm", "perinorm")
 COLORS = {"spannorm": "#1f77b4", "spannorm_clean": "#2ca02c", "prenorm": "#ff7f0e",
@@ -108,7 +109,9 @@ def _series(row: dict, iterations_key: str, values_key: str, source: str = "hist
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_grad_ratio(rows: Sequence[dict], path: str, threshold: float = 1e-3) -> Optional[str]:
+def plot_grad_ratio(rows: Sequence[dict], path: str,
+                    threshold: Optional[float] = None) -> Optional[str]:
+    """`threshold` (dashed): the collapse alarm's default unless given."""
     at128 = [r for r in _ok(rows) if int(r["depth"]) == deepest(rows)]
     cells = [c for c in DECISIVE_CELLS if any(r["cell"] == c for r in at128)]
     if not cells:
@@ -125,7 +128,8 @@ def plot_grad_ratio(rows: Sequence[dict], path: str, threshold: float = 1e-3) ->
             ax.plot(xs, ys, lw=1, color=COLORS.get(placement, "0.5"),
                     label=placement if placement not in labelled else None)
             labelled.add(placement)
-        ax.axhline(threshold, color="0.3", ls="--", lw=0.8)
+        ax.axhline(collapse_threshold() if threshold is None else threshold, color="0.3",
+                   ls="--", lw=0.8)
         ax.set_yscale("log")
         ax.set_title(cell, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)

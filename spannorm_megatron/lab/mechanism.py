@@ -1,13 +1,14 @@
 """The collapse mechanism, from the signals the grid's runs record (issue 16, item 2).
 
-Every grid row (`lab/grid.py`, results.jsonl) keeps, for layers 1, 2, L/2 ("mid") and L and as
+Every grid row (`lab/grid/`, results.jsonl) keeps, for layers 1, 2, L/2 ("mid") and L and as
 the maximum over all layers ("max"), the per-layer signals `spannorm-train` logs every
 `--log-interval` steps (`metrics/stability.py`): output_rms (the residual stream after the
 layer), attention_rms and mlp_rms (the branch outputs), grad_norm and update_ratio; and the
 layer-2/L gradient-norm ratio at every logged step.
 
-A run *collapses* when that ratio falls below `threshold` (default 1e-3: the grid's healthy
-128-layer runs stay above 0.02, the stalled ones fall below 1e-5); the collapse iteration is the
+A run *collapses* when that ratio falls below `threshold` (default: the collapse alarm's,
+`--collapse-grad-ratio`, read by `lab.rules`: the grid's healthy 128-layer runs stay above
+0.02, the stalled ones fall below 1e-5); the collapse iteration is the
 first logged step where it does. For every run this module takes the signals at three moments:
 one logging interval before the collapse ("before"), at it ("at"), and the last logged step
 ("end"). A run that does not collapse is read at the median collapse iteration of the collapsing
@@ -32,6 +33,8 @@ import math
 import os
 from statistics import median
 from typing import Dict, List, Optional, Sequence
+
+from spannorm_megatron.lab.rules import collapse_threshold
 
 LAYERS = ("1", "2", "mid", "L", "max")
 MOMENTS = ("before", "at", "end")
@@ -106,7 +109,12 @@ def run_signals(row: dict, threshold: float, reference: Dict[object, int]) -> Op
     return out
 
 
-def analyse(rows: List[dict], threshold: float = 1e-3, min_depth: int = 128) -> List[dict]:
+def analyse(rows: List[dict], threshold: Optional[float] = None,
+            min_depth: int = 128) -> List[dict]:
+    """Every run of `min_depth` layers or more, read around its collapse (`threshold`: the
+    collapse alarm's default unless given)."""
+    if threshold is None:
+        threshold = collapse_threshold()
     rows = [r for r in rows if int(r.get("depth", 0)) >= min_depth and r.get("signals")
             and not (r.get("signals") or {}).get("error")]
     reference: Dict[object, List[int]] = {}
@@ -186,18 +194,46 @@ def _median(values) -> Optional[float]:
 
 
 def load_rows(path: str) -> List[dict]:
-    from spannorm_megatron.lab.grid import latest_rows, read_results
+    from spannorm_megatron.lab.grid.results import latest_rows, read_results
 
     return sorted(latest_rows(read_results(path)).values(), key=lambda r: r.get("index", 0))
 
 
+def report_markdown(runs: List[dict], threshold: float, level: int = 1) -> str:
+    """The tables as Markdown under one heading of `level`."""
+    return (f"{'#' * level} Signals around the collapse (threshold: layer-2/L gradient ratio < "
+            f"{threshold:g})\n\nMedians per placement and outcome:\n\n{table(runs)}\n"
+            f"Per run:\n\n{per_run_table(runs)}")
+
+
 def write_report(runs: List[dict], out_dir: str, threshold: float) -> List[str]:
+    """mechanism.md (the tables) and mechanism.json (every run's signals) in `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "mechanism.md"), os.path.join(out_dir, "mechanism.json")]
     with open(paths[0], "w") as f:
-        f.write(f"# Signals around the collapse (threshold: layer-2/L gradient ratio < "
-                f"{threshold:g})\n\nMedians per placement and outcome:\n\n{table(runs)}\n"
-                f"Per run:\n\n{per_run_table(runs)}")
+        f.write(report_markdown(runs, threshold))
     with open(paths[1], "w") as f:
         json.dump({"threshold": threshold, "runs": runs}, f, indent=1)
     return paths
+
+
+BEGIN = "<!-- the tables below: examples/depth_sweep/mechanism.py --into (do not edit) -->"
+END = "<!-- end of the generated tables -->"
+
+
+def update_document(path: str, runs: List[dict], threshold: float) -> str:
+    """Rewrite the generated tables inside an existing Markdown document, between `BEGIN` and
+    `END` (appended at its end the first time), so the document that explains the mechanism
+    also carries its current numbers and no second copy is kept beside it."""
+    with open(path) as f:
+        text = f.read()
+    block = f"{BEGIN}\n\n{report_markdown(runs, threshold, level=2)}\n{END}\n"
+    if BEGIN in text and END in text:
+        start, end = text.index(BEGIN), text.index(END) + len(END)
+        text = text[:start] + block.rstrip("\n") + text[end:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path

@@ -163,6 +163,9 @@ def write_json(run: PropagationRun, rows: Sequence[dict], path: str,
                         for s in LAYER_SIGNALS}}
             for r in run.results
         ]
+    if not isinstance(path, str):  # a text stream
+        dump_json_lines(doc, path)
+        return
     with open(path, "w") as f:
         dump_json_lines(doc, f)
 
@@ -192,11 +195,14 @@ def _from_json_number(value) -> float:
 
 
 def load_json(path: str) -> PropagationRun:
-    """A PropagationRun back from `signals.json` written with per-layer values, so that its
-    summary and plots can be made again without re-running the models."""
+    """A PropagationRun back from `signals.json` (or the docs' compressed `signals.json.gz`)
+    written with per-layer values, so that its summary and plots can be made again without
+    re-running the models."""
+    import gzip
+
     from spannorm_megatron.lab.propagation import ProbeSettings, TrainingTrace
 
-    with open(path) as f:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         doc = json.load(f)
     if "results" not in doc:
         doc["results"] = _results_from_layers_csv(path, doc)
@@ -312,8 +318,10 @@ def summary_markdown(run: PropagationRun, rows: Sequence[dict]) -> str:
 
 
 def write_outputs(run: PropagationRun, out_dir: str, *, plots: bool = True,
-                  per_layer_json: bool = True, log=print) -> List[str]:
-    """Write every output file into `out_dir`; returns their paths."""
+                  per_layer_json: bool = True, export: bool = False, log=print) -> List[str]:
+    """Write every output file into `out_dir`; returns their paths. `export` (for docs/):
+    summary.md, the figures and the one compressed table, signals.json.gz with every per-layer
+    value, instead of the CSVs and signals.json."""
     os.makedirs(out_dir, exist_ok=True)
     rows = summarize(run)
     written = []
@@ -323,9 +331,18 @@ def write_outputs(run: PropagationRun, out_dir: str, *, plots: bool = True,
         written.append(p)
         return p
 
-    write_layers_csv(run, path("layers.csv"))
-    write_summary_csv(rows, path("summary.csv"))
-    write_json(run, rows, path("signals.json"), per_layer=per_layer_json)
+    if export:
+        import io
+
+        from spannorm_megatron.lab.compressed import write_compressed
+
+        text = io.StringIO()
+        write_json(run, rows, text, per_layer=True)
+        write_compressed(path("signals.json.gz"), text.getvalue())
+    else:
+        write_layers_csv(run, path("layers.csv"))
+        write_summary_csv(rows, path("summary.csv"))
+        write_json(run, rows, path("signals.json"), per_layer=per_layer_json)
     with open(path("summary.md"), "w") as f:
         f.write(summary_markdown(run, rows) + "\n")
     if plots:

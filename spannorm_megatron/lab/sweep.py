@@ -26,10 +26,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from spannorm_megatron.lab.compressed import write_compressed
 from spannorm_megatron.lab.results import fmt
+from spannorm_megatron.lab.rules import spike_factor, spike_window
 from spannorm_megatron.lab.training_log import (
-    SPIKE_FACTOR,
-    SPIKE_WINDOW,
     RunHistory,
     RunVerdict,
     judge,
@@ -37,6 +37,8 @@ from spannorm_megatron.lab.training_log import (
     read_layer_grad_ratio,
     read_tensorboard,
 )
+from spannorm_megatron.options import add_arguments, from_namespace, option
+from spannorm_megatron.training.spikes import WARMUP
 
 REPORT_COLUMNS = (
     "placement", "depth", "scale_init", "status", "start_loss", "final_train_loss",
@@ -231,8 +233,9 @@ def report_markdown(runs: List[SweepRun], sweep: Dict[str, str]) -> str:
     parts += [
         "Definitions: *start loss* = first logged training loss; *diverged* = a NaN/Inf loss or "
         "grad norm, or final logged training loss above the start loss; *spike* = a logged "
-        f"training loss above {SPIKE_FACTOR}x the median of the {SPIKE_WINDOW} logged values "
-        f"before it (judged from the {SPIKE_WINDOW + 1}th logged value on; NaN/Inf counts); "
+        f"training loss above {spike_factor()}x the median of the last {spike_window()} logged "
+        f"values before it (training's --loss-spike-factor / --loss-spike-window rule, judged "
+        f"from the {WARMUP + 1}th logged value on; NaN/Inf is divergence, not a spike); "
         "grad norm = global norm before clipping, as logged; *layer 2/L grad* = norm of the "
         "gradient of layer 2's parameters / of the last layer's, from the run's TensorBoard "
         "stability tags (logging steps), at the end and its minimum over the run.",
@@ -319,8 +322,11 @@ def plot_curves(runs: List[SweepRun], path: str) -> Optional[str]:
     return save_png(fig, path)
 
 
-def write_report(sweep_dir: str, out_dir: Optional[str] = None, log=print) -> List[str]:
-    """report.md, report.csv, report.json and loss_curves.png for the sweep in `sweep_dir`."""
+def write_report(sweep_dir: str, out_dir: Optional[str] = None, log=print,
+                 export: bool = False) -> List[str]:
+    """report.md, report.csv, report.json and loss_curves.png for the sweep in `sweep_dir`.
+    `export` (for docs/): report.md, loss_curves.png and the one compressed table,
+    report.json.gz, instead (the CSV's rows are the JSON's runs without their histories)."""
     out_dir = out_dir or sweep_dir
     os.makedirs(out_dir, exist_ok=True)
     runs = load_sweep(sweep_dir)
@@ -330,31 +336,35 @@ def write_report(sweep_dir: str, out_dir: Optional[str] = None, log=print) -> Li
     with open(path, "w") as f:
         f.write(report_markdown(runs, sweep))
     written.append(path)
-    path = os.path.join(out_dir, "report.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(REPORT_COLUMNS)
-        for r in runs:
-            row = r.row()
-            writer.writerow([fmt(row[c], 6) for c in REPORT_COLUMNS])
-    written.append(path)
-    path = os.path.join(out_dir, "report.json")
-    with open(path, "w") as f:
-        json.dump({
-            "sweep": sweep,
-            "definitions": {"spike_factor": SPIKE_FACTOR, "spike_window": SPIKE_WINDOW},
-            "runs": [dict(r.row(), source=r.source, diverged_reason=r.verdict.diverged_reason,
-                          history={"iterations": r.history.iterations,
-                                   "train_loss": _jsonable(r.history.train_loss),
-                                   "grad_norm": _jsonable(r.history.grad_norm),
-                                   "valid_iterations": r.history.valid_iterations,
-                                   "valid_loss": _jsonable(r.history.valid_loss),
-                                   "ratio_iterations": r.ratio_iterations,
-                                   "layer_grad_ratio": _jsonable(r.layer_grad_ratio)})
-                     for r in runs],
-        }, f, indent=1)
-        f.write("\n")
-    written.append(path)
+    if not export:
+        path = os.path.join(out_dir, "report.csv")
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(REPORT_COLUMNS)
+            for r in runs:
+                row = r.row()
+                writer.writerow([fmt(row[c], 6) for c in REPORT_COLUMNS])
+        written.append(path)
+    text = json.dumps({
+        "sweep": sweep,
+        "definitions": {"spike_factor": spike_factor(), "spike_window": spike_window()},
+        "runs": [dict(r.row(), source=r.source, diverged_reason=r.verdict.diverged_reason,
+                      history={"iterations": r.history.iterations,
+                               "train_loss": _jsonable(r.history.train_loss),
+                               "grad_norm": _jsonable(r.history.grad_norm),
+                               "valid_iterations": r.history.valid_iterations,
+                               "valid_loss": _jsonable(r.history.valid_loss),
+                               "ratio_iterations": r.ratio_iterations,
+                               "layer_grad_ratio": _jsonable(r.layer_grad_ratio)})
+                 for r in runs],
+    }, indent=1) + "\n"
+    if export:
+        written.append(write_compressed(os.path.join(out_dir, "report.json.gz"), text))
+    else:
+        path = os.path.join(out_dir, "report.json")
+        with open(path, "w") as f:
+            f.write(text)
+        written.append(path)
     png = plot_curves(runs, os.path.join(out_dir, "loss_curves.png"))
     if png:
         written.append(png)
@@ -375,15 +385,26 @@ def _jsonable(values):
     return out
 
 
+@dataclass
+class ReportCommand:
+    """`examples/depth_sweep/report.py`'s options (declared once)."""
+
+    out: Optional[str] = option(None, "Where to write the report (default: sweep_dir).")
+    export: bool = option(False, "Write what the docs keep: report.md, loss_curves.png and "
+                                 "the one compressed table report.json.gz (no CSV), "
+                                 "overwriting the files in --out.")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(
         description="Report of a depth sweep (examples/depth_sweep/run.sh): final losses, "
                     "divergence, first loss spike, grad norms; Markdown, CSV, JSON and a PNG.")
     p.add_argument("sweep_dir", help="SWEEP_DIR of run.sh (holds runs/ and sweep.txt).")
-    p.add_argument("--out", default=None, help="Where to write the report (default: sweep_dir).")
-    args = p.parse_args(argv)
+    add_arguments(p, ReportCommand)
+    namespace = p.parse_args(argv)
+    command = from_namespace(ReportCommand, namespace)
     try:
-        write_report(args.sweep_dir, args.out)
+        write_report(namespace.sweep_dir, command.out, export=command.export)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -18,10 +18,11 @@ Definitions (applied to the logged training losses, in iteration order; a run lo
 - **start loss**: the first logged training loss.
 - **diverged**: a logged training or validation loss, or a grad norm, is NaN/Inf; or the
   final logged training loss is above the start loss.
-- **loss spike**: a logged training loss that is non-finite, or greater than
-  `SPIKE_FACTOR` (1.5) times the median of the `SPIKE_WINDOW` (5) logged training losses
-  just before it. Only points with a full window of 5 earlier finite values are judged, so
-  the first 5 logged values are never spikes. `first_spike_iteration` is the iteration of the
+- **loss spike**: training's own rule (`training.spikes`, the guard's, at the defaults of
+  --loss-spike-factor and --loss-spike-window, read by `lab.rules`): a finite logged training
+  loss greater than factor times the median of the last `window` finite logged losses before
+  it, judged once `training.spikes.WARMUP` of them have been logged. NaN/Inf losses are not
+  spikes (they make the run *diverged*). `first_spike_iteration` is the iteration of the
   first spike, `num_spikes` how many there are.
 - **crashed**: the process ended with a non-zero exit code (when the caller knows it), or the
   run never reached its last iteration.
@@ -31,31 +32,12 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from statistics import median
 from typing import Dict, List, Optional, Sequence
 
-SPIKE_FACTOR = 1.5
-SPIKE_WINDOW = 5
-
-_ITERATION = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)")
-_VALIDATION = re.compile(r"validation loss at iteration\s+(\d+)")
-_NUMBER = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf|infinity)|n/a)"
-_FIELD = {
-    "lm_loss": re.compile(r"\blm loss:\s*" + _NUMBER, re.IGNORECASE),
-    "grad_norm": re.compile(r"\bgrad norm:\s*" + _NUMBER, re.IGNORECASE),
-    "learning_rate": re.compile(r"\blearning rate:\s*" + _NUMBER, re.IGNORECASE),
-    "step_ms": re.compile(r"elapsed time per iteration \(ms\):\s*" + _NUMBER, re.IGNORECASE),
-    "skipped": re.compile(r"number of skipped iterations:\s*" + _NUMBER, re.IGNORECASE),
-}
-_VALID_LOSS = re.compile(r"\blm loss value:\s*" + _NUMBER, re.IGNORECASE)
-
-
-def _number(text: Optional[str]) -> Optional[float]:
-    if text is None or text.lower() == "n/a":
-        return None
-    return float(text)  # float() reads nan/NAN/inf/INF/infinity
+from spannorm_megatron.lab.rules import loss_spikes
+from spannorm_megatron.training.log_format import parse_lines
 
 
 @dataclass
@@ -78,28 +60,20 @@ class RunHistory:
 
 
 def parse_log_text(text: str) -> RunHistory:
-    """Training and validation lines of a `spannorm-train` log (other lines are ignored)."""
+    """Training and validation lines of a `spannorm-train` log (other lines are ignored), read
+    by the log format's own parser (`training.log_format`)."""
     history = RunHistory()
-    for line in text.splitlines():
-        valid = _VALIDATION.search(line)
-        if valid:
-            match = _VALID_LOSS.search(line)
-            history.valid_iterations.append(int(valid.group(1)))
-            history.valid_loss.append(_number(match.group(1)) if match else None)
-            continue
-        it = _ITERATION.search(line)
-        if not it or "lm loss" not in line:
-            continue
-        values = {}
-        for name, pattern in _FIELD.items():
-            match = pattern.search(line)
-            values[name] = _number(match.group(1)) if match else None
-        history.iterations.append(int(it.group(1)))
-        history.train_iters = int(it.group(2))
-        history.train_loss.append(values["lm_loss"])
-        history.grad_norm.append(values["grad_norm"])
-        history.learning_rate.append(values["learning_rate"])
-        history.step_ms.append(values["step_ms"])
+    train, valid = parse_lines(text)
+    for line in valid:
+        history.valid_iterations.append(line.iteration)
+        history.valid_loss.append(line.lm_loss)
+    for line in train:
+        history.iterations.append(line.iteration)
+        history.train_iters = line.train_iters
+        history.train_loss.append(line.lm_loss)
+        history.grad_norm.append(line.grad_norm)
+        history.learning_rate.append(line.learning_rate)
+        history.step_ms.append(line.step_ms)
     return history
 
 
@@ -169,20 +143,9 @@ def _finite(value: Optional[float]) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def find_spikes(iterations: Sequence[int], losses: Sequence[Optional[float]],
-                factor: float = SPIKE_FACTOR, window: int = SPIKE_WINDOW) -> List[int]:
+def find_spikes(iterations: Sequence[int], losses: Sequence[Optional[float]]) -> List[int]:
     """Iterations whose loss is a spike (see the module docstring); missing values are skipped."""
-    spikes, previous = [], []
-    for iteration, loss in zip(iterations, losses):
-        if loss is None:
-            continue
-        if not math.isfinite(loss):
-            spikes.append(iteration)
-            continue
-        if len(previous) >= window and loss > factor * median(previous[-window:]):
-            spikes.append(iteration)
-        previous.append(loss)
-    return spikes
+    return loss_spikes(iterations, losses)
 
 
 @dataclass

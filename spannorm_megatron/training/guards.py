@@ -1,5 +1,5 @@
 """What keeps a long run alive: non-finite gradients caught before the optimizer sees them,
-loss spikes noted, and clean exits on preemption (SIGTERM) or a time budget.
+loss spikes noted (`training.spikes`), and clean exits on preemption (SIGTERM) or a time budget.
 
 Each check ends in one small all-reduce so that every rank takes the same decision.
 """
@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 import signal
-import statistics
 import time
-from collections import deque
 from typing import List, Optional
 
 import torch
 
 from spannorm_megatron.runtime import current_device
+from spannorm_megatron.training.spikes import SpikeDetector
 
 
 def _all_reduce(values: List[float], op) -> List[float]:
@@ -103,25 +102,6 @@ class NonFiniteGuard:
                 f"--max-skipped-iterations raised.")
 
 
-class SpikeDetector:
-    """A loss above `factor` x the running median of the last `window` losses is a spike."""
-
-    def __init__(self, factor: float = 1.5, window: int = 50):
-        self.factor = factor
-        self.recent = deque(maxlen=window)
-
-    def check(self, loss: Optional[float]) -> Optional[float]:
-        """The running median when `loss` is a spike, else None. Non-finite losses are not
-        counted here (NonFiniteGuard handles them)."""
-        if loss is None or loss != loss or loss in (float("inf"), float("-inf")):
-            return None
-        median = statistics.median(self.recent) if len(self.recent) >= 5 else None
-        self.recent.append(loss)
-        if median is not None and loss > self.factor * median:
-            return median
-        return None
-
-
 class ExitConditions:
     """SIGTERM (preemption) and --exit-duration-in-mins, agreed on by every rank."""
 
@@ -149,3 +129,6 @@ class ExitConditions:
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+__all__ = ["ExitConditions", "NonFiniteGradientError", "NonFiniteGuard", "SpikeDetector"]

@@ -1,4 +1,4 @@
-"""One training step, evaluation, and Megatron-LM-style log lines.
+"""One training step and evaluation (the log lines they lead to: `training.log_format`).
 
 The schedules (`get_forward_backward_func`), DDP, optimizer and LR scheduler are megatron-core's;
 this module only sequences them.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Iterator, List, Optional
 
 import torch
@@ -138,44 +137,6 @@ def evaluate(model, data_iterator: Iterator, eval_iters: int, num_microbatches: 
             chunk.train()
     loss = (total[0] / total[1]).item() if total[1] > 0 else None
     return broadcast_from_last_stage(loss)
-
-
-def log_line(iteration: int, train_iters: int, consumed_samples: int, step_seconds: float,
-             result: StepResult, global_batch_size: int, tokens_per_second: float,
-             mfu: Optional[float], skipped_total: int, *,
-             learning_rate: Optional[float] = None, tflops: Optional[float] = None,
-             num_zeros: Optional[float] = None, params_norm: Optional[float] = None,
-             loss_scale: float = 1.0) -> str:
-    """Megatron-LM's training log line, with throughput and MFU appended. `learning_rate`:
-    the one to print (default: the step's); `tflops` (--log-throughput), `num_zeros`
-    (--log-num-zeros-in-grad) and `params_norm` (--log-params-norm) where Megatron-LM prints
-    them; `loss_scale` always, as Megatron-LM does (1.0 without a loss scaler)."""
-    learning_rate = result.learning_rate if learning_rate is None else learning_rate
-    parts = [
-        f" [{datetime.now():%Y-%m-%d %H:%M:%S}] iteration {iteration:8d}/{train_iters:8d}",
-        f"consumed samples: {consumed_samples:12d}",
-        f"elapsed time per iteration (ms): {step_seconds * 1000:.1f}",
-    ]
-    if tflops is not None:
-        parts.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
-    parts += [
-        f"learning rate: {learning_rate:.6E}",
-        f"global batch size: {global_batch_size:5d}",
-        f"lm loss: {result.loss:.6E}" if result.loss is not None else "lm loss: n/a",
-        f"loss scale: {loss_scale:.1f}",
-        f"grad norm: {result.grad_norm:.3f}" if result.grad_norm is not None else "grad norm: n/a",
-    ]
-    if num_zeros is not None:
-        parts.append(f"num zeros: {num_zeros}")
-    if params_norm is not None:
-        parts.append(f"params norm: {params_norm:.3f}")
-    parts += [
-        f"number of skipped iterations: {skipped_total:3d}",
-        f"tokens/s: {tokens_per_second:.0f}",
-    ]
-    if mfu is not None:
-        parts.append(f"MFU: {mfu * 100:.2f}%")
-    return " | ".join(parts) + " |"
 
 
 class ThroughputWindow:

@@ -11,7 +11,6 @@ down what `setup` made: signal handlers, TensorBoard, process groups.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from typing import Callable, Optional
@@ -65,11 +64,11 @@ from spannorm_megatron.training.checkpoint_args import check_model_matches
 from spannorm_megatron.training.gpt_step import forward_step
 from spannorm_megatron.training.guards import ExitConditions, NonFiniteGuard, SpikeDetector
 from spannorm_megatron.training.hooks import RunHooks, RunHooksConfig
+from spannorm_megatron.training.log_format import log_line, validation_line
 from spannorm_megatron.training.loop import (
     StepResult,
     ThroughputWindow,
     evaluate,
-    log_line,
     train_step,
 )
 from spannorm_megatron.training.monitor import RunMonitor
@@ -373,9 +372,7 @@ class Trainer:
         self.consumed_valid += args.eval_iters * self.batches.global_batch_size
         self.monitor.log_validation(self.iteration, loss, self.consumed_train)
         self.history["valid_loss"].append(loss)
-        bar = "-" * 100
-        print_last_rank(f"{bar}\n validation loss at iteration {self.iteration} | lm loss value: "
-                        f"{loss:.6E} | lm loss PPL: {math.exp(min(20.0, loss)):.6E} | \n{bar}")
+        print_last_rank(validation_line(self.iteration, loss))
         return loss
 
     def save(self) -> None:
