@@ -57,8 +57,8 @@ from spannorm_megatron.data.tokenizer_args import (
 
 @dataclass
 class PreprocessConfig:
-    """One preprocessing run; each field is the `spannorm-preprocess` flag of its name (Megatron-LM's
-    tools/preprocess_data.py flags)."""
+    """One preprocessing run; each field is the `spannorm-preprocess` flag of its name
+    (Megatron-LM's tools/preprocess_data.py flags)."""
 
     input: str = option(doc="Input file: JSON Lines (Megatron-LM's loose JSON) or plain .txt; see "
                         "documents.py.", required=True)
