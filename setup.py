@@ -36,10 +36,27 @@ setup(
     ],
     extras_require={
         # Transformer Engine builds its PyTorch extension against the installed torch and CUDA.
-        "te": ["transformer-engine[pytorch]>=2.9,<2.12"],  # what megatron-core 0.16.1 supports
+        # The releases megatron-core's dev pin takes (the GPU kit's exact one is in
+        # tools/requirements-dev.txt).
+        "te": ["transformer-engine[pytorch]>=2.9,<2.12"],
         "hf": ["transformers>=4.45", "safetensors>=0.4"],
         "test": ["pytest>=8"],
         "lab": ["matplotlib>=3.7"],
     },
-    entry_points={"console_scripts": ["spannorm-train=spannorm_megatron.train:main"]},
+    # Every command is a package module's `main`; tools/*.py are thin entry points to the same.
+    entry_points={"console_scripts": [
+        "spannorm-train=spannorm_megatron.train:main",
+        "spannorm-selfcheck=spannorm_megatron.selfcheck:main",
+        "spannorm-train-tokenizer=spannorm_megatron.data.tokenizer_training_cli:main",
+        "spannorm-preprocess=spannorm_megatron.data.preprocess_cli:main",
+        "spannorm-convert-to-hf=spannorm_megatron.hf.export_cli:main",
+        "spannorm-convert-from-hf=spannorm_megatron.hf.importer_cli:main",
+        "spannorm-evaluate=spannorm_megatron.evaluation.cli:main",
+        "spannorm-generate=spannorm_megatron.hf.generation_cli:main",
+        "spannorm-benchmark=spannorm_megatron.benchmarks.training:main",
+        "spannorm-benchmark-moe=spannorm_megatron.benchmarks.moe:main",
+        "spannorm-benchmark-conversion=spannorm_megatron.benchmarks.conversion:main",
+        "spannorm-benchmark-data=spannorm_megatron.benchmarks.data:main",
+        "spannorm-signal-propagation=spannorm_megatron.lab.cli:main",
+    ]},
 )

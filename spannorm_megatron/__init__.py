@@ -11,6 +11,7 @@ names; the ShardedTensor and `load_state_dict` of dist checkpointing, on every r
 
 import warnings as _warnings
 
+# The project's only warning filters: every command imports the package before megatron-core.
 for _absent in (r"Transformer Engine and Apex are not installed", r"Apex is not installed"):
     _warnings.filterwarnings("ignore", message=_absent, category=UserWarning)
 # torch 2.13 renames two collectives megatron-core 0.16 calls; nothing for a user to change.

@@ -38,7 +38,8 @@ def option(default: Any = _MISSING, doc: str = "", *, flag: Optional[str] = None
            parse: Optional[Callable[[str], Any]] = None, fallback: Optional[str] = None,
            default_factory: Any = _MISSING, derived_from: Optional[str] = None,
            path: Optional[str] = None, required: bool = False, negative: bool = False,
-           nargs: Any = None, aliases: Tuple[str, ...] = ()) -> Any:
+           nargs: Any = None, aliases: Tuple[str, ...] = (),
+           metavar: Optional[str] = None) -> Any:
     """A dataclass field with its flag. `flag` defaults to `--` + the name with dashes;
     `choices` is a tuple, or a callable returning one (a registry that can grow);
     `at_least`/`above`/`below` bound numbers; `parse` turns the flag's text into a value (for
@@ -53,13 +54,16 @@ def option(default: Any = _MISSING, doc: str = "", *, flag: Optional[str] = None
     add_bias_linear False; in YAML `disable-bias-linear: true` means the same). `nargs` is
     argparse's, for flags that take several values (lists take any number unless it is given;
     a scalar field with `nargs` takes a list too, as Megatron-LM's --moe-aux-loss-coeff).
-    `aliases` are further spellings of the flag (an older name of ours beside Megatron-LM's)."""
+    `aliases` are further spellings of the flag (an older name of ours beside Megatron-LM's).
+    `metavar` names the flag's value in `--help`. A list field with `parse` takes one argument
+    that `parse` splits (`--control-symbols A,B`); a list field with `choices` checks each
+    element against them."""
     if not doc:
         raise TypeError("option() needs its doc")
     metadata = dict(doc=doc, flag=flag, choices=choices, at_least=at_least, above=above,
                     below=below, parse=parse, fallback=fallback, derived_from=derived_from,
                     path=path, required=required, negative=negative, nargs=nargs,
-                    aliases=tuple(aliases))
+                    aliases=tuple(aliases), metavar=metavar)
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -222,16 +226,44 @@ def add_arguments(parser, owner) -> None:
             action = argparse.BooleanOptionalAction if negatable else "store_true"
             parser.add_argument(*_spellings(field), action=action, **kwargs)
             continue
+        if meta["metavar"] is not None:
+            kwargs["metavar"] = meta["metavar"]
+        if _is_list(kind) and meta["parse"] is not None:  # one argument, split by `parse`
+            parser.add_argument(*_spellings(field), type=_list_converter(field), **kwargs)
+            continue
         if _is_list(kind):
             element = _element_type(kind)
-            if element is not str:
+            if element is not str or meta["choices"] is not None:
                 kwargs["type"] = _converter(owner, field, element)
             parser.add_argument(*_spellings(field), nargs=meta["nargs"] or "*", **kwargs)
             continue
         if meta["nargs"] is not None:
             kwargs["nargs"] = meta["nargs"]
-        parser.add_argument(*_spellings(field), type=_converter(owner, field),
-                            metavar=_metavar(kind, meta), **kwargs)
+        kwargs.setdefault("metavar", _metavar(kind, meta))
+        parser.add_argument(*_spellings(field), type=_converter(owner, field), **kwargs)
+
+
+def _list_converter(field: dataclasses.Field) -> Callable[[str], Any]:
+    parse = field.metadata["parse"]
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = "value"
+    return convert
+
+
+def parse_options(parser: argparse.ArgumentParser, owners, argv=None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, refusing what leaves out a flag declared `required=True` as
+    argparse refuses a missing required argument (exit status 2, the flags named)."""
+    args = parser.parse_args(argv)
+    missing = missing_required(owners, args)
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    return args
 
 
 def _spellings(field: dataclasses.Field) -> Tuple[str, ...]:

@@ -1,8 +1,10 @@
-"""Install and layout check: build a model on the current `torchrun` layout and train it a few
-steps on one fixed synthetic batch (the loss must fall: the model memorizes the batch).
+"""`spannorm-selfcheck`: install and layout check. Build a model on the current `torchrun`
+layout and train it a few steps on one fixed synthetic batch (the loss must fall: the model
+memorizes the batch).
 
     torchrun --nproc_per_node 2 -m spannorm_megatron.selfcheck --tensor-model-parallel-size 2 \
         --sequence-parallel --norm-placement spannorm
+    spannorm-selfcheck                 # one process
 
 Runs on GPUs (NCCL) and on CPU (gloo). Prints one line per step and a final JSON summary line
 prefixed `SELFCHECK` that tests read.
@@ -14,6 +16,8 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -22,8 +26,9 @@ from megatron.core.optimizer import OptimizerConfig
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.model.partition import check_model_fits_layout
-from spannorm_megatron.runtime import current_device, destroy
+from spannorm_megatron.options import add_arguments, option
 from spannorm_megatron.process import initialize
+from spannorm_megatron.runtime import current_device, destroy
 from spannorm_megatron.training.loop import train_step
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 
@@ -35,27 +40,34 @@ def _say(line: str) -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
+@dataclass
+class SelfcheckOptions:
+    """The command line of `spannorm-selfcheck`: a model, a layout and a few steps."""
+
+    norm_placement: str = option("spannorm", "Norm placement of the model.")
+    num_layers: int = option(4, "Transformer layers.")
+    hidden_size: int = option(64, "Hidden size.")
+    num_attention_heads: int = option(4, "Attention heads.")
+    num_experts: Optional[int] = option(None, "Experts (unset: a dense model).")
+    moe_router_topk: int = option(2, "Experts per token.")
+    tensor_model_parallel_size: int = option(1, "Tensor-parallel ranks.")
+    pipeline_model_parallel_size: int = option(1, "Pipeline stages.")
+    expert_model_parallel_size: int = option(1, "Expert-parallel ranks.")
+    sequence_parallel: bool = option(False, "Megatron-LM's --sequence-parallel.")
+    use_distributed_optimizer: bool = option(False, "Megatron-LM's --use-distributed-optimizer.")
+    train_iters: int = option(8, "Training steps.")
+    micro_batch_size: int = option(2, "Sequences per micro-batch.")
+    num_microbatches: int = option(2, "Micro-batches per step.")
+    seq_length: int = option(32, "Sequence length.")
+    vocab_size: int = option(128, "Vocabulary size.")
+    lr: float = option(3e-3, "Learning rate.")
+    seed: int = option(1234, "Seed of the model and the batch.")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--norm-placement", default="spannorm")
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--num-attention-heads", type=int, default=4)
-    p.add_argument("--num-experts", type=int, default=None)
-    p.add_argument("--moe-router-topk", type=int, default=2)
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--expert-model-parallel-size", type=int, default=1)
-    p.add_argument("--sequence-parallel", action="store_true")
-    p.add_argument("--use-distributed-optimizer", action="store_true")
-    p.add_argument("--train-iters", type=int, default=8)
-    p.add_argument("--micro-batch-size", type=int, default=2)
-    p.add_argument("--num-microbatches", type=int, default=2)
-    p.add_argument("--seq-length", type=int, default=32)
-    p.add_argument("--vocab-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=1234)
-    return p.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser, SelfcheckOptions)
+    return parser.parse_args(argv)
 
 
 def synthetic_batch(args, generator: torch.Generator) -> dict:
@@ -71,7 +83,8 @@ def synthetic_batch(args, generator: torch.Generator) -> dict:
     }
 
 
-def main(argv=None) -> dict:
+def run(argv: Optional[List[str]] = None) -> dict:
+    """Train as `spannorm-selfcheck argv` would; returns this rank's summary."""
     args = parse_args(argv)
     model_config = ModelConfig.recommended(
         norm_placement=args.norm_placement, num_layers=args.num_layers,
@@ -119,5 +132,10 @@ def main(argv=None) -> dict:
     return summary
 
 
+def main(argv: Optional[List[str]] = None) -> int:
+    """The console script: exit status 0, or 2 with one `error:` line for bad input."""
+    return run_cli(lambda argv: 0 if run(argv) else 1, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(lambda argv: 0 if main(argv) else 1))
+    sys.exit(main())

@@ -3,13 +3,13 @@ this process: shared by the tokenizer-type tests and the Megatron-LM script test
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import io
 import json
 import os
 from contextlib import redirect_stderr, redirect_stdout
 
+from _tools import tool_module
 from _training import prepare_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,11 +88,8 @@ def tokenizer_flags(kind, files):
 
 
 def tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}",
-                                                  os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The package module behind tools/NAME.py (its `main` is the console script's)."""
+    return tool_module(name)
 
 
 def run_tool(name, *argv):

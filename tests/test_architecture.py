@@ -30,7 +30,7 @@ FLOORS = [
     {"training"},                      # the Trainer and its loop
     {"hf", "lab", "selfcheck"},        # conversion, experiments, the install check
     {"evaluation"},                    # scores Megatron and HF models alike
-    {"train"},                         # spannorm-train
+    {"train", "benchmarks"},           # spannorm-train; speed and memory measured
 ]
 FLOOR = {room: level for level, rooms in enumerate(FLOORS) for room in rooms}
 

@@ -8,12 +8,12 @@ test_training.py and test_reliability.py; the layout arithmetic in test_config.p
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 
 import pytest
 
+from _tools import tool_main
 from _training import SMALL, prepare_corpus
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.model.specs import transformer_engine_available
@@ -22,11 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}",
-                                                  os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return tool_main(name)
 
 
 def train_main(argv):

@@ -89,14 +89,9 @@ def test_benchmark_frees_each_model_before_the_next(megatron_world):
     """The model, its optimizer and their reference cycle (the config's hooks point back at
     them) are gone after `close`, so the next placement is built in free memory."""
     import gc
-    import importlib.util
     import weakref
 
-    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "tools",
-                                                                            "benchmark.py"))
-    benchmark = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = benchmark  # its dataclasses look their module up there
-    spec.loader.exec_module(benchmark)
+    from spannorm_megatron.benchmarks import training as benchmark
     args = benchmark.parse_args(["--preset", "tiny"])
     fields, seq_length, micro_batch = benchmark.PRESETS["tiny"]
     bench = benchmark.Bench("spannorm", "fp32", args, fields, seq_length, micro_batch)

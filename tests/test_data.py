@@ -11,7 +11,6 @@ scripts.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -24,6 +23,7 @@ import numpy
 import pytest
 import torch
 
+from _tools import tool_module
 from spannorm_megatron.data.cli import run_cli
 from spannorm_megatron.data.corpus import (
     EXCLUDED_DIR_NAMES,
@@ -41,10 +41,8 @@ VOCAB = 400
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The package module behind tools/NAME.py (its `main` is the console script's)."""
+    return tool_module(name)
 
 
 def _run_script(name, *args, cwd=None):

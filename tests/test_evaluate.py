@@ -7,7 +7,6 @@ a two-rank tensor-parallel layout, and the numbers an independent computation gi
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import io
 import json
@@ -24,17 +23,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+from _tools import tool_module  # noqa: E402
 from _training import SMALL, STRICT_DEVICES, prepare_corpus, run_train  # noqa: E402
 
 SEQ = 64
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}",
-                                                  os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The package module behind tools/NAME.py (its `main` is the console script's)."""
+    return tool_module(name)
 
 
 def _run_tool(name, *argv):

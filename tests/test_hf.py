@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -37,6 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _hf  # noqa: E402
+from _tools import tool_module  # noqa: E402
 from _training import STRICT_DEVICES  # noqa: E402
 
 # Remote-code modules transformers copies out of exported folders go to a temp dir, not ~/.cache.
@@ -418,11 +418,8 @@ def test_spannorm_class_batched_generation_with_left_padding(work):
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}",
-                                                  os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The package module behind tools/NAME.py (its `main` is the console script's)."""
+    return tool_module(name)
 
 
 def _run_tool(name, *argv):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment with the pinned development stack and
-# an editable install of spannorm_megatron. Idempotent: re-installs only when the pins change.
+# an editable install of spannorm_megatron (which installs its console scripts, spannorm-*, and
+# lets tools/*.py import the package). Idempotent: re-installs only when the pins change.
 #
 #   bash tools/setup_env.sh            # -> .venv/ beside setup.py
 #   SPANNORM_VENV=/path bash tools/setup_env.sh

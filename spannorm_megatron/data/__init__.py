@@ -3,12 +3,14 @@
 The pipeline, in the order a run uses it (each step also has a command-line tool):
 
 1. `corpus`     the embedded default corpus (Python stdlib sources), no download needed
-2. `tokenizer_training` / `tools/train_tokenizer.py`: train a SentencePiece model
+2. `tokenizer_training` train a SentencePiece model (`spannorm-train-tokenizer`:
+                `tokenizer_training_cli`)
 3. `tokenizer`  `build_tokenizer` for Megatron-LM's `--tokenizer-type`s: the SentencePiece model
                 as a megatron-core tokenizer (`eod`, `pad`, `vocab_size`, ...),
                 `ByteLevelTokenizer`, and (`tokenizer_types`) GPT2BPETokenizer,
                 HuggingFaceTokenizer, Llama2Tokenizer, NullTokenizer
-4. `preprocess` / `tools/preprocess_data.py`: text or JSONL → `.bin`/`.idx` (Megatron format)
+4. `preprocess` text or JSONL → `.bin`/`.idx`, Megatron's format (`spannorm-preprocess`:
+                `preprocess_cli`)
 5. `dataset`    megatron-core GPT datasets from `--data-path` / `--split`
 6. `loader`     resumable micro-batches for `training.gpt_step.forward_step`
 

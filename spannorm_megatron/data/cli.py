@@ -1,4 +1,4 @@
-"""What the data command-line tools share: error reporting and making the package importable.
+"""What the data command-line tools share: error reporting.
 
 Bad input is reported as its one-paragraph message on stderr, without a traceback, and exit
 status 2 (the status argparse uses for bad arguments); anything else is a bug and keeps its
@@ -15,14 +15,3 @@ from spannorm_megatron.cli import run_cli as shared_run_cli
 def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv=None) -> int:
     """Run `main(argv)`; a DataError (any UserError) becomes `error: <message>` and status 2."""
     return shared_run_cli(main, argv, interrupted="interrupted; no output files were changed")
-
-
-def quiet_optional_kernel_warnings() -> None:
-    """Hide megatron-core's import-time notes that Apex / Transformer Engine are absent.
-
-    The data tools never use fused kernels, so on a machine without them those four warnings
-    are noise in front of every run's output.
-    """
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")

@@ -29,6 +29,8 @@ from spannorm_megatron.data.errors import InputFileError
 
 TEXT_SUFFIXES = (".txt", ".text")
 INPUT_FORMATS = ("auto", "jsonl", "text")
+INPUT_FORMATS_HELP = "auto (default): .txt/.text files are plain text, everything else JSON Lines."
+"""What `--input-format` means, for every tool that reads input files."""
 
 Record = Tuple[int, bytes]
 """(1-based line number where the record starts, its raw bytes)."""

@@ -1,4 +1,4 @@
-"""Text/JSONL to Megatron's indexed dataset (the engine behind `tools/preprocess_data.py`).
+"""Text/JSONL to Megatron's indexed dataset (the engine behind `spannorm-preprocess`).
 
 Same result as Megatron-LM's `tools/preprocess_data.py` without `--split-sentences` (for each
 tokenizer type's ids see `tokenizer_types.py`): one `.bin`/`.idx` pair per JSON key,
@@ -25,11 +25,13 @@ from __future__ import annotations
 import multiprocessing
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Dict, List, Optional, TextIO, Tuple
 
 import numpy
 
 from spannorm_megatron.data.documents import (
+    INPUT_FORMATS,
+    INPUT_FORMATS_HELP,
     Record,
     RecordDecoder,
     check_input_file,
@@ -44,7 +46,9 @@ from spannorm_megatron.data.indexed import (
     output_prefix,
 )
 from spannorm_megatron.data.progress import ProgressPrinter, Throughput
+from spannorm_megatron.options import option
 from spannorm_megatron.data.tokenizer_args import (
+    TYPES_HELP,
     TokenizerConfig,
     check_tokenizer_args,
     tokenizer_config,
@@ -53,49 +57,59 @@ from spannorm_megatron.data.tokenizer_args import (
 
 @dataclass
 class PreprocessConfig:
-    """One preprocessing run; each field is the `tools/preprocess_data.py` flag of that name."""
+    """One preprocessing run; each field is the `spannorm-preprocess` flag of its name
+    (Megatron-LM's tools/preprocess_data.py flags)."""
 
-    input: str
-    """Input file: JSON Lines (Megatron-LM's loose JSON) or plain text (.txt); see documents.py."""
-
-    output_prefix: str
-    """Outputs are `{output_prefix}_{key}_document.bin/.idx`; parent directories are created."""
-
-    tokenizer_model: Optional[str]
-    """SentencePiece .model file, or HuggingFaceTokenizer's folder; None for the other types."""
-
-    tokenizer_type: str = "SentencePieceTokenizer"
-    """Megatron-LM tokenizer type (`tokenizer_args.SUPPORTED_TOKENIZER_TYPES`)."""
-
-    vocab_file: Optional[str] = None
-    """GPT2BPETokenizer's vocab.json."""
-
-    merge_file: Optional[str] = None
-    """GPT2BPETokenizer's merges.txt."""
-
-    vocab_size: Optional[int] = None
-    """NullTokenizer's --vocab-size."""
-
-    json_keys: Sequence[str] = ("text",)
-    """JSON keys to tokenize, one output pair each. Plain text has one: the name it is filed
-    under (default `text`)."""
-
-    input_format: str = "auto"
-    """`auto` (.txt/.text → text, else JSONL), `jsonl` or `text`."""
-
-    append_eod: bool = False
-    """Append the tokenizer's end-of-document id to every non-empty document."""
-
-    workers: int = 1
-    """Tokenizer processes (1: tokenize in the main process)."""
-
-    chunk_size: int = 32
-    """Records handed to a worker per task (Megatron-LM uses 32)."""
-
-    log_interval: int = 1000
-    """Print a progress line every this many documents."""
+    input: str = option(doc="Input file: JSON Lines (Megatron-LM's loose JSON) or plain .txt; see "
+                        "documents.py.", required=True)
+    output_prefix: str = option(
+        doc="Path prefix of the outputs, written as {prefix}_{key}_document.bin/.idx (parent "
+        "directories are created).", required=True)
+    tokenizer_model: Optional[str] = option(
+        None, "SentencePiece .model file (spannorm-train-tokenizer writes one), or the "
+        "HuggingFaceTokenizer folder; unset for the other types.")
+    tokenizer_type: str = option("SentencePieceTokenizer", f"{TYPES_HELP} (default: "
+                                 "SentencePieceTokenizer).")
+    vocab_file: Optional[str] = option(None, "GPT2BPETokenizer: vocab.json.")
+    merge_file: Optional[str] = option(None, "GPT2BPETokenizer: merges.txt.")
+    vocab_size: Optional[int] = option(
+        None, "NullTokenizer: ids 0..N-1 are data, N is the end of document.")
+    json_keys: List[str] = option(
+        doc="Space separated keys to extract from the JSON objects, one output each (default: "
+        "text); for plain text, the one name its output is filed under.", nargs="+",
+        default_factory=lambda: ["text"])
+    input_format: str = option("auto", INPUT_FORMATS_HELP, choices=INPUT_FORMATS)
+    split_sentences: bool = option(
+        False, "Not supported (Megatron-LM needs NLTK for it); give pre-split documents as a "
+        "JSON list of strings instead, each string becomes one sequence.")
+    append_eod: bool = option(
+        False, "Append the tokenizer's end-of-document id (eod: </s> for SentencePiece models, "
+        "<|endoftext|> for GPT-2, the eos_token of a Hugging Face tokenizer) to every non-empty "
+        "document.")
+    workers: int = option(
+        1, "Tokenizer processes (the command line's default: all cores; 1 tokenizes in this "
+        "process).")
+    chunk_size: int = option(32, "Documents per task sent to a worker (default 32, as "
+                             "Megatron-LM).")
+    partitions: int = option(
+        1, "Only 1 is supported: preprocess split inputs separately and list their prefixes in "
+        "--data-path instead.")
+    log_interval: int = option(1000, "Print a progress line every this many documents (default "
+                               "1000).")
 
     def __post_init__(self) -> None:
+        if self.split_sentences:
+            raise DataError(
+                "--split-sentences is not supported here (Megatron-LM uses NLTK for it). Split "
+                "the documents beforehand and store each one as a JSON list of strings: every "
+                "string becomes one sequence of its document, as with --split-sentences."
+            )
+        if self.partitions != 1:
+            raise DataError(
+                f"--partitions {self.partitions} is not supported here. Split the input into "
+                "files yourself, preprocess each with its own --output-prefix, and list the "
+                "prefixes in --data-path (a blend needs no merge step)."
+            )
         self.json_keys = list(self.json_keys)
         if not self.json_keys or len(set(self.json_keys)) != len(self.json_keys):
             raise DataError(

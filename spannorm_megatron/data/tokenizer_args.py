@@ -4,13 +4,9 @@ run before anything heavy is loaded, and the digest that identifies a tokenizer 
 No megatron-core or transformers import here (seconds each): the tools check their tokenizer
 flags with this module first, so a missing file or a flag of another type fails at once.
 
-* SentencePieceTokenizer, Llama2Tokenizer: `--tokenizer-model X.model`;
-* GPT2BPETokenizer: `--vocab-file vocab.json --merge-file merges.txt`;
-* HuggingFaceTokenizer: `--tokenizer-model DIR`, a local folder;
-* NullTokenizer: `--vocab-size N`;
-* ByteLevelTokenizer: nothing.
-
-What each type does: `tokenizer.py`, `tokenizer_types.py`, and the data README.
+Which type takes which flags is stated once, in `TOKENIZER_TYPES` (every tool's `--help` and
+error message is generated from it). What each type does: `tokenizer.py`, `tokenizer_types.py`,
+and the data README.
 
 A flag of another type is refused, where Megatron-LM ignores it: `--vocab-size 32000` next to a
 SentencePiece model looks as if it set the vocabulary, and would not.
@@ -24,7 +20,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from spannorm_megatron.data.errors import TokenizerError
-from spannorm_megatron.options import check, option
+from spannorm_megatron.options import add_arguments, check, option
 
 
 @dataclass(frozen=True)
@@ -66,6 +62,11 @@ build is refused with the reason (`check_tokenizer_type`), not as an unknown wor
 FLAG_NAMES = {"tokenizer_model": "--tokenizer-model", "vocab_file": "--vocab-file",
               "merge_file": "--merge-file", "vocab_size": "--vocab-size"}
 
+TYPES_HELP = "; ".join(
+    f"{t.name} ({' '.join(FLAG_NAMES[n] for n in t.flags) or 'no flag'}): {t.summary}"
+    for t in TOKENIZER_TYPES.values())
+"""Each type with the flags it takes and what it is: `--tokenizer-type`'s help, everywhere."""
+
 UNSUPPORTED_HINT = {
     "GPTSentencePieceTokenizer": "SentencePieceTokenizer (the same ids and end of document: </s>)",
     "TikTokenizer": "HuggingFaceTokenizer with a folder holding the tokenizer as tokenizer.json",
@@ -77,10 +78,7 @@ class TokenizerConfig:
     """Megatron-LM's tokenizer flags (names and defaults of core_v0.16.1's arguments.py)."""
 
     tokenizer_type: str = option(
-        "SentencePieceTokenizer", "SentencePieceTokenizer or Llama2Tokenizer (--tokenizer-model "
-        "X.model), GPT2BPETokenizer (--vocab-file, --merge-file), HuggingFaceTokenizer "
-        "(--tokenizer-model DIR, a local folder), NullTokenizer (--vocab-size) or "
-        "ByteLevelTokenizer (UTF-8 bytes, no file); Megatron-LM's other types are refused.",
+        "SentencePieceTokenizer", f"{TYPES_HELP}. Megatron-LM's other types are refused.",
         choices=(*MEGATRON_LM_TOKENIZER_TYPES, "ByteLevelTokenizer"), required=True)
     tokenizer_model: Optional[str] = option(
         None, "The SentencePiece .model file, or for HuggingFaceTokenizer a local tokenizer "
@@ -127,16 +125,23 @@ def tokenizer_config(source=None, **overrides) -> TokenizerConfig:
 
 
 # --------------------------------------------------------------------------------- tools
-def add_tokenizer_override_flags(parser, title: str) -> None:
+@dataclass
+class TokenizerOverrides:
     """The tools' tokenizer flags (Megatron-LM's names), all unset by default: a tool reading a
     run takes the run's recorded tokenizer, and these override or complete it."""
-    group = parser.add_argument_group(title)
-    group.add_argument("--tokenizer-type", default=None, choices=SUPPORTED_TOKENIZER_TYPES)
-    group.add_argument("--tokenizer-model", default=None, metavar="X.model_OR_DIR",
-                       help="SentencePiece model, or HuggingFaceTokenizer's folder")
-    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
-    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
-    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: N")
+
+    tokenizer_type: Optional[str] = option(None, TYPES_HELP + ".",
+                                           choices=SUPPORTED_TOKENIZER_TYPES)
+    tokenizer_model: Optional[str] = option(
+        None, "SentencePiece model, or HuggingFaceTokenizer's folder.", metavar="X.model_OR_DIR")
+    vocab_file: Optional[str] = option(None, "GPT2BPETokenizer: vocab.json.")
+    merge_file: Optional[str] = option(None, "GPT2BPETokenizer: merges.txt.")
+    vocab_size: Optional[int] = option(None, "NullTokenizer: N.")
+
+
+def add_tokenizer_override_flags(parser, title: str) -> None:
+    """`TokenizerOverrides`' flags, in a group of their own."""
+    add_arguments(parser.add_argument_group(title), TokenizerOverrides)
 
 
 def given_tokenizer_flags(args) -> Dict[str, object]:
@@ -150,11 +155,9 @@ def check_tokenizer_type(tokenizer_type: str) -> None:
     if tokenizer_type in TOKENIZER_TYPES:
         return
     hint = UNSUPPORTED_HINT.get(tokenizer_type)
-    known = "; ".join(f"{t.name} ({' '.join(FLAG_NAMES[n] for n in t.flags) or 'no flag'}): "
-                      f"{t.summary}" for t in TOKENIZER_TYPES.values())
     raise TokenizerError(
         f"--tokenizer-type {tokenizer_type} is not supported here"
-        + (f" (closest: {hint})" if hint else "") + f". The tokenizer types are {known}.")
+        + (f" (closest: {hint})" if hint else "") + f". The tokenizer types are {TYPES_HELP}.")
 
 
 def check_tokenizer_args(config: TokenizerConfig) -> None:

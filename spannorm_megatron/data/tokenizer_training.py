@@ -1,4 +1,4 @@
-"""Training a SentencePiece tokenizer (the engine behind `tools/train_tokenizer.py`).
+"""Training a SentencePiece tokenizer (the engine behind `spannorm-train-tokenizer`).
 
 Settings that differ from SentencePiece's defaults, and why:
 
@@ -28,81 +28,84 @@ import io
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, TextIO, Tuple
+from typing import Iterator, List, Optional, TextIO, Tuple
 
 from spannorm_megatron.data.corpus import iter_corpus_documents
-from spannorm_megatron.data.documents import check_input_file, iter_documents, resolve_format
+from spannorm_megatron.data.documents import (
+    INPUT_FORMATS,
+    INPUT_FORMATS_HELP,
+    check_input_file,
+    iter_documents,
+    resolve_format,
+)
 from spannorm_megatron.data.errors import DataError
 from spannorm_megatron.data.progress import Throughput
 from spannorm_megatron.data.sp_model import MEGATRON_SPECIAL_PIECES
+from spannorm_megatron.options import option
 
 MODEL_TYPES = ("bpe", "unigram")
 NORMALIZATIONS = ("identity", "nfkc", "nmt_nfkc", "nfkc_cf", "nmt_nfkc_cf")
 _NUM_META_PIECES = 4  # <unk> <s> </s> <pad>
 
 
+def _comma_list(value: str) -> List[str]:
+    return [item for item in value.split(",") if item]
+
+
 @dataclass
 class TokenizerTrainingConfig:
-    """What to train on and how; each field is the `tools/train_tokenizer.py` flag of that name."""
+    """What to train on and how; each field is the `spannorm-train-tokenizer` flag of its name
+    (`inputs`: --input)."""
 
-    model_prefix: str
-    """Output prefix: writes `<model_prefix>.model` (binary) and `<model_prefix>.vocab` (text)."""
-
-    inputs: Sequence[str] = ()
-    """Input files: JSON Lines (text under `json_keys`) or plain text (.txt); see documents.py."""
-
-    embedded_corpus: bool = False
-    """Train on the embedded corpus (the Python stdlib sources, corpus.py) instead of `inputs`."""
-
-    embedded_corpus_max_bytes: Optional[int] = None
-    """Size cap for the embedded corpus in bytes (a stable prefix of it); None for all of it."""
-
-    json_keys: Sequence[str] = ("text",)
-    """JSONL keys whose strings are training text."""
-
-    input_format: str = "auto"
-    """`auto` (by suffix), `jsonl` or `text`, for all `inputs`."""
-
-    vocab_size: int = 32000
-    """Number of pieces, special pieces and (with byte fallback) the 256 byte pieces included."""
-
-    model_type: str = "bpe"
-    """`bpe` or `unigram`."""
-
-    character_coverage: float = 1.0
-    """Fraction of characters the vocabulary must cover as single pieces (rest: byte fallback)."""
-
-    input_sentence_size: int = 0
-    """Train on a seeded random sample of this many lines; 0 uses every line."""
-
-    byte_fallback: bool = True
-    """Encode characters outside the vocabulary as UTF-8 byte pieces instead of <unk>."""
-
-    control_symbols: Sequence[str] = MEGATRON_SPECIAL_PIECES
-    """Reserved pieces never produced from text (ids right after <unk> <s> </s> <pad>)."""
-
-    user_defined_symbols: Sequence[str] = ()
-    """Pieces always kept whole when they occur in text (e.g. '<|im_start|>')."""
-
-    normalization: str = "identity"
-    """SentencePiece normalization rule; `identity` keeps text byte-exact (see module docstring)."""
-
-    split_digits: bool = True
-    """Split numbers into single digits."""
-
-    max_sentence_length: int = 16384
-    """Longest line (bytes) used for training; longer lines are skipped."""
-
-    num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    """SentencePiece trainer threads."""
-
-    seed: int = 1234
-    """Seed of SentencePiece's random generator (line sampling)."""
-
-    verbose: bool = False
-    """Show SentencePiece's own training log (otherwise warnings only)."""
+    model_prefix: str = option(
+        doc="Output prefix: writes PREFIX.model and PREFIX.vocab (parent dirs are created).",
+        required=True)
+    inputs: List[str] = option(
+        doc="Training text: JSON Lines files (text under --json-keys) and/or plain .txt files "
+        "(see documents.py).", flag="--input", nargs="+", metavar="FILE", default_factory=list)
+    embedded_corpus: bool = option(
+        False, "Train on the embedded corpus (Python stdlib sources, see "
+        "spannorm_megatron/data/corpus.py) instead of --input.")
+    embedded_corpus_max_bytes: Optional[int] = option(
+        None, "Use only the first N bytes' worth of embedded-corpus files (a stable prefix); "
+        "unset: all of it.")
+    json_keys: List[str] = option(
+        doc="JSONL keys holding the text (default: text).", nargs="+",
+        default_factory=lambda: ["text"])
+    input_format: str = option("auto", INPUT_FORMATS_HELP, choices=INPUT_FORMATS)
+    vocab_size: int = option(
+        32000, "Vocabulary size: the number of pieces, special pieces and (with byte fallback) "
+        "the 256 byte pieces included (default 32000).")
+    model_type: str = option("bpe", "bpe or unigram (default: bpe).", choices=MODEL_TYPES)
+    character_coverage: float = option(
+        1.0, "Fraction of characters kept as pieces (default 1.0; rarer ones use byte "
+        "fallback).")
+    input_sentence_size: int = option(
+        0, "Train on a seeded random sample of N lines (default 0: all lines).")
+    byte_fallback: bool = option(
+        True, "Encode unknown characters as UTF-8 byte pieces instead of <unk> (default: on).")
+    control_symbols: List[str] = option(
+        doc="Reserved pieces never produced from text, ids right after <unk> <s> </s> <pad> "
+        f"(default: {','.join(MEGATRON_SPECIAL_PIECES)}; Megatron-LM's special pieces).",
+        parse=_comma_list, metavar="A,B,...",
+        default_factory=lambda: list(MEGATRON_SPECIAL_PIECES))
+    user_defined_symbols: List[str] = option(
+        doc="Pieces always kept whole when they occur in the text (e.g. '<|im_start|>').",
+        parse=_comma_list, metavar="A,B,...", default_factory=list)
+    normalization: str = option(
+        "identity", "SentencePiece normalization rule (default identity: text kept byte-exact, "
+        "see the module docstring).", choices=NORMALIZATIONS)
+    split_digits: bool = option(True, "Split numbers into single digits (default: on).")
+    max_sentence_length: int = option(
+        16384, "Longest training line in bytes; longer lines are skipped (default 16384).")
+    num_threads: int = option(
+        doc="Trainer threads (default: all cores; pin it for bit-identical unigram models).",
+        default_factory=lambda: os.cpu_count() or 1)
+    seed: int = option(1234, "Seed for line sampling (default 1234).")
+    verbose: bool = option(False, "Show SentencePiece's own training log (otherwise warnings "
+                           "only).")
 
     def __post_init__(self) -> None:
         self.inputs = list(self.inputs)

@@ -1,4 +1,4 @@
-"""Held-out evaluation of a trained model on any text file (`tools/evaluate.py`).
+"""Held-out evaluation of a trained model on any text file (`spannorm-evaluate`, `cli`).
 
 Loss, perplexity and bits per byte for a megatron checkpoint (one process, or any TP/PP layout
 under torchrun) or a Hugging Face folder. Bits per byte divides the summed loss by the UTF-8
@@ -6,7 +6,7 @@ size of the text whose tokens were scored, so it compares models with different 
 
 Modules: `text` (the file, its blocks, the tokenizer view, windows), `models` (loading the
 model and tokenizer with the conversion tools' code), `scoring` (batches, the two scorers, the
-totals).
+totals), `cli` (the command line).
 """
 
 from .scoring import Result, score_text

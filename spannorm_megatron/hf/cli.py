@@ -8,7 +8,6 @@ without a traceback, exit status 2; anything else is a bug and keeps its traceba
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Callable, List, Optional
 
 from spannorm_megatron.cli import run_cli as shared_run_cli
@@ -19,13 +18,21 @@ def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv=None) -> 
     return shared_run_cli(main, argv, interrupted="interrupted; nothing was published")
 
 
+DEVICES = ("auto", "cpu", "cuda")
+"""`--device` of the tools that run a model: auto takes the GPU when there is one."""
+
+
+def hide_gpu_for_cpu_runs(argv) -> None:
+    """--device cpu on a GPU machine: megatron's runtime uses a GPU whenever it sees one, so hide
+    it before torch initializes CUDA."""
+    for i, arg in enumerate(argv):
+        if (arg == "--device" and argv[i + 1:i + 2] == ["cpu"]) or arg == "--device=cpu":
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def quiet() -> None:
-    """Hide import-time notes about optional kernels and transformers' progress bars."""
-    for pattern in (".*Transformer Engine and Apex are not installed", ".*Apex is not installed",
-                    ".*apex.*", ".*TE.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    """Hide transformers' progress bars and notes (the package's import quiets megatron-core's
+    import-time notes on optional kernels)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -9,19 +9,22 @@
 #                                      # 2 cores, mostly compiling; later runs reuse the cache)
 #   TE=0 bash tools/gpu/prepare.sh     # wheels only (seconds); check.sh then skips stage 2
 #
-# .gpu-kit/wheels/  megatron-core 0.16.1 (cp312) and the small pure-Python packages that
+#   bash tools/gpu/prepare.sh --print-pins   # the versions it would fetch, then stop
+#
+# Versions: megatron-core's dev pin and the `# gpu-kit:` lines of tools/requirements-dev.txt (the
+# one place they are written), read below.
+# .gpu-kit/wheels/  megatron-core (cp312) and the small pure-Python packages that
 #                   Transformer Engine needs and the machine lacks (pydantic and its helpers)
-# .gpu-kit/te/      transformer_engine-2.11.0-sm90-cp312.tar.xz: a ready site folder with
-#                   transformer_engine 2.11.0, its CUDA 13 core library cut down to Hopper's
+# .gpu-kit/te/      transformer_engine-TE-sm90-cp312.tar.xz: a ready site folder with
+#                   transformer_engine, its CUDA 13 core library cut down to Hopper's
 #                   device code (tools/gpu/prune_fatbin.py: 463 MB -> 8.4 MiB as xz) and
-#                   transformer_engine_torch compiled here against torch 2.11.0+cu130 (PyPI's
-#                   torch 2.11.0 is that build) for CPython 3.12
+#                   transformer_engine_torch compiled here against the GPU machine's torch
+#                   (the +cu130 build; PyPI's torch of that version is that build) for CPython 3.12
 # .gpu-kit/SHA256SUMS, .gpu-kit/VERSIONS
 #
-# Transformer Engine 2.11.0 is the newest that megatron-core 0.16.1 takes (its "dev" extra pins
-# <2.12; its code checks only minimum versions). Its PyTorch extension is C++ only (no device
-# code), so it is built for x86-64 and CPython 3.12 here, with NVTE_PYTORCH_FORCE_BUILD=TRUE
-# (otherwise TE's setup first tries to download a prebuilt wheel).
+# Transformer Engine's PyTorch extension is C++ only (no device code), so it is built for x86-64
+# and CPython 3.12 here, with NVTE_PYTORCH_FORCE_BUILD=TRUE (otherwise TE's setup first tries to
+# download a prebuilt wheel).
 #
 # Needs here: a CPython 3.12 interpreter with headers (PYTHON312=..., else python3.12 on PATH,
 # else pyenv's 3.12), nvcc 13 and g++ (CUDA_HOME=... if nvcc is elsewhere), readelf, xz, and
@@ -29,17 +32,36 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 kit=$root/.gpu-kit
-te_version=2.11.0
-torch_version=2.11.0
+requirements=$root/tools/requirements-dev.txt
+# `pin dev NAME` / `pin gpu-kit NAME`: NAME's exact version in the requirements file, from its
+# installed lines or from its `# gpu-kit:` lines.
+pin() {
+  local version
+  if [ "$1" = dev ]; then
+    version=$(sed -n "s/^$2==//p" "$requirements")
+  else
+    version=$(sed -n 's/^# gpu-kit: //p' "$requirements" | tr ' ' '\n' | sed -n "s/^$2==//p")
+  fi
+  [ -n "$version" ] || { echo "error: no $2==VERSION ($1) in $requirements" >&2; exit 2; }
+  echo "$version"
+}
+te_version=$(pin gpu-kit transformer-engine)
+torch_version=$(pin gpu-kit torch)
+# megatron-core's dev pin, and the pure-Python packages TE needs that the machine lacks.
+mapfile -t helpers < <(sed -n 's/^# gpu-kit: //p' "$requirements" | tr ' ' '\n' \
+                       | grep -v -e '^torch==' -e '^transformer-engine==' -e '^$')
+mcore_version=$(pin dev megatron-core)
+wheels=("megatron-core==$mcore_version" "${helpers[@]}")
+if [ "${1:-}" = --print-pins ]; then
+  echo "torch==$torch_version transformer-engine==$te_version ${wheels[*]}"
+  exit 0
+fi
 build=${TE_BUILD_DIR:-$HOME/.cache/spannorm-gpu-kit}
 jobs=${MAX_JOBS:-2}
 limit_mib=${KIT_LIMIT_MIB:-58}
 platforms=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
            --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-# One version of each, consistent with one another (pydantic 2.14.4 pins pydantic-core 2.50.5).
-wheels=(megatron-core==0.16.1 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
-        typing-inspection==0.4.5 typing-extensions==4.16.0)
 
 say() { echo "[prepare] $*"; }
 mib() { du -sb "$@" | awk '{s += $1} END {printf "%.1f", s / 1048576}'; }
@@ -57,7 +79,7 @@ else
   bundle=$kit/te/transformer_engine-$te_version-sm90-cp312.tar.xz
   mkdir -p "$build"
   cd "$build"
-  # --- a CPython 3.12 with torch 2.11.0+cu130 and the CUDA 13 headers and libraries ---------
+  # --- a CPython 3.12 with the GPU machine's torch (+cu130) and the CUDA 13 headers and libraries
   py312=
   for candidate in ${PYTHON312:-} python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
     if "$candidate" -c 'import os, sys, sysconfig

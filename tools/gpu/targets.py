@@ -2,7 +2,7 @@
 
     python tools/gpu/targets.py OUT/bench-local.json OUT/bench-te.json
 
-Each file maps a preset to one `tools/benchmark.py --output` document; the file's name says the
+Each file maps a preset to one `spannorm-benchmark --output` document; the file's name says the
 flavour asked for (`bench-local*`: local specs, `bench-te*`: Transformer Engine), and a row whose
 recorded `transformer_impl` differs from it is reported as such. Targets:
   - SpanNorm tokens/s >= 0.98x PreNorm's, same preset and precision;
@@ -19,19 +19,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 
 NOMINAL_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16, the issue's reference
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def flops_per_token(preset: str, seq_length: int, placement: str):
-    """Model FLOPs per token of a benchmark preset, or None where the package is not at hand."""
-    warnings.filterwarnings("ignore")  # megatron-core's notes on missing Apex/TE at import
+    """Model FLOPs per token of a benchmark preset, or None where the package is not at hand
+    (check.sh puts the checkout on PYTHONPATH; elsewhere, install it: tools/setup_env.sh)."""
     try:
-        sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
-        from benchmark import PRESETS
-
+        from spannorm_megatron.benchmarks.training import PRESETS
         from spannorm_megatron.config import ModelConfig
         from spannorm_megatron.metrics import flops_per_token as fpt
     except Exception:  # noqa: BLE001 - a report, not a gate
