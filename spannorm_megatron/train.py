@@ -16,20 +16,26 @@ import sys
 from typing import List, Optional
 
 from spannorm_megatron.cli import report_failure, run_cli
-from spannorm_megatron.training.arguments import parse_args
-from spannorm_megatron.training.guards import NonFiniteGradientError
-from spannorm_megatron.training.trainer import Trainer
+from spannorm_megatron.orphans import die_with_launcher
 
 
-def pretrain(argv: Optional[List[str]] = None, trainer_class=Trainer) -> dict:
+def pretrain(argv: Optional[List[str]] = None, trainer_class=None) -> dict:
     """Train as `spannorm-train argv` would; returns the loss history."""
-    with trainer_class(parse_args(argv)) as trainer:
+    from spannorm_megatron.training.arguments import parse_args
+    from spannorm_megatron.training.trainer import Trainer
+
+    with (trainer_class or Trainer)(parse_args(argv)) as trainer:
         trainer.setup()
         return trainer.train()
 
 
-def main(argv: Optional[List[str]] = None, trainer_class=Trainer) -> int:
+def main(argv: Optional[List[str]] = None, trainer_class=None) -> int:
+    # Before the imports (seconds): a rank whose torchrun agent is killed meanwhile goes too.
+    die_with_launcher()
+
     def train(argv) -> int:
+        from spannorm_megatron.training.guards import NonFiniteGradientError
+
         try:
             pretrain(argv, trainer_class)
         except NonFiniteGradientError as error:  # the run failed, the input was fine: status 1

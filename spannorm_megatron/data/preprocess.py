@@ -281,7 +281,7 @@ def preprocess(config: PreprocessConfig, log: Optional[TextIO] = None) -> Prepro
             encoder = RecordEncoder(*encoder_args, tokenizer=tokenizer)
             results = map(encoder, records)
         else:
-            from spannorm_megatron.runtime.orphans import die_with_parent
+            from spannorm_megatron.orphans import die_with_parent
 
             die_with_parent()  # a killed preprocessing run must not leave its workers behind
             pool = _pool_context().Pool(

@@ -21,11 +21,11 @@ import torch
 
 from spannorm_megatron.config import ParallelConfig
 from spannorm_megatron.errors import ParallelLayoutError
+from spannorm_megatron.orphans import die_with_launcher, die_with_parent
 
 from .device import backend as device_backend
 from .device import has_accelerator, pipeline_communication_problem
 from .launch import launch_environment
-from .orphans import die_with_parent
 from .strict_devices import strict_devices_requested
 
 __all__ = [
@@ -225,6 +225,7 @@ def initialize(
         # GEMM it overlaps (Megatron-LM's launchers set it; read at CUDA context creation,
         # which has not happened yet). An explicit setting is kept.
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    die_with_launcher()  # a killed torchrun agent takes its ranks along
     die_with_parent()  # forked checkpoint writers and data workers must not outlive the rank
     if has_accelerator():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
