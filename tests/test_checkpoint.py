@@ -338,6 +338,12 @@ def test_missing_or_empty_load_directory(megatron_world, tmp_path):
     assert find_latest(str(tmp_path / "empty")) is None
 
 
+def test_an_iteration_given_as_the_load_directory_points_to_its_parent(ckpt):
+    message = _load_fails(str(ckpt / "iter_0000002"), match="is an iteration inside the "
+                          "checkpoint directory")
+    assert f"--load {ckpt}" in message and "latest_checkpointed_iteration.txt" in message
+
+
 def test_pointer_to_missing_or_incomplete_directory(ckpt):
     pointer = ckpt / "latest_checkpointed_iteration.txt"
     pointer.write_text("5\n")

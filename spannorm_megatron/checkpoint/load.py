@@ -40,7 +40,7 @@ from spannorm_megatron.runtime import current_device
 
 from . import _dist, manifest, rng, run_record, state, tracker
 from .errors import CheckpointError
-from .naming import RUN_RECORD_FILENAME
+from .naming import RUN_RECORD_FILENAME, TRACKER_FILENAME
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +102,10 @@ def _check_keys(sharded: dict, path: str, strict: bool, model_keys: list) -> dic
                                             if len(everyone) > 12 else "")
         raise CheckpointError(
             f"{path} lacks {len(everyone)} tensor(s) this model needs: {shown}. The model or "
-            f"optimizer differs from the one saved; load with the saved configuration (see "
-            f"{os.path.join(path, RUN_RECORD_FILENAME)}), or pass strict=False to keep the "
-            f"current values of what is missing."
+            f"optimizer differs from the one saved: build the model as saved (--use-checkpoint-"
+            f"args, or the flags in {os.path.join(path, RUN_RECORD_FILENAME)}), or, when only "
+            f"the optimizer differs, start it afresh with --no-load-optim (from Python: "
+            f"strict=False keeps the current values of what is missing)."
         )
     _warn("%s lacks %d tensor(s); keeping their current values (fresh optimizer state): %s",
           path, len(everyone), everyone)
@@ -195,8 +196,9 @@ def _check_model(record: dict, path: str, model_config: ModelConfig, strict: boo
                    f"{run_record.format_differences(architecture)} (from {where}).")
         if strict:
             raise CheckpointError(
-                message + " Build the model with the checkpoint's configuration, or pick a "
-                "checkpoint of this model; strict=False loads what fits anyway.")
+                message + " Build the model with the checkpoint's configuration "
+                "(--use-checkpoint-args), or pick a checkpoint of this model (from Python: "
+                "strict=False loads what fits anyway).")
         _warn("%s Loading anyway (strict=False).", message)
     if other and _dist.rank() == 0:
         logger.info("checkpoint: settings changed since the save: %s",
@@ -312,7 +314,8 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path} is damaged, nothing was loaded: " + "; ".join(bad[:8])
             + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")
-            + ". Load another iteration (write it into the pointer file or pass iteration=)."
+            + ". Load another iteration: --load-fallback goes back to the newest intact one, "
+            f"or write its number into {TRACKER_FILENAME} (from Python: iteration=)."
         )
     load_optim, load_scheduler, load_rng = _plan(
         record, path, optimizer, scheduler,

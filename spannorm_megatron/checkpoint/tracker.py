@@ -21,6 +21,7 @@ from .naming import (
     iteration_dir,
     iteration_dirname,
     iteration_dirs,
+    parse_iteration_dirname,
     side_dirs,
 )
 
@@ -85,12 +86,30 @@ def _describe(save_dir: str) -> str:
     return text
 
 
+def _training_directory_above(path: str) -> Optional[str]:
+    """The checkpoint directory `path` is an ``iter_NNNNNNN`` of, if it is one."""
+    parent, name = os.path.split(os.path.normpath(path))
+    if parse_iteration_dirname(name) is None or parse_iteration_dirname(
+            os.path.basename(parent)) is not None:
+        return None
+    if os.path.isfile(os.path.join(parent, TRACKER_FILENAME)) or complete_iterations(parent):
+        return parent
+    return None
+
+
 def resolve(load_dir: str, iteration: Optional[int] = None) -> Tuple[int, str]:
     """(iteration, directory) to load from `load_dir`, or a CheckpointError saying why not.
 
     `iteration` picks one explicitly (Megatron-LM's ``--ckpt-step``); otherwise the pointer
     file's, or without one the newest complete directory.
     """
+    inside = _training_directory_above(load_dir)
+    if inside:
+        raise CheckpointError(
+            f"The load directory {load_dir} is an iteration inside the checkpoint directory "
+            f"{inside}: pass that directory (--load {inside}); to load this iteration rather "
+            f"than the newest, write its number into {os.path.join(inside, TRACKER_FILENAME)}."
+        )
     if not os.path.isdir(load_dir):
         raise CheckpointError(
             f"The load directory {load_dir} does not exist. Check the path (it is the --save "
