@@ -59,3 +59,15 @@ def die_with_parent() -> bool:
         os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
         _state["registered"] = True
     return True
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process `pid` runs on this host (one of another user still counts as running).
+    What a killed run left behind is recognised by the PID in its name and this test."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -242,7 +242,8 @@ def test_preprocess_matches_tokenizer(tmp_path, jsonl_input, tokenizer, tokenize
     log = capsys.readouterr().err
     assert "Processed 50 documents" in log and "tokens/s" in log and "MB/s" in log
     assert sorted(os.listdir(tmp_path)) == sorted(
-        f"out_{key}_document{ext}" for key in ("text", "title") for ext in (".bin", ".idx")
+        f"out_{key}_document{ext}" for key in ("text", "title")
+        for ext in (".bin", ".idx", ".tokenizer.json")
     )
     for key in ("text", "title"):
         docs, lengths = _documents_of(tmp_path / f"out_{key}_document")
@@ -573,3 +574,39 @@ def test_benchmark_tool_writes_table_and_json(tmp_path, paragraphs, tokenizer_mo
         assert entry["documents"] == 200 and len(entry["runs"]) == 2
         assert entry["median_tokens_per_second"] > 0 and entry["median_mb_per_second"] > 0
     assert not [p for p in os.listdir(tmp_path) if p.endswith((".bin", ".idx"))]
+
+
+def test_preprocessing_records_its_tokenizer_and_a_different_one_is_refused(
+        tmp_path, jsonl_input, tokenizer_model):
+    """<prefix>.tokenizer.json beside Megatron-LM's files: the same tokenizer passes, another one
+    (other files, or another vocabulary size) is refused naming both; a killed run's temporary
+    files (its PID gone) are removed by the next run, a running one's are left."""
+    from spannorm_megatron.data.errors import DataError
+    from spannorm_megatron.data.provenance import check_data_tokenizer, read_sidecar
+    from spannorm_megatron.data.tokenizer_args import tokenizer_config, tokenizer_sha256
+
+    source, _ = jsonl_input
+    prefix = tmp_path / "out_text_document"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    killed = tmp_path / f"out_text_document.tmp{dead}.bin"
+    killed.write_bytes(b"\0" * 4096)
+    running = tmp_path / f"out_text_document.tmp{os.getppid()}.bin"  # a live process
+    running.write_bytes(b"\0")
+    tool = _load_tool("preprocess_data")
+    assert run_cli(tool.main, ["--input", str(source), "--output-prefix", str(tmp_path / "out"),
+                               "--tokenizer-type", "SentencePieceTokenizer",
+                               "--tokenizer-model", str(tokenizer_model), "--workers", "1"]) == 0
+    assert not killed.exists() and running.exists()
+    record = read_sidecar(str(prefix))
+    same = tokenizer_config(tokenizer_type="SentencePieceTokenizer",
+                            tokenizer_model=str(tokenizer_model))
+    assert record["tokenizer_type"] == "SentencePieceTokenizer"
+    assert record["tokenizer_sha256"] == tokenizer_sha256(same)
+    check_data_tokenizer(str(prefix), same, tokenizer_sha256(same), record["vocab_size"])
+    null = tokenizer_config(tokenizer_type="NullTokenizer", vocab_size=record["vocab_size"])
+    with pytest.raises(DataError, match=r"--data-path .*out_text_document was made with another "
+                       r"tokenizer .*type: data 'SentencePieceTokenizer', given 'NullTokenizer'"):
+        check_data_tokenizer(str(prefix), null, tokenizer_sha256(null), record["vocab_size"])
+    with pytest.raises(DataError, match=r"vocabulary size: data \d+, given 7"):
+        check_data_tokenizer(str(prefix), same, tokenizer_sha256(same), 7)

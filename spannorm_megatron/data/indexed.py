@@ -11,6 +11,7 @@ each document ends (int64, starting with 0). Writing goes through megatron-core'
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy
 
 from spannorm_megatron.data.errors import IndexedDatasetError
+from spannorm_megatron.orphans import process_gone
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
@@ -145,18 +147,35 @@ def read_sequence_lengths(prefix: str) -> numpy.ndarray:
     return copy
 
 
+def remove_killed_writers_files(prefix: str) -> List[str]:
+    """Remove `<prefix>.tmp<pid>.bin/.idx` of writers that no longer run; the paths removed."""
+    directory, base = os.path.split(os.path.abspath(prefix))
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in sorted(os.listdir(directory)):
+        match = re.fullmatch(re.escape(base) + r"\.tmp(\d+)\.(bin|idx)", name)
+        if match and process_gone(int(match.group(1))):
+            os.remove(os.path.join(directory, name))
+            removed.append(os.path.join(directory, name))
+    return removed
+
+
 class AtomicIndexedDatasetWriter:
     """megatron-core `IndexedDatasetBuilder`s, one per key, that only replace outputs on success.
 
     Each key's data goes to `<prefix>.tmp<pid>.bin/.idx` next to the final files; `commit()`
     renames them into place, `abort()` deletes them. Until `commit()`, existing files with the
-    final names are never opened, so a failed run leaves them as they were.
+    final names are never opened, so a failed run leaves them as they were. What a killed run
+    left (its PID no longer runs) is removed when the next writer of the same prefix starts.
     """
 
     def __init__(self, prefixes: Dict[str, str], dtype: type) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self.prefixes = dict(prefixes)
+        for prefix in self.prefixes.values():
+            remove_killed_writers_files(prefix)
         self._tmp = {key: f"{prefix}.tmp{os.getpid()}" for key, prefix in self.prefixes.items()}
         self.builders = {}
         try:

@@ -46,6 +46,7 @@ from spannorm_megatron.data.indexed import (
     output_prefix,
 )
 from spannorm_megatron.data.progress import ProgressPrinter, Throughput
+from spannorm_megatron.data.provenance import sidecar_path, write_sidecar
 from spannorm_megatron.options import option
 from spannorm_megatron.data.tokenizer_args import (
     TYPES_HELP,
@@ -319,7 +320,9 @@ def preprocess(config: PreprocessConfig, log: Optional[TextIO] = None) -> Prepro
     seconds = totals.elapsed
     printer.line(f"Done: {totals.summary()}.")
     for key, prefix in outputs.items():
-        printer.line(f"Wrote {prefix}.bin and {prefix}.idx ({tokens_per_key[key]:,} tokens)")
+        write_sidecar(prefix, tokenizer_flags, tokenizer.vocab_size)
+        printer.line(f"Wrote {prefix}.bin and {prefix}.idx ({tokens_per_key[key]:,} tokens), "
+                     f"and the tokenizer's record {sidecar_path(prefix)}")
         stale = gpt_index_cache_dir(prefix)
         if stale is not None:
             printer.line(

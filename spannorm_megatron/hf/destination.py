@@ -26,6 +26,7 @@ from typing import Iterable, List, Optional
 from spannorm_megatron.checkpoint import TRACKER_FILENAME
 from spannorm_megatron.checkpoint.naming import parse_side_dirname
 from spannorm_megatron.hf.errors import ConversionError
+from spannorm_megatron.orphans import process_gone
 
 EXPORT_MARKER = "spannorm_export.json"
 IMPORT_MARKER = "spannorm_import.json"
@@ -53,13 +54,7 @@ def _process_gone(name: str, prefix: str) -> bool:
     parts = name[len(prefix):].rsplit("-", 2)
     if len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit():
         return False
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return process_gone(int(parts[1]))
 
 
 def remove_debris(save: str) -> List[str]:
