@@ -170,6 +170,10 @@ def test_bad_input_is_one_clear_error(trained, tmp_path):
         (("--load", ckpt, "--input", text, "--seq-length", "1"), "must be >= 2"),
         (("--load", ckpt, "--input", text, "--tensor-model-parallel-size", "2"),
          "launch with torchrun --nproc_per_node 2"),
+        # another tokenizer than the run's, even of the same vocabulary size
+        (("--load", ckpt, "--input", text, "--tokenizer-type", "NullTokenizer",
+          "--vocab-size", "512"), "The checkpoint was trained with another tokenizer "
+         "(--tokenizer-type: checkpoint SentencePieceTokenizer, this run NullTokenizer"),
     ]
     for argv, message in cases:
         status, _out, err = _run_tool("evaluate", *argv)

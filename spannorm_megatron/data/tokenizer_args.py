@@ -322,3 +322,18 @@ def recorded_tokenizer(record_args: Optional[dict], **given) -> Tuple[Optional[T
             values[name] = value
     values.update(given)
     return tokenizer_config(**values), ""
+
+
+def tokenizer_differences(record_args: Optional[dict], config: TokenizerConfig,
+                          sha256: Optional[str]) -> List[str]:
+    """How `config` (with its files' digest `sha256`) differs from the tokenizer a run recorded
+    in its `args`, as `flag: checkpoint X, this run Y` parts; [] when they agree or the record
+    does not say. Compared: the type, the digest of its files and NullTokenizer's --vocab-size."""
+    saved = record_args if isinstance(record_args, dict) else {}
+    files = [FLAG_NAMES[key] for key in ("tokenizer_model", "vocab_file", "merge_file")
+             if saved.get(key)]
+    return [f"{flag}: checkpoint {saved.get(key)}, this run {now}" for flag, key, now in (
+        ("--tokenizer-type", "tokenizer_type", config.tokenizer_type),
+        ("/".join(files) or "tokenizer files", "tokenizer_sha256", sha256),
+        ("--vocab-size", "vocab_size", config.vocab_size))
+        if saved.get(key) not in (None, now)]

@@ -88,7 +88,11 @@ def resolve_tokenizer(*, tokenizer_type: Optional[str] = None,
     """The tokenizer to evaluate with: the tokenizer flags given (completed from the run
     record, `data.tokenizer_args.recorded_tokenizer`), else the HF folder's own files, else the
     one the checkpoint's run was trained with."""
-    from spannorm_megatron.data.tokenizer_args import recorded_tokenizer
+    from spannorm_megatron.data.tokenizer_args import (
+        recorded_tokenizer,
+        tokenizer_differences,
+        tokenizer_sha256,
+    )
 
     given = dict(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
                  vocab_file=vocab_file, merge_file=merge_file, vocab_size=vocab_size)
@@ -108,6 +112,12 @@ def resolve_tokenizer(*, tokenizer_type: Optional[str] = None,
             f"No tokenizer to evaluate with ({why}): pass the tokenizer flags (--tokenizer-type "
             f"and --tokenizer-model / --vocab-file and --merge-file / --vocab-size), or "
             f"--tokenizer-type ByteLevelTokenizer.")
+    # Another tokenizer gives every id another meaning: the scores would be a stranger's.
+    differ = tokenizer_differences(args, config, tokenizer_sha256(config))
+    if differ:
+        raise EvaluationError(
+            "The checkpoint was trained with another tokenizer (" + "; ".join(differ) + "). "
+            "Pass the tokenizer it was trained with, or none to use the recorded one.")
     return EvalTokenizer.of(config)
 
 
