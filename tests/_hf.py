@@ -67,7 +67,7 @@ EXTRA_COMBOS: Dict[str, tuple] = {
         "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
         "moe_router_num_groups": 2, "moe_router_group_topk": 1,
         "moe_router_topk_scaling_factor": 2.5, "moe_shared_expert_intermediate_size": 64}),
-    # Our own class computing what no native class holds for these placements (issue 15):
+    # Our own class computing what no native class holds for these placements:
     # (a) q/k norms (RMSNorm; LayerNorm with biases),
     "spannorm-qk": ("spannorm", {"qk_layernorm": True}),
     "postnorm-moe-qk-layernorm": ("postnorm", {"num_experts": 4, "qk_layernorm": True,
@@ -102,7 +102,7 @@ EXTRA_COMBOS: Dict[str, tuple] = {
 }
 
 # Models with --qk-layernorm, mixed dense/MoE layers or routing beyond top-k + softmax that our
-# own class holds (issue 15): no native class computes them in these placements.
+# own class holds: no native class computes them in these placements.
 OWN_CLASS_RECIPES = ("spannorm-moe-deepseek", "spannorm-qk", "postnorm-moe-qk-layernorm",
                      "spannorm-moe-mixed", "perinorm-moe-mixed-qk", "postnorm-moe-deepseek",
                      "deepnorm-moe-sigmoid-top1", "spannorm_clean-moe-presoftmax-groups",

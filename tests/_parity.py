@@ -55,7 +55,7 @@ LAYOUTS = {  # all fit 4 ranks; data parallelism fills what the named sizes leav
 }
 
 
-# Megatron-LM recipes (issue 15) on the SpanNorm MoE model: a dense first layer, q/k norms,
+# Megatron-LM recipes on the SpanNorm MoE model: a dense first layer, q/k norms,
 # DeepSeek-V3-like routing (sigmoid scores, aux-loss-free expert bias, group-limited top-k,
 # scaled probabilities), sequence aux loss and z-loss.
 _ROUTING = dict(

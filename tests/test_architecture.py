@@ -22,7 +22,8 @@ SOURCE = Path(__file__).resolve().parents[1] / PACKAGE
 # Lowest first. The package root holds only its version and warning filters.
 FLOORS = [
     {PACKAGE, "errors"},
-    {"options", "placements", "cli"},  # declarations, the norm registry, the error boundary
+    # declarations, the norm registry, the error boundary, process lifetimes (no torch)
+    {"options", "placements", "cli", "orphans"},
     {"config"},                        # the typed configuration sections
     {"runtime"},                       # device, process groups
     {"model", "data", "process"},      # megatron-core layer specs; datasets; patch sets
@@ -165,3 +166,22 @@ def test_the_checker_sees_a_planted_upward_import(tmp_path):
     assert _circles(graph) == [[f"{PACKAGE}.model.layer", f"{PACKAGE}.training.loop"]]
     assert _upward(GRAPH, "runtime") == [] and GRAPH[f"{PACKAGE}.process"] >= {
         f"{PACKAGE}.runtime"}
+
+
+def test_code_and_docs_name_behaviour_not_tracker_numbers():
+    """A tracker number says nothing to a reader of the code (and the tracker may move). An
+    upstream project's issue, cited with the project's name, is a reference, not ours."""
+    import re
+
+    root = SOURCE.parent
+    pattern = re.compile(r"\b[Ii]ssues? #?\d+|\bissue-\d+")
+    found = []
+    for folder in ("spannorm_megatron", "tools", "tests", "examples", "docs", "patches"):
+        for path in (root / folder).rglob("*"):
+            if path.suffix in (".py", ".md", ".sh", ".yaml", ".txt") and path.is_file():
+                for number, line in enumerate(path.read_text(errors="ignore").splitlines(), 1):
+                    if pattern.search(line) and "Megatron-LM" not in line:
+                        found.append(f"{path.relative_to(root)}:{number}: {line.strip()[:80]}")
+    found += [f"README.md: {line[:80]}" for line in (root / "README.md").read_text().splitlines()
+              if pattern.search(line)]
+    assert found == []

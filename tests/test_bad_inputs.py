@@ -98,7 +98,7 @@ CATALOGUE = [
     ("dense-with-ep", "train", lambda f: T(f, "--expert-model-parallel-size", "1",
                                            "--expert-tensor-parallel-size", "2"),
      "this model is dense"),
-    # MoE and pipeline recipes (issue 15): each named with its fix before any process group.
+    # MoE and pipeline recipes: each named with its fix before any process group.
     ("capacity-factor-zero", "train", lambda f: T(f, "--num-experts", "4",
                                                   "--moe-expert-capacity-factor", "0"),
      "--moe-expert-capacity-factor: '0' must be > 0.0"),

@@ -599,7 +599,7 @@ def test_expert_parallel_rng_is_saved_per_rank_and_resumes_bitwise(tmp_path):
 # ------------------------------------------------------------------------------ MoE recipes
 
 def _expert_bias_config(**overrides):
-    """DeepSeek-V3-like routing on a model with a dense first layer (issue 15)."""
+    """DeepSeek-V3-like routing on a model with a dense first layer."""
     values = dict(moe=True, moe_layer_freq="([0]*1+[1]*3)", moe_router_score_function="sigmoid",
                   moe_router_enable_expert_bias=True, moe_router_bias_update_rate=1e-2,
                   moe_router_load_balancing_type="none", moe_expert_capacity_factor=1.0,

@@ -1,6 +1,6 @@
-"""Megatron-LM core_v0.16.1's MoE and pipeline flags (issue 25): each is handed to megatron-core
+"""Megatron-LM core_v0.16.1's MoE and pipeline flags: each is handed to megatron-core
 with its meaning and shown to do it on real models, or refused before anything starts with the
-reason; and the two crashes of issue 21 (--num-layers-per-virtual-pipeline-stage under torchrun,
+reason; and the two crashes once found in them (--num-layers-per-virtual-pipeline-stage under torchrun,
 --moe-grouped-gemm without Transformer Engine).
 
 In-process tests run real megatron-core models in a world of one; one 4-rank torchrun
@@ -86,7 +86,7 @@ def routing_of(router, record: list):
     (("--num-layers", "8", "--pipeline-model-parallel-size", "4",
       "--num-virtual-stages-per-pipeline-rank", "2", "--no-overlap-p2p-communication"),
      dict(overlap_p2p_comm=False, batch_p2p_comm=True)),
-    # One model chunk per stage is the plain 1F1B schedule, as Megatron-LM reads it (issue 21:
+    # One model chunk per stage is the plain 1F1B schedule, as Megatron-LM reads it (it once crashed:
     # this became virtual stages of size 1, and the schedule then indexed the model list).
     (("--num-layers", "4", "--pipeline-model-parallel-size", "2",
       "--num-layers-per-virtual-pipeline-stage", "2"),
@@ -166,7 +166,7 @@ def test_flags_megatron_lm_ignores_are_announced_not_dropped_silently():
       "--microbatch-group-size-per-virtual-pipeline-stage", "1"), "is below --pipeline-model"),
     (("--pipeline-model-parallel-size", "2", "--use-tp-pp-dp-mapping", *MOE,
       "--expert-model-parallel-size", "2"), "must equal --tensor-model-parallel-size 1"),
-    # Issue 21: with the virtual-pipeline size too, one of them was silently dropped.
+    # With the virtual-pipeline size too, one of them was silently dropped.
     (("--num-layers", "4", "--pipeline-model-parallel-size", "2",
       "--num-layers-per-virtual-pipeline-stage", "1", "--virtual-pipeline-model-parallel-size",
       "2"), "--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank "
@@ -187,7 +187,7 @@ def test_refused_at_parse_time_naming_the_flag_and_the_fix(flags, expected):
 
 @cpu_only
 @pytest.mark.parametrize("flags,expected", [
-    # Issue 21: four chained tracebacks from inside module construction before.
+    # Once: four chained tracebacks from inside module construction before.
     ((*MOE, "--moe-grouped-gemm"), "--moe-grouped-gemm needs Transformer Engine's grouped "
      "linears"),
     ((*MOE, "--moe-grouped-gemm", "--moe-use-legacy-grouped-gemm"),
@@ -455,7 +455,7 @@ def test_shared_expert_overlap_under_tp_sp_ep(schedule_records):
 
 
 def test_cli_trains_with_one_chunk_per_stage_and_moe_flags(corpus):
-    """Issue 21's crash: --num-layers-per-virtual-pipeline-stage giving one chunk per stage
+    """A crash once: --num-layers-per-virtual-pipeline-stage giving one chunk per stage
     under torchrun ended in "'DistributedDataParallel' object is not subscriptable"."""
     data, tokenizer = corpus
     result = run_train(

@@ -1,4 +1,4 @@
-"""Megatron-LM's precision, fusion and performance flags act as they do there (issue 25).
+"""Megatron-LM's precision, fusion and performance flags act as they do there.
 
 Each flag is implemented, accepted as a no-op where it selects what this stack always does
 (said once, in `args.notices`), or refused before anything starts where this machine lacks what

@@ -1,4 +1,4 @@
-"""Megatron-LM's MoE and pipeline recipe flags (issue 15): parsed as Megatron-LM writes them,
+"""Megatron-LM's MoE and pipeline recipe flags: parsed as Megatron-LM writes them,
 refused with the fix when they cannot work, handed to megatron-core's TransformerConfig
 unchanged, and built into real models of every placement with dense and MoE layers mixed.
 

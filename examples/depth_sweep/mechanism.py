@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Signals around the moment of collapse, for the grid's collapsing and training runs
-(issue 16, item 2): layer-2/L gradient ratio, update ratios, branch RMS and N2's input RMS
+(why deep SpanNorm runs collapse): layer-2/L gradient ratio, update ratios, branch RMS and N2's input RMS
 (estimated from its logged parts), before / at / after the collapse. See
 spannorm_megatron/lab/mechanism.py for the definitions.
 

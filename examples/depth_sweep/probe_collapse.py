@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Where the gradient is lost in a deep normalized-stream model, measured on its checkpoints
-(issue 16, item 2: the part of the mechanism the logged signals cannot show).
+(the part of the collapse mechanism the logged signals cannot show).
 
 The grid's runs log layers 1, 2, L/2 and L only. This script loads saved checkpoints of a run
 (`spannorm-train --save DIR --save-interval N`), runs one batch of the run's data forward and

@@ -1,4 +1,4 @@
-"""The collapse mechanism, from the signals the grid's runs record (issue 16, item 2).
+"""The collapse mechanism, from the signals the grid's runs record (what the logged signals show of why deep SpanNorm runs collapse).
 
 Every grid row (`lab/grid/`, results.jsonl) keeps, for layers 1, 2, L/2 ("mid") and L and as
 the maximum over all layers ("max"), the per-layer signals `spannorm-train` logs every

@@ -91,7 +91,7 @@ def check(paths) -> list:
 def main(argv=None) -> int:
     paths = [p for p in (argv if argv is not None else sys.argv[1:]) if os.path.exists(p)]
     lines = check(paths)
-    print("targets (issue 12, item 5):")
+    print("targets (the GPU check's throughput, MFU and FP8 goals):")
     for line in lines or ["(no benchmark results)"]:
         print("  " + line)
     return 0
