@@ -454,6 +454,14 @@ def test_generate_tool_same_tokens_from_checkpoint_and_hf_folder(work):
                                 "--prompt-ids", prompt, "--top-k", "20", "--top-p", "0.9",
                                 "--temperature", "0.8", "--seed", "3", "--json")
     assert status == 0 and out1 == out2
+    # past the model's positions, or sampling settings that are not numbers it can use
+    hf = os.path.join(work.dirs["hf"], combo)
+    for argv, words in ((("--max-new-tokens", "100000"), "go past the model's"),
+                        (("--temperature", "inf"), "--temperature"),
+                        (("--temperature", "0"), "--temperature"),
+                        (("--top-k", "-1"), "--top-k"), (("--top-p", "0"), "--top-p")):
+        status, _out, err = _run_tool("generate", "--load", hf, "--prompt-ids", prompt, *argv)
+        assert status == 2 and words in err and "Traceback" not in err, (argv, err)
 
 
 # ------------------------------------------------------------------ files, tokenizer, shards

@@ -57,12 +57,21 @@ def sample_next(logits: torch.Tensor, sampling: Sampling,
 
 def generate(step: Callable[[List[int], bool], torch.Tensor], prompt: Sequence[int],
              max_new_tokens: int, sampling: Sampling, *, stop_ids: Sequence[int] = (),
-             seed: int = 1234, vocab_limit: Optional[int] = None) -> List[int]:
+             seed: int = 1234, vocab_limit: Optional[int] = None,
+             max_positions: Optional[int] = None,
+             progress: Optional[Callable[[int], None]] = None) -> List[int]:
     """New token ids after `prompt`. `step(ids, first)` returns the last-position logits [V] of
-    the sequence `ids` (`first` is True on the first call, for cached implementations)."""
+    the sequence `ids` (`first` is True on the first call, for cached implementations). Never
+    past the model's `max_positions`; `progress(n)` hears of every 64th new token."""
     sampling.validate()
     if not prompt:
         raise ConversionError("The prompt is empty: give some text (--prompt) or ids (--prompt-ids).")
+    if max_positions is not None and len(prompt) + max_new_tokens > max_positions:
+        raise ConversionError(
+            f"The prompt ({len(prompt)} tokens) and --max-new-tokens {max_new_tokens} go past "
+            f"the model's {max_positions} positions (max_position_embeddings): lower "
+            f"--max-new-tokens to at most {max(max_positions - len(prompt), 0)}, or shorten the "
+            f"prompt.")
     ids = list(prompt)
     out: List[int] = []
     generator = None
@@ -76,6 +85,8 @@ def generate(step: Callable[[List[int], bool], torch.Tensor], prompt: Sequence[i
         token = int(sample_next(logits[None], sampling, generator)[0])
         out.append(token)
         ids.append(token)
+        if progress is not None and len(out) % 64 == 0:
+            progress(len(out))
         if token in stop_ids:
             break
     return out

@@ -46,10 +46,12 @@ class GenerateOptions:
     """The command line of `spannorm-generate` (besides the prompt and the tokenizer flags)."""
 
     load: str = option(doc="Megatron checkpoint or Hugging Face folder.", required=True)
-    max_new_tokens: int = option(32, "Tokens to generate at most.")
-    temperature: float = option(1.0, "Sampling temperature.")
-    top_k: int = option(0, "Sample among the k likeliest tokens; 0: off.")
-    top_p: float = option(1.0, "Sample within this probability mass; 1.0: off.")
+    max_new_tokens: int = option(32, "Tokens to generate at most (the prompt and these within "
+                                 "the model's positions).", at_least=1)
+    temperature: float = option(1.0, "Sampling temperature.", above=0.0)
+    top_k: int = option(0, "Sample among the k likeliest tokens; 0: off.", at_least=0)
+    top_p: float = option(1.0, "Sample within this probability mass (0, 1]; 1.0: off.",
+                          above=0.0)
     greedy: bool = option(False, "Argmax decoding.")
     seed: int = option(1234, "Sampling seed.")
     model_config: Optional[str] = option(
@@ -81,8 +83,6 @@ def generate(argv: Optional[List[str]] = None) -> int:
     from spannorm_megatron.hf.errors import ConversionError
     from spannorm_megatron.hf.export import parse_dtype
 
-    if args.max_new_tokens < 1:
-        raise ConversionError(f"--max-new-tokens {args.max_new_tokens} must be >= 1.")
     sampling = gen.Sampling(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p)
     sampling.validate()
@@ -108,6 +108,7 @@ def generate(argv: Optional[List[str]] = None) -> int:
         model = gen.load_hf_model(args.load, dtype, device)
         step = gen.hf_stepper(model)
         vocab = model.config.vocab_size
+        positions = getattr(model.config, "max_position_embeddings", None)
     else:
         from spannorm_megatron.hf.megatron_reader import MegatronCheckpoint, load_megatron_model
         from spannorm_megatron.process import initialize
@@ -120,6 +121,7 @@ def generate(argv: Optional[List[str]] = None) -> int:
         _config, model = load_megatron_model(ckpt, dtype=dtype)
         step = gen.megatron_stepper(model)
         vocab = _config.vocab_size
+        positions = _config.max_sequence_length
 
     if args.prompt_ids is not None:
         try:
@@ -142,7 +144,10 @@ def generate(argv: Optional[List[str]] = None) -> int:
                               f"{vocab}: they do not belong together.")
     stop = [] if args.ignore_eos or tokenizer is None else tokenizer.stop_ids
     out = gen.generate(step, prompt, args.max_new_tokens, sampling, stop_ids=stop, seed=args.seed,
-                       vocab_limit=tokenizer.vocab_size if tokenizer is not None else None)
+                       vocab_limit=tokenizer.vocab_size if tokenizer is not None else None,
+                       max_positions=positions, progress=lambda n: print(
+                           f"[generate] {n}/{args.max_new_tokens} tokens", file=sys.stderr,
+                           flush=True))
     text = tokenizer.decode(out) if tokenizer is not None else None
     if args.json:
         print(json.dumps({"source": "huggingface" if hf else "megatron", "prompt_ids": prompt,
