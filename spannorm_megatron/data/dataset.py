@@ -232,10 +232,13 @@ def _check_split_has_tokens(prefix: str, split: str) -> None:
         begin = int(round(bookends[0] * float(count)))
         end = int(round(bookends[1] * float(count)))
         if int(numpy.sum(lengths[begin:end], dtype=numpy.int64)) == 0:
+            weights = [p.strip() for p in re.split(r"[,/]", split) if p.strip()] + ["0"] * 3
+            weights = weights[:3]
+            weights[index] = "0"
             raise DataError(
                 f"--split {split} gives the {name} split of '{prefix}' sequences {begin}..{end} "
-                f"of its {count}, which hold no tokens. Use more data or set that split's "
-                "weight to 0 in --split (e.g. '98,2,0')."
+                f"of its {count}, which hold no tokens. Use more data, give the {name} split a "
+                f"larger share, or drop it (--split {','.join(weights)})."
             )
 
 
