@@ -7,24 +7,21 @@ builds megatron-core's own ``GPTModel`` (local spec), wraps it in megatron's
 DistributedDataParallel, trains a few steps with ``get_forward_backward_func()`` and a
 megatron optimizer, and records what the test needs to judge it: losses, grad norms, which
 parameters changed, parameter fingerprints (to compare ranks that must agree), RNG draws.
-The test, not this script, decides pass/fail from ``OUT_DIR/rank<r>.json``. Starting
-torchrun costs ~10 s of imports on a 2-core machine, so one launch runs many scenarios.
-An exception writes a traceback to the rank's file and exits non-zero at once, which makes
-torchrun stop the other ranks instead of leaving them blocked in a collective.
+The test, not this script, decides pass/fail from ``OUT_DIR/rank<r>.json`` (tests/launch.py's
+protocol). Starting torchrun costs ~10 s of imports on a 2-core machine, so one launch runs many
+scenarios.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import sys
-import traceback
 import zlib
 from functools import partial
 
 import torch
 
+from launch import reporting, write_result
 from spannorm_megatron import process, runtime
 from spannorm_megatron.config import ParallelConfig
 
@@ -383,22 +380,12 @@ def run_scenario(name: str) -> dict:
 
 def main() -> None:
     out_dir, names = sys.argv[1], sys.argv[2:]
-    rank = int(os.environ.get("RANK", "0"))
     results: dict = {}
-    path = os.path.join(out_dir, f"rank{rank}.json")
-    try:
+    with reporting(out_dir):
         for name in names:
             results[name] = run_scenario(name)
         results["_cpu_runtime"] = process.is_cpu_runtime_enabled()
-    except BaseException:  # report, then take the whole job down
-        results["_error"] = traceback.format_exc()
-        with open(path, "w") as f:
-            json.dump(results, f)
-        sys.stderr.write(results["_error"])
-        sys.stderr.flush()
-        os._exit(1)
-    with open(path, "w") as f:
-        json.dump(results, f)
+    write_result(out_dir, results)
     runtime.destroy()
 
 

@@ -11,8 +11,7 @@ from contextlib import redirect_stderr, redirect_stdout
 
 from _tools import tool_module
 from _training import prepare_corpus
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from launch import ROOT
 
 
 def corpus_texts(jsonl, limit=None):

@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from launch import ROOT
 from _training import STRICT_DEVICES
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_benchmark_tiny_preset_writes_table_and_json(tmp_path):
@@ -33,17 +32,16 @@ def test_benchmark_tiny_preset_writes_table_and_json(tmp_path):
     assert data["environment"]["megatron_core"]
 
 
-def test_moe_benchmark_times_dispatchers_and_capacity_against_dense(tmp_path):
+def test_moe_benchmark_times_dispatchers_and_capacity_against_dense(torchrun, tmp_path):
     """Two expert-parallel ranks: every variant is timed in every round, and the dense baseline
     has the MoE models' active MLP FLOPs (top-k x the expert FFN)."""
     output = tmp_path / "moe.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(ROOT, "tools", "benchmark_moe.py"), "--num-layers", "2",
-         "--hidden-size", "64", "--moe-ffn-hidden-size", "64", "--vocab-size", "512",
-         "--seq-length", "64", "--variants", "alltoall", "allgather_capacity_padded",
-         "--warmup", "1", "--iters", "2", "--rounds", "2", "--output", str(output)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, **STRICT_DEVICES})
+    result = torchrun(
+        ROOT / "tools" / "benchmark_moe.py", "--num-layers", "2",
+        "--hidden-size", "64", "--moe-ffn-hidden-size", "64", "--vocab-size", "512",
+        "--seq-length", "64", "--variants", "alltoall", "allgather_capacity_padded",
+        "--warmup", "1", "--iters", "2", "--rounds", "2", "--output", output,
+        timeout=600, env=STRICT_DEVICES)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| allgather_capacity_padded | allgather | 1, padded |" in result.stdout
     data = json.loads(output.read_text())

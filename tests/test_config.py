@@ -7,11 +7,10 @@ import sys
 import pytest
 import torch
 
+from launch import ROOT
 from spannorm_megatron.config import ConfigError, ModelConfig
 from spannorm_megatron.placements import PLACEMENTS, get_placement
 from spannorm_megatron.training.arguments import model_config, parse_args
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_registry_rejects_unknown_placement_listing_known_ones():

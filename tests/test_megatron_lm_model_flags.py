@@ -17,14 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _training import RECIPE, logged_losses, run_train  # noqa: E402
+from _training import RECIPE, logged_losses, run_train
 
 from spannorm_megatron.config import ModelConfig  # noqa: E402
 from spannorm_megatron.errors import ConfigError  # noqa: E402
@@ -675,7 +672,8 @@ DEEPSEEK_V2_LITE_TINY = [
 
 
 def test_deepseek_v2_lite_recipe_trains_on_two_ranks_and_its_checkpoint_reads(megatron_world,
-                                                                                tmp_path):
+                                                                                tmp_path,
+                                                                                torchrun):
     """One 2-rank run: MLA (YaRN, latent norms) in MoE layers under TP2 + sequence parallelism
     on megatron-core's mock data, with the Llama-3 script's data and checkpoint flags. The loss
     falls; the TP2 checkpoint is read back into one process by the HF reader (the layout of
