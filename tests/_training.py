@@ -83,6 +83,23 @@ def run_train(*flags, nproc=2, timeout=600, env=None, nan_at: Optional[str] = No
     return launch.run(cmd, timeout=timeout, env=env)
 
 
+class StepHooks:
+    """A monitor for `training.loop.train_step` made of two callables: `before(optimizer)` runs
+    between the backward pass and the optimizer step (the gradients are there), `after()` right
+    after the step."""
+
+    def __init__(self, before=None, after=None):
+        self.before, self.after = before, after
+
+    def before_optimizer_step(self, optimizer):
+        if self.before is not None:
+            self.before(optimizer)
+
+    def after_optimizer_step(self):
+        if self.after is not None:
+            self.after()
+
+
 def train_in_process(*flags) -> subprocess.CompletedProcess:
     """`spannorm-train flags` as one rank of this process, without a new interpreter's ~10 s
     of imports: its exit status, stdout and stderr, as `run_train(..., nproc=1)` gives them. A
