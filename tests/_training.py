@@ -100,21 +100,29 @@ class StepHooks:
             self.after()
 
 
-def train_in_process(*flags) -> subprocess.CompletedProcess:
+def train_in_process(*flags, nan_at: Optional[str] = None) -> subprocess.CompletedProcess:
     """`spannorm-train flags` as one rank of this process, without a new interpreter's ~10 s
-    of imports: its exit status, stdout and stderr, as `run_train(..., nproc=1)` gives them. A
-    run tears its process groups down on the way out; the world of one that conftest.py's
-    `megatron_world` made is set up again afterwards for the tests that follow."""
+    of imports: its exit status, stdout and stderr, as `run_train(..., nproc=1)` gives them
+    (`nan_at` as there). A run tears its process groups down on the way out; the world of one
+    that conftest.py's `megatron_world` made is set up again afterwards for the tests that
+    follow. Its numbers come from this process's thread count: compare them with runs made the
+    same way, not with a launched process's."""
     from megatron.core import parallel_state
 
     from spannorm_megatron.runtime import initialize
     from spannorm_megatron.train import main
+    from spannorm_megatron.training.trainer import Trainer
 
+    trainer_class = Trainer
+    if nan_at is not None:
+        from _instrumented_train import instrumented_trainer
+
+        trainer_class = instrumented_trainer({int(i) for i in nan_at.split(",")})
     argv = [str(flag) for flag in flags]
     had_world = parallel_state.model_parallel_is_initialized()
     stdout, stderr = io.StringIO(), io.StringIO()
     with redirect_stdout(stdout), redirect_stderr(stderr):
-        status = main(argv)
+        status = main(argv, trainer_class=trainer_class)
     if had_world and not parallel_state.model_parallel_is_initialized():
         initialize(seed=1234)
     return subprocess.CompletedProcess(["spannorm-train", *argv], status, stdout.getvalue(),

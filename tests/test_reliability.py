@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import launch
-from _training import SMALL, run_train, train_command
+from _training import SMALL, run_train, train_command, train_in_process
 from spannorm_megatron.checkpoint.naming import TMP_INFIX as TMP
 from test_training import tensorboard_scalars
 
@@ -21,8 +21,9 @@ def base_flags(corpus_paths, tmp_path, iters):
             "--train-iters", str(iters)]
 
 
-def run(flags, env=None, timeout=600, nan_at=None):
-    return run_train(*flags, nproc=1, timeout=timeout, env=env, nan_at=nan_at)
+def run(flags, nan_at=None):
+    """One rank, in this process (no interpreter start-up)."""
+    return train_in_process(*flags, nan_at=nan_at)
 
 
 def test_nan_steps_are_skipped_counted_and_stop_the_run_when_consecutive(corpus, tmp_path):
@@ -92,7 +93,8 @@ def test_exit_duration_asks_every_rank_to_stop_once_the_minutes_are_up(megatron_
 def test_kill_9_at_a_random_moment_then_the_same_command_resumes_bitwise(corpus, tmp_path):
     iters = 24
     common = base_flags(corpus, tmp_path, iters) + ["--save-interval", "2"]
-    whole = run(common + ["--tensorboard-dir", str(tmp_path / "whole")])
+    # Launched processes all three: the resumed losses must equal the whole run's bit for bit.
+    whole = run_train(*common, "--tensorboard-dir", tmp_path / "whole", nproc=1)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     ckpt = tmp_path / "ckpt"
@@ -113,7 +115,7 @@ def test_kill_9_at_a_random_moment_then_the_same_command_resumes_bitwise(corpus,
 
     latest = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert latest >= 4 and (ckpt / f"iter_{latest:07d}" / "manifest.json").exists()
-    resumed = run(flags + ["--tensorboard-dir", str(tmp_path / "resumed")])
+    resumed = run_train(*flags, "--tensorboard-dir", tmp_path / "resumed", nproc=1)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = tensorboard_scalars(tmp_path / "whole")[0]["lm loss"]
     got = tensorboard_scalars(tmp_path / "resumed")[0]["lm loss"]
