@@ -5,9 +5,10 @@ Multi-rank behaviour is tested by launching `torchrun` (tests/launch.py) from th
 need it; they request the `torchrun` fixture, which marks them `torchrun`. Tests here only need
 megatron-core's parallel state to exist at size 1.
 
-Markers: `torchrun` (derived: the test or one of its fixtures launches ranks) and `slow` (set by
-hand from measured durations: one of a few seconds or more). `tools/run_tests.sh --fast` runs
-neither.
+Markers: `torchrun` (derived: the test or one of its fixtures launches ranks) and `slow` (from
+measured durations, `--durations=0`: a test of about two seconds or more, marked where it is
+written, or every test of a fixture that costs that much, derived from the fixture requesting
+`slow`). `tools/run_tests.sh --fast` runs neither.
 """
 
 import os
@@ -81,10 +82,16 @@ def torchrun():
     return launch.torchrun
 
 
+@pytest.fixture(scope="session")
+def slow():
+    """Requested by a fixture that takes seconds to make: every test using it is marked `slow`."""
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if "torchrun" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.torchrun)
+        for name in ("torchrun", "slow"):
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(getattr(pytest.mark, name))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -11,6 +11,7 @@ from launch import ROOT
 from _training import STRICT_DEVICES
 
 
+@pytest.mark.slow
 def test_benchmark_tiny_preset_writes_table_and_json(tmp_path):
     output = tmp_path / "bench.json"
     result = subprocess.run(
@@ -58,6 +59,7 @@ def test_moe_benchmark_times_dispatchers_and_capacity_against_dense(torchrun, tm
     assert rows["alltoall"]["parameters"] > rows["dense"]["parameters"]
 
 
+@pytest.mark.slow
 def test_benchmark_refuses_fp8_without_transformer_engine():
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--precisions", "fp8"],
@@ -66,6 +68,7 @@ def test_benchmark_refuses_fp8_without_transformer_engine():
     assert "fp8 needs Transformer Engine" in result.stderr
 
 
+@pytest.mark.slow
 def test_conversion_benchmark_small_size_writes_table_and_json(tmp_path):
     output = tmp_path / "conversion.json"
     work = tmp_path / "work"
@@ -83,6 +86,7 @@ def test_conversion_benchmark_small_size_writes_table_and_json(tmp_path):
     assert not (work / "small").exists()  # checkpoints and folders are removed without --keep
 
 
+@pytest.mark.slow
 def test_benchmark_frees_each_model_before_the_next(megatron_world):
     """The model, its optimizer and their reference cycle (the config's hooks point back at
     them) are gone after `close`, so the next placement is built in free memory."""

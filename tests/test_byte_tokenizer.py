@@ -43,6 +43,7 @@ def test_byte_tokenizer_argument_errors(tmp_path):
         build_tokenizer("GPT2BPETokenizer", None)
 
 
+@pytest.mark.slow
 def test_preprocess_bytes_and_vocabulary_mismatch(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")

@@ -83,6 +83,7 @@ def _tree(directory):
 
 # ------------------------------------------------------------------------------ layout, round trip
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", [LOCAL, DISTOPT], ids=["local_optimizer", "distributed"])
 def test_save_then_load_restores_everything(megatron_world, tmp_path, parallel):
     config = H.model_config(dropout=True)
@@ -128,6 +129,7 @@ def test_save_then_load_restores_everything(megatron_world, tmp_path, parallel):
     assert torch.equal(torch.get_rng_state(), expected_rng)
 
 
+@pytest.mark.slow
 def test_resume_in_fresh_process_is_bitwise_identical(megatron_world, tmp_path):
     """2N steps in one go == N steps, save, load in a new process, N steps: losses, learning
     rates and every weight and optimizer tensor, bit for bit (dropout on, LR warmup + cosine),
@@ -220,6 +222,7 @@ def test_layout_checkpoint_resumes_in_one_process(layouts, layout):
 
 # ------------------------------------------------------------------------------ crash safety
 
+@pytest.mark.slow
 def test_exception_mid_save_keeps_previous_checkpoint(megatron_world, tmp_path, monkeypatch):
     config = H.model_config()
     chunks, optimizer, scheduler = _fresh(config)
@@ -251,6 +254,7 @@ def test_exception_mid_save_keeps_previous_checkpoint(megatron_world, tmp_path, 
     assert find_latest(str(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_resaving_an_iteration_replaces_it(megatron_world, tmp_path):
     config = H.model_config()
     chunks, optimizer, scheduler = _fresh(config)
@@ -263,6 +267,7 @@ def test_resaving_an_iteration_replaces_it(megatron_world, tmp_path):
     _assert_same_tensors(H.sharded_tensors(fresh[0]), H.sharded_tensors(chunks))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["after_shards", "between_renames"])
 def test_killed_mid_save_keeps_previous_checkpoint(megatron_world, tmp_path, mode):
     result = _run(["crash", str(tmp_path), mode])
@@ -403,6 +408,7 @@ def test_optimizer_kind_change_is_refused_but_weights_load(ckpt):
     assert info["iteration"] == 0 and info["consumed_train_samples"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", [LOCAL, DISTOPT], ids=["local_optimizer", "distributed"])
 def test_non_strict_load_keeps_what_the_checkpoint_lacks(megatron_world, tmp_path, parallel):
     """A SpanNorm checkpoint without the first layer's input norm (N0), loaded into a model with
@@ -438,6 +444,7 @@ def test_non_strict_load_keeps_what_the_checkpoint_lacks(megatron_world, tmp_pat
     H.train(chunks, optimizer, scheduler, 2 * H.GLOBAL_BATCH, 1)  # and training goes on
 
 
+@pytest.mark.slow
 def test_save_before_the_first_step(megatron_world, tmp_path):
     """Iteration 0 (a never-stepped distributed optimizer has no state yet) saves and loads."""
     config = H.model_config()
@@ -599,6 +606,7 @@ def _expert_bias_config(**overrides):
     return H.model_config(**values)
 
 
+@pytest.mark.slow
 def test_expert_bias_is_saved_recorded_and_resumed_bitwise(megatron_world, tmp_path):
     """N steps, save, N more == load into a fresh model, N steps: every tensor bit for bit,
     the aux-loss-free expert bias (a buffer megatron-core updates outside the optimizer)

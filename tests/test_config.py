@@ -56,6 +56,7 @@ def test_bad_config_names_field_and_fix(values, field, fix):
     assert fix in str(error.value)
 
 
+@pytest.mark.slow
 def test_bad_config_fails_before_any_process_group_work():
     """A fresh interpreter: the error comes from the config alone, with no distributed setup."""
     code = (
@@ -125,6 +126,7 @@ def test_layouts_that_fit_pass():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags,expected",
     [

@@ -43,7 +43,7 @@ def _run_tool(name, *argv):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, slow):
     """A 2-layer spannorm model trained 15 steps (checkpoint + HF export) and a held-out text:
     a stdlib module's source (not in the training slice) with some multi-byte characters."""
     root = tmp_path_factory.mktemp("evaluate")
@@ -148,6 +148,7 @@ def test_max_bytes_evaluates_a_prefix_cut_at_a_line(trained, tmp_path):
                           "seconds": results[0]["seconds"]}
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_clear_error(trained, tmp_path):
     _root, ckpt, _hf, text, _tok = trained
     empty = tmp_path / "empty.txt"

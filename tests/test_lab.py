@@ -116,6 +116,7 @@ def test_summary_row_of_a_known_result():
 
 
 # ---------------------------------------------------------------- the tool's CLI
+@pytest.mark.slow
 def test_cli_writes_csv_json_and_png(tmp_path):
     out = tmp_path / "sigprop"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "signal_propagation.py"),
@@ -267,6 +268,7 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_depth_sweep_script_and_report_on_a_tiny_real_run(tiny_data, tmp_path):
     sweep = tmp_path / "sweep"
     env = {"VENV": os.path.dirname(os.path.dirname(sys.executable)), "SWEEP_DIR": str(sweep),

@@ -420,6 +420,7 @@ def _datasets(tokenizer, **fields):
     return config, build_gpt_datasets(config, tokenizer, [8, 4, 4])
 
 
+@pytest.mark.slow
 def test_mock_data_is_megatron_cores_mock_dataset(seeded):
     """--mock-data: megatron-core's MockGPTDataset from the tokenizer's vocabulary and end of
     document token, no files; the same samples as megatron-core builds from its own config."""
@@ -451,6 +452,7 @@ def test_mock_data_is_megatron_cores_mock_dataset(seeded):
     assert tokenizer.eod in tokens or all(b - a == 1 for a, b in zip(tokens, tokens[1:]))
 
 
+@pytest.mark.slow
 def test_attention_mask_in_dataloader_reaches_the_model_with_the_same_numbers(seeded):
     """Megatron-LM's default: every sample carries its causal mask, forward_step hands it to the
     model; --no-create-attention-mask-in-dataloader drops it and the attention makes the same

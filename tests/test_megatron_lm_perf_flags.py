@@ -199,6 +199,7 @@ def test_what_cannot_act_here_is_refused_before_anything_starts(corpus, tmp_path
 
 
 # ---------------------------------------------------------------------------- hooks
+@pytest.mark.slow
 def test_manual_gc_collects_where_megatron_lm_does(tmp_path):
     """--manual-gc: the automatic collector is off from the start; full collections at the
     start, every --manual-gc-interval steps and before evaluations, the youngest generation
@@ -376,6 +377,7 @@ def test_fp16_run_scales_the_loss_profiles_and_resumes(corpus, tmp_path, torchru
     assert found["collections"] == [2, 2, 2, 0, 2, 2, 0], found["collections"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not WANDB, reason="the wandb package is not installed (its refusal is "
                     "tested instead)")
 def test_wandb_gets_what_tensorboard_gets(corpus, tmp_path):

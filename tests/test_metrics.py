@@ -213,7 +213,7 @@ class ReferenceRun:
 
 
 @pytest.fixture(scope="module")
-def reference_runs(megatron_world, tmp_path_factory):
+def reference_runs(megatron_world, tmp_path_factory, slow):
     """Each model in one process: one unmeasured step, then one measured step."""
     root = tmp_path_factory.mktemp("metrics")
     runs = {}
@@ -578,6 +578,7 @@ GATED_CASES = {
 }
 
 
+@pytest.mark.slow
 def test_each_megatron_lm_tag_is_written_under_its_flag_on_its_schedule(megatron_world,
                                                                         tmp_path):
     """RunMonitor on a real MoE model and optimizer, two training steps: with Megatron-LM's

@@ -20,7 +20,7 @@ CPU_RUNTIME = NAMES[5:12]
 
 
 @pytest.fixture(scope="module")
-def report():
+def report(slow):
     return run_single("_patches_single.py")
 
 

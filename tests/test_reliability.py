@@ -8,6 +8,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 import launch
 from _training import SMALL, run_train, train_command, train_in_process
 from spannorm_megatron.checkpoint.naming import TMP_INFIX as TMP
@@ -26,6 +28,7 @@ def run(flags, nan_at=None):
     return train_in_process(*flags, nan_at=nan_at)
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_counted_and_stop_the_run_when_consecutive(corpus, tmp_path):
     flags = base_flags(corpus, tmp_path, 10) + ["--max-skipped-iterations", "2"]
     clean = run(flags + ["--tensorboard-dir", str(tmp_path / "clean")])
@@ -52,6 +55,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_when_consecutive(corpus,
     assert "Traceback" not in stopped.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(corpus, tmp_path):
     ckpt = tmp_path / "ckpt"
     flags = base_flags(corpus, tmp_path, 100000) + ["--save", str(ckpt)]
@@ -90,6 +94,7 @@ def test_exit_duration_asks_every_rank_to_stop_once_the_minutes_are_up(megatron_
         unlimited.close()
 
 
+@pytest.mark.slow
 def test_kill_9_at_a_random_moment_then_the_same_command_resumes_bitwise(corpus, tmp_path):
     iters = 24
     common = base_flags(corpus, tmp_path, iters) + ["--save-interval", "2"]
@@ -123,6 +128,7 @@ def test_kill_9_at_a_random_moment_then_the_same_command_resumes_bitwise(corpus,
     assert all(got[step] == expected[step] for step in got)
 
 
+@pytest.mark.slow
 def test_same_seed_and_layout_give_bitwise_identical_losses(corpus, tmp_path):
     flags = base_flags(corpus, tmp_path, 6)
     for name in ("a", "b"):
@@ -133,6 +139,7 @@ def test_same_seed_and_layout_give_bitwise_identical_losses(corpus, tmp_path):
     assert len(a) == 6 and a == b
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_is_named_and_fallback_only_when_asked(corpus, tmp_path):
     ckpt = tmp_path / "ckpt"
     common = base_flags(corpus, tmp_path, 4) + ["--save-interval", "2", "--lr-decay-iters", "6"]
@@ -264,6 +271,7 @@ def test_kill_9_of_both_ranks_during_a_save_leaves_no_process_and_no_debris(corp
     assert not [p.name for p in ckpt.iterdir() if TMP in p.name]
 
 
+@pytest.mark.slow
 def test_a_save_without_room_keeps_the_last_good_checkpoint_and_says_so(corpus, tmp_path):
     """A file-size limit stands in for a full disk (both are refused writes, EFBIG / ENOSPC):
     the save fails at once with one message, and the checkpoint before it stays loadable."""

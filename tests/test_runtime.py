@@ -62,7 +62,7 @@ def run_single(script: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def single():
+def single(slow):
     return run_single("_runtime_single.py")
 
 

@@ -82,6 +82,7 @@ PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_strict_mode_refuses_what_a_gpu_refuses_and_allows_what_it_allows():
     result = launch.python("-c", PROBE, timeout=300, env=STRICT)
     assert result.returncode == 0, result.stderr[-3000:]

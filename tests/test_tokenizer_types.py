@@ -182,6 +182,7 @@ def test_bad_tokenizer_flags_are_refused(files, flags, message):
 
 
 # ------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["GPT2BPETokenizer", "HuggingFaceTokenizer", "Llama2Tokenizer",
                                   "NullTokenizer"])
 def test_preprocess_train_evaluate_generate_export(files, kind, tmp_path):

@@ -367,6 +367,7 @@ print("STATE", torch.distributed.is_initialized(), signal.getsignal(signal.SIGTE
 """
 
 
+@pytest.mark.slow
 def test_trainer_tears_down_after_an_error(corpus):
     """An exception inside `with Trainer(...)` still destroys the process groups and gives
     SIGTERM its previous handler back."""
@@ -398,6 +399,7 @@ def test_fresh_run_refuses_a_save_directory_with_checkpoints(corpus, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_resume_with_another_schedule_is_refused_unless_told_which_to_keep(corpus, tmp_path):
     """Megatron-LM's rule: a schedule that disagrees with the checkpoint's is refused; megatron-
     core alone would keep the checkpoint's and, with a longer --train-iters, train at lr 0."""
@@ -455,6 +457,7 @@ def test_the_same_seed_gives_the_same_model_on_every_layout(corpus, moe, torchru
     assert all(abs(loss - reference) < 5e-6 for loss in first.values()), first
 
 
+@pytest.mark.slow
 def test_resume_with_another_tokenizer_of_the_same_size_is_refused(corpus, tmp_path):
     """The run record keeps the tokenizer's checksum; ids of another tokenizer would load
     without a word and mean other text."""
