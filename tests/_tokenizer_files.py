@@ -6,12 +6,10 @@ from __future__ import annotations
 import inspect
 import io
 import json
-import os
 from contextlib import redirect_stderr, redirect_stdout
 
 from _tools import tool_module
 from _training import prepare_corpus
-from launch import ROOT
 
 
 def corpus_texts(jsonl, limit=None):

@@ -109,7 +109,7 @@ def train_in_process(*flags, nan_at: Optional[str] = None) -> subprocess.Complet
     same way, not with a launched process's."""
     from megatron.core import parallel_state
 
-    from spannorm_megatron.runtime import initialize
+    from spannorm_megatron.process import initialize
     from spannorm_megatron.train import main
     from spannorm_megatron.training.trainer import Trainer
 
