@@ -7,7 +7,7 @@ tests/_checkpoint_worker.py in fresh processes (one rank, or two under torchrun)
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from megatron.core import parallel_state
@@ -15,11 +15,10 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedBase
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spannorm_megatron.checkpoint import state as ckpt_state
 from spannorm_megatron.config import ModelConfig, ParallelConfig
-from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
+from spannorm_megatron.training.loop import train_step
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 
 SEQ = 16
@@ -45,14 +44,16 @@ def model_config(dropout: bool = False, placement: str = "spannorm", moe: bool =
 
 
 def build(config: ModelConfig, parallel: ParallelConfig):
-    """(model chunks, optimizer, scheduler) for the current megatron-core layout."""
+    """(model chunks, optimizer, scheduler) for the current megatron-core layout. The schedule
+    counts samples, as Megatron-LM's does (the training step advances it by a global batch):
+    2 steps of warm-up, cosine and weight-decay ramps over TOTAL_STEPS."""
     chunks, optimizer = setup_model_and_optimizer(
         config, parallel, OptimizerConfig(optimizer="adam", lr=1e-2, min_lr=1e-3,
                                           weight_decay=0.01, clip_grad=1.0))
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=1e-2, min_lr=1e-3, lr_warmup_steps=2,
-        lr_decay_steps=TOTAL_STEPS, lr_decay_style="cosine", start_wd=0.01, end_wd=0.05,
-        wd_incr_steps=TOTAL_STEPS, wd_incr_style="linear",
+        optimizer, init_lr=0.0, max_lr=1e-2, min_lr=1e-3, lr_warmup_steps=2 * GLOBAL_BATCH,
+        lr_decay_steps=TOTAL_STEPS * GLOBAL_BATCH, lr_decay_style="cosine", start_wd=0.01,
+        end_wd=0.05, wd_incr_steps=TOTAL_STEPS * GLOBAL_BATCH, wd_incr_style="linear",
     )
     return chunks, optimizer, scheduler
 
@@ -78,36 +79,17 @@ def _micro_batches(tokens: torch.Tensor) -> List[dict]:
 
 
 def train(chunks, optimizer, scheduler, consumed_samples: int, steps: int) -> Dict[str, list]:
-    """`steps` optimizer steps from position `consumed_samples`; losses (None off the last
-    pipeline stage, shared to all ranks) and the learning rate used at each step."""
-    forward_backward = get_forward_backward_func()
+    """`steps` training steps (training.loop.train_step) from position `consumed_samples`;
+    the losses (the last pipeline stage's, on every rank) and the learning rate of each step."""
     losses, lrs = [], []
     for _ in range(steps):
         batches = _micro_batches(global_batch(consumed_samples))
-        for chunk in chunks:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        reduced = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=[iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches),
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(batches), seq_length=SEQ, micro_batch_size=MICRO_BATCH,
-        )
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step(increment=1)
-        losses.append(_share_loss(reduce_lm_loss(reduced)))
+        result = train_step(chunks, optimizer, scheduler, iter(batches), len(batches), SEQ,
+                            MICRO_BATCH, GLOBAL_BATCH)
+        losses.append(result.loss)
+        lrs.append(result.learning_rate)
         consumed_samples += GLOBAL_BATCH
     return {"losses": losses, "lrs": lrs, "consumed_samples": consumed_samples}
-
-
-def _share_loss(loss: Optional[float]) -> float:
-    """The last pipeline stage's loss on every rank."""
-    if torch.distributed.get_world_size() == 1:
-        return loss
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, loss)
-    return next(x for x in gathered if x is not None)
 
 
 def sharded_tensors(chunks, optimizer=None) -> Dict[str, torch.Tensor]:

@@ -3,14 +3,14 @@
     torchrun --standalone --nproc_per_node 2 tests/_checkpoint_worker.py layouts ROOT
         For every 2-rank layout in LAYOUTS: load ROOT/<source> (saved by the test in one
         process), train RESUME_STEPS steps, save ROOT/out/<layout>, train AFTER_STEPS more;
-        write ROOT/out/<layout>.rank<r>.json with the losses.
+        write ROOT/out/<layout>/rank<r>.json with the losses (tests/launch.py's protocol).
     python tests/_checkpoint_worker.py resume OUT.pt STEPS THREADS local=CKPT distributed=CKPT
         One process: for each checkpoint (dropout model; local or distributed optimizer), load
         it, train STEPS steps; torch.save losses, learning rates and every tensor to OUT.pt.
     torchrun --standalone --nproc_per_node 2 tests/_checkpoint_worker.py ep_rng ROOT
         EP2 x DP2 MoE with dropout: N steps, save (RNG sharded per rank, as Megatron-LM does
         under EP), N more; then a fresh model under other seeds loads it and trains N steps.
-        Writes ROOT/ep_rng.rank<r>.json: both runs' losses and learning rates, whether every
+        Writes ROOT/ep_rng/rank<r>.json: both runs' losses and learning rates, whether every
         tensor and this rank's RNG state came back bit for bit, and its expert RNG stream.
     python tests/_checkpoint_worker.py crash SAVE_DIR MODE
         One process (its own process group): save iteration 1, train, then the group dies by
@@ -19,21 +19,18 @@
         1 again, after the old copy was moved aside and before the new one is renamed in).
 """
 
-import json
 import os
 import signal
 import sys
-import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _checkpoint as H
+import torch
 
-import _checkpoint as H  # noqa: E402
-import torch  # noqa: E402
-
-from spannorm_megatron.checkpoint import load_checkpoint, manifest, save_checkpoint  # noqa: E402
-from spannorm_megatron.config import ParallelConfig  # noqa: E402
-from spannorm_megatron.runtime import destroy  # noqa: E402
+from launch import reporting, write_result
+from spannorm_megatron.checkpoint import load_checkpoint, manifest, save_checkpoint
+from spannorm_megatron.config import ParallelConfig
 from spannorm_megatron.process import initialize
+from spannorm_megatron.runtime import destroy
 
 RESUME_STEPS = 3
 AFTER_STEPS = 2
@@ -59,11 +56,9 @@ def config_for(source: str):
 
 
 def layouts(root: str) -> None:
-    rank = int(os.environ["RANK"])
     out = os.path.join(root, "out")
-    os.makedirs(out, exist_ok=True)
     for name, (parallel, source) in LAYOUTS.items():
-        try:
+        with reporting(os.path.join(out, name)):
             initialize(parallel, seed=4321)
             config = config_for(source)
             chunks, optimizer, scheduler = H.build(config, parallel)
@@ -80,13 +75,7 @@ def layouts(root: str) -> None:
                             AFTER_STEPS)
             record = {"loaded": {k: v for k, v in info.items() if k != "run_record"},
                       "resumed": resumed, "after": after}
-        except Exception:
-            # Fail loudly and at once: torchrun then stops the ranks waiting in collectives.
-            with open(os.path.join(out, f"{name}.rank{rank}.error"), "w") as f:
-                f.write(traceback.format_exc())
-            raise
-        with open(os.path.join(out, f"{name}.rank{rank}.json"), "w") as f:
-            json.dump(record, f)
+        write_result(os.path.join(out, name), record)
     destroy()
 
 
@@ -138,11 +127,11 @@ def _live_rng_state() -> dict:
 def ep_rng(root: str) -> None:
     from spannorm_megatron.checkpoint import read_run_record, rng
 
-    n, rank = 2, int(os.environ["RANK"])
+    n = 2
     parallel = ParallelConfig(expert_model_parallel_size=2, use_distributed_optimizer=True)
     config = H.model_config(dropout=True, moe=True)
     checkpoint = os.path.join(root, "ckpt")
-    try:
+    with reporting(os.path.join(root, "ep_rng")):
         initialize(parallel, seed=1234)
         chunks, optimizer, scheduler = H.build(config, parallel)
         H.train(chunks, optimizer, scheduler, 0, n)
@@ -171,12 +160,7 @@ def ep_rng(root: str) -> None:
             "tensors_equal": tensors.keys() == expected_tensors.keys() and all(
                 torch.equal(tensors[k], expected_tensors[k]) for k in tensors),
         }
-    except Exception:
-        with open(os.path.join(root, f"ep_rng.rank{rank}.error"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    with open(os.path.join(root, f"ep_rng.rank{rank}.json"), "w") as f:
-        json.dump(record, f)
+    write_result(os.path.join(root, "ep_rng"), record)
     destroy()
 
 

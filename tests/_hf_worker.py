@@ -13,11 +13,9 @@ A failure writes ROOT/out/rank<r>.error (the traceback) and exits non-zero at on
 
 import os
 import sys
-import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _hf  # noqa: E402
+import _hf
+from launch import reporting
 
 
 def main(root: str) -> None:
@@ -53,11 +51,5 @@ def main(root: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with reporting(os.path.join(sys.argv[1], "out")):
         main(sys.argv[1])
-    except Exception:
-        out = os.path.join(sys.argv[1], "out")
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.error"), "w") as f:
-            f.write(traceback.format_exc())
-        raise

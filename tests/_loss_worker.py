@@ -6,25 +6,21 @@ Data parallel 2, two micro-batches per rank, loss masks of four different sizes.
 default and for --calculate-per-token-loss, one training step through the training loop's
 `train_step`, and an independent plain-PyTorch computation on a second copy of the same model
 over all four micro-batches (both ranks' data): the token-weighted mean loss, the mean of the
-micro-batch means, and the gradients of each. Writes OUT_DIR/rank<r>.json.
+micro-batch means, and the gradients of each. Writes OUT_DIR/rank<r>.json (tests/launch.py).
 """
 
-import json
-import os
 import sys
 
 import torch
+from megatron.core.optimizer import OptimizerConfig
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from megatron.core.optimizer import OptimizerConfig  # noqa: E402
-
-from spannorm_megatron.config import ModelConfig, ParallelConfig  # noqa: E402
-from spannorm_megatron.model import build_model, transformer_config  # noqa: E402
-from spannorm_megatron.runtime import current_device, destroy, set_seed  # noqa: E402
+from launch import rank, reporting, write_result
+from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.model import build_model, transformer_config
 from spannorm_megatron.process import initialize
-from spannorm_megatron.training.loop import train_step  # noqa: E402
-from spannorm_megatron.training.setup import setup_model_and_optimizer  # noqa: E402
+from spannorm_megatron.runtime import current_device, destroy, set_seed
+from spannorm_megatron.training.loop import train_step
+from spannorm_megatron.training.setup import setup_model_and_optimizer
 
 SEQ, MICRO, VOCAB = 16, 2, 64
 KEPT = [16, 3, 9, 1]  # loss-mask tokens kept per sample row, one entry per micro-batch
@@ -76,7 +72,6 @@ def independent(model, batches):
 
 
 def main(out_dir: str) -> None:
-    rank = int(os.environ["RANK"])
     initialize(seed=1234)
     config = ModelConfig.recommended(norm_placement="spannorm", num_layers=2, hidden_size=32,
                          num_attention_heads=2, vocab_size=VOCAB, max_sequence_length=SEQ)
@@ -91,7 +86,7 @@ def main(out_dir: str) -> None:
             config, ParallelConfig(),
             OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1e9, weight_decay=0.0),
             calculate_per_token_loss=per_token)
-        mine = iter(batches[2 * rank:2 * rank + 2])
+        mine = iter(batches[2 * rank():2 * rank() + 2])
         result = train_step(model, optimizer, None, mine, num_microbatches=2, seq_length=SEQ,
                             micro_batch_size=MICRO, global_batch_size=2 * MICRO * 2)
         grads = {n.removeprefix("module."): p.main_grad for n, p in model[0].named_parameters()}
@@ -103,10 +98,10 @@ def main(out_dir: str) -> None:
                           for n, g in wanted.items())
                 for name, (_, wanted) in expected.items()},
         }
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(record, f)
+    write_result(out_dir, record)
     destroy()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    with reporting(sys.argv[1]):
+        main(sys.argv[1])

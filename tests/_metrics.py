@@ -15,12 +15,12 @@ from typing import Dict, List
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.optimizer import OptimizerConfig
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from _training import StepHooks
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.metrics import MoEMetrics, StabilitySignals
 from spannorm_megatron.metrics.params_norm import params_l2_norm
-from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
+from spannorm_megatron.training.loop import train_step
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 
 SEQ = 16
@@ -106,35 +106,34 @@ def load_initial(chunks, optimizer, directory: str) -> None:
 
 def measured_step(chunks, optimizer, batches: List[dict], *, measure: bool = True,
                   before_optimizer_step=None) -> Dict:
-    """One training step with the stability signals and MoE metrics measured (or not).
+    """One training step (training.loop.train_step) with the stability signals and MoE metrics
+    measured (or not).
 
     `before_optimizer_step()`, if given, runs between backward and the optimizer step (the
     optimizer clips `main_grad` in place, so a test reads the gradients there)."""
     signals = StabilitySignals(chunks)
     moe = MoEMetrics(chunks)
-    for chunk in chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
     moe.start_step(measure=measure)
     if measure:
         signals.start_step()
-    losses_reduced = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=[iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches),
-        model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(batches), seq_length=SEQ, micro_batch_size=MICRO_BATCH,
-    )
-    hooks_were_on = signals.enabled
-    if before_optimizer_step is not None:
-        before_optimizer_step()
+    record = {}
+
+    def before(optimizer):
+        record["hooks_were_on"] = signals.enabled
+        if before_optimizer_step is not None:
+            before_optimizer_step()
+        if measure:
+            signals.before_optimizer_step(optimizer)
+
+    def after():
+        if measure:
+            record["params_norm"] = params_l2_norm(chunks)
+            signals.after_optimizer_step()
+
+    result = train_step(chunks, optimizer, None, iter(batches), len(batches), SEQ, MICRO_BATCH,
+                        GLOBAL_BATCH, monitor=StepHooks(before, after))
+    record.update(loss=result.loss, grad_norm=result.grad_norm, num_zeros=result.num_zeros)
     if measure:
-        signals.before_optimizer_step(optimizer)
-    _, grad_norm, num_zeros = optimizer.step()
-    record = {"loss": reduce_lm_loss(losses_reduced), "grad_norm": grad_norm,
-              "num_zeros": num_zeros, "hooks_were_on": hooks_were_on}
-    if measure:
-        record["params_norm"] = params_l2_norm(chunks)
-        signals.after_optimizer_step()
         record["signals"] = signals.collect()
         record["parts"] = signals.parts
         record["moe"] = moe.collect(num_microbatches=len(batches))

@@ -8,17 +8,14 @@ directory OUT_DIR/<layout>/<combo>/tb, and write this rank's record to
 OUT_DIR/<layout>/<combo>/rank<r>.json. The test compares the records with one process.
 """
 
-import json
 import os
 import sys
-import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _metrics  # noqa: E402
-from spannorm_megatron.metrics import TensorBoardWriter, is_writer_rank  # noqa: E402
-from spannorm_megatron.runtime import destroy  # noqa: E402
+import _metrics
+from launch import reporting, write_result
+from spannorm_megatron.metrics import TensorBoardWriter, is_writer_rank
 from spannorm_megatron.process import initialize
+from spannorm_megatron.runtime import destroy
 
 
 def run_one(layout, combo, ref_dir, where):
@@ -40,22 +37,15 @@ def run_one(layout, combo, ref_dir, where):
 
 
 def main(ref_dir: str, out_dir: str) -> None:
-    rank = int(os.environ["RANK"])
     for layout_name, (layout, combos) in _metrics.LAYOUTS.items():
         # Re-initializing replaces megatron-core's groups and keeps the default group.
         initialize(layout, seed=1234)
         for combo in combos:
             where = os.path.join(out_dir, layout_name, combo)
             os.makedirs(where, exist_ok=True)
-            try:
+            with reporting(where):
                 record = run_one(layout, combo, ref_dir, where)
-            except Exception:
-                # Fail loudly and at once: torchrun then stops the ranks waiting in collectives.
-                with open(os.path.join(where, f"rank{rank}.error"), "w") as f:
-                    f.write(traceback.format_exc())
-                raise
-            with open(os.path.join(where, f"rank{rank}.json"), "w") as f:
-                json.dump(_metrics.to_json(record), f)
+            write_result(where, _metrics.to_json(record))
     destroy()
 
 

@@ -12,15 +12,14 @@ so the test compares each flag against the same layout without it. The test runs
 device mode (runtime/strict_devices.py), so the GPU path's device rules hold too.
 """
 
-import json
 import os
 import sys
-import traceback
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
+from launch import reporting, write_result
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.runtime import current_device, destroy
 from spannorm_megatron.process import initialize
@@ -119,19 +118,11 @@ def run(parallel: ParallelConfig, overrides: dict) -> dict:
 
 
 def main(out_dir: str) -> None:
-    rank = int(os.environ["RANK"])
     for name, (parallel, overrides) in CASES.items():
         where = os.path.join(out_dir, name)
-        os.makedirs(where, exist_ok=True)
-        try:
+        with reporting(where):
             record = run(parallel, overrides)
-        except Exception:
-            # Fail at once and say where: torchrun then stops the ranks waiting in collectives.
-            with open(os.path.join(where, f"rank{rank}.error"), "w") as f:
-                f.write(traceback.format_exc())
-            raise
-        with open(os.path.join(where, f"rank{rank}.json"), "w") as f:
-            json.dump(record, f)
+        write_result(where, record)
     destroy()
 
 

@@ -17,13 +17,13 @@ from typing import Dict, List, Optional
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.optimizer import OptimizerConfig
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe import moe_utils
 
+from _training import StepHooks
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.metrics.moe import MoEMetrics, reduce_router_losses
 from spannorm_megatron.placements import PLACEMENTS
-from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
+from spannorm_megatron.training.loop import train_step
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 
 SEQ = 16
@@ -224,41 +224,35 @@ def run(placement: str, moe: bool, parallel: ParallelConfig, init_dir: str, fina
     optimizer.reload_model_params()
 
     batches = _micro_batches(global_batch())
-    forward_backward = get_forward_backward_func()
     # The tracker is process-global and only zeroes its entries: a model run earlier in this
     # process (another test module, another recipe) would leave its loss names behind.
     moe_utils.get_moe_layer_wise_logging_tracker().clear()
     counter = _RouterCounter(chunks, config.num_layers, config.num_experts) if moe else None
+    def first_step_gradients(optimizer):
+        """Step 0, between backward and the update: the norm gains' gradients, the routing."""
+        if not parallel.use_distributed_optimizer:  # its grads are sharded after reduce
+            record["norm_grads"] = {
+                global_name(chunk, n): p.main_grad.tolist()
+                for chunk in chunks for n, p in chunk.module.named_parameters() if "norm" in n
+            }
+        if moe:
+            record["tokens_per_expert"] = counter.total()
+            # spannorm_megatron.metrics' reduction (the one TensorBoard logs): z-loss
+            # averaged over TP x DP, stages without MoE layers joining with zeros.
+            reduce_router_losses(chunks[0].module.config)
+            # Every loss the routers log: load_balancing_loss, seq_load_balancing_loss,
+            # z_loss (megatron-core's names), per layer.
+            record["router_losses_per_layer"] = {
+                name: (entry["values"] / len(batches)).tolist()
+                for name, entry in moe_utils.get_moe_layer_wise_logging_tracker().items()}
+
     losses, grad_norms = [], []
     for step in range(STEPS):
-        for chunk in chunks:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        losses_reduced = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=[iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches),
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(batches), seq_length=SEQ, micro_batch_size=MICRO_BATCH,
-        )
-        if step == 0:
-            if not parallel.use_distributed_optimizer:  # its grads are sharded after reduce
-                record["norm_grads"] = {
-                    global_name(chunk, n): p.main_grad.tolist()
-                    for chunk in chunks for n, p in chunk.module.named_parameters() if "norm" in n
-                }
-            if moe:
-                record["tokens_per_expert"] = counter.total()
-                # spannorm_megatron.metrics' reduction (the one TensorBoard logs): z-loss
-                # averaged over TP x DP, stages without MoE layers joining with zeros.
-                reduce_router_losses(chunks[0].module.config)
-                # Every loss the routers log: load_balancing_loss, seq_load_balancing_loss,
-                # z_loss (megatron-core's names), per layer.
-                record["router_losses_per_layer"] = {
-                    name: (entry["values"] / len(batches)).tolist()
-                    for name, entry in moe_utils.get_moe_layer_wise_logging_tracker().items()}
-        _, grad_norm, _ = optimizer.step()
-        losses.append(reduce_lm_loss(losses_reduced))
-        grad_norms.append(grad_norm)
+        result = train_step(chunks, optimizer, None, iter(batches), len(batches), SEQ,
+                            MICRO_BATCH, GLOBAL_BATCH,
+                            monitor=StepHooks(first_step_gradients if step == 0 else None))
+        losses.append(result.loss)
+        grad_norms.append(result.grad_norm)
         if config.moe_router_enable_expert_bias:
             record.setdefault("expert_bias", []).append(_expert_biases(chunks))
     record.update(losses=losses, grad_norms=grad_norms)

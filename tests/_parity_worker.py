@@ -7,16 +7,13 @@ recipe layout in _parity.RECIPE_LAYOUTS with its model: set up the layout, load 
 this rank's record to OUT_DIR/<layout>/<combo>/rank<r>.json. The test judges the records.
 """
 
-import json
 import os
 import sys
-import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _parity  # noqa: E402
-from spannorm_megatron.runtime import destroy  # noqa: E402
+import _parity
+from launch import reporting, write_result
 from spannorm_megatron.process import initialize
+from spannorm_megatron.runtime import destroy
 
 
 def _cases():
@@ -29,23 +26,16 @@ def _cases():
 
 
 def main(ref_dir: str, out_dir: str) -> None:
-    rank = int(os.environ["RANK"])
     for layout_name, layout, combos in _cases():
         initialize(layout, seed=1234)
         for combo in combos:
             placement, moe, overrides = _parity.model_of(combo)
             where = os.path.join(out_dir, layout_name, combo)
             os.makedirs(where, exist_ok=True)
-            try:
+            with reporting(where):
                 record = _parity.run(placement, moe, layout, os.path.join(ref_dir, combo, "init"),
                                      os.path.join(where, "final"), overrides)
-            except Exception:
-                # Fail loudly and at once: torchrun then stops the ranks waiting in collectives.
-                with open(os.path.join(where, f"rank{rank}.error"), "w") as f:
-                    f.write(traceback.format_exc())
-                raise
-            with open(os.path.join(where, f"rank{rank}.json"), "w") as f:
-                json.dump(record, f)
+            write_result(where, record)
     destroy()
 
 

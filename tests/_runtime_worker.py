@@ -4,29 +4,27 @@ Usage: torchrun --standalone --nproc_per_node N tests/_runtime_worker.py OUT_DIR
 
 Each scenario initialises a parallel layout through ``spannorm_megatron.process.initialize``,
 builds megatron-core's own ``GPTModel`` (local spec), wraps it in megatron's
-DistributedDataParallel, trains a few steps with ``get_forward_backward_func()`` and a
-megatron optimizer, and records what the test needs to judge it: losses, grad norms, which
+DistributedDataParallel, trains a few steps with the training loop's ``train_step`` (megatron-core's
+``get_forward_backward_func()`` and a megatron optimizer), and records what the test needs to judge it: losses, grad norms, which
 parameters changed, parameter fingerprints (to compare ranks that must agree), RNG draws.
-The test, not this script, decides pass/fail from ``OUT_DIR/rank<r>.json``. Starting
-torchrun costs ~10 s of imports on a 2-core machine, so one launch runs many scenarios.
-An exception writes a traceback to the rank's file and exits non-zero at once, which makes
-torchrun stop the other ranks instead of leaving them blocked in a collective.
+The test, not this script, decides pass/fail from ``OUT_DIR/rank<r>.json`` (tests/launch.py's
+protocol). Starting torchrun costs ~10 s of imports on a 2-core machine, so one launch runs many
+scenarios.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import sys
-import traceback
 import zlib
 from functools import partial
 
 import torch
 
+from launch import reporting, write_result
 from spannorm_megatron import process, runtime
 from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.training.loop import train_step
 
 VOCAB = 128
 SEQ = 16
@@ -235,12 +233,22 @@ def _batches(num_microbatches: int):
 
 
 def _loss_func(loss_mask, output_tensor):
-    loss = (output_tensor.float() * loss_mask).sum() / loss_mask.sum()
-    # clone: the schedule divides the returned loss in place by the microbatch count.
-    return loss, {"lm loss": loss.detach().clone()}
+    """megatron-core's 3-tuple form (token sum, token count, what to report), which the
+    schedule turns into the micro-batch mean; the reported loss is this rank's, not reduced over
+    data parallelism (the tests tell the data-parallel ranks' losses apart)."""
+    loss_sum = (output_tensor.float() * loss_mask).sum()
+    count = loss_mask.sum()
+    return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count])}
 
 
 def _forward_step(data_iterator, model):
+    from megatron.core.utils import get_attr_wrapped_model
+
+    # The training step gives a rank's model chunks one iterator: only the chunk with the
+    # embedding or the loss draws from it.
+    if not (get_attr_wrapped_model(model, "pre_process")
+            or get_attr_wrapped_model(model, "post_process")):
+        return model(None, None, None), partial(_loss_func, None)
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_loss_func, torch.ones_like(batch["labels"], dtype=torch.float))
@@ -318,7 +326,6 @@ def _rng_draws() -> dict:
 
 def run_scenario(name: str) -> dict:
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     init_kwargs, opts = SCENARIOS[name]
     layout = process.initialize(ParallelConfig(**init_kwargs), seed=1234, timeout_minutes=3)
@@ -330,27 +337,14 @@ def run_scenario(name: str) -> dict:
 
     num_microbatches = opts.get("microbatches", 2)
     batches = _batches(num_microbatches)
-    forward_backward = get_forward_backward_func()
     losses, grad_norms = [], []
     for _ in range(STEPS):
-        for chunk in chunks:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        iterators = [iter(batches) for _ in chunks]
-        reduced = forward_backward(
-            forward_step_func=_forward_step,
-            data_iterator=iterators if len(chunks) > 1 else iterators[0],
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=num_microbatches,
-            seq_length=SEQ,
-            micro_batch_size=MICRO_BATCH,
-            forward_only=False,
-        )
-        ok, grad_norm, _ = optimizer.step()
-        assert ok, "optimizer.step() reported an unsuccessful update"
-        grad_norms.append(float(grad_norm))
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            losses.append(sum(r["lm loss"].item() for r in reduced) / len(reduced))
+        result = train_step(chunks, optimizer, None, iter(batches), num_microbatches, SEQ,
+                            MICRO_BATCH, num_microbatches * MICRO_BATCH,
+                            forward_step_func=_forward_step)
+        assert not result.skipped, "optimizer.step() reported an unsuccessful update"
+        grad_norms.append(float(result.grad_norm))
+        losses.append(result.loss)  # the last pipeline stage's, on every stage
 
     changed = [k for k, p in params.items() if not torch.equal(p.detach(), before[k])]
     result = {
@@ -383,22 +377,12 @@ def run_scenario(name: str) -> dict:
 
 def main() -> None:
     out_dir, names = sys.argv[1], sys.argv[2:]
-    rank = int(os.environ.get("RANK", "0"))
     results: dict = {}
-    path = os.path.join(out_dir, f"rank{rank}.json")
-    try:
+    with reporting(out_dir):
         for name in names:
             results[name] = run_scenario(name)
         results["_cpu_runtime"] = process.is_cpu_runtime_enabled()
-    except BaseException:  # report, then take the whole job down
-        results["_error"] = traceback.format_exc()
-        with open(path, "w") as f:
-            json.dump(results, f)
-        sys.stderr.write(results["_error"])
-        sys.stderr.flush()
-        os._exit(1)
-    with open(path, "w") as f:
-        json.dump(results, f)
+    write_result(out_dir, results)
     runtime.destroy()
 
 

@@ -6,13 +6,10 @@ from __future__ import annotations
 import inspect
 import io
 import json
-import os
 from contextlib import redirect_stderr, redirect_stdout
 
 from _tools import tool_module
 from _training import prepare_corpus
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def corpus_texts(jsonl, limit=None):

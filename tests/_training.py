@@ -1,13 +1,14 @@
-"""Running `spannorm-train` from tests: the launcher, the log-line parser and a small model."""
+"""Running `spannorm-train` from tests: its command line, the log-line parser and a small model."""
 
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from typing import Optional, Tuple
 
+import launch
 from spannorm_megatron.config import recipe_flags
 from spannorm_megatron.training.log_format import parse_lines
 
@@ -60,26 +61,72 @@ def train_command(*flags, nproc=2, nan_at: Optional[str] = None,
     failed child). `nan_at="4,5"` injects NaN losses there, `step_times=FILE` records each
     step's duration, `record_tokens=PREFIX` each rank's input tokens per iteration
     (tests/_instrumented_train.py)."""
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone",
-                                      f"--nproc_per_node={nproc}"]
     program = ["-m", "spannorm_megatron.train"]
     if nan_at is not None or step_times is not None or record_tokens is not None:
         instruments = [item for option, value in (("--nan-at", nan_at),
                                                   ("--step-times", step_times),
                                                   ("--record-tokens", record_tokens))
                        if value is not None for item in (option, value)]
-        program = [os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                "_instrumented_train.py"), *instruments, "--"]
-    return [sys.executable, *launcher, *program, *flags]
+        program = [str(launch.TESTS / "_instrumented_train.py"), *instruments, "--"]
+    flags = [str(flag) for flag in flags]
+    if nproc == 1:
+        return [sys.executable, *program, *flags]
+    launch.require_torchrun_marker()
+    return launch.torchrun_command([*program, *flags], nproc)
 
 
 def run_train(*flags, nproc=2, timeout=600, env=None, nan_at: Optional[str] = None,
               step_times: Optional[str] = None, record_tokens: Optional[str] = None):
-    """Run `train_command(...)`; `env` adds to the environment."""
+    """Run `train_command(...)`; `env` adds to the environment (tests/launch.py's)."""
     cmd = train_command(*flags, nproc=nproc, nan_at=nan_at, step_times=step_times,
                         record_tokens=record_tokens)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return launch.run(cmd, timeout=timeout, env=env)
+
+
+class StepHooks:
+    """A monitor for `training.loop.train_step` made of two callables: `before(optimizer)` runs
+    between the backward pass and the optimizer step (the gradients are there), `after()` right
+    after the step."""
+
+    def __init__(self, before=None, after=None):
+        self.before, self.after = before, after
+
+    def before_optimizer_step(self, optimizer):
+        if self.before is not None:
+            self.before(optimizer)
+
+    def after_optimizer_step(self):
+        if self.after is not None:
+            self.after()
+
+
+def train_in_process(*flags, nan_at: Optional[str] = None) -> subprocess.CompletedProcess:
+    """`spannorm-train flags` as one rank of this process, without a new interpreter's ~10 s
+    of imports: its exit status, stdout and stderr, as `run_train(..., nproc=1)` gives them
+    (`nan_at` as there). A run tears its process groups down on the way out; the world of one
+    that conftest.py's `megatron_world` made is set up again afterwards for the tests that
+    follow. Its numbers come from this process's thread count: compare them with runs made the
+    same way, not with a launched process's."""
+    from megatron.core import parallel_state
+
+    from spannorm_megatron.process import initialize
+    from spannorm_megatron.train import main
+    from spannorm_megatron.training.trainer import Trainer
+
+    trainer_class = Trainer
+    if nan_at is not None:
+        from _instrumented_train import instrumented_trainer
+
+        trainer_class = instrumented_trainer({int(i) for i in nan_at.split(",")})
+    argv = [str(flag) for flag in flags]
+    had_world = parallel_state.model_parallel_is_initialized()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with redirect_stdout(stdout), redirect_stderr(stderr):
+        status = main(argv, trainer_class=trainer_class)
+    if had_world and not parallel_state.model_parallel_is_initialized():
+        initialize(seed=1234)
+    return subprocess.CompletedProcess(["spannorm-train", *argv], status, stdout.getvalue(),
+                                       stderr.getvalue())
 
 
 def logged_losses(stdout: str) -> dict:

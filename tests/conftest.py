@@ -1,13 +1,21 @@
 """Shared fixtures: one single-process megatron-core world (gloo on CPU) for in-process tests,
 and one small prepared corpus for the tests that train.
 
-Multi-rank behaviour is tested by launching `torchrun` from the tests that need it; tests here
-only need megatron-core's parallel state to exist at size 1.
+Multi-rank behaviour is tested by launching `torchrun` (tests/launch.py) from the tests that
+need it; they request the `torchrun` fixture, which marks them `torchrun`. Tests here only need
+megatron-core's parallel state to exist at size 1.
+
+Markers: `torchrun` (derived: the test or one of its fixtures launches ranks) and `slow` (from
+measured durations, `--durations=0`: a test of about two seconds or more, marked where it is
+written, or every test of a fixture that costs that much, derived from the fixture requesting
+`slow`). `tools/run_tests.sh --fast` runs neither.
 """
 
 import os
 
 import pytest
+
+import launch
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +76,37 @@ def _attention_backend_environment():
     yield
 
 
+@pytest.fixture(scope="session")
+def torchrun():
+    """`launch.torchrun`. Requesting it, directly or through a fixture, marks a test `torchrun`."""
+    return launch.torchrun
+
+
+@pytest.fixture(scope="session")
+def slow():
+    """Requested by a fixture that takes seconds to make: every test using it is marked `slow`."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in ("torchrun", "slow"):
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(getattr(pytest.mark, name))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    launch.current_test = item
+    try:
+        yield
+    finally:
+        launch.current_test = None
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", "torchrun: launches several ranks through torchrun "
+                            "(derived from the `torchrun` fixture)")
+    config.addinivalue_line("markers", "slow: takes seconds (measured); not in the fast tier")
     # megatron-core warns at import and build time about optional fused kernels (Apex, TE) and
     # deprecated arguments it passes itself; none of it concerns what the tests check.
     for category in ("UserWarning", "DeprecationWarning", "FutureWarning"):

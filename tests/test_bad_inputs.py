@@ -18,8 +18,6 @@ from _training import SMALL, prepare_corpus
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.model.specs import transformer_engine_available
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def tool(name: str):
     return tool_main(name)
@@ -295,20 +293,15 @@ UNDER_TORCHRUN = ["unknown-placement", "missing-data"]  # a flag, and a check in
 
 
 @pytest.mark.parametrize("name", UNDER_TORCHRUN)
-def test_under_torchrun_rank_0_reports_once_and_torchrun_names_it_as_the_root_cause(files, name):
+def test_under_torchrun_rank_0_reports_once_and_torchrun_names_it_as_the_root_cause(
+        files, name, torchrun):
     """torchrun exits 1 whenever a rank fails; the ranks exit 2 and its summary shows our
     message (from the elastic error file) where it would show a traceback."""
-    import subprocess
-    import sys
-
     entry = next(e for e in CATALOGUE if e[0] == name)
     _, command, argv, expected = entry
     assert command == "train"
     before = _snapshot(files)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "spannorm_megatron.train", *argv(files)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = torchrun("-m", "spannorm_megatron.train", *argv(files), timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
     printed = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(printed) == 1 and expected in printed[0], result.stderr[-3000:]

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from launch import ROOT
 from _training import STRICT_DEVICES
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
+@pytest.mark.slow
 def test_benchmark_tiny_preset_writes_table_and_json(tmp_path):
     output = tmp_path / "bench.json"
     result = subprocess.run(
@@ -33,17 +33,16 @@ def test_benchmark_tiny_preset_writes_table_and_json(tmp_path):
     assert data["environment"]["megatron_core"]
 
 
-def test_moe_benchmark_times_dispatchers_and_capacity_against_dense(tmp_path):
+def test_moe_benchmark_times_dispatchers_and_capacity_against_dense(torchrun, tmp_path):
     """Two expert-parallel ranks: every variant is timed in every round, and the dense baseline
     has the MoE models' active MLP FLOPs (top-k x the expert FFN)."""
     output = tmp_path / "moe.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(ROOT, "tools", "benchmark_moe.py"), "--num-layers", "2",
-         "--hidden-size", "64", "--moe-ffn-hidden-size", "64", "--vocab-size", "512",
-         "--seq-length", "64", "--variants", "alltoall", "allgather_capacity_padded",
-         "--warmup", "1", "--iters", "2", "--rounds", "2", "--output", str(output)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, **STRICT_DEVICES})
+    result = torchrun(
+        ROOT / "tools" / "benchmark_moe.py", "--num-layers", "2",
+        "--hidden-size", "64", "--moe-ffn-hidden-size", "64", "--vocab-size", "512",
+        "--seq-length", "64", "--variants", "alltoall", "allgather_capacity_padded",
+        "--warmup", "1", "--iters", "2", "--rounds", "2", "--output", output,
+        timeout=600, env=STRICT_DEVICES)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| allgather_capacity_padded | allgather | 1, padded |" in result.stdout
     data = json.loads(output.read_text())
@@ -60,6 +59,7 @@ def test_moe_benchmark_times_dispatchers_and_capacity_against_dense(tmp_path):
     assert rows["alltoall"]["parameters"] > rows["dense"]["parameters"]
 
 
+@pytest.mark.slow
 def test_benchmark_refuses_fp8_without_transformer_engine():
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--precisions", "fp8"],
@@ -68,6 +68,7 @@ def test_benchmark_refuses_fp8_without_transformer_engine():
     assert "fp8 needs Transformer Engine" in result.stderr
 
 
+@pytest.mark.slow
 def test_conversion_benchmark_small_size_writes_table_and_json(tmp_path):
     output = tmp_path / "conversion.json"
     work = tmp_path / "work"
@@ -85,6 +86,7 @@ def test_conversion_benchmark_small_size_writes_table_and_json(tmp_path):
     assert not (work / "small").exists()  # checkpoints and folders are removed without --keep
 
 
+@pytest.mark.slow
 def test_benchmark_frees_each_model_before_the_next(megatron_world):
     """The model, its optimizer and their reference cycle (the config's hooks point back at
     them) are gone after `close`, so the next placement is built in free memory."""

@@ -2,15 +2,13 @@
 <EOD> = 256), through tools/preprocess_data.py and spannorm-train; data written with another
 tokenizer is refused before training with one clear error."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy
 import pytest
 
+import launch
 from _training import SMALL
+from launch import ROOT
 
 from spannorm_megatron.data.errors import TokenizerError
 from spannorm_megatron.data.tokenizer import (
@@ -19,14 +17,11 @@ from spannorm_megatron.data.tokenizer import (
     check_data_fits_vocab,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXT = ("Zwölf Boxkämpfer jagen Viktor quer über den großen Sylter Deich. " * 20 + "\n\n") * 12
 
 
 def _tool(name, *args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "tools" / f"{name}.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    return launch.python(ROOT / "tools" / f"{name}.py", *args, timeout=120, cwd=ROOT)
 
 
 def test_byte_tokenizer_round_trip():
@@ -48,6 +43,7 @@ def test_byte_tokenizer_argument_errors(tmp_path):
         build_tokenizer("GPT2BPETokenizer", None)
 
 
+@pytest.mark.slow
 def test_preprocess_bytes_and_vocabulary_mismatch(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
@@ -71,14 +67,12 @@ def test_preprocess_bytes_and_vocabulary_mismatch(tmp_path):
     with pytest.raises(TokenizerError, match="preprocessed with another tokenizer"):
         check_data_fits_vocab([sp_prefix], 257)
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-m", "spannorm_megatron.train", *SMALL, "--num-layers", "2",
-         "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16",
-         "--train-iters", "2", "--lr-warmup-iters", "0", "--data-path", sp_prefix,
-         "--tokenizer-type", "ByteLevelTokenizer",
-         "--split", "75,25,0", "--transformer-impl", "local"],
-        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    proc = launch.python(
+        "-m", "spannorm_megatron.train", *SMALL, "--num-layers", "2",
+        "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16",
+        "--train-iters", "2", "--lr-warmup-iters", "0", "--data-path", sp_prefix,
+        "--tokenizer-type", "ByteLevelTokenizer",
+        "--split", "75,25,0", "--transformer-impl", "local", timeout=120, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: " in proc.stderr and "holds token id" in proc.stderr
     assert "Traceback" not in proc.stderr and "iteration" not in proc.stdout

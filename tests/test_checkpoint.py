@@ -7,16 +7,14 @@ bitwise resume, one per simulated kill.
 """
 
 import glob
-import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import _checkpoint as H
+import launch
 from spannorm_megatron.checkpoint import (
     CheckpointError,
     find_latest,
@@ -36,13 +34,9 @@ LOCAL = ParallelConfig()
 DISTOPT = ParallelConfig(use_distributed_optimizer=True)
 
 
-def _run(args, timeout=300, torchrun=False):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 "--nproc_per_node=2"] if torchrun else [sys.executable])
+def _run(args, timeout=300):
     # A session of its own: the crash worker kills its whole process group.
-    return subprocess.run(launcher + [WORKER, *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          start_new_session=True)
+    return launch.python(WORKER, *args, timeout=timeout, start_new_session=True)
 
 
 def _fresh(config, parallel=LOCAL, seed=1234):
@@ -89,6 +83,7 @@ def _tree(directory):
 
 # ------------------------------------------------------------------------------ layout, round trip
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", [LOCAL, DISTOPT], ids=["local_optimizer", "distributed"])
 def test_save_then_load_restores_everything(megatron_world, tmp_path, parallel):
     config = H.model_config(dropout=True)
@@ -134,6 +129,7 @@ def test_save_then_load_restores_everything(megatron_world, tmp_path, parallel):
     assert torch.equal(torch.get_rng_state(), expected_rng)
 
 
+@pytest.mark.slow
 def test_resume_in_fresh_process_is_bitwise_identical(megatron_world, tmp_path):
     """2N steps in one go == N steps, save, load in a new process, N steps: losses, learning
     rates and every weight and optimizer tensor, bit for bit (dropout on, LR warmup + cosine),
@@ -166,7 +162,7 @@ def test_resume_in_fresh_process_is_bitwise_identical(megatron_world, tmp_path):
 # ------------------------------------------------------------------------------ other layouts
 
 @pytest.fixture(scope="module")
-def layouts(megatron_world, tmp_path_factory):
+def layouts(megatron_world, torchrun, tmp_path_factory):
     """Sources saved here under TP1/EP1 after 3 steps, with the losses of 3 more steps; then one
     2-rank torchrun resumes them under every layout of the worker."""
     import _checkpoint_worker as W
@@ -180,11 +176,9 @@ def layouts(megatron_world, tmp_path_factory):
         _save(root / source, 3, chunks, optimizer, scheduler, config, parallel)
         reference[source] = H.train(chunks, optimizer, scheduler, 3 * H.GLOBAL_BATCH,
                                     W.RESUME_STEPS)
-    result = _run(["layouts", str(root)], timeout=600, torchrun=True)
-    errors = [open(f).read() for f in glob.glob(str(root / "out" / "*.error"))]
-    assert result.returncode == 0, (errors[:1] or [result.stderr[-5000:]])[0]
-    records = {name: [json.load(open(root / "out" / f"{name}.rank{r}.json")) for r in (0, 1)]
-               for name in W.LAYOUTS}
+    result = torchrun(WORKER, "layouts", root, timeout=600)
+    launch.check_launch(result, root)
+    records = {name: launch.rank_results(root / "out" / name, 2) for name in W.LAYOUTS}
     return root, reference, records
 
 
@@ -228,6 +222,7 @@ def test_layout_checkpoint_resumes_in_one_process(layouts, layout):
 
 # ------------------------------------------------------------------------------ crash safety
 
+@pytest.mark.slow
 def test_exception_mid_save_keeps_previous_checkpoint(megatron_world, tmp_path, monkeypatch):
     config = H.model_config()
     chunks, optimizer, scheduler = _fresh(config)
@@ -259,6 +254,7 @@ def test_exception_mid_save_keeps_previous_checkpoint(megatron_world, tmp_path, 
     assert find_latest(str(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_resaving_an_iteration_replaces_it(megatron_world, tmp_path):
     config = H.model_config()
     chunks, optimizer, scheduler = _fresh(config)
@@ -271,6 +267,7 @@ def test_resaving_an_iteration_replaces_it(megatron_world, tmp_path):
     _assert_same_tensors(H.sharded_tensors(fresh[0]), H.sharded_tensors(chunks))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["after_shards", "between_renames"])
 def test_killed_mid_save_keeps_previous_checkpoint(megatron_world, tmp_path, mode):
     result = _run(["crash", str(tmp_path), mode])
@@ -411,6 +408,7 @@ def test_optimizer_kind_change_is_refused_but_weights_load(ckpt):
     assert info["iteration"] == 0 and info["consumed_train_samples"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", [LOCAL, DISTOPT], ids=["local_optimizer", "distributed"])
 def test_non_strict_load_keeps_what_the_checkpoint_lacks(megatron_world, tmp_path, parallel):
     """A SpanNorm checkpoint without the first layer's input norm (N0), loaded into a model with
@@ -446,6 +444,7 @@ def test_non_strict_load_keeps_what_the_checkpoint_lacks(megatron_world, tmp_pat
     H.train(chunks, optimizer, scheduler, 2 * H.GLOBAL_BATCH, 1)  # and training goes on
 
 
+@pytest.mark.slow
 def test_save_before_the_first_step(megatron_world, tmp_path):
     """Iteration 0 (a never-stepped distributed optimizer has no state yet) saves and loads."""
     config = H.model_config()
@@ -581,13 +580,12 @@ def test_cpu_save_gives_megatron_lm_cuda_states_it_can_load(megatron_world):
     set_seed(1234)
 
 
-def test_expert_parallel_rng_is_saved_per_rank_and_resumes_bitwise(tmp_path):
+def test_expert_parallel_rng_is_saved_per_rank_and_resumes_bitwise(torchrun, tmp_path):
     """Under EP the RNG states are sharded by (pp, tp, dp) as Megatron-LM shards them (the DP
     ranks' expert streams differ); an EP2 x DP2 MoE run with dropout resumes bit for bit."""
-    result = _run(["ep_rng", str(tmp_path)], timeout=600, torchrun=True)
-    errors = [open(f).read() for f in glob.glob(str(tmp_path / "*.error"))]
-    assert result.returncode == 0, (errors[:1] or [result.stderr[-5000:]])[0]
-    records = [json.load(open(tmp_path / f"ep_rng.rank{r}.json")) for r in (0, 1)]
+    result = torchrun(WORKER, "ep_rng", tmp_path, timeout=600)
+    launch.check_launch(result, tmp_path)
+    records = launch.rank_results(tmp_path / "ep_rng", 2)
     for record in records:
         assert record["rng_sharding"] == "pp,tp,dp" and record["loaded_rng"]
         assert record["rng_restored"] and record["tensors_equal"]
@@ -608,6 +606,7 @@ def _expert_bias_config(**overrides):
     return H.model_config(**values)
 
 
+@pytest.mark.slow
 def test_expert_bias_is_saved_recorded_and_resumed_bitwise(megatron_world, tmp_path):
     """N steps, save, N more == load into a fresh model, N steps: every tensor bit for bit,
     the aux-loss-free expert bias (a buffer megatron-core updates outside the optimizer)

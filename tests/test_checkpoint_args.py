@@ -54,7 +54,7 @@ RUN = ["--transformer-impl", "auto", "--micro-batch-size", str(MICRO),
 
 
 @pytest.fixture(scope="module")
-def saved(corpus, tmp_path_factory):
+def saved(corpus, torchrun, tmp_path_factory):
     """(checkpoint directory, data flags) of a 2-rank EP2 run of ITERS steps, evaluated after
     each step."""
     data, tokenizer = corpus

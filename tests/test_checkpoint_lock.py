@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
+import launch
 from spannorm_megatron.checkpoint import CheckpointError
 from spannorm_megatron.checkpoint.lock import LOCK_FILENAME, SaveDirectoryLock
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _hold_in_another_process(save_dir: str) -> subprocess.Popen:
@@ -24,7 +24,7 @@ def _hold_in_another_process(save_dir: str) -> subprocess.Popen:
          f"SaveDirectoryLock({save_dir!r}).acquire()\n"
          "print('held', flush=True)\n"
          "time.sleep(600)\n"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+        stdout=subprocess.PIPE, text=True, env=launch.environment())
     assert holder.stdout.readline().strip() == "held"
     return holder
 

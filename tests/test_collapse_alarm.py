@@ -15,12 +15,12 @@ from collections import defaultdict
 
 import pytest
 
+from launch import ROOT
 from _training import SMALL, STRICT_DEVICES, run_train
 from spannorm_megatron.lab.grid import read_results
 from spannorm_megatron.metrics.collapse import CollapseAlarm, layer_ranges
 from spannorm_megatron.training.config import LoggingConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = os.path.join(ROOT, "docs", "stability", "grid", "results.jsonl.gz")
 DEFAULT = LoggingConfig().collapse_grad_ratio
 
@@ -104,7 +104,8 @@ def _alarm_text(tb_dir):
     return texts, ratios
 
 
-def test_alarm_fires_on_a_collapsing_run_and_stays_quiet_on_a_healthy_one(corpus, tmp_path):
+def test_alarm_fires_on_a_collapsing_run_and_stays_quiet_on_a_healthy_one(corpus, tmp_path,
+                                                                          torchrun):
     data, tokenizer = corpus
     # The collapsing run on 2 pipeline stages (layers 1-12 | 13-24): the ratio spans both, and
     # the warning must still come once, not once per rank.

@@ -7,11 +7,10 @@ import sys
 import pytest
 import torch
 
+from launch import ROOT
 from spannorm_megatron.config import ConfigError, ModelConfig
 from spannorm_megatron.placements import PLACEMENTS, get_placement
 from spannorm_megatron.training.arguments import model_config, parse_args
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_registry_rejects_unknown_placement_listing_known_ones():
@@ -57,6 +56,7 @@ def test_bad_config_names_field_and_fix(values, field, fix):
     assert fix in str(error.value)
 
 
+@pytest.mark.slow
 def test_bad_config_fails_before_any_process_group_work():
     """A fresh interpreter: the error comes from the config alone, with no distributed setup."""
     code = (
@@ -126,6 +126,7 @@ def test_layouts_that_fit_pass():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags,expected",
     [

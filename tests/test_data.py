@@ -292,6 +292,7 @@ def test_preprocess_plain_text_documents_are_paragraphs(tmp_path, tokenizer, tok
     assert docs == [tokenizer.tokenize(t) + [tokenizer.eod] for t in texts]
 
 
+@pytest.mark.slow
 def test_preprocess_script_runs_with_workers(tmp_path, tokenizer_model, paragraphs):
     source = _write_jsonl(tmp_path / "in.jsonl", [{"text": p} for p in paragraphs[:300]])
     proc = _run_script(
@@ -325,6 +326,7 @@ def _assert_untouched(tmp_path, paths, before):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
+@pytest.mark.slow
 def test_preprocess_missing_input_and_bad_tokenizer_files(tmp_path, existing_outputs,
                                                           tokenizer_model):
     before = _digest(*existing_outputs)
@@ -441,6 +443,7 @@ def test_dataset_batches_have_forward_step_layout(work, dataset_prefix, tokenize
     assert any(stream[i : i + 8] == sample[:8] for i in range(len(stream) - 8))
 
 
+@pytest.mark.slow
 def test_resume_at_consumed_samples_gives_the_same_batches(work, dataset_prefix, tokenizer):
     from spannorm_megatron.data.dataset import build_gpt_datasets
     from spannorm_megatron.data.loader import build_data_loader, iterate_batches

@@ -5,19 +5,16 @@ SpanNorm (dense), expert-parallel SpanNorm MoE.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+
+import launch
 from _training import STRICT_DEVICES
 
 
 def run_selfcheck(*flags, nproc=2, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "spannorm_megatron.selfcheck", *flags]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **STRICT_DEVICES})
+    result = launch.torchrun("-m", "spannorm_megatron.selfcheck", *flags, nproc=nproc,
+                             timeout=timeout, env=STRICT_DEVICES)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     summaries = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines()
                  if line.startswith("SELFCHECK ")]
@@ -33,7 +30,7 @@ def run_selfcheck(*flags, nproc=2, timeout=300):
     ],
     ids=["spannorm-tp2-sp", "spannorm-moe-ep2"],
 )
-def test_two_ranks_build_and_train(flags):
+def test_two_ranks_build_and_train(flags, torchrun):
     summaries = run_selfcheck(*flags, "--train-iters", "6")
     losses = summaries[0]["losses"]
     assert all(l is not None and l == l for l in losses)  # finite, reported by every rank

@@ -11,20 +11,15 @@ import inspect
 import io
 import json
 import math
-import os
-import subprocess
-import sys
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-
-from _tools import tool_module  # noqa: E402
-from _training import SMALL, STRICT_DEVICES, prepare_corpus, run_train  # noqa: E402
+import launch
+from _tools import tool_module
+from _training import SMALL, STRICT_DEVICES, prepare_corpus, run_train
+from launch import ROOT
 
 SEQ = 64
 
@@ -48,7 +43,7 @@ def _run_tool(name, *argv):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, slow):
     """A 2-layer spannorm model trained 15 steps (checkpoint + HF export) and a held-out text:
     a stdlib module's source (not in the training slice) with some multi-byte characters."""
     root = tmp_path_factory.mktemp("evaluate")
@@ -127,14 +122,11 @@ def test_checkpoint_and_hf_export_agree_with_an_independent_computation(trained,
     assert meg["loss"] < math.log(512) - 0.3  # the trained model, not a uniform guess
 
 
-def test_two_rank_tensor_parallel_matches_one_process(trained, evaluated, tmp_path):
+def test_two_rank_tensor_parallel_matches_one_process(trained, evaluated, tmp_path, torchrun):
     _root, ckpt, _hf, text, _tok = trained
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", os.path.join(ROOT, "tools", "evaluate.py"), "--load",
-               str(ckpt), "--input", str(text), "--tensor-model-parallel-size", "2", "--json",
-               str(tmp_path / "tp2.json")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **STRICT_DEVICES})
+    result = torchrun(ROOT / "tools" / "evaluate.py", "--load", ckpt, "--input", text,
+                      "--tensor-model-parallel-size", "2", "--json", tmp_path / "tp2.json",
+                      timeout=300, env=STRICT_DEVICES)
     assert result.returncode == 0, result.stderr[-3000:]
     one = evaluated["megatron"]
     tp2 = json.loads((tmp_path / "tp2.json").read_text())
@@ -156,6 +148,7 @@ def test_max_bytes_evaluates_a_prefix_cut_at_a_line(trained, tmp_path):
                           "seconds": results[0]["seconds"]}
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_clear_error(trained, tmp_path):
     _root, ckpt, _hf, text, _tok = trained
     empty = tmp_path / "empty.txt"
@@ -179,9 +172,8 @@ def test_bad_input_is_one_clear_error(trained, tmp_path):
         status, _out, err = _run_tool("evaluate", *argv)
         assert status == 2 and message in err, (argv, err)
     # the real command line: no traceback, the offending byte named
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "evaluate.py"),
-                             "--load", str(ckpt), "--input", str(latin)],
-                            capture_output=True, text=True, timeout=120)
+    result = launch.python(ROOT / "tools" / "evaluate.py", "--load", ckpt, "--input", latin,
+                           timeout=120)
     assert result.returncode == 2
     assert "not UTF-8" in result.stderr and "byte 11" in result.stderr
     assert "Traceback" not in result.stderr

@@ -33,6 +33,7 @@ def test_a_once_defective_example_ends_as_it_should(seed, fixtures):
                                     outcome.output[-3000:])
 
 
+@pytest.mark.slow
 def test_fuzzing_at_a_fixed_seed_finds_nothing(fixtures):
     lines = []
     start = time.monotonic()

@@ -37,6 +37,7 @@ def _without_extra_state(sharded):
             if not (isinstance(value, ShardedObject) and "_extra_state" in key)}
 
 
+@pytest.mark.slow
 def test_local_bf16_training_evaluates_saves_and_resumes(corpus, tmp_path):
     """The loop on one GPU without Transformer Engine: bf16 local layers, a skipped non-finite
     step, evaluation mid-run and at the end, a checkpoint, and a resume from it."""
@@ -130,6 +131,7 @@ def test_transformer_engine_layers_match_the_local_layers(seeded, tmp_path, plac
     assert error < RELATIVE_RMS_TOLERANCE, float(error)
 
 
+@pytest.mark.slow
 @needs_te
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
 @pytest.mark.parametrize("placement", ["prenorm", "spannorm"])

@@ -17,7 +17,6 @@ leaves nothing behind. See tests/_hf.py for the models.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import io
 import json
@@ -33,18 +32,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _hf  # noqa: E402
-from _tools import tool_module  # noqa: E402
-from _training import STRICT_DEVICES  # noqa: E402
+import _hf
+import launch
+from _tools import tool_module
+from _training import STRICT_DEVICES
+from launch import ROOT
 
 # Remote-code modules transformers copies out of exported folders go to a temp dir, not ~/.cache.
 os.environ.setdefault("HF_MODULES_CACHE",
                       os.path.join(tempfile.gettempdir(), "spannorm-hf-test-modules"))
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 ALL_COMBOS = {**_hf.COMBOS, **_hf.EXTRA_COMBOS}
 NATIVE = {"prenorm-dense": "LlamaForCausalLM", "prenorm-moe": "MixtralForCausalLM",
           "prenorm-moe-shared": "Qwen2MoeForCausalLM",
@@ -87,20 +84,13 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _run_worker(root: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(HERE, "_hf_worker.py"), root],
-        capture_output=True, text=True, timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **STRICT_DEVICES},
-    )
-    errors = sorted(glob.glob(os.path.join(root, "out", "rank*.error")))
-    if result.returncode or errors:
-        details = "".join(open(p).read() for p in errors) or result.stderr[-6000:]
-        pytest.fail(f"2-rank worker failed (exit {result.returncode}):\n{details}")
+    result = launch.torchrun(launch.TESTS / "_hf_worker.py", root, timeout=900,
+                             env=STRICT_DEVICES)
+    launch.check_launch(result, os.path.join(root, "out"))
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, megatron_world):
+def work(tmp_path_factory, megatron_world, torchrun):
     """Reference models of every combo, their single-process checkpoints and exports, and the
     checkpoints / imports the 2-rank worker wrote."""
     root = str(tmp_path_factory.mktemp("hf"))
@@ -597,10 +587,13 @@ torch.save({"logits": logits, "generated": generated, "ids": ids,
 """
 
 
+FRESH_PACKAGES = ("transformers", "safetensors", "sentencepiece")
+
+
 def _fresh_venv():
     """A cached venv with only torch, transformers, safetensors, sentencepiece (and their
-    dependencies), installed from this machine's local wheels; None with the reason if it
-    cannot be made offline."""
+    dependencies), installed by pip from the registry its own configuration names (pip.conf,
+    PIP_INDEX_URL, PIP_FIND_LINKS, ...); None with the reason if pip cannot install them."""
     key = hashlib.sha256(f"{sys.version}|{torch.__version__}".encode()).hexdigest()[:10]
     venv = os.environ.get("SPANNORM_HF_FRESH_VENV") or os.path.join(
         tempfile.gettempdir(), f"spannorm-hf-fresh-venv-{key}")
@@ -612,19 +605,15 @@ def _fresh_venv():
     made = subprocess.run([sys.executable, "-m", "venv", venv], capture_output=True, text=True)
     if made.returncode:
         return None, f"python -m venv failed: {made.stderr[-500:]}"
-    links = [d for d in (os.environ.get("PIP_FIND_LINKS"), "/opt/wheels", "/opt/pypi/files")
-             if d and os.path.isdir(d)]
-    base = str(torch.__version__).split("+")[0]
-    cmd = [python, "-m", "pip", "install", "--no-index", "--disable-pip-version-check", "-q"]
-    for link in links:
-        cmd += ["--find-links", link]
-    cmd += [f"torch=={base}", "transformers", "safetensors", "sentencepiece"]
-    installed = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    wanted = [f"torch=={str(torch.__version__).split('+')[0]}", *FRESH_PACKAGES]
+    installed = subprocess.run([python, "-m", "pip", "install", "--disable-pip-version-check",
+                                "-q", *wanted], capture_output=True, text=True, timeout=900)
     if installed.returncode:
         shutil.rmtree(venv, ignore_errors=True)
-        return None, ("pip could not install torch, transformers, safetensors, sentencepiece "
-                      f"offline from {links or 'no local wheel directory'}: "
-                      f"{installed.stderr.strip()[-500:]}")
+        missing = [line.strip() for line in installed.stderr.splitlines()
+                   if "No matching distribution found for" in line]
+        return None, (f"pip could not install {', '.join(wanted)} from its configured "
+                      f"registry: {'; '.join(missing) or installed.stderr.strip()[-500:]}")
     open(marker, "w").close()
     return python, None
 
@@ -632,7 +621,7 @@ def _fresh_venv():
 def test_spannorm_export_runs_in_a_fresh_environment(work, tokenized_export, tmp_path):
     python, reason = _fresh_venv()
     if python is None:
-        pytest.skip(f"fresh virtual environment unavailable offline: {reason}")
+        pytest.skip(f"fresh virtual environment unavailable: {reason}")
     combo = "spannorm-moe-deepseek"  # q/k norms, mixed layers, biased group routing, gate
     folder = str(tmp_path / "spannorm-moe-export")
     shutil.copytree(os.path.join(work.dirs["hf"], combo), folder)

@@ -14,11 +14,13 @@ import csv
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
+
+import launch
 from _training import STRICT_DEVICES
+from launch import ROOT
 
 from spannorm_megatron.lab.batch import make_batch
 from spannorm_megatron.lab.propagation import (
@@ -38,7 +40,6 @@ from spannorm_megatron.lab.training_log import (
     read_tensorboard,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIDDEN = 64
 
 
@@ -115,14 +116,14 @@ def test_summary_row_of_a_known_result():
 
 
 # ---------------------------------------------------------------- the tool's CLI
+@pytest.mark.slow
 def test_cli_writes_csv_json_and_png(tmp_path):
     out = tmp_path / "sigprop"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "signal_propagation.py"),
            "--placements", "spannorm,postnorm", "--depths", "2", "3",
            "--scale-init", "sqrt_depth", "none", "--hidden-size", "32", "--seq-length", "8",
            "--batch-size", "2", "--tokens", "random", "--train-steps", "1", "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **STRICT_DEVICES})
+    result = launch.run(cmd, timeout=300, env=STRICT_DEVICES)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "[  8/8]" in result.stdout
 
@@ -267,17 +268,17 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_depth_sweep_script_and_report_on_a_tiny_real_run(tiny_data, tmp_path):
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VENV": os.path.dirname(
-        os.path.dirname(sys.executable)), "SWEEP_DIR": str(sweep), "DATA_DIR": str(tiny_data),
-           "PLACEMENTS": "spannorm", "DEPTHS": "2 4", "NPROC": "1"}
+    env = {"VENV": os.path.dirname(os.path.dirname(sys.executable)), "SWEEP_DIR": str(sweep),
+           "DATA_DIR": str(tiny_data), "PLACEMENTS": "spannorm", "DEPTHS": "2 4", "NPROC": "1"}
     cmd = ["bash", os.path.join(ROOT, "examples", "depth_sweep", "run.sh"),
            "--train-iters", "10", "--lr-warmup-iters", "2", "--log-interval", "1",
            "--eval-interval", "5", "--eval-iters", "1", "--hidden-size", "32",
            "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "2",
            "--ffn-hidden-size", "64", "--split", "80,20,0"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    result = launch.run(cmd, timeout=400, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in ("report.md", "report.csv", "report.json", "loss_curves.png"):
         assert (sweep / name).is_file(), name
@@ -328,7 +329,7 @@ def test_depth_sweep_script_and_report_on_a_tiny_real_run(tiny_data, tmp_path):
     assert (docs / "report.md").read_text() == table
 
     # A second invocation keeps finished runs and only rewrites the report.
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=env)
+    again = launch.run(cmd, timeout=200, env=env)
     assert again.returncode == 0 and again.stdout.count("finished earlier, kept") == 2
 
 

@@ -65,6 +65,7 @@ groups:
     return str(tmp_path / "grid.yaml")
 
 
+@pytest.mark.slow
 def test_run_resume_and_table(tmp_path):
     heldout = tmp_path / "heldout.txt"
     heldout.write_text("The held-out text is prose, not Python: é € ✓.\n" * 200,

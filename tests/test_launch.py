@@ -12,9 +12,10 @@ import sys
 
 import pytest
 
+import launch
 from _training import SMALL, logged_losses
+from launch import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)  # the venv's torchrun and python
 FLAGS = [*SMALL, "--global-batch-size", "16", "--log-interval", "1"]
 
@@ -27,17 +28,18 @@ def _free_port() -> int:
 
 def _env(corpus, run_dir, **extra):
     data, tokenizer = corpus
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-            "CONFIG": os.path.join(ROOT, "examples", "configs", "quickstart.yaml"),
-            "DATA": data, "TOKENIZER": tokenizer, "RUN": str(run_dir),
-            **{k: str(v) for k, v in extra.items()}}
+    return launch.environment({
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "CONFIG": os.path.join(ROOT, "examples", "configs", "quickstart.yaml"),
+        "DATA": data, "TOKENIZER": tokenizer, "RUN": str(run_dir),
+        **{k: str(v) for k, v in extra.items()}})
 
 
 def _script(name):
     return ["bash", os.path.join(ROOT, "examples", name)]
 
 
-def test_two_nodes_of_two_ranks_train_as_one_node_of_four(corpus, tmp_path):
+def test_two_nodes_of_two_ranks_train_as_one_node_of_four(corpus, tmp_path, torchrun):
     flags = [*FLAGS, "--train-iters", "3"]
     single = subprocess.run(_script("train_single_node.sh") + flags, capture_output=True,
                             text=True, timeout=600,
@@ -115,7 +117,8 @@ def test_node_ranks_that_cannot_agree_are_refused_before_the_rendezvous(corpus, 
     assert result.stderr.startswith("error: N") and "Traceback" not in result.stderr
 
 
-def test_a_dead_rank_is_restarted_and_the_job_resumes_from_its_checkpoint(corpus, tmp_path):
+def test_a_dead_rank_is_restarted_and_the_job_resumes_from_its_checkpoint(corpus, tmp_path,
+                                                                          torchrun):
     flags = [*FLAGS, "--train-iters", "10", "--save-interval", "2"]
     job = subprocess.Popen(_script("train_single_node.sh") + flags, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, start_new_session=True,

@@ -10,16 +10,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 
+import launch
 from spannorm_megatron.checkpoint import manifest
 from spannorm_megatron.checkpoint.naming import iteration_dirs
 from spannorm_megatron.checkpoint.tracker import find_latest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
        "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
        "--global-batch-size", "4", "--train-iters", "100000", "--lr", "1e-3",
@@ -35,14 +34,12 @@ def _command(process: psutil.Process) -> str:
         return ""
 
 
-def test_killing_the_agent_kills_every_rank_and_leaves_complete_checkpoints(tmp_path):
+def test_killing_the_agent_kills_every_rank_and_leaves_complete_checkpoints(tmp_path, torchrun):
     save = str(tmp_path / "ckpt")
     log = open(tmp_path / "train.log", "w")
     agent = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "spannorm_megatron.train", *RUN, "--save", save],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+        launch.torchrun_command(["-m", "spannorm_megatron.train", *RUN, "--save", save]),
+        stdout=log, stderr=subprocess.STDOUT, cwd=launch.ROOT, env=launch.environment())
     try:
         deadline = time.monotonic() + 300
         while not (os.path.isdir(save) and find_latest(save) is not None):

@@ -17,14 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _training import RECIPE, logged_losses, run_train  # noqa: E402
+from _training import RECIPE, logged_losses, run_train
 
 from spannorm_megatron.config import ModelConfig  # noqa: E402
 from spannorm_megatron.errors import ConfigError  # noqa: E402
@@ -423,6 +420,7 @@ def _datasets(tokenizer, **fields):
     return config, build_gpt_datasets(config, tokenizer, [8, 4, 4])
 
 
+@pytest.mark.slow
 def test_mock_data_is_megatron_cores_mock_dataset(seeded):
     """--mock-data: megatron-core's MockGPTDataset from the tokenizer's vocabulary and end of
     document token, no files; the same samples as megatron-core builds from its own config."""
@@ -454,6 +452,7 @@ def test_mock_data_is_megatron_cores_mock_dataset(seeded):
     assert tokenizer.eod in tokens or all(b - a == 1 for a, b in zip(tokens, tokens[1:]))
 
 
+@pytest.mark.slow
 def test_attention_mask_in_dataloader_reaches_the_model_with_the_same_numbers(seeded):
     """Megatron-LM's default: every sample carries its causal mask, forward_step hands it to the
     model; --no-create-attention-mask-in-dataloader drops it and the attention makes the same
@@ -675,7 +674,8 @@ DEEPSEEK_V2_LITE_TINY = [
 
 
 def test_deepseek_v2_lite_recipe_trains_on_two_ranks_and_its_checkpoint_reads(megatron_world,
-                                                                                tmp_path):
+                                                                                tmp_path,
+                                                                                torchrun):
     """One 2-rank run: MLA (YaRN, latent norms) in MoE layers under TP2 + sequence parallelism
     on megatron-core's mock data, with the Llama-3 script's data and checkpoint flags. The loss
     falls; the TP2 checkpoint is read back into one process by the HF reader (the layout of

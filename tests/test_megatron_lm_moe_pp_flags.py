@@ -8,16 +8,11 @@ In-process tests run real megatron-core models in a world of one; one 4-rank tor
 layout without it; one 2-rank torchrun trains through the CLI with the flags that used to crash.
 """
 
-import glob
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
+import launch
 from _training import SMALL, STRICT_DEVICES, logged_losses, run_train
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.errors import ConfigError, ParallelLayoutError
@@ -31,7 +26,6 @@ from spannorm_megatron.runtime import has_accelerator
 from spannorm_megatron.training.arguments import model_config, parallel_config, parse_args
 from spannorm_megatron.training.trainer import Trainer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 SEQ = 8
 MOE = ["--num-experts", "4"]
 cpu_only = pytest.mark.skipif(has_accelerator(), reason="checks what a CPU machine lacks")
@@ -396,21 +390,12 @@ def test_routing_replay_records_and_replays_the_top_k_choices(seeded):
 
 # ---------------------------------------------------------------------------- multi-rank
 @pytest.fixture(scope="module")
-def schedule_records(tmp_path_factory):
+def schedule_records(torchrun, tmp_path_factory):
     out = tmp_path_factory.mktemp("moe_pp")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-         os.path.join(HERE, "_moe_pp_worker.py"), str(out)],
-        capture_output=True, text=True, timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **STRICT_DEVICES})
-    errors = [open(f).read() for f in glob.glob(str(out / "*" / "*.error"))]
-    assert result.returncode == 0, (errors[:1] or [result.stderr[-5000:]])[0]
-
-    def records(case):
-        files = sorted(glob.glob(str(out / case / "rank*.json")))
-        assert len(files) == 4, files
-        return [json.load(open(f)) for f in files]
-    return records
+    result = torchrun(launch.TESTS / "_moe_pp_worker.py", out, nproc=4, timeout=900,
+                      env=STRICT_DEVICES)
+    launch.check_launch(result, out)
+    return lambda case: launch.rank_results(out / case, 4)
 
 
 def assert_same_training(a, b, rtol):
@@ -454,7 +439,7 @@ def test_shared_expert_overlap_under_tp_sp_ep(schedule_records):
     assert_same_training(overlapped, plain, rtol=1e-5)
 
 
-def test_cli_trains_with_one_chunk_per_stage_and_moe_flags(corpus):
+def test_cli_trains_with_one_chunk_per_stage_and_moe_flags(corpus, torchrun):
     """A crash once: --num-layers-per-virtual-pipeline-stage giving one chunk per stage
     under torchrun ended in "'DistributedDataParallel' object is not subscriptable"."""
     data, tokenizer = corpus

@@ -16,14 +16,12 @@ import gc
 import glob
 import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
+import launch
 from _training import SMALL, run_train
 from spannorm_megatron.training.arguments import parse_args, performance_config
 
@@ -201,6 +199,7 @@ def test_what_cannot_act_here_is_refused_before_anything_starts(corpus, tmp_path
 
 
 # ---------------------------------------------------------------------------- hooks
+@pytest.mark.slow
 def test_manual_gc_collects_where_megatron_lm_does(tmp_path):
     """--manual-gc: the automatic collector is off from the start; full collections at the
     start, every --manual-gc-interval steps and before evaluations, the youngest generation
@@ -313,7 +312,7 @@ def _replay_loss_scale(lines: dict, start: dict, window: int, hysteresis: int) -
     return scales
 
 
-def test_fp16_run_scales_the_loss_profiles_and_resumes(corpus, tmp_path):
+def test_fp16_run_scales_the_loss_profiles_and_resumes(corpus, tmp_path, torchrun):
     data, tokenizer = corpus
     save, tb = tmp_path / "ckpt", tmp_path / "tb"
     fp16 = ["--fp16", "--initial-loss-scale", "65536", "--loss-scale-window", "3",
@@ -351,13 +350,12 @@ def test_fp16_run_scales_the_loss_profiles_and_resumes(corpus, tmp_path):
     assert "aten::mm" in names or "aten::addmm" in names
 
     # One process resumes (the checkpoint reshards from DP2) and reports from inside.
-    probe = subprocess.run(
-        [sys.executable, "-c", RESUME_PROBE, *_args(
+    probe = launch.python(
+        "-c", RESUME_PROBE, *_args(
             corpus, *fp16, "--train-iters", "12", "--load", str(save),
             "--override-opt-param-scheduler", "--eval-interval", "2", "--eval-iters", "1",
-            "--distributed-timeout-minutes", "7", "--manual-gc", "--manual-gc-interval", "2")],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+            "--distributed-timeout-minutes", "7", "--manual-gc", "--manual-gc-interval", "2"),
+        timeout=600)
     assert probe.returncode == 0, probe.stdout[-2000:] + probe.stderr[-3000:]
     found = json.loads(probe.stdout.split("PROBE ", 1)[1])
     assert found["timeouts_s"] == [420.0, 420.0, 420.0]
@@ -379,6 +377,7 @@ def test_fp16_run_scales_the_loss_profiles_and_resumes(corpus, tmp_path):
     assert found["collections"] == [2, 2, 2, 0, 2, 2, 0], found["collections"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not WANDB, reason="the wandb package is not installed (its refusal is "
                     "tested instead)")
 def test_wandb_gets_what_tensorboard_gets(corpus, tmp_path):

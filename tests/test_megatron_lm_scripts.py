@@ -220,6 +220,7 @@ def _train(argv):
     return history, out.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_megatron_lm_script_trains(data, name, tmp_path):
     argv = SCRIPTS[name](data, tmp_path)

@@ -19,8 +19,6 @@ import glob
 import json
 import math
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
@@ -30,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import _metrics
 import _metrics_reference
+import launch
 from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.metrics import (
     MoEMetrics,
@@ -48,7 +47,6 @@ from spannorm_megatron.metrics import tensorboard as tb
 from spannorm_megatron.model import build_gpt_model, transformer_config
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 RTOL = 1e-5
 SIGNAL_NAMES = ("output_rms", "attention_rms", "mlp_rms", "grad_norm", "update_ratio")
 
@@ -215,7 +213,7 @@ class ReferenceRun:
 
 
 @pytest.fixture(scope="module")
-def reference_runs(megatron_world, tmp_path_factory):
+def reference_runs(megatron_world, tmp_path_factory, slow):
     """Each model in one process: one unmeasured step, then one measured step."""
     root = tmp_path_factory.mktemp("metrics")
     runs = {}
@@ -400,16 +398,11 @@ def test_activation_recompute_counts_each_token_once(megatron_world, tmp_path):
 
 # ============================================================== 2 ranks: layouts vs 1 process
 @pytest.fixture(scope="module")
-def layouts(reference_runs):
+def layouts(reference_runs, torchrun):
     root, _ = reference_runs
     out_dir = root / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(HERE, "_metrics_worker.py"), str(root / "ref"), str(out_dir)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    errors = [open(f).read() for f in glob.glob(str(out_dir / "*" / "*" / "*.error"))]
-    assert result.returncode == 0, (errors[:1] or [result.stderr[-5000:]])[0]
+    result = torchrun(launch.TESTS / "_metrics_worker.py", root / "ref", out_dir)
+    launch.check_launch(result, out_dir)
     return out_dir
 
 
@@ -428,9 +421,7 @@ def expected_writer(layout: ParallelConfig, rank: int) -> bool:
 def test_layout_signals_equal_single_process(reference_runs, layouts, layout, combo):
     _, runs = reference_runs
     ref = runs[combo].record
-    files = sorted(glob.glob(str(layouts / layout / combo / "rank*.json")))
-    assert len(files) == 2, files
-    records = [json.load(open(f)) for f in files]
+    records = launch.rank_results(layouts / layout / combo, 2)
     for rank, record in enumerate(records):
         assert sorted(record["signals"]) == sorted(SIGNAL_NAMES)
         for signal in SIGNAL_NAMES:  # every rank has every layer, whatever it holds
@@ -587,6 +578,7 @@ GATED_CASES = {
 }
 
 
+@pytest.mark.slow
 def test_each_megatron_lm_tag_is_written_under_its_flag_on_its_schedule(megatron_world,
                                                                         tmp_path):
     """RunMonitor on a real MoE model and optimizer, two training steps: with Megatron-LM's

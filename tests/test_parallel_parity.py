@@ -6,21 +6,15 @@ One 4-rank `torchrun` runs all layouts x placements (tests/_parity_worker.py); t
 runs in this process. See tests/_parity.py for the harness.
 """
 
-import glob
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from megatron.core import dist_checkpointing
 
 import _parity
+import launch
 from spannorm_megatron.config import ParallelConfig
 from spannorm_megatron.model import build_gpt_model, transformer_config
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 LOSS_RTOL = 1e-5
 PARAM_RTOL = 1e-4
 
@@ -34,7 +28,7 @@ def layout_of(name: str):
 
 
 @pytest.fixture(scope="module")
-def parity(megatron_world, tmp_path_factory):
+def parity(megatron_world, torchrun, tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
     ref_dir, out_dir = root / "ref", root / "out"
     reference = {}
@@ -49,20 +43,14 @@ def parity(megatron_world, tmp_path_factory):
         reference[combo] = _parity.run(placement, moe, ParallelConfig(), str(init_dir),
                                        str(ref_dir / combo / "final"), overrides)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-         os.path.join(HERE, "_parity_worker.py"), str(ref_dir), str(out_dir)],
-        capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    errors = [open(f).read() for f in glob.glob(str(out_dir / "*" / "*" / "*.error"))]
-    assert result.returncode == 0, (errors[:1] or [result.stderr[-5000:]])[0]
+    result = torchrun(launch.TESTS / "_parity_worker.py", ref_dir, out_dir, nproc=4,
+                      timeout=1200)
+    launch.check_launch(result, out_dir)
     return reference, ref_dir, out_dir
 
 
 def layout_records(out_dir, layout, combo):
-    files = sorted(glob.glob(str(out_dir / layout / combo / "rank*.json")))
-    assert len(files) == 4, files
-    return [json.load(open(f)) for f in files]
+    return launch.rank_results(out_dir / layout / combo, 4)
 
 
 def load_single_process(combo, checkpoint_dir):

@@ -9,12 +9,8 @@ were there and the defect returns.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
-from test_runtime import ROOT, TESTS, _env, _tail
+from test_runtime import run_single
 
 NAMES = ["moe_router_gemm", "pp2_batched_p2p_order", "distopt_step_load",
          "checkpoint_results_queue", "expert_bias_inplace", "cpu_torch_cuda", "cpu_rng", "cpu_moe_split_sizes",
@@ -24,12 +20,8 @@ CPU_RUNTIME = NAMES[5:12]
 
 
 @pytest.fixture(scope="module")
-def report():
-    proc = subprocess.run([sys.executable, str(TESTS / "_patches_single.py")], env=_env(),
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        pytest.fail(f"_patches_single.py failed:\n{_tail(proc.stderr)}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def report(slow):
+    return run_single("_patches_single.py")
 
 
 def test_registry_lists_every_patch(report):

@@ -6,10 +6,12 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
-from _training import SMALL, run_train, train_command
+import pytest
+
+import launch
+from _training import SMALL, run_train, train_command, train_in_process
 from spannorm_megatron.checkpoint.naming import TMP_INFIX as TMP
 from test_training import tensorboard_scalars
 
@@ -21,10 +23,12 @@ def base_flags(corpus_paths, tmp_path, iters):
             "--train-iters", str(iters)]
 
 
-def run(flags, env=None, timeout=600, nan_at=None):
-    return run_train(*flags, nproc=1, timeout=timeout, env=env, nan_at=nan_at)
+def run(flags, nan_at=None):
+    """One rank, in this process (no interpreter start-up)."""
+    return train_in_process(*flags, nan_at=nan_at)
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_counted_and_stop_the_run_when_consecutive(corpus, tmp_path):
     flags = base_flags(corpus, tmp_path, 10) + ["--max-skipped-iterations", "2"]
     clean = run(flags + ["--tensorboard-dir", str(tmp_path / "clean")])
@@ -51,12 +55,12 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_when_consecutive(corpus,
     assert "Traceback" not in stopped.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(corpus, tmp_path):
     ckpt = tmp_path / "ckpt"
     flags = base_flags(corpus, tmp_path, 100000) + ["--save", str(ckpt)]
     process = subprocess.Popen(train_command(*flags, nproc=1), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               stderr=subprocess.PIPE, text=True, env=launch.environment())
     for line in process.stdout:
         if " iteration        3/" in line:
             process.send_signal(signal.SIGTERM)
@@ -90,10 +94,12 @@ def test_exit_duration_asks_every_rank_to_stop_once_the_minutes_are_up(megatron_
         unlimited.close()
 
 
+@pytest.mark.slow
 def test_kill_9_at_a_random_moment_then_the_same_command_resumes_bitwise(corpus, tmp_path):
     iters = 24
     common = base_flags(corpus, tmp_path, iters) + ["--save-interval", "2"]
-    whole = run(common + ["--tensorboard-dir", str(tmp_path / "whole")])
+    # Launched processes all three: the resumed losses must equal the whole run's bit for bit.
+    whole = run_train(*common, "--tensorboard-dir", tmp_path / "whole", nproc=1)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     ckpt = tmp_path / "ckpt"
@@ -101,8 +107,7 @@ def test_kill_9_at_a_random_moment_then_the_same_command_resumes_bitwise(corpus,
     process = subprocess.Popen(train_command(*flags, "--tensorboard-dir",
                                              str(tmp_path / "killed"), nproc=1),
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               start_new_session=True)
+                               env=launch.environment(), start_new_session=True)
     rng = random.Random(os.getpid())
     kill_after = rng.randint(5, 16)
     for line in process.stdout:
@@ -115,7 +120,7 @@ def test_kill_9_at_a_random_moment_then_the_same_command_resumes_bitwise(corpus,
 
     latest = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert latest >= 4 and (ckpt / f"iter_{latest:07d}" / "manifest.json").exists()
-    resumed = run(flags + ["--tensorboard-dir", str(tmp_path / "resumed")])
+    resumed = run_train(*flags, "--tensorboard-dir", tmp_path / "resumed", nproc=1)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = tensorboard_scalars(tmp_path / "whole")[0]["lm loss"]
     got = tensorboard_scalars(tmp_path / "resumed")[0]["lm loss"]
@@ -123,6 +128,7 @@ def test_kill_9_at_a_random_moment_then_the_same_command_resumes_bitwise(corpus,
     assert all(got[step] == expected[step] for step in got)
 
 
+@pytest.mark.slow
 def test_same_seed_and_layout_give_bitwise_identical_losses(corpus, tmp_path):
     flags = base_flags(corpus, tmp_path, 6)
     for name in ("a", "b"):
@@ -133,6 +139,7 @@ def test_same_seed_and_layout_give_bitwise_identical_losses(corpus, tmp_path):
     assert len(a) == 6 and a == b
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_is_named_and_fallback_only_when_asked(corpus, tmp_path):
     ckpt = tmp_path / "ckpt"
     common = base_flags(corpus, tmp_path, 4) + ["--save-interval", "2", "--lr-decay-iters", "6"]
@@ -169,22 +176,19 @@ def test_loss_spike_detector_flags_losses_above_the_running_median():
     assert flagged[6] == 3.7  # median of the five losses before it
 
 
-def test_kill_9_of_one_rank_of_two_then_the_same_command_resumes_bitwise(corpus, tmp_path):
+def test_kill_9_of_one_rank_of_two_then_the_same_command_resumes_bitwise(corpus, tmp_path,
+                                                                         torchrun):
     """torchrun tears the job down when one rank dies; the relaunch resumes exactly."""
     iters = 16
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2", "-m", "spannorm_megatron.train"]
     common = base_flags(corpus, tmp_path, iters) + ["--save-interval", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    whole = subprocess.run(launcher + common + ["--tensorboard-dir", str(tmp_path / "whole")],
-                           capture_output=True, text=True, timeout=600, env=env)
+    whole = run_train(*common, "--tensorboard-dir", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     ckpt = tmp_path / "ckpt"
     job = common + ["--save", str(ckpt), "--load", str(ckpt)]
-    process = subprocess.Popen(launcher + job + ["--tensorboard-dir", str(tmp_path / "a")],
+    process = subprocess.Popen(train_command(*job, "--tensorboard-dir", tmp_path / "a"),
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               env=env, start_new_session=True)
+                               env=launch.environment(), start_new_session=True)
     for line in process.stdout:
         if " iteration        7/" in line:
             break
@@ -198,8 +202,7 @@ def test_kill_9_of_one_rank_of_two_then_the_same_command_resumes_bitwise(corpus,
 
     latest = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert latest >= 6
-    resumed = subprocess.run(launcher + job + ["--tensorboard-dir", str(tmp_path / "b")],
-                             capture_output=True, text=True, timeout=600, env=env)
+    resumed = run_train(*job, "--tensorboard-dir", tmp_path / "b")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = tensorboard_scalars(tmp_path / "whole")[0]["lm loss"]
     got = tensorboard_scalars(tmp_path / "b")[0]["lm loss"]
@@ -243,15 +246,14 @@ def _assert_nothing_of_the_run_is_alive_10_s_later(session: int) -> None:
     assert not alive, f"still alive 10 s after the run died:\n{alive}"
 
 
-def test_kill_9_of_both_ranks_during_a_save_leaves_no_process_and_no_debris(corpus, tmp_path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2", "-m", "spannorm_megatron.train"]
+def test_kill_9_of_both_ranks_during_a_save_leaves_no_process_and_no_debris(corpus, tmp_path,
+                                                                            torchrun):
     ckpt = tmp_path / "ckpt"
     job = base_flags(corpus, tmp_path, 400) + ["--save-interval", "1", "--save", str(ckpt),
                                                 "--load", str(ckpt)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(launcher + job, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    process = subprocess.Popen(train_command(*job), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=launch.environment(),
+                               start_new_session=True)
     deadline = time.time() + 300
     while not any(TMP in p.name for p in ckpt.glob("iter_*")) and time.time() < deadline:
         time.sleep(0.02)  # a save is being written
@@ -264,12 +266,12 @@ def test_kill_9_of_both_ranks_during_a_save_leaves_no_process_and_no_debris(corp
     _assert_nothing_of_the_run_is_alive_10_s_later(process.pid)
 
     # The next start cleans the half-written save away and resumes from the last complete one.
-    again = subprocess.run(launcher + job + ["--exit-interval", "1"], capture_output=True,
-                           text=True, timeout=600, env=env)
+    again = run_train(*job, "--exit-interval", "1")
     assert again.returncode == 0, again.stderr[-3000:]
     assert not [p.name for p in ckpt.iterdir() if TMP in p.name]
 
 
+@pytest.mark.slow
 def test_a_save_without_room_keeps_the_last_good_checkpoint_and_says_so(corpus, tmp_path):
     """A file-size limit stands in for a full disk (both are refused writes, EFBIG / ENOSPC):
     the save fails at once with one message, and the checkpoint before it stays loadable."""
@@ -292,9 +294,7 @@ def test_a_save_without_room_keeps_the_last_good_checkpoint_and_says_so(corpus, 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     flags += ["--train-iters", "4"]  # the last one counts (base_flags starts from SMALL's)
-    result = subprocess.run(train_command(*flags, nproc=1), capture_output=True, text=True,
-                            timeout=600, preexec_fn=limited,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = launch.run(train_command(*flags, nproc=1), timeout=600, preexec_fn=limited)
     assert result.returncode == 2, result.stderr[-3000:]
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in result.stderr and len(ours) == 1, result.stderr[-3000:]

@@ -16,80 +16,54 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+import launch
 from spannorm_megatron import process, runtime
 from spannorm_megatron.config import ParallelConfig
 from spannorm_megatron.runtime import distributed as runtime_distributed
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = ROOT / "tests"
 SEED = 1234
 
 TWO_RANK = ["tp2_bf16", "tp2_sp", "pp2", "pp2_vpp2", "ep2_moe", "dp2_distopt"]
 FOUR_RANK = ["tp2_pp2_sp_distopt", "tp2_ep2_sp_moe_distopt"]
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONWARNINGS"] = "ignore"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+# Upstream's warnings in the launched processes would bury a rank's traceback.
+QUIET = {"PYTHONWARNINGS": "ignore"}
 
 
-def _tail(text: str, n: int = 4000) -> str:
-    return text[-n:]
-
-
-def _launch(nproc: int, scenarios: list[str], out_dir: Path) -> dict[int, dict]:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", str(TESTS / "_runtime_worker.py"), str(out_dir), *scenarios,
-    ]
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    results = {}
-    for rank in range(nproc):
-        path = out_dir / f"rank{rank}.json"
-        if path.exists():
-            results[rank] = json.loads(path.read_text())
-    errors = [r.get("_error") for r in results.values() if r.get("_error")]
-    if proc.returncode != 0 or errors or len(results) != nproc:
-        pytest.fail(
-            f"torchrun x{nproc} failed (rc={proc.returncode}).\n"
-            f"rank errors:\n{errors[0] if errors else '-'}\nstderr tail:\n{_tail(proc.stderr)}"
-        )
-    return results
+def _launch(nproc: int, scenarios: list[str], out_dir) -> dict[int, dict]:
+    proc = launch.torchrun(launch.TESTS / "_runtime_worker.py", out_dir, *scenarios,
+                           nproc=nproc, env=QUIET, cwd=launch.ROOT)
+    launch.check_launch(proc, out_dir)
+    return dict(enumerate(launch.rank_results(out_dir, nproc)))
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def two_ranks(torchrun, tmp_path_factory):
     return _launch(2, TWO_RANK, tmp_path_factory.mktemp("two_ranks"))
 
 
 @pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory):
+def four_ranks(torchrun, tmp_path_factory):
     return _launch(4, FOUR_RANK, tmp_path_factory.mktemp("four_ranks"))
 
 
-@pytest.fixture(scope="module")
-def single():
-    proc = subprocess.run(
-        [sys.executable, str(TESTS / "_runtime_single.py")],
-        env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
+def run_single(script: str) -> dict:
+    """The JSON report on the last stdout line of a fresh interpreter running tests/`script`."""
+    proc = launch.python(launch.TESTS / script, env=QUIET, cwd=launch.ROOT, timeout=300)
     if proc.returncode != 0:
-        pytest.fail(f"_runtime_single.py failed:\n{_tail(proc.stderr)}")
+        pytest.fail(f"{script} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def single(slow):
+    return run_single("_runtime_single.py")
 
 
 def _ranks(results: dict[int, dict], scenario: str) -> list[dict]:

@@ -8,12 +8,11 @@ parameter norm and zero count), then resumes.
 """
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
+import launch
 from _training import SMALL, STRICT_DEVICES as STRICT, logged_losses, run_train
 
 LAYOUTS = {
@@ -28,7 +27,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_training_loop_keeps_every_tensor_on_the_device(corpus, tmp_path, layout):
+def test_training_loop_keeps_every_tensor_on_the_device(corpus, tmp_path, layout, torchrun):
     data, tokenizer = corpus
     flags = [*SMALL, *LAYOUTS[layout], "--data-path", data, "--tokenizer-model", tokenizer,
              "--log-interval", "2", "--eval-interval", "3", "--eval-iters", "2",
@@ -83,9 +82,9 @@ PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_strict_mode_refuses_what_a_gpu_refuses_and_allows_what_it_allows():
-    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, **STRICT})
+    result = launch.python("-c", PROBE, timeout=300, env=STRICT)
     assert result.returncode == 0, result.stderr[-3000:]
     outcomes = dict(eval(result.stdout.strip().splitlines()[-1]))
     assert outcomes == {

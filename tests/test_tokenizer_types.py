@@ -17,22 +17,17 @@ import json
 import math
 import os
 import socket
-import sys
 from contextlib import redirect_stdout
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-
-from _tokenizer_files import (  # noqa: E402
+from _tokenizer_files import (
     corpus_texts,
     make_tokenizer_files,
     run_tool,
     tokenizer_flags,
 )
-from _training import SMALL  # noqa: E402
+from _training import SMALL
 
 from spannorm_megatron.data.errors import TokenizerError  # noqa: E402
 from spannorm_megatron.data.tokenizer import build_tokenizer  # noqa: E402
@@ -187,6 +182,7 @@ def test_bad_tokenizer_flags_are_refused(files, flags, message):
 
 
 # ------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["GPT2BPETokenizer", "HuggingFaceTokenizer", "Llama2Tokenizer",
                                   "NullTokenizer"])
 def test_preprocess_train_evaluate_generate_export(files, kind, tmp_path):

@@ -1,6 +1,8 @@
 """The training stack end to end: data prepared by our tools, `spannorm-train` under torchrun.
 
 One small corpus (a slice of the embedded default corpus, conftest.py's `corpus`) serves all.
+Runs of one rank train in this process (`train_in_process`: no interpreter start-up); a 2-rank
+run that several tests read is a module fixture.
 """
 
 import json
@@ -11,11 +13,12 @@ import shutil
 import pytest
 import torch
 
-from _training import SMALL, logged_losses, run_train
+import launch
+from _training import SMALL, logged_losses, run_train, train_in_process
+from launch import ROOT
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.training.arguments import model_config, parallel_config, parse_args
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_CONFIGS = sorted(os.listdir(os.path.join(ROOT, "examples", "configs")))
 
 
@@ -25,7 +28,7 @@ def test_example_configs_describe_valid_models_and_layouts(name):
     check_model_fits_layout(model_config(args, vocab_size=32768), parallel_config(args))
 
 
-def test_main_job_configuration_trains_on_two_ranks(corpus, tmp_path):
+def test_main_job_configuration_trains_on_two_ranks(corpus, tmp_path, torchrun):
     data, tokenizer = corpus
     result = run_train(
         "--config", os.path.join(ROOT, "examples", "configs", "quickstart.yaml"),
@@ -60,7 +63,7 @@ def test_bad_input_is_refused_before_training(corpus, flags, expected):
         base[flag] = value
     argv = [*SMALL, *(item for pair in base.items() for item in pair), "--train-iters", "2",
             "--lr-warmup-iters", "0"]
-    result = run_train(*argv, nproc=1, timeout=300)
+    result = train_in_process(*argv)
     assert result.returncode == 2
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
@@ -76,7 +79,8 @@ def tensorboard_scalars(log_dir) -> dict:
             for tag in events.Tags()["scalars"]}, events.Tags()["tensors"]
 
 
-def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, tmp_path, megatron_world):
+def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, tmp_path, megatron_world,
+                                                             torchrun):
     import _megatron_loader as M
 
     data, tokenizer = corpus
@@ -109,12 +113,30 @@ def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, tmp_path, 
     assert resumed == expected  # float32 values, compared exactly
 
 
-def test_resume_under_another_tensor_parallel_size_continues_the_loss(corpus, tmp_path):
+def distributed_optimizer_flags(corpus):
+    """SMALL for 6 iterations on DP2 with the distributed optimizer."""
     data, tokenizer = corpus
-    common = ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--train-iters", "6",
-              "--use-distributed-optimizer"]
-    whole = run_train(*common, "--tensorboard-dir", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-4000:]
+    return ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--train-iters", "6",
+            "--use-distributed-optimizer"]
+
+
+@pytest.fixture(scope="module")
+def distributed_optimizer_run(corpus, torchrun, tmp_path_factory):
+    """(its folder: checkpoint `plain`, TensorBoard `tb-plain`) of one uninterrupted
+    `distributed_optimizer_flags` run, logged every 5 iterations and evaluated at 4 and 6
+    (evaluation changes no weight): what the overlap test compares with and what the resume
+    test continues."""
+    root = tmp_path_factory.mktemp("distributed_optimizer")
+    result = run_train(*distributed_optimizer_flags(corpus), "--log-interval", "5",
+                       "--eval-interval", "4", "--save", root / "plain",
+                       "--tensorboard-dir", root / "tb-plain")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root
+
+
+def test_resume_under_another_tensor_parallel_size_continues_the_loss(
+        corpus, tmp_path, distributed_optimizer_run, torchrun):
+    common = distributed_optimizer_flags(corpus)
     ckpt = tmp_path / "ckpt"
     first = run_train(*common, "--save", str(ckpt), "--exit-interval", "3")
     assert first.returncode == 0, first.stderr[-4000:]
@@ -122,7 +144,7 @@ def test_resume_under_another_tensor_parallel_size_continues_the_loss(corpus, tm
     second = run_train(*common, "--load", str(ckpt), "--tensor-model-parallel-size", "2",
                        "--sequence-parallel", "--tensorboard-dir", str(tmp_path / "tp2"))
     assert second.returncode == 0, second.stderr[-4000:]
-    expected = tensorboard_scalars(tmp_path / "whole")[0]["lm loss"]
+    expected = tensorboard_scalars(distributed_optimizer_run / "tb-plain")[0]["lm loss"]
     resumed = tensorboard_scalars(tmp_path / "tp2")[0]["lm loss"]
     assert sorted(resumed) == [4, 5, 6]
     for step, loss in resumed.items():
@@ -138,7 +160,7 @@ MEGATRON_TWINNED = ["learning-rate", "batch-size", "lm loss", "loss-scale", "wor
                     "grad-norm", "num-zeros", "params-norm"]
 
 
-def test_tensorboard_has_megatron_lm_tags_on_their_schedules(corpus, tmp_path):
+def test_tensorboard_has_megatron_lm_tags_on_their_schedules(corpus, tmp_path, torchrun):
     """A 2-rank MoE run (DP2, distributed optimizer) with every logging flag: Megatron-LM's
     tags with its names, each '... vs samples' twin on the consumed-samples axis, on its
     schedule (--tensorboard-log-interval 2, --log-interval 3, MoE losses every iteration),
@@ -235,37 +257,35 @@ def test_load_refuses_a_checkpoint_of_another_model(corpus, tmp_path):
     data, tokenizer = corpus
     ckpt = tmp_path / "ckpt"
     common = ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--train-iters", "3"]
-    saved = run_train(*common, "--save", str(ckpt), nproc=1)
+    saved = train_in_process(*common, "--save", str(ckpt))
     assert saved.returncode == 0, saved.stderr[-4000:]
     before = sorted(p.name for p in ckpt.iterdir())
     for flags, expected in ((["--norm-placement", "postnorm"], "norm_placement"),
                             (["--hidden-size", "128"], "hidden_size"),
                             (["--make-vocab-size-divisible-by", "1024"], "vocab_size")):
-        result = run_train(*common, "--load", str(ckpt), *flags, nproc=1)
+        result = train_in_process(*common, "--load", str(ckpt), *flags)
         assert result.returncode == 2, result.stderr[-3000:]
         assert expected in result.stderr and str(ckpt) in result.stderr
         assert "Traceback" not in result.stderr
     assert sorted(p.name for p in ckpt.iterdir()) == before
 
 
-def test_overlapped_gradient_reduce_and_parameter_gather_change_nothing(corpus, tmp_path):
+def test_overlapped_gradient_reduce_and_parameter_gather_change_nothing(
+        corpus, tmp_path, distributed_optimizer_run, torchrun):
     """--overlap-grad-reduce --overlap-param-gather (distributed optimizer, DP2, small buckets so
     that there are several): the same losses, validation losses and saved weights, bitwise."""
     from spannorm_megatron.hf.megatron_reader import load_megatron_state
 
-    data, tokenizer = corpus
-    common = ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--train-iters", "6",
-              "--use-distributed-optimizer", "--log-interval", "5", "--eval-interval", "4"]
+    result = run_train(*distributed_optimizer_flags(corpus), "--log-interval", "5",
+                       "--eval-interval", "4", "--overlap-grad-reduce", "--overlap-param-gather",
+                       "--ddp-bucket-size", "20000", "--save", tmp_path / "overlap",
+                       "--tensorboard-dir", tmp_path / "tb-overlap")
+    assert result.returncode == 0, result.stderr[-4000:]
     runs = {}
-    for name, flags in (("plain", []), ("overlap", ["--overlap-grad-reduce",
-                                                    "--overlap-param-gather",
-                                                    "--ddp-bucket-size", "20000"])):
-        result = run_train(*common, *flags, "--save", str(tmp_path / name),
-                           "--tensorboard-dir", str(tmp_path / f"tb-{name}"))
-        assert result.returncode == 0, result.stderr[-4000:]
-        scalars = tensorboard_scalars(tmp_path / f"tb-{name}")[0]
+    for name, root in (("plain", distributed_optimizer_run), ("overlap", tmp_path)):
+        scalars = tensorboard_scalars(root / f"tb-{name}")[0]
         runs[name] = (scalars["lm loss"], scalars["lm loss validation"],
-                      load_megatron_state(str(tmp_path / name))[1])
+                      load_megatron_state(str(root / name))[1])
     (loss, valid, weights), (loss_o, valid_o, weights_o) = runs["plain"], runs["overlap"]
     assert sorted(valid) == [4, 6] and loss_o == loss and valid_o == valid
     assert weights_o.keys() == weights.keys()
@@ -273,21 +293,15 @@ def test_overlapped_gradient_reduce_and_parameter_gather_change_nothing(corpus, 
         assert torch.equal(weights_o[name], weights[name]), name
 
 
-def test_logged_loss_is_token_weighted_and_gradients_follow_the_per_token_flag(tmp_path):
+def test_logged_loss_is_token_weighted_and_gradients_follow_the_per_token_flag(tmp_path,
+                                                                                torchrun):
     """DP2 x 2 micro-batches whose loss masks keep 16, 3, 9 and 1 tokens per row: the logged
     loss is the token-weighted mean over all of them (computed independently on a second copy
     of the model), the gradient is the mean of micro-batch means by default (Megatron-LM's) and
     the token-weighted one with --calculate-per-token-loss."""
-    import json
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(ROOT, "tests", "_loss_worker.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
-    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    result = torchrun(launch.TESTS / "_loss_worker.py", tmp_path, timeout=300)
+    launch.check_launch(result, tmp_path)
+    records = launch.rank_results(tmp_path, 2)
     assert records[0] == records[1]
     for mode, gradient_of in (("default", "microbatch_mean"), ("per_token", "token_weighted")):
         record = records[0][mode]
@@ -309,7 +323,7 @@ def _logged_ms_per_iteration(stdout: str) -> dict:
     return times
 
 
-def test_throughput_leaves_evaluation_and_checkpoint_time_out(corpus, tmp_path):
+def test_throughput_leaves_evaluation_and_checkpoint_time_out(corpus, tmp_path, torchrun):
     """Log every 4 iterations, save at 6 and 12, evaluate at 7 and 14 (40 batches: the time of
     ~13 training steps). Each logged ms/iteration must be the mean of its window's training
     steps, as measured around each `train_step` call (tests/_instrumented_train.py), whatever
@@ -353,6 +367,7 @@ print("STATE", torch.distributed.is_initialized(), signal.getsignal(signal.SIGTE
 """
 
 
+@pytest.mark.slow
 def test_trainer_tears_down_after_an_error(corpus):
     """An exception inside `with Trainer(...)` still destroys the process groups and gives
     SIGTERM its previous handler back."""
@@ -375,23 +390,24 @@ def test_fresh_run_refuses_a_save_directory_with_checkpoints(corpus, tmp_path):
     ckpt = tmp_path / "ckpt"
     common = [*SMALL, "--data-path", data, "--tokenizer-model", tokenizer, "--save", str(ckpt),
               "--save-interval", "2"]
-    first = run_train(*common, "--train-iters", "4", nproc=1)
+    first = train_in_process(*common, "--train-iters", "4")
     assert first.returncode == 0, first.stderr[-3000:]
     before = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
-    again = run_train(*common, "--train-iters", "4", nproc=1)
+    again = train_in_process(*common, "--train-iters", "4")
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert f"--load {ckpt}" in again.stderr and "latest: iteration 4" in again.stderr
     assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_resume_with_another_schedule_is_refused_unless_told_which_to_keep(corpus, tmp_path):
     """Megatron-LM's rule: a schedule that disagrees with the checkpoint's is refused; megatron-
     core alone would keep the checkpoint's and, with a longer --train-iters, train at lr 0."""
     data, tokenizer = corpus
     ckpt = str(tmp_path / "ckpt")
     common = ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL]
-    assert run_train(*common, "--save", ckpt, "--train-iters", "4", nproc=1).returncode == 0
-    refused = run_train(*common, "--save", ckpt, "--load", ckpt, "--train-iters", "8", nproc=1)
+    assert train_in_process(*common, "--save", ckpt, "--train-iters", "4").returncode == 0
+    refused = train_in_process(*common, "--save", ckpt, "--load", ckpt, "--train-iters", "8")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "--lr-decay-iters (lr_decay_steps: checkpoint " in refused.stderr
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
@@ -400,8 +416,8 @@ def test_resume_with_another_schedule_is_refused_unless_told_which_to_keep(corpu
     for choice in ("--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"):
         save = str(tmp_path / choice)
         shutil.copytree(ckpt, save)
-        run = run_train(*common, "--save", save, "--load", save, "--train-iters", "8",
-                        "--tensorboard-dir", str(tmp_path / f"tb{choice}"), choice, nproc=1)
+        run = train_in_process(*common, "--save", save, "--load", save, "--train-iters", "8",
+                               "--tensorboard-dir", str(tmp_path / f"tb{choice}"), choice)
         assert run.returncode == 0, run.stderr[-3000:]
         rates[choice] = tensorboard_scalars(tmp_path / f"tb{choice}")[0]["learning-rate"]
     assert rates["--override-opt-param-scheduler"][6] > 1e-4  # the new cosine over 8 steps
@@ -418,7 +434,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_the_same_seed_gives_the_same_model_on_every_layout(corpus, moe):
+def test_the_same_seed_gives_the_same_model_on_every_layout(corpus, moe, torchrun):
     """The first loss is the initial model's: equal on every layout (to float rounding) because
     every weight is drawn from (seed, its place in the model), whichever rank builds it."""
     data, tokenizer = corpus
@@ -441,6 +457,7 @@ def test_the_same_seed_gives_the_same_model_on_every_layout(corpus, moe):
     assert all(abs(loss - reference) < 5e-6 for loss in first.values()), first
 
 
+@pytest.mark.slow
 def test_resume_with_another_tokenizer_of_the_same_size_is_refused(corpus, tmp_path):
     """The run record keeps the tokenizer's checksum; ids of another tokenizer would load
     without a word and mean other text."""
@@ -450,15 +467,15 @@ def test_resume_with_another_tokenizer_of_the_same_size_is_refused(corpus, tmp_p
     _, other = prepare_corpus(tmp_path, max_bytes=200_000, name="other", tokenizer="other")
     ckpt = str(tmp_path / "ckpt")
     common = ["--data-path", data, *SMALL, "--save", ckpt, "--load", ckpt, "--train-iters", "3"]
-    assert run_train(*common, "--tokenizer-model", tokenizer, nproc=1).returncode == 0
-    refused = run_train(*common, "--tokenizer-model", other, nproc=1)
+    assert train_in_process(*common, "--tokenizer-model", tokenizer).returncode == 0
+    refused = train_in_process(*common, "--tokenizer-model", other)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
     assert "the checkpoint was trained with another tokenizer (--tokenizer-model: " in \
         refused.stderr
     assert f"its file was {tokenizer}" in refused.stderr
 
 
-def test_deepseek_style_recipe_trains_on_two_expert_parallel_ranks(corpus, tmp_path):
+def test_deepseek_style_recipe_trains_on_two_expert_parallel_ranks(corpus, tmp_path, torchrun):
     """The CPU recipe of examples/configs (dense first layer, sigmoid + expert bias, group
     routing, shared expert, q/k norms, z-loss, EP2) trains, with the per-MoE-layer
     TensorBoard tags: expert load, z-loss, expert bias (moved by +-rate per step: a sign rule,
@@ -491,9 +508,9 @@ def test_deepseek_style_recipe_trains_on_two_expert_parallel_ranks(corpus, tmp_p
 
 def test_eval_iters_0_trains_without_evaluating(corpus, tmp_path):
     data, tokenizer = corpus
-    result = run_train("--data-path", data, "--tokenizer-model", tokenizer, *SMALL,
-                       "--train-iters", "3", "--eval-iters", "0", "--eval-interval", "1",
-                       "--tensorboard-dir", str(tmp_path / "tb"), nproc=1)
+    result = train_in_process("--data-path", data, "--tokenizer-model", tokenizer, *SMALL,
+                              "--train-iters", "3", "--eval-iters", "0", "--eval-interval", "1",
+                              "--tensorboard-dir", str(tmp_path / "tb"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(logged_losses(result.stdout)) == [1, 2, 3]
     assert "validation loss" not in result.stdout
