@@ -283,9 +283,14 @@ class Outcome:
     defect: Optional[str]
 
 
+# megatron-core writes the attention backend into these for every model it builds: an example
+# run in this process must not hand them to the next one.
+_WRITTEN_BY_MEGATRON = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
 @contextlib.contextmanager
 def _environment(values: dict):
-    saved = {name: os.environ.get(name) for name in values}
+    saved = {name: os.environ.get(name) for name in (*values, *_WRITTEN_BY_MEGATRON)}
     os.environ.update(values)
     try:
         yield

@@ -16,6 +16,8 @@ REGRESSIONS = {
     43: "MoE with linear biases on one tensor-parallel rank: megatron-core added the expert "
         "bias in place onto an autograd function's output (patches/expert_bias_inplace.py)",
     113: "WORLD_SIZE=0 in the environment: a ZeroDivisionError while laying out batches",
+    241: "WORLD_SIZE=x in the environment: int() raised while laying out batches",
+    254: "--lr-warmup-init above --lr: megatron-core's scheduler asserted",
 }
 CI_SEED, CI_BUDGET_SECONDS = 1000, 75
 
