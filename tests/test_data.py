@@ -10,6 +10,7 @@ scripts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -555,8 +556,17 @@ def test_stale_index_cache_is_refused(tmp_path, paragraphs, tokenizer, tokenizer
     prefix = preprocess(run, log=io.StringIO()).outputs["text"]
     config = DataConfig(seq_length=16, data_path=prefix, split="90,10,0")
     build_gpt_datasets(config, tokenizer, [16, 4, 0])  # caches under <prefix>/cache/
-    os.utime(prefix + ".idx", (os.path.getmtime(prefix + ".idx") + 10,) * 2)  # "re-preprocessed"
-    with pytest.raises(DataError, match="was built before .* last written"):
+    build_gpt_datasets(config, tokenizer, [16, 4, 0])  # the same data: its caches are reused
+    # Replaced by other data with an older mtime, as cp -p or rsync -a copy it.
+    source = _write_jsonl(tmp_path / "in2.jsonl", [{"text": p} for p in paragraphs[200:260]])
+    other = preprocess(dataclasses.replace(run, input=str(source),
+                                           output_prefix=str(tmp_path / "e")),
+                       log=io.StringIO()).outputs["text"]
+    old = os.path.getmtime(prefix + ".idx") - 3600
+    for ext in (".bin", ".idx"):
+        shutil.copyfile(other + ext, prefix + ext)
+        os.utime(prefix + ext, (old, old))
+    with pytest.raises(DataError, match="was built for other data than .* holds now"):
         build_gpt_datasets(config, tokenizer, [16, 4, 0])
 
 

@@ -27,4 +27,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     --no-build-isolation -e "$root"
   echo "$want" > "$stamp"
 fi
+# A shared environment may have been pointed at another checkout by its own setup: the editable
+# install must be this one's (asked from / so that the working directory does not answer).
+installed=$(cd / && "$venv/bin/python" -c \
+  "import os, spannorm_megatron as m; print(os.path.dirname(os.path.dirname(m.__file__)))" \
+  2>/dev/null || true)
+if [ "$installed" != "$root" ]; then
+  echo "[setup_env] installing spannorm_megatron from $root (editable; was: ${installed:-none})" >&2
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+    --no-build-isolation -e "$root" >&2
+fi
 echo "$venv"

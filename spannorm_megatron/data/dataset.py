@@ -24,6 +24,7 @@ ranks then load its caches, so all ranks must call `build_gpt_datasets`.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -242,23 +243,73 @@ def _check_split_has_tokens(prefix: str, split: str) -> None:
             )
 
 
-def _check_cache_is_current(prefix: str, cache_path: Optional[str]) -> None:
-    """Refuse GPTDataset index caches older than the data they were built for."""
+FINGERPRINT_SUFFIX = ".data.json"
+
+
+def data_fingerprint(prefix: str) -> dict:
+    """What identifies the data at `prefix`: both files' sizes and the .idx's SHA-256 (the index
+    of every document; small next to the .bin). Not the mtime, which copies keep (cp -p)."""
+    with open(prefix + ".idx", "rb") as stream:
+        digest = hashlib.sha256(stream.read()).hexdigest()
+    return {"bin_bytes": os.path.getsize(prefix + ".bin"),
+            "idx_bytes": os.path.getsize(prefix + ".idx"), "idx_sha256": digest}
+
+
+def _cache_descriptions(prefix: str, cache_path: Optional[str]) -> List[str]:
+    """megatron-core's GPTDataset cache descriptions built from `prefix`."""
     directory = cache_path or os.path.join(prefix, "cache", "GPTDataset_indices")
-    idx_mtime = os.path.getmtime(prefix + ".idx")
+    found = []
     for description in glob.glob(os.path.join(directory, "*GPTDataset*description.txt")):
         try:
             with open(description, encoding="utf-8") as stream:
-                dataset_path = json.load(stream).get("dataset_path")
+                if json.load(stream).get("dataset_path") == prefix:
+                    found.append(description)
         except (OSError, ValueError):
             continue
-        if dataset_path == prefix and os.path.getmtime(description) < idx_mtime:
+    return found
+
+
+def _check_cache_is_current(prefix: str, cache_path: Optional[str]) -> None:
+    """Refuse GPTDataset index caches built for other data at this prefix: megatron-core names
+    them after the dataset's settings, not its content, and would reuse them."""
+    fingerprint = None
+    for description in _cache_descriptions(prefix, cache_path):
+        try:
+            with open(description + FINGERPRINT_SUFFIX) as stream:
+                recorded = json.load(stream)
+        except (OSError, ValueError):
+            recorded = None
+        if recorded is None:  # built before fingerprints: judged by time, as then
+            stale = os.path.getmtime(description) < os.path.getmtime(prefix + ".idx")
+        else:
+            fingerprint = fingerprint or data_fingerprint(prefix)
+            stale = recorded != fingerprint
+        if stale:
             raise DataError(
-                f"The GPTDataset index cache '{description}' (and its .npy files) was built "
-                f"before '{prefix}.idx' was last written, so it describes older data; "
-                "megatron-core would reuse it. Delete the stale cache files (or the whole "
-                f"'{directory}' directory) and run again; they are rebuilt automatically."
+                f"The GPTDataset index cache '{description}' (and its .npy files) was built for "
+                f"other data than '{prefix}' holds now (its files were replaced); megatron-core "
+                "would reuse it. Delete the stale cache files (or the whole "
+                f"'{os.path.dirname(description)}' directory) and run again; they are rebuilt "
+                "automatically."
             )
+
+
+def record_cache_fingerprints(prefixes: Sequence[str], cache_path: Optional[str]) -> None:
+    """After a build: tie each cache of `prefixes` to the data it was built from."""
+    for prefix in prefixes:
+        fingerprint = None
+        for description in _cache_descriptions(prefix, cache_path):
+            path = description + FINGERPRINT_SUFFIX
+            if os.path.exists(path):
+                continue
+            fingerprint = fingerprint or data_fingerprint(prefix)
+            tmp = f"{path}.tmp{os.getpid()}"
+            try:
+                with open(tmp, "w") as stream:
+                    json.dump(fingerprint, stream)
+                os.replace(tmp, path)
+            except OSError:
+                pass  # a read-only cache: checked by time on the next run
 
 
 def check_data_prefixes(
@@ -393,11 +444,13 @@ def build_gpt_datasets(
             f"epoch), got {num_samples}."
         )
     cache_path = effective_cache_path(config)
-    check_data_prefixes(config, sizes, cache_path)
+    prefixes = check_data_prefixes(config, sizes, cache_path)
     builder = BlendedMegatronDatasetBuilder(
         MockGPTDataset if config.mock_data else GPTDataset,
         sizes,
         is_built_on_rank or (lambda: True),
         gpt_dataset_config(config, tokenizer, cache_path),
     )
-    return tuple(builder.build())
+    datasets = tuple(builder.build())
+    record_cache_fingerprints(prefixes, cache_path)
+    return datasets
