@@ -18,7 +18,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spannorm_megatron.checkpoint import state as ckpt_state
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 

@@ -31,7 +31,7 @@ import _checkpoint as H  # noqa: E402
 import torch  # noqa: E402
 
 from spannorm_megatron.checkpoint import load_checkpoint, manifest, save_checkpoint  # noqa: E402
-from spannorm_megatron.config import ParallelConfig  # noqa: E402
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.runtime import destroy, initialize  # noqa: E402
 
 RESUME_STEPS = 3

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig  # noqa: E402
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.model import build_model, transformer_config  # noqa: E402
 from spannorm_megatron.runtime import current_device, destroy, initialize, set_seed  # noqa: E402
 from spannorm_megatron.training.loop import train_step  # noqa: E402

@@ -17,7 +17,8 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.metrics import MoEMetrics, StabilitySignals
 from spannorm_megatron.metrics.params_norm import params_l2_norm
 from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss

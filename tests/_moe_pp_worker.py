@@ -21,7 +21,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.runtime import current_device, destroy, initialize
 from spannorm_megatron.training.gpt_step import forward_step
 from spannorm_megatron.training.loop import train_step

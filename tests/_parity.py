@@ -20,7 +20,8 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe import moe_utils
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.metrics.moe import MoEMetrics, reduce_router_losses
 from spannorm_megatron.placements import PLACEMENTS
 from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss

@@ -26,7 +26,7 @@ from functools import partial
 import torch
 
 from spannorm_megatron import runtime
-from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 
 VOCAB = 128
 SEQ = 16

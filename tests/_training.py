@@ -8,14 +8,14 @@ import subprocess
 import sys
 from typing import Optional, Tuple
 
-from spannorm_megatron.config import recipe_flags
+from spannorm_megatron.config.model import recipe_flags
 
 # Strict device mode (runtime/strict_devices.py): a tensor a GPU run would hold on the wrong device
 # fails on CPU too. Multi-rank tests of the loop, the tools and the lab run under it.
 STRICT_DEVICES = {"SPANNORM_STRICT_DEVICES": "1"}
 
 # The run every test trains unless it says otherwise: the project's recipe
-# (spannorm_megatron.config.MODERN_RECIPE) and optimizer settings, spelled as Megatron-LM flags
+# (spannorm_megatron.config.model_values.MODERN_RECIPE) and optimizer settings, spelled as Megatron-LM flags
 # (whose defaults describe GPT-2), with data loading in the training process.
 RECIPE = [*recipe_flags(), "--tokenizer-type", "SentencePieceTokenizer", "--adam-beta2", "0.95",
           "--lr-decay-style", "cosine", "--num-workers", "0"]

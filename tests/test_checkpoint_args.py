@@ -25,9 +25,9 @@ from _training import RECIPE, logged_losses, run_train
 from spannorm_megatron.checkpoint import read_run_record
 from spannorm_megatron.checkpoint.run_record import compare, saved_model_config
 from spannorm_megatron.cli import run_cli
+from spannorm_megatron.config.options import flag_of, options
 from spannorm_megatron.data.tokenizer import build_tokenizer
 from spannorm_megatron.errors import ConfigError
-from spannorm_megatron.options import flag_of, options
 from spannorm_megatron.training.arguments import (
     SECTIONS,
     model_config,
@@ -196,7 +196,7 @@ def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(saved, tmp_path
 def test_use_checkpoint_args_takes_every_field_the_model_check_compares():
     """The two agree by construction: what a resume must match, --use-checkpoint-args takes."""
     from spannorm_megatron.checkpoint.run_record import _architecture
-    from spannorm_megatron.config import ModelConfig
+    from spannorm_megatron.config.model import ModelConfig
     from spannorm_megatron.training import checkpoint_args as C
 
     # Every conditional entry of the comparison present: learned positions, SpanNorm, forward
@@ -216,7 +216,7 @@ def test_vocab_file_tokenizers_also_compare_max_positions_and_padding(megatron_w
     weights (rope positions here)."""
     import _checkpoint as H
     from spannorm_megatron.checkpoint import save_checkpoint
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
     from spannorm_megatron.runtime import set_seed
     from spannorm_megatron.training.checkpoint_args import check_model_matches
 

@@ -16,9 +16,9 @@ from collections import defaultdict
 import pytest
 
 from _training import SMALL, STRICT_DEVICES, run_train
+from spannorm_megatron.config.logging import LoggingConfig
 from spannorm_megatron.lab.grid import read_results
 from spannorm_megatron.metrics.collapse import CollapseAlarm, layer_ranges
-from spannorm_megatron.training.config import LoggingConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = os.path.join(ROOT, "docs", "stability", "grid", "results.jsonl.gz")

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from spannorm_megatron.config import ConfigError, ModelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.placements import PLACEMENTS, get_placement
 from spannorm_megatron.training.arguments import model_config, parse_args
 
@@ -61,7 +62,8 @@ def test_bad_config_fails_before_any_process_group_work():
     """A fresh interpreter: the error comes from the config alone, with no distributed setup."""
     code = (
         "import torch.distributed as dist\n"
-        "from spannorm_megatron.config import ModelConfig, ConfigError\n"
+        "from spannorm_megatron.config.model import ModelConfig\n"
+        "from spannorm_megatron.errors import ConfigError\n"
         "try:\n"
         "    ModelConfig.recommended(num_experts=2, moe_router_topk=3)\n"
         "except ConfigError as e:\n"
@@ -82,7 +84,7 @@ def test_numeric_scale_init_accepted_and_round_trips():
         ModelConfig.from_dict({"hiden_size": 3})
 
 
-from spannorm_megatron.config import ParallelConfig  # noqa: E402
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ParallelLayoutError  # noqa: E402
 from spannorm_megatron.model.partition import check_model_fits_layout  # noqa: E402
 
@@ -146,9 +148,9 @@ def test_cli_refuses_bad_layout_before_building(flags, expected):
 def test_performance_choices_become_megatron_core_config_fields():
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
     from spannorm_megatron.model import transformer_config
-    from spannorm_megatron.training.performance import PerformanceConfig
+    from spannorm_megatron.config.performance import PerformanceConfig
 
     performance = PerformanceConfig(
         bf16=True, fp8_format="hybrid", fp8_recipe="tensorwise", fp8_amax_history_len=16,

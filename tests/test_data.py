@@ -405,7 +405,7 @@ SEQ = 32
 
 
 def _data_config(prefix, cache, **kw):
-    from spannorm_megatron.data.dataset import DataConfig
+    from spannorm_megatron.config.data import DataConfig
 
     return DataConfig(seq_length=SEQ, data_path=prefix, split="80,10,10",
                       data_cache_path=str(cache), **kw)
@@ -497,7 +497,8 @@ def test_weighted_blend(work, dataset_prefix, tokenizer):
 
 def test_mismatched_idx_bin_and_missing_data_path(work, tmp_path, dataset_prefix, tokenizer,
                                                   tokenizer_model):
-    from spannorm_megatron.data.dataset import DataConfig, build_gpt_datasets
+    from spannorm_megatron.config.data import DataConfig
+    from spannorm_megatron.data.dataset import build_gpt_datasets
     from spannorm_megatron.data.indexed import check_indexed_dataset
     from spannorm_megatron.data.preprocess import PreprocessConfig, preprocess
 
@@ -543,7 +544,8 @@ def test_mismatched_idx_bin_and_missing_data_path(work, tmp_path, dataset_prefix
 
 
 def test_stale_index_cache_is_refused(tmp_path, paragraphs, tokenizer, tokenizer_model):
-    from spannorm_megatron.data.dataset import DataConfig, build_gpt_datasets
+    from spannorm_megatron.config.data import DataConfig
+    from spannorm_megatron.data.dataset import build_gpt_datasets
     from spannorm_megatron.data.preprocess import PreprocessConfig, preprocess
 
     source = _write_jsonl(tmp_path / "in.jsonl", [{"text": p} for p in paragraphs[:200]])

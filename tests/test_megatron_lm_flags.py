@@ -20,7 +20,7 @@ parsers know, `differences()` compares, by kind:
   either side's own (Megatron-LM's moe_freq_type, our union parsers) is judged by meaning only.
 - nargs; choices (ours: argparse's, or the choices the field declares and its converter checks).
 - default: the dest's value when the flag is absent, compared as JSON (an enum member as its
-  name). Our flags declared with `fallback=` (options.py) have no value until `parse_args` copies
+  name). Our flags declared with `fallback=` (config/options.py) have no value until `parse_args` copies
   the other flag's: they match only where Megatron-LM fills the same dest from the same flag after
   parsing (the table's fallbacks_after_parse: `--lr-decay-iters` from `--train-iters`);
   elsewhere the effective default differs and is reported (`--max-position-embeddings` falls
@@ -43,8 +43,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from spannorm_megatron.config.options import fill_fallbacks, options
 from spannorm_megatron.errors import ConfigError, UserError
-from spannorm_megatron.options import fill_fallbacks, options
 from spannorm_megatron.training import arguments
 
 TABLE = Path(__file__).parent / "data" / "megatron_lm" / "arguments_core_v0.16.1.json"

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _training import RECIPE, logged_losses, run_train  # noqa: E402
 
-from spannorm_megatron.config import ModelConfig  # noqa: E402
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.errors import ConfigError  # noqa: E402
 from spannorm_megatron.placements import PLACEMENTS  # noqa: E402
 from spannorm_megatron.training.arguments import model_config, parse_args  # noqa: E402
@@ -403,7 +403,7 @@ def test_mla_local_checkpoint_keys_are_the_fused_names_and_round_trip(seeded, tm
 
 
 def test_mla_tensor_parallel_sizes_are_checked():
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
     from spannorm_megatron.errors import ParallelLayoutError
     from spannorm_megatron.model.partition import check_model_fits_layout
 
@@ -417,7 +417,8 @@ def test_mla_tensor_parallel_sizes_are_checked():
 
 # ------------------------------------------------------------------------------------ data
 def _datasets(tokenizer, **fields):
-    from spannorm_megatron.data.dataset import DataConfig, build_gpt_datasets
+    from spannorm_megatron.config.data import DataConfig
+    from spannorm_megatron.data.dataset import build_gpt_datasets
 
     config = DataConfig(seq_length=SEQ, mock_data=True, **fields)
     return config, build_gpt_datasets(config, tokenizer, [8, 4, 4])
@@ -704,7 +705,8 @@ def test_deepseek_v2_lite_recipe_trains_on_two_ranks_and_its_checkpoint_reads(me
     config, model = load_megatron_model(str(save))
     assert config.multi_latent_attention and config.kv_lora_rank == 16
     # The run's final validation: its 2 batches of 4 mock samples, through the one-process model.
-    from spannorm_megatron.data.dataset import DataConfig, build_gpt_datasets, num_samples_for
+    from spannorm_megatron.config.data import DataConfig
+    from spannorm_megatron.data.dataset import build_gpt_datasets, num_samples_for
     from spannorm_megatron.data.loader import build_data_loader, iterate_batches
     from spannorm_megatron.data.tokenizer import build_tokenizer
 

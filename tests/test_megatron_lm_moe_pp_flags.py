@@ -19,7 +19,8 @@ import torch
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
 from _training import SMALL, STRICT_DEVICES, logged_losses, run_train
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ConfigError, ParallelLayoutError
 from spannorm_megatron.hf.errors import ConversionError
 from spannorm_megatron.hf.export import choose_family

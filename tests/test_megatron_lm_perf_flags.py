@@ -43,7 +43,7 @@ def test_precision_flags_reach_megatron_core(corpus):
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer.enums import AttnBackend
 
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
     from spannorm_megatron.model import transformer_config
     from spannorm_megatron.training.arguments import model_config
 
@@ -205,7 +205,8 @@ def test_manual_gc_collects_where_megatron_lm_does(tmp_path):
     """--manual-gc: the automatic collector is off from the start; full collections at the
     start, every --manual-gc-interval steps and before evaluations, the youngest generation
     after them; the process gets its collector back at the end."""
-    from spannorm_megatron.training.hooks import RunHooks, RunHooksConfig
+    from spannorm_megatron.training.hooks import RunHooks
+    from spannorm_megatron.config.hooks import RunHooksConfig
 
     collections = []
 

@@ -12,7 +12,9 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from _training import SMALL
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig, parse_moe_layer_freq
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.model_values import parse_moe_layer_freq
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.model import build_gpt_model, transformer_config
 from spannorm_megatron.model.norms import RMSNorm

@@ -1,4 +1,4 @@
-"""Each configuration field is declared once (spannorm_megatron.options): the flags, the YAML
+"""Each configuration field is declared once (spannorm_megatron.config.options): the flags, the YAML
 keys, `--help` and the checks all come from the declarations. The bad values fed here are
 derived from each field's declared type and range, so a new flag is covered without editing
 this file."""
@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 
 from spannorm_megatron.cli import run_cli
+from spannorm_megatron.config.options import _base_type, declared, flag_of, invalid_values, options
 from spannorm_megatron.errors import UserError
-from spannorm_megatron.options import _base_type, declared, flag_of, invalid_values, options
 from spannorm_megatron.train import main as train_main
 from spannorm_megatron.training.arguments import SECTIONS, build_parser, parse_args
 
@@ -194,7 +194,7 @@ def test_cross_field_checks_run_at_parse_time():
 
 def test_a_new_field_becomes_a_checked_flag():
     """What adding a field takes: one declaration."""
-    from spannorm_megatron.options import add_arguments, check, from_namespace, option
+    from spannorm_megatron.config.options import add_arguments, check, from_namespace, option
     import argparse
 
     @dataclasses.dataclass

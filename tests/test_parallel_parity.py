@@ -17,7 +17,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 import _parity
-from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.model import build_gpt_model, transformer_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))

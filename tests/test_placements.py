@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from spannorm_megatron import placements
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.hf.rules import REMOTE_CODE_PLACEMENTS
 from spannorm_megatron.placements import MEGATRON_LAYER, PLACEMENTS, Placement, register
 
 
 def test_the_registry_imports_without_torch():
-    code = ("import sys, spannorm_megatron.placements, spannorm_megatron.config;"
+    code = ("import sys, spannorm_megatron.placements, spannorm_megatron.config.model;"
             "assert 'torch' not in sys.modules and 'megatron' not in sys.modules, "
             "sorted(m for m in sys.modules if m.startswith(('torch', 'megatron')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

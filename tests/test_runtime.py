@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from spannorm_megatron import runtime
-from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.runtime import distributed as runtime_distributed
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.model import build_gpt_model, transformer_config
 
 SIGMA = 0.05

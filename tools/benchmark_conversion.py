@@ -57,7 +57,8 @@ def _stage_create(size: str, ckpt: str) -> dict:
     import torch
 
     from spannorm_megatron.checkpoint import save_checkpoint
-    from spannorm_megatron.config import ModelConfig, ParallelConfig
+    from spannorm_megatron.config.model import ModelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
     from spannorm_megatron.model import build_gpt_model, transformer_config
     from spannorm_megatron.runtime import initialize
 

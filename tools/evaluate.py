@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     quiet()
     import torch
 
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
     from spannorm_megatron.data.tokenizer_args import given_tokenizer_flags
     from spannorm_megatron.evaluation import models
     from spannorm_megatron.evaluation.scoring import (

@@ -25,7 +25,8 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 
 from .errors import CheckpointError
 from .naming import RUN_RECORD_FILENAME

@@ -29,6 +29,11 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
 import numpy
 
+from spannorm_megatron.config.tokenizer import (
+    TokenizerConfig,
+    check_tokenizer_args,
+    tokenizer_config,
+)
 from spannorm_megatron.data.documents import (
     Record,
     RecordDecoder,
@@ -44,11 +49,6 @@ from spannorm_megatron.data.indexed import (
     output_prefix,
 )
 from spannorm_megatron.data.progress import ProgressPrinter, Throughput
-from spannorm_megatron.data.tokenizer_args import (
-    TokenizerConfig,
-    check_tokenizer_args,
-    tokenizer_config,
-)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.hf.errors import ConversionError, check_destination
 from spannorm_megatron.hf.families import FAMILIES, Family
 from spannorm_megatron.hf.megatron_reader import ConfigSource, MegatronCheckpoint

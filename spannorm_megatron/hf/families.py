@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.hf.errors import ConversionError
 from spannorm_megatron.hf.layout import Group
 from spannorm_megatron.hf.rules import export_rule

@@ -27,15 +27,15 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.checkpoint import save_checkpoint
+from spannorm_megatron.checkpoint.streaming import StreamingSaveStrategy
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.hf.errors import (
     ConversionError,
     check_destination,
     tensor_mismatches,
 )
 from spannorm_megatron.hf.families import model_config_from_hf
-from spannorm_megatron.checkpoint import save_checkpoint
-from spannorm_megatron.checkpoint.streaming import StreamingSaveStrategy
 from spannorm_megatron.hf.layout import CheckpointLayout, Group, megatron_groups
 from spannorm_megatron.hf.safetensors_io import SafetensorsFolder
 

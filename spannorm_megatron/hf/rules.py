@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Tuple
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.hf.errors import ConversionError
 from spannorm_megatron.placements import Placement, get_placement, no_residual_scale

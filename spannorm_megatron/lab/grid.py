@@ -911,7 +911,7 @@ def branch_factor(placement: str, depth: int, scale_init: str) -> float:
     """Scale Init's factor c (spannorm_megatron.model.scale_init.branch_scale_factor): output
     projections drawn with c * sigma (scale_mode init) or branch outputs multiplied by c
     (forward)."""
-    from spannorm_megatron.config import ModelConfig
+    from spannorm_megatron.config.model import ModelConfig
     from spannorm_megatron.model.scale_init import branch_scale_factor
 
     return branch_scale_factor(ModelConfig.recommended(
@@ -952,7 +952,7 @@ def write_csv(path: str, rows: List[dict]) -> None:
 def _collapse_threshold() -> float:
     """The collapse alarm's default (--collapse-grad-ratio), so the grid counts collapses as a
     training run would warn about them."""
-    from spannorm_megatron.training.config import LoggingConfig
+    from spannorm_megatron.config.logging import LoggingConfig
 
     return LoggingConfig().collapse_grad_ratio
 

@@ -60,7 +60,7 @@ from typing import Optional, Union
 
 import torch
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 
 PEAK_TFLOPS_ENV = "SPANNORM_PEAK_TFLOPS"
 """Environment variable: peak dense TFLOP/s of one device, overriding the table (any device)."""

@@ -17,7 +17,7 @@ from megatron.core.transformer.moe.router_replay import RouterReplay
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 from megatron.core.utils import init_method_normal
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.model.fusions import runnable_fusions
 from spannorm_megatron.model.moe_kernels import check_moe_kernels
 from spannorm_megatron.model.scale_init import output_projection_std

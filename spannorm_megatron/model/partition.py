@@ -6,7 +6,8 @@ checking them up front turns each into one message that names the sizes and the 
 
 from __future__ import annotations
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ConfigError, ParallelLayoutError
 from spannorm_megatron.model.specs import transformer_engine_available
 

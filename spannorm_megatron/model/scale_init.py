@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Union
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.placements import get_placement
 
 

@@ -34,7 +34,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.model.layers import NormPlacementLayer, NormPlacementSubmodules
 from spannorm_megatron.model.mla import mla_spec
 from spannorm_megatron.model.norms import Norm

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ParallelLayoutError
 
 from .cpu import enable_cpu_runtime

@@ -1,6 +1,6 @@
 """Command-line flags of `spannorm-train`, generated from the configuration dataclasses.
 
-Each flag is a field of one of `SECTIONS` (`spannorm_megatron.options`): its doc, default,
+Each flag is a field of one of `SECTIONS` (`spannorm_megatron.config.options`): its doc, default,
 Megatron-LM name and valid range are declared there once. A YAML config (`--config FILE`) holds
 the same flags as keys (dashes or underscores, e.g. `num-layers: 8`), checked as the flags are;
 flags on the command line override it. `model_config(args)`, `parallel_config(args)`, ... turn
@@ -12,72 +12,39 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import yaml
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
-from spannorm_megatron.data.dataset import LEGACY_SPLIT, DataConfig
-from spannorm_megatron.data.tokenizer_args import TokenizerConfig
-from spannorm_megatron.errors import ConfigError
-from spannorm_megatron.options import (
+from spannorm_megatron.config.checkpoint import CheckpointConfig
+from spannorm_megatron.config.data import LEGACY_SPLIT, DataConfig
+from spannorm_megatron.config.hooks import RunHooksConfig
+from spannorm_megatron.config.logging import LoggingConfig, MetricsLoggingConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.options import (
     add_arguments,
-    check,
     check_paths,
     coerce,
     fill_fallbacks,
     from_namespace,
     missing_required,
-    option,
     options,
 )
+from spannorm_megatron.config.parallel import ParallelConfig
+from spannorm_megatron.config.performance import PerformanceConfig
+from spannorm_megatron.config.spellings import MegatronSpellings
+from spannorm_megatron.config.tokenizer import TokenizerConfig
+from spannorm_megatron.config.training import TrainingConfig
+from spannorm_megatron.config.unavailable import Unavailable
+from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.training import megatron_lm
-from spannorm_megatron.training.config import (
-    CheckpointConfig,
-    LoggingConfig,
-    MetricsLoggingConfig,
-    TrainingConfig,
-)
-from spannorm_megatron.training.hooks import RunHooksConfig
-from spannorm_megatron.training.performance import PerformanceConfig
-from spannorm_megatron.training.unavailable import Unavailable
-
-
-@dataclass
-class MegatronSpellings:
-    """Megatron-LM flags that say what another flag says, accepted so that its scripts run."""
-
-    group_query_attention: bool = option(
-        False, "Use --num-query-groups key/value heads; without it they count as one per head "
-        "(Megatron-LM's switch).")
-    num_layers_per_virtual_pipeline_stage: Optional[int] = option(
-        None, "Another way to give --num-virtual-stages-per-pipeline-rank: layers per model "
-        "chunk.", at_least=1)
-    make_vocab_size_divisible_by: int = option(
-        128, "Pad the tokenizer's vocabulary to a multiple of this x the TP size.", at_least=1)
-    use_rotary_position_embeddings: bool = option(
-        False, "Deprecated spelling of --position-embedding-type rope (Megatron-LM's): sets it.")
-    add_position_embedding: bool = option(
-        True, "Deprecated (Megatron-LM's): --no-position-embedding says the model has no "
-        "learned position embedding, which only --position-embedding-type rope (or the "
-        "deprecated --use-rotary-position-embeddings) gives; with another type it is refused, "
-        "as Megatron-LM refuses it.", flag="--no-position-embedding", negative=True)
-
-
-    deprecated_use_mcore_models: bool = option(
-        False, "Build megatron-core models: what this stack always does (Megatron-LM's "
-        "deprecated switch; accepted, a no-op).", flag="--use-mcore-models")
-
-    def __post_init__(self) -> None:
-        check(self)
 
 
 SECTIONS = (
     ("model", ModelConfig),
     ("parallelism", ParallelConfig),
     ("training", TrainingConfig),
-    ("precision, recompute and overlap (see spannorm_megatron.training.performance)",
+    ("precision, recompute and overlap (see spannorm_megatron.config.performance)",
      PerformanceConfig),
     ("data", DataConfig),
     ("tokenizer", TokenizerConfig),
@@ -88,7 +55,7 @@ SECTIONS = (
      RunHooksConfig),
     ("Megatron-LM spellings", MegatronSpellings),
     ("Megatron-LM flags refused here, or without effect (see "
-     "spannorm_megatron.training.unavailable)", Unavailable),
+     "spannorm_megatron.config.unavailable)", Unavailable),
 )
 
 

@@ -47,9 +47,9 @@ from spannorm_megatron.checkpoint import (
 )
 from spannorm_megatron.checkpoint.run_record import _ROUTING_FIELDS as ROUTING_FIELDS
 from spannorm_megatron.checkpoint.run_record import compare, saved_model_config
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.options import flag_of, options
 from spannorm_megatron.errors import ConfigError
-from spannorm_megatron.options import flag_of, options
 
 # ModelConfig fields taken only where the command line (or --config) leaves them unset (None):
 # Megatron-LM's _set_arg without force. The dispatcher has a default, so is never taken there

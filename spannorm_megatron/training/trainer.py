@@ -37,6 +37,9 @@ from spannorm_megatron.checkpoint import (
     save_checkpoint,
 )
 from spannorm_megatron.checkpoint.save import clean_debris
+from spannorm_megatron.config.hooks import RunHooksConfig
+from spannorm_megatron.config.options import from_namespace
+from spannorm_megatron.config.tokenizer import tokenizer_config
 from spannorm_megatron.data.dataset import (
     build_gpt_datasets,
     check_data_prefixes,
@@ -44,13 +47,12 @@ from spannorm_megatron.data.dataset import (
 )
 from spannorm_megatron.data.loader import build_data_iterators
 from spannorm_megatron.data.tokenizer import build_tokenizer, check_data_fits_vocab
-from spannorm_megatron.data.tokenizer_args import tokenizer_config, tokenizer_sha256
+from spannorm_megatron.data.tokenizer_args import tokenizer_sha256
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.metrics.wandb import WandbLogger, check_wandb
 from spannorm_megatron.model.fusions import describe as describe_fusions
 from spannorm_megatron.model.moe_kernels import check_moe_kernels
 from spannorm_megatron.model.partition import check_model_fits_layout
-from spannorm_megatron.options import from_namespace
 from spannorm_megatron.runtime import check_launch, current_device, destroy, initialize
 from spannorm_megatron.training.arguments import (
     data_config,
@@ -63,7 +65,7 @@ from spannorm_megatron.training.arguments import (
 from spannorm_megatron.training.checkpoint_args import check_model_matches
 from spannorm_megatron.training.gpt_step import forward_step
 from spannorm_megatron.training.guards import ExitConditions, NonFiniteGuard, SpikeDetector
-from spannorm_megatron.training.hooks import RunHooks, RunHooksConfig
+from spannorm_megatron.training.hooks import RunHooks
 from spannorm_megatron.training.loop import (
     StepResult,
     ThroughputWindow,
@@ -72,9 +74,9 @@ from spannorm_megatron.training.loop import (
     train_step,
 )
 from spannorm_megatron.training.monitor import RunMonitor
-from spannorm_megatron.training.performance import initialize_tp_comm_overlap
 from spannorm_megatron.training.schedule import batch_layout, lr_scheduler, optimizer_config
 from spannorm_megatron.training.setup import gather_updated_parameters, setup_model_and_optimizer
+from spannorm_megatron.training.setup import initialize_tp_comm_overlap
 
 
 def print_rank_0(message: str) -> None:

@@ -32,7 +32,7 @@ def flops_per_token(preset: str, seq_length: int, placement: str):
         sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
         from benchmark import PRESETS
 
-        from spannorm_megatron.config import ModelConfig
+        from spannorm_megatron.config.model import ModelConfig
         from spannorm_megatron.metrics import flops_per_token as fpt
     except Exception:  # noqa: BLE001 - a report, not a gate
         return None

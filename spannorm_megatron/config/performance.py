@@ -22,9 +22,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.options import check, option
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ConfigError
-from spannorm_megatron.options import check, option
 
 FP8_FORMATS = ("hybrid", "e4m3")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
@@ -373,27 +374,6 @@ class PerformanceConfig:
                     loss_scale=self.loss_scale, initial_loss_scale=self.initial_loss_scale,
                     min_loss_scale=self.min_loss_scale, loss_scale_window=self.loss_scale_window,
                     hysteresis=self.hysteresis)
-
-
-def initialize_tp_comm_overlap(performance: PerformanceConfig, *, seq_length: int,
-                               micro_batch_size: int, hidden_size: int,
-                               tensor_model_parallel_size: int) -> None:
-    """Set up Transformer Engine's userbuffers for ``--tp-comm-overlap`` (after the process
-    groups exist, before the model is built), sized as Megatron-LM sizes them: one sequence of
-    micro-batch tokens by the hidden size. Nothing happens without the flag."""
-    if not performance.tp_comm_overlap:
-        return
-    from transformer_engine.pytorch.module import base
-
-    # TE 2.8+ takes the buffers' quantization modes (`use_fp8` is deprecated there): FP8 GEMMs
-    # communicate in FP8, and the layers kept in bf16 under --first-last-layers-bf16 in bf16.
-    modes = [base.UserBufferQuantizationMode.NONE]
-    if performance.fp8_format is not None:
-        modes = [base.UserBufferQuantizationMode.FP8] + (
-            modes if performance.first_last_layers_bf16 else [])
-    base.initialize_ub(shape=[seq_length * micro_batch_size, hidden_size],
-                       tp_size=tensor_model_parallel_size, quantization_modes=modes,
-                       dtype=performance.params_dtype)
 
 
 def _device_capability() -> Tuple[int, int]:
