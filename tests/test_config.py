@@ -10,7 +10,7 @@ import torch
 from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.placements import PLACEMENTS, get_placement
-from spannorm_megatron.training.arguments import model_config, parse_args
+from spannorm_megatron.training.arguments import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,13 +177,13 @@ def test_num_query_groups_takes_effect_only_with_group_query_attention():
     """Megatron-LM reads --num-query-groups only under --group-query-attention; so do we."""
     from _training import SMALL
 
-    from spannorm_megatron.training.arguments import model_config, parse_args
+    from spannorm_megatron.training.arguments import parse_args
 
     base = [*SMALL, "--num-attention-heads", "8", "--hidden-size", "64", "--num-query-groups",
             "2"]
-    ignored = model_config(parse_args(base), vocab_size=512)
+    ignored = parse_args(base).model
     assert ignored.num_query_groups is None and ignored.resolved_num_query_groups == 8
-    grouped = model_config(parse_args(base + ["--group-query-attention"]), vocab_size=512)
+    grouped = parse_args(base + ["--group-query-attention"]).model
     assert grouped.resolved_num_query_groups == 2
 
 
@@ -192,6 +192,6 @@ def test_num_query_groups_takes_effect_only_with_group_query_attention():
 def test_every_example_config_parses_into_a_model_config(name):
     # The recipes are documentation users copy: each must pass the same parse-time checks as a
     # command line (declared keys, ranges, cross-field checks) and describe a buildable model.
-    args = parse_args(["--config", os.path.join(ROOT, "examples", "configs", name)])
-    config = model_config(args, vocab_size=32000)
-    assert config.num_layers == args.num_layers >= 1
+    job = parse_args(["--config", os.path.join(ROOT, "examples", "configs", name)])
+    config = job.with_vocab_size(32000).model
+    assert config.num_layers == job.flags["num_layers"] >= 1

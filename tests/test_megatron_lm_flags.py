@@ -124,8 +124,8 @@ def _argv(flags: Dict[str, str]) -> List[str]:
 
 
 def _parse(argv: List[str]):
-    """Our namespace for BASE_ARGV + argv: what `parse_args` returns (the parser is built once;
-    test_parse_matches_parse_args keeps the two equal). Where parse_args' checks refuse the
+    """Our namespace for BASE_ARGV + argv: the flags `parse_args` resolves (the parser is built
+    once; test_parse_matches_parse_args keeps the two equal). Where parse_args' checks refuse the
     combination, argparse's namespace with fallbacks filled: the value a flag stores does not
     depend on them. ConfigError if argparse itself refuses."""
     full = _argv(BASE_ARGV) + argv
@@ -313,7 +313,7 @@ def report(found: List[Difference]) -> str:
 # ---------------------------------------------------------------------------- tests
 def test_parse_matches_parse_args():
     """_parse is parse_args (with BASE_ARGV), so the meaning checks see what a run sees."""
-    assert vars(_parse([])) == vars(arguments.parse_args(_argv(BASE_ARGV)))
+    assert vars(_parse([])) == arguments.parse_args(_argv(BASE_ARGV)).recorded_args()
 
 
 def test_table_is_megatron_lm_core_v0_16_1():

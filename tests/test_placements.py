@@ -63,7 +63,7 @@ def test_a_toy_placement_is_one_entry_config_model_and_export(toy, seeded):
 
     from _training import SMALL
 
-    assert parse_args([*SMALL, "--norm-placement", toy]).norm_placement == toy
+    assert parse_args([*SMALL, "--norm-placement", toy]).model.norm_placement == toy
     shapes = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64,
                   max_sequence_length=16, transformer_impl="local")
     tokens = torch.randint(0, 64, (2, 8))

@@ -132,19 +132,11 @@ class DataConfig:
             check(self)
         except ConfigError as error:
             raise DataError(str(error)) from None
-        per_split = any(
-            _tokens(p) for p in (self.train_data_path, self.valid_data_path, self.test_data_path)
-        )
-        sources = int(self.mock_data) + int(bool(_tokens(self.data_path))) + int(per_split)
+        sources = count_sources(self.data_path, self.train_data_path, self.valid_data_path,
+                                self.test_data_path, self.mock_data)
         if sources != 1:
-            raise DataError(
-                "Give the data as one of: --data-path (split by --split), "
-                "--train-data-path/--valid-data-path/--test-data-path, or --mock-data "
-                f"(megatron-core's synthetic data); {'none' if not sources else 'several'} "
-                "given. Prefixes are what tools/preprocess_data.py wrote, e.g. "
-                "data/corpus_text_document."
-            )
-        if not per_split:
+            raise data_source_error(sources)
+        if not any(_tokens(spec) for _, spec in self._per_split_specs()):
             parse_split(self.resolved_split)
         parse_blend(self.data_path)
         for flag, spec in self._per_split_specs():
@@ -170,3 +162,21 @@ class DataConfig:
         if self.blend is not None or self.mock_data:
             return None
         return [parse_blend(spec, flag) for flag, spec in self._per_split_specs()]
+
+
+def count_sources(data_path: PathSpec, train_data_path: PathSpec, valid_data_path: PathSpec,
+                  test_data_path: PathSpec, mock_data: bool) -> int:
+    """How many of the three ways of giving the data a run names (exactly one may be)."""
+    per_split = any(_tokens(p) for p in (train_data_path, valid_data_path, test_data_path))
+    return int(mock_data) + int(bool(_tokens(data_path))) + int(per_split)
+
+
+def data_source_error(sources: int) -> DataError:
+    """The refusal of a run that names no data (`sources` 0) or several kinds of it."""
+    return DataError(
+        "Give the data as one of: --data-path (split by --split), "
+        "--train-data-path/--valid-data-path/--test-data-path, or --mock-data "
+        f"(megatron-core's synthetic data); {'none' if not sources else 'several'} "
+        "given. Prefixes are what tools/preprocess_data.py wrote, e.g. "
+        "data/corpus_text_document."
+    )

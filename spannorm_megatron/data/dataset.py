@@ -199,6 +199,8 @@ def build_gpt_datasets(
     tokenizer,
     num_samples: Sequence[Optional[int]],
     is_built_on_rank: Optional[Callable[[], bool]] = None,
+    *,
+    check_prefixes: bool = True,
 ):
     """Build (train, valid, test) datasets with megatron-core; a split may come back None.
 
@@ -208,6 +210,8 @@ def build_gpt_datasets(
             its `eod`, `pad` and `vocab_size`.
         num_samples: samples wanted per split (`num_samples_for`); None builds one epoch.
         is_built_on_rank: megatron-core's hook deciding which ranks hold data (default: all).
+        check_prefixes: False when the caller has run `check_data_prefixes` already (the
+            Trainer does, before any process group exists), so the files are read once.
 
     Every sample is a dict of [seq_length] tensors `tokens`, `labels` (tokens shifted left by
     one), `loss_mask`, `position_ids`, and the [1, seq_length, seq_length] `attention_mask`
@@ -226,7 +230,8 @@ def build_gpt_datasets(
             f"epoch), got {num_samples}."
         )
     cache_path = effective_cache_path(config)
-    check_data_prefixes(config, sizes, cache_path)
+    if check_prefixes:
+        check_data_prefixes(config, sizes, cache_path)
     builder = BlendedMegatronDatasetBuilder(
         MockGPTDataset if config.mock_data else GPTDataset,
         sizes,
