@@ -20,8 +20,8 @@ parsers know, `differences()` compares, by kind:
   either side's own (Megatron-LM's moe_freq_type, our union parsers) is judged by meaning only.
 - nargs; choices (ours: argparse's, or the choices the field declares and its converter checks).
 - default: the dest's value when the flag is absent, compared as JSON (an enum member as its
-  name). Our flags declared with `fallback=` (config/options.py) have no value until `parse_args` copies
-  the other flag's: they match only where Megatron-LM fills the same dest from the same flag after
+  name). Our flags declared with `fallback=` (config/options.py) have no value until
+  `parse_args` copies the other flag's: they match only where Megatron-LM fills the same dest from the same flag after
   parsing (the table's fallbacks_after_parse: `--lr-decay-iters` from `--train-iters`);
   elsewhere the effective default differs and is reported (`--max-position-embeddings` falls
   back to `--seq-length` here, Megatron-LM has none and requires it).
@@ -56,7 +56,8 @@ ALLOWED_DIFFERENCES: Dict[str, str] = {
     # Megatron-LM runs on GPUs only, where nccl is the one backend; unset here picks nccl on
     # GPUs and gloo on CPU (nccl cannot run there), so a GPU run gets Megatron-LM's value.
     "--distributed-backend default": "unset: nccl on GPUs, gloo on CPU",
-    # Unset means 1e-3, Megatron-LM's value (ModelConfig.resolved_bias_update_rate); unset is kept
+    # Unset means 1e-3, Megatron-LM's value
+    # (ModelConfig.resolved_moe_router_bias_update_rate); unset is kept
     # so that a rate given without --moe-router-enable-expert-bias can be refused.
     "--moe-router-bias-update-rate default": "unset means Megatron-LM's 1e-3",
     # Both are switches whose absence means "load": False here, None there; no run differs.

@@ -71,7 +71,7 @@ def test_flags_and_yaml_reach_the_model_config(tmp_path):
                          "--moe-router-load-balancing-type", "none"]).model
     assert config.moe_layer_pattern == [0, 1, 1, 1] and config.qk_layernorm
     assert config.moe_router_enable_expert_bias and config.moe_expert_capacity_factor == 1.25
-    assert config.resolved_bias_update_rate == 1e-3  # Megatron-LM's default
+    assert config.resolved_moe_router_bias_update_rate == 1e-3  # Megatron-LM's default
 
 
 @pytest.mark.parametrize("values,expected", [

@@ -32,7 +32,13 @@ from spannorm_megatron.config.model_values import (
 from spannorm_megatron.config.moe_rules import check_moe
 from spannorm_megatron.config.options import check, derived, option
 from spannorm_megatron.errors import ConfigError
-from spannorm_megatron.placements import PLACEMENTS, get_placement, placement_names
+from spannorm_megatron.placements import (
+    PLACEMENTS,
+    Placement,
+    get_placement,
+    placement_names,
+    scale_init_help,
+)
 
 
 def recipe_flags(values: dict = MODERN_RECIPE) -> List[str]:
@@ -52,6 +58,12 @@ def recipe_flags(values: dict = MODERN_RECIPE) -> List[str]:
     return flags
 
 
+# The declarations of fields megatron-core's TransformerConfig takes (`options.megatron_kwargs`)
+# only for MoE models, and only with multi-latent attention (MLATransformerConfig's).
+_MOE = dict(megatron=True, megatron_if="is_moe")
+_MLA = dict(megatron=True, megatron_if="multi_latent_attention")
+
+
 @dataclass
 class ModelConfig:
     """A GPT-style decoder whose layers use one normalization placement.
@@ -67,40 +79,44 @@ class ModelConfig:
         choices=placement_names)
     num_layers: int = option(
         4, "Transformer layers in the whole model, all pipeline stages together (the L of "
-        "Scale Init).", at_least=1, required=True)
-    hidden_size: int = option(256, "Width of the residual stream.", at_least=1, required=True)
-    num_attention_heads: int = option(4, "Query heads.", at_least=1, required=True)
+        "Scale Init).", at_least=1, required=True, megatron=True)
+    hidden_size: int = option(256, "Width of the residual stream.", at_least=1, required=True,
+                              megatron=True)
+    num_attention_heads: int = option(4, "Query heads.", at_least=1, required=True, megatron=True)
     num_query_groups: Optional[int] = option(
         None, "Key/value heads for grouped-query attention (with --group-query-attention); "
-        "unset: one per query head.", at_least=1)
+        "unset: one per query head.", at_least=1, megatron=True)
     kv_channels: Optional[int] = option(
         None, "Width of every attention head (queries, keys and values), independent of "
         "--hidden-size; unset: --hidden-size / --num-attention-heads. Multi-latent attention "
-        "reads --qk-head-dim, --qk-pos-emb-head-dim and --v-head-dim instead.", at_least=1)
+        "reads --qk-head-dim, --qk-pos-emb-head-dim and --v-head-dim instead.", at_least=1,
+        megatron=True)
     ffn_hidden_size: Optional[int] = option(
         None, "Dense MLP inner width; unset: 4 x hidden size, or with --swiglu "
-        "int(8 x hidden / 3 / 64) x 64 (Megatron-LM's rule).", at_least=1)
-    normalization: str = option("LayerNorm", "Type of every norm.", choices=NORMALIZATIONS)
+        "int(8 x hidden / 3 / 64) x 64 (Megatron-LM's rule).", at_least=1, megatron=True)
+    normalization: str = option("LayerNorm", "Type of every norm.", choices=NORMALIZATIONS,
+                                megatron=True)
     norm_epsilon: float = option(1e-5, "Epsilon added to the variance inside every norm.",
-                                 above=0.0)
+                                 above=0.0, megatron="layernorm_epsilon")
     apply_layernorm_1p: bool = option(
         False, "Store norm gains as (gain - 1), initialized at zero, so weight decay pulls them "
-        "to 1.")
-    swiglu: bool = option(False, "Gated SiLU MLP (SwiGLU) instead of a plain GeLU MLP.")
+        "to 1.", megatron="layernorm_zero_centered_gamma")
+    swiglu: bool = option(False, "Gated SiLU MLP (SwiGLU) instead of a plain GeLU MLP.",
+                          megatron="gated_linear_unit")
     add_bias_linear: bool = option(
         True, "Biases in the attention and MLP linear layers; --disable-bias-linear drops them.",
-        flag="--disable-bias-linear", negative=True)
+        flag="--disable-bias-linear", negative=True, megatron=True)
     position_embedding_type: str = option(
         "learned_absolute", "Position embedding: learned_absolute, rope or none (mrope and "
         "relative are refused).", choices=POSITION_EMBEDDINGS)
-    rotary_base: int = option(10000, "RoPE base frequency.", at_least=1)
+    rotary_base: int = option(10000, "RoPE base frequency.", at_least=1, **_MLA)
     rotary_percent: float = option(
         1.0, "Fraction of each attention head's dimensions that RoPE rotates (the first "
-        "int(head dim x fraction)); the rest pass unrotated.", above=0.0)
+        "int(head dim x fraction)); the rest pass unrotated.", above=0.0, **_MLA)
     rope_type: Optional[str] = option(
         None, "RoPE variant: rope, or yarn (YaRN scaling, --rotary-scaling-factor, --mscale, "
         "--mscale-all-dim; multi-latent attention only). Unset: yarn with "
-        "--multi-latent-attention, else rope.", choices=ROPE_TYPES)
+        "--multi-latent-attention, else rope.", choices=ROPE_TYPES, **_MLA)
     max_sequence_length: int = option(
         1024, "Longest sequence the position embeddings support (at least --seq-length).",
         flag="--max-position-embeddings", at_least=1, required=True)
@@ -112,16 +128,13 @@ class ModelConfig:
         "output layer reuses the embedding.")
     init_method_std: float = option(
         0.02, "Base init std sigma of every weight matrix; output projections may be scaled, "
-        "see --scale-init.", above=0.0)
+        "see --scale-init.", above=0.0, megatron=True)
     hidden_dropout: float = option(0.1, "Dropout on each residual branch output.",
-                                   at_least=0.0, below=1.0)
+                                   at_least=0.0, below=1.0, megatron=True)
     attention_dropout: float = option(0.1, "Dropout on attention probabilities.",
-                                      at_least=0.0, below=1.0)
+                                      at_least=0.0, below=1.0, megatron=True)
     scale_init: Union[str, float, None] = option(
-        None, "Output-projection scaling (attention output projection and MLP fc2, every "
-        "expert's too): sqrt_depth sigma/sqrt(L), megatron sigma/sqrt(2L), none sigma, or a "
-        "positive number c for c x sigma. Unset: the placement's default (sqrt_depth for "
-        "spannorm, megatron else).", parse=parse_scale_init)
+        None, scale_init_help(), parse=parse_scale_init)
     scale_mode: str = option(
         "init", "init applies --scale-init to the initial weights; forward keeps them at sigma "
         "and multiplies both branch outputs by the same factor in every forward pass.",
@@ -131,154 +144,157 @@ class ModelConfig:
     final_norm: Optional[bool] = option(
         None, "Norm before the output layer; unset: the placement's rule from the contract.")
     num_experts: Optional[int] = option(None, "MoE experts per layer; unset: dense MLPs.",
-                                        at_least=1)
-    moe_router_topk: int = option(2, "Experts each token is routed to.", at_least=1)
+                                        at_least=1,
+                                        megatron="num_moe_experts", megatron_if="is_moe")
+    moe_router_topk: int = option(2, "Experts each token is routed to.", at_least=1, **_MOE)
     moe_ffn_hidden_size: Optional[int] = option(
-        None, "Inner width of each expert; unset: --ffn-hidden-size.", at_least=1)
+        None, "Inner width of each expert; unset: --ffn-hidden-size.", at_least=1, **_MOE)
     moe_aux_loss_coeff: Union[float, List[float]] = option(
         0.0, "Weight of the router's load-balancing auxiliary loss (1e-2 is a usual start); "
         "one per --moe-router-load-balancing-type when several are given.", at_least=0.0,
-        nargs="+", parse=float)
+        nargs="+", parse=float, **_MOE)
     moe_router_load_balancing_type: Union[str, List[str]] = option(
         "aux_loss", "megatron-core's load balancing: aux_loss (per micro-batch), seq_aux_loss "
         "(per sequence), global_aux_loss (over the global batch), sinkhorn, or none (e.g. with "
         "--moe-router-enable-expert-bias); several combine, each with its --moe-aux-loss-coeff.",
-        choices=LOAD_BALANCING_TYPES, nargs="+", parse=str)
+        choices=LOAD_BALANCING_TYPES, nargs="+", parse=str, **_MOE)
     moe_router_score_function: str = option(
         "softmax", "Router score: softmax, or sigmoid (DeepSeek-V3; normalized over the chosen "
-        "experts when topk > 1).", choices=SCORE_FUNCTIONS)
+        "experts when topk > 1).", choices=SCORE_FUNCTIONS, **_MOE)
     moe_router_pre_softmax: bool = option(
         False, "Softmax over all experts before the top-k choice (needed for topk 1 with "
-        "softmax scoring).")
+        "softmax scoring).", **_MOE)
     moe_router_topk_scaling_factor: Optional[float] = option(
         None, "Multiplier on the routing probabilities of the chosen experts (DeepSeek's "
-        "routed_scaling_factor); unset: 1.", above=0.0)
+        "routed_scaling_factor); unset: 1.", above=0.0, **_MOE)
     moe_router_num_groups: Optional[int] = option(
         None, "Expert groups for group-limited (device- or node-limited) routing; with "
-        "--moe-router-group-topk.", at_least=1)
+        "--moe-router-group-topk.", at_least=1, **_MOE)
     moe_router_group_topk: Optional[int] = option(
         None, "Groups each token may use under group-limited routing; with "
-        "--moe-router-num-groups.", at_least=1)
+        "--moe-router-num-groups.", at_least=1, **_MOE)
     moe_router_dtype: Optional[str] = option(
         None, "Precision of the routing computation (fp32 or fp64); unset: the model's dtype.",
-        choices=ROUTER_DTYPES)
+        choices=ROUTER_DTYPES, **_MOE)
     moe_router_enable_expert_bias: bool = option(
         False, "Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores "
         "for the top-k choice only, moved after each global batch toward balanced load; needs "
-        "sigmoid scoring.")
+        "sigmoid scoring.", **_MOE)
     moe_router_bias_update_rate: Optional[float] = option(
         None, f"Step of the expert-bias update; only with --moe-router-enable-expert-bias. "
-        f"Unset: {DEFAULT_BIAS_UPDATE_RATE}.", above=0.0)
+        f"Unset: {DEFAULT_BIAS_UPDATE_RATE}.", above=0.0, **_MOE)
     moe_z_loss_coeff: Optional[float] = option(
         None, "Weight of the router z-loss (keeps router logits small); unset: no z-loss.",
-        at_least=0.0)
+        at_least=0.0, **_MOE)
     moe_expert_capacity_factor: Optional[float] = option(
         None, "Tokens an expert takes per step, as a multiple of an even share; the rest are "
-        "dropped. Unset: no capacity limit (dropless).", above=0.0)
+        "dropped. Unset: no capacity limit (dropless).", above=0.0, **_MOE)
     moe_pad_expert_input_to_capacity: bool = option(
         False, "Pad every expert's input to its capacity (fixed shapes); needs "
-        "--moe-expert-capacity-factor.")
+        "--moe-expert-capacity-factor.", **_MOE)
     moe_token_drop_policy: str = option(
         "probs", "Which tokens over capacity are dropped: the lowest routing probabilities "
-        "(probs) or the latest in the sequence (position).", choices=TOKEN_DROP_POLICIES)
+        "(probs) or the latest in the sequence (position).", choices=TOKEN_DROP_POLICIES, **_MOE)
     moe_layer_freq: Union[int, List[int]] = option(
         1, "Which layers are MoE: an integer N (every N-th layer, from the first), or a list "
         "of 0 (dense) / 1 (MoE) per layer, e.g. [0,1,1,1] or ([0]*1+[1]*3).",
-        parse=parse_moe_layer_freq)
+        parse=parse_moe_layer_freq, **_MOE)
     moe_shared_expert_gate: bool = option(
         False, "A learned sigmoid gate on the shared expert's output (Qwen2-MoE); needs "
-        "--moe-shared-expert-intermediate-size.")
+        "--moe-shared-expert-intermediate-size.", **_MOE)
     qk_layernorm: bool = option(
         False, "Normalize queries and keys per head (--normalization's norm) before attention "
         "(Qwen3, OLMo 2); with --multi-latent-attention, the query and key/value latents "
-        "instead.")
+        "instead.", megatron=True)
     multi_latent_attention: bool = option(
         False, "Multi-Latent Attention (DeepSeek-V2/V3, megatron-core's MLASelfAttention): "
         "keys and values come from one low-rank latent per token, and every query and key head "
         "has a part without and a part with RoPE.")
     q_lora_rank: Optional[int] = option(
         None, "MLA: width of the query's low-rank latent; unset: queries are projected from "
-        "the hidden state directly.", at_least=1)
-    kv_lora_rank: int = option(32, "MLA: width of the key/value latent.", at_least=1)
+        "the hidden state directly.", at_least=1, **_MLA)
+    kv_lora_rank: int = option(32, "MLA: width of the key/value latent.", at_least=1, **_MLA)
     qk_head_dim: int = option(
         128, "MLA: width of each query and key head without RoPE (a head is qk_head_dim + "
-        "qk_pos_emb_head_dim wide).", at_least=1)
+        "qk_pos_emb_head_dim wide).", at_least=1, **_MLA)
     qk_pos_emb_head_dim: int = option(
         64, "MLA: width of the RoPE part of each query and key head (the key's is shared by "
-        "all heads).", at_least=1)
-    v_head_dim: int = option(128, "MLA: width of each value head.", at_least=1)
+        "all heads).", at_least=1, **_MLA)
+    v_head_dim: int = option(128, "MLA: width of each value head.", at_least=1, **_MLA)
     rotary_scaling_factor: float = option(
-        1.0, "MLA with YaRN RoPE: the context extension factor.", above=0.0)
-    mscale: float = option(1.0, "MLA with YaRN RoPE: mscale of the rotary embedding.")
+        1.0, "MLA with YaRN RoPE: the context extension factor.", above=0.0, **_MLA)
+    mscale: float = option(1.0, "MLA with YaRN RoPE: mscale of the rotary embedding.", **_MLA)
     mscale_all_dim: float = option(
         0.0, "MLA with YaRN RoPE: mscale_all_dim; with a scaling factor above 1 it also scales "
-        "the attention softmax.")
+        "the attention softmax.", **_MLA)
     moe_shared_expert_intermediate_size: Optional[int] = option(
         None, "Inner width of a shared expert every token passes through; unset: none.",
-        at_least=1)
+        at_least=1, **_MOE)
     moe_token_dispatcher_type: str = option(
         "allgather", "megatron-core's token dispatcher: alltoall (expert-parallel friendly), "
-        "allgather, or flex (DeepEP, GPU only).", choices=TOKEN_DISPATCHERS)
+        "allgather, or flex (DeepEP, GPU only).", choices=TOKEN_DISPATCHERS, **_MOE)
     moe_grouped_gemm: bool = option(
         False, "Run the experts as one grouped GEMM instead of one MLP per expert: Transformer "
         "Engine's TEGroupedMLP (the transformer_engine flavour), or with "
-        "--moe-use-legacy-grouped-gemm the grouped_gemm package; both on GPUs only. Same math.")
+        "--moe-use-legacy-grouped-gemm the grouped_gemm package; both on GPUs only. Same math.",
+        **_MOE)
     moe_use_legacy_grouped_gemm: bool = option(
         False, "With --moe-grouped-gemm: megatron-core's legacy GroupedMLP (the grouped_gemm "
-        "package, GPUs) instead of Transformer Engine's.")
+        "package, GPUs) instead of Transformer Engine's.", **_MOE)
     # Executing the MoE layer: the same model, computed or communicated another way.
     moe_shared_expert_overlap: bool = option(
         False, "Compute the shared expert while the alltoall dispatcher communicates (on a side "
         "stream, after the router instead of before it); needs a shared expert and "
         "--moe-token-dispatcher-type alltoall. Same model; gradients are summed in another "
-        "order.")
+        "order.", **_MOE)
     moe_layer_recompute: bool = option(
         False, "Recompute each MoE layer in the backward pass instead of keeping its "
         "activations (megatron-core turns on selective recompute of 'moe', and of the attention "
-        "core, its default module); not with --recompute-granularity full.")
+        "core, its default module); not with --recompute-granularity full.", **_MOE)
     moe_permute_fusion: bool = option(
         False, "Fused token permutation in the dispatcher (Transformer Engine >= 2.1 kernels, "
-        "GPUs).")
+        "GPUs).", **_MOE)
     moe_router_fusion: bool = option(
         False, "Fused top-k routing and aux-loss computation (Transformer Engine >= 2.7 "
-        "kernels, GPUs).")
+        "kernels, GPUs).", **_MOE)
     moe_flex_dispatcher_backend: str = option(
         "deepep", "Backend of --moe-token-dispatcher-type flex: deepep or hybridep (both from "
-        "the deep_ep package, GPUs).", choices=FLEX_BACKENDS)
+        "the deep_ep package, GPUs).", choices=FLEX_BACKENDS, **_MOE)
     moe_enable_deepep: bool = option(
         False, "Megatron-LM's older spelling of --moe-token-dispatcher-type flex with the "
-        "deepep backend (needs flex).")
+        "deepep backend (needs flex).", **_MOE)
     moe_deepep_num_sms: int = option(
         20, "GPU multiprocessors DeepEP communicates with (flex dispatcher, deepep backend).",
-        at_least=1)
+        at_least=1, **_MOE)
     moe_hybridep_num_sms: int = option(
         16, "GPU multiprocessors HybridEP communicates with (flex dispatcher, hybridep "
-        "backend).", at_least=1)
+        "backend).", at_least=1, **_MOE)
     moe_router_padding_for_quantization: bool = option(
         False, "Pad each expert's routed tokens to the multiple FP8 GEMMs need in the router "
-        "(no padding in the experts); needs --fp8-format and the alltoall or flex dispatcher.")
+        "(no padding in the experts); needs --fp8-format and the alltoall or flex dispatcher.",
+        **_MOE)
     moe_router_padding_for_fp8: bool = option(
-        False, "Megatron-LM's older spelling of --moe-router-padding-for-quantization.")
+        False, "Megatron-LM's older spelling of --moe-router-padding-for-quantization.", **_MOE)
     # Changing what the MoE layer computes.
     moe_input_jitter_eps: Optional[float] = option(
         None, "Multiply the router's input by noise drawn uniformly from [1-eps, 1+eps] in every "
         "forward pass (Switch Transformer; megatron-core jitters in evaluation too); unset: "
-        "none.", above=0.0)
+        "none.", above=0.0, **_MOE)
     moe_router_force_load_balancing: bool = option(
         False, "[Benchmarks] Route by random logits (a fresh normal draw per token) instead of "
         "the router's, so that experts get balanced load whatever the weights; the router still "
-        "gets a straight-through gradient.")
+        "gets a straight-through gradient.", **_MOE)
     moe_apply_probs_on_input: bool = option(
         False, "Multiply each token by its routing probability before the expert instead of "
-        "the expert's output after it; needs --moe-router-topk 1.")
+        "the expert's output after it; needs --moe-router-topk 1.", **_MOE)
     moe_latent_size: Optional[int] = option(
         None, "Project tokens down to this width before dispatch and back up after the "
         "combine (the experts work in it; two extra linears per MoE layer, Transformer Engine "
-        "only); unset: no projection.", at_least=1)
+        "only); unset: no projection.", at_least=1, **_MOE)
     moe_enable_routing_replay: bool = option(
         False, "Give every router megatron-core's RouterReplay, which records and replays "
         "top-k choices when code drives it (RL frameworks do; spannorm-train never sets an "
-        "action, as Megatron-LM's pretrain does not).")
+        "action, as Megatron-LM's pretrain does not).", **_MOE)
     transformer_impl: str = option(
         "transformer_engine", "Module flavour: transformer_engine (fused norms, FP8; needs "
         "Transformer Engine and a GPU), local (PyTorch modules, runs anywhere, CPU included) or "
@@ -309,6 +325,16 @@ class ModelConfig:
         return 4 * self.hidden_size
 
     @property
+    def resolved_moe_ffn_hidden_size(self) -> int:
+        """Each expert's inner width: --moe-ffn-hidden-size, or the dense MLP's."""
+        return self.moe_ffn_hidden_size or self.resolved_ffn_hidden_size
+
+    @property
+    def placement(self) -> Placement:
+        """The registry's entry of `norm_placement`: its layer, norms and defaults."""
+        return get_placement(self.norm_placement)
+
+    @property
     def resolved_num_query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
 
@@ -326,7 +352,7 @@ class ModelConfig:
         return "yarn" if self.multi_latent_attention else "rope"
 
     @property
-    def resolved_bias_update_rate(self) -> float:
+    def resolved_moe_router_bias_update_rate(self) -> float:
         rate = self.moe_router_bias_update_rate
         return DEFAULT_BIAS_UPDATE_RATE if rate is None else rate
 
@@ -359,7 +385,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ConfigError for a value that cannot work. Pure: touches no device or process group."""
-        placement = get_placement(self.norm_placement)
+        placement = self.placement
         check(self)
         why = UNSUPPORTED_POSITION_EMBEDDINGS.get(self.position_embedding_type)
         if why:

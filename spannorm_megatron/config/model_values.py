@@ -8,6 +8,8 @@ import ast
 import math
 from typing import List, Union
 
+from spannorm_megatron.placements import SCALE_INIT_NAMES
+
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 # Megatron-LM's choices; mrope and relative are refused by `validate` with the reason.
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "mrope", "relative", "none")
@@ -25,7 +27,6 @@ UNSUPPORTED_POSITION_EMBEDDINGS = {
 MODERN_RECIPE = dict(normalization="RMSNorm", position_embedding_type="rope", swiglu=True,
                      add_bias_linear=False, untie_embeddings_and_output_weights=True,
                      hidden_dropout=0.0, attention_dropout=0.0, transformer_impl="auto")
-SCALE_INIT_NAMES = ("sqrt_depth", "megatron", "none")
 SCALE_MODES = ("init", "forward")
 # Megatron-LM's choices (inference_optimized is refused: its specs are for inference only),
 # and ours: auto, Transformer Engine where it imports and a GPU is present, local elsewhere.

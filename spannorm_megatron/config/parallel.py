@@ -98,6 +98,12 @@ class ParallelConfig:
         self._validate_schedule()
 
     @property
+    def resolved_expert_tensor_parallel_size(self) -> int:
+        """Ranks that split each expert: --expert-tensor-parallel-size, or the TP size."""
+        etp = self.expert_tensor_parallel_size
+        return self.tensor_model_parallel_size if etp is None else etp
+
+    @property
     def uneven_stages(self) -> bool:
         return (self.decoder_first_pipeline_num_layers is not None
                 or self.decoder_last_pipeline_num_layers is not None)
@@ -140,7 +146,7 @@ class ParallelConfig:
     def _validate_schedule(self) -> None:
         """The pipeline schedule's flags, as Megatron-LM and megatron-core check them (the
         micro-batch count is checked by `check_microbatches` once it is known)."""
-        pp, etp = self.pipeline_model_parallel_size, self.expert_tensor_parallel_size
+        pp, etp = self.pipeline_model_parallel_size, self.resolved_expert_tensor_parallel_size
         rules = [
             (self.interleaved and not self.overlap_p2p_comm and pp <= 2,
              f"--no-overlap-p2p-communication with virtual stages needs "
@@ -160,11 +166,11 @@ class ParallelConfig:
              f"--microbatch-group-size-per-virtual-pipeline-stage "
              f"{self.microbatch_group_size_per_vp_stage} is below --pipeline-model-parallel-"
              f"size {pp}: a group must fill the pipeline (megatron-core)"),
-            (self.use_tp_pp_dp_mapping and pp > 1 and (etp or self.tensor_model_parallel_size)
-             * self.expert_model_parallel_size != self.tensor_model_parallel_size,
+            (self.use_tp_pp_dp_mapping and pp > 1
+             and etp * self.expert_model_parallel_size != self.tensor_model_parallel_size,
              f"--use-tp-pp-dp-mapping with pipeline stages needs the expert layers' data-parallel "
              f"size to equal the dense layers' (megatron-core): --expert-tensor-parallel-size x "
-             f"--expert-model-parallel-size = {(etp or self.tensor_model_parallel_size)} x "
+             f"--expert-model-parallel-size = {etp} x "
              f"{self.expert_model_parallel_size} must equal --tensor-model-parallel-size "
              f"{self.tensor_model_parallel_size}; drop the mapping flag or change the sizes"),
         ]

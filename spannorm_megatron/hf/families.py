@@ -336,7 +336,7 @@ class Llama(Family):
 
 
 def _moe_ffn(config: ModelConfig) -> int:
-    return config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size
+    return config.resolved_moe_ffn_hidden_size
 
 
 class Mixtral(Family):
