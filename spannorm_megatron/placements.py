@@ -12,10 +12,11 @@ that lacks a piece is refused when it is registered, naming what is missing.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional
 
 from spannorm_megatron.errors import ConfigError
 
@@ -25,7 +26,24 @@ FUSIONS = ("none", "qkv", "fc1")
 `fc1` (only a dense MLP's fc1; an MoE router reads it too, so MoE keeps it standalone)."""
 
 MEGATRON_LAYER = "megatron.core.transformer.transformer_layer:TransformerLayer"
-SCALE_INIT_DEFAULTS = ("sqrt_depth", "megatron", "none")
+
+
+class ScaleInitRule(NamedTuple):
+    std: str
+    """The output projections' std, in words (sigma: --init-method-std, L: the layers)."""
+    factor: Callable[[int], float]
+    """c of c x sigma, for a model of L layers."""
+
+
+# Scale Init's named rules, the one list of their names: --scale-init takes them (or a number
+# c), a placement's default is one of them, and --help says what each does.
+SCALE_INIT_RULES: Mapping[str, ScaleInitRule] = MappingProxyType({
+    "sqrt_depth": ScaleInitRule("sigma/sqrt(L)", lambda num_layers: 1.0 / math.sqrt(num_layers)),
+    "megatron": ScaleInitRule("sigma/sqrt(2L)",
+                              lambda num_layers: 1.0 / math.sqrt(2.0 * num_layers)),
+    "none": ScaleInitRule("sigma", lambda num_layers: 1.0),
+})
+SCALE_INIT_NAMES = tuple(SCALE_INIT_RULES)
 
 
 def no_residual_scale(num_layers: int) -> float:
@@ -92,9 +110,9 @@ class Placement:
         if self.native_norms is not None and set(self.native_norms) != set(self.layer_norms):
             problems.append(f"native_norms names {sorted(self.native_norms)}, the layers have "
                             f"{sorted(self.layer_norms)}")
-        if self.default_scale_init not in SCALE_INIT_DEFAULTS:
+        if self.default_scale_init not in SCALE_INIT_NAMES:
             problems.append(f"default_scale_init={self.default_scale_init!r} is not among "
-                            f"{list(SCALE_INIT_DEFAULTS)}")
+                            f"{list(SCALE_INIT_NAMES)}")
         if problems:
             raise ConfigError(f"Placement {self.name!r}: " + "; ".join(problems) + ".")
 
@@ -134,6 +152,18 @@ def unregister(name: str) -> None:
 
 def placement_names() -> List[str]:
     return sorted(_REGISTRY)
+
+
+def scale_init_help() -> str:
+    """--scale-init's help: each named rule, and each registered placement's default."""
+    rules = ", ".join(f"{name} {rule.std}" for name, rule in SCALE_INIT_RULES.items())
+    by_default: Dict[str, List[str]] = {}
+    for name, placement in PLACEMENTS.items():
+        by_default.setdefault(placement.default_scale_init, []).append(name)
+    defaults = "; ".join(f"{rule} for {', '.join(names)}" for rule, names in by_default.items())
+    return (f"Output-projection scaling (attention output projection and MLP fc2, every "
+            f"expert's too): {rules}, or a positive number c for c x sigma. Unset: the "
+            f"placement's default ({defaults}).")
 
 
 def get_placement(name: str) -> Placement:

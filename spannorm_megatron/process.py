@@ -21,7 +21,7 @@ import sys
 import threading
 from typing import List, Optional
 
-from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.runtime import ParallelLayout, has_accelerator, launch_environment
 from spannorm_megatron.runtime import initialize as initialize_groups
 

@@ -23,10 +23,11 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
 from spannorm_megatron.cli import run_cli
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.model.partition import check_model_fits_layout
-from spannorm_megatron.options import add_arguments, option
+from spannorm_megatron.config.options import add_arguments, option
 from spannorm_megatron.process import initialize
 from spannorm_megatron.runtime import current_device, destroy
 from spannorm_megatron.training.loop import train_step

@@ -17,7 +17,8 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from spannorm_megatron.checkpoint import state as ckpt_state
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.training.loop import train_step
 from spannorm_megatron.training.setup import setup_model_and_optimizer
 

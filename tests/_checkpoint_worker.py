@@ -28,7 +28,7 @@ import torch
 
 from launch import reporting, write_result
 from spannorm_megatron.checkpoint import load_checkpoint, manifest, save_checkpoint
-from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.process import initialize
 from spannorm_megatron.runtime import destroy
 

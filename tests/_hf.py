@@ -12,7 +12,8 @@ from typing import Dict, Optional
 
 import torch
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 
 VOCAB = 128
 SEQ = 16

@@ -15,7 +15,8 @@ import torch
 from megatron.core.optimizer import OptimizerConfig
 
 from launch import rank, reporting, write_result
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.model import build_model, transformer_config
 from spannorm_megatron.process import initialize
 from spannorm_megatron.runtime import current_device, destroy, set_seed

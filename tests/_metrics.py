@@ -17,7 +17,8 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
 from _training import StepHooks
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.metrics import MoEMetrics, StabilitySignals
 from spannorm_megatron.metrics.params_norm import params_l2_norm
 from spannorm_megatron.training.loop import train_step

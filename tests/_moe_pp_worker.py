@@ -20,7 +20,8 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
 from launch import reporting, write_result
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.runtime import current_device, destroy
 from spannorm_megatron.process import initialize
 from spannorm_megatron.training.gpt_step import forward_step

@@ -20,7 +20,8 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer.moe import moe_utils
 
 from _training import StepHooks
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.metrics.moe import MoEMetrics, reduce_router_losses
 from spannorm_megatron.placements import PLACEMENTS
 from spannorm_megatron.training.loop import train_step

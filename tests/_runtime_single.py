@@ -23,7 +23,7 @@ def check_pristine() -> dict:
     from torch.overrides import _get_current_function_mode_stack
 
     from spannorm_megatron import process, runtime
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
 
     def untouched() -> bool:
         return (

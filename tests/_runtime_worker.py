@@ -23,7 +23,7 @@ import torch
 
 from launch import reporting, write_result
 from spannorm_megatron import process, runtime
-from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.training.loop import train_step
 
 VOCAB = 128

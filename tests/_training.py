@@ -9,7 +9,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from typing import Optional, Tuple
 
 import launch
-from spannorm_megatron.config import recipe_flags
+from spannorm_megatron.config.model import recipe_flags
 from spannorm_megatron.training.log_format import parse_lines
 
 # Strict device mode (runtime/strict_devices.py): a tensor a GPU run would hold on the wrong device
@@ -17,7 +17,7 @@ from spannorm_megatron.training.log_format import parse_lines
 STRICT_DEVICES = {"SPANNORM_STRICT_DEVICES": "1"}
 
 # The run every test trains unless it says otherwise: the project's recipe
-# (spannorm_megatron.config.MODERN_RECIPE) and optimizer settings, spelled as Megatron-LM flags
+# (spannorm_megatron.config.model_values.MODERN_RECIPE) and optimizer settings, spelled as Megatron-LM flags
 # (whose defaults describe GPT-2), with data loading in the training process.
 RECIPE = [*recipe_flags(), "--tokenizer-type", "SentencePieceTokenizer", "--adam-beta2", "0.95",
           "--lr-decay-style", "cosine", "--num-workers", "0"]

@@ -69,7 +69,7 @@ ENVIRONMENT = {"SPANNORM_FORCE_CPU": ["1", "yes", "maybe"], "SPANNORM_STRICT_DEV
 
 def declared_flags():
     """(owner, field) of every flag of spannorm-train."""
-    from spannorm_megatron.options import options
+    from spannorm_megatron.config.options import options
     from spannorm_megatron.training.arguments import SECTIONS
 
     return [(owner, field) for _, owner in SECTIONS for field in options(owner)
@@ -77,14 +77,14 @@ def declared_flags():
 
 
 def _kind(owner, field):
-    from spannorm_megatron.options import _base_type
+    from spannorm_megatron.config.options import _base_type
 
     kind, optional = _base_type(field, owner)
     return kind, optional
 
 
 def _flag(field) -> str:
-    from spannorm_megatron.options import flag_of
+    from spannorm_megatron.config.options import flag_of
 
     return flag_of(field)
 
@@ -132,7 +132,7 @@ def _numbers(kind, meta, rng: random.Random):
 
 def value_for(owner, field, rng: random.Random, fixtures: Fixtures) -> List[str]:
     """The words after the flag for one fuzzed value of `field` ([] for a bare switch)."""
-    from spannorm_megatron.options import _choices
+    from spannorm_megatron.config.options import _choices
 
     meta = field.metadata
     kind, _optional = _kind(owner, field)

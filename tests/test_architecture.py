@@ -22,8 +22,9 @@ SOURCE = Path(__file__).resolve().parents[1] / PACKAGE
 # Lowest first. The package root holds only its version and warning filters.
 FLOORS = [
     {PACKAGE, "errors"},
-    # declarations, the norm registry, the error boundary, process lifetimes (no torch)
-    {"options", "placements", "cli", "orphans"},
+    # the norm registry, the error boundary, process lifetimes, what the machine
+    # has (none imports torch at import time)
+    {"placements", "cli", "orphans", "machine"},
     {"config"},                        # the typed configuration sections
     {"runtime"},                       # device, process groups
     {"model", "data", "process"},      # megatron-core layer specs; datasets; patch sets

@@ -10,7 +10,7 @@ import launch
 from _training import SMALL
 from launch import ROOT
 
-from spannorm_megatron.data.errors import TokenizerError
+from spannorm_megatron.errors import TokenizerError
 from spannorm_megatron.data.tokenizer import (
     ByteLevelTokenizer,
     build_tokenizer,

@@ -24,7 +24,7 @@ from spannorm_megatron.checkpoint import (
     save_checkpoint,
 )
 from spannorm_megatron.checkpoint import state
-from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.runtime import set_seed
 
 HERE = os.path.dirname(os.path.abspath(__file__))

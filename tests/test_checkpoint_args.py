@@ -11,6 +11,7 @@ The vocabulary-file comparisons use a checkpoint saved in this process.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -25,15 +26,10 @@ from _training import RECIPE, logged_losses, run_train
 from spannorm_megatron.checkpoint import read_run_record
 from spannorm_megatron.checkpoint.run_record import compare, saved_model_config
 from spannorm_megatron.cli import run_cli
+from spannorm_megatron.config.options import flag_of, options
 from spannorm_megatron.data.tokenizer import build_tokenizer
 from spannorm_megatron.errors import ConfigError
-from spannorm_megatron.options import flag_of, options
-from spannorm_megatron.training.arguments import (
-    SECTIONS,
-    model_config,
-    padded_vocab_size,
-    parse_args,
-)
+from spannorm_megatron.training.arguments import SECTIONS, parse_args
 
 TABLE = Path(__file__).parent / "data" / "megatron_lm" / "arguments_core_v0.16.1.json"
 
@@ -159,30 +155,35 @@ def test_megatron_lm_loads_every_ranks_rng_state(saved, megatron_world):
 def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(saved, tmp_path, capsys):
     ckpt, data_flags = saved
     # Megatron-LM's rule: structure over the command line, sizes where it left them unset.
-    args = parse_args([*data_flags, *RUN, "--train-iters", "3", "--load", ckpt,
-                       "--use-checkpoint-args", "--normalization", "LayerNorm",
-                       "--num-experts", "8", "--hidden-dropout", "0.1",
-                       "--position-embedding-type", "learned_absolute"])
+    job = parse_args([*data_flags, *RUN, "--train-iters", "3", "--load", ckpt,
+                      "--use-checkpoint-args", "--normalization", "LayerNorm",
+                      "--num-experts", "8", "--hidden-dropout", "0.1",
+                      "--position-embedding-type", "learned_absolute"])
     assert "--use-checkpoint-args: from" in capsys.readouterr().out
     record = read_run_record(ckpt)
     saved_config = saved_model_config(record, ckpt)
-    assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.seq_length,
-            args.max_sequence_length, args.tokenizer_type, args.padded_vocab_size) == \
+    model = job.model
+    assert (model.num_layers, model.hidden_size, model.num_attention_heads, job.data.seq_length,
+            model.max_sequence_length, job.tokenizer.tokenizer_type,
+            job.checkpoint_vocab_size) == \
         (2, 64, 4, SEQ, SEQ, "SentencePieceTokenizer", saved_config.vocab_size)
-    assert (args.normalization, args.num_experts, args.hidden_dropout,
-            args.position_embedding_type, args.swiglu, args.add_bias_linear) == \
+    assert (model.normalization, model.num_experts, model.hidden_dropout,
+            model.position_embedding_type, model.swiglu, model.add_bias_linear) == \
         ("RMSNorm", 4, 0.0, "rope", True, False)
-    assert args.expert_model_parallel_size == 1  # the layout stays the command line's...
-    tokens = build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size
-    assert compare(saved_config, model_config(args, padded_vocab_size(tokens, args)))[0] == []
+    # the layout stays the command line's...
+    assert job.parallel.expert_model_parallel_size == 1
+    tokens = build_tokenizer(job.tokenizer.tokenizer_type,
+                             job.tokenizer.tokenizer_model).vocab_size
+    assert compare(saved_config, job.with_vocab_size(tokens).model)[0] == []
     with_layout = parse_args([*data_flags, *RUN, "--train-iters", "3", "--load", ckpt,
                               "--use-checkpoint-args", "--use-mp-args-from-checkpoint-args"])
-    assert with_layout.expert_model_parallel_size == 2  # ... unless it is asked for
+    # ... unless it is asked for
+    assert with_layout.parallel.expert_model_parallel_size == 2
     # The tokenizer is taken unless Megatron-LM's switch turns that off.
     own_tokenizer = ["--data-path", data_flags[1], "--tokenizer-type", "ByteLevelTokenizer",
                      *RUN, "--train-iters", "3", "--load", ckpt, "--use-checkpoint-args"]
-    assert parse_args(own_tokenizer).tokenizer_type == "SentencePieceTokenizer"
-    kept = parse_args([*own_tokenizer, "--no-use-tokenizer-model-from-checkpoint-args"])
+    assert parse_args(own_tokenizer).tokenizer.tokenizer_type == "SentencePieceTokenizer"
+    kept = parse_args([*own_tokenizer, "--no-use-tokenizer-model-from-checkpoint-args"]).tokenizer
     assert (kept.tokenizer_type, kept.tokenizer_model) == ("ByteLevelTokenizer", None)
 
     # And a run built from it resumes: one process, no model flag given.
@@ -196,7 +197,7 @@ def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(saved, tmp_path
 def test_use_checkpoint_args_takes_every_field_the_model_check_compares():
     """The two agree by construction: what a resume must match, --use-checkpoint-args takes."""
     from spannorm_megatron.checkpoint.run_record import _architecture
-    from spannorm_megatron.config import ModelConfig
+    from spannorm_megatron.config.model import ModelConfig
     from spannorm_megatron.training import checkpoint_args as C
 
     # Every conditional entry of the comparison present: learned positions, SpanNorm, forward
@@ -216,7 +217,8 @@ def test_vocab_file_tokenizers_also_compare_max_positions_and_padding(megatron_w
     weights (rope positions here)."""
     import _checkpoint as H
     from spannorm_megatron.checkpoint import save_checkpoint
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
+    from spannorm_megatron.config.tokenizer import TokenizerConfig
     from spannorm_megatron.runtime import set_seed
     from spannorm_megatron.training.checkpoint_args import check_model_matches
 
@@ -228,12 +230,22 @@ def test_vocab_file_tokenizers_also_compare_max_positions_and_padding(megatron_w
                     args={"make_vocab_size_divisible_by": 128, "vocab_file": "vocab.json"})
     longer = H.model_config(position_embedding_type="rope",
                             max_sequence_length=2 * config.max_sequence_length)
-    run = argparse.Namespace(load=str(tmp_path), use_checkpoint_args=False, vocab_file=None,
-                             make_vocab_size_divisible_by=64)
-    check_model_matches(run, longer)  # rope's maximum positions hold no weights
-    run.vocab_file = "vocab.json"
+    run = parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                      "--seq-length", "64", "--max-position-embeddings", "64",
+                      "--micro-batch-size", "1", "--lr", "1e-3", "--train-iters", "1",
+                      "--tokenizer-type", "ByteLevelTokenizer", "--load", str(tmp_path),
+                      "--make-vocab-size-divisible-by", "64"])
+    run = dataclasses.replace(run, model=longer)
+    check_model_matches(run)  # rope's maximum positions hold no weights
+    files = tmp_path / "gpt2"
+    files.mkdir()
+    (files / "vocab.json").write_text("{}")
+    (files / "merges.txt").write_text("")
+    run.tokenizer = TokenizerConfig(tokenizer_type="GPT2BPETokenizer",
+                                    vocab_file=str(files / "vocab.json"),
+                                    merge_file=str(files / "merges.txt"))
     with pytest.raises(ConfigError) as refused:
-        check_model_matches(run, longer)
+        check_model_matches(run)
     message = str(refused.value)
     assert (f"--max-position-embeddings (max_sequence_length): checkpoint "
             f"{config.max_sequence_length}, this run {longer.max_sequence_length}") in message

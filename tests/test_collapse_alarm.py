@@ -17,9 +17,9 @@ import pytest
 
 from launch import ROOT
 from _training import SMALL, STRICT_DEVICES, run_train
+from spannorm_megatron.config.logging import LoggingConfig
 from spannorm_megatron.lab.grid import read_results
 from spannorm_megatron.metrics.collapse import CollapseAlarm, layer_ranges
-from spannorm_megatron.training.config import LoggingConfig
 
 GRID = os.path.join(ROOT, "docs", "stability", "grid", "results.jsonl.gz")
 DEFAULT = LoggingConfig().collapse_grad_ratio

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from launch import ROOT
-from spannorm_megatron.config import ConfigError, ModelConfig
+from spannorm_megatron.errors import ConfigError
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.placements import PLACEMENTS, get_placement
-from spannorm_megatron.training.arguments import model_config, parse_args
+from spannorm_megatron.training.arguments import parse_args
 
 
 def test_registry_rejects_unknown_placement_listing_known_ones():
@@ -61,7 +62,8 @@ def test_bad_config_fails_before_any_process_group_work():
     """A fresh interpreter: the error comes from the config alone, with no distributed setup."""
     code = (
         "import torch.distributed as dist\n"
-        "from spannorm_megatron.config import ModelConfig, ConfigError\n"
+        "from spannorm_megatron.config.model import ModelConfig\n"
+        "from spannorm_megatron.errors import ConfigError\n"
         "try:\n"
         "    ModelConfig.recommended(num_experts=2, moe_router_topk=3)\n"
         "except ConfigError as e:\n"
@@ -82,7 +84,7 @@ def test_numeric_scale_init_accepted_and_round_trips():
         ModelConfig.from_dict({"hiden_size": 3})
 
 
-from spannorm_megatron.config import ParallelConfig  # noqa: E402
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ParallelLayoutError  # noqa: E402
 from spannorm_megatron.model.partition import check_model_fits_layout  # noqa: E402
 
@@ -147,9 +149,9 @@ def test_cli_refuses_bad_layout_before_building(flags, expected):
 def test_performance_choices_become_megatron_core_config_fields():
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
     from spannorm_megatron.model import transformer_config
-    from spannorm_megatron.training.performance import PerformanceConfig
+    from spannorm_megatron.config.performance import PerformanceConfig
 
     performance = PerformanceConfig(
         bf16=True, fp8_format="hybrid", fp8_recipe="tensorwise", fp8_amax_history_len=16,
@@ -176,13 +178,13 @@ def test_num_query_groups_takes_effect_only_with_group_query_attention():
     """Megatron-LM reads --num-query-groups only under --group-query-attention; so do we."""
     from _training import SMALL
 
-    from spannorm_megatron.training.arguments import model_config, parse_args
+    from spannorm_megatron.training.arguments import parse_args
 
     base = [*SMALL, "--num-attention-heads", "8", "--hidden-size", "64", "--num-query-groups",
             "2"]
-    ignored = model_config(parse_args(base), vocab_size=512)
+    ignored = parse_args(base).model
     assert ignored.num_query_groups is None and ignored.resolved_num_query_groups == 8
-    grouped = model_config(parse_args(base + ["--group-query-attention"]), vocab_size=512)
+    grouped = parse_args(base + ["--group-query-attention"]).model
     assert grouped.resolved_num_query_groups == 2
 
 
@@ -191,6 +193,6 @@ def test_num_query_groups_takes_effect_only_with_group_query_attention():
 def test_every_example_config_parses_into_a_model_config(name):
     # The recipes are documentation users copy: each must pass the same parse-time checks as a
     # command line (declared keys, ranges, cross-field checks) and describe a buildable model.
-    args = parse_args(["--config", os.path.join(ROOT, "examples", "configs", name)])
-    config = model_config(args, vocab_size=32000)
-    assert config.num_layers == args.num_layers >= 1
+    job = parse_args(["--config", os.path.join(ROOT, "examples", "configs", name)])
+    config = job.with_vocab_size(32000).model
+    assert config.num_layers == job.flags["num_layers"] >= 1

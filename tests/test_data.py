@@ -33,7 +33,7 @@ from spannorm_megatron.data.corpus import (
     stdlib_root,
     write_embedded_corpus,
 )
-from spannorm_megatron.data.errors import DataError, IndexedDatasetError
+from spannorm_megatron.errors import DataError, IndexedDatasetError
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / "tools"
@@ -407,7 +407,7 @@ SEQ = 32
 
 
 def _data_config(prefix, cache, **kw):
-    from spannorm_megatron.data.dataset import DataConfig
+    from spannorm_megatron.config.data import DataConfig
 
     return DataConfig(seq_length=SEQ, data_path=prefix, split="80,10,10",
                       data_cache_path=str(cache), **kw)
@@ -500,7 +500,8 @@ def test_weighted_blend(work, dataset_prefix, tokenizer):
 
 def test_mismatched_idx_bin_and_missing_data_path(work, tmp_path, dataset_prefix, tokenizer,
                                                   tokenizer_model):
-    from spannorm_megatron.data.dataset import DataConfig, build_gpt_datasets
+    from spannorm_megatron.config.data import DataConfig
+    from spannorm_megatron.data.dataset import build_gpt_datasets
     from spannorm_megatron.data.indexed import check_indexed_dataset
     from spannorm_megatron.data.preprocess import PreprocessConfig, preprocess
 
@@ -547,7 +548,8 @@ def test_mismatched_idx_bin_and_missing_data_path(work, tmp_path, dataset_prefix
 
 
 def test_stale_index_cache_is_refused(tmp_path, paragraphs, tokenizer, tokenizer_model):
-    from spannorm_megatron.data.dataset import DataConfig, build_gpt_datasets
+    from spannorm_megatron.config.data import DataConfig
+    from spannorm_megatron.data.dataset import build_gpt_datasets
     from spannorm_megatron.data.preprocess import PreprocessConfig, preprocess
 
     source = _write_jsonl(tmp_path / "in.jsonl", [{"text": p} for p in paragraphs[:200]])
@@ -595,7 +597,7 @@ def test_preprocessing_records_its_tokenizer_and_a_different_one_is_refused(
     """<prefix>.tokenizer.json beside Megatron-LM's files: the same tokenizer passes, another one
     (other files, or another vocabulary size) is refused naming both; a killed run's temporary
     files (its PID gone) are removed by the next run, a running one's are left."""
-    from spannorm_megatron.data.errors import DataError
+    from spannorm_megatron.errors import DataError
     from spannorm_megatron.data.provenance import check_data_tokenizer, read_sidecar
     from spannorm_megatron.data.tokenizer_args import tokenizer_config, tokenizer_sha256
 

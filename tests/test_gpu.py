@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from _training import RECIPE, logged_losses, run_train
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.model import build_gpt_model, transformer_config
-from spannorm_megatron.placements import PLACEMENTS
 from spannorm_megatron.model.specs import transformer_engine_available
+from spannorm_megatron.placements import PLACEMENTS
 from spannorm_megatron.runtime import has_accelerator
 
 pytestmark = pytest.mark.skipif(not has_accelerator(), reason="needs a GPU (docs/gpu.md)")

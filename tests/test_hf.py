@@ -284,7 +284,7 @@ def test_imported_checkpoint_loads_into_training_setup(work, tmp_path):
     from megatron.core.optimizer import OptimizerConfig
 
     from spannorm_megatron.checkpoint import load_checkpoint
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
     from spannorm_megatron.training.setup import setup_model_and_optimizer
 
     combo = "spannorm-moe"
@@ -951,7 +951,7 @@ def test_training_checkpoint_with_optimizer_state_exports(work, tmp_path):
     from megatron.core.optimizer import OptimizerConfig
 
     from spannorm_megatron.checkpoint import save_checkpoint
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
     from spannorm_megatron.training.setup import setup_model_and_optimizer
 
     combo = "prenorm-moe"

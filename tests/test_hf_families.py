@@ -196,7 +196,7 @@ def test_router_settings_are_stated_once_and_agree_with_the_remote_configuration
     reads, whose dense values are the standalone remote configuration's defaults."""
     import inspect
 
-    from spannorm_megatron.config import ModelConfig
+    from spannorm_megatron.config.model import ModelConfig
     from spannorm_megatron.hf.remote_code.configuration_spannorm import SpanNormConfig
     from spannorm_megatron.hf.spannorm_family import ROUTER_DEFAULTS, SpanNorm
 

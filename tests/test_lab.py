@@ -11,6 +11,7 @@ What is checked:
 """
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -336,12 +337,10 @@ def test_depth_sweep_script_and_report_on_a_tiny_real_run(tiny_data, tmp_path):
 def test_depth_sweep_config_describes_a_valid_model_for_every_placement():
     from spannorm_megatron.model.partition import check_model_fits_layout
     from spannorm_megatron.placements import PLACEMENTS
-    from spannorm_megatron.training.arguments import model_config as train_model_config
-    from spannorm_megatron.training.arguments import parallel_config, parse_args
+    from spannorm_megatron.training.arguments import parse_args
 
     config = os.path.join(ROOT, "examples", "depth_sweep", "config.yaml")
     for placement in PLACEMENTS:
-        args = parse_args(["--config", config, "--norm-placement", placement,
-                           "--num-layers", "128"])
-        check_model_fits_layout(train_model_config(args, vocab_size=4096),
-                                parallel_config(args))
+        job = parse_args(["--config", config, "--norm-placement", placement,
+                          "--num-layers", "128"])
+        check_model_fits_layout(dataclasses.replace(job.model, vocab_size=4096), job.parallel)

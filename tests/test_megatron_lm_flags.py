@@ -20,8 +20,8 @@ parsers know, `differences()` compares, by kind:
   either side's own (Megatron-LM's moe_freq_type, our union parsers) is judged by meaning only.
 - nargs; choices (ours: argparse's, or the choices the field declares and its converter checks).
 - default: the dest's value when the flag is absent, compared as JSON (an enum member as its
-  name). Our flags declared with `fallback=` (options.py) have no value until `parse_args` copies
-  the other flag's: they match only where Megatron-LM fills the same dest from the same flag after
+  name). Our flags declared with `fallback=` (config/options.py) have no value until
+  `parse_args` copies the other flag's: they match only where Megatron-LM fills the same dest from the same flag after
   parsing (the table's fallbacks_after_parse: `--lr-decay-iters` from `--train-iters`);
   elsewhere the effective default differs and is reported (`--max-position-embeddings` falls
   back to `--seq-length` here, Megatron-LM has none and requires it).
@@ -43,8 +43,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from spannorm_megatron.config.options import fill_fallbacks, options
 from spannorm_megatron.errors import ConfigError, UserError
-from spannorm_megatron.options import fill_fallbacks, options
 from spannorm_megatron.training import arguments
 
 TABLE = Path(__file__).parent / "data" / "megatron_lm" / "arguments_core_v0.16.1.json"
@@ -56,7 +56,8 @@ ALLOWED_DIFFERENCES: Dict[str, str] = {
     # Megatron-LM runs on GPUs only, where nccl is the one backend; unset here picks nccl on
     # GPUs and gloo on CPU (nccl cannot run there), so a GPU run gets Megatron-LM's value.
     "--distributed-backend default": "unset: nccl on GPUs, gloo on CPU",
-    # Unset means 1e-3, Megatron-LM's value (ModelConfig.resolved_bias_update_rate); unset is kept
+    # Unset means 1e-3, Megatron-LM's value
+    # (ModelConfig.resolved_moe_router_bias_update_rate); unset is kept
     # so that a rate given without --moe-router-enable-expert-bias can be refused.
     "--moe-router-bias-update-rate default": "unset means Megatron-LM's 1e-3",
     # Both are switches whose absence means "load": False here, None there; no run differs.
@@ -124,8 +125,8 @@ def _argv(flags: Dict[str, str]) -> List[str]:
 
 
 def _parse(argv: List[str]):
-    """Our namespace for BASE_ARGV + argv: what `parse_args` returns (the parser is built once;
-    test_parse_matches_parse_args keeps the two equal). Where parse_args' checks refuse the
+    """Our namespace for BASE_ARGV + argv: the flags `parse_args` resolves (the parser is built
+    once; test_parse_matches_parse_args keeps the two equal). Where parse_args' checks refuse the
     combination, argparse's namespace with fallbacks filled: the value a flag stores does not
     depend on them. ConfigError if argparse itself refuses."""
     full = _argv(BASE_ARGV) + argv
@@ -313,7 +314,7 @@ def report(found: List[Difference]) -> str:
 # ---------------------------------------------------------------------------- tests
 def test_parse_matches_parse_args():
     """_parse is parse_args (with BASE_ARGV), so the meaning checks see what a run sees."""
-    assert vars(_parse([])) == vars(arguments.parse_args(_argv(BASE_ARGV)))
+    assert vars(_parse([])) == arguments.parse_args(_argv(BASE_ARGV)).recorded_args()
 
 
 def test_table_is_megatron_lm_core_v0_16_1():

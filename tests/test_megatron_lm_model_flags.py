@@ -23,10 +23,10 @@ import torch
 
 from _training import RECIPE, logged_losses, run_train
 
-from spannorm_megatron.config import ModelConfig  # noqa: E402
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.errors import ConfigError  # noqa: E402
 from spannorm_megatron.placements import PLACEMENTS  # noqa: E402
-from spannorm_megatron.training.arguments import model_config, parse_args  # noqa: E402
+from spannorm_megatron.training.arguments import parse_args  # noqa: E402
 
 # Every command line below starts from Megatron-LM's required flags and spells out the model
 # flags it relies on (the defaults are Megatron-LM's GPT-2 ones).
@@ -104,16 +104,18 @@ def _parse(*flags):
     return parse_args(REQUIRED + list(flags))
 
 
-def test_flags_parse_into_the_config_dataclasses():
-    args = _parse("--kv-channels", "24", "--rotary-percent", "0.5", "--position-embedding-type",
-                  "rope", "--ckpt-format", "torch_dist", "--mock-data",
-                  "--no-create-attention-mask-in-dataloader")
-    config = model_config(args, vocab_size=VOCAB)
-    assert (config.kv_channels, config.resolved_kv_channels, config.rotary_percent) == (24, 24, 0.5)
-    assert args.ckpt_format == "torch_dist"
-    from spannorm_megatron.training.arguments import data_config
+def model_config(job, vocab_size):
+    return dataclasses.replace(job.model, vocab_size=vocab_size)
 
-    data = data_config(args)
+
+def test_flags_parse_into_the_config_dataclasses():
+    job = _parse("--kv-channels", "24", "--rotary-percent", "0.5", "--position-embedding-type",
+                 "rope", "--ckpt-format", "torch_dist", "--mock-data",
+                 "--no-create-attention-mask-in-dataloader")
+    config = model_config(job, vocab_size=VOCAB)
+    assert (config.kv_channels, config.resolved_kv_channels, config.rotary_percent) == (24, 24, 0.5)
+    assert job.checkpoint.ckpt_format == "torch_dist"
+    data = job.data
     assert data.mock_data and not data.create_attention_mask_in_dataloader
     # Megatron-LM's defaults: head width hidden / heads, all of it rotated, masks made.
     config = model_config(_parse(), vocab_size=VOCAB)
@@ -162,11 +164,12 @@ def test_mla_only_flags_without_mla_are_named_once():
 
 def test_position_embedding_spellings_as_megatron_lm():
     # --use-rotary-position-embeddings (deprecated) sets rope, before the next rule is checked.
-    args = _parse("--use-rotary-position-embeddings", "--no-position-embedding")
-    assert (args.position_embedding_type, args.add_position_embedding) == ("rope", False)
+    job = _parse("--use-rotary-position-embeddings", "--no-position-embedding")
+    assert (job.model.position_embedding_type, job.spellings.add_position_embedding) == \
+        ("rope", False)
     # Mixtral 8x7B's script: rope with --no-position-embedding, accepted.
     assert _parse("--position-embedding-type", "rope",
-                  "--no-position-embedding").position_embedding_type == "rope"
+                  "--no-position-embedding").model.position_embedding_type == "rope"
     for other in ("learned_absolute", "none"):
         with pytest.raises(ConfigError, match=r"--no-position-embedding .* --position-"
                                               r"embedding-type rope .* this run has " + other):
@@ -199,10 +202,7 @@ def test_bad_combinations_are_refused_naming_the_flag(flags, message):
     from spannorm_megatron.errors import UserError  # DataError for the data flags
 
     with pytest.raises(UserError, match=message):
-        args = _parse(*flags)
-        from spannorm_megatron.training.arguments import data_config
-
-        data_config(args)
+        _parse(*flags)
 
 
 def test_hidden_size_need_not_divide_by_heads_with_kv_channels():
@@ -214,15 +214,13 @@ def test_sequence_parallel_at_tp1_is_turned_off_as_megatron_lm_does():
     """Megatron-LM's scripts pass --sequence-parallel at TP1 (Llama-3, Mixtral, Qwen3,
     DeepSeek-V2-Lite); its validate_args turns it off there, and so does ParallelConfig (the
     flag still stores what Megatron-LM's parser stores), saying so once."""
-    from spannorm_megatron.training.arguments import parallel_config
-
-    args = _parse("--sequence-parallel")
-    assert args.sequence_parallel and not parallel_config(args).sequence_parallel
+    job = _parse("--sequence-parallel")
+    assert job.flags["sequence_parallel"] and not job.parallel.sequence_parallel
     assert any(n.startswith("--sequence-parallel with --tensor-model-parallel-size 1")
-               for n in args.notices)
-    args = _parse("--sequence-parallel", "--tensor-model-parallel-size", "2")
-    assert parallel_config(args).sequence_parallel
-    assert not any("--sequence-parallel" in n for n in args.notices)
+               for n in job.notices)
+    job = _parse("--sequence-parallel", "--tensor-model-parallel-size", "2")
+    assert job.parallel.sequence_parallel
+    assert not any("--sequence-parallel" in n for n in job.notices)
 
 
 @pytest.mark.parametrize("fmt,reason", [
@@ -234,7 +232,7 @@ def test_ckpt_formats_other_than_torch_dist_are_refused_by_name(fmt, reason):
     with pytest.raises(ConfigError, match=rf"--ckpt-format {fmt} is Megatron-LM's, but not "
                                           rf"available here: .*{reason}.*torch_dist"):
         _parse("--ckpt-format", fmt)
-    assert _parse().ckpt_format == "torch_dist"  # Megatron-LM's default, what we write
+    assert _parse().checkpoint.ckpt_format == "torch_dist"  # Megatron-LM's default, what we write
 
 
 # ------------------------------------------------------------------ the model against megatron-core
@@ -400,7 +398,7 @@ def test_mla_local_checkpoint_keys_are_the_fused_names_and_round_trip(seeded, tm
 
 
 def test_mla_tensor_parallel_sizes_are_checked():
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
     from spannorm_megatron.errors import ParallelLayoutError
     from spannorm_megatron.model.partition import check_model_fits_layout
 
@@ -414,7 +412,8 @@ def test_mla_tensor_parallel_sizes_are_checked():
 
 # ------------------------------------------------------------------------------------ data
 def _datasets(tokenizer, **fields):
-    from spannorm_megatron.data.dataset import DataConfig, build_gpt_datasets
+    from spannorm_megatron.config.data import DataConfig
+    from spannorm_megatron.data.dataset import build_gpt_datasets
 
     config = DataConfig(seq_length=SEQ, mock_data=True, **fields)
     return config, build_gpt_datasets(config, tokenizer, [8, 4, 4])
@@ -704,7 +703,8 @@ def test_deepseek_v2_lite_recipe_trains_on_two_ranks_and_its_checkpoint_reads(me
     config, model = load_megatron_model(str(save))
     assert config.multi_latent_attention and config.kv_lora_rank == 16
     # The run's final validation: its 2 batches of 4 mock samples, through the one-process model.
-    from spannorm_megatron.data.dataset import DataConfig, build_gpt_datasets, num_samples_for
+    from spannorm_megatron.config.data import DataConfig
+    from spannorm_megatron.data.dataset import build_gpt_datasets, num_samples_for
     from spannorm_megatron.data.loader import build_data_loader, iterate_batches
     from spannorm_megatron.data.tokenizer import build_tokenizer
 

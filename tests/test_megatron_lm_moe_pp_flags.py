@@ -8,13 +8,16 @@ In-process tests run real megatron-core models in a world of one; one 4-rank tor
 layout without it; one 2-rank torchrun trains through the CLI with the flags that used to crash.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
 import launch
 from _training import SMALL, STRICT_DEVICES, logged_losses, run_train
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ConfigError, ParallelLayoutError
 from spannorm_megatron.hf.errors import ConversionError
 from spannorm_megatron.hf.export import choose_family
@@ -23,7 +26,7 @@ from spannorm_megatron.model import build_gpt_model, transformer_config
 from spannorm_megatron.model.moe_kernels import check_moe_kernels
 from spannorm_megatron.model.specs import transformer_engine_available
 from spannorm_megatron.runtime import has_accelerator
-from spannorm_megatron.training.arguments import model_config, parallel_config, parse_args
+from spannorm_megatron.training.arguments import parse_args
 from spannorm_megatron.training.trainer import Trainer
 
 SEQ = 8
@@ -37,9 +40,9 @@ def parse(*flags):
 
 def megatron_config(*flags):
     """megatron-core's TransformerConfig for a command line, as the Trainer builds it."""
-    args = parse(*flags)
-    return transformer_config(model_config(args, vocab_size=512),
-                              **parallel_config(args).transformer_kwargs())
+    job = parse(*flags)
+    return transformer_config(dataclasses.replace(job.model, vocab_size=512),
+                              **job.parallel.transformer_kwargs())
 
 
 def moe_model(**fields):
@@ -101,10 +104,9 @@ def test_flags_reach_megatron_core_with_their_meaning(flags, expected):
 
 
 def test_rank_order_and_pipeline_backend_reach_initialize():
-    parallel = parallel_config(parse("--pipeline-model-parallel-size", "2",
-                                     "--use-tp-pp-dp-mapping"))
+    parallel = parse("--pipeline-model-parallel-size", "2", "--use-tp-pp-dp-mapping").parallel
     assert parallel.rank_order == "tp-cp-ep-pp-dp"
-    assert parallel_config(parse()).rank_order == "tp-cp-ep-dp-pp"  # megatron-core's default
+    assert parse().parallel.rank_order == "tp-cp-ep-dp-pp"  # megatron-core's default
 
 
 def test_flags_megatron_lm_ignores_are_announced_not_dropped_silently():
@@ -208,7 +210,8 @@ def test_refused_by_the_trainer_before_any_process_group(corpus, flags, expected
 def test_flex_dispatcher_needs_its_deep_ep_backend(corpus, backend, package):
     flags = (*MOE, "--moe-token-dispatcher-type", "flex", "--moe-flex-dispatcher-backend",
              backend)
-    config = model_config(parse(*flags), vocab_size=512)  # describable anywhere (a GPU run's)
+    # describable anywhere (a GPU run's)
+    config = dataclasses.replace(parse(*flags).model, vocab_size=512)
     with pytest.raises(ConfigError, match=f"backend needs {package}"):
         check_moe_kernels(config)
     data, tokenizer = corpus

@@ -1,7 +1,7 @@
 """Megatron-LM's precision, fusion and performance flags act as they do there.
 
 Each flag is implemented, accepted as a no-op where it selects what this stack always does
-(said once, in `args.notices`), or refused before anything starts where this machine lacks what
+(said once, in the job's notices), or refused before anything starts where this machine lacks what
 it needs. The in-process tests check the flags' path into megatron-core's own configs and the
 refusals; one two-rank launch trains in fp16 with dynamic loss scaling (the logged scale
 replayed through megatron-core's DynamicGradScaler, and saved in the checkpoint), profiles with
@@ -12,6 +12,7 @@ garbage collection, the restored loss scaler, the TransformerConfig of the built
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import glob
 import importlib.util
@@ -23,7 +24,7 @@ import torch
 
 import launch
 from _training import SMALL, run_train
-from spannorm_megatron.training.arguments import parse_args, performance_config
+from spannorm_megatron.training.arguments import parse_args
 
 # The runs start from SMALL, which spells out the model flags they rely on (RMSNorm, rope,
 # SwiGLU, no biases, untied embeddings, no dropout, transformer-impl auto).
@@ -41,15 +42,16 @@ def test_precision_flags_reach_megatron_core(corpus):
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer.enums import AttnBackend
 
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
     from spannorm_megatron.model import transformer_config
-    from spannorm_megatron.training.arguments import model_config
+    from spannorm_megatron.model.fusions import runnable_fusions
 
     args = parse_args(_args(corpus, "--fp16", "--loss-scale", "256", "--hysteresis", "3",
                             "--attention-softmax-in-fp32", "--attention-backend", "local"))
-    performance = performance_config(args)
-    model = model_config(args, vocab_size=512)
-    tconfig = transformer_config(model, **performance.transformer_kwargs(model))
+    performance = args.performance
+    model = dataclasses.replace(args.model, vocab_size=512)
+    tconfig = transformer_config(model, **performance.transformer_kwargs(),
+                                 **runnable_fusions(model, performance))
     assert (tconfig.fp16, tconfig.bf16, tconfig.params_dtype) == (True, False, torch.float16)
     assert tconfig.attention_softmax_in_fp32 is True
     assert tconfig.attention_backend == AttnBackend.local
@@ -58,14 +60,14 @@ def test_precision_flags_reach_megatron_core(corpus):
     assert performance.dynamic_loss_scaling is False  # a constant scale
 
     # Megatron-LM's softmax default is the input's precision (megatron-core's own is fp32).
-    plain = performance_config(parse_args(_args(corpus, "--bf16")))
+    plain = parse_args(_args(corpus, "--bf16")).performance
     assert transformer_config(model, **plain.transformer_kwargs(model)) \
         .attention_softmax_in_fp32 is False
 
     # Gradient buffers: Megatron-LM's rule between --bf16, --grad-reduce-in-bf16 and
     # --accumulate-allreduce-grads-in-fp32.
     def reduces_in_fp32(*flags):
-        perf = performance_config(parse_args(_args(corpus, *flags)))
+        perf = parse_args(_args(corpus, *flags)).performance
         return DistributedDataParallelConfig(**perf.ddp_kwargs(ParallelConfig())) \
             .grad_reduce_in_fp32
 
@@ -82,15 +84,15 @@ def test_fusions_are_allowed_by_default_and_used_where_their_kernel_runs(corpus,
     extensions or Transformer Engine."""
     from spannorm_megatron.model import fusions, transformer_config
     from spannorm_megatron.model.specs import transformer_engine_available
-    from spannorm_megatron.training.arguments import model_config
 
     def resolved(*flags):
         args = parse_args(_args(corpus, *flags))
-        model = model_config(args, vocab_size=512)
-        tconfig = transformer_config(model, **performance_config(args).transformer_kwargs(model))
+        model = dataclasses.replace(args.model, vocab_size=512)
+        tconfig = transformer_config(model, **args.performance.transformer_kwargs(),
+                                     **fusions.runnable_fusions(model, args.performance))
         return {field: getattr(tconfig, field) for field in fusions.FUSION_FIELDS}
 
-    defaults = performance_config(parse_args(_args(corpus)))
+    defaults = parse_args(_args(corpus)).performance
     assert all(getattr(defaults, name) for name in (
         "masked_softmax_fusion", "bias_gelu_fusion", "bias_swiglu_fusion", "bias_dropout_fusion",
         "apply_rope_fusion", "gradient_accumulation_fusion"))
@@ -204,7 +206,8 @@ def test_manual_gc_collects_where_megatron_lm_does(tmp_path):
     """--manual-gc: the automatic collector is off from the start; full collections at the
     start, every --manual-gc-interval steps and before evaluations, the youngest generation
     after them; the process gets its collector back at the end."""
-    from spannorm_megatron.training.hooks import RunHooks, RunHooksConfig
+    from spannorm_megatron.training.hooks import RunHooks
+    from spannorm_megatron.config.hooks import RunHooksConfig
 
     collections = []
 

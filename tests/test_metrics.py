@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import _metrics
 import _metrics_reference
 import launch
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.metrics import (
     MoEMetrics,
     memory_stats,
@@ -335,7 +336,7 @@ def test_params_norm_reads_the_fp32_main_weights_under_bf16(megatron_world):
     """With --bf16 the norm is that of the optimizer's fp32 main weights (`main_param`), as
     Megatron-LM's calc_params_l2_norm, not of the bf16 copies the model computes with."""
     from spannorm_megatron.metrics.params_norm import params_l2_norm
-    from spannorm_megatron.training.performance import PerformanceConfig
+    from spannorm_megatron.config.performance import PerformanceConfig
 
     torch.manual_seed(7)
     chunks, optimizer = setup_model_and_optimizer(
@@ -585,7 +586,7 @@ def test_each_megatron_lm_tag_is_written_under_its_flag_on_its_schedule(megatron
     defaults, with every logging flag, and with --tensorboard-log-interval 2
     --no-log-loss-scale-to-tensorboard. Exactly the expected tags (twins included), at exactly
     the expected iterations; nothing else of Megatron-LM's."""
-    from spannorm_megatron.training.config import MetricsLoggingConfig
+    from spannorm_megatron.config.logging import MetricsLoggingConfig
     from spannorm_megatron.training.loop import train_step
     from spannorm_megatron.training.monitor import RunMonitor
 

@@ -9,7 +9,7 @@ import torch
 from megatron.core.transformer.spec_utils import build_module
 
 import reference
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.model import build_gpt_model, layer_spec, transformer_config
 from spannorm_megatron.placements import PLACEMENTS
 

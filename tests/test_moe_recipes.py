@@ -12,12 +12,14 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from _training import SMALL
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig, parse_moe_layer_freq
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.model_values import parse_moe_layer_freq
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.model import build_gpt_model, transformer_config
 from spannorm_megatron.model.norms import RMSNorm
 from spannorm_megatron.placements import PLACEMENTS
-from spannorm_megatron.training.arguments import model_config, parse_args
+from spannorm_megatron.training.arguments import parse_args
 
 SEQ = 8
 
@@ -64,13 +66,12 @@ def test_flags_and_yaml_reach_the_model_config(tmp_path):
     config_file.write_text("num-experts: 4\nnum-layers: 4\nmoe-layer-freq: [0, 1, 1, 1]\n"
                            "moe-router-score-function: sigmoid\n"
                            "moe-router-enable-expert-bias: true\nqk-layernorm: true\n")
-    args = parse_args(["--config", str(config_file), *SMALL, "--num-layers", "4",
-                       "--moe-expert-capacity-factor", "1.25",
-                       "--moe-router-load-balancing-type", "none"])
-    config = model_config(args, vocab_size=128)
+    config = parse_args(["--config", str(config_file), *SMALL, "--num-layers", "4",
+                         "--moe-expert-capacity-factor", "1.25",
+                         "--moe-router-load-balancing-type", "none"]).model
     assert config.moe_layer_pattern == [0, 1, 1, 1] and config.qk_layernorm
     assert config.moe_router_enable_expert_bias and config.moe_expert_capacity_factor == 1.25
-    assert config.resolved_bias_update_rate == 1e-3  # Megatron-LM's default
+    assert config.resolved_moe_router_bias_update_rate == 1e-3  # Megatron-LM's default
 
 
 @pytest.mark.parametrize("values,expected", [

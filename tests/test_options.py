@@ -1,4 +1,4 @@
-"""Each configuration field is declared once (spannorm_megatron.options): the flags, the YAML
+"""Each configuration field is declared once (spannorm_megatron.config.options): the flags, the YAML
 keys, `--help` and the checks all come from the declarations. The bad values fed here are
 derived from each field's declared type and range, so a new flag is covered without editing
 this file."""
@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 
 from spannorm_megatron.cli import run_cli
+from spannorm_megatron.config.options import _base_type, declared, flag_of, invalid_values, options
 from spannorm_megatron.errors import UserError
-from spannorm_megatron.options import _base_type, declared, flag_of, invalid_values, options
 from spannorm_megatron.train import main as train_main
 from spannorm_megatron.training.arguments import SECTIONS, build_parser, parse_args
 
@@ -42,14 +42,14 @@ def test_every_flag_is_a_field_and_every_field_a_flag():
 
 
 def test_defaults_of_the_parser_are_the_dataclass_defaults():
-    args = parse_args(REQUIRED)
+    flags = parse_args(REQUIRED).flags
     given = {flag for flag in REQUIRED if flag.startswith("--")}
     for _, owner in SECTIONS:
         instance = owner(**_required(owner))
         for field in options(owner):
             if field.metadata["fallback"] is None and field.name not in _required(owner) \
                     and flag_of(field) not in given:
-                assert getattr(args, field.name) == getattr(instance, field.name), field.name
+                assert flags[field.name] == getattr(instance, field.name), field.name
 
 
 def test_megatron_lm_required_flags_are_required_and_named_together(capsys):
@@ -68,28 +68,31 @@ def test_megatron_lm_required_flags_are_required_and_named_together(capsys):
 
 
 def test_switches_lists_and_aliases_take_megatron_lm_spellings(tmp_path):
-    args = parse_args(REQUIRED)
-    assert args.add_bias_linear and not args.swiglu and not args.untie_embeddings_and_output_weights
-    args = parse_args([*REQUIRED, "--disable-bias-linear", "--swiglu",
-                       "--moe-router-load-balancing-type", "seq_aux_loss", "global_aux_loss",
-                       "--moe-aux-loss-coeff", "1e-3", "1e-4",
-                       "--virtual-pipeline-model-parallel-size", "2",
-                       "--pipeline-model-parallel-size", "1"])
-    assert not args.add_bias_linear and args.swiglu
-    assert args.moe_router_load_balancing_type == ["seq_aux_loss", "global_aux_loss"]
-    assert args.moe_aux_loss_coeff == [1e-3, 1e-4]
-    assert args.virtual_pipeline_model_parallel_size == 2  # the older spelling, kept as alias
+    model = parse_args(REQUIRED).model
+    assert model.add_bias_linear and not model.swiglu
+    assert not model.untie_embeddings_and_output_weights
+    job = parse_args([*REQUIRED, "--disable-bias-linear", "--swiglu",
+                      "--moe-router-load-balancing-type", "seq_aux_loss", "global_aux_loss",
+                      "--moe-aux-loss-coeff", "1e-3", "1e-4",
+                      "--virtual-pipeline-model-parallel-size", "2",
+                      "--pipeline-model-parallel-size", "1"])
+    model = job.model
+    assert not model.add_bias_linear and model.swiglu
+    assert model.moe_router_load_balancing_type == ["seq_aux_loss", "global_aux_loss"]
+    assert model.moe_aux_loss_coeff == [1e-3, 1e-4]
+    # the older spelling, kept as alias
+    assert job.parallel.virtual_pipeline_model_parallel_size == 2
     # In YAML the negative flag's key means what the flag means; the field's name means itself.
     config = tmp_path / "run.yaml"
     config.write_text("disable-bias-linear: true\nmoe-aux-loss-coeff: [0.1, 0.2]\n"
                       "moe-router-load-balancing-type: [aux_loss, seq_aux_loss]\n")
-    args = parse_args(["--config", str(config), *REQUIRED])
-    assert args.add_bias_linear is False and args.moe_aux_loss_coeff == [0.1, 0.2]
+    model = parse_args(["--config", str(config), *REQUIRED]).model
+    assert model.add_bias_linear is False and model.moe_aux_loss_coeff == [0.1, 0.2]
     config.write_text("add_bias_linear: false\n")
-    assert parse_args(["--config", str(config), *REQUIRED]).add_bias_linear is False
+    assert parse_args(["--config", str(config), *REQUIRED]).model.add_bias_linear is False
     # Every switch can be undone on the command line, over a --config key.
     config.write_text("swiglu: true\n")
-    assert parse_args(["--config", str(config), *REQUIRED, "--no-swiglu"]).swiglu is False
+    assert parse_args(["--config", str(config), *REQUIRED, "--no-swiglu"]).model.swiglu is False
 
 
 CASES = [(owner, field, value) for owner, field in _declared_flags()
@@ -164,11 +167,11 @@ def test_yaml_keys_are_flags_in_either_spelling_and_flags_win(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("num_layers: 6\nmax-position-embeddings: 64\nlr: 0.002\nswiglu: false\n"
                       "data-path: [a, b]\n")
-    args = parse_args(["--config", str(config), *_without("--num-layers", "--lr",
-                                                          "--max-position-embeddings"),
-                       "--lr", "0.001"])
-    assert (args.num_layers, args.max_sequence_length, args.lr, args.swiglu, args.data_path) == \
-        (6, 64, 0.001, False, ["a", "b"])
+    job = parse_args(["--config", str(config), *_without("--num-layers", "--lr",
+                                                         "--max-position-embeddings"),
+                      "--lr", "0.001"])
+    assert (job.model.num_layers, job.model.max_sequence_length, job.training.lr,
+            job.model.swiglu, job.data.data_path) == (6, 64, 0.001, False, ["a", "b"])
 
 
 def test_cross_field_checks_run_at_parse_time():
@@ -194,7 +197,7 @@ def test_cross_field_checks_run_at_parse_time():
 
 def test_a_new_field_becomes_a_checked_flag():
     """What adding a field takes: one declaration."""
-    from spannorm_megatron.options import add_arguments, check, from_namespace, option
+    from spannorm_megatron.config.options import add_arguments, check, from_namespace, option
     import argparse
 
     @dataclasses.dataclass

@@ -12,7 +12,7 @@ from megatron.core import dist_checkpointing
 
 import _parity
 import launch
-from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.model import build_gpt_model, transformer_config
 
 LOSS_RTOL = 1e-5

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from spannorm_megatron import placements
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.hf.rules import REMOTE_CODE_PLACEMENTS
 from spannorm_megatron.placements import MEGATRON_LAYER, PLACEMENTS, Placement, register
 
 
 def test_the_registry_imports_without_torch():
-    code = ("import sys, spannorm_megatron.placements, spannorm_megatron.config;"
+    code = ("import sys, spannorm_megatron.placements, spannorm_megatron.config.model;"
             "assert 'torch' not in sys.modules and 'megatron' not in sys.modules, "
             "sorted(m for m in sys.modules if m.startswith(('torch', 'megatron')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -63,7 +63,7 @@ def test_a_toy_placement_is_one_entry_config_model_and_export(toy, seeded):
 
     from _training import SMALL
 
-    assert parse_args([*SMALL, "--norm-placement", toy]).norm_placement == toy
+    assert parse_args([*SMALL, "--norm-placement", toy]).model.norm_placement == toy
     shapes = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64,
                   max_sequence_length=16, transformer_impl="local")
     tokens = torch.randint(0, 64, (2, 8))

@@ -215,7 +215,7 @@ def test_non_finite_guard_names_the_lowest_bad_layer_from_device_flags(megatron_
     Inf in layer 2 -> 2; only the output layer bad -> 0 (outside the layers)."""
     import _checkpoint as H
     from spannorm_megatron.checkpoint.state import unwrap
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
     from spannorm_megatron.training.guards import NonFiniteGuard
 
     chunks, _, _ = H.build(H.model_config(), ParallelConfig())

@@ -23,7 +23,7 @@ import torch
 
 import launch
 from spannorm_megatron import process, runtime
-from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.runtime import distributed as runtime_distributed
 
 SEED = 1234

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.model import build_gpt_model, transformer_config
 
 SIGMA = 0.05
@@ -149,3 +149,20 @@ def test_spannorm_clean_initializes_n2_gain_to_inverse_sqrt_depth(seeded):
     for layer in model.decoder.layers:
         assert torch.all(layer.post_mlp_norm.weight == 1 / 3)
         assert torch.all(layer.post_attention_norm.weight == 1)
+
+
+def test_the_scale_init_help_comes_from_the_registry():
+    """One list of names: the flag's values, each placement's default and the help agree."""
+    from spannorm_megatron.config.model_values import parse_scale_init
+    from spannorm_megatron.placements import PLACEMENTS, SCALE_INIT_RULES
+    from spannorm_megatron.training.arguments import build_parser
+
+    (action,) = [a for a in build_parser()._actions if a.dest == "scale_init"]
+    for name, rule in SCALE_INIT_RULES.items():
+        assert f"{name} {rule.std}" in action.help
+        assert parse_scale_init(name) == name
+    for name, placement in PLACEMENTS.items():
+        assert placement.default_scale_init in SCALE_INIT_RULES
+        listed = action.help.split(f"{placement.default_scale_init} for ", 1)[1].split(";")[0]
+        assert name in listed.rstrip(").").split(", "), name
+    assert "none for deepnorm" in action.help  # DeepNorm's own default, not megatron's

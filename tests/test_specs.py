@@ -11,11 +11,11 @@ import torch
 from megatron.core.extensions import transformer_engine as te
 from megatron.core.transformer.identity_op import IdentityOp
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.model import build_gpt_model, layer_spec, transformer_config
-from spannorm_megatron.placements import PLACEMENTS
 from spannorm_megatron.model.norms import Norm
 from spannorm_megatron.model.specs import transformer_engine_available
+from spannorm_megatron.placements import PLACEMENTS
 
 # Per placement: norm slot -> fused away in the TE dense spec?
 FUSED_IN_TE_DENSE = {

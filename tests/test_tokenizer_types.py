@@ -29,7 +29,7 @@ from _tokenizer_files import (
 )
 from _training import SMALL
 
-from spannorm_megatron.data.errors import TokenizerError  # noqa: E402
+from spannorm_megatron.errors import TokenizerError  # noqa: E402
 from spannorm_megatron.data.tokenizer import build_tokenizer  # noqa: E402
 
 TEXTS = [

@@ -5,6 +5,7 @@ Runs of one rank train in this process (`train_in_process`: no interpreter start
 run that several tests read is a module fixture.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -17,15 +18,15 @@ import launch
 from _training import SMALL, logged_losses, run_train, train_in_process
 from launch import ROOT
 from spannorm_megatron.model.partition import check_model_fits_layout
-from spannorm_megatron.training.arguments import model_config, parallel_config, parse_args
+from spannorm_megatron.training.arguments import parse_args
 
 EXAMPLE_CONFIGS = sorted(os.listdir(os.path.join(ROOT, "examples", "configs")))
 
 
 @pytest.mark.parametrize("name", EXAMPLE_CONFIGS)
 def test_example_configs_describe_valid_models_and_layouts(name):
-    args = parse_args(["--config", os.path.join(ROOT, "examples", "configs", name)])
-    check_model_fits_layout(model_config(args, vocab_size=32768), parallel_config(args))
+    job = parse_args(["--config", os.path.join(ROOT, "examples", "configs", name)])
+    check_model_fits_layout(dataclasses.replace(job.model, vocab_size=32768), job.parallel)
 
 
 def test_main_job_configuration_trains_on_two_ranks(corpus, tmp_path, torchrun):
@@ -241,16 +242,16 @@ def test_tensorboard_has_megatron_lm_tags_on_their_schedules(corpus, tmp_path, t
 
 def test_megatron_lm_logging_flags_keep_its_defaults():
     """Megatron-LM core_v0.16.1's defaults (training_config.LoggerConfig and the MoE group)."""
-    args = parse_args(SMALL)
-    assert args.tensorboard_log_interval == 1 and args.tensorboard_queue_size == 1000
-    assert args.log_loss_scale_to_tensorboard is True
+    metrics = parse_args(SMALL).metrics
+    assert metrics.tensorboard_log_interval == 1 and metrics.tensorboard_queue_size == 1000
+    assert metrics.log_loss_scale_to_tensorboard is True
     for flag in ("log_params_norm", "log_num_zeros_in_grad", "log_throughput",
                  "log_timers_to_tensorboard", "log_validation_ppl_to_tensorboard",
                  "log_memory_to_tensorboard", "log_world_size_to_tensorboard",
                  "moe_per_layer_logging"):
-        assert getattr(args, flag) is False, flag
+        assert getattr(metrics, flag) is False, flag
     assert parse_args([*SMALL, "--no-log-loss-scale-to-tensorboard"]) \
-        .log_loss_scale_to_tensorboard is False
+        .metrics.log_loss_scale_to_tensorboard is False
 
 
 def test_load_refuses_a_checkpoint_of_another_model(corpus, tmp_path):

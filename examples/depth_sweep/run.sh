@@ -44,7 +44,7 @@ import sys
 from spannorm_megatron.errors import UserError
 from spannorm_megatron.training.arguments import parse_args
 try:
-    print(parse_args(sys.argv[1:] + ["--num-layers", "2"]).train_iters)
+    print(parse_args(sys.argv[1:] + ["--num-layers", "2"]).training.train_iters)
 except UserError as error:
     sys.exit(f"error: {error}")
 PY

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from spannorm_megatron.hf.cli import run_cli
-from spannorm_megatron.options import add_arguments, option
+from spannorm_megatron.config.options import add_arguments, option
 
 SIZES = {  # name -> ModelConfig overrides
     "small": dict(num_layers=4, hidden_size=512, num_attention_heads=8, ffn_hidden_size=1408),
@@ -59,7 +59,8 @@ def _stage_create(size: str, ckpt: str) -> dict:
     import torch
 
     from spannorm_megatron.checkpoint import save_checkpoint
-    from spannorm_megatron.config import ModelConfig, ParallelConfig
+    from spannorm_megatron.config.model import ModelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
     from spannorm_megatron.model import build_gpt_model, transformer_config
     from spannorm_megatron.process import initialize
 

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from spannorm_megatron.data.cli import run_cli
-from spannorm_megatron.data.errors import DataError
-from spannorm_megatron.options import add_arguments, option, parse_options
+from spannorm_megatron.errors import DataError
+from spannorm_megatron.config.options import add_arguments, option, parse_options
 
 
 def _worker_counts(value: str):

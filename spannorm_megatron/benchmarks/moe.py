@@ -38,7 +38,7 @@ import torch
 
 from spannorm_megatron.benchmarks.training import IMPLS, Bench, environment  # the same step
 from spannorm_megatron.cli import run_cli
-from spannorm_megatron.options import add_arguments, option
+from spannorm_megatron.config.options import add_arguments, option
 
 VARIANTS: Dict[str, dict] = {
     "dense": {},
@@ -130,7 +130,7 @@ def model_fields(variant: str, args) -> dict:
 def layouts(args):
     """(the MoE variants' layout, the dense baseline's): the same world, data-parallel over all of
     it; expert-parallel for the MoE models only (megatron-core refuses EP without experts)."""
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
 
     ep = args.expert_model_parallel_size or int(os.environ.get("WORLD_SIZE", "1"))
     return ParallelConfig(expert_model_parallel_size=ep), ParallelConfig()

@@ -38,12 +38,8 @@ from typing import List, Optional
 import torch
 
 from spannorm_megatron.cli import run_cli
-from spannorm_megatron.options import add_arguments, option
-from spannorm_megatron.training.performance import (
-    FP8_FORMATS,
-    FP8_RECIPES,
-    RECOMPUTE_GRANULARITIES,
-)
+from spannorm_megatron.config.options import add_arguments, option
+from spannorm_megatron.config.performance import FP8_FORMATS, FP8_RECIPES, RECOMPUTE_GRANULARITIES
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 IMPLS = ("auto", "local", "transformer_engine")
@@ -129,7 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def parallel_layout(args):
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
 
     return ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
                           pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -140,7 +136,7 @@ def parallel_layout(args):
 
 def performance_for(precision: str, args):
     """The run's `PerformanceConfig` at one precision of --precisions."""
-    from spannorm_megatron.training.performance import PerformanceConfig
+    from spannorm_megatron.config.performance import PerformanceConfig
 
     return PerformanceConfig(
         bf16=precision != "fp32",
@@ -163,7 +159,7 @@ class Bench:
         from megatron.core.optimizer import OptimizerConfig
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from spannorm_megatron.config import ModelConfig
+        from spannorm_megatron.config.model import ModelConfig
         from spannorm_megatron.runtime import current_device
         from spannorm_megatron.training.setup import setup_model_and_optimizer
 

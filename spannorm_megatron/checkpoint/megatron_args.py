@@ -35,8 +35,9 @@ import argparse
 import dataclasses
 from typing import Any, Dict, Optional
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
-from spannorm_megatron.options import options
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.options import options
+from spannorm_megatron.config.parallel import ParallelConfig
 
 from .run_record import jsonable
 

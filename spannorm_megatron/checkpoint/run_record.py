@@ -25,7 +25,8 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 
 from .errors import CheckpointError
 from .naming import RUN_RECORD_FILENAME
@@ -205,7 +206,7 @@ def _architecture(config: ModelConfig) -> Dict[str, Any]:
     if config.qk_layernorm:
         arch["qk_layernorm"] = True
     if config.is_moe:
-        arch["moe_ffn_hidden_size"] = config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size
+        arch["moe_ffn_hidden_size"] = config.resolved_moe_ffn_hidden_size
         arch["moe_shared_expert_intermediate_size"] = config.moe_shared_expert_intermediate_size
         # Which layers are MoE, and how tokens are routed: the same weights under another
         # router (or with the trained expert bias ignored) compute another function.

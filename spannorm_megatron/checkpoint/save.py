@@ -31,7 +31,8 @@ from typing import Optional, Sequence
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 
 from . import _dist, manifest, megatron_args, rng, run_record, state
 from .atomic import atomic_write_text, fsync_path, publish_dir, remove_tree, retire_dir

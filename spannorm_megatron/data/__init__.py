@@ -15,8 +15,9 @@ The pipeline, in the order a run uses it (each step also has a command-line tool
 6. `loader`     resumable micro-batches for `training.gpt_step.forward_step`
 
 Helpers: `documents` (input formats), `indexed` (output names, safe writing, `.bin`/`.idx`
-check), `tokenizer_args` (the tokenizer flags and their checks), `sp_model` (SentencePiece file
-check), `progress`, `cli`, `errors`.
+check), `tokenizer_args` (the tools' tokenizer flags, the run record's tokenizer digest),
+`sp_model` (SentencePiece file check), `progress`, `cli`, `errors`. The flags' sections,
+`DataConfig` and `TokenizerConfig`, are `spannorm_megatron.config.data` and `.tokenizer`.
 
 Importing this package is cheap; megatron-core (seconds to import) loads only when a name that
 needs it is first used, e.g. `spannorm_megatron.data.SentencePieceTokenizer`.
@@ -38,7 +39,7 @@ _EXPORTS = {
     "HuggingFaceTokenizer": "tokenizer_types",
     "Llama2Tokenizer": "tokenizer_types",
     "NullTokenizer": "tokenizer_types",
-    "TokenizerConfig": "tokenizer_args",
+    "TokenizerConfig": "spannorm_megatron.config.tokenizer",
     "build_tokenizer": "tokenizer",
     "check_data_fits_vocab": "tokenizer",
     "TokenizerTrainingConfig": "tokenizer_training",
@@ -47,7 +48,7 @@ _EXPORTS = {
     "preprocess": "preprocess",
     "check_indexed_dataset": "indexed",
     "output_prefix": "indexed",
-    "DataConfig": "dataset",
+    "DataConfig": "spannorm_megatron.config.data",
     "build_gpt_datasets": "dataset",
     "num_samples_for": "dataset",
     "PretrainingSampler": "loader",
@@ -61,5 +62,6 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        module = _EXPORTS[name]  # a module of this package, or the config section it reads
+        return getattr(import_module(module if "." in module else f"{__name__}.{module}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Union
 
-from spannorm_megatron.data.errors import DataError
+from spannorm_megatron.errors import DataError
 
 EXCLUDED_DIR_NAMES = frozenset(
     {

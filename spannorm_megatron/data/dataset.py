@@ -29,174 +29,11 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple
 
-from spannorm_megatron.data.errors import DataError
-from spannorm_megatron.errors import ConfigError
-from spannorm_megatron.options import check, derived, option
+from spannorm_megatron.config.data import DataConfig, parse_split
+from spannorm_megatron.errors import DataError
 from spannorm_megatron.data.indexed import check_indexed_dataset, read_sequence_lengths
-
-Blend = Tuple[List[str], Optional[List[float]]]
-"""megatron-core's blend: (prefixes, weights or None)."""
-
-PathSpec = Union[None, str, Sequence[str]]
-
-
-def _tokens(spec: PathSpec) -> Optional[List[str]]:
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        spec = spec.split()
-    tokens = [str(t) for t in spec if str(t).strip()]
-    return tokens or None
-
-
-def parse_blend(spec: PathSpec, flag: str = "--data-path") -> Optional[Blend]:
-    """Megatron-LM's `--data-path` syntax to a megatron-core blend.
-
-    `"prefix"` or `["p1", "p2"]` (no weights: blended in proportion to their sizes), or
-    `"w1 p1 w2 p2"` / `["w1", "p1", "w2", "p2"]` (relative weights, need not sum to 1).
-    """
-    tokens = _tokens(spec)
-    if tokens is None:
-        return None
-    if len(tokens) % 2 == 0 and _is_number(tokens[0]):
-        weights, prefixes = tokens[0::2], tokens[1::2]
-        bad = [w for w in weights if not _is_number(w)] + [p for p in prefixes if _is_number(p)]
-        if bad:
-            raise DataError(
-                f"{flag} {' '.join(tokens)} mixes weights and paths wrongly at '{bad[0]}': give "
-                "either prefixes only ('p1 p2') or weight/prefix pairs ('0.7 p1 0.3 p2')."
-            )
-        values = [float(w) for w in weights]
-        if any(v < 0 for v in values) or sum(values) <= 0:
-            raise DataError(
-                f"{flag} weights {', '.join(weights)} must be non-negative with a positive sum."
-            )
-        return list(prefixes), values
-    numbers = [t for t in tokens if _is_number(t)]
-    if numbers:
-        raise DataError(
-            f"{flag} {' '.join(tokens)} has {len(tokens)} entries with numbers among them: a "
-            "weighted blend needs weight/prefix pairs ('0.7 p1 0.3 p2'), an unweighted one "
-            "prefixes only ('p1 p2')."
-        )
-    return tokens, None
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
-
-
-def parse_split(split: str) -> List[float]:
-    """`"969,30,1"` → normalized [train, valid, test] fractions (missing entries are 0)."""
-    parts = [p.strip() for p in re.split(r"[,/]", split) if p.strip()]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        values = []
-    if not 1 <= len(values) <= 3 or any(v < 0 for v in values) or sum(values) <= 0:
-        raise DataError(
-            f"--split '{split}' is not a train,valid,test weighting; give up to three "
-            "non-negative numbers with a positive sum, e.g. '969,30,1' or '98,2,0'."
-        )
-    values += [0.0] * (3 - len(values))
-    return [v / sum(values) for v in values]
-
-
-LEGACY_SPLIT = "969,30,1"  # Megatron-LM's value when --data-path comes without --split
-
-
-@dataclass
-class DataConfig:
-    """Where the training data is, how it is cut into samples and loaded (Megatron-LM's flags)."""
-
-    seq_length: int = option(
-        256, "Tokens per sample (each sample reads seq_length + 1 tokens so that the labels "
-        "are the tokens shifted by one).", at_least=1, required=True)
-    data_path: Optional[List[str]] = option(
-        None, "Prefixes of .bin/.idx datasets, optionally weighted ('w1 p1 w2 p2'); split by "
-        "--split.")
-    split: Optional[str] = option(
-        None, f"train,valid,test weighting of the documents of every --data-path prefix; "
-        f"unset: Megatron-LM's legacy {LEGACY_SPLIT}, with a warning.")
-    train_data_path: Optional[List[str]] = option(
-        None, "A blend for training only (with --valid-data-path/--test-data-path, no --split).")
-    valid_data_path: Optional[List[str]] = option(None, "A blend for validation only.")
-    test_data_path: Optional[List[str]] = option(None, "A blend for testing only.")
-    mock_data: bool = option(
-        False, "Train on megatron-core's MockGPTDataset instead of files: synthetic documents "
-        "of counting token ids, each ended by the tokenizer's end-of-document token (smoke tests "
-        "and benchmarks; megatron-core splits it 1,1,1 whatever --split says).")
-    seed: int = derived(1234, "Seeds megatron-core's document and sample shuffles.",
-                        source="--seed", at_least=0)
-    data_cache_path: Optional[str] = option(
-        None, "Where index caches go; unset: <prefix>/cache/ per prefix.", path="output")
-    reset_position_ids: bool = option(
-        False, "Restart position ids after every end-of-document token.")
-    eod_mask_loss: bool = option(
-        False, "No loss on predicting the end-of-document token's successor.")
-    mmap_bin_files: bool = option(True, "Read .bin files through mmap (--no-mmap-bin-files: "
-                                  "file reads).")
-    num_dataset_builder_threads: int = option(
-        1, "Threads building the datasets of a blend.", at_least=1)
-    num_workers: int = option(2, "DataLoader worker processes per rank (0: load in the "
-                              "training process).", at_least=0)
-    create_attention_mask_in_dataloader: bool = option(
-        True, "Every sample carries its causal attention mask ([1, s, s]), which the attention "
-        "applies; --no-create-attention-mask-in-dataloader leaves it out and the attention "
-        "makes the same causal mask itself (the same numbers, without s x s bytes per sample "
-        "to load and move).", flag="--no-create-attention-mask-in-dataloader", negative=True)
-
-    def __post_init__(self) -> None:
-        try:
-            check(self)
-        except ConfigError as error:
-            raise DataError(str(error)) from None
-        per_split = any(
-            _tokens(p) for p in (self.train_data_path, self.valid_data_path, self.test_data_path)
-        )
-        sources = int(self.mock_data) + int(bool(_tokens(self.data_path))) + int(per_split)
-        if sources != 1:
-            raise DataError(
-                "Give the data as one of: --data-path (split by --split), "
-                "--train-data-path/--valid-data-path/--test-data-path, or --mock-data "
-                f"(megatron-core's synthetic data); {'none' if not sources else 'several'} "
-                "given. Prefixes are what tools/preprocess_data.py wrote, e.g. "
-                "data/corpus_text_document."
-            )
-        if not per_split:
-            parse_split(self.resolved_split)
-        parse_blend(self.data_path)
-        for flag, spec in self._per_split_specs():
-            parse_blend(spec, flag)
-
-    def _per_split_specs(self):
-        return [
-            ("--train-data-path", self.train_data_path),
-            ("--valid-data-path", self.valid_data_path),
-            ("--test-data-path", self.test_data_path),
-        ]
-
-    @property
-    def resolved_split(self) -> str:
-        return LEGACY_SPLIT if self.split is None else self.split
-
-    @property
-    def blend(self) -> Optional[Blend]:
-        return parse_blend(self.data_path)
-
-    @property
-    def blend_per_split(self) -> Optional[List[Optional[Blend]]]:
-        if self.blend is not None or self.mock_data:
-            return None
-        return [parse_blend(spec, flag) for flag, spec in self._per_split_specs()]
-
 
 def num_samples_for(
     train_iters: int, global_batch_size: int, eval_interval: Optional[int], eval_iters: int,
@@ -312,6 +149,14 @@ def record_cache_fingerprints(prefixes: Sequence[str], cache_path: Optional[str]
                 pass  # a read-only cache: checked by time on the next run
 
 
+def data_prefixes(config: DataConfig) -> List[str]:
+    """Every prefix `config` reads (none for mock data)."""
+    if config.mock_data:
+        return []
+    blends = [config.blend] if config.blend is not None else config.blend_per_split
+    return [prefix for blend in blends if blend is not None for prefix in blend[0]]
+
+
 def check_data_prefixes(
     config: DataConfig, sizes: Sequence[Optional[int]], cache_path: Optional[str] = None
 ) -> List[str]:
@@ -417,6 +262,8 @@ def build_gpt_datasets(
     tokenizer,
     num_samples: Sequence[Optional[int]],
     is_built_on_rank: Optional[Callable[[], bool]] = None,
+    *,
+    check_prefixes: bool = True,
 ):
     """Build (train, valid, test) datasets with megatron-core; a split may come back None.
 
@@ -426,6 +273,8 @@ def build_gpt_datasets(
             its `eod`, `pad` and `vocab_size`.
         num_samples: samples wanted per split (`num_samples_for`); None builds one epoch.
         is_built_on_rank: megatron-core's hook deciding which ranks hold data (default: all).
+        check_prefixes: False when the caller has run `check_data_prefixes` already (the
+            Trainer does, before any process group exists), so the files are read once.
 
     Every sample is a dict of [seq_length] tensors `tokens`, `labels` (tokens shifted left by
     one), `loss_mask`, `position_ids`, and the [1, seq_length, seq_length] `attention_mask`
@@ -444,7 +293,8 @@ def build_gpt_datasets(
             f"epoch), got {num_samples}."
         )
     cache_path = effective_cache_path(config)
-    prefixes = check_data_prefixes(config, sizes, cache_path)
+    if check_prefixes:
+        check_data_prefixes(config, sizes, cache_path)
     builder = BlendedMegatronDatasetBuilder(
         MockGPTDataset if config.mock_data else GPTDataset,
         sizes,
@@ -452,5 +302,5 @@ def build_gpt_datasets(
         gpt_dataset_config(config, tokenizer, cache_path),
     )
     datasets = tuple(builder.build())
-    record_cache_fingerprints(prefixes, cache_path)
+    record_cache_fingerprints(data_prefixes(config), cache_path)
     return datasets

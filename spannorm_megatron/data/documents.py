@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
-from spannorm_megatron.data.errors import InputFileError
+from spannorm_megatron.errors import InputFileError
 
 TEXT_SUFFIXES = (".txt", ".text")
 INPUT_FORMATS = ("auto", "jsonl", "text")

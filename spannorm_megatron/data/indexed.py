@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy
 
-from spannorm_megatron.data.errors import IndexedDatasetError
+from spannorm_megatron.errors import IndexedDatasetError
 from spannorm_megatron.orphans import process_gone
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"

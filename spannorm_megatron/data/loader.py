@@ -24,7 +24,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from spannorm_megatron.data.errors import DataError
+from spannorm_megatron.errors import DataError
 
 Batch = Dict[str, torch.Tensor]
 

@@ -29,6 +29,13 @@ from typing import Dict, List, Optional, TextIO, Tuple
 
 import numpy
 
+from spannorm_megatron.config.options import option
+from spannorm_megatron.config.tokenizer import (
+    TYPES_HELP,
+    TokenizerConfig,
+    check_tokenizer_args,
+    tokenizer_config,
+)
 from spannorm_megatron.data.documents import (
     INPUT_FORMATS,
     INPUT_FORMATS_HELP,
@@ -38,7 +45,7 @@ from spannorm_megatron.data.documents import (
     iter_records,
     resolve_format,
 )
-from spannorm_megatron.data.errors import DataError, InputFileError, TokenizerError
+from spannorm_megatron.errors import DataError, InputFileError, TokenizerError
 from spannorm_megatron.data.indexed import (
     AtomicIndexedDatasetWriter,
     existing_outputs,
@@ -47,13 +54,6 @@ from spannorm_megatron.data.indexed import (
 )
 from spannorm_megatron.data.progress import ProgressPrinter, Throughput
 from spannorm_megatron.data.provenance import sidecar_path, write_sidecar
-from spannorm_megatron.options import option
-from spannorm_megatron.data.tokenizer_args import (
-    TYPES_HELP,
-    TokenizerConfig,
-    check_tokenizer_args,
-    tokenizer_config,
-)
 
 
 @dataclass

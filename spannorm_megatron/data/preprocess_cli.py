@@ -26,7 +26,7 @@ from typing import List, Optional
 
 from spannorm_megatron.data.cli import run_cli
 from spannorm_megatron.data.preprocess import PreprocessConfig
-from spannorm_megatron.options import add_arguments, from_namespace, parse_options
+from spannorm_megatron.config.options import add_arguments, from_namespace, parse_options
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Optional
 
-from spannorm_megatron.data.errors import DataError
+from spannorm_megatron.errors import DataError
 
 SUFFIX = ".tokenizer.json"
 

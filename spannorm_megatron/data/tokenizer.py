@@ -34,15 +34,16 @@ from typing import Dict, List, Sequence, Union
 import numpy
 from megatron.core.tokenizers.text.text_tokenizer import MegatronTokenizerText
 
-from spannorm_megatron.data.errors import TokenizerError
-from spannorm_megatron.data.sp_model import MEGATRON_SPECIAL_PIECES, check_sentencepiece_model
-from spannorm_megatron.data.tokenizer_args import (  # noqa: F401  (re-exported)
+from spannorm_megatron.config.tokenizer import (
     SUPPORTED_TOKENIZER_TYPES,
     TokenizerConfig,
     check_tokenizer_args,
     check_tokenizer_type,
     tokenizer_config,
 )
+from spannorm_megatron.errors import TokenizerError
+from spannorm_megatron.config.tokenizer_files import check_sentencepiece_model
+from spannorm_megatron.data.sp_model import MEGATRON_SPECIAL_PIECES
 from spannorm_megatron.data.tokenizer_types import (  # noqa: F401  (re-exported)
     GPT2BPETokenizer,
     HuggingFaceTokenizer,

@@ -40,10 +40,10 @@ from spannorm_megatron.data.documents import (
     iter_documents,
     resolve_format,
 )
-from spannorm_megatron.data.errors import DataError
+from spannorm_megatron.errors import DataError
 from spannorm_megatron.data.progress import Throughput
 from spannorm_megatron.data.sp_model import MEGATRON_SPECIAL_PIECES
-from spannorm_megatron.options import option
+from spannorm_megatron.config.options import option
 
 MODEL_TYPES = ("bpe", "unigram")
 NORMALIZATIONS = ("identity", "nfkc", "nmt_nfkc", "nfkc_cf", "nmt_nfkc_cf")

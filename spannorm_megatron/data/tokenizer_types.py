@@ -37,8 +37,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy
 from megatron.core.tokenizers.text.text_tokenizer import MegatronTokenizerText
 
-from spannorm_megatron.data.errors import TokenizerError
-from spannorm_megatron.data.tokenizer_args import hf_tokenizer_files
+from spannorm_megatron.errors import TokenizerError
+from spannorm_megatron.config.tokenizer_files import hf_tokenizer_files
 
 NO_PAD = -1
 """megatron-core's `_PAD_TOKEN_ID`: an id no dataset holds."""
@@ -267,7 +267,7 @@ class Llama2Tokenizer(MegatronTokenizerText):
     generation and `preprocess_data.py --legacy-tokenizer` use, starts every text with bos."""
 
     def __init__(self, model_path: str) -> None:
-        from spannorm_megatron.data.sp_model import check_sentencepiece_model
+        from spannorm_megatron.config.tokenizer_files import check_sentencepiece_model
 
         path = str(check_sentencepiece_model(model_path))
         config = {"library": "sentencepiece", "model_type": "gpt", "chat_template": None}

@@ -41,7 +41,7 @@ from typing import List, Optional
 from spannorm_megatron.data.tokenizer_args import add_tokenizer_override_flags
 from spannorm_megatron.hf.cli import DEVICES, hide_gpu_for_cpu_runs, run_cli
 from spannorm_megatron.hf.export import DTYPES
-from spannorm_megatron.options import add_arguments, option, parse_options
+from spannorm_megatron.config.options import add_arguments, option, parse_options
 
 TOKENIZER_FLAGS_TITLE = ("tokenizer (Megatron-LM's flags; default: the HF folder's own, else "
                          "the run's, completed from its record when only a file is given)")
@@ -83,7 +83,7 @@ def evaluate(argv: Optional[List[str]] = None) -> int:
     args = parse_options(build_parser(), [EvaluateOptions], argv)
     import torch
 
-    from spannorm_megatron.config import ParallelConfig
+    from spannorm_megatron.config.parallel import ParallelConfig
     from spannorm_megatron.data.tokenizer_args import given_tokenizer_flags
     from spannorm_megatron.evaluation import models
     from spannorm_megatron.evaluation.scoring import (

@@ -16,7 +16,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.evaluation.text import EvalTokenizer, EvaluationError
 from spannorm_megatron.runtime import launch_environment
 

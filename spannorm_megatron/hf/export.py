@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 import torch
 
 from spannorm_megatron.checkpoint.save import storage_problem
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.hf.destination import (
     EXPORT_MARKER,
     check_destination,

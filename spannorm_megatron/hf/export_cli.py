@@ -31,7 +31,7 @@ from typing import List, Optional
 from spannorm_megatron.data.tokenizer_args import add_tokenizer_override_flags
 from spannorm_megatron.hf.cli import run_cli
 from spannorm_megatron.hf.export import DTYPES, FORMATS
-from spannorm_megatron.options import add_arguments, option, parse_options
+from spannorm_megatron.config.options import add_arguments, option, parse_options
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.hf.errors import ConversionError
 from spannorm_megatron.hf.family import Family
 from spannorm_megatron.hf.native_families import Glm4Moe, Llama, Mixtral, Qwen2Moe, Qwen3Moe

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.hf.errors import ConversionError
 from spannorm_megatron.hf.layout import Group
 from spannorm_megatron.hf.rules import export_rule
@@ -302,8 +302,6 @@ class Family:
             problems.append(f"hidden_act={act!r} (the megatron SwiGLU MLP uses silu)")
 
 
-def moe_ffn(config: ModelConfig) -> int:
-    return config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size
 
 
 # ================================================================================ config.json

@@ -163,7 +163,7 @@ class TextTokenizer:
 
     @classmethod
     def sentencepiece(cls, model_path: str) -> "TextTokenizer":
-        from spannorm_megatron.data.tokenizer_args import tokenizer_config
+        from spannorm_megatron.config.tokenizer import tokenizer_config
         from spannorm_megatron.hf.tokenizer import _load
 
         _load(model_path)  # a bad file as a ConversionError

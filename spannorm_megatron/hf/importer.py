@@ -29,7 +29,7 @@ import torch
 
 from spannorm_megatron.checkpoint import TRACKER_FILENAME, iteration_dirname, save_checkpoint
 from spannorm_megatron.checkpoint.streaming import StreamingSaveStrategy
-from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.hf.destination import IMPORT_MARKER, check_destination, write_marker
 from spannorm_megatron.hf.errors import ConversionError, tensor_mismatches
 from spannorm_megatron.hf.families import model_config_from_hf

@@ -26,7 +26,7 @@ from typing import List, Optional
 
 from spannorm_megatron.hf.cli import run_cli
 from spannorm_megatron.hf.export import DTYPES
-from spannorm_megatron.options import add_arguments, option, parse_options
+from spannorm_megatron.config.options import add_arguments, option, parse_options
 
 
 @dataclass

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.hf.rules import export_rule
 
 Shape = Tuple[int, ...]
@@ -83,7 +83,7 @@ def layer_params(config: ModelConfig, layer: int) -> List[Tuple[str, Shape]]:
         params += _linear("mlp.linear_fc1", gated * ffn, h, bias)
         params += _linear("mlp.linear_fc2", h, ffn, bias)
         return params
-    moe_ffn = config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size
+    moe_ffn = config.resolved_moe_ffn_hidden_size
     # megatron-core's router gets a bias with add_bias_linear too.
     params += _linear("mlp.router", config.num_experts, h, bias)
     if config.moe_router_enable_expert_bias:  # a buffer, but part of what the model computes

@@ -28,7 +28,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.hf.errors import ConversionError, tensor_mismatches
 from spannorm_megatron.hf.layout import CheckpointLayout, Group, is_model_tensor_key
 

@@ -19,7 +19,6 @@ from spannorm_megatron.hf.family import (
     Neutral,
     Rule,
     head_sizes,
-    moe_ffn,
 )
 
 
@@ -53,7 +52,8 @@ class Mixtral(Family):
     moe, expert = "block_sparse_moe", ("w1", "w3", "w2")
 
     def config_fields(self, config):
-        return {**super().config_fields(config), "intermediate_size": moe_ffn(config),
+        return {**super().config_fields(config),
+                "intermediate_size": config.resolved_moe_ffn_hidden_size,
                 "num_local_experts": config.num_experts,
                 "num_experts_per_tok": config.moe_router_topk,
                 "router_aux_loss_coef": _aux_loss_coeff(config), "router_jitter_noise": 0.0,
@@ -91,7 +91,7 @@ class Qwen2Moe(Family):
     def config_fields(self, config):
         return {**super().config_fields(config), "num_experts": config.num_experts,
                 "num_experts_per_tok": config.moe_router_topk,
-                "moe_intermediate_size": moe_ffn(config),
+                "moe_intermediate_size": config.resolved_moe_ffn_hidden_size,
                 "shared_expert_intermediate_size": config.moe_shared_expert_intermediate_size,
                 "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
                 "qkv_bias": True, "use_sliding_window": False, "sliding_window": None,
@@ -124,7 +124,8 @@ class Qwen3Moe(Family):
     def config_fields(self, config):
         return {**super().config_fields(config), "num_experts": config.num_experts,
                 "num_experts_per_tok": config.moe_router_topk,
-                "moe_intermediate_size": moe_ffn(config), "norm_topk_prob": True,
+                "moe_intermediate_size": config.resolved_moe_ffn_hidden_size,
+                "norm_topk_prob": True,
                 "decoder_sparse_step": 1,
                 "mlp_only_layers": [i for i, moe in enumerate(config.moe_layer_pattern)
                                     if not moe],
@@ -177,7 +178,7 @@ class Glm4Moe(Family):
         return out
 
     def config_fields(self, config):
-        expert_ffn = moe_ffn(config)
+        expert_ffn = config.resolved_moe_ffn_hidden_size
         return {**super().config_fields(config), "n_routed_experts": config.num_experts,
                 "num_experts_per_tok": config.moe_router_topk,
                 "moe_intermediate_size": expert_ffn,

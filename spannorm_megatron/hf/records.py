@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import torch
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.hf.destination import EXPORT_MARKER
 from spannorm_megatron.hf.errors import ConversionError
 from spannorm_megatron.hf.family import Family

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Tuple
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.hf.errors import ConversionError
 from spannorm_megatron.placements import Placement, get_placement, no_residual_scale
@@ -201,7 +201,7 @@ def _glm4_moe_problems(config: ModelConfig) -> List[str]:
                         f"{config.moe_router_topk // group_topk} (GLM-4-MoE scores a group by "
                         f"its top-2 experts)")
     shared = config.moe_shared_expert_intermediate_size
-    expert_ffn = config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size
+    expert_ffn = config.resolved_moe_ffn_hidden_size
     if not shared or shared % expert_ffn:
         problems.append("no shared expert, or one whose width is not a multiple of "
                         "moe_ffn_hidden_size (GLM-4-MoE has n_shared_experts of that width)")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.hf.errors import ConversionError
-from spannorm_megatron.hf.family import GAIN, SAME, H, L, Family, Rule, check_consistent, moe_ffn
+from spannorm_megatron.hf.family import GAIN, SAME, H, L, Family, Rule, check_consistent
 from spannorm_megatron.hf.rules import export_rule
 
 ROUTER_DEFAULTS = {
@@ -75,7 +75,7 @@ class SpanNorm(Family):
             "residual_scale": 1.0,
             "num_experts": config.num_experts,
             "num_experts_per_tok": config.moe_router_topk if moe else None,
-            "moe_intermediate_size": moe_ffn(config) if moe else None,
+            "moe_intermediate_size": config.resolved_moe_ffn_hidden_size if moe else None,
             "shared_expert_intermediate_size": config.moe_shared_expert_intermediate_size,
             "shared_expert_gate": moe and config.moe_shared_expert_gate,
             "moe_layer_pattern": list(config.moe_layer_pattern) if moe else None,

@@ -54,7 +54,7 @@ class TokenizerInfo:
 
 
 def _load(model_path: str):
-    from spannorm_megatron.data.sp_model import check_sentencepiece_model
+    from spannorm_megatron.config.tokenizer_files import check_sentencepiece_model
 
     try:
         check_sentencepiece_model(model_path)

@@ -132,7 +132,7 @@ def _gpt2(config, model_vocab, pad_multiple) -> ExportTokenizer:
 
 # ------------------------------------------------------------------------------ Hugging Face
 def _huggingface(config, model_vocab, pad_multiple) -> ExportTokenizer:
-    from spannorm_megatron.data.tokenizer_args import hf_tokenizer_files
+    from spannorm_megatron.config.tokenizer_files import hf_tokenizer_files
     from spannorm_megatron.hf.generation import leading_special_ids
 
     ours = _ours(config)

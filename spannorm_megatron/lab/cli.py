@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 from spannorm_megatron.errors import ConfigError, UserError
-from spannorm_megatron.options import add_arguments, from_namespace, option
+from spannorm_megatron.config.options import add_arguments, from_namespace, option
 from spannorm_megatron.placements import PLACEMENTS
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def _scale_init(value: str):
     return number
 
 
-# The options, declared once (spannorm_megatron.options); one dataclass per --help group. Lists
+# The options, declared once (spannorm_megatron.config.options); one dataclass per --help group. Lists
 # are read as text: `8,32` and `8 32` both work, checked in `parse`.
 @dataclass
 class GridOptions:

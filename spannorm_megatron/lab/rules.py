@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional, Sequence
 
-from spannorm_megatron.training.config import LoggingConfig, TrainingConfig
+from spannorm_megatron.config.logging import LoggingConfig
+from spannorm_megatron.config.training import TrainingConfig
 from spannorm_megatron.training.spikes import find_spikes
 
 

@@ -37,7 +37,7 @@ from spannorm_megatron.lab.training_log import (
     read_layer_grad_ratio,
     read_tensorboard,
 )
-from spannorm_megatron.options import add_arguments, from_namespace, option
+from spannorm_megatron.config.options import add_arguments, from_namespace, option
 from spannorm_megatron.training.spikes import WARMUP
 
 REPORT_COLUMNS = (

@@ -60,7 +60,7 @@ from typing import Optional, Union
 
 import torch
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 
 PEAK_TFLOPS_ENV = "SPANNORM_PEAK_TFLOPS"
 """Environment variable: peak dense TFLOP/s of one device, overriding the table (any device)."""
@@ -133,7 +133,7 @@ def forward_flops(
         return 2.0 * h * inner * glu + 2.0 * inner * h
 
     if config.is_moe:
-        expert_ffn = config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size
+        expert_ffn = config.resolved_moe_ffn_hidden_size
         mlp = config.moe_router_topk * mlp_flops(expert_ffn)
         if config.moe_shared_expert_intermediate_size:
             mlp += mlp_flops(config.moe_shared_expert_intermediate_size)

@@ -19,34 +19,37 @@ import importlib.util
 import os
 from typing import Optional
 
+from spannorm_megatron.config.job import JobConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.metrics.tensorboard import VS_SAMPLES, is_writer_rank
 
 _OTHER_FLAGS = ("wandb_exp_name", "wandb_save_dir", "wandb_entity")
 
 
-def check_wandb(args) -> None:
+def check_wandb(job: JobConfig) -> None:
     """Refuse W&B flags that cannot work here, before anything starts; note ones that do
-    nothing (in `args.notices`)."""
-    if not args.wandb_project:
-        given = ["--" + name.replace("_", "-") for name in _OTHER_FLAGS if getattr(args, name)]
+    nothing (in `job.notices`)."""
+    logging = job.logging
+    if not logging.wandb_project:
+        given = ["--" + name.replace("_", "-") for name in _OTHER_FLAGS
+                 if getattr(logging, name)]
         if given:
-            args.notices.append(f"{', '.join(given)} without --wandb-project: nothing is logged "
-                                f"to W&B.")
+            job.notices.append(f"{', '.join(given)} without --wandb-project: nothing is logged "
+                               f"to W&B.")
         return
     if importlib.util.find_spec("wandb") is None:
         raise ConfigError("--wandb-project needs the wandb package, which is not installed "
                           "here: pip install wandb, or drop the --wandb-* flags.")
-    if args.wandb_exp_name == "":
+    if logging.wandb_exp_name == "":
         raise ConfigError("--wandb-exp-name is empty: name the W&B run (as Megatron-LM "
                           "requires), or leave the flag out for W&B's own name.")
-    if not (args.wandb_save_dir or args.save):
+    if not (logging.wandb_save_dir or job.checkpoint.save):
         raise ConfigError("--wandb-project keeps W&B's local files in --wandb-save-dir, or "
                           "<--save>/wandb: give one of them.")
-    if not args.tensorboard_dir:
-        args.notices.append("--wandb-project without --tensorboard-dir: W&B gets the run's "
-                            "config only (Megatron-LM logs its scalars beside TensorBoard's; "
-                            "add --tensorboard-dir for them).")
+    if not logging.tensorboard_dir:
+        job.notices.append("--wandb-project without --tensorboard-dir: W&B gets the run's "
+                           "config only (Megatron-LM logs its scalars beside TensorBoard's; "
+                           "add --tensorboard-dir for them).")
 
 
 class WandbLogger:
@@ -56,18 +59,20 @@ class WandbLogger:
         self.run = run
 
     @classmethod
-    def create(cls, args) -> Optional["WandbLogger"]:
-        """The run's logger, or None (no --wandb-project, or not the writing rank)."""
-        if not args.wandb_project or not is_writer_rank():
+    def create(cls, job: JobConfig) -> Optional["WandbLogger"]:
+        """The run's logger, or None (no --wandb-project, or not the writing rank). The W&B
+        config is the run's flags, as Megatron-LM gives its args."""
+        logging = job.logging
+        if not logging.wandb_project or not is_writer_rank():
             return None
         import wandb
 
-        save_dir = args.wandb_save_dir or os.path.join(args.save, "wandb")
+        save_dir = logging.wandb_save_dir or os.path.join(job.checkpoint.save, "wandb")
         os.makedirs(save_dir, exist_ok=True)
-        kwargs = dict(dir=save_dir, name=args.wandb_exp_name, project=args.wandb_project,
-                      config={k: v for k, v in vars(args).items() if k != "notices"})
-        if args.wandb_entity:
-            kwargs["entity"] = args.wandb_entity
+        kwargs = dict(dir=save_dir, name=logging.wandb_exp_name, project=logging.wandb_project,
+                      config=dict(job.flags))
+        if logging.wandb_entity:
+            kwargs["entity"] = logging.wandb_entity
         return cls(wandb.init(**kwargs))
 
     def mirror(self, writer):

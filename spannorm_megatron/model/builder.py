@@ -17,7 +17,8 @@ from megatron.core.transformer.moe.router_replay import RouterReplay
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 from megatron.core.utils import init_method_normal
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.options import megatron_kwargs
 from spannorm_megatron.model.fusions import runnable_fusions
 from spannorm_megatron.model.moe_kernels import check_moe_kernels
 from spannorm_megatron.model.scale_init import output_projection_std
@@ -32,71 +33,16 @@ def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
     (`tensor_model_parallel_size`, `sequence_parallel`, ...), precision (`bf16`, `params_dtype`),
     recompute options and the like. The model's own fields cannot be overridden here.
     """
-    moe = {}
-    if config.is_moe:
-        moe = dict(
-            num_moe_experts=config.num_experts,
-            moe_router_topk=config.moe_router_topk,
-            moe_ffn_hidden_size=config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size,
-            moe_aux_loss_coeff=config.moe_aux_loss_coeff,
-            moe_router_load_balancing_type=config.moe_router_load_balancing_type,
-            moe_shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size,
-            moe_token_dispatcher_type=config.moe_token_dispatcher_type,
-            moe_grouped_gemm=config.moe_grouped_gemm,
-            moe_router_score_function=config.moe_router_score_function,
-            moe_router_pre_softmax=config.moe_router_pre_softmax,
-            moe_router_topk_scaling_factor=config.moe_router_topk_scaling_factor,
-            moe_router_num_groups=config.moe_router_num_groups,
-            moe_router_group_topk=config.moe_router_group_topk,
-            moe_router_dtype=config.moe_router_dtype,
-            moe_router_enable_expert_bias=config.moe_router_enable_expert_bias,
-            moe_router_bias_update_rate=config.resolved_bias_update_rate,
-            moe_z_loss_coeff=config.moe_z_loss_coeff,
-            moe_expert_capacity_factor=config.moe_expert_capacity_factor,
-            moe_pad_expert_input_to_capacity=config.moe_pad_expert_input_to_capacity,
-            moe_token_drop_policy=config.moe_token_drop_policy,
-            # megatron-core reads it for checkpoint keys (mixed layers are saved one by one) and
-            # for its per-layer MoE logging; the specs follow the same pattern.
-            moe_layer_freq=config.moe_layer_freq,
-            moe_shared_expert_gate=config.moe_shared_expert_gate,
-            moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
-            moe_shared_expert_overlap=config.moe_shared_expert_overlap,
-            moe_layer_recompute=config.moe_layer_recompute,
-            moe_permute_fusion=config.moe_permute_fusion,
-            moe_router_fusion=config.moe_router_fusion,
-            moe_flex_dispatcher_backend=config.moe_flex_dispatcher_backend,
-            moe_enable_deepep=config.moe_enable_deepep,
-            moe_deepep_num_sms=config.moe_deepep_num_sms,
-            moe_hybridep_num_sms=config.moe_hybridep_num_sms,
-            moe_router_padding_for_quantization=config.moe_router_padding_for_quantization,
-            moe_router_padding_for_fp8=config.moe_router_padding_for_fp8,
-            moe_input_jitter_eps=config.moe_input_jitter_eps,
-            moe_router_force_load_balancing=config.moe_router_force_load_balancing,
-            moe_apply_probs_on_input=config.moe_apply_probs_on_input,
-            moe_latent_size=config.moe_latent_size,
-            moe_enable_routing_replay=config.moe_enable_routing_replay,
-        )
+    # The fields declared with `megatron=` (config/model.py), MoE's only for an MoE model and
+    # multi-latent attention's only with it, as Megatron-LM's core_transformer_config_from_args
+    # fills them from its flags of the same names (the YaRN fields without a Megatron-LM flag,
+    # original_max_position_embeddings, beta_fast and beta_slow, keep megatron-core's defaults
+    # there as here); what is not a field's value is added here.
     model_fields = dict(
-        num_layers=config.num_layers,
-        hidden_size=config.hidden_size,
-        num_attention_heads=config.num_attention_heads,
-        num_query_groups=config.resolved_num_query_groups,
-        ffn_hidden_size=config.resolved_ffn_hidden_size,
-        kv_channels=config.resolved_kv_channels,
-        normalization=config.normalization,
-        layernorm_epsilon=config.norm_epsilon,
-        layernorm_zero_centered_gamma=config.apply_layernorm_1p,
-        gated_linear_unit=config.swiglu,
+        megatron_kwargs(config),
         activation_func=F.silu if config.swiglu else F.gelu,
-        add_bias_linear=config.add_bias_linear,
-        hidden_dropout=config.hidden_dropout,
-        attention_dropout=config.attention_dropout,
-        qk_layernorm=config.qk_layernorm,
-        init_method_std=config.init_method_std,
         init_method=init_method_normal(config.init_method_std),
         output_layer_init_method=init_method_normal(output_projection_std(config)),
-        **moe,
-        **mla_fields(config),
     )
     clashes = sorted(set(overrides) & set(model_fields))
     if clashes:
@@ -119,28 +65,6 @@ def transformer_config(config: ModelConfig, **overrides) -> TransformerConfig:
     )
     config_class = MLATransformerConfig if config.multi_latent_attention else TransformerConfig
     return config_class(**{**defaults, **model_fields, **overrides})
-
-
-def mla_fields(config: ModelConfig) -> dict:
-    """The `MLATransformerConfig` fields of a multi-latent-attention model, as Megatron-LM's
-    `core_transformer_config_from_args` fills them from the flags of the same names (the YaRN
-    fields without a flag, original_max_position_embeddings, beta_fast and beta_slow, keep
-    megatron-core's defaults there as here)."""
-    if not config.multi_latent_attention:
-        return {}
-    return dict(
-        q_lora_rank=config.q_lora_rank,
-        kv_lora_rank=config.kv_lora_rank,
-        qk_head_dim=config.qk_head_dim,
-        qk_pos_emb_head_dim=config.qk_pos_emb_head_dim,
-        v_head_dim=config.v_head_dim,
-        rope_type=config.resolved_rope_type,
-        rotary_base=config.rotary_base,
-        rotary_percent=config.rotary_percent,
-        rotary_scaling_factor=config.rotary_scaling_factor,
-        mscale=config.mscale,
-        mscale_all_dim=config.mscale_all_dim,
-    )
 
 
 def build_gpt_model(

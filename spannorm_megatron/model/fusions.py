@@ -29,7 +29,7 @@ from typing import Dict
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.runtime import has_accelerator
 
 FUSION_FIELDS = ("bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion",

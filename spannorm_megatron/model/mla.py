@@ -21,7 +21,7 @@ from megatron.core.transformer.multi_latent_attention import (
 from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.model.norms import Norm
 from spannorm_megatron.runtime import has_accelerator
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.runtime import has_accelerator
 

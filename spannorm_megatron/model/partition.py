@@ -6,7 +6,8 @@ checking them up front turns each into one message that names the sizes and the 
 
 from __future__ import annotations
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ConfigError, ParallelLayoutError
 from spannorm_megatron.model.specs import transformer_engine_available
 
@@ -16,7 +17,7 @@ def check_model_fits_layout(config: ModelConfig, parallel: ParallelConfig) -> No
     tp, ep = parallel.tensor_model_parallel_size, parallel.expert_model_parallel_size
     sequence_parallel = parallel.sequence_parallel
     expert_tensor_parallel_size = parallel.expert_tensor_parallel_size
-    etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
+    etp = parallel.resolved_expert_tensor_parallel_size
     problems = []
 
     def must_divide(size_name, size, what, value, fix):
@@ -56,7 +57,7 @@ def check_model_fits_layout(config: ModelConfig, parallel: ParallelConfig) -> No
     if config.is_moe:
         must_divide("expert_model_parallel_size", ep, "num_experts", config.num_experts,
                     "use an expert-parallel size that divides the expert count")
-        expert_ffn = config.moe_ffn_hidden_size or config.resolved_ffn_hidden_size
+        expert_ffn = config.resolved_moe_ffn_hidden_size
         must_divide("expert_tensor_parallel_size", etp, "moe_ffn_hidden_size", expert_ffn,
                     "pick an expert width that is a multiple of the expert tensor-parallel size")
         if config.moe_token_dispatcher_type == "flex" and tp * ep == 1:

@@ -8,17 +8,16 @@ and the shared expert's too: megatron-core initializes all of them with
 
 from __future__ import annotations
 
-import math
 from typing import Union
 
-from spannorm_megatron.config import ModelConfig
-from spannorm_megatron.placements import get_placement
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.placements import SCALE_INIT_RULES
 
 
 def resolved_scale_init(config: ModelConfig) -> Union[str, float]:
     """The config's `scale_init`, or its placement's default when unset."""
     if config.scale_init is None:
-        return get_placement(config.norm_placement).default_scale_init
+        return config.placement.default_scale_init
     return config.scale_init
 
 
@@ -26,13 +25,8 @@ def branch_scale_factor(config: ModelConfig) -> float:
     """The factor c such that output projections have std c * sigma (scale_mode='init') or the
     branch outputs are multiplied by c (scale_mode='forward')."""
     scale_init = resolved_scale_init(config)
-    num_layers = config.num_layers
-    if scale_init == "sqrt_depth":
-        return 1.0 / math.sqrt(num_layers)
-    if scale_init == "megatron":
-        return 1.0 / math.sqrt(2.0 * num_layers)
-    if scale_init == "none":
-        return 1.0
+    if isinstance(scale_init, str):
+        return SCALE_INIT_RULES[scale_init].factor(config.num_layers)
     return float(scale_init)
 
 

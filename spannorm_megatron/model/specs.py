@@ -34,27 +34,19 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.machine import transformer_engine_available
 from spannorm_megatron.model.layers import NormPlacementLayer, NormPlacementSubmodules
 from spannorm_megatron.model.mla import mla_spec
 from spannorm_megatron.model.norms import Norm
 from spannorm_megatron.model.scale_init import forward_branch_scale
 from spannorm_megatron.model.seeding import seeded_experts, seeded_layer
-from spannorm_megatron.placements import get_placement
-from spannorm_megatron.runtime import has_accelerator
 
 # Checkpoint key of a norm fused into the linear it feeds (TE's parameter names).
 _FUSED_NORM_KEY = {
     "qkv": "self_attention.linear_qkv.layer_norm_",
     "fc1": "mlp.linear_fc1.layer_norm_",
 }
-
-
-def transformer_engine_available() -> bool:
-    """True when Transformer Engine imports and there is a GPU for it to run on."""
-    from megatron.core.extensions.transformer_engine import HAVE_TE
-
-    return bool(HAVE_TE) and has_accelerator()
 
 
 def use_transformer_engine(config: ModelConfig) -> bool:
@@ -86,7 +78,7 @@ def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None,
         transformer_engine = use_transformer_engine(config)
     if moe is None:
         moe = config.is_moe
-    placement = get_placement(config.norm_placement)
+    placement = config.placement
     backend = _backend(transformer_engine)
     standalone_norm = backend.layer_norm() if transformer_engine else Norm
 
@@ -164,7 +156,7 @@ def layer_spec(config: ModelConfig, transformer_engine: Optional[bool] = None,
 def final_norm_enabled(config: ModelConfig) -> bool:
     if config.final_norm is not None:
         return config.final_norm
-    return get_placement(config.norm_placement).final_norm
+    return config.placement.final_norm
 
 
 def block_spec(

@@ -2,9 +2,7 @@
 
 Everything else in the runtime asks these functions instead of calling ``torch.cuda`` directly,
 so that the CPU path (gloo, CPU tensors) and the GPU path (NCCL, CUDA tensors) branch on the
-same answer. ``SPANNORM_FORCE_CPU=1`` forces the CPU path on a machine that has GPUs, e.g. to
-reproduce a CPU-only failure on a cluster node; it is a debugging aid (``torch.cuda`` still
-reports the GPUs to code that asks it directly), not a supported production mode.
+same answer: `spannorm_megatron.machine.has_accelerator` (``SPANNORM_FORCE_CPU=1`` vetoes a GPU).
 """
 
 from __future__ import annotations
@@ -14,24 +12,9 @@ from typing import Optional
 
 import torch
 
+from spannorm_megatron.machine import FORCE_CPU_ENV, force_cpu, has_accelerator
+
 from .strict_devices import strict_devices_requested
-
-FORCE_CPU_ENV = "SPANNORM_FORCE_CPU"
-
-
-def _force_cpu() -> bool:
-    return os.environ.get(FORCE_CPU_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def has_accelerator() -> bool:
-    """True when a usable CUDA device exists and ``SPANNORM_FORCE_CPU`` does not veto it.
-
-    ``is_available()`` alone can be true with zero visible devices (e.g. an empty
-    ``CUDA_VISIBLE_DEVICES``), so the device count is checked too.
-    """
-    if _force_cpu():
-        return False
-    return bool(torch.cuda.is_available() and torch.cuda.device_count() > 0)
 
 
 def device_type() -> str:
@@ -111,7 +94,7 @@ def check_launch(distributed_backend: Optional[str] = None, parallel=None) -> No
     if distributed_backend is None or distributed_backend == backend():
         return
     if distributed_backend == "nccl":
-        why = (f"{FORCE_CPU_ENV} is set" if _force_cpu() and torch.cuda.is_available()
+        why = (f"{FORCE_CPU_ENV} is set" if force_cpu() and torch.cuda.is_available()
                else "this machine has no GPU")
         raise ConfigError(f"--distributed-backend nccl needs GPUs, and {why}: drop the flag "
                           f"(gloo is used on CPU) or unset {FORCE_CPU_ENV}.")

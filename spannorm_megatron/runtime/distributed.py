@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from spannorm_megatron.config import ParallelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ParallelLayoutError
 from spannorm_megatron.orphans import die_with_launcher, die_with_parent
 
@@ -69,8 +69,7 @@ def validate_layout(world_size: int, parallel: Optional[ParallelConfig] = None,
         context_parallel_size = parallel.context_parallel_size
     tp, pp, cp, ep = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                       context_parallel_size, parallel.expert_model_parallel_size)
-    etp = tp if parallel.expert_tensor_parallel_size is None else \
-        parallel.expert_tensor_parallel_size
+    etp = parallel.resolved_expert_tensor_parallel_size
     sizes = {
         "world_size": world_size,
         "tensor_model_parallel_size": tp,

@@ -1,10 +1,12 @@
 """Command-line flags of `spannorm-train`, generated from the configuration dataclasses.
 
-Each flag is a field of one of `SECTIONS` (`spannorm_megatron.options`): its doc, default,
+Each flag is a field of one of `SECTIONS` (`spannorm_megatron.config.options`): its doc, default,
 Megatron-LM name and valid range are declared there once. A YAML config (`--config FILE`) holds
 the same flags as keys (dashes or underscores, e.g. `num-layers: 8`), checked as the flags are;
-flags on the command line override it. `model_config(args)`, `parallel_config(args)`, ... turn
-the parsed namespace back into the dataclasses.
+flags on the command line override it. `parse_args` returns the run's `JobConfig`
+(`spannorm_megatron.config.job`): every section built from the parsed flags and checked once.
+The namespace stays inside this module (and `checkpoint_args.apply_checkpoint_args`, which
+Megatron-LM applies to it before anything is checked).
 """
 
 from __future__ import annotations
@@ -12,72 +14,40 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import yaml
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
-from spannorm_megatron.data.dataset import LEGACY_SPLIT, DataConfig
-from spannorm_megatron.data.tokenizer_args import TokenizerConfig
-from spannorm_megatron.errors import ConfigError
-from spannorm_megatron.options import (
+from spannorm_megatron.config.checkpoint import CheckpointConfig
+from spannorm_megatron.config.data import LEGACY_SPLIT, DataConfig, count_sources
+from spannorm_megatron.config.hooks import RunHooksConfig
+from spannorm_megatron.config.job import JobConfig
+from spannorm_megatron.config.logging import LoggingConfig, MetricsLoggingConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.options import (
     add_arguments,
-    check,
     check_paths,
     coerce,
     fill_fallbacks,
     from_namespace,
     missing_required,
-    option,
     options,
 )
+from spannorm_megatron.config.parallel import ParallelConfig
+from spannorm_megatron.config.performance import PerformanceConfig
+from spannorm_megatron.config.spellings import MegatronSpellings
+from spannorm_megatron.config.tokenizer import TokenizerConfig
+from spannorm_megatron.config.training import TrainingConfig
+from spannorm_megatron.config.unavailable import Unavailable
+from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.training import megatron_lm
-from spannorm_megatron.training.config import (
-    CheckpointConfig,
-    LoggingConfig,
-    MetricsLoggingConfig,
-    TrainingConfig,
-)
-from spannorm_megatron.training.hooks import RunHooksConfig
-from spannorm_megatron.training.performance import PerformanceConfig
-from spannorm_megatron.training.unavailable import Unavailable
-
-
-@dataclass
-class MegatronSpellings:
-    """Megatron-LM flags that say what another flag says, accepted so that its scripts run."""
-
-    group_query_attention: bool = option(
-        False, "Use --num-query-groups key/value heads; without it they count as one per head "
-        "(Megatron-LM's switch).")
-    num_layers_per_virtual_pipeline_stage: Optional[int] = option(
-        None, "Another way to give --num-virtual-stages-per-pipeline-rank: layers per model "
-        "chunk.", at_least=1)
-    make_vocab_size_divisible_by: int = option(
-        128, "Pad the tokenizer's vocabulary to a multiple of this x the TP size.", at_least=1)
-    use_rotary_position_embeddings: bool = option(
-        False, "Deprecated spelling of --position-embedding-type rope (Megatron-LM's): sets it.")
-    add_position_embedding: bool = option(
-        True, "Deprecated (Megatron-LM's): --no-position-embedding says the model has no "
-        "learned position embedding, which only --position-embedding-type rope (or the "
-        "deprecated --use-rotary-position-embeddings) gives; with another type it is refused, "
-        "as Megatron-LM refuses it.", flag="--no-position-embedding", negative=True)
-
-
-    deprecated_use_mcore_models: bool = option(
-        False, "Build megatron-core models: what this stack always does (Megatron-LM's "
-        "deprecated switch; accepted, a no-op).", flag="--use-mcore-models")
-
-    def __post_init__(self) -> None:
-        check(self)
 
 
 SECTIONS = (
     ("model", ModelConfig),
     ("parallelism", ParallelConfig),
     ("training", TrainingConfig),
-    ("precision, recompute and overlap (see spannorm_megatron.training.performance)",
+    ("precision, recompute and overlap (see spannorm_megatron.config.performance)",
      PerformanceConfig),
     ("data", DataConfig),
     ("tokenizer", TokenizerConfig),
@@ -88,7 +58,7 @@ SECTIONS = (
      RunHooksConfig),
     ("Megatron-LM spellings", MegatronSpellings),
     ("Megatron-LM flags refused here, or without effect (see "
-     "spannorm_megatron.training.unavailable)", Unavailable),
+     "spannorm_megatron.config.unavailable)", Unavailable),
 )
 
 
@@ -171,7 +141,9 @@ def _config_defaults(path: str) -> dict:
     return defaults
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[List[str]] = None) -> JobConfig:
+    """`spannorm-train`'s command line (and --config file) as the run's typed configuration,
+    every section built and checked once."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
@@ -181,14 +153,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         from spannorm_megatron.training.checkpoint_args import apply_checkpoint_args
 
         apply_checkpoint_args(args)
-    _resolve(args)
-    return args
+    return _resolve(args)
 
 
-def _resolve(args: argparse.Namespace) -> None:
+def _resolve(args: argparse.Namespace) -> JobConfig:
     """Fill derived defaults, translate Megatron-LM's alternative spellings, and build every
-    dataclass once so that cross-field checks run before anything else. What the run should
-    say once about the flags it was given goes to `args.notices` (the Trainer prints them)."""
+    section once so that cross-field checks run before anything else. What the run should say
+    once about the flags it was given goes to the job's notices (the Trainer prints them)."""
     owners = [owner for _, owner in SECTIONS]
     missing = missing_required(owners, args)
     if args.train_iters is None and args.train_samples is None:
@@ -218,13 +189,14 @@ def _resolve(args: argparse.Namespace) -> None:
                             "parallelism is off (no tensor-parallel ranks to split the sequence "
                             "over; Megatron-LM disables it the same way).")
     check_paths(owners, args)
-    training_config(args)
+    training = from_namespace(TrainingConfig, args)
     # The model's own checks need no vocabulary (the tokenizer's comes later, in the Trainer).
-    model = model_config(args, vocab_size=args.make_vocab_size_divisible_by)
+    model = _model_config(args, vocab_size=args.make_vocab_size_divisible_by)
     # How the layers split over pipeline stages needs only --num-layers: checked here, before
     # the world size or the tokenizer are looked at.
-    parallel_config(args).stage_layer_counts(args.num_layers)
-    performance = performance_config(args)
+    parallel = from_namespace(ParallelConfig, args)
+    parallel.stage_layer_counts(args.num_layers)
+    performance = from_namespace(PerformanceConfig, args)
     performance.check_model(model)
     args.notices.extend(performance.notices())
     if model.moe_enable_routing_replay:
@@ -233,15 +205,28 @@ def _resolve(args: argparse.Namespace) -> None:
             "spannorm-train sets no record/replay action (nor does Megatron-LM's pretrain), so "
             "tokens are routed as without it unless your code drives "
             "megatron.core.transformer.moe.router_replay.RouterReplay.")
-    if from_namespace(MegatronSpellings, args).deprecated_use_mcore_models:
+    spellings = from_namespace(MegatronSpellings, args)
+    if spellings.deprecated_use_mcore_models:
         args.notices.append("--use-mcore-models: megatron-core models are the only kind built "
                             "here (a no-op).")
-    args.notices += from_namespace(Unavailable, args).notices()
-    from_namespace(LoggingConfig, args)
-    from_namespace(MetricsLoggingConfig, args)
-    args.notices.extend(from_namespace(RunHooksConfig, args).notices())
-    from_namespace(CheckpointConfig, args)
-    from_namespace(TokenizerConfig, args)
+    unavailable = from_namespace(Unavailable, args)
+    args.notices += unavailable.notices()
+    logging = from_namespace(LoggingConfig, args)
+    metrics = from_namespace(MetricsLoggingConfig, args)
+    hooks = from_namespace(RunHooksConfig, args)
+    args.notices.extend(hooks.notices())
+    checkpoint = from_namespace(CheckpointConfig, args)
+    tokenizer = from_namespace(TokenizerConfig, args)
+    data = None
+    if count_sources(args.data_path, args.train_data_path, args.valid_data_path,
+                     args.test_data_path, args.mock_data):
+        data = from_namespace(DataConfig, args, seed=args.seed)
+    return JobConfig(
+        model=model, parallel=parallel, training=training, performance=performance, data=data,
+        tokenizer=tokenizer, logging=logging, metrics=metrics, checkpoint=checkpoint,
+        hooks=hooks, spellings=spellings, unavailable=unavailable,
+        flags={name: value for name, value in vars(args).items() if name != "notices"},
+        notices=args.notices, checkpoint_vocab_size=getattr(args, "padded_vocab_size", None))
 
 
 def _resolve_position_spellings(args: argparse.Namespace) -> None:
@@ -315,44 +300,8 @@ def _virtual_stages_from_layers(args: argparse.Namespace) -> Optional[int]:
     return chunks if chunks > 1 else None
 
 
-def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
-    """Megatron-LM's padding: a multiple of make_vocab_size_divisible_by x TP size; or, as its
-    build_tokenizer keeps it, a size already set (taken from the checkpoint by
-    --use-checkpoint-args)."""
-    taken = getattr(args, "padded_vocab_size", None)
-    if taken is not None:
-        if taken < vocab_size:
-            raise ConfigError(
-                f"--use-checkpoint-args: the checkpoint's vocabulary ({taken}) is smaller than "
-                f"the tokenizer's ({vocab_size}): pass the tokenizer the checkpoint was trained "
-                f"with.")
-        return taken
-    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
-    return -(-vocab_size // multiple) * multiple
-
-
-def model_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
+def _model_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
     # As in Megatron-LM: the group count counts only with --group-query-attention, so one YAML
     # builds the same model in both stacks.
     return from_namespace(ModelConfig, args, vocab_size=vocab_size, num_query_groups=(
         args.num_query_groups if args.group_query_attention else None))
-
-
-def parallel_config(args: argparse.Namespace) -> ParallelConfig:
-    return from_namespace(ParallelConfig, args)
-
-
-def performance_config(args: argparse.Namespace) -> PerformanceConfig:
-    return from_namespace(PerformanceConfig, args)
-
-
-def training_config(args: argparse.Namespace) -> TrainingConfig:
-    return from_namespace(TrainingConfig, args)
-
-
-def metrics_logging_config(args: argparse.Namespace) -> MetricsLoggingConfig:
-    return from_namespace(MetricsLoggingConfig, args)
-
-
-def data_config(args: argparse.Namespace) -> DataConfig:
-    return from_namespace(DataConfig, args, seed=args.seed)

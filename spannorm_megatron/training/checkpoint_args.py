@@ -47,9 +47,10 @@ from spannorm_megatron.checkpoint import (
 )
 from spannorm_megatron.checkpoint.run_record import _ROUTING_FIELDS as ROUTING_FIELDS
 from spannorm_megatron.checkpoint.run_record import compare, saved_model_config
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.job import JobConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.options import flag_of, options
 from spannorm_megatron.errors import ConfigError
-from spannorm_megatron.options import flag_of, options
 
 # ModelConfig fields taken only where the command line (or --config) leaves them unset (None):
 # Megatron-LM's _set_arg without force. The dispatcher has a default, so is never taken there
@@ -170,10 +171,11 @@ def apply_checkpoint_args(args: argparse.Namespace) -> Dict[str, object]:
     return taken
 
 
-def check_model_matches(args: argparse.Namespace, model_config: ModelConfig) -> None:
-    """Refuse, before anything starts, a resume whose flags describe another model than the
-    checkpoint's (see the module docstring)."""
-    record, where = _record(args.load)
+def check_model_matches(job: JobConfig) -> None:
+    """Refuse, before anything starts, a resume whose flags describe another model (`job.model`,
+    its vocabulary padded) than the checkpoint's (see the module docstring)."""
+    model_config = job.model
+    record, where = _record(job.checkpoint.load)
     if record is None or not isinstance(record.get("model_config"), dict):
         return
     try:
@@ -182,7 +184,7 @@ def check_model_matches(args: argparse.Namespace, model_config: ModelConfig) -> 
         return  # the load reports the damaged record
     differences, _ = compare(saved, model_config)
     compared = {name for name, _, _ in differences}
-    if getattr(args, "vocab_file", None):
+    if job.tokenizer.vocab_file:
         # Megatron-LM's check compares these too when the tokenizer has a vocabulary file, where
         # they need not change the weights (the maximum positions of rope, a padding multiple
         # that pads to the same size).
@@ -191,7 +193,7 @@ def check_model_matches(args: argparse.Namespace, model_config: ModelConfig) -> 
                 ("max_sequence_length", saved.max_sequence_length,
                  model_config.max_sequence_length),
                 ("make_vocab_size_divisible_by", saved_args.get("make_vocab_size_divisible_by"),
-                 args.make_vocab_size_divisible_by)):
+                 job.spellings.make_vocab_size_divisible_by)):
             if old is not None and old != new and name not in compared:
                 differences.append((name, old, new))
     if not differences:
@@ -203,14 +205,14 @@ def check_model_matches(args: argparse.Namespace, model_config: ModelConfig) -> 
 
     listed = "; ".join(f"{flag_for(name)}: checkpoint {old!r}, this run {new!r}{derived(name)}"
                        for name, old, new in differences)
-    if args.use_checkpoint_args:
+    if job.checkpoint.use_checkpoint_args:
         fix = ("--use-checkpoint-args keeps the sizes given on the command line, as Megatron-LM "
                "does: drop those flags, or pass the checkpoint's values")
     else:
         fix = ("pass the checkpoint's values, or --use-checkpoint-args to take the model's flags "
                "from the checkpoint")
     raise ConfigError(
-        f"--load {args.load}: the checkpoint ({where}) holds another model than these flags "
+        f"--load {job.checkpoint.load}: the checkpoint ({where}) holds another model than these flags "
         f"describe: {listed}. To resume it, {fix}; to train this model instead, start a new run "
         f"without --load in another --save directory.")
 

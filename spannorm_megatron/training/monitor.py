@@ -17,7 +17,8 @@ from typing import List, Optional
 import torch
 from megatron.core import parallel_state
 
-from spannorm_megatron.config import ModelConfig
+from spannorm_megatron.config.logging import MetricsLoggingConfig
+from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.metrics import (
     CollapseAlarm,
     MoEMetrics,
@@ -30,9 +31,7 @@ from spannorm_megatron.metrics import (
 )
 from spannorm_megatron.metrics.params_norm import params_l2_norm
 from spannorm_megatron.metrics.tensorboard import TAG_SKIPPED_ITERATIONS
-from spannorm_megatron.runtime import current_device
-from spannorm_megatron.training.config import MetricsLoggingConfig
-from spannorm_megatron.runtime import gather_updated_parameters
+from spannorm_megatron.runtime import current_device, gather_updated_parameters
 
 
 @dataclass

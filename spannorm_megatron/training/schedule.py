@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -10,8 +9,10 @@ from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBat
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from spannorm_megatron.config.logging import MetricsLoggingConfig
+from spannorm_megatron.config.parallel import ParallelConfig
+from spannorm_megatron.config.training import TrainingConfig
 from spannorm_megatron.errors import ConfigError
-from spannorm_megatron.training.arguments import training_config
 
 
 @dataclass(frozen=True)
@@ -63,32 +64,34 @@ class BatchLayout:
         return iterations
 
 
-def batch_layout(args: argparse.Namespace, world_size: int) -> BatchLayout:
+def batch_layout(training: TrainingConfig, parallel: ParallelConfig,
+                 world_size: int) -> BatchLayout:
     """Checked before any process group exists: the world size comes from the launcher."""
-    cp = getattr(args, "context_parallel_size", 1)
-    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * cp
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    cp = parallel.context_parallel_size
+    model_parallel = tp * pp * cp
     if world_size % model_parallel:
         raise ConfigError(
             f"world size {world_size} is not divisible by --tensor-model-parallel-size "
-            f"{args.tensor_model_parallel_size} x --pipeline-model-parallel-size "
-            f"{args.pipeline_model_parallel_size}" + (
+            f"{tp} x --pipeline-model-parallel-size {pp}" + (
                 f" x --context-parallel-size {cp}" if cp > 1 else "") +
             f" = {model_parallel}: launch a multiple of {model_parallel} ranks or change the "
             f"sizes."
         )
     dp = world_size // model_parallel
-    global_batch = args.global_batch_size or args.micro_batch_size * dp
-    if global_batch % (args.micro_batch_size * dp):
+    micro = training.micro_batch_size
+    global_batch = training.global_batch_size or micro * dp
+    if global_batch % (micro * dp):
         raise ConfigError(
             f"--global-batch-size {global_batch} is not divisible by --micro-batch-size "
-            f"{args.micro_batch_size} x data-parallel size {dp} = {args.micro_batch_size * dp}: "
-            f"use a multiple of {args.micro_batch_size * dp}."
+            f"{micro} x data-parallel size {dp} = {micro * dp}: "
+            f"use a multiple of {micro * dp}."
         )
     rampup = None
-    if args.rampup_batch_size is not None:
-        rampup = tuple(args.rampup_batch_size)
-        _check_rampup(rampup, global_batch, args.micro_batch_size * dp)
-    return BatchLayout(args.micro_batch_size, global_batch, dp, rampup)
+    if training.rampup_batch_size is not None:
+        rampup = tuple(training.rampup_batch_size)
+        _check_rampup(rampup, global_batch, micro * dp)
+    return BatchLayout(micro, global_batch, dp, rampup)
 
 
 def _check_rampup(rampup: Tuple[int, int, int], global_batch: int, unit: int) -> None:
@@ -108,42 +111,43 @@ def _check_rampup(rampup: Tuple[int, int, int], global_batch: int, unit: int) ->
         raise ConfigError(f"--rampup-batch-size {start} {increment} {samples}: {problem}.")
 
 
-def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
+def optimizer_config(training: TrainingConfig,
+                     metrics: MetricsLoggingConfig) -> OptimizerConfig:
     return OptimizerConfig(
         optimizer="adam",
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad,
-        log_num_zeros_in_grad=args.log_num_zeros_in_grad,
+        lr=training.lr,
+        min_lr=training.min_lr,
+        weight_decay=training.weight_decay,
+        adam_beta1=training.adam_beta1,
+        adam_beta2=training.adam_beta2,
+        adam_eps=training.adam_eps,
+        clip_grad=training.clip_grad,
+        log_num_zeros_in_grad=metrics.log_num_zeros_in_grad,
         # The input embedding and output layer's own peak and final learning rate: megatron-
         # core's standard parameter-group overrides (get_megatron_optimizer) give them to the
         # parameters it marks is_embedding_or_output_parameter.
-        decoupled_lr=args.decoupled_lr,
-        decoupled_min_lr=args.decoupled_min_lr,
+        decoupled_lr=training.decoupled_lr,
+        decoupled_min_lr=training.decoupled_min_lr,
     )
 
 
-def lr_scheduler(args: argparse.Namespace, optimizer: MegatronOptimizer,
+def lr_scheduler(training: TrainingConfig, optimizer: MegatronOptimizer,
                  global_batch_size: int) -> OptimizerParamScheduler:
     """Steps are counted in samples (Megatron-LM's convention), so a schedule survives a change
     of batch size on resume."""
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=args.lr_warmup_init,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
+        init_lr=training.lr_warmup_init,
+        max_lr=training.lr,
+        min_lr=training.min_lr,
+        lr_decay_style=training.lr_decay_style,
+        start_wd=training.weight_decay,
+        end_wd=training.weight_decay,
         wd_incr_style="constant",
-        lr_wsd_decay_style="exponential" if args.lr_decay_style == "WSD" else None,
-        **training_config(args).scheduler_samples(global_batch_size),
+        lr_wsd_decay_style="exponential" if training.lr_decay_style == "WSD" else None,
+        **training.scheduler_samples(global_batch_size),
         # On resume: the checkpoint's values unless overridden; a disagreement is refused
         # before this applies (checkpoint.load), unless --use-checkpoint-opt-param-scheduler.
-        use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
-        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=not training.override_opt_param_scheduler,
+        override_opt_param_scheduler=training.override_opt_param_scheduler,
     )

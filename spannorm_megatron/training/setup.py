@@ -17,9 +17,11 @@ from megatron.core.optimizer import (
     get_standard_config_overrides,
 )
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.parallel import ParallelConfig
+from spannorm_megatron.config.performance import PerformanceConfig
 from spannorm_megatron.model import build_model, transformer_config
-from spannorm_megatron.training.performance import PerformanceConfig
+from spannorm_megatron.model.fusions import runnable_fusions
 
 
 def setup_model_and_optimizer(
@@ -44,7 +46,8 @@ def setup_model_and_optimizer(
     """
     performance = performance or PerformanceConfig()
     tconfig = transformer_config(model_config, **parallel.transformer_kwargs(),
-                                 **performance.transformer_kwargs(model_config),
+                                 **performance.transformer_kwargs(),
+                                 **runnable_fusions(model_config, performance),
                                  **transformer_overrides)
     ddp_config = DistributedDataParallelConfig(**performance.ddp_kwargs(parallel))
     optimizer_config = dataclasses.replace(
@@ -95,3 +98,22 @@ def _one_or_list(functions: list):
     return functions[0] if len(functions) == 1 else functions
 
 
+def initialize_tp_comm_overlap(performance: PerformanceConfig, *, seq_length: int,
+                               micro_batch_size: int, hidden_size: int,
+                               tensor_model_parallel_size: int) -> None:
+    """Set up Transformer Engine's userbuffers for ``--tp-comm-overlap`` (after the process
+    groups exist, before the model is built), sized as Megatron-LM sizes them: one sequence of
+    micro-batch tokens by the hidden size. Nothing happens without the flag."""
+    if not performance.tp_comm_overlap:
+        return
+    from transformer_engine.pytorch.module import base
+
+    # TE 2.8+ takes the buffers' quantization modes (`use_fp8` is deprecated there): FP8 GEMMs
+    # communicate in FP8, and the layers kept in bf16 under --first-last-layers-bf16 in bf16.
+    modes = [base.UserBufferQuantizationMode.NONE]
+    if performance.fp8_format is not None:
+        modes = [base.UserBufferQuantizationMode.FP8] + (
+            modes if performance.first_last_layers_bf16 else [])
+    base.initialize_ub(shape=[seq_length * micro_batch_size, hidden_size],
+                       tp_size=tensor_model_parallel_size, quantization_modes=modes,
+                       dtype=performance.params_dtype)

@@ -1,6 +1,6 @@
 """The Trainer: one `spannorm-train` run, from parsed flags to the last checkpoint.
 
-    with Trainer(parse_args(argv)) as trainer:  # every flag, path and layout checked; no groups
+    with Trainer(parse_args(argv)) as trainer:  # a JobConfig: every flag, path and layout checked
         trainer.setup()                           # process groups, model, optimizer, resume, data
         history = trainer.train()                 # steps, logs, evaluation, checkpoints, exits
 
@@ -36,6 +36,9 @@ from spannorm_megatron.checkpoint import (
     save_checkpoint,
 )
 from spannorm_megatron.checkpoint.save import clean_debris
+from spannorm_megatron.config.checkpoint import CheckpointConfig
+from spannorm_megatron.config.data import data_source_error
+from spannorm_megatron.config.job import JobConfig
 from spannorm_megatron.data.dataset import (
     build_gpt_datasets,
     check_data_prefixes,
@@ -43,27 +46,23 @@ from spannorm_megatron.data.dataset import (
 )
 from spannorm_megatron.data.loader import build_data_iterators
 from spannorm_megatron.data.tokenizer import build_tokenizer, check_data_fits_vocab
-from spannorm_megatron.data.tokenizer_args import tokenizer_config, tokenizer_sha256
+from spannorm_megatron.data.tokenizer_args import tokenizer_sha256
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.metrics.wandb import WandbLogger, check_wandb
 from spannorm_megatron.model.fusions import describe as describe_fusions
 from spannorm_megatron.model.moe_kernels import check_moe_kernels
 from spannorm_megatron.model.partition import check_model_fits_layout
-from spannorm_megatron.options import from_namespace
-from spannorm_megatron.runtime import check_launch, current_device, destroy, gather_updated_parameters
 from spannorm_megatron.process import initialize
-from spannorm_megatron.training.arguments import (
-    data_config,
-    metrics_logging_config,
-    model_config,
-    padded_vocab_size,
-    parallel_config,
-    performance_config,
+from spannorm_megatron.runtime import (
+    check_launch,
+    current_device,
+    destroy,
+    gather_updated_parameters,
 )
 from spannorm_megatron.training.checkpoint_args import check_model_matches
 from spannorm_megatron.training.gpt_step import forward_step
 from spannorm_megatron.training.guards import ExitConditions, NonFiniteGuard, SpikeDetector
-from spannorm_megatron.training.hooks import RunHooks, RunHooksConfig
+from spannorm_megatron.training.hooks import RunHooks
 from spannorm_megatron.training.log_format import log_line, validation_line
 from spannorm_megatron.training.loop import (
     StepResult,
@@ -72,9 +71,8 @@ from spannorm_megatron.training.loop import (
     train_step,
 )
 from spannorm_megatron.training.monitor import RunMonitor
-from spannorm_megatron.training.performance import initialize_tp_comm_overlap
 from spannorm_megatron.training.schedule import batch_layout, lr_scheduler, optimizer_config
-from spannorm_megatron.training.setup import setup_model_and_optimizer
+from spannorm_megatron.training.setup import initialize_tp_comm_overlap, setup_model_and_optimizer
 
 
 def print_rank_0(message: str) -> None:
@@ -119,99 +117,103 @@ def _check_room_for_checkpoints(save: str, model, data_parallel_size: int, bf16:
                           f"another --save.")
 
 
-def _check_same_tokenizer(args, sha256: Optional[str]) -> None:
+def _check_same_tokenizer(job: JobConfig, sha256: Optional[str]) -> None:
     """A resume must read its data with the tokenizer it was trained with: another one of the
     same vocabulary size would load without a word and give every id another meaning. Compared:
     the type, the digest of its files (`tokenizer_sha256`) and NullTokenizer's --vocab-size."""
-    if not args.load:
+    load, tokenizer = job.checkpoint.load, job.tokenizer
+    if not load:
         return
     try:
-        iteration = find_latest(args.load)
+        iteration = find_latest(load)
         if iteration is None:
             return
-        saved = read_run_record(os.path.join(args.load, iteration_dirname(iteration)))["args"]
+        saved = read_run_record(os.path.join(load, iteration_dirname(iteration)))["args"]
     except (CheckpointError, KeyError, TypeError):
         return  # no usable record here: the load itself reports what is wrong
     files = {"tokenizer_model": "--tokenizer-model", "vocab_file": "--vocab-file",
              "merge_file": "--merge-file"}
     recorded = {flag: saved[key] for key, flag in files.items() if saved.get(key)}
     differ = [(flag, saved.get(key), now) for flag, key, now in (
-        ("--tokenizer-type", "tokenizer_type", args.tokenizer_type),
+        ("--tokenizer-type", "tokenizer_type", tokenizer.tokenizer_type),
         ("/".join(recorded) or "tokenizer files", "tokenizer_sha256", sha256),
-        ("--vocab-size", "vocab_size", getattr(args, "vocab_size", None)))
+        ("--vocab-size", "vocab_size", tokenizer.vocab_size))
         if saved.get(key) not in (None, now)]
     if differ:
         was = ("" if not recorded else f"; its file was {next(iter(recorded.values()))}"
                if len(recorded) == 1 else
                "; its files were " + ", ".join(f"{k} {v}" for k, v in recorded.items()))
         raise ConfigError(
-            f"--load {args.load}: the checkpoint was trained with another tokenizer ("
+            f"--load {load}: the checkpoint was trained with another tokenizer ("
             + "; ".join(f"{flag}: checkpoint {old}, this run {new}" for flag, old, new in differ)
             + was + "). Pass the checkpoint's tokenizer, or start a new run in another --save "
             "directory.")
 
 
-def _check_fresh_save_directory(args) -> None:
+def _check_fresh_save_directory(checkpoint: CheckpointConfig) -> None:
     """A run without --load starts at iteration 0: writing it into a directory that holds
     another run's checkpoints would replace their iterations and move the pointer back."""
-    if not args.save or args.load:
+    save = checkpoint.save
+    if not save or checkpoint.load:
         return
-    held = complete_iterations(args.save) if os.path.isdir(args.save) else []
-    if held or os.path.exists(os.path.join(args.save, TRACKER_FILENAME)):
+    held = complete_iterations(save) if os.path.isdir(save) else []
+    if held or os.path.exists(os.path.join(save, TRACKER_FILENAME)):
         latest = f" (latest: iteration {max(held)})" if held else ""
         raise CheckpointError(
-            f"--save {args.save} already holds checkpoints{latest} and this run has no --load: "
-            f"it would start from iteration 0 and write over them. Pass --load {args.save} to "
+            f"--save {save} already holds checkpoints{latest} and this run has no --load: "
+            f"it would start from iteration 0 and write over them. Pass --load {save} to "
             f"resume that run, or choose a new --save directory to start over.")
 
 
 class Trainer:
     """One run of `spannorm-train` (see the module docstring)."""
 
-    def __init__(self, args):
+    def __init__(self, job: JobConfig):
         """Check everything the user gave, before any process group work."""
-        self.args = args
-        self.batches = batch_layout(args, int(os.environ.get("WORLD_SIZE", "1")))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        training = job.training
+        self.batches = batch_layout(training, job.parallel, world_size)
         # Megatron-LM sets args.train_iters from --train-samples; here the flags stay as given
         # (a TrainingConfig holds one of the two) and the run keeps its step count.
-        self.train_iters = args.train_iters
-        if args.train_samples is not None:
-            self.train_iters = self.batches.train_iters_for(args.train_samples)
+        self.train_iters = training.train_iters
+        if training.train_samples is not None:
+            self.train_iters = self.batches.train_iters_for(training.train_samples)
             if self.train_iters < 1:
                 raise ConfigError(
-                    f"--train-samples {args.train_samples} is less than one global batch "
+                    f"--train-samples {training.train_samples} is less than one global batch "
                     f"({self.batches.global_batch_size}): train at least one step.")
-            args.notices.append(f"setting training iterations to {self.train_iters}")
-        self.data_config = data_config(args)
-        tokenizer_flags = tokenizer_config(args)
-        self.tokenizer = build_tokenizer(tokenizer_flags)
-        self.tokenizer_sha256 = tokenizer_sha256(tokenizer_flags)
-        _check_same_tokenizer(args, self.tokenizer_sha256)
-        self.model_config = model_config(args, padded_vocab_size(self.tokenizer.vocab_size, args))
-        check_model_matches(args, self.model_config)
-        self.parallel = parallel_config(args)
-        check_model_fits_layout(self.model_config, self.parallel)
-        self.performance = performance_config(args)
-        self.performance.check_layout(self.parallel)
-        self.performance.check_machine(self.model_config, self.parallel)
-        cp = self.parallel.context_parallel_size
-        if args.seq_length % (2 * cp) and cp > 1:
+            job.notices.append(f"setting training iterations to {self.train_iters}")
+        if job.data is None:
+            raise data_source_error(0)
+        self.tokenizer = build_tokenizer(job.tokenizer)
+        self.tokenizer_sha256 = tokenizer_sha256(job.tokenizer)
+        _check_same_tokenizer(job, self.tokenizer_sha256)
+        # The tokenizer's vocabulary, padded, is the model's: known only now.
+        self.job = job = job.with_vocab_size(self.tokenizer.vocab_size)
+        check_model_matches(job)
+        check_model_fits_layout(job.model, job.parallel)
+        job.performance.check_layout(job.parallel)
+        job.performance.check_machine(job.model, job.parallel)
+        cp = job.parallel.context_parallel_size
+        seq_length = job.data.seq_length
+        if seq_length % (2 * cp) and cp > 1:
             raise ConfigError(
-                f"--seq-length {args.seq_length} must be divisible by 2 x --context-parallel-size"
+                f"--seq-length {seq_length} must be divisible by 2 x --context-parallel-size"
                 f" = {2 * cp}: each context-parallel rank takes two equal chunks of a sequence.")
-        self.hooks_config = from_namespace(RunHooksConfig, args)
-        self.hooks_config.check_run(int(os.environ.get("WORLD_SIZE", "1")), args.tensorboard_dir)
-        check_wandb(args)
-        check_moe_kernels(self.model_config)
-        check_launch(args.distributed_backend, self.parallel)
+        job.hooks.check_run(world_size, job.logging.tensorboard_dir)
+        check_wandb(job)
+        check_moe_kernels(job.model)
+        check_launch(training.distributed_backend, job.parallel)
         for count in self.batches.microbatch_counts:
-            self.parallel.check_microbatches(count)
+            job.parallel.check_microbatches(count)
         self.num_samples = num_samples_for(self.train_iters, self.batches.global_batch_size,
-                                           args.eval_interval, args.eval_iters,
-                                           train_samples=args.train_samples)
-        check_data_fits_vocab(check_data_prefixes(self.data_config, self.num_samples),
+                                           job.logging.eval_interval, job.logging.eval_iters,
+                                           train_samples=training.train_samples)
+        # The data's files, checked once, here (build_gpt_datasets in `setup` relies on it).
+        check_data_fits_vocab(check_data_prefixes(job.data, self.num_samples,
+                                                  job.data.data_cache_path),
                               self.tokenizer.vocab_size, self.tokenizer)
-        _check_fresh_save_directory(args)
+        _check_fresh_save_directory(job.checkpoint)
 
         self.iteration = self.consumed_train = self.consumed_valid = 0
         self.history = {"train_loss": [], "valid_loss": [], "iterations": []}
@@ -228,40 +230,44 @@ class Trainer:
     # ------------------------------------------------------------------ setup and teardown
     def setup(self) -> None:
         """Process groups, model, optimizer, scheduler, checkpoint, data, monitors."""
-        args, model_cfg, parallel, performance = (self.args, self.model_config, self.parallel,
-                                                  self.performance)
-        initialize(parallel, seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
+        job, training = self.job, self.job.training
+        model_cfg, parallel, performance = job.model, job.parallel, job.performance
+        initialize(parallel, seed=training.seed,
+                   timeout_minutes=training.distributed_timeout_minutes)
         self._initialized = True
-        for notice in getattr(args, "notices", []):
+        for notice in job.notices:
             print_rank_0(f"> {notice}")
         # megatron-core's calculator, as Megatron-LM sets it up: the step's micro-batch count
         # (and, with --rampup-batch-size, its global batch) follows the consumed samples.
         init_num_microbatches_calculator(
-            torch.distributed.get_rank(), args.rampup_batch_size,
-            self.batches.global_batch_size, args.micro_batch_size, self.batches.data_parallel_size)
-        if args.save and os.path.isdir(args.save):
+            torch.distributed.get_rank(), training.rampup_batch_size,
+            self.batches.global_batch_size, training.micro_batch_size,
+            self.batches.data_parallel_size)
+        if job.checkpoint.save and os.path.isdir(job.checkpoint.save):
             # What a killed save left (iter_*.tmp-*), gone before this run writes anything.
             if torch.distributed.get_rank() == 0:
-                clean_debris(args.save)
+                clean_debris(job.checkpoint.save)
             torch.distributed.barrier()
-        initialize_tp_comm_overlap(performance, seq_length=args.seq_length,
-                                   micro_batch_size=args.micro_batch_size,
+        initialize_tp_comm_overlap(performance, seq_length=job.data.seq_length,
+                                   micro_batch_size=training.micro_batch_size,
                                    hidden_size=model_cfg.hidden_size,
                                    tensor_model_parallel_size=parallel.tensor_model_parallel_size)
         self.model, self.optimizer = setup_model_and_optimizer(
-            model_cfg, parallel, optimizer_config(args), performance,
-            calculate_per_token_loss=args.calculate_per_token_loss)
-        self.scheduler = lr_scheduler(args, self.optimizer, self.batches.global_batch_size)
-        if args.save:
-            _check_room_for_checkpoints(args.save, self.model, self.batches.data_parallel_size,
+            model_cfg, parallel, optimizer_config(training, job.metrics), performance,
+            calculate_per_token_loss=training.calculate_per_token_loss)
+        self.scheduler = lr_scheduler(training, self.optimizer, self.batches.global_batch_size)
+        if job.checkpoint.save:
+            _check_room_for_checkpoints(job.checkpoint.save, self.model,
+                                        self.batches.data_parallel_size,
                                         bf16=performance.bf16 or performance.fp16)
         self.iteration, self.consumed_train, self.consumed_valid = self._load()
 
-        datasets = build_gpt_datasets(self.data_config, self.tokenizer, self.num_samples)
+        datasets = build_gpt_datasets(job.data, self.tokenizer, self.num_samples,
+                                      check_prefixes=False)
         self.train_iter, self.valid_iter, _ = build_data_iterators(
-            datasets, args.micro_batch_size, self.consumed_train, self.consumed_valid,
-            num_workers=args.num_workers, device=current_device())
-        if args.eval_iters == 0:  # Megatron-LM's way of turning evaluation off
+            datasets, training.micro_batch_size, self.consumed_train, self.consumed_valid,
+            num_workers=job.data.num_workers, device=current_device())
+        if job.logging.eval_iters == 0:  # Megatron-LM's way of turning evaluation off
             self.valid_iter = None
 
         batches = self.batches
@@ -277,20 +283,20 @@ class Trainer:
                      f"{batches.num_microbatches} micro-batches of {batches.micro_batch_size} "
                      f"per step, global batch {batches.global_batch_size}")
         self.monitor = RunMonitor(
-            self.model, model_cfg, seq_length=args.seq_length,
+            self.model, model_cfg, seq_length=job.data.seq_length,
             global_batch_size=batches.global_batch_size,
-            num_microbatches=batches.num_microbatches, log_interval=args.log_interval,
-            tensorboard_dir=args.tensorboard_dir, dtype=performance.params_dtype,
-            recompute=args.recompute_granularity,
-            collapse_grad_ratio=args.collapse_grad_ratio,
-            metrics=metrics_logging_config(args))
-        self.monitor.write_config({"args": vars(args), "model": model_cfg.to_dict(),
+            num_microbatches=batches.num_microbatches, log_interval=job.logging.log_interval,
+            tensorboard_dir=job.logging.tensorboard_dir, dtype=performance.params_dtype,
+            recompute=performance.recompute_granularity,
+            collapse_grad_ratio=job.logging.collapse_grad_ratio,
+            metrics=job.metrics)
+        self.monitor.write_config({"args": job.recorded_args(), "model": model_cfg.to_dict(),
                                    "parallel": vars(parallel)})
-        self.guard = NonFiniteGuard(self.model, args.max_skipped_iterations)
-        self.spikes = SpikeDetector(args.loss_spike_factor, args.loss_spike_window)
-        self.exits = ExitConditions(args.exit_duration_in_mins)
-        self.hooks = RunHooks(self.hooks_config, args.tensorboard_dir)
-        self.wandb = WandbLogger.create(args)
+        self.guard = NonFiniteGuard(self.model, training.max_skipped_iterations)
+        self.spikes = SpikeDetector(training.loss_spike_factor, training.loss_spike_window)
+        self.exits = ExitConditions(training.exit_duration_in_mins)
+        self.hooks = RunHooks(job.hooks, job.logging.tensorboard_dir)
+        self.wandb = WandbLogger.create(job)
         if self.wandb is not None:
             self.monitor.writer = self.wandb.mirror(self.monitor.writer)
 
@@ -328,7 +334,7 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         """One optimizer step, with the non-finite guard, skip accounting and spike check."""
-        args, guard = self.args, self.guard
+        job, guard = self.job, self.guard
         self.monitor.begin_step(self.iteration + 1)
         update_num_microbatches(self.consumed_train, consistency_check=True)
         global_batch_size = get_current_global_batch_size()
@@ -336,12 +342,13 @@ class Trainer:
         # optimizer skips the step and lowers the scale, and the guard stays out of it.
         result = train_step(self.model, self.optimizer, self.scheduler, self.train_iter,
                             num_microbatches=get_num_microbatches(),
-                            seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                            seq_length=job.data.seq_length,
+                            micro_batch_size=job.training.micro_batch_size,
                             global_batch_size=global_batch_size,
                             monitor=self.monitor,
-                            guard=None if self.performance.dynamic_loss_scaling else guard,
+                            guard=None if job.performance.dynamic_loss_scaling else guard,
                             forward_step_func=self.forward_step_for(self.iteration + 1),
-                            empty_cache_level=self.hooks_config.empty_unused_memory_level)
+                            empty_cache_level=job.hooks.empty_unused_memory_level)
         self.iteration += 1
         if result.skipped and result.bad_layer is None:
             self.skipped_by_optimizer += 1
@@ -359,17 +366,18 @@ class Trainer:
         spike_median = self.spikes.check(result.loss)
         if spike_median is not None:
             print_rank_0(f" loss spike at iteration {self.iteration}: lm loss {result.loss:.4f} > "
-                         f"{args.loss_spike_factor} x running median {spike_median:.4f}")
+                         f"{job.training.loss_spike_factor} x running median {spike_median:.4f}")
         return result
 
     def evaluate(self) -> float:
         """Validation loss over --eval-iters batches, logged as Megatron-LM logs it."""
-        args = self.args
-        loss = evaluate(self.model, self.valid_iter, args.eval_iters,
+        job = self.job
+        loss = evaluate(self.model, self.valid_iter, job.logging.eval_iters,
                         num_microbatches=self.batches.num_microbatches,
-                        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-                        empty_cache_level=self.hooks_config.empty_unused_memory_level)
-        self.consumed_valid += args.eval_iters * self.batches.global_batch_size
+                        seq_length=job.data.seq_length,
+                        micro_batch_size=job.training.micro_batch_size,
+                        empty_cache_level=job.hooks.empty_unused_memory_level)
+        self.consumed_valid += job.logging.eval_iters * self.batches.global_batch_size
         self.monitor.log_validation(self.iteration, loss, self.consumed_train)
         self.history["valid_loss"].append(loss)
         print_last_rank(validation_line(self.iteration, loss))
@@ -377,16 +385,16 @@ class Trainer:
 
     def save(self) -> None:
         """A checkpoint of this iteration under --save (nothing without --save)."""
-        args = self.args
-        if not args.save:
+        job = self.job
+        if not job.checkpoint.save:
             return
         gather_updated_parameters(self.model)
         path = save_checkpoint(
-            args.save, self.iteration, self.model, self.optimizer, self.scheduler,
-            model_config=self.model_config, parallel_config=self.parallel,
+            job.checkpoint.save, self.iteration, self.model, self.optimizer, self.scheduler,
+            model_config=job.model, parallel_config=job.parallel,
             consumed_train_samples=self.consumed_train,
             consumed_valid_samples=self.consumed_valid,
-            args=dict(vars(args), tokenizer_sha256=self.tokenizer_sha256,
+            args=dict(job.recorded_args(), tokenizer_sha256=self.tokenizer_sha256,
                       global_batch_size=self.batches.global_batch_size,
                       micro_batch_size=self.batches.micro_batch_size))
         print_rank_0(f"  successfully saved checkpoint at iteration {self.iteration:7d} to "
@@ -396,7 +404,7 @@ class Trainer:
     def train(self) -> dict:
         """Steps until --train-iters (or an exit condition), then the final evaluation and
         checkpoint. Returns the history of losses."""
-        args = self.args
+        job = self.job
         every = lambda interval: bool(interval) and self.iteration % interval == 0  # noqa: E731
         window = ThroughputWindow()
         self.hooks.start()
@@ -407,25 +415,25 @@ class Trainer:
             self.hooks.after_step(self.iteration)
             prints = self.monitor.is_log_step(self.iteration) or self.iteration == self.train_iters
             self._log(result, window.seconds_per_iteration() if prints else None)
-            if self.valid_iter is not None and every(args.eval_interval):
+            if self.valid_iter is not None and every(job.logging.eval_interval):
                 self.hooks.before_evaluation()
                 self.evaluate()
                 self.hooks.after_evaluation()
                 window.exclude_since_last_step()
-            if every(args.save_interval):
+            if every(job.checkpoint.save_interval):
                 self.save()
                 window.exclude_since_last_step()
             reason = self.exits.reason()
-            if reason is None and every(args.exit_interval):
+            if reason is None and every(job.training.exit_interval):
                 reason = "--exit-interval"
             if reason is not None:
-                if not every(args.save_interval):
+                if not every(job.checkpoint.save_interval):
                     self.save()
                 print_rank_0(f"exiting program at iteration {self.iteration} ({reason})")
                 return self.history
-        if not every(args.save_interval):
+        if not every(job.checkpoint.save_interval):
             self.save()
-        if self.valid_iter is not None and not every(args.eval_interval):
+        if self.valid_iter is not None and not every(job.logging.eval_interval):
             self.evaluate()
         return self.history
 
@@ -450,12 +458,12 @@ class Trainer:
                                        seconds_per_step=seconds,
                                        global_batch_size=global_batch_size)
         if seconds is not None:
-            tokens_per_second = global_batch_size * self.args.seq_length / seconds
+            tokens_per_second = global_batch_size * self.job.data.seq_length / seconds
             print_last_rank(log_line(
                 self.iteration, self.train_iters, self.consumed_train, seconds, result,
                 global_batch_size, tokens_per_second, self.monitor.mfu(seconds),
                 self.skipped_total, learning_rate=learning_rate, loss_scale=loss_scale,
-                tflops=self.monitor.throughput_tflops(seconds) if self.args.log_throughput
+                tflops=self.monitor.throughput_tflops(seconds) if self.job.metrics.log_throughput
                 else None, num_zeros=report.num_zeros, params_norm=report.params_norm))
         if report.alarm is not None:
             print_rank_0(f" WARNING: {report.alarm}")
@@ -463,41 +471,42 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     def _load(self):
         """(iteration, consumed train samples, consumed valid samples) to start from."""
-        args = self.args
-        if not args.load:
+        checkpoint, training = self.job.checkpoint, self.job.training
+        load = checkpoint.load
+        if not load:
             return 0, 0, 0
         try:
-            nothing_there = find_latest(args.load) is None
+            nothing_there = find_latest(load) is None
         except CheckpointError:
-            if not args.load_fallback:
+            if not checkpoint.load_fallback:
                 raise
-            nothing_there = not complete_iterations(args.load)
+            nothing_there = not complete_iterations(load)
         if nothing_there:
-            if os.path.abspath(args.load) != os.path.abspath(args.save or ""):
+            if os.path.abspath(load) != os.path.abspath(checkpoint.save or ""):
                 raise CheckpointError(
-                    f"--load {args.load}: no checkpoint there (no {TRACKER_FILENAME} and no "
+                    f"--load {load}: no checkpoint there (no {TRACKER_FILENAME} and no "
                     f"complete iter_* directory). Check the path, or drop --load to start fresh.")
             # --save X --load X is how runs are resumed; the first launch has nothing yet.
-            print_rank_0(f"> no checkpoint in {args.load} yet: starting from iteration 0")
+            print_rank_0(f"> no checkpoint in {load} yet: starting from iteration 0")
             return 0, 0, 0
 
         # The pointer's checkpoint first; with --load-fallback, then every earlier complete one.
         attempts = [None]
-        if args.load_fallback:
-            attempts += sorted(complete_iterations(args.load), reverse=True)
+        if checkpoint.load_fallback:
+            attempts += sorted(complete_iterations(load), reverse=True)
         for attempt in attempts:
             try:
-                state = load_checkpoint(args.load, self.model, self.optimizer, self.scheduler,
-                                        model_config=self.model_config,
-                                        parallel_config=self.parallel, iteration=attempt,
-                                        no_load_optim=args.no_load_optim,
-                                        no_load_rng=args.no_load_rng,
+                state = load_checkpoint(load, self.model, self.optimizer, self.scheduler,
+                                        model_config=self.job.model,
+                                        parallel_config=self.job.parallel, iteration=attempt,
+                                        no_load_optim=checkpoint.no_load_optim,
+                                        no_load_rng=checkpoint.no_load_rng,
                                         check_scheduler=not (
-                                            args.override_opt_param_scheduler
-                                            or args.use_checkpoint_opt_param_scheduler))
+                                            training.override_opt_param_scheduler
+                                            or training.use_checkpoint_opt_param_scheduler))
                 break
             except CheckpointError as error:
-                if not args.load_fallback or attempt == attempts[-1]:
+                if not checkpoint.load_fallback or attempt == attempts[-1]:
                     raise
                 which = "the latest checkpoint" if attempt is None else f"iteration {attempt}"
                 print_rank_0(f"> --load-fallback: skipping {which} ({error})")

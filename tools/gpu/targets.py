@@ -28,7 +28,7 @@ def flops_per_token(preset: str, seq_length: int, placement: str):
     (check.sh puts the checkout on PYTHONPATH; elsewhere, install it: tools/setup_env.sh)."""
     try:
         from spannorm_megatron.benchmarks.training import PRESETS
-        from spannorm_megatron.config import ModelConfig
+        from spannorm_megatron.config.model import ModelConfig
         from spannorm_megatron.metrics import flops_per_token as fpt
     except Exception:  # noqa: BLE001 - a report, not a gate
         return None

@@ -18,7 +18,7 @@ from spannorm_megatron.lab.grid.results import (
 )
 from spannorm_megatron.lab.grid.runner import run_grid
 from spannorm_megatron.lab.grid.spec import ROOT
-from spannorm_megatron.options import add_arguments, check, from_namespace, option
+from spannorm_megatron.config.options import add_arguments, check, from_namespace, option
 
 DESCRIPTION = """\
 The depth sweep's grid mode: a declared list of factor cells, each varied alone from the

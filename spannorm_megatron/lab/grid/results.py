@@ -77,7 +77,7 @@ def branch_factor(placement: str, depth: int, scale_init: str) -> float:
     """Scale Init's factor c (spannorm_megatron.model.scale_init.branch_scale_factor): output
     projections drawn with c * sigma (scale_mode init) or branch outputs multiplied by c
     (forward)."""
-    from spannorm_megatron.config import ModelConfig
+    from spannorm_megatron.config.model import ModelConfig
     from spannorm_megatron.model.scale_init import branch_scale_factor
 
     return branch_scale_factor(ModelConfig.recommended(

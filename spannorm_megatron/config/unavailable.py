@@ -1,6 +1,6 @@
 """Megatron-LM flags that `spannorm-train` knows only to refuse, or to accept as no-ops.
 
-Each is declared like every other flag (`spannorm_megatron.options`), so a Megatron-LM command
+Each is declared like every other flag (`spannorm_megatron.config.options`), so a Megatron-LM command
 line or YAML that uses one gets an answer naming the reason instead of "unrecognized argument":
 
 - refused when given: a feature whose machinery this stack does not have (the refusal says what
@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import List
 
+from spannorm_megatron.config.options import check, flag_of, option
 from spannorm_megatron.errors import ConfigError
-from spannorm_megatron.options import check, flag_of, option
 
 _EP_OVERLAP = (
     "megatron-core runs it through its combined 1F1B schedule, which calls each layer's parts "

@@ -22,9 +22,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from spannorm_megatron.config import ModelConfig, ParallelConfig
+from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.options import check, option
+from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ConfigError
-from spannorm_megatron.options import check, option
 
 FP8_FORMATS = ("hybrid", "e4m3")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
@@ -269,7 +270,7 @@ class PerformanceConfig:
         on a GPU (FP8: compute capability 8.9+, e.g. H100; mxfp8: 10.0+); Transformer Engine's
         attention backends and context parallelism need its layers; --fp16 needs float16
         kernels on this device."""
-        from spannorm_megatron.model.specs import transformer_engine_available
+        from spannorm_megatron.machine import transformer_engine_available
 
         if self.fp16:
             _check_fp16_runs()
@@ -328,19 +329,16 @@ class PerformanceConfig:
                 f"attention sees one whole sequence), and {where}: use "
                 f"--context-parallel-size 1, or run with Transformer Engine on a GPU.")
 
-    def transformer_kwargs(self, model: Optional[ModelConfig] = None) -> dict:
-        """`TransformerConfig` fields (precision, attention, FP8, recompute, TP overlap; with
-        `model`, the fusions this run allows that can run for it here)."""
+    def transformer_kwargs(self) -> dict:
+        """`TransformerConfig` fields (precision, attention, FP8, recompute, TP overlap). The
+        fusions this run allows, where their kernels run for a model, are the model's to say
+        (`model.fusions.runnable_fusions`)."""
         from megatron.core.transformer.enums import AttnBackend
 
         kwargs = dict(bf16=self.bf16, fp16=self.fp16, params_dtype=self.params_dtype,
                       tp_comm_overlap=self.tp_comm_overlap,
                       attention_softmax_in_fp32=self.attention_softmax_in_fp32,
                       attention_backend=AttnBackend[self.attention_backend])
-        if model is not None:
-            from spannorm_megatron.model.fusions import runnable_fusions
-
-            kwargs.update(runnable_fusions(model, self))
         if self.fp8_format is not None:
             kwargs.update(fp8=self.fp8_format, fp8_recipe=self.fp8_recipe,
                           fp8_margin=self.fp8_margin,
@@ -375,27 +373,6 @@ class PerformanceConfig:
                     hysteresis=self.hysteresis)
 
 
-def initialize_tp_comm_overlap(performance: PerformanceConfig, *, seq_length: int,
-                               micro_batch_size: int, hidden_size: int,
-                               tensor_model_parallel_size: int) -> None:
-    """Set up Transformer Engine's userbuffers for ``--tp-comm-overlap`` (after the process
-    groups exist, before the model is built), sized as Megatron-LM sizes them: one sequence of
-    micro-batch tokens by the hidden size. Nothing happens without the flag."""
-    if not performance.tp_comm_overlap:
-        return
-    from transformer_engine.pytorch.module import base
-
-    # TE 2.8+ takes the buffers' quantization modes (`use_fp8` is deprecated there): FP8 GEMMs
-    # communicate in FP8, and the layers kept in bf16 under --first-last-layers-bf16 in bf16.
-    modes = [base.UserBufferQuantizationMode.NONE]
-    if performance.fp8_format is not None:
-        modes = [base.UserBufferQuantizationMode.FP8] + (
-            modes if performance.first_last_layers_bf16 else [])
-    base.initialize_ub(shape=[seq_length * micro_batch_size, hidden_size],
-                       tp_size=tensor_model_parallel_size, quantization_modes=modes,
-                       dtype=performance.params_dtype)
-
-
 def _device_capability() -> Tuple[int, int]:
     return tuple(torch.cuda.get_device_capability())
 
@@ -420,7 +397,7 @@ def _cpu_fp16_problem() -> Optional[str]:
 
 
 def _check_fp16_runs() -> None:
-    from spannorm_megatron.runtime import has_accelerator
+    from spannorm_megatron.machine import has_accelerator
 
     if has_accelerator():
         return  # GPUs have float16 kernels (and no CUDA context is made before the rank's own)

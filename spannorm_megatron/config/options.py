@@ -10,6 +10,8 @@ flag and valid range, and everything else is generated from it.
 - `from_namespace(cls, args)` builds the dataclass from parsed flags.
 - `invalid_values(cls, field)` lists values a flag must refuse, derived from the declaration, so the
   test that feeds every flag a bad value covers a new flag without being edited.
+- `megatron_kwargs(instance)` gives megatron-core's `TransformerConfig` keywords of the fields
+  declared with `megatron=` (the keyword's name, True for the field's own).
 
 Written here rather than taken from megatron-core: its `ArgumentGroupFactory`
 (megatron.training) is not part of megatron-core's package, and Megatron-LM keeps flags and
@@ -25,7 +27,7 @@ import math
 import os
 import tempfile
 import typing
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from spannorm_megatron.errors import ConfigError
 
@@ -39,7 +41,8 @@ def option(default: Any = _MISSING, doc: str = "", *, flag: Optional[str] = None
            default_factory: Any = _MISSING, derived_from: Optional[str] = None,
            path: Optional[str] = None, required: bool = False, negative: bool = False,
            nargs: Any = None, aliases: Tuple[str, ...] = (),
-           metavar: Optional[str] = None) -> Any:
+           metavar: Optional[str] = None, megatron: Union[bool, str] = False,
+           megatron_if: Optional[str] = None) -> Any:
     """A dataclass field with its flag. `flag` defaults to `--` + the name with dashes;
     `choices` is a tuple, or a callable returning one (a registry that can grow);
     `at_least`/`above`/`below` bound numbers; `parse` turns the flag's text into a value (for
@@ -57,13 +60,18 @@ def option(default: Any = _MISSING, doc: str = "", *, flag: Optional[str] = None
     `aliases` are further spellings of the flag (an older name of ours beside Megatron-LM's).
     `metavar` names the flag's value in `--help`. A list field with `parse` takes one argument
     that `parse` splits (`--control-symbols A,B`); a list field with `choices` checks each
-    element against them."""
+    element against them.
+    `megatron` names the megatron-core `TransformerConfig` field this one sets (True: the same
+    name), with the value of the owner's `resolved_<name>` property where it has one (the value
+    an unset flag stands for); `megatron_if` names a property of the owner that must be true for
+    the field to be passed (e.g. "is_moe": the MoE fields of a dense model are left out)."""
     if not doc:
         raise TypeError("option() needs its doc")
     metadata = dict(doc=doc, flag=flag, choices=choices, at_least=at_least, above=above,
                     below=below, parse=parse, fallback=fallback, derived_from=derived_from,
                     path=path, required=required, negative=negative, nargs=nargs,
-                    aliases=tuple(aliases), metavar=metavar)
+                    aliases=tuple(aliases), metavar=metavar, megatron=megatron,
+                    megatron_if=megatron_if)
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -83,6 +91,20 @@ def declared(cls) -> List[dataclasses.Field]:
 def options(cls) -> List[dataclasses.Field]:
     """The declared fields that are flags."""
     return [f for f in declared(cls) if not f.metadata["derived_from"]]
+
+
+def megatron_kwargs(instance) -> Dict[str, Any]:
+    """megatron-core `TransformerConfig` keywords of `instance`'s fields declared `megatron=`."""
+    owner = type(instance)
+    kwargs = {}
+    for field in declared(owner):
+        name, condition = field.metadata["megatron"], field.metadata["megatron_if"]
+        if not name or (condition and not getattr(instance, condition)):
+            continue
+        resolved = "resolved_" + field.name
+        value = getattr(instance, resolved if hasattr(owner, resolved) else field.name)
+        kwargs[field.name if name is True else name] = value
+    return kwargs
 
 
 def flag_of(field: dataclasses.Field) -> str:
