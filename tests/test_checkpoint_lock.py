@@ -15,7 +15,6 @@ from spannorm_megatron.checkpoint import CheckpointError
 from spannorm_megatron.checkpoint.lock import LOCK_FILENAME, SaveDirectoryLock
 
 
-
 def _hold_in_another_process(save_dir: str) -> subprocess.Popen:
     holder = subprocess.Popen(
         [sys.executable, "-c",
@@ -46,3 +45,24 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holder_frees_it(
     assert not lock.held
     SaveDirectoryLock(save).acquire().release()
     assert os.path.isfile(os.path.join(save, LOCK_FILENAME))
+
+
+def test_spannorm_train_on_a_held_save_directory_is_refused_and_writes_nothing(tmp_path, capsys):
+    """A second spannorm-train on the --save of a running one stops before its model exists,
+    naming the holder, and leaves the directory as it was; once the holder is gone it trains."""
+    from fuzz_train import BASE
+    from spannorm_megatron.train import main
+
+    save = str(tmp_path / "run")
+    holder = _hold_in_another_process(save)
+    try:
+        assert main([*BASE, "--save", save]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by another run (PID {holder.pid}" in err and "Traceback" not in err
+        assert sorted(os.listdir(save)) == [LOCK_FILENAME]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert main([*BASE, "--save", save]) == 0
+    assert os.path.isfile(os.path.join(save, "latest_checkpointed_iteration.txt"))
+

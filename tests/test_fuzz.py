@@ -44,3 +44,16 @@ def test_fuzzing_at_a_fixed_seed_finds_nothing(fixtures):
     assert sum(counts.values()) >= 10, lines  # the budget runs a useful number of examples
     assert counts["accepted"] and counts["refused"], counts
     assert not defects, "\n".join(lines)
+
+
+def test_an_environment_that_contradicts_a_flag_is_refused_naming_both(monkeypatch, capsys):
+    """megatron-core asserts on NVTE_* switches that disagree with --attention-backend: here
+    the run stops before anything is built, naming the variable and the flag."""
+    from spannorm_megatron.train import main
+
+    monkeypatch.setenv("NVTE_FLASH_ATTN", "1")
+    assert main([*BASE, "--attention-backend", "local"]) == 2
+    err = capsys.readouterr().err
+    assert "NVTE_FLASH_ATTN=1 in the environment contradicts --attention-backend local" in err
+    assert "Traceback" not in err
+

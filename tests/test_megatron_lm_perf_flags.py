@@ -61,7 +61,8 @@ def test_precision_flags_reach_megatron_core(corpus):
 
     # Megatron-LM's softmax default is the input's precision (megatron-core's own is fp32).
     plain = parse_args(_args(corpus, "--bf16")).performance
-    assert transformer_config(model, **plain.transformer_kwargs(model)) \
+    assert transformer_config(model, **plain.transformer_kwargs(),
+                              **runnable_fusions(model, plain)) \
         .attention_softmax_in_fp32 is False
 
     # Gradient buffers: Megatron-LM's rule between --bf16, --grad-reduce-in-bf16 and

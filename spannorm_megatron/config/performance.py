@@ -16,8 +16,9 @@ unfused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import functools
+import os
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -50,6 +51,12 @@ FP8_CHOICES = (*FP8_RECIPES, "custom")
 ATTENTION_BACKENDS = ("flash", "fused", "unfused", "local", "auto")
 TE_ATTENTION_BACKENDS = ("flash", "fused", "unfused")
 CROSS_ENTROPY_FUSION_IMPLS = ("native", "te")
+
+
+NVTE_ATTENTION_VARIABLES = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+NVTE_BY_ATTENTION_BACKEND = {"local": (0, 0, 0), "flash": (1, 0, 0), "fused": (0, 1, 0),
+                             "unfused": (0, 0, 1), "auto": (1, 1, 1)}
+"""What megatron-core 0.16.1 sets each of `NVTE_ATTENTION_VARIABLES` to, per backend."""
 
 
 @dataclass
@@ -263,6 +270,20 @@ class PerformanceConfig:
             raise ConfigError("--moe-layer-recompute is selective recompute of the MoE layers, "
                               "and --recompute-granularity full already recomputes whole "
                               "layers (megatron-core refuses both): drop one of them.")
+
+    def check_environment(self) -> None:
+        """Transformer Engine's attention switches in the environment must say what
+        --attention-backend says: megatron-core sets them per backend, and asserts (on the first
+        model built) that any set before agree."""
+        for name, wanted in zip(NVTE_ATTENTION_VARIABLES,
+                                NVTE_BY_ATTENTION_BACKEND[self.attention_backend]):
+            value = os.environ.get(name)
+            if value is not None and value != str(wanted):
+                raise ConfigError(
+                    f"{name}={value} in the environment contradicts --attention-backend "
+                    f"{self.attention_backend}, which sets it to {wanted}: unset "
+                    f"{', '.join(NVTE_ATTENTION_VARIABLES)} and choose the backend with "
+                    f"--attention-backend.")
 
     def check_machine(self, model: ModelConfig,
                       parallel: Optional[ParallelConfig] = None) -> None:

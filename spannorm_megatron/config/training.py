@@ -116,6 +116,9 @@ class TrainingConfig:
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the schedule "
                               f"decays from --lr to --min-lr.")
+        if self.lr_warmup_init > self.lr:  # megatron-core's scheduler asserts it
+            raise ConfigError(f"--lr-warmup-init {self.lr_warmup_init} is above --lr {self.lr}: "
+                              f"the warm-up rises from --lr-warmup-init to --lr.")
         if self.decoupled_min_lr is not None and self.decoupled_lr is None:
             # megatron-core reads it only beside --decoupled-lr; alone it would change nothing.
             raise ConfigError("--decoupled-min-lr needs --decoupled-lr (the embedding and output "

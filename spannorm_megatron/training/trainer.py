@@ -35,6 +35,7 @@ from spannorm_megatron.checkpoint import (
     read_run_record,
     save_checkpoint,
 )
+from spannorm_megatron.checkpoint.lock import SaveDirectoryLock
 from spannorm_megatron.checkpoint.save import clean_debris
 from spannorm_megatron.config.checkpoint import CheckpointConfig
 from spannorm_megatron.config.data import data_source_error
@@ -46,7 +47,8 @@ from spannorm_megatron.data.dataset import (
 )
 from spannorm_megatron.data.loader import build_data_iterators
 from spannorm_megatron.data.tokenizer import build_tokenizer, check_data_fits_vocab
-from spannorm_megatron.data.tokenizer_args import tokenizer_sha256
+from spannorm_megatron.data.provenance import check_data_tokenizer
+from spannorm_megatron.data.tokenizer_args import tokenizer_differences, tokenizer_sha256
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.metrics.wandb import WandbLogger, check_wandb
 from spannorm_megatron.model.fusions import describe as describe_fusions
@@ -55,6 +57,7 @@ from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.process import initialize
 from spannorm_megatron.runtime import (
     check_launch,
+    launch_environment,
     current_device,
     destroy,
     gather_updated_parameters,
@@ -119,9 +122,9 @@ def _check_room_for_checkpoints(save: str, model, data_parallel_size: int, bf16:
 
 def _check_same_tokenizer(job: JobConfig, sha256: Optional[str]) -> None:
     """A resume must read its data with the tokenizer it was trained with: another one of the
-    same vocabulary size would load without a word and give every id another meaning. Compared:
-    the type, the digest of its files (`tokenizer_sha256`) and NullTokenizer's --vocab-size."""
-    load, tokenizer = job.checkpoint.load, job.tokenizer
+    same vocabulary size would load without a word and give every id another meaning
+    (`tokenizer_differences`: the type, the digest of its files, NullTokenizer's --vocab-size)."""
+    load = job.checkpoint.load
     if not load:
         return
     try:
@@ -131,23 +134,12 @@ def _check_same_tokenizer(job: JobConfig, sha256: Optional[str]) -> None:
         saved = read_run_record(os.path.join(load, iteration_dirname(iteration)))["args"]
     except (CheckpointError, KeyError, TypeError):
         return  # no usable record here: the load itself reports what is wrong
-    files = {"tokenizer_model": "--tokenizer-model", "vocab_file": "--vocab-file",
-             "merge_file": "--merge-file"}
-    recorded = {flag: saved[key] for key, flag in files.items() if saved.get(key)}
-    differ = [(flag, saved.get(key), now) for flag, key, now in (
-        ("--tokenizer-type", "tokenizer_type", tokenizer.tokenizer_type),
-        ("/".join(recorded) or "tokenizer files", "tokenizer_sha256", sha256),
-        ("--vocab-size", "vocab_size", tokenizer.vocab_size))
-        if saved.get(key) not in (None, now)]
+    differ = tokenizer_differences(saved, job.tokenizer, sha256)
     if differ:
-        was = ("" if not recorded else f"; its file was {next(iter(recorded.values()))}"
-               if len(recorded) == 1 else
-               "; its files were " + ", ".join(f"{k} {v}" for k, v in recorded.items()))
         raise ConfigError(
             f"--load {load}: the checkpoint was trained with another tokenizer ("
-            + "; ".join(f"{flag}: checkpoint {old}, this run {new}" for flag, old, new in differ)
-            + was + "). Pass the checkpoint's tokenizer, or start a new run in another --save "
-            "directory.")
+            + "; ".join(differ) + "). Pass the checkpoint's tokenizer, or start a new run in "
+            "another --save directory.")
 
 
 def _check_fresh_save_directory(checkpoint: CheckpointConfig) -> None:
@@ -170,7 +162,7 @@ class Trainer:
 
     def __init__(self, job: JobConfig):
         """Check everything the user gave, before any process group work."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = launch_environment().world_size
         training = job.training
         self.batches = batch_layout(training, job.parallel, world_size)
         # Megatron-LM sets args.train_iters from --train-samples; here the flags stay as given
@@ -194,6 +186,7 @@ class Trainer:
         check_model_fits_layout(job.model, job.parallel)
         job.performance.check_layout(job.parallel)
         job.performance.check_machine(job.model, job.parallel)
+        job.performance.check_environment()
         cp = job.parallel.context_parallel_size
         seq_length = job.data.seq_length
         if seq_length % (2 * cp) and cp > 1:
@@ -210,9 +203,11 @@ class Trainer:
                                            job.logging.eval_interval, job.logging.eval_iters,
                                            train_samples=training.train_samples)
         # The data's files, checked once, here (build_gpt_datasets in `setup` relies on it).
-        check_data_fits_vocab(check_data_prefixes(job.data, self.num_samples,
-                                                  job.data.data_cache_path),
-                              self.tokenizer.vocab_size, self.tokenizer)
+        prefixes = check_data_prefixes(job.data, self.num_samples, job.data.data_cache_path)
+        for prefix in prefixes:  # made with this tokenizer, where the data says which
+            check_data_tokenizer(prefix, job.tokenizer, self.tokenizer_sha256,
+                                 self.tokenizer.vocab_size)
+        check_data_fits_vocab(prefixes, self.tokenizer.vocab_size, self.tokenizer)
         _check_fresh_save_directory(job.checkpoint)
 
         self.iteration = self.consumed_train = self.consumed_valid = 0
@@ -226,6 +221,7 @@ class Trainer:
         # the ones it catches).
         self.skipped_by_optimizer = 0
         self._initialized = False
+        self.save_lock: Optional[SaveDirectoryLock] = None
 
     # ------------------------------------------------------------------ setup and teardown
     def setup(self) -> None:
@@ -243,6 +239,8 @@ class Trainer:
             torch.distributed.get_rank(), training.rampup_batch_size,
             self.batches.global_batch_size, training.micro_batch_size,
             self.batches.data_parallel_size)
+        if job.checkpoint.save:
+            self._lock_save_directory(job.checkpoint.save)
         if job.checkpoint.save and os.path.isdir(job.checkpoint.save):
             # What a killed save left (iter_*.tmp-*), gone before this run writes anything.
             if torch.distributed.get_rank() == 0:
@@ -300,9 +298,27 @@ class Trainer:
         if self.wandb is not None:
             self.monitor.writer = self.wandb.mirror(self.monitor.writer)
 
+    def _lock_save_directory(self, save: str) -> None:
+        """One run per --save (checkpoint/lock.py): rank 0 takes the lock and every rank hears
+        whether it got it, so that all stop with the same message if another run holds it."""
+        refused = ""
+        if torch.distributed.get_rank() == 0:
+            try:
+                self.save_lock = SaveDirectoryLock(save).acquire()
+                if self.save_lock.unprotected:
+                    print_rank_0(f"> WARNING: {self.save_lock.unprotected}: a second run on "
+                                 f"--save {save} would not be refused.")
+            except CheckpointError as error:
+                refused = str(error)
+        flag = torch.tensor([float(bool(refused))], device=current_device())
+        torch.distributed.all_reduce(flag)  # rank 0 alone says why (cli.report_failure)
+        if flag.item():
+            raise CheckpointError(refused or f"--save {save} is in use by another run (rank 0 "
+                                             f"names it).")
+
     def close(self) -> None:
         """Undo `setup` (whatever of it ran): profiler, garbage collector, signal handlers,
-        TensorBoard, W&B, process groups."""
+        TensorBoard, W&B, process groups, the --save lock."""
         if self.hooks is not None:
             self.hooks.close()
             self.hooks = None
@@ -318,6 +334,9 @@ class Trainer:
         if self._initialized:
             destroy_num_microbatches_calculator()
             destroy()
+        if self.save_lock is not None:
+            self.save_lock.release()
+            self.save_lock = None
             self._initialized = False
 
     def __enter__(self) -> "Trainer":
