@@ -74,5 +74,7 @@ def test_preprocess_bytes_and_vocabulary_mismatch(tmp_path):
         "--tokenizer-type", "ByteLevelTokenizer",
         "--split", "75,25,0", "--transformer-impl", "local", timeout=120, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "error: " in proc.stderr and "holds token id" in proc.stderr
+    # the data's record of its tokenizer refuses it first (the ids' range would next)
+    assert "error: " in proc.stderr and "was made with another tokenizer" in proc.stderr
+    assert "type: data 'SentencePieceTokenizer', given 'ByteLevelTokenizer'" in proc.stderr
     assert "Traceback" not in proc.stderr and "iteration" not in proc.stdout

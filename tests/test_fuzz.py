@@ -19,7 +19,7 @@ REGRESSIONS = {
     241: "WORLD_SIZE=x in the environment: int() raised while laying out batches",
     254: "--lr-warmup-init above --lr: megatron-core's scheduler asserted",
 }
-CI_SEED, CI_BUDGET_SECONDS = 1000, 75
+CI_SEED, CI_BUDGET_SECONDS = 1000, 40
 
 
 @pytest.fixture(scope="module")

@@ -46,8 +46,9 @@ def test_killing_the_agent_kills_every_rank_and_leaves_complete_checkpoints(tmp_
             assert agent.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.5)
-        ranks = psutil.Process(agent.pid).children(recursive=True)
-        assert len([r for r in ranks if "spannorm_megatron.train" in _command(r)]) == 2
+        ranks = psutil.Process(agent.pid).children(recursive=True)  # and their writers
+        assert len([r for r in psutil.Process(agent.pid).children()
+                    if "spannorm_megatron.train" in _command(r)]) == 2
         os.kill(agent.pid, signal.SIGKILL)
         agent.wait()
         gone, alive = psutil.wait_procs(ranks, timeout=10)

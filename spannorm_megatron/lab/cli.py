@@ -24,13 +24,15 @@ from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 from spannorm_megatron.errors import ConfigError, UserError
 from spannorm_megatron.config.options import add_arguments, from_namespace, option
-from spannorm_megatron.placements import PLACEMENTS
+from spannorm_megatron.placements import PLACEMENTS, SCALE_INIT_NAMES, SCALE_INIT_RULES
 
 if TYPE_CHECKING:
     from spannorm_megatron.lab.propagation import ProbeSettings
 
 DEFAULT_DEPTHS = (8, 16, 32, 64, 128)
-DEFAULT_SCALE_INITS = ("megatron", "sqrt_depth", "none")
+# Megatron-LM's own first, then the others in the registry's order.
+DEFAULT_SCALE_INITS = ("megatron", *(name for name in SCALE_INIT_NAMES if name != "megatron"))
+_SCALE_INIT_TEXT = ", ".join(f"{name} ({rule.std})" for name, rule in SCALE_INIT_RULES.items())
 
 
 def _split(values: Optional[List[str]]) -> List[str]:
@@ -49,15 +51,14 @@ def _ints(values: List[str], flag: str) -> List[int]:
 
 
 def _scale_init(value: str):
-    if value in ("megatron", "sqrt_depth", "none", "default"):
+    if value in (*SCALE_INIT_NAMES, "default"):
         return value
     try:
         number = float(value)
     except ValueError:
         raise ConfigError(
-            f"--scale-init {value!r} is not understood: use megatron (sigma/sqrt(2L)), "
-            f"sqrt_depth (sigma/sqrt(L)), none (sigma), default (each placement's own) or a "
-            f"positive number c (c * sigma).") from None
+            f"--scale-init {value!r} is not understood: use {_SCALE_INIT_TEXT}, default (each "
+            f"placement's own) or a positive number c (c * sigma).") from None
     if not (math.isfinite(number) and number > 0):
         raise ConfigError(f"--scale-init {value}: a number must be positive (c * sigma).")
     return number
@@ -74,9 +75,8 @@ class GridOptions:
                                default_factory=lambda: [str(d) for d in DEFAULT_DEPTHS],
                                nargs="+")
     scale_init: List[str] = option(
-        doc="Output-projection inits (ModelConfig.scale_init): megatron = sigma/sqrt(2L), "
-            "sqrt_depth = sigma/sqrt(L), none = sigma, a number c = c*sigma, default = each "
-            "placement's own default. Several at once.",
+        doc=f"Output-projection inits (ModelConfig.scale_init): {_SCALE_INIT_TEXT}, a number "
+            f"c = c*sigma, default = each placement's own default. Several at once.",
         default_factory=lambda: list(DEFAULT_SCALE_INITS), nargs="+")
 
 
@@ -246,16 +246,7 @@ def run(argv: Optional[List[str]] = None) -> List[str]:
     return written
 
 
-def quiet_optional_kernel_warnings() -> None:
-    """megatron-core warns at import that Apex / Transformer Engine kernels are missing; on a
-    CPU run that is expected and says nothing about the measurement."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed.*")
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    quiet_optional_kernel_warnings()
     try:
         run(argv)
     except UserError as error:

@@ -136,10 +136,15 @@ def _check_same_tokenizer(job: JobConfig, sha256: Optional[str]) -> None:
         return  # no usable record here: the load itself reports what is wrong
     differ = tokenizer_differences(saved, job.tokenizer, sha256)
     if differ:
+        files = [f"{flag} {saved[key]}" for key, flag in (
+            ("tokenizer_model", "--tokenizer-model"), ("vocab_file", "--vocab-file"),
+            ("merge_file", "--merge-file")) if saved.get(key)]
+        was = "" if not files else f"; its file was {files[0].split(' ', 1)[1]}" \
+            if len(files) == 1 else "; its files were " + ", ".join(files)
         raise ConfigError(
             f"--load {load}: the checkpoint was trained with another tokenizer ("
-            + "; ".join(differ) + "). Pass the checkpoint's tokenizer, or start a new run in "
-            "another --save directory.")
+            + "; ".join(differ) + was + "). Pass the checkpoint's tokenizer, or start a new run "
+            "in another --save directory.")
 
 
 def _check_fresh_save_directory(checkpoint: CheckpointConfig) -> None:

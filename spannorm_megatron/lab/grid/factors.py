@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 from spannorm_megatron.errors import UserError
+from spannorm_megatron.placements import SCALE_INIT_NAMES
 
 
 class GridError(UserError):
@@ -63,14 +64,14 @@ def _tokenizer_level(level):
 
 def _scale_init_level(level):
     text = str(level)
-    if text in ("default", "sqrt_depth", "megatron", "none"):
+    if text in ("default", *SCALE_INIT_NAMES):
         return text
     try:
         if float(text) > 0:
             return text
     except ValueError:
         pass
-    raise ValueError("default, sqrt_depth, megatron, none or a positive number")
+    raise ValueError(f"default, {', '.join(SCALE_INIT_NAMES)} or a positive number")
 
 
 @dataclass(frozen=True)
