@@ -536,5 +536,10 @@ class Trainer:
                 print_rank_0(f"> --load-fallback: skipping {which} ({error})")
         print_rank_0(f"  successfully loaded checkpoint from {state['checkpoint_dir']} at "
                      f"iteration {state['iteration']}")
+        if checkpoint.no_load_optim and state["iteration"]:
+            # As in Megatron-LM, the scheduler's state goes with the optimizer's: said, not silent.
+            print_rank_0(f"> --no-load-optim: the optimizer and the learning-rate schedule start "
+                         f"afresh (warm-up and decay from step 0) while the iteration count goes "
+                         f"on from {state['iteration']}, as Megatron-LM does.")
         return (state["iteration"], state["consumed_train_samples"],
                 state["consumed_valid_samples"])
