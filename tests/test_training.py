@@ -530,3 +530,12 @@ def test_no_load_optim_says_the_schedule_starts_afresh(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert ("--no-load-optim: the optimizer and the learning-rate schedule start afresh (warm-up "
             "and decay from step 0) while the iteration count goes on from 2") in resumed.stdout
+
+
+def test_a_split_without_validation_says_that_nothing_is_evaluated(corpus):
+    prefix, tokenizer = corpus
+    result = train_in_process(*SMALL, "--data-path", prefix, "--tokenizer-model", tokenizer,
+                              "--train-iters", "3", "--split", "100,0,0", "--eval-iters", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("WARNING: --split 100,0,0 leaves nothing for validation: this run evaluates nothing"
+            in result.stdout)
