@@ -19,7 +19,6 @@ disable-bias-linear: true
 untie-embeddings-and-output-weights: true
 hidden-dropout: 0.0
 attention-dropout: 0.0
-transformer-impl: auto
 adam-beta2: 0.95
 lr-decay-style: cosine
 num-workers: 0

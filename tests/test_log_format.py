@@ -75,3 +75,10 @@ def test_a_log_reads_back_in_order_with_other_lines_ignored():
     assert valid[0].ppl == pytest.approx(math.exp(4.5), rel=1e-6)
     nan = parse_validation_line(" validation loss at iteration 7 | lm loss value: NAN |")
     assert nan.iteration == 7 and math.isnan(nan.lm_loss) and nan.ppl is None
+
+
+def test_a_loss_that_is_not_a_number_has_no_perplexity():
+    """min(20, NaN) is 20 in Python: the capped perplexity once printed 4.85E+08 for a NaN."""
+    assert "lm loss value: NAN | lm loss PPL: NAN |" in validation_line(3, math.nan)
+    assert "lm loss PPL: 4.851652E+08" in validation_line(3, math.inf)  # capped, as before
+

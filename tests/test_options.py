@@ -93,6 +93,11 @@ def test_switches_lists_and_aliases_take_megatron_lm_spellings(tmp_path):
     # Every switch can be undone on the command line, over a --config key.
     config.write_text("swiglu: true\n")
     assert parse_args(["--config", str(config), *REQUIRED, "--no-swiglu"]).model.swiglu is False
+    # A key given twice is refused (PyYAML would keep the last one without a word).
+    config.write_text("lr: 1.0e-3\nswiglu: true\nlr: 3.0e-4\n")
+    with pytest.raises(UserError, match=r"--config .*run\.yaml is not valid YAML: key 'lr' "
+                       r"appears twice \(lines 1 and 3\)"):
+        parse_args(["--config", str(config), *REQUIRED])
 
 
 CASES = [(owner, field, value) for owner, field in _declared_flags()

@@ -515,3 +515,27 @@ def test_eval_iters_0_trains_without_evaluating(corpus, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(logged_losses(result.stdout)) == [1, 2, 3]
     assert "validation loss" not in result.stdout
+
+
+def test_no_load_optim_says_the_schedule_starts_afresh(tmp_path):
+    """As in Megatron-LM, --no-load-optim leaves the scheduler's state behind with the
+    optimizer's: the run says so, with the iteration it goes on from."""
+    from fuzz_train import BASE
+
+    save = str(tmp_path / "ckpt")
+    first = train_in_process(*BASE, "--train-iters", "2", "--save", save)
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = train_in_process(*BASE, "--train-iters", "3", "--save", save, "--load", save,
+                               "--no-load-optim")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert ("--no-load-optim: the optimizer and the learning-rate schedule start afresh (warm-up "
+            "and decay from step 0) while the iteration count goes on from 2") in resumed.stdout
+
+
+def test_a_split_without_validation_says_that_nothing_is_evaluated(corpus):
+    prefix, tokenizer = corpus
+    result = train_in_process(*SMALL, "--data-path", prefix, "--tokenizer-model", tokenizer,
+                              "--train-iters", "3", "--split", "100,0,0", "--eval-iters", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("WARNING: --split 100,0,0 leaves nothing for validation: this run evaluates nothing"
+            in result.stdout)

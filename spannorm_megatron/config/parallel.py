@@ -310,6 +310,12 @@ def _layout_stages(layout: str) -> list:
 
 def _layout_virtual_stages(layout: str, pp: int, vpp: Optional[int]) -> Optional[int]:
     stages = len(_layout_stages(layout))
+    if pp == 1 and stages > 1:
+        raise ConfigError(
+            f"--pipeline-model-parallel-layout {layout!r} has {stages} stages and "
+            f"--pipeline-model-parallel-size is 1: stages are pipeline ranks (or, with "
+            f"interleaving, model chunks of them). Give --pipeline-model-parallel-size {stages} "
+            f"(or a divisor of it above 1), or drop the layout.")
     if stages % pp:
         raise ConfigError(
             f"--pipeline-model-parallel-layout has {stages} stages, not a multiple of "

@@ -39,6 +39,7 @@ from spannorm_megatron.config.spellings import MegatronSpellings
 from spannorm_megatron.config.tokenizer import TokenizerConfig
 from spannorm_megatron.config.training import TrainingConfig
 from spannorm_megatron.config.unavailable import Unavailable
+from spannorm_megatron.config.yaml_file import load_yaml
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.training import megatron_lm
 
@@ -117,7 +118,7 @@ def _config_defaults(path: str) -> dict:
         raise ConfigError(f"--config {path}: no such file. Pass the path of a YAML file of flags.")
     try:
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            values = load_yaml(f) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"--config {path} is not valid YAML: {error}") from None
     if not isinstance(values, dict):

@@ -63,10 +63,12 @@ def log_line(iteration: int, train_iters: int, consumed_samples: int, step_secon
 
 def validation_line(iteration: int, loss: float) -> str:
     """Megatron-LM's validation report: the line between two rules of dashes (the perplexity
-    capped at exp(20), where a collapsed or diverging run would overflow it)."""
+    capped at exp(20), where a collapsed or diverging run would overflow it; a loss that is
+    not a number has no perplexity either)."""
     bar = "-" * 100
+    ppl = math.exp(min(20.0, loss)) if not math.isnan(loss) else math.nan
     return (f"{bar}\n validation loss at iteration {iteration} | lm loss value: "
-            f"{loss:.6E} | lm loss PPL: {math.exp(min(20.0, loss)):.6E} | \n{bar}")
+            f"{loss:.6E} | lm loss PPL: {ppl:.6E} | \n{bar}")
 
 
 # ------------------------------------------------------------------------------ the parser

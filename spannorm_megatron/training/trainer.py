@@ -38,7 +38,7 @@ from spannorm_megatron.checkpoint import (
 from spannorm_megatron.checkpoint.lock import SaveDirectoryLock
 from spannorm_megatron.checkpoint.save import clean_debris
 from spannorm_megatron.config.checkpoint import CheckpointConfig
-from spannorm_megatron.config.data import data_source_error
+from spannorm_megatron.config.data import data_source_error, parse_split
 from spannorm_megatron.config.job import JobConfig
 from spannorm_megatron.data.dataset import (
     build_gpt_datasets,
@@ -214,6 +214,11 @@ class Trainer:
                                  self.tokenizer.vocab_size)
         check_data_fits_vocab(prefixes, self.tokenizer.vocab_size, self.tokenizer)
         _check_fresh_save_directory(job.checkpoint)
+        if (job.logging.eval_iters and job.data.blend is not None
+                and parse_split(job.data.resolved_split)[1] == 0):
+            job.notices.append(
+                f"WARNING: --split {job.data.resolved_split} leaves nothing for validation: this "
+                f"run evaluates nothing (--eval-iters 0 says so without this warning).")
 
         self.iteration = self.consumed_train = self.consumed_valid = 0
         self.history = {"train_loss": [], "valid_loss": [], "iterations": []}
@@ -536,5 +541,10 @@ class Trainer:
                 print_rank_0(f"> --load-fallback: skipping {which} ({error})")
         print_rank_0(f"  successfully loaded checkpoint from {state['checkpoint_dir']} at "
                      f"iteration {state['iteration']}")
+        if checkpoint.no_load_optim and state["iteration"]:
+            # As in Megatron-LM, the scheduler's state goes with the optimizer's: said, not silent.
+            print_rank_0(f"> --no-load-optim: the optimizer and the learning-rate schedule start "
+                         f"afresh (warm-up and decay from step 0) while the iteration count goes "
+                         f"on from {state['iteration']}, as Megatron-LM does.")
         return (state["iteration"], state["consumed_train_samples"],
                 state["consumed_valid_samples"])

@@ -16,9 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
 def read_yaml(path: str) -> dict:
     import yaml
 
+    from spannorm_megatron.config.yaml_file import load_yaml
+
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = load_yaml(f) or {}
     except FileNotFoundError:
         raise GridError(f"Grid file '{path}' does not exist.") from None
     except yaml.YAMLError as err:
