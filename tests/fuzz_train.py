@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import itertools
 import math
 import os
 import random
@@ -127,7 +128,7 @@ def _numbers(kind, meta, rng: random.Random):
     if kind is float:
         edges += [0.5, 1e-8, 1e9, math.nan, math.inf, -math.inf]
     value = rng.choice(edges)
-    return int(value) if kind is int and not isinstance(value, float) or kind is int else value
+    return int(value) if kind is int else value
 
 
 def value_for(owner, field, rng: random.Random, fixtures: Fixtures) -> List[str]:
@@ -391,9 +392,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     fixtures = Fixtures(args.work_dir)
-    stop = args.seed + args.examples if args.examples else None
-    seeds = range(args.seed, stop) if stop else iter(lambda s=[args.seed - 1]: s.__setitem__(
-        0, s[0] + 1) or s[0], None)
+    seeds = (range(args.seed, args.seed + args.examples) if args.examples
+             else itertools.count(args.seed))
     defects, _ = fuzz(seeds, fixtures, time.monotonic() + 60 * args.minutes)
     for example, outcome in defects:
         print(f"\n=== seed {example.seed}: {outcome.defect}\n{' '.join(example.argv)}\n"
