@@ -142,6 +142,14 @@ def test_importing_changes_nothing(single):
     assert single["pristine"]["after_import"]
 
 
+def test_without_a_gpu_megatron_cores_jit_fuser_compiles_nothing(single):
+    """Decided as megatron-core loads (spannorm_megatron/machine.py): its fusions are GPU
+    kernels, and compiling them on CPU only imported TorchDynamo and Inductor (1.4 s of CPU in
+    every process)."""
+    assert single["pristine"]["jit_fuser"] == {
+        "cpu": True, "inductor_imported": False, "gpu_keeps_torch_compile": True}
+
+
 def test_enable_cpu_runtime_is_noop_with_accelerator(single):
     p = single["pristine"]
     assert p["enable_with_accelerator"] is False
