@@ -11,6 +11,8 @@
 A failure writes ROOT/out/rank<r>.error (the traceback) and exits non-zero at once.
 """
 
+import spannorm_megatron  # noqa: F401  (before megatron-core: see its machine.py)
+
 import os
 import sys
 

@@ -11,6 +11,8 @@
 Works under torchrun like `python -m spannorm_megatron.train`.
 """
 
+import spannorm_megatron  # noqa: F401  (before megatron-core: see its machine.py)
+
 import json
 import sys
 import time

@@ -9,6 +9,8 @@ over all four micro-batches (both ranks' data): the token-weighted mean loss, th
 micro-batch means, and the gradients of each. Writes OUT_DIR/rank<r>.json (tests/launch.py).
 """
 
+import spannorm_megatron  # noqa: F401  (before megatron-core: see its machine.py)
+
 import sys
 
 import torch

@@ -14,6 +14,8 @@ scenarios.
 
 from __future__ import annotations
 
+import spannorm_megatron  # noqa: F401  (before megatron-core: see its machine.py)
+
 import re
 import sys
 import zlib
