@@ -606,8 +606,11 @@ def _fresh_venv():
     if made.returncode:
         return None, f"python -m venv failed: {made.stderr[-500:]}"
     wanted = [f"torch=={str(torch.__version__).split('+')[0]}", *FRESH_PACKAGES]
+    # --no-compile: byte-compiling every module of torch and transformers at install costs
+    # about 30 s of CPU; the script below compiles only what it imports, once.
     installed = subprocess.run([python, "-m", "pip", "install", "--disable-pip-version-check",
-                                "-q", *wanted], capture_output=True, text=True, timeout=900)
+                                "-q", "--no-compile", *wanted], capture_output=True, text=True,
+                               timeout=900)
     if installed.returncode:
         shutil.rmtree(venv, ignore_errors=True)
         missing = [line.strip() for line in installed.stderr.splitlines()
