@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
-from typing import Optional, Tuple
+from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 import launch
 from spannorm_megatron.config.model import recipe_flags
@@ -81,6 +83,31 @@ def run_train(*flags, nproc=2, timeout=600, env=None, nan_at: Optional[str] = No
     cmd = train_command(*flags, nproc=nproc, nan_at=nan_at, step_times=step_times,
                         record_tokens=record_tokens)
     return launch.run(cmd, timeout=timeout, env=env)
+
+
+def train_jobs(jobs: Dict[str, dict], where, nproc: int = 2, timeout: float = 1800,
+               env=None) -> Dict[str, subprocess.CompletedProcess]:
+    """Several `spannorm-train` jobs in one torchrun launch of `nproc` ranks, in order
+    (tests/_train_jobs.py: a launch costs about four small jobs). `jobs` maps a name to
+    {"flags": [...]} plus, optionally, the instruments `nan_at` (iterations), `step_times` and
+    `record_tokens` (paths) of `train_command`. Returns each job's exit status (the first
+    non-zero rank's) with its ranks' stdout and stderr joined in rank order. What a job's
+    checkpoint writers print goes to the launch's own output, not the job's."""
+    where = Path(where)
+    where.mkdir(parents=True, exist_ok=True)
+    jobs = {name: {**job, "flags": [str(flag) for flag in job["flags"]]}
+            for name, job in jobs.items()}
+    (where / "jobs.json").write_text(json.dumps(jobs, default=str))  # paths as strings
+    launch.check_launch(launch.torchrun(launch.TESTS / "_train_jobs.py", where / "jobs.json",
+                                        where, nproc=nproc, timeout=timeout, env=env), where)
+    results = {}
+    for name in jobs:
+        records = launch.rank_results(where / name, nproc)
+        status = next((r["status"] for r in records if r["status"]), 0)
+        results[name] = subprocess.CompletedProcess(
+            ["spannorm-train", *jobs[name]["flags"]], status,
+            "".join(r["stdout"] for r in records), "".join(r["stderr"] for r in records))
+    return results
 
 
 class StepHooks:
