@@ -59,7 +59,9 @@ NVTE_BY_ATTENTION_BACKEND = {"local": (0, 0, 0), "flash": (1, 0, 0), "fused": (0
 """What megatron-core 0.16.1 sets each of `NVTE_ATTENTION_VARIABLES` to, per backend."""
 
 # The declarations of fields megatron-core's TransformerConfig takes (`options.megatron_kwargs`)
-# only in FP8 runs, and only with full recompute (with its defaults filled in).
+# only in FP8 runs, and only with full recompute (with its defaults filled in). FP8 and recompute
+# are left out when unset, so that TransformerConfig overrides (`setup_model_and_optimizer`'s)
+# may still set them.
 _FP8 = dict(megatron=True, megatron_if="is_fp8")
 _FULL_RECOMPUTE = dict(megatron=True, megatron_if="full_recompute")
 
@@ -131,7 +133,7 @@ class PerformanceConfig:
     fp8_format: Optional[str] = option(
         None, "FP8 GEMMs through Transformer Engine: hybrid (E4M3 forward, E5M2 gradients) or "
         "e4m3; unset: no FP8. Needs --bf16, the Transformer Engine flavour and an FP8 GPU.",
-        choices=FP8_FORMATS, megatron="fp8")
+        choices=FP8_FORMATS, megatron="fp8", megatron_if="is_fp8")
     fp8_recipe: str = option(
         "delayed", "How FP8 scales are chosen: delayed (amax history), tensorwise (current "
         "scaling), blockwise or mxfp8 (Blackwell), as far as the installed Transformer Engine "
@@ -150,7 +152,7 @@ class PerformanceConfig:
         False, "Run the first and last transformer layers in bf16 under FP8.", **_FP8)
     recompute_granularity: Optional[str] = option(
         None, "Activation recompute: selective (attention core) or full (whole layers); "
-        "unset: off.", choices=RECOMPUTE_GRANULARITIES, megatron=True)
+        "unset: off.", choices=RECOMPUTE_GRANULARITIES, megatron=True, megatron_if="recomputes")
     recompute_method: Optional[str] = option(
         None, "With full recompute: uniform or block (unset: uniform).",
         choices=RECOMPUTE_METHODS, **_FULL_RECOMPUTE)
@@ -210,6 +212,10 @@ class PerformanceConfig:
     @property
     def is_fp8(self) -> bool:
         return self.fp8_format is not None
+
+    @property
+    def recomputes(self) -> bool:
+        return self.recompute_granularity is not None
 
     @property
     def full_recompute(self) -> bool:
