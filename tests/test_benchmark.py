@@ -94,9 +94,8 @@ def test_benchmark_frees_each_model_before_the_next(megatron_world):
     import weakref
 
     from spannorm_megatron.benchmarks import training as benchmark
-    args = benchmark.parse_args(["--preset", "tiny"])
-    fields, seq_length, micro_batch = benchmark.PRESETS["tiny"]
-    bench = benchmark.Bench("spannorm", "fp32", args, fields, seq_length, micro_batch)
+
+    bench = benchmark.bench_for("spannorm", "fp32", benchmark.parse_options(["--preset", "tiny"]))
     bench.step()
     assert bench.transformer_impl == "local"
     model, optimizer = weakref.ref(bench.model[0]), weakref.ref(bench.optimizer)

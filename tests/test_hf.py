@@ -183,7 +183,7 @@ def test_every_registered_placement_with_a_rule_is_consistent():
 
     for name in REMOTE_CODE_PLACEMENTS:
         assert name in PLACEMENTS
-        export_rule(name)
+        export_rule(PLACEMENTS[name])
 
 
 # ------------------------------------------------------------------------------ export parity

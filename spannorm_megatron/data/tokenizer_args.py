@@ -44,15 +44,14 @@ class TokenizerOverrides:
     merge_file: Optional[str] = option(None, "GPT2BPETokenizer: merges.txt.")
     vocab_size: Optional[int] = option(None, "NullTokenizer: N.")
 
+    def given(self) -> Dict[str, object]:
+        """The flags as `recorded_tokenizer`'s keywords (None: not given)."""
+        return {name: getattr(self, name) for name in ("tokenizer_type", *FLAG_NAMES)}
+
 
 def add_tokenizer_override_flags(parser, title: str) -> None:
     """`TokenizerOverrides`' flags, in a group of their own."""
     add_arguments(parser.add_argument_group(title), TokenizerOverrides)
-
-
-def given_tokenizer_flags(args) -> Dict[str, object]:
-    """What `add_tokenizer_override_flags`' flags hold (None: not given)."""
-    return {name: getattr(args, name) for name in ("tokenizer_type", *FLAG_NAMES)}
 
 
 # --------------------------------------------------------------------------------- HF folders
