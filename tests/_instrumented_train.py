@@ -42,10 +42,21 @@ class _Recording:
         return batch
 
 
-def instrumented_trainer(nan_at=(), step_times_file=None, record_tokens=None):
+def instrumented_trainer(nan_at=(), step_times_file=None, record_tokens=None,
+                         nan_weights=False):
+    """A Trainer with the instruments above; `nan_weights` (in-process runs only) puts a NaN
+    into layer 1's first weight once the run is set up, as a resume from a checkpoint of NaN
+    weights gives."""
     class InstrumentedTrainer(Trainer):
         step_times = {}
         tokens = {}
+
+        def setup(self):
+            super().setup()
+            if nan_weights:
+                layer = getattr(self.model[0], "module", self.model[0]).decoder.layers[0]
+                with torch.no_grad():
+                    next(layer.parameters()).view(-1)[0] = float("nan")
 
         def forward_step_for(self, iteration):
             step = _poisoned_forward_step if iteration in nan_at else forward_step

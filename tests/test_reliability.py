@@ -24,9 +24,9 @@ def base_flags(corpus_paths, tmp_path, iters):
             "--train-iters", str(iters)]
 
 
-def run(flags, nan_at=None):
+def run(flags, nan_at=None, nan_weights=False):
     """One rank, in this process (no interpreter start-up)."""
-    return train_in_process(*flags, nan_at=nan_at)
+    return train_in_process(*flags, nan_at=nan_at, nan_weights=nan_weights)
 
 
 @pytest.mark.slow
@@ -54,6 +54,36 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_when_consecutive(corpus,
     assert "iteration 7: non-finite gradients for 2 steps in a row" in stopped.stderr
     assert "lowest layer with a non-finite gradient: 1" in stopped.stderr
     assert "Traceback" not in stopped.stderr
+
+
+def test_a_run_that_went_non_finite_stops_with_status_1_and_saves_no_nan(corpus, tmp_path):
+    """A resume from NaN weights (put in once the run is set up) skips every step: the run
+    stops with status 1 at its last log window, and no save, periodic or final, writes NaN."""
+    ckpt = tmp_path / "ckpt"
+    flags = base_flags(corpus, tmp_path, 2) + ["--lr-decay-iters", "100", "--save", str(ckpt),
+                                                "--load", str(ckpt)]
+    assert run(flags).returncode == 0
+    pointer = ckpt / "latest_checkpointed_iteration.txt"
+
+    # The last log window (--log-interval 1: iteration 3) without one update: no final save.
+    ended = run(flags + ["--train-iters", "3"], nan_weights=True)
+    assert ended.returncode == 1, ended.stderr[-3000:]
+    ours = [line for line in ended.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and "Traceback" not in ended.stderr, ended.stderr[-3000:]
+    assert "iteration 3, the run's last log window: every step was skipped" in ours[0]
+    assert (f"the last good checkpoint is iteration 2 ({ckpt / 'iter_0000002'})"
+            in ours[0])
+    assert "iteration 3: non-finite gradients" in ended.stdout
+
+    # A periodic save inside a log window: the weights are checked before it is written.
+    periodic = run(flags + ["--train-iters", "6", "--log-interval", "4", "--save-interval", "1"],
+                   nan_weights=True)
+    assert periodic.returncode == 1, periodic.stderr[-3000:]
+    assert ("iteration 3: the weights hold NaN/Inf values (lowest layer with one: 1); not "
+            "saving them") in periodic.stderr
+    assert pointer.read_text().strip() == "2"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == [
+        "iter_0000002"]
 
 
 @pytest.mark.slow
@@ -273,15 +303,38 @@ def test_kill_9_of_both_ranks_during_a_save_leaves_no_process_and_no_debris(corp
 
 
 @pytest.mark.slow
-def test_a_save_without_room_keeps_the_last_good_checkpoint_and_says_so(corpus, tmp_path):
+def test_a_save_without_room_fails_with_status_1_and_names_the_last_good_checkpoint(
+        corpus, tmp_path):
     """A file-size limit stands in for a full disk (both are refused writes, EFBIG / ENOSPC):
-    the save fails at once with one message, and the checkpoint before it stays loadable."""
+    the save fails at once with one message and status 1 (a fault, not bad input), naming the
+    checkpoint a resume would load, or that there is none; what was saved before stays as it
+    was. The limit is this process's soft one, put back after each run."""
     import hashlib
     import resource
 
     ckpt = tmp_path / "ckpt"
     flags = base_flags(corpus, tmp_path, 2) + ["--lr-decay-iters", "100", "--save", str(ckpt),
                                                 "--load", str(ckpt)]
+
+    def limited(*more):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))
+        try:
+            result = run(flags + list(more))
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, handler)
+        assert result.returncode == 1, result.stderr[-3000:]
+        ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert "Traceback" not in result.stderr and len(ours) == 1, result.stderr[-3000:]
+        return ours[0]
+
+    first = limited()
+    assert f"Saving iteration 2 to {ckpt} failed: File too large" in first
+    assert f"{ckpt} holds no checkpoint yet: there is none to resume from" in first
+    assert not [p for p in ckpt.iterdir() if p.name.startswith("iter_")]
+
     assert run(flags).returncode == 0
 
     def files():
@@ -289,16 +342,7 @@ def test_a_save_without_room_keeps_the_last_good_checkpoint_and_says_so(corpus, 
                 if p.is_file() and p.name != LOCK_FILENAME}  # the lock says who ran last
 
     before = files()
-
-    def limited():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-    flags += ["--train-iters", "4"]  # the last one counts (base_flags starts from SMALL's)
-    result = launch.run(train_command(*flags, nproc=1), timeout=600, preexec_fn=limited)
-    assert result.returncode == 2, result.stderr[-3000:]
-    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert "Traceback" not in result.stderr and len(ours) == 1, result.stderr[-3000:]
-    assert f"Saving iteration 4 to {ckpt} failed: File too large" in result.stderr
-    assert "The last good checkpoint is kept" in result.stderr
+    later = limited("--train-iters", "4")  # the last one counts (base_flags starts from SMALL's)
+    assert f"Saving iteration 4 to {ckpt} failed: File too large" in later
+    assert f"the last good checkpoint is iteration 2 ({ckpt / 'iter_0000002'})" in later
     assert files() == before  # iteration 2 and the pointer untouched, no debris left

@@ -300,7 +300,8 @@ class Trainer:
             metrics=job.metrics)
         self.monitor.write_config({"args": job.recorded_args(), "model": model_cfg.to_dict(),
                                    "parallel": vars(parallel)})
-        self.guard = NonFiniteGuard(self.model, training.max_skipped_iterations)
+        self.guard = NonFiniteGuard(self.model, training.max_skipped_iterations,
+                                    job.logging.log_interval, job.checkpoint.save)
         self.spikes = SpikeDetector(training.loss_spike_factor, training.loss_spike_window)
         self.exits = ExitConditions(training.exit_duration_in_mins)
         self.hooks = RunHooks(job.hooks, job.logging.tensorboard_dir)
@@ -391,7 +392,7 @@ class Trainer:
                          f"skipped ({guard.in_a_row + 1} in a row, {guard.total + 1} in all)")
         self.monitor.record_skipped(self.iteration, self.skipped_total
                                     + int(result.bad_layer is not None))
-        guard.record(result.bad_layer, self.iteration)
+        guard.record(result.bad_layer, self.iteration, skipped=result.skipped, loss=result.loss)
         spike_median = self.spikes.check(result.loss)
         if spike_median is not None:
             print_rank_0(f" loss spike at iteration {self.iteration}: lm loss {result.loss:.4f} > "
@@ -418,6 +419,7 @@ class Trainer:
         if not job.checkpoint.save:
             return
         gather_updated_parameters(self.model)
+        self.guard.check_weights(self.iteration)  # never a checkpoint of NaN/Inf weights
         path = save_checkpoint(
             job.checkpoint.save, self.iteration, self.model, self.optimizer, self.scheduler,
             model_config=job.model, parallel_config=job.parallel,
@@ -444,6 +446,8 @@ class Trainer:
             self.hooks.after_step(self.iteration)
             prints = self.monitor.is_log_step(self.iteration) or self.iteration == self.train_iters
             self._log(result, window.seconds_per_iteration() if prints else None)
+            if self.iteration == self.train_iters:
+                self.guard.check_last_window(self.iteration)
             if self.valid_iter is not None and every(job.logging.eval_interval):
                 self.hooks.before_evaluation()
                 self.evaluate()
@@ -456,6 +460,7 @@ class Trainer:
             if reason is None and every(job.training.exit_interval):
                 reason = "--exit-interval"
             if reason is not None:
+                self.guard.check_last_window(self.iteration)
                 if not every(job.checkpoint.save_interval):
                     self.save()
                 print_rank_0(f"exiting program at iteration {self.iteration} ({reason})")
