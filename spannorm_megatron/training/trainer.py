@@ -537,7 +537,8 @@ class Trainer:
                                         no_load_rng=checkpoint.no_load_rng,
                                         check_scheduler=not (
                                             training.override_opt_param_scheduler
-                                            or training.use_checkpoint_opt_param_scheduler))
+                                            or training.use_checkpoint_opt_param_scheduler),
+                                        global_batch_size=self.batches.global_batch_size)
                 break
             except CheckpointError as error:
                 if not checkpoint.load_fallback or attempt == attempts[-1]:
