@@ -4,6 +4,7 @@ kill -9 at a random point, and determinism of the same command run twice."""
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -24,9 +25,10 @@ def base_flags(corpus_paths, tmp_path, iters):
             "--train-iters", str(iters)]
 
 
-def run(flags, nan_at=None, nan_weights=False):
-    """One rank, in this process (no interpreter start-up)."""
-    return train_in_process(*flags, nan_at=nan_at, nan_weights=nan_weights)
+def run(flags, nan_at=None, **instruments):
+    """One rank, in this process (no interpreter start-up); `instruments` as
+    `train_in_process` takes them."""
+    return train_in_process(*flags, nan_at=nan_at, **instruments)
 
 
 @pytest.mark.slow
@@ -101,6 +103,31 @@ def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(corpus, tmp_path):
     assert "(received SIGTERM)" in stdout
     saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert saved >= 3 and (ckpt / f"iter_{saved:07d}" / "manifest.json").exists()
+
+
+def test_sigterm_during_a_long_evaluation_stops_it_within_one_iteration(corpus, tmp_path):
+    """SIGTERM as the 3rd validation micro-batch of 100 is drawn (2 per iteration): the
+    evaluation stops before its 3rd iteration, the run saves and exits as on any SIGTERM. Its
+    100 validation iterations repeat the small validation split, which the run says once."""
+    ckpt = tmp_path / "ckpt"
+    flags = base_flags(corpus, tmp_path, 4) + ["--eval-interval", "2", "--eval-iters", "100",
+                                                "--save", str(ckpt)]
+    result = run(flags, sigterm_at_valid_batch=3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("validation at iteration 2 stopped after 2 of 100 iterations (received SIGTERM): "
+            "no validation loss") in result.stdout
+    assert "exiting program at iteration 2 (received SIGTERM)" in result.stdout
+    assert "validation loss at iteration" not in result.stdout
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    repeats = [line for line in result.stdout.splitlines() if "megatron-core repeats" in line]
+    assert len(repeats) == 1 and repeats[0].startswith("> the data is smaller than the run")
+    assert f"the validation split of {corpus[0]} " in repeats[0]
+    found = re.search(r"validation split of \S+ (\d+) times \(([\d,]+) tokens an epoch; "
+                      r"([\d,]+) samples of 64 tokens asked\)", repeats[0])
+    epochs, tokens, samples = (int(group.replace(",", "")) for group in found.groups())
+    assert samples == (4 // 2 + 1) * 100 * 8  # Megatron-LM's count: every evaluation's batches
+    assert (epochs - 1) * tokens < samples * 64 + 1 <= epochs * tokens  # the one more token
+    assert "the train split" not in repeats[0]  # 4 x 8 samples fit in one epoch of it
 
 
 def test_exit_duration_asks_every_rank_to_stop_once_the_minutes_are_up(megatron_world):

@@ -43,6 +43,7 @@ from spannorm_megatron.config.job import JobConfig
 from spannorm_megatron.data.dataset import (
     build_gpt_datasets,
     check_data_prefixes,
+    describe_epochs,
     num_samples_for,
 )
 from spannorm_megatron.data.loader import build_data_iterators
@@ -68,6 +69,7 @@ from spannorm_megatron.training.guards import ExitConditions, NonFiniteGuard, Sp
 from spannorm_megatron.training.hooks import RunHooks
 from spannorm_megatron.training.log_format import log_line, validation_line
 from spannorm_megatron.training.loop import (
+    EvaluationStopped,
     StepResult,
     ThroughputWindow,
     evaluate,
@@ -272,6 +274,9 @@ class Trainer:
 
         datasets = build_gpt_datasets(job.data, self.tokenizer, self.num_samples,
                                       check_prefixes=False)
+        repeats = describe_epochs(datasets)
+        if repeats is not None:
+            print_rank_0(f"> {repeats}")
         self.train_iter, self.valid_iter, _ = build_data_iterators(
             datasets, training.micro_batch_size, self.consumed_train, self.consumed_valid,
             num_workers=job.data.num_workers, device=current_device())
@@ -399,14 +404,23 @@ class Trainer:
                          f"{job.training.loss_spike_factor} x running median {spike_median:.4f}")
         return result
 
-    def evaluate(self) -> float:
-        """Validation loss over --eval-iters batches, logged as Megatron-LM logs it."""
+    def evaluate(self) -> Optional[float]:
+        """Validation loss over --eval-iters batches, logged as Megatron-LM logs it; None when
+        an exit condition (SIGTERM, the time budget) stopped it between two batches."""
         job = self.job
-        loss = evaluate(self.model, self.valid_iter, job.logging.eval_iters,
-                        num_microbatches=self.batches.num_microbatches,
-                        seq_length=job.data.seq_length,
-                        micro_batch_size=job.training.micro_batch_size,
-                        empty_cache_level=job.hooks.empty_unused_memory_level)
+        try:
+            loss = evaluate(self.model, self.valid_iter, job.logging.eval_iters,
+                            num_microbatches=self.batches.num_microbatches,
+                            seq_length=job.data.seq_length,
+                            micro_batch_size=job.training.micro_batch_size,
+                            empty_cache_level=job.hooks.empty_unused_memory_level,
+                            should_stop=self.exits.reason if self.exits is not None else None)
+        except EvaluationStopped as stopped:
+            self.consumed_valid += stopped.done * self.batches.global_batch_size
+            print_rank_0(f" validation at iteration {self.iteration} stopped after "
+                         f"{stopped.done} of {job.logging.eval_iters} iterations "
+                         f"({stopped.reason}): no validation loss")
+            return None
         self.consumed_valid += job.logging.eval_iters * self.batches.global_batch_size
         self.monitor.log_validation(self.iteration, loss, self.consumed_train)
         self.history["valid_loss"].append(loss)
