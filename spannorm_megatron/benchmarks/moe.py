@@ -34,8 +34,6 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-import torch
-
 from spannorm_megatron.benchmarks.training import IMPLS, Bench, environment  # the same step
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.config.options import add_arguments, option
@@ -210,13 +208,17 @@ def table(results: List[Result]) -> str:
 
 
 def _log(message: str) -> None:
+    import torch
+
     if torch.distributed.get_rank() == 0:
         print(f"[benchmark_moe] {message}", file=sys.stderr, flush=True)
 
 
 def benchmark(argv: Optional[List[str]] = None) -> int:
     """Parse `argv` and measure; bad input raises a UserError."""
-    args = parse_args(argv)
+    args = parse_args(argv)  # --help and a mistyped flag are answered before torch loads
+    import torch
+
     results = run(args)
     if torch.distributed.get_rank() == 0:
         print(table(results))

@@ -35,8 +35,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
-import torch
-
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.config.options import add_arguments, option
 from spannorm_megatron.config.performance import FP8_FORMATS, FP8_RECIPES, RECOMPUTE_GRANULARITIES
@@ -156,6 +154,7 @@ class Bench:
 
     def __init__(self, placement: str, precision: str, args, model_fields: dict,
                  seq_length: int, micro_batch: int, parallel=None):
+        import torch
         from megatron.core.optimizer import OptimizerConfig
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -195,6 +194,8 @@ class Bench:
         """Drop the model, optimizer and batch. The model config's hooks (grad scaling, no-sync,
         finalize) point back at them, so only a collection frees the cycle; then the allocator
         hands the memory back before the next model is built."""
+        import torch
+
         self.model = self.optimizer = self.scheduler = self.batch = None
         gc.collect()
         if torch.cuda.is_available():
@@ -214,12 +215,16 @@ class Bench:
 
 
 def _synchronize() -> None:
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
 def _start_memory_measurement() -> Optional[int]:
     """Memory allocated now, with the peak counter reset to it (None on CPU)."""
+    import torch
+
     if not torch.cuda.is_available():
         return None
     torch.cuda.reset_peak_memory_stats()
@@ -227,6 +232,8 @@ def _start_memory_measurement() -> Optional[int]:
 
 
 def _memory_added_since(start: Optional[int]) -> Optional[int]:
+    import torch
+
     if start is None:
         return None
     return int(torch.cuda.max_memory_allocated()) - start
@@ -272,6 +279,8 @@ def memory_probe(args) -> int:
 
 
 def run(args) -> List[Result]:
+    import torch
+
     from spannorm_megatron.metrics import device_peak_flops, flops_per_token, mfu
     from spannorm_megatron.placements import PLACEMENTS
     from spannorm_megatron.process import initialize
@@ -352,12 +361,15 @@ def table(results: List[Result]) -> str:
 
 
 def _log(message: str) -> None:
+    import torch
+
     if torch.distributed.get_rank() == 0:
         print(f"[benchmark] {message}", file=sys.stderr, flush=True)
 
 
 def environment() -> dict:
     import megatron.core
+    import torch
 
     info = {"torch": torch.__version__, "megatron_core": megatron.core.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -374,7 +386,9 @@ def environment() -> dict:
 
 def benchmark(argv: Optional[List[str]] = None) -> int:
     """Parse `argv` and measure; bad input raises a UserError."""
-    args = parse_args(argv)
+    args = parse_args(argv)  # --help and a mistyped flag are answered before torch loads
+    import torch
+
     if args.memory_probe:
         return memory_probe(args)
     results = run(args)
