@@ -22,9 +22,11 @@ from spannorm_megatron.orphans import die_with_launcher
 def pretrain(argv: Optional[List[str]] = None, trainer_class=None) -> dict:
     """Train as `spannorm-train argv` would; returns the loss history."""
     from spannorm_megatron.training.arguments import parse_args
+
+    job = parse_args(argv)  # --help and a mistyped flag are answered here, without torch
     from spannorm_megatron.training.trainer import Trainer
 
-    with (trainer_class or Trainer)(parse_args(argv)) as trainer:
+    with (trainer_class or Trainer)(job) as trainer:
         trainer.setup()
         return trainer.train()
 
