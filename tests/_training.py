@@ -127,13 +127,16 @@ class StepHooks:
             self.after()
 
 
-def train_in_process(*flags, nan_at: Optional[str] = None) -> subprocess.CompletedProcess:
+def train_in_process(*flags, nan_at: Optional[str] = None, nan_weights: bool = False,
+                     sigterm_at_valid_batch: Optional[int] = None
+                     ) -> subprocess.CompletedProcess:
     """`spannorm-train flags` as one rank of this process, without a new interpreter's ~10 s
     of imports: its exit status, stdout and stderr, as `run_train(..., nproc=1)` gives them
     (`nan_at` as there). A run tears its process groups down on the way out; the world of one
     that conftest.py's `megatron_world` made is set up again afterwards for the tests that
     follow. Its numbers come from this process's thread count: compare them with runs made the
-    same way, not with a launched process's."""
+    same way, not with a launched process's. `nan_weights` and `sigterm_at_valid_batch` as
+    tests/_instrumented_train.py's `instrumented_trainer` takes them."""
     from megatron.core import parallel_state
 
     from spannorm_megatron.process import initialize
@@ -141,10 +144,12 @@ def train_in_process(*flags, nan_at: Optional[str] = None) -> subprocess.Complet
     from spannorm_megatron.training.trainer import Trainer
 
     trainer_class = Trainer
-    if nan_at is not None:
+    if nan_at is not None or nan_weights or sigterm_at_valid_batch is not None:
         from _instrumented_train import instrumented_trainer
 
-        trainer_class = instrumented_trainer({int(i) for i in nan_at.split(",")})
+        trainer_class = instrumented_trainer(
+            {int(i) for i in (nan_at or "").split(",") if i}, nan_weights=nan_weights,
+            sigterm_at_valid_batch=sigterm_at_valid_batch)
     argv = [str(flag) for flag in flags]
     had_world = parallel_state.model_parallel_is_initialized()
     stdout, stderr = io.StringIO(), io.StringIO()

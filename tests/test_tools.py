@@ -6,8 +6,10 @@ import contextlib
 import importlib
 import io
 import os
+import json
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -79,6 +81,37 @@ def test_each_command_answers_help(tool):
         except SystemExit as exit_:  # a main that leaves argparse's exit to the interpreter
             status = exit_.code
     assert status == 0 and "usage:" in out.getvalue()
+
+
+_HELP_WITHOUT_TORCH = """
+import contextlib, importlib, io, json, sys
+loaded = {}
+for name, target in json.loads(sys.argv[1]).items():
+    main = getattr(importlib.import_module(target.split(":")[0]), "main")
+    for argv in (["--help"], ["--no-such-flag"]):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                status = main(argv)
+            except SystemExit as exit_:
+                status = exit_.code
+        loaded[f"{name} {argv[0]}"] = [status, "torch" in sys.modules]
+print(json.dumps(loaded))
+"""
+
+
+def test_help_and_a_mistyped_flag_are_answered_without_importing_torch():
+    """torch and megatron-core take seconds to import: every command answers --help (status 0)
+    and an unknown flag (status 2) before it loads them. One process asks them all, in
+    setup.py's order: the first command that loads torch is the one named."""
+    scripts = console_scripts()
+    result = subprocess.run([sys.executable, "-c", _HELP_WITHOUT_TORCH, json.dumps(scripts)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout.splitlines()[-1])
+    assert len(answers) == 2 * len(scripts)
+    assert [case for case, (_, torch) in answers.items() if torch] == []
+    assert {case: status for case, (status, _) in answers.items()} == {
+        case: 0 if case.endswith("--help") else 2 for case in answers}
 
 
 def _dev_pin(name):

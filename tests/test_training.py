@@ -431,6 +431,14 @@ def test_resume_with_another_schedule_is_refused_unless_told_which_to_keep(corpu
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "--lr-decay-iters (lr_decay_steps: checkpoint " in refused.stderr
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    # Another global batch changes the lengths in samples: named as the cause.
+    batch = train_in_process(*common, "--save", ckpt, "--load", ckpt, "--train-iters", "4",
+                             "--global-batch-size", "16")
+    assert batch.returncode == 2 and "Traceback" not in batch.stderr
+    assert "--global-batch-size 16 differs from the checkpoint's 8" in batch.stderr
+    assert ("(lr_warmup_steps 16 -> 32; lr_decay_steps 32 -> 64 samples). Resume with "
+            "--global-batch-size 8, or pass --override-opt-param-scheduler") in batch.stderr
+    assert "--lr-decay-iters" not in batch.stderr
 
     rates = {}
     for choice in ("--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"):

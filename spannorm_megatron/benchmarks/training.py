@@ -33,8 +33,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-import torch
-
 from spannorm_megatron.benchmarks import harness
 from spannorm_megatron.benchmarks.harness import IMPLS, Bench
 from spannorm_megatron.cli import run_cli
@@ -162,6 +160,8 @@ def bench_for(placement: str, precision: str, options: BenchmarkOptions) -> Benc
 
 def _start_memory_measurement() -> Optional[int]:
     """Memory allocated now, with the peak counter reset to it (None on CPU)."""
+    import torch
+
     if not torch.cuda.is_available():
         return None
     torch.cuda.reset_peak_memory_stats()
@@ -171,6 +171,8 @@ def _start_memory_measurement() -> Optional[int]:
 def _memory_added_since(start: Optional[int]) -> Optional[int]:
     if start is None:
         return None
+    import torch
+
     return int(torch.cuda.max_memory_allocated()) - start
 
 
@@ -212,6 +214,8 @@ def memory_probe(options: BenchmarkOptions) -> int:
 
 
 def run(options: BenchmarkOptions) -> List[Result]:
+    import torch
+
     from spannorm_megatron.metrics import device_peak_flops, flops_per_token, mfu
     from spannorm_megatron.placements import PLACEMENTS
     from spannorm_megatron.process import initialize

@@ -19,14 +19,15 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
-
-import torch
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.config.options import check, megatron_kwargs, option
 from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where it is used: --help and flag checks go without it
+    import torch
 
 FP8_FORMATS = ("hybrid", "e4m3")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
@@ -238,6 +239,8 @@ class PerformanceConfig:
 
     @property
     def params_dtype(self) -> torch.dtype:
+        import torch
+
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
     @property
@@ -413,6 +416,8 @@ class PerformanceConfig:
 
 
 def _device_capability() -> Tuple[int, int]:
+    import torch
+
     return tuple(torch.cuda.get_device_capability())
 
 
@@ -421,6 +426,8 @@ def _cpu_fp16_problem() -> Optional[str]:
     """Why float16 training cannot run on this CPU, or None: one step of what a GPT layer does
     (embedding, matmul, layer norm, GeLU, SiLU, softmax, dropout, backward), on a forked RNG.
     torch 2.13 runs all of it on CPU; an older build or another CPU backend may not."""
+    import torch
+
     F = torch.nn.functional
     try:
         with torch.random.fork_rng(devices=[]):

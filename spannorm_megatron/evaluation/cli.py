@@ -39,8 +39,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from spannorm_megatron.data.tokenizer_args import TokenizerOverrides, add_tokenizer_override_flags
-from spannorm_megatron.hf.cli import DEVICES, hide_gpu_for_cpu_runs, run_cli
-from spannorm_megatron.hf.export import DTYPES
+from spannorm_megatron.hf.cli import DEVICES, DTYPE_NAMES, hide_gpu_for_cpu_runs, run_cli
 from spannorm_megatron.config.options import add_arguments, option, parse_sections
 
 TOKENIZER_FLAGS_TITLE = ("tokenizer (Megatron-LM's flags; default: the HF folder's own, else "
@@ -67,7 +66,7 @@ class EvaluateOptions:
     device: str = option("auto", "Hugging Face folders (megatron checkpoints: the runtime's "
                          "device).", choices=DEVICES)
     dtype: Optional[str] = option(None, "Default: float32 on CPU, bfloat16 on GPU.",
-                                  choices=tuple(DTYPES))
+                                  choices=DTYPE_NAMES)
 
 
 def build_parser() -> argparse.ArgumentParser:

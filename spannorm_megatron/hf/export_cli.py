@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from spannorm_megatron.data.tokenizer_args import TokenizerOverrides, add_tokenizer_override_flags
-from spannorm_megatron.hf.cli import run_cli
-from spannorm_megatron.hf.export import DTYPES, FORMATS
+from spannorm_megatron.hf.cli import DTYPE_NAMES, EXPORT_FORMATS, run_cli
 from spannorm_megatron.config.options import add_arguments, option, parse_sections
 
 
@@ -42,14 +41,14 @@ class ExportOptions:
                        required=True, metavar="CKPT_DIR")
     save: str = option(doc="Output folder.", required=True, metavar="HF_DIR")
     dtype: str = option("float32", "Weight dtype in the folder (default float32).",
-                        choices=tuple(DTYPES))
+                        choices=DTYPE_NAMES)
     max_shard_size: str = option("2GB", "Largest weight file, e.g. 2GB, 500MB (default 2GB).")
     model_config: Optional[str] = option(
         None, "ModelConfig as JSON (a dict, or a run record holding one); needed for checkpoints "
         "without a run record.", metavar="JSON")
     format: str = option(
         "auto", "auto: a native class when it can hold the model, else ours; native: refuse "
-        "otherwise; spannorm: always ours.", choices=FORMATS)
+        "otherwise; spannorm: always ours.", choices=EXPORT_FORMATS)
     overwrite: bool = option(False, "Replace an earlier export in --save (recognised by its "
                              "spannorm_export.json; nothing else is ever replaced).")
     allow_non_finite: bool = option(

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from spannorm_megatron.data.tokenizer_args import TokenizerOverrides, add_tokenizer_override_flags
-from spannorm_megatron.hf.cli import DEVICES, hide_gpu_for_cpu_runs, run_cli
-from spannorm_megatron.hf.export import DTYPES
+from spannorm_megatron.hf.cli import DEVICES, DTYPE_NAMES, hide_gpu_for_cpu_runs, run_cli
 from spannorm_megatron.config.options import add_arguments, option, parse_sections
 
 
@@ -58,7 +57,7 @@ class GenerateOptions:
         None, "ModelConfig JSON for a megatron checkpoint without a run record.", metavar="JSON")
     device: str = option("auto", "auto: the GPU when there is one.", choices=DEVICES)
     dtype: Optional[str] = option(None, "Default: float32 on CPU, bfloat16 on GPU.",
-                                  choices=tuple(DTYPES))
+                                  choices=DTYPE_NAMES)
     ignore_eos: bool = option(False, "Do not stop at </s> / <EOD>.")
     json: bool = option(False, "Print one JSON object (ids and text) instead of the text.")
 

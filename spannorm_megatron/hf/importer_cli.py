@@ -24,8 +24,7 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
-from spannorm_megatron.hf.cli import run_cli
-from spannorm_megatron.hf.export import DTYPES
+from spannorm_megatron.hf.cli import DTYPE_NAMES, run_cli
 from spannorm_megatron.config.options import add_arguments, option, parse_sections
 
 
@@ -39,7 +38,7 @@ class ImportOptions:
     pipeline_model_parallel_size: int = option(1, "Pipeline stages the files are split for.")
     expert_model_parallel_size: int = option(1, "Expert-parallel ranks the files are split for.")
     dtype: str = option("float32", "Dtype of the saved weights (default float32).",
-                        choices=tuple(DTYPES))
+                        choices=DTYPE_NAMES)
     iteration: int = option(0, "Iteration to save as (default 0).")
     overwrite: bool = option(False, "Replace an earlier conversion in --save (recognised by "
                              "its spannorm_import.json; nothing else is ever replaced).")
