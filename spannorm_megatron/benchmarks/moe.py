@@ -219,9 +219,9 @@ def _log(message: str) -> None:
 
 def benchmark(argv: Optional[List[str]] = None) -> int:
     """Parse `argv` and measure; bad input raises a UserError."""
+    options = parse_options(argv)  # --help and a mistyped flag are answered before torch loads
     import torch
 
-    options = parse_options(argv)
     results = run(options)
     harness.publish(table(results), results, options,
                     world_size=torch.distributed.get_world_size())
