@@ -99,7 +99,8 @@ class PerformanceConfig:
         "or auto (Transformer Engine chooses; the local attention on the local layers).",
         choices=ATTENTION_BACKENDS)
     masked_softmax_fusion: bool = option(
-        True, "Allow the fused scale+mask+softmax kernel of the local attention "
+        True, "Allow the fused scale+mask+softmax kernel (megatron-core's local attention with "
+        "its CUDA extension; Transformer Engine's attention fuses it itself) "
         "(--no-masked-softmax-fusion forbids it).", flag="--no-masked-softmax-fusion",
         negative=True)
     bias_gelu_fusion: bool = option(
@@ -116,8 +117,10 @@ class PerformanceConfig:
         flag="--no-rope-fusion", negative=True)
     gradient_accumulation_fusion: bool = option(
         True, "Allow accumulating weight gradients into the fp32 main gradients inside the "
-        "GEMM (Apex's fused_weight_gradient_mlp_cuda; --no-gradient-accumulation-fusion "
-        "forbids it).", flag="--no-gradient-accumulation-fusion", negative=True)
+        "GEMM (Transformer Engine's linears: fuse_wgrad_accumulation; megatron-core's own, the "
+        "output layer included: Apex's fused_weight_gradient_mlp_cuda; "
+        "--no-gradient-accumulation-fusion forbids it).",
+        flag="--no-gradient-accumulation-fusion", negative=True)
     cross_entropy_loss_fusion: bool = option(
         False, "Allow the fused cross-entropy loss (--cross-entropy-fusion-impl's kernel).")
     cross_entropy_fusion_impl: str = option(
