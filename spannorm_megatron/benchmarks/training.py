@@ -20,6 +20,18 @@ Peak memory is what one model adds while it is built and trained for the warm-up
 gradients, optimizer state, activations): on a GPU the peak of allocated memory over what was
 allocated before it was built; on CPU (one process only) the peak resident memory of a fresh
 child process that builds that model alone, over the child's memory before building.
+
+`--log-step-memory` adds, per row, what one step adds to the memory in use before it, for a
+plain step and for a logging step of the training run's monitor (training.monitor.RunMonitor:
+per-layer stability signals with their weight snapshot, MoE metrics), each the median over
+`--rounds` alternating pairs: on a GPU the allocator's peak over what was allocated before the
+step; on CPU the peak resident memory (reset before each step, Linux) over the resident memory
+before it. On CPU the snapshot lives in the same memory as the model, so a logging step adds the
+owned weights' size there; on a GPU it lives in host memory and adds only the update-ratio
+slices (metrics/stability.py).
+
+With `--output`, the JSON is rewritten after every row, so a run cut short keeps the rows it
+finished.
 """
 
 from __future__ import annotations
@@ -75,6 +87,12 @@ class Result:
     """Every timed step, in order (the spread says how far the median can be trusted)."""
     transformer_impl: str = "local"
     """The layers that ran: 'transformer_engine' or 'local' (what --transformer-impl auto chose)."""
+    plain_step_memory_bytes: Optional[int] = None
+    """With --log-step-memory: median memory a plain step adds to what was in use before it."""
+    log_step_memory_bytes: Optional[int] = None
+    """With --log-step-memory: the same for a logging step (stability signals, MoE metrics)."""
+    step_memory_samples: dict = field(default_factory=dict)
+    """With --log-step-memory: {'plain': [...], 'log': [...]}, bytes per measured step."""
 
 
 @dataclass
@@ -109,6 +127,9 @@ class BenchmarkOptions:
                                    "local or transformer_engine.", choices=IMPLS)
     no_memory: bool = option(
         False, "On CPU, skip the per-model memory measurement (a child process each).")
+    log_step_memory: bool = option(
+        False, "Also measure what a logging step (stability signals, MoE metrics) adds to the "
+        "memory in use, against a plain step: the median of --rounds pairs.")
     output: Optional[str] = option(None, "JSON file for the results.")
     memory_probe: bool = option(False, argparse.SUPPRESS)
 
@@ -200,17 +221,44 @@ class Bench:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def step(self) -> float:
+    def step(self, monitor=None):
+        """One training step's seconds (with a `monitor`: the step's result too)."""
         from spannorm_megatron.training.loop import train_step
 
         batches = iter([self.batch] * self.num_microbatches)
         _synchronize()
         start = time.perf_counter()
-        train_step(self.model, self.optimizer, self.scheduler, batches,
-                   num_microbatches=self.num_microbatches, seq_length=self.seq_length,
-                   micro_batch_size=self.micro_batch, global_batch_size=self.micro_batch)
+        result = train_step(self.model, self.optimizer, self.scheduler, batches,
+                            num_microbatches=self.num_microbatches, seq_length=self.seq_length,
+                            micro_batch_size=self.micro_batch,
+                            global_batch_size=self.micro_batch, monitor=monitor)
         _synchronize()
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return seconds if monitor is None else (seconds, result)
+
+    def step_memory(self, rounds: int) -> dict:
+        """{'plain': [...], 'log': [...]}: bytes each step adds to the memory in use before it,
+        plain and logging steps of the run's monitor alternating, `rounds` of each."""
+        from spannorm_megatron.training.monitor import RunMonitor
+
+        monitor = RunMonitor(self.model, self.model_config, seq_length=self.seq_length,
+                             global_batch_size=self.micro_batch,
+                             num_microbatches=self.num_microbatches, log_interval=2,
+                             tensorboard_dir=None, dtype=self.model[0].config.params_dtype)
+        samples = {"plain": [], "log": []}
+        try:
+            for iteration in range(1, 2 * rounds + 1):
+                start = _start_step_memory()
+                monitor.begin_step(iteration)
+                seconds, result = self.step(monitor=monitor)
+                monitor.end_step(iteration, result, consumed_samples=0,
+                                 learning_rate=result.learning_rate, loss_scale=1.0,
+                                 seconds_per_step=seconds if iteration % 2 == 0 else None)
+                samples["log" if monitor.is_log_step(iteration) else "plain"].append(
+                    _step_memory_added(start))
+        finally:
+            monitor.close()
+        return samples
 
 
 def _synchronize() -> None:
@@ -230,6 +278,50 @@ def _memory_added_since(start: Optional[int]) -> Optional[int]:
     if start is None:
         return None
     return int(torch.cuda.max_memory_allocated()) - start
+
+
+def _start_step_memory() -> int:
+    """Memory in use now, the peak counter reset to it: the allocator's on a GPU, the
+    resident set on CPU."""
+    from spannorm_megatron.metrics.memory import (
+        current_rss_bytes,
+        reset_resident_high_water_mark,
+    )
+
+    _synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return int(torch.cuda.memory_allocated())
+    gc.collect()
+    _return_freed_host_memory()
+    if not reset_resident_high_water_mark():
+        raise RuntimeError("--log-step-memory on CPU needs /proc/self/clear_refs (Linux)")
+    return current_rss_bytes()
+
+
+def _return_freed_host_memory() -> None:
+    """Make the resident set follow the tensors alive on CPU: glibc keeps freed blocks for
+    reuse (and raises its mmap threshold after each large free), so a step's tensors could
+    come from memory already resident and add nothing to the peak. A fixed 64 KiB mmap
+    threshold gives every larger allocation its own mapping, returned when freed; then the
+    heap is trimmed. Only the benchmark process is affected."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (fixing it turns the dynamic one off)
+    libc.malloc_trim(0)
+
+
+def _step_memory_added(start: int) -> int:
+    from spannorm_megatron.metrics.memory import resident_high_water_bytes
+
+    _synchronize()
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated()) - start
+    return resident_high_water_bytes() - start
 
 
 def _cpu_memory_probe(args, placement: str, precision: str) -> Optional[int]:
@@ -271,7 +363,8 @@ def memory_probe(args) -> int:
     return 0
 
 
-def run(args) -> List[Result]:
+def run(args, on_row=None) -> List[Result]:
+    """Every (precision, placement) row; `on_row(results so far)` after each one."""
     from spannorm_megatron.metrics import device_peak_flops, flops_per_token, mfu
     from spannorm_megatron.placements import PLACEMENTS
     from spannorm_megatron.process import initialize
@@ -305,6 +398,7 @@ def run(args) -> List[Result]:
             _log(f"built {placement} ({precision}, {bench.transformer_impl}), warm-up done")
             bench.step_times = [bench.step() for _ in range(args.rounds * args.iters)]
             seconds = statistics.median(bench.step_times)
+            step_memory = bench.step_memory(args.rounds) if args.log_step_memory else {}
             tokens = micro_batch * seq_length * args.num_microbatches * _data_parallel_size()
             fpt = flops_per_token(bench.model_config, seq_length,
                                   recompute=args.recompute_granularity)
@@ -315,11 +409,20 @@ def run(args) -> List[Result]:
                 peak_memory_bytes=peak_memory,
                 step_seconds_samples=list(bench.step_times),
                 transformer_impl=bench.transformer_impl,
+                plain_step_memory_bytes=_median_int(step_memory.get("plain")),
+                log_step_memory_bytes=_median_int(step_memory.get("log")),
+                step_memory_samples=step_memory,
             ))
             bench.close()
             _log(f"measured {placement} ({precision}): {seconds * 1000:.1f} ms/step")
-    _add_ratios(results)
+            _add_ratios(results)
+            if on_row is not None:
+                on_row(results)
     return results
+
+
+def _median_int(values) -> Optional[int]:
+    return int(statistics.median(values)) if values else None
 
 
 def _data_parallel_size() -> int:
@@ -331,7 +434,9 @@ def _data_parallel_size() -> int:
 def _add_ratios(results: List[Result]) -> None:
     baseline = {r.precision: r for r in results if r.placement == "prenorm"}
     for r in results:
-        base = baseline[r.precision]
+        base = baseline.get(r.precision)
+        if base is None:
+            continue
         r.tokens_per_second_vs_prenorm = r.tokens_per_second / base.tokens_per_second
         if r.peak_memory_bytes and base.peak_memory_bytes:
             r.memory_vs_prenorm = r.peak_memory_bytes / base.peak_memory_bytes
@@ -348,6 +453,14 @@ def table(results: List[Result]) -> str:
             f"{r.tokens_per_second:,.0f} | {r.tokens_per_second_vs_prenorm:.3f} | "
             f"{'n/a' if r.mfu is None else f'{r.mfu * 100:.1f}%'} | {memory} | "
             f"{'n/a' if r.memory_vs_prenorm is None else f'{r.memory_vs_prenorm:.3f}'} |")
+    measured = [r for r in results if r.log_step_memory_bytes is not None]
+    if measured:
+        rows += ["", "| precision | placement | plain step adds | logging step adds | "
+                 "logging - plain |", "|---|---|---|---|---|"]
+        for r in measured:
+            plain, log = r.plain_step_memory_bytes, r.log_step_memory_bytes
+            rows.append(f"| {r.precision} | {r.placement} | {plain / 2**20:,.1f} MiB | "
+                        f"{log / 2**20:,.1f} MiB | {(log - plain) / 2**20:+,.1f} MiB |")
     return "\n".join(rows)
 
 
@@ -377,18 +490,26 @@ def benchmark(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.memory_probe:
         return memory_probe(args)
-    results = run(args)
+    results = run(args, on_row=lambda rows: _write_json(args, rows))
     if torch.distributed.get_rank() == 0:
         print(table(results))
         if args.output:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            with open(args.output, "w") as f:
-                json.dump({"args": vars(args), "environment": environment(),
-                           "mfu_reference": "dense bf16 peak of the device for bf16 and fp8 "
-                                            "runs, fp32 peak for fp32 runs",
-                           "results": [asdict(r) for r in results]}, f, indent=2)
             print(f"wrote {args.output}")
     return 0
+
+
+def _write_json(args, results: List[Result]) -> None:
+    """The rows so far into --output (rank 0), replaced whole and atomically after each row."""
+    if not args.output or torch.distributed.get_rank() != 0:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    partial = args.output + ".tmp"
+    with open(partial, "w") as f:
+        json.dump({"args": vars(args), "environment": environment(),
+                   "mfu_reference": "dense bf16 peak of the device for bf16 and fp8 runs, fp32 "
+                                    "peak for fp32 runs",
+                   "results": [asdict(r) for r in results]}, f, indent=2)
+    os.replace(partial, args.output)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
