@@ -191,3 +191,23 @@ def test_transformer_engine_layers_accumulate_weight_gradients_in_main_grad(seed
         losses[fused] = [train_step(model, optimizer, None, iter(batches), 2, 128, 2, 4).loss
                          for _ in range(2)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-2), losses
+
+
+def test_a_logging_step_adds_bounded_device_memory(megatron_world):
+    """The stability signals keep their weight snapshot in host memory and compare it in
+    slices: a logging step's device peak exceeds a plain step's by far less than a copy of the
+    weights (a whole clone on the GPU would add their size)."""
+    from spannorm_megatron.benchmarks import training as benchmark
+
+    args = benchmark.parse_args(["--preset", "125m", "--precisions", "bf16",
+                                 "--transformer-impl", "local"])
+    fields, _, micro_batch = benchmark.PRESETS["125m"]
+    bench = benchmark.Bench("spannorm", "bf16", args, fields, 256, micro_batch)
+    try:
+        bench.step()
+        samples = bench.step_memory(rounds=2)
+        weights = sum(p.numel() * p.element_size() for p in bench.model[0].parameters())
+    finally:
+        bench.close()
+    added = max(samples["log"]) - max(samples["plain"])
+    assert added < weights / 4, (samples, weights)
