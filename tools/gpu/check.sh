@@ -44,8 +44,8 @@ set -uo pipefail
 # against the session's 15 minutes of device time; `--plan` prints the sums.
 declare -A CAP=(
   [versions]=15 [checksums]=10 [install]=25 [imports]=25
-  [firstlight]=60
-  [bench_local]=70 [te_unpack]=15 [te_import]=25 [bench_te]=95
+  [firstlight]=75
+  [bench_local]=60 [te_unpack]=15 [te_import]=25 [bench_te]=90
   [smoke]=20 [tests_local]=85 [tests_te]=85
   [te_build]=240   # the fallback build of TE's extension: only with that much time left
 )
