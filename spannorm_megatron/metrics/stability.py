@@ -91,6 +91,7 @@ from spannorm_megatron.metrics._model import (
     transformer_layers,
     unwrap,
 )
+from spannorm_megatron.runtime import has_accelerator
 
 ACTIVATION_SIGNALS = ("output_rms", "attention_rms", "mlp_rms")
 PARAMETER_SIGNALS = ("grad_norm", "update_ratio")
@@ -218,9 +219,10 @@ class StabilitySignals:
         self._grad_sq, self._weight_sq, self._snapshot = grad_sq, weight_sq, snapshot
 
     def _snapshot_of(self, slot: int, weights: torch.Tensor) -> torch.Tensor:
-        """A copy of `weights` on `snapshot_device`: into a reused pinned host buffer when the
-        weights are on an accelerator (an asynchronous copy), else a fresh one."""
-        if weights.device.type == "cpu" or self.snapshot_device.type != "cpu":
+        """A copy of `weights` on `snapshot_device`: into a reused pinned host buffer on a GPU
+        machine (an asynchronous copy), else a fresh one (on CPU, host memory is the device's:
+        nothing is gained by keeping it between logging steps)."""
+        if self.snapshot_device.type != "cpu" or not has_accelerator():
             return weights.to(self.snapshot_device, copy=True)
         buffer = self._host_buffers.get(slot)
         if buffer is None or buffer.shape != weights.shape or buffer.dtype != weights.dtype:
