@@ -143,3 +143,13 @@ def test_versions_are_pinned_in_setup_py_and_the_requirements_file_only():
                 if re.search(r"(megatron[-_]core|transformer[-_]engine)==\d", text):
                     spelled.append(os.path.relpath(os.path.join(path, name), ROOT))
     assert spelled == []
+
+
+def test_gpu_check_caps_add_up_inside_each_call_s_budget():
+    """tools/gpu/check.sh's caps (docs/gpu.md's arithmetic): setup, first light and the target
+    rows fill the first call's 340 s budget at most, setup and the tests the second's 270 s."""
+    result = subprocess.run(["bash", os.path.join(TOOLS, "gpu", "check.sh"), "--plan"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    first, second = (int(n) for n in re.findall(r"\): (\d+) s of a", result.stdout))
+    assert 0 < first <= 340 and 0 < second <= 270, result.stdout

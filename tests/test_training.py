@@ -315,7 +315,9 @@ def test_logged_loss_is_token_weighted_and_gradients_follow_the_per_token_flag(t
     """DP2 x 2 micro-batches whose loss masks keep 16, 3, 9 and 1 tokens per row: the logged
     loss is the token-weighted mean over all of them (computed independently on a second copy
     of the model), the gradient is the mean of micro-batch means by default (Megatron-LM's) and
-    the token-weighted one with --calculate-per-token-loss."""
+    the token-weighted one with --calculate-per-token-loss. The logged loss is reduced once per
+    step (as Megatron-LM's train_step does) and equals what one all-reduce per micro-batch gave:
+    exactly, both summed in float64; within float32 rounding, the old float32 sums."""
     result = torchrun(launch.TESTS / "_loss_worker.py", tmp_path, timeout=300)
     launch.check_launch(result, tmp_path)
     records = launch.rank_results(tmp_path, 2)
@@ -325,6 +327,10 @@ def test_logged_loss_is_token_weighted_and_gradients_follow_the_per_token_flag(t
         # The masks differ enough that the two means are told apart.
         assert abs(record["token_weighted"] - record["microbatch_mean"]) > 1e-3
         assert record["logged_loss"] == pytest.approx(record["token_weighted"], rel=1e-6)
+        assert record["microbatch_reports"] == 2
+        assert record["logged_loss"] == record["per_microbatch_reduction_fp64"]
+        assert record["logged_loss"] == pytest.approx(record["per_microbatch_reduction_fp32"],
+                                                      rel=2e-7)
         assert record["grad_error"][gradient_of] < 1e-5, record
         other = {"microbatch_mean": "token_weighted", "token_weighted": "microbatch_mean"}
         assert record["grad_error"][other[gradient_of]] > 1e-2, record

@@ -79,17 +79,21 @@ class Bench:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def step(self) -> float:
+    def step(self, monitor=None):
+        """One training step's seconds (with a `monitor`: the step's result too)."""
         from spannorm_megatron.training.loop import train_step
 
         batches = iter([self.batch] * self.num_microbatches)
         synchronize()
         start = time.perf_counter()
-        train_step(self.model, self.optimizer, self.scheduler, batches,
-                   num_microbatches=self.num_microbatches, seq_length=self.seq_length,
-                   micro_batch_size=self.micro_batch, global_batch_size=self.micro_batch)
+        result = train_step(self.model, self.optimizer, self.scheduler, batches,
+                            num_microbatches=self.num_microbatches, seq_length=self.seq_length,
+                            micro_batch_size=self.micro_batch,
+                            global_batch_size=self.micro_batch, monitor=monitor)
         synchronize()
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return seconds if monitor is None else (seconds, result)
+
 
 
 def synchronize() -> None:
@@ -130,17 +134,27 @@ def log(tool: str, message: str) -> None:
         print(f"[{tool}] {message}", file=sys.stderr, flush=True)
 
 
+def write_json(results: Sequence, options, **extra) -> None:
+    """On the first rank, with the options' `output`: the JSON document (the command line's
+    options, the environment, `extra` and the results so far), replaced whole and atomically,
+    so that a run cut short keeps the rows it finished."""
+    output = options.output
+    if not output or not is_first_rank():
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    partial = output + ".tmp"
+    with open(partial, "w") as f:
+        json.dump({"args": dataclasses.asdict(options), "environment": environment(), **extra,
+                   "results": [dataclasses.asdict(r) for r in results]}, f, indent=2)
+    os.replace(partial, output)
+
+
 def publish(table: str, results: Sequence, options, **extra) -> None:
     """On the first rank: print the table, and with the options' `output`, write the JSON
-    document there (the command line's options, the environment, `extra` and every result)."""
+    document there (`write_json`)."""
+    write_json(results, options, **extra)
     if not is_first_rank():
         return
     print(table)
-    output = options.output
-    if not output:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump({"args": dataclasses.asdict(options), "environment": environment(), **extra,
-                   "results": [dataclasses.asdict(r) for r in results]}, f, indent=2)
-    print(f"wrote {output}")
+    if options.output:
+        print(f"wrote {options.output}")

@@ -20,6 +20,18 @@ Peak memory is what one model adds while it is built and trained for the warm-up
 gradients, optimizer state, activations): on a GPU the peak of allocated memory over what was
 allocated before it was built; on CPU (one process only) the peak resident memory of a fresh
 child process that builds that model alone, over the child's memory before building.
+
+`--log-step-memory` adds, per row, what one step adds to the memory in use before it, for a
+plain step and for a logging step of the training run's monitor (training.monitor.RunMonitor:
+per-layer stability signals with their weight snapshot, MoE metrics), each the median over
+`--rounds` alternating pairs: on a GPU the allocator's peak over what was allocated before the
+step; on CPU the peak resident memory (reset before each step, Linux) over the resident memory
+before it. On CPU the snapshot lives in the same memory as the model, so a logging step adds the
+owned weights' size there; on a GPU it lives in host memory and adds only the update-ratio
+slices (metrics/stability.py).
+
+With `--output`, the JSON is rewritten after every row, so a run cut short keeps the rows it
+finished.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from typing import List, Optional
 
 from spannorm_megatron.benchmarks import harness
 from spannorm_megatron.benchmarks.harness import IMPLS, Bench
+from spannorm_megatron.benchmarks.step_memory import measure_step_memory
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.config.options import add_arguments, option, parse_sections
 from spannorm_megatron.config.performance import FP8_FORMATS, FP8_RECIPES, RECOMPUTE_GRANULARITIES
@@ -57,6 +70,9 @@ PRESETS = {
 }
 
 
+MFU_REFERENCE = "dense bf16 peak of the device for bf16 and fp8 runs, fp32 peak for fp32 runs"
+
+
 @dataclass
 class Result:
     placement: str
@@ -71,6 +87,12 @@ class Result:
     """Every timed step, in order (the spread says how far the median can be trusted)."""
     transformer_impl: str = "local"
     """The layers that ran: 'transformer_engine' or 'local' (what --transformer-impl auto chose)."""
+    plain_step_memory_bytes: Optional[int] = None
+    """With --log-step-memory: median memory a plain step adds to what was in use before it."""
+    log_step_memory_bytes: Optional[int] = None
+    """With --log-step-memory: the same for a logging step (stability signals, MoE metrics)."""
+    step_memory_samples: dict = field(default_factory=dict)
+    """With --log-step-memory: {'plain': [...], 'log': [...]}, bytes per measured step."""
 
 
 @dataclass
@@ -105,6 +127,9 @@ class BenchmarkOptions:
                                    "local or transformer_engine.", choices=IMPLS)
     no_memory: bool = option(
         False, "On CPU, skip the per-model memory measurement (a child process each).")
+    log_step_memory: bool = option(
+        False, "Also measure what a logging step (stability signals, MoE metrics) adds to the "
+        "memory in use, against a plain step: the median of --rounds pairs.")
     output: Optional[str] = option(None, "JSON file for the results.")
     memory_probe: bool = option(False, argparse.SUPPRESS)
 
@@ -213,7 +238,8 @@ def memory_probe(options: BenchmarkOptions) -> int:
     return 0
 
 
-def run(options: BenchmarkOptions) -> List[Result]:
+def run(options: BenchmarkOptions, on_row=None) -> List[Result]:
+    """Every (precision, placement) row; `on_row(results so far)` after each one."""
     import torch
 
     from spannorm_megatron.metrics import device_peak_flops, flops_per_token, mfu
@@ -246,6 +272,8 @@ def run(options: BenchmarkOptions) -> List[Result]:
             _log(f"built {placement} ({precision}, {bench.transformer_impl}), warm-up done")
             bench.step_times = [bench.step() for _ in range(options.rounds * options.iters)]
             seconds = statistics.median(bench.step_times)
+            step_memory = (measure_step_memory(bench, options.rounds)
+                           if options.log_step_memory else {})
             tokens = (bench.micro_batch * bench.seq_length * options.num_microbatches
                       * _data_parallel_size())
             fpt = flops_per_token(bench.model_config, bench.seq_length,
@@ -257,11 +285,20 @@ def run(options: BenchmarkOptions) -> List[Result]:
                 peak_memory_bytes=peak_memory,
                 step_seconds_samples=list(bench.step_times),
                 transformer_impl=bench.transformer_impl,
+                plain_step_memory_bytes=_median_int(step_memory.get("plain")),
+                log_step_memory_bytes=_median_int(step_memory.get("log")),
+                step_memory_samples=step_memory,
             ))
             bench.close()
             _log(f"measured {placement} ({precision}): {seconds * 1000:.1f} ms/step")
-    _add_ratios(results)
+            _add_ratios(results)
+            if on_row is not None:
+                on_row(results)
     return results
+
+
+def _median_int(values) -> Optional[int]:
+    return int(statistics.median(values)) if values else None
 
 
 def _data_parallel_size() -> int:
@@ -273,7 +310,9 @@ def _data_parallel_size() -> int:
 def _add_ratios(results: List[Result]) -> None:
     baseline = {r.precision: r for r in results if r.placement == "prenorm"}
     for r in results:
-        base = baseline[r.precision]
+        base = baseline.get(r.precision)
+        if base is None:
+            continue
         r.tokens_per_second_vs_prenorm = r.tokens_per_second / base.tokens_per_second
         if r.peak_memory_bytes and base.peak_memory_bytes:
             r.memory_vs_prenorm = r.peak_memory_bytes / base.peak_memory_bytes
@@ -290,6 +329,14 @@ def table(results: List[Result]) -> str:
             f"{r.tokens_per_second:,.0f} | {r.tokens_per_second_vs_prenorm:.3f} | "
             f"{'n/a' if r.mfu is None else f'{r.mfu * 100:.1f}%'} | {memory} | "
             f"{'n/a' if r.memory_vs_prenorm is None else f'{r.memory_vs_prenorm:.3f}'} |")
+    measured = [r for r in results if r.log_step_memory_bytes is not None]
+    if measured:
+        rows += ["", "| precision | placement | plain step adds | logging step adds | "
+                 "logging - plain |", "|---|---|---|---|---|"]
+        for r in measured:
+            plain, log = r.plain_step_memory_bytes, r.log_step_memory_bytes
+            rows.append(f"| {r.precision} | {r.placement} | {plain / 2**20:,.1f} MiB | "
+                        f"{log / 2**20:,.1f} MiB | {(log - plain) / 2**20:+,.1f} MiB |")
     return "\n".join(rows)
 
 
@@ -302,11 +349,11 @@ def benchmark(argv: Optional[List[str]] = None) -> int:
     options = parse_options(argv)
     if options.memory_probe:
         return memory_probe(options)
-    results = run(options)
-    harness.publish(table(results), results, options,
-                    mfu_reference="dense bf16 peak of the device for bf16 and fp8 runs, fp32 "
-                                  "peak for fp32 runs")
+    results = run(options, on_row=lambda rows: harness.write_json(
+        rows, options, mfu_reference=MFU_REFERENCE))
+    harness.publish(table(results), results, options, mfu_reference=MFU_REFERENCE)
     return 0
+
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -107,7 +107,8 @@ class PerformanceConfig:
         "or auto (Transformer Engine chooses; the local attention on the local layers).",
         choices=ATTENTION_BACKENDS, megatron=True)
     masked_softmax_fusion: bool = option(
-        True, "Allow the fused scale+mask+softmax kernel of the local attention "
+        True, "Allow the fused scale+mask+softmax kernel (megatron-core's local attention with "
+        "its CUDA extension; Transformer Engine's attention fuses it itself) "
         "(--no-masked-softmax-fusion forbids it).", flag="--no-masked-softmax-fusion",
         negative=True)
     bias_gelu_fusion: bool = option(
@@ -124,8 +125,10 @@ class PerformanceConfig:
         flag="--no-rope-fusion", negative=True)
     gradient_accumulation_fusion: bool = option(
         True, "Allow accumulating weight gradients into the fp32 main gradients inside the "
-        "GEMM (Apex's fused_weight_gradient_mlp_cuda; --no-gradient-accumulation-fusion "
-        "forbids it).", flag="--no-gradient-accumulation-fusion", negative=True)
+        "GEMM (Transformer Engine's linears: fuse_wgrad_accumulation; megatron-core's own, the "
+        "output layer included: Apex's fused_weight_gradient_mlp_cuda; "
+        "--no-gradient-accumulation-fusion forbids it).",
+        flag="--no-gradient-accumulation-fusion", negative=True)
     cross_entropy_loss_fusion: bool = option(
         False, "Allow the fused cross-entropy loss (--cross-entropy-fusion-impl's kernel).")
     cross_entropy_fusion_impl: str = option(
@@ -304,10 +307,48 @@ class PerformanceConfig:
         if padding and self.fp8_format is None:
             raise ConfigError(f"{padding[0]} pads routed tokens for FP8 GEMMs, and this run has "
                               f"no FP8: add --fp8-format hybrid (or e4m3), or drop it.")
+        self._check_fp8_parameters(model)
         if model.moe_layer_recompute and self.recompute_granularity == "full":
             raise ConfigError("--moe-layer-recompute is selective recompute of the MoE layers, "
                               "and --recompute-granularity full already recomputes whole "
                               "layers (megatron-core refuses both): drop one of them.")
+
+    def _check_fp8_parameters(self, model: ModelConfig) -> None:
+        """--fp8-param-gather builds every Transformer Engine linear's weight as an FP8 tensor
+        (megatron-core wraps each layer's construction in TE's fp8_model_init). Two of our init
+        steps act on weights after that, and TE 2.11 cannot serve either:
+
+        - the fp32 main weights of the distributed optimizer are taken from the copy TE keeps
+          of each weight's value before it was cast to FP8 (`get_high_precision_init_val`,
+          transformer_engine/pytorch/module/base.py, read by megatron-core 0.16.1's
+          distrib_optimizer.py), which is made inside the module's constructor; after the first
+          update the FP8 weights are cast from those main weights, so any change made to a
+          weight after its construction is lost;
+        - DeepNorm scales only the value rows of the QKV weight (model/layers.py): a slice of a
+          Float8Tensor keeps the whole tensor's scale and transpose (Float8Tensor.make_like in
+          tensor/float8_tensor.py), and QuantizedTensor's in-place ops dequantize the slice and
+          quantize it back with them (quantized_tensor.py), so the Q and K rows change scale
+          under current scaling and the transpose no longer matches.
+
+        Hence DeepNorm's weight scaling (model/layers.py) and the experts' layout-independent
+        redraw (model/seeding.py, `weight.copy_`) are refused with FP8 parameters."""
+        if not self.fp8_param_gather:
+            return
+        from spannorm_megatron.placements import PLACEMENTS
+
+        if PLACEMENTS[model.norm_placement].scales_built_weights:
+            raise ConfigError(
+                f"--fp8-param-gather keeps weights in FP8 from their construction, and "
+                f"--norm-placement {model.norm_placement} scales its linear weights after "
+                f"that (part of the QKV weight in place), which FP8 weights cannot take and the "
+                f"optimizer's fp32 main weights would not see: drop --fp8-param-gather, or use "
+                f"another placement.")
+        if model.is_moe:
+            raise ConfigError(
+                "--fp8-param-gather keeps weights in FP8 from their construction, and MoE "
+                "models (--num-experts) redraw each expert's weights after it, so that they "
+                "do not depend on the expert-parallel layout; the optimizer's fp32 main weights "
+                "would keep megatron-core's first draw: drop --fp8-param-gather for MoE models.")
 
     def check_environment(self) -> None:
         """Transformer Engine's attention switches in the environment must say what

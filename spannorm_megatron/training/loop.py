@@ -17,7 +17,12 @@ from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spannorm_megatron.runtime import current_device, has_accelerator
-from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
+from spannorm_megatron.training.gpt_step import (
+    forward_step,
+    lm_loss_totals,
+    reduce_lm_loss,
+    reduce_over_data_parallel,
+)
 
 
 @dataclass
@@ -148,11 +153,14 @@ def evaluate(model, data_iterator: Iterator, eval_iters: int, num_microbatches: 
                 forward_only=True,
             )
             _empty_cache(empty_cache_level >= 1)
-            for entry in losses_reduced or []:
-                total += entry["lm loss"].double()
+            if losses_reduced:
+                total += lm_loss_totals(losses_reduced)
     finally:
         for chunk in model:
             chunk.train()
+    # Each rank's sums, reduced once for the whole evaluation (ranks of the other pipeline
+    # stages reduce their zeros among themselves).
+    reduce_over_data_parallel(total)
     loss = (total[0] / total[1]).item() if total[1] > 0 else None
     return broadcast_from_last_stage(loss)
 

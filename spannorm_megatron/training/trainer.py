@@ -289,7 +289,7 @@ class Trainer:
                      f"{sum(p.numel() for c in self.model for p in c.parameters()):,} "
                      f"parameters on rank 0")
         print_rank_0(f"> fused kernels: {fused_kernels()}")
-        print_rank_0(f"> fusions {describe_fusions(self.model[0].config)}")
+        print_rank_0(f"> fusions {describe_fusions(self.model[0].config, self.model)}")
         print_rank_0(f"> parallel: TP {parallel.tensor_model_parallel_size}, PP "
                      f"{parallel.pipeline_model_parallel_size}, EP "
                      f"{parallel.expert_model_parallel_size}, DP {batches.data_parallel_size}; "
