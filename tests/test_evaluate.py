@@ -18,7 +18,7 @@ import torch
 
 import launch
 from _tools import tool_module
-from _training import SMALL, STRICT_DEVICES, prepare_corpus, run_train
+from _training import SMALL, STRICT_DEVICES, prepare_corpus, train_in_process
 from launch import ROOT
 
 SEQ = 64
@@ -49,8 +49,8 @@ def trained(tmp_path_factory, slow):
     root = tmp_path_factory.mktemp("evaluate")
     prefix, tok = prepare_corpus(root, max_bytes=200_000)
     ckpt = root / "ckpt"
-    result = run_train(*SMALL, "--data-path", prefix, "--tokenizer-model", tok, "--lr", "5e-3",
-                       "--train-iters", "15", "--save", str(ckpt), nproc=1, timeout=300)
+    result = train_in_process(*SMALL, "--data-path", prefix, "--tokenizer-model", tok,
+                              "--lr", "5e-3", "--train-iters", "15", "--save", str(ckpt))
     assert result.returncode == 0, result.stderr[-3000:]
     status, _out, err = _run_tool("convert_to_hf", "--load", ckpt, "--save", root / "hf")
     assert status == 0, err
