@@ -80,19 +80,29 @@ def tensorboard_scalars(log_dir) -> dict:
             for tag in events.Tags()["scalars"]}, events.Tags()["tensors"]
 
 
-def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, tmp_path, megatron_world,
-                                                             torchrun):
+def _eight_iterations(corpus, root) -> list:
+    """SMALL for 8 iterations, saving to and resuming from `root`/stopped."""
+    data, tokenizer = corpus
+    return ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--train-iters", "8",
+            "--save", root / "stopped", "--load", root / "stopped"]
+
+
+def _stop_and_resume_jobs(corpus, root) -> dict:
+    """`whole`: 8 iterations (saving nothing); `stopped`: the same run stopped after 4
+    (--exit-interval), which the test resumes in a fresh launch of its own."""
+    common = _eight_iterations(corpus, root)
+    return {"whole": {"flags": [*common[:-4], "--tensorboard-dir", root / "tb-whole"]},
+            "stopped": {"flags": [*common, "--exit-interval", "4",
+                                  "--tensorboard-dir", root / "tb-stopped"]}}
+
+
+def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, two_rank_jobs,
+                                                             megatron_world, torchrun):
     import _megatron_loader as M
 
-    data, tokenizer = corpus
-    common = ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--train-iters", "8"]
-    whole = run_train(*common, "--tensorboard-dir", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-4000:]
-    ckpt = tmp_path / "ckpt"
-    resumed_tb = tmp_path / "resumed"
-    first = run_train(*common, "--save", str(ckpt), "--load", str(ckpt), "--exit-interval", "4",
-                      "--tensorboard-dir", str(resumed_tb / "a"))
-    assert first.returncode == 0, first.stderr[-4000:]
+    results, root = two_rank_jobs
+    _succeeded(results, "whole", "stopped")
+    ckpt = root / "stopped"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     # What Megatron-LM's load_checkpoint would resume from (EP 1: RNG per (pp, tp) position).
     view = M.read(str(ckpt))
@@ -102,14 +112,14 @@ def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, tmp_path, 
         (4, 4 * global_batch, 2)
     entries = M.read_rng(view, expert_model_parallel_size=1)
     assert list(entries) == [(0, 0)] and M.rng_entry_problems(entries[(0, 0)]) == []
-    second = run_train(*common, "--save", str(ckpt), "--load", str(ckpt),
-                       "--tensorboard-dir", str(resumed_tb / "b"))
+    # The resume is a process of its own: whatever a checkpoint fails to carry is gone there.
+    second = run_train(*_eight_iterations(corpus, root), "--tensorboard-dir", root / "tb-resumed")
     assert second.returncode == 0, second.stderr[-4000:]
     assert "successfully loaded checkpoint" in second.stdout
 
-    expected = tensorboard_scalars(tmp_path / "whole")[0]["lm loss"]
-    resumed = {**tensorboard_scalars(resumed_tb / "a")[0]["lm loss"],
-               **tensorboard_scalars(resumed_tb / "b")[0]["lm loss"]}
+    expected = tensorboard_scalars(root / "tb-whole")[0]["lm loss"]
+    resumed = {**tensorboard_scalars(root / "tb-stopped")[0]["lm loss"],
+               **tensorboard_scalars(root / "tb-resumed")[0]["lm loss"]}
     assert sorted(expected) == list(range(1, 9))
     assert resumed == expected  # float32 values, compared exactly
 
@@ -147,7 +157,8 @@ def two_rank_jobs(corpus, torchrun, tmp_path_factory):
     """(results by job name, their folder): every small 2-rank job of this module, in order,
     in one launch (`_training.train_jobs`; a launch costs about as much as four such jobs)."""
     root = tmp_path_factory.mktemp("two_rank_jobs")
-    jobs = {**_distributed_optimizer_jobs(corpus, root), **_tensorboard_job(corpus, root),
+    jobs = {**_stop_and_resume_jobs(corpus, root),
+            **_distributed_optimizer_jobs(corpus, root), **_tensorboard_job(corpus, root),
             **_throughput_job(corpus, root), **_same_seed_jobs(corpus),
             **_deepseek_job(corpus, root)}
     return train_jobs(jobs, root / "launch"), root
