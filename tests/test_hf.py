@@ -327,12 +327,47 @@ def test_native_export_generates_megatrons_greedy_tokens(work, combo):
     _greedy_matches_megatron(model, work, combo)
 
 
+def _returned_cache(out):
+    """The cache a forward returned: `cache` since transformers 5.25, `past_key_values` before."""
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
+@torch.no_grad()
+def _greedy_tokens(model, prompt, new_tokens, cache_name=None):
+    """Greedy tokens after `prompt`, one forward a token: with cache_name, only the newest token
+    goes in and the key/value cache is passed under that name; without, the whole sequence
+    goes in each step with use_cache=False."""
+    ids, cache = list(prompt), None
+    for _ in range(new_tokens):
+        if cache_name is None:
+            out = model(input_ids=torch.tensor([ids]), use_cache=False)
+        else:
+            fed = ids if cache is None else ids[-1:]
+            out = model(input_ids=torch.tensor([fed]), use_cache=True, **{cache_name: cache})
+            cache = _returned_cache(out)
+            assert cache.get_seq_length() == len(ids)  # the cache grew by what went in
+        ids.append(int(out.logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 @pytest.mark.parametrize("combo", _hf.OWN_CLASS_RECIPES)
 def test_own_class_with_moe_recipes_generates_megatrons_greedy_tokens(work, combo):
     """q/k norms, mixed layers and megatron-core's routing, through the KV cache: each new
-    token is routed alone, as megatron (recomputing the whole sequence) routes it."""
+    token is routed alone, as megatron (recomputing the whole sequence) routes it. Cached
+    decoding equals uncached greedy decoding with the cache passed under either name
+    transformers' generate() has used (`cache` since 5.25, `past_key_values` before), whichever
+    transformers is installed."""
     model = _hf_model(os.path.join(work.dirs["hf"], combo), native=False)
     _greedy_matches_megatron(model, work, combo)
+    prompt = work.ids[0, :4].tolist()
+    uncached = _greedy_tokens(model, prompt, 8)
+    with torch.no_grad():
+        generated = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert generated == uncached
+    for cache_name in ("cache", "past_key_values"):
+        assert _greedy_tokens(model, prompt, 8, cache_name) == uncached, cache_name
 
 
 def _moe_modules(model):

@@ -9,6 +9,7 @@ or at an end id (``</s>`` or ``<EOD>``).
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -105,9 +106,23 @@ def megatron_stepper(model) -> Callable[[List[int], bool], torch.Tensor]:
     return step
 
 
+def _cache_argument(model) -> str:
+    """The name the model's forward takes its key/value cache under: `cache` since transformers
+    5.25 (which still maps `past_key_values` onto it, with a deprecation warning), before it
+    `past_key_values`. Our remote code takes both."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
 def hf_stepper(model) -> Callable[[List[int], bool], torch.Tensor]:
     device = next(model.parameters()).device
     state = {"past": None}
+    cache_argument = _cache_argument(model)
 
     @torch.no_grad()
     def step(ids: List[int], first: bool) -> torch.Tensor:
@@ -118,9 +133,9 @@ def hf_stepper(model) -> Callable[[List[int], bool], torch.Tensor]:
             new = ids[-1:]
         tokens = torch.tensor([new], dtype=torch.long, device=device)
         mask = torch.ones(1, len(ids), dtype=torch.long, device=device)
-        out = model(input_ids=tokens, attention_mask=mask, past_key_values=state["past"],
-                    use_cache=True)
-        state["past"] = out.past_key_values
+        out = model(input_ids=tokens, attention_mask=mask, use_cache=True,
+                    **{cache_argument: state["past"]})
+        state["past"] = _returned_cache(out)
         return out.logits[0, -1]
 
     return step

@@ -58,7 +58,8 @@ class SpanNormConfig(PretrainedConfig):
     """
 
     model_type = "spannorm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # the key/value cache in outputs, named past_key_values before transformers 5.25, cache since
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

@@ -37,9 +37,11 @@ of megatron/core/transformer/moe/moe_utils.py):
 Every token is routed (dropless): megatron's capacity limit (moe_expert_capacity_factor) drops
 tokens by comparing the tokens of a whole batch, which no per-token (or cached) forward can
 reproduce; the export says so when the model had one.
-Generation: `generate()` works, with a key/value cache (transformers' DynamicCache).
+Generation: `generate()` works, with a key/value cache (transformers' DynamicCache), passed as
+`cache` (transformers >= 5.25, whose generate() passes it so) or `past_key_values` (before).
 """
 
+import dataclasses
 import math
 
 import torch
@@ -57,6 +59,12 @@ except ImportError:  # pragma: no cover - very old transformers
 from .configuration_spannorm import SpanNormConfig
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
+# transformers 5.25 renamed the key/value cache from `past_key_values` to `cache`: generate()
+# passes `cache=` and the output classes declare a `cache` field. The forwards take both names;
+# the output carries the cache under the field its class declares.
+_OUTPUT_CACHE_FIELD = next((f.name for f in dataclasses.fields(CausalLMOutputWithPast)
+                            if f.name == "cache"), "past_key_values")
 
 
 # ----------------------------------------------------------------------------------------- norms
@@ -346,7 +354,7 @@ class SpanNormPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _no_split_modules = ["SpanNormDecoderLayer"]
     _keep_in_fp32_modules_strict = ["expert_bias"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
 
 
 def _new_cache(config):
@@ -354,6 +362,23 @@ def _new_cache(config):
         return DynamicCache(config=config)
     except TypeError:  # transformers 4.x
         return DynamicCache()
+
+
+def _given_cache(cache, past_key_values, config, use_cache):
+    """The key/value cache to read and extend, whichever name it came under (see
+    _OUTPUT_CACHE_FIELD); a new DynamicCache when caching and none was given; None when not."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the key/value cache as `cache` or as `past_key_values`, not both")
+    cache = past_key_values if cache is None else cache
+    if cache is None:
+        return _new_cache(config) if use_cache else None
+    if not isinstance(cache, Cache):
+        from_legacy = getattr(DynamicCache, "from_legacy_cache", None)  # transformers 4.x only
+        if from_legacy is None:
+            raise TypeError(f"the key/value cache must be a transformers Cache (DynamicCache), "
+                            f"not {type(cache).__name__}")
+        cache = from_legacy(cache)
+    return cache
 
 
 def _attention_mask(attention_mask, batch, q_len, past_len, device):
@@ -394,18 +419,15 @@ class SpanNormModel(SpanNormPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, use_cache=None,
-                output_hidden_states=False, **kwargs):
+                output_hidden_states=False, cache=None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, q_len = x.shape[:2]
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = _new_cache(self.config)
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            past_key_values = DynamicCache.from_legacy_cache(past_key_values)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = _given_cache(cache, past_key_values, self.config, use_cache)
+        past_len = cache.get_seq_length() if cache is not None else 0
 
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
@@ -429,12 +451,12 @@ class SpanNormModel(SpanNormPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 hidden_states.append(x)
-            x = layer(x, rope, mask, past_key_values)
+            x = layer(x, rope, mask, cache)
         if self.norm is not None:
             x = self.norm(x)
         if output_hidden_states:
             hidden_states.append(x)
-        return x, (past_key_values if use_cache else None), hidden_states
+        return x, (cache if use_cache else None), hidden_states
 
 
 class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
@@ -463,10 +485,11 @@ class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                output_hidden_states=None, return_dict=None, logits_to_keep=0, **kwargs):
+                output_hidden_states=None, return_dict=None, logits_to_keep=0, cache=None,
+                **kwargs):
         hidden, cache, hidden_states = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds,
             use_cache=use_cache if labels is None else False,
             output_hidden_states=bool(output_hidden_states))
         if logits_to_keep:
@@ -477,6 +500,6 @@ class SpanNormForCausalLM(SpanNormPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
         output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=cache,
+            loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache},
             hidden_states=tuple(hidden_states) if hidden_states is not None else None)
         return output if return_dict is not False else output.to_tuple()
