@@ -27,7 +27,7 @@ from spannorm_megatron.cli import run_cli
 from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.model.partition import check_model_fits_layout
-from spannorm_megatron.config.options import add_arguments, option
+from spannorm_megatron.config.options import add_arguments, option, parse_options
 from spannorm_megatron.process import initialize
 from spannorm_megatron.runtime import current_device, destroy
 from spannorm_megatron.training.loop import train_step
@@ -68,7 +68,7 @@ class SelfcheckOptions:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser, SelfcheckOptions)
-    return parser.parse_args(argv)
+    return parse_options(parser, [SelfcheckOptions], argv)
 
 
 def synthetic_batch(args, generator: torch.Generator) -> dict:

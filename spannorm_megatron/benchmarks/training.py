@@ -109,7 +109,7 @@ class BenchmarkOptions:
                                    "local or transformer_engine.", choices=IMPLS)
     no_memory: bool = option(
         False, "On CPU, skip the per-model memory measurement (a child process each).")
-    output: Optional[str] = option(None, "JSON file for the results.")
+    output: Optional[str] = option(None, "JSON file for the results.", path="output_file")
     memory_probe: bool = option(False, argparse.SUPPRESS)
 
 

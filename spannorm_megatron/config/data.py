@@ -95,14 +95,17 @@ class DataConfig:
         "are the tokens shifted by one).", at_least=1, required=True)
     data_path: Optional[List[str]] = option(
         None, "Prefixes of .bin/.idx datasets, optionally weighted ('w1 p1 w2 p2'); split by "
-        "--split.")
+        "--split.", path="data_prefix")
     split: Optional[str] = option(
         None, f"train,valid,test weighting of the documents of every --data-path prefix; "
         f"unset: Megatron-LM's legacy {LEGACY_SPLIT}, with a warning.")
     train_data_path: Optional[List[str]] = option(
-        None, "A blend for training only (with --valid-data-path/--test-data-path, no --split).")
-    valid_data_path: Optional[List[str]] = option(None, "A blend for validation only.")
-    test_data_path: Optional[List[str]] = option(None, "A blend for testing only.")
+        None, "A blend for training only (with --valid-data-path/--test-data-path, no --split).",
+        path="data_prefix")
+    valid_data_path: Optional[List[str]] = option(None, "A blend for validation only.",
+                                                   path="data_prefix")
+    test_data_path: Optional[List[str]] = option(None, "A blend for testing only.",
+                                                  path="data_prefix")
     mock_data: bool = option(
         False, "Train on megatron-core's MockGPTDataset instead of files: synthetic documents "
         "of counting token ids, each ended by the tokenizer's end-of-document token (smoke tests "
@@ -110,7 +113,7 @@ class DataConfig:
     seed: int = derived(1234, "Seeds megatron-core's document and sample shuffles.",
                         source="--seed", at_least=0)
     data_cache_path: Optional[str] = option(
-        None, "Where index caches go; unset: <prefix>/cache/ per prefix.", path="output")
+        None, "Where index caches go; unset: <prefix>/cache/ per prefix.", path="output_folder")
     reset_position_ids: bool = option(
         False, "Restart position ids after every end-of-document token.")
     eod_mask_loss: bool = option(

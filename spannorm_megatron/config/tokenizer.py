@@ -81,9 +81,11 @@ class TokenizerConfig:
         choices=(*MEGATRON_LM_TOKENIZER_TYPES, "ByteLevelTokenizer"), required=True)
     tokenizer_model: Optional[str] = option(
         None, "The SentencePiece .model file, or for HuggingFaceTokenizer a local tokenizer "
-        "folder (never downloaded).")
-    vocab_file: Optional[str] = option(None, "GPT2BPETokenizer: GPT-2's vocab.json.")
-    merge_file: Optional[str] = option(None, "GPT2BPETokenizer: GPT-2's merges.txt.")
+        "folder (never downloaded).", path="tokenizer_model")
+    vocab_file: Optional[str] = option(None, "GPT2BPETokenizer: GPT-2's vocab.json.",
+                                       path="input_file")
+    merge_file: Optional[str] = option(None, "GPT2BPETokenizer: GPT-2's merges.txt.",
+                                       path="input_file")
     vocab_size: Optional[int] = option(
         None, "NullTokenizer: ids 0..N-1 are the data's, N is the end of document (the "
         "tokenizer's vocabulary is N+1).", at_least=1)

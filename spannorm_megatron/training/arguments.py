@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
 from typing import Dict, List, Optional
 
 import yaml
 
 from spannorm_megatron.config.checkpoint import CheckpointConfig
 from spannorm_megatron.config.data import LEGACY_SPLIT, DataConfig, count_sources
+from spannorm_megatron.config.environment import check_environment
 from spannorm_megatron.config.hooks import RunHooksConfig
 from spannorm_megatron.config.job import JobConfig
 from spannorm_megatron.config.logging import LoggingConfig, MetricsLoggingConfig
 from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.config.options import (
     add_arguments,
-    check_paths,
     coerce,
     fill_fallbacks,
     from_namespace,
@@ -34,6 +33,7 @@ from spannorm_megatron.config.options import (
     options,
 )
 from spannorm_megatron.config.parallel import ParallelConfig
+from spannorm_megatron.config.paths import path_problem
 from spannorm_megatron.config.performance import PerformanceConfig
 from spannorm_megatron.config.spellings import MegatronSpellings
 from spannorm_megatron.config.tokenizer import TokenizerConfig
@@ -114,8 +114,9 @@ def _fields_by_key() -> Dict[str, tuple]:
 
 
 def _config_defaults(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: no such file. Pass the path of a YAML file of flags.")
+    why = path_problem("input_file", "--config", path)
+    if why:
+        raise ConfigError(f"--config {why} Pass the path of a YAML file of flags.")
     try:
         with open(path) as f:
             values = load_yaml(f) or {}
@@ -169,6 +170,7 @@ def _resolve(args: argparse.Namespace) -> JobConfig:
         raise ConfigError(
             f"the following flags are required (as in Megatron-LM): {', '.join(missing)}. Give "
             f"them on the command line or as keys of --config.")
+    check_environment()
     fill_fallbacks(owners, args)
     args.notices = []
     if args.max_sequence_length < args.seq_length:
@@ -189,7 +191,6 @@ def _resolve(args: argparse.Namespace) -> JobConfig:
         args.notices.append("--sequence-parallel with --tensor-model-parallel-size 1: sequence "
                             "parallelism is off (no tensor-parallel ranks to split the sequence "
                             "over; Megatron-LM disables it the same way).")
-    check_paths(owners, args)
     training = from_namespace(TrainingConfig, args)
     # The model's own checks need no vocabulary (the tokenizer's comes later, in the Trainer).
     model = _model_config(args, vocab_size=args.make_vocab_size_divisible_by)
