@@ -65,10 +65,14 @@ class SelfcheckOptions:
     seed: int = option(1234, "Seed of the model and the batch.")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser, SelfcheckOptions)
-    return parse_options(parser, [SelfcheckOptions], argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parse_options(build_parser(), [SelfcheckOptions], argv)
 
 
 def synthetic_batch(args, generator: torch.Generator) -> dict:

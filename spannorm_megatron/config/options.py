@@ -232,6 +232,7 @@ def _converter(owner, field: dataclasses.Field, kind=None) -> Callable[[str], An
     # argparse names the type in its errors; Megatron-LM's table compares it too.
     named = meta["parse"] if meta["parse"] in (int, float, str) else kind
     convert.__name__ = named.__name__ if isinstance(named, type) else "value"
+    convert.path_kind = meta["path"]  # what `--help`-less callers (and tests) read back
     return convert
 
 
@@ -345,7 +346,7 @@ def coerce_one(owner, field: dataclasses.Field, value, where: str):
         except argparse.ArgumentTypeError as error:
             why = str(error)
     if why:
-        raise ConfigError(f"{where}: {flag_of(field)[2:]}: {why}.")
+        raise ConfigError(f"{where}: {flag_of(field)[2:]}: {why.rstrip('.')}.")
     return value
 
 
@@ -387,6 +388,23 @@ def _path_problem(field: dataclasses.Field, value) -> Optional[str]:
         if why:
             return why
     return None
+
+
+def path_type(kind: str) -> Callable[[str], str]:
+    """argparse's `type=` for an argument that is not a declared field (a positional, a file of
+    flags): the value, checked as a path of `kind`."""
+    if kind not in PATH_KINDS:
+        raise TypeError(f"path_type({kind!r}): the kinds are {sorted(PATH_KINDS)}")
+
+    def convert(text: str) -> str:
+        why = path_problem(kind, "", text)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+        return text
+
+    convert.__name__ = "path"
+    convert.path_kind = kind
+    return convert
 
 
 def _is_number(text: str) -> bool:

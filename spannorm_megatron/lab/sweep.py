@@ -37,7 +37,13 @@ from spannorm_megatron.lab.training_log import (
     read_layer_grad_ratio,
     read_tensorboard,
 )
-from spannorm_megatron.config.options import add_arguments, from_namespace, option, parse_options
+from spannorm_megatron.config.options import (
+    add_arguments,
+    from_namespace,
+    option,
+    parse_options,
+    path_type,
+)
 from spannorm_megatron.training.spikes import WARMUP
 
 REPORT_COLUMNS = (
@@ -396,13 +402,18 @@ class ReportCommand:
                                  "overwriting the files in --out.")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Report of a depth sweep (examples/depth_sweep/run.sh): final losses, "
                     "divergence, first loss spike, grad norms; Markdown, CSV, JSON and a PNG.")
-    p.add_argument("sweep_dir", help="SWEEP_DIR of run.sh (holds runs/ and sweep.txt).")
+    p.add_argument("sweep_dir", help="SWEEP_DIR of run.sh (holds runs/ and sweep.txt).",
+                   type=path_type("input_folder"))
     add_arguments(p, ReportCommand)
-    namespace = parse_options(p, [ReportCommand], argv)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    namespace = parse_options(build_parser(), [ReportCommand], argv)
     command = from_namespace(ReportCommand, namespace)
     try:
         write_report(namespace.sweep_dir, command.out, export=command.export)

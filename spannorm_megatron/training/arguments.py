@@ -31,9 +31,9 @@ from spannorm_megatron.config.options import (
     from_namespace,
     missing_required,
     options,
+    path_type,
 )
 from spannorm_megatron.config.parallel import ParallelConfig
-from spannorm_megatron.config.paths import path_problem
 from spannorm_megatron.config.performance import PerformanceConfig
 from spannorm_megatron.config.spellings import MegatronSpellings
 from spannorm_megatron.config.tokenizer import TokenizerConfig
@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Launch with torchrun (one node or many); without a GPU it runs on CPU with gloo.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
     )
-    parser.add_argument("--config", default=None, help="YAML file of flags; command-line flags "
-                        "win.")
+    parser.add_argument("--config", default=None, type=path_type("input_file"),
+                        help="YAML file of flags; command-line flags win.")
     for title, owner in SECTIONS:
         add_arguments(parser.add_argument_group(title), owner)
     return parser
@@ -114,9 +114,7 @@ def _fields_by_key() -> Dict[str, tuple]:
 
 
 def _config_defaults(path: str) -> dict:
-    why = path_problem("input_file", "--config", path)
-    if why:
-        raise ConfigError(f"--config {why} Pass the path of a YAML file of flags.")
+    """The flags of the --config file (an input file: its parser's `type` checked that)."""
     try:
         with open(path) as f:
             values = load_yaml(f) or {}
