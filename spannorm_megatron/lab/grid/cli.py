@@ -63,11 +63,15 @@ class GridCommand:
         check(self)
 
 
-def parse_args(argv: Optional[List[str]] = None) -> GridCommand:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, GridCommand)
-    return from_namespace(GridCommand, parse_options(parser, [GridCommand], argv))
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> GridCommand:
+    return from_namespace(GridCommand, parse_options(build_parser(), [GridCommand], argv))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
