@@ -138,7 +138,7 @@ def read_tracker(directory: str) -> Optional[int]:
     if text.isdigit() and text.isascii():
         return int(text)
     raise ConfigError(
-        f"'{path}' should hold the iteration to resume from but holds {text[:40]!r}. Write the "
+        f"{path} should hold the iteration to resume from but holds {text[:40]!r}. Write the "
         f"iteration of a complete checkpoint into it (e.g. `echo 100 > {path}` for "
         f"iter_0000100), or delete it to load the newest complete iter_* directory.")
 
@@ -245,6 +245,12 @@ def check_checkpoint_or_hf_folder(path: str) -> None:
 
 
 def check_tokenizer_model(path: str) -> None:
+    if not os.path.exists(path) and os.path.splitext(path)[1] not in (".model", ".vocab"):
+        raise ConfigError(
+            f"'{path}' does not exist{_relative(path)}: a tokenizer model is a SentencePiece "
+            f".model file or a local Hugging Face tokenizer folder (nothing is downloaded from "
+            f"the Hugging Face hub: fetch one where there is network, e.g. `hf download NAME "
+            f"--local-dir tokenizers/NAME`, and pass that folder).")
     if not os.path.isdir(path):
         check_sentencepiece_model(path)
         return
