@@ -110,6 +110,20 @@ def megatron_kwargs(instance) -> Dict[str, Any]:
     return kwargs
 
 
+def megatron_flags(owners) -> Dict[str, List[str]]:
+    """megatron-core field name -> the flags that set it: the fields declared `megatron=`, and
+    those named as megatron-core names them (which a section hands over under that name)."""
+    flags: Dict[str, List[str]] = {}
+    for owner in owners:
+        for field in options(owner):
+            name = field.metadata["megatron"]
+            for key in {field.name, field.name if name is True else name or field.name}:
+                flags.setdefault(key, [])
+                if flag_of(field) not in flags[key]:
+                    flags[key].append(flag_of(field))
+    return flags
+
+
 def flag_of(field: dataclasses.Field) -> str:
     if field.metadata["derived_from"]:
         return field.name
