@@ -18,7 +18,7 @@ import re
 
 import pytest
 
-from _path_kinds import BAD, GOOD, make_bad, make_good
+from _path_kinds import BAD, make_bad, make_good
 from test_tools import console_scripts
 
 from spannorm_megatron.config.environment import ENVIRONMENT
