@@ -116,6 +116,28 @@ def test_a_bad_path_is_refused_naming_the_flag(module, flag, kind, fixture, tmp_
     assert len(errors) == 1 and f"argument {flag}" in errors[0], err
 
 
+# Variables the package reads that take any text, and why.
+FREE_TEXT = {"MASTER_ADDR": "a host name or address, resolved by torch's rendezvous",
+             "TORCHELASTIC_RUN_ID": "only whether it is set (under torchrun) is read",
+             "PYTHONPATH": "handed on to the lab's child processes as it is"}
+
+
+def test_every_environment_variable_the_package_reads_is_declared():
+    import pathlib
+
+    import spannorm_megatron
+
+    names = set()
+    for path in pathlib.Path(spannorm_megatron.__file__).parent.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        names |= set(re.findall(r"os\.environ\.get\(\s*\"([A-Z_0-9]+)\"", text))
+        names |= set(re.findall(r"os\.environ\[\"([A-Z_0-9]+)\"\](?!\s*=[^=])", text))
+        names |= set(re.findall(r"\"([A-Z_0-9]+)\" (?:not )?in os\.environ", text))
+        names |= set(re.findall(r"os\.getenv\(\s*\"([A-Z_0-9]+)\"", text))
+    assert {"RANK", "MASTER_PORT", "TORCHELASTIC_ERROR_FILE"} <= names  # the scan sees them
+    assert sorted(names - set(ENVIRONMENT) - set(FREE_TEXT)) == []
+
+
 BAD_VALUES = {"count": ["x", "-1"], "switch": ["maybe"], "bit": ["2"], "port": ["0", "70000"],
               "tflops": ["inf", "-5", "fast"], "output_file": ["/"]}
 
