@@ -119,7 +119,8 @@ def test_a_bad_path_is_refused_naming_the_flag(module, flag, kind, fixture, tmp_
 # Variables the package reads that take any text, and why.
 FREE_TEXT = {"MASTER_ADDR": "a host name or address, resolved by torch's rendezvous",
              "TORCHELASTIC_RUN_ID": "only whether it is set (under torchrun) is read",
-             "PYTHONPATH": "handed on to the lab's child processes as it is"}
+             "PYTHONPATH": "handed on to the lab's child processes as it is",
+             "OMP_NUM_THREADS": "handed on to the conversion benchmark's children, for OpenMP"}
 
 
 def test_every_environment_variable_the_package_reads_is_declared():
