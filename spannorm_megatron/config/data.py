@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
-from spannorm_megatron.config.options import check, derived, option
+from spannorm_megatron.config.options import check, derived, is_number, option
 from spannorm_megatron.errors import DataError
 from spannorm_megatron.errors import ConfigError
 
@@ -35,9 +35,9 @@ def parse_blend(spec: PathSpec, flag: str = "--data-path") -> Optional[Blend]:
     tokens = _tokens(spec)
     if tokens is None:
         return None
-    if len(tokens) % 2 == 0 and _is_number(tokens[0]):
+    if len(tokens) % 2 == 0 and is_number(tokens[0]):
         weights, prefixes = tokens[0::2], tokens[1::2]
-        bad = [w for w in weights if not _is_number(w)] + [p for p in prefixes if _is_number(p)]
+        bad = [w for w in weights if not is_number(w)] + [p for p in prefixes if is_number(p)]
         if bad:
             raise DataError(
                 f"{flag} {' '.join(tokens)} mixes weights and paths wrongly at '{bad[0]}': give "
@@ -49,7 +49,7 @@ def parse_blend(spec: PathSpec, flag: str = "--data-path") -> Optional[Blend]:
                 f"{flag} weights {', '.join(weights)} must be non-negative with a positive sum."
             )
         return list(prefixes), values
-    numbers = [t for t in tokens if _is_number(t)]
+    numbers = [t for t in tokens if is_number(t)]
     if numbers:
         raise DataError(
             f"{flag} {' '.join(tokens)} has {len(tokens)} entries with numbers among them: a "
@@ -57,14 +57,6 @@ def parse_blend(spec: PathSpec, flag: str = "--data-path") -> Optional[Blend]:
             "prefixes only ('p1 p2')."
         )
     return tokens, None
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
 
 
 def parse_split(split: str) -> List[float]:
