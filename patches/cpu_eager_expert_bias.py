@@ -1,5 +1,8 @@
 """CPU runtime: the router's expert-bias bookkeeping runs eagerly, not through torch.compile.
 
+Needed only where megatron-core was imported before this package: otherwise its jit_fuser
+already compiles nothing on CPU (spannorm_megatron/machine.py).
+
 megatron-core 0.16.1 decorates ``TopKRouter._apply_expert_bias`` (the per-expert token count
 that aux-loss-free balancing, ``--moe-router-enable-expert-bias``, updates the bias from) with
 ``jit_fuser``, which is ``torch.compile`` on torch >= 2.2. Under the CPU runtime TorchDynamo

@@ -1,7 +1,7 @@
 """How every command-line entry point ends: user errors as one line, no traceback.
 
-Exit status: 0 done; 1 the run failed though its input was fine (e.g. NaN gradients, see
-`report_failure`); 2 bad input (flag, config, data, checkpoint, HF folder); 130 interrupted.
+Exit status: 0 done; 1 the run failed though its input was fine (`RunFailure`: non-finite
+training, a save the storage refused); 2 bad input (flag, config, data, checkpoint, HF folder); 130 interrupted.
 Under torchrun each rank exits so, torchrun itself exits 1 when any rank failed, and its
 failure summary names our message as the root cause: it is written to the error file that
 torch.distributed.elastic gives each rank (what its `@record` does for exceptions).
@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Callable, List, Optional
 
-from spannorm_megatron.errors import UserError
+from spannorm_megatron.errors import RunFailure, UserError
 
 
 def report_failure(message: str) -> None:
@@ -53,12 +53,16 @@ def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv=None, *,
             interrupted: str = "interrupted") -> int:
     """Run `main(argv)`. A UserError (bad flag, config, data, checkpoint, HF folder) prints
     `error: <message>` and returns 2: the message names the problem and the fix, a traceback
-    would only bury it. Anything else is a bug and keeps its traceback."""
+    would only bury it. A RunFailure (the input was fine, the run was not) prints the same way
+    and returns 1. Anything else is a bug and keeps its traceback."""
     try:
         return int(main(argv) or 0)
     except UserError as err:
         report_failure(f"error: {err}")
         return 2
+    except RunFailure as err:
+        report_failure(f"error: {err}")
+        return 1
     except SystemExit as exit:  # argparse's refusal (status 2, message printed) or --help
         return exit.code if isinstance(exit.code, int) else 1
     except KeyboardInterrupt:

@@ -1,7 +1,8 @@
-"""Errors for bad user input. Each message names the offending value and how to fix it.
+"""Errors for bad user input, and for runs that failed though their input was fine. Each
+message names the offending value (or what went wrong) and how to fix it.
 
 Command-line tools catch `UserError`, print its message without a traceback and exit with 2;
-anything else is a bug and keeps its traceback. Data errors name the file (and line, where there
+a `RunFailure` the same way with exit status 1; anything else is a bug and keeps its traceback. Data errors name the file (and line, where there
 is one), what is wrong with it, and how to fix it.
 """
 
@@ -33,3 +34,9 @@ class InputFileError(DataError):
 
 class IndexedDatasetError(DataError):
     """A Megatron `.bin`/`.idx` pair that is missing, truncated or inconsistent."""
+
+
+class RunFailure(RuntimeError):
+    """The run failed though its input was fine: training went non-finite, or the storage
+    refused a checkpoint in mid-run. Not bad input (exit 1, not 2), and not a bug either: the
+    message says what happened and what to do, without a traceback."""

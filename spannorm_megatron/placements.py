@@ -92,6 +92,10 @@ class Placement:
     residual_scale: Callable[[int], float] = no_residual_scale
     """The factor a(L) multiplying the residual stream (1 but for DeepNorm)."""
 
+    scales_built_weights: bool = False
+    """The layer multiplies linear weights in place after megatron-core built them (DeepNorm's
+    beta): that cannot act on FP8 parameters (--fp8-param-gather refuses it)."""
+
     def __post_init__(self) -> None:
         missing = [name for name in ("name", "equations", "layer", "norms")
                    if not getattr(self, name)]
@@ -215,6 +219,7 @@ for _placement in (
         # DeepNet's own init: base sigma everywhere, then v, proj, fc1, fc2 / (8L)^(1/4).
         default_scale_init="none",
         residual_scale=deepnorm_residual_scale,
+        scales_built_weights=True,
     ),
     Placement(
         name="perinorm",

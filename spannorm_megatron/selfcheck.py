@@ -17,22 +17,15 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional
-
-import torch
-from megatron.core import parallel_state
-from megatron.core.optimizer import OptimizerConfig
+from typing import TYPE_CHECKING, List, Optional
 
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.config.model import ModelConfig
-from spannorm_megatron.config.parallel import ParallelConfig
-from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.config.options import add_arguments, option, parse_options
-from spannorm_megatron.process import initialize
-from spannorm_megatron.runtime import current_device, destroy
-from spannorm_megatron.training.loop import train_step
-from spannorm_megatron.training.setup import setup_model_and_optimizer
+from spannorm_megatron.config.parallel import ParallelConfig
 
+if TYPE_CHECKING:  # torch and megatron-core load in `run`: --help answers without them
+    import torch
 
 
 def _say(line: str) -> None:
@@ -76,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def synthetic_batch(args, generator: torch.Generator) -> dict:
+    import torch
+
+    from spannorm_megatron.runtime import current_device
+
     tokens = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1),
                            generator=generator)
     device = current_device()
@@ -91,6 +88,16 @@ def synthetic_batch(args, generator: torch.Generator) -> dict:
 def run(argv: Optional[List[str]] = None) -> dict:
     """Train as `spannorm-selfcheck argv` would; returns this rank's summary."""
     args = parse_args(argv)
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import OptimizerConfig
+
+    from spannorm_megatron.model.partition import check_model_fits_layout
+    from spannorm_megatron.process import initialize
+    from spannorm_megatron.runtime import destroy
+    from spannorm_megatron.training.loop import train_step
+    from spannorm_megatron.training.setup import setup_model_and_optimizer
+
     model_config = ModelConfig.recommended(
         norm_placement=args.norm_placement, num_layers=args.num_layers,
         hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,

@@ -15,16 +15,18 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from spannorm_megatron.cli import report_failure, run_cli
+from spannorm_megatron.cli import run_cli
 from spannorm_megatron.orphans import die_with_launcher
 
 
 def pretrain(argv: Optional[List[str]] = None, trainer_class=None) -> dict:
     """Train as `spannorm-train argv` would; returns the loss history."""
     from spannorm_megatron.training.arguments import parse_args
+
+    job = parse_args(argv)  # --help and a mistyped flag are answered here, without torch
     from spannorm_megatron.training.trainer import Trainer
 
-    with (trainer_class or Trainer)(parse_args(argv)) as trainer:
+    with (trainer_class or Trainer)(job) as trainer:
         trainer.setup()
         return trainer.train()
 
@@ -34,13 +36,7 @@ def main(argv: Optional[List[str]] = None, trainer_class=None) -> int:
     die_with_launcher()
 
     def train(argv) -> int:
-        from spannorm_megatron.training.guards import NonFiniteGradientError
-
-        try:
-            pretrain(argv, trainer_class)
-        except NonFiniteGradientError as error:  # the run failed, the input was fine: status 1
-            report_failure(f"error: {error}")
-            return 1
+        pretrain(argv, trainer_class)  # non-finite training, a refused save: RunFailure, status 1
         return 0
 
     return run_cli(train, argv)

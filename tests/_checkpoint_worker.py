@@ -19,6 +19,8 @@
         1 again, after the old copy was moved aside and before the new one is renamed in).
 """
 
+import spannorm_megatron  # noqa: F401  (before megatron-core: see its machine.py)
+
 import os
 import signal
 import sys

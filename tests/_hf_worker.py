@@ -6,16 +6,19 @@
    the model under that layout, load ROOT/ref/<combo> (saved single-process by the test) and
    save it again as ROOT/out/<layout>/<combo>, a checkpoint written by two ranks.
 2. For every (layout, combos) of _hf.IMPORT_LAYOUTS: convert the exported folder
-   ROOT/hf/<combo> into ROOT/out/import-<layout>/<combo> with the converter itself.
+   ROOT/hf/<combo> into ROOT/out/import-<layout>/<combo> with the converter itself (the first
+   TP2 one with the README's command line, tools/convert_from_hf.py under this torchrun).
 
 A failure writes ROOT/out/rank<r>.error (the traceback) and exits non-zero at once.
 """
+
+import spannorm_megatron  # noqa: F401  (before megatron-core: see its machine.py)
 
 import os
 import sys
 
 import _hf
-from launch import reporting
+from launch import ROOT, reporting
 
 
 def main(root: str) -> None:
@@ -40,14 +43,38 @@ def main(root: str) -> None:
     for layout_name, combos in _hf.IMPORT_LAYOUTS.items():
         layout = _hf.LAYOUTS[layout_name]
         for combo in combos:
+            load = os.path.join(dirs["hf"], combo)
+            save = os.path.join(dirs["out"], f"import-{layout_name}", combo)
+            if layout_name == "tp2" and combo == _hf.PARALLEL_COMBOS[0]:
+                _convert_from_hf_command(load, save)  # the README's command, once
+                continue
             convert_hf_to_megatron(
-                os.path.join(dirs["hf"], combo),
-                os.path.join(dirs["out"], f"import-{layout_name}", combo),
+                load, save,
                 tensor_model_parallel_size=layout.tensor_model_parallel_size,
                 pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
                 expert_model_parallel_size=layout.expert_model_parallel_size,
                 log=lambda line: None)
     destroy()
+
+
+def _convert_from_hf_command(load: str, save: str) -> None:
+    """`torchrun --standalone --nproc_per_node 2 tools/convert_from_hf.py --load HF --save CKPT
+    --tensor-model-parallel-size 2`, as the README has it: the tool file run as a script."""
+    import contextlib
+    import io
+    import runpy
+
+    argv = sys.argv
+    sys.argv = [str(ROOT / "tools" / "convert_from_hf.py"), "--load", load, "--save", save,
+                "--tensor-model-parallel-size", "2"]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as exit_:
+        if exit_.code != 0:
+            raise RuntimeError(f"{' '.join(sys.argv)} exited with {exit_.code}") from None
+    finally:
+        sys.argv = argv
 
 
 if __name__ == "__main__":

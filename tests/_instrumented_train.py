@@ -11,7 +11,11 @@
 Works under torchrun like `python -m spannorm_megatron.train`.
 """
 
+import spannorm_megatron  # noqa: F401  (before megatron-core: see its machine.py)
+
 import json
+import os
+import signal
 import sys
 import time
 
@@ -42,10 +46,40 @@ class _Recording:
         return batch
 
 
-def instrumented_trainer(nan_at=(), step_times_file=None, record_tokens=None):
+class _SigtermAt:
+    """A data iterator that sends this process SIGTERM as it hands out its `at`-th batch."""
+
+    def __init__(self, iterator, at: int):
+        self.iterator, self.at, self.drawn = iterator, at, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.drawn += 1
+        if self.drawn == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next(self.iterator)
+
+
+def instrumented_trainer(nan_at=(), step_times_file=None, record_tokens=None,
+                         nan_weights=False, sigterm_at_valid_batch=None):
+    """A Trainer with the instruments above. In-process runs only: `nan_weights` puts a NaN
+    into layer 1's first weight once the run is set up, as a resume from a checkpoint of NaN
+    weights gives; `sigterm_at_valid_batch=N` sends SIGTERM as the N-th validation micro-batch
+    is drawn."""
     class InstrumentedTrainer(Trainer):
         step_times = {}
         tokens = {}
+
+        def setup(self):
+            super().setup()
+            if nan_weights:
+                layer = getattr(self.model[0], "module", self.model[0]).decoder.layers[0]
+                with torch.no_grad():
+                    next(layer.parameters()).view(-1)[0] = float("nan")
+            if sigterm_at_valid_batch is not None:
+                self.valid_iter = _SigtermAt(self.valid_iter, sigterm_at_valid_batch)
 
         def forward_step_for(self, iteration):
             step = _poisoned_forward_step if iteration in nan_at else forward_step

@@ -27,6 +27,8 @@ What Megatron-LM does with a torch_dist checkpoint, step by step:
 
 from __future__ import annotations
 
+import spannorm_megatron  # noqa: F401  (before megatron-core: see its machine.py)
+
 import argparse
 import os
 from dataclasses import dataclass, field

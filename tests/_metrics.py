@@ -105,6 +105,23 @@ def load_initial(chunks, optimizer, directory: str) -> None:
     optimizer.reload_model_params()
 
 
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the reads of tensor values into Python (on a GPU each one waits for the device:
+    a host sync), by the name of the Tensor method that made them."""
+
+    READS = {"tolist", "item", "__float__", "__int__", "__bool__", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: List[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
 def measured_step(chunks, optimizer, batches: List[dict], *, measure: bool = True,
                   before_optimizer_step=None) -> Dict:
     """One training step (training.loop.train_step) with the stability signals and MoE metrics
@@ -137,7 +154,9 @@ def measured_step(chunks, optimizer, batches: List[dict], *, measure: bool = Tru
     if measure:
         record["signals"] = signals.collect()
         record["parts"] = signals.parts
-        record["moe"] = moe.collect(num_microbatches=len(batches))
+        with HostReads() as reads:
+            record["moe"] = moe.collect(num_microbatches=len(batches))
+        record["moe_host_reads"] = reads.calls
     record["hooks_left"] = signals.enabled or moe.enabled
     return record
 

@@ -8,6 +8,8 @@ directory OUT_DIR/<layout>/<combo>/tb, and write this rank's record to
 OUT_DIR/<layout>/<combo>/rank<r>.json. The test compares the records with one process.
 """
 
+import spannorm_megatron  # noqa: F401  (before megatron-core: see its machine.py)
+
 import os
 import sys
 

@@ -12,6 +12,8 @@ so the test compares each flag against the same layout without it. The test runs
 device mode (runtime/strict_devices.py), so the GPU path's device rules hold too.
 """
 
+import spannorm_megatron  # noqa: F401  (before megatron-core: see its machine.py)
+
 import os
 import sys
 

@@ -7,6 +7,8 @@ recipe layout in _parity.RECIPE_LAYOUTS with its model: set up the layout, load 
 this rank's record to OUT_DIR/<layout>/<combo>/rank<r>.json. The test judges the records.
 """
 
+import spannorm_megatron  # noqa: F401  (before megatron-core: see its machine.py)
+
 import os
 import sys
 

@@ -16,9 +16,13 @@ import json
 import logging
 import os
 
+import megatron.core  # noqa: F401  (before this package: see below)
 import torch
 from torch.overrides import _get_current_function_mode_stack
 
+# megatron-core is imported before spannorm_megatron here, as a program of a user's may do: its
+# jit_fuser is then torch.compile (importing the package first makes it eager on CPU,
+# spannorm_megatron/machine.py), which is what cpu_eager_expert_bias exists for.
 from spannorm_megatron.process import enable_cpu_runtime, is_cpu_runtime_enabled, load_patches
 from spannorm_megatron.runtime.strict_devices import STRICT_ENV
 

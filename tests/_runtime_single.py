@@ -65,6 +65,34 @@ def check_pristine() -> dict:
     except RuntimeError as err:
         out["unpatched_error"] = str(err)
     out["after_unpatched"] = untouched() and not torch.distributed.is_initialized()
+    out["jit_fuser"] = _jit_fuser_checks()
+    return out
+
+
+def _jit_fuser_checks() -> dict:
+    """This package was imported before megatron-core: on this CPU machine megatron-core's
+    jit_fuser compiles nothing and Inductor was never imported. The same module loaded as a
+    GPU machine would load it keeps torch.compile."""
+    import importlib.util
+    import sys
+
+    import megatron.core
+    from megatron.core import jit
+
+    from spannorm_megatron import machine
+
+    out = {"cpu": jit.jit_fuser is jit.noop_decorator,
+           "inductor_imported": "torch._inductor.compile_fx" in sys.modules}
+    real = machine.has_accelerator
+    machine.has_accelerator = lambda: True  # what a GPU machine reports
+    try:
+        spec = machine._EagerJitFuserWithoutGpu().find_spec("megatron.core.jit",
+                                                            megatron.core.__path__)
+        fresh = importlib.util.module_from_spec(spec)  # not in sys.modules: nothing else sees it
+        spec.loader.exec_module(fresh)
+        out["gpu_keeps_torch_compile"] = fresh.jit_fuser is torch.compile
+    finally:
+        machine.has_accelerator = real
     return out
 
 

@@ -14,6 +14,8 @@ scenarios.
 
 from __future__ import annotations
 
+import spannorm_megatron  # noqa: F401  (before megatron-core: see its machine.py)
+
 import re
 import sys
 import zlib
@@ -232,13 +234,29 @@ def _batches(num_microbatches: int):
     return out
 
 
+_LOCAL_REPORTS = []
+"""This rank's [loss sum, tokens] of each micro-batch of the current step."""
+
+
 def _loss_func(loss_mask, output_tensor):
     """megatron-core's 3-tuple form (token sum, token count, what to report), which the
-    schedule turns into the micro-batch mean; the reported loss is this rank's, not reduced over
-    data parallelism (the tests tell the data-parallel ranks' losses apart)."""
+    schedule turns into the micro-batch mean. train_step logs the report reduced over data
+    parallelism; the report is also kept here, so that the tests can tell the data-parallel
+    ranks' own losses apart (`local_losses`)."""
     loss_sum = (output_tensor.float() * loss_mask).sum()
     count = loss_mask.sum()
-    return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count])}
+    report = torch.stack([loss_sum.detach(), count])
+    _LOCAL_REPORTS.append(report)
+    return loss_sum, count.to(torch.int), {"lm loss": report}
+
+
+def _local_loss():
+    """This rank's token-weighted loss of the step just taken (None off the last stage)."""
+    if not _LOCAL_REPORTS:
+        return None
+    total = torch.stack(_LOCAL_REPORTS).double().sum(dim=0)
+    _LOCAL_REPORTS.clear()
+    return (total[0] / total[1]).item()
 
 
 def _forward_step(data_iterator, model):
@@ -337,7 +355,7 @@ def run_scenario(name: str) -> dict:
 
     num_microbatches = opts.get("microbatches", 2)
     batches = _batches(num_microbatches)
-    losses, grad_norms = [], []
+    losses, local_losses, grad_norms = [], [], []
     for _ in range(STEPS):
         result = train_step(chunks, optimizer, None, iter(batches), num_microbatches, SEQ,
                             MICRO_BATCH, num_microbatches * MICRO_BATCH,
@@ -345,6 +363,7 @@ def run_scenario(name: str) -> dict:
         assert not result.skipped, "optimizer.step() reported an unsuccessful update"
         grad_norms.append(float(result.grad_norm))
         losses.append(result.loss)  # the last pipeline stage's, on every stage
+        local_losses.append(_local_loss())
 
     changed = [k for k, p in params.items() if not torch.equal(p.detach(), before[k])]
     result = {
@@ -356,6 +375,7 @@ def run_scenario(name: str) -> dict:
         },
         "layout": layout.__dict__,
         "losses": losses or None,
+        "local_losses": local_losses,
         "grad_norms": grad_norms,
         "num_params": len(params),
         "changed": changed,

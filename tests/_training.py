@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
-from typing import Optional, Tuple
+from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 import launch
 from spannorm_megatron.config.model import recipe_flags
@@ -83,6 +85,31 @@ def run_train(*flags, nproc=2, timeout=600, env=None, nan_at: Optional[str] = No
     return launch.run(cmd, timeout=timeout, env=env)
 
 
+def train_jobs(jobs: Dict[str, dict], where, nproc: int = 2, timeout: float = 1800,
+               env=None) -> Dict[str, subprocess.CompletedProcess]:
+    """Several `spannorm-train` jobs in one torchrun launch of `nproc` ranks, in order
+    (tests/_train_jobs.py: a launch costs about four small jobs). `jobs` maps a name to
+    {"flags": [...]} plus, optionally, the instruments `nan_at` (iterations), `step_times` and
+    `record_tokens` (paths) of `train_command`. Returns each job's exit status (the first
+    non-zero rank's) with its ranks' stdout and stderr joined in rank order. What a job's
+    checkpoint writers print goes to the launch's own output, not the job's."""
+    where = Path(where)
+    where.mkdir(parents=True, exist_ok=True)
+    jobs = {name: {**job, "flags": [str(flag) for flag in job["flags"]]}
+            for name, job in jobs.items()}
+    (where / "jobs.json").write_text(json.dumps(jobs, default=str))  # paths as strings
+    launch.check_launch(launch.torchrun(launch.TESTS / "_train_jobs.py", where / "jobs.json",
+                                        where, nproc=nproc, timeout=timeout, env=env), where)
+    results = {}
+    for name in jobs:
+        records = launch.rank_results(where / name, nproc)
+        status = next((r["status"] for r in records if r["status"]), 0)
+        results[name] = subprocess.CompletedProcess(
+            ["spannorm-train", *jobs[name]["flags"]], status,
+            "".join(r["stdout"] for r in records), "".join(r["stderr"] for r in records))
+    return results
+
+
 class StepHooks:
     """A monitor for `training.loop.train_step` made of two callables: `before(optimizer)` runs
     between the backward pass and the optimizer step (the gradients are there), `after()` right
@@ -100,13 +127,16 @@ class StepHooks:
             self.after()
 
 
-def train_in_process(*flags, nan_at: Optional[str] = None) -> subprocess.CompletedProcess:
+def train_in_process(*flags, nan_at: Optional[str] = None, nan_weights: bool = False,
+                     sigterm_at_valid_batch: Optional[int] = None
+                     ) -> subprocess.CompletedProcess:
     """`spannorm-train flags` as one rank of this process, without a new interpreter's ~10 s
     of imports: its exit status, stdout and stderr, as `run_train(..., nproc=1)` gives them
     (`nan_at` as there). A run tears its process groups down on the way out; the world of one
     that conftest.py's `megatron_world` made is set up again afterwards for the tests that
     follow. Its numbers come from this process's thread count: compare them with runs made the
-    same way, not with a launched process's."""
+    same way, not with a launched process's. `nan_weights` and `sigterm_at_valid_batch` as
+    tests/_instrumented_train.py's `instrumented_trainer` takes them."""
     from megatron.core import parallel_state
 
     from spannorm_megatron.process import initialize
@@ -114,10 +144,12 @@ def train_in_process(*flags, nan_at: Optional[str] = None) -> subprocess.Complet
     from spannorm_megatron.training.trainer import Trainer
 
     trainer_class = Trainer
-    if nan_at is not None:
+    if nan_at is not None or nan_weights or sigterm_at_valid_batch is not None:
         from _instrumented_train import instrumented_trainer
 
-        trainer_class = instrumented_trainer({int(i) for i in nan_at.split(",")})
+        trainer_class = instrumented_trainer(
+            {int(i) for i in (nan_at or "").split(",") if i}, nan_weights=nan_weights,
+            sigterm_at_valid_batch=sigterm_at_valid_batch)
     argv = [str(flag) for flag in flags]
     had_world = parallel_state.model_parallel_is_initialized()
     stdout, stderr = io.StringIO(), io.StringIO()

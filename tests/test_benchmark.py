@@ -17,7 +17,7 @@ def test_benchmark_tiny_preset_writes_table_and_json(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--preset", "tiny",
          "--placements", "spannorm", "--warmup", "1", "--iters", "2", "--rounds", "1",
-         "--output", str(output)],
+         "--log-step-memory", "--output", str(output)],
         capture_output=True, text=True, timeout=600, env={**os.environ, **STRICT_DEVICES})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| fp32 | spannorm |" in result.stdout and "| fp32 | prenorm |" in result.stdout
@@ -30,6 +30,12 @@ def test_benchmark_tiny_preset_writes_table_and_json(tmp_path):
         assert len(r["step_seconds_samples"]) == 2
         # On CPU each model's memory is measured in a child process of its own.
         assert r["peak_memory_bytes"] > 0 and r["memory_vs_prenorm"] > 0
+        # --log-step-memory: one plain and one logging step of the run's monitor, measured.
+        samples = r["step_memory_samples"]
+        assert len(samples["plain"]) == len(samples["log"]) == 1
+        assert r["plain_step_memory_bytes"] == samples["plain"][0] > 0
+        assert r["log_step_memory_bytes"] == samples["log"][0] > 0
+    assert "| fp32 | spannorm | " in result.stdout.split("logging step adds")[1]
     assert data["environment"]["megatron_core"]
 
 
@@ -94,9 +100,8 @@ def test_benchmark_frees_each_model_before_the_next(megatron_world):
     import weakref
 
     from spannorm_megatron.benchmarks import training as benchmark
-    args = benchmark.parse_args(["--preset", "tiny"])
-    fields, seq_length, micro_batch = benchmark.PRESETS["tiny"]
-    bench = benchmark.Bench("spannorm", "fp32", args, fields, seq_length, micro_batch)
+
+    bench = benchmark.bench_for("spannorm", "fp32", benchmark.parse_options(["--preset", "tiny"]))
     bench.step()
     assert bench.transformer_impl == "local"
     model, optimizer = weakref.ref(bench.model[0]), weakref.ref(bench.optimizer)

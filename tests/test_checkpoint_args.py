@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import _megatron_loader as M
-from _training import RECIPE, logged_losses, run_train
+from _training import RECIPE, logged_losses, run_train, train_in_process
 from spannorm_megatron.checkpoint import read_run_record
 from spannorm_megatron.checkpoint.run_record import compare, saved_model_config
 from spannorm_megatron.cli import run_cli
@@ -187,8 +187,8 @@ def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(saved, tmp_path
     assert (kept.tokenizer_type, kept.tokenizer_model) == ("ByteLevelTokenizer", None)
 
     # And a run built from it resumes: one process, no model flag given.
-    resumed = run_train(*data_flags, *RUN, "--load", ckpt, "--use-checkpoint-args",
-                        "--train-iters", str(ITERS + 1), "--eval-iters", "0", nproc=1)
+    resumed = train_in_process(*data_flags, *RUN, "--load", ckpt, "--use-checkpoint-args",
+                               "--train-iters", str(ITERS + 1), "--eval-iters", "0")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "successfully loaded checkpoint" in resumed.stdout
     assert sorted(logged_losses(resumed.stdout)) == [ITERS + 1]

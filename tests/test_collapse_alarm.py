@@ -16,7 +16,7 @@ from collections import defaultdict
 import pytest
 
 from launch import ROOT
-from _training import SMALL, STRICT_DEVICES, run_train
+from _training import SMALL, STRICT_DEVICES, run_train, train_in_process
 from spannorm_megatron.config.logging import LoggingConfig
 from spannorm_megatron.lab.grid import read_results
 from spannorm_megatron.metrics.collapse import CollapseAlarm, layer_ranges
@@ -126,9 +126,9 @@ def test_alarm_fires_on_a_collapsing_run_and_stays_quiet_on_a_healthy_one(corpus
     assert ratios[iteration] == pytest.approx(ratio, rel=0.06)  # printed to 2 digits
     assert all(ratios[i] >= DEFAULT for i in ratios if i < iteration)
 
-    healthy = run_train("--data-path", data, "--tokenizer-model", tokenizer, *DEEP,
-                        "--norm-placement", "prenorm", "--tensorboard-dir",
-                        str(tmp_path / "prenorm"), nproc=1)
+    healthy = train_in_process("--data-path", data, "--tokenizer-model", tokenizer, *DEEP,
+                               "--norm-placement", "prenorm", "--tensorboard-dir",
+                               str(tmp_path / "prenorm"))
     assert healthy.returncode == 0, healthy.stderr[-4000:]
     assert "collapse alarm" not in healthy.stdout + healthy.stderr
     texts, ratios = _alarm_text(str(tmp_path / "prenorm"))

@@ -18,7 +18,7 @@ import torch
 
 import launch
 from _tools import tool_module
-from _training import SMALL, STRICT_DEVICES, prepare_corpus, run_train
+from _training import SMALL, STRICT_DEVICES, prepare_corpus, train_in_process
 from launch import ROOT
 
 SEQ = 64
@@ -49,8 +49,8 @@ def trained(tmp_path_factory, slow):
     root = tmp_path_factory.mktemp("evaluate")
     prefix, tok = prepare_corpus(root, max_bytes=200_000)
     ckpt = root / "ckpt"
-    result = run_train(*SMALL, "--data-path", prefix, "--tokenizer-model", tok, "--lr", "5e-3",
-                       "--train-iters", "15", "--save", str(ckpt), nproc=1, timeout=300)
+    result = train_in_process(*SMALL, "--data-path", prefix, "--tokenizer-model", tok,
+                              "--lr", "5e-3", "--train-iters", "15", "--save", str(ckpt))
     assert result.returncode == 0, result.stderr[-3000:]
     status, _out, err = _run_tool("convert_to_hf", "--load", ckpt, "--save", root / "hf")
     assert status == 0, err
@@ -150,7 +150,7 @@ def test_max_bytes_evaluates_a_prefix_cut_at_a_line(trained, tmp_path):
 
 @pytest.mark.slow
 def test_bad_input_is_one_clear_error(trained, tmp_path):
-    _root, ckpt, _hf, text, _tok = trained
+    _root, ckpt, hf, text, _tok = trained
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
     latin = tmp_path / "latin1.txt"
@@ -161,6 +161,10 @@ def test_bad_input_is_one_clear_error(trained, tmp_path):
         (("--load", tmp_path / "no_checkpoint", "--input", text), "does not exist"),
         (("--input", text), "the following arguments are required: --load"),
         (("--load", ckpt, "--input", text, "--seq-length", "1"), "must be >= 2"),
+        (("--load", ckpt, "--input", text, "--seq-length", "65"),
+         "--seq-length 65 is longer than the model's 64 positions (its max_position_embeddings"),
+        (("--load", hf, "--input", text, "--seq-length", "65"),
+         "--seq-length 65 is longer than the model's 64 positions (its max_position_embeddings"),
         (("--load", ckpt, "--input", text, "--tensor-model-parallel-size", "2"),
          "launch with torchrun --nproc_per_node 2"),
         # another tokenizer than the run's, even of the same vocabulary size

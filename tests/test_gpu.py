@@ -151,3 +151,63 @@ def test_fp8_training_lowers_the_loss(corpus, placement, recipe):
     assert sorted(losses) == [10, 20, 30, 40, 50, 60]
     assert losses[60] < losses[10] - 0.5, losses
     assert "validation loss at iteration 60" in result.stdout  # the final evaluation, in FP8
+
+
+@needs_te
+def test_transformer_engine_layers_accumulate_weight_gradients_in_main_grad(seeded):
+    """Megatron-LM's gradient-accumulation fusion on the TE layers (TE's
+    fuse_wgrad_accumulation), whether or not Apex's kernel is there for megatron-core's output
+    layer: every TE module accumulates into DDP's fp32 main_grad, and two steps of two
+    micro-batches give the losses of the same model with --no-gradient-accumulation-fusion."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    from spannorm_megatron.config.parallel import ParallelConfig
+    from spannorm_megatron.config.performance import PerformanceConfig
+    from spannorm_megatron.model import fusions
+    from spannorm_megatron.runtime import set_seed
+    from spannorm_megatron.training.loop import train_step
+    from spannorm_megatron.training.setup import setup_model_and_optimizer
+
+    config = ModelConfig.recommended(norm_placement="spannorm", num_layers=2, hidden_size=256,
+                                     num_attention_heads=8, vocab_size=512,
+                                     max_sequence_length=128,
+                                     transformer_impl="transformer_engine")
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 512, (2, 2, 129), generator=generator).cuda()
+    batches = [{"tokens": t[:, :-1], "labels": t[:, 1:],
+                "loss_mask": torch.ones(2, 128, device="cuda"),
+                "position_ids": torch.arange(128, device="cuda").expand(2, -1)} for t in tokens]
+    losses = {}
+    for fused in (True, False):
+        set_seed(1234)
+        performance = PerformanceConfig(bf16=True, gradient_accumulation_fusion=fused)
+        model, optimizer = setup_model_and_optimizer(
+            config, ParallelConfig(), OptimizerConfig(optimizer="adam", lr=1e-3), performance)
+        te_modules = [m for m in model[0].modules() if fusions._is_te_module(m)
+                      and hasattr(m, "fuse_wgrad_accumulation")]
+        assert te_modules and all(m.fuse_wgrad_accumulation is fused for m in te_modules)
+        assert model[0].config.gradient_accumulation_fusion is (
+            fused and fusions._importable(fusions.GRADIENT_ACCUMULATION_EXTENSION))
+        losses[fused] = [train_step(model, optimizer, None, iter(batches), 2, 128, 2, 4).loss
+                         for _ in range(2)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2), losses
+
+
+def test_a_logging_step_adds_bounded_device_memory(megatron_world):
+    """The stability signals keep their weight snapshot in host memory and compare it in
+    slices: a logging step's device peak exceeds a plain step's by far less than a copy of the
+    weights (a whole clone on the GPU would add their size)."""
+    from spannorm_megatron.benchmarks import training as benchmark
+    from spannorm_megatron.benchmarks.step_memory import measure_step_memory
+
+    options = benchmark.parse_options(["--preset", "125m", "--precisions", "bf16",
+                                       "--transformer-impl", "local", "--seq-length", "256"])
+    bench = benchmark.bench_for("spannorm", "bf16", options)
+    try:
+        bench.step()
+        samples = measure_step_memory(bench, rounds=2)
+        weights = sum(p.numel() * p.element_size() for p in bench.model[0].parameters())
+    finally:
+        bench.close()
+    added = max(samples["log"]) - max(samples["plain"])
+    assert added < weights / 4, (samples, weights)

@@ -183,7 +183,7 @@ def test_every_registered_placement_with_a_rule_is_consistent():
 
     for name in REMOTE_CODE_PLACEMENTS:
         assert name in PLACEMENTS
-        export_rule(name)
+        export_rule(PLACEMENTS[name])
 
 
 # ------------------------------------------------------------------------------ export parity
@@ -525,6 +525,38 @@ def test_export_folder_files_tokenizer_and_shards(tokenized_export, sp_model):
         p.numel() for p in tokenized_export.model.parameters())
 
 
+def test_the_tokenizer_goes_through_hf_megatron_hf_unchanged(tokenized_export, tmp_path):
+    """The import copies the folder's tokenizer beside the checkpoint and records it; the
+    export of that checkpoint writes the same files back, byte for byte."""
+    from transformers import AutoTokenizer
+
+    from spannorm_megatron.config.tokenizer_files import hf_tokenizer_files
+    from spannorm_megatron.hf.importer import convert_hf_to_megatron
+
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    convert_hf_to_megatron(tokenized_export.out, ckpt, log=lambda line: None)
+    with open(os.path.join(ckpt, "iter_0000000", "run.json")) as f:
+        assert json.load(f)["args"]["hf_tokenizer_folder"] == os.path.join(ckpt, "tokenizer")
+    from spannorm_megatron.hf.export import export_checkpoint
+
+    lines = []
+    export_checkpoint(ckpt, back, log=lines.append)
+    assert (f"[convert_to_hf] tokenizer: --tokenizer-type HuggingFaceTokenizer "
+            f"--tokenizer-model {ckpt}/tokenizer") in lines, lines
+    assert not any("WARNING" in line for line in lines), lines
+    names = hf_tokenizer_files(tokenized_export.out)
+    assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"} <= set(names)
+    assert hf_tokenizer_files(back) == names
+    for name in names:
+        with open(os.path.join(tokenized_export.out, name), "rb") as a, \
+                open(os.path.join(back, name), "rb") as b:
+            assert a.read() == b.read(), name
+    original, returned = AutoTokenizer.from_pretrained(tokenized_export.out), \
+        AutoTokenizer.from_pretrained(back)
+    for text in ("def f(x):\n    return x ** 2\n", "数字 123 €"):
+        assert returned.encode(text) == original.encode(text)
+
+
 def test_bfloat16_export_is_close(tokenized_export):
     ids = _hf.tokens(vocab=400)
     model = _hf_model(tokenized_export.out, native=False)
@@ -606,8 +638,11 @@ def _fresh_venv():
     if made.returncode:
         return None, f"python -m venv failed: {made.stderr[-500:]}"
     wanted = [f"torch=={str(torch.__version__).split('+')[0]}", *FRESH_PACKAGES]
+    # --no-compile: byte-compiling every module of torch and transformers at install costs
+    # about 30 s of CPU; the script below compiles only what it imports, once.
     installed = subprocess.run([python, "-m", "pip", "install", "--disable-pip-version-check",
-                                "-q", *wanted], capture_output=True, text=True, timeout=900)
+                                "-q", "--no-compile", *wanted], capture_output=True, text=True,
+                               timeout=900)
     if installed.returncode:
         shutil.rmtree(venv, ignore_errors=True)
         missing = [line.strip() for line in installed.stderr.splitlines()
@@ -867,6 +902,19 @@ def test_unsupported_hf_architecture_is_refused(work, tmp_path):
     status, _out, err = _run_tool("convert_from_hf", "--load", folder, "--save", save)
     assert status == 2 and "Traceback" not in err
     assert "GPT2LMHeadModel" in err and "LlamaForCausalLM" in err
+    assert not os.path.exists(save)
+
+
+def test_a_layout_in_one_process_is_told_the_torchrun_command(work, tmp_path):
+    """README: one process converts TP1/PP1; TP2 files need two ranks, and the tool says how."""
+    folder = os.path.join(work.dirs["hf"], "prenorm-dense")
+    save = str(tmp_path / "ckpt")
+    status, _out, err = _run_tool("convert_from_hf", "--load", folder, "--save", save,
+                                  "--tensor-model-parallel-size", "2", "--dtype", "bfloat16")
+    assert status == 2 and "Traceback" not in err
+    assert (f"Run: torchrun --standalone --nproc_per_node 2 tools/convert_from_hf.py --load "
+            f"{folder} --save {save} --tensor-model-parallel-size 2 --dtype bfloat16. Or "
+            f"convert in one process without the layout flags") in err
     assert not os.path.exists(save)
 
 

@@ -28,7 +28,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "spannorm_megatron"
 
 # Where a command line's namespace may be read: spannorm-train's parser (and
 # --use-checkpoint-args, which Megatron-LM applies to the namespace before anything is checked),
-# and the entry points of other programs, each reading its own flags.
+# and the entry points of other programs, each reading its own flags. The tools (preprocessing,
+# tokenizer training, conversions, evaluation, generation, the benchmarks) read the typed
+# option objects `config.options.parse_sections` builds.
 PARSER_MODULES = {
     "training/arguments.py": "spannorm-train's parser",
     "training/checkpoint_args.py": "--use-checkpoint-args, applied to the parsed namespace",
@@ -36,17 +38,6 @@ PARSER_MODULES = {
     "data/corpus.py": "the embedded corpus writer's own flags",
     "lab/cli.py": "the lab's own flags",
     "lab/sweep.py": "the sweep report's own flags",
-    # The tools' entry points: each parses its own declared options and reads them there (their
-    # engines take typed arguments). Still to do: hand them typed option objects instead.
-    "benchmarks/conversion.py": "spannorm-benchmark-conversion's own flags",
-    "benchmarks/data.py": "spannorm-benchmark-data's own flags",
-    "benchmarks/moe.py": "spannorm-benchmark-moe's own flags",
-    "benchmarks/training.py": "spannorm-benchmark's own flags",
-    "data/tokenizer_training_cli.py": "spannorm-train-tokenizer's own flags",
-    "evaluation/cli.py": "spannorm-evaluate's own flags",
-    "hf/export_cli.py": "spannorm-convert-to-hf's own flags",
-    "hf/generation_cli.py": "spannorm-generate's own flags",
-    "hf/importer_cli.py": "spannorm-convert-from-hf's own flags",
 }
 # A run record's "args" is a dict of the flags a run recorded: reading it is not reading a
 # namespace.

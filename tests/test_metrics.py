@@ -682,6 +682,8 @@ def test_recipe_moe_metrics_per_moe_layer_and_their_tags(megatron_world, tmp_pat
     for handle in handles:
         handle.remove()
     moe = record["moe"]
+    # Losses, bias, load and dropped tokens of every layer reach the host in one read.
+    assert record["moe_host_reads"] == ["tolist"]
 
     tokens = len(batches) * _metrics.MICRO_BATCH * _metrics.SEQ
     assert sorted(moe["expert_load"]) == [2, 3, 4]

@@ -4,6 +4,7 @@ kill -9 at a random point, and determinism of the same command run twice."""
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -24,9 +25,10 @@ def base_flags(corpus_paths, tmp_path, iters):
             "--train-iters", str(iters)]
 
 
-def run(flags, nan_at=None):
-    """One rank, in this process (no interpreter start-up)."""
-    return train_in_process(*flags, nan_at=nan_at)
+def run(flags, nan_at=None, **instruments):
+    """One rank, in this process (no interpreter start-up); `instruments` as
+    `train_in_process` takes them."""
+    return train_in_process(*flags, nan_at=nan_at, **instruments)
 
 
 @pytest.mark.slow
@@ -56,6 +58,36 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run_when_consecutive(corpus,
     assert "Traceback" not in stopped.stderr
 
 
+def test_a_run_that_went_non_finite_stops_with_status_1_and_saves_no_nan(corpus, tmp_path):
+    """A resume from NaN weights (put in once the run is set up) skips every step: the run
+    stops with status 1 at its last log window, and no save, periodic or final, writes NaN."""
+    ckpt = tmp_path / "ckpt"
+    flags = base_flags(corpus, tmp_path, 2) + ["--lr-decay-iters", "100", "--save", str(ckpt),
+                                                "--load", str(ckpt)]
+    assert run(flags).returncode == 0
+    pointer = ckpt / "latest_checkpointed_iteration.txt"
+
+    # The last log window (--log-interval 1: iteration 3) without one update: no final save.
+    ended = run(flags + ["--train-iters", "3"], nan_weights=True)
+    assert ended.returncode == 1, ended.stderr[-3000:]
+    ours = [line for line in ended.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and "Traceback" not in ended.stderr, ended.stderr[-3000:]
+    assert "iteration 3, the run's last log window: every step was skipped" in ours[0]
+    assert (f"the last good checkpoint is iteration 2 ({ckpt / 'iter_0000002'})"
+            in ours[0])
+    assert "iteration 3: non-finite gradients" in ended.stdout
+
+    # A periodic save inside a log window: the weights are checked before it is written.
+    periodic = run(flags + ["--train-iters", "6", "--log-interval", "4", "--save-interval", "1"],
+                   nan_weights=True)
+    assert periodic.returncode == 1, periodic.stderr[-3000:]
+    assert ("iteration 3: the weights hold NaN/Inf values (lowest layer with one: 1); not "
+            "saving them") in periodic.stderr
+    assert pointer.read_text().strip() == "2"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == [
+        "iter_0000002"]
+
+
 @pytest.mark.slow
 def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(corpus, tmp_path):
     ckpt = tmp_path / "ckpt"
@@ -71,6 +103,31 @@ def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(corpus, tmp_path):
     assert "(received SIGTERM)" in stdout
     saved = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert saved >= 3 and (ckpt / f"iter_{saved:07d}" / "manifest.json").exists()
+
+
+def test_sigterm_during_a_long_evaluation_stops_it_within_one_iteration(corpus, tmp_path):
+    """SIGTERM as the 3rd validation micro-batch of 100 is drawn (2 per iteration): the
+    evaluation stops before its 3rd iteration, the run saves and exits as on any SIGTERM. Its
+    100 validation iterations repeat the small validation split, which the run says once."""
+    ckpt = tmp_path / "ckpt"
+    flags = base_flags(corpus, tmp_path, 4) + ["--eval-interval", "2", "--eval-iters", "100",
+                                                "--save", str(ckpt)]
+    result = run(flags, sigterm_at_valid_batch=3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("validation at iteration 2 stopped after 2 of 100 iterations (received SIGTERM): "
+            "no validation loss") in result.stdout
+    assert "exiting program at iteration 2 (received SIGTERM)" in result.stdout
+    assert "validation loss at iteration" not in result.stdout
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    repeats = [line for line in result.stdout.splitlines() if "megatron-core repeats" in line]
+    assert len(repeats) == 1 and repeats[0].startswith("> the data is smaller than the run")
+    assert f"the validation split of {corpus[0]} " in repeats[0]
+    found = re.search(r"validation split of \S+ (\d+) times \(([\d,]+) tokens an epoch; "
+                      r"([\d,]+) samples of 64 tokens asked\)", repeats[0])
+    epochs, tokens, samples = (int(group.replace(",", "")) for group in found.groups())
+    assert samples == (4 // 2 + 1) * 100 * 8  # Megatron-LM's count: every evaluation's batches
+    assert (epochs - 1) * tokens < samples * 64 + 1 <= epochs * tokens  # the one more token
+    assert "the train split" not in repeats[0]  # 4 x 8 samples fit in one epoch of it
 
 
 def test_exit_duration_asks_every_rank_to_stop_once_the_minutes_are_up(megatron_world):
@@ -273,15 +330,38 @@ def test_kill_9_of_both_ranks_during_a_save_leaves_no_process_and_no_debris(corp
 
 
 @pytest.mark.slow
-def test_a_save_without_room_keeps_the_last_good_checkpoint_and_says_so(corpus, tmp_path):
+def test_a_save_without_room_fails_with_status_1_and_names_the_last_good_checkpoint(
+        corpus, tmp_path):
     """A file-size limit stands in for a full disk (both are refused writes, EFBIG / ENOSPC):
-    the save fails at once with one message, and the checkpoint before it stays loadable."""
+    the save fails at once with one message and status 1 (a fault, not bad input), naming the
+    checkpoint a resume would load, or that there is none; what was saved before stays as it
+    was. The limit is this process's soft one, put back after each run."""
     import hashlib
     import resource
 
     ckpt = tmp_path / "ckpt"
     flags = base_flags(corpus, tmp_path, 2) + ["--lr-decay-iters", "100", "--save", str(ckpt),
                                                 "--load", str(ckpt)]
+
+    def limited(*more):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))
+        try:
+            result = run(flags + list(more))
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, handler)
+        assert result.returncode == 1, result.stderr[-3000:]
+        ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert "Traceback" not in result.stderr and len(ours) == 1, result.stderr[-3000:]
+        return ours[0]
+
+    first = limited()
+    assert f"Saving iteration 2 to {ckpt} failed: File too large" in first
+    assert f"{ckpt} holds no checkpoint yet: there is none to resume from" in first
+    assert not [p for p in ckpt.iterdir() if p.name.startswith("iter_")]
+
     assert run(flags).returncode == 0
 
     def files():
@@ -289,16 +369,7 @@ def test_a_save_without_room_keeps_the_last_good_checkpoint_and_says_so(corpus, 
                 if p.is_file() and p.name != LOCK_FILENAME}  # the lock says who ran last
 
     before = files()
-
-    def limited():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-    flags += ["--train-iters", "4"]  # the last one counts (base_flags starts from SMALL's)
-    result = launch.run(train_command(*flags, nproc=1), timeout=600, preexec_fn=limited)
-    assert result.returncode == 2, result.stderr[-3000:]
-    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert "Traceback" not in result.stderr and len(ours) == 1, result.stderr[-3000:]
-    assert f"Saving iteration 4 to {ckpt} failed: File too large" in result.stderr
-    assert "The last good checkpoint is kept" in result.stderr
+    later = limited("--train-iters", "4")  # the last one counts (base_flags starts from SMALL's)
+    assert f"Saving iteration 4 to {ckpt} failed: File too large" in later
+    assert f"the last good checkpoint is iteration 2 ({ckpt / 'iter_0000002'})" in later
     assert files() == before  # iteration 2 and the pointer untouched, no debris left

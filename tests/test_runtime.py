@@ -142,6 +142,14 @@ def test_importing_changes_nothing(single):
     assert single["pristine"]["after_import"]
 
 
+def test_without_a_gpu_megatron_cores_jit_fuser_compiles_nothing(single):
+    """Decided as megatron-core loads (spannorm_megatron/machine.py): its fusions are GPU
+    kernels, and compiling them on CPU only imported TorchDynamo and Inductor (1.4 s of CPU in
+    every process)."""
+    assert single["pristine"]["jit_fuser"] == {
+        "cpu": True, "inductor_imported": False, "gpu_keeps_torch_compile": True}
+
+
 def test_enable_cpu_runtime_is_noop_with_accelerator(single):
     p = single["pristine"]
     assert p["enable_with_accelerator"] is False
@@ -224,7 +232,8 @@ def test_tensor_parallel_matches_data_parallel_forward(two_ranks):
     """Same seed, same first batch: TP2 (with SP) and the TP1 model of DP rank 0 must give the
     same first loss (use_cpu_initialization makes the init independent of TP)."""
     tp = _ranks(two_ranks, "tp2_sp")[0]["losses"][0]
-    dp = [r for r in _ranks(two_ranks, "dp2_distopt") if r["ranks"]["dp"] == 0][0]["losses"][0]
+    dp = [r for r in _ranks(two_ranks, "dp2_distopt")
+          if r["ranks"]["dp"] == 0][0]["local_losses"][0]
     assert math.isclose(tp, dp, rel_tol=1e-5)
     bf16 = _ranks(two_ranks, "tp2_bf16")[0]["losses"][0]
     assert math.isclose(tp, bf16, rel_tol=1e-2)
@@ -282,13 +291,15 @@ def test_expert_parallel_moe(two_ranks):
     # dense weights are data-parallel replicas; each rank owns different experts
     assert _same_params(r0, r1, lambda p: not p["expert"]) == []
     assert len(_same_params(r0, r1, lambda p: p["expert"])) > 0
-    assert r0["losses"] != r1["losses"]  # different data per data-parallel rank
+    assert r0["local_losses"] != r1["local_losses"]  # different data per data-parallel rank
+    assert r0["losses"] == r1["losses"]  # logged: reduced over the data-parallel ranks
 
 
 def test_data_parallel_distributed_optimizer_keeps_replicas_identical(two_ranks):
     r0, r1 = _ranks(two_ranks, "dp2_distopt")
     assert (r0["ranks"]["dp"], r1["ranks"]["dp"]) == (0, 1)
-    assert r0["losses"] != r1["losses"]
+    assert r0["local_losses"] != r1["local_losses"]
+    assert r0["losses"] == r1["losses"]
     assert r0["grad_norms"] == r1["grad_norms"]
     assert _same_params(r0, r1, lambda p: True) == []
 
@@ -323,7 +334,8 @@ def test_four_rank_tp2_ep2_moe(four_ranks, two_ranks):
         assert by_pos[(dp, 0)]["losses"] == by_pos[(dp, 1)]["losses"]
     # TP2 + SP MoE forward equals the TP1 MoE forward of the 2-rank run (same seed and data).
     ep2 = [r for r in _ranks(two_ranks, "ep2_moe") if r["ranks"]["dp"] == 0][0]
-    assert math.isclose(by_pos[(0, 0)]["losses"][0], ep2["losses"][0], rel_tol=1e-5)
+    assert math.isclose(by_pos[(0, 0)]["local_losses"][0], ep2["local_losses"][0],
+                        rel_tol=1e-5)
 
 
 def test_launch_checks_before_any_process_group(monkeypatch):

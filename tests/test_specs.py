@@ -134,3 +134,48 @@ def test_gpu_fusions_follow_megatron_lm(monkeypatch):
         apply_rope_fusion=transformer_engine_available())
     assert fusions.runnable_fusions(gelu)["bias_activation_fusion"] is False
     assert transformer_config(swiglu).bias_activation_fusion is True
+
+
+@pytest.mark.parametrize("apex", [False, True], ids=["without-apex", "with-apex"])
+def test_gradient_accumulation_and_masked_softmax_fusions_where_megatron_lm_has_them(
+        monkeypatch, apex):
+    """Megatron-LM turns both on by default. On a GPU-flavoured build (what a GPU node with
+    Transformer Engine answers) they reach megatron-core's config: masked softmax with the TE
+    layers (TE's attention fuses it; the local attention needs its CUDA extension), gradient
+    accumulation in the config where Apex's kernel is there for megatron-core's own linears,
+    else in the TE layers alone (`te_layers_fuse_weight_gradients`). Each `--no-...` flag turns
+    its fusion off, and on CPU both are off."""
+    from spannorm_megatron.config.performance import PerformanceConfig
+    from spannorm_megatron.model import fusions, specs
+
+    def resolved(performance, **fields):
+        model = ModelConfig.recommended(swiglu=True, **fields)
+        tconfig = transformer_config(model, **performance.transformer_kwargs(),
+                                     **fusions.runnable_fusions(model, performance))
+        return (tconfig.masked_softmax_fusion, tconfig.gradient_accumulation_fusion,
+                fusions.te_layers_fuse_weight_gradients(model, performance))
+
+    # Megatron-LM's defaults: both allowed (RoPE's fusion off: megatron-core checks for TE's
+    # kernel when the config is made, and TE is only pretended here).
+    run = PerformanceConfig(bf16=True, apply_rope_fusion=False)
+    forbidden = PerformanceConfig(bf16=True, apply_rope_fusion=False, masked_softmax_fusion=False,
+                                  gradient_accumulation_fusion=False)
+    importable = fusions._importable
+    monkeypatch.setattr(fusions, "_importable", lambda *names: (
+        apex if names == (fusions.GRADIENT_ACCUMULATION_EXTENSION,) else importable(*names)))
+    assert resolved(run) == (False, False, False)  # CPU: no fused kernel runs
+    assert resolved(run, transformer_impl="local") == (False, False, False)
+
+    monkeypatch.setattr(fusions, "has_accelerator", lambda: True)
+    monkeypatch.setattr(specs, "transformer_engine_available", lambda: True)
+    assert resolved(run, transformer_impl="transformer_engine") == (True, apex, not apex)
+    assert resolved(run, transformer_impl="auto") == (True, apex, not apex)
+    assert resolved(forbidden, transformer_impl="transformer_engine") == (False, False, False)
+    # The local layers: the local attention's softmax needs its extension (absent here), and
+    # without Apex no linear fuses.
+    assert resolved(run, transformer_impl="local") == (
+        importable(*fusions.MASKED_SOFTMAX_EXTENSIONS), apex, False)
+    # A model built outside a run has no main gradients to accumulate into.
+    model = ModelConfig.recommended(transformer_impl="transformer_engine")
+    assert fusions.runnable_fusions(model)["gradient_accumulation_fusion"] is False
+    assert fusions.te_layers_fuse_weight_gradients(model) is False

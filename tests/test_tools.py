@@ -6,8 +6,10 @@ import contextlib
 import importlib
 import io
 import os
+import json
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -81,6 +83,37 @@ def test_each_command_answers_help(tool):
     assert status == 0 and "usage:" in out.getvalue()
 
 
+_HELP_WITHOUT_TORCH = """
+import contextlib, importlib, io, json, sys
+loaded = {}
+for name, target in json.loads(sys.argv[1]).items():
+    main = getattr(importlib.import_module(target.split(":")[0]), "main")
+    for argv in (["--help"], ["--no-such-flag"]):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                status = main(argv)
+            except SystemExit as exit_:
+                status = exit_.code
+        loaded[f"{name} {argv[0]}"] = [status, "torch" in sys.modules]
+print(json.dumps(loaded))
+"""
+
+
+def test_help_and_a_mistyped_flag_are_answered_without_importing_torch():
+    """torch and megatron-core take seconds to import: every command answers --help (status 0)
+    and an unknown flag (status 2) before it loads them. One process asks them all, in
+    setup.py's order: the first command that loads torch is the one named."""
+    scripts = console_scripts()
+    result = subprocess.run([sys.executable, "-c", _HELP_WITHOUT_TORCH, json.dumps(scripts)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout.splitlines()[-1])
+    assert len(answers) == 2 * len(scripts)
+    assert [case for case, (_, torch) in answers.items() if torch] == []
+    assert {case: status for case, (status, _) in answers.items()} == {
+        case: 0 if case.endswith("--help") else 2 for case in answers}
+
+
 def _dev_pin(name):
     text = open(os.path.join(TOOLS, "requirements-dev.txt")).read()
     (version,) = re.findall(rf"^{re.escape(name)}==(\S+)$", text, re.MULTILINE)
@@ -110,3 +143,13 @@ def test_versions_are_pinned_in_setup_py_and_the_requirements_file_only():
                 if re.search(r"(megatron[-_]core|transformer[-_]engine)==\d", text):
                     spelled.append(os.path.relpath(os.path.join(path, name), ROOT))
     assert spelled == []
+
+
+def test_gpu_check_caps_add_up_inside_each_call_s_budget():
+    """tools/gpu/check.sh's caps (docs/gpu.md's arithmetic): setup, first light and the target
+    rows fill the first call's 340 s budget at most, setup and the tests the second's 270 s."""
+    result = subprocess.run(["bash", os.path.join(TOOLS, "gpu", "check.sh"), "--plan"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    first, second = (int(n) for n in re.findall(r"\): (\d+) s of a", result.stdout))
+    assert 0 < first <= 340 and 0 < second <= 270, result.stdout

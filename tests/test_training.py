@@ -1,8 +1,8 @@
 """The training stack end to end: data prepared by our tools, `spannorm-train` under torchrun.
 
 One small corpus (a slice of the embedded default corpus, conftest.py's `corpus`) serves all.
-Runs of one rank train in this process (`train_in_process`: no interpreter start-up); a 2-rank
-run that several tests read is a module fixture.
+Runs of one rank train in this process (`train_in_process`: no interpreter start-up); the small
+2-rank jobs share one torchrun launch (`two_rank_jobs`), each test reading its own jobs.
 """
 
 import dataclasses
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import launch
-from _training import SMALL, logged_losses, run_train, train_in_process
+from _training import SMALL, logged_losses, run_train, train_in_process, train_jobs
 from launch import ROOT
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.training.arguments import parse_args
@@ -80,19 +80,29 @@ def tensorboard_scalars(log_dir) -> dict:
             for tag in events.Tags()["scalars"]}, events.Tags()["tensors"]
 
 
-def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, tmp_path, megatron_world,
-                                                             torchrun):
+def _eight_iterations(corpus, root) -> list:
+    """SMALL for 8 iterations, saving to and resuming from `root`/stopped."""
+    data, tokenizer = corpus
+    return ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--train-iters", "8",
+            "--save", root / "stopped", "--load", root / "stopped"]
+
+
+def _stop_and_resume_jobs(corpus, root) -> dict:
+    """`whole`: 8 iterations (saving nothing); `stopped`: the same run stopped after 4
+    (--exit-interval), which the test resumes in a fresh launch of its own."""
+    common = _eight_iterations(corpus, root)
+    return {"whole": {"flags": [*common[:-4], "--tensorboard-dir", root / "tb-whole"]},
+            "stopped": {"flags": [*common, "--exit-interval", "4",
+                                  "--tensorboard-dir", root / "tb-stopped"]}}
+
+
+def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, two_rank_jobs,
+                                                             megatron_world, torchrun):
     import _megatron_loader as M
 
-    data, tokenizer = corpus
-    common = ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--train-iters", "8"]
-    whole = run_train(*common, "--tensorboard-dir", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-4000:]
-    ckpt = tmp_path / "ckpt"
-    resumed_tb = tmp_path / "resumed"
-    first = run_train(*common, "--save", str(ckpt), "--load", str(ckpt), "--exit-interval", "4",
-                      "--tensorboard-dir", str(resumed_tb / "a"))
-    assert first.returncode == 0, first.stderr[-4000:]
+    results, root = two_rank_jobs
+    _succeeded(results, "whole", "stopped")
+    ckpt = root / "stopped"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     # What Megatron-LM's load_checkpoint would resume from (EP 1: RNG per (pp, tp) position).
     view = M.read(str(ckpt))
@@ -102,14 +112,14 @@ def test_stopped_and_resumed_run_logs_the_same_losses_bitwise(corpus, tmp_path, 
         (4, 4 * global_batch, 2)
     entries = M.read_rng(view, expert_model_parallel_size=1)
     assert list(entries) == [(0, 0)] and M.rng_entry_problems(entries[(0, 0)]) == []
-    second = run_train(*common, "--save", str(ckpt), "--load", str(ckpt),
-                       "--tensorboard-dir", str(resumed_tb / "b"))
+    # The resume is a process of its own: whatever a checkpoint fails to carry is gone there.
+    second = run_train(*_eight_iterations(corpus, root), "--tensorboard-dir", root / "tb-resumed")
     assert second.returncode == 0, second.stderr[-4000:]
     assert "successfully loaded checkpoint" in second.stdout
 
-    expected = tensorboard_scalars(tmp_path / "whole")[0]["lm loss"]
-    resumed = {**tensorboard_scalars(resumed_tb / "a")[0]["lm loss"],
-               **tensorboard_scalars(resumed_tb / "b")[0]["lm loss"]}
+    expected = tensorboard_scalars(root / "tb-whole")[0]["lm loss"]
+    resumed = {**tensorboard_scalars(root / "tb-stopped")[0]["lm loss"],
+               **tensorboard_scalars(root / "tb-resumed")[0]["lm loss"]}
     assert sorted(expected) == list(range(1, 9))
     assert resumed == expected  # float32 values, compared exactly
 
@@ -121,32 +131,49 @@ def distributed_optimizer_flags(corpus):
             "--use-distributed-optimizer"]
 
 
-@pytest.fixture(scope="module")
-def distributed_optimizer_run(corpus, torchrun, tmp_path_factory):
-    """(its folder: checkpoint `plain`, TensorBoard `tb-plain`) of one uninterrupted
-    `distributed_optimizer_flags` run, logged every 5 iterations and evaluated at 4 and 6
-    (evaluation changes no weight): what the overlap test compares with and what the resume
-    test continues."""
-    root = tmp_path_factory.mktemp("distributed_optimizer")
-    result = run_train(*distributed_optimizer_flags(corpus), "--log-interval", "5",
-                       "--eval-interval", "4", "--save", root / "plain",
-                       "--tensorboard-dir", root / "tb-plain")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return root
-
-
-def test_resume_under_another_tensor_parallel_size_continues_the_loss(
-        corpus, tmp_path, distributed_optimizer_run, torchrun):
+def _distributed_optimizer_jobs(corpus, root) -> dict:
+    """`plain`: one uninterrupted `distributed_optimizer_flags` run, logged every 5 iterations
+    and evaluated at 4 and 6 (evaluation changes no weight), checkpoint `plain` and TensorBoard
+    `tb-plain`: what the overlap job is compared with and what the resume continues. `overlap`:
+    the same with --overlap-grad-reduce --overlap-param-gather. `tp1_stopped` stops at 3 and
+    `tp2_resumed` resumes it with TP2 and sequence parallelism."""
     common = distributed_optimizer_flags(corpus)
-    ckpt = tmp_path / "ckpt"
-    first = run_train(*common, "--save", str(ckpt), "--exit-interval", "3")
-    assert first.returncode == 0, first.stderr[-4000:]
-    # Saved with DP2 x TP1; resumed with TP2 (and sequence parallelism).
-    second = run_train(*common, "--load", str(ckpt), "--tensor-model-parallel-size", "2",
-                       "--sequence-parallel", "--tensorboard-dir", str(tmp_path / "tp2"))
-    assert second.returncode == 0, second.stderr[-4000:]
-    expected = tensorboard_scalars(distributed_optimizer_run / "tb-plain")[0]["lm loss"]
-    resumed = tensorboard_scalars(tmp_path / "tp2")[0]["lm loss"]
+    logged = [*common, "--log-interval", "5", "--eval-interval", "4"]
+    return {
+        "plain": {"flags": [*logged, "--save", root / "plain",
+                            "--tensorboard-dir", root / "tb-plain"]},
+        "overlap": {"flags": [*logged, "--overlap-grad-reduce", "--overlap-param-gather",
+                              "--ddp-bucket-size", "20000", "--save", root / "overlap",
+                              "--tensorboard-dir", root / "tb-overlap"]},
+        "tp1_stopped": {"flags": [*common, "--save", root / "tp1", "--exit-interval", "3"]},
+        "tp2_resumed": {"flags": [*common, "--load", root / "tp1",
+                                  "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                  "--tensorboard-dir", root / "tb-tp2"]},
+    }
+
+
+@pytest.fixture(scope="module")
+def two_rank_jobs(corpus, torchrun, tmp_path_factory):
+    """(results by job name, their folder): every small 2-rank job of this module, in order,
+    in one launch (`_training.train_jobs`; a launch costs about as much as four such jobs)."""
+    root = tmp_path_factory.mktemp("two_rank_jobs")
+    jobs = {**_stop_and_resume_jobs(corpus, root),
+            **_distributed_optimizer_jobs(corpus, root), **_tensorboard_job(corpus, root),
+            **_throughput_job(corpus, root), **_same_seed_jobs(corpus),
+            **_deepseek_job(corpus, root)}
+    return train_jobs(jobs, root / "launch"), root
+
+
+def _succeeded(results, *names):
+    for name in names:
+        assert results[name].returncode == 0, (name, results[name].stderr[-4000:])
+
+
+def test_resume_under_another_tensor_parallel_size_continues_the_loss(two_rank_jobs):
+    results, root = two_rank_jobs
+    _succeeded(results, "plain", "tp1_stopped", "tp2_resumed")
+    expected = tensorboard_scalars(root / "tb-plain")[0]["lm loss"]
+    resumed = tensorboard_scalars(root / "tb-tp2")[0]["lm loss"]
     assert sorted(resumed) == [4, 5, 6]
     for step, loss in resumed.items():
         assert loss == pytest.approx(expected[step], rel=1e-4), step
@@ -161,7 +188,20 @@ MEGATRON_TWINNED = ["learning-rate", "batch-size", "lm loss", "loss-scale", "wor
                     "grad-norm", "num-zeros", "params-norm"]
 
 
-def test_tensorboard_has_megatron_lm_tags_on_their_schedules(corpus, tmp_path, torchrun):
+def _tensorboard_job(corpus, root) -> dict:
+    data, tokenizer = corpus
+    return {"tags": {"flags": [
+        "--data-path", data, "--tokenizer-model", tokenizer, *SMALL, *EXPLICIT_MODEL,
+        "--num-experts", "4", "--train-iters", "6", "--log-interval", "3",
+        "--tensorboard-log-interval", "2", "--eval-interval", "3", "--use-distributed-optimizer",
+        "--log-params-norm", "--log-num-zeros-in-grad", "--log-throughput",
+        "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
+        "--log-memory-to-tensorboard", "--log-world-size-to-tensorboard",
+        "--moe-per-layer-logging", "--save", root / "tags", "--tensorboard-dir", root / "tb-tags"],
+        "record_tokens": root / "tokens"}}
+
+
+def test_tensorboard_has_megatron_lm_tags_on_their_schedules(two_rank_jobs):
     """A 2-rank MoE run (DP2, distributed optimizer) with every logging flag: Megatron-LM's
     tags with its names, each '... vs samples' twin on the consumed-samples axis, on its
     schedule (--tensorboard-log-interval 2, --log-interval 3, MoE losses every iteration),
@@ -170,19 +210,10 @@ def test_tensorboard_has_megatron_lm_tags_on_their_schedules(corpus, tmp_path, t
     over both ranks), recorded by tests/_instrumented_train.py)."""
     from spannorm_megatron.hf.megatron_reader import load_megatron_state
 
-    data, tokenizer = corpus
-    tb, ckpt = tmp_path / "tb", tmp_path / "ckpt"
-    result = run_train(
-        "--data-path", data, "--tokenizer-model", tokenizer, *SMALL, *EXPLICIT_MODEL,
-        "--num-experts", "4", "--train-iters", "6", "--log-interval", "3",
-        "--tensorboard-log-interval", "2", "--eval-interval", "3", "--use-distributed-optimizer",
-        "--log-params-norm", "--log-num-zeros-in-grad", "--log-throughput",
-        "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
-        "--log-memory-to-tensorboard", "--log-world-size-to-tensorboard",
-        "--moe-per-layer-logging", "--save", str(ckpt), "--tensorboard-dir", str(tb),
-        record_tokens=str(tmp_path / "tokens"))
-    assert result.returncode == 0, result.stderr[-4000:]
-    scalars, tensors = tensorboard_scalars(tb)
+    results, root = two_rank_jobs
+    _succeeded(results, "tags")
+    result, ckpt = results["tags"], root / "tags"
+    scalars, tensors = tensorboard_scalars(root / "tb-tags")
     samples = {i: 8 * i for i in range(1, 7)}  # global batch 8
 
     every_2, every_3 = [2, 4, 6], [3, 6]
@@ -229,7 +260,7 @@ def test_tensorboard_has_megatron_lm_tags_on_their_schedules(corpus, tmp_path, t
     norm = math.sqrt(sum(float(w.double().square().sum()) for w in weights.values()))
     assert scalars["params-norm"][6] == pytest.approx(norm, rel=1e-6)
 
-    tokens = [json.loads((tmp_path / f"tokens.rank{r}.json").read_text()) for r in (0, 1)]
+    tokens = [json.loads((root / f"tokens.rank{r}.json").read_text()) for r in (0, 1)]
     vocab, hidden = weights["embedding.word_embeddings.weight"].shape
     for i in every_2:
         distinct = set(tokens[0][str(i)]) | set(tokens[1][str(i)])
@@ -271,19 +302,15 @@ def test_load_refuses_a_checkpoint_of_another_model(corpus, tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == before
 
 
-def test_overlapped_gradient_reduce_and_parameter_gather_change_nothing(
-        corpus, tmp_path, distributed_optimizer_run, torchrun):
+def test_overlapped_gradient_reduce_and_parameter_gather_change_nothing(two_rank_jobs):
     """--overlap-grad-reduce --overlap-param-gather (distributed optimizer, DP2, small buckets so
     that there are several): the same losses, validation losses and saved weights, bitwise."""
     from spannorm_megatron.hf.megatron_reader import load_megatron_state
 
-    result = run_train(*distributed_optimizer_flags(corpus), "--log-interval", "5",
-                       "--eval-interval", "4", "--overlap-grad-reduce", "--overlap-param-gather",
-                       "--ddp-bucket-size", "20000", "--save", tmp_path / "overlap",
-                       "--tensorboard-dir", tmp_path / "tb-overlap")
-    assert result.returncode == 0, result.stderr[-4000:]
+    results, root = two_rank_jobs
+    _succeeded(results, "plain", "overlap")
     runs = {}
-    for name, root in (("plain", distributed_optimizer_run), ("overlap", tmp_path)):
+    for name in ("plain", "overlap"):
         scalars = tensorboard_scalars(root / f"tb-{name}")[0]
         runs[name] = (scalars["lm loss"], scalars["lm loss validation"],
                       load_megatron_state(str(root / name))[1])
@@ -299,7 +326,9 @@ def test_logged_loss_is_token_weighted_and_gradients_follow_the_per_token_flag(t
     """DP2 x 2 micro-batches whose loss masks keep 16, 3, 9 and 1 tokens per row: the logged
     loss is the token-weighted mean over all of them (computed independently on a second copy
     of the model), the gradient is the mean of micro-batch means by default (Megatron-LM's) and
-    the token-weighted one with --calculate-per-token-loss."""
+    the token-weighted one with --calculate-per-token-loss. The logged loss is reduced once per
+    step (as Megatron-LM's train_step does) and equals what one all-reduce per micro-batch gave:
+    exactly, both summed in float64; within float32 rounding, the old float32 sums."""
     result = torchrun(launch.TESTS / "_loss_worker.py", tmp_path, timeout=300)
     launch.check_launch(result, tmp_path)
     records = launch.rank_results(tmp_path, 2)
@@ -309,6 +338,10 @@ def test_logged_loss_is_token_weighted_and_gradients_follow_the_per_token_flag(t
         # The masks differ enough that the two means are told apart.
         assert abs(record["token_weighted"] - record["microbatch_mean"]) > 1e-3
         assert record["logged_loss"] == pytest.approx(record["token_weighted"], rel=1e-6)
+        assert record["microbatch_reports"] == 2
+        assert record["logged_loss"] == record["per_microbatch_reduction_fp64"]
+        assert record["logged_loss"] == pytest.approx(record["per_microbatch_reduction_fp32"],
+                                                      rel=2e-7)
         assert record["grad_error"][gradient_of] < 1e-5, record
         other = {"microbatch_mean": "token_weighted", "token_weighted": "microbatch_mean"}
         assert record["grad_error"][other[gradient_of]] > 1e-2, record
@@ -324,22 +357,25 @@ def _logged_ms_per_iteration(stdout: str) -> dict:
     return times
 
 
-def test_throughput_leaves_evaluation_and_checkpoint_time_out(corpus, tmp_path, torchrun):
+def _throughput_job(corpus, root) -> dict:
+    data, tokenizer = corpus
+    return {"throughput": {"flags": [
+        *SMALL, "--data-path", data, "--tokenizer-model", tokenizer, "--train-iters", "16",
+        "--log-interval", "4", "--eval-interval", "7", "--eval-iters", "40",
+        "--save", root / "throughput", "--save-interval", "6"],
+        "step_times": root / "step_times.json"}}
+
+
+def test_throughput_leaves_evaluation_and_checkpoint_time_out(two_rank_jobs):
     """Log every 4 iterations, save at 6 and 12, evaluate at 7 and 14 (40 batches: the time of
     ~13 training steps). Each logged ms/iteration must be the mean of its window's training
     steps, as measured around each `train_step` call (tests/_instrumented_train.py), whatever
     else the machine is doing. Before the fix the time up to a pause was dropped while its
     iterations still counted (window 5-8 read ~1/4 of its steps' mean, 13-16 ~1/2); counting
     the pauses in would read ~4x."""
-    import json
-
-    data, tokenizer = corpus
-    times_file = tmp_path / "step_times.json"
-    result = run_train(*SMALL, "--data-path", data, "--tokenizer-model", tokenizer,
-                       "--train-iters", "16", "--log-interval", "4", "--eval-interval", "7",
-                       "--eval-iters", "40", "--save", str(tmp_path / "ckpt"),
-                       "--save-interval", "6", step_times=str(times_file))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    results, root = two_rank_jobs
+    _succeeded(results, "throughput")
+    result, times_file = results["throughput"], root / "step_times.json"
     logged = _logged_ms_per_iteration(result.stdout)
     assert sorted(logged) == [4, 8, 12, 16]
     steps = {int(k): v * 1000 for k, v in json.loads(times_file.read_text()).items()}
@@ -412,6 +448,14 @@ def test_resume_with_another_schedule_is_refused_unless_told_which_to_keep(corpu
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "--lr-decay-iters (lr_decay_steps: checkpoint " in refused.stderr
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    # Another global batch changes the lengths in samples: named as the cause.
+    batch = train_in_process(*common, "--save", ckpt, "--load", ckpt, "--train-iters", "4",
+                             "--global-batch-size", "16")
+    assert batch.returncode == 2 and "Traceback" not in batch.stderr
+    assert "--global-batch-size 16 differs from the checkpoint's 8" in batch.stderr
+    assert ("(lr_warmup_steps 16 -> 32; lr_decay_steps 32 -> 64 samples). Resume with "
+            "--global-batch-size 8, or pass --override-opt-param-scheduler") in batch.stderr
+    assert "--lr-decay-iters" not in batch.stderr
 
     rates = {}
     for choice in ("--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"):
@@ -434,26 +478,33 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_the_same_seed_gives_the_same_model_on_every_layout(corpus, moe, torchrun):
-    """The first loss is the initial model's: equal on every layout (to float rounding) because
-    every weight is drawn from (seed, its place in the model), whichever rank builds it."""
+SAME_SEED_LAYOUTS = {
+    "dense": LAYOUTS,
+    # The explicit layout makes 4 virtual stages of one layer each (PP2 x VPP2).
+    "moe": {"ep1": [], "ep2": ["--expert-model-parallel-size", "2"], "pp2": LAYOUTS["pp2"],
+            "pp2-layout": ["--pipeline-model-parallel-size", "2",
+                           "--pipeline-model-parallel-layout", "Et|t|t|tL"]},
+}
+
+
+def _same_seed_jobs(corpus) -> dict:
     data, tokenizer = corpus
     common = ["--data-path", data, "--tokenizer-model", tokenizer, *SMALL, "--num-layers", "4",
               "--train-iters", "3", "--log-interval", "1"]
-    layouts = dict(LAYOUTS)
-    if moe:
-        common += ["--num-experts", "4", "--moe-router-topk", "2"]
-        # The explicit layout makes 4 virtual stages of one layer each (PP2 x VPP2).
-        layouts = {"ep1": [], "ep2": ["--expert-model-parallel-size", "2"],
-                   "pp2": LAYOUTS["pp2"],
-                   "pp2-layout": ["--pipeline-model-parallel-size", "2",
-                                  "--pipeline-model-parallel-layout", "Et|t|t|tL"]}
+    moe = ["--num-experts", "4", "--moe-router-topk", "2"]
+    return {f"seed-{kind}-{name}": {"flags": [*common, *(moe if kind == "moe" else []), *flags]}
+            for kind, layouts in SAME_SEED_LAYOUTS.items() for name, flags in layouts.items()}
+
+
+@pytest.mark.parametrize("kind", SAME_SEED_LAYOUTS)
+def test_the_same_seed_gives_the_same_model_on_every_layout(two_rank_jobs, kind):
+    """The first loss is the initial model's: equal on every layout (to float rounding) because
+    every weight is drawn from (seed, its place in the model), whichever rank builds it."""
+    results, _ = two_rank_jobs
     first = {}
-    for name, flags in layouts.items():
-        run = run_train(*common, *flags)
-        assert run.returncode == 0, (name, run.stderr[-3000:])
-        first[name] = logged_losses(run.stdout)[1]
+    for name in SAME_SEED_LAYOUTS[kind]:
+        _succeeded(results, f"seed-{kind}-{name}")
+        first[name] = logged_losses(results[f"seed-{kind}-{name}"].stdout)[1]
     reference = next(iter(first.values()))
     assert all(abs(loss - reference) < 5e-6 for loss in first.values()), first
 
@@ -476,21 +527,25 @@ def test_resume_with_another_tokenizer_of_the_same_size_is_refused(corpus, tmp_p
     assert f"its file was {tokenizer}" in refused.stderr
 
 
-def test_deepseek_style_recipe_trains_on_two_expert_parallel_ranks(corpus, tmp_path, torchrun):
+def _deepseek_job(corpus, root) -> dict:
+    data, tokenizer = corpus
+    return {"deepseek": {"flags": [
+        "--config", os.path.join(ROOT, "examples", "configs", "spannorm_moe_deepseek_cpu.yaml"),
+        "--data-path", data, "--tokenizer-model", tokenizer, "--train-iters", "4",
+        "--log-interval", "1", "--eval-interval", "1000", "--lr-warmup-iters", "1",
+        "--moe-per-layer-logging", "--tensorboard-dir", root / "tb-deepseek"]}}
+
+
+def test_deepseek_style_recipe_trains_on_two_expert_parallel_ranks(two_rank_jobs):
     """The CPU recipe of examples/configs (dense first layer, sigmoid + expert bias, group
     routing, shared expert, q/k norms, z-loss, EP2) trains, with the per-MoE-layer
     TensorBoard tags: expert load, z-loss, expert bias (moved by +-rate per step: a sign rule,
     so it may also swing back to 0)."""
-    data, tokenizer = corpus
-    result = run_train(
-        "--config", os.path.join(ROOT, "examples", "configs", "spannorm_moe_deepseek_cpu.yaml"),
-        "--data-path", data, "--tokenizer-model", tokenizer, "--train-iters", "4",
-        "--log-interval", "1", "--eval-interval", "1000", "--lr-warmup-iters", "1",
-        "--moe-per-layer-logging", "--tensorboard-dir", str(tmp_path / "tb"))
-    assert result.returncode == 0, result.stderr[-4000:]
-    losses = logged_losses(result.stdout)
+    results, root = two_rank_jobs
+    _succeeded(results, "deepseek")
+    losses = logged_losses(results["deepseek"].stdout)
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
-    scalars, _ = tensorboard_scalars(tmp_path / "tb")
+    scalars, _ = tensorboard_scalars(root / "tb-deepseek")
     for layer in (2, 3, 4):  # layer 1 is dense
         assert f"moe/expert_load/layer_{layer:03d}/expert_000" in scalars
         assert f"moe/z_loss_layer_{layer - 1}" in scalars

@@ -1,7 +1,8 @@
-"""The TransformerConfig a ModelConfig becomes is generated from the fields declared `megatron=`
-(spannorm_megatron/config/model.py): here it is compared, field by field, with one written out
-keyword by keyword from megatron-core's own TransformerConfig / MLATransformerConfig, for a dense
-model, an MoE model with router settings, and multi-latent attention."""
+"""The TransformerConfig a run's sections become is generated from the fields declared
+`megatron=` (spannorm_megatron/config/model.py, parallel.py, performance.py): here it is
+compared, field by field, with one written out keyword by keyword from megatron-core's own
+TransformerConfig / MLATransformerConfig, for a dense model, an MoE model with router settings,
+multi-latent attention, parallel layouts and precision/recompute choices."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.config.options import declared, megatron_kwargs
+from spannorm_megatron.config.parallel import ParallelConfig
+from spannorm_megatron.config.performance import PerformanceConfig
 from spannorm_megatron.model import transformer_config
 from spannorm_megatron.model.fusions import runnable_fusions
 from spannorm_megatron.runtime import megatron_device_kwargs
@@ -114,6 +118,84 @@ def test_multi_latent_attention():
     _assert_same(transformer_config(config), expected)
 
 
+MOE_ROUTER = dict(num_experts=4, moe_router_topk=2)
+"""The experts of the layouts below (expert parallelism needs them)."""
+
+
+@pytest.mark.parametrize("layout, keywords", [
+    # Interleaved: the p2p overlap is on (Megatron-LM's default) and the sends are not batched.
+    (dict(tensor_model_parallel_size=2, sequence_parallel=True, pipeline_model_parallel_size=2,
+          virtual_pipeline_model_parallel_size=2, expert_model_parallel_size=2,
+          microbatch_group_size_per_vp_stage=2, overlap_p2p_comm_warmup_flush=True),
+     dict(tensor_model_parallel_size=2, sequence_parallel=True, pipeline_model_parallel_size=2,
+          virtual_pipeline_model_parallel_size=2, expert_model_parallel_size=2,
+          # unset: megatron-core's own default, the TP size (the section passes it resolved)
+          expert_tensor_parallel_size=None, microbatch_group_size_per_vp_stage=2,
+          overlap_p2p_comm=True, batch_p2p_comm=False, overlap_p2p_comm_warmup_flush=True)),
+    # Without virtual stages nothing overlaps, whatever --no-overlap-p2p-communication says.
+    (dict(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=1,
+          context_parallel_size=2, expert_tensor_parallel_size=1,
+          pipeline_model_parallel_comm_backend="ucc", use_ring_exchange_p2p=True),
+     dict(pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=1,
+          context_parallel_size=2, expert_tensor_parallel_size=1,
+          pipeline_model_parallel_comm_backend="ucc", use_ring_exchange_p2p=True,
+          overlap_p2p_comm=False, batch_p2p_comm=True)),
+    (dict(pipeline_model_parallel_size=2, decoder_last_pipeline_num_layers=1),
+     dict(pipeline_model_parallel_size=2, num_layers_in_last_pipeline_stage=1)),
+    (dict(pipeline_model_parallel_size=2, account_for_embedding_in_pipeline_split=True,
+          account_for_loss_in_pipeline_split=True),
+     dict(pipeline_model_parallel_size=2, account_for_embedding_in_pipeline_split=True,
+          account_for_loss_in_pipeline_split=True)),
+    (dict(pipeline_model_parallel_size=2, pipeline_model_parallel_layout="Ett|ttL"),
+     dict(pipeline_model_parallel_size=2, pipeline_model_parallel_layout="Ett|ttL")),
+])
+def test_a_parallel_layout(layout, keywords):
+    config = _model(**MOE_ROUTER)
+    expected = TransformerConfig(**_dense_keywords(
+        config, **_moe_defaults(config), **keywords))
+    generated = transformer_config(config, **ParallelConfig(**layout).transformer_kwargs())
+    _assert_same(generated, expected)
+
+
+def _moe_defaults(config: ModelConfig) -> dict:
+    """The MoE keywords of `MOE_ROUTER` (what the MoE test above spells out) from the one
+    generated at one rank: the layouts' test is about the layout's keywords."""
+    tconfig = transformer_config(config)
+    return {f.name: getattr(tconfig, f.name) for f in dataclasses.fields(tconfig)
+            if f.name.startswith("moe_") or f.name == "num_moe_experts"}
+
+
+@pytest.mark.parametrize("performance, keywords", [
+    (dict(bf16=True, fp8_format="hybrid", fp8_recipe="tensorwise", fp8_margin=1,
+          fp8_amax_history_len=16, fp8_amax_compute_algo="max", fp8_param_gather=True,
+          first_last_layers_bf16=True, recompute_granularity="full", tp_comm_overlap=True,
+          attention_softmax_in_fp32=True, attention_backend="flash"),
+     dict(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16, fp8="hybrid",
+          fp8_recipe="tensorwise", fp8_margin=1, fp8_amax_history_len=16,
+          fp8_amax_compute_algo="max", fp8_param=True, first_last_layers_bf16=True,
+          # full recompute's defaults, as Megatron-LM's
+          recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1,
+          tp_comm_overlap=True, attention_softmax_in_fp32=True,
+          attention_backend=AttnBackend.flash)),
+    # FP8's settings reach megatron-core only in an FP8 run.
+    (dict(fp16=True, fp8_recipe="tensorwise", fp8_amax_history_len=16,
+          recompute_granularity="selective", attention_backend="local"),
+     dict(fp16=True, params_dtype=torch.float16, pipeline_dtype=torch.float16,
+          recompute_granularity="selective", attention_backend=AttnBackend.local,
+          attention_softmax_in_fp32=False)),
+    (dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
+     dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2,
+          attention_backend=AttnBackend.auto, attention_softmax_in_fp32=False)),
+    # Megatron-LM's softmax default: the input's precision (megatron-core's own is fp32).
+    (dict(), dict(attention_backend=AttnBackend.auto, attention_softmax_in_fp32=False)),
+])
+def test_precision_and_recompute(performance, keywords):
+    config = _model()
+    expected = TransformerConfig(**_dense_keywords(config, **keywords))
+    generated = transformer_config(config, **PerformanceConfig(**performance).transformer_kwargs())
+    _assert_same(generated, expected)
+
+
 def test_the_model_s_megatron_fields_cannot_be_overridden():
     config = _model()
     for name in megatron_kwargs(config):
@@ -121,9 +203,13 @@ def test_the_model_s_megatron_fields_cannot_be_overridden():
             transformer_config(config, **{name: getattr(transformer_config(config), name)})
 
 
-def test_every_megatron_name_is_a_transformer_config_field():
+def test_every_megatron_name_is_a_transformer_config_field_set_by_one_section():
     fields = {f.name for f in dataclasses.fields(MLATransformerConfig)}
-    for field in declared(ModelConfig):
-        name = field.metadata["megatron"]
-        if name:
-            assert (field.name if name is True else name) in fields, field.name
+    owners = {}
+    for section in (ModelConfig, ParallelConfig, PerformanceConfig):
+        for field in declared(section):
+            name = field.metadata["megatron"]
+            if name:
+                keyword = field.name if name is True else name
+                assert keyword in fields, field.name
+                assert owners.setdefault(keyword, section) is section, keyword

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from spannorm_megatron.hf.cli import run_cli
-from spannorm_megatron.config.options import add_arguments, option
+from spannorm_megatron.config.options import add_arguments, option, parse_sections
 
 SIZES = {  # name -> ModelConfig overrides
     "small": dict(num_layers=4, hidden_size=512, num_attention_heads=8, ffn_hidden_size=1408),
@@ -155,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def benchmark(argv: Optional[List[str]] = None) -> int:
     """Parse `argv` and measure (or, with the hidden --stage, run one stage in this process)."""
-    args = build_parser().parse_args(argv)
-    if args.stage:
-        stage, *rest = args.stage
+    (options,) = parse_sections(build_parser(), [ConversionBenchmarkOptions], argv)
+    if options.stage:
+        stage, *rest = options.stage
         if stage == "create":
             out = _stage_create(*rest)
         elif stage == "export":
@@ -167,12 +167,12 @@ def benchmark(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(out))
         return 0
 
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    sizes = [s.strip() for s in options.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         print(f"error: unknown size(s) {unknown}; choose from {list(SIZES)}", file=sys.stderr)
         return 2
-    work = args.work_dir or tempfile.mkdtemp(prefix="spannorm-bench-")
+    work = options.work_dir or tempfile.mkdtemp(prefix="spannorm-bench-")
     rows = []
     try:
         for size in sizes:
@@ -180,7 +180,7 @@ def benchmark(argv: Optional[List[str]] = None) -> int:
             shutil.rmtree(base, ignore_errors=True)
             ckpt, hf, back = (os.path.join(base, n) for n in ("ckpt", "hf", "back"))
             created = _child("create", size, ckpt)
-            export = _child("export", ckpt, hf, "0" if args.no_verify_checksums else "1")
+            export = _child("export", ckpt, hf, "0" if options.no_verify_checksums else "1")
             imported = _child("import", hf, back)
             row = {"size": size, "config": {**COMMON, **SIZES[size]},
                    "parameters": created["parameters"],
@@ -188,10 +188,10 @@ def benchmark(argv: Optional[List[str]] = None) -> int:
                    "export": export, "import": imported}
             rows.append(row)
             print(f"{size}: done", file=sys.stderr, flush=True)
-            if not args.keep:
+            if not options.keep:
                 shutil.rmtree(base, ignore_errors=True)
     finally:
-        if not args.keep and args.work_dir is None:
+        if not options.keep and options.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
 
     header = (f"{'size':<8}{'params':>12}{'ckpt MiB':>10}{'group MiB':>10}"
@@ -206,8 +206,8 @@ def benchmark(argv: Optional[List[str]] = None) -> int:
               f"{i['growth_mib']:>10.0f}")
     print("(peak = VmHWM of the converting process, MiB; +RSS = peak minus its resident memory "
           "just before converting; group = largest tensor group in float32)")
-    if args.json:
-        with open(args.json, "w") as f:
+    if options.json:
+        with open(options.json, "w") as f:
             json.dump({"machine": {"cpus": os.cpu_count()}, "results": rows}, f, indent=2)
     return 0
 

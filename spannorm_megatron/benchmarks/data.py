@@ -29,7 +29,7 @@ from typing import List, Optional
 
 from spannorm_megatron.data.cli import run_cli
 from spannorm_megatron.errors import DataError
-from spannorm_megatron.config.options import add_arguments, option, parse_options
+from spannorm_megatron.config.options import add_arguments, option, parse_sections
 
 
 def _worker_counts(value: str):
@@ -84,15 +84,15 @@ def _median_run(runs):
 
 def benchmark(argv: Optional[List[str]] = None) -> int:
     """Parse `argv` and measure; bad input raises DataError."""
-    args = parse_options(build_parser(), [DataBenchmarkOptions], argv)
-    if args.runs < 1:
-        raise DataError(f"--runs {args.runs} must be at least 1.")
+    (options,) = parse_sections(build_parser(), [DataBenchmarkOptions], argv)
+    if options.runs < 1:
+        raise DataError(f"--runs {options.runs} must be at least 1.")
     from spannorm_megatron.data.documents import check_input_file
     from spannorm_megatron.data.preprocess import PreprocessConfig, preprocess
 
-    input_path = check_input_file(args.input)
+    input_path = check_input_file(options.input)
     with tempfile.TemporaryDirectory(prefix="benchmark_data_") as workdir:
-        tokenizer_model = args.tokenizer_model
+        tokenizer_model = options.tokenizer_model
         tokenizer_note = tokenizer_model
         if tokenizer_model is None:
             from spannorm_megatron.data.tokenizer_training import (
@@ -104,26 +104,26 @@ def benchmark(argv: Optional[List[str]] = None) -> int:
                 TokenizerTrainingConfig(
                     model_prefix=os.path.join(workdir, "tokenizer"),
                     inputs=[str(input_path)],
-                    json_keys=args.json_keys,
-                    vocab_size=args.vocab_size,
+                    json_keys=options.json_keys,
+                    vocab_size=options.vocab_size,
                 ),
                 log=io.StringIO(),
             )
             tokenizer_model = trained.model_path
-            tokenizer_note = f"BPE, vocab {args.vocab_size}, trained on the input"
+            tokenizer_note = f"BPE, vocab {options.vocab_size}, trained on the input"
         results = []
-        for workers in args.workers:
+        for workers in options.workers:
             runs = []
-            for run in range(args.runs):
+            for run in range(options.runs):
                 result = preprocess(
                     PreprocessConfig(
                         input=str(input_path),
                         output_prefix=os.path.join(workdir, f"out_w{workers}_r{run}"),
                         tokenizer_model=tokenizer_model,
-                        json_keys=args.json_keys,
-                        append_eod=args.append_eod,
+                        json_keys=options.json_keys,
+                        append_eod=options.append_eod,
                         workers=workers,
-                        chunk_size=args.chunk_size,
+                        chunk_size=options.chunk_size,
                         log_interval=10**12,
                     ),
                     log=io.StringIO(),
@@ -162,9 +162,9 @@ def benchmark(argv: Optional[List[str]] = None) -> int:
         "input": str(input_path),
         "input_bytes": input_path.stat().st_size,
         "tokenizer": tokenizer_note,
-        "append_eod": args.append_eod,
-        "chunk_size": args.chunk_size,
-        "runs_per_setting": args.runs,
+        "append_eod": options.append_eod,
+        "chunk_size": options.chunk_size,
+        "runs_per_setting": options.runs,
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -173,7 +173,7 @@ def benchmark(argv: Optional[List[str]] = None) -> int:
     print(
         f"Preprocessing throughput, {input_path} ({report['input_bytes'] / 1e6:.2f} MB, "
         f"{results[0]['documents']:,} documents, {results[0]['tokens']:,} tokens), tokenizer: "
-        f"{tokenizer_note}; median of {args.runs} run(s), {os.cpu_count()} cores"
+        f"{tokenizer_note}; median of {options.runs} run(s), {os.cpu_count()} cores"
     )
     header = (
         f"{'workers':>7} | {'seconds':>8} | {'tokens/s':>12} | {'MB/s':>7} | {'docs/s':>9} | "
@@ -189,10 +189,10 @@ def benchmark(argv: Optional[List[str]] = None) -> int:
             f"{entry['median_documents_per_second']:>9,.0f} | "
             f"{entry['speedup_vs_first']:>6.2f}x"
         )
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"Wrote {args.output}")
+    if options.output:
+        Path(options.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(options.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"Wrote {options.output}")
     return 0
 
 

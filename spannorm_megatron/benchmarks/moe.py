@@ -27,18 +27,16 @@ data-parallel size). Prints a table and writes JSON with every step time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-import torch
-
-from spannorm_megatron.benchmarks.training import IMPLS, Bench, environment  # the same step
+from spannorm_megatron.benchmarks import harness
+from spannorm_megatron.benchmarks.harness import IMPLS, Bench
 from spannorm_megatron.cli import run_cli
-from spannorm_megatron.config.options import add_arguments, option
+from spannorm_megatron.config.options import add_arguments, option, parse_sections
 
 VARIANTS: Dict[str, dict] = {
     "dense": {},
@@ -103,63 +101,69 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser, MoEBenchmarkOptions)
-    # What spannorm-benchmark's Bench reads and this benchmark keeps fixed.
-    parser.set_defaults(fp8_format=None, fp8_recipe="delayed", recompute_granularity=None,
-                        overlap_grad_reduce=False, overlap_param_gather=False, num_microbatches=1)
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+def parse_options(argv=None) -> MoEBenchmarkOptions:
+    (options,) = parse_sections(build_parser(), [MoEBenchmarkOptions], argv)
+    return options
 
 
-def model_fields(variant: str, args) -> dict:
+def model_fields(variant: str, options: MoEBenchmarkOptions) -> dict:
     """The ModelConfig fields of one variant."""
-    fields = dict(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                  num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size)
+    fields = dict(num_layers=options.num_layers, hidden_size=options.hidden_size,
+                  num_attention_heads=options.num_attention_heads,
+                  vocab_size=options.vocab_size)
     if variant == "dense":
-        return dict(fields, ffn_hidden_size=args.moe_router_topk * args.moe_ffn_hidden_size)
+        return dict(fields,
+                    ffn_hidden_size=options.moe_router_topk * options.moe_ffn_hidden_size)
     overrides = dict(VARIANTS[variant])
     if overrides.pop("capacity", False):
-        overrides["moe_expert_capacity_factor"] = args.moe_expert_capacity_factor
-    return dict(fields, ffn_hidden_size=args.moe_ffn_hidden_size, num_experts=args.num_experts,
-                moe_router_topk=args.moe_router_topk, moe_aux_loss_coeff=1e-2,
-                moe_ffn_hidden_size=args.moe_ffn_hidden_size, **overrides)
+        overrides["moe_expert_capacity_factor"] = options.moe_expert_capacity_factor
+    return dict(fields, ffn_hidden_size=options.moe_ffn_hidden_size,
+                num_experts=options.num_experts, moe_router_topk=options.moe_router_topk,
+                moe_aux_loss_coeff=1e-2, moe_ffn_hidden_size=options.moe_ffn_hidden_size,
+                **overrides)
 
 
-def layouts(args):
+def layouts(options: MoEBenchmarkOptions):
     """(the MoE variants' layout, the dense baseline's): the same world, data-parallel over all of
     it; expert-parallel for the MoE models only (megatron-core refuses EP without experts)."""
     from spannorm_megatron.config.parallel import ParallelConfig
 
-    ep = args.expert_model_parallel_size or int(os.environ.get("WORLD_SIZE", "1"))
+    ep = options.expert_model_parallel_size or int(os.environ.get("WORLD_SIZE", "1"))
     return ParallelConfig(expert_model_parallel_size=ep), ParallelConfig()
 
 
-def run(args) -> List[Result]:
+def run(options: MoEBenchmarkOptions) -> List[Result]:
     from megatron.core import parallel_state
 
+    from spannorm_megatron.config.performance import PerformanceConfig
     from spannorm_megatron.metrics import flops_per_token
     from spannorm_megatron.process import initialize
 
-    moe_layout, dense_layout = layouts(args)
+    moe_layout, dense_layout = layouts(options)
     initialize(moe_layout, seed=1234)
-    variants = ["dense", *[v for v in args.variants if v != "dense"]]
+    performance = PerformanceConfig(bf16=options.precision == "bf16")
+    variants = ["dense", *[v for v in options.variants if v != "dense"]]
     benches = {}
     for variant in variants:
-        layout = dense_layout if variant == "dense" else moe_layout
-        bench = Bench("spannorm", args.precision, args, model_fields(variant, args),
-                      args.seq_length, args.micro_batch_size, parallel=layout)
-        for _ in range(args.warmup):
+        model = harness.benchmark_model("spannorm", model_fields(variant, options),
+                                        options.seq_length, options.transformer_impl)
+        bench = Bench(model, dense_layout if variant == "dense" else moe_layout, performance,
+                      seq_length=options.seq_length, micro_batch=options.micro_batch_size)
+        for _ in range(options.warmup):
             bench.step()
         benches[variant] = bench
         _log(f"built {variant} ({bench.transformer_impl}), warm-up done")
-    for round_index in range(args.rounds):
+    for round_index in range(options.rounds):
         shift = round_index % len(variants)
         for variant in variants[shift:] + variants[:shift]:
-            benches[variant].step_times += [benches[variant].step() for _ in range(args.iters)]
-        _log(f"round {round_index + 1}/{args.rounds} done")
-    tokens = args.micro_batch_size * args.seq_length * parallel_state.get_data_parallel_world_size()
+            benches[variant].step_times += [benches[variant].step()
+                                             for _ in range(options.iters)]
+        _log(f"round {round_index + 1}/{options.rounds} done")
+    tokens = (options.micro_batch_size * options.seq_length
+              * parallel_state.get_data_parallel_world_size())
     results = []
     for variant in variants:
         bench = benches[variant]
@@ -174,10 +178,10 @@ def run(args) -> List[Result]:
             padded=bool(config.moe_pad_expert_input_to_capacity),
             step_seconds=seconds, step_seconds_p25=q1, step_seconds_p75=q3,
             tokens_per_second=tokens / seconds,
-            flops_per_token=flops_per_token(config, args.seq_length),
+            flops_per_token=flops_per_token(config, options.seq_length),
             parameters=sum(p.numel() for chunk in bench.model for p in chunk.parameters()),
             step_seconds_samples=list(bench.step_times)))
-    _add_paired_ratios(results, args.iters)
+    _add_paired_ratios(results, options.iters)
     return results
 
 
@@ -210,23 +214,17 @@ def table(results: List[Result]) -> str:
 
 
 def _log(message: str) -> None:
-    if torch.distributed.get_rank() == 0:
-        print(f"[benchmark_moe] {message}", file=sys.stderr, flush=True)
+    harness.log("benchmark_moe", message)
 
 
 def benchmark(argv: Optional[List[str]] = None) -> int:
     """Parse `argv` and measure; bad input raises a UserError."""
-    args = parse_args(argv)
-    results = run(args)
-    if torch.distributed.get_rank() == 0:
-        print(table(results))
-        if args.output:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            with open(args.output, "w") as f:
-                json.dump({"args": vars(args), "environment": environment(),
-                           "world_size": torch.distributed.get_world_size(),
-                           "results": [asdict(r) for r in results]}, f, indent=2)
-            print(f"wrote {args.output}")
+    options = parse_options(argv)  # --help and a mistyped flag are answered before torch loads
+    import torch
+
+    results = run(options)
+    harness.publish(table(results), results, options,
+                    world_size=torch.distributed.get_world_size())
     return 0
 
 

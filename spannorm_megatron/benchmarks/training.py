@@ -20,30 +20,39 @@ Peak memory is what one model adds while it is built and trained for the warm-up
 gradients, optimizer state, activations): on a GPU the peak of allocated memory over what was
 allocated before it was built; on CPU (one process only) the peak resident memory of a fresh
 child process that builds that model alone, over the child's memory before building.
+
+`--log-step-memory` adds, per row, what one step adds to the memory in use before it, for a
+plain step and for a logging step of the training run's monitor (training.monitor.RunMonitor:
+per-layer stability signals with their weight snapshot, MoE metrics), each the median over
+`--rounds` alternating pairs: on a GPU the allocator's peak over what was allocated before the
+step; on CPU the peak resident memory (reset before each step, Linux) over the resident memory
+before it. On CPU the snapshot lives in the same memory as the model, so a logging step adds the
+owned weights' size there; on a GPU it lives in host memory and adds only the update-ratio
+slices (metrics/stability.py).
+
+With `--output`, the JSON is rewritten after every row, so a run cut short keeps the rows it
+finished.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import List, Optional
 
-import torch
-
+from spannorm_megatron.benchmarks import harness
+from spannorm_megatron.benchmarks.harness import IMPLS, Bench
+from spannorm_megatron.benchmarks.step_memory import measure_step_memory
 from spannorm_megatron.cli import run_cli
-from spannorm_megatron.config.options import add_arguments, option
+from spannorm_megatron.config.options import add_arguments, option, parse_sections
 from spannorm_megatron.config.performance import FP8_FORMATS, FP8_RECIPES, RECOMPUTE_GRANULARITIES
 
 PRECISIONS = ("fp32", "bf16", "fp8")
-IMPLS = ("auto", "local", "transformer_engine")
-"""--transformer-impl of the benchmarks (auto: Transformer Engine where it runs)."""
 PRESETS = {
     # name: ModelConfig fields, default seq length, micro batch
     "tiny": (dict(num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=384,
@@ -61,6 +70,9 @@ PRESETS = {
 }
 
 
+MFU_REFERENCE = "dense bf16 peak of the device for bf16 and fp8 runs, fp32 peak for fp32 runs"
+
+
 @dataclass
 class Result:
     placement: str
@@ -75,6 +87,12 @@ class Result:
     """Every timed step, in order (the spread says how far the median can be trusted)."""
     transformer_impl: str = "local"
     """The layers that ran: 'transformer_engine' or 'local' (what --transformer-impl auto chose)."""
+    plain_step_memory_bytes: Optional[int] = None
+    """With --log-step-memory: median memory a plain step adds to what was in use before it."""
+    log_step_memory_bytes: Optional[int] = None
+    """With --log-step-memory: the same for a logging step (stability signals, MoE metrics)."""
+    step_memory_samples: dict = field(default_factory=dict)
+    """With --log-step-memory: {'plain': [...], 'log': [...]}, bytes per measured step."""
 
 
 @dataclass
@@ -109,6 +127,9 @@ class BenchmarkOptions:
                                    "local or transformer_engine.", choices=IMPLS)
     no_memory: bool = option(
         False, "On CPU, skip the per-model memory measurement (a child process each).")
+    log_step_memory: bool = option(
+        False, "Also measure what a logging step (stability signals, MoE metrics) adds to the "
+        "memory in use, against a plain step: the median of --rounds pairs.")
     output: Optional[str] = option(None, "JSON file for the results.", path="output_file")
     memory_probe: bool = option(False, argparse.SUPPRESS)
 
@@ -120,106 +141,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+def parse_options(argv=None) -> BenchmarkOptions:
+    (options,) = parse_sections(build_parser(), [BenchmarkOptions], argv)
+    return options
 
 
-def parallel_layout(args):
+def parallel_layout(options: BenchmarkOptions):
     from spannorm_megatron.config.parallel import ParallelConfig
 
-    return ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                          pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                          expert_model_parallel_size=args.expert_model_parallel_size,
-                          sequence_parallel=args.sequence_parallel,
-                          use_distributed_optimizer=args.use_distributed_optimizer)
+    return ParallelConfig(tensor_model_parallel_size=options.tensor_model_parallel_size,
+                          pipeline_model_parallel_size=options.pipeline_model_parallel_size,
+                          expert_model_parallel_size=options.expert_model_parallel_size,
+                          sequence_parallel=options.sequence_parallel,
+                          use_distributed_optimizer=options.use_distributed_optimizer)
 
 
-def performance_for(precision: str, args):
+def performance_for(precision: str, options: BenchmarkOptions):
     """The run's `PerformanceConfig` at one precision of --precisions."""
     from spannorm_megatron.config.performance import PerformanceConfig
 
     return PerformanceConfig(
         bf16=precision != "fp32",
-        fp8_format=args.fp8_format if precision == "fp8" else None,
-        fp8_recipe=args.fp8_recipe,
-        recompute_granularity=args.recompute_granularity,
-        overlap_grad_reduce=args.overlap_grad_reduce,
-        overlap_param_gather=args.overlap_param_gather,
+        fp8_format=options.fp8_format if precision == "fp8" else None,
+        fp8_recipe=options.fp8_recipe,
+        recompute_granularity=options.recompute_granularity,
+        overlap_grad_reduce=options.overlap_grad_reduce,
+        overlap_param_gather=options.overlap_param_gather,
     )
 
 
-class Bench:
-    """One (placement, precision) model, optimizer and batch, alive until `close`.
-
-    `parallel` is the model's layout when it is not the command line's (the MoE benchmark's dense
-    baseline runs without expert parallelism in an expert-parallel world)."""
-
-    def __init__(self, placement: str, precision: str, args, model_fields: dict,
-                 seq_length: int, micro_batch: int, parallel=None):
-        from megatron.core.optimizer import OptimizerConfig
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        from spannorm_megatron.config.model import ModelConfig
-        from spannorm_megatron.runtime import current_device
-        from spannorm_megatron.training.setup import setup_model_and_optimizer
-
-        self.placement, self.precision = placement, precision
-        self.model_config = ModelConfig.recommended(norm_placement=placement, max_sequence_length=seq_length,
-                                        transformer_impl=args.transformer_impl, **model_fields)
-        performance = performance_for(precision, args)
-        parallel = parallel or parallel_layout(args)
-        performance.check_layout(parallel)
-        performance.check_machine(self.model_config)
-        self.model, self.optimizer = setup_model_and_optimizer(
-            self.model_config, parallel, OptimizerConfig(optimizer="adam", lr=1e-4), performance)
-        self.transformer_impl = self.model[0].config.transformer_impl
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=1e-4, max_lr=1e-4, min_lr=1e-4, lr_warmup_steps=0,
-            lr_decay_steps=1, lr_decay_style="constant", start_wd=0.0, end_wd=0.0,
-            wd_incr_steps=1, wd_incr_style="constant")
-        generator = torch.Generator().manual_seed(0)
-        device = current_device()
-        tokens = torch.randint(0, self.model_config.vocab_size, (micro_batch, seq_length + 1),
-                               generator=generator)
-        self.batch = {
-            "tokens": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
-            "loss_mask": torch.ones(micro_batch, seq_length, device=device),
-            "position_ids": torch.arange(seq_length, device=device).expand(micro_batch, -1),
-        }
-        self.seq_length, self.micro_batch = seq_length, micro_batch
-        self.num_microbatches = args.num_microbatches
-        self.step_times: List[float] = []
-        self.peak_memory: Optional[int] = None
-
-    def close(self) -> None:
-        """Drop the model, optimizer and batch. The model config's hooks (grad scaling, no-sync,
-        finalize) point back at them, so only a collection frees the cycle; then the allocator
-        hands the memory back before the next model is built."""
-        self.model = self.optimizer = self.scheduler = self.batch = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def step(self) -> float:
-        from spannorm_megatron.training.loop import train_step
-
-        batches = iter([self.batch] * self.num_microbatches)
-        _synchronize()
-        start = time.perf_counter()
-        train_step(self.model, self.optimizer, self.scheduler, batches,
-                   num_microbatches=self.num_microbatches, seq_length=self.seq_length,
-                   micro_batch_size=self.micro_batch, global_batch_size=self.micro_batch)
-        _synchronize()
-        return time.perf_counter() - start
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def bench_for(placement: str, precision: str, options: BenchmarkOptions) -> Bench:
+    """One placement's model at one precision, with the preset's shape and the options'
+    layout."""
+    model_fields, default_seq, default_micro = PRESETS[options.preset]
+    seq_length = options.seq_length or default_seq
+    model = harness.benchmark_model(placement, model_fields, seq_length,
+                                    options.transformer_impl)
+    return Bench(model, parallel_layout(options), performance_for(precision, options),
+                 seq_length=seq_length,
+                 micro_batch=options.micro_batch_size or default_micro,
+                 num_microbatches=options.num_microbatches)
 
 
 def _start_memory_measurement() -> Optional[int]:
     """Memory allocated now, with the peak counter reset to it (None on CPU)."""
+    import torch
+
     if not torch.cuda.is_available():
         return None
     torch.cuda.reset_peak_memory_stats()
@@ -229,18 +196,20 @@ def _start_memory_measurement() -> Optional[int]:
 def _memory_added_since(start: Optional[int]) -> Optional[int]:
     if start is None:
         return None
+    import torch
+
     return int(torch.cuda.max_memory_allocated()) - start
 
 
-def _cpu_memory_probe(args, placement: str, precision: str) -> Optional[int]:
+def _cpu_memory_probe(options: BenchmarkOptions, placement: str, precision: str) -> Optional[int]:
     """Peak resident memory one model adds, measured in a fresh process (see the docstring)."""
     child = [sys.executable, "-m", "spannorm_megatron.benchmarks.training", "--memory-probe",
-             "--preset", args.preset, "--placements", placement, "--precisions", precision,
-             "--num-microbatches", str(args.num_microbatches), "--warmup", str(args.warmup),
-             "--transformer-impl", args.transformer_impl]
-    for flag, value in (("--seq-length", args.seq_length),
-                        ("--micro-batch-size", args.micro_batch_size),
-                        ("--recompute-granularity", args.recompute_granularity)):
+             "--preset", options.preset, "--placements", placement, "--precisions", precision,
+             "--num-microbatches", str(options.num_microbatches),
+             "--warmup", str(options.warmup), "--transformer-impl", options.transformer_impl]
+    for flag, value in (("--seq-length", options.seq_length),
+                        ("--micro-batch-size", options.micro_batch_size),
+                        ("--recompute-granularity", options.recompute_granularity)):
         if value is not None:
             child += [flag, str(value)]
     # A world of its own: without torchrun's rendezvous (its address, and its agent store that
@@ -255,23 +224,24 @@ def _cpu_memory_probe(args, placement: str, precision: str) -> Optional[int]:
     return int(json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
-def memory_probe(args) -> int:
+def memory_probe(options: BenchmarkOptions) -> int:
     """The child side of `_cpu_memory_probe`: build one model, run the warm-up steps."""
     from spannorm_megatron.metrics.memory import current_rss_bytes, peak_rss_bytes
     from spannorm_megatron.process import initialize
 
-    model_fields, default_seq, default_micro = PRESETS[args.preset]
     initialize(seed=1234)
     before = current_rss_bytes()
-    bench = Bench(args.placements[0], args.precisions[0], args, model_fields,
-                  args.seq_length or default_seq, args.micro_batch_size or default_micro)
-    for _ in range(max(args.warmup, 1)):
+    bench = bench_for(options.placements[0], options.precisions[0], options)
+    for _ in range(max(options.warmup, 1)):
         bench.step()
     print(json.dumps({"peak_bytes": peak_rss_bytes() - before}))
     return 0
 
 
-def run(args) -> List[Result]:
+def run(options: BenchmarkOptions, on_row=None) -> List[Result]:
+    """Every (precision, placement) row; `on_row(results so far)` after each one."""
+    import torch
+
     from spannorm_megatron.metrics import device_peak_flops, flops_per_token, mfu
     from spannorm_megatron.placements import PLACEMENTS
     from spannorm_megatron.process import initialize
@@ -279,35 +249,35 @@ def run(args) -> List[Result]:
     from spannorm_megatron.errors import ConfigError
     from spannorm_megatron.model.specs import transformer_engine_available
 
-    if "fp8" in args.precisions and not transformer_engine_available():
+    if "fp8" in options.precisions and not transformer_engine_available():
         raise ConfigError("--precisions fp8 needs Transformer Engine and a GPU, and this machine "
                           "lacks one of them: drop fp8 or install the 'te' extra on a GPU host.")
-    model_fields, default_seq, default_micro = PRESETS[args.preset]
-    seq_length = args.seq_length or default_seq
-    micro_batch = args.micro_batch_size or default_micro
-    placements = args.placements or sorted(PLACEMENTS)
+    placements = options.placements or sorted(PLACEMENTS)
     if "prenorm" not in placements:
         placements = ["prenorm", *placements]
-    initialize(parallel_layout(args), seed=1234)
+    initialize(parallel_layout(options), seed=1234)
     world = torch.distributed.get_world_size()
     results: List[Result] = []
-    for precision in args.precisions:
+    for precision in options.precisions:
         # The peak MFU is quoted against: bf16's for FP8 runs too (see the module docstring).
         peak = device_peak_flops(torch.float32 if precision == "fp32" else torch.bfloat16)
         for placement in placements:
             start = _start_memory_measurement()
-            bench = Bench(placement, precision, args, model_fields, seq_length, micro_batch)
-            for _ in range(args.warmup):
+            bench = bench_for(placement, precision, options)
+            for _ in range(options.warmup):
                 bench.step()
             peak_memory = _memory_added_since(start)
-            if peak_memory is None and world == 1 and not args.no_memory:
-                peak_memory = _cpu_memory_probe(args, placement, precision)
+            if peak_memory is None and world == 1 and not options.no_memory:
+                peak_memory = _cpu_memory_probe(options, placement, precision)
             _log(f"built {placement} ({precision}, {bench.transformer_impl}), warm-up done")
-            bench.step_times = [bench.step() for _ in range(args.rounds * args.iters)]
+            bench.step_times = [bench.step() for _ in range(options.rounds * options.iters)]
             seconds = statistics.median(bench.step_times)
-            tokens = micro_batch * seq_length * args.num_microbatches * _data_parallel_size()
-            fpt = flops_per_token(bench.model_config, seq_length,
-                                  recompute=args.recompute_granularity)
+            step_memory = (measure_step_memory(bench, options.rounds)
+                           if options.log_step_memory else {})
+            tokens = (bench.micro_batch * bench.seq_length * options.num_microbatches
+                      * _data_parallel_size())
+            fpt = flops_per_token(bench.model_config, bench.seq_length,
+                                  recompute=options.recompute_granularity)
             results.append(Result(
                 placement=placement, precision=precision, step_seconds=seconds,
                 tokens_per_second=tokens / seconds,
@@ -315,11 +285,20 @@ def run(args) -> List[Result]:
                 peak_memory_bytes=peak_memory,
                 step_seconds_samples=list(bench.step_times),
                 transformer_impl=bench.transformer_impl,
+                plain_step_memory_bytes=_median_int(step_memory.get("plain")),
+                log_step_memory_bytes=_median_int(step_memory.get("log")),
+                step_memory_samples=step_memory,
             ))
             bench.close()
             _log(f"measured {placement} ({precision}): {seconds * 1000:.1f} ms/step")
-    _add_ratios(results)
+            _add_ratios(results)
+            if on_row is not None:
+                on_row(results)
     return results
+
+
+def _median_int(values) -> Optional[int]:
+    return int(statistics.median(values)) if values else None
 
 
 def _data_parallel_size() -> int:
@@ -331,7 +310,9 @@ def _data_parallel_size() -> int:
 def _add_ratios(results: List[Result]) -> None:
     baseline = {r.precision: r for r in results if r.placement == "prenorm"}
     for r in results:
-        base = baseline[r.precision]
+        base = baseline.get(r.precision)
+        if base is None:
+            continue
         r.tokens_per_second_vs_prenorm = r.tokens_per_second / base.tokens_per_second
         if r.peak_memory_bytes and base.peak_memory_bytes:
             r.memory_vs_prenorm = r.peak_memory_bytes / base.peak_memory_bytes
@@ -348,47 +329,31 @@ def table(results: List[Result]) -> str:
             f"{r.tokens_per_second:,.0f} | {r.tokens_per_second_vs_prenorm:.3f} | "
             f"{'n/a' if r.mfu is None else f'{r.mfu * 100:.1f}%'} | {memory} | "
             f"{'n/a' if r.memory_vs_prenorm is None else f'{r.memory_vs_prenorm:.3f}'} |")
+    measured = [r for r in results if r.log_step_memory_bytes is not None]
+    if measured:
+        rows += ["", "| precision | placement | plain step adds | logging step adds | "
+                 "logging - plain |", "|---|---|---|---|---|"]
+        for r in measured:
+            plain, log = r.plain_step_memory_bytes, r.log_step_memory_bytes
+            rows.append(f"| {r.precision} | {r.placement} | {plain / 2**20:,.1f} MiB | "
+                        f"{log / 2**20:,.1f} MiB | {(log - plain) / 2**20:+,.1f} MiB |")
     return "\n".join(rows)
 
 
 def _log(message: str) -> None:
-    if torch.distributed.get_rank() == 0:
-        print(f"[benchmark] {message}", file=sys.stderr, flush=True)
-
-
-def environment() -> dict:
-    import megatron.core
-
-    info = {"torch": torch.__version__, "megatron_core": megatron.core.__version__,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "cpu_threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d")}
-    try:
-        import transformer_engine
-
-        info["transformer_engine"] = transformer_engine.__version__
-    except ImportError:
-        info["transformer_engine"] = None
-    return info
+    harness.log("benchmark", message)
 
 
 def benchmark(argv: Optional[List[str]] = None) -> int:
     """Parse `argv` and measure; bad input raises a UserError."""
-    args = parse_args(argv)
-    if args.memory_probe:
-        return memory_probe(args)
-    results = run(args)
-    if torch.distributed.get_rank() == 0:
-        print(table(results))
-        if args.output:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            with open(args.output, "w") as f:
-                json.dump({"args": vars(args), "environment": environment(),
-                           "mfu_reference": "dense bf16 peak of the device for bf16 and fp8 "
-                                            "runs, fp32 peak for fp32 runs",
-                           "results": [asdict(r) for r in results]}, f, indent=2)
-            print(f"wrote {args.output}")
+    options = parse_options(argv)
+    if options.memory_probe:
+        return memory_probe(options)
+    results = run(options, on_row=lambda rows: harness.write_json(
+        rows, options, mfu_reference=MFU_REFERENCE))
+    harness.publish(table(results), results, options, mfu_reference=MFU_REFERENCE)
     return 0
+
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -21,7 +21,7 @@ from .errors import CheckpointError
 from .load import load_checkpoint, read_run_record
 from .naming import MANIFEST_FILENAME, RUN_RECORD_FILENAME, TRACKER_FILENAME, iteration_dirname
 from .save import save_checkpoint
-from .tracker import complete_iterations, find_latest
+from .tracker import complete_iterations, find_latest, last_good_checkpoint
 
 __all__ = [
     "CheckpointError",
@@ -31,6 +31,7 @@ __all__ = [
     "complete_iterations",
     "find_latest",
     "iteration_dirname",
+    "last_good_checkpoint",
     "load_checkpoint",
     "read_run_record",
     "save_checkpoint",

@@ -7,8 +7,14 @@ raises one runs before the model, optimizer, scheduler or anything on disk is to
 """
 
 
-from spannorm_megatron.errors import UserError
+from spannorm_megatron.errors import RunFailure, UserError
 
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, incomplete, corrupted or does not fit the model loaded."""
+
+
+class SaveFailedError(RunFailure):
+    """The storage refused a save (no space, quota, file size limit, read-only, permission):
+    a fault of the run's surroundings, not bad input. The message names the checkpoint a resume
+    would load, or says there is none."""

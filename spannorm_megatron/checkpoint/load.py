@@ -258,19 +258,45 @@ _SCHEDULE_FLAGS = {
 }
 
 
-def _check_scheduler(scheduler, saved: dict, path: str) -> None:
+# The schedule's lengths: in samples, iterations x --global-batch-size under --train-iters.
+_SCHEDULE_LENGTHS = ("lr_warmup_steps", "lr_decay_steps", "wsd_decay_steps")
+
+
+def _check_scheduler(scheduler, saved: dict, path: str, saved_batch: Optional[int],
+                     batch: Optional[int]) -> None:
     """Refuse a learning-rate schedule that disagrees with the checkpoint's, as Megatron-LM does
     by default. megatron-core's own default keeps the checkpoint's values without a word, which
-    after a longer --train-iters can mean training on at the old schedule's final rate."""
-    differ = [f"{flag} ({key}: checkpoint {saved[key]!r}, this run {getattr(scheduler, key)!r})"
+    after a longer --train-iters can mean training on at the old schedule's final rate.
+
+    Megatron-LM counts the schedule in samples (iterations x global batch): another
+    --global-batch-size (`batch`, the checkpoint's `saved_batch`) changes every length given in
+    iterations, and is named as the cause of the lengths it explains."""
+    differ = {key: f"{flag} ({key}: checkpoint {saved[key]!r}, this run "
+                   f"{getattr(scheduler, key)!r})"
               for key, flag in _SCHEDULE_FLAGS.items()
-              if key in saved and saved[key] != getattr(scheduler, key, saved[key])]
-    if differ:  # a setting, not damage: --load-fallback must not try older checkpoints for it
+              if key in saved and saved[key] != getattr(scheduler, key, saved[key])}
+    if not differ:
+        return
+    # A setting, not damage: --load-fallback must not try older checkpoints for it.
+    choices = ("pass --override-opt-param-scheduler to take this run's (the step count "
+               "continues), or --use-checkpoint-opt-param-scheduler to keep the checkpoint's.")
+    by_batch = [key for key in _SCHEDULE_LENGTHS if key in differ and saved_batch and batch
+                and saved_batch != batch and saved[key] is not None
+                and saved[key] * batch == getattr(scheduler, key) * saved_batch]
+    if by_batch:
+        others = [text for key, text in differ.items() if key not in by_batch]
+        lengths = "; ".join(f"{key} {saved[key]} -> {getattr(scheduler, key)}"
+                            for key in by_batch)
         raise ConfigError(
-            f"{path}: this run's learning-rate schedule differs from the checkpoint's (steps "
-            f"count samples): {'; '.join(differ)}. Resume with the checkpoint's values, or pass "
-            f"--override-opt-param-scheduler to take this run's (the step count continues), or "
-            f"--use-checkpoint-opt-param-scheduler to keep the checkpoint's.")
+            f"{path}: --global-batch-size {batch} differs from the checkpoint's {saved_batch}. "
+            f"The learning-rate schedule counts samples (iterations x global batch, as in "
+            f"Megatron-LM), so the lengths given in iterations changed with it ({lengths} "
+            f"samples)" + (f"; also {'; '.join(others)}" if others else "") + ". Resume with "
+            f"--global-batch-size {saved_batch}, or " + choices)
+    raise ConfigError(
+        f"{path}: this run's learning-rate schedule differs from the checkpoint's (steps "
+        f"count samples): {'; '.join(differ.values())}. Resume with the checkpoint's values, "
+        f"or " + choices)
 
 
 def load_checkpoint(
@@ -288,6 +314,7 @@ def load_checkpoint(
     strict: bool = True,
     verify_checksums: bool = True,
     check_scheduler: bool = True,
+    global_batch_size: Optional[int] = None,
 ) -> dict:
     """Load a checkpoint from `load_dir` (a save directory) into this rank's model chunks,
     optimizer and scheduler. Call on every rank.
@@ -297,7 +324,8 @@ def load_checkpoint(
     position at 0 (Megatron-LM's ``--finetune``); `no_load_optim` skips optimizer and scheduler,
     `no_load_rng` the RNG states. `strict=False` accepts architecture differences (logged) and
     keeps the current values of tensors the checkpoint lacks. `verify_checksums=False` checks
-    file sizes only (skips reading the checkpoint once more).
+    file sizes only (skips reading the checkpoint once more). `global_batch_size` is this run's,
+    for the scheduler check to name a changed one as the cause of changed schedule lengths.
 
     Returns dict(iteration, consumed_train_samples, consumed_valid_samples, run_record,
     checkpoint_dir, loaded_optimizer, loaded_rng). Raises CheckpointError, before anything is
@@ -328,7 +356,8 @@ def load_checkpoint(
     loaded, model_keys = _read(path, model_chunks, optimizer if load_optim else None,
                                rng_sharding if load_rng else None, strict)
     if load_scheduler and check_scheduler:
-        _check_scheduler(scheduler, loaded["opt_param_scheduler"], path)
+        _check_scheduler(scheduler, loaded["opt_param_scheduler"], path,
+                         (record.get("args") or {}).get("global_batch_size"), global_batch_size)
     for key, chunk in zip(model_keys, model_chunks, strict=True):
         _load_module(state.unwrap(chunk), loaded[key], strict, path)
     if load_optim:

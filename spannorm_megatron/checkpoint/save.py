@@ -36,8 +36,8 @@ from spannorm_megatron.config.parallel import ParallelConfig
 
 from . import _dist, manifest, megatron_args, rng, run_record, state
 from .atomic import atomic_write_text, fsync_path, publish_dir, remove_tree, retire_dir
-from .errors import CheckpointError
-from .tracker import complete_iterations
+from .errors import CheckpointError, SaveFailedError
+from .tracker import complete_iterations, last_good_checkpoint
 from .naming import (
     RUN_RECORD_FILENAME,
     TMP_INFIX,
@@ -226,12 +226,13 @@ def save_checkpoint(
         if _dist.rank() == 0:  # no collective here: the other ranks may have failed elsewhere
             remove_tree(tmp)
         last = _size_of_last(save_dir)
-        raise CheckpointError(
+        raise SaveFailedError(
             f"Saving iteration {iteration} to {save_dir} failed: {problem} ("
             f"{shutil.disk_usage(save_dir).free:,} bytes free there"
             + (f"; the last checkpoint took {last:,} bytes" if last else "")
-            + "). The last good checkpoint is kept and the pointer still names it. Free space "
-            "or fix the permissions, then resume with the same command; or pass another --save."
+            + f"). Nothing of iteration {iteration} was kept, and "
+            + last_good_checkpoint(save_dir) + ". Free space or fix the permissions, then run "
+            "the same command again; or pass another --save."
         ) from None
     final = _dist.on_rank0(lambda: _finish(save_dir, iteration, tmp, entries, nonce))
     logger.info("checkpoint: saved iteration %d to %s", iteration, final)

@@ -147,3 +147,16 @@ def find_latest(load_dir: str) -> Optional[int]:
     if read_tracker(load_dir) is None and not complete_iterations(load_dir):
         return None
     return resolve(load_dir)[0]
+
+
+def last_good_checkpoint(save_dir: str) -> str:
+    """A sentence for a run that stops without saving: the checkpoint a resume from `save_dir`
+    would load, or that there is none."""
+    try:
+        iteration = find_latest(save_dir)
+    except CheckpointError as error:
+        return f"{save_dir} holds no loadable checkpoint: {error}"
+    if iteration is None:
+        return f"{save_dir} holds no checkpoint yet: there is none to resume from"
+    return (f"the last good checkpoint is iteration {iteration} "
+            f"({checkpoint_path(save_dir, iteration)}), the one a resume from {save_dir} loads")

@@ -7,7 +7,8 @@ flag and valid range, and everything else is generated from it.
   the dataclasses call it in `__post_init__`, so Python users get the same checks as the CLI.
 - `add_arguments(parser, cls)` adds one argparse flag per field: `--help` shows the doc and the
   default, and a bad value ends in argparse's exit 2, naming the flag, before anything runs.
-- `from_namespace(cls, args)` builds the dataclass from parsed flags.
+- `from_namespace(cls, args)` builds the dataclass from parsed flags; `parse_sections(parser,
+  classes, argv)` parses a tool's command line into one instance of each of its classes.
 - `invalid_values(cls, field)` lists values a flag must refuse, derived from the declaration, so the
   test that feeds every flag a bad value covers a new flag without being edited.
 - `megatron_kwargs(instance)` gives megatron-core's `TransformerConfig` keywords of the fields
@@ -311,6 +312,13 @@ def parse_options(parser: argparse.ArgumentParser, owners, argv=None) -> argpars
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     check_environment()
     return args
+
+
+def parse_sections(parser: argparse.ArgumentParser, owners, argv=None) -> List[Any]:
+    """`parse_options`, then one instance of each of `owners` built from the flags it declares:
+    what a tool's entry point reads, never the namespace."""
+    args = parse_options(parser, owners, argv)
+    return [from_namespace(owner, args) for owner in owners]
 
 
 def _spellings(field: dataclasses.Field) -> Tuple[str, ...]:

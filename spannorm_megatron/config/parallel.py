@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from spannorm_megatron.config.options import check, option
+from spannorm_megatron.config.options import check, megatron_kwargs, option
 from spannorm_megatron.errors import ConfigError
 
 PIPELINE_COMM_BACKENDS = ("nccl", "ucc")
@@ -19,59 +19,62 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = option(
         1, "Ranks that split every weight matrix (attention heads, MLP width, vocabulary).",
-        at_least=1)
+        at_least=1, megatron=True)
     pipeline_model_parallel_size: int = option(
         1, "Pipeline stages; each holds num_layers / (stages x virtual stages) layers per chunk.",
-        at_least=1)
+        at_least=1, megatron=True)
     virtual_pipeline_model_parallel_size: Optional[int] = option(
         None, "Model chunks per pipeline stage for the interleaved 1F1B schedule; unset: plain "
         "1F1B.", at_least=1, flag="--num-virtual-stages-per-pipeline-rank",
-        aliases=("--virtual-pipeline-model-parallel-size",))
+        aliases=("--virtual-pipeline-model-parallel-size",), megatron=True)
     expert_model_parallel_size: int = option(
         1, "Ranks that split the experts of every MoE layer (all-to-all token dispatch).",
-        at_least=1)
+        at_least=1, megatron=True)
     expert_tensor_parallel_size: Optional[int] = option(
         None, "Ranks that split each expert's weights; unset: --tensor-model-parallel-size.",
-        at_least=1)
+        at_least=1, megatron=True)
     sequence_parallel: bool = option(
         False, "Shard activations outside attention/MLP along the sequence over the "
         "tensor-parallel ranks (required for MoE with tensor parallelism); off at "
-        "--tensor-model-parallel-size 1, as Megatron-LM turns it off there.")
+        "--tensor-model-parallel-size 1, as Megatron-LM turns it off there.", megatron=True)
     context_parallel_size: int = option(
         1, "Ranks that split every sequence (Transformer Engine's attention exchanges keys and "
-        "values between them); needs the Transformer Engine layers.", at_least=1)
+        "values between them); needs the Transformer Engine layers.", at_least=1, megatron=True)
     use_distributed_optimizer: bool = option(
         False, "Shard optimizer state (and the fp32 main weights) over the data-parallel ranks.")
     decoder_first_pipeline_num_layers: Optional[int] = option(
         None, "Transformer layers on the first pipeline stage (uneven stages); the other stages "
-        "share the rest evenly. Unset: an even share.", at_least=1)
+        "share the rest evenly. Unset: an even share.", at_least=1,
+        megatron="num_layers_in_first_pipeline_stage")
     decoder_last_pipeline_num_layers: Optional[int] = option(
         None, "Transformer layers on the last pipeline stage (uneven stages); unset: an even "
-        "share.", at_least=1)
+        "share.", at_least=1, megatron="num_layers_in_last_pipeline_stage")
     account_for_embedding_in_pipeline_split: bool = option(
         False, "Count the embedding as one layer when splitting layers over pipeline stages, so "
-        "the first stage holds one transformer layer less.")
+        "the first stage holds one transformer layer less.", megatron=True)
     account_for_loss_in_pipeline_split: bool = option(
         False, "Count the output layer and loss as one layer when splitting over pipeline "
-        "stages, so the last stage holds one transformer layer less.")
+        "stages, so the last stage holds one transformer layer less.", megatron=True)
     pipeline_model_parallel_layout: Optional[str] = option(
         None, "Explicit layer placement, megatron-core's syntax: stages separated by |, E the "
         "embedding, t a transformer layer, L the loss, (..)*n repeats; e.g. 'Ettt|(tt|)*2tL' "
-        "for 4 stages. More stages than --pipeline-model-parallel-size make virtual stages.")
+        "for 4 stages. More stages than --pipeline-model-parallel-size make virtual stages.",
+        megatron=True)
     overlap_p2p_comm: bool = option(
         True, "Interleaved schedule: overlap the pipeline's sends and receives with compute "
         "(Megatron-LM's default). --no-overlap-p2p-communication batches them instead, which "
         "needs --pipeline-model-parallel-size > 2 with virtual stages. Without virtual stages "
-        "there is no overlap either way.", flag="--no-overlap-p2p-communication", negative=True)
+        "there is no overlap either way.", flag="--no-overlap-p2p-communication", negative=True,
+        megatron=True)
     overlap_p2p_comm_warmup_flush: bool = option(
         False, "Interleaved schedule: overlap communication in the warm-up and flush phases too "
         "(needs virtual stages and the p2p overlap).",
-        flag="--overlap-p2p-communication-warmup-flush")
+        flag="--overlap-p2p-communication-warmup-flush", megatron=True)
     microbatch_group_size_per_vp_stage: Optional[int] = option(
         None, "Interleaved schedule: micro-batches each model chunk runs in a row before the "
         "next chunk's turn, at least --pipeline-model-parallel-size and at most the micro-batches "
         "of a step; unset: --pipeline-model-parallel-size (depth-first).",
-        flag="--microbatch-group-size-per-virtual-pipeline-stage", at_least=1)
+        flag="--microbatch-group-size-per-virtual-pipeline-stage", at_least=1, megatron=True)
     use_tp_pp_dp_mapping: bool = option(
         False, "Number the ranks tensor, then pipeline, then data parallel (megatron-core's "
         "order 'tp-cp-ep-pp-dp') instead of data before pipeline, e.g. to keep a pipeline "
@@ -80,10 +83,10 @@ class ParallelConfig:
     pipeline_model_parallel_comm_backend: Optional[str] = option(
         None, "Backend of the pipeline's point-to-point groups: nccl or ucc (GPUs; ucc needs "
         "a PyTorch built with UCC); unset: the default backend (nccl on GPUs, gloo on CPU).",
-        choices=PIPELINE_COMM_BACKENDS)
+        choices=PIPELINE_COMM_BACKENDS, megatron=True)
     use_ring_exchange_p2p: bool = option(
         False, "Exchange pipeline activations with torch.distributed.ring_exchange (a custom "
-        "PyTorch build) instead of batch_isend_irecv.")
+        "PyTorch build) instead of batch_isend_irecv.", megatron=True)
 
     def __post_init__(self) -> None:
         check(self)
@@ -207,31 +210,16 @@ class ParallelConfig:
         """megatron-core's `initialize_model_parallel(order=...)`, as Megatron-LM picks it."""
         return "tp-cp-ep-pp-dp" if self.use_tp_pp_dp_mapping else "tp-cp-ep-dp-pp"
 
+    @property
+    def resolved_overlap_p2p_comm(self) -> bool:
+        """Megatron-LM overlaps p2p communication only in the interleaved schedule."""
+        return self.overlap_p2p_comm and self.interleaved
+
     def transformer_kwargs(self) -> dict:
-        """The `TransformerConfig` fields these sizes set."""
-        # Megatron-LM overlaps p2p communication only in the interleaved schedule, and batches
-        # the sends and receives wherever it does not overlap them.
-        overlap = self.overlap_p2p_comm and self.interleaved
-        return dict(
-            tensor_model_parallel_size=self.tensor_model_parallel_size,
-            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
-            expert_model_parallel_size=self.expert_model_parallel_size,
-            expert_tensor_parallel_size=self.expert_tensor_parallel_size,
-            sequence_parallel=self.sequence_parallel,
-            context_parallel_size=self.context_parallel_size,
-            num_layers_in_first_pipeline_stage=self.decoder_first_pipeline_num_layers,
-            num_layers_in_last_pipeline_stage=self.decoder_last_pipeline_num_layers,
-            account_for_embedding_in_pipeline_split=self.account_for_embedding_in_pipeline_split,
-            account_for_loss_in_pipeline_split=self.account_for_loss_in_pipeline_split,
-            pipeline_model_parallel_layout=self.pipeline_model_parallel_layout,
-            overlap_p2p_comm=overlap,
-            batch_p2p_comm=not overlap,
-            overlap_p2p_comm_warmup_flush=self.overlap_p2p_comm_warmup_flush,
-            microbatch_group_size_per_vp_stage=self.microbatch_group_size_per_vp_stage,
-            use_ring_exchange_p2p=self.use_ring_exchange_p2p,
-            pipeline_model_parallel_comm_backend=self.pipeline_model_parallel_comm_backend,
-        )
+        """The `TransformerConfig` fields these sizes set: the fields declared `megatron=`, and
+        the batching of the pipeline's sends and receives, which Megatron-LM does wherever it
+        does not overlap them."""
+        return dict(megatron_kwargs(self), batch_p2p_comm=not self.resolved_overlap_p2p_comm)
 
     def stage_layer_counts(self, num_layers: int) -> List[List[int]]:
         """Transformer layers of each [pipeline rank][virtual stage], as megatron-core's

@@ -19,14 +19,15 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
-
-import torch
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from spannorm_megatron.config.model import ModelConfig
-from spannorm_megatron.config.options import check, option
+from spannorm_megatron.config.options import check, megatron_kwargs, option
 from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where it is used: --help and flag checks go without it
+    import torch
 
 FP8_FORMATS = ("hybrid", "e4m3")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
@@ -58,6 +59,13 @@ NVTE_BY_ATTENTION_BACKEND = {"local": (0, 0, 0), "flash": (1, 0, 0), "fused": (0
                              "unfused": (0, 0, 1), "auto": (1, 1, 1)}
 """What megatron-core 0.16.1 sets each of `NVTE_ATTENTION_VARIABLES` to, per backend."""
 
+# The declarations of fields megatron-core's TransformerConfig takes (`options.megatron_kwargs`)
+# only in FP8 runs, and only with full recompute (with its defaults filled in). FP8 and recompute
+# are left out when unset, so that TransformerConfig overrides (`setup_model_and_optimizer`'s)
+# may still set them.
+_FP8 = dict(megatron=True, megatron_if="is_fp8")
+_FULL_RECOMPUTE = dict(megatron=True, megatron_if="full_recompute")
+
 
 @dataclass
 class PerformanceConfig:
@@ -66,11 +74,11 @@ class PerformanceConfig:
 
     bf16: bool = option(
         False, "Parameters and activations in bfloat16 (main weights and, unless "
-        "--grad-reduce-in-bf16, gradient accumulation and reduction in fp32).")
+        "--grad-reduce-in-bf16, gradient accumulation and reduction in fp32).", megatron=True)
     fp16: bool = option(
         False, "Parameters and activations in float16 with fp32 main weights and loss scaling: "
         "dynamic (--initial-loss-scale, --min-loss-scale, --loss-scale-window, --hysteresis) "
-        "unless --loss-scale sets a constant one.")
+        "unless --loss-scale sets a constant one.", megatron=True)
     loss_scale: Optional[float] = option(
         None, "Constant loss scale (powers of 2 work best) for --fp16, or --bf16 / the "
         "distributed optimizer; unset: dynamic loss scaling under --fp16, none otherwise.",
@@ -92,14 +100,15 @@ class PerformanceConfig:
         False, "Under --bf16: accumulate and reduce gradients in bfloat16 instead of fp32.")
     attention_softmax_in_fp32: bool = option(
         False, "Run the attention's masking and softmax in fp32 under --fp16/--bf16 (megatron-"
-        "core's local attention; Transformer Engine's kernels keep their own).")
+        "core's local attention; Transformer Engine's kernels keep their own).", megatron=True)
     attention_backend: str = option(
         "auto", "Attention kernel: flash, fused or unfused (Transformer Engine's, which need it "
         "on a GPU), local (megatron-core's PyTorch attention, with --transformer-impl local), "
         "or auto (Transformer Engine chooses; the local attention on the local layers).",
-        choices=ATTENTION_BACKENDS)
+        choices=ATTENTION_BACKENDS, megatron=True)
     masked_softmax_fusion: bool = option(
-        True, "Allow the fused scale+mask+softmax kernel of the local attention "
+        True, "Allow the fused scale+mask+softmax kernel (megatron-core's local attention with "
+        "its CUDA extension; Transformer Engine's attention fuses it itself) "
         "(--no-masked-softmax-fusion forbids it).", flag="--no-masked-softmax-fusion",
         negative=True)
     bias_gelu_fusion: bool = option(
@@ -116,8 +125,10 @@ class PerformanceConfig:
         flag="--no-rope-fusion", negative=True)
     gradient_accumulation_fusion: bool = option(
         True, "Allow accumulating weight gradients into the fp32 main gradients inside the "
-        "GEMM (Apex's fused_weight_gradient_mlp_cuda; --no-gradient-accumulation-fusion "
-        "forbids it).", flag="--no-gradient-accumulation-fusion", negative=True)
+        "GEMM (Transformer Engine's linears: fuse_wgrad_accumulation; megatron-core's own, the "
+        "output layer included: Apex's fused_weight_gradient_mlp_cuda; "
+        "--no-gradient-accumulation-fusion forbids it).",
+        flag="--no-gradient-accumulation-fusion", negative=True)
     cross_entropy_loss_fusion: bool = option(
         False, "Allow the fused cross-entropy loss (--cross-entropy-fusion-impl's kernel).")
     cross_entropy_fusion_impl: str = option(
@@ -126,31 +137,32 @@ class PerformanceConfig:
     fp8_format: Optional[str] = option(
         None, "FP8 GEMMs through Transformer Engine: hybrid (E4M3 forward, E5M2 gradients) or "
         "e4m3; unset: no FP8. Needs --bf16, the Transformer Engine flavour and an FP8 GPU.",
-        choices=FP8_FORMATS)
+        choices=FP8_FORMATS, megatron="fp8", megatron_if="is_fp8")
     fp8_recipe: str = option(
         "delayed", "How FP8 scales are chosen: delayed (amax history), tensorwise (current "
         "scaling), blockwise or mxfp8 (Blackwell), as far as the installed Transformer Engine "
-        "has them (custom is refused).", choices=FP8_CHOICES)
+        "has them (custom is refused).", choices=FP8_CHOICES, **_FP8)
     fp8_margin: int = option(0, "Power-of-two margin of the delayed-scaling factor.",
-                             at_least=0)
+                             at_least=0, **_FP8)
     fp8_amax_history_len: int = option(1, "Steps of amax history the delayed recipe keeps.",
-                                       at_least=1)
+                                       at_least=1, **_FP8)
     fp8_amax_compute_algo: str = option(
         "most_recent", "Which amax of the history the delayed recipe uses.",
-        choices=AMAX_COMPUTE_ALGOS)
+        choices=AMAX_COMPUTE_ALGOS, **_FP8)
     fp8_param_gather: bool = option(
-        False, "Keep parameters in FP8 and all-gather them in FP8 (distributed optimizer).")
+        False, "Keep parameters in FP8 and all-gather them in FP8 (distributed optimizer).",
+        megatron="fp8_param", megatron_if="is_fp8")
     first_last_layers_bf16: bool = option(
-        False, "Run the first and last transformer layers in bf16 under FP8.")
+        False, "Run the first and last transformer layers in bf16 under FP8.", **_FP8)
     recompute_granularity: Optional[str] = option(
         None, "Activation recompute: selective (attention core) or full (whole layers); "
-        "unset: off.", choices=RECOMPUTE_GRANULARITIES)
+        "unset: off.", choices=RECOMPUTE_GRANULARITIES, megatron=True, megatron_if="recomputes")
     recompute_method: Optional[str] = option(
         None, "With full recompute: uniform or block (unset: uniform).",
-        choices=RECOMPUTE_METHODS)
+        choices=RECOMPUTE_METHODS, **_FULL_RECOMPUTE)
     recompute_num_layers: Optional[int] = option(
         None, "With full recompute: layers per recompute chunk (uniform) or recomputed layers "
-        "per stage (block); unset: 1.", at_least=1)
+        "per stage (block); unset: 1.", at_least=1, **_FULL_RECOMPUTE)
     overlap_grad_reduce: bool = option(
         False, "Reduce gradients bucket by bucket during the backward pass instead of after it.")
     overlap_param_gather: bool = option(
@@ -158,7 +170,7 @@ class PerformanceConfig:
         "optimizer, with --overlap-grad-reduce).")
     tp_comm_overlap: bool = option(
         False, "Overlap tensor-parallel communication with GEMMs (Transformer Engine "
-        "userbuffers, with --sequence-parallel).")
+        "userbuffers, with --sequence-parallel).", megatron=True)
     ddp_bucket_size: Optional[int] = option(
         None, "Elements per gradient-reduction bucket; unset: megatron-core's default.",
         at_least=1)
@@ -202,7 +214,36 @@ class PerformanceConfig:
                               "overlaps the gather only alongside the gradient reduction).")
 
     @property
+    def is_fp8(self) -> bool:
+        return self.fp8_format is not None
+
+    @property
+    def recomputes(self) -> bool:
+        return self.recompute_granularity is not None
+
+    @property
+    def full_recompute(self) -> bool:
+        return self.recompute_granularity == "full"
+
+    @property
+    def resolved_recompute_method(self) -> str:
+        return self.recompute_method or "uniform"
+
+    @property
+    def resolved_recompute_num_layers(self) -> int:
+        return self.recompute_num_layers or 1
+
+    @property
+    def resolved_attention_backend(self):
+        """megatron-core's `AttnBackend` member of --attention-backend."""
+        from megatron.core.transformer.enums import AttnBackend
+
+        return AttnBackend[self.attention_backend]
+
+    @property
     def params_dtype(self) -> torch.dtype:
+        import torch
+
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
     @property
@@ -266,10 +307,48 @@ class PerformanceConfig:
         if padding and self.fp8_format is None:
             raise ConfigError(f"{padding[0]} pads routed tokens for FP8 GEMMs, and this run has "
                               f"no FP8: add --fp8-format hybrid (or e4m3), or drop it.")
+        self._check_fp8_parameters(model)
         if model.moe_layer_recompute and self.recompute_granularity == "full":
             raise ConfigError("--moe-layer-recompute is selective recompute of the MoE layers, "
                               "and --recompute-granularity full already recomputes whole "
                               "layers (megatron-core refuses both): drop one of them.")
+
+    def _check_fp8_parameters(self, model: ModelConfig) -> None:
+        """--fp8-param-gather builds every Transformer Engine linear's weight as an FP8 tensor
+        (megatron-core wraps each layer's construction in TE's fp8_model_init). Two of our init
+        steps act on weights after that, and TE 2.11 cannot serve either:
+
+        - the fp32 main weights of the distributed optimizer are taken from the copy TE keeps
+          of each weight's value before it was cast to FP8 (`get_high_precision_init_val`,
+          transformer_engine/pytorch/module/base.py, read by megatron-core 0.16.1's
+          distrib_optimizer.py), which is made inside the module's constructor; after the first
+          update the FP8 weights are cast from those main weights, so any change made to a
+          weight after its construction is lost;
+        - DeepNorm scales only the value rows of the QKV weight (model/layers.py): a slice of a
+          Float8Tensor keeps the whole tensor's scale and transpose (Float8Tensor.make_like in
+          tensor/float8_tensor.py), and QuantizedTensor's in-place ops dequantize the slice and
+          quantize it back with them (quantized_tensor.py), so the Q and K rows change scale
+          under current scaling and the transpose no longer matches.
+
+        Hence DeepNorm's weight scaling (model/layers.py) and the experts' layout-independent
+        redraw (model/seeding.py, `weight.copy_`) are refused with FP8 parameters."""
+        if not self.fp8_param_gather:
+            return
+        from spannorm_megatron.placements import PLACEMENTS
+
+        if PLACEMENTS[model.norm_placement].scales_built_weights:
+            raise ConfigError(
+                f"--fp8-param-gather keeps weights in FP8 from their construction, and "
+                f"--norm-placement {model.norm_placement} scales its linear weights after "
+                f"that (part of the QKV weight in place), which FP8 weights cannot take and the "
+                f"optimizer's fp32 main weights would not see: drop --fp8-param-gather, or use "
+                f"another placement.")
+        if model.is_moe:
+            raise ConfigError(
+                "--fp8-param-gather keeps weights in FP8 from their construction, and MoE "
+                "models (--num-experts) redraw each expert's weights after it, so that they "
+                "do not depend on the expert-parallel layout; the optimizer's fp32 main weights "
+                "would keep megatron-core's first draw: drop --fp8-param-gather for MoE models.")
 
     def check_environment(self) -> None:
         """Transformer Engine's attention switches in the environment must say what
@@ -351,28 +430,11 @@ class PerformanceConfig:
                 f"--context-parallel-size 1, or run with Transformer Engine on a GPU.")
 
     def transformer_kwargs(self) -> dict:
-        """`TransformerConfig` fields (precision, attention, FP8, recompute, TP overlap). The
-        fusions this run allows, where their kernels run for a model, are the model's to say
+        """`TransformerConfig` fields (precision, attention, FP8, recompute, TP overlap): the
+        fields declared `megatron=`, and the parameters' dtype. The fusions this run allows,
+        where their kernels run for a model, are the model's to say
         (`model.fusions.runnable_fusions`)."""
-        from megatron.core.transformer.enums import AttnBackend
-
-        kwargs = dict(bf16=self.bf16, fp16=self.fp16, params_dtype=self.params_dtype,
-                      tp_comm_overlap=self.tp_comm_overlap,
-                      attention_softmax_in_fp32=self.attention_softmax_in_fp32,
-                      attention_backend=AttnBackend[self.attention_backend])
-        if self.fp8_format is not None:
-            kwargs.update(fp8=self.fp8_format, fp8_recipe=self.fp8_recipe,
-                          fp8_margin=self.fp8_margin,
-                          fp8_amax_history_len=self.fp8_amax_history_len,
-                          fp8_amax_compute_algo=self.fp8_amax_compute_algo,
-                          fp8_param=self.fp8_param_gather,
-                          first_last_layers_bf16=self.first_last_layers_bf16)
-        if self.recompute_granularity is not None:
-            kwargs["recompute_granularity"] = self.recompute_granularity
-        if self.recompute_granularity == "full":
-            kwargs.update(recompute_method=self.recompute_method or "uniform",
-                          recompute_num_layers=self.recompute_num_layers or 1)
-        return kwargs
+        return dict(megatron_kwargs(self), params_dtype=self.params_dtype)
 
     def ddp_kwargs(self, parallel: ParallelConfig) -> dict:
         """`DistributedDataParallelConfig` fields."""
@@ -395,6 +457,8 @@ class PerformanceConfig:
 
 
 def _device_capability() -> Tuple[int, int]:
+    import torch
+
     return tuple(torch.cuda.get_device_capability())
 
 
@@ -403,6 +467,8 @@ def _cpu_fp16_problem() -> Optional[str]:
     """Why float16 training cannot run on this CPU, or None: one step of what a GPT layer does
     (embedding, matmul, layer norm, GeLU, SiLU, softmax, dropout, backward), on a forked RNG.
     torch 2.13 runs all of it on CPU; an older build or another CPU backend may not."""
+    import torch
+
     F = torch.nn.functional
     try:
         with torch.random.fork_rng(devices=[]):

@@ -304,3 +304,28 @@ def build_gpt_datasets(
     datasets = tuple(builder.build())
     record_cache_fingerprints(data_prefixes(config), cache_path)
     return datasets
+
+
+_SPLIT_NAMES = ("train", "validation", "test")
+
+
+def describe_epochs(datasets: Sequence) -> Optional[str]:
+    """One line saying which splits megatron-core's GPTDataset repeats to give the samples asked
+    of it, with the numbers (it builds the epochs silently), or None when nothing repeats.
+    `datasets` is `build_gpt_datasets`'s (train, valid, test); mock data has no epochs."""
+    parts = []
+    for name, dataset in zip(_SPLIT_NAMES, datasets):
+        for part in getattr(dataset, "datasets", None) or [dataset]:  # a blend: each prefix
+            if part is None or type(part).__name__ == "MockGPTDataset" or not part.num_samples:
+                continue
+            tokens = part._get_num_tokens_per_epoch()  # megatron-core's own count and rule
+            epochs = part._get_num_epochs(tokens)
+            if epochs > 1:
+                parts.append(
+                    f"the {name} split of {part.dataset.path_prefix} {epochs} times ("
+                    f"{tokens:,} tokens an epoch; {part.num_samples:,} samples of "
+                    f"{part.config.sequence_length} tokens asked)")
+    if not parts:
+        return None
+    return ("the data is smaller than the run: megatron-core repeats (epochs) "
+            + "; ".join(parts) + ".")

@@ -47,15 +47,14 @@ class TokenizerOverrides:
                                        path="input_file")
     vocab_size: Optional[int] = option(None, "NullTokenizer: N.")
 
+    def given(self) -> Dict[str, object]:
+        """The flags as `recorded_tokenizer`'s keywords (None: not given)."""
+        return {name: getattr(self, name) for name in ("tokenizer_type", *FLAG_NAMES)}
+
 
 def add_tokenizer_override_flags(parser, title: str) -> None:
     """`TokenizerOverrides`' flags, in a group of their own."""
     add_arguments(parser.add_argument_group(title), TokenizerOverrides)
-
-
-def given_tokenizer_flags(args) -> Dict[str, object]:
-    """What `add_tokenizer_override_flags`' flags hold (None: not given)."""
-    return {name: getattr(args, name) for name in ("tokenizer_type", *FLAG_NAMES)}
 
 
 # --------------------------------------------------------------------------------- HF folders
@@ -90,6 +89,12 @@ def tokenizer_sha256(config: TokenizerConfig) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------- records
+HF_TOKENIZER_KEY = "hf_tokenizer_folder"
+"""The run-record key of a checkpoint converted from a Hugging Face folder that names the copy
+of that folder's tokenizer beside it (`hf.importer`): read by `recorded_tokenizer` as a
+HuggingFaceTokenizer, not by training's check of the tokenizer a run was trained with."""
+
+
 def recorded_tokenizer(record_args: Optional[dict], **given) -> Tuple[Optional[TokenizerConfig],
                                                                       str]:
     """The tokenizer a tool (evaluate, generate, export) uses for a checkpoint: the flags given
@@ -100,6 +105,9 @@ def recorded_tokenizer(record_args: Optional[dict], **given) -> Tuple[Optional[T
     Returns (config, "") or (None, why there is none): nothing given and nothing recorded, or a
     recorded file that is not here. Flags that do not fit are left for `check_tokenizer_args`."""
     record_args = record_args if isinstance(record_args, dict) else {}
+    if record_args.get(HF_TOKENIZER_KEY) and not record_args.get("tokenizer_type"):
+        record_args = dict(record_args, tokenizer_type="HuggingFaceTokenizer",
+                           tokenizer_model=record_args[HF_TOKENIZER_KEY])
     given = {k: v for k, v in given.items() if v is not None}
     # A record without a type names a SentencePiece model (the only type there once was).
     recorded_type = record_args.get("tokenizer_type") or (

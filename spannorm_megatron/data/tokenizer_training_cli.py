@@ -26,7 +26,7 @@ from typing import List, Optional
 
 from spannorm_megatron.data.cli import run_cli
 from spannorm_megatron.data.tokenizer_training import TokenizerTrainingConfig
-from spannorm_megatron.config.options import add_arguments, from_namespace, parse_options
+from spannorm_megatron.config.options import add_arguments, parse_sections
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,14 +41,14 @@ def train(argv: Optional[List[str]] = None) -> int:
     """Parse `argv` and train; a bad input raises DataError."""
     from spannorm_megatron.data.tokenizer_training import train_sentencepiece
 
-    args = parse_options(build_parser(), [TokenizerTrainingConfig], argv)
-    if "<EOD>" not in args.control_symbols and "<EOD>" not in args.user_defined_symbols:
+    (config,) = parse_sections(build_parser(), [TokenizerTrainingConfig], argv)
+    if "<EOD>" not in config.control_symbols and "<EOD>" not in config.user_defined_symbols:
         print(
             "warning: --control-symbols has no <EOD>; Megatron-style tokenizers will append "
             "Megatron-LM's special pieces past the vocabulary",
             file=sys.stderr,
         )
-    train_sentencepiece(from_namespace(TokenizerTrainingConfig, args))
+    train_sentencepiece(config)
     return 0
 
 

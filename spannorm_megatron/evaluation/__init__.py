@@ -9,7 +9,16 @@ model and tokenizer with the conversion tools' code), `scoring` (batches, the tw
 totals), `cli` (the command line).
 """
 
-from .scoring import Result, score_text
-from .text import EvalTokenizer, EvaluationError
+# Loaded on first use, so that `spannorm-evaluate --help` answers without importing torch.
+_EXPORTS = {"Result": "scoring", "score_text": "scoring", "EvalTokenizer": "text",
+            "EvaluationError": "text"}
 
-__all__ = ["EvalTokenizer", "EvaluationError", "Result", "score_text"]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

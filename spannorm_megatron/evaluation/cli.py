@@ -38,10 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from spannorm_megatron.data.tokenizer_args import add_tokenizer_override_flags
-from spannorm_megatron.hf.cli import DEVICES, hide_gpu_for_cpu_runs, run_cli
-from spannorm_megatron.hf.export import DTYPES
-from spannorm_megatron.config.options import add_arguments, option, parse_options
+from spannorm_megatron.data.tokenizer_args import TokenizerOverrides, add_tokenizer_override_flags
+from spannorm_megatron.hf.cli import DEVICES, DTYPE_NAMES, hide_gpu_for_cpu_runs, run_cli
+from spannorm_megatron.config.options import add_arguments, option, parse_sections
 
 TOKENIZER_FLAGS_TITLE = ("tokenizer (Megatron-LM's flags; default: the HF folder's own, else "
                          "the run's, completed from its record when only a file is given)")
@@ -70,7 +69,7 @@ class EvaluateOptions:
     device: str = option("auto", "Hugging Face folders (megatron checkpoints: the runtime's "
                          "device).", choices=DEVICES)
     dtype: Optional[str] = option(None, "Default: float32 on CPU, bfloat16 on GPU.",
-                                  choices=tuple(DTYPES))
+                                  choices=DTYPE_NAMES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,11 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate(argv: Optional[List[str]] = None) -> int:
     """Parse `argv` and evaluate; bad input raises a UserError."""
-    args = parse_options(build_parser(), [EvaluateOptions], argv)
+    options, tokenizer_flags = parse_sections(
+        build_parser(), [EvaluateOptions, TokenizerOverrides], argv)
     import torch
 
     from spannorm_megatron.config.parallel import ParallelConfig
-    from spannorm_megatron.data.tokenizer_args import given_tokenizer_flags
     from spannorm_megatron.evaluation import models
     from spannorm_megatron.evaluation.scoring import (
         HFScorer,
@@ -104,53 +103,57 @@ def evaluate(argv: Optional[List[str]] = None) -> int:
     from spannorm_megatron.hf.export import parse_dtype
     from spannorm_megatron.hf.generation import is_hf_folder, load_hf_model
 
-    if not os.path.exists(args.load):
-        raise EvaluationError(f"--load {args.load} does not exist.")
-    if args.micro_batch_size is not None and args.micro_batch_size < 1:
-        raise EvaluationError(f"--micro-batch-size {args.micro_batch_size} must be >= 1.")
-    if args.max_bytes < 0:
-        raise EvaluationError(f"--max-bytes {args.max_bytes} must be >= 0 (0: the whole file).")
-    total_bytes = check_text_file(args.input, args.max_bytes)  # before any model is loaded
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if not os.path.exists(options.load):
+        raise EvaluationError(f"--load {options.load} does not exist.")
+    if options.micro_batch_size is not None and options.micro_batch_size < 1:
+        raise EvaluationError(f"--micro-batch-size {options.micro_batch_size} must be >= 1.")
+    if options.max_bytes < 0:
+        raise EvaluationError(
+            f"--max-bytes {options.max_bytes} must be >= 0 (0: the whole file).")
+    # before any model is loaded
+    total_bytes = check_text_file(options.input, options.max_bytes)
+    if options.device == "cuda" and not torch.cuda.is_available():
         raise EvaluationError("--device cuda: no GPU is available here; use --device cpu.")
-    device = "cuda" if args.device == "cuda" or (args.device == "auto"
-                                                 and torch.cuda.is_available()) else "cpu"
-    dtype = parse_dtype(args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    device = "cuda" if options.device == "cuda" or (options.device == "auto"
+                                                    and torch.cuda.is_available()) else "cpu"
+    dtype = parse_dtype(options.dtype or ("bfloat16" if device == "cuda" else "float32"))
 
-    hf = is_hf_folder(args.load)
+    hf = is_hf_folder(options.load)
     rank = int(os.environ.get("RANK", "0"))
     if hf:
         if models.world_size() > 1:
             raise EvaluationError("A Hugging Face folder is evaluated by one process: run "
                                   "tools/evaluate.py without torchrun.")
-        model = load_hf_model(args.load, dtype, device)
-        tokenizer = models.resolve_tokenizer(**given_tokenizer_flags(args), hf_folder=args.load)
+        model = load_hf_model(options.load, dtype, device)
+        tokenizer = models.resolve_tokenizer(**tokenizer_flags.given(), hf_folder=options.load)
         vocab = model.config.vocab_size
-        config_json = json.loads(Path(args.load, "config.json").read_text())
-        seq_length = args.seq_length or int(config_json.get("max_position_embeddings") or 2048)
+        config_json = json.loads(Path(options.load, "config.json").read_text())
+        seq_length = options.seq_length or int(
+            config_json.get("max_position_embeddings") or 2048)
         learned = (config_json.get("megatron_model_config") or {}).get(
             "position_embedding_type") == "learned_absolute"
         max_positions = int(config_json.get("max_position_embeddings") or seq_length)
     else:
-        parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                                  pipeline_model_parallel_size=args.pipeline_model_parallel_size)
-        config, chunks, record = models.load_megatron(args.load, parallel, args.model_config,
-                                                      dtype)
-        tokenizer = models.resolve_tokenizer(**given_tokenizer_flags(args), run_record=record)
+        parallel = ParallelConfig(
+            tensor_model_parallel_size=options.tensor_model_parallel_size,
+            pipeline_model_parallel_size=options.pipeline_model_parallel_size)
+        config, chunks, record = models.load_megatron(options.load, parallel,
+                                                      options.model_config, dtype)
+        tokenizer = models.resolve_tokenizer(**tokenizer_flags.given(), run_record=record)
         vocab = config.vocab_size
-        seq_length = args.seq_length or models.default_seq_length(config)
+        seq_length = options.seq_length or models.default_seq_length(config)
         learned = config.position_embedding_type == "learned_absolute"
         max_positions = config.max_sequence_length
     models.check_seq_length(seq_length, max_positions, learned)
     if tokenizer.vocab_size > vocab:
         raise EvaluationError(f"The tokenizer ({tokenizer.name}) has {tokenizer.vocab_size} ids "
                               f"but the model only {vocab}: they do not belong together.")
-    micro_batch_size = args.micro_batch_size or max(1, 8192 // seq_length)
+    micro_batch_size = options.micro_batch_size or max(1, 8192 // seq_length)
     scorer = (HFScorer(model, micro_batch_size, seq_length) if hf
               else MegatronScorer(chunks, micro_batch_size, seq_length))
     try:
-        result = score_text(scorer, windows(read_blocks(args.input, max_bytes=args.max_bytes),
-                                            tokenizer, seq_length),
+        blocks = read_blocks(options.input, max_bytes=options.max_bytes)
+        result = score_text(scorer, windows(blocks, tokenizer, seq_length),
                             total_bytes=total_bytes, micro_batch_size=micro_batch_size,
                             seq_length=seq_length,
                             progress=stderr_progress if rank == 0 else None)
@@ -160,14 +163,14 @@ def evaluate(argv: Optional[List[str]] = None) -> int:
 
             destroy()
     record_out = {**result.to_dict(), "source": "huggingface" if hf else "megatron",
-                  "load": os.path.abspath(args.load), "input": os.path.abspath(args.input),
+                  "load": os.path.abspath(options.load), "input": os.path.abspath(options.input),
                   "tokenizer": tokenizer.name}
     if rank == 0:
         print(f"loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | bits/byte "
               f"{result.bits_per_byte:.4f} | {result.tokens:,} tokens, {result.bytes:,} bytes "
               f"scored in {result.windows:,} windows of {seq_length}", flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(record_out, indent=1) + "\n")
+        if options.json:
+            Path(options.json).write_text(json.dumps(record_out, indent=1) + "\n")
     return 0
 
 

@@ -130,9 +130,15 @@ def default_seq_length(config: ModelConfig) -> int:
 
 
 def check_seq_length(seq_length: int, max_positions: int, learned_positions: bool) -> None:
+    """A window the model has positions for. Megatron-LM refuses a --seq-length above
+    --max-position-embeddings whatever the position embedding: rotary ones could be computed
+    further, but the model never saw those positions and its scores there mean little."""
     if seq_length < 2:
         raise EvaluationError(f"--seq-length {seq_length} must be >= 2 (one token to read, one "
                               f"to score).")
-    if learned_positions and seq_length > max_positions:
-        raise EvaluationError(f"--seq-length {seq_length} is longer than the model's "
-                              f"{max_positions} learned positions; pass at most {max_positions}.")
+    if seq_length > max_positions:
+        kind = "learned positions" if learned_positions else "positions"
+        raise EvaluationError(
+            f"--seq-length {seq_length} is longer than the model's {max_positions} {kind} "
+            f"(its max_position_embeddings; Megatron-LM refuses a --seq-length above it too): "
+            f"pass at most {max_positions}, or leave --seq-length out to use {max_positions}.")

@@ -18,6 +18,12 @@ def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv=None) -> 
     return shared_run_cli(main, argv, interrupted="interrupted; nothing was published")
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+"""`--dtype` of the tools (the torch dtypes: `hf.export.DTYPES`, read only when a tool runs)."""
+
+EXPORT_FORMATS = ("auto", "native", "spannorm")
+"""`spannorm-convert-to-hf --format`: a native class when it can hold the model, or ours."""
+
 DEVICES = ("auto", "cpu", "cuda")
 """`--device` of the tools that run a model: auto takes the GPU when there is one."""
 

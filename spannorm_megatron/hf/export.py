@@ -39,6 +39,7 @@ import torch
 
 from spannorm_megatron.checkpoint.save import storage_problem
 from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.hf.cli import DTYPE_NAMES, EXPORT_FORMATS
 from spannorm_megatron.hf.destination import (
     EXPORT_MARKER,
     check_destination,
@@ -62,8 +63,8 @@ if TYPE_CHECKING:  # the tokenizer modules load only when an export ships a toke
     from spannorm_megatron.data.tokenizer_args import TokenizerConfig
     from spannorm_megatron.hf.tokenizer_export import ExportTokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FORMATS = ("auto", "native", "spannorm")
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+FORMATS = EXPORT_FORMATS
 
 
 @dataclass

@@ -28,10 +28,9 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
-from spannorm_megatron.data.tokenizer_args import add_tokenizer_override_flags
-from spannorm_megatron.hf.cli import run_cli
-from spannorm_megatron.hf.export import DTYPES, FORMATS
-from spannorm_megatron.config.options import add_arguments, option, parse_options
+from spannorm_megatron.data.tokenizer_args import TokenizerOverrides, add_tokenizer_override_flags
+from spannorm_megatron.hf.cli import DTYPE_NAMES, EXPORT_FORMATS, run_cli
+from spannorm_megatron.config.options import add_arguments, option, parse_sections
 
 
 @dataclass
@@ -43,14 +42,14 @@ class ExportOptions:
     save: str = option(doc="Output folder.", required=True, metavar="HF_DIR",
                        path="output_folder")
     dtype: str = option("float32", "Weight dtype in the folder (default float32).",
-                        choices=tuple(DTYPES))
+                        choices=DTYPE_NAMES)
     max_shard_size: str = option("2GB", "Largest weight file, e.g. 2GB, 500MB (default 2GB).")
     model_config: Optional[str] = option(
         None, "ModelConfig as JSON (a dict, or a run record holding one); needed for checkpoints "
         "without a run record.", metavar="JSON", path="input_file")
     format: str = option(
         "auto", "auto: a native class when it can hold the model, else ours; native: refuse "
-        "otherwise; spannorm: always ours.", choices=FORMATS)
+        "otherwise; spannorm: always ours.", choices=EXPORT_FORMATS)
     overwrite: bool = option(False, "Replace an earlier export in --save (recognised by its "
                              "spannorm_export.json; nothing else is ever replaced).")
     allow_non_finite: bool = option(
@@ -71,16 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def convert(argv: Optional[List[str]] = None) -> int:
     """Parse `argv` and export; bad input raises a UserError."""
-    args = parse_options(build_parser(), [ExportOptions], argv)
+    options, tokenizer = parse_sections(build_parser(), [ExportOptions, TokenizerOverrides], argv)
     from spannorm_megatron.hf.export import export_checkpoint
 
-    export_checkpoint(args.load, args.save, dtype=args.dtype,
-                      tokenizer_model=args.tokenizer_model, tokenizer_type=args.tokenizer_type,
-                      vocab_file=args.vocab_file, merge_file=args.merge_file,
-                      vocab_size=args.vocab_size, max_shard_size=args.max_shard_size,
-                      model_config=args.model_config, fmt=args.format,
-                      verify_checksums=not args.no_verify_checksums, overwrite=args.overwrite,
-                      allow_non_finite=args.allow_non_finite,
+    export_checkpoint(options.load, options.save, dtype=options.dtype, **tokenizer.given(),
+                      max_shard_size=options.max_shard_size, model_config=options.model_config,
+                      fmt=options.format, verify_checksums=not options.no_verify_checksums,
+                      overwrite=options.overwrite, allow_non_finite=options.allow_non_finite,
                       log=lambda line: print(line, flush=True))
     return 0
 

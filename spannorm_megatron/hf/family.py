@@ -141,7 +141,7 @@ class Family:
     def mapping(self, config: ModelConfig) -> List[Entry]:
         """The family's one mapping; a rule no tensor of `config`'s model matches is unused."""
         # layer 0 has every norm slot: the others' and the first-layer-only ones
-        norms = export_rule(config.norm_placement).layer_norms(config, 0, native=self.native)
+        norms = export_rule(config.placement).layer_norms(config, 0, native=self.native)
         moe = f"{H}{self.moe}."
         return [
             Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight"),

@@ -27,10 +27,9 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
-from spannorm_megatron.data.tokenizer_args import add_tokenizer_override_flags
-from spannorm_megatron.hf.cli import DEVICES, hide_gpu_for_cpu_runs, run_cli
-from spannorm_megatron.hf.export import DTYPES
-from spannorm_megatron.config.options import add_arguments, option, parse_options
+from spannorm_megatron.data.tokenizer_args import TokenizerOverrides, add_tokenizer_override_flags
+from spannorm_megatron.hf.cli import DEVICES, DTYPE_NAMES, hide_gpu_for_cpu_runs, run_cli
+from spannorm_megatron.config.options import add_arguments, option, parse_sections
 
 
 @dataclass
@@ -60,7 +59,7 @@ class GenerateOptions:
         path="input_file")
     device: str = option("auto", "auto: the GPU when there is one.", choices=DEVICES)
     dtype: Optional[str] = option(None, "Default: float32 on CPU, bfloat16 on GPU.",
-                                  choices=tuple(DTYPES))
+                                  choices=DTYPE_NAMES)
     ignore_eos: bool = option(False, "Do not stop at </s> / <EOD>.")
     json: bool = option(False, "Print one JSON object (ids and text) instead of the text.")
 
@@ -78,36 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def generate(argv: Optional[List[str]] = None) -> int:
     """Parse `argv` and generate; bad input raises a UserError."""
-    args = parse_options(build_parser(), [GenerateOptions], argv)
+    options, prompt_flags, tokenizer_flags = parse_sections(
+        build_parser(), [GenerateOptions, PromptOptions, TokenizerOverrides], argv)
     import torch
 
     from spannorm_megatron.hf import generation as gen
     from spannorm_megatron.hf.errors import ConversionError
     from spannorm_megatron.hf.export import parse_dtype
 
-    sampling = gen.Sampling(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p)
+    sampling = gen.Sampling(greedy=options.greedy, temperature=options.temperature,
+                            top_k=options.top_k, top_p=options.top_p)
     sampling.validate()
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if options.device == "cuda" and not torch.cuda.is_available():
         raise ConversionError("--device cuda: no GPU is available here; use --device cpu.")
-    device = "cuda" if args.device == "cuda" or (args.device == "auto"
-                                                 and torch.cuda.is_available()) else "cpu"
-    dtype = parse_dtype(args.dtype or ("bfloat16" if device == "cuda" else "float32"))
-    if not os.path.exists(args.load):
-        raise ConversionError(f"--load {args.load} does not exist.")
+    device = "cuda" if options.device == "cuda" or (options.device == "auto"
+                                                    and torch.cuda.is_available()) else "cpu"
+    dtype = parse_dtype(options.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    if not os.path.exists(options.load):
+        raise ConversionError(f"--load {options.load} does not exist.")
 
-    from spannorm_megatron.data.tokenizer_args import given_tokenizer_flags, recorded_tokenizer
+    from spannorm_megatron.data.tokenizer_args import recorded_tokenizer
 
-    hf = gen.is_hf_folder(args.load)
-    given = given_tokenizer_flags(args)
+    hf = gen.is_hf_folder(options.load)
+    given = tokenizer_flags.given()
     tokenizer, why = None, "the folder has no tokenizer files"
     if hf and any(value is not None for value in given.values()):
         tokenizer = gen.TextTokenizer.of(recorded_tokenizer(None, **given)[0])
-    elif hf and gen.has_hf_tokenizer(args.load):
-        tokenizer = gen.TextTokenizer.huggingface(args.load)
+    elif hf and gen.has_hf_tokenizer(options.load):
+        tokenizer = gen.TextTokenizer.huggingface(options.load)
 
     if hf:
-        model = gen.load_hf_model(args.load, dtype, device)
+        model = gen.load_hf_model(options.load, dtype, device)
         step = gen.hf_stepper(model)
         vocab = model.config.vocab_size
         positions = getattr(model.config, "max_position_embeddings", None)
@@ -115,28 +115,28 @@ def generate(argv: Optional[List[str]] = None) -> int:
         from spannorm_megatron.hf.megatron_reader import MegatronCheckpoint, load_megatron_model
         from spannorm_megatron.process import initialize
 
-        ckpt = MegatronCheckpoint(args.load, args.model_config)  # checks before any set-up
+        ckpt = MegatronCheckpoint(options.load, options.model_config)  # checks before any set-up
         # the flags given, completed from the run record (a moved model file keeps its type)
         config, why = recorded_tokenizer((ckpt.run_record or {}).get("args"), **given)
         tokenizer = gen.TextTokenizer.of(config) if config is not None else None
-        initialize(seed=args.seed)
+        initialize(seed=options.seed)
         _config, model = load_megatron_model(ckpt, dtype=dtype)
         step = gen.megatron_stepper(model)
         vocab = _config.vocab_size
         positions = _config.max_sequence_length
 
-    if args.prompt_ids is not None:
+    if prompt_flags.prompt_ids is not None:
         try:
-            prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+            prompt = [int(x) for x in prompt_flags.prompt_ids.split(",") if x.strip()]
         except ValueError:
-            raise ConversionError(f"--prompt-ids {args.prompt_ids!r} must be comma-separated "
-                                  f"integers.") from None
+            raise ConversionError(f"--prompt-ids {prompt_flags.prompt_ids!r} must be "
+                                  f"comma-separated integers.") from None
     else:
         if tokenizer is None:
             raise ConversionError(f"No tokenizer for --prompt ({why}): pass the tokenizer flags "
                                   f"(--tokenizer-type with --tokenizer-model, --vocab-file and "
                                   f"--merge-file, or --vocab-size), or --prompt-ids.")
-        prompt = tokenizer.encode(args.prompt)
+        prompt = tokenizer.encode(prompt_flags.prompt)
     bad = [i for i in prompt if not 0 <= i < vocab]
     if bad:
         raise ConversionError(f"Prompt ids {bad[:5]} are outside the model's vocabulary "
@@ -144,19 +144,22 @@ def generate(argv: Optional[List[str]] = None) -> int:
     if tokenizer is not None and tokenizer.vocab_size > vocab:
         raise ConversionError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only "
                               f"{vocab}: they do not belong together.")
-    stop = [] if args.ignore_eos or tokenizer is None else tokenizer.stop_ids
-    out = gen.generate(step, prompt, args.max_new_tokens, sampling, stop_ids=stop, seed=args.seed,
+    stop = [] if options.ignore_eos or tokenizer is None else tokenizer.stop_ids
+    out = gen.generate(step, prompt, options.max_new_tokens, sampling, stop_ids=stop,
+                       seed=options.seed,
                        vocab_limit=tokenizer.vocab_size if tokenizer is not None else None,
                        max_positions=positions, progress=lambda n: print(
-                           f"[generate] {n}/{args.max_new_tokens} tokens", file=sys.stderr,
+                           f"[generate] {n}/{options.max_new_tokens} tokens", file=sys.stderr,
                            flush=True))
     text = tokenizer.decode(out) if tokenizer is not None else None
-    if args.json:
+    if options.json:
         print(json.dumps({"source": "huggingface" if hf else "megatron", "prompt_ids": prompt,
                           "output_ids": out, "text": text}))
+    elif tokenizer is None:
+        print(" ".join(map(str, out)))
     else:
-        print((tokenizer.decode(prompt) if args.prompt is None else args.prompt) + text
-              if tokenizer is not None else " ".join(map(str, out)))
+        shown = tokenizer.decode(prompt) if prompt_flags.prompt is None else prompt_flags.prompt
+        print(shown + text)
     return 0
 
 

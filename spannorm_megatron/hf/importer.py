@@ -15,6 +15,11 @@ it, from the group (embedding, one layer, final) converted from the HF weights l
 holds one group, not the model. The result is a `spannorm_megatron.checkpoint` checkpoint
 (iteration 0 by default, no optimizer or RNG state): training loads it with ``--no-load-optim``
 (`load_checkpoint(..., no_load_optim=True)` or ``finetune=True``).
+
+The folder's tokenizer files are copied, unchanged, into ``SAVE/tokenizer`` and the run record
+names that folder (`HF_TOKENIZER_KEY`): the export, evaluation and generation of the checkpoint
+use it as a HuggingFaceTokenizer unless given another, so HF -> megatron -> HF gives back the
+same tokenizer files. Training is not bound to it (a run records the tokenizer it was given).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from spannorm_megatron.checkpoint import TRACKER_FILENAME, iteration_dirname, save_checkpoint
 from spannorm_megatron.checkpoint.streaming import StreamingSaveStrategy
 from spannorm_megatron.config.parallel import ParallelConfig
+from spannorm_megatron.data.tokenizer_args import HF_TOKENIZER_KEY
 from spannorm_megatron.hf.destination import IMPORT_MARKER, check_destination, write_marker
 from spannorm_megatron.hf.errors import ConversionError, tensor_mismatches
 from spannorm_megatron.hf.families import model_config_from_hf
@@ -40,6 +46,8 @@ from spannorm_megatron.hf.safetensors_io import SafetensorsFolder
 from spannorm_megatron.hf.tensors import count_non_finite
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+TOKENIZER_DIRNAME = "tokenizer"
+"""Where the HF folder's tokenizer files go, inside the save directory."""
 
 
 def read_hf_config(directory: str) -> dict:
@@ -189,10 +197,20 @@ def convert_hf_to_megatron(
     tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
     world = _world_size()
     if world % (tp * pp):
+        flags = [f"--load {load}", f"--save {save}"] + [
+            f"{flag} {value}" for flag, value, default in (
+                ("--tensor-model-parallel-size", tp, 1),
+                ("--pipeline-model-parallel-size", pp, 1),
+                ("--expert-model-parallel-size", ep, 1), ("--dtype", dtype, "float32"),
+                ("--iteration", iteration, 0)) if value != default]
+        flags += [flag for flag, on in (("--overwrite", overwrite),
+                                        ("--allow-non-finite", allow_non_finite)) if on]
         raise ConversionError(
             f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} does not "
-            f"fit {world} process(es): launch with torchrun --nproc_per_node {tp * pp} (or a "
-            f"multiple), or run TP1/PP1 in a single process.")
+            f"fit {world} process(es): each rank writes its own part of the files. Run: "
+            f"torchrun --standalone --nproc_per_node {tp * pp} tools/convert_from_hf.py "
+            + " ".join(flags) + ". Or convert in one process without the layout flags: the "
+            "checkpoint reshards, so a TP1/PP1 one trains under any layout.")
     save = check_destination(save, overwrite, f"save iteration {iteration} into it",
                              source=load, marker=IMPORT_MARKER)
     created = not os.path.exists(save)
@@ -240,17 +258,25 @@ def convert_hf_to_megatron(
     if materialized:  # they would be written as built, not converted
         raise ConversionError(f"internal: built off the meta device: {materialized[:4]}")
     producer = GroupProducer(hf, log=say)
+    tokenizer_files = _tokenizer_files(load)
+    args = {"converted_from_hf": os.path.abspath(load)}
+    if tokenizer_files:
+        args[HF_TOKENIZER_KEY] = os.path.join(save, TOKENIZER_DIRNAME)
     if rank == 0:
         # Marked before anything else is written, so that a rerun with --overwrite recognises
         # even a killed conversion's directory as its own.
         os.makedirs(save, exist_ok=True)
         write_marker(save, IMPORT_MARKER, {"converted_from_hf": os.path.abspath(load)},
-                     entries=(TRACKER_FILENAME, iteration_dirname(iteration)))
+                     entries=(TRACKER_FILENAME, iteration_dirname(iteration))
+                     + ((TOKENIZER_DIRNAME,) if tokenizer_files else ()))
     try:
+        if rank == 0 and tokenizer_files:
+            _copy_tokenizer(load, tokenizer_files, args[HF_TOKENIZER_KEY])
+            say(f"[convert_from_hf] tokenizer: {', '.join(tokenizer_files)} -> "
+                f"{args[HF_TOKENIZER_KEY]}")
         path = save_checkpoint(
             save, iteration, chunks, None, None, model_config=config, parallel_config=parallel,
-            consumed_train_samples=0, no_save_rng=True,
-            args={"converted_from_hf": os.path.abspath(load)},
+            consumed_train_samples=0, no_save_rng=True, args=args,
             sharded_strategy=StreamingSaveStrategy(producer.produce, producer.order))
     except BaseException:
         if created and rank == 0:
@@ -258,3 +284,23 @@ def convert_hf_to_megatron(
         raise
     say(f"[convert_from_hf] wrote {path}")
     return path
+
+
+def _tokenizer_files(folder: str) -> Tuple[str, ...]:
+    """The HF folder's tokenizer files; none when it has no tokenizer (a model-only folder)."""
+    from spannorm_megatron.config.tokenizer_files import hf_tokenizer_files
+    from spannorm_megatron.errors import TokenizerError
+
+    try:
+        return tuple(hf_tokenizer_files(folder))
+    except TokenizerError:
+        return ()
+
+
+def _copy_tokenizer(folder: str, names, destination: str) -> None:
+    """The files as they are (an earlier conversion's copy, listed in its marker, replaced)."""
+    if os.path.isdir(destination):
+        shutil.rmtree(destination)
+    os.makedirs(destination)
+    for name in names:
+        shutil.copyfile(os.path.join(folder, name), os.path.join(destination, name))

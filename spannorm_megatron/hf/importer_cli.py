@@ -24,9 +24,8 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
-from spannorm_megatron.hf.cli import run_cli
-from spannorm_megatron.hf.export import DTYPES
-from spannorm_megatron.config.options import add_arguments, option, parse_options
+from spannorm_megatron.hf.cli import DTYPE_NAMES, run_cli
+from spannorm_megatron.config.options import add_arguments, option, parse_sections
 
 
 @dataclass
@@ -41,7 +40,7 @@ class ImportOptions:
     pipeline_model_parallel_size: int = option(1, "Pipeline stages the files are split for.")
     expert_model_parallel_size: int = option(1, "Expert-parallel ranks the files are split for.")
     dtype: str = option("float32", "Dtype of the saved weights (default float32).",
-                        choices=tuple(DTYPES))
+                        choices=DTYPE_NAMES)
     iteration: int = option(0, "Iteration to save as (default 0).")
     overwrite: bool = option(False, "Replace an earlier conversion in --save (recognised by "
                              "its spannorm_import.json; nothing else is ever replaced).")
@@ -58,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def convert(argv: Optional[List[str]] = None) -> int:
     """Parse `argv` and import; bad input raises a UserError."""
-    args = parse_options(build_parser(), [ImportOptions], argv)
+    (options,) = parse_sections(build_parser(), [ImportOptions], argv)
     import torch
 
     from spannorm_megatron.hf.importer import convert_hf_to_megatron
@@ -67,12 +66,12 @@ def convert(argv: Optional[List[str]] = None) -> int:
     ours = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     try:
         convert_hf_to_megatron(
-            args.load, args.save,
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            expert_model_parallel_size=args.expert_model_parallel_size,
-            dtype=args.dtype, iteration=args.iteration, overwrite=args.overwrite,
-            allow_non_finite=args.allow_non_finite, log=lambda line: print(line, flush=True))
+            options.load, options.save,
+            tensor_model_parallel_size=options.tensor_model_parallel_size,
+            pipeline_model_parallel_size=options.pipeline_model_parallel_size,
+            expert_model_parallel_size=options.expert_model_parallel_size,
+            dtype=options.dtype, iteration=options.iteration, overwrite=options.overwrite,
+            allow_non_finite=options.allow_non_finite, log=lambda line: print(line, flush=True))
     finally:
         if ours and torch.distributed.is_available() and torch.distributed.is_initialized():
             destroy()  # only the process group this run created

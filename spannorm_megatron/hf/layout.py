@@ -58,7 +58,7 @@ def _norm(prefix: str, hidden: int, layer_norm: bool) -> List[Tuple[str, Shape]]
 
 def layer_params(config: ModelConfig, layer: int) -> List[Tuple[str, Shape]]:
     """(local name, shape) of one layer's parameters, e.g. ``self_attention.linear_qkv.weight``."""
-    rule = export_rule(config.norm_placement)
+    rule = export_rule(config.placement)
     h = config.hidden_size
     bias = config.add_bias_linear
     layer_norm = config.normalization == "LayerNorm"
@@ -181,7 +181,7 @@ class CheckpointLayout:
             moe: dict(layer_spec(config, transformer_engine=False, moe=moe)
                       .submodules.sharded_state_dict_keys_map or {})
             for moe in ({False, True} if config.is_moe else {False})}
-        rule = export_rule(config.norm_placement)
+        rule = export_rule(config.placement)
         self.first_layer_slots = set(rule.first_layer_norms)
         self.groups = megatron_groups(config)
         # megatron-core saves dense and MoE layers mixed (--moe-layer-freq) one layer at a time,

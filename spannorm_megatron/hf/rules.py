@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from typing import List, Tuple
 
 from spannorm_megatron.config.model import ModelConfig
-from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.hf.errors import ConversionError
-from spannorm_megatron.placements import Placement, get_placement, no_residual_scale
+from spannorm_megatron.placements import Placement, no_residual_scale
 
 REMOTE_CODE_PLACEMENTS = ("prenorm", "postnorm", "spannorm", "deepnorm", "perinorm",
                           "spannorm_clean")
@@ -57,19 +56,16 @@ class ExportRule:
         return {"residual_scale": self.placement.residual_scale(config.num_layers)}
 
 
-def export_rule(placement: str) -> ExportRule:
-    """The rule for `placement`, or a ConversionError naming the placements that have one."""
-    try:
-        registered = get_placement(placement)
-    except ConfigError as error:
-        raise ConversionError(str(error)) from None
-    if placement not in REMOTE_CODE_PLACEMENTS and registered.native_norms is None:
+def export_rule(placement: Placement) -> ExportRule:
+    """The rule for `placement` (a model's `ModelConfig.placement`), or a ConversionError naming
+    the placements that have one."""
+    if placement.name not in REMOTE_CODE_PLACEMENTS and placement.native_norms is None:
         raise ConversionError(
-            f"norm_placement={placement!r} has no Hugging Face export rule: our own class "
+            f"norm_placement={placement.name!r} has no Hugging Face export rule: our own class "
             f"computes {list(REMOTE_CODE_PLACEMENTS)} and no native transformers class computes "
             f"it. Add its equation to spannorm_megatron/hf/remote_code/modeling_spannorm.py "
             f"(and the name to REMOTE_CODE_PLACEMENTS), or give the placement native_norms.")
-    return ExportRule(registered)
+    return ExportRule(placement)
 
 
 def own_class_problems(config: ModelConfig) -> List[str]:
@@ -146,7 +142,7 @@ def native_problems(config: ModelConfig) -> List[str]:
     from spannorm_megatron.model.scale_init import forward_branch_scale
     from spannorm_megatron.model.specs import final_norm_enabled
 
-    rule = export_rule(config.norm_placement)
+    rule = export_rule(config.placement)
     problems = []
     if rule.placement.native_norms is None:
         problems.append(f"norm_placement={config.norm_placement!r} (Llama-family classes are "

@@ -48,7 +48,7 @@ class SpanNorm(Family):
         from spannorm_megatron.model.scale_init import forward_branch_scale, resolved_scale_init
         from spannorm_megatron.model.specs import final_norm_enabled
 
-        rule = export_rule(config.norm_placement)
+        rule = export_rule(config.placement)
         moe = config.is_moe
         ours = {
             "auto_map": {

@@ -166,10 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: Optional[List[str]] = None) -> PropagationCommand:
     """The command line, parsed into its sections and checked."""
+    # --help, a mistyped flag, a path not of its kind: before torch loads
+    namespace = parse_options(build_parser(), [owner for _, owner in SECTIONS], argv)
     from spannorm_megatron.lab.propagation import ProbeSettings, check_grid
     from spannorm_megatron.placements import get_placement
 
-    namespace = parse_options(build_parser(), [owner for _, owner in SECTIONS], argv)
     grid, model, batch, training, output = (from_namespace(owner, namespace)
                                             for _, owner in SECTIONS)
     placements = _split(grid.placements)
@@ -203,6 +204,7 @@ def parse(argv: Optional[List[str]] = None) -> PropagationCommand:
 
 
 def run(argv: Optional[List[str]] = None) -> List[str]:
+    command = parse(argv)
     import torch
 
     from spannorm_megatron.lab.batch import make_batch
@@ -211,7 +213,6 @@ def run(argv: Optional[List[str]] = None) -> List[str]:
     from spannorm_megatron.runtime import destroy
     from spannorm_megatron.process import initialize
 
-    command = parse(argv)
     out, batch_options, settings = command.output, command.batch, command.settings
     if out.from_json:
         from spannorm_megatron.lab.results import load_json

@@ -60,3 +60,27 @@ def current_rss_bytes():
     except (OSError, ValueError, IndexError):
         return None
     return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_resident_high_water_mark() -> bool:
+    """Reset this process's peak resident set size (Linux: `5` into /proc/self/clear_refs) so
+    that `resident_high_water_bytes` measures from now on; False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def resident_high_water_bytes():
+    """Peak resident set size since the process started or since the last
+    `reset_resident_high_water_mark` (VmHWM of /proc/self/status), or None without it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -193,19 +193,12 @@ class MoEMetrics:
          entries: 0 for dense layers)}
 
         each micro-batch's loss averaged over the step's micro-batches. Empty for a dense
-        model. Clears megatron-core's tracker.
+        model. Clears megatron-core's tracker. One host sync: every loss in one tensor.
         """
         if not self.is_moe:
             return {}
-        result: Dict[str, object] = {}
-        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-        moe_layers = self.moe_layers or list(range(1, self.num_layers + 1))
-        for name in reduce_router_losses(self.config):
-            values = (tracker[name]["values"].double() / num_microbatches).cpu().tolist()
-            result[name] = sum(values) / (len(moe_layers) + int(self.config.mtp_num_layers or 0))
-            result[f"{name}_per_layer"] = {n + 1: value for n, value in enumerate(values)}
-        moe_utils.clear_aux_losses_tracker()
-        return result
+        names, losses = self._router_losses(num_microbatches)
+        return self._unpack_losses(names, losses.reshape(-1).cpu().tolist())
 
     def collect(self, num_microbatches: int) -> Dict[str, object]:
         """Collective (every rank calls). Returns, on every rank, `collect_losses()` and:
@@ -214,44 +207,84 @@ class MoEMetrics:
          'expert_bias': {layer: [bias per expert]} (with expert bias),
          'dropped_token_fraction' and '..._per_layer' (with a capacity factor)}
         for the MoE layers. Empty dict for a dense model. Clears the tracker and disables the
-        hooks.
+        hooks. Everything is reduced on the device and comes to the host in one packed tensor:
+        one host sync per log step, whatever the number of layers.
         """
         if not self.is_moe:
             return {}
-        result = self.collect_losses(num_microbatches)
-        bias = self._expert_bias()
-        if bias is not None:
-            result["expert_bias"] = bias
+        names, losses = self._router_losses(num_microbatches)
+        bias = self._expert_bias_tensor()
         measured = bool(self._handles)
         self.disable()
-        if measured:
-            counts, wanted = self._counts.clone(), self._wanted.clone()
-            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-                torch.distributed.all_reduce(counts)
-                torch.distributed.all_reduce(wanted)
-                tp = parallel_state.get_tensor_model_parallel_world_size()
-                if tp > 1 and not self.config.sequence_parallel:
-                    # TP ranks without sequence parallelism route the same tokens
-                    counts /= tp
-                    wanted /= tp
-            load, dropped = {}, {}
-            for i, row in enumerate(counts.cpu().tolist()):
-                total = sum(row)
-                if total > 0:
-                    load[i + 1] = [c / total for c in row]
-                asked = float(wanted[i])
-                if asked > 0 and self.config.moe_expert_capacity_factor is not None:
-                    dropped[i + 1] = 1.0 - total / asked
-            result["expert_load"] = load
-            if dropped:
-                result["dropped_token_fraction"] = sum(dropped.values()) / len(dropped)
-                result["dropped_token_fraction_per_layer"] = dropped
+        load = self._reduced_load() if measured else None
+        pieces = [losses.reshape(-1)] + [t.reshape(-1) for t in (bias, load) if t is not None]
+        values = torch.cat(pieces).cpu().tolist()  # the one host sync
+        L, E = self.num_layers, self.num_experts
+        result = self._unpack_losses(names, values[:losses.numel()])
+        offset = losses.numel()
+        if bias is not None:
+            result["expert_bias"] = {n: values[offset + (n - 1) * E:offset + n * E]
+                                     for n in self.moe_layers}
+            offset += L * E
+        if load is not None:
+            rows = [values[offset + i * (E + 1):offset + (i + 1) * (E + 1)] for i in range(L)]
+            self._add_load(result, rows)
         self._counts.zero_()
         self._wanted.zero_()
         return result
 
-    def _expert_bias(self) -> Optional[Dict[int, List[float]]]:
-        """Collective: every MoE layer's expert bias, gathered over the pipeline stages."""
+    def _router_losses(self, num_microbatches: int):
+        """Collective: (names, [names, layers] float64 tensor on the device) of the router
+        losses reduced over ranks and averaged over micro-batches; clears the tracker."""
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        names = reduce_router_losses(self.config)
+        size = self.num_layers + int(self.config.mtp_num_layers or 0)
+        losses = (torch.stack([tracker[name]["values"].double() for name in names])
+                  / num_microbatches if names
+                  else torch.zeros(0, size, dtype=torch.float64, device=self._device))
+        moe_utils.clear_aux_losses_tracker()
+        return names, losses
+
+    def _unpack_losses(self, names: List[str], flat: List[float]) -> Dict[str, object]:
+        size = self.num_layers + int(self.config.mtp_num_layers or 0)
+        moe_layers = self.moe_layers or list(range(1, self.num_layers + 1))
+        result: Dict[str, object] = {}
+        for index, name in enumerate(names):
+            values = flat[index * size:(index + 1) * size]
+            result[name] = sum(values) / (len(moe_layers) + int(self.config.mtp_num_layers or 0))
+            result[f"{name}_per_layer"] = {n + 1: value for n, value in enumerate(values)}
+        return result
+
+    def _reduced_load(self) -> torch.Tensor:
+        """Collective: [layers, experts + 1] on the device: each expert's kept assignments,
+        then the assignments asked for, summed over the world in one all-reduce."""
+        load = torch.cat([self._counts, self._wanted.unsqueeze(1)], dim=1)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(load)
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            if tp > 1 and not self.config.sequence_parallel:
+                # TP ranks without sequence parallelism route the same tokens
+                load /= tp
+        return load
+
+    def _add_load(self, result: Dict[str, object], rows: List[List[float]]) -> None:
+        """Expert load and dropped tokens from `_reduced_load`'s rows, on the host."""
+        load, dropped = {}, {}
+        for i, row in enumerate(rows):
+            counts, asked = row[:-1], row[-1]
+            total = sum(counts)
+            if total > 0:
+                load[i + 1] = [c / total for c in counts]
+            if asked > 0 and self.config.moe_expert_capacity_factor is not None:
+                dropped[i + 1] = 1.0 - total / asked
+        result["expert_load"] = load
+        if dropped:
+            result["dropped_token_fraction"] = sum(dropped.values()) / len(dropped)
+            result["dropped_token_fraction_per_layer"] = dropped
+
+    def _expert_bias_tensor(self) -> Optional[torch.Tensor]:
+        """Collective: [layers, experts] of every MoE layer's expert bias on the device,
+        gathered over the pipeline stages (None without expert bias)."""
         if not self.config.moe_router_enable_expert_bias:
             return None
         bias = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64,
@@ -261,7 +294,15 @@ class MoEMetrics:
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(
                 bias, group=parallel_state.get_pipeline_model_parallel_group())
-        return {n: bias[n - 1].cpu().tolist() for n in self.moe_layers}
+        return bias
+
+    def _expert_bias(self) -> Optional[Dict[int, List[float]]]:
+        """Collective: every MoE layer's expert bias, gathered over the pipeline stages."""
+        bias = self._expert_bias_tensor()
+        if bias is None:
+            return None
+        rows = bias.cpu().tolist()
+        return {n: rows[n - 1] for n in self.moe_layers}
 
 
 def expert_imbalance(load: List[float]) -> Optional[float]:

@@ -61,10 +61,17 @@ one expert-parallel rank each; data-parallel replicas are counted on DP rank 0 (
   only instance 0 counts.
 - plain modules without DDP: `param.grad` is used, counted on DP rank 0.
 
-The weight snapshot costs one copy of this rank's owned layer weights on logging steps
-(`snapshot_device='cpu'` moves it to host memory). With `overlap_param_gather`, the
-all-gathered copies of other ranks' shards are not updated yet after `optimizer.step()`; only
-the owned shard is read, so the ratio is still exact.
+The weight snapshot is one copy of this rank's owned weights, kept in host memory across
+`optimizer.step()`: on a GPU it is copied out into pinned buffers allocated at the first
+logging step and reused (the copies are queued on the current stream, before the optimizer's
+kernels, so no sync is needed), and the update is computed slice by slice of at most
+`SNAPSHOT_SLICE` elements, so that a logging step adds at most a few slices' worth of device
+memory to a plain step's peak, whatever the model's size (a whole clone on the device would add
+the size of the weights: an OOM risk at scale). On CPU, host memory is the device's: the copy
+lives only from `before_optimizer_step` to `after_optimizer_step`. The benchmark's
+`--log-step-memory` row measures what a logging step adds to a plain step's peak.
+With `overlap_param_gather`, the all-gathered copies of other ranks' shards are not updated
+yet after `optimizer.step()`; only the owned shard is read, so the ratio is still exact.
 """
 
 from __future__ import annotations
@@ -84,10 +91,14 @@ from spannorm_megatron.metrics._model import (
     transformer_layers,
     unwrap,
 )
+from spannorm_megatron.runtime import has_accelerator
 
 ACTIVATION_SIGNALS = ("output_rms", "attention_rms", "mlp_rms")
 PARAMETER_SIGNALS = ("grad_norm", "update_ratio")
 SIGNALS = ACTIVATION_SIGNALS + PARAMETER_SIGNALS
+SNAPSHOT_SLICE = 1 << 22
+"""Elements of one parameter compared at a time after the optimizer step (16 MiB in fp32):
+what bounds the device memory the update ratio needs."""
 PARTS = ("embedding", "output_layer")
 """Parameter groups outside the transformer layers, measured with the layers' parameter signals
 (their slots follow the L layers' in every buffer: L + PARTS.index(part))."""
@@ -114,15 +125,19 @@ class StabilitySignals:
     Args:
         model_chunks: this rank's model chunks (megatron DDP-wrapped or plain GPTModels), one
             per virtual pipeline stage, or a single chunk.
-        snapshot_device: where the weight snapshot for `update_ratio` is kept; None keeps it
-            on the parameters' device, 'cpu' saves accelerator memory on large models.
+        snapshot_device: where the weight snapshot for `update_ratio` is kept: host memory
+            ('cpu', the default), or e.g. 'cuda' to keep a whole copy on the device (faster to
+            take, at the cost of the weights' size in device memory on logging steps).
     """
 
     def __init__(self, model_chunks, snapshot_device: Optional[Union[str, torch.device]] = None):
         self.chunks = as_chunk_list(model_chunks)
         self.num_layers = total_layers(self.chunks)
         self.layers = transformer_layers(self.chunks)
-        self.snapshot_device = torch.device(snapshot_device) if snapshot_device else None
+        self.snapshot_device = torch.device(snapshot_device or "cpu")
+        self._host_buffers: Dict[int, torch.Tensor] = {}
+        """Pinned host buffers of the snapshot, one per owned part, reused across logging steps
+        (only while the parameters are on an accelerator)."""
         self._device = metrics_device()
         self._owned = self._owned_parts()
         self._handles: List = []
@@ -200,10 +215,21 @@ class StabilitySignals:
                         grad_sq[index] += _sq_norm(part.flat(grad)).to(self._device) * inv_scale_sq
                     weights = part.flat(part.param)
                     weight_sq[index] += _sq_norm(weights).to(self._device)
-                    copy = (weights.to(self.snapshot_device, copy=True)
-                            if self.snapshot_device is not None else weights.clone())
-                    snapshot.append((index, part, copy))
+                    snapshot.append((index, part, self._snapshot_of(len(snapshot), weights)))
         self._grad_sq, self._weight_sq, self._snapshot = grad_sq, weight_sq, snapshot
+
+    def _snapshot_of(self, slot: int, weights: torch.Tensor) -> torch.Tensor:
+        """A copy of `weights` on `snapshot_device`: into a reused pinned host buffer on a GPU
+        machine (an asynchronous copy), else a fresh one (on CPU, host memory is the device's:
+        nothing is gained by keeping it between logging steps)."""
+        if self.snapshot_device.type != "cpu" or not has_accelerator():
+            return weights.to(self.snapshot_device, copy=True)
+        buffer = self._host_buffers.get(slot)
+        if buffer is None or buffer.shape != weights.shape or buffer.dtype != weights.dtype:
+            buffer = torch.empty(weights.shape, dtype=weights.dtype, device="cpu",
+                                 pin_memory=True)
+            self._host_buffers[slot] = buffer
+        return buffer.copy_(weights, non_blocking=True)
 
     def after_optimizer_step(self) -> None:
         """Update norms per layer against the snapshot, which is then freed."""
@@ -214,8 +240,10 @@ class StabilitySignals:
         with torch.no_grad():
             for index, part, before in self._snapshot:
                 after = part.flat(part.param)
-                delta = after.float() - before.to(after.device).float()
-                update_sq[index] += _sq_norm(delta).to(self._device)
+                for start in range(0, after.numel(), SNAPSHOT_SLICE):
+                    now = after[start:start + SNAPSHOT_SLICE]
+                    then = before[start:start + SNAPSHOT_SLICE].to(now.device, non_blocking=True)
+                    update_sq[index] += _sq_norm(now.float() - then.float()).to(self._device)
         self._update_sq = update_sq
         self._snapshot = None
 

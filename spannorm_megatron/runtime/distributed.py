@@ -11,6 +11,7 @@ Megatron-LM does. It expects this machine's patch sets applied: entry points cal
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import random
 import socket
@@ -146,15 +147,21 @@ def _rendezvous(rank: int, world_size: int, timeout: datetime.timedelta) -> dict
 
     After `torchrun --max-restarts` restarted the workers, the agent's store still holds the
     previous attempt's keys; megatron-core's groups get the same names again, so the new ranks
-    would read the dead ranks' gloo/NCCL addresses and fail to connect. Each attempt therefore
-    works under its own prefix of that store."""
+    would read the dead ranks' gloo/NCCL addresses and fail to connect. The same holds for a
+    process that tears its groups down and initializes again (one rank program running several
+    jobs in turn). Each attempt, and each initialization within it, therefore works under its
+    own prefix of that store: every rank initializes as often as the others, so they agree."""
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if restart is None or world_size == 1:
         return {"init_method": _init_method(world_size)}
     from torch.distributed.rendezvous import rendezvous
 
     store, _, _ = next(rendezvous("env://", rank, world_size, timeout=timeout))
-    return {"store": torch.distributed.PrefixStore(f"spannorm/attempt_{restart}/", store)}
+    prefix = f"spannorm/attempt_{restart}/init_{next(_INITIALIZATIONS)}/"
+    return {"store": torch.distributed.PrefixStore(prefix, store)}
+
+
+_INITIALIZATIONS = itertools.count()
 
 
 def _init_method(world_size: int) -> str:

@@ -16,11 +16,14 @@ from megatron.core.utils import get_attr_wrapped_model, get_batch_on_this_cp_ran
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Token-summed LM loss, the token count and, for logging, both reduced over data parallel.
+    """Token-summed LM loss, the token count and, for logging, both as this rank's pair.
 
     This is Megatron-LM's `pretrain_gpt.loss_func` contract (megatron-core's 3-tuple form):
     - the *logged* loss (`reduce_lm_loss`) is token-weighted over all micro-batches and all
-      data-parallel ranks: sum of token losses / number of loss tokens;
+      data-parallel ranks: sum of token losses / number of loss tokens. The report stays
+      local, as in Megatron-LM (core_v0.16.1 pretrain_gpt.py): its `train_step` sums the
+      micro-batches' reports and all-reduces them once per step, and so does
+      `reduce_lm_loss`, instead of one collective per micro-batch;
     - the *gradient* follows `TransformerConfig.calculate_per_token_loss`: off (Megatron-LM's
       default), the schedule divides each micro-batch's sum by its own token count and averages
       those means over micro-batches and data-parallel ranks; on (`--calculate-per-token-loss`),
@@ -31,11 +34,7 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     mask = loss_mask.view(-1).float()
     loss_sum = torch.sum(losses * mask)
     num_tokens = mask.sum().to(torch.int)
-    reporting = torch.stack([loss_sum.detach(), mask.sum()])
-    torch.distributed.all_reduce(
-        reporting, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
-    )
-    return loss_sum, num_tokens, {"lm loss": reporting}
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
 def forward_step(data_iterator: Optional[Iterator[Dict[str, torch.Tensor]]], model):
@@ -63,10 +62,25 @@ def forward_step(data_iterator: Optional[Iterator[Dict[str, torch.Tensor]]], mod
     return output, partial(loss_func, loss_mask)
 
 
+def lm_loss_totals(losses_reduced) -> torch.Tensor:
+    """This rank's [sum of token losses, loss tokens] over a step's micro-batches, in float64:
+    float32 sums of a few micro-batches are exact in it, so the order in which micro-batches and
+    ranks are added (per micro-batch first, or per rank first) cannot change the result."""
+    return torch.stack([entry["lm loss"] for entry in losses_reduced]).double().sum(dim=0)
+
+
+def reduce_over_data_parallel(totals: torch.Tensor) -> torch.Tensor:
+    """Collective over the data-parallel (and context-parallel) ranks: the sum of `totals`.
+    Every rank of a pipeline stage calls it, on the last stage only (others hold no losses)."""
+    torch.distributed.all_reduce(
+        totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return totals
+
+
 def reduce_lm_loss(losses_reduced) -> Optional[float]:
     """Token-weighted mean loss of a step: all micro-batches, all data-parallel ranks (last
-    pipeline stage only, else None)."""
+    pipeline stage only, else None). One all-reduce per step (Megatron-LM's `train_step`)."""
     if not losses_reduced:
         return None
-    total = torch.stack([entry["lm loss"] for entry in losses_reduced]).sum(dim=0)
+    total = reduce_over_data_parallel(lm_loss_totals(losses_reduced))
     return (total[0] / total[1].clamp(min=1)).item()

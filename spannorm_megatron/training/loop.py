@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -17,7 +17,12 @@ from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from spannorm_megatron.runtime import current_device, has_accelerator
-from spannorm_megatron.training.gpt_step import forward_step, reduce_lm_loss
+from spannorm_megatron.training.gpt_step import (
+    forward_step,
+    lm_loss_totals,
+    reduce_lm_loss,
+    reduce_over_data_parallel,
+)
 
 
 @dataclass
@@ -110,16 +115,34 @@ def train_step(model, optimizer, scheduler, data_iterator: Iterator, num_microba
                       learning_rate=learning_rate, num_zeros=num_zeros)
 
 
+class EvaluationStopped(Exception):
+    """`evaluate` gave up between two iterations because the run must stop (SIGTERM, the time
+    budget): `done` iterations ran, `reason` says why."""
+
+    def __init__(self, done: int, reason: str):
+        super().__init__(f"evaluation stopped after {done} iterations ({reason})")
+        self.done, self.reason = done, reason
+
+
 @torch.no_grad()
 def evaluate(model, data_iterator: Iterator, eval_iters: int, num_microbatches: int,
-             seq_length: int, micro_batch_size: int, empty_cache_level: int = 0) -> float:
+             seq_length: int, micro_batch_size: int, empty_cache_level: int = 0,
+             should_stop: Optional[Callable[[], Optional[str]]] = None) -> float:
     """Mean token loss over `eval_iters` global batches of the validation set (releasing the
-    CUDA cache after each with --empty-unused-memory-level 1 or 2)."""
+    CUDA cache after each with --empty-unused-memory-level 1 or 2).
+
+    `should_stop` (a collective: every rank calls it at the same point) is asked between two
+    iterations; a reason from it ends the evaluation with `EvaluationStopped`, so that a
+    preempted run stops within one iteration, as Megatron-LM's evaluation does for its time
+    budget."""
     for chunk in model:
         chunk.eval()
     total = torch.zeros(2, dtype=torch.float64, device=current_device())
     try:
-        for _ in range(eval_iters):
+        for done in range(eval_iters):
+            reason = should_stop() if done and should_stop is not None else None
+            if reason is not None:
+                raise EvaluationStopped(done, reason)
             losses_reduced = get_forward_backward_func()(
                 forward_step_func=forward_step,
                 data_iterator=_data_iterators(data_iterator, len(model)),
@@ -130,11 +153,14 @@ def evaluate(model, data_iterator: Iterator, eval_iters: int, num_microbatches: 
                 forward_only=True,
             )
             _empty_cache(empty_cache_level >= 1)
-            for entry in losses_reduced or []:
-                total += entry["lm loss"].double()
+            if losses_reduced:
+                total += lm_loss_totals(losses_reduced)
     finally:
         for chunk in model:
             chunk.train()
+    # Each rank's sums, reduced once for the whole evaluation (ranks of the other pipeline
+    # stages reduce their zeros among themselves).
+    reduce_over_data_parallel(total)
     loss = (total[0] / total[1]).item() if total[1] > 0 else None
     return broadcast_from_last_stage(loss)
 

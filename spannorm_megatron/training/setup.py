@@ -21,7 +21,11 @@ from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.config.performance import PerformanceConfig
 from spannorm_megatron.model import build_model, transformer_config
-from spannorm_megatron.model.fusions import runnable_fusions
+from spannorm_megatron.model.fusions import (
+    fuse_weight_gradients_in_te_layers,
+    runnable_fusions,
+    te_layers_fuse_weight_gradients,
+)
 
 
 def setup_model_and_optimizer(
@@ -54,6 +58,8 @@ def setup_model_and_optimizer(
         optimizer_config, **performance.optimizer_kwargs(),
         use_distributed_optimizer=parallel.use_distributed_optimizer)
     chunks = build_model(model_config, tconfig)
+    if te_layers_fuse_weight_gradients(model_config, performance):
+        fuse_weight_gradients_in_te_layers(chunks)
     model = [
         DistributedDataParallel(
             config=tconfig,

@@ -43,6 +43,7 @@ from spannorm_megatron.config.job import JobConfig
 from spannorm_megatron.data.dataset import (
     build_gpt_datasets,
     check_data_prefixes,
+    describe_epochs,
     num_samples_for,
 )
 from spannorm_megatron.data.loader import build_data_iterators
@@ -68,6 +69,7 @@ from spannorm_megatron.training.guards import ExitConditions, NonFiniteGuard, Sp
 from spannorm_megatron.training.hooks import RunHooks
 from spannorm_megatron.training.log_format import log_line, validation_line
 from spannorm_megatron.training.loop import (
+    EvaluationStopped,
     StepResult,
     ThroughputWindow,
     evaluate,
@@ -274,6 +276,9 @@ class Trainer:
 
         datasets = build_gpt_datasets(job.data, self.tokenizer, self.num_samples,
                                       check_prefixes=False)
+        repeats = describe_epochs(datasets)
+        if repeats is not None:
+            print_rank_0(f"> {repeats}")
         self.train_iter, self.valid_iter, _ = build_data_iterators(
             datasets, training.micro_batch_size, self.consumed_train, self.consumed_valid,
             num_workers=job.data.num_workers, device=current_device())
@@ -286,7 +291,7 @@ class Trainer:
                      f"{sum(p.numel() for c in self.model for p in c.parameters()):,} "
                      f"parameters on rank 0")
         print_rank_0(f"> fused kernels: {fused_kernels()}")
-        print_rank_0(f"> fusions {describe_fusions(self.model[0].config)}")
+        print_rank_0(f"> fusions {describe_fusions(self.model[0].config, self.model)}")
         print_rank_0(f"> parallel: TP {parallel.tensor_model_parallel_size}, PP "
                      f"{parallel.pipeline_model_parallel_size}, EP "
                      f"{parallel.expert_model_parallel_size}, DP {batches.data_parallel_size}; "
@@ -302,7 +307,8 @@ class Trainer:
             metrics=job.metrics)
         self.monitor.write_config({"args": job.recorded_args(), "model": model_cfg.to_dict(),
                                    "parallel": vars(parallel)})
-        self.guard = NonFiniteGuard(self.model, training.max_skipped_iterations)
+        self.guard = NonFiniteGuard(self.model, training.max_skipped_iterations,
+                                    job.logging.log_interval, job.checkpoint.save)
         self.spikes = SpikeDetector(training.loss_spike_factor, training.loss_spike_window)
         self.exits = ExitConditions(training.exit_duration_in_mins)
         self.hooks = RunHooks(job.hooks, job.logging.tensorboard_dir)
@@ -393,21 +399,30 @@ class Trainer:
                          f"skipped ({guard.in_a_row + 1} in a row, {guard.total + 1} in all)")
         self.monitor.record_skipped(self.iteration, self.skipped_total
                                     + int(result.bad_layer is not None))
-        guard.record(result.bad_layer, self.iteration)
+        guard.record(result.bad_layer, self.iteration, skipped=result.skipped, loss=result.loss)
         spike_median = self.spikes.check(result.loss)
         if spike_median is not None:
             print_rank_0(f" loss spike at iteration {self.iteration}: lm loss {result.loss:.4f} > "
                          f"{job.training.loss_spike_factor} x running median {spike_median:.4f}")
         return result
 
-    def evaluate(self) -> float:
-        """Validation loss over --eval-iters batches, logged as Megatron-LM logs it."""
+    def evaluate(self) -> Optional[float]:
+        """Validation loss over --eval-iters batches, logged as Megatron-LM logs it; None when
+        an exit condition (SIGTERM, the time budget) stopped it between two batches."""
         job = self.job
-        loss = evaluate(self.model, self.valid_iter, job.logging.eval_iters,
-                        num_microbatches=self.batches.num_microbatches,
-                        seq_length=job.data.seq_length,
-                        micro_batch_size=job.training.micro_batch_size,
-                        empty_cache_level=job.hooks.empty_unused_memory_level)
+        try:
+            loss = evaluate(self.model, self.valid_iter, job.logging.eval_iters,
+                            num_microbatches=self.batches.num_microbatches,
+                            seq_length=job.data.seq_length,
+                            micro_batch_size=job.training.micro_batch_size,
+                            empty_cache_level=job.hooks.empty_unused_memory_level,
+                            should_stop=self.exits.reason if self.exits is not None else None)
+        except EvaluationStopped as stopped:
+            self.consumed_valid += stopped.done * self.batches.global_batch_size
+            print_rank_0(f" validation at iteration {self.iteration} stopped after "
+                         f"{stopped.done} of {job.logging.eval_iters} iterations "
+                         f"({stopped.reason}): no validation loss")
+            return None
         self.consumed_valid += job.logging.eval_iters * self.batches.global_batch_size
         self.monitor.log_validation(self.iteration, loss, self.consumed_train)
         self.history["valid_loss"].append(loss)
@@ -420,6 +435,7 @@ class Trainer:
         if not job.checkpoint.save:
             return
         gather_updated_parameters(self.model)
+        self.guard.check_weights(self.iteration)  # never a checkpoint of NaN/Inf weights
         path = save_checkpoint(
             job.checkpoint.save, self.iteration, self.model, self.optimizer, self.scheduler,
             model_config=job.model, parallel_config=job.parallel,
@@ -446,6 +462,8 @@ class Trainer:
             self.hooks.after_step(self.iteration)
             prints = self.monitor.is_log_step(self.iteration) or self.iteration == self.train_iters
             self._log(result, window.seconds_per_iteration() if prints else None)
+            if self.iteration == self.train_iters:
+                self.guard.check_last_window(self.iteration)
             if self.valid_iter is not None and every(job.logging.eval_interval):
                 self.hooks.before_evaluation()
                 self.evaluate()
@@ -458,6 +476,7 @@ class Trainer:
             if reason is None and every(job.training.exit_interval):
                 reason = "--exit-interval"
             if reason is not None:
+                self.guard.check_last_window(self.iteration)
                 if not every(job.checkpoint.save_interval):
                     self.save()
                 print_rank_0(f"exiting program at iteration {self.iteration} ({reason})")
@@ -534,7 +553,8 @@ class Trainer:
                                         no_load_rng=checkpoint.no_load_rng,
                                         check_scheduler=not (
                                             training.override_opt_param_scheduler
-                                            or training.use_checkpoint_opt_param_scheduler))
+                                            or training.use_checkpoint_opt_param_scheduler),
+                                        global_batch_size=self.batches.global_batch_size)
                 break
             except CheckpointError as error:
                 if not checkpoint.load_fallback or attempt == attempts[-1]:

@@ -173,4 +173,4 @@ if awk -v s="$size" -v l="$limit_mib" 'BEGIN {exit !(s > l)}'; then
   echo "error: .gpu-kit is $size MiB, over KIT_LIMIT_MIB=$limit_mib" >&2
   exit 1
 fi
-say "done: run(command=\"bash tools/gpu/check.sh \$OUT\", carry=[\".gpu-kit\"], timeout_s=480) (docs/gpu.md)"
+say "done: run(command=\"bash tools/gpu/check.sh \$OUT\", carry=[\".gpu-kit\"], timeout_s=360) (docs/gpu.md)"
