@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.config.model import ModelConfig
-from spannorm_megatron.config.options import add_arguments, option
+from spannorm_megatron.config.options import add_arguments, option, parse_options
 from spannorm_megatron.config.parallel import ParallelConfig
 
 if TYPE_CHECKING:  # torch and megatron-core load in `run`: --help answers without them
@@ -58,10 +58,14 @@ class SelfcheckOptions:
     seed: int = option(1234, "Seed of the model and the batch.")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser, SelfcheckOptions)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parse_options(build_parser(), [SelfcheckOptions], argv)
 
 
 def synthetic_batch(args, generator: torch.Generator) -> dict:

@@ -139,9 +139,10 @@ def value_for(owner, field, rng: random.Random, fixtures: Fixtures) -> List[str]
     kind, _optional = _kind(owner, field)
     if field.name in SIZES:
         return [str(rng.choice(SIZES[field.name]))]
-    if meta.get("path") == "input" or (kind is str and "path" in field.name):
+    writes = (meta.get("path") or "").startswith("output")  # config/paths.py's kinds
+    if meta.get("path") and not writes or (kind is str and "path" in field.name):
         return [fixtures.any(rng)]
-    if meta.get("path") == "output":
+    if writes:
         return [rng.choice([fixtures.fresh_output(rng), fixtures.any(rng)])]
     choices = _choices(meta)
     if choices:

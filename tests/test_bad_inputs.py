@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 
+import numpy
 import pytest
+from safetensors.numpy import save_file
 
 from _tools import tool_main
 from _training import SMALL, prepare_corpus
@@ -42,6 +44,11 @@ def files(tmp_path_factory):
     (root / "hf_unsupported").mkdir()
     (root / "hf_unsupported" / "config.json").write_text(json.dumps(
         {"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    save_file({"bert.embeddings.word_embeddings.weight": numpy.zeros((8, 4), numpy.float32)},
+              str(root / "hf_unsupported" / "model.safetensors"))
+    # A save directory as far as its layout goes (its pointer names an iteration directory).
+    (root / "pointer_only" / "iter_0000002").mkdir(parents=True)
+    (root / "pointer_only" / "latest_checkpointed_iteration.txt").write_text("2\n")
     # An index that does not match its data file: the .bin cut short.
     for suffix in (".bin", ".idx"):
         (root / f"short{suffix}").write_bytes((root / f"data_text_document{suffix}").read_bytes())
@@ -263,7 +270,7 @@ CATALOGUE = [
      lambda f: ["--load", str(f / "hf_unsupported"), "--save", str(f / "out" / "ck")],
      "BertForMaskedLM"),
     ("hf-export-into-existing-folder", "convert_to_hf",
-     lambda f: ["--load", str(f / "no_checkpoints"), "--save", str(f / "out")], "out"),
+     lambda f: ["--load", str(f / "pointer_only"), "--save", str(f / "out")], "keep.txt"),
 ]
 
 

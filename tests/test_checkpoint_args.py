@@ -240,7 +240,7 @@ def test_vocab_file_tokenizers_also_compare_max_positions_and_padding(megatron_w
     files = tmp_path / "gpt2"
     files.mkdir()
     (files / "vocab.json").write_text("{}")
-    (files / "merges.txt").write_text("")
+    (files / "merges.txt").write_text("#version: 0.2\n")  # no merges; not an empty file
     run.tokenizer = TokenizerConfig(tokenizer_type="GPT2BPETokenizer",
                                     vocab_file=str(files / "vocab.json"),
                                     merge_file=str(files / "merges.txt"))

@@ -37,12 +37,16 @@ differences by kind, and the flags only one side has.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 from collections import namedtuple
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from _path_kinds import make_good
 from spannorm_megatron.config.options import fill_fallbacks, options
 from spannorm_megatron.errors import ConfigError, UserError
 from spannorm_megatron.training import arguments
@@ -208,13 +212,33 @@ def _meaning(flag, mlm, ours, dest, choices) -> List[Difference]:
         if argv[0] != flag or (choices is not None and not set(argv[1:]) <= set(choices)):
             continue
         try:
-            value = _plain(getattr(_parse(argv), dest))
+            with _paths_that_exist(ours, argv[1:]):
+                value = _plain(getattr(_parse(argv), dest))
         except ConfigError as error:
             value = f"refused ({error})"
         if value != _plain(example["value"]):
             found.append(Difference(flag, "meaning", f"{' '.join(argv)}: ours {dest} = {value}, "
                                     f"Megatron-LM {mlm['dest']} = {_plain(example['value'])}"))
     return found
+
+
+@contextlib.contextmanager
+def _paths_that_exist(action, values: List[str]):
+    """A path flag's example values, made to exist as paths of the flag's kind (ours are checked
+    while parsing, Megatron-LM's when first read: what a flag stores is compared here)."""
+    kind = getattr(action.type, "path_kind", None)
+    if kind is None:
+        yield
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        before = os.getcwd()
+        os.chdir(folder)
+        try:
+            for value in dict.fromkeys(values):
+                make_good(kind, Path(folder) / value)
+            yield
+        finally:
+            os.chdir(before)
 
 
 def _compare(flag: str, mlm: Dict[str, Any], ours) -> List[Difference]:

@@ -196,13 +196,22 @@ def test_position_embedding_spellings_as_megatron_lm():
      r"--multi-latent-attention and --group-query-attention"),
     (["--kv-channels", "0"], r"--kv-channels.*must be >= 1"),
     (["--hidden-size", "66"], r"not divisible by num_attention_heads=4.*--kv-channels"),
-    (["--mock-data", "--data-path", "x"], r"--mock-data.*several given"),
 ])
 def test_bad_combinations_are_refused_naming_the_flag(flags, message):
-    from spannorm_megatron.errors import UserError  # DataError for the data flags
+    from spannorm_megatron.errors import UserError
 
     with pytest.raises(UserError, match=message):
         _parse(*flags)
+
+
+def test_mock_data_and_a_data_path_are_refused_together(tmp_path):
+    from _path_kinds import make_good
+
+    from spannorm_megatron.errors import DataError
+
+    prefix = make_good("data_prefix", tmp_path / "data")
+    with pytest.raises(DataError, match=r"--mock-data.*several given"):
+        _parse("--mock-data", "--data-path", prefix)
 
 
 def test_hidden_size_need_not_divide_by_heads_with_kv_channels():

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from _path_kinds import make_good
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.config.options import _base_type, declared, flag_of, invalid_values, options
 from spannorm_megatron.errors import UserError
@@ -168,7 +169,10 @@ def test_unknown_yaml_key_and_flag_name_the_nearest(tmp_path, capsys):
     assert train_main(["--hidden", "8"]) == 2
 
 
-def test_yaml_keys_are_flags_in_either_spelling_and_flags_win(tmp_path):
+def test_yaml_keys_are_flags_in_either_spelling_and_flags_win(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        make_good("data_prefix", tmp_path / name)
     config = tmp_path / "run.yaml"
     config.write_text("num_layers: 6\nmax-position-embeddings: 64\nlr: 0.002\nswiglu: false\n"
                       "data-path: [a, b]\n")
@@ -177,6 +181,10 @@ def test_yaml_keys_are_flags_in_either_spelling_and_flags_win(tmp_path):
                       "--lr", "0.001"])
     assert (job.model.num_layers, job.model.max_sequence_length, job.training.lr,
             job.model.swiglu, job.data.data_path) == (6, 64, 0.001, False, ["a", "b"])
+    # A path in the file is checked for its kind as on the command line.
+    config.write_text("data-path: [a, missing]\n")
+    with pytest.raises(UserError, match=r"run.yaml: data-path: Data prefix 'missing' not found"):
+        parse_args(["--config", str(config), *REQUIRED])
 
 
 def test_cross_field_checks_run_at_parse_time():
@@ -226,15 +234,15 @@ def test_paths_are_checked_for_what_they_must_be_before_anything_runs(tmp_path, 
     a_file = tmp_path / "notes.txt"
     a_file.write_text("kept")
     for argv, fragment in (
-            (["--save", str(a_file)], f"--save {a_file}: is a file, not a directory"),
+            (["--save", str(a_file)], f"--save: '{a_file}' is a file, not a directory"),
             (["--tensorboard-dir", str(a_file / "tb")], f"cannot be created: {a_file} is a file"),
             (["--data-cache-path", str(a_file)], "is a file"),
             (["--tokenizer-model", str(tmp_path)], "is a directory"),
             (["--tokenizer-model", str(tmp_path / "none.model")], "does not exist"),
             (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(a_file),
-              "--merge-file", str(tmp_path / "none.txt")], "none.txt does not exist"),
+              "--merge-file", str(tmp_path / "none.txt")], "none.txt' does not exist"),
             (["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path)],
-             "is not a Hugging Face tokenizer folder")):
+             "is a directory without a Hugging Face tokenizer")):
         assert train_main([*REQUIRED, *argv]) == 2, argv
         err = capsys.readouterr().err
         assert fragment in err and "Traceback" not in err, err

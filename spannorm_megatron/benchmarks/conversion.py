@@ -136,8 +136,10 @@ class ConversionBenchmarkOptions:
     """The command line of `spannorm-benchmark-conversion`."""
 
     sizes: str = option("small,medium,deep,large,moe", f"Comma-separated, from {list(SIZES)}.")
-    work_dir: Optional[str] = option(None, "Where checkpoints go (default: a temp dir).")
-    json: Optional[str] = option(None, "Write the results here.", metavar="FILE")
+    work_dir: Optional[str] = option(None, "Where checkpoints go (default: a temp dir).",
+                                     path="output_folder")
+    json: Optional[str] = option(None, "Write the results here.", metavar="FILE",
+                                 path="output_file")
     no_verify_checksums: bool = option(False, "Check file sizes only on export, skip the "
                                        "checksum pass.")
     keep: bool = option(False, "Keep the checkpoints and folders.")

@@ -49,11 +49,12 @@ _CORES = os.cpu_count() or 1
 class DataBenchmarkOptions:
     """The command line of `spannorm-benchmark-data`."""
 
-    input: str = option(doc="Corpus file (JSONL or .txt).", required=True)
+    input: str = option(doc="Corpus file (JSONL or .txt).", required=True, path="input_file")
     json_keys: List[str] = option(doc="JSONL keys (default text).", nargs="+",
                                   default_factory=lambda: ["text"])
     tokenizer_model: Optional[str] = option(
-        None, "SentencePiece .model; default: train one on the input (see --vocab-size).")
+        None, "SentencePiece .model; default: train one on the input (see --vocab-size).",
+        path="tokenizer_model")
     vocab_size: int = option(
         8000, "Vocabulary of the tokenizer trained when --tokenizer-model is absent (default "
         "8000).")
@@ -63,7 +64,8 @@ class DataBenchmarkOptions:
     runs: int = option(3, "Runs per worker count (default 3).")
     chunk_size: int = option(32, "Documents per task (default 32).")
     append_eod: bool = option(False, "Append the eod id as in training data.")
-    output: Optional[str] = option(None, "Write the results as JSON to this file.")
+    output: Optional[str] = option(None, "Write the results as JSON to this file.",
+                                   path="output_file")
 
 
 def build_parser() -> argparse.ArgumentParser:

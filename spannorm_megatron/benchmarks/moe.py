@@ -94,7 +94,7 @@ class MoEBenchmarkOptions:
     warmup: int = option(3, "Untimed steps per variant.")
     iters: int = option(4, "Timed steps per variant per round.")
     rounds: int = option(5, "Rounds.")
-    output: Optional[str] = option(None, "JSON file for the results.")
+    output: Optional[str] = option(None, "JSON file for the results.", path="output_file")
 
 
 def build_parser() -> argparse.ArgumentParser:

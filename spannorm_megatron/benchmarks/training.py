@@ -130,7 +130,7 @@ class BenchmarkOptions:
     log_step_memory: bool = option(
         False, "Also measure what a logging step (stability signals, MoE metrics) adds to the "
         "memory in use, against a plain step: the median of --rounds pairs.")
-    output: Optional[str] = option(None, "JSON file for the results.")
+    output: Optional[str] = option(None, "JSON file for the results.", path="output_file")
     memory_probe: bool = option(False, argparse.SUPPRESS)
 
 

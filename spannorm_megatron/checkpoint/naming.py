@@ -18,8 +18,8 @@ import os
 import re
 from typing import List, Optional, Tuple
 
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
-"""Megatron-LM's pointer to the iteration to resume from."""
+from spannorm_megatron.config.paths import TRACKER_FILENAME  # noqa: F401 (the pointer's name,
+# declared where a checkpoint path's kind is checked)
 
 MANIFEST_FILENAME = "manifest.json"
 """Written last inside a checkpoint directory: without it the directory is incomplete."""

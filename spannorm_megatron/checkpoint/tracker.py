@@ -13,6 +13,9 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Tuple
 
+from spannorm_megatron.config import paths
+from spannorm_megatron.errors import ConfigError
+
 from . import manifest
 from .errors import CheckpointError
 from .naming import (
@@ -29,25 +32,13 @@ from .naming import (
 def read_tracker(save_dir: str) -> Optional[int]:
     """The iteration in the pointer file, None when there is no pointer file.
 
-    Raises CheckpointError when the file exists but holds no iteration number.
+    Raises CheckpointError when the file exists but holds no iteration number (the check of a
+    checkpoint path's kind, `config.paths`, which the flags' parser ran already).
     """
-    path = os.path.join(save_dir, TRACKER_FILENAME)
     try:
-        with open(path) as f:
-            text = f.read().strip()
-    except FileNotFoundError:
-        return None
-    try:
-        iteration = int(text)
-        if iteration < 0:
-            raise ValueError
-    except ValueError:
-        raise CheckpointError(
-            f"{path} should hold the iteration to resume from but holds {text[:40]!r}. Write the "
-            f"iteration of a complete checkpoint into it (e.g. `echo 100 > {path}` for "
-            f"iter_0000100), or delete it to load the newest complete iter_* directory."
-        ) from None
-    return iteration
+        return paths.read_tracker(save_dir)
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def complete_iterations(save_dir: str) -> List[int]:

@@ -28,12 +28,13 @@ class CheckpointConfig:
     """Where checkpoints go and what a resume restores."""
 
     save: Optional[str] = option(None, "Write checkpoints here (iter_XXXXXXX/ directories).",
-                                 path="output")
+                                 path="output_folder")
     ckpt_format: str = option(
         "torch_dist", "Checkpoint format: torch_dist, megatron-core's distributed checkpoint "
         "(Megatron-LM's default), is what this stack writes and reads; Megatron-LM's others are "
         "refused with the reason.", choices=CKPT_FORMATS)
-    load: Optional[str] = option(None, "Resume from the latest checkpoint here, if any.")
+    load: Optional[str] = option(None, "Resume from the latest checkpoint here, if any.",
+                                 path="resume_checkpoint")
     save_interval: Optional[int] = option(None, "Iterations between checkpoints (and one at "
                                           "the end).", at_least=1)
     no_load_optim: bool = option(False, "Resume the weights only, with a fresh optimizer.")

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
-from spannorm_megatron.config.options import check, derived, option
+from spannorm_megatron.config.options import check, derived, is_number, option
 from spannorm_megatron.errors import DataError
 from spannorm_megatron.errors import ConfigError
 
@@ -35,9 +35,9 @@ def parse_blend(spec: PathSpec, flag: str = "--data-path") -> Optional[Blend]:
     tokens = _tokens(spec)
     if tokens is None:
         return None
-    if len(tokens) % 2 == 0 and _is_number(tokens[0]):
+    if len(tokens) % 2 == 0 and is_number(tokens[0]):
         weights, prefixes = tokens[0::2], tokens[1::2]
-        bad = [w for w in weights if not _is_number(w)] + [p for p in prefixes if _is_number(p)]
+        bad = [w for w in weights if not is_number(w)] + [p for p in prefixes if is_number(p)]
         if bad:
             raise DataError(
                 f"{flag} {' '.join(tokens)} mixes weights and paths wrongly at '{bad[0]}': give "
@@ -49,7 +49,7 @@ def parse_blend(spec: PathSpec, flag: str = "--data-path") -> Optional[Blend]:
                 f"{flag} weights {', '.join(weights)} must be non-negative with a positive sum."
             )
         return list(prefixes), values
-    numbers = [t for t in tokens if _is_number(t)]
+    numbers = [t for t in tokens if is_number(t)]
     if numbers:
         raise DataError(
             f"{flag} {' '.join(tokens)} has {len(tokens)} entries with numbers among them: a "
@@ -57,14 +57,6 @@ def parse_blend(spec: PathSpec, flag: str = "--data-path") -> Optional[Blend]:
             "prefixes only ('p1 p2')."
         )
     return tokens, None
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
 
 
 def parse_split(split: str) -> List[float]:
@@ -95,14 +87,17 @@ class DataConfig:
         "are the tokens shifted by one).", at_least=1, required=True)
     data_path: Optional[List[str]] = option(
         None, "Prefixes of .bin/.idx datasets, optionally weighted ('w1 p1 w2 p2'); split by "
-        "--split.")
+        "--split.", path="data_prefix")
     split: Optional[str] = option(
         None, f"train,valid,test weighting of the documents of every --data-path prefix; "
         f"unset: Megatron-LM's legacy {LEGACY_SPLIT}, with a warning.")
     train_data_path: Optional[List[str]] = option(
-        None, "A blend for training only (with --valid-data-path/--test-data-path, no --split).")
-    valid_data_path: Optional[List[str]] = option(None, "A blend for validation only.")
-    test_data_path: Optional[List[str]] = option(None, "A blend for testing only.")
+        None, "A blend for training only (with --valid-data-path/--test-data-path, no --split).",
+        path="data_prefix")
+    valid_data_path: Optional[List[str]] = option(None, "A blend for validation only.",
+                                                   path="data_prefix")
+    test_data_path: Optional[List[str]] = option(None, "A blend for testing only.",
+                                                  path="data_prefix")
     mock_data: bool = option(
         False, "Train on megatron-core's MockGPTDataset instead of files: synthetic documents "
         "of counting token ids, each ended by the tokenizer's end-of-document token (smoke tests "
@@ -110,7 +105,7 @@ class DataConfig:
     seed: int = derived(1234, "Seeds megatron-core's document and sample shuffles.",
                         source="--seed", at_least=0)
     data_cache_path: Optional[str] = option(
-        None, "Where index caches go; unset: <prefix>/cache/ per prefix.", path="output")
+        None, "Where index caches go; unset: <prefix>/cache/ per prefix.", path="output_folder")
     reset_position_ids: bool = option(
         False, "Restart position ids after every end-of-document token.")
     eod_mask_loss: bool = option(

@@ -17,13 +17,13 @@ class LoggingConfig:
         100, "Iterations between log lines (and the points of iteration-time, throughput and "
         "our own TensorBoard tags: stability/*, moe/expert_load/*, throughput/*).", at_least=1)
     tensorboard_dir: Optional[str] = option(None, "Write TensorBoard events here.",
-                                            path="output")
+                                            path="output_folder")
     wandb_project: Optional[str] = option(
         None, "Log to Weights & Biases under this project (the last rank logs what Megatron-LM "
         "logs there); needs the wandb package. Unset: no W&B.")
     wandb_exp_name: Optional[str] = option(None, "The W&B run name.")
     wandb_save_dir: Optional[str] = option(
-        None, "Where W&B keeps its local files; unset: <--save>/wandb.")
+        None, "Where W&B keeps its local files; unset: <--save>/wandb.", path="output_folder")
     wandb_entity: Optional[str] = option(None, "The W&B entity (team or user) of the project.")
     eval_interval: Optional[int] = option(
         None, "Iterations between evaluations; unset: only the final one.", at_least=1)

@@ -25,11 +25,11 @@ import argparse
 import dataclasses
 import functools
 import math
-import os
-import tempfile
 import typing
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from spannorm_megatron.config.environment import check_environment
+from spannorm_megatron.config.paths import PATH_KINDS, path_problem
 from spannorm_megatron.errors import ConfigError
 
 _MISSING = dataclasses.MISSING
@@ -49,9 +49,10 @@ def option(default: Any = _MISSING, doc: str = "", *, flag: Optional[str] = None
     `at_least`/`above`/`below` bound numbers; `parse` turns the flag's text into a value (for
     union types); `fallback` names the flag whose value the command line uses when this one is
     not given (the dataclass default serves Python users); `derived_from` marks a field without
-    a flag of its own, which the run sets from what it names (see `derived`); `path` is "input"
-    (an existing readable file) or "output" (a directory that is, or can be, written), checked by
-    `check_paths` before anything runs. `required` marks a flag the command line must give, as
+    a flag of its own, which the run sets from what it names (see `derived`); `path` is the
+    kind of path the flag takes (`config.paths.PATH_KINDS`: input_file, data_prefix,
+    checkpoint, output_folder, ...), whose check runs on every value given, while the flags
+    are parsed. `required` marks a flag the command line must give, as
     Megatron-LM requires it (the dataclass default still serves Python users;
     `missing_required` lists what a command line left out). `negative` makes a boolean's flag
     switch it off, as Megatron-LM's store_false flags do (`--disable-bias-linear` sets
@@ -68,6 +69,8 @@ def option(default: Any = _MISSING, doc: str = "", *, flag: Optional[str] = None
     the field to be passed (e.g. "is_moe": the MoE fields of a dense model are left out)."""
     if not doc:
         raise TypeError("option() needs its doc")
+    if path is not None and path not in PATH_KINDS:
+        raise TypeError(f"option(path={path!r}): the kinds are {sorted(PATH_KINDS)}")
     metadata = dict(doc=doc, flag=flag, choices=choices, at_least=at_least, above=above,
                     below=below, parse=parse, fallback=fallback, derived_from=derived_from,
                     path=path, required=required, negative=negative, nargs=nargs,
@@ -106,6 +109,21 @@ def megatron_kwargs(instance) -> Dict[str, Any]:
         value = getattr(instance, resolved if hasattr(owner, resolved) else field.name)
         kwargs[field.name if name is True else name] = value
     return kwargs
+
+
+def megatron_flags(owners) -> Dict[str, List[str]]:
+    """megatron-core field name -> the flags that set it: the fields declared `megatron=`, and
+    those named as megatron-core names them (which a section hands over under that name)."""
+    flags: Dict[str, List[str]] = {}
+    for owner in owners:
+        for field in options(owner):
+            declared_name = field.metadata["megatron"]
+            names = {field.name, declared_name if isinstance(declared_name, str) else field.name}
+            for name in names:
+                flags.setdefault(name, [])
+                if flag_of(field) not in flags[name]:
+                    flags[name].append(flag_of(field))
+    return flags
 
 
 def flag_of(field: dataclasses.Field) -> str:
@@ -222,11 +240,15 @@ def _converter(owner, field: dataclasses.Field, kind=None) -> Callable[[str], An
         why = _range_problem(value, meta) if isinstance(value, (int, float, str)) else None
         if why:
             raise argparse.ArgumentTypeError(f"{text!r} {why}")
+        why = _path_problem(field, value)
+        if why:
+            raise argparse.ArgumentTypeError(why)
         return value
 
     # argparse names the type in its errors; Megatron-LM's table compares it too.
     named = meta["parse"] if meta["parse"] in (int, float, str) else kind
     convert.__name__ = named.__name__ if isinstance(named, type) else "value"
+    convert.path_kind = meta["path"]  # for whoever inspects a parser (tests find paths by it)
     return convert
 
 
@@ -256,7 +278,7 @@ def add_arguments(parser, owner) -> None:
             continue
         if _is_list(kind):
             element = _element_type(kind)
-            if element is not str or meta["choices"] is not None:
+            if element is not str or meta["choices"] is not None or meta["path"]:
                 kwargs["type"] = _converter(owner, field, element)
             parser.add_argument(*_spellings(field), nargs=meta["nargs"] or "*", **kwargs)
             continue
@@ -281,11 +303,14 @@ def _list_converter(field: dataclasses.Field) -> Callable[[str], Any]:
 
 def parse_options(parser: argparse.ArgumentParser, owners, argv=None) -> argparse.Namespace:
     """`parser.parse_args(argv)`, refusing what leaves out a flag declared `required=True` as
-    argparse refuses a missing required argument (exit status 2, the flags named)."""
+    argparse refuses a missing required argument (exit status 2, the flags named), and an
+    environment variable the package reads whose value is not of its kind
+    (`config.environment`)."""
     args = parser.parse_args(argv)
     missing = missing_required(owners, args)
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
+    check_environment()
     return args
 
 
@@ -329,7 +354,8 @@ def coerce_one(owner, field: dataclasses.Field, value, where: str):
         return None
     if kind is bool or _is_list(kind):
         why = _type_problem(value, kind)
-        if why is None and _is_list(kind) and _element_type(kind) is not str:
+        if why is None and _is_list(kind) and (_element_type(kind) is not str
+                                               or field.metadata["path"]):
             items = value.split() if isinstance(value, str) else value
             try:
                 return [_converter(owner, field, _element_type(kind))(str(v)) for v in items]
@@ -343,7 +369,7 @@ def coerce_one(owner, field: dataclasses.Field, value, where: str):
         except argparse.ArgumentTypeError as error:
             why = str(error)
     if why:
-        raise ConfigError(f"{where}: {flag_of(field)[2:]}: {why}.")
+        raise ConfigError(f"{where}: {flag_of(field)[2:]}: {why.rstrip('.')}.")
     return value
 
 
@@ -371,43 +397,38 @@ def missing_required(owners, args: argparse.Namespace) -> List[str]:
 
 
 # ---------------------------------------------------------------------------- paths
-def check_paths(owners, args: argparse.Namespace) -> None:
-    """Check every flag declared as a path, so that an output that cannot be written fails now
-    and not at the first save, after the training it was meant to keep."""
-    for owner in owners:
-        for field in options(owner):
-            value, kind = getattr(args, field.name, None), field.metadata["path"]
-            if value is None or kind is None:
-                continue
-            why = _input_problem(value) if kind == "input" else _output_problem(value)
-            if why:
-                raise ConfigError(f"{flag_of(field)} {value}: {why}")
+def _path_problem(field: dataclasses.Field, value) -> Optional[str]:
+    """Why `value` is not a path of the field's declared kind (`config.paths`), or None. A
+    data prefix list's blend weights are numbers, not paths."""
+    kind = field.metadata["path"]
+    if kind is None or not isinstance(value, str) or kind == "data_prefix" and is_number(value):
+        return None
+    return path_problem(kind, flag_of(field), value)
 
 
-def _input_problem(path: str) -> Optional[str]:
-    if not os.path.exists(path):
-        return "no such file; check the path."
-    if not os.path.isfile(path):
-        return "is not a file."
-    if not os.access(path, os.R_OK):
-        return "cannot be read (permissions)."
-    return None
+def path_type(kind: str) -> Callable[[str], str]:
+    """argparse's `type=` for an argument that is not a declared field (a positional, a file of
+    flags): the value, checked as a path of `kind`."""
+    if kind not in PATH_KINDS:
+        raise TypeError(f"path_type({kind!r}): the kinds are {sorted(PATH_KINDS)}")
+
+    def convert(text: str) -> str:
+        why = path_problem(kind, "", text)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+        return text
+
+    convert.__name__ = "path"
+    convert.path_kind = kind
+    return convert
 
 
-def _output_problem(path: str) -> Optional[str]:
-    if os.path.exists(path) and not os.path.isdir(path):
-        return "is a file, not a directory: pass a directory to write into."
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(os.path.abspath(existing))
-    if not os.path.isdir(existing):
-        return f"cannot be created: {existing} is a file."
-    try:  # os.access misjudges read-only mounts and ACLs; a real file does not
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-probe-"):
-            pass
-    except OSError as error:
-        return f"cannot be written ({error.strerror} in {existing}): choose a writable location."
-    return None
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- bad values

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from spannorm_megatron.config.options import check, option
+from spannorm_megatron.config.paths import check_path
 from spannorm_megatron.config.tokenizer_files import check_sentencepiece_model, hf_tokenizer_files
-from spannorm_megatron.errors import TokenizerError
+from spannorm_megatron.errors import TokenizerError, UserError
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,11 @@ class TokenizerConfig:
         choices=(*MEGATRON_LM_TOKENIZER_TYPES, "ByteLevelTokenizer"), required=True)
     tokenizer_model: Optional[str] = option(
         None, "The SentencePiece .model file, or for HuggingFaceTokenizer a local tokenizer "
-        "folder (never downloaded).")
-    vocab_file: Optional[str] = option(None, "GPT2BPETokenizer: GPT-2's vocab.json.")
-    merge_file: Optional[str] = option(None, "GPT2BPETokenizer: GPT-2's merges.txt.")
+        "folder (never downloaded).", path="tokenizer_model")
+    vocab_file: Optional[str] = option(None, "GPT2BPETokenizer: GPT-2's vocab.json.",
+                                       path="input_file")
+    merge_file: Optional[str] = option(None, "GPT2BPETokenizer: GPT-2's merges.txt.",
+                                       path="input_file")
     vocab_size: Optional[int] = option(
         None, "NullTokenizer: ids 0..N-1 are the data's, N is the end of document (the "
         "tokenizer's vocabulary is N+1).", at_least=1)
@@ -183,9 +186,7 @@ def _check_given(config: TokenizerConfig) -> None:
 
 
 def _check_file(flag: str, path: str) -> None:
-    if not os.path.exists(path):
-        raise TokenizerError(f"{flag} {path} does not exist; check the path.")
-    if not os.path.isfile(path):
-        raise TokenizerError(f"{flag} {path} is not a file.")
-    if not os.access(path, os.R_OK):
-        raise TokenizerError(f"{flag} {path} cannot be read (permissions).")
+    try:
+        check_path("input_file", path)  # the kind these flags declare
+    except UserError as error:
+        raise TokenizerError(f"{flag} {error}") from None

@@ -267,20 +267,27 @@ def write_embedded_corpus(
     )
 
 
-def main(argv=None) -> int:
-    """`python -m spannorm_megatron.data.corpus OUTPUT [--max-bytes N]`: write the corpus."""
+def build_parser():
     import argparse
 
+    from spannorm_megatron.config.options import path_type
+
+    parser = argparse.ArgumentParser(
+        prog="python -m spannorm_megatron.data.corpus",
+        description="Write the embedded corpus (Python stdlib sources) as JSONL or text.",
+    )
+    parser.add_argument("output", help="output file: .jsonl (documents) or .txt (plain text)",
+                        type=path_type("output_file"))
+    parser.add_argument("--max-bytes", type=int, default=None, help="size cap in bytes")
+    return parser
+
+
+def main(argv=None) -> int:
+    """`python -m spannorm_megatron.data.corpus OUTPUT [--max-bytes N]`: write the corpus."""
     from spannorm_megatron.data.cli import run_cli
 
     def run(args_list):
-        parser = argparse.ArgumentParser(
-            prog="python -m spannorm_megatron.data.corpus",
-            description="Write the embedded corpus (Python stdlib sources) as JSONL or text.",
-        )
-        parser.add_argument("output", help="output file: .jsonl (documents) or .txt (plain text)")
-        parser.add_argument("--max-bytes", type=int, default=None, help="size cap in bytes")
-        args = parser.parse_args(args_list)
+        args = build_parser().parse_args(args_list)
         manifest = write_embedded_corpus(args.output, args.max_bytes)
         print(json.dumps(manifest.to_dict(), indent=2))
         return 0

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
-from spannorm_megatron.errors import InputFileError
+from spannorm_megatron.config.paths import check_path
+from spannorm_megatron.errors import InputFileError, UserError
 
 TEXT_SUFFIXES = (".txt", ".text")
 INPUT_FORMATS = ("auto", "jsonl", "text")
@@ -49,24 +50,13 @@ def resolve_format(path: Union[str, os.PathLike], input_format: str = "auto") ->
 
 
 def check_input_file(path: Union[str, os.PathLike]) -> Path:
-    """Return `path` if it is a readable regular file, else raise InputFileError."""
-    path = Path(path)
-    if not path.exists():
-        raise InputFileError(
-            f"Input file '{path}' does not exist. Check the path passed to --input (relative "
-            f"paths are taken from the current directory, {os.getcwd()})."
-        )
-    if path.is_dir():
-        raise InputFileError(
-            f"Input '{path}' is a directory; --input takes one file (JSON Lines, or plain text "
-            "with a .txt suffix). Concatenate the directory's files into one, or run once per file."
-        )
-    if not os.access(path, os.R_OK):
-        raise InputFileError(
-            f"Input file '{path}' is not readable by this user; fix its permissions "
-            "(chmod a+r) or copy it somewhere readable."
-        )
-    return path
+    """Return `path` if it is a readable, non-empty regular file (`config.paths`' check of an
+    input file), else raise InputFileError."""
+    try:
+        check_path("input_file", os.fspath(path))
+    except UserError as error:
+        raise InputFileError(f"Input file {error}") from None
+    return Path(path)
 
 
 def iter_records(path: Union[str, os.PathLike], fmt: str) -> Iterator[Record]:

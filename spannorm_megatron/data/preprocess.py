@@ -62,17 +62,19 @@ class PreprocessConfig:
     (Megatron-LM's tools/preprocess_data.py flags)."""
 
     input: str = option(doc="Input file: JSON Lines (Megatron-LM's loose JSON) or plain .txt; see "
-                        "documents.py.", required=True)
+                        "documents.py.", required=True, path="input_file")
     output_prefix: str = option(
         doc="Path prefix of the outputs, written as {prefix}_{key}_document.bin/.idx (parent "
-        "directories are created).", required=True)
+        "directories are created).", required=True, path="output_file")
     tokenizer_model: Optional[str] = option(
         None, "SentencePiece .model file (spannorm-train-tokenizer writes one), or the "
-        "HuggingFaceTokenizer folder; unset for the other types.")
+        "HuggingFaceTokenizer folder; unset for the other types.", path="tokenizer_model")
     tokenizer_type: str = option("SentencePieceTokenizer", f"{TYPES_HELP} (default: "
                                  "SentencePieceTokenizer).")
-    vocab_file: Optional[str] = option(None, "GPT2BPETokenizer: vocab.json.")
-    merge_file: Optional[str] = option(None, "GPT2BPETokenizer: merges.txt.")
+    vocab_file: Optional[str] = option(None, "GPT2BPETokenizer: vocab.json.",
+                                       path="input_file")
+    merge_file: Optional[str] = option(None, "GPT2BPETokenizer: merges.txt.",
+                                       path="input_file")
     vocab_size: Optional[int] = option(
         None, "NullTokenizer: ids 0..N-1 are data, N is the end of document.")
     json_keys: List[str] = option(

@@ -39,9 +39,12 @@ class TokenizerOverrides:
     tokenizer_type: Optional[str] = option(None, TYPES_HELP + ".",
                                            choices=SUPPORTED_TOKENIZER_TYPES)
     tokenizer_model: Optional[str] = option(
-        None, "SentencePiece model, or HuggingFaceTokenizer's folder.", metavar="X.model_OR_DIR")
-    vocab_file: Optional[str] = option(None, "GPT2BPETokenizer: vocab.json.")
-    merge_file: Optional[str] = option(None, "GPT2BPETokenizer: merges.txt.")
+        None, "SentencePiece model, or HuggingFaceTokenizer's folder.", metavar="X.model_OR_DIR",
+        path="tokenizer_model")
+    vocab_file: Optional[str] = option(None, "GPT2BPETokenizer: vocab.json.",
+                                       path="input_file")
+    merge_file: Optional[str] = option(None, "GPT2BPETokenizer: merges.txt.",
+                                       path="input_file")
     vocab_size: Optional[int] = option(None, "NullTokenizer: N.")
 
     def given(self) -> Dict[str, object]:

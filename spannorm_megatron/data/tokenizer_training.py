@@ -61,10 +61,11 @@ class TokenizerTrainingConfig:
 
     model_prefix: str = option(
         doc="Output prefix: writes PREFIX.model and PREFIX.vocab (parent dirs are created).",
-        required=True)
+        required=True, path="output_file")
     inputs: List[str] = option(
         doc="Training text: JSON Lines files (text under --json-keys) and/or plain .txt files "
-        "(see documents.py).", flag="--input", nargs="+", metavar="FILE", default_factory=list)
+        "(see documents.py).", flag="--input", nargs="+", metavar="FILE", default_factory=list,
+        path="input_file")
     embedded_corpus: bool = option(
         False, "Train on the embedded corpus (Python stdlib sources, see "
         "spannorm_megatron/data/corpus.py) instead of --input.")

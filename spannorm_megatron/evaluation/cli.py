@@ -51,16 +51,19 @@ class EvaluateOptions:
     """The command line of `spannorm-evaluate` (besides the tokenizer flags)."""
 
     load: str = option(doc="Megatron checkpoint or Hugging Face folder.", required=True,
-                       metavar="CKPT_OR_HF_DIR")
-    input: str = option(doc="UTF-8 text file.", required=True, metavar="TEXT_FILE")
+                       metavar="CKPT_OR_HF_DIR", path="checkpoint_or_hf_folder")
+    input: str = option(doc="UTF-8 text file.", required=True, metavar="TEXT_FILE",
+                        path="input_file")
     seq_length: Optional[int] = option(
         None, "Window length in tokens (default: the model's maximum, max_position_embeddings).")
     micro_batch_size: Optional[int] = option(
         None, "Windows per forward pass (default: about 8192 tokens' worth).")
     max_bytes: int = option(0, "Evaluate only the first N bytes, cut at a line end (0: all).")
-    json: Optional[str] = option(None, "Write the numbers here.", metavar="OUT.json")
+    json: Optional[str] = option(None, "Write the numbers here.", metavar="OUT.json",
+                                 path="output_file")
     model_config: Optional[str] = option(
-        None, "ModelConfig JSON for a megatron checkpoint without a run record.", metavar="JSON")
+        None, "ModelConfig JSON for a megatron checkpoint without a run record.", metavar="JSON",
+        path="input_file")
     tensor_model_parallel_size: int = option(1, "Tensor-parallel ranks (under torchrun).")
     pipeline_model_parallel_size: int = option(1, "Pipeline stages (under torchrun).")
     device: str = option("auto", "Hugging Face folders (megatron checkpoints: the runtime's "

@@ -15,11 +15,11 @@ scored bytes are then the text's bytes minus those of each window's first token.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Sequence, Tuple
 
+from spannorm_megatron.config.paths import path_problem
 from spannorm_megatron.errors import UserError
 
 BLOCK_BYTES = 256 * 1024
@@ -36,8 +36,9 @@ def check_text_file(path: str, max_bytes: int = 0) -> int:
     """UTF-8 bytes that will be evaluated (the whole file, or its first `max_bytes` cut at a
     line end). Reads the file once, before any model is loaded, so that a file that is missing,
     empty or not UTF-8 costs nothing but this error."""
-    if not os.path.isfile(path):
-        raise EvaluationError(f"--input {path} does not exist (or is not a file).")
+    why = path_problem("input_file", "--input", path)  # the kind --input declares
+    if why and not why.endswith("is empty."):  # an empty file: said below, as for blank text
+        raise EvaluationError(f"--input {why}")
     total, text_seen = 0, False
     for block in read_blocks(path, max_bytes=max_bytes):
         total += len(block.encode("utf-8"))

@@ -38,14 +38,15 @@ class ExportOptions:
     """The command line of `spannorm-convert-to-hf` (besides the tokenizer flags)."""
 
     load: str = option(doc="Megatron save directory, iter_NNNNNNN directory or dist checkpoint.",
-                       required=True, metavar="CKPT_DIR")
-    save: str = option(doc="Output folder.", required=True, metavar="HF_DIR")
+                       required=True, metavar="CKPT_DIR", path="checkpoint")
+    save: str = option(doc="Output folder.", required=True, metavar="HF_DIR",
+                       path="output_folder")
     dtype: str = option("float32", "Weight dtype in the folder (default float32).",
                         choices=DTYPE_NAMES)
     max_shard_size: str = option("2GB", "Largest weight file, e.g. 2GB, 500MB (default 2GB).")
     model_config: Optional[str] = option(
         None, "ModelConfig as JSON (a dict, or a run record holding one); needed for checkpoints "
-        "without a run record.", metavar="JSON")
+        "without a run record.", metavar="JSON", path="input_file")
     format: str = option(
         "auto", "auto: a native class when it can hold the model, else ours; native: refuse "
         "otherwise; spannorm: always ours.", choices=EXPORT_FORMATS)

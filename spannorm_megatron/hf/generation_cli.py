@@ -44,7 +44,8 @@ class PromptOptions:
 class GenerateOptions:
     """The command line of `spannorm-generate` (besides the prompt and the tokenizer flags)."""
 
-    load: str = option(doc="Megatron checkpoint or Hugging Face folder.", required=True)
+    load: str = option(doc="Megatron checkpoint or Hugging Face folder.", required=True,
+                       path="checkpoint_or_hf_folder")
     max_new_tokens: int = option(32, "Tokens to generate at most (the prompt and these within "
                                  "the model's positions).", at_least=1)
     temperature: float = option(1.0, "Sampling temperature.", above=0.0)
@@ -54,7 +55,8 @@ class GenerateOptions:
     greedy: bool = option(False, "Argmax decoding.")
     seed: int = option(1234, "Sampling seed.")
     model_config: Optional[str] = option(
-        None, "ModelConfig JSON for a megatron checkpoint without a run record.", metavar="JSON")
+        None, "ModelConfig JSON for a megatron checkpoint without a run record.", metavar="JSON",
+        path="input_file")
     device: str = option("auto", "auto: the GPU when there is one.", choices=DEVICES)
     dtype: Optional[str] = option(None, "Default: float32 on CPU, bfloat16 on GPU.",
                                   choices=DTYPE_NAMES)

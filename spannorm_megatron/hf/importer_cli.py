@@ -32,8 +32,10 @@ from spannorm_megatron.config.options import add_arguments, option, parse_sectio
 class ImportOptions:
     """The command line of `spannorm-convert-from-hf`."""
 
-    load: str = option(doc="Hugging Face folder.", required=True, metavar="HF_DIR")
-    save: str = option(doc="Megatron save directory.", required=True, metavar="CKPT_DIR")
+    load: str = option(doc="Hugging Face folder.", required=True, metavar="HF_DIR",
+                       path="hf_folder")
+    save: str = option(doc="Megatron save directory.", required=True, metavar="CKPT_DIR",
+                       path="output_folder")
     tensor_model_parallel_size: int = option(1, "Tensor-parallel ranks the files are split for.")
     pipeline_model_parallel_size: int = option(1, "Pipeline stages the files are split for.")
     expert_model_parallel_size: int = option(1, "Expert-parallel ranks the files are split for.")

@@ -29,10 +29,11 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 
 from spannorm_megatron.config.model import ModelConfig
+from spannorm_megatron.config.paths import DIST_CHECKPOINT_METADATA
 from spannorm_megatron.hf.errors import ConversionError, tensor_mismatches
 from spannorm_megatron.hf.layout import CheckpointLayout, Group, is_model_tensor_key
 
-DCP_METADATA = ".metadata"
+DCP_METADATA = DIST_CHECKPOINT_METADATA
 ConfigSource = Union[None, ModelConfig, dict, str, os.PathLike]
 
 

@@ -20,12 +20,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from spannorm_megatron.config.paths import SAFETENSORS_FILE, SAFETENSORS_INDEX
 from spannorm_megatron.hf.errors import ConversionError
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
                       torch.float64: "F64", torch.int64: "I64", torch.int32: "I32"}
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = SAFETENSORS_FILE  # transformers' names (config.paths checks a folder by them)
+INDEX_FILE = SAFETENSORS_INDEX
 
 
 def parse_size(text: str) -> int:

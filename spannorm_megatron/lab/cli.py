@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 from spannorm_megatron.errors import ConfigError, UserError
-from spannorm_megatron.config.options import add_arguments, from_namespace, option
+from spannorm_megatron.config.options import add_arguments, from_namespace, option, parse_options
 from spannorm_megatron.placements import PLACEMENTS, SCALE_INIT_NAMES, SCALE_INIT_RULES
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ class BatchOptions:
                          choices=("corpus", "random"))
     tokenizer_model: Optional[str] = option(
         None, "SentencePiece model for --tokens corpus (e.g. runs/quickstart/tokenizer.model); "
-              "default: UTF-8 bytes, vocabulary 256.")
+              "default: UTF-8 bytes, vocabulary 256.", path="tokenizer_model")
     vocab_size: Optional[int] = option(
         None, "Model vocabulary; default: the tokenizer's (256 for bytes/random).")
     corpus_bytes: int = option(1_000_000, "How much of the embedded corpus to tokenize for "
@@ -121,11 +121,11 @@ class TrainingOptions:
 class OutputOptions:
     seed: int = option(1234, "Seeds the batch and every model's initialization.")
     threads: Optional[int] = option(None, "torch intra-op threads.")
-    out: str = option("runs/signal_propagation", "Output directory.")
+    out: str = option("runs/signal_propagation", "Output directory.", path="output_folder")
     no_plots: bool = option(False, "Skip the PNG files.")
     from_json: Optional[str] = option(
         None, "Run no model: write the summary, CSV and plots again from an earlier run's "
-              "signals.json (one written with per-layer values) into --out.")
+              "signals.json (one written with per-layer values) into --out.", path="input_file")
     no_per_layer_json: bool = option(
         False, "Leave the per-layer values out of signals.json (they stay in layers.csv); keeps "
                "the JSON small for large grids.")
@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: Optional[List[str]] = None) -> PropagationCommand:
     """The command line, parsed into its sections and checked."""
-    namespace = build_parser().parse_args(argv)  # --help, a mistyped flag: before torch loads
+    # --help, a mistyped flag, a path not of its kind: before torch loads
+    namespace = parse_options(build_parser(), [owner for _, owner in SECTIONS], argv)
     from spannorm_megatron.lab.propagation import ProbeSettings, check_grid
     from spannorm_megatron.placements import get_placement
 

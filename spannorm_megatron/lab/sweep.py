@@ -37,7 +37,13 @@ from spannorm_megatron.lab.training_log import (
     read_layer_grad_ratio,
     read_tensorboard,
 )
-from spannorm_megatron.config.options import add_arguments, from_namespace, option
+from spannorm_megatron.config.options import (
+    add_arguments,
+    from_namespace,
+    option,
+    parse_options,
+    path_type,
+)
 from spannorm_megatron.training.spikes import WARMUP
 
 REPORT_COLUMNS = (
@@ -389,19 +395,25 @@ def _jsonable(values):
 class ReportCommand:
     """`examples/depth_sweep/report.py`'s options (declared once)."""
 
-    out: Optional[str] = option(None, "Where to write the report (default: sweep_dir).")
+    out: Optional[str] = option(None, "Where to write the report (default: sweep_dir).",
+                                path="output_folder")
     export: bool = option(False, "Write what the docs keep: report.md, loss_curves.png and "
                                  "the one compressed table report.json.gz (no CSV), "
                                  "overwriting the files in --out.")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Report of a depth sweep (examples/depth_sweep/run.sh): final losses, "
                     "divergence, first loss spike, grad norms; Markdown, CSV, JSON and a PNG.")
-    p.add_argument("sweep_dir", help="SWEEP_DIR of run.sh (holds runs/ and sweep.txt).")
+    p.add_argument("sweep_dir", help="SWEEP_DIR of run.sh (holds runs/ and sweep.txt).",
+                   type=path_type("input_folder"))
     add_arguments(p, ReportCommand)
-    namespace = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    namespace = parse_options(build_parser(), [ReportCommand], argv)
     command = from_namespace(ReportCommand, namespace)
     try:
         write_report(namespace.sweep_dir, command.out, export=command.export)

@@ -60,10 +60,8 @@ from typing import Optional, Union
 
 import torch
 
+from spannorm_megatron.config.environment import PEAK_TFLOPS_ENV  # the table's override
 from spannorm_megatron.config.model import ModelConfig
-
-PEAK_TFLOPS_ENV = "SPANNORM_PEAK_TFLOPS"
-"""Environment variable: peak dense TFLOP/s of one device, overriding the table (any device)."""
 
 RECOMPUTE_CHOICES = (None, "selective", "full")
 

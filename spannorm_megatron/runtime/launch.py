@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from spannorm_megatron.config.environment import variable_problem
 from spannorm_megatron.errors import ConfigError
 
 _VARIABLES = {"RANK": 0, "WORLD_SIZE": 1, "LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1}
@@ -25,15 +26,11 @@ class LaunchEnvironment:
 
 
 def _read(name: str) -> int:
+    why = variable_problem(name)  # the variable's declared kind: a count
+    if why:
+        raise ConfigError(why)
     text = os.environ.get(name, "").strip()
-    if not text:
-        return _VARIABLES[name]
-    if not text.isdigit():
-        raise ConfigError(
-            f"{name}={os.environ[name]!r} in the environment is not a non-negative integer: "
-            f"torchrun sets it for each rank; unset it to run a single process, or launch "
-            f"with torchrun.")
-    return int(text)
+    return int(text) if text else _VARIABLES[name]
 
 
 def launch_environment() -> LaunchEnvironment:

@@ -35,7 +35,8 @@ from typing import Callable
 import torch
 from torch.utils._pytree import tree_flatten
 
-STRICT_ENV = "SPANNORM_STRICT_DEVICES"
+from spannorm_megatron.config.environment import STRICT_DEVICES_ENV as STRICT_ENV
+
 _HOST = "_spannorm_host"
 
 

@@ -13,25 +13,25 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
 from typing import Dict, List, Optional
 
 import yaml
 
 from spannorm_megatron.config.checkpoint import CheckpointConfig
 from spannorm_megatron.config.data import LEGACY_SPLIT, DataConfig, count_sources
+from spannorm_megatron.config.environment import check_environment
 from spannorm_megatron.config.hooks import RunHooksConfig
 from spannorm_megatron.config.job import JobConfig
 from spannorm_megatron.config.logging import LoggingConfig, MetricsLoggingConfig
 from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.config.options import (
     add_arguments,
-    check_paths,
     coerce,
     fill_fallbacks,
     from_namespace,
     missing_required,
     options,
+    path_type,
 )
 from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.config.performance import PerformanceConfig
@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Launch with torchrun (one node or many); without a GPU it runs on CPU with gloo.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
     )
-    parser.add_argument("--config", default=None, help="YAML file of flags; command-line flags "
-                        "win.")
+    parser.add_argument("--config", default=None, type=path_type("input_file"),
+                        help="YAML file of flags; command-line flags win.")
     for title, owner in SECTIONS:
         add_arguments(parser.add_argument_group(title), owner)
     return parser
@@ -114,8 +114,7 @@ def _fields_by_key() -> Dict[str, tuple]:
 
 
 def _config_defaults(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: no such file. Pass the path of a YAML file of flags.")
+    """The flags of the --config file (an input file: its parser's `type` checked that)."""
     try:
         with open(path) as f:
             values = load_yaml(f) or {}
@@ -169,6 +168,7 @@ def _resolve(args: argparse.Namespace) -> JobConfig:
         raise ConfigError(
             f"the following flags are required (as in Megatron-LM): {', '.join(missing)}. Give "
             f"them on the command line or as keys of --config.")
+    check_environment()
     fill_fallbacks(owners, args)
     args.notices = []
     if args.max_sequence_length < args.seq_length:
@@ -189,7 +189,6 @@ def _resolve(args: argparse.Namespace) -> JobConfig:
         args.notices.append("--sequence-parallel with --tensor-model-parallel-size 1: sequence "
                             "parallelism is off (no tensor-parallel ranks to split the sequence "
                             "over; Megatron-LM disables it the same way).")
-    check_paths(owners, args)
     training = from_namespace(TrainingConfig, args)
     # The model's own checks need no vocabulary (the tokenizer's comes later, in the Trainer).
     model = _model_config(args, vocab_size=args.make_vocab_size_divisible_by)

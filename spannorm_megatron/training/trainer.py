@@ -76,6 +76,7 @@ from spannorm_megatron.training.loop import (
     train_step,
 )
 from spannorm_megatron.training.monitor import RunMonitor
+from spannorm_megatron.training.preflight import check_with_megatron_core
 from spannorm_megatron.training.schedule import batch_layout, lr_scheduler, optimizer_config
 from spannorm_megatron.training.setup import initialize_tp_comm_overlap, setup_model_and_optimizer
 
@@ -206,6 +207,7 @@ class Trainer:
         check_launch(training.distributed_backend, job.parallel)
         for count in self.batches.microbatch_counts:
             job.parallel.check_microbatches(count)
+        check_with_megatron_core(job, self.batches, self.tokenizer)
         self.num_samples = num_samples_for(self.train_iters, self.batches.global_batch_size,
                                            job.logging.eval_interval, job.logging.eval_iters,
                                            train_samples=training.train_samples)

@@ -18,7 +18,13 @@ from spannorm_megatron.lab.grid.results import (
 )
 from spannorm_megatron.lab.grid.runner import run_grid
 from spannorm_megatron.lab.grid.spec import ROOT
-from spannorm_megatron.config.options import add_arguments, check, from_namespace, option
+from spannorm_megatron.config.options import (
+    add_arguments,
+    check,
+    from_namespace,
+    option,
+    parse_options,
+)
 
 DESCRIPTION = """\
 The depth sweep's grid mode: a declared list of factor cells, each varied alone from the
@@ -31,12 +37,13 @@ class GridCommand:
     """What one invocation does: run (or resume) a grid, or summarize / export its table."""
 
     grid: str = option(os.path.join(ROOT, "examples", "depth_sweep", "grid.yaml"),
-                       "grid file (default: examples/depth_sweep/grid.yaml)")
+                       "grid file (default: examples/depth_sweep/grid.yaml)", path="input_file")
     out: List[str] = option(
         doc="output directory (default: runs/grid); rerun with the same --out to resume. With "
             "--summary / --export, several directories (workers that ran different --groups) "
             "are merged",
-        default_factory=lambda: [os.path.join(ROOT, "runs", "grid")], nargs="+")
+        default_factory=lambda: [os.path.join(ROOT, "runs", "grid")], nargs="+",
+        path="output_folder")
     dry_run: bool = option(False, "check the grid and print the plan with estimates; train "
                                   "nothing")
     retry_failed: bool = option(False, "train again runs whose process failed (finished runs "
@@ -49,17 +56,22 @@ class GridCommand:
     summary: bool = option(False, "print the summary table of --out's results and exit")
     export: Optional[str] = option(
         None, "write --out's results (results.jsonl.gz, summary.md and the figures of "
-              "lab/grid_plots.py) into this directory, overwriting the files there, and exit")
+              "lab/grid_plots.py) into this directory, overwriting the files there, and exit",
+        path="output_folder")
 
     def __post_init__(self) -> None:
         check(self)
 
 
-def parse_args(argv: Optional[List[str]] = None) -> GridCommand:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, GridCommand)
-    return from_namespace(GridCommand, parser.parse_args(argv))
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> GridCommand:
+    return from_namespace(GridCommand, parse_options(build_parser(), [GridCommand], argv))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
