@@ -35,10 +35,12 @@ def main(argv: Optional[List[str]] = None, trainer_class=None) -> int:
 
     def train(argv) -> int:
         from spannorm_megatron.training.guards import NonFiniteGradientError
+        from spannorm_megatron.training.rollback import RollbackLimitError
 
         try:
             pretrain(argv, trainer_class)
-        except NonFiniteGradientError as error:  # the run failed, the input was fine: status 1
+        except (NonFiniteGradientError, RollbackLimitError) as error:
+            # the run failed, the input was fine: status 1
             report_failure(f"error: {error}")
             return 1
         return 0
