@@ -14,8 +14,8 @@ thresholds were chosen from the grid's measurements of layer 2. Models with fewe
 have no lower layers to lose (layer 2 would be the last one), so the alarm stays off for them.
 
 Where the fall began (`CollapseReport.fall_began`, what `--on-collapse rollback` rolls back
-before): the first logged iteration of the uninterrupted descent of the ratio that ended below
-the threshold, i.e. the step after its last local maximum. `rewind` forgets the steps after a
+before): the logged step from which the ratio fell without a break until it crossed the
+threshold (its last peak before the crossing). `rewind` forgets the steps after a
 rollback point and watches again.
 
 Pure Python on the already reduced signals (`StabilitySignals.collect()` gives every rank all
@@ -48,8 +48,8 @@ class CollapseReport:
     last_update_ratio: Optional[float]
     """Layer L's update ratio on this step."""
     fall_began: int = 0
-    """The first logged iteration of the ratio's fall that crossed the threshold (the logged
-    step after its last local maximum; the crossing step itself when the ratio rose into it)."""
+    """The logged step from which the ratio fell without a break to the crossing (its last
+    peak; the crossing step itself when the ratio rose into it)."""
 
     def message(self) -> str:
         L = self.num_layers
@@ -116,8 +116,8 @@ class CollapseAlarm:
 
 
 def fall_began(ratios: List[Tuple[int, float]]) -> int:
-    """The first iteration of the uninterrupted fall that ends at the last of `ratios`
-    ((iteration, ratio) in order): walk back while each earlier ratio is higher."""
+    """Where the unbroken fall that ends at the last of `ratios` ((iteration, ratio) in order)
+    began: walk back while each earlier ratio is higher; the iteration of the last peak."""
     start = len(ratios) - 1
     while start > 0 and ratios[start - 1][1] > ratios[start][1]:
         start -= 1

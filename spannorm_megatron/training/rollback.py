@@ -127,6 +127,16 @@ class RollbackPolicy:
                 f"{self.skipped_batches()} batches skipped in all (rollbacks.json beside the "
                 f"checkpoints)")
 
+    def data_position(self, iteration: int, consumed_train_samples: int) -> int:
+        """Where the data goes on from a checkpoint loaded at `iteration`: past the last
+        rollback's skipped batches when that checkpoint is its point, not yet moved on (a
+        rollback a crash cut short), else where the checkpoint says."""
+        last = self.course[-1] if self.course else None
+        if last and iteration == last["point"] and \
+                consumed_train_samples == last["skipped_samples"][0]:
+            return int(last["skipped_samples"][1])
+        return consumed_train_samples
+
     def skipped_batches(self) -> int:
         return sum(int(entry["skip_batches"]) for entry in self.course)
 

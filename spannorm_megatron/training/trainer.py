@@ -310,6 +310,8 @@ class Trainer:
         self.iteration, self.consumed_train, self.consumed_valid = self._load()
         if self.rollbacks.course:
             print_rank_0(f"> {self.rollbacks.describe()}")
+            self.consumed_train = self.rollbacks.data_position(self.iteration,
+                                                               self.consumed_train)
 
         self.datasets = build_gpt_datasets(job.data, self.tokenizer, self.num_samples,
                                            check_prefixes=False)
