@@ -119,6 +119,7 @@ SPIKY = [*RECIPE[:RECIPE.index("--tokenizer-type")], "--num-workers", "0",
          "--loss-spike-factor", "3", "--loss-spike-window", "5"]
 
 
+@pytest.mark.slow
 def test_a_spike_rolls_back_skips_its_batches_and_a_plain_resume_keeps_the_course(
         spiky_data, tmp_path, megatron_world):
     data, noisy = spiky_data
@@ -171,6 +172,7 @@ def test_a_spike_rolls_back_skips_its_batches_and_a_plain_resume_keeps_the_cours
                        "rollback/skipped_batches": [(spike, spike - point)]}
 
 
+@pytest.mark.slow
 def test_a_rollback_cut_short_by_a_crash_is_finished_at_the_next_start(
         spiky_data, tmp_path, megatron_world):
     """What a crash right after the journal entry leaves (the entry pending, the pointer and the
@@ -178,7 +180,7 @@ def test_a_rollback_cut_short_by_a_crash_is_finished_at_the_next_start(
     data, _ = spiky_data
     save = str(tmp_path / "save")
     flags = [*SPIKY, *data, "--save", save, "--load", save, "--on-loss-spike", "rollback",
-             "--loss-spike-factor", "100", "--train-iters", "30"]
+             "--loss-spike-factor", "100", "--train-iters", "24"]
     assert train_in_process(*flags, "--exit-interval", "20").returncode == 0
     begin_rollback(save, {"number": 1, "cause": "loss spike", "event_iteration": 20,
                           "began": 20, "point": 10, "lr_factor": 0.5, "lr_scale": 0.5,
@@ -192,11 +194,12 @@ def test_a_rollback_cut_short_by_a_crash_is_finished_at_the_next_start(
     assert sorted(os.listdir(os.path.join(save, ROLLED_BACK_DIRNAME, "1"))) == ["iter_0000020"]
     assert read_journal(save)["rollbacks"][0]["status"] == "done"
     assert min(logged_losses(resumed.stdout)) == 11
-    assert re.search(r"iteration\s+11/\s+30 \| consumed samples:\s+84 \|.*learning rate: "
+    assert re.search(r"iteration\s+11/\s+24 \| consumed samples:\s+84 \|.*learning rate: "
                      r"1\.500000E-03", resumed.stdout), resumed.stdout[-3000:]
 
 
 # ---------------------------------------------------------------- a collapse
+@pytest.mark.slow
 def test_a_collapse_rolls_back_and_the_run_trains_on_with_the_alarm_quiet(
         corpus, tmp_path, torchrun):
     data, tokenizer = corpus
