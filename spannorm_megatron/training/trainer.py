@@ -265,6 +265,8 @@ class Trainer:
         # the ones it catches).
         self.skipped_by_optimizer = 0
         self.rollbacks = RollbackPolicy(job.rollback)
+        self.resumed = False
+        """Whether `setup` loaded a checkpoint."""
         self.event: Optional[Event] = None
         """An event the rollback policy answers at the end of this step."""
         self.datasets = None
@@ -502,7 +504,7 @@ class Trainer:
         job = self.job
         every = lambda interval: bool(interval) and self.iteration % interval == 0  # noqa: E731
         window = ThroughputWindow()
-        if self.job.rollback.enabled and self.iteration == 0:
+        if self.job.rollback.enabled and self.iteration == 0 and not self.resumed:
             # The rollback point of an event that begins in the first iterations, with the
             # optimizer state Adam starts from (its moments exist only after a step).
             fill_fresh_optimizer_state(self.optimizer)
@@ -643,6 +645,7 @@ class Trainer:
                 print_rank_0(f"> --load-fallback: skipping {which} ({error})")
         print_rank_0(f"  successfully loaded checkpoint from {state['checkpoint_dir']} at "
                      f"iteration {state['iteration']}")
+        self.resumed = True
         if checkpoint.no_load_optim and state["iteration"]:
             # As in Megatron-LM, the scheduler's state goes with the optimizer's: said, not silent.
             print_rank_0(f"> --no-load-optim: the optimizer and the learning-rate schedule start "
