@@ -5,6 +5,8 @@ of examples/depth_sweep/rollback.yaml (the rest).
     python examples/depth_sweep/rollback_table.py \
         --grid docs/stability/grid/results.jsonl.gz \
         --rollback docs/stability/rollback/results.jsonl.gz     # or a running runs/rollback/results.jsonl
+    python examples/depth_sweep/rollback_table.py --rollback runs/rollback/results.jsonl \
+        --write-rows docs/stability/rollback/results.jsonl.gz   # the rows, compressed, for the docs
 
 A run *trains* when its last course (after its last rollback, if any) never took the layer-2/L
 gradient ratio below the collapse alarm's 1e-3 and it ended normally; *extra iterations* are
@@ -14,7 +16,10 @@ those a rollback trained twice (from the rollback point to the alarm).
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import math
+import os
 import statistics
 import sys
 from typing import Dict, List, Optional
@@ -106,7 +111,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", default="docs/stability/grid/results.jsonl.gz")
     parser.add_argument("--rollback", nargs="+", default=["docs/stability/rollback/results.jsonl.gz"])
+    parser.add_argument("--write-rows", default=None,
+                        help="write the --rollback rows (the latest of each run) here, gzipped "
+                             "(the same rows give the same bytes), and exit")
     args = parser.parse_args(argv)
+    if args.write_rows:
+        latest = {}
+        for path in args.rollback:
+            latest.update({row["name"]: row for row in read_results(path)})
+        text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in
+                       sorted(latest.values(), key=lambda r: (r.get("index", 0), r["name"])))
+        os.makedirs(os.path.dirname(os.path.abspath(args.write_rows)), exist_ok=True)
+        with open(args.write_rows, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb",
+                                                              mtime=0) as f:
+            f.write(text.encode())
+        return 0
     rows = {row["name"]: row for row in read_results(args.grid)}
     for path in args.rollback:
         rows.update({row["name"]: row for row in read_results(path)})
