@@ -591,7 +591,7 @@ class Trainer:
         journal.on_rank0(lambda: journal.begin_rollback(save, entry))
         self.rollbacks.follow(entry)
         self.scheduler.num_steps = 0  # the load adds the checkpoint's step count to it
-        state = self._load_iteration(save, entry["point"])
+        state = self._load_iteration(save, entry["point"], whole=True)
         journal.on_rank0(lambda: journal.finish_pending(save))
         self.iteration = entry["point"]
         self.consumed_train = entry["skipped_samples"][1]
@@ -654,13 +654,15 @@ class Trainer:
         return (state["iteration"], state["consumed_train_samples"],
                 state["consumed_valid_samples"])
 
-    def _load_iteration(self, load: str, iteration: Optional[int]) -> dict:
+    def _load_iteration(self, load: str, iteration: Optional[int], whole: bool = False) -> dict:
         """Checkpoint `iteration` of `load` (None: the pointer's) into model, optimizer,
-        scheduler and RNG, as the flags say."""
+        scheduler and RNG, as the flags say; `whole` (a rollback: this run's own state, as it
+        was) loads everything whatever --no-load-optim / --no-load-rng say."""
         checkpoint, training = self.job.checkpoint, self.job.training
         return load_checkpoint(load, self.model, self.optimizer, self.scheduler,
                                model_config=self.job.model, parallel_config=self.job.parallel,
-                               iteration=iteration, no_load_optim=checkpoint.no_load_optim,
-                               no_load_rng=checkpoint.no_load_rng,
+                               iteration=iteration,
+                               no_load_optim=checkpoint.no_load_optim and not whole,
+                               no_load_rng=checkpoint.no_load_rng and not whole,
                                check_scheduler=not (training.override_opt_param_scheduler
                                                     or training.use_checkpoint_opt_param_scheduler))
