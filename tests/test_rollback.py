@@ -67,8 +67,10 @@ def test_the_course_compounds_factors_and_warms_up_again_from_the_point():
     # The factor times a ramp over 4 iterations (32 samples) from the point's 160 samples.
     assert [policy.lr_multiplier(160 + 8 * i) for i in range(6)] == \
         [0.0, 0.125, 0.25, 0.375, 0.5, 0.5]
-    second = policy.plan(event, [0, 20], positions.__getitem__, 240, 8, 40)
-    assert second["number"] == 2 and second["lr_scale"] == 0.25
+    # A second rollback to the same checkpoint skips from where the first one left the data.
+    second = policy.plan(event, [0, 20], positions.__getitem__, 320, 8, 40)
+    assert (second["number"], second["lr_scale"], second["skipped_samples"]) == \
+        (2, 0.25, [240, 320])
 
 
 # ---------------------------------------------------------------- a loss spike from the data

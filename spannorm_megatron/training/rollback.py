@@ -175,15 +175,17 @@ class RollbackPolicy:
                 f"Save more often (--save-interval).")
         point = max(before)
         position = position_of(point)
+        # Where this course's data stood at the point: past the last rollback's skip when it
+        # went back to the same checkpoint.
+        start = self.data_position(point, position["consumed_train_samples"])
         if config.rollback_skip_batches == AUTO:
             skip_batches = event.iteration - point
-            skipped = consumed_at_event - position["consumed_train_samples"]
+            skipped = consumed_at_event - start
         else:
             skip_batches = config.rollback_skip_batches
             skipped = skip_batches * global_batch_size
         warmup_samples = (run_warmup_samples if config.rollback_extra_warmup_iters is None
                           else config.rollback_extra_warmup_iters * global_batch_size)
-        start = position["consumed_train_samples"]
         return {
             "number": len(self.course) + 1,
             "cause": event.cause,
