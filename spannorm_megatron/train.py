@@ -36,7 +36,8 @@ def main(argv: Optional[List[str]] = None, trainer_class=None) -> int:
     die_with_launcher()
 
     def train(argv) -> int:
-        pretrain(argv, trainer_class)  # non-finite training, a refused save: RunFailure, status 1
+        # Non-finite training, a refused save, past --max-rollbacks: RunFailure, status 1.
+        pretrain(argv, trainer_class)
         return 0
 
     return run_cli(train, argv)

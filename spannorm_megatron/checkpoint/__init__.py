@@ -12,13 +12,14 @@ atomically); loads check directory, architecture, files and keys before touching
 
 Modules, one job each: `naming` (names on disk), `atomic` (crash-safe file operations),
 `manifest` (completion marker and checksums), `tracker` (which checkpoint to load),
-`run_record` (what wrote it, and the architecture check), `megatron_args` (the ``args``
+`rollbacks` (the course a run took after
+rolling back), `run_record` (what wrote it, and the architecture check), `megatron_args` (the ``args``
 namespace Megatron-LM's loader reads), `rng` (per-rank RNG state, sharded as Megatron-LM shards
 it), `state` (the sharded state dicts), `save` and `load`.
 """
 
 from .errors import CheckpointError
-from .load import load_checkpoint, read_run_record
+from .load import load_checkpoint, read_position, read_run_record
 from .naming import MANIFEST_FILENAME, RUN_RECORD_FILENAME, TRACKER_FILENAME, iteration_dirname
 from .save import save_checkpoint
 from .tracker import complete_iterations, find_latest, last_good_checkpoint
@@ -33,6 +34,7 @@ __all__ = [
     "iteration_dirname",
     "last_good_checkpoint",
     "load_checkpoint",
+    "read_position",
     "read_run_record",
     "save_checkpoint",
 ]

@@ -299,6 +299,21 @@ def _check_scheduler(scheduler, saved: dict, path: str, saved_batch: Optional[in
         f"or " + choices)
 
 
+def read_position(load_dir: str, iteration: int) -> dict:
+    """Where checkpoint `iteration` of `load_dir` stands, read from its common state without
+    loading it (call on every rank; rank 0 reads): dict(consumed_train_samples,
+    scheduler_steps), the latter None when it holds no scheduler."""
+    def read():
+        _, path = tracker.resolve(os.path.abspath(load_dir), iteration)
+        common = dist_checkpointing.load_common_state_dict(path)
+        scheduler = common.get("opt_param_scheduler") or {}
+        steps = scheduler.get("num_steps", scheduler.get("num_iters"))
+        return {"consumed_train_samples": int(common.get("consumed_train_samples", 0)),
+                "scheduler_steps": None if steps is None else int(steps)}
+
+    return _dist.on_rank0(read)
+
+
 def load_checkpoint(
     load_dir: str,
     model_chunks: Sequence,
@@ -366,6 +381,7 @@ def load_checkpoint(
             optimizer_state = state.regroup_optimizer_state(
                 optimizer_state, dist_checkpointing.load_common_state_dict(path)["optimizer"],
                 saved_optimizer["chained"], optimizer)
+        state.restore_zero_steps(optimizer_state)  # a checkpoint of iteration 0
         optimizer.load_state_dict(optimizer_state)
     if not load_optim and optimizer is not None:
         # Main (fp32) copies of the weights must follow the freshly loaded model weights.

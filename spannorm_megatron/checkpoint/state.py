@@ -151,3 +151,50 @@ def ensure_optimizer_state(optimizer) -> None:
                         exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
                         exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format),
                     )
+
+
+def fill_fresh_optimizer_state(optimizer) -> None:
+    """Give every parameter of a never-stepped optimizer (distributed or not) the state Adam
+    starts from, so that a checkpoint saved before the first step (a rollback point at
+    iteration 0) holds a complete optimizer state that later loads into a stepped one.
+
+    torch's Adam/AdamW get zero moments and ``step = 0``, exactly what their first step would
+    create; other inner optimizers (Apex / Transformer Engine FusedAdam) get megatron-core's
+    own `init_state_fn`, zero moments with the step kept in their parameter groups."""
+    import torch
+
+    for inner in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if torch_optimizer is None:
+            continue
+        if not isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            inner.init_state_fn(torch_optimizer, inner.config)
+            continue
+        for group in torch_optimizer.param_groups:
+            for param in group["params"]:
+                if len(torch_optimizer.state[param]) == 0:
+                    torch_optimizer.state[param].update(
+                        step=torch.tensor(0.0),
+                        exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
+                        exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format),
+                    )
+
+
+def restore_zero_steps(optimizer_state) -> None:
+    """Put back the ``step = 0`` of Adam states saved before the first step (in place).
+
+    megatron-core's non-distributed optimizers save the step once for all parameters
+    (``common_step``) and leave it out when it is 0 (``if step:``), so such a state loads into
+    torch's Adam without the step it requires. Only states with moments and no step at all are
+    touched."""
+    import torch
+
+    if isinstance(optimizer_state, dict):
+        per_param = optimizer_state.get("state")
+        if (isinstance(per_param, dict) and "common_step" not in per_param and per_param
+                and all(isinstance(entry, dict) and "exp_avg" in entry and "step" not in entry
+                        for entry in per_param.values())):
+            for entry in per_param.values():
+                entry["step"] = torch.tensor(0.0)
+        for value in optimizer_state.values():
+            restore_zero_steps(value)

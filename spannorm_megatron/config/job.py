@@ -20,6 +20,7 @@ from spannorm_megatron.config.logging import LoggingConfig, MetricsLoggingConfig
 from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.config.performance import PerformanceConfig
+from spannorm_megatron.config.rollback import RollbackConfig
 from spannorm_megatron.config.spellings import MegatronSpellings
 from spannorm_megatron.config.tokenizer import TokenizerConfig
 from spannorm_megatron.config.training import TrainingConfig
@@ -46,6 +47,8 @@ class JobConfig:
     hooks: RunHooksConfig
     spellings: MegatronSpellings
     unavailable: Unavailable
+    rollback: RollbackConfig = field(default_factory=RollbackConfig)
+    """What the collapse alarm and a loss spike do (default: warn / log, as without it)."""
     flags: Dict[str, Any] = field(default_factory=dict)
     """Every flag under its dest (Megatron-LM's names), as parsed and resolved: what the run
     records as its arguments. Read the sections, not this."""

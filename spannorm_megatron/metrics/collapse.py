@@ -13,6 +13,11 @@ layer 1 also receives gradient through SpanNorm's input norm N0 and the embeddin
 thresholds were chosen from the grid's measurements of layer 2. Models with fewer than 3 layers
 have no lower layers to lose (layer 2 would be the last one), so the alarm stays off for them.
 
+Where the fall began (`CollapseReport.fall_began`, what `--on-collapse rollback` rolls back
+before): the logged step from which the ratio fell without a break until it crossed the
+threshold (its last peak before the crossing). `rewind` forgets the steps after a
+rollback point and watches again.
+
 Pure Python on the already reduced signals (`StabilitySignals.collect()` gives every rank all
 layers), so every rank reaches the same answer without a collective.
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 REFERENCE_LAYER = 2
 
@@ -42,6 +47,9 @@ class CollapseReport:
     """Median update ratio of `layers` on this step (None when not measured)."""
     last_update_ratio: Optional[float]
     """Layer L's update ratio on this step."""
+    fall_began: int = 0
+    """The logged step from which the ratio fell without a break to the crossing (its last
+    peak; the crossing step itself when the ratio rose into it)."""
 
     def message(self) -> str:
         L = self.num_layers
@@ -70,6 +78,8 @@ class CollapseAlarm:
         self.threshold = threshold
         self.num_layers = num_layers
         self.fired: Optional[CollapseReport] = None
+        self.ratios: List[Tuple[int, float]] = []
+        """(iteration, layer-2/L ratio) of every logged step watched so far."""
 
     @property
     def active(self) -> bool:
@@ -80,7 +90,10 @@ class CollapseAlarm:
         if not self.active:
             return None
         ratio = grad_ratio(signals, self.num_layers)
-        if ratio is None or not ratio < self.threshold:
+        if ratio is None:
+            return None
+        self.ratios.append((iteration, ratio))
+        if not ratio < self.threshold:
             return None
         grads = signals["grad_norm"]
         last = grads[self.num_layers]
@@ -92,8 +105,23 @@ class CollapseAlarm:
             iteration=iteration, ratio=ratio, threshold=self.threshold,
             num_layers=self.num_layers, layers=layers,
             update_ratio=statistics.median(below) if below else None,
-            last_update_ratio=updates.get(self.num_layers))
+            last_update_ratio=updates.get(self.num_layers),
+            fall_began=fall_began(self.ratios))
         return self.fired
+
+    def rewind(self, iteration: int) -> None:
+        """Forget the steps after `iteration` (a rollback point) and watch again."""
+        self.ratios = [(i, r) for i, r in self.ratios if i <= iteration]
+        self.fired = None
+
+
+def fall_began(ratios: List[Tuple[int, float]]) -> int:
+    """Where the unbroken fall that ends at the last of `ratios` ((iteration, ratio) in order)
+    began: walk back while each earlier ratio is higher; the iteration of the last peak."""
+    start = len(ratios) - 1
+    while start > 0 and ratios[start - 1][1] > ratios[start][1]:
+        start -= 1
+    return ratios[start][0]
 
 
 def grad_ratio(signals: Dict[str, Dict[int, float]], num_layers: int) -> Optional[float]:
@@ -121,4 +149,4 @@ def layer_ranges(layers: List[int]) -> str:
     return ", ".join(parts) or "none"
 
 
-__all__ = ["CollapseAlarm", "CollapseReport", "grad_ratio", "layer_ranges"]
+__all__ = ["CollapseAlarm", "CollapseReport", "fall_began", "grad_ratio", "layer_ranges"]

@@ -75,8 +75,17 @@ Our own tags, every --log-interval iterations (x axis = iteration):
     stability/{embedding,output_layer}/{grad_norm,update_ratio}   the parts outside the layers
                                     (over `grad-norm`: their share of the clipped step)
 
-n is the global 1-based layer number. Text: `config` (the run's configuration) and
-`stability/collapse_alarm` (the collapse alarm's message, at the iteration it fired).
+    rollback/count                  rollbacks so far (--on-collapse / --on-loss-spike rollback),
+                                    at the iteration of each event
+    rollback/point                  the iteration the run went back to
+    rollback/lr_scale               the learning-rate factor of the course from then on (the
+                                    product of every rollback's --rollback-lr-factor)
+    rollback/extra_warmup_iters     iterations of the renewed warm-up
+    rollback/skipped_batches        global batches skipped after the rollback point
+
+n is the global 1-based layer number. Text: `config` (the run's configuration),
+`stability/collapse_alarm` (the collapse alarm's message, at the iteration it fired) and
+`rollback/event` (what a rollback did and why, at the event's iteration).
 
 Flushing: the event file is written by a background thread every `flush_secs` (default 30 s,
 so a crash loses at most that much) or when --tensorboard-queue-size events are waiting, and
@@ -116,6 +125,8 @@ TAG_CONFIG = "config"
 TAG_GRAD_RATIO = "stability/grad_ratio_2_L"
 TAG_COLLAPSE_ALARM = "stability/collapse_alarm"
 TAG_SKIPPED_ITERATIONS = "skipped-iterations"
+TAG_ROLLBACK = "rollback/event"
+ROLLBACK_SCALARS = ("count", "point", "lr_scale", "extra_warmup_iters", "skipped_batches")
 VS_SAMPLES = " vs samples"
 
 
@@ -313,6 +324,16 @@ class TensorBoardWriter:
         if self._writer is None:
             return
         self.add_text(TAG_COLLAPSE_ALARM, message, iteration)
+        self.flush()
+
+    def log_rollback(self, iteration: int, values: Mapping[str, float], message: str) -> None:
+        """One rollback (training.rollback) at its event's iteration: `values` holds each of
+        ROLLBACK_SCALARS, `message` what the log says; flushed at once, as the alarm is."""
+        if self._writer is None:
+            return
+        for name in ROLLBACK_SCALARS:
+            self.add_scalar(f"rollback/{name}", values[name], iteration)
+        self.add_text(TAG_ROLLBACK, message, iteration)
         self.flush()
 
     def log_moe(self, iteration: int, metrics: Dict[str, Any], *,

@@ -35,6 +35,7 @@ from spannorm_megatron.config.options import (
 )
 from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.config.performance import PerformanceConfig
+from spannorm_megatron.config.rollback import RollbackConfig
 from spannorm_megatron.config.spellings import MegatronSpellings
 from spannorm_megatron.config.tokenizer import TokenizerConfig
 from spannorm_megatron.config.training import TrainingConfig
@@ -55,6 +56,8 @@ SECTIONS = (
     ("evaluation and logging", LoggingConfig),
     ("logged metrics (Megatron-LM's logging flags)", MetricsLoggingConfig),
     ("checkpoints", CheckpointConfig),
+    ("rollbacks: when the collapse alarm or a loss spike fires (see "
+     "spannorm_megatron.training.rollback)", RollbackConfig),
     ("profiling, garbage collection and memory (see spannorm_megatron.training.hooks)",
      RunHooksConfig),
     ("Megatron-LM spellings", MegatronSpellings),
@@ -216,6 +219,7 @@ def _resolve(args: argparse.Namespace) -> JobConfig:
     hooks = from_namespace(RunHooksConfig, args)
     args.notices.extend(hooks.notices())
     checkpoint = from_namespace(CheckpointConfig, args)
+    rollback = from_namespace(RollbackConfig, args)
     tokenizer = from_namespace(TokenizerConfig, args)
     data = None
     if count_sources(args.data_path, args.train_data_path, args.valid_data_path,
@@ -224,7 +228,7 @@ def _resolve(args: argparse.Namespace) -> JobConfig:
     return JobConfig(
         model=model, parallel=parallel, training=training, performance=performance, data=data,
         tokenizer=tokenizer, logging=logging, metrics=metrics, checkpoint=checkpoint,
-        hooks=hooks, spellings=spellings, unavailable=unavailable,
+        hooks=hooks, spellings=spellings, unavailable=unavailable, rollback=rollback,
         flags={name: value for name, value in vars(args).items() if name != "notices"},
         notices=args.notices, checkpoint_vocab_size=getattr(args, "padded_vocab_size", None))
 

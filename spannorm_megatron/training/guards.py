@@ -32,6 +32,12 @@ def _all_reduce(values: List[float], op) -> List[float]:
     return tensor.tolist()
 
 
+def agree_on_any(flag: bool) -> bool:
+    """Whether `flag` is true on any rank (one all-reduce): every rank then takes the same
+    decision, even where a value computed on each differs in its last bit."""
+    return bool(_all_reduce([float(flag)], torch.distributed.ReduceOp.MAX)[0])
+
+
 _OUTSIDE = 1e12  # sorts parameters outside the transformer layers after every layer
 
 
@@ -192,4 +198,5 @@ class ExitConditions:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-__all__ = ["ExitConditions", "NonFiniteGradientError", "NonFiniteGuard", "SpikeDetector"]
+__all__ = ["ExitConditions", "NonFiniteGradientError", "NonFiniteGuard", "SpikeDetector",
+           "agree_on_any"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig
@@ -131,11 +131,25 @@ def optimizer_config(training: TrainingConfig,
     )
 
 
+class CourseScheduler(OptimizerParamScheduler):
+    """megatron-core's scheduler, its learning rate times `lr_multiplier(num_steps)`: the course a
+    rollback changed (training.rollback: a lower factor and a renewed warm-up), 1 before any.
+    Its state and its checks against a checkpoint are megatron-core's, unchanged; the course is
+    kept beside the checkpoints (checkpoint.rollbacks)."""
+
+    def __init__(self, *args, **kwargs):
+        self.lr_multiplier: Callable[[int], float] = lambda num_steps: 1.0
+        super().__init__(*args, **kwargs)
+
+    def get_lr(self, param_group: dict) -> float:
+        return super().get_lr(param_group) * self.lr_multiplier(self.num_steps)
+
+
 def lr_scheduler(training: TrainingConfig, optimizer: MegatronOptimizer,
-                 global_batch_size: int) -> OptimizerParamScheduler:
+                 global_batch_size: int) -> CourseScheduler:
     """Steps are counted in samples (Megatron-LM's convention), so a schedule survives a change
     of batch size on resume."""
-    return OptimizerParamScheduler(
+    return CourseScheduler(
         optimizer,
         init_lr=training.lr_warmup_init,
         max_lr=training.lr,

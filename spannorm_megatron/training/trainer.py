@@ -32,11 +32,14 @@ from spannorm_megatron.checkpoint import (
     find_latest,
     iteration_dirname,
     load_checkpoint,
+    read_position,
     read_run_record,
     save_checkpoint,
 )
+from spannorm_megatron.checkpoint import rollbacks as journal
 from spannorm_megatron.checkpoint.lock import SaveDirectoryLock
 from spannorm_megatron.checkpoint.save import clean_debris
+from spannorm_megatron.checkpoint.state import fill_fresh_optimizer_state
 from spannorm_megatron.config.checkpoint import CheckpointConfig
 from spannorm_megatron.config.data import data_source_error, parse_split
 from spannorm_megatron.config.job import JobConfig
@@ -65,7 +68,12 @@ from spannorm_megatron.runtime import (
 )
 from spannorm_megatron.training.checkpoint_args import check_model_matches
 from spannorm_megatron.training.gpt_step import forward_step
-from spannorm_megatron.training.guards import ExitConditions, NonFiniteGuard, SpikeDetector
+from spannorm_megatron.training.guards import (
+    ExitConditions,
+    NonFiniteGuard,
+    SpikeDetector,
+    agree_on_any,
+)
 from spannorm_megatron.training.hooks import RunHooks
 from spannorm_megatron.training.log_format import log_line, validation_line
 from spannorm_megatron.training.loop import (
@@ -77,6 +85,12 @@ from spannorm_megatron.training.loop import (
 )
 from spannorm_megatron.training.monitor import RunMonitor
 from spannorm_megatron.training.preflight import check_with_megatron_core
+from spannorm_megatron.training.rollback import (
+    Event,
+    RollbackPolicy,
+    check_rollback_flags,
+    extra_train_samples,
+)
 from spannorm_megatron.training.schedule import batch_layout, lr_scheduler, optimizer_config
 from spannorm_megatron.training.setup import initialize_tp_comm_overlap, setup_model_and_optimizer
 
@@ -150,6 +164,16 @@ def _check_same_tokenizer(job: JobConfig, sha256: Optional[str]) -> None:
             "in another --save directory.")
 
 
+def _latest_iteration(load: Optional[str]) -> int:
+    """The iteration a resume from `load` starts at, as far as the files say (0: none)."""
+    if not load:
+        return 0
+    try:
+        return find_latest(load) or 0
+    except CheckpointError:
+        return 0  # the load itself reports what is wrong
+
+
 def _check_fresh_save_directory(checkpoint: CheckpointConfig) -> None:
     """A run without --load starts at iteration 0: writing it into a directory that holds
     another run's checkpoints would replace their iterations and move the pointer back."""
@@ -211,6 +235,16 @@ class Trainer:
         self.num_samples = num_samples_for(self.train_iters, self.batches.global_batch_size,
                                            job.logging.eval_interval, job.logging.eval_iters,
                                            train_samples=training.train_samples)
+        # Rollbacks: refused here if they cannot work; the data gets room for the batches they
+        # skip, the same room at every start of the run (the journal keeps it).
+        check_rollback_flags(job, self.train_iters, _latest_iteration(job.checkpoint.load))
+        self.journal_dir = job.checkpoint.load or job.checkpoint.save
+        recorded = journal.read_journal(self.journal_dir) if self.journal_dir else None
+        self.extra_train_samples = (recorded["extra_train_samples"] if recorded else
+                                    extra_train_samples(job.rollback, self.train_iters,
+                                                        self.batches.global_batch_size))
+        self.num_samples = (self.num_samples[0] + self.extra_train_samples,
+                            *self.num_samples[1:])
         # The data's files, checked once, here (build_gpt_datasets in `setup` relies on it).
         prefixes = check_data_prefixes(job.data, self.num_samples, job.data.data_cache_path)
         for prefix in prefixes:  # made with this tokenizer, where the data says which
@@ -234,6 +268,12 @@ class Trainer:
         # Steps the optimizer itself refused: fp16 loss-scale overflows (NonFiniteGuard counts
         # the ones it catches).
         self.skipped_by_optimizer = 0
+        self.rollbacks = RollbackPolicy(job.rollback)
+        self.resumed = False
+        """Whether `setup` loaded a checkpoint."""
+        self.event: Optional[Event] = None
+        """An event the rollback policy answers at the end of this step."""
+        self.datasets = None
         self._initialized = False
         self.save_lock: Optional[SaveDirectoryLock] = None
 
@@ -268,22 +308,23 @@ class Trainer:
             model_cfg, parallel, optimizer_config(training, job.metrics), performance,
             calculate_per_token_loss=training.calculate_per_token_loss)
         self.scheduler = lr_scheduler(training, self.optimizer, self.batches.global_batch_size)
+        self._take_course()
         if job.checkpoint.save:
             _check_room_for_checkpoints(job.checkpoint.save, self.model,
                                         self.batches.data_parallel_size,
                                         bf16=performance.bf16 or performance.fp16)
         self.iteration, self.consumed_train, self.consumed_valid = self._load()
+        if self.rollbacks.course:
+            print_rank_0(f"> {self.rollbacks.describe()}")
+            self.consumed_train = self.rollbacks.data_position(self.iteration,
+                                                               self.consumed_train)
 
-        datasets = build_gpt_datasets(job.data, self.tokenizer, self.num_samples,
-                                      check_prefixes=False)
-        repeats = describe_epochs(datasets)
+        self.datasets = build_gpt_datasets(job.data, self.tokenizer, self.num_samples,
+                                           check_prefixes=False)
+        repeats = describe_epochs(self.datasets)
         if repeats is not None:
             print_rank_0(f"> {repeats}")
-        self.train_iter, self.valid_iter, _ = build_data_iterators(
-            datasets, training.micro_batch_size, self.consumed_train, self.consumed_valid,
-            num_workers=job.data.num_workers, device=current_device())
-        if job.logging.eval_iters == 0:  # Megatron-LM's way of turning evaluation off
-            self.valid_iter = None
+        self._build_data_iterators()
 
         batches = self.batches
         print_rank_0(f"> model: {model_cfg.norm_placement}, {model_cfg.num_layers} layers, hidden "
@@ -315,6 +356,30 @@ class Trainer:
         self.wandb = WandbLogger.create(job)
         if self.wandb is not None:
             self.monitor.writer = self.wandb.mirror(self.monitor.writer)
+
+    def _build_data_iterators(self) -> None:
+        """The training and validation iterators at the current data position."""
+        job = self.job
+        self.train_iter, self.valid_iter, _ = build_data_iterators(
+            self.datasets, job.training.micro_batch_size, self.consumed_train,
+            self.consumed_valid, num_workers=job.data.num_workers, device=current_device())
+        if job.logging.eval_iters == 0:  # Megatron-LM's way of turning evaluation off
+            self.valid_iter = None
+
+    def _take_course(self) -> None:
+        """The rollback journal's course, before anything is loaded: a rollback that a crash
+        interrupted is finished first (checkpoint.rollbacks), and the scheduler follows what
+        the rollbacks set, with the policy or without."""
+        job, where = self.job, self.journal_dir
+        if not where:
+            return
+        same = os.path.abspath(where) == os.path.abspath(job.checkpoint.save or "")
+        if same and job.rollback.enabled:
+            journal.on_rank0(lambda: journal.create_journal(where, self.extra_train_samples))
+        recorded = (journal.on_rank0(lambda: journal.finish_pending(where)) if same
+                    else journal.on_rank0(lambda: journal.read_journal(where)))
+        self.rollbacks = RollbackPolicy(job.rollback, recorded["rollbacks"] if recorded else [])
+        self.scheduler.lr_multiplier = self.rollbacks.lr_multiplier
 
     def _lock_save_directory(self, save: str) -> None:
         """One run per --save (checkpoint/lock.py): rank 0 takes the lock and every rank hears
@@ -404,6 +469,8 @@ class Trainer:
         if spike_median is not None:
             print_rank_0(f" loss spike at iteration {self.iteration}: lm loss {result.loss:.4f} > "
                          f"{job.training.loss_spike_factor} x running median {spike_median:.4f}")
+        if job.rollback.on_loss_spike == "rollback" and agree_on_any(spike_median is not None):
+            self.event = self.rollbacks.on_spike(self.iteration)
         return result
 
     def evaluate(self) -> Optional[float]:
@@ -443,7 +510,8 @@ class Trainer:
             consumed_valid_samples=self.consumed_valid,
             args=dict(job.recorded_args(), tokenizer_sha256=self.tokenizer_sha256,
                       global_batch_size=self.batches.global_batch_size,
-                      micro_batch_size=self.batches.micro_batch_size))
+                      micro_batch_size=self.batches.micro_batch_size,
+                      rollbacks=self.rollbacks.course))
         print_rank_0(f"  successfully saved checkpoint at iteration {self.iteration:7d} to "
                      f"{path}")
 
@@ -454,6 +522,11 @@ class Trainer:
         job = self.job
         every = lambda interval: bool(interval) and self.iteration % interval == 0  # noqa: E731
         window = ThroughputWindow()
+        if self.job.rollback.enabled and self.iteration == 0 and not self.resumed:
+            # The rollback point of an event that begins in the first iterations, with the
+            # optimizer state Adam starts from (its moments exist only after a step).
+            fill_fresh_optimizer_state(self.optimizer)
+            self.save()
         self.hooks.start()
         while self.iteration < self.train_iters:
             self.hooks.before_step(self.iteration)
@@ -462,6 +535,10 @@ class Trainer:
             self.hooks.after_step(self.iteration)
             prints = self.monitor.is_log_step(self.iteration) or self.iteration == self.train_iters
             self._log(result, window.seconds_per_iteration() if prints else None)
+            if self.event is not None:
+                self.roll_back(self.event)
+                window.exclude_since_last_step()
+                continue
             if self.iteration == self.train_iters:
                 self.guard.check_last_window(self.iteration)
             if self.valid_iter is not None and every(job.logging.eval_interval):
@@ -517,11 +594,45 @@ class Trainer:
                 else None, num_zeros=report.num_zeros, params_norm=report.params_norm))
         if report.alarm is not None:
             print_rank_0(f" WARNING: {report.alarm}")
+            self.event = self.event or self.rollbacks.on_collapse(self.monitor.collapse.fired)
+
+    # ------------------------------------------------------------------ rollback
+    def roll_back(self, event: Event) -> None:
+        """Go back to the newest checkpoint before `event` began and on from there on the course
+        the rollback sets (training.rollback; the journal entry first, so that a crash half-way
+        is finished at the next start). Every rank, the same decision."""
+        save = self.job.checkpoint.save
+        self.event = None
+        entry = self.rollbacks.plan(
+            event, journal.on_rank0(lambda: complete_iterations(save)),
+            lambda iteration: read_position(save, iteration), self.consumed_train,
+            get_current_global_batch_size(), self.scheduler.lr_warmup_steps)
+        message = self.rollbacks.message(entry)
+        print_rank_0(f" WARNING: {message}")
+        journal.on_rank0(lambda: journal.begin_rollback(save, entry))
+        self.rollbacks.follow(entry)
+        self.scheduler.num_steps = 0  # the load adds the checkpoint's step count to it
+        state = self._load_iteration(save, entry["point"], whole=True)
+        journal.on_rank0(lambda: journal.finish_pending(save))
+        self.iteration = entry["point"]
+        self.consumed_train = entry["skipped_samples"][1]
+        self.consumed_valid = state["consumed_valid_samples"]
+        self._build_data_iterators()
+        self.monitor.collapse.rewind(self.iteration)
+        self.spikes = SpikeDetector(self.job.training.loss_spike_factor,
+                                    self.job.training.loss_spike_window)
+        for iteration, loss in zip(self.history["iterations"], self.history["train_loss"]):
+            if iteration <= self.iteration:  # the losses of the course it goes on with
+                self.spikes.check(loss)
+        self.guard.in_a_row = 0
+        self.monitor.writer.log_rollback(event.iteration, self.rollbacks.scalars(entry), message)
+        print_rank_0(f"  rolled back to iteration {self.iteration} ({state['checkpoint_dir']}); "
+                     f"the data goes on from sample {self.consumed_train}")
 
     # ------------------------------------------------------------------ resume
     def _load(self):
         """(iteration, consumed train samples, consumed valid samples) to start from."""
-        checkpoint, training = self.job.checkpoint, self.job.training
+        checkpoint = self.job.checkpoint
         load = checkpoint.load
         if not load:
             return 0, 0, 0
@@ -546,15 +657,7 @@ class Trainer:
             attempts += sorted(complete_iterations(load), reverse=True)
         for attempt in attempts:
             try:
-                state = load_checkpoint(load, self.model, self.optimizer, self.scheduler,
-                                        model_config=self.job.model,
-                                        parallel_config=self.job.parallel, iteration=attempt,
-                                        no_load_optim=checkpoint.no_load_optim,
-                                        no_load_rng=checkpoint.no_load_rng,
-                                        check_scheduler=not (
-                                            training.override_opt_param_scheduler
-                                            or training.use_checkpoint_opt_param_scheduler),
-                                        global_batch_size=self.batches.global_batch_size)
+                state = self._load_iteration(load, attempt)
                 break
             except CheckpointError as error:
                 if not checkpoint.load_fallback or attempt == attempts[-1]:
@@ -563,6 +666,7 @@ class Trainer:
                 print_rank_0(f"> --load-fallback: skipping {which} ({error})")
         print_rank_0(f"  successfully loaded checkpoint from {state['checkpoint_dir']} at "
                      f"iteration {state['iteration']}")
+        self.resumed = True
         if checkpoint.no_load_optim and state["iteration"]:
             # As in Megatron-LM, the scheduler's state goes with the optimizer's: said, not silent.
             print_rank_0(f"> --no-load-optim: the optimizer and the learning-rate schedule start "
@@ -570,3 +674,17 @@ class Trainer:
                          f"on from {state['iteration']}, as Megatron-LM does.")
         return (state["iteration"], state["consumed_train_samples"],
                 state["consumed_valid_samples"])
+
+    def _load_iteration(self, load: str, iteration: Optional[int], whole: bool = False) -> dict:
+        """Checkpoint `iteration` of `load` (None: the pointer's) into model, optimizer,
+        scheduler and RNG, as the flags say; `whole` (a rollback: this run's own state, as it
+        was) loads everything whatever --no-load-optim / --no-load-rng say."""
+        checkpoint, training = self.job.checkpoint, self.job.training
+        return load_checkpoint(load, self.model, self.optimizer, self.scheduler,
+                               model_config=self.job.model, parallel_config=self.job.parallel,
+                               iteration=iteration,
+                               no_load_optim=checkpoint.no_load_optim and not whole,
+                               no_load_rng=checkpoint.no_load_rng and not whole,
+                               check_scheduler=not (training.override_opt_param_scheduler
+                                                    or training.use_checkpoint_opt_param_scheduler),
+                               global_batch_size=self.batches.global_batch_size)

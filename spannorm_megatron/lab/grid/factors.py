@@ -32,6 +32,7 @@ class Setting:
     train_iters: Optional[int] = None
     width: Optional[int] = None
     embeddings: str = "untied"              # spannorm-train's default
+    on_collapse: str = "warn"               # spannorm-train's default: the alarm only warns
 
 
 def _number(kind: type) -> Callable[[object], object]:
@@ -97,6 +98,9 @@ FACTORS: Dict[str, Factor] = {f.name: f for f in (
            "--hidden-size (heads fixed, --ffn-hidden-size scaled with it)"),
     Factor("embeddings", "embeddings", _choice("tied", "untied"),
            "tied = --no-untie-embeddings-and-output-weights (the base is untied)"),
+    Factor("on_collapse", "on_collapse", _choice("warn", "rollback"),
+           "--on-collapse (rollback: back to the checkpoint before the collapse alarm's fall, "
+           "with the rollback flags' defaults; the base warns)"),
 )}
 
 

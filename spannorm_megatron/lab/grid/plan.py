@@ -89,6 +89,8 @@ def train_flags(grid: Grid, run: PlannedRun, data_dir: str, run_dir: str) -> Lis
         flags += ["--hidden-size", str(s["width"]), "--ffn-hidden-size", str(s["ffn"])]
     if setting.embeddings == "tied":
         flags += ["--no-untie-embeddings-and-output-weights"]
+    if setting.on_collapse != "warn":
+        flags += ["--on-collapse", setting.on_collapse]
     if grid.rms_every or grid.heldout_text:
         # (the last iteration is always saved: the held-out evaluation reads it)
         flags += ["--save", os.path.join(run_dir, "checkpoints"),

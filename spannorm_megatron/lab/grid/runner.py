@@ -57,6 +57,7 @@ def run_one(grid: Grid, run: PlannedRun, out_dir: str, data_infos: Dict[str, dic
     v = swept.verdict
     rms, heldout = {}, {}
     checkpoints = os.path.join(run_dir, "checkpoints")
+    rollbacks = _rollbacks(checkpoints)
     if os.path.isdir(checkpoints):
         try:
             rms = projection_rms(checkpoints)
@@ -86,6 +87,8 @@ def run_one(grid: Grid, run: PlannedRun, out_dir: str, data_infos: Dict[str, dic
         "scale_mode": s["scale_mode"], "scale_init": s["scale_init"], "lr": s["lr"],
         "warmup": s["warmup"], "tokens_per_step": s["tokens_per_step"],
         "train_iters": s["train_iters"], "width": s["width"], "embeddings": s["embeddings"],
+        "on_collapse": run.setting.on_collapse, "rollbacks": len(rollbacks),
+        "extra_iterations": sum(r["event_iteration"] - r["point"] for r in rollbacks),
         "status": swept.status, "exit_code": code, "start_loss": v.start_loss,
         "final_train_loss": v.final_train_loss, "min_train_loss": v.min_train_loss,
         "final_valid_loss": v.final_valid_loss, "valid_bits_per_byte": bits,
@@ -111,9 +114,18 @@ def run_one(grid: Grid, run: PlannedRun, out_dir: str, data_infos: Dict[str, dic
                     "layer_grad_ratio": swept.layer_grad_ratio},
         "projection_rms": rms,
         "heldout": heldout,
+        "rollback_journal": rollbacks,
         "signals": signals_or_error(os.path.join(run_dir, "tensorboard"), s["depth"]),
     }
     return row
+
+
+def _rollbacks(checkpoints: str) -> List[dict]:
+    """The rollbacks a run made (its journal beside the checkpoints; [] without one)."""
+    from spannorm_megatron.checkpoint.rollbacks import read_journal
+
+    journal = read_journal(checkpoints) if os.path.isdir(checkpoints) else None
+    return journal["rollbacks"] if journal else []
 
 
 def evaluate_heldout(grid: Grid, checkpoints: str, run_dir: str, python: str,
