@@ -15,9 +15,10 @@ collectives never run there either. This mode restores the distinction on CPU:
   CUDA device argument, ``.cuda()`` or ``.to(current_device())`` a *device* tensor;
   ``torch.tensor(t)``, ``as_tensor``/``asarray`` of a tensor, ``*_like`` and ``t.new_*`` follow
   their tensor; an op that writes into a tensor (``add_``, ``copy_``, ``index_put_``,
-  ``t[i] = v``, ``out=``) leaves it where it is; every other op's result is host only when all
-  its tensor inputs are. Parameters and tensors of unknown origin count as device tensors, so
-  the mode never invents a defect.
+  ``t[i] = v``, ``out=``) leaves it where it is, ``t.data = x`` puts t where x is; every other
+  op's result is host only when all its tensor inputs are (``set_``, which torch does not show
+  to the mode, is not followed). Parameters and tensors of unknown origin count as device
+  tensors, so the mode never invents a defect.
 - An op that mixes the two raises :class:`DeviceDisciplineError` where CUDA would
   (:meth:`StrictDevices.check_mix` has the rules and where they come from).
 - A host tensor given to a collective on a group that would be NCCL on GPUs raises too. Groups
@@ -113,6 +114,7 @@ _IN_PLACE_OPERATORS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__if
                        "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__",
                        "__ilshift__", "__irshift__", "__setitem__"}
 _DEVICE_DESCRIPTOR = torch._C.TensorBase.__dict__["device"]  # `t.device` calls its __get__
+_DATA_DESCRIPTOR = torch._C.TensorBase.__dict__["data"]  # `t.data = x` calls its __set__
 _GPU_DEVICE = torch.device("cuda", 0)
 
 
@@ -166,6 +168,10 @@ class StrictDevices:
         if getattr(func, "__self__", None) is _DEVICE_DESCRIPTOR and not is_host(args[0]):
             # `device=t.device` must carry a device tensor's placement on, as it does on a GPU.
             return _GPU_DEVICE
+        if getattr(func, "__self__", None) is _DATA_DESCRIPTOR and func.__name__ == "__set__":
+            out = run(func, args, kwargs)
+            mark(args[0], is_host(args[1]))  # `t.data = new`: t now holds new's memory
+            return out
         if func is torch.Tensor.type and any(isinstance(a, HostConstructor) for a in args):
             args = tuple(a.legacy if isinstance(a, HostConstructor) else a for a in args)
         host = self._requested(func, args, kwargs)
@@ -235,6 +241,8 @@ class StrictDevices:
         """True/False when the call names where its result goes, else None."""
         device = kwargs.get("device")
         if func in _FACTORIES:
+            if device is None and func is torch.normal and tensor_inputs(args, kwargs):
+                return None  # `normal(mean, std)` with tensor moments samples where they are
             return True if device is None else _placement(device, self._is_cuda)
         if func in _FROM_DATA:
             if device is not None:
