@@ -200,13 +200,17 @@ class StrictDevices:
     def check_mix(func, args, kwargs, inputs, targets) -> None:
         """Raise where CUDA refuses to meet device and host tensors in one op.
 
-        ATen's rule (TensorIterator's ``compute_types``): the op runs on the first non-CPU
-        device among its operands; a CPU operand is admitted only as a 0-dim *input* of an op
-        that allows CPU scalars (binary and comparison ops, ``where``), never as an output. So
-        ``device_t + host_scalar`` runs while ``host_scalar += device_t`` raises "Expected all
-        tensors to be on the same device", and so does any op writing into a host tensor that
-        reads a device tensor. Copies and moves cross devices; indexing takes host indices;
-        ``fill_``/``index_put_``/``t[i] = v`` take a 0-dim value from anywhere.
+        ATen's rule (aten/src/ATen/TensorIterator.cpp, ``compute_types``): the op runs on the
+        first non-CPU device among its operands, outputs included, and a CPU operand passes
+        only if ``config.allow_cpu_scalars_ && !op.is_output && op.tensor_base().dim() == 0``
+        (binary and comparison ops; ``where`` moves 0-dim CPU inputs itself), else "Expected
+        all tensors to be on the same device". A CPU output never passes. So
+        ``device_t + host_scalar`` runs while ``host_scalar += device_t`` raises, and so does
+        any op writing into a host tensor that reads a device tensor. Ops outside
+        TensorIterator that are known to refuse even a scalar are in ``_NO_HOST_SCALARS``; any
+        other op gets a 0-dim host input through (no false alarm). Copies and moves cross
+        devices; indexing takes host indices; ``fill_``/``index_put_``/``t[i] = v`` take a
+        0-dim value from anywhere.
         """
         hosts = [t for t in inputs if is_host(t)]
         if not hosts or len(hosts) == len(inputs) or func in _CROSS_DEVICE:
