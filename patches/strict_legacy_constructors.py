@@ -30,10 +30,15 @@ def legacy_types():
 
 
 def _swaps():
+    # TorchDynamo registers a stand-in for `torch.Tensor.__new__` when it is first imported,
+    # checking that the function it replaces has its signature (or takes anything): imported
+    # now, it registers against the real one. The replacement below takes anything too.
+    import torch._dynamo  # noqa: F401
+
     construct = torch._C.TensorBase.__new__
 
-    def new(cls, *args, **kwargs):
-        return record_legacy(construct(cls, *args, **kwargs), args)
+    def new(*args, **kwargs):  # (cls, data..., requires_grad=...)
+        return record_legacy(construct(*args, **kwargs), args[1:])
 
     return [(torch, name, HostConstructor(legacy)) for name, legacy in legacy_types()] + [
         (torch.Tensor, "__new__", staticmethod(new))]
