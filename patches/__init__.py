@@ -34,6 +34,8 @@ from . import (
     moe_router_gemm,
     pp2_batched_p2p_order,
     strict_collectives,
+    strict_legacy_constructors,
+    strict_threads,
 )
 from .contract import ABSENT, Patch
 
@@ -48,7 +50,8 @@ CPU_RUNTIME = [
     cpu_eager_expert_bias.PATCH,
     cpu_device_arguments.PATCH,
 ]
-STRICT_DEVICES = [strict_collectives.PATCH]
+STRICT_DEVICES = [strict_collectives.PATCH, strict_legacy_constructors.PATCH,
+                  strict_threads.PATCH]
 ALL = UPSTREAM + CPU_RUNTIME + STRICT_DEVICES
 
 __all__ = ["ABSENT", "ALL", "CPU_RUNTIME", "Patch", "STRICT_DEVICES", "UPSTREAM",

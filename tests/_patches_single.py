@@ -15,6 +15,7 @@ import importlib
 import json
 import logging
 import os
+import threading
 
 import megatron.core  # noqa: F401  (before this package: see below)
 import torch
@@ -64,6 +65,11 @@ EXPECTED = {
         "reduce_scatter_tensor", "broadcast", "reduce", "gather", "scatter", "send", "recv",
         "isend", "irecv", "all_to_all", "all_to_all_single", "batch_isend_irecv",
         "_all_gather_base", "_reduce_scatter_base")],
+    "strict_legacy_constructors": [("torch:Tensor", "__new__")] + [
+        ("torch", name) for name in (
+            "BFloat16Tensor", "BoolTensor", "ByteTensor", "CharTensor", "DoubleTensor",
+            "FloatTensor", "HalfTensor", "IntTensor", "LongTensor", "ShortTensor")],
+    "strict_threads": [("threading:Thread", "start")],
 }
 
 
@@ -160,6 +166,23 @@ def _expert_bias_cannot_be_added_in_place() -> bool:
         torch.distributed.destroy_process_group()
 
 
+def _legacy_constructors_unrecorded() -> bool:
+    """Strict device mode cannot see what legacy constructors make: not recorded as host."""
+    from spannorm_megatron.runtime.strict_devices import is_host
+
+    return not (is_host(torch.FloatTensor([1.0])) and is_host(torch.Tensor([1.0])))
+
+
+def _new_thread_without_the_mode() -> bool:
+    """A thread started now has no CPU runtime mode on its stack."""
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(
+        patches.cpu_device_arguments.mode_active()))
+    thread.start()
+    thread.join()
+    return not seen[0]
+
+
 # A defect each patch removes, observable without a process group: True while present.
 DEFECTS = {
     "checkpoint_results_queue": _results_queue_needs_a_server,
@@ -170,6 +193,8 @@ DEFECTS = {
     "cpu_rng": _rng_not_cpu_generator,
     "cpu_moe_split_sizes": _split_sizes_stay_tensors,
     "cpu_device_arguments": lambda: _raises(lambda: torch.zeros(1, device="cuda")),
+    "strict_legacy_constructors": _legacy_constructors_unrecorded,
+    "strict_threads": _new_thread_without_the_mode,
 }
 
 
@@ -220,10 +245,13 @@ def check(patch) -> dict:
 
 def check_strict_off() -> dict:
     """Without SPANNORM_STRICT_DEVICES the strict checks are not needed and apply nothing."""
-    patch = patches.strict_collectives.PATCH
-    collectives = dict(vars(torch.distributed))
-    out = {"needed": patch.is_needed(), "apply": patch.apply()}
-    out["unchanged"] = _differences(collectives, vars(torch.distributed)) == []
+    owners = sorted({label for patch in patches.STRICT_DEVICES for label, _ in EXPECTED[patch.name]
+                     if label != "mode"})
+    before = _namespaces(owners)
+    out = {"needed": any(patch.is_needed() for patch in patches.STRICT_DEVICES),
+           "apply": any([patch.apply() for patch in patches.STRICT_DEVICES])}
+    out["unchanged"] = all(_differences(before[label], vars(_owner(label))) == []
+                           for label in owners)
     return out
 
 

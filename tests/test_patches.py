@@ -15,7 +15,8 @@ from test_runtime import run_single
 NAMES = ["moe_router_gemm", "pp2_batched_p2p_order", "distopt_step_load",
          "checkpoint_results_queue", "expert_bias_inplace", "cpu_torch_cuda", "cpu_rng", "cpu_moe_split_sizes",
          "cpu_uneven_collectives", "cpu_autograd_engine", "cpu_eager_expert_bias",
-         "cpu_device_arguments", "strict_collectives"]
+         "cpu_device_arguments", "strict_collectives", "strict_legacy_constructors",
+         "strict_threads"]
 CPU_RUNTIME = NAMES[5:12]
 
 
@@ -44,7 +45,8 @@ def test_patch_is_needed_applies_and_reverts_to_the_same_objects(report, name):
 
 @pytest.mark.parametrize("name", ["moe_router_gemm", "pp2_batched_p2p_order",
                                   "checkpoint_results_queue", "expert_bias_inplace", "cpu_torch_cuda",
-                                  "cpu_rng", "cpu_moe_split_sizes", "cpu_device_arguments"])
+                                  "cpu_rng", "cpu_moe_split_sizes", "cpu_device_arguments",
+                                  "strict_legacy_constructors", "strict_threads"])
 def test_patch_removes_its_defect_until_reverted(report, name):
     r = report["patches"][name]
     assert (r["defect_before"], r["defect_applied"], r["defect_after_revert"]) == (
