@@ -81,7 +81,8 @@ def host_state(method):
 
 # Collective path -> (where its caller finds the function, the function's name, the plant).
 MUTATIONS = {
-    "loss_reduction": ("spannorm_megatron.training.gpt_step", "loss_func", host_arguments),
+    "loss_reduction": ("spannorm_megatron.training.gpt_step", "reduce_over_data_parallel",
+                       host_arguments),
     "evaluation": ("spannorm_megatron.training.trainer", "evaluate", host_device),
     "stability_signals": ("spannorm_megatron.metrics.stability:StabilitySignals", "collect",
                           host_state),
