@@ -327,7 +327,10 @@ UNDER_TORCHRUN = ["unknown-placement", "missing-data"]  # a flag, and a check in
 def test_under_torchrun_rank_0_reports_once_and_torchrun_names_it_as_the_root_cause(
         files, name, torchrun):
     """torchrun exits 1 whenever a rank fails; the ranks exit 2 and its summary shows our
-    message (from the elastic error file) where it would show a traceback."""
+    message (from the elastic error file) where it would show a traceback. Rank 0 prints it
+    (every rank would repeat it) unless another rank refused first and torchrun stopped rank 0
+    before it could: a refusal at parse time takes a fraction of a second, so under load that
+    race is real, and the summary is then where the message is read."""
     entry = next(e for e in CATALOGUE if e[0] == name)
     _, command, argv, expected = entry
     assert command == "train"
@@ -335,9 +338,11 @@ def test_under_torchrun_rank_0_reports_once_and_torchrun_names_it_as_the_root_ca
     result = torchrun("-m", "spannorm_megatron.train", *argv(files), timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
     printed = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(printed) == 1 and expected in printed[0], result.stderr[-3000:]
+    assert len(printed) <= 1, result.stderr[-3000:]
     root_cause = result.stderr.split("Root Cause (first observed failure):")[1]
-    assert f"traceback : {printed[0]}" in root_cause
+    message = [line for line in root_cause.splitlines() if "traceback : error: " in line]
+    assert len(message) == 1 and expected in message[0], result.stderr[-3000:]
+    assert printed in ([], [message[0].split("traceback : ", 1)[1]])
     # The rank that refused first exits 2; torchrun may stop the other before it does.
     assert "exitcode  : 2 " in result.stderr
     assert {p: d for p, d in _snapshot(files).items() if p in before} == before
