@@ -16,7 +16,7 @@ import pytest
 
 import launch
 from _strict_mutations import MUTATIONS
-from _training import SMALL, STRICT_DEVICES as STRICT, logged_losses, run_train
+from _training import SMALL, STRICT_DEVICES as STRICT, logged_losses, train_jobs
 
 LAYOUTS = {
     "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
@@ -35,25 +35,40 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_training_loop_keeps_every_tensor_on_the_device(corpus, tmp_path, layout, torchrun):
+@pytest.fixture(scope="module")
+def strict_jobs(corpus, torchrun, tmp_path_factory):
+    """(results, folder): every layout's run under strict device mode, then its resume, all in
+    one launch (`_training.train_jobs`). A run trains 5 iterations with a NaN at 2 (the guard
+    skips it), evaluates at 3 and saves at 5; its resume trains 6 and 7."""
     data, tokenizer = corpus
-    flags = [*SMALL, *LAYOUTS[layout], "--data-path", data, "--tokenizer-model", tokenizer,
-             "--log-interval", "2", "--eval-interval", "3", "--eval-iters", "2",
-             "--save", str(tmp_path / "ckpt"), "--save-interval", "5", "--lr-decay-iters", "7",
-             "--tensorboard-dir", str(tmp_path / "tb"), "--log-params-norm",
-             "--log-num-zeros-in-grad", "--moe-per-layer-logging"]
-    first = run_train(*flags, "--train-iters", "5", env=STRICT, nan_at="2")
+    root = tmp_path_factory.mktemp("strict_jobs")
+    jobs = {}
+    for layout, layout_flags in LAYOUTS.items():
+        flags = [*SMALL, *layout_flags, "--data-path", data, "--tokenizer-model", tokenizer,
+                 "--log-interval", "2", "--eval-interval", "3", "--eval-iters", "2",
+                 "--save", root / layout / "ckpt", "--save-interval", "5",
+                 "--lr-decay-iters", "7", "--tensorboard-dir", root / layout / "tb",
+                 "--log-params-norm", "--log-num-zeros-in-grad", "--moe-per-layer-logging"]
+        jobs[f"{layout}-first"] = {"flags": [*flags, "--train-iters", "5"], "nan_at": [2]}
+        jobs[f"{layout}-resumed"] = {"flags": [*flags, "--train-iters", "7",
+                                               "--load", root / layout / "ckpt"]}
+    return train_jobs(jobs, root / "launch", env=STRICT), root
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_training_loop_keeps_every_tensor_on_the_device(strict_jobs, layout):
+    results, root = strict_jobs
+    first = results[f"{layout}-first"]
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
     assert "DeviceDisciplineError" not in first.stderr
     assert "iteration 2: non-finite gradients" in first.stdout
     assert "validation loss at iteration 3" in first.stdout
 
-    resumed = run_train(*flags, "--train-iters", "7", "--load", str(tmp_path / "ckpt"), env=STRICT)
+    resumed = results[f"{layout}-resumed"]
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
     assert "successfully loaded checkpoint" in resumed.stdout
     assert sorted(logged_losses(resumed.stdout)) == [6, 7]
-    assert os.listdir(tmp_path / "tb")
+    assert os.listdir(root / layout / "tb")
 
 
 PROBE = textwrap.dedent("""
