@@ -143,14 +143,23 @@ def ensure_optimizer_state(optimizer) -> None:
         torch_optimizer = inner.optimizer
         if not isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             continue
-        for group in torch_optimizer.param_groups:
-            for param in group["params"]:
-                if len(torch_optimizer.state[param]) == 0:
-                    torch_optimizer.state[param].update(
-                        step=torch.tensor(0.0),
-                        exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
-                        exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format),
-                    )
+        _fill_zero_adam_state(torch_optimizer)
+
+
+def _fill_zero_adam_state(torch_optimizer) -> None:
+    """What torch's Adam/AdamW create on their first step, for every parameter without state:
+    zero moments beside the parameter, and ``step = 0`` on the host, where torch keeps it
+    unless the optimizer is `capturable` (megatron-core's never is)."""
+    import torch
+
+    for group in torch_optimizer.param_groups:
+        for param in group["params"]:
+            if len(torch_optimizer.state[param]) == 0:
+                torch_optimizer.state[param].update(
+                    step=torch.tensor(0.0),
+                    exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
+                    exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format),
+                )
 
 
 def fill_fresh_optimizer_state(optimizer) -> None:
@@ -170,14 +179,7 @@ def fill_fresh_optimizer_state(optimizer) -> None:
         if not isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             inner.init_state_fn(torch_optimizer, inner.config)
             continue
-        for group in torch_optimizer.param_groups:
-            for param in group["params"]:
-                if len(torch_optimizer.state[param]) == 0:
-                    torch_optimizer.state[param].update(
-                        step=torch.tensor(0.0),
-                        exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
-                        exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format),
-                    )
+        _fill_zero_adam_state(torch_optimizer)
 
 
 def restore_zero_steps(optimizer_state) -> None:
