@@ -260,6 +260,11 @@ CATALOGUE = [
      "must be a mapping"),
     ("load-missing", "train", lambda f: T(f, "--load", str(f / "no_checkpoints")),
      "no_checkpoints"),
+    ("load-holds-nothing", "train", lambda f: T(f, "--load", str(f / "out")),
+     "holds no checkpoint"),
+    ("load-an-iteration-of-a-run", "train",
+     lambda f: T(f, "--load", str(f / "pointer_only" / "iter_0000002")),
+     "is an iteration inside the checkpoint directory"),
     ("preprocess-missing-input", "preprocess_data",
      lambda f: ["--input", str(f / "none.jsonl"), "--output-prefix", str(f / "out" / "x"),
                 "--tokenizer-model", str(f / "tok.model")], "none.jsonl"),
@@ -304,9 +309,15 @@ def test_catalogue_is_large_enough():
 
 
 @pytest.mark.parametrize("name,command,argv,expected", CATALOGUE, ids=[e[0] for e in CATALOGUE])
-def test_bad_input_gets_one_clear_error_and_changes_nothing(files, capsys, name, command, argv,
-                                                            expected):
+def test_bad_input_gets_one_clear_error_and_changes_nothing(files, capsys, monkeypatch, name,
+                                                            command, argv, expected):
     main = train_main if command == "train" else tool(command)
+    from spannorm_megatron.training import trainer
+
+    initializations = []  # a refusal comes before any process group: nothing to tear down
+    real_initialize = trainer.initialize
+    monkeypatch.setattr(trainer, "initialize",
+                        lambda *a, **k: initializations.append(a) or real_initialize(*a, **k))
     before = _snapshot(files)
     status = run_cli(main, argv(files))
     captured = capsys.readouterr()
@@ -316,6 +327,7 @@ def test_bad_input_gets_one_clear_error_and_changes_nothing(files, capsys, name,
     message = captured.err[captured.err.index("error: "):]
     assert expected in message, message
     assert "Traceback" not in captured.err
+    assert not initializations, "refused only after the process groups were started"
     after = _snapshot(files)
     assert {p: d for p, d in after.items() if p in before} == before, "a given file changed"
 

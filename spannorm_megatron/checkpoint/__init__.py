@@ -22,7 +22,7 @@ from .errors import CheckpointError
 from .load import load_checkpoint, read_position, read_run_record
 from .naming import MANIFEST_FILENAME, RUN_RECORD_FILENAME, TRACKER_FILENAME, iteration_dirname
 from .save import save_checkpoint
-from .tracker import complete_iterations, find_latest, last_good_checkpoint
+from .tracker import complete_iterations, find_latest, last_good_checkpoint, resolve
 
 __all__ = [
     "CheckpointError",
@@ -36,5 +36,6 @@ __all__ = [
     "load_checkpoint",
     "read_position",
     "read_run_record",
+    "resolve",
     "save_checkpoint",
 ]

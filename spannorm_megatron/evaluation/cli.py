@@ -55,10 +55,12 @@ class EvaluateOptions:
     input: str = option(doc="UTF-8 text file.", required=True, metavar="TEXT_FILE",
                         path="input_file")
     seq_length: Optional[int] = option(
-        None, "Window length in tokens (default: the model's maximum, max_position_embeddings).")
+        None, "Window length in tokens (default: the model's maximum, max_position_embeddings;"
+        " at least 2: a window scores each token from the ones before it).", at_least=2)
     micro_batch_size: Optional[int] = option(
-        None, "Windows per forward pass (default: about 8192 tokens' worth).")
-    max_bytes: int = option(0, "Evaluate only the first N bytes, cut at a line end (0: all).")
+        None, "Windows per forward pass (default: about 8192 tokens' worth).", at_least=1)
+    max_bytes: int = option(0, "Evaluate only the first N bytes, cut at a line end (0: all).",
+                            at_least=0)
     json: Optional[str] = option(None, "Write the numbers here.", metavar="OUT.json",
                                  path="output_file")
     model_config: Optional[str] = option(
@@ -103,13 +105,6 @@ def evaluate(argv: Optional[List[str]] = None) -> int:
     from spannorm_megatron.hf.export import parse_dtype
     from spannorm_megatron.hf.generation import is_hf_folder, load_hf_model
 
-    if not os.path.exists(options.load):
-        raise EvaluationError(f"--load {options.load} does not exist.")
-    if options.micro_batch_size is not None and options.micro_batch_size < 1:
-        raise EvaluationError(f"--micro-batch-size {options.micro_batch_size} must be >= 1.")
-    if options.max_bytes < 0:
-        raise EvaluationError(
-            f"--max-bytes {options.max_bytes} must be >= 0 (0: the whole file).")
     # before any model is loaded
     total_bytes = check_text_file(options.input, options.max_bytes)
     if options.device == "cuda" and not torch.cuda.is_available():

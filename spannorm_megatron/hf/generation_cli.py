@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from typing import List, Optional
@@ -93,8 +92,6 @@ def generate(argv: Optional[List[str]] = None) -> int:
     device = "cuda" if options.device == "cuda" or (options.device == "auto"
                                                     and torch.cuda.is_available()) else "cpu"
     dtype = parse_dtype(options.dtype or ("bfloat16" if device == "cuda" else "float32"))
-    if not os.path.exists(options.load):
-        raise ConversionError(f"--load {options.load} does not exist.")
 
     from spannorm_megatron.data.tokenizer_args import recorded_tokenizer
 

@@ -34,6 +34,7 @@ from spannorm_megatron.checkpoint import (
     load_checkpoint,
     read_position,
     read_run_record,
+    resolve,
     save_checkpoint,
 )
 from spannorm_megatron.checkpoint import rollbacks as journal
@@ -174,6 +175,18 @@ def _latest_iteration(load: Optional[str]) -> int:
         return 0  # the load itself reports what is wrong
 
 
+def _check_load_directory(checkpoint: CheckpointConfig) -> None:
+    """A --load other than --save names a run to resume: one that holds no checkpoint is a
+    wrong path, refused here, before any process group (`resolve` says what it holds). The same
+    directory for both is how runs resume, and its first launch finds nothing yet."""
+    load = checkpoint.load
+    if not load or os.path.abspath(load) == os.path.abspath(checkpoint.save or ""):
+        return
+    if checkpoint.load_fallback and os.path.isdir(load) and complete_iterations(load):
+        return  # a damaged pointer is what --load-fallback is for
+    resolve(load)
+
+
 def _check_fresh_save_directory(checkpoint: CheckpointConfig) -> None:
     """A run without --load starts at iteration 0: writing it into a directory that holds
     another run's checkpoints would replace their iterations and move the pointer back."""
@@ -251,6 +264,7 @@ class Trainer:
             check_data_tokenizer(prefix, job.tokenizer, self.tokenizer_sha256,
                                  self.tokenizer.vocab_size)
         check_data_fits_vocab(prefixes, self.tokenizer.vocab_size, self.tokenizer)
+        _check_load_directory(job.checkpoint)
         _check_fresh_save_directory(job.checkpoint)
         if (job.logging.eval_iters and job.data.blend is not None
                 and parse_split(job.data.resolved_split)[1] == 0):
@@ -643,11 +657,7 @@ class Trainer:
                 raise
             nothing_there = not complete_iterations(load)
         if nothing_there:
-            if os.path.abspath(load) != os.path.abspath(checkpoint.save or ""):
-                raise CheckpointError(
-                    f"--load {load}: no checkpoint there (no {TRACKER_FILENAME} and no "
-                    f"complete iter_* directory). Check the path, or drop --load to start fresh.")
-            # --save X --load X is how runs are resumed; the first launch has nothing yet.
+            _check_load_directory(checkpoint)  # another directory emptied since __init__
             print_rank_0(f"> no checkpoint in {load} yet: starting from iteration 0")
             return 0, 0, 0
 
