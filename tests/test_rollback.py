@@ -12,8 +12,8 @@ Real runs, no fault-injection hooks:
 - a collapse comes from the collapse alarm's own test case (24 SpanNorm layers at a constant lr
   1e-2), rolled back under TP2 with sequence parallelism and the distributed optimizer and
   resumed (--exit-interval, then a resume) on 2 interleaved pipeline stages.
-The 2-rank runs share two launches (`launched`); a crash half-way through a rollback is
-simulated in this process.
+A rollback that a crash cut short (its journal entry written, nothing else) is finished at the
+next start, under TP2 + SP. The 2-rank runs share two launches (`launched`).
 """
 
 import io
@@ -24,7 +24,7 @@ import re
 
 import pytest
 
-from _training import RECIPE, STRICT_DEVICES, logged_losses, train_in_process, train_jobs
+from _training import RECIPE, STRICT_DEVICES, logged_losses, train_jobs
 from test_collapse_alarm import DEEP, _alarm_text
 from spannorm_megatron.checkpoint.rollbacks import (
     ROLLED_BACK_DIRNAME,
@@ -140,6 +140,9 @@ SPIKY = [*RECIPE[:RECIPE.index("--tokenizer-type")], "--num-workers", "0",
 # the experts).
 SPIKE_LAYOUT = ["--num-experts", "4", "--moe-router-topk", "2", "--expert-model-parallel-size",
                 "2", "--use-distributed-optimizer", "--micro-batch-size", "2"]
+# A rollback a crash cut short is finished under TP2 + SP with the distributed optimizer.
+CRASH_LAYOUT = ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                "--use-distributed-optimizer"]
 # The collapse run rolls back under TP2 + SP and resumes on 2 interleaved pipeline stages.
 COLLAPSE_LAYOUTS = {
     "first": ["--tensor-model-parallel-size", "2", "--sequence-parallel",
@@ -158,6 +161,8 @@ def launched(spiky_data, corpus, torchrun, tmp_path_factory):
 
     - spike `whole`: checkpoints every 20, host snapshots every 5; `cut`: checkpoints every 10,
       stopped at 36 (--exit-interval); `rest` resumes `cut` with no policy flag;
+    - `crash` stops at 20; between the launches its journal gets the pending entry a crash
+      right after a rollback's first step leaves (back to 10); the second launch resumes it;
     - collapse `first` stops at 15 (--exit-interval), after its rollback; `resumed` goes on
       with the same flags in another layout."""
     root = tmp_path_factory.mktemp("launched")
@@ -174,13 +179,25 @@ def launched(spiky_data, corpus, torchrun, tmp_path_factory):
                 "--norm-placement", "spannorm", "--save", save, "--load", save,
                 "--tensorboard-dir", root / "collapse_tb", "--on-collapse", "rollback",
                 "--max-rollbacks", "2"]
+    crash = root / "crash"
+    crash_flags = [*SPIKY, *data, *CRASH_LAYOUT, "--save", crash, "--load", crash,
+                   "--on-loss-spike", "rollback", "--loss-spike-factor", "100",
+                   "--train-iters", "24"]
     first = train_jobs({
+        "crash": {"flags": [*crash_flags, "--exit-interval", "20"]},
         "collapse": {"flags": [*collapse, *COLLAPSE_LAYOUTS["first"], "--exit-interval", "15"]},
         "whole": spike("whole", "--on-loss-spike", "rollback", "--save-interval", "20",
                        "--rollback-snapshot-interval", "5"),
         "cut": spike("cut", "--on-loss-spike", "rollback", "--exit-interval", "36"),
     }, root / "first", env=STRICT_DEVICES)
+    if first["crash"].returncode == 0:
+        begin_rollback(str(crash), {
+            "number": 1, "cause": "loss spike", "event_iteration": 20, "began": 20, "point": 10,
+            "lr_factor": 0.5, "lr_scale": 0.5, "extra_warmup_iters": 0, "warmup_samples": 0,
+            "warmup_from_samples": 40, "skip_batches": 10, "skipped_samples": [40, 80],
+            "detail": "as a rollback writes it"})  # (no source: as journals before snapshots)
     second = train_jobs({
+        "crash": {"flags": crash_flags},
         "collapse": {"flags": [*collapse, *COLLAPSE_LAYOUTS["resumed"]]},
         "rest": spike("cut"),
     }, root / "second", env=STRICT_DEVICES)
@@ -254,22 +271,14 @@ def test_a_spike_rolls_back_skips_its_batches_and_a_plain_resume_keeps_the_cours
 
 
 @pytest.mark.slow
-def test_a_rollback_cut_short_by_a_crash_is_finished_at_the_next_start(
-        spiky_data, tmp_path, megatron_world):
+def test_a_rollback_cut_short_by_a_crash_is_finished_at_the_next_start(launched):
     """What a crash right after the journal entry leaves (the entry pending, the pointer and the
     later checkpoints untouched) is finished by the next start, which resumes at the point."""
-    data, _ = spiky_data
-    save = str(tmp_path / "save")
-    flags = [*SPIKY, *data, "--save", save, "--load", save, "--on-loss-spike", "rollback",
-             "--loss-spike-factor", "100", "--train-iters", "24"]
-    assert train_in_process(*flags, "--exit-interval", "20").returncode == 0
-    begin_rollback(save, {"number": 1, "cause": "loss spike", "event_iteration": 20,
-                          "began": 20, "point": 10, "lr_factor": 0.5, "lr_scale": 0.5,
-                          "extra_warmup_iters": 0, "warmup_samples": 0,
-                          "warmup_from_samples": 40, "skip_batches": 10,
-                          "skipped_samples": [40, 80], "detail": "as a rollback writes it"})
-    resumed = train_in_process(*flags)
-    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    first, second, root = launched
+    _ok(first["crash"])
+    resumed = _ok(second["crash"])
+    save = str(root / "crash")
+    assert "TP 2, PP 1, EP 1, DP 1" in resumed.stdout
     assert "successfully loaded checkpoint from" in resumed.stdout
     assert re.search(r"at iteration 10\b", resumed.stdout), resumed.stdout[-3000:]
     assert sorted(os.listdir(os.path.join(save, ROLLED_BACK_DIRNAME, "1"))) == ["iter_0000020"]
