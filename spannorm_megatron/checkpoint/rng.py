@@ -115,6 +115,12 @@ def _local_state() -> dict:
     return states
 
 
+def local_state() -> dict:
+    """This rank's generator states, as a checkpoint saves them for it (`restore([state],
+    PP_TP_DP)` sets them back): for a copy kept in memory (checkpoint.snapshot)."""
+    return _local_state()
+
+
 def _object(states, how: str, dp_rank: int, dp_size: int):
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject

@@ -61,6 +61,12 @@ class RollbackConfig:
     max_rollbacks: int = option(
         3, "Rollbacks one run may make; at the next event past it the run stops with exit "
         "code 1, keeping every checkpoint.", at_least=0)
+    rollback_snapshot_interval: int = option(
+        0, "Every this many iterations each rank also copies its own training state (weights, "
+        "optimizer state, scheduler, RNG, data position) into host memory, keeping the newest "
+        "2 copies: a rollback goes back to the newest copy before the event when it is newer "
+        "than the newest checkpoint before it (for checkpoints too sparse to roll back to). "
+        "0: off, rollbacks go to checkpoints only.", at_least=0)
 
     def __post_init__(self) -> None:
         check(self)
@@ -73,6 +79,12 @@ class RollbackConfig:
                 f"--max-rollbacks {self.max_rollbacks} with {self.policy_flags()}: the run "
                 f"could never roll back. Give --max-rollbacks 1 or more, or drop the rollback "
                 f"policy.")
+        if self.rollback_snapshot_interval and not self.enabled:
+            raise ConfigError(
+                f"--rollback-snapshot-interval {self.rollback_snapshot_interval} without a "
+                f"rollback policy: the snapshots are rollback points, and nothing would roll "
+                f"back. Add --on-collapse rollback or --on-loss-spike rollback, or drop "
+                f"--rollback-snapshot-interval.")
 
     @property
     def enabled(self) -> bool:

@@ -82,6 +82,8 @@ Our own tags, every --log-interval iterations (x axis = iteration):
                                     product of every rollback's --rollback-lr-factor)
     rollback/extra_warmup_iters     iterations of the renewed warm-up
     rollback/skipped_batches        global batches skipped after the rollback point
+    rollback/from_snapshot          1 when the point was a host snapshot
+                                    (--rollback-snapshot-interval), 0 for a checkpoint
 
 n is the global 1-based layer number. Text: `config` (the run's configuration),
 `stability/collapse_alarm` (the collapse alarm's message, at the iteration it fired) and
@@ -126,7 +128,8 @@ TAG_GRAD_RATIO = "stability/grad_ratio_2_L"
 TAG_COLLAPSE_ALARM = "stability/collapse_alarm"
 TAG_SKIPPED_ITERATIONS = "skipped-iterations"
 TAG_ROLLBACK = "rollback/event"
-ROLLBACK_SCALARS = ("count", "point", "lr_scale", "extra_warmup_iters", "skipped_batches")
+ROLLBACK_SCALARS = ("count", "point", "lr_scale", "extra_warmup_iters", "skipped_batches",
+                    "from_snapshot")
 VS_SAMPLES = " vs samples"
 
 

@@ -4,10 +4,11 @@ before the event began, and go on from there on a changed course (`--on-collapse
 
 What a rollback decides (`RollbackPolicy.plan`, the same on every rank: the alarm reads signals
 every rank already holds, and the Trainer agrees on a spike with one all-reduce):
-- **The rollback point**: the newest complete checkpoint saved before the event began. A
-  collapse begins at the first logged step of the layer-2/L ratio's fall that crossed the
-  threshold (`CollapseReport.fall_began`); a spike at its own iteration. A run with a rollback
-  policy saves iteration 0 before its first step, so there always is one.
+- **The rollback point**: the newest complete checkpoint saved before the event began, or,
+  with --rollback-snapshot-interval, the newest host snapshot (checkpoint.snapshot) before it
+  when that is newer. A collapse begins at the first logged step of the layer-2/L ratio's fall
+  that crossed the threshold (`CollapseReport.fall_began`); a spike at its own iteration. A run
+  with a rollback policy saves iteration 0 before its first step, so there always is one.
 - **The changed course**: the learning rate of the rest of the run times --rollback-lr-factor
   (compounded over rollbacks), ramped again from 0 over --rollback-extra-warmup-iters
   (`lr_multiplier`, applied by `schedule.CourseScheduler`); and the data position moved past
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 from spannorm_megatron.config.job import JobConfig
 from spannorm_megatron.config.rollback import AUTO, RollbackConfig
@@ -155,9 +156,12 @@ class RollbackPolicy:
                      f"loss spike at iteration {iteration} (--loss-spike-factor)")
 
     def plan(self, event: Event, checkpoints: List[int], position_of: Callable[[int], dict],
-             consumed_at_event: int, global_batch_size: int, run_warmup_samples: int) -> dict:
+             consumed_at_event: int, global_batch_size: int, run_warmup_samples: int,
+             snapshots: Sequence[int] = ()) -> dict:
         """The journal entry of the rollback `event` calls for: `checkpoints` are the complete
-        iterations on disk, `position_of(iteration)` a checkpoint's `read_position`. Raises
+        iterations on disk, `snapshots` those of the host snapshots, `position_of(iteration)`
+        the point's `read_position` (or the snapshot's). A snapshot is the point only when it is
+        newer than every checkpoint before the event (``source`` says which). Raises
         RollbackLimitError past --max-rollbacks or without a checkpoint before the event."""
         config = self.config
         if len(self.course) >= config.max_rollbacks:
@@ -174,6 +178,10 @@ class RollbackPolicy:
                 f"iteration {event.began}, where it began, so there is nothing to roll back to. "
                 f"Save more often (--save-interval).")
         point = max(before)
+        newer = [iteration for iteration in snapshots if point < iteration < event.began]
+        source = "checkpoint"
+        if newer:
+            point, source = max(newer), "snapshot"
         position = position_of(point)
         # Where this course's data stood at the point: past the last rollback's skip when it
         # went back to the same checkpoint.
@@ -192,6 +200,7 @@ class RollbackPolicy:
             "event_iteration": event.iteration,
             "began": event.began,
             "point": point,
+            "source": source,
             "lr_factor": config.rollback_lr_factor,
             "lr_scale": self.lr_scale * config.rollback_lr_factor,
             "extra_warmup_iters": int(round(warmup_samples / global_batch_size)),
@@ -213,8 +222,8 @@ class RollbackPolicy:
         skipped = (f"{_count(entry['skip_batches'], 'batch', 'batches')} skipped (samples "
                    f"{first}-{end - 1})" if end > first else "no batch skipped")
         return (f"rollback {entry['number']}: {entry['cause']} at iteration "
-                f"{entry['event_iteration']} (began at {entry['began']}); back to the checkpoint "
-                f"of iteration {entry['point']}. From there: learning rate x{entry['lr_scale']:g} "
+                f"{entry['event_iteration']} (began at {entry['began']}); back to the "
+                f"{_source(entry)} of iteration {entry['point']}. From there: learning rate x{entry['lr_scale']:g} "
                 f"of the schedule (this rollback x{entry['lr_factor']:g}), warmed up again over "
                 f"{_count(entry['extra_warmup_iters'], 'iteration', 'iterations')}; {skipped}; "
                 f"{_count(entry['event_iteration'] - entry['point'], 'iteration', 'iterations')} "
@@ -225,7 +234,13 @@ class RollbackPolicy:
         """The TensorBoard scalars of a rollback (metrics.tensorboard.ROLLBACK_SCALARS)."""
         return {"count": entry["number"], "point": entry["point"], "lr_scale": entry["lr_scale"],
                 "extra_warmup_iters": entry["extra_warmup_iters"],
-                "skipped_batches": entry["skip_batches"]}
+                "skipped_batches": entry["skip_batches"],
+                "from_snapshot": float(entry.get("source") == "snapshot")}
+
+
+def _source(entry: dict) -> str:
+    """What a rollback went back to (journals from before snapshots existed: a checkpoint)."""
+    return "host snapshot" if entry.get("source") == "snapshot" else "checkpoint"
 
 
 def _count(number: int, one: str, many: str) -> str:

@@ -40,6 +40,7 @@ from spannorm_megatron.checkpoint import (
 from spannorm_megatron.checkpoint import rollbacks as journal
 from spannorm_megatron.checkpoint.lock import SaveDirectoryLock
 from spannorm_megatron.checkpoint.save import clean_debris
+from spannorm_megatron.checkpoint.snapshot import Snapshot, Snapshots
 from spannorm_megatron.checkpoint.state import fill_fresh_optimizer_state
 from spannorm_megatron.config.checkpoint import CheckpointConfig
 from spannorm_megatron.config.data import data_source_error, parse_split
@@ -283,6 +284,8 @@ class Trainer:
         # the ones it catches).
         self.skipped_by_optimizer = 0
         self.rollbacks = RollbackPolicy(job.rollback)
+        self.snapshots = Snapshots()
+        """Host snapshots, the rollback points between checkpoints (--rollback-snapshot-interval)."""
         self.resumed = False
         """Whether `setup` loaded a checkpoint."""
         self.event: Optional[Event] = None
@@ -529,6 +532,13 @@ class Trainer:
         print_rank_0(f"  successfully saved checkpoint at iteration {self.iteration:7d} to "
                      f"{path}")
 
+    def take_snapshot(self) -> None:
+        """A host snapshot of this rank's state at this iteration (checkpoint.snapshot)."""
+        self.snapshots.add(Snapshot.take(
+            self.model, self.optimizer, self.scheduler, iteration=self.iteration,
+            consumed_train_samples=self.consumed_train,
+            consumed_valid_samples=self.consumed_valid, course=self.rollbacks.course))
+
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         """Steps until --train-iters (or an exit condition), then the final evaluation and
@@ -562,6 +572,9 @@ class Trainer:
                 window.exclude_since_last_step()
             if every(job.checkpoint.save_interval):
                 self.save()
+                window.exclude_since_last_step()
+            elif every(job.rollback.rollback_snapshot_interval):
+                self.take_snapshot()  # where a checkpoint would be saved: the same state
                 window.exclude_since_last_step()
             reason = self.exits.reason()
             if reason is None and every(job.training.exit_interval):
@@ -612,25 +625,47 @@ class Trainer:
 
     # ------------------------------------------------------------------ rollback
     def roll_back(self, event: Event) -> None:
-        """Go back to the newest checkpoint before `event` began and on from there on the course
-        the rollback sets (training.rollback; the journal entry first, so that a crash half-way
-        is finished at the next start). Every rank, the same decision."""
+        """Go back to the newest checkpoint (or host snapshot) before `event` began and on from
+        there on the course the rollback sets (training.rollback; the journal entry first, so
+        that a crash half-way is finished at the next start). Every rank, the same decision."""
         save = self.job.checkpoint.save
         self.event = None
+
+        def position_of(iteration: int) -> dict:
+            snapshot = self.snapshots.at(iteration)
+            return snapshot.position if snapshot else read_position(save, iteration)
+
         entry = self.rollbacks.plan(
-            event, journal.on_rank0(lambda: complete_iterations(save)),
-            lambda iteration: read_position(save, iteration), self.consumed_train,
-            get_current_global_batch_size(), self.scheduler.lr_warmup_steps)
+            event, journal.on_rank0(lambda: complete_iterations(save)), position_of,
+            self.consumed_train, get_current_global_batch_size(),
+            self.scheduler.lr_warmup_steps, snapshots=self.snapshots.iterations())
         message = self.rollbacks.message(entry)
         print_rank_0(f" WARNING: {message}")
+        if entry["source"] == "snapshot":
+            # The snapshot becomes the checkpoint of its iteration, so that the journal's steps,
+            # a crash between them and every later start find the point on disk as they would
+            # find a checkpoint (a crash before this save completes leaves the old course and
+            # no journal entry: the next start trains to the event again).
+            snapshot = self.snapshots.at(entry["point"])
+            snapshot.restore(self.model, self.optimizer, self.scheduler)
+            self.iteration = snapshot.iteration
+            self.consumed_train = snapshot.consumed_train_samples
+            self.consumed_valid = snapshot.consumed_valid_samples
+            self.save()
         journal.on_rank0(lambda: journal.begin_rollback(save, entry))
         self.rollbacks.follow(entry)
-        self.scheduler.num_steps = 0  # the load adds the checkpoint's step count to it
-        state = self._load_iteration(save, entry["point"], whole=True)
+        if entry["source"] == "snapshot":
+            self.scheduler.step(increment=0)  # the learning rate of the new course
+            where = f"the host snapshot of iteration {self.iteration}"
+        else:
+            self.scheduler.num_steps = 0  # the load adds the checkpoint's step count to it
+            state = self._load_iteration(save, entry["point"], whole=True)
+            self.consumed_valid = state["consumed_valid_samples"]
+            where = state["checkpoint_dir"]
         journal.on_rank0(lambda: journal.finish_pending(save))
+        self.snapshots.drop_after(entry["point"])  # the abandoned course's
         self.iteration = entry["point"]
         self.consumed_train = entry["skipped_samples"][1]
-        self.consumed_valid = state["consumed_valid_samples"]
         self._build_data_iterators()
         self.monitor.collapse.rewind(self.iteration)
         self.spikes = SpikeDetector(self.job.training.loss_spike_factor,
@@ -640,8 +675,8 @@ class Trainer:
                 self.spikes.check(loss)
         self.guard.in_a_row = 0
         self.monitor.writer.log_rollback(event.iteration, self.rollbacks.scalars(entry), message)
-        print_rank_0(f"  rolled back to iteration {self.iteration} ({state['checkpoint_dir']}); "
-                     f"the data goes on from sample {self.consumed_train}")
+        print_rank_0(f"  rolled back to iteration {self.iteration} ({where}); the data goes on "
+                     f"from sample {self.consumed_train}")
 
     # ------------------------------------------------------------------ resume
     def _load(self):
