@@ -56,6 +56,7 @@ from spannorm_megatron.data.tokenizer_args import tokenizer_differences, tokeniz
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.metrics.wandb import WandbLogger, check_wandb
 from spannorm_megatron.model.fusions import describe as describe_fusions
+from spannorm_megatron.model.memory_floor import check_model_fits_memory
 from spannorm_megatron.model.moe_kernels import check_moe_kernels
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.process import initialize
@@ -216,6 +217,11 @@ class Trainer:
         self.job = job = job.with_vocab_size(self.tokenizer.vocab_size)
         check_model_matches(job)
         check_model_fits_layout(job.model, job.parallel)
+        launch = launch_environment()
+        check_model_fits_memory(job.model, job.parallel,
+                                half_precision=job.performance.bf16 or job.performance.fp16,
+                                world_size=launch.world_size,
+                                local_world_size=launch.local_world_size)
         job.performance.check_layout(job.parallel)
         job.performance.check_machine(job.model, job.parallel)
         job.performance.check_environment()
