@@ -60,3 +60,20 @@ def test_an_environment_that_contradicts_a_flag_is_refused_naming_both(monkeypat
     assert "NVTE_FLASH_ATTN=1 in the environment contradicts --attention-backend local" in err
     assert "Traceback" not in err
 
+
+
+def test_a_world_of_several_ranks_without_a_rendezvous_address_is_refused(monkeypatch, capsys):
+    """WORLD_SIZE=2 left in a shell, without torchrun's MASTER_ADDR/MASTER_PORT: every check
+    passes (the layout tiles two ranks), and the ranks would have had nowhere to meet."""
+    import torch
+
+    from spannorm_megatron.train import main
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0")):
+        monkeypatch.setenv(name, value)
+    for name in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main([*BASE, "--global-batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "WORLD_SIZE=2 in the environment, but MASTER_ADDR and MASTER_PORT are unset" in err
+    assert "Traceback" not in err and not torch.distributed.is_initialized()
