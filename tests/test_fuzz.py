@@ -9,18 +9,27 @@ import time
 
 import pytest
 
-from fuzz_train import BASE, Fixtures, fuzz, generate, run_example
+from fuzz_train import BASE, Example, Fixtures, expand, fuzz, run_example
 
-# Seeds whose examples ended in a traceback, with what was wrong (all fixed):
+# Examples that once ended in a traceback: the seed that found each, what was wrong (all fixed),
+# and the example itself, kept whole (the words after BASE, fixtures written `{name}`, and the
+# environment): the generator changes whenever a flag is declared, and a seed alone then names
+# another example.
 REGRESSIONS = {
-    43: "MoE with linear biases on one tensor-parallel rank: megatron-core added the expert "
-        "bias in place onto an autograd function's output (patches/expert_bias_inplace.py)",
-    113: "WORLD_SIZE=0 in the environment: a ZeroDivisionError while laying out batches",
-    241: "WORLD_SIZE=x in the environment: int() raised while laying out batches",
-    254: "--lr-warmup-init above --lr: megatron-core's scheduler asserted",
-    100129: "--make-vocab-size-divisible-by 1000000000: a 128 GB embedding table met the "
-            "allocator (any sizes whose training state exceeds memory are now refused up front, "
-            "model/memory_floor.py)",
+    43: ("MoE with linear biases on one tensor-parallel rank: megatron-core added the expert "
+         "bias in place onto an autograd function's output (patches/expert_bias_inplace.py)",
+         ["--num-experts", "4", "--moe-router-topk", "2", "--moe-router-load-balancing-type",
+          "aux_loss", "--moe-token-dispatcher-type", "allgather"], {}),
+    113: ("WORLD_SIZE=0 in the environment: a ZeroDivisionError while laying out batches",
+          [], {"WORLD_SIZE": "0"}),
+    241: ("WORLD_SIZE=x in the environment: int() raised while laying out batches",
+          [], {"WORLD_SIZE": "x"}),
+    254: ("--lr-warmup-init above --lr: megatron-core's scheduler asserted",
+          ["--lr-warmup-init", "1000000000", "--seq-length", "48", "--max-position-embeddings",
+           "96", "--position-embedding-type", "none"], {}),
+    100129: ("--make-vocab-size-divisible-by 1000000000: a 128 GB embedding table met the "
+             "allocator (sizes whose training state exceeds memory are now refused up front, "
+             "model/memory_floor.py)", ["--make-vocab-size-divisible-by", "1000000000"], {}),
 }
 CI_SEED, CI_BUDGET_SECONDS = 1000, 40
 
@@ -32,10 +41,11 @@ def fixtures(tmp_path_factory):
 
 @pytest.mark.parametrize("seed", sorted(REGRESSIONS))
 def test_a_once_defective_example_ends_as_it_should(seed, fixtures):
-    example = generate(seed, fixtures)
+    why, words, env = REGRESSIONS[seed]
+    example = Example(seed, [*BASE, *expand(words, fixtures)], env)
+    fixtures.prepare(example.argv)
     outcome = run_example(example)
-    assert outcome.defect is None, (REGRESSIONS[seed], example.argv[len(BASE):], example.env,
-                                    outcome.output[-3000:])
+    assert outcome.defect is None, (why, words, env, outcome.output[-3000:])
 
 
 @pytest.mark.slow
