@@ -30,6 +30,12 @@ REGRESSIONS = {
     100129: ("--make-vocab-size-divisible-by 1000000000: a 128 GB embedding table met the "
              "allocator (sizes whose training state exceeds memory are now refused up front, "
              "model/memory_floor.py)", ["--make-vocab-size-divisible-by", "1000000000"], {}),
+    500013: ("RANK=4 outside WORLD_SIZE=4: refused, but silently (exit 2, no message): only "
+             "rank 0 printed refusals, and a rank outside the world is no other rank's",
+             ["--context-parallel-size", "2"],
+             {"WORLD_SIZE": "4", "RANK": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "5"}),
+    500183: ("RANK=x: refused silently, as 500013", ["--attention-softmax-in-fp32"],
+             {"RANK": "x"}),
 }
 CI_SEED, CI_BUDGET_SECONDS = 1000, 40
 
@@ -87,3 +93,30 @@ def test_a_world_of_several_ranks_without_a_rendezvous_address_is_refused(monkey
     err = capsys.readouterr().err
     assert "WORLD_SIZE=2 in the environment, but MASTER_ADDR and MASTER_PORT are unset" in err
     assert "Traceback" not in err and not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("env,printed", [
+    ({}, True), ({"RANK": "x"}, True), ({"RANK": "2", "WORLD_SIZE": "2"}, True),
+    ({"RANK": "1", "WORLD_SIZE": "2"}, True),  # no torchrun: no rank 0 is known to print it
+    ({"RANK": "2", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "fuzz"}, True),
+    ({"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "fuzz"}, False),
+])
+def test_a_refusal_is_printed_unless_rank_0_of_the_same_torchrun_job_prints_it(
+        monkeypatch, capsys, env, printed):
+    """A rank other than 0 of a torchrun job leaves the message to rank 0. Launch variables
+    that are themselves refused (fuzzer seeds 500013, 500183) name no such rank: the process
+    that has them says why."""
+    from spannorm_megatron.cli import run_cli
+    from spannorm_megatron.errors import ConfigError
+
+    for name in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    def refused(argv):
+        raise ConfigError("the launch cannot work")
+
+    assert run_cli(refused, []) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: the launch cannot work\n" if printed else ""), err
