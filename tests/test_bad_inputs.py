@@ -93,6 +93,12 @@ CATALOGUE = [
                                                    "--scale-mode", "forward"), "scale_mode"),
     ("tp-world", "train", lambda f: T(f, "--tensor-model-parallel-size", "2"),
      "world size 1 is not divisible"),
+    # Counts the machine cannot hold: refused before the first fork or allocation.
+    ("workers-beyond-cpus", "train", lambda f: T(f, "--num-workers", "1000000000"),
+     "--num-workers 1000000000 x 1 rank(s) on this machine would start 1,000,000,000"),
+    ("model-beyond-memory", "train", lambda f: T(f, "--make-vocab-size-divisible-by",
+                                                 "1000000000"),
+     "this model cannot be trained here"),
     ("layers-vs-pp", "train", lambda f: T(f, "--num-layers", "3",
                                           "--pipeline-model-parallel-size", "1",
                                           "--num-layers-per-virtual-pipeline-stage", "2"),

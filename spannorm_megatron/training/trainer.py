@@ -224,6 +224,7 @@ class Trainer:
                                 local_world_size=launch.local_world_size)
         job.performance.check_layout(job.parallel)
         job.performance.check_machine(job.model, job.parallel)
+        job.data.check_machine(launch.local_world_size)
         job.performance.check_environment()
         cp = job.parallel.context_parallel_size
         seq_length = job.data.seq_length
