@@ -553,8 +553,10 @@ def _tear_down() -> None:
         torch.distributed.destroy_process_group()
 
 
-def fuzz(seeds, fixtures: Fixtures, deadline: Optional[float] = None, log=print):
-    """Run the examples of `seeds` (until `deadline`); the defective ones."""
+def fuzz(seeds, fixtures: Fixtures, deadline: Optional[float] = None, log=print,
+         progress_every: int = 0):
+    """Run the examples of `seeds` (until `deadline`); the defective ones. Every
+    `progress_every` examples (0: never) a line says how far it got."""
     flags = declared_flags()
     defects, counts = [], {"accepted": 0, "refused": 0, "failed cleanly": 0}
     for seed in seeds:
@@ -569,6 +571,9 @@ def fuzz(seeds, fixtures: Fixtures, deadline: Optional[float] = None, log=print)
                 f"{example.env or ''}")
         else:
             counts[{0: "accepted", 2: "refused"}.get(outcome.status, "failed cleanly")] += 1
+        done = sum(counts.values()) + len(defects)
+        if progress_every and done % progress_every == 0:
+            log(f"progress: {done} examples to seed {seed}, {counts}, {len(defects)} defect(s)")
     log(f"fuzz: {counts}, {len(defects)} defect(s)")
     return defects, counts
 
@@ -580,13 +585,16 @@ def main(argv=None) -> int:
     parser.add_argument("--examples", type=int, default=None, help="how many (default: until "
                         "--minutes are up)")
     parser.add_argument("--minutes", type=float, default=60.0, help="time budget")
+    parser.add_argument("--progress-every", type=int, default=50, help="a progress line every "
+                        "this many examples (0: none)")
     parser.add_argument("--work-dir", default="/tmp/spannorm_fuzz", help="fixtures and outputs")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     fixtures = Fixtures(args.work_dir)
     seeds = (range(args.seed, args.seed + args.examples) if args.examples
              else itertools.count(args.seed))
-    defects, _ = fuzz(seeds, fixtures, time.monotonic() + 60 * args.minutes)
+    defects, _ = fuzz(seeds, fixtures, time.monotonic() + 60 * args.minutes,
+                      progress_every=args.progress_every)
     for example, outcome in defects:
         print(f"\n=== seed {example.seed}: {outcome.defect}\n{' '.join(example.argv)}\n"
               f"{example.env}\n{outcome.output[-3000:]}")
