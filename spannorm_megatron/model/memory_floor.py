@@ -16,13 +16,13 @@ distributed optimizer shards them, it does not drop them), activations not at al
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ConfigError
+from spannorm_megatron.machine import has_accelerator, host_memory_bytes
 
 GIB = 1024 ** 3
 ADAM_STATE_BYTES = 8
@@ -99,28 +99,8 @@ def training_floor_bytes(parts: List[Part], weight_bytes: int, world_size: int,
     return max(part.parameters // part.shard_ways for part in parts) * 2 * weight_bytes
 
 
-def host_memory_bytes() -> Optional[int]:
-    """Physical memory, or the cgroup's limit where that is lower; None where unknown."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-    for limit_file in ("/sys/fs/cgroup/memory.max",
-                       "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(limit_file) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return total
-
-
 def _device_memory() -> Tuple[Optional[int], str]:
     """(bytes, "one GPU" or "this machine"): the memory a rank's training state must fit in."""
-    from spannorm_megatron.machine import has_accelerator
-
     if has_accelerator():
         import torch
 

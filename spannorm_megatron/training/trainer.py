@@ -46,6 +46,7 @@ from spannorm_megatron.config.job import JobConfig
 from spannorm_megatron.data.dataset import (
     build_gpt_datasets,
     check_data_prefixes,
+    check_sample_index_memory,
     describe_epochs,
     num_samples_for,
 )
@@ -252,6 +253,13 @@ class Trainer:
                                                         self.batches.global_batch_size))
         self.num_samples = (self.num_samples[0] + self.extra_train_samples,
                             *self.num_samples[1:])
+        check_sample_index_memory(
+            self.num_samples,
+            f"--train-samples {training.train_samples}" if training.train_samples is not None
+            else f"--train-iters {self.train_iters} x --global-batch-size "
+                 f"{self.batches.global_batch_size}",
+            f"--eval-iters {job.logging.eval_iters}, --eval-interval "
+            f"{job.logging.eval_interval}")
         # The data's files, checked once, here (build_gpt_datasets in `setup` relies on it).
         prefixes = check_data_prefixes(job.data, self.num_samples, job.data.data_cache_path)
         for prefix in prefixes:  # made with this tokenizer, where the data says which
