@@ -48,7 +48,9 @@ def check_moe(config) -> None:
                               f"to MoE models, and this model is dense: set --num-experts "
                               f"or drop {'it' if len(given) == 1 else 'them'}.")
         return
-    if 1 not in config.moe_layer_pattern:
+    # A frequency makes layer 0 MoE; only a list can leave every layer dense (and listing the
+    # layers of a frequency would hold one entry for each of --num-layers, however many).
+    if not isinstance(config.moe_layer_freq, int) and 1 not in config.moe_layer_freq:
         raise ConfigError(
             f"--moe-layer-freq {freq} makes no layer MoE although --num-experts is set: "
             f"mark at least one layer 1, or drop --num-experts for a dense model.")

@@ -62,8 +62,8 @@ def model_parts(config: ModelConfig, parallel: ParallelConfig) -> List[Part]:
     def mlp(width: int) -> int:
         return (inputs + 1) * h * width
 
-    pattern = config.moe_layer_pattern
-    dense, moe = pattern.count(0), pattern.count(1)
+    moe = _moe_layers(config)
+    dense = config.num_layers - moe
     if not config.multi_latent_attention:
         heads = config.num_attention_heads * config.resolved_kv_channels
         groups = config.resolved_num_query_groups * config.resolved_kv_channels
@@ -86,6 +86,16 @@ def model_parts(config: ModelConfig, parallel: ParallelConfig) -> List[Part]:
                               f"--moe-shared-expert-intermediate-size {shared}",
                               moe * mlp(shared), tp * pp, tp * pp))
     return parts
+
+
+def _moe_layers(config: ModelConfig) -> int:
+    """How many layers are MoE, without listing every layer (a count of 10^9 layers is what
+    this check is there to refuse)."""
+    if not config.is_moe:
+        return 0
+    if isinstance(config.moe_layer_freq, int):  # layers 0, freq, 2 freq, ... (moe_layer_pattern)
+        return (config.num_layers - 1) // config.moe_layer_freq + 1
+    return sum(config.moe_layer_freq)
 
 
 def training_floor_bytes(parts: List[Part], weight_bytes: int, world_size: int,
