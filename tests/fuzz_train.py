@@ -54,16 +54,20 @@ BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
         "--eval-iters", "1", "--eval-interval", "1000", "--log-interval", "1",
         "--num-workers", "0", "--transformer-impl", "local"]
 
-# Sizes whose large values would only measure the machine's memory: fuzzed among small ones.
-SIZES = {"num_layers": [0, 1, 3, 4, 6], "hidden_size": [0, 8, 30, 48, 64],
-         "num_attention_heads": [0, 1, 3, 8], "ffn_hidden_size": [0, 1, 64, 100],
-         "seq_length": [0, 1, 16, 31, 64], "max_sequence_length": [1, 16, 31, 64, 4096],
+# Sizes whose large values would only measure the machine's speed: fuzzed among small ones, and
+# each size the Trainer's memory floors cover (the model's training state, the datasets'
+# indexes) also with a value no machine here holds (HUGE), which they must refuse up front.
+HUGE = 10**9
+SIZES = {"num_layers": [0, 1, 3, 4, 6, HUGE], "hidden_size": [0, 8, 30, 48, 64, HUGE],
+         "num_attention_heads": [0, 1, 3, 8], "ffn_hidden_size": [0, 1, 64, 100, HUGE],
+         "seq_length": [0, 1, 16, 31, 64], "max_sequence_length": [1, 16, 31, 64, 4096, HUGE],
          "micro_batch_size": [0, 1, 3, 4], "global_batch_size": [0, 1, 3, 4, 8],
-         "num_experts": [0, 1, 2, 3, 4], "vocab_size": [0, 1, 100, 256],
-         "kv_channels": [0, 4, 7, 16], "num_query_groups": [0, 1, 2, 3, 4],
-         "moe_ffn_hidden_size": [0, 16, 33], "moe_router_topk": [0, 1, 2, 5],
-         "train_iters": [0, 1, 2], "eval_iters": [0, 1, 2], "log_interval": [0, 1, 2],
-         "moe_shared_expert_intermediate_size": [0, 16, 33]}
+         "num_experts": [0, 1, 2, 3, 4, HUGE], "vocab_size": [0, 1, 100, 256, HUGE],
+         "kv_channels": [0, 4, 7, 16, HUGE], "num_query_groups": [0, 1, 2, 3, 4],
+         "moe_ffn_hidden_size": [0, 16, 33, HUGE], "moe_router_topk": [0, 1, 2, 5],
+         "train_iters": [0, 1, 2], "eval_iters": [0, 1, 2, 10 * HUGE], "log_interval": [0, 1, 2],
+         "moe_shared_expert_intermediate_size": [0, 16, 33, HUGE],
+         "num_workers": [0, 1, 2, HUGE]}
 # Flags whose values name things outside this process, or stop it, set apart from the rest.
 NOT_FUZZED = {"config", "exit_duration_in_mins", "exit_interval", "exit_signal_handler"}
 
