@@ -508,13 +508,40 @@ def run_example(example: Example) -> Outcome:
     captured = io.StringIO()
     try:
         with _environment(example.env), contextlib.redirect_stdout(captured), \
-                contextlib.redirect_stderr(captured):
+                contextlib.redirect_stderr(captured), _deadline(HANG_SECONDS):
             status = main(example.argv)
+    except _Hang:
+        return Outcome(None, captured.getvalue(), f"a hang (no end within {HANG_SECONDS} s)")
     except BaseException:  # noqa: BLE001 - what escapes main is the defect
         return Outcome(None, captured.getvalue(), traceback.format_exc())
     finally:
         _tear_down()
     return Outcome(status, captured.getvalue(), check_example(status, captured.getvalue()))
+
+
+HANG_SECONDS = 300
+"""An example of BASE's size that has not ended by then never will (one step takes a second)."""
+
+
+class _Hang(BaseException):
+    """Raised into an in-process example at its deadline (not an Exception: what the entry
+    point catches must not swallow it)."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    import signal
+
+    def expire(signum, frame):
+        raise _Hang()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _run_in_subprocess(example: Example) -> Outcome:
@@ -523,10 +550,10 @@ def _run_in_subprocess(example: Example) -> Outcome:
     try:
         done = subprocess.run(
             [sys.executable, "-m", "spannorm_megatron.train", *example.argv],
-            capture_output=True, text=True, timeout=300, cwd=os.path.dirname(HERE),
+            capture_output=True, text=True, timeout=HANG_SECONDS, cwd=os.path.dirname(HERE),
             env={**os.environ, "PYTHONPATH": os.path.dirname(HERE), **example.env})
     except subprocess.TimeoutExpired as expired:
-        return Outcome(None, str(expired.output or ""), "a hang (no end within 300 s)")
+        return Outcome(None, str(expired.output or ""), f"a hang (no end within {HANG_SECONDS} s)")
     output = done.stdout + done.stderr
     return Outcome(done.returncode, output, check_example(done.returncode, output))
 
