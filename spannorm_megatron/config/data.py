@@ -179,6 +179,23 @@ class DataConfig:
         return LEGACY_SPLIT if self.split is None else self.split
 
     @property
+    def has_training_data(self) -> bool:
+        """Whether the training split gets data: mock data, a --data-path blend whose --split
+        gives training a share, or a --train-data-path."""
+        if self.mock_data:
+            return True
+        if self.blend is not None:
+            return parse_split(self.resolved_split)[0] > 0
+        return bool(_tokens(self.train_data_path))
+
+    def training_data_problem(self) -> str:
+        """What leaves training without data (for a message), when `has_training_data` is
+        false."""
+        if self.blend is not None:
+            return f"--split {self.resolved_split} gives training no share of --data-path"
+        return "--valid-data-path/--test-data-path are given without --train-data-path"
+
+    @property
     def blend(self) -> Optional[Blend]:
         return parse_blend(self.data_path)
 

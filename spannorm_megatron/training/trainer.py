@@ -54,7 +54,7 @@ from spannorm_megatron.data.loader import build_data_iterators
 from spannorm_megatron.data.tokenizer import build_tokenizer, check_data_fits_vocab
 from spannorm_megatron.data.provenance import check_data_tokenizer
 from spannorm_megatron.data.tokenizer_args import tokenizer_differences, tokenizer_sha256
-from spannorm_megatron.errors import ConfigError
+from spannorm_megatron.errors import ConfigError, DataError
 from spannorm_megatron.metrics.wandb import WandbLogger, check_wandb
 from spannorm_megatron.model.fusions import describe as describe_fusions
 from spannorm_megatron.model.memory_floor import check_model_fits_memory
@@ -267,6 +267,13 @@ class Trainer:
                                  self.tokenizer.vocab_size)
         check_data_fits_vocab(prefixes, self.tokenizer.vocab_size, self.tokenizer)
         _check_fresh_save_directory(job.checkpoint)
+        latest = _latest_iteration(job.checkpoint.load)
+        if not job.data.has_training_data and self.train_iters > latest:
+            raise DataError(
+                f"{job.data.training_data_problem()}, but --train-iters {self.train_iters} asks "
+                f"for {self.train_iters - latest} training step(s): give training a share (e.g. "
+                f"--split 98,2,0) or a --train-data-path (tools/evaluate.py evaluates a "
+                f"checkpoint without training).")
         if (job.logging.eval_iters and job.data.blend is not None
                 and parse_split(job.data.resolved_split)[1] == 0):
             job.notices.append(
