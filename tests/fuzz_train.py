@@ -33,8 +33,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import itertools
+import json
 import math
 import os
 import random
@@ -70,6 +72,7 @@ SIZES = {"num_layers": [0, 1, 3, 4, 6, HUGE], "hidden_size": [0, 8, 30, 48, 64, 
          "num_workers": [0, 1, 2, HUGE]}
 # Flags whose values name things outside this process, or stop it, set apart from the rest.
 NOT_FUZZED = {"config", "exit_duration_in_mins", "exit_interval", "exit_signal_handler"}
+"""(--config gets its own files, `_config`.)"""
 
 # Each declared environment variable's kind (config/environment.py) gets its edge values.
 KIND_VALUES = {"count": ["0", "1", "2", "-1", "x", " 3 ", "1e3"],
@@ -106,6 +109,7 @@ def _launch_environment(rng: random.Random) -> dict:
     return env
 
 
+@functools.lru_cache(maxsize=None)
 def declared_flags():
     """(owner, field) of every flag of spannorm-train."""
     from spannorm_megatron.config.options import options
@@ -189,8 +193,9 @@ class Fixtures:
             builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
             generator = np.random.default_rng(len(name))
             for _ in range(documents):
-                builder.add_document(torch.from_numpy(generator.integers(
-                    1, high, size=int(generator.integers(20, 90))).astype(np.int64)), [0])
+                length = int(generator.integers(20, 90))
+                builder.add_document(torch.from_numpy(
+                    generator.integers(1, high, size=length).astype(np.int64)), [length])
             builder.finalize(prefix + ".idx")
             return prefix
 
@@ -441,7 +446,36 @@ def _resume(rng, fixtures) -> List[str]:
     return argv
 
 
-COMBINATIONS = (_parallel, _moe, _sequence, _schedule, _data, _resume)
+BROKEN_YAML = ["", "- a list\n- not a mapping\n", "num-layers: [unclosed\n",
+               "num-layers: 2\nnum-layers: 3\n", "no-such-key: 1\n", "hidden-size: {a: 1}\n",
+               "\tnum-layers: 2\n", "config: other.yaml\n", "lr: .nan\n", "42\n",
+               "num_layers: 3\nnum-layers: 3\n"]
+
+
+def _config(rng, fixtures) -> List[str]:
+    """A --config YAML file: fuzzed flags as its keys (values typed as YAML reads them, a
+    key given twice now and then), or a file that is broken as a config."""
+    path = os.path.join(fixtures.root, f"config-{rng.randrange(10**9)}.yaml")
+    if rng.random() < 0.3:
+        text = rng.choice(BROKEN_YAML)
+    else:
+        entries = []
+        for _ in range(rng.choice([1, 2, 3])):
+            words = _single(rng, fixtures, list(declared_flags()))
+            value = True if len(words) == 1 else words[1] if len(words) == 2 else words[1:]
+            if isinstance(value, str) and rng.random() < 0.5:
+                with contextlib.suppress(ValueError):
+                    value = json.loads(value)  # 3 as a number, not the text "3"
+            entries.append(f"{words[0][2:]}: {json.dumps(value)}")  # JSON is YAML
+        if rng.random() < 0.15:
+            entries.append(entries[0])
+        text = "\n".join(entries) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    return ["--config", path]
+
+
+COMBINATIONS = (_parallel, _moe, _sequence, _schedule, _data, _resume, _config)
 
 
 @dataclasses.dataclass
