@@ -532,10 +532,16 @@ def _environment(values: dict):
                 os.environ[name] = value
 
 
+# Read afresh by every run (runtime/launch.py), so an example that sets only these runs in this
+# process, seconds faster than in a fresh one.
+READ_PER_RUN = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
+
+
 def run_example(example: Example) -> Outcome:
     """Run the example and classify how it ended: in this process, or in a fresh one when it
-    sets environment variables (some are read once per process, e.g. strict device mode's)."""
-    if example.env:
+    sets other environment variables (some are read once per process, e.g. strict device
+    mode's)."""
+    if not set(example.env) <= READ_PER_RUN:
         return _run_in_subprocess(example)
     from spannorm_megatron.train import main
 
