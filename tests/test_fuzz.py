@@ -36,6 +36,10 @@ REGRESSIONS = {
              {"WORLD_SIZE": "4", "RANK": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "5"}),
     500183: ("RANK=x: refused silently, as 500013", ["--attention-softmax-in-fp32"],
              {"RANK": "x"}),
+    200257: ("--data-path 0.3 A 0 B: a zero blend weight passed our check (non-negative, "
+             "positive sum) and met megatron-core's BlendedDataset assert (every weight > 0)",
+             ["--no-mock-data", "--data-path", "0.3", "{data_prefix:good}", "0",
+              "{data_prefix:other}", "--split", "100,0,0"], {}),
     # Found by the data combination alone (`_data(random.Random(n), fixtures)`), n = 8, 2:
     "data-8": ("--split 0,0,100 gave training nothing and --train-iters 1 asked for a step: "
                "a TypeError in the embedding (no batch)",

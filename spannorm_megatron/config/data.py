@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -45,9 +46,12 @@ def parse_blend(spec: PathSpec, flag: str = "--data-path") -> Optional[Blend]:
                 "either prefixes only ('p1 p2') or weight/prefix pairs ('0.7 p1 0.3 p2')."
             )
         values = [float(w) for w in weights]
-        if any(v < 0 for v in values) or sum(values) <= 0:
+        # megatron-core's BlendedDataset asserts every weight > 0 (a zero-weight prefix is no
+        # part of a blend), and a weight that is not finite makes the normalized ones NaN.
+        if not all(math.isfinite(v) and v > 0 for v in values):
             raise DataError(
-                f"{flag} weights {', '.join(weights)} must be non-negative with a positive sum."
+                f"{flag} weights {', '.join(weights)} must each be a positive, finite number "
+                f"(drop a prefix rather than weighting it 0)."
             )
         return list(prefixes), values
     numbers = [t for t in tokens if is_number(t)]
