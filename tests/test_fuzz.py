@@ -40,6 +40,11 @@ REGRESSIONS = {
              "positive sum) and met megatron-core's BlendedDataset assert (every weight > 0)",
              ["--no-mock-data", "--data-path", "0.3", "{data_prefix:good}", "0",
               "{data_prefix:other}", "--split", "100,0,0"], {}),
+    102335: ("MoE padded to a capacity above the tokens (topk 2 x factor 1.25 > 2 experts) "
+             "with the alltoall dispatcher: a shape error in megatron-core's permute",
+             ["--num-experts", "2", "--moe-router-topk", "2", "--moe-expert-capacity-factor",
+              "1.25", "--moe-pad-expert-input-to-capacity", "--moe-token-dispatcher-type",
+              "alltoall"], {}),
     # Found by the data combination alone (`_data(random.Random(n), fixtures)`), n = 8, 2:
     "data-8": ("--split 0,0,100 gave training nothing and --train-iters 1 asked for a step: "
                "a TypeError in the embedding (no batch)",
