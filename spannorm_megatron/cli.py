@@ -19,11 +19,22 @@ from spannorm_megatron.errors import RunFailure, UserError
 
 
 def report_failure(message: str) -> None:
-    """Print `message` once (rank 0 of a torchrun job; every rank would repeat it) and hand it
-    to torchrun's failure summary."""
-    if os.environ.get("RANK", "0").strip() in ("", "0"):  # garbage there is refused later
+    """Print `message` once (by rank 0 of a torchrun job; every rank would repeat it) and hand
+    it to torchrun's failure summary."""
+    if not _another_rank_reports():
         print(message, file=sys.stderr, flush=True)
     _write_elastic_error_file(message)
+
+
+def _another_rank_reports() -> bool:
+    """Whether this process is a rank other than 0 of a torchrun job, whose rank 0 prints the
+    same message. Anything else prints it: a lone process, and one whose launch variables are
+    themselves what is refused (RANK=x, a rank outside WORLD_SIZE, left in a shell), which no
+    rank 0 would otherwise report."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    rank, world = (os.environ.get(name, "").strip() for name in ("RANK", "WORLD_SIZE"))
+    return rank.isdigit() and world.isdigit() and 0 < int(rank) < int(world)
 
 
 def _write_elastic_error_file(message: str) -> None:

@@ -38,6 +38,24 @@ def has_accelerator() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.device_count() > 0)
 
 
+def host_memory_bytes():
+    """Physical memory, or the cgroup's limit where that is lower; None where unknown."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    for limit_file in ("/sys/fs/cgroup/memory.max",
+                       "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
 def transformer_engine_available() -> bool:
     """True when Transformer Engine imports and there is a GPU for it to run on."""
     from megatron.core.extensions.transformer_engine import HAVE_TE

@@ -7,10 +7,14 @@ with a few of its flags changed. The changes come from the declarations themselv
 - single values: each kind's edge cases (bounds and one past them, zero, negatives, non-finite
   numbers, unknown choices, empty and long lists, words where numbers go);
 - cross-field combinations: parallel sizes x layers x virtual stages x layouts x micro-batches,
-  MoE routing x balancing x capacity, sequence x positions, schedules;
-- path flags: file fixtures (missing, empty, binary, truncated, a folder where a file is expected,
-  a file where a folder is expected, an unwritable folder);
-- environment variables the code reads.
+  MoE routing x balancing x capacity, sequence x positions, schedules, data files x blends x
+  splits x evaluation, a checkpoint to resume x what the resume changes;
+- path flags: file fixtures (missing, empty, binary, a folder where a file is expected, a file
+  where a folder is expected, unwritable), and each path kind's own (`Fixtures`): truncated and
+  stale datasets, checkpoints with a garbage or stale tracker or half written, a tokenizer model
+  cut short, and good ones (a dataset, a real checkpoint);
+- environment variables: every declared one (config/environment.py) with its kind's edge
+  values, those read as free text, and torchrun's launch variables together.
 
 Each example must end in one of two ways (`check_example`):
 - accepted: the process builds the model and trains its step (exit 0; exit 1 with one message is
@@ -29,8 +33,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import itertools
+import json
 import math
 import os
 import random
@@ -50,24 +56,60 @@ BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
         "--eval-iters", "1", "--eval-interval", "1000", "--log-interval", "1",
         "--num-workers", "0", "--transformer-impl", "local"]
 
-# Sizes whose large values would only measure the machine's memory: fuzzed among small ones.
-SIZES = {"num_layers": [0, 1, 3, 4, 6], "hidden_size": [0, 8, 30, 48, 64],
-         "num_attention_heads": [0, 1, 3, 8], "ffn_hidden_size": [0, 1, 64, 100],
-         "seq_length": [0, 1, 16, 31, 64], "max_sequence_length": [1, 16, 31, 64, 4096],
+# Sizes whose large values would only measure the machine's speed: fuzzed among small ones, and
+# each size the Trainer's memory floors cover (the model's training state, the datasets'
+# indexes) also with a value no machine here holds (HUGE), which they must refuse up front.
+HUGE = 10**9
+SIZES = {"num_layers": [0, 1, 3, 4, 6, HUGE], "hidden_size": [0, 8, 30, 48, 64, HUGE],
+         "num_attention_heads": [0, 1, 3, 8], "ffn_hidden_size": [0, 1, 64, 100, HUGE],
+         "seq_length": [0, 1, 16, 31, 64], "max_sequence_length": [1, 16, 31, 64, 4096, HUGE],
          "micro_batch_size": [0, 1, 3, 4], "global_batch_size": [0, 1, 3, 4, 8],
-         "num_experts": [0, 1, 2, 3, 4], "vocab_size": [0, 1, 100, 256],
-         "kv_channels": [0, 4, 7, 16], "num_query_groups": [0, 1, 2, 3, 4],
-         "moe_ffn_hidden_size": [0, 16, 33], "moe_router_topk": [0, 1, 2, 5],
-         "train_iters": [0, 1, 2], "eval_iters": [0, 1, 2], "log_interval": [0, 1, 2],
-         "moe_shared_expert_intermediate_size": [0, 16, 33]}
+         "num_experts": [0, 1, 2, 3, 4, HUGE], "vocab_size": [0, 1, 100, 256, HUGE],
+         "kv_channels": [0, 4, 7, 16, HUGE], "num_query_groups": [0, 1, 2, 3, 4],
+         "moe_ffn_hidden_size": [0, 16, 33, HUGE], "moe_router_topk": [0, 1, 2, 5],
+         "train_iters": [0, 1, 2], "eval_iters": [0, 1, 2, 10 * HUGE], "log_interval": [0, 1, 2],
+         "moe_shared_expert_intermediate_size": [0, 16, 33, HUGE],
+         "num_workers": [0, 1, 2, HUGE]}
 # Flags whose values name things outside this process, or stop it, set apart from the rest.
 NOT_FUZZED = {"config", "exit_duration_in_mins", "exit_interval", "exit_signal_handler"}
+"""(--config gets its own files, `_config`.)"""
 
-ENVIRONMENT = {"SPANNORM_FORCE_CPU": ["1", "yes", "maybe"], "SPANNORM_STRICT_DEVICES": ["1", "0", "x"],
-               "OMP_NUM_THREADS": ["1", "0", "-3", "many"], "WORLD_SIZE": ["2", "0", "x"],
-               "CUDA_DEVICE_MAX_CONNECTIONS": ["1", "x"]}
+# Each declared environment variable's kind (config/environment.py) gets its edge values.
+KIND_VALUES = {"count": ["0", "1", "2", "-1", "x", " 3 ", "1e3"],
+               "switch": ["1", "0", "yes", "OFF", "maybe", " "],
+               "bit": ["0", "1", "2", "x"], "port": ["0", "1", "29500", "65536", "x"],
+               "tflops": ["989", "0", "-1", "inf", "nan", "x"]}
+# Read by the package but taken as free text (tests/test_paths.py's FREE_TEXT), fuzzed too.
+UNDECLARED = {"OMP_NUM_THREADS": ["1", "0", "-3", "many"], "MASTER_ADDR": ["127.0.0.1", ""],
+              "TORCHELASTIC_RUN_ID": ["fuzz"]}
 
 
+def environment_values(fixtures: "Fixtures") -> dict:
+    """name -> the values an example may set it to, from the declarations."""
+    from spannorm_megatron.config.environment import ENVIRONMENT
+
+    values = {name: (KIND_VALUES[variable.kind] if variable.kind in KIND_VALUES
+                     else [fixtures.fresh_output(random.Random(0)), *sorted(fixtures.paths.values())])
+              for name, variable in ENVIRONMENT.items()}
+    return {**values, **UNDECLARED}
+
+
+def _launch_environment(rng: random.Random) -> dict:
+    """torchrun's variables together, as a shell or a half-copied job script leaves them. Never
+    MASTER_ADDR and MASTER_PORT with a world of several ranks: a run then rightly waits for the
+    other ranks (a manual launch), which no check can tell from a mistake."""
+    world = rng.choice([1, 2, 4])
+    env = {"WORLD_SIZE": str(world), "RANK": str(rng.choice([0, 1, world])),
+           "LOCAL_RANK": str(rng.choice([0, 1])),
+           "LOCAL_WORLD_SIZE": str(rng.choice([1, world, world + 1]))}
+    if rng.random() < 0.5:
+        env[rng.choice(["MASTER_ADDR", "MASTER_PORT"])] = rng.choice(["127.0.0.1", "39517"])
+    if world == 1 and rng.random() < 0.5:
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(rng.choice([39517, 0, 70000])))
+    return env
+
+
+@functools.lru_cache(maxsize=None)
 def declared_flags():
     """(owner, field) of every flag of spannorm-train."""
     from spannorm_megatron.config.options import options
@@ -91,7 +133,14 @@ def _flag(field) -> str:
 
 
 class Fixtures:
-    """Files and folders of every shape a path flag may be given."""
+    """Files and folders of every shape a path flag may be given: generic ones (missing, empty,
+    binary, text, a folder, a path below a file, an unwritable folder) for every path flag, and
+    for each path kind things that look like what it reads but are broken (`KIND_FIXTURES`):
+    a data prefix with a truncated .idx or .bin, or a .bin and .idx of two different datasets
+    (stale); checkpoints whose tracker holds garbage or names an iteration that is not there, or
+    whose iteration folder is empty (half written); a SentencePiece model cut short. Good ones
+    too, so that examples get past the path checks: a dataset, and a real checkpoint of BASE
+    (written here by one run; a run that loads it trains on from iteration 1)."""
 
     def __init__(self, root: str):
         self.root = root
@@ -109,14 +158,105 @@ class Fixtures:
         self.paths["missing"] = os.path.join(root, "no", "such", "thing")
         locked = os.path.join(root, "unwritable")
         os.makedirs(locked, exist_ok=True)
-        os.chmod(locked, 0o500)
+        os.chmod(locked, 0o500)  # root writes there anyway: "below_a_file" is unwritable to all
         self.paths["unwritable"] = os.path.join(locked, "inside")
+        self.paths["below_a_file"] = os.path.join(self.paths["text"], "inside")
+        self.kinds = {"data_prefix": self._data_prefixes(), "tokenizer_model": self._models()}
+        self.kinds["checkpoint"] = self.kinds["resume_checkpoint"] = self._checkpoints()
+
+    def named(self) -> dict:
+        """Every fixture by name (a kind's under `kind:name`), as `expand` reads them."""
+        return {**self.paths, **{f"{kind}:{name}": path for kind, paths in self.kinds.items()
+                                 for name, path in paths.items()}}
 
     def any(self, rng: random.Random) -> str:
         return rng.choice(sorted(self.paths.values()))
 
+    def of_kind(self, kind: Optional[str], rng: random.Random) -> str:
+        """A path for a flag of path `kind`: one of its own fixtures or a generic one."""
+        own = self.kinds.get(kind or "")
+        if own and rng.random() < 0.6:
+            return own[rng.choice(sorted(own))]
+        return self.any(rng)
+
     def fresh_output(self, rng: random.Random) -> str:
         return os.path.join(self.root, f"out-{rng.randrange(10**9)}")
+
+    # ---------------------------------------------------------------- a kind's own fixtures
+    def _data_prefixes(self) -> dict:
+        import numpy as np
+        import torch
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        def build(name, documents, high):
+            prefix = os.path.join(self.root, name)
+            builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+            generator = np.random.default_rng(len(name))
+            for _ in range(documents):
+                length = int(generator.integers(20, 90))
+                builder.add_document(torch.from_numpy(
+                    generator.integers(1, high, size=length).astype(np.int64)), [length])
+            builder.finalize(prefix + ".idx")
+            return prefix
+
+        good, other = build("data_good", 200, 120), build("data_other", 40, 120)
+        wide = build("data_wide_ids", 50, 60000)  # ids beyond BASE's vocabulary of 128
+        prefixes = {"good": good, "other": other, "wide_ids": wide}
+        for name, cut in (("idx_truncated", ".idx"), ("bin_truncated", ".bin")):
+            prefix = os.path.join(self.root, "data_" + name)
+            for suffix in (".bin", ".idx"):
+                with open(good + suffix, "rb") as f:
+                    content = f.read()
+                with open(prefix + suffix, "wb") as f:
+                    f.write(content[:len(content) // 2] if suffix == cut else content)
+            prefixes[name] = prefix
+        stale = os.path.join(self.root, "data_stale")  # another dataset's .bin beside the .idx
+        for suffix, source in ((".idx", good), (".bin", other)):
+            with open(source + suffix, "rb") as f, open(stale + suffix, "wb") as out:
+                out.write(f.read())
+        prefixes["stale"] = stale
+        return prefixes
+
+    def _models(self) -> dict:
+        cut = os.path.join(self.root, "cut_short.model")
+        with open(cut, "wb") as f:
+            f.write(b"\n\x0f\n\x05<unk>\x15\x00\x00")  # a SentencePiece proto cut short
+        return {"cut_short": cut}
+
+    def _checkpoints(self) -> dict:
+        from spannorm_megatron.config.paths import TRACKER_FILENAME
+
+        def folder(name, tracker=None, iterations=()):
+            path = os.path.join(self.root, "checkpoint_" + name)
+            os.makedirs(path, exist_ok=True)
+            for iteration in iterations:
+                os.makedirs(os.path.join(path, f"iter_{iteration:07d}"), exist_ok=True)
+            if tracker is not None:
+                with open(os.path.join(path, TRACKER_FILENAME), "w") as f:
+                    f.write(tracker)
+            return path
+
+        self.real_checkpoint = os.path.join(self.root, "checkpoint_real")  # see `prepare`
+        return {"real": self.real_checkpoint, "tracker_garbage": folder("tracker_garbage", "twelve"),
+                "tracker_stale": folder("tracker_stale", "7", iterations=[1]),
+                "half_written": folder("half_written", "1", iterations=[1]),
+                "no_tracker_empty_iteration": folder("no_tracker", None, iterations=[3])}
+
+
+    def prepare(self, argv: List[str]) -> None:
+        """Write the real checkpoint if `argv` names it and it is not there yet (one run of
+        BASE, a second or two: only runs that need it pay for it)."""
+        if self.real_checkpoint in argv and not os.path.isdir(
+                os.path.join(self.real_checkpoint, "iter_0000001")):
+            outcome = run_example(Example(0, [*BASE, "--save", self.real_checkpoint], {}))
+            assert outcome.status == 0 and not outcome.defect, outcome.output[-3000:]
+
+
+def expand(words: List[str], fixtures: Fixtures) -> List[str]:
+    """`words` with each `{name}` replaced by that fixture's path (see `Fixtures.named`)."""
+    named = fixtures.named()
+    return [named[word[1:-1]] if word.startswith("{") and word.endswith("}") else word
+            for word in words]
 
 
 def _numbers(kind, meta, rng: random.Random):
@@ -141,7 +281,7 @@ def value_for(owner, field, rng: random.Random, fixtures: Fixtures) -> List[str]
         return [str(rng.choice(SIZES[field.name]))]
     writes = (meta.get("path") or "").startswith("output")  # config/paths.py's kinds
     if meta.get("path") and not writes or (kind is str and "path" in field.name):
-        return [fixtures.any(rng)]
+        return [fixtures.of_kind(meta.get("path"), rng)]
     if writes:
         return [rng.choice([fixtures.fresh_output(rng), fixtures.any(rng)])]
     choices = _choices(meta)
@@ -184,7 +324,7 @@ def _single(rng, fixtures, flags) -> List[str]:
     return [flag, *value_for(owner, field, rng, fixtures)]
 
 
-def _parallel(rng) -> List[str]:
+def _parallel(rng, fixtures) -> List[str]:
     tp, pp, ep = rng.choice([1, 2]), rng.choice([1, 2, 4]), rng.choice([1, 2])
     argv = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
             "--expert-model-parallel-size", str(ep),
@@ -206,7 +346,7 @@ def _parallel(rng) -> List[str]:
     return argv
 
 
-def _moe(rng) -> List[str]:
+def _moe(rng, fixtures) -> List[str]:
     argv = ["--num-experts", str(rng.choice([2, 4, 3])), "--moe-router-topk",
             str(rng.choice([1, 2, 3])),
             "--moe-router-load-balancing-type",
@@ -229,14 +369,14 @@ def _moe(rng) -> List[str]:
     return argv
 
 
-def _sequence(rng) -> List[str]:
+def _sequence(rng, fixtures) -> List[str]:
     seq = rng.choice([8, 16, 32, 48])
     return ["--seq-length", str(seq), "--max-position-embeddings",
             str(rng.choice([seq, seq - 1, seq * 2])),
             "--position-embedding-type", rng.choice(["rope", "learned_absolute", "none"])]
 
 
-def _schedule(rng) -> List[str]:
+def _schedule(rng, fixtures) -> List[str]:
     argv = ["--lr-decay-style", rng.choice(["constant", "linear", "cosine",
                                             "inverse-square-root", "WSD"]),
             "--lr-warmup-iters", str(rng.choice([0, 1, 5])),
@@ -251,7 +391,91 @@ def _schedule(rng) -> List[str]:
     return argv
 
 
-COMBINATIONS = (_parallel, _moe, _sequence, _schedule)
+def _data(rng, fixtures) -> List[str]:
+    """Files instead of mock data: blends x splits x evaluation, or one blend per split."""
+    prefixes = fixtures.kinds["data_prefix"]
+    good = prefixes["good"]
+
+    def blend():
+        chosen = [rng.choice([good, good, prefixes["other"], fixtures.of_kind("data_prefix", rng)])
+                  for _ in range(rng.choice([1, 1, 2]))]
+        if len(chosen) == 1 and rng.random() < 0.7:
+            return chosen
+        return [word for prefix in chosen
+                for word in (str(rng.choice([0.3, 1, 0, -1, "w"])), prefix)]
+
+    argv = ["--no-mock-data"]
+    if rng.random() < 0.7:
+        argv += ["--data-path", *blend()]
+        if rng.random() < 0.7:
+            argv += ["--split", rng.choice(["98,2,0", "100,0,0", "1,1,1", "0,0,100", "90,10",
+                                            "a,b", "0,0,0", "50,-1,51"])]
+    else:
+        for flag in ("--train-data-path", "--valid-data-path", "--test-data-path"):
+            if rng.random() < 0.7:
+                argv += [flag, *blend()]
+    if rng.random() < 0.5:
+        argv += ["--eval-iters", str(rng.choice([0, 1, 3])),
+                 "--eval-interval", str(rng.choice([1, 2, 1000]))]
+    if rng.random() < 0.3:
+        argv += ["--data-cache-path", rng.choice([fixtures.fresh_output(rng),
+                                                  fixtures.any(rng)])]
+    if rng.random() < 0.3:
+        argv += [rng.choice(["--reset-position-ids", "--eod-mask-loss", "--no-mmap-bin-files"])]
+    return argv
+
+
+def _resume(rng, fixtures) -> List[str]:
+    """A checkpoint to go on from (real, or broken as `Fixtures` makes them) x what a resume
+    may change: the steps, what is loaded, where it saves, the model's flags taken from it."""
+    checkpoints = fixtures.kinds["checkpoint"]
+    argv = ["--load", checkpoints[rng.choice(["real", "real", "real", *sorted(checkpoints)])],
+            "--train-iters", str(rng.choice([1, 2, 3]))]
+    for flag in ("--no-load-optim", "--no-load-rng", "--use-checkpoint-args",
+                 "--use-mp-args-from-checkpoint-args", "--load-fallback",
+                 "--no-use-tokenizer-model-from-checkpoint-args"):
+        if rng.random() < 0.25:
+            argv.append(flag)
+    if rng.random() < 0.5:
+        argv += ["--save", fixtures.fresh_output(rng),
+                 "--save-interval", str(rng.choice([1, 2, 5]))]
+    if rng.random() < 0.3:  # a change the checkpoint may contradict
+        argv += rng.choice([["--hidden-size", "64"], ["--num-layers", "3"], ["--seq-length", "16"],
+                            ["--global-batch-size", "4"], ["--lr", "1e-2"], ["--bf16"],
+                            ["--make-vocab-size-divisible-by", "64"]])
+    return argv
+
+
+BROKEN_YAML = ["", "- a list\n- not a mapping\n", "num-layers: [unclosed\n",
+               "num-layers: 2\nnum-layers: 3\n", "no-such-key: 1\n", "hidden-size: {a: 1}\n",
+               "\tnum-layers: 2\n", "config: other.yaml\n", "lr: .nan\n", "42\n",
+               "num_layers: 3\nnum-layers: 3\n"]
+
+
+def _config(rng, fixtures) -> List[str]:
+    """A --config YAML file: fuzzed flags as its keys (values typed as YAML reads them, a
+    key given twice now and then), or a file that is broken as a config."""
+    path = os.path.join(fixtures.root, f"config-{rng.randrange(10**9)}.yaml")
+    if rng.random() < 0.3:
+        text = rng.choice(BROKEN_YAML)
+    else:
+        entries = []
+        for _ in range(rng.choice([1, 2, 3])):
+            words = _single(rng, fixtures, list(declared_flags()))
+            value = True if len(words) == 1 else words[1] if len(words) == 2 else words[1:]
+            if isinstance(value, str) and rng.random() < 0.5:
+                with contextlib.suppress(ValueError):
+                    value = json.loads(value)  # 3 as a number, not the text "3"
+            entries.append(f"{words[0][2:]}: {json.dumps(value)}")  # JSON is YAML
+        if rng.random() < 0.15:
+            entries.append(entries[0])
+        text = "\n".join(entries) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    return ["--config", path]
+
+
+COMBINATIONS = (_parallel, _moe, _sequence, _schedule, _data, _resume, _config)
 
 
 @dataclasses.dataclass
@@ -268,13 +492,17 @@ def generate(seed: int, fixtures: Fixtures, flags=None) -> Example:
     argv = list(BASE)
     for _ in range(rng.choice([1, 1, 2, 3])):
         if rng.random() < 0.35:
-            argv += rng.choice(COMBINATIONS)(rng)
+            argv += rng.choice(COMBINATIONS)(rng, fixtures)
         else:
             argv += _single(rng, fixtures, flags)
     env = {}
-    if rng.random() < 0.1:
-        name = rng.choice(sorted(ENVIRONMENT))
-        env[name] = rng.choice(ENVIRONMENT[name])
+    roll = rng.random()
+    if roll < 0.08:
+        values = environment_values(fixtures)
+        name = rng.choice(sorted(values))
+        env[name] = rng.choice(values[name])
+    elif roll < 0.12:
+        env = _launch_environment(rng)
     return Example(seed, argv, env)
 
 
@@ -304,23 +532,56 @@ def _environment(values: dict):
                 os.environ[name] = value
 
 
+# Read afresh by every run (runtime/launch.py), so an example that sets only these runs in this
+# process, seconds faster than in a fresh one.
+READ_PER_RUN = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
+
+
 def run_example(example: Example) -> Outcome:
     """Run the example and classify how it ended: in this process, or in a fresh one when it
-    sets environment variables (some are read once per process, e.g. strict device mode's)."""
-    if example.env:
+    sets other environment variables (some are read once per process, e.g. strict device
+    mode's)."""
+    if not set(example.env) <= READ_PER_RUN:
         return _run_in_subprocess(example)
     from spannorm_megatron.train import main
 
     captured = io.StringIO()
     try:
         with _environment(example.env), contextlib.redirect_stdout(captured), \
-                contextlib.redirect_stderr(captured):
+                contextlib.redirect_stderr(captured), _deadline(HANG_SECONDS):
             status = main(example.argv)
+    except _Hang:
+        return Outcome(None, captured.getvalue(), f"a hang (no end within {HANG_SECONDS} s)")
     except BaseException:  # noqa: BLE001 - what escapes main is the defect
         return Outcome(None, captured.getvalue(), traceback.format_exc())
     finally:
         _tear_down()
     return Outcome(status, captured.getvalue(), check_example(status, captured.getvalue()))
+
+
+HANG_SECONDS = 300
+"""An example of BASE's size that has not ended by then never will (one step takes a second)."""
+
+
+class _Hang(BaseException):
+    """Raised into an in-process example at its deadline (not an Exception: what the entry
+    point catches must not swallow it)."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    import signal
+
+    def expire(signum, frame):
+        raise _Hang()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _run_in_subprocess(example: Example) -> Outcome:
@@ -329,10 +590,10 @@ def _run_in_subprocess(example: Example) -> Outcome:
     try:
         done = subprocess.run(
             [sys.executable, "-m", "spannorm_megatron.train", *example.argv],
-            capture_output=True, text=True, timeout=300, cwd=os.path.dirname(HERE),
+            capture_output=True, text=True, timeout=HANG_SECONDS, cwd=os.path.dirname(HERE),
             env={**os.environ, "PYTHONPATH": os.path.dirname(HERE), **example.env})
     except subprocess.TimeoutExpired as expired:
-        return Outcome(None, str(expired.output or ""), "a hang (no end within 300 s)")
+        return Outcome(None, str(expired.output or ""), f"a hang (no end within {HANG_SECONDS} s)")
     output = done.stdout + done.stderr
     return Outcome(done.returncode, output, check_example(done.returncode, output))
 
@@ -363,14 +624,17 @@ def _tear_down() -> None:
         torch.distributed.destroy_process_group()
 
 
-def fuzz(seeds, fixtures: Fixtures, deadline: Optional[float] = None, log=print):
-    """Run the examples of `seeds` (until `deadline`); the defective ones."""
+def fuzz(seeds, fixtures: Fixtures, deadline: Optional[float] = None, log=print,
+         progress_every: int = 0):
+    """Run the examples of `seeds` (until `deadline`); the defective ones. Every
+    `progress_every` examples (0: never) a line says how far it got."""
     flags = declared_flags()
     defects, counts = [], {"accepted": 0, "refused": 0, "failed cleanly": 0}
     for seed in seeds:
         if deadline is not None and time.monotonic() > deadline:
             break
         example = generate(seed, fixtures, flags)
+        fixtures.prepare(example.argv)
         outcome = run_example(example)
         if outcome.defect:
             defects.append((example, outcome))
@@ -378,6 +642,9 @@ def fuzz(seeds, fixtures: Fixtures, deadline: Optional[float] = None, log=print)
                 f"{example.env or ''}")
         else:
             counts[{0: "accepted", 2: "refused"}.get(outcome.status, "failed cleanly")] += 1
+        done = sum(counts.values()) + len(defects)
+        if progress_every and done % progress_every == 0:
+            log(f"progress: {done} examples to seed {seed}, {counts}, {len(defects)} defect(s)")
     log(f"fuzz: {counts}, {len(defects)} defect(s)")
     return defects, counts
 
@@ -389,13 +656,16 @@ def main(argv=None) -> int:
     parser.add_argument("--examples", type=int, default=None, help="how many (default: until "
                         "--minutes are up)")
     parser.add_argument("--minutes", type=float, default=60.0, help="time budget")
+    parser.add_argument("--progress-every", type=int, default=50, help="a progress line every "
+                        "this many examples (0: none)")
     parser.add_argument("--work-dir", default="/tmp/spannorm_fuzz", help="fixtures and outputs")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     fixtures = Fixtures(args.work_dir)
     seeds = (range(args.seed, args.seed + args.examples) if args.examples
              else itertools.count(args.seed))
-    defects, _ = fuzz(seeds, fixtures, time.monotonic() + 60 * args.minutes)
+    defects, _ = fuzz(seeds, fixtures, time.monotonic() + 60 * args.minutes,
+                      progress_every=args.progress_every)
     for example, outcome in defects:
         print(f"\n=== seed {example.seed}: {outcome.defect}\n{' '.join(example.argv)}\n"
               f"{example.env}\n{outcome.output[-3000:]}")

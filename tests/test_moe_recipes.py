@@ -17,6 +17,7 @@ from spannorm_megatron.config.model_values import parse_moe_layer_freq
 from spannorm_megatron.config.parallel import ParallelConfig
 from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.model import build_gpt_model, transformer_config
+from spannorm_megatron.model.memory_floor import model_parts
 from spannorm_megatron.model.norms import RMSNorm
 from spannorm_megatron.placements import PLACEMENTS
 from spannorm_megatron.training.arguments import parse_args
@@ -189,6 +190,11 @@ def test_mixed_dense_and_moe_layers_with_qk_norm_build_and_train_in_every_placem
     model = build_gpt_model(config, transformer_config(config))
     layers = model.decoder.layers
     assert [isinstance(layer.mlp, MoELayer) for layer in layers] == [False, True, True, True]
+    # The memory check's parameter count is a floor of the real one, and a close one (it leaves
+    # out the norms, and the router, whose share is large only in a model this small).
+    counted = sum(part.parameters for part in model_parts(config, ParallelConfig()))
+    held = sum(parameter.numel() for parameter in model.parameters())
+    assert 0.9 * held <= counted <= held, (counted, held)
     for layer in layers:
         attention = layer.self_attention
         assert isinstance(attention.q_layernorm, RMSNorm)

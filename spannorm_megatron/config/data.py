@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -44,9 +46,12 @@ def parse_blend(spec: PathSpec, flag: str = "--data-path") -> Optional[Blend]:
                 "either prefixes only ('p1 p2') or weight/prefix pairs ('0.7 p1 0.3 p2')."
             )
         values = [float(w) for w in weights]
-        if any(v < 0 for v in values) or sum(values) <= 0:
+        # megatron-core's BlendedDataset asserts every weight > 0 (a zero-weight prefix is no
+        # part of a blend), and a weight that is not finite makes the normalized ones NaN.
+        if not all(math.isfinite(v) and v > 0 for v in values):
             raise DataError(
-                f"{flag} weights {', '.join(weights)} must be non-negative with a positive sum."
+                f"{flag} weights {', '.join(weights)} must each be a positive, finite number "
+                f"(drop a prefix rather than weighting it 0)."
             )
         return list(prefixes), values
     numbers = [t for t in tokens if is_number(t)]
@@ -76,6 +81,19 @@ def parse_split(split: str) -> List[float]:
 
 
 LEGACY_SPLIT = "969,30,1"  # Megatron-LM's value when --data-path comes without --split
+
+
+WORKERS_PER_CPU = 4
+MIN_WORKER_LIMIT = 8
+"""More DataLoader workers per node than this (and than WORKERS_PER_CPU per CPU) are refused."""
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as taskset and cgroups' cpusets set it)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @dataclass
@@ -115,7 +133,8 @@ class DataConfig:
     num_dataset_builder_threads: int = option(
         1, "Threads building the datasets of a blend.", at_least=1)
     num_workers: int = option(2, "DataLoader worker processes per rank (0: load in the "
-                              "training process).", at_least=0)
+                              "training process; all ranks of a node together at most 4 per "
+                              "usable CPU, or 8).", at_least=0)
     create_attention_mask_in_dataloader: bool = option(
         True, "Every sample carries its causal attention mask ([1, s, s]), which the attention "
         "applies; --no-create-attention-mask-in-dataloader leaves it out and the attention "
@@ -137,6 +156,21 @@ class DataConfig:
         for flag, spec in self._per_split_specs():
             parse_blend(spec, flag)
 
+    def check_machine(self, ranks_here: int) -> None:
+        """Refuse more DataLoader workers than this machine can run: each is a fork of its
+        rank, and `--num-workers` per rank times the ranks on this node beyond
+        WORKERS_PER_CPU per usable CPU only queue for those CPUs, while every fork holds
+        memory (a count like 10^9 forks the machine out of memory before the first batch)."""
+        cpus = usable_cpus()
+        limit = max(MIN_WORKER_LIMIT, WORKERS_PER_CPU * cpus)
+        if self.num_workers * ranks_here > limit:
+            per_rank = max(0, limit // max(1, ranks_here))
+            raise DataError(
+                f"--num-workers {self.num_workers} x {ranks_here} rank(s) on this machine would "
+                f"start {self.num_workers * ranks_here:,} DataLoader processes on {cpus} usable "
+                f"CPU(s); at most {limit} can help ({WORKERS_PER_CPU} per CPU). Use --num-workers "
+                f"{min(per_rank, 2)} (Megatron-LM's default is 2), or up to {per_rank}.")
+
     def _per_split_specs(self):
         return [
             ("--train-data-path", self.train_data_path),
@@ -147,6 +181,23 @@ class DataConfig:
     @property
     def resolved_split(self) -> str:
         return LEGACY_SPLIT if self.split is None else self.split
+
+    @property
+    def has_training_data(self) -> bool:
+        """Whether the training split gets data: mock data, a --data-path blend whose --split
+        gives training a share, or a --train-data-path."""
+        if self.mock_data:
+            return True
+        if self.blend is not None:
+            return parse_split(self.resolved_split)[0] > 0
+        return bool(_tokens(self.train_data_path))
+
+    def training_data_problem(self) -> str:
+        """What leaves training without data (for a message), when `has_training_data` is
+        false."""
+        if self.blend is not None:
+            return f"--split {self.resolved_split} gives training no share of --data-path"
+        return "--valid-data-path/--test-data-path are given without --train-data-path"
 
     @property
     def blend(self) -> Optional[Blend]:

@@ -48,7 +48,9 @@ def check_moe(config) -> None:
                               f"to MoE models, and this model is dense: set --num-experts "
                               f"or drop {'it' if len(given) == 1 else 'them'}.")
         return
-    if 1 not in config.moe_layer_pattern:
+    # A frequency makes layer 0 MoE; only a list can leave every layer dense (and listing the
+    # layers of a frequency would hold one entry for each of --num-layers, however many).
+    if not isinstance(config.moe_layer_freq, int) and 1 not in config.moe_layer_freq:
         raise ConfigError(
             f"--moe-layer-freq {freq} makes no layer MoE although --num-experts is set: "
             f"mark at least one layer 1, or drop --num-experts for a dense model.")
@@ -108,6 +110,19 @@ def check_moe(config) -> None:
         raise ConfigError(
             "--moe-pad-expert-input-to-capacity needs a capacity to pad to: add "
             "--moe-expert-capacity-factor X.")
+    topk, factor = config.moe_router_topk, config.moe_expert_capacity_factor
+    if config.moe_pad_expert_input_to_capacity and factor is not None and \
+            config.moe_token_dispatcher_type == "alltoall" and topk * factor > config.num_experts:
+        # capacity = ceil(tokens x topk / experts x factor) > tokens exactly when
+        # topk x factor > experts; megatron-core's alltoall permute then keeps at most `tokens`
+        # entries per expert and cannot reshape them to [experts, capacity].
+        raise ConfigError(
+            f"--moe-pad-expert-input-to-capacity pads each expert to its capacity, and "
+            f"--moe-router-topk {topk} x --moe-expert-capacity-factor {factor:g} > --num-experts "
+            f"{config.num_experts} makes that capacity larger than the tokens of a micro-batch, "
+            f"which megatron-core's alltoall dispatcher cannot pad to (a shape error in the first "
+            f"step): use a capacity factor of at most {config.num_experts / topk:g}, or "
+            f"--moe-token-dispatcher-type allgather.")
     if config.moe_shared_expert_gate and config.moe_shared_expert_intermediate_size is None:
         raise ConfigError(
             "--moe-shared-expert-gate gates a shared expert, and there is none: add "

@@ -50,6 +50,31 @@ def num_samples_for(
     )
 
 
+SAMPLE_INDEX_BYTES = 12
+"""The least memory megatron-core's GPTDataset takes per sample asked for: its sample index (two
+int32 per sample) and its shuffle index (at least one int32 per sample)."""
+
+
+def check_sample_index_memory(num_samples: Sequence[int], train_samples_flag: str,
+                              eval_flags: str) -> None:
+    """Refuse sample counts whose indexes alone would not fit in this machine's memory:
+    megatron-core builds them in full before the first step (a count like 10^9 evaluation
+    iterations ends in std::bad_alloc, or the OOM killer). `train_samples_flag` and
+    `eval_flags` name what set the training and the evaluation counts."""
+    from spannorm_megatron.machine import host_memory_bytes
+
+    available = host_memory_bytes()
+    needed = sum(num_samples) * SAMPLE_INDEX_BYTES
+    if not available or needed <= available:
+        return
+    train, valid, test = num_samples
+    raise DataError(
+        f"the run asks the datasets for {sum(num_samples):,} samples ({train:,} for training "
+        f"from {train_samples_flag}, {valid + test:,} for evaluation from {eval_flags}); their "
+        f"indexes alone take at least {needed / 1024 ** 3:,.1f} GiB, and this machine has "
+        f"{available / 1024 ** 3:,.1f} GiB. Ask for fewer.")
+
+
 def _check_split_has_tokens(prefix: str, split: str) -> None:
     """Refuse splits that would get no tokens (megatron-core would never finish building).
 

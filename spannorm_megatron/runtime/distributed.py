@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from spannorm_megatron.config.parallel import ParallelConfig
-from spannorm_megatron.errors import ParallelLayoutError
+from spannorm_megatron.errors import ConfigError, ParallelLayoutError
 from spannorm_megatron.orphans import die_with_launcher, die_with_parent
 
 from .device import backend as device_backend
@@ -151,6 +151,14 @@ def _rendezvous(rank: int, world_size: int, timeout: datetime.timedelta) -> dict
     process that tears its groups down and initializes again (one rank program running several
     jobs in turn). Each attempt, and each initialization within it, therefore works under its
     own prefix of that store: every rank initializes as often as the others, so they agree."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if world_size > 1 and missing:
+        # Refused here, where the ranks would meet: the checks before it run (and are tested)
+        # under a WORLD_SIZE set by hand, without a launcher.
+        raise ConfigError(f"WORLD_SIZE={world_size} in the environment, but "
+                          f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          f"unset: the ranks have no address to meet at. Unset WORLD_SIZE to run "
+                          f"a single process, or launch with torchrun.")
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if restart is None or world_size == 1:
         return {"init_method": _init_method(world_size)}
@@ -165,12 +173,8 @@ _INITIALIZATIONS = itertools.count()
 
 
 def _init_method(world_size: int) -> str:
-    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-        return "env://"
-    if world_size != 1:
-        raise RuntimeError(
-            "WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are unset: launch with torchrun."
-        )
+    if world_size != 1 or ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        return "env://"  # what torchrun set (`_rendezvous` refused a world without it)
     # A lone process (tests, notebooks) needs a rendezvous address nobody else uses.
     return f"tcp://127.0.0.1:{_free_port()}"
 

@@ -48,6 +48,7 @@ from spannorm_megatron.config.job import JobConfig
 from spannorm_megatron.data.dataset import (
     build_gpt_datasets,
     check_data_prefixes,
+    check_sample_index_memory,
     describe_epochs,
     num_samples_for,
 )
@@ -55,9 +56,10 @@ from spannorm_megatron.data.loader import build_data_iterators
 from spannorm_megatron.data.tokenizer import build_tokenizer, check_data_fits_vocab
 from spannorm_megatron.data.provenance import check_data_tokenizer
 from spannorm_megatron.data.tokenizer_args import tokenizer_differences, tokenizer_sha256
-from spannorm_megatron.errors import ConfigError
+from spannorm_megatron.errors import ConfigError, DataError
 from spannorm_megatron.metrics.wandb import WandbLogger, check_wandb
 from spannorm_megatron.model.fusions import describe as describe_fusions
+from spannorm_megatron.model.memory_floor import check_model_fits_memory
 from spannorm_megatron.model.moe_kernels import check_moe_kernels
 from spannorm_megatron.model.partition import check_model_fits_layout
 from spannorm_megatron.process import initialize
@@ -230,8 +232,14 @@ class Trainer:
         self.job = job = job.with_vocab_size(self.tokenizer.vocab_size)
         check_model_matches(job)
         check_model_fits_layout(job.model, job.parallel)
+        launch = launch_environment()
+        check_model_fits_memory(job.model, job.parallel,
+                                half_precision=job.performance.bf16 or job.performance.fp16,
+                                world_size=launch.world_size,
+                                local_world_size=launch.local_world_size)
         job.performance.check_layout(job.parallel)
         job.performance.check_machine(job.model, job.parallel)
+        job.data.check_machine(launch.local_world_size)
         job.performance.check_environment()
         cp = job.parallel.context_parallel_size
         seq_length = job.data.seq_length
@@ -259,6 +267,13 @@ class Trainer:
                                                         self.batches.global_batch_size))
         self.num_samples = (self.num_samples[0] + self.extra_train_samples,
                             *self.num_samples[1:])
+        check_sample_index_memory(
+            self.num_samples,
+            f"--train-samples {training.train_samples}" if training.train_samples is not None
+            else f"--train-iters {self.train_iters} x --global-batch-size "
+                 f"{self.batches.global_batch_size}",
+            f"--eval-iters {job.logging.eval_iters}, --eval-interval "
+            f"{job.logging.eval_interval}")
         # The data's files, checked once, here (build_gpt_datasets in `setup` relies on it).
         prefixes = check_data_prefixes(job.data, self.num_samples, job.data.data_cache_path)
         for prefix in prefixes:  # made with this tokenizer, where the data says which
@@ -267,6 +282,13 @@ class Trainer:
         check_data_fits_vocab(prefixes, self.tokenizer.vocab_size, self.tokenizer)
         _check_load_directory(job.checkpoint)
         _check_fresh_save_directory(job.checkpoint)
+        latest = _latest_iteration(job.checkpoint.load)
+        if not job.data.has_training_data and self.train_iters > latest:
+            raise DataError(
+                f"{job.data.training_data_problem()}, but --train-iters {self.train_iters} asks "
+                f"for {self.train_iters - latest} training step(s): give training a share (e.g. "
+                f"--split 98,2,0) or a --train-data-path (tools/evaluate.py evaluates a "
+                f"checkpoint without training).")
         if (job.logging.eval_iters and job.data.blend is not None
                 and parse_split(job.data.resolved_split)[1] == 0):
             job.notices.append(
