@@ -250,3 +250,27 @@ def test_paths_are_checked_for_what_they_must_be_before_anything_runs(tmp_path, 
     parse_args([*REQUIRED, "--save", str(tmp_path / "new" / "ckpt")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert a_file.read_text() == "kept"
+
+
+def test_every_seed_takes_32_bits_and_every_integer_flag_64_in_every_entry_point():
+    """numpy and SentencePiece take 32-bit seeds and torch 64-bit integers: a larger value is
+    the flag's refusal, not a library's traceback, whichever command takes it."""
+    import argparse
+
+    from test_paths import _parser, entry_points
+
+    seeds = integers = 0
+    for module in entry_points():
+        for action in _parser(module)._actions:
+            if getattr(action.type, "__name__", "") != "int" \
+                    or not hasattr(action.type, "path_kind"):  # not a declared option()
+                continue
+            integers += 1
+            with pytest.raises(argparse.ArgumentTypeError, match="64 bits|must be <|is not one of"):
+                action.type(str(2 ** 63))
+            if action.dest == "seed":
+                seeds += 1
+                assert action.type(str(2 ** 32 - 1)) == 2 ** 32 - 1
+                with pytest.raises(argparse.ArgumentTypeError, match="must be < 4294967296"):
+                    action.type(str(2 ** 32))
+    assert seeds >= 4 and integers >= 100

@@ -29,7 +29,7 @@ from typing import List, Optional
 
 from spannorm_megatron.data.tokenizer_args import TokenizerOverrides, add_tokenizer_override_flags
 from spannorm_megatron.hf.cli import DEVICES, DTYPE_NAMES, hide_gpu_for_cpu_runs, run_cli
-from spannorm_megatron.config.options import add_arguments, option, parse_sections
+from spannorm_megatron.config.options import SEED, add_arguments, option, parse_sections
 
 
 @dataclass
@@ -53,7 +53,7 @@ class GenerateOptions:
     top_p: float = option(1.0, "Sample within this probability mass (0, 1]; 1.0: off.",
                           above=0.0)
     greedy: bool = option(False, "Argmax decoding.")
-    seed: int = option(1234, "Sampling seed.")
+    seed: int = option(1234, "Sampling seed.", **SEED)
     model_config: Optional[str] = option(
         None, "ModelConfig JSON for a megatron checkpoint without a run record.", metavar="JSON",
         path="input_file")

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 from spannorm_megatron.errors import ConfigError, UserError
-from spannorm_megatron.config.options import add_arguments, from_namespace, option, parse_options
+from spannorm_megatron.config.options import (SEED, add_arguments, from_namespace, option,
+                                               parse_options)
 from spannorm_megatron.placements import PLACEMENTS, SCALE_INIT_NAMES, SCALE_INIT_RULES
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class TrainingOptions:
 
 @dataclass
 class OutputOptions:
-    seed: int = option(1234, "Seeds the batch and every model's initialization.")
+    seed: int = option(1234, "Seeds the batch and every model's initialization.", **SEED)
     threads: Optional[int] = option(None, "torch intra-op threads.")
     out: str = option("runs/signal_propagation", "Output directory.", path="output_folder")
     no_plots: bool = option(False, "Skip the PNG files.")
