@@ -15,14 +15,15 @@ import sys
 import time
 from typing import Callable, List, Optional
 
-from spannorm_megatron.errors import RunFailure, UserError
+from spannorm_megatron.errors import STORAGE_ERRNOS, RunFailure, UserError
 
 
 def report_failure(message: str) -> None:
     """Print `message` once (rank 0 of a torchrun job; every rank would repeat it) and hand it
     to torchrun's failure summary."""
-    if os.environ.get("RANK", "0").strip() in ("", "0"):  # garbage there is refused later
-        print(message, file=sys.stderr, flush=True)
+    rank, world = (os.environ.get(name, "").strip() for name in ("RANK", "WORLD_SIZE"))
+    if rank in ("", "0") or world in ("", "1"):  # garbage there is refused later; a stray
+        print(message, file=sys.stderr, flush=True)  # RANK without a job still hears why
     _write_elastic_error_file(message)
 
 
@@ -54,7 +55,9 @@ def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv=None, *,
     """Run `main(argv)`. A UserError (bad flag, config, data, checkpoint, HF folder) prints
     `error: <message>` and returns 2: the message names the problem and the fix, a traceback
     would only bury it. A RunFailure (the input was fine, the run was not) prints the same way
-    and returns 1. Anything else is a bug and keeps its traceback."""
+    and returns 1, as does a write the storage refused (`STORAGE_ERRNOS`: no space, a quota or
+    file size limit, a read-only or protected place), in whichever command. Anything else is a
+    bug and keeps its traceback."""
     try:
         return int(main(argv) or 0)
     except UserError as err:
@@ -68,6 +71,15 @@ def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv=None, *,
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr, flush=True)
         return 130
+    except OSError as err:
+        if err.errno not in STORAGE_ERRNOS:
+            if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+                _record_crash()
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        report_failure(f"error: the storage refused a write{where}: {err.strerror}. Free space, "
+                       f"lift the limit or the protection, or write elsewhere, and run again.")
+        return 1
     except Exception:
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):
             _record_crash()

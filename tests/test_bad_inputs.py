@@ -346,3 +346,35 @@ def test_under_torchrun_rank_0_reports_once_and_torchrun_names_it_as_the_root_ca
     # The rank that refused first exits 2; torchrun may stop the other before it does.
     assert "exitcode  : 2 " in result.stderr
     assert {p: d for p, d in _snapshot(files).items() if p in before} == before
+
+
+def test_a_write_the_storage_refuses_ends_any_command_with_status_1_and_one_message(
+        files, capsys):
+    """Not bad input and not a bug: a file size limit (as a full disk or a quota) refuses
+    preprocess_data's output in mid-write. The command ends with one message and status 1, as
+    a refused checkpoint save does, and leaves no half-written output."""
+    import resource
+
+    argv = ["--input", str(files / "data.jsonl"), "--output-prefix", str(files / "limited"),
+            "--tokenizer-model", str(files / "tok.model"), "--workers", "1"]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        status = run_cli(tool("preprocess_data"), argv)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    err = capsys.readouterr().err
+    assert status == 1, err[-2000:]
+    assert err.count("error: ") == 1 and "File too large" in err and "Traceback" not in err
+    assert not [p for p in os.listdir(files) if p.startswith("limited")]
+
+
+def test_a_stray_rank_variable_without_a_job_does_not_silence_the_message(files, capsys,
+                                                                         monkeypatch):
+    """RANK=1 left in a shell, without torchrun: the refusal is still printed (rank 0 prints for
+    a multi-rank job only because every rank would repeat it)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    status = run_cli(train_main, T(files, "--norm-placement", "sandwich"))
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("error: ") == 1, err[-2000:]
