@@ -274,3 +274,19 @@ def test_every_seed_takes_32_bits_and_every_integer_flag_64_in_every_entry_point
                 with pytest.raises(argparse.ArgumentTypeError, match="must be < 4294967296"):
                     action.type(str(2 ** 32))
     assert seeds >= 4 and integers >= 100
+
+
+@pytest.mark.parametrize("module", ["spannorm_megatron.benchmarks.training",
+                                    "spannorm_megatron.benchmarks.moe"])
+def test_benchmark_counts_are_refused_at_parse_time_below_their_range(module):
+    """`--iters 0` ended in statistics' traceback after the models were built."""
+    import argparse
+
+    from test_paths import _parser
+
+    actions = {a.option_strings[0]: a for a in _parser(module)._actions if a.option_strings}
+    for flag, bad in (("--iters", "0"), ("--rounds", "0"), ("--warmup", "-1"),
+                      ("--seq-length", "0"), ("--micro-batch-size", "0"),
+                      ("--expert-model-parallel-size", "0")):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be >="):
+            actions[flag].type(bad)

@@ -218,7 +218,13 @@ def run(argv: Optional[List[str]] = None) -> List[str]:
     if out.from_json:
         from spannorm_megatron.lab.results import load_json
 
-        return write_outputs(load_json(out.from_json), out.out, plots=not out.no_plots,
+        try:
+            run = load_json(out.from_json)
+        except (ValueError, KeyError, TypeError, EOFError, OSError) as error:  # incl. gzip's
+            raise UserError(f"--from-json {out.from_json} is not a signals.json this tool wrote "
+                            f"({type(error).__name__}: {error}): pass the signals.json (or "
+                            f".json.gz) of an earlier run's --out.") from None
+        return write_outputs(run, out.out, plots=not out.no_plots,
                              per_layer_json=not out.no_per_layer_json, export=out.export,
                              log=lambda line: print(line, flush=True))
     if out.threads:
