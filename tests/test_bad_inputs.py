@@ -41,6 +41,7 @@ def files(tmp_path_factory):
     (root / "bad.yaml").write_text("num-layers: [1, 2\n")
     (root / "unknown.yaml").write_text("num-layrs: 4\n")
     (root / "list.yaml").write_text("- 1\n- 2\n")
+    (root / "help.yaml").write_text("help: true\n")
     (root / "hf_unsupported").mkdir()
     (root / "hf_unsupported" / "config.json").write_text(json.dumps(
         {"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
@@ -261,6 +262,8 @@ CATALOGUE = [
      "not valid YAML"),
     ("config-unknown-key", "train", lambda f: T(f, "--config", str(f / "unknown.yaml")),
      "num-layrs"),
+    ("config-help-key", "train", lambda f: T(f, "--config", str(f / "help.yaml")),
+     "unknown key 'help'"),
     ("config-not-mapping", "train", lambda f: T(f, "--config", str(f / "list.yaml")),
      "must be a mapping"),
     ("load-missing", "train", lambda f: T(f, "--load", str(f / "no_checkpoints")),

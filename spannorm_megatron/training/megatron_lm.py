@@ -85,7 +85,8 @@ DEFAULT_REASON = ("it is not implemented in spannorm-train; the README's 'Coming
 @lru_cache(maxsize=None)
 def megatron_lm_flags() -> FrozenSet[str]:
     lines = NAMES_FILE.read_text().splitlines()
-    return frozenset(line for line in lines if line.startswith("--"))
+    # argparse's own --help is every parser's, ours too: only a --config key can get here
+    return frozenset(line for line in lines if line.startswith("--") and line != "--help")
 
 
 def reason(flag: str) -> Optional[str]:
