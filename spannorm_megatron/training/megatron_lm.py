@@ -85,16 +85,15 @@ DEFAULT_REASON = ("it is not implemented in spannorm-train; the README's 'Coming
 @lru_cache(maxsize=None)
 def megatron_lm_flags() -> FrozenSet[str]:
     lines = NAMES_FILE.read_text().splitlines()
-    # argparse's own --help is every parser's, ours too: only a --config key can get here
-    return frozenset(line for line in lines if line.startswith("--") and line != "--help")
+    return frozenset(line for line in lines if line.startswith("--"))
 
 
 def reason(flag: str) -> Optional[str]:
     """Why `flag` (as typed: `--x` or `--x=value`), a Megatron-LM flag this parser lacks, is
     refused; None when Megatron-LM has no such flag."""
     name = flag.split("=", 1)[0]
-    if name not in megatron_lm_flags():
-        return None
+    if name not in megatron_lm_flags() or name == "--help":  # argparse's, in every parser:
+        return None  # only a --config key gets here, and it is an unknown key
     return next((why for prefixes, why in FAMILIES if name.startswith(prefixes)),
                 DEFAULT_REASON)
 
