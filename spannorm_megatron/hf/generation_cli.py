@@ -96,7 +96,7 @@ def generate(argv: Optional[List[str]] = None) -> int:
     if not os.path.exists(options.load):
         raise ConversionError(f"--load {options.load} does not exist.")
 
-    from spannorm_megatron.data.tokenizer_args import recorded_tokenizer
+    from spannorm_megatron.data.tokenizer_args import check_recorded_tokenizer, recorded_tokenizer
 
     hf = gen.is_hf_folder(options.load)
     given = tokenizer_flags.given()
@@ -117,7 +117,9 @@ def generate(argv: Optional[List[str]] = None) -> int:
 
         ckpt = MegatronCheckpoint(options.load, options.model_config)  # checks before any set-up
         # the flags given, completed from the run record (a moved model file keeps its type)
-        config, why = recorded_tokenizer((ckpt.run_record or {}).get("args"), **given)
+        args = (ckpt.run_record or {}).get("args")
+        config, why = recorded_tokenizer(args, **given)
+        check_recorded_tokenizer(args, config, "sampling")
         tokenizer = gen.TextTokenizer.of(config) if config is not None else None
         initialize(seed=options.seed)
         _config, model = load_megatron_model(ckpt, dtype=dtype)
