@@ -386,3 +386,14 @@ def test_a_stray_rank_variable_without_a_job_does_not_silence_the_message(files,
     status = run_cli(train_main, T(files, "--norm-placement", "sandwich"))
     err = capsys.readouterr().err
     assert status == 2 and err.count("error: ") == 1, err[-2000:]
+
+
+def test_a_model_the_machine_cannot_hold_ends_with_one_message_and_status_1(files, capsys):
+    """An FFN of 2**45 columns: its first weight (2**52 bytes) is beyond any address space, so
+    the allocation is refused at once on any machine. The run ends with one out-of-memory
+    message, not megatron-core's chained tracebacks."""
+    status = run_cli(train_main, T(files, "--ffn-hidden-size", str(2 ** 45)))
+    err = capsys.readouterr().err
+    assert status == 1, err[-2000:]
+    assert err.count("error: out of memory") == 1 and "Traceback" not in err, err[-2000:]
+    assert "ColumnParallelLinear" in err  # the module megatron-core was building
