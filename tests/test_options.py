@@ -276,17 +276,28 @@ def test_every_seed_takes_32_bits_and_every_integer_flag_64_in_every_entry_point
     assert seeds >= 4 and integers >= 100
 
 
-@pytest.mark.parametrize("module", ["spannorm_megatron.benchmarks.training",
-                                    "spannorm_megatron.benchmarks.moe"])
-def test_benchmark_counts_are_refused_at_parse_time_below_their_range(module):
-    """`--iters 0` ended in statistics' traceback after the models were built."""
+COUNTS = {  # flag -> a value below its range, refused when the tools' flags are parsed
+    "spannorm_megatron.benchmarks.training": (
+        ("--iters", "0"), ("--rounds", "0"), ("--warmup", "-1"), ("--seq-length", "0"),
+        ("--micro-batch-size", "0"), ("--expert-model-parallel-size", "0")),
+    "spannorm_megatron.benchmarks.moe": (
+        ("--iters", "0"), ("--rounds", "0"), ("--warmup", "-1"), ("--seq-length", "0"),
+        ("--micro-batch-size", "0"), ("--expert-model-parallel-size", "0")),
+    "spannorm_megatron.hf.importer_cli": (
+        ("--iteration", "-1"), ("--tensor-model-parallel-size", "0"),
+        ("--pipeline-model-parallel-size", "0"), ("--expert-model-parallel-size", "0")),
+}
+
+
+@pytest.mark.parametrize("module", sorted(COUNTS))
+def test_tool_counts_are_refused_at_parse_time_below_their_range(module):
+    """Not after the models were built (`benchmark --iters 0`: statistics' traceback), nor
+    naming a Python parameter (`convert_from_hf --iteration -1`: 'iteration=-1')."""
     import argparse
 
     from test_paths import _parser
 
     actions = {a.option_strings[0]: a for a in _parser(module)._actions if a.option_strings}
-    for flag, bad in (("--iters", "0"), ("--rounds", "0"), ("--warmup", "-1"),
-                      ("--seq-length", "0"), ("--micro-batch-size", "0"),
-                      ("--expert-model-parallel-size", "0")):
+    for flag, bad in COUNTS[module]:
         with pytest.raises(argparse.ArgumentTypeError, match="must be >="):
             actions[flag].type(bad)
