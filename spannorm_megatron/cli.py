@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Callable, List, Optional
 
-from spannorm_megatron.errors import RunFailure, UserError
+from spannorm_megatron.errors import STORAGE_ERRNOS, RunFailure, UserError
 
 
 def report_failure(message: str) -> None:
@@ -60,12 +60,23 @@ def _record_crash() -> None:
     ErrorHandler().record_exception(sys.exc_info()[1])
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """An allocation the machine refused: Python's MemoryError, torch's OutOfMemoryError (CUDA),
+    or its CPU allocator's RuntimeError (which megatron-core re-raises naming the module it
+    was building)."""
+    text = str(error)
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or \
+        "can't allocate memory" in text or "CUDA out of memory" in text
+
+
 def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv=None, *,
             interrupted: str = "interrupted") -> int:
     """Run `main(argv)`. A UserError (bad flag, config, data, checkpoint, HF folder) prints
     `error: <message>` and returns 2: the message names the problem and the fix, a traceback
     would only bury it. A RunFailure (the input was fine, the run was not) prints the same way
-    and returns 1. Anything else is a bug and keeps its traceback."""
+    and returns 1, as does a write the storage refused (`STORAGE_ERRNOS`: no space, a quota or
+    file size limit, a read-only or protected place), in whichever command, and an allocation
+    the machine refused (out of memory). Anything else is a bug and keeps its traceback."""
     try:
         return int(main(argv) or 0)
     except UserError as err:
@@ -79,6 +90,24 @@ def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv=None, *,
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr, flush=True)
         return 130
+    except OSError as err:
+        if err.errno not in STORAGE_ERRNOS:
+            if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+                _record_crash()
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        report_failure(f"error: the storage refused a write{where}: {err.strerror}. Free space, "
+                       f"lift the limit or the protection, or write elsewhere, and run again.")
+        return 1
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+                _record_crash()
+            raise
+        report_failure(f"error: out of memory ({str(err).splitlines()[0][:300]}). The model, "
+                       f"batch or sequence does not fit this machine: make them smaller, or "
+                       f"split them over more ranks (tensor/pipeline parallelism).")
+        return 1
     except Exception:
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):
             _record_crash()

@@ -6,6 +6,8 @@ a `RunFailure` the same way with exit status 1; anything else is a bug and keeps
 is one), what is wrong with it, and how to fix it.
 """
 
+import errno
+
 
 class UserError(ValueError):
     """Input that cannot work: a flag, config, file or checkpoint the user gave."""
@@ -40,3 +42,8 @@ class RunFailure(RuntimeError):
     """The run failed though its input was fine: training went non-finite, or the storage
     refused a checkpoint in mid-run. Not bad input (exit 1, not 2), and not a bug either: the
     message says what happened and what to do, without a traceback."""
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
+"""What a storage that refuses a write raises (no space, quota, file size limit, read-only,
+permissions): the run failed though its input was fine, whichever command wrote."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 from spannorm_megatron.cli import run_cli
 from spannorm_megatron.config.model import ModelConfig
-from spannorm_megatron.config.options import add_arguments, option, parse_options
+from spannorm_megatron.config.options import add_arguments, SEED, option, parse_options
 from spannorm_megatron.config.parallel import ParallelConfig
 
 if TYPE_CHECKING:  # torch and megatron-core load in `run`: --help answers without them
@@ -55,7 +55,7 @@ class SelfcheckOptions:
     seq_length: int = option(32, "Sequence length.")
     vocab_size: int = option(128, "Vocabulary size.")
     lr: float = option(3e-3, "Learning rate.")
-    seed: int = option(1234, "Seed of the model and the batch.")
+    seed: int = option(1234, "Seed of the model and the batch.", **SEED)
 
 
 def build_parser() -> argparse.ArgumentParser:

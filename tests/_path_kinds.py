@@ -150,24 +150,44 @@ def _truncated_tokenizer(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:50])
 
 
-_FILE = [("missing", _missing), ("empty", _empty_file), ("folder", _folder)]
+def _symlink_loop(path: Path) -> None:
+    os.symlink(path.name, path)
+
+
+def _dangling_link(path: Path) -> None:
+    os.symlink(path.name + ".gone", path)
+
+
+def _named_pipe(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _looping_prefix(path: Path) -> None:
+    for ext in (".bin", ".idx"):
+        os.symlink(path.name + ext, str(path) + ext)
+
+
+_FILE = [("missing", _missing), ("empty", _empty_file), ("folder", _folder),
+         ("symlink loop", _symlink_loop)]
 _CHECKPOINT = [("file", _file), ("unreadable tracker", _unreadable_tracker)]
 
 BAD: Dict[str, List[Tuple[str, Callable[[Path], object]]]] = {
-    "input_file": _FILE,
+    "input_file": [*_FILE, ("named pipe", _named_pipe), ("dangling link", _dangling_link)],
     "input_folder": [("missing", _missing), ("empty", _empty_folder), ("file", _file)],
     "data_prefix": [("missing", _missing), ("empty", _empty_prefix), ("folder", _prefix_folder),
-                    ("truncated", _truncated_prefix)],
+                    ("truncated", _truncated_prefix), ("looping links", _looping_prefix)],
     "checkpoint": [("missing", _missing), ("empty", _empty_folder), *_CHECKPOINT],
-    "resume_checkpoint": _CHECKPOINT,  # missing is fine: the run starts from scratch
+    "resume_checkpoint": [*_CHECKPOINT, ("symlink loop", _symlink_loop)],  # missing is fine
     "hf_folder": [("missing", _missing), ("empty", _empty_folder), ("file", _file),
                   ("truncated weights", _truncated_weights),
                   ("truncated config", _truncated_config)],
     "checkpoint_or_hf_folder": [("missing", _missing), ("empty", _empty_folder),
                                 *_CHECKPOINT, ("truncated weights", _truncated_weights)],
     "tokenizer_model": [*_FILE, ("truncated", _truncated_tokenizer)],
-    "output_file": [("folder", _folder), ("under a file", _under_a_file)],
-    "output_folder": [("file", _file), ("under a file", _under_a_file)],
+    "output_file": [("folder", _folder), ("under a file", _under_a_file),
+                    ("symlink loop", _symlink_loop)],
+    "output_folder": [("file", _file), ("under a file", _under_a_file),
+                      ("symlink loop", _symlink_loop), ("dangling link", _dangling_link)],
 }
 """kind -> (name, maker) of paths that are not of it: a maker writes at the path given (and
 returns another path to use instead, where the bad one lies below it)."""

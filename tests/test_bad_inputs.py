@@ -41,6 +41,7 @@ def files(tmp_path_factory):
     (root / "bad.yaml").write_text("num-layers: [1, 2\n")
     (root / "unknown.yaml").write_text("num-layrs: 4\n")
     (root / "list.yaml").write_text("- 1\n- 2\n")
+    (root / "help.yaml").write_text("help: true\n")
     (root / "hf_unsupported").mkdir()
     (root / "hf_unsupported" / "config.json").write_text(json.dumps(
         {"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
@@ -270,11 +271,18 @@ CATALOGUE = [
      "Line 1 of"),
     ("idx-bin-mismatch", "train", lambda f: T(f, "--data-path", str(f / "short")), "short.bin"),
     ("bad-split", "train", lambda f: T(f, "--split", "a,b"), "--split"),
+    ("split-without-training", "train", lambda f: T(f, "--split", "0,100,0"),
+     "--split 0,100,0 leaves no data for training"),
+    ("lab-from-json-not-json", "signal_propagation",
+     lambda f: ["--from-json", str(f / "not_a_model.model"), "--out", str(f / "out" / "lab")],
+     "--from-json"),
     ("config-missing", "train", lambda f: T(f, "--config", str(f / "none.yaml")), "none.yaml"),
     ("config-invalid-yaml", "train", lambda f: T(f, "--config", str(f / "bad.yaml")),
      "not valid YAML"),
     ("config-unknown-key", "train", lambda f: T(f, "--config", str(f / "unknown.yaml")),
      "num-layrs"),
+    ("config-help-key", "train", lambda f: T(f, "--config", str(f / "help.yaml")),
+     "unknown key 'help'"),
     ("config-not-mapping", "train", lambda f: T(f, "--config", str(f / "list.yaml")),
      "must be a mapping"),
     ("load-missing", "train", lambda f: T(f, "--load", str(f / "no_checkpoints")),
@@ -377,3 +385,46 @@ def test_under_torchrun_rank_0_reports_once_and_torchrun_names_it_as_the_root_ca
     # The rank that refused first exits 2; torchrun may stop the other before it does.
     assert "exitcode  : 2 " in result.stderr
     assert {p: d for p, d in _snapshot(files).items() if p in before} == before
+
+
+def test_a_write_the_storage_refuses_ends_any_command_with_status_1_and_one_message(
+        files, capsys):
+    """Not bad input and not a bug: a file size limit (as a full disk or a quota) refuses
+    preprocess_data's output in mid-write. The command ends with one message and status 1, as
+    a refused checkpoint save does, and leaves no half-written output."""
+    import resource
+
+    argv = ["--input", str(files / "data.jsonl"), "--output-prefix", str(files / "limited"),
+            "--tokenizer-model", str(files / "tok.model"), "--workers", "1"]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        status = run_cli(tool("preprocess_data"), argv)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    err = capsys.readouterr().err
+    assert status == 1, err[-2000:]
+    assert err.count("error: ") == 1 and "File too large" in err and "Traceback" not in err
+    assert not [p for p in os.listdir(files) if p.startswith("limited")]
+
+
+def test_a_stray_rank_variable_without_a_job_does_not_silence_the_message(files, capsys,
+                                                                         monkeypatch):
+    """RANK=1 left in a shell, without torchrun: the refusal is still printed (rank 0 prints for
+    a multi-rank job only because every rank would repeat it)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    status = run_cli(train_main, T(files, "--norm-placement", "sandwich"))
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("error: ") == 1, err[-2000:]
+
+
+def test_a_model_the_machine_cannot_hold_ends_with_one_message_and_status_1(files, capsys):
+    """An FFN of 2**45 columns: its first weight (2**52 bytes) is beyond any address space, so
+    the allocation is refused at once on any machine. The run ends with one out-of-memory
+    message, not megatron-core's chained tracebacks."""
+    status = run_cli(train_main, T(files, "--ffn-hidden-size", str(2 ** 45)))
+    err = capsys.readouterr().err
+    assert status == 1, err[-2000:]
+    assert err.count("error: out of memory") == 1 and "Traceback" not in err, err[-2000:]
+    assert "ColumnParallelLinear" in err  # the module megatron-core was building

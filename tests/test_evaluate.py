@@ -175,6 +175,13 @@ def test_bad_input_is_one_clear_error(trained, tmp_path):
     for argv, message in cases:
         status, _out, err = _run_tool("evaluate", *argv)
         assert status == 2 and message in err, (argv, err)
+    # the export and sampling of the same checkpoint refuse that tokenizer too
+    other = ("--tokenizer-type", "NullTokenizer", "--vocab-size", "512")
+    for tool, argv in (("convert_to_hf", ("--load", ckpt, "--save", tmp_path / "hf", *other)),
+                       ("generate", ("--load", ckpt, "--prompt", "x", *other))):
+        status, _out, err = _run_tool(tool, *argv)
+        assert status == 2 and "The checkpoint was trained with another tokenizer" in err, err
+    assert not (tmp_path / "hf").exists()
     # the real command line: no traceback, the offending byte named
     result = launch.python(ROOT / "tools" / "evaluate.py", "--load", ckpt, "--input", latin,
                            timeout=120)

@@ -250,3 +250,54 @@ def test_paths_are_checked_for_what_they_must_be_before_anything_runs(tmp_path, 
     parse_args([*REQUIRED, "--save", str(tmp_path / "new" / "ckpt")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert a_file.read_text() == "kept"
+
+
+def test_every_seed_takes_32_bits_and_every_integer_flag_64_in_every_entry_point():
+    """numpy and SentencePiece take 32-bit seeds and torch 64-bit integers: a larger value is
+    the flag's refusal, not a library's traceback, whichever command takes it."""
+    import argparse
+
+    from test_paths import _parser, entry_points
+
+    seeds = integers = 0
+    for module in entry_points():
+        for action in _parser(module)._actions:
+            if getattr(action.type, "__name__", "") != "int" \
+                    or not hasattr(action.type, "path_kind"):  # not a declared option()
+                continue
+            integers += 1
+            with pytest.raises(argparse.ArgumentTypeError, match="64 bits|must be <|is not one of"):
+                action.type(str(2 ** 63))
+            if action.dest == "seed":
+                seeds += 1
+                assert action.type(str(2 ** 32 - 1)) == 2 ** 32 - 1
+                with pytest.raises(argparse.ArgumentTypeError, match="must be < 4294967296"):
+                    action.type(str(2 ** 32))
+    assert seeds >= 4 and integers >= 100
+
+
+COUNTS = {  # flag -> a value below its range, refused when the tools' flags are parsed
+    "spannorm_megatron.benchmarks.training": (
+        ("--iters", "0"), ("--rounds", "0"), ("--warmup", "-1"), ("--seq-length", "0"),
+        ("--micro-batch-size", "0"), ("--expert-model-parallel-size", "0")),
+    "spannorm_megatron.benchmarks.moe": (
+        ("--iters", "0"), ("--rounds", "0"), ("--warmup", "-1"), ("--seq-length", "0"),
+        ("--micro-batch-size", "0"), ("--expert-model-parallel-size", "0")),
+    "spannorm_megatron.hf.importer_cli": (
+        ("--iteration", "-1"), ("--tensor-model-parallel-size", "0"),
+        ("--pipeline-model-parallel-size", "0"), ("--expert-model-parallel-size", "0")),
+}
+
+
+@pytest.mark.parametrize("module", sorted(COUNTS))
+def test_tool_counts_are_refused_at_parse_time_below_their_range(module):
+    """Not after the models were built (`benchmark --iters 0`: statistics' traceback), nor
+    naming a Python parameter (`convert_from_hf --iteration -1`: 'iteration=-1')."""
+    import argparse
+
+    from test_paths import _parser
+
+    actions = {a.option_strings[0]: a for a in _parser(module)._actions if a.option_strings}
+    for flag, bad in COUNTS[module]:
+        with pytest.raises(argparse.ArgumentTypeError, match="must be >="):
+            actions[flag].type(bad)

@@ -77,23 +77,25 @@ class MoEBenchmarkOptions:
 
     variants: List[str] = option(doc="dense is always measured: it is the baseline.", nargs="+",
                                  choices=tuple(VARIANTS), default_factory=lambda: list(VARIANTS))
-    num_layers: int = option(4, "Transformer layers.")
-    hidden_size: int = option(256, "Hidden size.")
-    num_attention_heads: int = option(4, "Attention heads.")
-    num_experts: int = option(8, "Experts of the MoE variants.")
-    moe_router_topk: int = option(2, "Experts per token.")
-    moe_ffn_hidden_size: int = option(512, "FFN hidden size of one expert.")
-    moe_expert_capacity_factor: float = option(1.0, "Capacity C of the *_capacity variants.")
-    vocab_size: int = option(4096, "Vocabulary size.")
-    seq_length: int = option(256, "Sequence length.")
-    micro_batch_size: int = option(4, "Micro-batch size.")
-    expert_model_parallel_size: Optional[int] = option(None, "Default: the world size.")
+    num_layers: int = option(4, "Transformer layers.", at_least=1)
+    hidden_size: int = option(256, "Hidden size.", at_least=1)
+    num_attention_heads: int = option(4, "Attention heads.", at_least=1)
+    num_experts: int = option(8, "Experts of the MoE variants.", at_least=1)
+    moe_router_topk: int = option(2, "Experts per token.", at_least=1)
+    moe_ffn_hidden_size: int = option(512, "FFN hidden size of one expert.", at_least=1)
+    moe_expert_capacity_factor: float = option(1.0, "Capacity C of the *_capacity variants.",
+                                                above=0.0)
+    vocab_size: int = option(4096, "Vocabulary size.", at_least=1)
+    seq_length: int = option(256, "Sequence length.", at_least=1)
+    micro_batch_size: int = option(4, "Micro-batch size.", at_least=1)
+    expert_model_parallel_size: Optional[int] = option(None, "Default: the world size.",
+                                                        at_least=1)
     precision: str = option("fp32", "Training precision.", choices=("fp32", "bf16"))
     transformer_impl: str = option("auto", "Layers: auto (Transformer Engine where it runs), "
                                    "local or transformer_engine.", choices=IMPLS)
-    warmup: int = option(3, "Untimed steps per variant.")
-    iters: int = option(4, "Timed steps per variant per round.")
-    rounds: int = option(5, "Rounds.")
+    warmup: int = option(3, "Untimed steps per variant.", at_least=0)
+    iters: int = option(4, "Timed steps per variant per round.", at_least=1)
+    rounds: int = option(5, "Rounds.", at_least=1)
     output: Optional[str] = option(None, "JSON file for the results.", path="output_file")
 
 

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from spannorm_megatron.config.model import ModelConfig
 from spannorm_megatron.config.parallel import ParallelConfig
+from spannorm_megatron.errors import STORAGE_ERRNOS
 
 from . import _dist, manifest, megatron_args, rng, run_record, state
 from .atomic import atomic_write_text, fsync_path, publish_dir, remove_tree, retire_dir
@@ -67,7 +68,6 @@ def clean_debris(save_dir: str) -> None:
             os.remove(os.path.join(save_dir, name))
 
 
-_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
 
 
 def storage_problem(error: BaseException) -> Optional[str]:
@@ -76,11 +76,11 @@ def storage_problem(error: BaseException) -> Optional[str]:
     holding each rank's traceback), so the text is searched as well as the exception chain."""
     seen = error
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in _STORAGE_ERRORS:
+        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
             return os.strerror(seen.errno)
         seen = seen.__cause__ or seen.__context__
     text = str(error)
-    for code in _STORAGE_ERRORS:
+    for code in STORAGE_ERRNOS:
         if os.strerror(code) in text:
             return os.strerror(code)
     return None
@@ -96,7 +96,7 @@ def _probe_storage(save_dir: str, nbytes: int = 4 << 20) -> Optional[str]:
             stream.flush()
             os.fsync(stream.fileno())
     except OSError as error:
-        return os.strerror(error.errno) if error.errno in _STORAGE_ERRORS else None
+        return os.strerror(error.errno) if error.errno in STORAGE_ERRNOS else None
     finally:
         if os.path.exists(probe):
             os.remove(probe)

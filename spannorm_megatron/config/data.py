@@ -150,8 +150,11 @@ class DataConfig:
                                 self.test_data_path, self.mock_data)
         if sources != 1:
             raise data_source_error(sources)
-        if not any(_tokens(spec) for _, spec in self._per_split_specs()):
-            parse_split(self.resolved_split)
+        if not any(_tokens(spec) for _, spec in self._per_split_specs()) \
+                and parse_split(self.resolved_split)[0] == 0:
+            raise DataError(
+                f"--split {self.resolved_split} leaves no data for training: give the first "
+                f"(train) weight a positive value, e.g. '98,2,0'.")
         parse_blend(self.data_path)
         for flag, spec in self._per_split_specs():
             parse_blend(spec, flag)

@@ -34,6 +34,13 @@ from spannorm_megatron.errors import ConfigError
 
 _MISSING = dataclasses.MISSING
 
+SEED = dict(at_least=0, below=2 ** 32)
+"""The range of every seed option (`option(1234, "...", **SEED)`): numpy and SentencePiece take
+32-bit seeds, and a larger one would end in their traceback, not in the flag's refusal."""
+
+_INT64 = 2 ** 63
+"""Every integer flag fits in 64 bits: torch, numpy and the checkpoints hold it as int64."""
+
 
 def option(default: Any = _MISSING, doc: str = "", *, flag: Optional[str] = None,
            choices: Optional[Tuple] = None, at_least: Optional[float] = None,
@@ -165,6 +172,8 @@ def _range_problem(value, meta) -> Optional[str]:
         return f"must be > {meta['above']}"
     if meta["below"] is not None and not value < meta["below"]:
         return f"must be < {meta['below']}"
+    if isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
+        return "does not fit in 64 bits"
     return None
 
 

@@ -27,8 +27,10 @@ datasets) keep their own errors; a value these checks pass is of the right kind.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -57,11 +59,39 @@ def _relative(path: str) -> str:
     return "" if os.path.isabs(path) else f" (relative paths are taken from {os.getcwd()})"
 
 
+def check_link(path: str) -> None:
+    """A symbolic link that leads nowhere is named as such: not as a missing path (which it is
+    not, to `ls`), and not left for a later write to trip over."""
+    if not os.path.islink(path) or os.path.exists(path):
+        return
+    try:
+        os.stat(path)
+        why = "cannot be followed"
+    except OSError as error:
+        why = "loops back on itself" if error.errno == errno.ELOOP else \
+            f"points to '{os.readlink(path)}', which does not exist"
+    raise ConfigError(f"'{path}' is a symbolic link that {why}: fix or remove the link, or pass "
+                      f"the real path.")
+
+
+def _not_a_regular_file(path: str) -> Optional[str]:
+    mode = os.stat(path).st_mode
+    for test, what in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return None
+
+
 def check_input_file(path: str) -> None:
     if not os.path.exists(path):
         raise ConfigError(f"'{path}' does not exist{_relative(path)}; check the path.")
     if os.path.isdir(path):
         raise ConfigError(f"'{path}' is a directory, not a file: pass the file itself.")
+    special = _not_a_regular_file(path)
+    if special:  # a pipe blocks (or never ends, like /dev/zero); the tools read files twice
+        raise ConfigError(f"'{path}' is {special}, not a regular file: write the text to a file "
+                          f"and pass that.")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"'{path}' cannot be read (permissions): fix them (chmod a+r) or copy "
                           f"the file somewhere readable.")
@@ -117,6 +147,8 @@ def _check_writable(folder: str) -> None:
 
 # ------------------------------------------------------------------------ formats
 def check_data_prefix(path: str) -> None:
+    for name in (path + ".bin", path + ".idx"):
+        check_link(name)
     if os.path.isdir(path) and not os.path.exists(path + ".bin"):
         raise ConfigError(
             f"'{path}' is a directory; a data prefix names the files <prefix>.bin and <prefix>.idx "
@@ -290,7 +322,10 @@ PATH_KINDS: Dict[str, PathKind] = {kind.name: kind for kind in (
 
 def check_path(kind: str, value: str) -> None:
     """Raise a UserError when `value` is not a path of `kind` (see the module docstring)."""
-    PATH_KINDS[kind].check(os.fspath(value))
+    value = os.fspath(value)
+    if kind != "data_prefix":  # a prefix names two files, which its own check looks at
+        check_link(value)
+    PATH_KINDS[kind].check(value)
 
 
 def path_problem(kind: str, flag: str, value: str) -> Optional[str]:

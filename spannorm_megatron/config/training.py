@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from spannorm_megatron.config.options import check, option
+from spannorm_megatron.config.options import SEED, check, option
 from spannorm_megatron.errors import ConfigError
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
@@ -68,7 +68,7 @@ class TrainingConfig:
     adam_beta2: float = option(0.999, "Adam's second-moment decay.", at_least=0.0, below=1.0)
     adam_eps: float = option(1e-8, "Adam's epsilon.", above=0.0)
     seed: int = option(1234, "Seeds initialization, dropout and the data shuffles.",
-                       at_least=0)
+                       **SEED)
     exit_interval: Optional[int] = option(
         None, "Save (if --save) and exit at iterations divisible by this.", at_least=1)
     exit_duration_in_mins: Optional[int] = option(

@@ -144,3 +144,20 @@ def tokenizer_differences(record_args: Optional[dict], config: TokenizerConfig,
         ("/".join(files) or "tokenizer files", "tokenizer_sha256", sha256),
         ("--vocab-size", "vocab_size", config.vocab_size))
         if saved.get(key) not in (None, now)]
+
+
+def check_recorded_tokenizer(record_args: Optional[dict], config: Optional[TokenizerConfig],
+                             what: str) -> None:
+    """Refuse a tokenizer that is not the one the checkpoint's run recorded (its type, its
+    files' digest, NullTokenizer's size): another tokenizer of the same vocabulary size gives
+    every id another meaning, so `what` (an export, samples) would be silently wrong."""
+    from spannorm_megatron.errors import TokenizerError
+
+    if config is None:
+        return
+    differ = tokenizer_differences(record_args, config, tokenizer_sha256(config))
+    if differ:
+        raise TokenizerError(
+            f"The checkpoint was trained with another tokenizer ({'; '.join(differ)}), and "
+            f"{what} with this one would be wrong. Pass the tokenizer it was trained with, or "
+            f"none to use the recorded one.")

@@ -43,7 +43,7 @@ from spannorm_megatron.data.documents import (
 from spannorm_megatron.errors import DataError
 from spannorm_megatron.data.progress import Throughput
 from spannorm_megatron.data.sp_model import MEGATRON_SPECIAL_PIECES
-from spannorm_megatron.config.options import option
+from spannorm_megatron.config.options import SEED, option
 
 MODEL_TYPES = ("bpe", "unigram")
 NORMALIZATIONS = ("identity", "nfkc", "nmt_nfkc", "nfkc_cf", "nmt_nfkc_cf")
@@ -104,7 +104,7 @@ class TokenizerTrainingConfig:
     num_threads: int = option(
         doc="Trainer threads (default: all cores; pin it for bit-identical unigram models).",
         default_factory=lambda: os.cpu_count() or 1)
-    seed: int = option(1234, "Seed for line sampling (default 1234).")
+    seed: int = option(1234, "Seed for line sampling (default 1234).", **SEED)
     verbose: bool = option(False, "Show SentencePiece's own training log (otherwise warnings "
                            "only).")
 

@@ -235,10 +235,12 @@ def _log_model(ckpt: MegatronCheckpoint, family: Family, dtype: str, log) -> Non
 def _ship_tokenizer(ckpt: MegatronCheckpoint, log, **given) -> Optional[ShippedTokenizer]:
     """The tokenizer flags given, completed from the run record (a moved file keeps its type),
     prepared for the HF folder; None (said in the log) when neither names one."""
-    from spannorm_megatron.data.tokenizer_args import recorded_tokenizer
+    from spannorm_megatron.data.tokenizer_args import check_recorded_tokenizer, recorded_tokenizer
     from spannorm_megatron.hf.tokenizer_export import prepare_export_tokenizer
 
-    flags, why = recorded_tokenizer((ckpt.run_record or {}).get("args"), **given)
+    args = (ckpt.run_record or {}).get("args")
+    flags, why = recorded_tokenizer(args, **given)
+    check_recorded_tokenizer(args, flags, "an export")
     if flags is None:
         log(f"[convert_to_hf] no tokenizer ({why}): writing the model only; pass the tokenizer "
             f"flags (--tokenizer-type with --tokenizer-model, --vocab-file and --merge-file, or "

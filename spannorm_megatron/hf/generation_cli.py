@@ -28,7 +28,7 @@ from typing import List, Optional
 
 from spannorm_megatron.data.tokenizer_args import TokenizerOverrides, add_tokenizer_override_flags
 from spannorm_megatron.hf.cli import DEVICES, DTYPE_NAMES, hide_gpu_for_cpu_runs, run_cli
-from spannorm_megatron.config.options import add_arguments, option, parse_sections
+from spannorm_megatron.config.options import SEED, add_arguments, option, parse_sections
 
 
 @dataclass
@@ -52,7 +52,7 @@ class GenerateOptions:
     top_p: float = option(1.0, "Sample within this probability mass (0, 1]; 1.0: off.",
                           above=0.0)
     greedy: bool = option(False, "Argmax decoding.")
-    seed: int = option(1234, "Sampling seed.")
+    seed: int = option(1234, "Sampling seed.", **SEED)
     model_config: Optional[str] = option(
         None, "ModelConfig JSON for a megatron checkpoint without a run record.", metavar="JSON",
         path="input_file")
@@ -93,7 +93,7 @@ def generate(argv: Optional[List[str]] = None) -> int:
                                                     and torch.cuda.is_available()) else "cpu"
     dtype = parse_dtype(options.dtype or ("bfloat16" if device == "cuda" else "float32"))
 
-    from spannorm_megatron.data.tokenizer_args import recorded_tokenizer
+    from spannorm_megatron.data.tokenizer_args import check_recorded_tokenizer, recorded_tokenizer
 
     hf = gen.is_hf_folder(options.load)
     given = tokenizer_flags.given()
@@ -114,7 +114,9 @@ def generate(argv: Optional[List[str]] = None) -> int:
 
         ckpt = MegatronCheckpoint(options.load, options.model_config)  # checks before any set-up
         # the flags given, completed from the run record (a moved model file keeps its type)
-        config, why = recorded_tokenizer((ckpt.run_record or {}).get("args"), **given)
+        args = (ckpt.run_record or {}).get("args")
+        config, why = recorded_tokenizer(args, **given)
+        check_recorded_tokenizer(args, config, "sampling")
         tokenizer = gen.TextTokenizer.of(config) if config is not None else None
         initialize(seed=options.seed)
         _config, model = load_megatron_model(ckpt, dtype=dtype)

@@ -36,12 +36,15 @@ class ImportOptions:
                        path="hf_folder")
     save: str = option(doc="Megatron save directory.", required=True, metavar="CKPT_DIR",
                        path="output_folder")
-    tensor_model_parallel_size: int = option(1, "Tensor-parallel ranks the files are split for.")
-    pipeline_model_parallel_size: int = option(1, "Pipeline stages the files are split for.")
-    expert_model_parallel_size: int = option(1, "Expert-parallel ranks the files are split for.")
+    tensor_model_parallel_size: int = option(1, "Tensor-parallel ranks the files are split for.",
+                                             at_least=1)
+    pipeline_model_parallel_size: int = option(1, "Pipeline stages the files are split for.",
+                                               at_least=1)
+    expert_model_parallel_size: int = option(
+        1, "Expert-parallel ranks the files are split for.", at_least=1)
     dtype: str = option("float32", "Dtype of the saved weights (default float32).",
                         choices=DTYPE_NAMES)
-    iteration: int = option(0, "Iteration to save as (default 0).")
+    iteration: int = option(0, "Iteration to save as (default 0).", at_least=0)
     overwrite: bool = option(False, "Replace an earlier conversion in --save (recognised by "
                              "its spannorm_import.json; nothing else is ever replaced).")
     allow_non_finite: bool = option(False, "Convert weights holding NaN/Inf as they are (refused "

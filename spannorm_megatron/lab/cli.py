@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 from spannorm_megatron.errors import ConfigError, UserError
-from spannorm_megatron.config.options import add_arguments, from_namespace, option, parse_options
+from spannorm_megatron.config.options import (SEED, add_arguments, from_namespace, option,
+                                               parse_options)
 from spannorm_megatron.placements import PLACEMENTS, SCALE_INIT_NAMES, SCALE_INIT_RULES
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class TrainingOptions:
 
 @dataclass
 class OutputOptions:
-    seed: int = option(1234, "Seeds the batch and every model's initialization.")
+    seed: int = option(1234, "Seeds the batch and every model's initialization.", **SEED)
     threads: Optional[int] = option(None, "torch intra-op threads.")
     out: str = option("runs/signal_propagation", "Output directory.", path="output_folder")
     no_plots: bool = option(False, "Skip the PNG files.")
@@ -217,7 +218,13 @@ def run(argv: Optional[List[str]] = None) -> List[str]:
     if out.from_json:
         from spannorm_megatron.lab.results import load_json
 
-        return write_outputs(load_json(out.from_json), out.out, plots=not out.no_plots,
+        try:
+            run = load_json(out.from_json)
+        except (ValueError, KeyError, TypeError, EOFError, OSError) as error:  # incl. gzip's
+            raise UserError(f"--from-json {out.from_json} is not a signals.json this tool wrote "
+                            f"({type(error).__name__}: {error}): pass the signals.json (or "
+                            f".json.gz) of an earlier run's --out.") from None
+        return write_outputs(run, out.out, plots=not out.no_plots,
                              per_layer_json=not out.no_per_layer_json, export=out.export,
                              log=lambda line: print(line, flush=True))
     if out.threads:

@@ -92,8 +92,8 @@ def reason(flag: str) -> Optional[str]:
     """Why `flag` (as typed: `--x` or `--x=value`), a Megatron-LM flag this parser lacks, is
     refused; None when Megatron-LM has no such flag."""
     name = flag.split("=", 1)[0]
-    if name not in megatron_lm_flags():
-        return None
+    if name not in megatron_lm_flags() or name == "--help":  # argparse's, in every parser:
+        return None  # only a --config key gets here, and it is an unknown key
     return next((why for prefixes, why in FAMILIES if name.startswith(prefixes)),
                 DEFAULT_REASON)
 
