@@ -104,7 +104,8 @@ def run_cli(main: Callable[[Optional[List[str]]], Optional[int]], argv=None, *,
             if os.environ.get("TORCHELASTIC_ERROR_FILE"):
                 _record_crash()
             raise
-        report_failure(f"error: out of memory ({str(err).splitlines()[0][:300]}). The model, "
+        what = (str(err).splitlines() or [type(err).__name__])[0][:300]  # MemoryError has none
+        report_failure(f"error: out of memory ({what}). The model, "
                        f"batch or sequence does not fit this machine: make them smaller, or "
                        f"split them over more ranks (tensor/pipeline parallelism).")
         return 1
