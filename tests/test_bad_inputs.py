@@ -101,6 +101,11 @@ CATALOGUE = [
     ("model-beyond-memory", "train", lambda f: T(f, "--make-vocab-size-divisible-by",
                                                  "1000000000"),
      "this model cannot be trained here"),
+    # Tiny layers whose weights fit anywhere, but not a million layers' objects.
+    ("layers-beyond-host", "train", lambda f: T(f, "--num-layers", "1000000", "--hidden-size",
+                                                "8", "--num-attention-heads", "2",
+                                                "--ffn-hidden-size", "8"),
+     "--num-layers 1000000 cannot be built here"),
     ("moe-layers-beyond-memory", "train", lambda f: T(f, "--num-layers", "1000000000",
                                                       "--num-experts", "2",
                                                       "--moe-layer-freq", "3"),

@@ -25,6 +25,11 @@ from spannorm_megatron.errors import ConfigError
 from spannorm_megatron.machine import has_accelerator, host_memory_bytes
 
 GIB = 1024 ** 3
+HOST_BYTES_PER_LAYER = 256 * 1024
+"""Host memory one built layer's Python and megatron-core objects take beyond its tensors, at
+least: about 520 KiB measured (spannorm-train's peak resident memory at 200 and 800 layers of
+hidden size 32, local implementation, torch 2.13 on CPU), halved to stay a floor. Tiny layers
+by the hundred thousand exhaust the host this way while their weights fit anywhere."""
 ADAM_STATE_BYTES = 8
 """Adam's first and second moments, fp32, per parameter."""
 
@@ -124,8 +129,14 @@ def check_model_fits_memory(config: ModelConfig, parallel: ParallelConfig, *,
     """Raise ConfigError when the training state of `config`, split as `parallel` says, cannot
     fit the memory there is (see the module docstring)."""
     available, where = _device_memory()
-    if not available:
-        return
+    if available:
+        _check_state_fits(config, parallel, available, where, half_precision=half_precision,
+                          world_size=world_size, local_world_size=local_world_size)
+    _check_layers_fit_host(config, parallel, min(world_size, local_world_size))
+
+
+def _check_state_fits(config: ModelConfig, parallel: ParallelConfig, available: int, where: str,
+                      *, half_precision: bool, world_size: int, local_world_size: int) -> None:
     parts = model_parts(config, parallel)
     on_host = where == "this machine"
     whole_model_here = on_host and local_world_size >= world_size
@@ -142,3 +153,21 @@ def check_model_fits_memory(config: ModelConfig, parallel: ParallelConfig, *,
         f"has {available / GIB:,.1f} GiB. Most of them are the "
         f"{largest.what} ({largest.parameters:,}): make it smaller, or spread the model over "
         f"more devices.")
+
+
+def _check_layers_fit_host(config: ModelConfig, parallel: ParallelConfig,
+                           ranks_here: int) -> None:
+    """Every rank on this node builds its pipeline stage's layers as host objects."""
+    available = host_memory_bytes()
+    pp = parallel.pipeline_model_parallel_size
+    layers_per_rank = config.num_layers // pp  # at least (uneven stages hold more elsewhere)
+    needed = layers_per_rank * ranks_here * HOST_BYTES_PER_LAYER
+    if not available or needed <= available:
+        return
+    raise ConfigError(
+        f"--num-layers {config.num_layers} cannot be built here: {layers_per_rank:,} layers on "
+        f"each of {ranks_here} rank(s) on this machine take at least {needed / GIB:,.1f} GiB of "
+        f"host memory as objects alone (about {HOST_BYTES_PER_LAYER // 1024} KiB a layer, "
+        f"whatever its size), and it has {available / GIB:,.1f} GiB. Use fewer layers, or "
+        f"split them over more pipeline stages on more machines "
+        f"(--pipeline-model-parallel-size).")
