@@ -157,7 +157,9 @@ COLLAPSE_LAYOUTS = {
 @pytest.fixture(scope="module")
 def launched(spiky_data, corpus, torchrun, tmp_path_factory):
     """(first launch's results, second's, folder): the 2-rank runs of the spike and collapse
-    tests in two launches (`_training.train_jobs`), under strict device mode.
+    tests in two launches (`_training.train_jobs`), the first (the live rollbacks:
+    to a checkpoint, to a host snapshot, after a collapse) under strict device mode; the second
+    resumes them.
 
     - spike `whole`: checkpoints every 20, host snapshots every 5; `cut`: checkpoints every 10,
       stopped at 36 (--exit-interval); `rest` resumes `cut` with no policy flag;
@@ -200,7 +202,7 @@ def launched(spiky_data, corpus, torchrun, tmp_path_factory):
         "crash": {"flags": crash_flags},
         "collapse": {"flags": [*collapse, *COLLAPSE_LAYOUTS["resumed"]]},
         "rest": spike("cut"),
-    }, root / "second", env=STRICT_DEVICES)
+    }, root / "second")  # resumes: the strict launch above has the rollbacks themselves
     return first, second, root
 
 

@@ -64,7 +64,8 @@ class EvaluateOptions:
     json: Optional[str] = option(None, "Write the numbers here.", metavar="OUT.json",
                                  path="output_file")
     model_config: Optional[str] = option(
-        None, "ModelConfig JSON for a megatron checkpoint without a run record.", metavar="JSON",
+        None, "A JSON file of ModelConfig fields, for a megatron checkpoint without a run "
+        "record.", metavar="CONFIG.json",
         path="input_file")
     tensor_model_parallel_size: int = option(1, "Tensor-parallel ranks (under torchrun).")
     pipeline_model_parallel_size: int = option(1, "Pipeline stages (under torchrun).")

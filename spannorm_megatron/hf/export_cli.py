@@ -45,8 +45,8 @@ class ExportOptions:
                         choices=DTYPE_NAMES)
     max_shard_size: str = option("2GB", "Largest weight file, e.g. 2GB, 500MB (default 2GB).")
     model_config: Optional[str] = option(
-        None, "ModelConfig as JSON (a dict, or a run record holding one); needed for checkpoints "
-        "without a run record.", metavar="JSON", path="input_file")
+        None, "A JSON file of ModelConfig fields (or a run record holding them); needed for "
+        "checkpoints without a run record.", metavar="CONFIG.json", path="input_file")
     format: str = option(
         "auto", "auto: a native class when it can hold the model, else ours; native: refuse "
         "otherwise; spannorm: always ours.", choices=EXPORT_FORMATS)

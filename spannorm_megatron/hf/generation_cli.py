@@ -54,7 +54,8 @@ class GenerateOptions:
     greedy: bool = option(False, "Argmax decoding.")
     seed: int = option(1234, "Sampling seed.", **SEED)
     model_config: Optional[str] = option(
-        None, "ModelConfig JSON for a megatron checkpoint without a run record.", metavar="JSON",
+        None, "A JSON file of ModelConfig fields, for a megatron checkpoint without a run "
+        "record.", metavar="CONFIG.json",
         path="input_file")
     device: str = option("auto", "auto: the GPU when there is one.", choices=DEVICES)
     dtype: Optional[str] = option(None, "Default: float32 on CPU, bfloat16 on GPU.",
