@@ -295,6 +295,8 @@ CATALOGUE = [
      "no_checkpoints"),
     ("load-holds-nothing", "train", lambda f: T(f, "--load", str(f / "out")),
      "holds no checkpoint"),
+    ("load-an-hf-folder", "train", lambda f: T(f, "--load", str(f / "hf_unsupported")),
+     "is a Hugging Face model folder (config.json), not a megatron checkpoint"),
     ("load-an-iteration-of-a-run", "train",
      lambda f: T(f, "--load", str(f / "pointer_only" / "iter_0000002")),
      "is an iteration inside the checkpoint directory"),

@@ -187,6 +187,11 @@ def _check_load_directory(checkpoint: CheckpointConfig) -> None:
         return
     if checkpoint.load_fallback and os.path.isdir(load) and complete_iterations(load):
         return  # a damaged pointer is what --load-fallback is for
+    if os.path.isfile(os.path.join(load, "config.json")) and find_latest(load) is None:
+        raise CheckpointError(
+            f"--load {load} is a Hugging Face model folder (config.json), not a megatron "
+            f"checkpoint: import it first (python tools/convert_from_hf.py --load {load} "
+            f"--save CKPT), then pass --load CKPT.")
     resolve(load)
 
 
